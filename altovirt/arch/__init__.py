@@ -1,0 +1,1 @@
+"""Architecture-specific code; only x86_64 for now."""

@@ -1,0 +1,110 @@
+"""Put a kernel, its command line, initrd and boot information in guest RAM.
+
+:func:`prepare` writes everything the boot protocol needs and returns a
+:class:`BootPlan`; :func:`setup_vcpu` then gives each vCPU its initial state.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+from dataclasses import dataclass
+
+from ...kvm import Vcpu
+from ...kvm import structs as S
+from ...memory import GuestMemory
+from . import bootparams as bp
+from . import cpuid, layout, mptable, regs
+from .loader import Kernel, KernelError, load_initrd, load_kernel
+from .pvh import (HVM_START_INFO_VERSION, XEN_HVM_START_MAGIC_VALUE, hvm_memmap_table_entry,
+                  hvm_modlist_entry, hvm_start_info)
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """How the boot vCPU must start."""
+
+    kind: str            # kernel format, as detected
+    entry: int
+    long_mode: bool      # False: PVH's 32-bit entry
+    info_addr: int       # zero page (RSI) or hvm_start_info (EBX)
+    initrd_addr: int
+    initrd_size: int
+
+
+def _zero_page(kernel: Kernel, cmdline_size: int, initrd: tuple[int, int],
+               e820: list[tuple[int, int, int]]) -> bp.boot_params:
+    params = bp.boot_params()
+    params.hdr = kernel.header
+    hdr = params.hdr
+    hdr.type_of_loader = bp.LOADER_TYPE_UNDEFINED
+    hdr.loadflags |= bp.CAN_USE_HEAP
+    hdr.heap_end_ptr = 0xFE00
+    hdr.cmd_line_ptr = layout.CMDLINE_START & 0xFFFFFFFF
+    params.ext_cmd_line_ptr = layout.CMDLINE_START >> 32
+    if cmdline_size and kernel.kind != "bzimage":
+        hdr.cmdline_size = cmdline_size
+    addr, size = initrd
+    hdr.ramdisk_image, params.ext_ramdisk_image = addr & 0xFFFFFFFF, addr >> 32
+    hdr.ramdisk_size, params.ext_ramdisk_size = size & 0xFFFFFFFF, size >> 32
+    for i, (base, length, kind) in enumerate(e820):
+        params.e820_table[i] = bp.boot_e820_entry(base, length, kind)
+    params.e820_entries = len(e820)
+    return params
+
+
+def _start_info(mem: GuestMemory, initrd: tuple[int, int],
+                e820: list[tuple[int, int, int]]) -> None:
+    info = hvm_start_info(magic=XEN_HVM_START_MAGIC_VALUE, version=HVM_START_INFO_VERSION,
+                          cmdline_paddr=layout.CMDLINE_START,
+                          memmap_paddr=layout.PVH_MEMMAP_START, memmap_entries=len(e820))
+    if initrd[1]:
+        info.nr_modules = 1
+        info.modlist_paddr = layout.PVH_MODLIST_START
+        mem.write(layout.PVH_MODLIST_START, bytes(hvm_modlist_entry(paddr=initrd[0], size=initrd[1])))
+    table = b"".join(bytes(hvm_memmap_table_entry(a, s, t)) for a, s, t in e820)
+    mem.write(layout.PVH_MEMMAP_START, table)
+    mem.write(layout.PVH_INFO_START, bytes(info))
+
+
+def prepare(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
+            cpus: int) -> BootPlan:
+    """Load the kernel and write every boot structure; KernelError if it cannot boot."""
+    kernel = load_kernel(mem, image)
+    raw_cmdline = cmdline.encode()
+    limit = min(kernel.cmdline_max, layout.CMDLINE_MAX_SIZE - 1) if kernel.cmdline_max \
+        else layout.CMDLINE_MAX_SIZE - 1
+    if len(raw_cmdline) > limit:
+        raise KernelError(f"kernel command line is {len(raw_cmdline)} bytes; "
+                          f"this kernel accepts at most {limit}")
+    mem.write(layout.CMDLINE_START, raw_cmdline + b"\0")
+    initrd_loc = (load_initrd(mem, kernel, initrd), len(initrd)) if initrd else (0, 0)
+    e820 = layout.e820_map(mem.regions)
+    mptable.write(mem, cpus)
+    long_mode = kernel.kind != "pvh"
+    if long_mode:
+        params = _zero_page(kernel, limit, initrd_loc, e820)
+        mem.write(layout.ZERO_PAGE_START, bytes(params))
+        regs.write_boot_tables(mem, regs.GDT_64, paging=True)
+        info = layout.ZERO_PAGE_START
+    else:
+        _start_info(mem, initrd_loc, e820)
+        regs.write_boot_tables(mem, regs.GDT_32, paging=False)
+        info = layout.PVH_INFO_START
+    return BootPlan(kernel.kind, kernel.entry, long_mode, info, *initrd_loc)
+
+
+def setup_vcpu(vcpu: Vcpu, plan: BootPlan, supported: list[S.kvm_cpuid_entry2],
+               count: int, msrs: dict[int, int]) -> None:
+    """CPUID, MSRs, FPU and LAPIC for every vCPU; registers for the boot vCPU only
+    (the others wait for INIT/SIPI in the in-kernel LAPIC)."""
+    vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, vcpu.index, count))
+    vcpu.set_msrs(msrs)
+    regs.setup_fpu(vcpu)
+    regs.setup_lapic(vcpu)
+    if vcpu.index == 0:
+        gdt = regs.GDT_64 if plan.long_mode else regs.GDT_32
+        regs.setup_sregs(vcpu, gdt, plan.long_mode)
+        regs.setup_regs(vcpu, plan.entry, plan.long_mode, plan.info_addr)
+
+
+assert C.sizeof(hvm_start_info) == 56

@@ -1,0 +1,68 @@
+"""The x86_64 guest-physical memory map AltoVirt builds.
+
+Low memory follows what a PC BIOS leaves behind and what Linux expects
+(Documentation/arch/x86/boot.rst, zero-page.rst); the fixed boot structures
+sit where Firecracker and StratoVirt put them, so guests written for those
+VMMs find nothing surprising.
+"""
+
+from __future__ import annotations
+
+from ...memory import Region
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# Boot structures in the first MiB.
+BOOT_GDT_START = 0x500
+BOOT_IDT_START = 0x520
+PVH_INFO_START = 0x6000          # struct hvm_start_info
+PVH_MODLIST_START = 0x6040       # struct hvm_modlist_entry[]
+PVH_MEMMAP_START = 0x7000        # struct hvm_memmap_table_entry[] (PVH only)
+ZERO_PAGE_START = 0x7000         # struct boot_params (64-bit boot only)
+BOOT_STACK_POINTER = 0x8FF0
+PML4_START = 0x9000
+PDPTE_START = 0xA000
+PDE_START = 0xB000               # one page directory: 2 MiB pages over the first GiB
+CMDLINE_START = 0x20000
+CMDLINE_MAX_SIZE = 0x10000       # our own limit; the kernel's cmdline_size may be lower
+EBDA_START = 0x9FC00             # MP floating pointer and table live here
+EBDA_SIZE = 0x400
+BIOS_ROM_START = 0xF0000         # reserved up to 1 MiB, as on a PC
+HIMEM_START = 0x100000           # bzImage protected-mode code (code32_start)
+RAW_KERNEL_START = 0x1000000     # 16 MiB: Linux's default physical load address
+
+# The 32-bit MMIO gap: devices, the IOAPIC and the LAPIC live here.
+MMIO_GAP_START = 3 * GiB
+MMIO_GAP_END = 4 * GiB
+IOAPIC_ADDR = 0xFEC00000
+APIC_ADDR = 0xFEE00000
+
+# e820 types (arch/x86/include/uapi/asm/e820.h via bootparam.h).
+E820_RAM = 1
+E820_RESERVED = 2
+
+MEM_MIN = 128 * MiB
+MEM_MAX = 512 * GiB
+
+
+def ram_regions(size: int) -> list[Region]:
+    """RAM of ``size`` bytes: below the MMIO gap, and the rest above 4 GiB."""
+    low = min(size, MMIO_GAP_START)
+    regions = [Region(0, low, 0)]
+    if size > low:
+        regions.append(Region(MMIO_GAP_END, size - low, low))
+    return regions
+
+
+def e820_map(regions: list[Region]) -> list[tuple[int, int, int]]:
+    """(addr, size, type) entries, sorted: low RAM, the BIOS holes, the MMIO gap."""
+    low = regions[0]
+    entries = [
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, 0xA0000 - EBDA_START, E820_RESERVED),
+        (BIOS_ROM_START, HIMEM_START - BIOS_ROM_START, E820_RESERVED),
+        (HIMEM_START, low.end - HIMEM_START, E820_RAM),
+        (MMIO_GAP_START, MMIO_GAP_END - MMIO_GAP_START, E820_RESERVED),
+    ]
+    entries += [(r.gpa, r.size, E820_RAM) for r in regions[1:]]
+    return entries

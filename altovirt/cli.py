@@ -1,0 +1,104 @@
+"""The ``altovirt`` command: parse, build, run, and map the outcome to an exit status.
+
+Exit status: 0 the guest powered off or reset (or Ctrl-A x), 1 a VMM or KVM
+error, 2 a usage or configuration error, 3 a guest panic, 128+N stopped by
+signal N. Errors are one line on stderr; tracebacks appear only with
+-debug or in the -D log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .config import ConfigError, HelpRequested, VmConfig, load_config
+from .vmm.daemon import Daemon
+from .vmm.machine import Machine, VmmError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+log = logging.getLogger("altovirt")
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Leaves tracebacks out of the terminal; the log file keeps them."""
+
+    def formatException(self, ei: object) -> str:  # noqa: N802 (logging's name)
+        return ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.exc_text = ""
+        saved, record.exc_info = record.exc_info, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info = saved
+
+
+def setup_logging(cfg: VmConfig) -> None:
+    root = logging.getLogger("altovirt")
+    root.handlers.clear()
+    root.propagate = False
+    fmt = "%(asctime)s.%(msecs)03d %(levelname)s [%(threadName)s] %(name)s: %(message)s"
+    if cfg.log_file:
+        handler: logging.Handler = logging.FileHandler(cfg.log_file)
+        handler.setFormatter(logging.Formatter(fmt, "%Y-%m-%d %H:%M:%S"))
+        root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        if cfg.debug:
+            handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
+        else:
+            handler.setFormatter(_OneLineFormatter("altovirt: %(levelname)s: %(message)s"))
+        root.setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
+    root.addHandler(handler)
+
+
+def _error(msg: str) -> None:
+    sys.stderr.write(f"altovirt: error: {msg}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "-debug" in argv or "--debug" in argv
+    try:
+        cfg = load_config(argv)
+    except HelpRequested as h:
+        sys.stdout.write(str(h))
+        return 0
+    except ConfigError as e:
+        _error(str(e))
+        return EXIT_USAGE
+    setup_logging(cfg)
+    daemon = Daemon(cfg.pidfile)
+    if cfg.daemonize:
+        daemon.detach()
+    machine = None
+    try:
+        machine = Machine.build(cfg)
+        log.info("VM %s: %d vCPU(s), %d MiB", cfg.name, cfg.vcpus, cfg.mem_size >> 20)
+        reason = machine.run(on_running=lambda: daemon.report(None))
+        log.info("VM %s stopped: %s (exit %d)", cfg.name, reason.reason, reason.exit_code)
+        return reason.exit_code
+    except VmmError as e:
+        log.error("%s", e) if cfg.log_file else None
+        daemon.report(str(e))
+        _error(str(e))
+        return EXIT_ERROR
+    except Exception as e:
+        log.exception("internal error")
+        daemon.report(f"internal error: {e}")
+        if debug:
+            raise
+        _error(f"internal error: {e} (run with -debug for a traceback)")
+        return EXIT_ERROR
+    finally:
+        if machine is not None:
+            machine.close()
+        daemon.cleanup()
+        logging.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

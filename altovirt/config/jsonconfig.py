@@ -1,0 +1,113 @@
+"""The StratoVirt/Firecracker-style JSON configuration file (-config)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .model import ConfigError, ConsoleConfig, DriveConfig, NetConfig, VmConfig, VsockConfig
+from .validate import check_id, check_mac, check_tap, parse_bool, parse_int, parse_size
+
+SECTIONS = {"boot-source", "machine-config", "drive", "net", "console", "serial", "vsock"}
+
+
+def _obj(where: str, value: Any, required: set[str], optional: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a JSON object")
+    unknown = set(value) - required - optional
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: "
+                          f"{', '.join(sorted(required | optional))}")
+    missing = required - set(value)
+    if missing:
+        raise ConfigError(f"{where}: missing key {sorted(missing)[0]!r}")
+    return value
+
+
+def _str(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a non-empty string")
+    return value
+
+
+def _list(where: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a JSON array")
+    return value
+
+
+def load(path: str) -> VmConfig:
+    """Parse the file at ``path`` into a VmConfig (not yet cross-checked)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"-config: {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"-config: {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"-config: {path}: not valid JSON ({e})") from None
+    return from_dict(doc)
+
+
+def from_dict(doc: Any) -> VmConfig:
+    top = _obj("-config", doc, set(), SECTIONS)
+    cfg = VmConfig()
+    if "boot-source" in top:
+        w = "boot-source"
+        bs = _obj(w, top[w], {"kernel_image_path"}, {"boot_args", "initrd_fs_path"})
+        cfg.kernel = _str(f"{w}.kernel_image_path", bs["kernel_image_path"])
+        if "boot_args" in bs:
+            if not isinstance(bs["boot_args"], str):
+                raise ConfigError(f"{w}.boot_args: expected a string")
+            cfg.cmdline = bs["boot_args"]
+        if "initrd_fs_path" in bs:
+            cfg.initrd = _str(f"{w}.initrd_fs_path", bs["initrd_fs_path"])
+    if "machine-config" in top:
+        w = "machine-config"
+        mc = _obj(w, top[w], set(), {"name", "vcpu_count", "mem_size", "omit_vm_memory"})
+        if "name" in mc:
+            cfg.name = _str(f"{w}.name", mc["name"])
+        if "vcpu_count" in mc:
+            cfg.vcpus = parse_int(f"{w}.vcpu_count", mc["vcpu_count"], 1, 254)
+        if "mem_size" in mc:
+            v = mc["mem_size"]
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise ConfigError(f"{w}.mem_size: expected bytes (an integer) or a size like \"512M\"")
+            cfg.mem_size = v if isinstance(v, int) else parse_size(f"{w}.mem_size", v)
+        if "omit_vm_memory" in mc:
+            cfg.omit_vm_memory = _bool(f"{w}.omit_vm_memory", mc["omit_vm_memory"])
+    for i, d in enumerate(_list("drive", top.get("drive", []))):
+        w = f"drive[{i}]"
+        d = _obj(w, d, {"drive_id", "path_on_host"}, {"direct", "read_only", "serial_num"})
+        cfg.drives.append(DriveConfig(
+            id=check_id(f"{w}.drive_id", _str(f"{w}.drive_id", d["drive_id"])),
+            path=_str(f"{w}.path_on_host", d["path_on_host"]),
+            read_only=_bool(f"{w}.read_only", d.get("read_only", False)),
+            direct=_bool(f"{w}.direct", d.get("direct", True)),
+            serial=_str(f"{w}.serial_num", d["serial_num"]) if "serial_num" in d else None))
+    for i, n in enumerate(_list("net", top.get("net", []))):
+        w = f"net[{i}]"
+        n = _obj(w, n, {"iface_id", "host_dev_name"}, {"mac"})
+        cfg.nets.append(NetConfig(
+            id=check_id(f"{w}.iface_id", _str(f"{w}.iface_id", n["iface_id"])),
+            tap=check_tap(f"{w}.host_dev_name", _str(f"{w}.host_dev_name", n["host_dev_name"])),
+            mac=check_mac(f"{w}.mac", _str(f"{w}.mac", n["mac"])) if "mac" in n else None))
+    if "console" in top:
+        c = _obj("console", top["console"], {"console_id", "socket_path"}, set())
+        cfg.console = ConsoleConfig(check_id("console.console_id", _str("console.console_id", c["console_id"])),
+                                    _str("console.socket_path", c["socket_path"]))
+    if "serial" in top:
+        s = _obj("serial", top["serial"], {"stdio"}, set())
+        cfg.serial_stdio = _bool("serial.stdio", s["stdio"])
+    if "vsock" in top:
+        v = _obj("vsock", top["vsock"], {"vsock_id", "guest_cid"}, set())
+        cfg.vsock = VsockConfig(check_id("vsock.vsock_id", _str("vsock.vsock_id", v["vsock_id"])),
+                                parse_int("vsock.guest_cid", v["guest_cid"], 3, 0xFFFFFFFE))
+    return cfg
+
+
+def _bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false")
+    return parse_bool(where, value)

@@ -1,0 +1,70 @@
+"""The validated VM configuration: plain data, built by the command-line and
+JSON front ends, consumed by the VM builder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MiB, GiB = 1 << 20, 1 << 30
+VCPUS_MIN, VCPUS_MAX = 1, 254
+MEM_MIN, MEM_MAX = 128 * MiB, 512 * GiB
+DEFAULT_MEM = 256 * MiB
+MAX_DRIVES = 6
+MAX_NICS = 2
+# x86_64: at most two devices besides disks and NICs (a console and a vsock).
+MAX_OTHER_DEVICES = 2
+VSOCK_MIN_CID = 3
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the option and what is accepted."""
+
+
+@dataclass
+class DriveConfig:
+    id: str
+    path: str
+    read_only: bool = False
+    direct: bool = True
+    serial: str | None = None
+
+
+@dataclass
+class NetConfig:
+    id: str
+    tap: str
+    mac: str | None = None
+
+
+@dataclass
+class ConsoleConfig:
+    id: str
+    socket_path: str
+
+
+@dataclass
+class VsockConfig:
+    id: str
+    guest_cid: int
+
+
+@dataclass
+class VmConfig:
+    kernel: str | None = None
+    cmdline: str = ""
+    initrd: str | None = None
+    name: str = "altovirt"
+    vcpus: int = 1
+    mem_size: int = DEFAULT_MEM
+    omit_vm_memory: bool = False
+    drives: list[DriveConfig] = field(default_factory=list)
+    nets: list[NetConfig] = field(default_factory=list)
+    console: ConsoleConfig | None = None
+    vsock: VsockConfig | None = None
+    serial_stdio: bool = False
+    api_channel: str | None = None
+    log_file: str | None = None
+    pidfile: str | None = None
+    daemonize: bool = False
+    seccomp: bool = True
+    debug: bool = False

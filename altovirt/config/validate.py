@@ -1,0 +1,171 @@
+"""Value parsers and whole-configuration checks shared by the CLI and JSON front ends.
+
+Each function raises :class:`ConfigError` with a message of the form
+"<where>: <what is wrong>; <what is accepted>", where ``where`` is the
+option (``-m``) or JSON path (``machine-config.mem_size``) the value came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+from .model import (MAX_DRIVES, MAX_NICS, MAX_OTHER_DEVICES, MEM_MAX, MEM_MIN, VCPUS_MAX,
+                    VCPUS_MIN, VSOCK_MIN_CID, ConfigError, VmConfig)
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_TAP = re.compile(r"^[^\s/]{1,15}$")          # IFNAMSIZ - 1
+TRUE, FALSE = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
+
+
+def parse_size(where: str, text: str) -> int:
+    """Bytes, or a number with a K/M/G/T suffix (binary units)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ConfigError(f"{where}: invalid size {text!r}; give bytes or a number with "
+                          "a K, M or G suffix (e.g. 512M, 2G)")
+    return int(m.group(1)) << _SHIFT[m.group(2).upper()]
+
+
+def parse_bool(where: str, text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).lower()
+    if low in TRUE:
+        return True
+    if low in FALSE:
+        return False
+    raise ConfigError(f"{where}: invalid boolean {text!r}; use on/off or true/false")
+
+
+def parse_int(where: str, text: str | int, low: int, high: int) -> int:
+    if isinstance(text, bool):
+        raise ConfigError(f"{where}: expected an integer in [{low}, {high}], got {text!r}")
+    try:
+        value = text if isinstance(text, int) else int(str(text), 0)
+    except ValueError:
+        raise ConfigError(f"{where}: invalid integer {text!r}; accepted range [{low}, {high}]") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{where}: {value} is out of range; accepted range [{low}, {high}]")
+    return value
+
+
+def check_id(where: str, value: str) -> str:
+    if not _ID.match(value):
+        raise ConfigError(f"{where}: invalid id {value!r}; use 1-64 letters, digits, '_', '-' or '.'")
+    return value
+
+
+def check_mac(where: str, value: str) -> str:
+    if not _MAC.match(value):
+        raise ConfigError(f"{where}: invalid MAC {value!r}; expected six hex octets like 0e:90:df:9f:a8:88")
+    if int(value[:2], 16) & 1:
+        raise ConfigError(f"{where}: MAC {value} is a multicast address; use a unicast one "
+                          "(first octet even)")
+    return value.lower()
+
+
+def check_tap(where: str, value: str) -> str:
+    if not _TAP.match(value):
+        raise ConfigError(f"{where}: invalid tap name {value!r}; 1-15 characters, no '/' or spaces")
+    return value
+
+
+def check_readable_file(where: str, path: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: {path}: {e.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise ConfigError(f"{where}: {path}: not a regular file or block device")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{where}: {path}: permission denied")
+    return path
+
+
+def check_new_path(where: str, path: str) -> str:
+    """A path we will create: it must not exist, and its directory must."""
+    if not path:
+        raise ConfigError(f"{where}: empty path")
+    if os.path.lexists(path):
+        raise ConfigError(f"{where}: {path} already exists; it must not exist before start")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{where}: directory {parent} does not exist")
+    return path
+
+
+def check_api_channel(where: str, value: str) -> str:
+    if not value.startswith("unix:") or len(value) == len("unix:"):
+        raise ConfigError(f"{where}: invalid channel {value!r}; expected unix:/path/to/socket")
+    check_new_path(where, value[len("unix:"):])
+    return value
+
+
+def check_vm(cfg: VmConfig) -> VmConfig:
+    """Cross-field checks on a complete configuration."""
+    if not cfg.kernel:
+        raise ConfigError("-kernel: no kernel given; pass -kernel /path/to/vmlinux.bin "
+                          "or boot-source.kernel_image_path in -config")
+    check_readable_file("-kernel", cfg.kernel)
+    if cfg.initrd:
+        check_readable_file("-initrd", cfg.initrd)
+    parse_int("-smp", cfg.vcpus, VCPUS_MIN, VCPUS_MAX)
+    if not MEM_MIN <= cfg.mem_size <= MEM_MAX:
+        raise ConfigError(f"-m: {cfg.mem_size >> 20} MiB is out of range; accepted range "
+                          "[128M, 512G]")
+    if cfg.mem_size % 4096:
+        raise ConfigError(f"-m: {cfg.mem_size} bytes is not a multiple of 4 KiB")
+    if cfg.pidfile and not cfg.daemonize:
+        raise ConfigError("-pidfile: only valid together with -daemonize")
+    if cfg.pidfile:
+        check_new_path("-pidfile", cfg.pidfile)
+    if cfg.serial_stdio and cfg.daemonize:
+        raise ConfigError("-serial: stdio cannot be used with -daemonize; a daemon has no terminal")
+    if cfg.log_file:
+        parent = os.path.dirname(os.path.abspath(cfg.log_file))
+        if not os.path.isdir(parent):
+            raise ConfigError(f"-D: directory {parent} does not exist")
+    if cfg.api_channel:
+        check_api_channel("-api-channel", cfg.api_channel)
+    if len(cfg.drives) > MAX_DRIVES:
+        raise ConfigError(f"-drive: {len(cfg.drives)} disks given; at most {MAX_DRIVES} are supported")
+    if len(cfg.nets) > MAX_NICS:
+        raise ConfigError(f"-netdev: {len(cfg.nets)} NICs given; at most {MAX_NICS} are supported")
+    others = (cfg.console is not None) + (cfg.vsock is not None)
+    if others > MAX_OTHER_DEVICES:
+        raise ConfigError(f"-device: at most {MAX_OTHER_DEVICES} devices besides disks and NICs")
+    seen: dict[str, str] = {}
+    devices = [("-drive", d.id) for d in cfg.drives] + [("-netdev", n.id) for n in cfg.nets]
+    if cfg.console:
+        devices.append(("-chardev", cfg.console.id))
+    if cfg.vsock:
+        devices.append(("-device vsock", cfg.vsock.id))
+    for opt, dev_id in devices:
+        if dev_id in seen:
+            raise ConfigError(f"{opt}: id {dev_id!r} is already used by {seen[dev_id]}; ids must be unique")
+        seen[dev_id] = opt
+    for d in cfg.drives:
+        check_readable_file(f"-drive id={d.id}", d.path)
+        if os.path.realpath(d.path) == os.path.realpath(cfg.kernel):
+            raise ConfigError(f"-drive id={d.id}: {d.path} is the kernel image")
+    paths = [os.path.realpath(d.path) for d in cfg.drives]
+    if len(set(paths)) != len(paths):
+        raise ConfigError("-drive: the same image file is given twice")
+    taps = [n.tap for n in cfg.nets]
+    if len(set(taps)) != len(taps):
+        raise ConfigError("-netdev: the same tap device is given twice")
+    macs = [n.mac for n in cfg.nets if n.mac]
+    if len(set(macs)) != len(macs):
+        raise ConfigError("-netdev: the same MAC address is given twice")
+    if cfg.console:
+        check_new_path(f"-chardev id={cfg.console.id}", cfg.console.socket_path)
+    if cfg.vsock:
+        parse_int("-device vsock guest-cid", cfg.vsock.guest_cid, VSOCK_MIN_CID, 0xFFFFFFFE)
+    return cfg

@@ -1,0 +1,1 @@
+"""Device models: the I/O buses and the devices on them."""

@@ -1,0 +1,56 @@
+"""Just enough of the i8042 keyboard controller for ``reboot=k``.
+
+Linux (and the probe) reset the machine by writing 0xFE (pulse the reset
+line) to the command port; we turn that into a VM stop with reason
+"guest-reset". The controller's command byte and self test are answered so
+that a probing driver finds a sane, empty controller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+DATA_PORT, COMMAND_PORT = 0x60, 0x64
+# Commands (Linux drivers/input/serio/i8042.h)
+CMD_READ_CTR, CMD_WRITE_CTR = 0x20, 0x60
+CMD_SELF_TEST, CMD_KBD_TEST = 0xAA, 0xAB
+CMD_DISABLE_KBD, CMD_ENABLE_KBD = 0xAD, 0xAE
+CMD_RESET_CPU = 0xFE
+STATUS_OBF = 0x01          # output buffer full: data for the guest at port 0x60
+STATUS_SYS = 0x04          # system flag: self test passed
+SELF_TEST_OK = 0x55
+
+
+class I8042:
+    """Ports 0x60 (offset 0) to 0x64 (offset 4)."""
+
+    def __init__(self, reset: Callable[[], None]) -> None:
+        self._reset = reset
+        self.ctr = 0x00
+        self._pending_cmd = 0
+        self._out: int | None = None
+
+    def read(self, offset: int, size: int) -> int:
+        if offset == COMMAND_PORT - DATA_PORT:
+            return STATUS_SYS | (STATUS_OBF if self._out is not None else 0)
+        if offset == 0:
+            value, self._out = self._out, None
+            return value or 0
+        return 0xFF
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        value &= 0xFF
+        if offset == COMMAND_PORT - DATA_PORT:
+            if value == CMD_RESET_CPU:
+                self._reset()
+            elif value == CMD_READ_CTR:
+                self._out = self.ctr
+            elif value == CMD_WRITE_CTR:
+                self._pending_cmd = value
+            elif value == CMD_SELF_TEST:
+                self._out = SELF_TEST_OK
+            elif value == CMD_KBD_TEST:
+                self._out = 0x00
+        elif offset == 0 and self._pending_cmd == CMD_WRITE_CTR:
+            self.ctr = value
+            self._pending_cmd = 0

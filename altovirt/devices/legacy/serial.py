@@ -1,0 +1,137 @@
+"""An 8250/16550A UART (National Semiconductor PC16550D data sheet).
+
+Transmit is immediate (THR is always empty again by the next access), so
+the transmitter-empty interrupt fires after every byte when enabled; receive
+takes bytes from the host through :meth:`Serial.enqueue`. Interrupts are
+edges on the serial IRQ line, delivered through an irqfd.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+
+# Register offsets from the base port.
+DATA, IER, IIR, LCR, MCR, LSR, MSR, SCR = range(8)
+FCR = IIR
+IER_RDI, IER_THRI = 0x01, 0x02
+IIR_NO_INT, IIR_THRI, IIR_RDI, IIR_FIFO_BITS = 0x01, 0x02, 0x04, 0xC0
+FCR_FIFO_ENABLE, FCR_CLEAR_RCVR = 0x01, 0x02
+LCR_DLAB = 0x80
+MCR_DTR, MCR_RTS, MCR_OUT1, MCR_OUT2, MCR_LOOP = 0x01, 0x02, 0x04, 0x08, 0x10
+LSR_DR, LSR_THRE, LSR_TEMT = 0x01, 0x20, 0x40
+MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 0x10, 0x20, 0x40, 0x80
+
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+# Host input waiting for the guest; beyond this, further input is dropped.
+RX_BUFFER_LIMIT = 4096
+
+
+class Serial:
+    """One UART. ``out`` receives guest output; ``irq`` raises an interrupt edge."""
+
+    def __init__(self, out: Callable[[bytes], object] | None, irq: Callable[[], None]) -> None:
+        self._out = out
+        self._irq = irq
+        self._lock = threading.Lock()
+        self._rx: collections.deque[int] = collections.deque()
+        self.ier = 0
+        self.lcr = 0x03
+        self.mcr = MCR_OUT2
+        self.scr = 0
+        self.dll, self.dlm = 0x0C, 0   # 9600 baud, the reset value
+        self.fifo = False
+        self._thr_pending = False
+
+    # --- host side ---
+    def enqueue(self, data: bytes) -> None:
+        """Bytes typed on the host, for the guest to read."""
+        with self._lock:
+            room = RX_BUFFER_LIMIT - len(self._rx)
+            was_empty = not self._rx
+            self._rx.extend(data[:room])
+            fire = was_empty and self._rx and self.ier & IER_RDI
+        if fire:
+            self._irq()
+
+    # --- guest side ---
+    def _iir(self) -> int:
+        fifo = IIR_FIFO_BITS if self.fifo else 0
+        if self.ier & IER_RDI and self._rx:
+            return IIR_RDI | fifo
+        if self.ier & IER_THRI and self._thr_pending:
+            return IIR_THRI | fifo
+        return IIR_NO_INT | fifo
+
+    def _msr(self) -> int:
+        if self.mcr & MCR_LOOP:
+            m = self.mcr
+            return ((m & MCR_RTS) and MSR_CTS) | ((m & MCR_DTR) and MSR_DSR) | \
+                ((m & MCR_OUT1) and MSR_RI) | ((m & MCR_OUT2) and MSR_DCD)
+        return MSR_DCD | MSR_DSR | MSR_CTS
+
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            if offset == DATA:
+                if self.lcr & LCR_DLAB:
+                    return self.dll
+                value = self._rx.popleft() if self._rx else 0
+                return value
+            if offset == IER:
+                return self.dlm if self.lcr & LCR_DLAB else self.ier
+            if offset == IIR:
+                iir = self._iir()
+                if iir & 0x0F == IIR_THRI:
+                    self._thr_pending = False   # reading IIR acknowledges THRE
+                return iir
+            if offset == LCR:
+                return self.lcr
+            if offset == MCR:
+                return self.mcr
+            if offset == LSR:
+                return LSR_THRE | LSR_TEMT | (LSR_DR if self._rx else 0)
+            if offset == MSR:
+                return self._msr()
+            return self.scr
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        value &= 0xFF
+        fire = False
+        out = None
+        with self._lock:
+            if offset == DATA:
+                if self.lcr & LCR_DLAB:
+                    self.dll = value
+                else:
+                    if self.mcr & MCR_LOOP:
+                        self._rx.append(value)
+                        fire = bool(self.ier & IER_RDI)
+                    else:
+                        out = bytes((value,))
+                    self._thr_pending = True
+                    fire = fire or bool(self.ier & IER_THRI)
+            elif offset == IER:
+                if self.lcr & LCR_DLAB:
+                    self.dlm = value
+                else:
+                    enabling_thri = value & IER_THRI and not self.ier & IER_THRI
+                    self.ier = value & 0x0F
+                    if enabling_thri:
+                        self._thr_pending = True   # THR is empty: say so at once
+                        fire = True
+                    fire = fire or bool(value & IER_RDI and self._rx)
+            elif offset == FCR:
+                self.fifo = bool(value & FCR_FIFO_ENABLE)
+                if value & FCR_CLEAR_RCVR:
+                    self._rx.clear()
+            elif offset == LCR:
+                self.lcr = value
+            elif offset == MCR:
+                self.mcr = value & 0x1F
+            elif offset == SCR:
+                self.scr = value
+        if out is not None and self._out is not None:
+            self._out(out)
+        if fire:
+            self._irq()

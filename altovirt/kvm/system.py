@@ -1,0 +1,264 @@
+"""File-descriptor wrappers for /dev/kvm, a VM and a vCPU.
+
+Every ioctl goes through ctypes ``libc.ioctl`` with ``use_errno``: it releases
+the GIL while the kernel works (KVM_RUN can block for seconds), passes 64-bit
+arguments unchanged and returns EINTR to us instead of retrying, which is how
+a signal kicks a vCPU out of KVM_RUN.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import errno
+import mmap
+import os
+
+from . import ioctls as K
+from . import structs as S
+
+_libc = C.CDLL(None, use_errno=True)
+_ioctl = _libc.ioctl
+_ioctl.restype = C.c_int
+_ioctl.argtypes = [C.c_int, C.c_ulong, C.c_void_p]
+
+_IOCTL_NAMES = {v: k for k, v in vars(K).items() if k.startswith("KVM_") and not k.startswith(
+    ("KVM_CAP_", "KVM_EXIT_", "KVM_MP_", "KVM_SYSTEM_", "KVM_IOEVENTFD_", "KVM_IRQFD_",
+     "KVM_PIT_", "KVM_CLOCK_"))}
+
+
+class KvmError(OSError):
+    """An ioctl failed; ``str()`` names the ioctl and the errno."""
+
+
+def ioctl(fd: int, request: int, arg: object = None) -> int:
+    """Issue ``request`` on ``fd``; ``arg`` is an int, a ctypes object or None."""
+    if arg is None:
+        ptr: int | None = None
+    elif isinstance(arg, int):
+        ptr = arg
+    else:
+        ptr = C.addressof(arg)  # type: ignore[arg-type]
+    ret = _ioctl(fd, request, ptr)
+    if ret < 0:
+        err = C.get_errno()
+        name = _IOCTL_NAMES.get(request, hex(request))
+        raise KvmError(err, f"{name}: {os.strerror(err)}")
+    return ret
+
+
+class Kvm:
+    """The /dev/kvm system fd."""
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            version = ioctl(self.fd, K.KVM_GET_API_VERSION)
+            if version != K.KVM_API_VERSION:
+                raise KvmError(errno.ENOTSUP,
+                               f"KVM API version {version}, AltoVirt needs {K.KVM_API_VERSION}")
+            self.vcpu_mmap_size = ioctl(self.fd, K.KVM_GET_VCPU_MMAP_SIZE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def check_extension(self, cap: int) -> int:
+        return ioctl(self.fd, K.KVM_CHECK_EXTENSION, cap)
+
+    def missing_caps(self) -> list[str]:
+        """Names of the capabilities AltoVirt relies on that this host lacks."""
+        return [name for name, cap in K.REQUIRED_CAPS.items() if self.check_extension(cap) <= 0]
+
+    def supported_cpuid(self) -> list[S.kvm_cpuid_entry2]:
+        n = 64
+        while True:
+            buf = S.kvm_cpuid2_n(n)()
+            buf.nent = n  # type: ignore[attr-defined]
+            try:
+                ioctl(self.fd, K.KVM_GET_SUPPORTED_CPUID, buf)
+            except KvmError as e:
+                if e.errno == errno.E2BIG and n < 4096:
+                    n *= 2
+                    continue
+                raise
+            return [buf.entries[i] for i in range(buf.nent)]  # type: ignore[attr-defined]
+
+    def create_vm(self) -> Vm:
+        return Vm(self, ioctl(self.fd, K.KVM_CREATE_VM, 0))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Vm:
+    """A VM fd: memory slots, the in-kernel IRQ chip and PIT, eventfds."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int,
+                               flags: int = 0) -> None:
+        region = S.kvm_userspace_memory_region(slot, flags, gpa, size, host_addr)
+        ioctl(self.fd, K.KVM_SET_USER_MEMORY_REGION, region)
+
+    def set_tss_addr(self, addr: int) -> None:
+        ioctl(self.fd, K.KVM_SET_TSS_ADDR, addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        ioctl(self.fd, K.KVM_SET_IDENTITY_MAP_ADDR, C.c_uint64(addr))
+
+    def create_irqchip(self) -> None:
+        ioctl(self.fd, K.KVM_CREATE_IRQCHIP)
+
+    def create_pit2(self, flags: int = K.KVM_PIT_SPEAKER_DUMMY) -> None:
+        ioctl(self.fd, K.KVM_CREATE_PIT2, S.kvm_pit_config(flags=flags))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        ioctl(self.fd, K.KVM_IRQ_LINE, S.kvm_irq_level(irq, level))
+
+    def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
+        flags = K.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        ioctl(self.fd, K.KVM_IRQFD, S.kvm_irqfd(fd=fd, gsi=gsi, flags=flags))
+
+    def ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool = False,
+                  datamatch: int | None = None) -> None:
+        flags = K.KVM_IOEVENTFD_FLAG_PIO if pio else 0
+        if datamatch is not None:
+            flags |= K.KVM_IOEVENTFD_FLAG_DATAMATCH
+        ioctl(self.fd, K.KVM_IOEVENTFD, S.kvm_ioeventfd(
+            datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags))
+
+    def get_clock(self) -> S.kvm_clock_data:
+        data = S.kvm_clock_data()
+        ioctl(self.fd, K.KVM_GET_CLOCK, data)
+        return data
+
+    def set_clock(self, data: S.kvm_clock_data) -> None:
+        ioctl(self.fd, K.KVM_SET_CLOCK, data)
+
+    def get_irqchip(self, chip_id: int) -> S.kvm_irqchip:
+        chip = S.kvm_irqchip(chip_id=chip_id)
+        ioctl(self.fd, K.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: S.kvm_irqchip) -> None:
+        ioctl(self.fd, K.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> S.kvm_pit_state2:
+        pit = S.kvm_pit_state2()
+        ioctl(self.fd, K.KVM_GET_PIT2, pit)
+        return pit
+
+    def set_pit2(self, pit: S.kvm_pit_state2) -> None:
+        ioctl(self.fd, K.KVM_SET_PIT2, pit)
+
+    def create_vcpu(self, index: int) -> Vcpu:
+        return Vcpu(self, index, ioctl(self.fd, K.KVM_CREATE_VCPU, index))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Vcpu:
+    """A vCPU fd and its mapped ``kvm_run`` page."""
+
+    def __init__(self, vm: Vm, index: int, fd: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.fd = fd
+        self.run_map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run = S.kvm_run.from_buffer(self.run_map)
+
+    def _get(self, request: int, t: type) -> object:
+        obj = t()
+        ioctl(self.fd, request, obj)
+        return obj
+
+    def run_once(self) -> int:
+        """One KVM_RUN; returns 0 or -errno (EINTR/EAGAIN) without raising for those."""
+        ret = _ioctl(self.fd, K.KVM_RUN, None)
+        if ret < 0:
+            err = C.get_errno()
+            if err in (errno.EINTR, errno.EAGAIN):
+                return -err
+            raise KvmError(err, f"KVM_RUN: {os.strerror(err)}")
+        return 0
+
+    def get_regs(self) -> S.kvm_regs:
+        return self._get(K.KVM_GET_REGS, S.kvm_regs)  # type: ignore[return-value]
+
+    def set_regs(self, regs: S.kvm_regs) -> None:
+        ioctl(self.fd, K.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> S.kvm_sregs:
+        return self._get(K.KVM_GET_SREGS, S.kvm_sregs)  # type: ignore[return-value]
+
+    def set_sregs(self, sregs: S.kvm_sregs) -> None:
+        ioctl(self.fd, K.KVM_SET_SREGS, sregs)
+
+    def get_fpu(self) -> S.kvm_fpu:
+        return self._get(K.KVM_GET_FPU, S.kvm_fpu)  # type: ignore[return-value]
+
+    def set_fpu(self, fpu: S.kvm_fpu) -> None:
+        ioctl(self.fd, K.KVM_SET_FPU, fpu)
+
+    def set_cpuid2(self, entries: list[S.kvm_cpuid_entry2]) -> None:
+        buf = S.kvm_cpuid2_n(len(entries))()
+        buf.nent = len(entries)  # type: ignore[attr-defined]
+        for i, e in enumerate(entries):
+            buf.entries[i] = e  # type: ignore[attr-defined]
+        ioctl(self.fd, K.KVM_SET_CPUID2, buf)
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        buf = S.kvm_msrs_n(len(msrs))()
+        buf.nmsrs = len(msrs)  # type: ignore[attr-defined]
+        for i, (index, value) in enumerate(msrs.items()):
+            buf.entries[i] = S.kvm_msr_entry(index=index, data=value)  # type: ignore[attr-defined]
+        done = ioctl(self.fd, K.KVM_SET_MSRS, buf)
+        if done != len(msrs):
+            bad = list(msrs)[done]
+            raise KvmError(errno.EINVAL, f"KVM_SET_MSRS: MSR {bad:#x} refused")
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        buf = S.kvm_msrs_n(len(indices))()
+        buf.nmsrs = len(indices)  # type: ignore[attr-defined]
+        for i, index in enumerate(indices):
+            buf.entries[i].index = index  # type: ignore[attr-defined]
+        done = ioctl(self.fd, K.KVM_GET_MSRS, buf)
+        return {buf.entries[i].index: buf.entries[i].data for i in range(done)}  # type: ignore[attr-defined]
+
+    def get_lapic(self) -> S.kvm_lapic_state:
+        return self._get(K.KVM_GET_LAPIC, S.kvm_lapic_state)  # type: ignore[return-value]
+
+    def set_lapic(self, lapic: S.kvm_lapic_state) -> None:
+        ioctl(self.fd, K.KVM_SET_LAPIC, lapic)
+
+    def get_mp_state(self) -> int:
+        return self._get(K.KVM_GET_MP_STATE, S.kvm_mp_state).mp_state  # type: ignore[attr-defined]
+
+    def set_mp_state(self, state: int) -> None:
+        ioctl(self.fd, K.KVM_SET_MP_STATE, S.kvm_mp_state(state))
+
+    def get_vcpu_events(self) -> S.kvm_vcpu_events:
+        return self._get(K.KVM_GET_VCPU_EVENTS, S.kvm_vcpu_events)  # type: ignore[return-value]
+
+    def set_vcpu_events(self, events: S.kvm_vcpu_events) -> None:
+        ioctl(self.fd, K.KVM_SET_VCPU_EVENTS, events)
+
+    def get_xsave(self) -> S.kvm_xsave:
+        return self._get(K.KVM_GET_XSAVE, S.kvm_xsave)  # type: ignore[return-value]
+
+    def set_xsave(self, xsave: S.kvm_xsave) -> None:
+        ioctl(self.fd, K.KVM_SET_XSAVE, xsave)
+
+    def get_xcrs(self) -> S.kvm_xcrs:
+        return self._get(K.KVM_GET_XCRS, S.kvm_xcrs)  # type: ignore[return-value]
+
+    def set_xcrs(self, xcrs: S.kvm_xcrs) -> None:
+        ioctl(self.fd, K.KVM_SET_XCRS, xcrs)
+
+    def close(self) -> None:
+        del self.run
+        self.run_map.close()
+        os.close(self.fd)

@@ -1,0 +1,1 @@
+"""The VMM: builds a VM from its configuration and runs it."""

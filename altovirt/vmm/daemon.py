@@ -1,0 +1,70 @@
+"""-daemonize and -pidfile.
+
+The parent waits until the daemon reports that the VM is running (or why it
+failed), so ``altovirt -daemonize`` returns 0 only for a running VM and
+otherwise prints the one-line error and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+class Daemon:
+    def __init__(self, pidfile: str | None) -> None:
+        self.pidfile = os.path.abspath(pidfile) if pidfile else None
+        self._report_fd = -1
+
+    def detach(self) -> None:
+        """Fork twice; only the daemon returns from this call."""
+        r, w = os.pipe()
+        if os.fork() > 0:
+            os.close(w)
+            chunks = []
+            while chunk := os.read(r, 4096):
+                chunks.append(chunk)
+            msg = b"".join(chunks).decode(errors="replace")
+            if msg == "ok":
+                os._exit(0)
+            sys.stderr.write(f"altovirt: error: {msg or 'the daemon exited during start-up'}\n")
+            sys.stderr.flush()
+            os._exit(1)
+        os.close(r)
+        os.setsid()
+        if os.fork() > 0:
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        self._report_fd = w
+        if self.pidfile:
+            write_pidfile(self.pidfile)
+
+    def report(self, error: str | None) -> None:
+        """Tell the waiting parent: None for running, else the error line."""
+        if self._report_fd >= 0:
+            os.write(self._report_fd, (error or "ok").encode())
+            os.close(self._report_fd)
+            self._report_fd = -1
+
+    def cleanup(self) -> None:
+        if self.pidfile:
+            try:
+                os.unlink(self.pidfile)
+            except FileNotFoundError:
+                pass
+
+
+def write_pidfile(path: str) -> None:
+    """Write our pid atomically, refusing to replace an existing file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)      # fails with EEXIST instead of clobbering
+    finally:
+        os.unlink(tmp)

@@ -1,0 +1,245 @@
+"""Build a VM from a VmConfig and run it until it stops.
+
+:meth:`Machine.build` opens KVM, checks what we rely on, lays out guest RAM,
+loads the kernel, creates the devices and vCPUs; :meth:`Machine.run` starts
+the vCPU threads, serves host I/O from the main thread's event loop and
+tears everything down when a stop is requested (by the guest, a signal or,
+later, QMP).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import threading
+from collections.abc import Callable
+
+from ..arch.x86_64 import boot, layout
+from ..arch.x86_64.loader import KernelError
+from ..arch.x86_64.regs import BOOT_MSRS
+from ..config import VmConfig
+from ..devices.bus import Bus
+from ..devices.legacy.boottimer import BOOT_TIMER_PORT, BootTimer, Sink
+from ..devices.legacy.i8042 import DATA_PORT as I8042_PORT
+from ..devices.legacy.i8042 import I8042
+from ..devices.legacy.rtc import Rtc
+from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
+from ..kvm import Kvm, KvmError, Vcpu
+from ..kvm import Vm as KvmVm
+from ..memory import GuestMemory
+from .console import HostConsole
+from .vcpu import GUEST_RESET, StopReason, VcpuThread, install_kick_handler
+
+log = logging.getLogger(__name__)
+
+RTC_PORT = 0x70
+POST_PORT = 0x80
+# Where VMX keeps its real-mode TSS and identity map: the top of the 32-bit space,
+# below the BIOS, outside RAM (KVM_SET_TSS_ADDR needs three pages).
+TSS_ADDR = 0xFFFBD000
+IDENTITY_MAP_ADDR = 0xFFFBC000
+
+
+class VmmError(RuntimeError):
+    """The VM cannot be built or run; the message is one line for the user."""
+
+
+def open_kvm(path: str = "/dev/kvm") -> Kvm:
+    try:
+        kvm = Kvm(path)
+    except FileNotFoundError:
+        raise VmmError(f"{path}: no such device; KVM is not available on this host") from None
+    except PermissionError:
+        raise VmmError(f"{path}: permission denied; run as root or join the kvm group") from None
+    except OSError as e:
+        raise VmmError(f"{path}: {e.strerror or e}") from None
+    missing = kvm.missing_caps()
+    if missing:
+        kvm.close()
+        raise VmmError(f"KVM lacks capability {missing[0]}, which AltoVirt needs"
+                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return kvm
+
+
+def _read_file(what: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise VmmError(f"{what}: {path}: {e.strerror}") from None
+
+
+def _set_boot_msrs(vcpu: Vcpu) -> dict[int, int]:
+    """Set the boot MSRs; a host (PVM) that refuses some keeps its defaults for those."""
+    try:
+        vcpu.set_msrs(BOOT_MSRS)
+        return BOOT_MSRS
+    except KvmError:
+        accepted = {}
+        for index, value in BOOT_MSRS.items():
+            try:
+                vcpu.set_msrs({index: value})
+                accepted[index] = value
+            except KvmError:
+                log.debug("host refuses boot MSR %#x; left at its default", index)
+        return accepted
+
+
+class Machine:
+    """A built VM. Thread-safe entry points: request_stop, pause, resume."""
+
+    def __init__(self, cfg: VmConfig) -> None:
+        self.cfg = cfg
+        self.kvm: Kvm | None = None
+        self.vm: KvmVm | None = None
+        self.mem: GuestMemory | None = None
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self.vcpus: list[VcpuThread] = []
+        self.boot_timer = BootTimer()
+        self.stop_reason: StopReason | None = None
+        self._stop_lock = threading.Lock()
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fds: list[int] = [self._stop_fd]
+        self.console: HostConsole | None = None
+        self.serial: Serial | None = None
+
+    # --- building ---
+    @classmethod
+    def build(cls, cfg: VmConfig) -> Machine:
+        m = cls(cfg)
+        try:
+            m._build()
+        except BaseException:
+            m.close()
+            raise
+        return m
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        self.kvm = kvm = open_kvm()
+        self.vm = vm = kvm.create_vm()
+        assert vm is not None
+        try:
+            vm.set_tss_addr(TSS_ADDR)
+            vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+            vm.create_irqchip()
+            vm.create_pit2()
+        except KvmError as e:
+            raise VmmError(f"cannot set up the VM's interrupt controllers: {e}") from None
+        try:
+            self.mem = mem = GuestMemory(layout.ram_regions(cfg.mem_size), dontdump=cfg.omit_vm_memory)
+        except OSError as e:
+            raise VmmError(f"-m: cannot allocate {cfg.mem_size >> 20} MiB of guest RAM: "
+                           f"{e.strerror}") from None
+        for slot, region in enumerate(mem.regions):
+            vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
+
+        image = _read_file("-kernel", cfg.kernel or "")
+        initrd = _read_file("-initrd", cfg.initrd) if cfg.initrd else None
+        try:
+            self.plan = plan = boot.prepare(mem, image, cfg.cmdline, initrd, cfg.vcpus)
+        except KernelError as e:
+            raise VmmError(f"-kernel: {cfg.kernel}: {e}") from None
+        log.info("kernel %s: %s format, entry %#x%s", cfg.kernel, plan.kind, plan.entry,
+                 f", initrd at {plan.initrd_addr:#x}" if plan.initrd_size else "")
+
+        self._add_legacy_devices()
+        supported = kvm.supported_cpuid()
+        for i in range(cfg.vcpus):
+            vcpu = vm.create_vcpu(i)
+            self.vcpus.append(VcpuThread(vcpu, self.pio, self.mmio, self.request_stop))
+            boot.setup_vcpu(vcpu, plan, supported, cfg.vcpus, _set_boot_msrs(vcpu))
+
+    def _irq_line(self, gsi: int) -> Callable[[], None]:
+        """An edge-triggering callable for ``gsi``, through an irqfd."""
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fds.append(fd)
+        self.vm.irqfd(fd, gsi)
+        return lambda: os.eventfd_write(fd, 1)
+
+    def _add_legacy_devices(self) -> None:
+        out = None
+        if self.cfg.serial_stdio:
+            self.console = HostConsole(self.request_stop)
+            out = self.console.write
+        self.serial = Serial(out, self._irq_line(COM1_IRQ))
+        if self.console:
+            self.console.attach(self.serial.enqueue)
+        mem = self.mem
+        assert mem is not None
+        high = sum(r.size for r in mem.regions[1:])
+        # COM1's eighth port (scratch, 0x3ff) is the boot timer.
+        self.pio.insert(self.serial, COM1_PORT, BOOT_TIMER_PORT - COM1_PORT)
+        self.pio.insert(I8042(lambda: self.request_stop(GUEST_RESET)), I8042_PORT, 5)
+        self.pio.insert(Rtc(mem.regions[0].size, high), RTC_PORT, 2)
+        self.pio.insert(self.boot_timer, BOOT_TIMER_PORT, 1)
+        self.pio.insert(Sink(), POST_PORT, 1)
+
+    # --- lifecycle ---
+    def request_stop(self, reason: StopReason) -> None:
+        """Ask the main loop to stop the VM; the first reason given wins."""
+        with self._stop_lock:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+                log.info("stopping: %s", reason.reason)
+        os.eventfd_write(self._stop_fd, 1)
+
+    def pause(self) -> None:
+        for v in self.vcpus:
+            v.pause()
+
+    def resume(self) -> None:
+        for v in self.vcpus:
+            v.resume()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.request_stop(StopReason("host-signal", False, 128 + signum))
+
+    def run(self, on_running: Callable[[], None] | None = None) -> StopReason:
+        """Run until stopped; returns why. Must be called on the main thread."""
+        install_kick_handler()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        ep = select.epoll()
+        handlers: dict[int, Callable[[], None]] = {self._stop_fd: lambda: None}
+        ep.register(self._stop_fd, select.EPOLLIN)
+        try:
+            if self.console:
+                self.console.start(ep, handlers)
+            for v in self.vcpus:
+                v.start()
+            if on_running:
+                on_running()
+            while self.stop_reason is None:
+                for fd, _ in ep.poll():
+                    handlers[fd]()
+        finally:
+            for v in self.vcpus:
+                v.exit()
+            if self.console:
+                self.console.stop()
+            ep.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+        assert self.stop_reason is not None
+        return self.stop_reason
+
+    def close(self) -> None:
+        """Release every fd and mapping; safe after a partial build."""
+        for v in self.vcpus:
+            v.vcpu.close()
+        self.vcpus.clear()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+        if self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None

@@ -1,0 +1,188 @@
+/* Serial console, formatted output, CRC32 and power-off for the probe. */
+#include <stdarg.h>
+#include "lib.h"
+
+#define COM1		0x3f8
+#define UART_LSR	5
+#define LSR_DR		0x01
+#define LSR_THRE	0x20
+#define UART_FIFO_SIZE	16	/* 16550A: THRE set means the 16-byte FIFO is empty */
+
+#define ISA_DEBUG_EXIT	0xf4	/* QEMU's isa-debug-exit, ignored elsewhere */
+#define I8042_COMMAND	0x64
+#define I8042_RESET	0xfe
+
+void *memcpy(void *d, const void *s, size_t n)
+{
+	u8 *dp = d;
+	const u8 *sp = s;
+	while (n--)
+		*dp++ = *sp++;
+	return d;
+}
+
+void *memset(void *d, int c, size_t n)
+{
+	u8 *dp = d;
+	while (n--)
+		*dp++ = (u8)c;
+	return d;
+}
+
+size_t strlen(const char *s)
+{
+	size_t n = 0;
+	while (s[n])
+		n++;
+	return n;
+}
+
+int strncmp(const char *a, const char *b, size_t n)
+{
+	for (; n; n--, a++, b++) {
+		if (*a != *b)
+			return (u8)*a - (u8)*b;
+		if (!*a)
+			return 0;
+	}
+	return 0;
+}
+
+void serial_init(void)
+{
+	outb(COM1 + 1, 0x00);		/* no interrupts: we poll */
+	outb(COM1 + 3, 0x80);		/* DLAB */
+	outb(COM1 + 0, 0x01);		/* 115200 baud */
+	outb(COM1 + 1, 0x00);
+	outb(COM1 + 3, 0x03);		/* 8N1 */
+	outb(COM1 + 2, 0x07);		/* FIFO on, cleared */
+	outb(COM1 + 4, 0x03);		/* DTR | RTS */
+}
+
+void serial_write(const char *s, size_t n)
+{
+	while (n) {
+		while (!(inb(COM1 + UART_LSR) & LSR_THRE))
+			cpu_relax();
+		for (int i = 0; i < UART_FIFO_SIZE && n; i++, n--) {
+			if (*s == '\n') {
+				/* keep room for the CR+LF pair in this FIFO load */
+				if (i == UART_FIFO_SIZE - 1)
+					break;
+				outb(COM1, '\r');
+				i++;
+			}
+			outb(COM1, (u8)*s++);
+		}
+	}
+}
+
+int serial_getc(void)
+{
+	if (!(inb(COM1 + UART_LSR) & LSR_DR))
+		return -1;
+	return inb(COM1);
+}
+
+static volatile int output_lock;
+
+void lock_output(void)
+{
+	while (__atomic_exchange_n(&output_lock, 1, __ATOMIC_ACQUIRE))
+		cpu_relax();
+}
+
+void unlock_output(void)
+{
+	__atomic_store_n(&output_lock, 0, __ATOMIC_RELEASE);
+}
+
+static char *fmt_num(char *end, u64 v, unsigned base)
+{
+	*--end = 0;
+	do {
+		*--end = "0123456789abcdef"[v % base];
+		v /= base;
+	} while (v);
+	return end;
+}
+
+/* printf for %s %c %d %u %x %lu %lx %ld %%, as one serial write per call. */
+void printf(const char *fmt, ...)
+{
+	char out[512], num[24];
+	size_t n = 0;
+	va_list ap;
+
+	va_start(ap, fmt);
+	for (; *fmt && n < sizeof(out) - 1; fmt++) {
+		const char *s;
+		int lng = 0;
+
+		if (*fmt != '%') {
+			out[n++] = *fmt;
+			continue;
+		}
+		fmt++;
+		while (*fmt == 'l') {
+			lng = 1;
+			fmt++;
+		}
+		switch (*fmt) {
+		case 's':
+			s = va_arg(ap, const char *);
+			break;
+		case 'c':
+			num[0] = (char)va_arg(ap, int);
+			num[1] = 0;
+			s = num;
+			break;
+		case 'd': {
+			long v = lng ? va_arg(ap, long) : va_arg(ap, int);
+			s = fmt_num(num + sizeof(num), v < 0 ? -(u64)v : (u64)v, 10);
+			if (v < 0)
+				*(char *)--s = '-';
+			break;
+		}
+		case 'u':
+			s = fmt_num(num + sizeof(num), lng ? va_arg(ap, u64) : va_arg(ap, u32), 10);
+			break;
+		case 'x':
+			s = fmt_num(num + sizeof(num), lng ? va_arg(ap, u64) : va_arg(ap, u32), 16);
+			break;
+		default:
+			s = "%";
+			break;
+		}
+		while (*s && n < sizeof(out) - 1)
+			out[n++] = *s++;
+	}
+	va_end(ap);
+	serial_write(out, n);
+}
+
+u32 crc32(const u8 *p, size_t n)
+{
+	static u32 table[256];
+	u32 crc = 0xffffffff;
+
+	if (!table[1]) {
+		for (u32 i = 0; i < 256; i++) {
+			u32 c = i;
+			for (int k = 0; k < 8; k++)
+				c = (c & 1) ? 0xedb88320 ^ (c >> 1) : c >> 1;
+			table[i] = c;
+		}
+	}
+	while (n--)
+		crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+	return crc ^ 0xffffffff;
+}
+
+void poweroff(void)
+{
+	outb(ISA_DEBUG_EXIT, 0);		/* QEMU: exits with status 1 */
+	outb(I8042_COMMAND, I8042_RESET);	/* AltoVirt, Firecracker: reboot=k */
+	for (;;)
+		__asm__ volatile("cli; hlt");
+}

@@ -1,0 +1,279 @@
+/*
+ * The AltoVirt probe guest: reports what the VMM handed it, in lines of the
+ * form "probe: KEY ...", then runs the tests named by probe.run=a,b,... on
+ * its command line and powers off.
+ *
+ * Layouts follow Linux's Documentation/arch/x86/boot.rst and zero-page.rst,
+ * Xen's hvm/start_info.h and the Intel MultiProcessor Specification 1.4.
+ */
+#include "lib.h"
+#include "probe.h"
+
+/* boot_params (zero page) offsets */
+#define BP_EXT_RAMDISK_IMAGE	0x0c0
+#define BP_EXT_RAMDISK_SIZE	0x0c4
+#define BP_EXT_CMD_LINE_PTR	0x0c8
+#define BP_E820_ENTRIES		0x1e8
+#define BP_HDR_MAGIC		0x202
+#define BP_HDR_VERSION		0x206
+#define BP_TYPE_OF_LOADER	0x210
+#define BP_RAMDISK_IMAGE	0x218
+#define BP_RAMDISK_SIZE		0x21c
+#define BP_CMD_LINE_PTR		0x228
+#define BP_E820_TABLE		0x2d0
+#define HDRS_MAGIC		0x53726448	/* "HdrS" */
+
+/* hvm_start_info */
+#define HVM_START_MAGIC		0x336ec578
+#define SI_VERSION		4
+#define SI_NR_MODULES		12
+#define SI_MODLIST_PADDR	16
+#define SI_CMDLINE_PADDR	24
+#define SI_MEMMAP_PADDR		40
+#define SI_MEMMAP_ENTRIES	48
+
+#define BOOT_TIMER_PORT		0x3ff
+#define MAX_E820		128
+
+static const char *const boot_names[] = { "?", "raw", "elf64", "bzimage", "pvh" };
+
+struct boot_info boot;
+
+static void add_e820(u64 addr, u64 size, u32 type)
+{
+	if (boot.n_e820 < MAX_E820) {
+		boot.e820[boot.n_e820].addr = addr;
+		boot.e820[boot.n_e820].size = size;
+		boot.e820[boot.n_e820].type = type;
+		boot.n_e820++;
+	}
+}
+
+/* Sort by address and drop empty entries, as Linux's e820__update_table() does. */
+static void sanitize_e820(void)
+{
+	u32 n = 0;
+
+	for (u32 i = 0; i < boot.n_e820; i++)
+		if (boot.e820[i].size)
+			boot.e820[n++] = boot.e820[i];
+	boot.n_e820 = n;
+	for (u32 i = 1; i < n; i++)
+		for (u32 j = i; j && boot.e820[j - 1].addr > boot.e820[j].addr; j--) {
+			struct e820_entry t = boot.e820[j];
+			boot.e820[j] = boot.e820[j - 1];
+			boot.e820[j - 1] = t;
+		}
+}
+
+static int parse_zero_page(u64 bp)
+{
+	if (rd32(bp + BP_HDR_MAGIC) != HDRS_MAGIC) {
+		printf("probe: error zero page at 0x%lx has no HdrS\n", bp);
+		return -1;
+	}
+	boot.protocol = rd16(bp + BP_HDR_VERSION);
+	boot.loader = rd8(bp + BP_TYPE_OF_LOADER);
+	boot.cmdline = (const char *)(rd32(bp + BP_CMD_LINE_PTR) |
+				      ((u64)rd32(bp + BP_EXT_CMD_LINE_PTR) << 32));
+	boot.initrd = rd32(bp + BP_RAMDISK_IMAGE) | ((u64)rd32(bp + BP_EXT_RAMDISK_IMAGE) << 32);
+	boot.initrd_size = rd32(bp + BP_RAMDISK_SIZE) | ((u64)rd32(bp + BP_EXT_RAMDISK_SIZE) << 32);
+	for (u32 i = 0; i < rd8(bp + BP_E820_ENTRIES); i++) {
+		u64 e = bp + BP_E820_TABLE + 20 * i;
+		add_e820(rd64(e), rd64(e + 8), rd32(e + 16));
+	}
+	return 0;
+}
+
+static int parse_start_info(u64 si)
+{
+	if (rd32(si) != HVM_START_MAGIC) {
+		printf("probe: error hvm_start_info at 0x%lx has magic 0x%x\n", si, rd32(si));
+		return -1;
+	}
+	boot.protocol = rd32(si + SI_VERSION);
+	boot.cmdline = (const char *)rd64(si + SI_CMDLINE_PADDR);
+	if (rd32(si + SI_NR_MODULES)) {
+		u64 mod = rd64(si + SI_MODLIST_PADDR);
+		boot.initrd = rd64(mod);
+		boot.initrd_size = rd64(mod + 8);
+	}
+	if (boot.protocol >= 1) {
+		u64 map = rd64(si + SI_MEMMAP_PADDR);
+		for (u32 i = 0; i < rd32(si + SI_MEMMAP_ENTRIES); i++)
+			add_e820(rd64(map + 24 * i), rd64(map + 24 * i + 8), rd32(map + 24 * i + 16));
+	}
+	return 0;
+}
+
+/* The value of "key=" on the command line, up to the next space, or NULL. */
+const char *cmdline_arg(const char *key, size_t *len)
+{
+	size_t klen = strlen(key);
+	const char *p = boot.cmdline;
+
+	while (p && *p) {
+		while (*p == ' ')
+			p++;
+		if (!strncmp(p, key, klen) && p[klen] == '=') {
+			const char *v = p + klen + 1;
+			*len = 0;
+			while (v[*len] && v[*len] != ' ')
+				(*len)++;
+			return v;
+		}
+		while (*p && *p != ' ')
+			p++;
+	}
+	return NULL;
+}
+
+static void report_boot(void)
+{
+	u64 ram = 0;
+
+	printf("probe: boot=%s load=0x%lx\n", boot_names[boot.path], boot.load);
+	printf("probe: protocol=0x%x loader=0x%x\n", boot.protocol, boot.loader);
+	printf("probe: cmdline=%s\n", boot.cmdline ? boot.cmdline : "");
+	for (u32 i = 0; i < boot.n_e820; i++) {
+		printf("probe: e820 0x%lx 0x%lx %u\n", boot.e820[i].addr, boot.e820[i].size,
+		       boot.e820[i].type);
+		if (boot.e820[i].type == 1)
+			ram += boot.e820[i].size;
+	}
+	boot.ram = ram;
+	printf("probe: ram=%lu\n", ram);
+	mptable_report();
+	if (boot.initrd_size)
+		printf("probe: initrd addr=0x%lx size=%lu crc32=0x%x\n", boot.initrd, boot.initrd_size,
+		       crc32((const u8 *)boot.initrd, boot.initrd_size));
+	else
+		printf("probe: initrd none\n");
+}
+
+/* info: what the loader handed over must be self-consistent. */
+static int test_info(void)
+{
+	int ok = 1;
+
+	for (u32 i = 0; i < boot.n_e820; i++) {
+		u64 end = boot.e820[i].addr + boot.e820[i].size;
+		if (i + 1 < boot.n_e820 && end > boot.e820[i + 1].addr) {
+			printf("probe: info e820 entry %u overlaps the next\n", i);
+			ok = 0;
+		}
+	}
+	if (boot.ram == 0) {
+		printf("probe: info no usable RAM in the memory map\n");
+		ok = 0;
+	}
+	if (!mptable_valid()) {
+		printf("probe: info MP table missing or bad checksum\n");
+		ok = 0;
+	}
+	return ok;
+}
+
+/* echo: read one line from COM1 and print it back. */
+static int test_echo(void)
+{
+	char line[128];
+	size_t n = 0;
+
+	printf("probe: echo ready\n");
+	for (;;) {
+		int c = serial_getc();
+		if (c < 0) {
+			cpu_relax();
+			continue;
+		}
+		if (c == '\r' || c == '\n')
+			break;
+		if (n < sizeof(line) - 1)
+			line[n++] = (char)c;
+	}
+	line[n] = 0;
+	printf("probe: echo %s\n", line);
+	return 1;
+}
+
+/* wait: spin forever, for tests that stop the VM from the host. */
+static int test_wait(void)
+{
+	printf("probe: waiting\n");
+	for (;;)
+		cpu_relax();
+	return 0;
+}
+
+/* triplefault: an exception with no IDT escalates to a shutdown. */
+static int test_triplefault(void)
+{
+	struct { u16 limit; u64 base; } __attribute__((packed)) idt = { 0, 0 };
+
+	printf("probe: triple fault now\n");
+	__asm__ volatile("lidt %0; int3" : : "m"(idt));
+	return 0;
+}
+
+static const struct {
+	const char *name;
+	int (*fn)(void);
+} tests[] = {
+	{ "info", test_info },
+	{ "smp", test_smp },
+	{ "echo", test_echo },
+	{ "wait", test_wait },
+	{ "triplefault", test_triplefault },
+};
+
+static int run_test(const char *name, size_t len)
+{
+	for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
+		if (strlen(tests[i].name) == len && !strncmp(tests[i].name, name, len)) {
+			int ok = tests[i].fn();
+			printf("probe: test %s %s\n", tests[i].name, ok ? "ok" : "fail");
+			return ok;
+		}
+	}
+	printf("probe: test ");
+	serial_write(name, len);
+	printf(" unknown\n");
+	return 0;
+}
+
+void probe_main(u32 path, u64 info, u64 load)
+{
+	int ok;
+	size_t len = 0;
+	const char *run;
+
+	boot.path = path;
+	boot.load = load;
+	serial_init();
+	ok = (path == BOOT_PVH ? parse_start_info(info) : parse_zero_page(info)) == 0;
+	if (ok) {
+		sanitize_e820();
+		report_boot();
+	}
+	outb(BOOT_TIMER_PORT, 2);
+	printf("probe: boottimer 1 2\n");
+
+	run = ok ? cmdline_arg("probe.run", &len) : NULL;
+	if (!run) {
+		run = "info";
+		len = 4;
+	}
+	while (ok && len) {
+		size_t n = 0;
+		while (n < len && run[n] != ',')
+			n++;
+		ok &= run_test(run, n);
+		if (n < len)
+			n++;
+		run += n;
+		len -= n;
+	}
+	printf("probe: done %s\n", ok ? "ok" : "fail");
+	poweroff();
+}

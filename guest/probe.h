@@ -1,0 +1,35 @@
+/* State shared between the probe's modules. */
+#ifndef PROBE_H
+#define PROBE_H
+#include "lib.h"
+
+#define BOOT_RAW	1
+#define BOOT_ELF64	2
+#define BOOT_BZIMAGE	3
+#define BOOT_PVH	4
+
+struct e820_entry {
+	u64 addr, size;
+	u32 type;
+};
+
+struct boot_info {
+	u32 path;		/* BOOT_* */
+	u64 load;		/* where the loader put the image */
+	u32 protocol;		/* boot protocol version, or hvm_start_info version */
+	u32 loader;		/* type_of_loader */
+	const char *cmdline;
+	u64 initrd, initrd_size;
+	u64 ram;
+	u32 n_e820;
+	struct e820_entry e820[128];
+};
+
+extern struct boot_info boot;
+
+const char *cmdline_arg(const char *key, size_t *len);
+void mptable_report(void);
+int mptable_valid(void);
+int test_smp(void);
+
+#endif
