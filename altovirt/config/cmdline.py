@@ -11,10 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import jsonconfig
-from .model import (MAX_DRIVES, VCPUS_MAX, VCPUS_MIN, ConfigError, ConsoleConfig, DriveConfig,
-                    NetConfig, VmConfig, VsockConfig)
-from .validate import (check_api_channel, check_id, check_mac, check_tap, parse_bool, parse_int,
-                       parse_size)
+from .model import (
+    VCPUS_MAX,
+    VCPUS_MIN,
+    VSOCK_MAX_CID,
+    VSOCK_MIN_CID,
+    ConfigError,
+    ConsoleConfig,
+    DriveConfig,
+    NetConfig,
+    VmConfig,
+    VsockConfig,
+)
+from .validate import check_api_channel, check_id, check_mac, check_tap, parse_bool, parse_int, parse_size
 
 USAGE = """\
 usage: altovirt -kernel PATH [-append CMDLINE] [-initrd PATH] [-smp [cpus=]N] [-m SIZE]
@@ -102,8 +111,6 @@ def _drive(cfg: VmConfig, v: str) -> None:
         read_only=parse_bool("-drive readonly", kv.get("readonly", "off")),
         direct=parse_bool("-drive direct", kv.get("direct", "on")),
         serial=kv.get("serial") or None))
-    if len(cfg.drives) > MAX_DRIVES:
-        raise ConfigError(f"-drive: more than {MAX_DRIVES} disks; at most {MAX_DRIVES} are supported")
 
 
 def _netdev(cfg: VmConfig, v: str) -> None:
@@ -131,7 +138,8 @@ def _device(cfg: VmConfig, v: str) -> None:
     if cfg.vsock is not None and cfg.vsock.id != kv["id"]:
         raise ConfigError("-device vsock: only one vsock device is supported")
     cfg.vsock = VsockConfig(check_id("-device vsock id", kv["id"]),
-                            parse_int("-device vsock guest-cid", kv["guest-cid"], 3, 0xFFFFFFFE))
+                            parse_int("-device vsock guest-cid", kv["guest-cid"], VSOCK_MIN_CID,
+                                      VSOCK_MAX_CID))
 
 
 def _serial(cfg: VmConfig, v: str) -> None:
@@ -198,7 +206,7 @@ def parse(argv: list[str]) -> VmConfig:
     if "version" in names:
         from .. import __version__
         raise HelpRequested(f"altovirt {__version__}\n")
-    configs = [v for n, v in opts if n == "config"]
+    configs = [v for n, v in opts if n == "config" and v is not None]
     if len(configs) > 1:
         raise ConfigError("-config: given more than once")
     cfg = jsonconfig.load(configs[0]) if configs else VmConfig()

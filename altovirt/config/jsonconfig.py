@@ -5,7 +5,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .model import ConfigError, ConsoleConfig, DriveConfig, NetConfig, VmConfig, VsockConfig
+from .model import (
+    VCPUS_MAX,
+    VCPUS_MIN,
+    VSOCK_MAX_CID,
+    VSOCK_MIN_CID,
+    ConfigError,
+    ConsoleConfig,
+    DriveConfig,
+    NetConfig,
+    VmConfig,
+    VsockConfig,
+)
 from .validate import check_id, check_mac, check_tap, parse_bool, parse_int, parse_size
 
 SECTIONS = {"boot-source", "machine-config", "drive", "net", "console", "serial", "vsock"}
@@ -28,6 +39,12 @@ def _str(where: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected a non-empty string")
     return value
+
+
+def _int(where: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected an integer in [{low}, {high}], got {json.dumps(value)}")
+    return parse_int(where, value, low, high)
 
 
 def _list(where: str, value: Any) -> list[Any]:
@@ -69,7 +86,7 @@ def from_dict(doc: Any) -> VmConfig:
         if "name" in mc:
             cfg.name = _str(f"{w}.name", mc["name"])
         if "vcpu_count" in mc:
-            cfg.vcpus = parse_int(f"{w}.vcpu_count", mc["vcpu_count"], 1, 254)
+            cfg.vcpus = _int(f"{w}.vcpu_count", mc["vcpu_count"], VCPUS_MIN, VCPUS_MAX)
         if "mem_size" in mc:
             v = mc["mem_size"]
             if isinstance(v, bool) or not isinstance(v, (int, str)):
@@ -95,7 +112,8 @@ def from_dict(doc: Any) -> VmConfig:
             mac=check_mac(f"{w}.mac", _str(f"{w}.mac", n["mac"])) if "mac" in n else None))
     if "console" in top:
         c = _obj("console", top["console"], {"console_id", "socket_path"}, set())
-        cfg.console = ConsoleConfig(check_id("console.console_id", _str("console.console_id", c["console_id"])),
+        console_id = _str("console.console_id", c["console_id"])
+        cfg.console = ConsoleConfig(check_id("console.console_id", console_id),
                                     _str("console.socket_path", c["socket_path"]))
     if "serial" in top:
         s = _obj("serial", top["serial"], {"stdio"}, set())
@@ -103,7 +121,7 @@ def from_dict(doc: Any) -> VmConfig:
     if "vsock" in top:
         v = _obj("vsock", top["vsock"], {"vsock_id", "guest_cid"}, set())
         cfg.vsock = VsockConfig(check_id("vsock.vsock_id", _str("vsock.vsock_id", v["vsock_id"])),
-                                parse_int("vsock.guest_cid", v["guest_cid"], 3, 0xFFFFFFFE))
+                                _int("vsock.guest_cid", v["guest_cid"], VSOCK_MIN_CID, VSOCK_MAX_CID))
     return cfg
 
 

@@ -13,7 +13,8 @@ MAX_DRIVES = 6
 MAX_NICS = 2
 # x86_64: at most two devices besides disks and NICs (a console and a vsock).
 MAX_OTHER_DEVICES = 2
-VSOCK_MIN_CID = 3
+VSOCK_MIN_CID = 3               # 0-2 are reserved (hypervisor, local, host)
+VSOCK_MAX_CID = 0xFFFFFFFE      # U32_MAX is VMADDR_CID_ANY
 
 
 class ConfigError(ValueError):

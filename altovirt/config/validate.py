@@ -11,8 +11,19 @@ import os
 import re
 import stat
 
-from .model import (MAX_DRIVES, MAX_NICS, MAX_OTHER_DEVICES, MEM_MAX, MEM_MIN, VCPUS_MAX,
-                    VCPUS_MIN, VSOCK_MIN_CID, ConfigError, VmConfig)
+from .model import (
+    MAX_DRIVES,
+    MAX_NICS,
+    MAX_OTHER_DEVICES,
+    MEM_MAX,
+    MEM_MIN,
+    VCPUS_MAX,
+    VCPUS_MIN,
+    VSOCK_MAX_CID,
+    VSOCK_MIN_CID,
+    ConfigError,
+    VmConfig,
+)
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
@@ -167,5 +178,5 @@ def check_vm(cfg: VmConfig) -> VmConfig:
     if cfg.console:
         check_new_path(f"-chardev id={cfg.console.id}", cfg.console.socket_path)
     if cfg.vsock:
-        parse_int("-device vsock guest-cid", cfg.vsock.guest_cid, VSOCK_MIN_CID, 0xFFFFFFFE)
+        parse_int("-device vsock guest-cid", cfg.vsock.guest_cid, VSOCK_MIN_CID, VSOCK_MAX_CID)
     return cfg

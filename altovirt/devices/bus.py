@@ -41,8 +41,8 @@ class Bus:
                     (i < len(self._starts) and self._starts[i] < base + length):
                 raise BusConflict(f"{self.name} range {base:#x}+{length:#x} overlaps a device")
             # Publish new lists in one assignment each so readers never see a half update.
-            self._starts = self._starts[:i] + [base] + self._starts[i:]
-            self._ranges = self._ranges[:i] + [(base, base + length, device)] + self._ranges[i:]
+            self._starts = [*self._starts[:i], base, *self._starts[i:]]
+            self._ranges = [*self._ranges[:i], (base, base + length, device), *self._ranges[i:]]
 
     def remove(self, base: int) -> None:
         with self._lock:

@@ -72,7 +72,7 @@ class Kvm:
         n = 64
         while True:
             buf = S.kvm_cpuid2_n(n)()
-            buf.nent = n  # type: ignore[attr-defined]
+            buf.nent = n
             try:
                 ioctl(self.fd, K.KVM_GET_SUPPORTED_CPUID, buf)
             except KvmError as e:
@@ -80,7 +80,7 @@ class Kvm:
                     n *= 2
                     continue
                 raise
-            return [buf.entries[i] for i in range(buf.nent)]  # type: ignore[attr-defined]
+            return [buf.entries[i] for i in range(buf.nent)]
 
     def create_vm(self) -> Vm:
         return Vm(self, ioctl(self.fd, K.KVM_CREATE_VM, 0))
@@ -205,16 +205,16 @@ class Vcpu:
 
     def set_cpuid2(self, entries: list[S.kvm_cpuid_entry2]) -> None:
         buf = S.kvm_cpuid2_n(len(entries))()
-        buf.nent = len(entries)  # type: ignore[attr-defined]
+        buf.nent = len(entries)
         for i, e in enumerate(entries):
-            buf.entries[i] = e  # type: ignore[attr-defined]
+            buf.entries[i] = e
         ioctl(self.fd, K.KVM_SET_CPUID2, buf)
 
     def set_msrs(self, msrs: dict[int, int]) -> None:
         buf = S.kvm_msrs_n(len(msrs))()
-        buf.nmsrs = len(msrs)  # type: ignore[attr-defined]
+        buf.nmsrs = len(msrs)
         for i, (index, value) in enumerate(msrs.items()):
-            buf.entries[i] = S.kvm_msr_entry(index=index, data=value)  # type: ignore[attr-defined]
+            buf.entries[i] = S.kvm_msr_entry(index=index, data=value)
         done = ioctl(self.fd, K.KVM_SET_MSRS, buf)
         if done != len(msrs):
             bad = list(msrs)[done]
@@ -222,11 +222,11 @@ class Vcpu:
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         buf = S.kvm_msrs_n(len(indices))()
-        buf.nmsrs = len(indices)  # type: ignore[attr-defined]
+        buf.nmsrs = len(indices)
         for i, index in enumerate(indices):
-            buf.entries[i].index = index  # type: ignore[attr-defined]
+            buf.entries[i].index = index
         done = ioctl(self.fd, K.KVM_GET_MSRS, buf)
-        return {buf.entries[i].index: buf.entries[i].data for i in range(done)}  # type: ignore[attr-defined]
+        return {buf.entries[i].index: buf.entries[i].data for i in range(done)}
 
     def get_lapic(self) -> S.kvm_lapic_state:
         return self._get(K.KVM_GET_LAPIC, S.kvm_lapic_state)  # type: ignore[return-value]

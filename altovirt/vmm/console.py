@@ -7,6 +7,7 @@ and Ctrl-A Ctrl-A sends one Ctrl-A.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -37,10 +38,8 @@ class HostConsole:
 
     def write(self, data: bytes) -> None:
         """Guest output; a closed stdout just drops it."""
-        try:
+        with contextlib.suppress(BrokenPipeError, BlockingIOError):
             os.write(self._out, data)
-        except (BrokenPipeError, BlockingIOError):
-            pass
 
     def start(self, ep: select.epoll, handlers: dict[int, Callable[[], None]]) -> None:
         if os.isatty(self._in):

@@ -7,6 +7,7 @@ otherwise prints the one-line error and exits non-zero.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -51,10 +52,8 @@ class Daemon:
 
     def cleanup(self) -> None:
         if self.pidfile:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.pidfile)
-            except FileNotFoundError:
-                pass
 
 
 def write_pidfile(path: str) -> None:

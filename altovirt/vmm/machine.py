@@ -155,6 +155,7 @@ class Machine:
 
     def _irq_line(self, gsi: int) -> Callable[[], None]:
         """An edge-triggering callable for ``gsi``, through an irqfd."""
+        assert self.vm is not None
         fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._fds.append(fd)
         self.vm.irqfd(fd, gsi)

@@ -10,6 +10,7 @@ registers can be read or written (by snapshots, or QMP queries).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import struct
@@ -86,10 +87,8 @@ class VcpuThread:
     def kick(self) -> None:
         self.vcpu.run.immediate_exit = 1
         if self._thread.ident is not None and self._thread.is_alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 signal.pthread_kill(self._thread.ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
 
     def pause(self) -> None:
         """Return once this vCPU is parked outside KVM_RUN (or has ended)."""

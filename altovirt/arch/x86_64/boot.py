@@ -15,8 +15,13 @@ from ...memory import GuestMemory
 from . import bootparams as bp
 from . import cpuid, layout, mptable, regs
 from .loader import Kernel, KernelError, load_initrd, load_kernel
-from .pvh import (HVM_START_INFO_VERSION, XEN_HVM_START_MAGIC_VALUE, hvm_memmap_table_entry,
-                  hvm_modlist_entry, hvm_start_info)
+from .pvh import (
+    HVM_START_INFO_VERSION,
+    XEN_HVM_START_MAGIC_VALUE,
+    hvm_memmap_table_entry,
+    hvm_modlist_entry,
+    hvm_start_info,
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,119 @@
+"""Shared fixtures: the built probe guest, running AltoVirt and QEMU, reading probe output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GUEST = ROOT / "guest"
+QEMU = shutil.which("qemu-system-x86_64")
+
+
+def _kvm_problem() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "SKIPPED LOUDLY: /dev/kvm does not exist on this host; KVM boot tests cannot run"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "SKIPPED LOUDLY: no read/write permission on /dev/kvm; run the tests as root"
+    return None
+
+
+KVM_PROBLEM = _kvm_problem()
+needs_kvm = pytest.mark.skipif(KVM_PROBLEM is not None, reason=KVM_PROBLEM or "")
+needs_qemu = pytest.mark.skipif(
+    QEMU is None or KVM_PROBLEM is not None,
+    reason="SKIPPED LOUDLY: qemu-system-x86_64 (Debian qemu-system-x86) or /dev/kvm is missing; "
+           "the differential tests against QEMU cannot run")
+
+
+@pytest.fixture(scope="session")
+def probe() -> Path:
+    """The guest/ directory with every probe image built."""
+    subprocess.run(["make", "-s", "-C", str(GUEST)], check=True, capture_output=True)
+    return GUEST
+
+
+@dataclass
+class ProbeReport:
+    """The ``probe: ...`` lines a guest printed, parsed."""
+
+    lines: list[str]
+    values: dict[str, str] = field(default_factory=dict)
+    e820: list[tuple[int, int, int]] = field(default_factory=list)
+    tests: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> ProbeReport:
+        lines = [ln.strip() for ln in text.replace("\r", "").splitlines() if ln.startswith("probe: ")]
+        r = cls(lines)
+        for ln in lines:
+            body = ln[len("probe: "):]
+            if body.startswith("e820 "):
+                a, s, t = body.split()[1:]
+                r.e820.append((int(a, 16), int(s, 16), int(t)))
+            elif body.startswith("test "):
+                _, name, result = body.split()[:3]
+                r.tests[name] = result
+            elif body.startswith("cmdline="):
+                r.values["cmdline"] = body[len("cmdline="):]
+            else:
+                for word in body.split():
+                    if "=" in word:
+                        k, v = word.split("=", 1)
+                        r.values.setdefault(k, v)
+                first = body.split()[0] if body.split() else ""
+                r.values.setdefault(f"{first}:line", body)
+        return r
+
+    def line(self, prefix: str) -> str:
+        for ln in self.lines:
+            if ln.startswith("probe: " + prefix):
+                return ln[len("probe: "):]
+        raise AssertionError(f"no 'probe: {prefix}' line in:\n" + "\n".join(self.lines))
+
+    @property
+    def done(self) -> str | None:
+        return next((ln.split()[2] for ln in self.lines if ln.startswith("probe: done ")), None)
+
+
+def altovirt_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "altovirt", *args]
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    report: ProbeReport
+
+
+def run_altovirt(*args: str, timeout: float = 60, stdin: str | None = None) -> Run:
+    p = subprocess.run(altovirt_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                       input=stdin if stdin is not None else "", cwd=ROOT)
+    return Run(p.returncode, p.stdout, p.stderr, ProbeReport.parse(p.stdout))
+
+
+def qemu_cmd(kernel: Path, cmdline: str, *, smp: int = 1, mem: str = "256M",
+             initrd: Path | None = None) -> list[str]:
+    assert QEMU is not None
+    # -cpu host,-arch-capabilities: on PVM hosts KVM refuses MSR_IA32_ARCH_CAPABILITIES.
+    cmd = [QEMU, "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
+           "-m", mem, "-smp", f"{smp},sockets=1,cores={smp}", "-nodefaults", "-no-user-config",
+           "-nographic", "-serial", "stdio", "-no-reboot",
+           "-device", "isa-debug-exit,iobase=0xf4", "-kernel", str(kernel), "-append", cmdline]
+    if initrd:
+        cmd += ["-initrd", str(initrd)]
+    return cmd
+
+
+def run_qemu(kernel: Path, cmdline: str, timeout: float = 60, **kw: object) -> Run:
+    p = subprocess.run(qemu_cmd(kernel, cmdline, **kw), capture_output=True, text=True,  # type: ignore[arg-type]
+                       timeout=timeout, stdin=subprocess.DEVNULL)
+    return Run(p.returncode, p.stdout, p.stderr, ProbeReport.parse(p.stdout))

@@ -1,0 +1,82 @@
+"""The KVM ABI mirrors (altovirt.kvm) against <linux/kvm.h> as gcc sees it."""
+
+from __future__ import annotations
+
+import pytest
+
+from altovirt.kvm import ioctls as K
+from altovirt.kvm import structs as S
+
+from .cabi import c_values, check_struct, needs_gcc
+
+KVM_H = ("linux/kvm.h",)
+
+STRUCTS = [
+    ("struct kvm_regs", S.kvm_regs, {}),
+    ("struct kvm_segment", S.kvm_segment, {}),
+    ("struct kvm_dtable", S.kvm_dtable, {}),
+    ("struct kvm_sregs", S.kvm_sregs, {}),
+    ("struct kvm_fpu", S.kvm_fpu, {}),
+    ("struct kvm_msr_entry", S.kvm_msr_entry, {}),
+    ("struct kvm_msrs", S.kvm_msrs, {}),
+    ("struct kvm_msr_list", S.kvm_msr_list, {}),
+    ("struct kvm_cpuid_entry2", S.kvm_cpuid_entry2, {}),
+    ("struct kvm_cpuid2", S.kvm_cpuid2, {}),
+    ("struct kvm_lapic_state", S.kvm_lapic_state, {}),
+    ("struct kvm_xsave", S.kvm_xsave, {}),
+    ("struct kvm_xcr", S.kvm_xcr, {}),
+    ("struct kvm_xcrs", S.kvm_xcrs, {}),
+    ("struct kvm_vcpu_events", S.kvm_vcpu_events, {"triple_fault_pending": "triple_fault"}),
+    ("struct kvm_mp_state", S.kvm_mp_state, {}),
+    ("struct kvm_userspace_memory_region", S.kvm_userspace_memory_region, {}),
+    ("struct kvm_pit_config", S.kvm_pit_config, {}),
+    ("struct kvm_pit_channel_state", S.kvm_pit_channel_state, {}),
+    ("struct kvm_pit_state2", S.kvm_pit_state2, {}),
+    ("struct kvm_irqchip", S.kvm_irqchip, {}),
+    ("struct kvm_irq_level", S.kvm_irq_level, {}),
+    ("struct kvm_irqfd", S.kvm_irqfd, {}),
+    ("struct kvm_ioeventfd", S.kvm_ioeventfd, {}),
+    ("struct kvm_clock_data", S.kvm_clock_data, {}),
+    # kvm_run's exit data is an anonymous union; ours is named "u".
+    ("struct kvm_run", S.kvm_run, {"u": "io"}),
+]
+
+
+@needs_gcc
+@pytest.mark.parametrize("c_name, struct, rename", STRUCTS, ids=[s[0].split()[1] for s in STRUCTS])
+def test_struct_layout(c_name: str, struct: type, rename: dict[str, str]) -> None:
+    check_struct(KVM_H, c_name, struct, rename)
+
+
+@needs_gcc
+def test_kvm_run_exit_unions() -> None:
+    exprs = {
+        "offsetof(struct kvm_run, io.port)": S.kvm_run.u.offset + S.kvm_run_io.port.offset,
+        "offsetof(struct kvm_run, io.data_offset)": S.kvm_run.u.offset + S.kvm_run_io.data_offset.offset,
+        "offsetof(struct kvm_run, mmio.len)": S.kvm_run.u.offset + S.kvm_run_mmio.len.offset,
+        "offsetof(struct kvm_run, mmio.is_write)": S.kvm_run.u.offset + S.kvm_run_mmio.is_write.offset,
+        "offsetof(struct kvm_run, fail_entry.cpu)": S.kvm_run.u.offset + S.kvm_run_fail_entry.cpu.offset,
+        "offsetof(struct kvm_run, internal.data)": S.kvm_run.u.offset + S.kvm_run_internal.data.offset,
+        "offsetof(struct kvm_run, system_event.ndata)":
+            S.kvm_run.u.offset + S.kvm_run_system_event.ndata.offset,
+    }
+    got = c_values(KVM_H, tuple(exprs))
+    assert got == exprs
+
+
+IOCTL_NAMES = sorted(n for n in vars(K) if n.startswith("KVM_") and isinstance(getattr(K, n), int)
+                     and n not in ("KVM_API_VERSION",))
+
+
+@needs_gcc
+def test_ioctl_numbers_and_constants() -> None:
+    """Every request number, exit reason, capability and flag equals the header's."""
+    got = c_values(KVM_H, tuple(IOCTL_NAMES))
+    wrong = {n: (getattr(K, n), got[n]) for n in IOCTL_NAMES if getattr(K, n) != got[n]}
+    assert not wrong
+    assert len(IOCTL_NAMES) > 60
+
+
+@needs_gcc
+def test_api_version() -> None:
+    assert c_values(KVM_H, ("KVM_API_VERSION",))["KVM_API_VERSION"] == K.KVM_API_VERSION
