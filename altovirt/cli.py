@@ -9,7 +9,9 @@ signal N. Errors are one line on stderr; tracebacks appear only with
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import NoReturn
 
 from .config import ConfigError, HelpRequested, VmConfig, load_config
 from .vmm.daemon import Daemon
@@ -100,5 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.shutdown()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run() -> NoReturn:
+    """The console-script entry point: main(), then exit without interpreter teardown.
+
+    main() has closed the VM and flushed and closed every file it wrote; what
+    is left, Python's module finalization, costs about 9 ms per VM on these
+    hosts, which users starting many VMs pay for nothing.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

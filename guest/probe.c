@@ -197,12 +197,19 @@ static int test_echo(void)
 	return 1;
 }
 
-/* wait: spin forever, for tests that stop the VM from the host. */
+/*
+ * wait: count forever, for tests that stop or pause the VM from the host;
+ * they watch wait_counter in guest RAM to see whether the vCPU runs.
+ */
+volatile u64 wait_counter;
+
 static int test_wait(void)
 {
 	printf("probe: waiting\n");
-	for (;;)
+	for (;;) {
+		wait_counter++;
 		cpu_relax();
+	}
 	return 0;
 }
 

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Boot benchmark: the probe guest (1 vCPU, 128 MiB, ``info`` test) on AltoVirt and QEMU microvm.
+
+For each VMM, over --runs boots, prints the median of:
+  * wall time from process start to exit (the guest powers off at the end),
+  * time from process start to the guest's first byte on the serial port,
+  * AltoVirt's boot-timer value (the probe writes port 0x3ff at its entry point),
+  * peak RSS of the VMM process (getrusage via wait4),
+then the ratios AltoVirt / QEMU. Runs alternate between the VMMs so that
+machine noise hits both alike.
+
+    .venv/bin/python bench/boot.py [--runs 15] [--image guest/probe.elf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CMDLINE = "console=ttyS0 probe.run=info"
+
+
+@dataclass
+class Sample:
+    wall_ms: float
+    first_output_ms: float
+    rss_kib: int
+    boot_timer_ms: float | None = None
+
+
+def measure(cmd: list[str]) -> tuple[Sample, bytes]:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    out = bytearray()
+    first = None
+    while True:
+        ready, _, _ = select.select([fd], [], [], 30)
+        if not ready:
+            proc.kill()
+            raise RuntimeError(f"{cmd[0]}: no output for 30 s")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        if first is None:
+            first = time.perf_counter()
+        out += chunk
+    _, status, usage = os.wait4(proc.pid, 0)
+    end = time.perf_counter()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if b"probe: done ok" not in out:
+        raise RuntimeError(f"{cmd[0]}: the probe did not finish:\n{out.decode(errors='replace')}")
+    return Sample((end - start) * 1000, ((first or end) - start) * 1000, usage.ru_maxrss), bytes(out)
+
+
+def altovirt_cmd(image: Path, log: Path) -> list[str]:
+    exe = ROOT / ".venv" / "bin" / "altovirt"
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "altovirt"]
+    return [*base, "-kernel", str(image), "-smp", "1", "-m", "128M", "-append", CMDLINE,
+            "-serial", "stdio", "-D", str(log)]
+
+
+def qemu_cmd(image: Path) -> list[str]:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        sys.exit("bench: qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+    # -cpu host,-arch-capabilities: PVM hosts refuse MSR_IA32_ARCH_CAPABILITIES.
+    return [qemu, "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
+            "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+            "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4", "-kernel", str(image), "-append", CMDLINE]
+
+
+def boot_timer_ms(log: Path) -> float:
+    m = re.search(r"boot timer: value=0x1 at ([\d.]+) ms", log.read_text())
+    if not m:
+        raise RuntimeError("no boot-timer mark in the AltoVirt log")
+    return float(m.group(1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--image", type=Path, default=ROOT / "guest" / "probe.elf",
+                    help="probe image; QEMU boots it through its PVH note")
+    args = ap.parse_args()
+    subprocess.run(["make", "-s", "-C", str(ROOT / "guest")], check=True)
+
+    alto: list[Sample] = []
+    qemu: list[Sample] = []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(args.runs + 1):          # run 0 warms the page cache and is dropped
+            log = Path(d) / f"run{i}.log"
+            a, _ = measure(altovirt_cmd(args.image, log))
+            a.boot_timer_ms = boot_timer_ms(log)
+            q, _ = measure(qemu_cmd(args.image))
+            if i:
+                alto.append(a)
+                qemu.append(q)
+
+    def med(samples: list[Sample], attr: str) -> float:
+        return statistics.median(getattr(s, attr) for s in samples)
+
+    print(f"probe {args.image.name}, 1 vCPU, 128 MiB, '{CMDLINE}', median of {args.runs} runs")
+    print(f"{'':22}{'AltoVirt':>12}{'QEMU':>12}{'ratio':>10}")
+    rows = [("boot to poweroff (ms)", "wall_ms"), ("first output (ms)", "first_output_ms"),
+            ("peak RSS (MiB)", "rss_kib")]
+    for label, attr in rows:
+        a, q = med(alto, attr), med(qemu, attr)
+        scale = 1024 if attr == "rss_kib" else 1
+        print(f"{label:22}{a / scale:12.1f}{q / scale:12.1f}{a / q:10.2f}")
+    print(f"{'boot timer (ms)':22}{statistics.median(s.boot_timer_ms or 0 for s in alto):12.1f}"
+          f"{'n/a':>12}{'':>10}")
+
+
+if __name__ == "__main__":
+    main()
