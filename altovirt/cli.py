@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("VM %s stopped: %s (exit %d)", cfg.name, reason.reason, reason.exit_code)
         return reason.exit_code
     except VmmError as e:
-        log.error("%s", e) if cfg.log_file else None
+        if cfg.log_file:        # without -D the line below is the whole report
+            log.error("%s", e)
         daemon.report(str(e))
         _error(str(e))
         return EXIT_ERROR

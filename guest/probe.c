@@ -33,6 +33,7 @@
 #define SI_MEMMAP_ENTRIES	48
 
 #define BOOT_TIMER_PORT		0x3ff
+#define MMIO_GAP_PROBE		0xc0000000UL	/* start of the 32-bit MMIO gap: no device there */
 #define MAX_E820		128
 
 static const char *const boot_names[] = { "?", "raw", "elf64", "bzimage", "pvh" };
@@ -144,6 +145,9 @@ static void report_boot(void)
 	boot.ram = ram;
 	printf("probe: ram=%lu\n", ram);
 	mptable_report();
+	/* An access nobody decodes: the VMM sees an MMIO exit and must survive it. */
+	wr32(MMIO_GAP_PROBE, 0x12345678);
+	printf("probe: mmio-gap read=0x%x\n", rd32(MMIO_GAP_PROBE));
 	if (boot.initrd_size)
 		printf("probe: initrd addr=0x%lx size=%lu crc32=0x%x\n", boot.initrd, boot.initrd_size,
 		       crc32((const u8 *)boot.initrd, boot.initrd_size));

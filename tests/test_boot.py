@@ -59,6 +59,7 @@ def check_report(r: ProbeReport, image: str, cpus: int, mem: int, cmdline: str, 
         assert int(words["addr"], 16) % 4096 == 0
         assert int(words["addr"], 16) + len(data) <= min(mem, 0x80000000)
     assert r.line("boottimer") == "boottimer 1 2"
+    assert r.line("mmio-gap") == "mmio-gap read=0xffffffff"     # unclaimed MMIO reads as all ones
 
 
 @pytest.mark.parametrize("image", list(FORMATS))

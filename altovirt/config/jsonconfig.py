@@ -53,6 +53,12 @@ def _list(where: str, value: Any) -> list[Any]:
     return value
 
 
+def _bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false")
+    return parse_bool(where, value)
+
+
 def load(path: str) -> VmConfig:
     """Parse the file at ``path`` into a VmConfig (not yet cross-checked)."""
     try:
@@ -124,8 +130,3 @@ def from_dict(doc: Any) -> VmConfig:
                                 _int("vsock.guest_cid", v["guest_cid"], VSOCK_MIN_CID, VSOCK_MAX_CID))
     return cfg
 
-
-def _bool(where: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true or false")
-    return parse_bool(where, value)

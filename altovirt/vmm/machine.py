@@ -21,9 +21,10 @@ from ..arch.x86_64.loader import KernelError
 from ..arch.x86_64.regs import BOOT_MSRS
 from ..config import VmConfig
 from ..devices.bus import Bus
-from ..devices.legacy.boottimer import BOOT_TIMER_PORT, BootTimer, Sink
+from ..devices.legacy.boottimer import BOOT_TIMER_PORT, BootTimer
 from ..devices.legacy.i8042 import DATA_PORT as I8042_PORT
 from ..devices.legacy.i8042 import I8042
+from ..devices.legacy.post import POST_PORT, PostPort
 from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
 from ..kvm import Kvm, KvmError, Vcpu
@@ -35,7 +36,6 @@ from .vcpu import GUEST_RESET, StopReason, VcpuThread, install_kick_handler
 log = logging.getLogger(__name__)
 
 RTC_PORT = 0x70
-POST_PORT = 0x80
 # Where VMX keeps its real-mode TSS and identity map: the top of the 32-bit space,
 # below the BIOS, outside RAM (KVM_SET_TSS_ADDR needs three pages).
 TSS_ADDR = 0xFFFBD000
@@ -105,6 +105,7 @@ class Machine:
         self._fds: list[int] = [self._stop_fd]
         self.console: HostConsole | None = None
         self.serial: Serial | None = None
+        self.plan: boot.BootPlan | None = None
 
     # --- building ---
     @classmethod
@@ -177,7 +178,7 @@ class Machine:
         self.pio.insert(I8042(lambda: self.request_stop(GUEST_RESET)), I8042_PORT, 5)
         self.pio.insert(Rtc(mem.regions[0].size, high), RTC_PORT, 2)
         self.pio.insert(self.boot_timer, BOOT_TIMER_PORT, 1)
-        self.pio.insert(Sink(), POST_PORT, 1)
+        self.pio.insert(PostPort(), POST_PORT, 1)
 
     # --- lifecycle ---
     def request_stop(self, reason: StopReason) -> None:

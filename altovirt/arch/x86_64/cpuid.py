@@ -8,8 +8,6 @@ kept as KVM reports them: PVM guests find their hypervisor through them.
 
 from __future__ import annotations
 
-import ctypes as C
-
 from ...kvm import structs as S
 
 CPUID_1_ECX_HYPERVISOR = 1 << 31
@@ -28,7 +26,7 @@ def vcpu_cpuid(supported: list[S.kvm_cpuid_entry2], index: int, count: int) -> l
     """The CPUID table for vCPU ``index`` of ``count``."""
     out = []
     for src in supported:
-        e = S.kvm_cpuid_entry2.from_buffer_copy(bytes(C.string_at(C.addressof(src), C.sizeof(src))))
+        e = S.kvm_cpuid_entry2.from_buffer_copy(src)
         fn = e.function
         if fn == 1:
             e.ebx = (index << 24) | (min(count, 255) << 16) | (e.ebx & 0xFFFF)

@@ -50,12 +50,3 @@ class BootTimer:
         self.marks.append(BootMark(value, ms))
         log.info("boot timer: value=%#x at %.1f ms since the VMM process started", value, ms)
 
-
-class Sink:
-    """Ports that are known and ignored, such as the POST diagnostic port 0x80."""
-
-    def read(self, offset: int, size: int) -> int:
-        return 0xFF
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        pass
