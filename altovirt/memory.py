@@ -9,6 +9,7 @@ bug) can never make us touch host memory outside guest RAM.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as C
 import mmap
 import os
@@ -79,6 +80,9 @@ class GuestMemory:
         self.view(gpa, len(data))[:] = data
 
     def close(self) -> None:
+        """Unmap and close. Views still held elsewhere (device queues) keep the
+        mapping alive until they are dropped; the memfd is closed either way."""
         self._view.release()
-        self._map.close()
+        with contextlib.suppress(BufferError):
+            self._map.close()
         os.close(self.fd)

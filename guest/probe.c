@@ -239,6 +239,8 @@ static const struct {
 	{ "echo", test_echo },
 	{ "wait", test_wait },
 	{ "triplefault", test_triplefault },
+	{ "rng", test_rng },
+	{ "rng-rate", test_rng_rate },
 };
 
 static int run_test(const char *name, size_t len)

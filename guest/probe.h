@@ -31,5 +31,7 @@ const char *cmdline_arg(const char *key, size_t *len);
 void mptable_report(void);
 int mptable_valid(void);
 int test_smp(void);
+int test_rng(void);
+int test_rng_rate(void);
 
 #endif

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,15 +105,22 @@ def run_altovirt(*args: str, timeout: float = 60, stdin: str | None = None) -> R
 
 
 def qemu_cmd(kernel: Path, cmdline: str, *, smp: int = 1, mem: str = "256M",
-             initrd: Path | None = None) -> list[str]:
+             initrd: Path | None = None, devices: tuple[str, ...] = ()) -> list[str]:
+    """QEMU microvm booting ``kernel`` (PVH); ``devices`` are virtio-mmio v2 devices
+    that QEMU announces on the kernel command line, as AltoVirt does."""
     assert QEMU is not None
+    machine = "microvm,acpi=off" + (",auto-kernel-cmdline=on" if devices else "")
     # -cpu host,-arch-capabilities: on PVM hosts KVM refuses MSR_IA32_ARCH_CAPABILITIES.
-    cmd = [QEMU, "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
+    cmd = [QEMU, "-M", machine, "-accel", "kvm", "-cpu", "host,-arch-capabilities",
            "-m", mem, "-smp", f"{smp},sockets=1,cores={smp}", "-nodefaults", "-no-user-config",
            "-nographic", "-serial", "stdio", "-no-reboot",
            "-device", "isa-debug-exit,iobase=0xf4", "-kernel", str(kernel), "-append", cmdline]
     if initrd:
         cmd += ["-initrd", str(initrd)]
+    if devices:
+        cmd += ["-global", "virtio-mmio.force-legacy=false"]
+        for d in devices:
+            cmd += ["-device", d]
     return cmd
 
 
@@ -117,3 +128,54 @@ def run_qemu(kernel: Path, cmdline: str, timeout: float = 60, **kw: object) -> R
     p = subprocess.run(qemu_cmd(kernel, cmdline, **kw), capture_output=True, text=True,  # type: ignore[arg-type]
                        timeout=timeout, stdin=subprocess.DEVNULL)
     return Run(p.returncode, p.stdout, p.stderr, ProbeReport.parse(p.stdout))
+
+
+class Vm:
+    """A running altovirt process whose stdout lines can be waited for."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(altovirt_cmd(*args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, cwd=ROOT)
+        self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader_thread = threading.Thread(target=self._reader, daemon=True)
+        self._reader_thread.start()
+
+    def _reader(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.put((time.monotonic(), raw.decode(errors="replace").rstrip("\r\n")))
+
+    def wait_line(self, text: str, timeout: float = 30) -> float:
+        """Wait for a stdout line starting with ``text``; returns when it arrived (monotonic)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                when, line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if line.startswith(text):
+                return when
+        raise AssertionError(f"never saw {text!r}; got {self.seen}")
+
+    def finish(self, timeout: float = 30) -> tuple[int, str]:
+        """Wait for exit; return the status and stderr, with stdout collected in ``seen``."""
+        assert self.proc.stdin is not None and self.proc.stderr is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout)
+        err = self.proc.stderr.read()
+        self._reader_thread.join(timeout)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get()[1])
+        return self.proc.returncode, err.decode()
+
+
+@pytest.fixture
+def vms() -> Iterator[list[Vm]]:
+    started: list[Vm] = []
+    yield started
+    for vm in started:
+        if vm.proc.poll() is None:
+            vm.proc.kill()
+            vm.proc.wait()

@@ -5,13 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import signal
 import subprocess
-import threading
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ import pytest
 from altovirt.arch.x86_64 import layout
 from altovirt.config.validate import parse_size
 
-from .conftest import ROOT, ProbeReport, altovirt_cmd, needs_kvm, run_altovirt
+from .conftest import ROOT, ProbeReport, Vm, altovirt_cmd, needs_kvm, run_altovirt
 
 pytestmark = needs_kvm
 
@@ -134,56 +131,6 @@ def test_runtime_errors_are_one_line(probe: Path, tmp_path: Path) -> None:
     run = run_altovirt("-kernel", str(probe / "probe.bzImage"), "-append", "x" * 3000)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().endswith("kernel command line is 3000 bytes; this kernel accepts at most 2047")
-
-
-class Vm:
-    """A running altovirt process whose stdout lines can be waited for."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(altovirt_cmd(*args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, cwd=ROOT)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        self._reader_thread = threading.Thread(target=self._reader, daemon=True)
-        self._reader_thread.start()
-
-    def _reader(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.put(raw.decode(errors="replace").rstrip("\r\n"))
-
-    def wait_line(self, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            self.seen.append(line)
-            if line == text:
-                return
-        raise AssertionError(f"never saw {text!r}; got {self.seen}")
-
-    def finish(self, timeout: float = 30) -> tuple[int, str]:
-        """Wait for exit; return the status and stderr, with stdout collected in ``seen``."""
-        assert self.proc.stdin is not None and self.proc.stderr is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout)
-        err = self.proc.stderr.read()
-        self._reader_thread.join(timeout)
-        while not self.lines.empty():
-            self.seen.append(self.lines.get())
-        return self.proc.returncode, err.decode()
-
-
-@pytest.fixture
-def vms() -> Iterator[list[Vm]]:
-    started: list[Vm] = []
-    yield started
-    for vm in started:
-        if vm.proc.poll() is None:
-            vm.proc.kill()
-            vm.proc.wait()
 
 
 def test_serial_input_reaches_the_guest(probe: Path, vms: list[Vm]) -> None:

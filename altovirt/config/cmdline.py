@@ -20,6 +20,7 @@ from .model import (
     ConsoleConfig,
     DriveConfig,
     NetConfig,
+    RngConfig,
     VmConfig,
     VsockConfig,
 )
@@ -29,7 +30,8 @@ USAGE = """\
 usage: altovirt -kernel PATH [-append CMDLINE] [-initrd PATH] [-smp [cpus=]N] [-m SIZE]
                 [-drive id=ID,file=PATH[,readonly=on|off][,direct=on|off][,serial=S]]...
                 [-netdev id=ID,netdev=TAP[,mac=MAC]]... [-chardev id=ID,path=SOCKET]
-                [-device vsock,id=ID,guest-cid=N] [-api-channel unix:PATH] [-serial stdio]
+                [-device vsock,id=ID,guest-cid=N] [-device virtio-rng[,id=ID,max-bytes=N,period=MS]]
+                [-api-channel unix:PATH] [-serial stdio]
                 [-name NAME] [-D LOGFILE] [-daemonize [-pidfile PATH]] [-disable-seccomp]
                 [-omit_vm_memory] [-config FILE.json] [-debug] [-version]
 
@@ -132,14 +134,28 @@ def _chardev(cfg: VmConfig, v: str) -> None:
 def _device(cfg: VmConfig, v: str) -> None:
     kv = split_kv("-device", v, positional="driver")
     driver = kv.get("driver")
+    if driver in ("virtio-rng", "virtio-rng-device"):
+        _rng(cfg, kv)
+        return
     if driver != "vsock":
-        raise ConfigError(f"-device: unknown device {driver!r}; accepted: vsock")
+        raise ConfigError(f"-device: unknown device {driver!r}; accepted: vsock, virtio-rng")
     _keys("-device vsock", kv, {"driver", "id", "guest-cid"}, set())
     if cfg.vsock is not None and cfg.vsock.id != kv["id"]:
         raise ConfigError("-device vsock: only one vsock device is supported")
     cfg.vsock = VsockConfig(check_id("-device vsock id", kv["id"]),
                             parse_int("-device vsock guest-cid", kv["guest-cid"], VSOCK_MIN_CID,
                                       VSOCK_MAX_CID))
+
+
+def _rng(cfg: VmConfig, kv: dict[str, str]) -> None:
+    where = "-device virtio-rng"
+    _keys(where, kv, {"driver"}, {"id", "max-bytes", "period"})
+    rng_id = check_id(f"{where} id", kv.get("id", "rng0"))
+    if cfg.rng is not None and cfg.rng.id != rng_id:
+        raise ConfigError(f"{where}: only one entropy device is supported")
+    max_bytes = parse_int(f"{where} max-bytes", kv["max-bytes"], 1, 1 << 31) if "max-bytes" in kv else None
+    period = parse_int(f"{where} period", kv.get("period", "1000"), 1, 3_600_000)
+    cfg.rng = RngConfig(rng_id, max_bytes, period)
 
 
 def _serial(cfg: VmConfig, v: str) -> None:

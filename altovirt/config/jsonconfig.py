@@ -14,12 +14,13 @@ from .model import (
     ConsoleConfig,
     DriveConfig,
     NetConfig,
+    RngConfig,
     VmConfig,
     VsockConfig,
 )
 from .validate import check_id, check_mac, check_tap, parse_bool, parse_int, parse_size
 
-SECTIONS = {"boot-source", "machine-config", "drive", "net", "console", "serial", "vsock"}
+SECTIONS = {"boot-source", "machine-config", "drive", "net", "console", "serial", "vsock", "rng"}
 
 
 def _obj(where: str, value: Any, required: set[str], optional: set[str]) -> dict[str, Any]:
@@ -128,5 +129,11 @@ def from_dict(doc: Any) -> VmConfig:
         v = _obj("vsock", top["vsock"], {"vsock_id", "guest_cid"}, set())
         cfg.vsock = VsockConfig(check_id("vsock.vsock_id", _str("vsock.vsock_id", v["vsock_id"])),
                                 _int("vsock.guest_cid", v["guest_cid"], VSOCK_MIN_CID, VSOCK_MAX_CID))
+    if "rng" in top:
+        r = _obj("rng", top["rng"], {"rng_id"}, {"max_bytes", "period_ms"})
+        cfg.rng = RngConfig(
+            check_id("rng.rng_id", _str("rng.rng_id", r["rng_id"])),
+            _int("rng.max_bytes", r["max_bytes"], 1, 1 << 31) if "max_bytes" in r else None,
+            _int("rng.period_ms", r.get("period_ms", 1000), 1, 3_600_000))
     return cfg
 

@@ -50,6 +50,13 @@ class VsockConfig:
 
 
 @dataclass
+class RngConfig:
+    id: str
+    max_bytes: int | None = None    # at most this many bytes per period (QEMU's max-bytes)
+    period_ms: int = 1000
+
+
+@dataclass
 class VmConfig:
     kernel: str | None = None
     cmdline: str = ""
@@ -62,6 +69,7 @@ class VmConfig:
     nets: list[NetConfig] = field(default_factory=list)
     console: ConsoleConfig | None = None
     vsock: VsockConfig | None = None
+    rng: RngConfig | None = None
     serial_stdio: bool = False
     api_channel: str | None = None
     log_file: str | None = None

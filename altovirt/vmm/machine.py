@@ -27,10 +27,13 @@ from ..devices.legacy.i8042 import I8042
 from ..devices.legacy.post import POST_PORT, PostPort
 from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
+from ..devices.virtio.mmio import MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
 from ..kvm import Kvm, KvmError, Vcpu
 from ..kvm import Vm as KvmVm
 from ..memory import GuestMemory
+from . import virtio_devices
 from .console import HostConsole
+from .iothread import IoThread
 from .vcpu import GUEST_RESET, StopReason, VcpuThread, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,8 @@ class Machine:
         self.console: HostConsole | None = None
         self.serial: Serial | None = None
         self.plan: boot.BootPlan | None = None
+        self.io = IoThread()
+        self.transports: list[MmioTransport] = []
 
     # --- building ---
     @classmethod
@@ -138,10 +143,11 @@ class Machine:
         for slot, region in enumerate(mem.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
 
+        cmdline = " ".join([cfg.cmdline, *self._add_virtio_devices()]).strip()
         image = _read_file("-kernel", cfg.kernel or "")
         initrd = _read_file("-initrd", cfg.initrd) if cfg.initrd else None
         try:
-            self.plan = plan = boot.prepare(mem, image, cfg.cmdline, initrd, cfg.vcpus)
+            self.plan = plan = boot.prepare(mem, image, cmdline, initrd, cfg.vcpus)
         except KernelError as e:
             raise VmmError(f"-kernel: {cfg.kernel}: {e}") from None
         log.info("kernel %s: %s format, entry %#x%s", cfg.kernel, plan.kind, plan.entry,
@@ -154,13 +160,32 @@ class Machine:
             self.vcpus.append(VcpuThread(vcpu, self.pio, self.mmio, self.request_stop))
             boot.setup_vcpu(vcpu, plan, supported, cfg.vcpus, _set_boot_msrs(vcpu))
 
-    def _irq_line(self, gsi: int) -> Callable[[], None]:
-        """An edge-triggering callable for ``gsi``, through an irqfd."""
+    def _irqfd(self, gsi: int) -> int:
+        """An eventfd that raises an edge on ``gsi`` when written (KVM_IRQFD)."""
         assert self.vm is not None
         fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._fds.append(fd)
         self.vm.irqfd(fd, gsi)
+        return fd
+
+    def _irq_line(self, gsi: int) -> Callable[[], None]:
+        fd = self._irqfd(gsi)
         return lambda: os.eventfd_write(fd, 1)
+
+    def _add_virtio_devices(self) -> list[str]:
+        """Create the configured virtio devices; returns their cmdline announcements."""
+        assert self.vm is not None and self.mem is not None
+        entries = []
+        for index, device in enumerate(virtio_devices.devices_for(self.cfg)):
+            base, irq = virtio_devices.slot(index)
+            transport = MmioTransport(device, self.mem, self._irqfd(irq), self.io)
+            self.transports.append(transport)
+            for q, fd in enumerate(transport.notify_fds):
+                self.vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=q)
+            self.mmio.insert(transport, base, MMIO_SLOT_SIZE)
+            entries.append(virtio_devices.cmdline_entry(base, irq))
+            log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)
+        return entries
 
     def _add_legacy_devices(self) -> None:
         out = None
@@ -210,6 +235,7 @@ class Machine:
         try:
             if self.console:
                 self.console.start(ep, handlers)
+            self.io.start()
             for v in self.vcpus:
                 v.start()
             if on_running:
@@ -220,6 +246,7 @@ class Machine:
         finally:
             for v in self.vcpus:
                 v.exit()
+            self.io.stop()
             if self.console:
                 self.console.stop()
             ep.close()
@@ -233,6 +260,10 @@ class Machine:
         for v in self.vcpus:
             v.vcpu.close()
         self.vcpus.clear()
+        for t in self.transports:
+            t.close()
+        self.transports.clear()
+        self.io.stop()
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()

@@ -1,0 +1,1 @@
+"""virtio devices on the virtio-mmio transport (VIRTIO 1.2)."""

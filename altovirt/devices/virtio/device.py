@@ -1,0 +1,105 @@
+"""What every virtio device implements, and the interrupt line it raises.
+
+A device describes itself (ID, features, config space, queue sizes) and is
+activated by its transport once the driver has set DRIVER_OK. Queue work
+runs on the I/O thread; a device that finds a queue malformed calls
+``interrupt.needs_reset(reason)`` and stops using its queues.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from ...memory import GuestMemory
+from ...vmm.iothread import IoThread
+from .queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, Queue
+
+log = logging.getLogger(__name__)
+
+# Device IDs (5)
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_RNG = 4
+VIRTIO_ID_VSOCK = 19
+# Transport-independent feature bits (6)
+VIRTIO_F_VERSION_1 = 32
+COMMON_FEATURES = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX
+# InterruptStatus bits (4.2.2)
+VIRTIO_MMIO_INT_VRING = 1
+VIRTIO_MMIO_INT_CONFIG = 2
+
+
+class Interrupt:
+    """The device's interrupt: InterruptStatus bits plus an edge on its irqfd."""
+
+    def __init__(self, irqfd: int, on_needs_reset: Callable[[str], None]) -> None:
+        self._fd = irqfd
+        self._lock = threading.Lock()
+        self.status = 0
+        self._on_needs_reset = on_needs_reset
+
+    def trigger(self, bits: int = VIRTIO_MMIO_INT_VRING) -> None:
+        with self._lock:
+            self.status |= bits
+        os.eventfd_write(self._fd, 1)
+
+    def ack(self, bits: int) -> None:
+        with self._lock:
+            self.status &= ~bits
+
+    def signal_used(self, queue: Queue) -> None:
+        """Interrupt for newly used buffers, unless the driver suppressed it."""
+        if queue.needs_interrupt():
+            self.trigger(VIRTIO_MMIO_INT_VRING)
+
+    def needs_reset(self, reason: str) -> None:
+        self._on_needs_reset(reason)
+
+
+class VirtioDevice:
+    """Base class: override the class attributes and the hooks below."""
+
+    device_id = 0
+    queue_sizes: tuple[int, ...] = ()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.config = bytearray()
+        self.features = 0               # what the driver accepted
+        self.mem: GuestMemory | None = None
+        self.queues: list[Queue] = []
+        self.interrupt: Interrupt | None = None
+        self.broken = False
+
+    def device_features(self) -> int:
+        return COMMON_FEATURES
+
+    def read_config(self, offset: int, size: int) -> int:
+        data = self.config[offset:offset + size]
+        return int.from_bytes(data.ljust(size, b"\0"), "little") if offset < len(self.config) else 0
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        """Most config spaces are read-only; writes are ignored unless overridden."""
+
+    def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
+                 io: IoThread) -> None:
+        self.mem, self.queues, self.interrupt = mem, queues, interrupt
+        self.broken = False
+
+    def queue_notify(self, index: int) -> None:
+        """The driver made buffers available on queue ``index`` (I/O thread)."""
+
+    def reset(self) -> None:
+        self.mem, self.queues, self.interrupt = None, [], None
+
+    def fail(self, reason: str) -> None:
+        """Stop using the queues: the driver broke the rules (or the backend died)."""
+        if not self.broken:
+            self.broken = True
+            log.error("%s: %s; the device needs a reset", self.name, reason)
+            if self.interrupt is not None:
+                self.interrupt.needs_reset(reason)

@@ -1,0 +1,192 @@
+"""Split virtqueues (VIRTIO 1.2, section 2.7), seen from the device.
+
+The guest owns every byte of a queue, so nothing it writes is trusted:
+ring addresses and sizes are checked once when the queue is activated, and
+every descriptor chain is walked with its index, length, address, nesting and
+ordering checked. Any violation raises :class:`QueueError`, which the
+transport turns into DEVICE_NEEDS_RESET for that one device.
+
+Buffers are handed to devices as memoryviews of guest RAM (no copies), split
+into the device-readable part and the device-writable part of the chain.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ...memory import GuestMemory, GuestMemoryError
+
+# Descriptor flags (2.7.5)
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+# Ring flags (2.7.7, 2.7.10)
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+# Feature bits that change how a split queue works (6)
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+
+MAX_QUEUE_SIZE = 32768          # 2.7: Queue Size is at most 32768
+DESC_SIZE = 16
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+
+
+class QueueError(Exception):
+    """The driver broke the virtqueue rules; the message says how."""
+
+
+class DescriptorChain:
+    """One request: its head index and its buffers as views of guest RAM."""
+
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int) -> None:
+        self.head = head
+        self.readable: list[memoryview] = []
+        self.writable: list[memoryview] = []
+
+    def read_all(self) -> bytes:
+        return b"".join(self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+
+class Queue:
+    """Driver-programmed queue state plus the device's own ring positions."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.event_idx = False
+        self.indirect = False
+        self.next_avail = 0
+        self.next_used = 0
+        self._signalled_used: int | None = None
+        self._mem: GuestMemory | None = None
+
+    # --- activation ---
+    def activate(self, mem: GuestMemory, features: int) -> None:
+        """Check the ring layout the driver programmed and map the rings."""
+        size = self.size
+        if not size or size > self.max_size or size & (size - 1):
+            raise QueueError(f"queue size {size} is not a power of 2 in [1, {self.max_size}]")
+        if self.desc_addr % 16 or self.avail_addr % 2 or self.used_addr % 4:
+            raise QueueError("misaligned ring address (2.7: descriptors 16, avail 2, used 4)")
+        try:
+            self._desc = mem.view(self.desc_addr, DESC_SIZE * size)
+            self._avail = mem.view(self.avail_addr, 6 + 2 * size)
+            self._used = mem.view(self.used_addr, 6 + 8 * size)
+        except GuestMemoryError as e:
+            raise QueueError(f"ring outside guest RAM: {e}") from None
+        self._mem = mem
+        self.event_idx = bool(features >> VIRTIO_F_EVENT_IDX & 1)
+        self.indirect = bool(features >> VIRTIO_F_INDIRECT_DESC & 1)
+        self.next_avail = self.next_used = 0
+        self._signalled_used = None
+
+    # --- the available ring ---
+    def avail_idx(self) -> int:
+        return int(_U16.unpack_from(self._avail, 2)[0])
+
+    def has_available(self) -> bool:
+        return self.avail_idx() != self.next_avail
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None; QueueError if it is malformed."""
+        avail = self.avail_idx()
+        if avail == self.next_avail:
+            return None
+        if (avail - self.next_avail) & 0xFFFF > self.size:
+            raise QueueError(f"avail idx {avail} is more than {self.size} ahead of {self.next_avail}")
+        slot = 4 + 2 * (self.next_avail % self.size)
+        head = _U16.unpack_from(self._avail, slot)[0]
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        if self.event_idx:
+            # avail_event: tell the driver to notify us for the next new buffer (2.7.10)
+            _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+        return self._walk(head)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        assert self._mem is not None
+        mem = self._mem
+        chain = DescriptorChain(head)
+        table, n, index = self._desc, self.size, head
+        seen = 0
+        in_indirect = False
+        while True:
+            if index >= n:
+                raise QueueError(f"descriptor index {index} out of range (table of {n})")
+            seen += 1
+            if seen > n:
+                raise QueueError(f"descriptor chain from head {head} loops or exceeds {n} entries")
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if in_indirect or not self.indirect:
+                    raise QueueError("indirect descriptor " + ("inside an indirect table" if in_indirect
+                                                            else "without VIRTIO_F_INDIRECT_DESC"))
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise QueueError("indirect descriptor with NEXT set (2.7.5.3.1)")
+                if not length or length % DESC_SIZE:
+                    raise QueueError(f"indirect table length {length} is not a multiple of 16")
+                try:
+                    table = mem.view(addr, length)
+                except GuestMemoryError as e:
+                    raise QueueError(f"indirect table outside guest RAM: {e}") from None
+                n, index, seen, in_indirect = length // DESC_SIZE, 0, 0, True
+                continue
+            try:
+                view = mem.view(addr, length)
+            except GuestMemoryError as e:
+                raise QueueError(f"buffer outside guest RAM: {e}") from None
+            if flags & VIRTQ_DESC_F_WRITE:
+                chain.writable.append(view)
+            elif chain.writable:
+                raise QueueError("device-readable descriptor after a device-writable one (2.7.4.2)")
+            else:
+                chain.readable.append(view)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return chain
+            index = nxt
+
+    def undo_pop(self) -> None:
+        """Give the last popped chain back (the device could not take it yet)."""
+        self.next_avail = (self.next_avail - 1) & 0xFFFF
+
+    # --- the used ring ---
+    def add_used(self, head: int, length: int) -> None:
+        slot = 4 + 8 * (self.next_used % self.size)
+        _USED_ELEM.pack_into(self._used, slot, head, length)
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        # x86 keeps stores in order, so the element is visible before the index.
+        _U16.pack_into(self._used, 2, self.next_used)
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants an interrupt for what was used since the last one."""
+        if not self.event_idx:
+            flags = _U16.unpack_from(self._avail, 0)[0]
+            return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+        old, new = self._signalled_used, self.next_used
+        self._signalled_used = new
+        if old is None:
+            return True
+        used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+        # vring_need_event() (2.7.10): did new pass used_event since old?
+        return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+    def set_notifications(self, enabled: bool) -> None:
+        """Ask the driver to notify us, or not (a hint; 2.7.10)."""
+        if self.event_idx:
+            if enabled:
+                _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+        else:
+            _U16.pack_into(self._used, 0, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)

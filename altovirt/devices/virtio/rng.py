@@ -1,0 +1,104 @@
+"""virtio-rng (VIRTIO 1.2, section 5.4): an entropy source fed from getrandom().
+
+An optional limit of ``max_bytes`` per ``period_ms`` (QEMU's max-bytes and
+period) paces the guest: when the budget is spent, requests wait on the
+queue until the next period starts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from ...memory import GuestMemory
+from ...vmm.iothread import IoThread
+from .device import VIRTIO_ID_RNG, Interrupt, VirtioDevice
+from .queue import Queue, QueueError
+
+QUEUE_SIZE = 256
+
+
+class Rng(VirtioDevice):
+    device_id = VIRTIO_ID_RNG
+    queue_sizes = (QUEUE_SIZE,)
+
+    def __init__(self, name: str, max_bytes: int | None = None, period_ms: int = 1000) -> None:
+        super().__init__(name)
+        self.max_bytes = max_bytes
+        self.period = period_ms / 1000
+        self._window_start = 0.0
+        self._budget = max_bytes or 0
+        self._wake_fd = -1
+        self._timer: threading.Timer | None = None
+
+    def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
+                 io: IoThread) -> None:
+        super().activate(mem, queues, interrupt, io)
+        if self.max_bytes is not None and self._wake_fd < 0:
+            self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            io.add(self._wake_fd, self._wake)
+
+    def _wake(self) -> None:
+        os.eventfd_read(self._wake_fd)
+        if self.queues and not self.broken:
+            self.queue_notify(0)
+
+    def _allowance(self, want: int) -> int:
+        if self.max_bytes is None:
+            return want
+        now = time.monotonic()
+        if now - self._window_start >= self.period:
+            self._window_start, self._budget = now, self.max_bytes
+        give = min(want, self._budget)
+        self._budget -= give
+        if not give and self._timer is None:
+            delay = self.period - (now - self._window_start)
+            self._timer = threading.Timer(delay, self._timer_fired)
+            self._timer.daemon = True
+            self._timer.start()
+        return give
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self._wake_fd >= 0:
+            os.eventfd_write(self._wake_fd, 1)
+
+    def queue_notify(self, index: int) -> None:
+        queue, interrupt = self.queues[0], self.interrupt
+        assert interrupt is not None
+        used = False
+        while True:
+            try:
+                chain = queue.pop()
+            except QueueError as e:
+                self.fail(str(e))
+                return
+            if chain is None:
+                break
+            if chain.readable or not chain.writable:
+                self.fail("request without a device-writable buffer (5.4.6.1)")
+                return
+            room = chain.writable_len
+            give = self._allowance(room)
+            if not give:
+                queue.undo_pop()
+                break
+            data = os.getrandom(give)
+            written = 0
+            for view in chain.writable:
+                part = data[written:written + len(view)]
+                view[:len(part)] = part
+                written += len(part)
+                if written == give:
+                    break
+            queue.add_used(chain.head, give)
+            used = True
+        if used:
+            interrupt.signal_used(queue)
+
+    def reset(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().reset()

@@ -1,0 +1,32 @@
+"""Which virtio devices a configuration asks for, and where they sit.
+
+Slots are 4 KiB each from MMIO_BASE in the 32-bit gap (as in Firecracker);
+IRQs are ISA lines the legacy devices do not use (8 stays with the RTC).
+Linux finds the devices through ``virtio_mmio.device=`` on its command line
+(CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+"""
+
+from __future__ import annotations
+
+from ..config import VmConfig
+from ..devices.virtio.device import VirtioDevice
+from ..devices.virtio.rng import Rng
+
+MMIO_BASE = 0xD0000000
+IRQS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17)
+
+
+def devices_for(cfg: VmConfig) -> list[VirtioDevice]:
+    devices: list[VirtioDevice] = []
+    if cfg.rng is not None:
+        devices.append(Rng(cfg.rng.id, cfg.rng.max_bytes, cfg.rng.period_ms))
+    return devices
+
+
+def slot(index: int) -> tuple[int, int]:
+    """(base address, IRQ) of slot ``index``."""
+    return MMIO_BASE + index * 0x1000, IRQS[index]
+
+
+def cmdline_entry(base: int, irq: int) -> str:
+    return f"virtio_mmio.device=4K@{base:#x}:{irq}"
