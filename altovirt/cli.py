@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", e)
         daemon.report(str(e))
         _error(str(e))
-        return EXIT_ERROR
+        return e.exit_code
     except Exception as e:
         log.exception("internal error")
         daemon.report(f"internal error: {e}")

@@ -241,6 +241,8 @@ static const struct {
 	{ "triplefault", test_triplefault },
 	{ "rng", test_rng },
 	{ "rng-rate", test_rng_rate },
+	{ "blk", test_blk },
+	{ "virtio-abuse", test_virtio_abuse },
 };
 
 static int run_test(const char *name, size_t len)
@@ -260,7 +262,7 @@ static int run_test(const char *name, size_t len)
 
 void probe_main(u32 path, u64 info, u64 load)
 {
-	int ok;
+	int ok, boot_ok;
 	size_t len = 0;
 	const char *run;
 
@@ -275,12 +277,13 @@ void probe_main(u32 path, u64 info, u64 load)
 	outb(BOOT_TIMER_PORT, 2);
 	printf("probe: boottimer 1 2\n");
 
+	boot_ok = ok;
 	run = ok ? cmdline_arg("probe.run", &len) : NULL;
 	if (!run) {
 		run = "info";
 		len = 4;
 	}
-	while (ok && len) {
+	while (boot_ok && len) {		/* every test runs; any failure fails the run */
 		size_t n = 0;
 		while (n < len && run[n] != ',')
 			n++;

@@ -70,3 +70,233 @@ int test_rng_rate(void)
 	virtio_reset(&dev);
 	return total == 8192;
 }
+
+#define VIRTIO_BLK_F_SEG_MAX		2
+#define VIRTIO_BLK_F_RO			5
+#define VIRTIO_BLK_F_BLK_SIZE		6
+#define VIRTIO_BLK_F_FLUSH		9
+#define VIRTIO_BLK_F_DISCARD		13
+#define VIRTIO_BLK_F_WRITE_ZEROES	14
+#define VIRTIO_BLK_T_IN			0
+#define VIRTIO_BLK_T_OUT		1
+#define VIRTIO_BLK_T_FLUSH		4
+#define VIRTIO_BLK_T_GET_ID		8
+#define VIRTIO_BLK_T_DISCARD		11
+#define VIRTIO_BLK_T_WRITE_ZEROES	13
+#define BLK_OK		0
+#define BLK_IOERR	1
+#define BLK_UNSUPP	2
+#define BLK_TIMEOUT	0xff
+
+struct blk_hdr {
+	u32 type;
+	u32 reserved;
+	u64 sector;
+};
+
+struct blk {
+	struct vdev dev;
+	struct vq q;
+	struct blk_hdr *hdr;
+	u8 *status;
+	struct vring_desc *indirect;
+};
+
+/* One request: header, data split into n_parts buffers, status. */
+static u8 blk_rw(struct blk *b, u32 type, u64 sector, u8 *data, u32 len, int n_parts, int indirect)
+{
+	struct vbuf bufs[6];
+	int n = 0, writable = type == VIRTIO_BLK_T_IN || type == VIRTIO_BLK_T_GET_ID;
+	u32 head, used;
+
+	b->hdr->type = type;
+	b->hdr->reserved = 0;
+	b->hdr->sector = sector;
+	*b->status = 0xee;
+	bufs[n++] = (struct vbuf){ b->hdr, sizeof(*b->hdr), 0 };
+	for (int i = 0; len && i < n_parts; i++)
+		bufs[n++] = (struct vbuf){ data + i * (len / n_parts), len / n_parts, writable };
+	bufs[n++] = (struct vbuf){ b->status, 1, 1 };
+	if (!indirect) {
+		vq_submit(&b->q, bufs, n);
+	} else {
+		for (int i = 0; i < n; i++) {
+			b->indirect[i].addr = (u64)bufs[i].addr;
+			b->indirect[i].len = bufs[i].len;
+			b->indirect[i].flags = (u16)((bufs[i].writable ? VRING_DESC_F_WRITE : 0) |
+						     (i + 1 < n ? VRING_DESC_F_NEXT : 0));
+			b->indirect[i].next = (u16)(i + 1);
+		}
+		struct vring_desc *d = &b->q.desc[b->q.next_desc];
+		u16 h = b->q.next_desc;
+		d->addr = (u64)b->indirect;
+		d->len = (u32)(n * sizeof(struct vring_desc));
+		d->flags = VRING_DESC_F_INDIRECT;
+		b->q.next_desc = (u16)((h + 1) % b->q.size);
+		vq_publish(&b->q, h);
+	}
+	if (vq_wait(&b->q, &head, &used, TIMEOUT))
+		return BLK_TIMEOUT;
+	return *b->status;
+}
+
+static const char *status_name(u8 s)
+{
+	return s == BLK_OK ? "ok" : s == BLK_IOERR ? "ioerr" : s == BLK_UNSUPP ? "unsupp" : "timeout";
+}
+
+static int blk_open(struct blk *b, int nth)
+{
+	u64 want = 1UL << VIRTIO_BLK_F_SEG_MAX | 1UL << VIRTIO_BLK_F_RO | 1UL << VIRTIO_BLK_F_BLK_SIZE |
+		   1UL << VIRTIO_BLK_F_FLUSH | 1UL << VIRTIO_BLK_F_DISCARD | 1UL << VIRTIO_BLK_F_WRITE_ZEROES |
+		   1UL << VIRTIO_F_INDIRECT_DESC;
+
+	if (virtio_find(VIRTIO_ID_BLOCK, nth, &b->dev))
+		return -1;
+	if (virtio_init(&b->dev, want) || vq_setup(&b->dev, 0, &b->q, 128))
+		return -2;
+	virtio_driver_ok(&b->dev);
+	b->hdr = dma_alloc(sizeof(struct blk_hdr), 16);
+	b->status = dma_alloc(1, 1);
+	b->indirect = dma_alloc(8 * sizeof(struct vring_desc), 16);
+	return 0;
+}
+
+static u8 pattern(u32 disk, u32 j) { return (u8)(j * 7 + 3 + disk); }
+
+/* blk: every disk, every request type, checked by the host on the image files. */
+int test_blk(void)
+{
+	int ok = 1, disks = 0;
+
+	for (int n = 0; n < 8; n++) {
+		struct blk b;
+		char serial[21];
+		u8 *buf, s_write, s_flush, s_zero = BLK_UNSUPP, s_discard = BLK_UNSUPP, s_oob, s_unknown, s_id;
+		int back = 1;
+
+		if (blk_open(&b, n) == -1)
+			break;
+		disks++;
+		if (!b.dev.features) {
+			printf("probe: blk%d setup failed\n", n);
+			ok = 0;
+			continue;
+		}
+		u64 capacity = virtio_config64(&b.dev, 0);
+		u32 blk_size = virtio_config32(&b.dev, 20), seg_max = virtio_config32(&b.dev, 12);
+		int ro = (b.dev.features >> VIRTIO_BLK_F_RO) & 1;
+		buf = dma_alloc(4096, 4096);
+
+		memset(serial, 0, sizeof(serial));
+		s_id = blk_rw(&b, VIRTIO_BLK_T_GET_ID, 0, (u8 *)serial, 20, 1, 0);
+		u8 s_read = blk_rw(&b, VIRTIO_BLK_T_IN, 0, buf, 4096, 2, 0);
+		u32 crc = crc32(buf, 4096);
+		for (u32 j = 0; j < 4096; j++)
+			buf[j] = pattern((u32)n, j);
+		s_write = blk_rw(&b, VIRTIO_BLK_T_OUT, 8, buf, 4096, 4, 0);
+		s_flush = blk_rw(&b, VIRTIO_BLK_T_FLUSH, 0, NULL, 0, 0, 0);
+		memset(buf, 0, 4096);
+		u8 s_back = blk_rw(&b, VIRTIO_BLK_T_IN, 8, buf, 4096, 1, 1);	/* through an indirect table */
+		for (u32 j = 0; j < 4096 && !ro; j++)
+			back &= buf[j] == pattern((u32)n, j);
+		if (b.dev.features >> VIRTIO_BLK_F_WRITE_ZEROES & 1) {
+			struct { u64 sector; u32 num; u32 flags; } *seg = (void *)buf;
+			seg->sector = 16; seg->num = 8; seg->flags = 0;
+			s_zero = blk_rw(&b, VIRTIO_BLK_T_WRITE_ZEROES, 0, buf, 16, 1, 0);
+			seg->sector = 24; seg->num = 8; seg->flags = 0;
+			s_discard = blk_rw(&b, VIRTIO_BLK_T_DISCARD, 0, buf, 16, 1, 0);
+		}
+		s_oob = blk_rw(&b, VIRTIO_BLK_T_IN, capacity, buf, 512, 1, 0);
+		s_unknown = blk_rw(&b, 0x55, 0, NULL, 0, 0, 0);
+		u32 isr = virtio_isr(&b.dev);
+		printf("probe: blk%d capacity=%lu blk_size=%u seg_max=%u ro=%d serial=%s id=%s read=%s "
+		       "read-crc32=0x%x write=%s flush=%s readback=%s zeroes=%s discard=%s oob=%s unknown=%s "
+		       "isr=0x%x\n", n, capacity, blk_size, seg_max, ro, serial[0] ? serial : "-",
+		       status_name(s_id), status_name(s_read), crc, status_name(s_write), status_name(s_flush),
+		       back ? status_name(s_back) : "mismatch", status_name(s_zero), status_name(s_discard),
+		       status_name(s_oob), status_name(s_unknown), isr);
+		ok &= s_id == BLK_OK && s_read == BLK_OK && s_flush == BLK_OK && s_back == BLK_OK && back &&
+		      s_oob == BLK_IOERR && s_unknown == BLK_UNSUPP && (isr & VRING_INT) &&
+		      (ro ? s_write == BLK_IOERR : s_write == BLK_OK && s_zero == BLK_OK && s_discard == BLK_OK);
+		virtio_reset(&b.dev);
+	}
+	printf("probe: blk disks=%d\n", disks);
+	return ok && disks > 0;
+}
+
+/*
+ * virtio-abuse: malformed chains a hostile driver could submit. Each must put
+ * the block device in DEVICE_NEEDS_RESET (with a config interrupt) without
+ * harming the VMM; after a reset the device works again, and so does the rng.
+ */
+static const char *const abuse_names[] = {
+	"index", "loop", "address", "length", "indirect-nested", "indirect-length",
+	"indirect-next", "write-to-readonly", "no-status", "avail-idx",
+};
+
+static void abuse_submit(struct blk *b, int which)
+{
+	struct vring_desc *d = b->q.desc, *t = b->indirect;
+	u64 ram_end = boot.ram + (1UL << 20);	/* past the top of RAM on any map */
+
+	b->hdr->type = VIRTIO_BLK_T_IN;
+	b->hdr->sector = 0;
+	d[0] = (struct vring_desc){ (u64)b->hdr, 16, VRING_DESC_F_NEXT, 1 };
+	d[1] = (struct vring_desc){ (u64)b->status, 1, VRING_DESC_F_WRITE, 0 };
+	switch (which) {
+	case 0: d[0].next = 200; break;				/* beyond the 128-entry table */
+	case 1: d[1].flags = VRING_DESC_F_NEXT; d[1].next = 0; break;	/* 0 -> 1 -> 0 ... */
+	case 2: d[0].addr = 0x7fff00000000UL; break;		/* not guest RAM */
+	case 3: d[1].addr = ram_end - 4096; d[1].len = 1U << 30; break;
+	case 4:
+		t[0] = (struct vring_desc){ (u64)t, 16, VRING_DESC_F_INDIRECT, 0 };
+		d[0] = (struct vring_desc){ (u64)t, 16, VRING_DESC_F_INDIRECT, 0 };
+		break;
+	case 5: d[0] = (struct vring_desc){ (u64)t, 24, VRING_DESC_F_INDIRECT, 0 }; break;
+	case 6: d[0] = (struct vring_desc){ (u64)t, 32, VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, 1 }; break;
+	case 7:	/* a read whose data buffer is device-readable: the device would write into it */
+		d[0].next = 2;
+		d[2] = (struct vring_desc){ (u64)b->indirect, 512, VRING_DESC_F_NEXT, 1 };
+		break;
+	case 8: d[1].flags = 0; break;				/* nothing device-writable */
+	case 9:
+		b->q.avail_idx = (u16)(b->q.avail_idx + b->q.size + 5);
+		break;
+	}
+	vq_publish(&b->q, 0);
+}
+
+int test_virtio_abuse(void)
+{
+	struct blk b;
+	int ok = 1, n = (int)(sizeof(abuse_names) / sizeof(abuse_names[0]));
+	u32 head, len;
+
+	for (int which = 0; which < n; which++) {
+		if (blk_open(&b, 0)) {
+			printf("probe: abuse no block device\n");
+			return 0;
+		}
+		abuse_submit(&b, which);
+		u64 t0 = rdtsc();
+		while (!(virtio_status(&b.dev) & VIRTIO_STATUS_NEEDS_RESET) && rdtsc() - t0 < TIMEOUT)
+			cpu_relax();
+		u32 status = virtio_status(&b.dev), isr = virtio_isr(&b.dev);
+		int hit = (status & VIRTIO_STATUS_NEEDS_RESET) && (isr & 2);
+		printf("probe: abuse %s needs-reset=%d isr=0x%x\n", abuse_names[which], hit, isr);
+		ok &= hit;
+		virtio_reset(&b.dev);
+	}
+	/* After a reset the same device serves requests again. */
+	if (blk_open(&b, 0) == 0) {
+		u8 *buf = dma_alloc(512, 512);
+		u8 s = blk_rw(&b, VIRTIO_BLK_T_IN, 0, buf, 512, 1, 0);
+		printf("probe: abuse blk-after-reset=%s\n", status_name(s));
+		ok &= s == BLK_OK;
+		virtio_reset(&b.dev);
+	}
+	(void)head;
+	(void)len;
+	return ok;
+}

@@ -105,9 +105,11 @@ def run_altovirt(*args: str, timeout: float = 60, stdin: str | None = None) -> R
 
 
 def qemu_cmd(kernel: Path, cmdline: str, *, smp: int = 1, mem: str = "256M",
-             initrd: Path | None = None, devices: tuple[str, ...] = ()) -> list[str]:
+             initrd: Path | None = None, devices: tuple[str, ...] = (),
+             extra: tuple[str, ...] = ()) -> list[str]:
     """QEMU microvm booting ``kernel`` (PVH); ``devices`` are virtio-mmio v2 devices
-    that QEMU announces on the kernel command line, as AltoVirt does."""
+    that QEMU announces on the kernel command line, as AltoVirt does; ``extra`` are
+    more options (their backends)."""
     assert QEMU is not None
     machine = "microvm,acpi=off" + (",auto-kernel-cmdline=on" if devices else "")
     # -cpu host,-arch-capabilities: on PVM hosts KVM refuses MSR_IA32_ARCH_CAPABILITIES.
@@ -121,7 +123,7 @@ def qemu_cmd(kernel: Path, cmdline: str, *, smp: int = 1, mem: str = "256M",
         cmd += ["-global", "virtio-mmio.force-legacy=false"]
         for d in devices:
             cmd += ["-device", d]
-    return cmd
+    return cmd + list(extra)
 
 
 def run_qemu(kernel: Path, cmdline: str, timeout: float = 60, **kw: object) -> Run:

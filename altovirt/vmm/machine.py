@@ -48,6 +48,10 @@ IDENTITY_MAP_ADDR = 0xFFFBC000
 class VmmError(RuntimeError):
     """The VM cannot be built or run; the message is one line for the user."""
 
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 def open_kvm(path: str = "/dev/kvm") -> Kvm:
     try:
@@ -176,7 +180,11 @@ class Machine:
         """Create the configured virtio devices; returns their cmdline announcements."""
         assert self.vm is not None and self.mem is not None
         entries = []
-        for index, device in enumerate(virtio_devices.devices_for(self.cfg)):
+        try:
+            devices = virtio_devices.devices_for(self.cfg)
+        except virtio_devices.DeviceError as e:
+            raise VmmError(str(e), exit_code=2) from None     # a configuration the host cannot honour
+        for index, device in enumerate(devices):
             base, irq = virtio_devices.slot(index)
             transport = MmioTransport(device, self.mem, self._irqfd(irq), self.io)
             self.transports.append(transport)

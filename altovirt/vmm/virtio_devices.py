@@ -8,7 +8,9 @@ Linux finds the devices through ``virtio_mmio.device=`` on its command line
 
 from __future__ import annotations
 
+from ..backends.blockfile import BackendError, BlockFile
 from ..config import VmConfig
+from ..devices.virtio.block import Block
 from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.rng import Rng
 
@@ -16,8 +18,21 @@ MMIO_BASE = 0xD0000000
 IRQS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17)
 
 
+class DeviceError(ValueError):
+    """A configured device cannot be created (busy image, missing tap...)."""
+
+
 def devices_for(cfg: VmConfig) -> list[VirtioDevice]:
+    """The devices in slot order: disks first (vda, vdb...), then the others."""
     devices: list[VirtioDevice] = []
+    try:
+        for d in cfg.drives:
+            image = BlockFile(d.path, read_only=d.read_only, direct=d.direct)
+            devices.append(Block(d.id, image, d.serial))
+    except BackendError as e:
+        for dev in devices:
+            dev.close()
+        raise DeviceError(f"-drive id={d.id}: {e.strerror}") from None
     if cfg.rng is not None:
         devices.append(Rng(cfg.rng.id, cfg.rng.max_bytes, cfg.rng.period_ms))
     return devices

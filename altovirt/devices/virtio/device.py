@@ -96,6 +96,9 @@ class VirtioDevice:
     def reset(self) -> None:
         self.mem, self.queues, self.interrupt = None, [], None
 
+    def close(self) -> None:
+        """Release the backend (files, sockets) when the VM goes away."""
+
     def fail(self, reason: str) -> None:
         """Stop using the queues: the driver broke the rules (or the backend died)."""
         if not self.broken:

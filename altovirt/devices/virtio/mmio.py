@@ -71,6 +71,7 @@ class MmioTransport:
         for fd in self.notify_fds:
             self.io.remove(fd)
             os.close(fd)
+        self.device.close()
 
     # --- notifications (I/O thread) ---
     def _notified(self, index: int, fd: int) -> None:

@@ -1,0 +1,195 @@
+"""A raw disk image (regular file or block device) behind a virtio-blk device.
+
+Reads and writes go straight between the file and guest RAM with
+preadv/pwritev on memoryviews of guest memory. With O_DIRECT, buffers that
+are not aligned to the device's logical block go through one aligned bounce
+buffer instead. Images are locked with OFD byte-range locks laid out
+exactly as QEMU's file driver lays them out (block/file-posix.c), so
+AltoVirt and QEMU refuse each other's images just as two QEMUs do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import stat
+import struct
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+SECTOR_SIZE = 512
+DIRECT_ALIGN = 4096             # covers 512- and 4096-byte logical blocks
+
+# fallocate(2) modes
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+# QEMU's lock bytes: byte PERM_BASE+i is held (shared) by an opener that uses
+# permission i, byte SHARED_BASE+i by one that does not let others use it.
+RAW_LOCK_PERM_BASE = 100
+RAW_LOCK_SHARED_BASE = 200
+BLK_PERM_CONSISTENT_READ = 0x01
+BLK_PERM_WRITE = 0x02
+BLK_PERM_WRITE_UNCHANGED = 0x04
+BLK_PERM_RESIZE = 0x08
+BLK_PERM_ALL = 0x0F
+_FLOCK = struct.Struct("hhqqi4x")   # struct flock on x86_64
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+class BackendError(OSError):
+    """The image cannot be used; the message says why."""
+
+
+def _lock(fd: int, cmd: int, kind: int, byte: int) -> bytes:
+    return fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
+
+
+class BlockFile:
+    def __init__(self, path: str, *, read_only: bool, direct: bool) -> None:
+        self.path = path
+        self.read_only = read_only
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        self.direct = direct
+        try:
+            self.fd = os.open(path, flags | (os.O_DIRECT if direct else 0))
+        except OSError as e:
+            if direct and e.errno == errno.EINVAL:
+                log.warning("%s: the file system refuses O_DIRECT; using the page cache", path)
+                self.direct = False
+                self.fd = self._open_plain(path, flags)
+            else:
+                raise BackendError(e.errno, f"{path}: {e.strerror}") from None
+        try:
+            self._take_locks()
+            st = os.fstat(self.fd)
+            if stat.S_ISBLK(st.st_mode):
+                self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            else:
+                self.size = st.st_size
+            self.is_block_device = stat.S_ISBLK(st.st_mode)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._bounce: mmap.mmap | None = None
+
+    @staticmethod
+    def _open_plain(path: str, flags: int) -> int:
+        try:
+            return os.open(path, flags)
+        except OSError as e:
+            raise BackendError(e.errno, f"{path}: {e.strerror}") from None
+
+    def _take_locks(self) -> None:
+        """QEMU's scheme for a virtio-blk disk without share-rw."""
+        perm = BLK_PERM_CONSISTENT_READ | (0 if self.read_only else BLK_PERM_WRITE)
+        shared = BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED
+        unshared = BLK_PERM_ALL & ~shared
+        try:
+            for i in range(4):
+                if perm & 1 << i:
+                    _lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, RAW_LOCK_PERM_BASE + i)
+                if unshared & 1 << i:
+                    _lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, RAW_LOCK_SHARED_BASE + i)
+            for i in range(4):
+                # Does another opener forbid what we use, or use what we forbid?
+                for byte, mine in ((RAW_LOCK_SHARED_BASE + i, perm), (RAW_LOCK_PERM_BASE + i, unshared)):
+                    if mine & 1 << i:
+                        got = _lock(self.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte)
+                        if _FLOCK.unpack(got)[0] != fcntl.F_UNLCK:
+                            raise BackendError(errno.EAGAIN, self._conflict(i))
+        except BlockingIOError:
+            raise BackendError(errno.EAGAIN, self._conflict(1)) from None
+
+    def _conflict(self, bit: int) -> str:
+        what = {0: "read", 1: "write", 2: "write", 3: "resize"}[bit]
+        return (f"{self.path}: image is in use by another process (QEMU or AltoVirt), "
+                f"which holds or forbids the {what} permission")
+
+    # --- I/O (the device's I/O thread) ---
+    def _aligned(self, views: Sequence[memoryview], offset: int) -> bool:
+        if offset % DIRECT_ALIGN:
+            return False
+        for v in views:
+            if len(v) % DIRECT_ALIGN or ctypes.addressof(ctypes.c_char.from_buffer(v)) % DIRECT_ALIGN:
+                return False
+        return True
+
+    def _bounce_buffer(self, size: int) -> mmap.mmap:
+        if self._bounce is None or len(self._bounce) < size:
+            if self._bounce is not None:
+                self._bounce.close()
+            self._bounce = mmap.mmap(-1, max(size, 1 << 20))   # page-aligned
+        return self._bounce
+
+    def read(self, offset: int, views: Sequence[memoryview]) -> None:
+        total = sum(len(v) for v in views)
+        if self.direct and not self._aligned(views, offset):
+            buf = self._bounce_buffer(total)
+            self._full(os.preadv, [memoryview(buf)[:_round_up(total)]], offset, total)
+            pos = 0
+            for v in views:
+                v[:] = buf[pos:pos + len(v)]
+                pos += len(v)
+            return
+        self._full(os.preadv, list(views), offset, total)
+
+    def write(self, offset: int, views: Sequence[memoryview]) -> None:
+        total = sum(len(v) for v in views)
+        if self.direct and not self._aligned(views, offset):
+            buf = self._bounce_buffer(total)
+            pos = 0
+            for v in views:
+                buf[pos:pos + len(v)] = v
+                pos += len(v)
+            self._full(os.pwritev, [memoryview(buf)[:total]], offset, total)
+            return
+        self._full(os.pwritev, list(views), offset, total)
+
+    def _full(self, op: object, views: list[memoryview], offset: int, total: int) -> None:
+        done = op(self.fd, views, offset)  # type: ignore[operator]
+        if done < min(total, max(0, self.size - offset)):
+            raise OSError(errno.EIO, f"short transfer ({done} of {total} bytes)")
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if unmap else FALLOC_FL_ZERO_RANGE
+        try:
+            self._fallocate(mode, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENODEV):
+                raise
+            zeros = memoryview(bytes(min(length, 1 << 20)))
+            for pos in range(offset, offset + length, len(zeros)):
+                n = min(len(zeros), offset + length - pos)
+                self._full(os.pwritev, [zeros[:n]], pos, n)
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        if _fallocate(self.fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)      # also drops the OFD locks
+            self.fd = -1
+        if self._bounce is not None:
+            self._bounce.close()
+
+
+def _round_up(n: int) -> int:
+    return (n + DIRECT_ALIGN - 1) // DIRECT_ALIGN * DIRECT_ALIGN
