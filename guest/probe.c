@@ -243,6 +243,7 @@ static const struct {
 	{ "rng-rate", test_rng_rate },
 	{ "blk", test_blk },
 	{ "virtio-abuse", test_virtio_abuse },
+	{ "blkbench", test_blkbench },
 };
 
 static int run_test(const char *name, size_t len)

@@ -35,5 +35,6 @@ int test_rng(void);
 int test_rng_rate(void);
 int test_blk(void);
 int test_virtio_abuse(void);
+int test_blkbench(void);
 
 #endif

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,10 +226,15 @@ def test_io_error_becomes_ioerr(tmp_path: Path) -> None:
         q.activate(mem, 0)
         dev.activate(mem, [q], Interrupt(irqfd, resets.append), None)  # type: ignore[arg-type]
         os.truncate(img, 4096)
-        for sector, expected in ((0, vblk.VIRTIO_BLK_S_OK), (1024, vblk.VIRTIO_BLK_S_IOERR)):
+        cases = ((0, vblk.VIRTIO_BLK_S_OK), (1024, vblk.VIRTIO_BLK_S_IOERR))
+        for done, (sector, expected) in enumerate(cases):
             mem.write(0x200000, vblk._HEADER.pack(vblk.VIRTIO_BLK_T_IN, 0, sector))
             drv.publish(drv.chain([(0x200000, 16, False), (0x201000, 4096, True), (0x203000, 1, True)]))
             dev.queue_notify(0)
+            deadline = time.monotonic() + 10
+            while drv.used_idx() == done:                  # a worker completes it
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
             assert mem.read(0x203000, 1)[0] == expected
         assert drv.used_idx() == 2 and not resets and os.eventfd_read(irqfd) >= 1
     finally:

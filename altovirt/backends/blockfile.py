@@ -18,6 +18,7 @@ import mmap
 import os
 import stat
 import struct
+import threading
 from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class BlockFile:
         except BaseException:
             os.close(self.fd)
             raise
-        self._bounce: mmap.mmap | None = None
+        self._local = threading.local()     # one bounce buffer per worker thread
 
     @staticmethod
     def _open_plain(path: str, flags: int) -> int:
@@ -125,11 +126,10 @@ class BlockFile:
         return True
 
     def _bounce_buffer(self, size: int) -> mmap.mmap:
-        if self._bounce is None or len(self._bounce) < size:
-            if self._bounce is not None:
-                self._bounce.close()
-            self._bounce = mmap.mmap(-1, max(size, 1 << 20))   # page-aligned
-        return self._bounce
+        buf: mmap.mmap | None = getattr(self._local, "bounce", None)
+        if buf is None or len(buf) < _round_up(size):
+            buf = self._local.bounce = mmap.mmap(-1, max(_round_up(size), 1 << 20))  # page-aligned
+        return buf
 
     def read(self, offset: int, views: Sequence[memoryview]) -> None:
         total = sum(len(v) for v in views)
@@ -187,8 +187,6 @@ class BlockFile:
         if self.fd >= 0:
             os.close(self.fd)      # also drops the OFD locks
             self.fd = -1
-        if self._bounce is not None:
-            self._bounce.close()
 
 
 def _round_up(n: int) -> int:
