@@ -244,6 +244,7 @@ static const struct {
 	{ "blk", test_blk },
 	{ "virtio-abuse", test_virtio_abuse },
 	{ "blkbench", test_blkbench },
+	{ "console", test_console },
 };
 
 static int run_test(const char *name, size_t len)

@@ -36,5 +36,6 @@ int test_rng_rate(void);
 int test_blk(void);
 int test_virtio_abuse(void);
 int test_blkbench(void);
+int test_console(void);
 
 #endif

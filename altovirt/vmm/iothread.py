@@ -30,6 +30,9 @@ class IoThread:
         self._handlers[fd] = callback
         self._ep.register(fd, events)
 
+    def modify(self, fd: int, events: int) -> None:
+        self._ep.modify(fd, events)
+
     def remove(self, fd: int) -> None:
         if self._handlers.pop(fd, None) is not None and not self._ep.closed:
             self._ep.unregister(fd)

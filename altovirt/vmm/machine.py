@@ -181,7 +181,7 @@ class Machine:
         assert self.vm is not None and self.mem is not None
         entries = []
         try:
-            devices = virtio_devices.devices_for(self.cfg)
+            devices = virtio_devices.devices_for(self.cfg, self.io)
         except virtio_devices.DeviceError as e:
             raise VmmError(str(e), exit_code=2) from None     # a configuration the host cannot honour
         for index, device in enumerate(devices):

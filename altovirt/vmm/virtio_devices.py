@@ -9,10 +9,13 @@ Linux finds the devices through ``virtio_mmio.device=`` on its command line
 from __future__ import annotations
 
 from ..backends.blockfile import BackendError, BlockFile
+from ..backends.unix import UnixListener
 from ..config import VmConfig
 from ..devices.virtio.block import Block
+from ..devices.virtio.console import Console
 from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.rng import Rng
+from .iothread import IoThread
 
 MMIO_BASE = 0xD0000000
 IRQS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17)
@@ -22,17 +25,22 @@ class DeviceError(ValueError):
     """A configured device cannot be created (busy image, missing tap...)."""
 
 
-def devices_for(cfg: VmConfig) -> list[VirtioDevice]:
+def devices_for(cfg: VmConfig, io: IoThread) -> list[VirtioDevice]:
     """The devices in slot order: disks first (vda, vdb...), then the others."""
     devices: list[VirtioDevice] = []
+    where = ""
     try:
         for d in cfg.drives:
+            where = f"-drive id={d.id}"
             image = BlockFile(d.path, read_only=d.read_only, direct=d.direct)
             devices.append(Block(d.id, image, d.serial))
+        if cfg.console is not None:
+            where = f"-chardev id={cfg.console.id}"
+            devices.append(Console(cfg.console.id, UnixListener(cfg.console.socket_path), io))
     except BackendError as e:
         for dev in devices:
             dev.close()
-        raise DeviceError(f"-drive id={d.id}: {e.strerror}") from None
+        raise DeviceError(f"{where}: {e.strerror}") from None
     if cfg.rng is not None:
         devices.append(Rng(cfg.rng.id, cfg.rng.max_bytes, cfg.rng.period_ms))
     return devices

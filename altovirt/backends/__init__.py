@@ -1,0 +1,1 @@
+"""Host-side backends behind devices: image files, taps, sockets."""
