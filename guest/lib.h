@@ -32,6 +32,7 @@ static inline void wr32(u64 a, u32 v) { *(volatile u32 *)a = v; }
 
 void *memcpy(void *d, const void *s, size_t n);
 void *memset(void *d, int c, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
 size_t strlen(const char *s);
 int strncmp(const char *a, const char *b, size_t n);
 

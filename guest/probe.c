@@ -245,6 +245,7 @@ static const struct {
 	{ "virtio-abuse", test_virtio_abuse },
 	{ "blkbench", test_blkbench },
 	{ "console", test_console },
+	{ "net", test_net },
 };
 
 static int run_test(const char *name, size_t len)

@@ -37,5 +37,6 @@ int test_blk(void);
 int test_virtio_abuse(void);
 int test_blkbench(void);
 int test_console(void);
+int test_net(void);
 
 #endif

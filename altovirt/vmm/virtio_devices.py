@@ -9,11 +9,13 @@ Linux finds the devices through ``virtio_mmio.device=`` on its command line
 from __future__ import annotations
 
 from ..backends.blockfile import BackendError, BlockFile
+from ..backends.tap import Tap
 from ..backends.unix import UnixListener
 from ..config import VmConfig
 from ..devices.virtio.block import Block
 from ..devices.virtio.console import Console
 from ..devices.virtio.device import VirtioDevice
+from ..devices.virtio.net import Net, random_mac
 from ..devices.virtio.rng import Rng
 from .iothread import IoThread
 
@@ -34,6 +36,9 @@ def devices_for(cfg: VmConfig, io: IoThread) -> list[VirtioDevice]:
             where = f"-drive id={d.id}"
             image = BlockFile(d.path, read_only=d.read_only, direct=d.direct)
             devices.append(Block(d.id, image, d.serial))
+        for n in cfg.nets:
+            where = f"-netdev id={n.id}"
+            devices.append(Net(n.id, Tap(n.tap), n.mac or random_mac(), io))
         if cfg.console is not None:
             where = f"-chardev id={cfg.console.id}"
             devices.append(Console(cfg.console.id, UnixListener(cfg.console.socket_path), io))

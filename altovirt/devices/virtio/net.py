@@ -1,0 +1,233 @@
+"""virtio-net (VIRTIO 1.2, section 5.1) on a host tap, one queue pair.
+
+TX: each chain is a virtio_net_hdr_v1 and a frame, written to the tap as
+they lie in guest RAM (one writev per frame; a notification takes every
+frame the guest queued, and raises one interrupt). RX: a frame is read from
+the tap straight into the guest's receive buffers; with
+VIRTIO_NET_F_MRG_RXBUF a large (GSO) frame spans several buffers and the
+header's num_buffers says how many. The tap is not read while the guest has
+no receive buffers posted, so the guest paces reception.
+
+Checksum and TSO offloads the guest accepts are passed on to the tap with
+TUNSETOFFLOAD, so segmentation and checksums happen once, in the host kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import struct
+import threading
+
+from ...backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_SIZE, Tap
+from ...memory import GuestMemory
+from ...vmm.iothread import IoThread
+from .device import COMMON_FEATURES, VIRTIO_ID_NET, Interrupt, VirtioDevice
+from .queue import DescriptorChain, Queue, QueueError
+
+log = logging.getLogger(__name__)
+
+# Feature bits (5.1.3)
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_GUEST_ECN = 9
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_HOST_ECN = 13
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_S_LINK_UP = 1
+
+RXQ, TXQ = 0, 1
+QUEUE_SIZE = 256
+MAX_FRAME = 65562               # a 64 KiB GSO frame, its Ethernet header and the vnet header
+NUM_BUFFERS_OFFSET = 10         # in struct virtio_net_hdr_v1
+_CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
+
+
+def _write_at(views: list[memoryview], offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` into a buffer split across ``views``."""
+    for v in views:
+        if offset < len(v):
+            n = min(len(v) - offset, len(data))
+            v[offset:offset + n] = data[:n]
+            data, offset = data[n:], 0
+            if not data:
+                return
+        else:
+            offset -= len(v)
+
+
+def parse_mac(mac: str) -> bytes:
+    return bytes(int(b, 16) for b in mac.split(":"))
+
+
+def random_mac() -> str:
+    """A locally administered unicast address in QEMU's 52:54:00 range."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+
+
+class Net(VirtioDevice):
+    device_id = VIRTIO_ID_NET
+    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+
+    def __init__(self, name: str, tap: Tap, mac: str, io: IoThread) -> None:
+        super().__init__(name)
+        self.tap = tap
+        self.mac = mac
+        self.io = io
+        self.config = bytearray(_CONFIG.pack(parse_mac(mac), VIRTIO_NET_S_LINK_UP, 1, 0))
+        self._lock = threading.Lock()
+        self._reading = False
+        self._registered = False
+        # Guest offloads only where the tap takes them (checked once, then reset).
+        self._tap_offloads = tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
+        tap.set_offload(0)
+
+    def device_features(self) -> int:
+        f = COMMON_FEATURES | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
+        f |= 1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_NET_F_CSUM
+        f |= 1 << VIRTIO_NET_F_HOST_TSO4 | 1 << VIRTIO_NET_F_HOST_TSO6 | 1 << VIRTIO_NET_F_HOST_ECN
+        if self._tap_offloads:
+            f |= 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4 \
+                | 1 << VIRTIO_NET_F_GUEST_TSO6 | 1 << VIRTIO_NET_F_GUEST_ECN
+        return f
+
+    def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
+                 io: IoThread) -> None:
+        with self._lock:
+            super().activate(mem, queues, interrupt, io)
+            offload = 0
+            if self.features >> VIRTIO_NET_F_GUEST_CSUM & 1:
+                offload |= TUN_F_CSUM
+                for bit, flag in ((VIRTIO_NET_F_GUEST_TSO4, TUN_F_TSO4),
+                                  (VIRTIO_NET_F_GUEST_TSO6, TUN_F_TSO6),
+                                  (VIRTIO_NET_F_GUEST_ECN, TUN_F_TSO_ECN)):
+                    if self.features >> bit & 1:
+                        offload |= flag
+            self.tap.set_offload(offload)
+            self._watch_tap()
+
+    def reset(self) -> None:
+        with self._lock:
+            super().reset()
+            self._watch_tap()
+
+    def _watch_tap(self) -> None:
+        """Read the tap only while the guest has receive buffers (it paces reception)."""
+        want = bool(self.queues) and not self.broken and self.queues[RXQ].has_available()
+        if want == self._reading and self._registered:
+            return
+        self._reading = want
+        events = select.EPOLLIN if want else 0
+        if self._registered:
+            self.io.modify(self.tap.fd, events)
+        else:
+            self.io.add(self.tap.fd, self._tap_readable, events)
+            self._registered = True
+
+    # --- I/O thread ---
+    def queue_notify(self, index: int) -> None:
+        with self._lock:
+            if index == TXQ:
+                self._transmit()
+            self._watch_tap()
+
+    def _transmit(self) -> None:
+        queue, interrupt = self.queues[TXQ], self.interrupt
+        assert interrupt is not None
+        sent = False
+        while True:
+            try:
+                chain = queue.pop()
+            except QueueError as e:
+                self.fail(str(e))
+                return
+            if chain is None:
+                break
+            if chain.writable:
+                self.fail("transmit chain with device-writable buffers")
+                return
+            try:
+                os.writev(self.tap.fd, chain.readable)
+            except BlockingIOError:
+                queue.undo_pop()            # the tap is full: try again on the next notify
+                break
+            except OSError as e:
+                log.debug("%s: tap write failed: %s (frame dropped)", self.name, e)
+            queue.add_used(chain.head, 0)
+            sent = True
+        if sent:
+            interrupt.signal_used(queue)
+
+    def _tap_readable(self) -> None:
+        with self._lock:
+            if self.queues and not self.broken:
+                self._receive()
+                self._watch_tap()
+
+    def _receive(self) -> None:
+        queue, interrupt = self.queues[RXQ], self.interrupt
+        assert interrupt is not None
+        mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
+        if self.mem is None:
+            return
+        delivered = False
+        while True:
+            # Take enough buffers for the largest frame (one chain without MRG_RXBUF).
+            chains: list[DescriptorChain] = []
+            views: list[memoryview] = []
+            room = 0
+            try:
+                while room < MAX_FRAME and (mergeable or not chains):
+                    chain = queue.pop()
+                    if chain is None:
+                        break
+                    if chain.readable or not chain.writable:
+                        raise QueueError("receive buffer is not device-writable")
+                    chains.append(chain)
+                    views += chain.writable
+                    room += chain.writable_len
+            except QueueError as e:
+                self.fail(str(e))
+                return
+            if not chains:
+                break
+            if room < VNET_HDR_SIZE:
+                self.fail("receive buffer smaller than the virtio-net header")
+                return
+            try:
+                n = os.readv(self.tap.fd, views)
+            except OSError as e:
+                for _ in chains:
+                    queue.undo_pop()
+                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    log.debug("%s: tap read failed: %s", self.name, e)
+                break
+            # Hand back the buffers the frame did not reach; complete the others.
+            used, left = [], n
+            for chain in chains:
+                if left <= 0:
+                    break
+                take = min(left, chain.writable_len)
+                used.append((chain, take))
+                left -= take
+            for _ in range(len(chains) - len(used)):
+                queue.undo_pop()
+            # The tap fills only the 10-byte legacy header; num_buffers is ours (5.1.6.4).
+            _write_at(chains[0].writable, NUM_BUFFERS_OFFSET, struct.pack("<H", len(used)))
+            for chain, take in used:
+                queue.add_used(chain.head, take)
+            delivered = True
+        if delivered:
+            interrupt.signal_used(queue)
+
+    def close(self) -> None:
+        if self._registered:
+            self.io.remove(self.tap.fd)
+        self.tap.close()

@@ -1,0 +1,141 @@
+"""virtio-net on a tap in a network namespace the test creates; a raw-Ethernet echo
+responder (no IP traffic at all) answers the probe's frames."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from altovirt.backends import tap as tapmod
+from altovirt.devices.virtio import net as vnet
+
+from .cabi import c_values, needs_gcc
+from .conftest import KVM_PROBLEM, ROOT, ProbeReport, altovirt_cmd, qemu_cmd
+
+ECHO = Path(__file__).with_name("net_echo.py")
+
+
+def _netns_problem() -> str | None:
+    if KVM_PROBLEM:
+        return KVM_PROBLEM
+    if shutil.which("ip") is None:
+        return "SKIPPED LOUDLY: iproute2 'ip' is missing; the tap tests cannot build their network"
+    if os.geteuid() != 0:
+        return "SKIPPED LOUDLY: network namespaces and taps need root"
+    return None
+
+
+needs_netns = pytest.mark.skipif(_netns_problem() is not None, reason=_netns_problem() or "")
+
+
+class NetNs:
+    """A private network namespace with taps and the echo responder on each."""
+
+    def __init__(self, taps: tuple[str, ...]) -> None:
+        self.name = f"altovirt-test-{os.getpid()}"
+        self.echoes: list[subprocess.Popen[str]] = []
+        self.ip("netns", "add", self.name)
+        for t in taps:
+            self.ip("-n", self.name, "tuntap", "add", "dev", t, "mode", "tap")
+            self.ip("-n", self.name, "link", "set", t, "up")
+            echo = subprocess.Popen(self.cmd(sys.executable, str(ECHO), t), stdout=subprocess.PIPE, text=True)
+            assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+            self.echoes.append(echo)
+
+    @staticmethod
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def cmd(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def run(self, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              stdin=subprocess.DEVNULL)
+
+    def close(self) -> None:
+        for e in self.echoes:
+            e.kill()
+            e.wait()
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNs]:
+    ns = NetNs(("tap0", "tap1"))
+    yield ns
+    ns.close()
+
+
+@needs_gcc
+def test_constants_match_linux_headers() -> None:
+    names = {n: getattr(vnet, n) for n in dir(vnet)
+             if n.startswith("VIRTIO_NET_F_") or n == "VIRTIO_NET_S_LINK_UP"}
+    assert c_values(("linux/virtio_net.h",), tuple(names)) == names
+    tun = {n: getattr(tapmod, n) for n in ("TUNSETIFF", "TUNSETOFFLOAD", "TUNSETVNETHDRSZ", "IFF_TAP",
+                                           "IFF_NO_PI", "IFF_VNET_HDR", "TUN_F_CSUM", "TUN_F_TSO4",
+                                           "TUN_F_TSO6", "TUN_F_TSO_ECN")}
+    assert c_values(("sys/ioctl.h", "linux/if_tun.h"), tuple(tun)) == tun
+    sizes = {"sizeof(struct virtio_net_hdr_v1)": tapmod.VNET_HDR_SIZE,
+             "offsetof(struct virtio_net_hdr_v1, num_buffers)": vnet.NUM_BUFFERS_OFFSET,
+             "offsetof(struct virtio_net_config, status)": 6,
+             "offsetof(struct virtio_net_config, max_virtqueue_pairs)": 8,
+             "offsetof(struct virtio_net_config, mtu)": 10}
+    assert c_values(("linux/virtio_net.h",), tuple(sizes)) == sizes
+
+
+@needs_netns
+def test_frames_both_ways(probe: Path, netns: NetNs) -> None:
+    p = netns.run(altovirt_cmd("-kernel", str(probe / "probe.elf"), "-netdev", "id=net0,netdev=tap0",
+                               "-append", "probe.run=net", "-serial", "stdio"))
+    r = ProbeReport.parse(p.stdout)
+    assert p.returncode == 0, p.stderr
+    assert r.tests == {"net": "ok"}
+    line = r.line("net mac=")
+    assert line.startswith("net mac=52:54:00:") and line.endswith(" link=1 tx=32 rx=32")   # a generated MAC
+
+
+@needs_netns
+def test_two_nics_agree_with_qemu(probe: Path, netns: NetNs) -> None:
+    mac = "0e:90:df:9f:a8:88"
+    alto = netns.run(altovirt_cmd("-kernel", str(probe / "probe.elf"),
+                                  "-netdev", f"id=n0,netdev=tap0,mac={mac}", "-netdev", "id=n1,netdev=tap1",
+                                  "-append", "probe.run=net", "-serial", "stdio"))
+    qemu = netns.run(qemu_cmd(probe / "probe.elf", "probe.run=net",
+                              devices=(f"virtio-net-device,netdev=n0,mac={mac}",),
+                              extra=("-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no")))
+    a, q = ProbeReport.parse(alto.stdout), ProbeReport.parse(qemu.stdout)
+    assert a.tests == q.tests == {"net": "ok"}
+    assert a.line("net mac=") == q.line("net mac=") == f"net mac={mac} link=1 tx=32 rx=32"
+    assert a.values["cmdline"].count("virtio_mmio.device=") == 2
+
+
+@needs_netns
+def test_tap_errors(probe: Path, netns: NetNs) -> None:
+    kernel = ["-kernel", str(probe / "probe.elf")]
+    missing = netns.run(altovirt_cmd(*kernel, "-netdev", "id=n0,netdev=tap9"))
+    assert missing.returncode == 2
+    assert missing.stderr == ("altovirt: error: -netdev id=n0: tap tap9 does not exist; create it first "
+                              "(ip tuntap add dev tap9 mode tap)\n")
+    not_tap = netns.run(altovirt_cmd(*kernel, "-netdev", "id=n0,netdev=lo"))
+    assert not_tap.returncode == 2
+    assert not_tap.stderr == "altovirt: error: -netdev id=n0: lo is not a tap device\n"
+    holder = subprocess.Popen(netns.cmd(*altovirt_cmd(*kernel, "-netdev", "id=n0,netdev=tap0",
+                                                      "-append", "probe.run=wait", "-serial", "stdio")),
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout is not None
+        while "probe: waiting" not in holder.stdout.readline():
+            pass
+        busy = netns.run(altovirt_cmd(*kernel, "-netdev", "id=n0,netdev=tap0"))
+        assert busy.returncode == 2
+        assert busy.stderr == "altovirt: error: -netdev id=n0: tap tap0 is in use by another process\n"
+    finally:
+        holder.terminate()
+        assert holder.wait(30) == 143
