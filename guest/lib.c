@@ -170,21 +170,27 @@ void printf(const char *fmt, ...)
 	serial_write(out, n);
 }
 
-u32 crc32(const u8 *p, size_t n)
-{
-	static u32 table[256];
-	u32 crc = 0xffffffff;
+static u32 crc_table[256];
 
-	if (!table[1]) {
+u32 crc32_update(u32 crc, u8 byte)
+{
+	if (!crc_table[1]) {
 		for (u32 i = 0; i < 256; i++) {
 			u32 c = i;
 			for (int k = 0; k < 8; k++)
 				c = (c & 1) ? 0xedb88320 ^ (c >> 1) : c >> 1;
-			table[i] = c;
+			crc_table[i] = c;
 		}
 	}
+	return crc_table[(crc ^ byte) & 0xff] ^ (crc >> 8);
+}
+
+u32 crc32(const u8 *p, size_t n)
+{
+	u32 crc = 0xffffffff;
+
 	while (n--)
-		crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+		crc = crc32_update(crc, *p++);
 	return crc ^ 0xffffffff;
 }
 

@@ -44,6 +44,7 @@ void lock_output(void);
 void unlock_output(void);
 
 u32 crc32(const u8 *p, size_t n);
+u32 crc32_update(u32 crc, u8 byte);	/* start with ~0, finish with ^ ~0 */
 void poweroff(void) __attribute__((noreturn));
 
 #endif

@@ -246,6 +246,7 @@ static const struct {
 	{ "blkbench", test_blkbench },
 	{ "console", test_console },
 	{ "net", test_net },
+	{ "vsock", test_vsock },
 };
 
 static int run_test(const char *name, size_t len)

@@ -38,5 +38,6 @@ int test_virtio_abuse(void);
 int test_blkbench(void);
 int test_console(void);
 int test_net(void);
+int test_vsock(void);
 
 #endif

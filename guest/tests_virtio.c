@@ -479,3 +479,165 @@ int test_net(void)
 	virtio_reset(&n.dev);
 	return got == NET_FRAMES && (status & 1);
 }
+
+#define VSOCK_OP_REQUEST	1
+#define VSOCK_OP_RESPONSE	2
+#define VSOCK_OP_RST		3
+#define VSOCK_OP_SHUTDOWN	4
+#define VSOCK_OP_RW		5
+#define VSOCK_OP_CREDIT_UPDATE	6
+#define VSOCK_HOST_CID		2
+#define VSOCK_RXBUF		4096
+#define VSOCK_BUF_ALLOC		(32 * 1024)	/* small on purpose: the host must respect it */
+
+struct vsock_hdr {
+	u64 src_cid, dst_cid;
+	u32 src_port, dst_port, len;
+	u16 type, op;
+	u32 flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+
+struct vsk {
+	struct vdev dev;
+	struct vq rx, tx, ev;
+	u64 cid;
+	u8 *txbuf;
+	u32 fwd_cnt;		/* bytes of the current connection we consumed */
+};
+
+static int vsock_send(struct vsk *v, u32 src_port, u32 dst_port, u16 op, u32 flags, const void *data, u32 len)
+{
+	struct vsock_hdr *h = (struct vsock_hdr *)v->txbuf;
+	u32 head, used;
+
+	*h = (struct vsock_hdr){ v->cid, VSOCK_HOST_CID, src_port, dst_port, len, 1, op, flags,
+				 VSOCK_BUF_ALLOC, v->fwd_cnt };
+	if (len)
+		memcpy(v->txbuf + sizeof(*h), data, len);
+	struct vbuf b = { v->txbuf, (u32)sizeof(*h) + len, 0 };
+	vq_submit(&v->tx, &b, 1);
+	return vq_wait(&v->tx, &head, &used, TIMEOUT);
+}
+
+/* Next packet from the host: header and payload copied out, the buffer posted again. */
+static int vsock_recv(struct vsk *v, struct vsock_hdr *h, u8 *data, u64 timeout)
+{
+	u32 head, len;
+
+	if (vq_wait(&v->rx, &head, &len, timeout))
+		return -1;
+	u8 *buf = (u8 *)v->rx.desc[head].addr;
+	memcpy(h, buf, sizeof(*h));
+	if (h->len > VSOCK_RXBUF - sizeof(*h))
+		h->len = 0;
+	memcpy(data, buf + sizeof(*h), h->len);
+	struct vbuf again = { buf, VSOCK_RXBUF, 1 };
+	vq_submit(&v->rx, &again, 1);
+	return 0;
+}
+
+static void u32_to_hex(u32 v, char *out)
+{
+	for (int k = 0; k < 8; k++)
+		out[k] = "0123456789abcdef"[(v >> (28 - 4 * k)) & 0xf];
+	out[8] = 0;
+}
+
+/* vsock: a host-initiated stream (100 KiB through a 32 KiB window), a guest-initiated one, a refusal. */
+int test_vsock(void)
+{
+	struct vsk v;
+	struct vsock_hdr h;
+	static u8 data[VSOCK_RXBUF];
+	u32 hp = 0, total = 0, crc = 0xffffffff, since_update = 0;
+	int credit_ok = 1, ok = 1;
+
+	if (virtio_find(VIRTIO_ID_VSOCK, 0, &v.dev) || virtio_init(&v.dev, 0) || vq_setup(&v.dev, 0, &v.rx, 64) ||
+	    vq_setup(&v.dev, 1, &v.tx, 64) || vq_setup(&v.dev, 2, &v.ev, 8)) {
+		printf("probe: vsock no device\n");
+		return 0;
+	}
+	virtio_driver_ok(&v.dev);
+	v.cid = virtio_config64(&v.dev, 0);
+	v.txbuf = dma_alloc(VSOCK_RXBUF, 64);
+	v.fwd_cnt = 0;
+	for (int i = 0; i < 48; i++) {
+		struct vbuf b = { dma_alloc(VSOCK_RXBUF, 64), VSOCK_RXBUF, 1 };
+		vq_submit(&v.rx, &b, 1);
+	}
+	printf("probe: vsock cid=%lu ready\n", v.cid);
+
+	/* 1. The host connects to our port 5000 and streams 5 + 102400 bytes. */
+	while (!hp) {
+		if (vsock_recv(&v, &h, data, 60 * TIMEOUT))
+			return 0;
+		if (h.op == VSOCK_OP_REQUEST && h.dst_port == 5000)
+			hp = h.src_port;
+	}
+	vsock_send(&v, 5000, hp, VSOCK_OP_RESPONSE, 0, NULL, 0);
+	while (total < 5 + 102400) {
+		if (vsock_recv(&v, &h, data, TIMEOUT))
+			break;
+		if (h.op != VSOCK_OP_RW || h.src_port != hp)
+			continue;
+		total += h.len;
+		/* the host may have at most our buf_alloc in flight beyond what we consumed */
+		credit_ok &= total - v.fwd_cnt <= VSOCK_BUF_ALLOC;
+		for (u32 i = 0; i < h.len; i++)
+			crc = crc32_update(crc, data[i]);
+		v.fwd_cnt += h.len;
+		since_update += h.len;
+		if (since_update >= VSOCK_BUF_ALLOC / 2) {
+			vsock_send(&v, 5000, hp, VSOCK_OP_CREDIT_UPDATE, 0, NULL, 0);
+			since_update = 0;
+		}
+	}
+	crc ^= 0xffffffff;
+	char reply[32] = "pong ";
+	u32_to_hex(crc, reply + 5);
+	reply[13] = '\n';
+	vsock_send(&v, 5000, hp, VSOCK_OP_RW, 0, reply, 14);
+	vsock_send(&v, 5000, hp, VSOCK_OP_SHUTDOWN, 3, NULL, 0);
+	printf("probe: vsock host-conn port=5000 bytes=%u crc32=0x%x credit-ok=%d\n", total, crc, credit_ok);
+	ok &= total == 5 + 102400 && credit_ok;
+
+	/* 2. We connect to the host's port 6000 and exchange a line each way. */
+	v.fwd_cnt = 0;
+	vsock_send(&v, 1234, 6000, VSOCK_OP_REQUEST, 0, NULL, 0);
+	int state = 0;		/* 0 connecting, 1 connected, 2 answered */
+	char line[64] = "";
+	while (state < 2) {
+		if (vsock_recv(&v, &h, data, TIMEOUT))
+			break;
+		if (h.dst_port != 1234 || h.src_port != 6000)
+			continue;
+		if (h.op == VSOCK_OP_RESPONSE) {
+			state = 1;
+			vsock_send(&v, 1234, 6000, VSOCK_OP_RW, 0, "hello from the guest\n", 21);
+		} else if (h.op == VSOCK_OP_RW) {
+			u32 n = h.len < sizeof(line) - 1 ? h.len : sizeof(line) - 1;
+			memcpy(line, data, n);
+			line[n && line[n - 1] == '\n' ? n - 1 : n] = 0;
+			v.fwd_cnt += h.len;
+			state = 2;
+		} else if (h.op == VSOCK_OP_RST) {
+			break;
+		}
+	}
+	vsock_send(&v, 1234, 6000, VSOCK_OP_SHUTDOWN, 3, NULL, 0);
+	printf("probe: vsock guest-conn port=6000 reply=%s\n", line);
+	ok &= state == 2;
+
+	/* 3. Nobody listens on the host's port 6001: RST. */
+	vsock_send(&v, 1235, 6001, VSOCK_OP_REQUEST, 0, NULL, 0);
+	int refused = 0;
+	while (!vsock_recv(&v, &h, data, TIMEOUT)) {
+		if (h.dst_port == 1235) {
+			refused = h.op == VSOCK_OP_RST;
+			break;
+		}
+	}
+	printf("probe: vsock refused=%s\n", refused ? "rst" : "no");
+	virtio_reset(&v.dev);
+	return ok && refused;
+}

@@ -30,7 +30,8 @@ USAGE = """\
 usage: altovirt -kernel PATH [-append CMDLINE] [-initrd PATH] [-smp [cpus=]N] [-m SIZE]
                 [-drive id=ID,file=PATH[,readonly=on|off][,direct=on|off][,serial=S]]...
                 [-netdev id=ID,netdev=TAP[,mac=MAC]]... [-chardev id=ID,path=SOCKET]
-                [-device vsock,id=ID,guest-cid=N] [-device virtio-rng[,id=ID,max-bytes=N,period=MS]]
+                [-device vsock,id=ID,guest-cid=N[,uds-path=SOCKET]]
+                [-device virtio-rng[,id=ID,max-bytes=N,period=MS]]
                 [-api-channel unix:PATH] [-serial stdio]
                 [-name NAME] [-D LOGFILE] [-daemonize [-pidfile PATH]] [-disable-seccomp]
                 [-omit_vm_memory] [-config FILE.json] [-debug] [-version]
@@ -139,12 +140,12 @@ def _device(cfg: VmConfig, v: str) -> None:
         return
     if driver != "vsock":
         raise ConfigError(f"-device: unknown device {driver!r}; accepted: vsock, virtio-rng")
-    _keys("-device vsock", kv, {"driver", "id", "guest-cid"}, set())
+    _keys("-device vsock", kv, {"driver", "id", "guest-cid"}, {"uds-path"})
     if cfg.vsock is not None and cfg.vsock.id != kv["id"]:
         raise ConfigError("-device vsock: only one vsock device is supported")
     cfg.vsock = VsockConfig(check_id("-device vsock id", kv["id"]),
                             parse_int("-device vsock guest-cid", kv["guest-cid"], VSOCK_MIN_CID,
-                                      VSOCK_MAX_CID))
+                                      VSOCK_MAX_CID), kv.get("uds-path") or None)
 
 
 def _rng(cfg: VmConfig, kv: dict[str, str]) -> None:

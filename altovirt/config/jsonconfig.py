@@ -126,9 +126,10 @@ def from_dict(doc: Any) -> VmConfig:
         s = _obj("serial", top["serial"], {"stdio"}, set())
         cfg.serial_stdio = _bool("serial.stdio", s["stdio"])
     if "vsock" in top:
-        v = _obj("vsock", top["vsock"], {"vsock_id", "guest_cid"}, set())
+        v = _obj("vsock", top["vsock"], {"vsock_id", "guest_cid"}, {"uds_path"})
         cfg.vsock = VsockConfig(check_id("vsock.vsock_id", _str("vsock.vsock_id", v["vsock_id"])),
-                                _int("vsock.guest_cid", v["guest_cid"], VSOCK_MIN_CID, VSOCK_MAX_CID))
+                                _int("vsock.guest_cid", v["guest_cid"], VSOCK_MIN_CID, VSOCK_MAX_CID),
+                                _str("vsock.uds_path", v["uds_path"]) if "uds_path" in v else None)
     if "rng" in top:
         r = _obj("rng", top["rng"], {"rng_id"}, {"max_bytes", "period_ms"})
         cfg.rng = RngConfig(

@@ -47,6 +47,9 @@ class ConsoleConfig:
 class VsockConfig:
     id: str
     guest_cid: int
+    # The hybrid vsock's unix socket (Firecracker's uds_path); guest connections to
+    # host port P go to "<uds_path>_P". Default: <tmpdir>/altovirt-<id>.vsock.
+    uds_path: str | None = None
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import tempfile
 
 from .model import (
     MAX_DRIVES,
@@ -179,4 +180,7 @@ def check_vm(cfg: VmConfig) -> VmConfig:
         check_new_path(f"-chardev id={cfg.console.id}", cfg.console.socket_path)
     if cfg.vsock:
         parse_int("-device vsock guest-cid", cfg.vsock.guest_cid, VSOCK_MIN_CID, VSOCK_MAX_CID)
+        if cfg.vsock.uds_path is None:
+            cfg.vsock.uds_path = os.path.join(tempfile.gettempdir(), f"altovirt-{cfg.vsock.id}.vsock")
+        check_new_path(f"-device vsock id={cfg.vsock.id} uds-path", cfg.vsock.uds_path)
     return cfg

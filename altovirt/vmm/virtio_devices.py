@@ -17,6 +17,7 @@ from ..devices.virtio.console import Console
 from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.net import Net, random_mac
 from ..devices.virtio.rng import Rng
+from ..devices.virtio.vsock import Vsock
 from .iothread import IoThread
 
 MMIO_BASE = 0xD0000000
@@ -42,6 +43,10 @@ def devices_for(cfg: VmConfig, io: IoThread) -> list[VirtioDevice]:
         if cfg.console is not None:
             where = f"-chardev id={cfg.console.id}"
             devices.append(Console(cfg.console.id, UnixListener(cfg.console.socket_path), io))
+        if cfg.vsock is not None:
+            where = f"-device vsock id={cfg.vsock.id}"
+            assert cfg.vsock.uds_path is not None       # validation fills in the default
+            devices.append(Vsock(cfg.vsock.id, cfg.vsock.guest_cid, UnixListener(cfg.vsock.uds_path), io))
     except BackendError as e:
         for dev in devices:
             dev.close()

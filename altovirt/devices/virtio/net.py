@@ -25,7 +25,7 @@ from ...backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, V
 from ...memory import GuestMemory
 from ...vmm.iothread import IoThread
 from .device import COMMON_FEATURES, VIRTIO_ID_NET, Interrupt, VirtioDevice
-from .queue import DescriptorChain, Queue, QueueError
+from .queue import DescriptorChain, Queue, QueueError, write_at
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +48,6 @@ QUEUE_SIZE = 256
 MAX_FRAME = 65562               # a 64 KiB GSO frame, its Ethernet header and the vnet header
 NUM_BUFFERS_OFFSET = 10         # in struct virtio_net_hdr_v1
 _CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
-
-
-def _write_at(views: list[memoryview], offset: int, data: bytes) -> None:
-    """Write ``data`` at ``offset`` into a buffer split across ``views``."""
-    for v in views:
-        if offset < len(v):
-            n = min(len(v) - offset, len(data))
-            v[offset:offset + n] = data[:n]
-            data, offset = data[n:], 0
-            if not data:
-                return
-        else:
-            offset -= len(v)
 
 
 def parse_mac(mac: str) -> bytes:
@@ -220,7 +207,7 @@ class Net(VirtioDevice):
             for _ in range(len(chains) - len(used)):
                 queue.undo_pop()
             # The tap fills only the 10-byte legacy header; num_buffers is ours (5.1.6.4).
-            _write_at(chains[0].writable, NUM_BUFFERS_OFFSET, struct.pack("<H", len(used)))
+            write_at(chains[0].writable, NUM_BUFFERS_OFFSET, struct.pack("<H", len(used)))
             for chain, take in used:
                 queue.add_used(chain.head, take)
             delivered = True

@@ -56,6 +56,31 @@ class DescriptorChain:
         return sum(len(v) for v in self.writable)
 
 
+def write_at(views: list[memoryview], offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` into a buffer split across ``views``."""
+    for v in views:
+        if offset < len(v):
+            n = min(len(v) - offset, len(data))
+            v[offset:offset + n] = data[:n]
+            data, offset = data[n:], 0
+            if not data:
+                return
+        else:
+            offset -= len(v)
+
+
+def views_from(views: list[memoryview], offset: int) -> list[memoryview]:
+    """The part of a split buffer that starts at ``offset``."""
+    out = []
+    for v in views:
+        if offset >= len(v):
+            offset -= len(v)
+        else:
+            out.append(v[offset:])
+            offset = 0
+    return out
+
+
 class Queue:
     """Driver-programmed queue state plus the device's own ring positions."""
 

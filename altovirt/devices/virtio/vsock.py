@@ -1,0 +1,377 @@
+"""virtio-vsock (VIRTIO 1.2, section 5.10) in userspace, with Firecracker's hybrid
+unix-socket model on the host side.
+
+* Host to guest: a program connects to the device's unix socket (uds_path)
+  and writes ``CONNECT <port>\\n``; the device sends the guest a REQUEST from
+  the host (CID 2) and a fresh host port, and once the guest answers
+  RESPONSE it writes ``OK <hostport>\\n`` back; from then on the socket is a
+  byte stream to the guest port.
+* Guest to host: a guest connection to CID 2 port P becomes a connection to
+  the unix socket ``<uds_path>_P``; if nothing listens there, the guest gets RST.
+
+Flow control is the spec's credit scheme (5.10.6.3): we send a connection
+no more than the guest's buf_alloc minus what it has not yet consumed, and
+advertise our own buf_alloc and fwd_cnt (bytes delivered to the host socket)
+so the guest never sends more than we can hold. Payloads move between the
+sockets and guest RAM without intermediate copies.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import functools
+import logging
+import select
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from ...backends.unix import UnixListener
+from ...memory import GuestMemory
+from ...vmm.iothread import IoThread
+from .device import VIRTIO_ID_VSOCK, Interrupt, VirtioDevice
+from .queue import Queue, QueueError, views_from, write_at
+
+log = logging.getLogger(__name__)
+
+RXQ, TXQ, EVENTQ = 0, 1, 2
+QUEUE_SIZE = 256
+VMADDR_CID_HOST = 2
+# struct virtio_vsock_hdr (5.10.6)
+_HDR = struct.Struct("<QQIIIHHIII")
+HDR_SIZE = _HDR.size
+VIRTIO_VSOCK_TYPE_STREAM = 1
+OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST = range(1, 8)
+SHUTDOWN_RCV, SHUTDOWN_SEND = 1, 2
+BUF_ALLOC = 256 << 10               # what we can hold per connection, guest to host
+MAX_PKT_PAYLOAD = 64 << 10
+FIRST_HOST_PORT = 1 << 30           # host-side ports we hand out for host-initiated connections
+CONNECT_LINE_MAX = 64
+
+
+@dataclass
+class Conn:
+    """One stream: (host port, guest port) and both directions' credit."""
+
+    host_port: int
+    guest_port: int
+    sock: socket.socket
+    established: bool = False
+    host_initiated: bool = False
+    peer_buf_alloc: int = 0
+    peer_fwd_cnt: int = 0
+    tx_cnt: int = 0                 # bytes sent to the guest
+    fwd_cnt: int = 0                # bytes from the guest delivered to the socket
+    fwd_cnt_sent: int = 0           # the fwd_cnt the guest last heard from us
+    out: bytearray = field(default_factory=bytearray)   # guest bytes the socket has not taken yet
+    watching: int = -1              # epoll events currently registered
+
+    def peer_credit(self) -> int:
+        return self.peer_buf_alloc - (self.tx_cnt - self.peer_fwd_cnt)
+
+
+class Vsock(VirtioDevice):
+    device_id = VIRTIO_ID_VSOCK
+    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE)
+
+    def __init__(self, name: str, guest_cid: int, listener: UnixListener, io: IoThread) -> None:
+        super().__init__(name)
+        self.guest_cid = guest_cid
+        self.config = bytearray(struct.pack("<Q", guest_cid))
+        self.listener = listener
+        self.uds_path = listener.path
+        self.io = io
+        self._lock = threading.RLock()
+        self._conns: dict[tuple[int, int], Conn] = {}
+        self._handshakes: dict[int, tuple[socket.socket, bytearray]] = {}
+        self._control: collections.deque[bytes] = collections.deque()   # packets waiting for rx buffers
+        self._next_port = FIRST_HOST_PORT
+        io.add(listener.fileno(), self._accept)
+
+    # --- packets to the guest ---
+    def _header(self, conn: Conn | None, op: int, *, src_port: int = 0, dst_port: int = 0,
+                length: int = 0, flags: int = 0) -> bytes:
+        if conn is not None:
+            src_port, dst_port = conn.host_port, conn.guest_port
+            conn.fwd_cnt_sent = conn.fwd_cnt
+        fwd = conn.fwd_cnt if conn else 0
+        return _HDR.pack(VMADDR_CID_HOST, self.guest_cid, src_port, dst_port, length,
+                         VIRTIO_VSOCK_TYPE_STREAM, op, flags, BUF_ALLOC, fwd)
+
+    def _send_control(self, packet: bytes) -> None:
+        self._control.append(packet)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Control packets first, then stream data while guest buffers and credit last."""
+        if not self.queues or self.broken:
+            return
+        queue, delivered = self.queues[RXQ], False
+        try:
+            while self._control:
+                chain = queue.pop()
+                if chain is None:
+                    break
+                if chain.readable or chain.writable_len < HDR_SIZE:
+                    raise QueueError("vsock receive buffer is not a writable header and payload")
+                write_at(chain.writable, 0, self._control.popleft())
+                queue.add_used(chain.head, HDR_SIZE)
+                delivered = True
+            for conn in list(self._conns.values()):
+                delivered |= self._stream_to_guest(conn, queue)
+        except QueueError as e:
+            self.fail(str(e))
+            return
+        if delivered:
+            assert self.interrupt is not None
+            self.interrupt.signal_used(queue)
+        for conn in list(self._conns.values()):
+            self._watch(conn)
+
+    def _stream_to_guest(self, conn: Conn, queue: Queue) -> bool:
+        """Socket bytes straight into guest receive buffers, within the guest's credit."""
+        delivered = False
+        while conn.established and conn.peer_credit() > 0:
+            chain = queue.pop()
+            if chain is None:
+                break
+            if chain.readable or chain.writable_len <= HDR_SIZE:
+                raise QueueError("vsock receive buffer is not a writable header and payload")
+            room = min(chain.writable_len - HDR_SIZE, conn.peer_credit(), MAX_PKT_PAYLOAD)
+            payload = _limit(views_from(chain.writable, HDR_SIZE), room)
+            try:
+                n = conn.sock.recvmsg_into(payload)[0]
+            except BlockingIOError:
+                queue.undo_pop()
+                break
+            except OSError:
+                n = 0
+            if n == 0:                      # the host side closed: tell the guest, then forget it
+                queue.undo_pop()
+                self._close(conn, notify_guest=True)
+                break
+            conn.tx_cnt += n
+            write_at(chain.writable, 0, self._header(conn, OP_RW, length=n))
+            queue.add_used(chain.head, HDR_SIZE + n)
+            delivered = True
+        return delivered
+
+    def _watch(self, conn: Conn) -> None:
+        """Read a socket only while the guest has credit for it; write while bytes wait."""
+        events = 0
+        if conn.established and conn.peer_credit() > 0 and self.queues and \
+                self.queues[RXQ].has_available():
+            events |= select.EPOLLIN
+        if conn.out:
+            events |= select.EPOLLOUT
+        if events == conn.watching:
+            return
+        if conn.watching < 0:
+            self.io.add(conn.sock.fileno(), functools.partial(self._conn_ready, conn), events)
+        else:
+            self.io.modify(conn.sock.fileno(), events)
+        conn.watching = events
+
+    # --- host sockets (I/O thread) ---
+    def _accept(self) -> None:
+        sock = self.listener.accept()
+        if sock is None:
+            return
+        with self._lock:
+            self._handshakes[sock.fileno()] = (sock, bytearray())
+            self.io.add(sock.fileno(), functools.partial(self._handshake, sock))
+
+    def _handshake(self, sock: socket.socket) -> None:
+        """Read "CONNECT <port>\\n" from a new host client."""
+        with self._lock:
+            fd = sock.fileno()
+            _, line = self._handshakes[fd]
+            try:
+                data = sock.recv(CONNECT_LINE_MAX - len(line))
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            line += data
+            if not data or (b"\n" not in line and len(line) >= CONNECT_LINE_MAX):
+                self._end_handshake(sock, close=True)
+                return
+            if b"\n" not in line:
+                return
+            words = bytes(line).split(b"\n", 1)[0].split()
+            if len(words) != 2 or words[0] != b"CONNECT" or not words[1].isdigit():
+                log.info("%s: bad handshake %r from a host client", self.name, bytes(line[:40]))
+                self._end_handshake(sock, close=True)
+                return
+            self._end_handshake(sock, close=False)
+            conn = Conn(self._new_port(), int(words[1]), sock, host_initiated=True)
+            self._conns[(conn.host_port, conn.guest_port)] = conn
+            self._send_control(self._header(conn, OP_REQUEST))
+
+    def _end_handshake(self, sock: socket.socket, close: bool) -> None:
+        self.io.remove(sock.fileno())
+        del self._handshakes[sock.fileno()]
+        if close:
+            sock.close()
+
+    def _new_port(self) -> int:
+        while any(p == self._next_port for p, _ in self._conns):
+            self._next_port += 1
+        port, self._next_port = self._next_port, self._next_port + 1
+        return port
+
+    def _conn_ready(self, conn: Conn) -> None:
+        with self._lock:
+            if (conn.host_port, conn.guest_port) not in self._conns:
+                return
+            if conn.out and not self._flush(conn):
+                return
+            self._deliver()
+
+    def _flush(self, conn: Conn) -> bool:
+        """Give the socket what the guest sent; False if the socket is gone."""
+        try:
+            sent = conn.sock.send(conn.out)
+        except BlockingIOError:
+            return True
+        except OSError:
+            self._close(conn, notify_guest=True)
+            return False
+        del conn.out[:sent]
+        conn.fwd_cnt += sent
+        # Tell the guest about the room we made once it is worth a packet.
+        if conn.fwd_cnt - conn.fwd_cnt_sent >= BUF_ALLOC // 4:
+            self._control.append(self._header(conn, OP_CREDIT_UPDATE))
+        return True
+
+    def _close(self, conn: Conn, notify_guest: bool) -> None:
+        self._conns.pop((conn.host_port, conn.guest_port), None)
+        if conn.watching >= 0:
+            self.io.remove(conn.sock.fileno())
+        conn.sock.close()
+        if notify_guest:
+            self._control.append(self._header(conn, OP_SHUTDOWN, flags=SHUTDOWN_RCV | SHUTDOWN_SEND))
+
+    # --- packets from the guest (I/O thread) ---
+    def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
+                 io: IoThread) -> None:
+        with self._lock:
+            super().activate(mem, queues, interrupt, io)
+
+    def queue_notify(self, index: int) -> None:
+        with self._lock:
+            if index == TXQ:
+                self._transmit()
+            self._deliver()
+
+    def _transmit(self) -> None:
+        queue = self.queues[TXQ]
+        assert self.interrupt is not None
+        used = False
+        while True:
+            try:
+                chain = queue.pop()
+                if chain is None:
+                    break
+                if chain.writable:
+                    raise QueueError("vsock transmit chain with device-writable buffers")
+                header = b"".join(bytes(v) for v in _limit(chain.readable, HDR_SIZE))
+                if len(header) < HDR_SIZE:
+                    raise QueueError("vsock packet shorter than its header")
+            except QueueError as e:
+                self.fail(str(e))
+                return
+            self._packet(_HDR.unpack(header), views_from(chain.readable, HDR_SIZE))
+            queue.add_used(chain.head, 0)
+            used = True
+        if used:
+            self.interrupt.signal_used(queue)
+
+    def _packet(self, hdr: tuple[int, ...], payload: list[memoryview]) -> None:
+        src_cid, dst_cid, src_port, dst_port, length, kind, op, flags, buf_alloc, fwd_cnt = hdr
+        if src_cid != self.guest_cid or dst_cid != VMADDR_CID_HOST or kind != VIRTIO_VSOCK_TYPE_STREAM:
+            log.debug("%s: dropping a packet %d:%d -> %d:%d", self.name, src_cid, src_port, dst_cid, dst_port)
+            return
+        conn = self._conns.get((dst_port, src_port))
+        if conn is not None:
+            conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd_cnt
+        if op == OP_REQUEST:
+            if conn is None:
+                self._guest_connect(src_port, dst_port, buf_alloc, fwd_cnt)
+            return
+        if conn is None:
+            if op != OP_RST:
+                self._control.append(self._header(None, OP_RST, src_port=dst_port, dst_port=src_port))
+            return
+        if op == OP_RESPONSE and conn.host_initiated and not conn.established:
+            conn.established = True
+            try:    # a few bytes into a fresh socket's empty buffer: this does not block
+                conn.sock.send(f"OK {conn.host_port}\n".encode())
+            except OSError:
+                self._close(conn, notify_guest=True)
+        elif op == OP_RW:
+            data = _limit(payload, length)
+            size = sum(len(v) for v in data)
+            if len(conn.out) + size > BUF_ALLOC:
+                log.warning("%s: guest overran its credit on port %d; resetting", self.name, src_port)
+                self._close(conn, notify_guest=False)
+                self._control.append(self._header(conn, OP_RST))
+                return
+            for v in data:
+                conn.out += v
+            self._flush(conn)
+        elif op == OP_CREDIT_REQUEST:
+            self._control.append(self._header(conn, OP_CREDIT_UPDATE))
+        elif op == OP_SHUTDOWN:
+            if flags & SHUTDOWN_SEND and flags & SHUTDOWN_RCV:
+                self._close(conn, notify_guest=False)
+                self._control.append(self._header(conn, OP_RST))
+            elif flags & SHUTDOWN_SEND:
+                conn.sock.shutdown(socket.SHUT_WR)
+        elif op == OP_RST:
+            self._close(conn, notify_guest=False)
+
+    def _guest_connect(self, guest_port: int, host_port: int, buf_alloc: int, fwd_cnt: int) -> None:
+        path = f"{self.uds_path}_{host_port}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)              # a unix connect completes (or fails) at once
+            sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            log.info("%s: guest port %d -> host port %d refused (%s)", self.name, guest_port, host_port,
+                     errno.errorcode.get(e.errno or 0, e))
+            self._control.append(self._header(None, OP_RST, src_port=host_port, dst_port=guest_port))
+            return
+        conn = Conn(host_port, guest_port, sock, established=True, peer_buf_alloc=buf_alloc,
+                    peer_fwd_cnt=fwd_cnt)
+        self._conns[(host_port, guest_port)] = conn
+        self._control.append(self._header(conn, OP_RESPONSE))
+
+    def reset(self) -> None:
+        with self._lock:
+            for conn in list(self._conns.values()):
+                self._close(conn, notify_guest=False)
+            self._control.clear()
+            super().reset()
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in list(self._conns.values()):
+                self._close(conn, notify_guest=False)
+            for sock, _ in list(self._handshakes.values()):
+                self._end_handshake(sock, close=True)
+            self.io.remove(self.listener.fileno())
+            self.listener.close()
+
+
+def _limit(views: list[memoryview], n: int) -> list[memoryview]:
+    out = []
+    for v in views:
+        if n <= 0:
+            break
+        out.append(v[:n])
+        n -= len(out[-1])
+    return out
