@@ -28,7 +28,7 @@ static inline void wrmsr(u32 msr, u64 v)
 }
 
 /* TSC ticks per second from kvmclock; 0 if the hypervisor offers none. */
-static u64 tsc_hz(void)
+u64 tsc_hz(void)
 {
 	static struct pvclock pvc __attribute__((aligned(64)));
 	u32 a, b, c, d;

@@ -247,6 +247,7 @@ static const struct {
 	{ "console", test_console },
 	{ "net", test_net },
 	{ "vsock", test_vsock },
+	{ "netbench", test_netbench },
 };
 
 static int run_test(const char *name, size_t len)

@@ -39,5 +39,7 @@ int test_blkbench(void);
 int test_console(void);
 int test_net(void);
 int test_vsock(void);
+int test_netbench(void);
+u64 tsc_hz(void);
 
 #endif
