@@ -248,6 +248,7 @@ static const struct {
 	{ "net", test_net },
 	{ "vsock", test_vsock },
 	{ "netbench", test_netbench },
+	{ "net-big", test_net_big },
 };
 
 static int run_test(const char *name, size_t len)

@@ -40,6 +40,7 @@ int test_console(void);
 int test_net(void);
 int test_vsock(void);
 int test_netbench(void);
+int test_net_big(void);
 u64 tsc_hz(void);
 
 #endif

@@ -43,7 +43,8 @@ class NetNs:
         self.ip("netns", "add", self.name)
         for t in taps:
             self.ip("-n", self.name, "tuntap", "add", "dev", t, "mode", "tap")
-            self.ip("-n", self.name, "link", "set", t, "up")
+            # MTU 9000: the responder's 4000-byte answer to "big" must fit the link
+            self.ip("-n", self.name, "link", "set", t, "mtu", "9000", "up")
             echo = subprocess.Popen(self.cmd(sys.executable, str(ECHO), t), stdout=subprocess.PIPE, text=True)
             assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
             self.echoes.append(echo)
@@ -93,10 +94,12 @@ def test_constants_match_linux_headers() -> None:
 @needs_netns
 def test_frames_both_ways(probe: Path, netns: NetNs) -> None:
     p = netns.run(altovirt_cmd("-kernel", str(probe / "probe.elf"), "-netdev", "id=net0,netdev=tap0",
-                               "-append", "probe.run=net", "-serial", "stdio"))
+                               "-append", "probe.run=net,net-big", "-serial", "stdio"))
     r = ProbeReport.parse(p.stdout)
     assert p.returncode == 0, p.stderr
-    assert r.tests == {"net": "ok"}
+    assert r.tests == {"net": "ok", "net-big": "ok"}
+    # a 4000-byte frame in 2 KiB receive buffers: merged (VIRTIO_NET_F_MRG_RXBUF)
+    assert r.line("net-big") == "net-big bytes=4000 num_buffers=2 match=1"
     line = r.line("net mac=")
     assert line.startswith("net mac=52:54:00:") and line.endswith(" link=1 tx=32 rx=32")   # a generated MAC
 
@@ -106,13 +109,14 @@ def test_two_nics_agree_with_qemu(probe: Path, netns: NetNs) -> None:
     mac = "0e:90:df:9f:a8:88"
     alto = netns.run(altovirt_cmd("-kernel", str(probe / "probe.elf"),
                                   "-netdev", f"id=n0,netdev=tap0,mac={mac}", "-netdev", "id=n1,netdev=tap1",
-                                  "-append", "probe.run=net", "-serial", "stdio"))
-    qemu = netns.run(qemu_cmd(probe / "probe.elf", "probe.run=net",
+                                  "-append", "probe.run=net,net-big", "-serial", "stdio"))
+    qemu = netns.run(qemu_cmd(probe / "probe.elf", "probe.run=net,net-big",
                               devices=(f"virtio-net-device,netdev=n0,mac={mac}",),
                               extra=("-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no")))
     a, q = ProbeReport.parse(alto.stdout), ProbeReport.parse(qemu.stdout)
-    assert a.tests == q.tests == {"net": "ok"}
+    assert a.tests == q.tests == {"net": "ok", "net-big": "ok"}
     assert a.line("net mac=") == q.line("net mac=") == f"net mac={mac} link=1 tx=32 rx=32"
+    assert a.line("net-big") == q.line("net-big")
     assert a.values["cmdline"].count("virtio_mmio.device=") == 2
 
 
