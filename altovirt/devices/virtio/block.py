@@ -124,10 +124,9 @@ class Block(VirtioDevice):
     def queue_notify(self, index: int) -> None:
         """Validate what the driver posted (I/O thread); hand the I/O to the workers,
         so that this thread is free to take the driver's next notification at once."""
-        queue = self.queues[0]
         requests = []
         try:
-            while (chain := queue.pop()) is not None:
+            for chain in self.chains(self.queues[0]):
                 requests.append(self._parse(chain))
         except QueueError as e:
             self.fail(str(e))

@@ -18,7 +18,7 @@ from ...backends.unix import UnixListener
 from ...memory import GuestMemory
 from ...vmm.iothread import IoThread
 from .device import VIRTIO_ID_CONSOLE, Interrupt, VirtioDevice
-from .queue import Queue, QueueError
+from .queue import Queue
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,7 @@ class Console(VirtioDevice):
         assert self.client is not None and self.interrupt is not None
         queue = self.queues[RECEIVEQ]
         delivered = False
-        while True:
-            try:
-                chain = queue.pop()
-            except QueueError as e:
-                self.fail(str(e))
-                return
-            if chain is None:
-                break
+        for chain in self.chains(queue):
             if not chain.writable:
                 self.fail("console receive buffer is not device-writable")
                 return
@@ -173,14 +166,7 @@ class Console(VirtioDevice):
         queue, interrupt = self.queues[TRANSMITQ], self.interrupt
         assert interrupt is not None
         used = False
-        while True:
-            try:
-                chain = queue.pop()
-            except QueueError as e:
-                self.fail(str(e))
-                return
-            if chain is None:
-                break
+        for chain in self.chains(queue):
             if self.client is not None:
                 room = TX_BACKLOG_LIMIT - len(self._backlog)
                 data = chain.read_all()

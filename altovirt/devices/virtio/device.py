@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ...memory import GuestMemory
 from ...vmm.iothread import IoThread
-from .queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, Queue
+from .queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, DescriptorChain, Queue, QueueError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,19 @@ class VirtioDevice:
 
     def close(self) -> None:
         """Release the backend (files, sockets) when the VM goes away."""
+
+    def chains(self, queue: Queue) -> Iterator[DescriptorChain]:
+        """The chains the driver made available on ``queue``. A malformed one puts
+        the device in NEEDS_RESET and ends the iteration."""
+        while not self.broken:
+            try:
+                chain = queue.pop()
+            except QueueError as e:
+                self.fail(str(e))
+                return
+            if chain is None:
+                return
+            yield chain
 
     def fail(self, reason: str) -> None:
         """Stop using the queues: the driver broke the rules (or the backend died)."""

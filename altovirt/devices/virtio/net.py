@@ -129,14 +129,7 @@ class Net(VirtioDevice):
         queue, interrupt = self.queues[TXQ], self.interrupt
         assert interrupt is not None
         sent = False
-        while True:
-            try:
-                chain = queue.pop()
-            except QueueError as e:
-                self.fail(str(e))
-                return
-            if chain is None:
-                break
+        for chain in self.chains(queue):
             if chain.writable:
                 self.fail("transmit chain with device-writable buffers")
                 return

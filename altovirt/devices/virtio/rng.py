@@ -14,7 +14,7 @@ import time
 from ...memory import GuestMemory
 from ...vmm.iothread import IoThread
 from .device import VIRTIO_ID_RNG, Interrupt, VirtioDevice
-from .queue import Queue, QueueError
+from .queue import Queue
 
 QUEUE_SIZE = 256
 
@@ -68,14 +68,7 @@ class Rng(VirtioDevice):
         queue, interrupt = self.queues[0], self.interrupt
         assert interrupt is not None
         used = False
-        while True:
-            try:
-                chain = queue.pop()
-            except QueueError as e:
-                self.fail(str(e))
-                return
-            if chain is None:
-                break
+        for chain in self.chains(queue):
             if chain.readable or not chain.writable:
                 self.fail("request without a device-writable buffer (5.4.6.1)")
                 return

@@ -270,18 +270,10 @@ class Vsock(VirtioDevice):
         queue = self.queues[TXQ]
         assert self.interrupt is not None
         used = False
-        while True:
-            try:
-                chain = queue.pop()
-                if chain is None:
-                    break
-                if chain.writable:
-                    raise QueueError("vsock transmit chain with device-writable buffers")
-                header = b"".join(bytes(v) for v in _limit(chain.readable, HDR_SIZE))
-                if len(header) < HDR_SIZE:
-                    raise QueueError("vsock packet shorter than its header")
-            except QueueError as e:
-                self.fail(str(e))
+        for chain in self.chains(queue):
+            header = b"".join(bytes(v) for v in _limit(chain.readable, HDR_SIZE))
+            if chain.writable or len(header) < HDR_SIZE:
+                self.fail("vsock transmit chain is not a device-readable header and payload")
                 return
             self._packet(_HDR.unpack(header), views_from(chain.readable, HDR_SIZE))
             queue.add_used(chain.head, 0)
