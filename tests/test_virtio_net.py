@@ -5,18 +5,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from altovirt.arch.x86_64 import layout
 from altovirt.backends import tap as tapmod
 from altovirt.devices.virtio import net as vnet
+from altovirt.devices.virtio.device import VIRTIO_F_VERSION_1, Interrupt
+from altovirt.devices.virtio.queue import Queue
+from altovirt.memory import GuestMemory
+from altovirt.vmm.iothread import IoThread
 
 from .cabi import c_values, needs_gcc
 from .conftest import KVM_PROBLEM, ROOT, ProbeReport, altovirt_cmd, qemu_cmd
+from .virtq import DriverQueue
 
 ECHO = Path(__file__).with_name("net_echo.py")
 
@@ -143,3 +152,65 @@ def test_tap_errors(probe: Path, netns: NetNs) -> None:
     finally:
         holder.terminate()
         assert holder.wait(30) == 143
+
+
+@needs_netns
+def test_reception_is_paced_by_guest_buffers() -> None:
+    """Frames wait in the tap while the guest has no receive buffers, and arrive as it posts them."""
+    name = f"avt{os.getpid() % 100000}"
+    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
+    io = IoThread()
+    mem = GuestMemory(layout.ram_regions(128 << 20))
+    irqfd = os.eventfd(0, os.EFD_NONBLOCK)
+    dev = None
+    try:
+        subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1"], check=False)
+        dev = vnet.Net("n0", tapmod.Tap(name), "52:54:00:00:00:01", io)
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        io.start()
+        drivers, queues = [DriverQueue(mem, 0x100000, 16), DriverQueue(mem, 0x110000, 16)], []
+        features = 1 << VIRTIO_F_VERSION_1 | 1 << vnet.VIRTIO_NET_F_MRG_RXBUF
+        for d in drivers:
+            q = Queue(256)
+            q.size, q.desc_addr, q.avail_addr, q.used_addr = 16, d.desc, d.avail, d.used
+            q.activate(mem, features)
+            queues.append(q)
+        dev.features = features
+        dev.activate(mem, queues, Interrupt(irqfd, lambda why: None), io)
+        rx = drivers[0]
+        sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        sender.bind((name, 0))
+        for i in range(3):
+            payload = f"frame {i}".encode().ljust(46, b".")
+            sender.send(b"\xff" * 6 + b"\x02" + b"\x00" * 5 + b"\x88\xb5" + payload)
+        time.sleep(0.3)
+        assert rx.used_idx() == 0                      # nothing to put them in: they wait
+
+        def post_and_wait(count: int, expect: int) -> None:
+            for _ in range(count):
+                rx.publish(rx.chain([(0x200000 + 0x1000 * rx.next_desc, 2048, True)]))
+            dev.queue_notify(0)
+            deadline = time.monotonic() + 10
+            while rx.used_idx() < expect:
+                assert time.monotonic() < deadline, rx.used_idx()
+                time.sleep(0.01)
+
+        post_and_wait(1, 1)
+        time.sleep(0.2)
+        assert rx.used_idx() == 1                      # one buffer, one frame
+        post_and_wait(2, 3)
+        frames = []
+        for i in range(3):
+            head, length = rx.used_elem(i)
+            data = mem.read(0x200000 + 0x1000 * head, length)
+            assert struct.unpack_from("<H", data, 10)[0] == 1          # num_buffers
+            frames.append(data[12 + 14:12 + 21])
+        assert frames == [b"frame 0", b"frame 1", b"frame 2"]           # in order, none lost
+        sender.close()
+    finally:
+        if dev is not None:
+            dev.close()
+        io.stop()
+        os.close(irqfd)
+        mem.close()
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
