@@ -13,6 +13,9 @@ import os
 import sys
 from typing import NoReturn
 
+from .api import commands
+from .api.qmp import QmpServer
+from .backends.blockfile import BackendError
 from .config import ConfigError, HelpRequested, VmConfig, load_config
 from .vmm.daemon import Daemon
 from .vmm.machine import Machine, VmmError
@@ -56,6 +59,16 @@ def setup_logging(cfg: VmConfig) -> None:
     root.addHandler(handler)
 
 
+def start_qmp(machine: Machine, path: str) -> QmpServer:
+    try:
+        qmp = QmpServer(path, commands.build(machine), commands.version())
+    except BackendError as e:
+        raise VmmError(f"-api-channel: {e.strerror}", exit_code=EXIT_USAGE) from None
+    machine.add_event_listener(qmp.event)
+    qmp.start()
+    return qmp
+
+
 def _error(msg: str) -> None:
     sys.stderr.write(f"altovirt: error: {msg}\n")
     sys.stderr.flush()
@@ -77,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.daemonize:
         daemon.detach()
     machine = None
+    qmp = None
     try:
         machine = Machine.build(cfg)
         log.info("VM %s: %d vCPU(s), %d MiB", cfg.name, cfg.vcpus, cfg.mem_size >> 20)
+        if cfg.api_channel:
+            qmp = start_qmp(machine, cfg.api_channel[len("unix:"):])
         reason = machine.run(on_running=lambda: daemon.report(None))
         log.info("VM %s stopped: %s (exit %d)", cfg.name, reason.reason, reason.exit_code)
         return reason.exit_code
@@ -97,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"internal error: {e} (run with -debug for a traceback)")
         return EXIT_ERROR
     finally:
+        if qmp is not None:
+            qmp.close()             # after the SHUTDOWN event has been queued for every client
         if machine is not None:
             machine.close()
         daemon.cleanup()

@@ -218,6 +218,28 @@ static int test_wait(void)
 }
 
 /*
+ * keyboard: wait for Ctrl-Alt-Del from the i8042 (QMP system_powerdown) and
+ * then power off, as a guest that honours the three-finger salute would.
+ */
+static int test_keyboard(void)
+{
+	static const u8 cad[] = { 0x14, 0x11, 0xe0, 0x71 };	/* scan code set 2 */
+	size_t matched = 0;
+
+	printf("probe: keyboard waiting\n");
+	while (matched < sizeof(cad)) {
+		if (!(inb(0x64) & 1)) {
+			cpu_relax();
+			continue;
+		}
+		u8 b = inb(0x60);
+		matched = b == cad[matched] ? matched + 1 : (b == cad[0] ? 1 : 0);
+	}
+	printf("probe: ctrl-alt-del\n");
+	return 1;
+}
+
+/*
  * triplefault: a CPU exception with no IDT escalates to a shutdown. ud2 rather
  * than int3: PVM emulates software interrupts and reports a failure instead.
  */
@@ -239,6 +261,7 @@ static const struct {
 	{ "echo", test_echo },
 	{ "wait", test_wait },
 	{ "triplefault", test_triplefault },
+	{ "keyboard", test_keyboard },
 	{ "rng", test_rng },
 	{ "rng-rate", test_rng_rate },
 	{ "blk", test_blk },

@@ -32,7 +32,7 @@ usage: altovirt -kernel PATH [-append CMDLINE] [-initrd PATH] [-smp [cpus=]N] [-
                 [-netdev id=ID,netdev=TAP[,mac=MAC]]... [-chardev id=ID,path=SOCKET]
                 [-device vsock,id=ID,guest-cid=N[,uds-path=SOCKET]]
                 [-device virtio-rng[,id=ID,max-bytes=N,period=MS]]
-                [-api-channel unix:PATH] [-serial stdio]
+                [-api-channel unix:PATH | -qmp unix:PATH,server,nowait] [-serial stdio]
                 [-name NAME] [-D LOGFILE] [-daemonize [-pidfile PATH]] [-disable-seccomp]
                 [-omit_vm_memory] [-config FILE.json] [-debug] [-version]
 
@@ -42,7 +42,7 @@ error, 2 usage or configuration error, 3 guest panic, 128+N stopped by signal N.
 """
 
 VALUE_OPTIONS = {"name", "kernel", "append", "initrd", "smp", "m", "drive", "netdev", "chardev",
-                 "device", "api-channel", "serial", "D", "pidfile", "config"}
+                 "device", "api-channel", "qmp", "serial", "D", "pidfile", "config"}
 FLAG_OPTIONS = {"disable-seccomp", "omit_vm_memory", "daemonize", "debug", "help", "h", "version"}
 
 
@@ -175,12 +175,21 @@ def _api_channel(cfg: VmConfig, v: str) -> None:
     cfg.api_channel = check_api_channel("-api-channel", v)
 
 
+def _qmp(cfg: VmConfig, v: str) -> None:
+    """QEMU's and later StratoVirt's spelling: -qmp unix:PATH,server,nowait (or server=on,wait=off)."""
+    path, *opts = v.split(",")
+    for opt in opts:
+        if opt not in ("server", "nowait", "server=on", "wait=off"):
+            raise ConfigError(f"-qmp: unsupported option {opt!r}; accepted: unix:PATH,server,nowait")
+    cfg.api_channel = check_api_channel("-qmp", path)
+
+
 HANDLERS: dict[str, Callable[[VmConfig, str], None]] = {
     "name": _set("name"), "kernel": _set("kernel"), "append": _set("cmdline"),
     "initrd": _set("initrd"), "D": _set("log_file"), "pidfile": _set("pidfile"),
     "smp": _smp, "m": lambda cfg, v: setattr(cfg, "mem_size", parse_size("-m", v)),
     "drive": _drive, "netdev": _netdev, "chardev": _chardev, "device": _device,
-    "serial": _serial, "api-channel": _api_channel,
+    "serial": _serial, "api-channel": _api_channel, "qmp": _qmp,
 }
 FLAGS = {"disable-seccomp": ("seccomp", False), "omit_vm_memory": ("omit_vm_memory", True),
          "daemonize": ("daemonize", True), "debug": ("debug", True)}

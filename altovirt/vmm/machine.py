@@ -15,6 +15,7 @@ import select
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..arch.x86_64 import boot, layout
 from ..arch.x86_64.loader import KernelError
@@ -23,13 +24,15 @@ from ..config import VmConfig
 from ..devices.bus import Bus
 from ..devices.legacy.boottimer import BOOT_TIMER_PORT, BootTimer
 from ..devices.legacy.i8042 import DATA_PORT as I8042_PORT
-from ..devices.legacy.i8042 import I8042
+from ..devices.legacy.i8042 import I8042, I8042_IRQ
 from ..devices.legacy.post import POST_PORT, PostPort
 from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
 from ..devices.virtio.mmio import MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
 from ..kvm import Kvm, KvmError, Vcpu
 from ..kvm import Vm as KvmVm
+from ..kvm import ioctls as K
+from ..kvm import structs as S
 from ..memory import GuestMemory
 from . import virtio_devices
 from .console import HostConsole
@@ -43,6 +46,17 @@ RTC_PORT = 0x70
 # below the BIOS, outside RAM (KVM_SET_TSS_ADDR needs three pages).
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
+
+
+@dataclass(frozen=True)
+class VcpuInfo:
+    index: int
+    thread_id: int
+    halted: bool
+
+
+class StateError(RuntimeError):
+    """A lifecycle request that makes no sense in the VM's current state."""
 
 
 class VmmError(RuntimeError):
@@ -115,6 +129,12 @@ class Machine:
         self.plan: boot.BootPlan | None = None
         self.io = IoThread()
         self.transports: list[MmioTransport] = []
+        # Lifecycle (QMP's RunState names): prelaunch -> running <-> paused -> shutdown.
+        self.state = "prelaunch"
+        self._lifecycle = threading.Lock()
+        self._clock: S.kvm_clock_data | None = None
+        self._listeners: list[Callable[[str, dict[str, object]], None]] = []
+        self.i8042: I8042 | None = None
 
     # --- building ---
     @classmethod
@@ -208,27 +228,83 @@ class Machine:
         high = sum(r.size for r in mem.regions[1:])
         # COM1's eighth port (scratch, 0x3ff) is the boot timer.
         self.pio.insert(self.serial, COM1_PORT, BOOT_TIMER_PORT - COM1_PORT)
-        self.pio.insert(I8042(lambda: self.request_stop(GUEST_RESET)), I8042_PORT, 5)
+        self.i8042 = I8042(lambda: self.request_stop(GUEST_RESET), self._irq_line(I8042_IRQ))
+        self.pio.insert(self.i8042, I8042_PORT, 5)
         self.pio.insert(Rtc(mem.regions[0].size, high), RTC_PORT, 2)
         self.pio.insert(self.boot_timer, BOOT_TIMER_PORT, 1)
         self.pio.insert(PostPort(), POST_PORT, 1)
 
     # --- lifecycle ---
+    def add_event_listener(self, listener: Callable[[str, dict[str, object]], None]) -> None:
+        """``listener(event, data)`` is called for STOP, RESUME, SHUTDOWN and POWERDOWN."""
+        self._listeners.append(listener)
+
+    def _emit(self, event: str, data: dict[str, object]) -> None:
+        for listener in self._listeners:
+            listener(event, data)
+
     def request_stop(self, reason: StopReason) -> None:
-        """Ask the main loop to stop the VM; the first reason given wins."""
+        """Ask the main loop to stop the VM; the first reason given wins (and is announced)."""
         with self._stop_lock:
-            if self.stop_reason is None:
+            first = self.stop_reason is None
+            if first:
                 self.stop_reason = reason
+                self.state = "shutdown"
                 log.info("stopping: %s", reason.reason)
+        if first:
+            self._emit("SHUTDOWN", {"guest": reason.guest, "reason": reason.reason})
         os.eventfd_write(self._stop_fd, 1)
 
     def pause(self) -> None:
-        for v in self.vcpus:
-            v.pause()
+        """Stop the guest: every vCPU out of KVM_RUN, device work quiescent, the clock held."""
+        with self._lifecycle:
+            if self.state != "running":
+                raise StateError(f"the VM is {self.state}, not running")
+            for v in self.vcpus:
+                v.pause()
+            self.io.pause()
+            for t in self.transports:
+                t.device.quiesce()
+            assert self.vm is not None
+            self._clock = self.vm.get_clock()
+            self.state = "paused"
+        self._emit("STOP", {})
 
     def resume(self) -> None:
-        for v in self.vcpus:
-            v.resume()
+        with self._lifecycle:
+            if self.state != "paused":
+                raise StateError(f"the VM is {self.state}, not paused")
+            assert self.vm is not None and self._clock is not None
+            # The guest's kvmclock continues from where it stopped: no jump over the pause.
+            self.vm.set_clock(S.kvm_clock_data(clock=self._clock.clock))
+            self.io.resume()
+            for v in self.vcpus:
+                v.resume()
+            self.state = "running"
+        self._emit("RESUME", {})
+
+    def powerdown(self) -> None:
+        """Ask the guest to shut down (Ctrl-Alt-Del on the keyboard, as Firecracker does)."""
+        if self.state not in ("running", "paused"):
+            raise StateError(f"the VM is {self.state}")
+        assert self.i8042 is not None
+        self.i8042.ctrl_alt_del()
+        self._emit("POWERDOWN", {})
+
+    def vcpu_info(self) -> list[VcpuInfo]:
+        """Per vCPU: index, native thread id and whether it is halted (read outside KVM_RUN)."""
+        with self._lifecycle:
+            running = self.state == "running"
+            if running:
+                for v in self.vcpus:
+                    v.pause()
+            try:
+                return [VcpuInfo(v.index, v.thread_id, v.vcpu.get_mp_state() != K.KVM_MP_STATE_RUNNABLE)
+                        for v in self.vcpus]
+            finally:
+                if running:
+                    for v in self.vcpus:
+                        v.resume()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.request_stop(StopReason("host-signal", False, 128 + signum))
@@ -246,6 +322,9 @@ class Machine:
             self.io.start()
             for v in self.vcpus:
                 v.start()
+            with self._lifecycle:
+                if self.state == "prelaunch":
+                    self.state = "running"
             if on_running:
                 on_running()
             while self.stop_reason is None:
@@ -253,7 +332,9 @@ class Machine:
                     handlers[fd]()
         finally:
             for v in self.vcpus:
+                v.resume()
                 v.exit()
+            self.io.resume()
             self.io.stop()
             if self.console:
                 self.console.stop()

@@ -8,9 +8,14 @@ that a probing driver finds a sane, empty controller.
 
 from __future__ import annotations
 
+import collections
+import threading
 from collections.abc import Callable
 
 DATA_PORT, COMMAND_PORT = 0x60, 0x64
+I8042_IRQ = 1
+# Ctrl, Alt, Del pressed, in scan code set 2 (what Firecracker's SendCtrlAltDel sends).
+CTRL_ALT_DEL = (0x14, 0x11, 0xE0, 0x71)
 # Commands (Linux drivers/input/serio/i8042.h)
 CMD_READ_CTR, CMD_WRITE_CTR = 0x20, 0x60
 CMD_SELF_TEST, CMD_KBD_TEST = 0xAA, 0xAB
@@ -24,19 +29,33 @@ SELF_TEST_OK = 0x55
 class I8042:
     """Ports 0x60 (offset 0) to 0x64 (offset 4)."""
 
-    def __init__(self, reset: Callable[[], None]) -> None:
+    def __init__(self, reset: Callable[[], None], irq: Callable[[], None] | None = None) -> None:
         self._reset = reset
+        self._irq = irq
         self.ctr = 0x00
         self._pending_cmd = 0
-        self._out: int | None = None
+        self._lock = threading.Lock()
+        self._out: collections.deque[int] = collections.deque()   # bytes for the guest at port 0x60
+
+    def ctrl_alt_del(self) -> None:
+        """Put Ctrl-Alt-Del in the output buffer and raise the keyboard IRQ."""
+        with self._lock:
+            self._out.extend(CTRL_ALT_DEL)
+        if self._irq:
+            self._irq()
 
     def read(self, offset: int, size: int) -> int:
-        if offset == COMMAND_PORT - DATA_PORT:
-            return STATUS_SYS | (STATUS_OBF if self._out is not None else 0)
-        if offset == 0:
-            value, self._out = self._out, None
-            return value or 0
-        return 0xFF
+        with self._lock:
+            if offset == COMMAND_PORT - DATA_PORT:
+                return STATUS_SYS | (STATUS_OBF if self._out else 0)
+            if offset == 0:
+                value = self._out.popleft() if self._out else 0
+                more = bool(self._out)
+            else:
+                return 0xFF
+        if more and self._irq:      # one byte per interrupt, as a real controller does
+            self._irq()
+        return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
@@ -44,13 +63,13 @@ class I8042:
             if value == CMD_RESET_CPU:
                 self._reset()
             elif value == CMD_READ_CTR:
-                self._out = self.ctr
+                self._out.append(self.ctr)
             elif value == CMD_WRITE_CTR:
                 self._pending_cmd = value
             elif value == CMD_SELF_TEST:
-                self._out = SELF_TEST_OK
+                self._out.append(SELF_TEST_OK)
             elif value == CMD_KBD_TEST:
-                self._out = 0x00
+                self._out.append(0x00)
         elif offset == 0 and self._pending_cmd == CMD_WRITE_CTR:
             self.ctr = value
             self._pending_cmd = 0

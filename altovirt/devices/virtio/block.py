@@ -171,10 +171,13 @@ class Block(VirtioDevice):
             r.status[0] = VIRTIO_BLK_S_OK
         return [1 + (_total(r.data_in) if kind == VIRTIO_BLK_T_IN else 0) for r in run]
 
-    def reset(self) -> None:
-        """Requests already handed out finish first (4.2.2.1: reset waits for them)."""
+    def quiesce(self) -> None:
         with self._idle:
             self._idle.wait_for(lambda: not self._in_flight, timeout=30)
+
+    def reset(self) -> None:
+        """Requests already handed out finish first (4.2.2.1: reset waits for them)."""
+        self.quiesce()
         super().reset()
 
     def _parse(self, chain: DescriptorChain) -> Request:

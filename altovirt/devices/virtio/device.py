@@ -96,6 +96,9 @@ class VirtioDevice:
     def reset(self) -> None:
         self.mem, self.queues, self.interrupt = None, [], None
 
+    def quiesce(self) -> None:
+        """Return when no request is in flight (the VM is being paused)."""
+
     def close(self) -> None:
         """Release the backend (files, sockets) when the VM goes away."""
 

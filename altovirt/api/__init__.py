@@ -1,0 +1,1 @@
+"""The control API: QMP on the api-channel socket."""

@@ -1,0 +1,308 @@
+"""A QMP server on a unix socket (QEMU's docs/interop/qmp-spec.rst).
+
+Each client gets the greeting, must negotiate with ``qmp_capabilities`` and
+may then run commands; requests are a JSON stream (several objects in one
+read, or one object split over reads, both work), every reply and event is
+one line, and ``id`` is echoed whatever JSON value it is. Events go to every
+negotiated client. The server runs on its own thread; a malformed request
+gets an error reply, an oversized one closes that client, and nothing a
+client sends can stop the VM or the other clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..backends.unix import UnixListener
+from ..vmm.iothread import IoThread
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 1 << 20           # bytes a client may have pending without completing a request
+MAX_OUTPUT = 16 << 20           # replies and events a client has not read; past this it is dropped
+
+
+class QmpError(Exception):
+    """A command failed; ``cls`` is QEMU's error class."""
+
+    def __init__(self, cls: str, desc: str) -> None:
+        super().__init__(desc)
+        self.cls = cls
+        self.desc = desc
+
+
+@dataclass
+class Command:
+    """A command: its handler and its arguments as name -> (type, required)."""
+
+    handler: Callable[[dict[str, Any]], object]
+    params: dict[str, tuple[type | tuple[type, ...], bool]] = field(default_factory=dict)
+
+
+@dataclass
+class Client:
+    sock: socket.socket
+    inbuf: str = ""
+    outbuf: bytearray = field(default_factory=bytearray)
+    negotiated: bool = False
+    watching_out: bool = False
+    # Where the scan for the end of the current request stands (see _split).
+    scan: int = 0
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+
+
+def _split(client: Client) -> str | None:
+    """The next complete JSON value in the client's input, or None while it is incomplete.
+
+    Like QEMU's json-streamer, it only tracks nesting outside strings to find
+    where a request ends; the text is parsed (and rejected) as a whole after.
+    """
+    text = client.inbuf
+    i = client.scan
+    if client.depth == 0 and not client.in_string:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        client.inbuf = text = text[i:]
+        i = 0
+        if not text:
+            return None
+        if text[0] not in "{[":             # a bare scalar or garbage: up to the next separator
+            end = next((k for k, ch in enumerate(text) if ch in " \t\r\n{["), len(text))
+            if end == len(text):
+                return None
+            client.inbuf, client.scan = text[end:], 0
+            return text[:end]
+    while i < len(text):
+        ch = text[i]
+        i += 1
+        if client.in_string:
+            if client.escaped:
+                client.escaped = False
+            elif ch == "\\":
+                client.escaped = True
+            elif ch == '"':
+                client.in_string = False
+        elif ch == '"':
+            client.in_string = True
+        elif ch in "{[":
+            client.depth += 1
+        elif ch in "}]":
+            client.depth -= 1
+            if client.depth == 0:
+                client.inbuf, client.scan = text[i:], 0
+                return text[:i]
+    client.scan = i
+    return None
+
+
+_TYPE_NAMES = {str: "string", int: "int", bool: "bool", dict: "object", list: "array"}
+
+
+def _check_args(name: str, cmd: Command, args: object) -> dict[str, Any]:
+    if not isinstance(args, dict):
+        raise QmpError("GenericError", "QMP input member 'arguments' must be an object")
+    for key, value in args.items():
+        if key not in cmd.params:
+            raise QmpError("GenericError", f"Parameter '{key}' is unexpected")
+        kinds, _ = cmd.params[key]
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            expected = "/".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise QmpError("GenericError", f"Invalid parameter type for '{key}', expected: {expected}")
+    for key, (_, required) in cmd.params.items():
+        if required and key not in args:
+            raise QmpError("GenericError", f"Parameter '{key}' is missing")
+    return args
+
+
+def timestamp() -> dict[str, int]:
+    now = time.time()
+    return {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}
+
+
+class QmpServer:
+    def __init__(self, path: str, commands: dict[str, Command], version: dict[str, Any]) -> None:
+        self.commands = commands
+        self.version = version
+        self.listener = UnixListener(path)
+        self.io = IoThread("qmp")
+        self._clients: dict[int, Client] = {}
+        self._lock = threading.RLock()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.io.add(self.listener.fileno(), self._accept)
+        self.io.add(self._wake, self._flush_all)
+
+    def start(self) -> None:
+        self.io.start()
+
+    # --- events (any thread) ---
+    def event(self, name: str, data: dict[str, object]) -> None:
+        line = _encode({"event": name, "data": data, "timestamp": timestamp()})
+        with self._lock:
+            for client in self._clients.values():
+                if client.negotiated:
+                    self._queue(client, line)
+        if self.io.in_thread():
+            self._flush_all()
+        else:
+            os.eventfd_write(self._wake, 1)
+
+    # --- connections (the QMP thread) ---
+    def _accept(self) -> None:
+        sock = self.listener.accept()
+        if sock is None:
+            return
+        client = Client(sock)
+        with self._lock:
+            self._clients[sock.fileno()] = client
+            self._queue(client, _encode({"QMP": {"version": self.version, "capabilities": []}}))
+            self.io.add(sock.fileno(), functools.partial(self._readable, client))
+            self._flush(client)
+
+    def _drop(self, client: Client, why: str) -> None:
+        with self._lock:
+            if self._clients.pop(client.sock.fileno(), None) is None:
+                return
+            self.io.remove(client.sock.fileno())
+            client.sock.close()
+        log.debug("QMP client dropped: %s", why)
+
+    def _readable(self, client: Client) -> None:
+        try:
+            data = client.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(client, "disconnected")
+            return
+        client.inbuf += data.decode("utf-8", errors="replace")
+        if len(client.inbuf) > MAX_REQUEST:
+            too_big = QmpError("GenericError", f"request larger than {MAX_REQUEST} bytes")
+            self._reply(client, None, error=too_big)
+            self._flush(client)
+            self._drop(client, "oversized request")
+            return
+        self._process(client)
+        self._flush(client)
+
+    def _process(self, client: Client) -> None:
+        """Take every complete request off the client's input."""
+        while (text := _split(client)) is not None:
+            try:
+                msg = json.loads(text)
+            except json.JSONDecodeError as e:
+                self._reply(client, None, error=QmpError("GenericError", f"JSON parse error, {e.msg}"))
+                continue
+            self._dispatch(client, msg)
+
+    def _dispatch(self, client: Client, msg: object) -> None:
+        if not isinstance(msg, dict):
+            self._reply(client, None, error=QmpError("GenericError", "QMP input must be a JSON object"))
+            return
+        has_id, req_id = "id" in msg, msg.get("id")
+        name = msg.get("execute")
+        try:
+            for key in msg:
+                if key not in ("execute", "arguments", "id"):
+                    raise QmpError("GenericError", f"QMP input member '{key}' is unexpected")
+            if not isinstance(name, str):
+                raise QmpError("GenericError", "QMP input lacks member 'execute'")
+            if not client.negotiated and name != "qmp_capabilities":
+                raise QmpError("CommandNotFound",
+                               "Expecting capabilities negotiation with 'qmp_capabilities'")
+            if client.negotiated and name == "qmp_capabilities":
+                raise QmpError("CommandNotFound",
+                               "Capabilities negotiation is already complete, command ignored")
+            cmd = self.commands.get(name)
+            if cmd is None:
+                raise QmpError("CommandNotFound", f"The command {name} has not been found")
+            args = _check_args(name, cmd, msg.get("arguments", {}))
+            result = cmd.handler(args)
+            if name == "qmp_capabilities":
+                client.negotiated = True
+        except QmpError as e:
+            self._reply(client, req_id if has_id else None, error=e, has_id=has_id)
+            return
+        except Exception as e:      # a bug in a command: report it, keep serving
+            log.exception("QMP command %s failed", name)
+            failure = QmpError("GenericError", f"internal error: {e}")
+            self._reply(client, req_id, error=failure, has_id=has_id)
+            return
+        self._reply(client, req_id, result=result if result is not None else {}, has_id=has_id)
+
+    def _reply(self, client: Client, req_id: object, *, result: object = None,
+               error: QmpError | None = None, has_id: bool = False) -> None:
+        msg: dict[str, object] = ({"error": {"class": error.cls, "desc": error.desc}} if error
+                                  else {"return": result})
+        if has_id:
+            msg["id"] = req_id
+        with self._lock:
+            self._queue(client, _encode(msg))
+
+    def _queue(self, client: Client, line: bytes) -> None:
+        if len(client.outbuf) + len(line) > MAX_OUTPUT:
+            log.warning("QMP client is not reading its replies; dropping it")
+            client.outbuf.clear()
+            self._drop(client, "not reading")
+            return
+        client.outbuf += line
+
+    def _flush_all(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake)
+        with self._lock:
+            for client in list(self._clients.values()):
+                self._flush(client)
+
+    def _flush(self, client: Client) -> None:
+        with self._lock:
+            if client.sock.fileno() < 0:
+                return
+            while client.outbuf:
+                try:
+                    sent = client.sock.send(client.outbuf)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self._drop(client, "write failed")
+                    return
+                del client.outbuf[:sent]
+            want_out = bool(client.outbuf)
+            if want_out != client.watching_out:
+                self.io.modify(client.sock.fileno(), select.EPOLLIN | (select.EPOLLOUT if want_out else 0))
+                client.watching_out = want_out
+
+    def close(self, flush_timeout: float = 1.0) -> None:
+        """Stop serving; give clients up to ``flush_timeout`` to receive what is queued."""
+        self.io.stop()
+        deadline = time.monotonic() + flush_timeout
+        with self._lock:
+            for client in list(self._clients.values()):
+                if client.sock.fileno() >= 0:
+                    client.sock.setblocking(True)
+                    client.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                    with contextlib.suppress(OSError):
+                        client.sock.sendall(client.outbuf)
+                    client.sock.close()
+            self._clients.clear()
+        self.listener.close()
+        os.close(self._wake)
+
+
+def _encode(msg: object) -> bytes:
+    return (json.dumps(msg, separators=(", ", ": ")) + "\r\n").encode()

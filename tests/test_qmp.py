@@ -1,0 +1,260 @@
+"""QMP on the api-channel, driven by real clients: qemu.qmp (QMPClient and the legacy
+QEMUMonitorProtocol), socat, and raw sockets for the protocol's edges."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from qemu.qmp import QMPClient
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from altovirt.config import load_config
+from altovirt.vmm.machine import Machine
+from altovirt.vmm.vcpu import StopReason
+
+from .conftest import Vm, needs_kvm
+
+pytestmark = needs_kvm
+
+
+@pytest.fixture
+def vm(probe: Path, tmp_path: Path, vms: list[Vm]) -> Iterator[tuple[Vm, Path]]:
+    sock = tmp_path / "qmp.sock"
+    v = Vm("-kernel", str(probe / "probe.elf"), "-smp", "2", "-append", "probe.run=smp,wait",
+           "-serial", "stdio", "-api-channel", f"unix:{sock}")
+    vms.append(v)
+    v.wait_line("probe: waiting")
+    yield v, sock
+
+
+class Raw:
+    """A bare QMP connection: bytes in, parsed lines out."""
+
+    def __init__(self, path: Path, negotiate: bool = True) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(10)
+        self.s.connect(str(path))
+        self.f = self.s.makefile("rb")
+        self.greeting = self.recv()
+        if negotiate:
+            self.send(b'{"execute": "qmp_capabilities"}')
+            assert self.recv() == {"return": {}}
+
+    def send(self, data: bytes) -> None:
+        self.s.sendall(data)
+
+    def recv(self) -> dict:
+        line = self.f.readline()
+        assert line.endswith(b"\n"), line
+        return json.loads(line)
+
+    def call(self, request: object) -> dict:
+        self.send(json.dumps(request).encode())
+        while "event" in (reply := self.recv()):
+            pass
+        return reply
+
+    def close(self) -> None:
+        self.f.close()
+        self.s.close()
+
+
+def vcpu_cpu_time(pid: int, tid: int) -> int:
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])        # utime + stime, clock ticks
+
+
+def test_socat_session(vm: tuple[Vm, Path]) -> None:
+    v, sock = vm
+    if shutil.which("socat") is None:
+        pytest.skip("SKIPPED LOUDLY: socat is not installed (scripts/setup installs it)")
+    requests = "".join(json.dumps(r) + "\n" for r in (
+        {"execute": "qmp_capabilities"}, {"execute": "query-status"}, {"execute": "stop"},
+        {"execute": "query-status"}, {"execute": "cont"}, {"execute": "quit"}))
+    out = subprocess.run(["socat", "-t", "5", "-", f"unix-connect:{sock}"], input=requests,
+                         capture_output=True, text=True, timeout=30).stdout
+    msgs = [json.loads(line) for line in out.splitlines()]
+    assert msgs[0]["QMP"]["version"]["package"] == "altovirt-0.1.0" and msgs[0]["QMP"]["capabilities"] == []
+    kinds = [m.get("event") or ("return" if "return" in m else "error") for m in msgs[1:]]
+    assert kinds == ["return", "return", "STOP", "return", "return", "RESUME", "return", "SHUTDOWN", "return"]
+    assert msgs[2]["return"] == {"running": True, "singlestep": False, "status": "running"}
+    assert msgs[5]["return"] == {"running": False, "singlestep": False, "status": "paused"}
+    assert msgs[-2]["data"] == {"guest": False, "reason": "host-qmp-quit"}
+    assert set(msgs[3]["timestamp"]) == {"seconds", "microseconds"}
+    assert abs(msgs[3]["timestamp"]["seconds"] - time.time()) < 60
+    assert v.finish()[0] == 0 and not sock.exists()
+
+
+def test_qmpclient_lifecycle_and_events(vm: tuple[Vm, Path]) -> None:
+    v, sock = vm
+
+    async def session() -> dict[str, object]:
+        qmp = QMPClient("test")
+        await qmp.connect(str(sock))
+        seen: dict[str, object] = {"version": await qmp.execute("query-version"),
+                                   "name": await qmp.execute("query-name"),
+                                   "hotpluggable": await qmp.execute("query-hotpluggable-cpus"),
+                                   "commands": await qmp.execute("query-commands")}
+        with qmp.listener() as events:
+            await qmp.execute("stop")
+            seen["stop"] = (await asyncio.wait_for(events.get(), 10))["event"]
+            seen["paused"] = await qmp.execute("query-status")
+            await qmp.execute("cont")
+            seen["cont"] = (await asyncio.wait_for(events.get(), 10))["event"]
+            await qmp.execute("quit")
+            seen["quit"] = dict((await asyncio.wait_for(events.get(), 10))["data"])
+        await qmp.disconnect()
+        return seen
+
+    seen = asyncio.run(session())
+    assert seen["version"] == {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": "altovirt-0.1.0"}
+    assert seen["name"] == {"name": "altovirt"}
+    assert seen["hotpluggable"] == [
+        {"props": {"core-id": i, "socket-id": 0, "thread-id": 0},
+         "qom-path": f"/machine/unattached/device[{i}]", "type": "host-x86-cpu", "vcpus-count": 1}
+        for i in range(2)]
+    names = {c["name"] for c in seen["commands"]}  # type: ignore[attr-defined]
+    assert {"qmp_capabilities", "stop", "cont", "quit", "query-status", "query-cpus",
+            "system_powerdown"} <= names
+    assert (seen["stop"], seen["cont"]) == ("STOP", "RESUME")
+    assert seen["paused"] == {"running": False, "singlestep": False, "status": "paused"}
+    assert seen["quit"] == {"guest": False, "reason": "host-qmp-quit"}
+    assert v.finish()[0] == 0
+
+
+def test_legacy_client_stop_really_stops(vm: tuple[Vm, Path]) -> None:
+    v, sock = vm
+    mon = QEMUMonitorProtocol(str(sock))
+    mon.connect(negotiate=True)
+    try:
+        cpus = mon.cmd_obj({"execute": "query-cpus"})["return"]
+        assert [c["CPU"] for c in cpus] == [0, 1] and [c["current"] for c in cpus] == [True, False]
+        # The BSP spins in the probe's wait loop; the AP halted after reporting in.
+        assert [c["halted"] for c in cpus] == [False, True]
+        pid = v.proc.pid
+        tids = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+        assert {c["thread_id"] for c in cpus} <= tids          # real thread ids
+        bsp = cpus[0]["thread_id"]
+        assert mon.cmd_obj({"execute": "stop"}) == {"return": {}}
+        frozen = vcpu_cpu_time(pid, bsp)
+        time.sleep(0.5)
+        assert vcpu_cpu_time(pid, bsp) == frozen               # out of KVM_RUN: no guest time
+        assert mon.cmd_obj({"execute": "cont"}) == {"return": {}}
+        time.sleep(0.5)
+        assert vcpu_cpu_time(pid, bsp) > frozen + 10            # spinning again
+        error = mon.cmd_obj({"execute": "cont"})["error"]
+        assert error == {"class": "GenericError", "desc": "the VM is running, not paused"}
+        mon.cmd_obj({"execute": "quit"})
+    finally:
+        mon.close()
+    assert v.finish()[0] == 0
+
+
+def test_protocol_edges(vm: tuple[Vm, Path]) -> None:
+    v, sock = vm
+    raw = Raw(sock, negotiate=False)
+    assert raw.call({"execute": "query-status", "id": 1}) == {
+        "error": {"class": "CommandNotFound",
+                  "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}, "id": 1}
+    raw.send(b'{"execute": "qmp_capabilities", "id": "a"}{"execute": "query-name", "id": [1, {"b": null}]}\n')
+    assert raw.recv() == {"return": {}, "id": "a"}
+    assert raw.recv() == {"return": {"name": "altovirt"}, "id": [1, {"b": None}]}
+    assert raw.call({"execute": "qmp_capabilities"})["error"]["class"] == "CommandNotFound"
+    raw.send(b'{"execute": "query-')                            # split across writes
+    time.sleep(0.1)
+    raw.send(b'status", "id": 2}')
+    assert raw.recv()["id"] == 2
+    cases = [
+        ("{]", "JSON parse error"),
+        ("[1, 2]", "QMP input must be a JSON object"),
+        ('{"id": 3}', "QMP input lacks member 'execute'"),
+        ('{"execute": "stop", "bogus": 1}', "QMP input member 'bogus' is unexpected"),
+        ('{"execute": "no-such-command"}', "The command no-such-command has not been found"),
+        ('{"execute": "stop", "arguments": {"x": 1}}', "Parameter 'x' is unexpected"),
+        ('{"execute": "qmp_capabilities", "arguments": []}', "Capabilities negotiation is already complete"),
+        ('{"execute": "stop", "arguments": 5}', "'arguments' must be an object"),
+    ]
+    for text, expected in cases:
+        raw.send(text.encode())
+        reply = raw.recv()
+        assert expected in reply["error"]["desc"], (text, reply)
+    assert raw.call({"execute": "query-status"})["return"]["status"] == "running"   # still serving
+    # A flood in one write: every request answered, in order.
+    raw.send(b"".join(b'{"execute": "query-name", "id": %d}' % i for i in range(500)))
+    assert [raw.recv()["id"] for _ in range(500)] == list(range(500))
+    # An oversized request closes that client only.
+    big = Raw(sock)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):   # cut off while still sending
+        big.send(b'{"execute": "query-name", "id": "' + b"x" * (2 << 20))
+    # An error reply, or (when the rest of the request was still unread) a reset: either way
+    # the connection ends.
+    try:
+        assert "larger than" in big.recv()["error"]["desc"]
+        assert big.f.readline() == b""
+    except ConnectionResetError:
+        pass
+    big.close()
+    # A client that leaves mid-request changes nothing.
+    gone = Raw(sock)
+    gone.send(b'{"execute": "st')
+    gone.close()
+    assert raw.call({"execute": "query-status"})["return"]["running"] is True
+    raw.call({"execute": "quit"})
+    raw.close()
+    assert v.finish()[0] == 0
+
+
+def test_system_powerdown_lets_the_guest_decide(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    sock = tmp_path / "qmp.sock"
+    v = Vm("-kernel", str(probe / "probe.elf"), "-append", "probe.run=keyboard", "-serial", "stdio",
+           "-qmp", f"unix:{sock},server,nowait")
+    vms.append(v)
+    v.wait_line("probe: keyboard waiting")
+    raw = Raw(sock)
+    raw.send(b'{"execute": "system_powerdown"}')
+    msgs = [raw.recv() for _ in range(2)]
+    assert msgs[0]["event"] == "POWERDOWN" and msgs[1] == {"return": {}}
+    v.wait_line("probe: ctrl-alt-del")
+    shutdown = raw.recv()
+    assert shutdown["event"] == "SHUTDOWN" and shutdown["data"] == {"guest": True, "reason": "guest-reset"}
+    raw.close()
+    assert v.finish()[0] == 0
+
+
+def test_guest_clock_does_not_jump_over_a_pause(probe: Path) -> None:
+    m = Machine.build(load_config(["-kernel", str(probe / "probe.elf"), "-append", "probe.run=wait"]))
+    readings: dict[str, int] = {}
+
+    def driver() -> None:
+        try:
+            time.sleep(0.5)
+            assert m.vm is not None
+            m.pause()
+            readings["paused"] = m.vm.get_clock().clock
+            time.sleep(1.0)
+            m.resume()
+            readings["resumed"] = m.vm.get_clock().clock
+        finally:
+            m.request_stop(StopReason("test", False, 0))
+
+    t = threading.Thread(target=driver)
+    t.start()
+    try:
+        m.run()
+    finally:
+        t.join()
+        m.close()
+    # One second passed on the host; the guest's clock moved only by the resume's own time.
+    assert 0 <= readings["resumed"] - readings["paused"] < 100_000_000
