@@ -1,0 +1,118 @@
+"""A property-based flood: thousands of random and mutated QMP requests at a running VM,
+which must answer each complete request with a well-formed reply and keep running."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import Vm, needs_kvm
+
+pytestmark = needs_kvm
+
+COMMANDS = ["qmp_capabilities", "stop", "cont", "system_powerdown", "query-status", "query-cpus",
+            "query-cpus-fast", "query-hotpluggable-cpus", "query-version", "query-name", "query-commands",
+            "no-such-command", "", "QUERY-STATUS"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+requests = st.fixed_dictionaries(
+    {"execute": st.sampled_from(COMMANDS) | json_values},
+    optional={"arguments": json_values, "id": json_values, "extra": json_values})
+# Raw input: arbitrary bytes, and real requests cut short or with bytes flipped.
+mutated = st.tuples(requests, st.integers(0, 200), st.binary(max_size=8)).map(
+    lambda t: json.dumps(t[0]).encode()[:t[1]] + t[2])
+raw_input = st.binary(max_size=300) | mutated
+
+
+@pytest.fixture(scope="module")
+def running(probe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Vm, Path]]:
+    sock = tmp_path_factory.mktemp("qmp") / "qmp.sock"
+    vm = Vm("-kernel", str(probe / "probe.elf"), "-append", "probe.run=wait", "-serial", "stdio",
+            "-api-channel", f"unix:{sock}")
+    vm.wait_line("probe: waiting")
+    yield vm, sock
+    if vm.proc.poll() is None:
+        vm.proc.kill()
+        vm.proc.wait()
+
+
+def connect(sock: Path) -> tuple[socket.socket, object]:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(sock))
+    f = s.makefile("rb")
+    assert "QMP" in json.loads(f.readline())
+    s.sendall(b'{"execute": "qmp_capabilities"}')
+    assert json.loads(f.readline()) == {"return": {}}
+    return s, f
+
+
+def read_reply(f: object) -> dict:
+    while True:
+        msg = json.loads(f.readline())  # type: ignore[attr-defined]
+        if "event" not in msg:
+            return msg
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=requests)
+def test_structured_requests_get_one_wellformed_reply(running: tuple[Vm, Path], request: dict) -> None:
+    _, sock = running
+    s, f = connect(sock)
+    try:
+        s.sendall(json.dumps(request).encode())
+        reply = read_reply(f)
+        assert set(reply) - {"id"} in ({"return"}, {"error"})
+        if "error" in reply:
+            assert set(reply["error"]) == {"class", "desc"} and isinstance(reply["error"]["desc"], str)
+        if "id" in request:
+            assert reply["id"] == request["id"]
+    finally:
+        s.close()
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=raw_input)
+def test_raw_garbage_never_hurts(running: tuple[Vm, Path], data: bytes) -> None:
+    _, sock = running
+    s, _ = connect(sock)
+    with contextlib.suppress(OSError):          # the server may hang up on garbage
+        s.sendall(data)
+    s.close()
+
+
+def test_vm_survived_the_flood(running: tuple[Vm, Path]) -> None:
+    vm, sock = running
+    assert vm.proc.poll() is None
+    s, f = connect(sock)
+    s.sendall(b'{"execute": "query-status"}')
+    if read_reply(f)["return"]["status"] == "paused":       # a fuzzed "stop" may have paused it
+        s.sendall(b'{"execute": "cont"}')
+        assert read_reply(f) == {"return": {}}
+    s.sendall(b'{"execute": "query-cpus"}')
+    tid = read_reply(f)["return"][0]["thread_id"]
+
+    def cpu_time() -> int:
+        with open(f"/proc/{vm.proc.pid}/task/{tid}/stat") as st_file:
+            fields = st_file.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    before = cpu_time()
+    time.sleep(0.5)
+    assert cpu_time() > before                      # the guest still runs
+    s.sendall(b'{"execute": "quit"}')
+    read_reply(f)
+    s.close()
+    assert vm.finish()[0] == 0
+    assert os.path.exists(sock) is False
