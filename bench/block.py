@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PROBE = ROOT / "guest" / "probe.elf"
+import common
+from common import PROBE
+
 METRICS = [("seq-write-MBps", "sequential write, MB/s", 0.8), ("seq-read-MBps", "sequential read, MB/s", 0.8),
            ("rand4k-qd1-iops", "4 KiB random read QD1, IOPS", None),
            ("rand4k-qd32-iops", "4 KiB random read QD32, IOPS", 0.5)]
@@ -57,9 +56,7 @@ def parse(out: str, who: str) -> dict[str, int]:
 
 
 def altovirt(image: Path) -> dict[str, int]:
-    exe = ROOT / ".venv" / "bin" / "altovirt"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "altovirt"]
-    cmd += ["-kernel", str(PROBE), "-m", "256M", "-drive", f"id=d0,file={image},direct=on",
+    cmd = [*common.altovirt(), "-kernel", str(PROBE), "-m", "256M", "-drive", f"id=d0,file={image},direct=on",
             "-append", "probe.run=blkbench", "-serial", "stdio"]
     return parse(subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout, "AltoVirt")
 
@@ -73,10 +70,8 @@ def shmem_thp() -> str:
 
 
 def qemu(image: Path, memfd: bool = False) -> dict[str, int]:
-    exe = shutil.which("qemu-system-x86_64")
-    if exe is None:
-        raise SystemExit("bench: qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
-    cmd = [exe, "-M", "microvm,acpi=off,auto-kernel-cmdline=on", "-global", "virtio-mmio.force-legacy=false",
+    cmd = [common.qemu(), "-M", "microvm,acpi=off,auto-kernel-cmdline=on",
+           "-global", "virtio-mmio.force-legacy=false",
            "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", "256M", "-nodefaults", "-no-user-config",
            "-nographic", "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4",
            "-drive", f"file={image},if=none,id=d0,format=raw,cache.direct=on",
@@ -92,8 +87,7 @@ def main() -> None:
     ap.add_argument("--image", type=Path, default=Path("/var/tmp/altovirt-bench.img"))
     ap.add_argument("--shmem-thp", action="store_true", help="let shmem use huge pages during the run")
     args = ap.parse_args()
-    subprocess.run(["make", "-s", "-C", str(ROOT / "guest")], check=True)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "altovirt")], check=True)
+    common.prepare()
     make_image(args.image, 1 << 30)
     saved = shmem_thp()
     if args.shmem_thp:

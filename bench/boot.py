@@ -18,16 +18,16 @@ import argparse
 import os
 import re
 import select
-import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import common
+from common import ROOT
+
 CMDLINE = "console=ttyS0 probe.run=info"
 
 
@@ -66,18 +66,13 @@ def measure(cmd: list[str]) -> tuple[Sample, bytes]:
 
 
 def altovirt_cmd(image: Path, log: Path) -> list[str]:
-    exe = ROOT / ".venv" / "bin" / "altovirt"
-    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "altovirt"]
-    return [*base, "-kernel", str(image), "-smp", "1", "-m", "128M", "-append", CMDLINE,
+    return [*common.altovirt(), "-kernel", str(image), "-smp", "1", "-m", "128M", "-append", CMDLINE,
             "-serial", "stdio", "-D", str(log)]
 
 
 def qemu_cmd(image: Path) -> list[str]:
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        sys.exit("bench: qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
     # -cpu host,-arch-capabilities: PVM hosts refuse MSR_IA32_ARCH_CAPABILITIES.
-    return [qemu, "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
+    return [common.qemu(), "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
             "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
             "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4", "-kernel", str(image), "-append", CMDLINE]
 
@@ -95,9 +90,7 @@ def main() -> None:
     ap.add_argument("--image", type=Path, default=ROOT / "guest" / "probe.elf",
                     help="probe image; QEMU boots it through its PVH note")
     args = ap.parse_args()
-    subprocess.run(["make", "-s", "-C", str(ROOT / "guest")], check=True)
-    # Measure AltoVirt as installed: with current bytecode (written even under PYTHONDONTWRITEBYTECODE).
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "altovirt")], check=True)
+    common.prepare()
 
     alto: list[Sample] = []
     qemu: list[Sample] = []

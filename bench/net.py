@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import statistics
 import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PROBE = ROOT / "guest" / "probe.elf"
+import common
+from common import PROBE
 
 
 def run(ns: str, cmd: list[str], who: str) -> int:
@@ -39,14 +36,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        raise SystemExit("bench: qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
-    subprocess.run(["make", "-s", "-C", str(ROOT / "guest")], check=True)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "altovirt")], check=True)
-    exe = ROOT / ".venv" / "bin" / "altovirt"
-    alto_cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "altovirt"]
-    alto_cmd += ["-kernel", str(PROBE), "-netdev", "id=n0,netdev=tap0", "-append", "probe.run=netbench",
+    qemu = common.qemu()
+    common.prepare()
+    alto_cmd = [*common.altovirt(), "-kernel", str(PROBE), "-netdev", "id=n0,netdev=tap0",
+                "-append", "probe.run=netbench",
                  "-serial", "stdio"]
     qemu_cmd = [qemu, "-M", "microvm,acpi=off,auto-kernel-cmdline=on",
                 "-global", "virtio-mmio.force-legacy=false", "-accel", "kvm",

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PROBE = ROOT / "guest" / "probe.elf"
+import common
+from common import PROBE
 
 
 class Client:
@@ -83,13 +80,9 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=10000)
     ap.add_argument("--pauses", type=int, default=50)
     args = ap.parse_args()
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        raise SystemExit("bench: qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
-    subprocess.run(["make", "-s", "-C", str(ROOT / "guest")], check=True)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "altovirt")], check=True)
-    exe = ROOT / ".venv" / "bin" / "altovirt"
-    alto = [str(exe)] if exe.exists() else [sys.executable, "-m", "altovirt"]
+    qemu = common.qemu()
+    common.prepare()
+    alto = common.altovirt()
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for cpus in (1, 4):
