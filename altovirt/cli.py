@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from .api import commands
 from .api.qmp import QmpServer
-from .backends.blockfile import BackendError
+from .backends import BackendError
 from .config import ConfigError, HelpRequested, VmConfig, load_config
 from .vmm.daemon import Daemon
 from .vmm.machine import Machine, VmmError

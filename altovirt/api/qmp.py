@@ -111,7 +111,7 @@ def _split(client: Client) -> str | None:
 _TYPE_NAMES = {str: "string", int: "int", bool: "bool", dict: "object", list: "array"}
 
 
-def _check_args(name: str, cmd: Command, args: object) -> dict[str, Any]:
+def _check_args(cmd: Command, args: object) -> dict[str, Any]:
     if not isinstance(args, dict):
         raise QmpError("GenericError", "QMP input member 'arguments' must be an object")
     for key, value in args.items():
@@ -231,7 +231,7 @@ class QmpServer:
             cmd = self.commands.get(name)
             if cmd is None:
                 raise QmpError("CommandNotFound", f"The command {name} has not been found")
-            args = _check_args(name, cmd, msg.get("arguments", {}))
+            args = _check_args(cmd, msg.get("arguments", {}))
             result = cmd.handler(args)
             if name == "qmp_capabilities":
                 client.negotiated = True

@@ -21,6 +21,8 @@ import struct
 import threading
 from collections.abc import Sequence
 
+from . import BackendError
+
 log = logging.getLogger(__name__)
 
 SECTOR_SIZE = 512
@@ -45,10 +47,6 @@ _FLOCK = struct.Struct("hhqqi4x")   # struct flock on x86_64
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-class BackendError(OSError):
-    """The image cannot be used; the message says why."""
 
 
 def _lock(fd: int, cmd: int, kind: int, byte: int) -> bytes:

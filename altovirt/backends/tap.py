@@ -14,7 +14,7 @@ import fcntl
 import os
 import struct
 
-from .blockfile import BackendError
+from . import BackendError
 
 # <linux/if_tun.h>
 TUNSETIFF = 0x400454CA

@@ -11,7 +11,7 @@ import errno
 import os
 import socket
 
-from .blockfile import BackendError
+from . import BackendError
 
 
 class UnixListener:

@@ -8,7 +8,8 @@ Linux finds the devices through ``virtio_mmio.device=`` on its command line
 
 from __future__ import annotations
 
-from ..backends.blockfile import BackendError, BlockFile
+from ..backends import BackendError
+from ..backends.blockfile import BlockFile
 from ..backends.tap import Tap
 from ..backends.unix import UnixListener
 from ..config import VmConfig

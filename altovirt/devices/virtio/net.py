@@ -155,8 +155,6 @@ class Net(VirtioDevice):
         queue, interrupt = self.queues[RXQ], self.interrupt
         assert interrupt is not None
         mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
-        if self.mem is None:
-            return
         delivered = False
         while True:
             # Take enough buffers for the largest frame (one chain without MRG_RXBUF).
