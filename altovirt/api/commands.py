@@ -7,14 +7,22 @@ a GenericError and changes nothing.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
+from ..backends.tap import Tap
+from ..config import ConfigError
+from ..config.validate import check_id, check_mac, check_tap
+from ..vmm.hotplug import Hotplug, HotplugError
 from ..vmm.machine import Machine, StateError
 from ..vmm.vcpu import StopReason
 from .qmp import Command, QmpError
 
 HOST_QMP_QUIT = StopReason("host-qmp-quit", False, 0)
+BLOCK_DRIVERS = ("virtio-blk-mmio", "virtio-blk-device")
+NET_DRIVERS = ("virtio-net-mmio", "virtio-net-device")
 
 
 def version() -> dict[str, Any]:
@@ -30,6 +38,124 @@ def _lifecycle(action: Any) -> Any:
             raise QmpError("GenericError", str(e)) from None
         return {}
     return run
+
+
+def _checked(action: Callable[[], object]) -> object:
+    """Run a hot-plug action, turning its refusals into QMP errors."""
+    try:
+        action()
+    except (HotplugError, StateError, ConfigError) as e:
+        raise QmpError(getattr(e, "cls", "GenericError"), str(e)) from None
+    return {}
+
+
+def _object(name: str, value: dict[str, Any], fields: dict[str, type]) -> None:
+    """Check a nested argument object (QMP's 'file', 'cache')."""
+    for key, item in value.items():
+        if key not in fields:
+            raise QmpError("GenericError", f"Parameter '{name}.{key}' is unexpected")
+        if not isinstance(item, fields[key]):
+            raise QmpError("GenericError", f"Invalid parameter type for '{name}.{key}'")
+
+
+def _slot(args: dict[str, Any]) -> int | None:
+    """The slot ``addr`` (0x0 is vda or eth0) or ``lun`` (0 is vdb) names; None for any."""
+    if "addr" in args and "lun" in args:
+        raise QmpError("GenericError", "give addr or lun, not both")
+    if "lun" in args:
+        if args["lun"] < 0:
+            raise QmpError("GenericError", f"Invalid lun {args['lun']}; expected 0 (vdb) or more")
+        return int(args["lun"]) + 1
+    if "addr" not in args:
+        return None
+    addr = args["addr"]
+    try:
+        return addr if isinstance(addr, int) else int(addr, 0)
+    except ValueError:
+        raise QmpError("GenericError", f"Invalid addr {addr!r}; expected a slot number like 0x1") from None
+
+
+def hotplug_commands(hotplug: Hotplug) -> dict[str, Command]:
+    """blockdev-add/del, netdev_add/del, device_add/del and getfd/closefd."""
+    fds: dict[str, int] = {}            # getfd's named descriptors, until netdev_add takes one
+
+    def blockdev_add(args: dict[str, Any]) -> object:
+        node = args["node-name"]
+        _object("file", args["file"], {"driver": str, "filename": str})
+        _object("cache", args.get("cache", {}), {"direct": bool, "no-flush": bool})
+        if args["file"].get("driver", "file") != "file" or args.get("driver", "raw") not in ("raw", "file"):
+            raise QmpError("GenericError", "only raw images on the 'file' driver are supported")
+        if "filename" not in args["file"]:
+            raise QmpError("GenericError", "Parameter 'file.filename' is missing")
+        if args.get("cache", {}).get("no-flush"):
+            raise QmpError("GenericError", "cache.no-flush is not supported: a flush is always durable")
+        return _checked(lambda: hotplug.add_blockdev(
+            check_id("node-name", node), args["file"]["filename"],
+            read_only=args.get("read-only", False), direct=args.get("cache", {}).get("direct", False)))
+
+    def netdev_add(args: dict[str, Any]) -> object:
+        name = args["id"]
+        if args.get("type", "tap") != "tap":
+            raise QmpError("GenericError", "only netdevs of type 'tap' are supported")
+        if ("ifname" in args) == ("fd" in args):
+            raise QmpError("GenericError", "give the tap as ifname or as fd (from getfd), one of them")
+        if "ifname" in args:
+            ifname = args["ifname"]
+            return _checked(lambda: hotplug.add_netdev(check_id("id", name),
+                                                       lambda: Tap(check_tap("ifname", ifname))))
+        fdname = args["fd"]
+        if fdname not in fds:
+            raise QmpError("GenericError", f"File descriptor named '{fdname}' has not been found")
+        result = _checked(lambda: hotplug.add_netdev(check_id("id", name), lambda: Tap.from_fd(fds[fdname])))
+        del fds[fdname]                 # the tap owns it now
+        return result
+
+    def device_add(args: dict[str, Any]) -> object:
+        name, driver, slot = args["id"], args["driver"], _slot(args)
+        if driver in BLOCK_DRIVERS:
+            if "mac" in args:
+                raise QmpError("GenericError", f"Parameter 'mac' is unexpected for {driver}")
+            return _checked(lambda: hotplug.add_disk(name, slot, args.get("serial")))
+        if driver in NET_DRIVERS:
+            if "serial" in args:
+                raise QmpError("GenericError", f"Parameter 'serial' is unexpected for {driver}")
+            mac = args.get("mac")
+            return _checked(lambda: hotplug.add_nic(name, slot, check_mac("mac", mac) if mac else None))
+        raise QmpError("GenericError", f"Parameter 'driver' expects one of "
+                                       f"{', '.join(BLOCK_DRIVERS + NET_DRIVERS)}")
+
+    def getfd(args: dict[str, Any], fd: int) -> object:
+        name = args["fdname"]
+        if name[:1].isdigit():
+            raise QmpError("GenericError", "Parameter 'fdname' may not start with a digit")
+        if name in fds:
+            os.close(fds[name])         # QEMU replaces a descriptor of the same name
+        fds[name] = fd
+        return {}
+
+    def closefd(args: dict[str, Any]) -> object:
+        fd = fds.pop(args["fdname"], None)
+        if fd is None:
+            raise QmpError("GenericError", f"File descriptor named '{args['fdname']}' not found")
+        os.close(fd)
+        return {}
+
+    return {
+        "blockdev-add": Command(blockdev_add, {"node-name": (str, True), "driver": (str, False),
+                                               "file": (dict, True), "cache": (dict, False),
+                                               "read-only": (bool, False)}),
+        "blockdev-del": Command(lambda a: _checked(lambda: hotplug.del_blockdev(a["node-name"])),
+                                {"node-name": (str, True)}),
+        "netdev_add": Command(netdev_add, {"id": (str, True), "type": (str, False), "ifname": (str, False),
+                                           "fd": (str, False)}),
+        "netdev_del": Command(lambda a: _checked(lambda: hotplug.del_netdev(a["id"])), {"id": (str, True)}),
+        "device_add": Command(device_add, {"id": (str, True), "driver": (str, True),
+                                           "addr": ((str, int), False), "lun": (int, False),
+                                           "mac": (str, False), "serial": (str, False)}),
+        "device_del": Command(lambda a: _checked(lambda: hotplug.del_device(a["id"])), {"id": (str, True)}),
+        "getfd": Command(getfd, {"fdname": (str, True)}, takes_fd=True),
+        "closefd": Command(closefd, {"fdname": (str, True)}),
+    }
 
 
 def build(machine: Machine) -> dict[str, Command]:
@@ -73,5 +199,7 @@ def build(machine: Machine) -> dict[str, Command]:
         "query-version": Command(lambda a: version()),
         "query-name": Command(lambda a: {"name": machine.cfg.name}),
     }
+    if machine.hotplug is not None:
+        table.update(hotplug_commands(machine.hotplug))
     table["query-commands"] = Command(lambda a: [{"name": n} for n in sorted(table)])
     return table

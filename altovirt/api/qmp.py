@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20           # bytes a client may have pending without completing a request
 MAX_OUTPUT = 16 << 20           # replies and events a client has not read; past this it is dropped
+MAX_FDS = 8                     # file descriptors taken from one read (SCM_RIGHTS)
 
 
 class QmpError(Exception):
@@ -44,10 +45,16 @@ class QmpError(Exception):
 
 @dataclass
 class Command:
-    """A command: its handler and its arguments as name -> (type, required)."""
+    """A command: its handler and its arguments as name -> (type, required).
 
-    handler: Callable[[dict[str, Any]], object]
+    A command that ``takes_fd`` is called as ``handler(args, fd)`` with the
+    oldest file descriptor the client sent (SCM_RIGHTS) and not yet used; the
+    fd is the handler's once it returns, and stays the client's if it raises.
+    """
+
+    handler: Callable[..., object]
     params: dict[str, tuple[type | tuple[type, ...], bool]] = field(default_factory=dict)
+    takes_fd: bool = False
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Client:
     inbuf: str = ""
     outbuf: bytearray = field(default_factory=bytearray)
     negotiated: bool = False
+    fds: list[int] = field(default_factory=list)     # received, not yet taken by a command
     watching_out: bool = False
     # Where the scan for the end of the current request stands (see _split).
     scan: int = 0
@@ -178,11 +186,15 @@ class QmpServer:
                 return
             self.io.remove(client.sock.fileno())
             client.sock.close()
+            _close_fds(client)
         log.debug("QMP client dropped: %s", why)
 
     def _readable(self, client: Client) -> None:
+        # As QEMU's socket chardev does, fds a read brought that no command took are closed.
+        _close_fds(client)
         try:
-            data = client.sock.recv(65536)
+            data, client.fds, _, _ = socket.recv_fds(client.sock, 65536, MAX_FDS,
+                                                       socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return
         except OSError:
@@ -232,7 +244,13 @@ class QmpServer:
             if cmd is None:
                 raise QmpError("CommandNotFound", f"The command {name} has not been found")
             args = _check_args(cmd, msg.get("arguments", {}))
-            result = cmd.handler(args)
+            if cmd.takes_fd:
+                if not client.fds:
+                    raise QmpError("GenericError", "No file descriptor supplied via SCM_RIGHTS")
+                result = cmd.handler(args, client.fds[0])
+                client.fds.pop(0)
+            else:
+                result = cmd.handler(args)
             if name == "qmp_capabilities":
                 client.negotiated = True
         except QmpError as e:
@@ -299,9 +317,16 @@ class QmpServer:
                     with contextlib.suppress(OSError):
                         client.sock.sendall(client.outbuf)
                     client.sock.close()
+                _close_fds(client)
             self._clients.clear()
         self.listener.close()
         os.close(self._wake)
+
+
+def _close_fds(client: Client) -> None:
+    for fd in client.fds:
+        os.close(fd)
+    client.fds.clear()
 
 
 def _encode(msg: object) -> bytes:

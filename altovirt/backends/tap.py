@@ -20,6 +20,7 @@ from . import BackendError
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNGETIFF = 0x800454D2
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -56,6 +57,28 @@ class Tap:
                 raise BackendError(e.errno, f"tap {name} cannot be opened as a tap with "
                                             "virtio-net headers (is it a tun device?)") from None
             raise BackendError(e.errno, f"tap {name}: {e.strerror}") from None
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Tap:
+        """Adopt a tap someone else opened (an fd passed over QMP): it must be a tap
+        with virtio-net headers and no packet information. The fd is ours on success."""
+        try:
+            ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size))
+        except OSError as e:
+            raise BackendError(e.errno, f"fd {fd} is not an attached tap ({e.strerror})") from None
+        raw, flags = _IFREQ.unpack(ifr)
+        name = raw.rstrip(b"\0").decode(errors="replace")
+        if flags & (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) != IFF_TAP | IFF_NO_PI | IFF_VNET_HDR:
+            raise BackendError(errno.EINVAL, f"fd {fd} ({name}) is not a tap opened with "
+                                             "IFF_TAP | IFF_NO_PI | IFF_VNET_HDR")
+        try:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+            os.set_blocking(fd, False)
+        except OSError as e:
+            raise BackendError(e.errno, f"tap {name}: {e.strerror}") from None
+        tap = cls.__new__(cls)
+        tap.name, tap.fd = name, fd
+        return tap
 
     def set_offload(self, flags: int) -> bool:
         """Tell the tap which offloads the guest accepts; False if the tap refuses them."""

@@ -9,12 +9,13 @@ later, QMP).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..arch.x86_64 import boot, layout
@@ -36,6 +37,7 @@ from ..kvm import structs as S
 from ..memory import GuestMemory
 from . import virtio_devices
 from .console import HostConsole
+from .hotplug import Hotplug
 from .iothread import IoThread
 from .vcpu import GUEST_RESET, StopReason, VcpuThread, install_kick_handler
 
@@ -135,6 +137,7 @@ class Machine:
         self._clock: S.kvm_clock_data | None = None
         self._listeners: list[Callable[[str, dict[str, object]], None]] = []
         self.i8042: I8042 | None = None
+        self.hotplug: Hotplug | None = None
 
     # --- building ---
     @classmethod
@@ -201,10 +204,11 @@ class Machine:
         assert self.vm is not None and self.mem is not None
         entries = []
         try:
-            devices = virtio_devices.devices_for(self.cfg, self.io)
+            # Hot-plug slots only where something can fill them: QMP.
+            devices = virtio_devices.devices_for(self.cfg, self.io, hotplug=bool(self.cfg.api_channel))
         except virtio_devices.DeviceError as e:
             raise VmmError(str(e), exit_code=2) from None     # a configuration the host cannot honour
-        for index, device in enumerate(devices):
+        for index, device in enumerate(devices.in_slot_order()):
             base, irq = virtio_devices.slot(index)
             transport = MmioTransport(device, self.mem, self._irqfd(irq), self.io)
             self.transports.append(transport)
@@ -213,6 +217,9 @@ class Machine:
             self.mmio.insert(transport, base, MMIO_SLOT_SIZE)
             entries.append(virtio_devices.cmdline_entry(base, irq))
             log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)
+        n_disks, n_nics = len(devices.disks), len(devices.nets)
+        self.hotplug = Hotplug(self.transports[:n_disks], self.transports[n_disks:n_disks + n_nics],
+                               self.io, self._devices_still, self._device_deleted)
         return entries
 
     def _add_legacy_devices(self) -> None:
@@ -236,7 +243,8 @@ class Machine:
 
     # --- lifecycle ---
     def add_event_listener(self, listener: Callable[[str, dict[str, object]], None]) -> None:
-        """``listener(event, data)`` is called for STOP, RESUME, SHUTDOWN and POWERDOWN."""
+        """``listener(event, data)`` is called for STOP, RESUME, SHUTDOWN, POWERDOWN and
+        DEVICE_DELETED."""
         self._listeners.append(listener)
 
     def _emit(self, event: str, data: dict[str, object]) -> None:
@@ -290,6 +298,24 @@ class Machine:
         assert self.i8042 is not None
         self.i8042.ctrl_alt_del()
         self._emit("POWERDOWN", {})
+
+    @contextlib.contextmanager
+    def _devices_still(self) -> Iterator[None]:
+        """Hold device work still (a slot is changing), whether the guest runs or not."""
+        with self._lifecycle:
+            if self.state == "shutdown":
+                raise StateError("the VM is shutting down")
+            running = self.state == "running"
+            if running:
+                self.io.pause()
+            try:
+                yield
+            finally:
+                if running:
+                    self.io.resume()
+
+    def _device_deleted(self, name: str) -> None:
+        self._emit("DEVICE_DELETED", {"device": name, "path": name})
 
     def vcpu_info(self) -> list[VcpuInfo]:
         """Per vCPU: index, native thread id and whether it is halted (read outside KVM_RUN)."""
@@ -352,6 +378,8 @@ class Machine:
         for t in self.transports:
             t.close()
         self.transports.clear()
+        if self.hotplug is not None:
+            self.hotplug.close()
         self.io.stop()
         for fd in self._fds:
             os.close(fd)

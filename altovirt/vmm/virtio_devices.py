@@ -4,15 +4,23 @@ Slots are 4 KiB each from MMIO_BASE in the 32-bit gap (as in Firecracker);
 IRQs are ISA lines the legacy devices do not use (8 stays with the RTC).
 Linux finds the devices through ``virtio_mmio.device=`` on its command line
 (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+
+When the VM has a QMP channel, hot-plug works as StratoVirt's microvm does it
+("hot-replace"): every disk and NIC slot the limits allow exists from boot,
+the configured devices in the first ones and empty devices (a disk of no
+sectors, a NIC with its link down) in the rest, ready to take a backend.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from ..backends import BackendError
 from ..backends.blockfile import BlockFile
 from ..backends.tap import Tap
 from ..backends.unix import UnixListener
 from ..config import VmConfig
+from ..config.model import MAX_DRIVES, MAX_NICS
 from ..devices.virtio.block import Block
 from ..devices.virtio.console import Console
 from ..devices.virtio.device import VirtioDevice
@@ -29,31 +37,54 @@ class DeviceError(ValueError):
     """A configured device cannot be created (busy image, missing tap...)."""
 
 
-def devices_for(cfg: VmConfig, io: IoThread) -> list[VirtioDevice]:
-    """The devices in slot order: disks first (vda, vdb...), then the others."""
-    devices: list[VirtioDevice] = []
+@dataclass
+class DeviceSet:
+    disks: list[Block]
+    nets: list[Net]
+    others: list[VirtioDevice]
+
+    def in_slot_order(self) -> list[VirtioDevice]:
+        """Disks first (vda, vdb...), then NICs (eth0, eth1), then the others."""
+        return [*self.disks, *self.nets, *self.others]
+
+
+def empty_disk(slot: int) -> Block:
+    return Block(f"disk-slot{slot}", None)
+
+
+def empty_nic(slot: int, io: IoThread) -> Net:
+    return Net(f"nic-slot{slot}", None, random_mac(), io)
+
+
+def devices_for(cfg: VmConfig, io: IoThread, hotplug: bool) -> DeviceSet:
+    """The configured devices, with the empty hot-plug slots if ``hotplug``."""
+    devices = DeviceSet([], [], [])
     where = ""
     try:
         for d in cfg.drives:
             where = f"-drive id={d.id}"
             image = BlockFile(d.path, read_only=d.read_only, direct=d.direct)
-            devices.append(Block(d.id, image, d.serial))
+            devices.disks.append(Block(d.id, image, d.serial))
         for n in cfg.nets:
             where = f"-netdev id={n.id}"
-            devices.append(Net(n.id, Tap(n.tap), n.mac or random_mac(), io))
+            devices.nets.append(Net(n.id, Tap(n.tap), n.mac or random_mac(), io))
         if cfg.console is not None:
             where = f"-chardev id={cfg.console.id}"
-            devices.append(Console(cfg.console.id, UnixListener(cfg.console.socket_path), io))
+            devices.others.append(Console(cfg.console.id, UnixListener(cfg.console.socket_path), io))
         if cfg.vsock is not None:
             where = f"-device vsock id={cfg.vsock.id}"
             assert cfg.vsock.uds_path is not None       # validation fills in the default
-            devices.append(Vsock(cfg.vsock.id, cfg.vsock.guest_cid, UnixListener(cfg.vsock.uds_path), io))
+            devices.others.append(Vsock(cfg.vsock.id, cfg.vsock.guest_cid,
+                                        UnixListener(cfg.vsock.uds_path), io))
     except BackendError as e:
-        for dev in devices:
+        for dev in devices.in_slot_order():
             dev.close()
         raise DeviceError(f"{where}: {e.strerror}") from None
     if cfg.rng is not None:
-        devices.append(Rng(cfg.rng.id, cfg.rng.max_bytes, cfg.rng.period_ms))
+        devices.others.append(Rng(cfg.rng.id, cfg.rng.max_bytes, cfg.rng.period_ms))
+    if hotplug:
+        devices.disks += [empty_disk(i) for i in range(len(devices.disks), MAX_DRIVES)]
+        devices.nets += [empty_nic(i, io) for i in range(len(devices.nets), MAX_NICS)]
     return devices
 
 

@@ -86,7 +86,8 @@ class Block(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, name: str, image: BlockFile, serial: str | None = None) -> None:
+    def __init__(self, name: str, image: BlockFile | None, serial: str | None = None) -> None:
+        """``image`` None is an empty hot-plug slot: a disk of no sectors, every I/O an IOERR."""
         super().__init__(name)
         self.image = image
         self.serial = (serial or "").encode()[:VIRTIO_BLK_ID_BYTES]
@@ -95,7 +96,7 @@ class Block(VirtioDevice):
         self._used_lock = threading.Lock()
         self._idle = threading.Condition()
         self._in_flight = 0
-        self.capacity = image.size // SECTOR_SIZE
+        self.capacity = image.size // SECTOR_SIZE if image else 0
         self.config = bytearray(_CONFIG.pack(
             self.capacity, 0, SEG_MAX, 0, 0, 0, SECTOR_SIZE,    # capacity .. geometry, blk_size
             0, 0, 0, 0,                                        # topology
@@ -106,11 +107,15 @@ class Block(VirtioDevice):
     def device_features(self) -> int:
         features = COMMON_FEATURES | 1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_BLK_SIZE \
             | 1 << VIRTIO_BLK_F_FLUSH
-        if self.image.read_only:
+        if self.read_only:
             features |= 1 << VIRTIO_BLK_F_RO
         else:
             features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES
         return features
+
+    @property
+    def read_only(self) -> bool:
+        return self.image is not None and self.image.read_only
 
     def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
                  io: IoThread) -> None:
@@ -160,11 +165,11 @@ class Block(VirtioDevice):
         try:
             self._check_range(first.sector, _total(views))
             if kind == VIRTIO_BLK_T_IN:
-                self.image.read(first.sector * SECTOR_SIZE, views)
-            elif self.image.read_only:
+                self._image().read(first.sector * SECTOR_SIZE, views)
+            elif self.read_only:
                 return None
             else:
-                self.image.write(first.sector * SECTOR_SIZE, views)
+                self._image().write(first.sector * SECTOR_SIZE, views)
         except (RequestError, OSError):
             return None             # let each request find and report its own error
         for r in run:
@@ -202,15 +207,15 @@ class Block(VirtioDevice):
         try:
             if r.kind == VIRTIO_BLK_T_IN:
                 self._check_range(r.sector, _total(r.data_in))
-                self.image.read(r.sector * SECTOR_SIZE, r.data_in)
+                self._image().read(r.sector * SECTOR_SIZE, r.data_in)
                 written += _total(r.data_in)
             elif r.kind == VIRTIO_BLK_T_OUT:
-                if self.image.read_only:
+                if self.read_only:
                     raise RequestError(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
                 self._check_range(r.sector, _total(r.data_out))
-                self.image.write(r.sector * SECTOR_SIZE, r.data_out)
+                self._image().write(r.sector * SECTOR_SIZE, r.data_out)
             elif r.kind == VIRTIO_BLK_T_FLUSH:
-                self.image.flush()
+                self._image().flush()
             elif r.kind == VIRTIO_BLK_T_GET_ID:
                 written += _fill(r.data_in, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0"))
             elif r.kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
@@ -234,7 +239,7 @@ class Block(VirtioDevice):
             raise RequestError(VIRTIO_BLK_S_IOERR, f"sector {sector} + {length} bytes is beyond the disk")
 
     def _ranges(self, kind: int, data: bytes) -> None:
-        if self.image.read_only:
+        if self.read_only:
             raise RequestError(VIRTIO_BLK_S_IOERR, "discard or write zeroes on a read-only disk")
         if not data or len(data) % _SEGMENT.size:
             raise RequestError(VIRTIO_BLK_S_UNSUPP, "malformed discard/write-zeroes segments")
@@ -244,16 +249,26 @@ class Block(VirtioDevice):
             if kind == VIRTIO_BLK_T_DISCARD:
                 if flags:
                     raise RequestError(VIRTIO_BLK_S_UNSUPP, "discard with flags set")
-                self.image.discard(offset, length)
+                self._image().discard(offset, length)
             else:
-                self.image.write_zeroes(offset, length, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+                self._image().write_zeroes(offset, length, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
 
-    def close(self) -> None:
+    def _image(self) -> BlockFile:
+        if self.image is None:
+            raise RequestError(VIRTIO_BLK_S_IOERR, "no disk in this slot")
+        return self.image
+
+    def detach(self) -> None:
         for _ in self._workers:
             self._pending.put(None)
         for t in self._workers:
             t.join(5)
-        self.image.close()
+        self._workers.clear()
+
+    def close(self) -> None:
+        self.detach()
+        if self.image is not None:
+            self.image.close()
 
 
 def _merge(requests: list[Request]) -> list[list[Request]]:

@@ -99,8 +99,12 @@ class VirtioDevice:
     def quiesce(self) -> None:
         """Return when no request is in flight (the VM is being paused)."""
 
+    def detach(self) -> None:
+        """Stop using the backend but leave it open: it outlives the device (hot-unplug)."""
+
     def close(self) -> None:
-        """Release the backend (files, sockets) when the VM goes away."""
+        """Release the device and its backend (files, sockets) when the VM goes away."""
+        self.detach()
 
     def chains(self, queue: Queue) -> Iterator[DescriptorChain]:
         """The chains the driver made available on ``queue``. A malformed one puts

@@ -73,6 +73,36 @@ class MmioTransport:
             os.close(fd)
         self.device.close()
 
+    def replace(self, device: VirtioDevice) -> VirtioDevice:
+        """Hot-replace: put ``device`` (same ID and queues) behind this slot and return the
+        old one, reset and detached from its backend but not closed.
+
+        A driver already running keeps its queues and negotiated features, and
+        learns of the change from the configuration generation and a configuration
+        change interrupt (4.2.2), as StratoVirt's replaceable slots do. The caller
+        keeps the I/O thread from running device work meanwhile.
+        """
+        if (device.device_id, device.queue_sizes) != (self.device.device_id, self.device.queue_sizes):
+            raise ValueError(f"{device.name} does not fit {self.device.name}'s slot")
+        with self.lock:
+            old = self.device
+            old.reset()             # its in-flight requests complete first
+            old.detach()
+            self.device = device
+            running = bool(self.status & DRIVER_OK) and not old.broken
+            if running:
+                device.features = self.driver_features
+                device.activate(self.mem, self.queues, self.interrupt, self.io)
+            else:
+                device.broken = old.broken
+            self.config_generation += 1
+        self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG)
+        if running:
+            # Buffers the driver posted to the old device get looked at by the new one.
+            for fd in self.notify_fds:
+                os.eventfd_write(fd, 1)
+        return old
+
     # --- notifications (I/O thread) ---
     def _notified(self, index: int, fd: int) -> None:
         try:

@@ -63,18 +63,23 @@ class Net(VirtioDevice):
     device_id = VIRTIO_ID_NET
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, name: str, tap: Tap, mac: str, io: IoThread) -> None:
+    def __init__(self, name: str, tap: Tap | None, mac: str, io: IoThread) -> None:
+        """``tap`` None is an empty hot-plug slot: the link is down and frames sent are dropped."""
         super().__init__(name)
         self.tap = tap
         self.mac = mac
         self.io = io
-        self.config = bytearray(_CONFIG.pack(parse_mac(mac), VIRTIO_NET_S_LINK_UP, 1, 0))
+        status = VIRTIO_NET_S_LINK_UP if tap else 0
+        self.config = bytearray(_CONFIG.pack(parse_mac(mac), status, 1, 0))
         self._lock = threading.Lock()
         self._reading = False
         self._registered = False
-        # Guest offloads only where the tap takes them (checked once, then reset).
-        self._tap_offloads = tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
-        tap.set_offload(0)
+        # Guest offloads only where the tap takes them (checked once, then reset). An empty
+        # slot offers them, as every Linux tap takes them, for the tap plugged in later.
+        self._tap_offloads = True
+        if tap is not None:
+            self._tap_offloads = tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
+            tap.set_offload(0)
 
     def device_features(self) -> int:
         f = COMMON_FEATURES | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
@@ -97,7 +102,8 @@ class Net(VirtioDevice):
                                   (VIRTIO_NET_F_GUEST_ECN, TUN_F_TSO_ECN)):
                     if self.features >> bit & 1:
                         offload |= flag
-            self.tap.set_offload(offload)
+            if self.tap is not None:
+                self.tap.set_offload(offload)
             self._watch_tap()
 
     def reset(self) -> None:
@@ -107,6 +113,8 @@ class Net(VirtioDevice):
 
     def _watch_tap(self) -> None:
         """Read the tap only while the guest has receive buffers (it paces reception)."""
+        if self.tap is None:
+            return
         want = bool(self.queues) and not self.broken and self.queues[RXQ].has_available()
         if want == self._reading and self._registered:
             return
@@ -134,7 +142,8 @@ class Net(VirtioDevice):
                 self.fail("transmit chain with device-writable buffers")
                 return
             try:
-                os.writev(self.tap.fd, chain.readable)
+                if self.tap is not None:        # no tap: the cable is out, the frame is lost
+                    os.writev(self.tap.fd, chain.readable)
             except BlockingIOError:
                 queue.undo_pop()            # the tap is full: try again on the next notify
                 break
@@ -147,7 +156,7 @@ class Net(VirtioDevice):
 
     def _tap_readable(self) -> None:
         with self._lock:
-            if self.queues and not self.broken:
+            if self.queues and not self.broken and self.tap is not None:
                 self._receive()
                 self._watch_tap()
 
@@ -180,6 +189,7 @@ class Net(VirtioDevice):
                 self.fail("receive buffer smaller than the virtio-net header")
                 return
             try:
+                assert self.tap is not None
                 n = os.readv(self.tap.fd, views)
             except OSError as e:
                 for _ in chains:
@@ -205,7 +215,12 @@ class Net(VirtioDevice):
         if delivered:
             interrupt.signal_used(queue)
 
-    def close(self) -> None:
-        if self._registered:
+    def detach(self) -> None:
+        if self._registered and self.tap is not None:
             self.io.remove(self.tap.fd)
-        self.tap.close()
+            self._registered = False
+
+    def close(self) -> None:
+        self.detach()
+        if self.tap is not None:
+            self.tap.close()

@@ -1,0 +1,190 @@
+"""Hot-plug into replaceable virtio-mmio slots (StratoVirt's "hot-replace").
+
+Backends come first and live on their own, as in QEMU: block nodes
+(``blockdev-add``) and netdevs (``netdev_add``), named. A device is then put
+into a free disk or NIC slot on a backend of the same name (``device_add``)
+and taken out again (``device_del``); the backend stays open until it is
+deleted. Configured disks and NICs are devices on backends named by their
+ids, so they can be unplugged too. Every request is checked in full before
+anything changes: a refused one leaves the VM as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+from ..backends import BackendError
+from ..backends.blockfile import BlockFile
+from ..backends.tap import Tap
+from ..devices.virtio.block import Block
+from ..devices.virtio.mmio import MmioTransport
+from ..devices.virtio.net import Net
+from .iothread import IoThread
+from .virtio_devices import empty_disk, empty_nic
+
+log = logging.getLogger(__name__)
+
+
+class HotplugError(ValueError):
+    """A hot-plug request refused, with nothing changed; ``cls`` is QMP's error class."""
+
+    def __init__(self, message: str, cls: str = "GenericError") -> None:
+        super().__init__(message)
+        self.cls = cls
+
+
+class Hotplug:
+    """The backends and the slots of one VM. Callers serialize requests (the QMP thread)."""
+
+    def __init__(self, disks: list[MmioTransport], nics: list[MmioTransport], io: IoThread,
+                 quiet: Callable[[], AbstractContextManager[None]],
+                 on_deleted: Callable[[str], None]) -> None:
+        """``quiet()`` holds device work still while a slot changes; ``on_deleted(id)``
+        announces an unplugged device (QMP's DEVICE_DELETED)."""
+        self.disks, self.nics = disks, nics
+        self._io = io
+        self._quiet = quiet
+        self._on_deleted = on_deleted
+        self._lock = threading.Lock()
+        self.blockdevs: dict[str, BlockFile] = {}
+        self.netdevs: dict[str, Tap] = {}
+        for t in disks:
+            if isinstance(t.device, Block) and t.device.image is not None:
+                self.blockdevs[t.device.name] = t.device.image
+        for t in nics:
+            if isinstance(t.device, Net) and t.device.tap is not None:
+                self.netdevs[t.device.name] = t.device.tap
+        self._boot_disk = disks[0].device.name if disks and self._occupied(disks[0]) else None
+
+    # --- backends ---
+    def add_blockdev(self, node: str, path: str, *, read_only: bool, direct: bool) -> None:
+        with self._lock:
+            if node in self.blockdevs:
+                raise HotplugError(f"node-name {node!r} is already in use")
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise HotplugError(f"{path}: {e.strerror}") from None
+            for name, image in self.blockdevs.items():
+                other = os.fstat(image.fd)
+                if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                    boot = " (the boot disk)" if name == self._boot_disk else ""
+                    raise HotplugError(f"{path} is already open as node {name!r}{boot}")
+            try:
+                self.blockdevs[node] = BlockFile(path, read_only=read_only, direct=direct)
+            except BackendError as e:
+                raise HotplugError(e.strerror or str(e)) from None
+        log.info("block node %s: %s%s", node, path, " (read-only)" if read_only else "")
+
+    def del_blockdev(self, node: str) -> None:
+        with self._lock:
+            image = self.blockdevs.get(node)
+            if image is None:
+                raise HotplugError(f"Failed to find node with node-name={node!r}")
+            if self._slot_of(self.disks, node) is not None:
+                raise HotplugError(f"Node {node!r} is busy: device {node!r} uses it; device_del it first")
+            del self.blockdevs[node]
+            image.close()
+
+    def add_netdev(self, name: str, open_tap: Callable[[], Tap]) -> None:
+        with self._lock:
+            if name in self.netdevs:
+                raise HotplugError(f"Duplicate ID {name!r} for netdev")
+            try:
+                self.netdevs[name] = open_tap()
+            except BackendError as e:
+                raise HotplugError(e.strerror or str(e)) from None
+        log.info("netdev %s: tap %s", name, self.netdevs[name].name)
+
+    def del_netdev(self, name: str) -> None:
+        with self._lock:
+            tap = self.netdevs.get(name)
+            if tap is None:
+                raise HotplugError(f"Failed to find netdev {name!r}")
+            if self._slot_of(self.nics, name) is not None:
+                raise HotplugError(f"netdev {name!r} is busy: device {name!r} uses it; device_del it first")
+            del self.netdevs[name]
+            tap.close()
+
+    # --- devices ---
+    def add_disk(self, name: str, slot: int | None, serial: str | None = None) -> int:
+        """Put node ``name`` into disk slot ``slot`` (the first free one if None); returns the slot."""
+        with self._lock:
+            image = self.blockdevs.get(name)
+            if image is None:
+                raise HotplugError(f"no block node named {name!r}: blockdev-add it first "
+                                   "(device_add's id must equal its node-name)")
+            index = self._free_slot(self.disks, name, slot, "disk")
+            self._plug(self.disks[index], Block(name, image, serial))
+        log.info("disk %s plugged into disk slot %d", name, index)
+        return index
+
+    def add_nic(self, name: str, slot: int | None, mac: str | None = None) -> int:
+        """Put netdev ``name`` into NIC slot ``slot`` (the first free one if None); returns the slot."""
+        with self._lock:
+            tap = self.netdevs.get(name)
+            if tap is None:
+                raise HotplugError(f"no netdev named {name!r}: netdev_add it first "
+                                   "(device_add's id must equal the netdev's id)")
+            index = self._free_slot(self.nics, name, slot, "NIC")
+            transport = self.nics[index]
+            assert isinstance(transport.device, Net)
+            # The guest read the MAC when it found the slot; keep it unless told otherwise.
+            self._plug(transport, Net(name, tap, mac or transport.device.mac, self._io))
+        log.info("NIC %s plugged into NIC slot %d", name, index)
+        return index
+
+    def del_device(self, name: str) -> None:
+        with self._lock:
+            if (index := self._slot_of(self.disks, name)) is not None:
+                self._plug(self.disks[index], empty_disk(index))
+            elif (index := self._slot_of(self.nics, name)) is not None:
+                self._plug(self.nics[index], empty_nic(index, self._io))
+            else:
+                raise HotplugError(f"Device {name!r} not found", "DeviceNotFound")
+        log.info("device %s unplugged", name)
+        self._on_deleted(name)
+
+    # --- helpers ---
+    def _plug(self, transport: MmioTransport, device: Block | Net) -> None:
+        with self._quiet():
+            transport.replace(device)
+
+    @staticmethod
+    def _occupied(transport: MmioTransport) -> bool:
+        d = transport.device
+        return (isinstance(d, Block) and d.image is not None) or (isinstance(d, Net) and d.tap is not None)
+
+    def _slot_of(self, slots: list[MmioTransport], name: str) -> int | None:
+        for i, t in enumerate(slots):
+            if self._occupied(t) and t.device.name == name:
+                return i
+        return None
+
+    def _free_slot(self, slots: list[MmioTransport], name: str, slot: int | None, what: str) -> int:
+        if self._slot_of(self.disks, name) is not None or self._slot_of(self.nics, name) is not None:
+            raise HotplugError(f"Duplicate device ID {name!r}")
+        if slot is None:
+            free = [i for i, t in enumerate(slots) if not self._occupied(t)]
+            if not free:
+                raise HotplugError(f"all {len(slots)} {what} slots are in use")
+            return free[0]
+        if not 0 <= slot < len(slots):
+            raise HotplugError(f"{what} slot {slot} does not exist; this VM has {what} slots "
+                               f"0 to {len(slots) - 1}")
+        if self._occupied(slots[slot]):
+            raise HotplugError(f"{what} slot {slot} is in use by {slots[slot].device.name!r}")
+        return slot
+
+    def close(self) -> None:
+        """Close every backend (after the devices, which may have closed some already)."""
+        for image in self.blockdevs.values():
+            image.close()
+        for tap in self.netdevs.values():
+            tap.close()
+        self.blockdevs.clear()
+        self.netdevs.clear()
