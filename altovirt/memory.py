@@ -84,6 +84,11 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
 
+    def discard(self) -> None:
+        """Zero all of guest RAM by handing its pages back to the host (a cold reset).
+        KVM drops its mappings through the MMU notifier and faults in fresh zero pages."""
+        self._map.madvise(mmap.MADV_REMOVE)
+
     def close(self) -> None:
         """Unmap and close. Views still held elsewhere (device queues) keep the
         mapping alive until they are dropped; the memfd is closed either way."""

@@ -93,6 +93,28 @@ int serial_getc(void)
 	return inb(COM1);
 }
 
+size_t serial_getline(char *line, size_t size)
+{
+	size_t n = 0;
+
+	for (;;) {
+		int c = serial_getc();
+		if (c < 0) {
+			cpu_relax();
+			continue;
+		}
+		if (c == '\r' || c == '\n') {
+			if (n)
+				break;
+			continue;	/* the other half of a CR LF */
+		}
+		if (n < size - 1)
+			line[n++] = (char)c;
+	}
+	line[n] = 0;
+	return n;
+}
+
 static volatile int output_lock;
 
 void lock_output(void)

@@ -39,6 +39,7 @@ int strncmp(const char *a, const char *b, size_t n);
 void serial_init(void);
 void serial_write(const char *s, size_t n);
 int serial_getc(void);		/* -1 when nothing is waiting */
+size_t serial_getline(char *line, size_t size);	/* waits for a non-empty line, without its end */
 void printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void lock_output(void);
 void unlock_output(void);

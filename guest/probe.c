@@ -182,21 +182,9 @@ static int test_info(void)
 static int test_echo(void)
 {
 	char line[128];
-	size_t n = 0;
 
 	printf("probe: echo ready\n");
-	for (;;) {
-		int c = serial_getc();
-		if (c < 0) {
-			cpu_relax();
-			continue;
-		}
-		if (c == '\r' || c == '\n')
-			break;
-		if (n < sizeof(line) - 1)
-			line[n++] = (char)c;
-	}
-	line[n] = 0;
+	serial_getline(line, sizeof(line));
 	printf("probe: echo %s\n", line);
 	return 1;
 }
@@ -272,6 +260,7 @@ static const struct {
 	{ "vsock", test_vsock },
 	{ "netbench", test_netbench },
 	{ "net-big", test_net_big },
+	{ "hotplug", test_hotplug },
 };
 
 static int run_test(const char *name, size_t len)

@@ -41,6 +41,7 @@ int test_net(void);
 int test_vsock(void);
 int test_netbench(void);
 int test_net_big(void);
+int test_hotplug(void);
 u64 tsc_hz(void);
 
 #endif

@@ -1,9 +1,6 @@
 /* Tests of the virtio devices, driven through the polling driver. */
 #include "probe.h"
-#include "virtio.h"
-
-#define TIMEOUT	(20UL * 1000 * 1000 * 1000)	/* TSC cycles: seconds on any host */
-#define VRING_INT	1
+#include "vdrivers.h"
 
 /* rng: the device fills writable buffers with random bytes and raises its interrupt. */
 int test_rng(void)
@@ -71,96 +68,6 @@ int test_rng_rate(void)
 	return total == 8192;
 }
 
-#define VIRTIO_BLK_F_SEG_MAX		2
-#define VIRTIO_BLK_F_RO			5
-#define VIRTIO_BLK_F_BLK_SIZE		6
-#define VIRTIO_BLK_F_FLUSH		9
-#define VIRTIO_BLK_F_DISCARD		13
-#define VIRTIO_BLK_F_WRITE_ZEROES	14
-#define VIRTIO_BLK_T_IN			0
-#define VIRTIO_BLK_T_OUT		1
-#define VIRTIO_BLK_T_FLUSH		4
-#define VIRTIO_BLK_T_GET_ID		8
-#define VIRTIO_BLK_T_DISCARD		11
-#define VIRTIO_BLK_T_WRITE_ZEROES	13
-#define BLK_OK		0
-#define BLK_IOERR	1
-#define BLK_UNSUPP	2
-#define BLK_TIMEOUT	0xff
-
-struct blk_hdr {
-	u32 type;
-	u32 reserved;
-	u64 sector;
-};
-
-struct blk {
-	struct vdev dev;
-	struct vq q;
-	struct blk_hdr *hdr;
-	u8 *status;
-	struct vring_desc *indirect;
-};
-
-/* One request: header, data split into n_parts buffers, status. */
-static u8 blk_rw(struct blk *b, u32 type, u64 sector, u8 *data, u32 len, int n_parts, int indirect)
-{
-	struct vbuf bufs[6];
-	int n = 0, writable = type == VIRTIO_BLK_T_IN || type == VIRTIO_BLK_T_GET_ID;
-	u32 head, used;
-
-	b->hdr->type = type;
-	b->hdr->reserved = 0;
-	b->hdr->sector = sector;
-	*b->status = 0xee;
-	bufs[n++] = (struct vbuf){ b->hdr, sizeof(*b->hdr), 0 };
-	for (int i = 0; len && i < n_parts; i++)
-		bufs[n++] = (struct vbuf){ data + i * (len / n_parts), len / n_parts, writable };
-	bufs[n++] = (struct vbuf){ b->status, 1, 1 };
-	if (!indirect) {
-		vq_submit(&b->q, bufs, n);
-	} else {
-		for (int i = 0; i < n; i++) {
-			b->indirect[i].addr = (u64)bufs[i].addr;
-			b->indirect[i].len = bufs[i].len;
-			b->indirect[i].flags = (u16)((bufs[i].writable ? VRING_DESC_F_WRITE : 0) |
-						     (i + 1 < n ? VRING_DESC_F_NEXT : 0));
-			b->indirect[i].next = (u16)(i + 1);
-		}
-		struct vring_desc *d = &b->q.desc[b->q.next_desc];
-		u16 h = b->q.next_desc;
-		d->addr = (u64)b->indirect;
-		d->len = (u32)(n * sizeof(struct vring_desc));
-		d->flags = VRING_DESC_F_INDIRECT;
-		b->q.next_desc = (u16)((h + 1) % b->q.size);
-		vq_publish(&b->q, h);
-	}
-	if (vq_wait(&b->q, &head, &used, TIMEOUT))
-		return BLK_TIMEOUT;
-	return *b->status;
-}
-
-static const char *status_name(u8 s)
-{
-	return s == BLK_OK ? "ok" : s == BLK_IOERR ? "ioerr" : s == BLK_UNSUPP ? "unsupp" : "timeout";
-}
-
-static int blk_open(struct blk *b, int nth)
-{
-	u64 want = 1UL << VIRTIO_BLK_F_SEG_MAX | 1UL << VIRTIO_BLK_F_RO | 1UL << VIRTIO_BLK_F_BLK_SIZE |
-		   1UL << VIRTIO_BLK_F_FLUSH | 1UL << VIRTIO_BLK_F_DISCARD | 1UL << VIRTIO_BLK_F_WRITE_ZEROES |
-		   1UL << VIRTIO_F_INDIRECT_DESC;
-
-	if (virtio_find(VIRTIO_ID_BLOCK, nth, &b->dev))
-		return -1;
-	if (virtio_init(&b->dev, want) || vq_setup(&b->dev, 0, &b->q, 128))
-		return -2;
-	virtio_driver_ok(&b->dev);
-	b->hdr = dma_alloc(sizeof(struct blk_hdr), 16);
-	b->status = dma_alloc(1, 1);
-	b->indirect = dma_alloc(8 * sizeof(struct vring_desc), 16);
-	return 0;
-}
 
 static u8 pattern(u32 disk, u32 j) { return (u8)(j * 7 + 3 + disk); }
 
@@ -213,9 +120,9 @@ int test_blk(void)
 		printf("probe: blk%d capacity=%lu blk_size=%u seg_max=%u ro=%d serial=%s id=%s read=%s "
 		       "read-crc32=0x%x write=%s flush=%s readback=%s zeroes=%s discard=%s oob=%s unknown=%s "
 		       "isr=0x%x\n", n, capacity, blk_size, seg_max, ro, serial[0] ? serial : "-",
-		       status_name(s_id), status_name(s_read), crc, status_name(s_write), status_name(s_flush),
-		       back ? status_name(s_back) : "mismatch", status_name(s_zero), status_name(s_discard),
-		       status_name(s_oob), status_name(s_unknown), isr);
+		       blk_status_name(s_id), blk_status_name(s_read), crc, blk_status_name(s_write), blk_status_name(s_flush),
+		       back ? blk_status_name(s_back) : "mismatch", blk_status_name(s_zero), blk_status_name(s_discard),
+		       blk_status_name(s_oob), blk_status_name(s_unknown), isr);
 		ok &= s_id == BLK_OK && s_read == BLK_OK && s_flush == BLK_OK && s_back == BLK_OK && back &&
 		      s_oob == BLK_IOERR && s_unknown == BLK_UNSUPP && (isr & VRING_INT) &&
 		      (ro ? s_write == BLK_IOERR : s_write == BLK_OK && s_zero == BLK_OK && s_discard == BLK_OK);
@@ -292,7 +199,7 @@ int test_virtio_abuse(void)
 	if (blk_open(&b, 0) == 0) {
 		u8 *buf = dma_alloc(512, 512);
 		u8 s = blk_rw(&b, VIRTIO_BLK_T_IN, 0, buf, 512, 1, 0);
-		printf("probe: abuse blk-after-reset=%s\n", status_name(s));
+		printf("probe: abuse blk-after-reset=%s\n", blk_status_name(s));
 		ok &= s == BLK_OK;
 		virtio_reset(&b.dev);
 	}
@@ -368,85 +275,6 @@ int test_console(void)
 	return ok && total == 65536;
 }
 
-#define VIRTIO_NET_F_MAC	5
-#define VIRTIO_NET_F_MRG_RXBUF	15
-#define VIRTIO_NET_F_STATUS	16
-#define NET_HDR		12		/* struct virtio_net_hdr_v1 */
-#define ETH_P_PROBE	0x88b5		/* IEEE 802 local experimental EtherType */
-#define NET_FRAMES	32
-#define NET_RXBUF	2048
-
-struct netdev {
-	struct vdev dev;
-	struct vq rx, tx;
-	u8 mac[6];
-	u8 *txbuf;
-};
-
-static int net_open(struct netdev *n)
-{
-	if (virtio_find(VIRTIO_ID_NET, 0, &n->dev) ||
-	    virtio_init(&n->dev, 1UL << VIRTIO_NET_F_MAC | 1UL << VIRTIO_NET_F_STATUS | 1UL << VIRTIO_NET_F_MRG_RXBUF) ||
-	    vq_setup(&n->dev, 0, &n->rx, 128) || vq_setup(&n->dev, 1, &n->tx, 128))
-		return -1;
-	virtio_driver_ok(&n->dev);
-	u32 lo = virtio_config32(&n->dev, 0), hi = virtio_config32(&n->dev, 4);
-	for (int i = 0; i < 4; i++)
-		n->mac[i] = (u8)(lo >> (8 * i));
-	n->mac[4] = (u8)hi;
-	n->mac[5] = (u8)(hi >> 8);
-	for (int i = 0; i < 64; i++) {
-		struct vbuf b = { dma_alloc(NET_RXBUF, 64), NET_RXBUF, 1 };
-		vq_submit(&n->rx, &b, 1);
-	}
-	n->txbuf = dma_alloc(NET_HDR + 1514, 64);
-	return 0;
-}
-
-/* Send one probe frame numbered i (a broadcast with our EtherType). */
-static int net_send(struct netdev *n, u32 i)
-{
-	u8 *f = n->txbuf + NET_HDR;
-	u32 head, len;
-
-	memset(n->txbuf, 0, NET_HDR + 60);
-	memset(f, 0xff, 6);
-	memcpy(f + 6, n->mac, 6);
-	f[12] = ETH_P_PROBE >> 8;
-	f[13] = ETH_P_PROBE & 0xff;
-	memcpy(f + 14, "altovirt-probe ", 15);
-	for (int k = 0; k < 8; k++)
-		f[29 + k] = "0123456789abcdef"[(i >> (28 - 4 * k)) & 0xf];
-	struct vbuf b = { n->txbuf, NET_HDR + 60, 0 };
-	vq_submit(&n->tx, &b, 1);
-	return vq_wait(&n->tx, &head, &len, TIMEOUT);
-}
-
-/* Next echoed probe frame: its number, or -1 on timeout. Other traffic is skipped. */
-static long net_recv(struct netdev *n, u64 timeout)
-{
-	u32 head, len;
-
-	for (;;) {
-		if (vq_wait(&n->rx, &head, &len, timeout))
-			return -1;
-		u8 *buf = (u8 *)n->rx.desc[head].addr, *f = buf + NET_HDR;
-		long num = -1;
-		u16 nbuf = (u16)(buf[10] | buf[11] << 8);
-		if (len >= NET_HDR + 45 && nbuf == 1 && f[12] == ETH_P_PROBE >> 8 && f[13] == (ETH_P_PROBE & 0xff) &&
-		    !strncmp((char *)f + 14, "echo altovirt-probe ", 20) && !memcmp(f, n->mac, 6)) {
-			num = 0;
-			for (int k = 0; k < 8; k++) {
-				char c = (char)f[34 + k];
-				num = num * 16 + (c <= '9' ? c - '0' : c - 'a' + 10);
-			}
-		}
-		struct vbuf again = { buf, NET_RXBUF, 1 };
-		vq_submit(&n->rx, &again, 1);
-		if (num >= 0)
-			return num;
-	}
-}
 
 /* net: frames to the host's echo responder on the tap and back. */
 int test_net(void)
@@ -454,7 +282,7 @@ int test_net(void)
 	struct netdev n;
 	u32 got = 0, seen[NET_FRAMES] = { 0 };
 
-	if (net_open(&n)) {
+	if (net_open(&n, 0)) {
 		printf("probe: net no device\n");
 		return 0;
 	}
@@ -470,11 +298,7 @@ int test_net(void)
 			got++;
 	}
 	char mac[18];
-	for (int i = 0; i < 6; i++) {
-		mac[3 * i] = "0123456789abcdef"[n.mac[i] >> 4];
-		mac[3 * i + 1] = "0123456789abcdef"[n.mac[i] & 0xf];
-		mac[3 * i + 2] = i < 5 ? ':' : 0;
-	}
+	mac_string(n.mac, mac);
 	printf("probe: net mac=%s link=%u tx=%u rx=%u\n", mac, status & 1, NET_FRAMES, got);
 	virtio_reset(&n.dev);
 	return got == NET_FRAMES && (status & 1);
@@ -650,7 +474,7 @@ int test_netbench(void)
 	u64 hz = tsc_hz();
 	u32 head, len, done = 0, sent = 0;
 
-	if (!hz || net_open(&n)) {
+	if (!hz || net_open(&n, 0)) {
 		printf("probe: netbench setup failed\n");
 		return 0;
 	}
@@ -694,7 +518,7 @@ int test_net_big(void)
 	u32 head, len, filled = 0, want = 0, bufs = 0;
 	static u8 frame[8192];
 
-	if (net_open(&n)) {
+	if (net_open(&n, 0)) {
 		printf("probe: net-big no device\n");
 		return 0;
 	}

@@ -24,6 +24,7 @@
 #define REG_QUEUE_DESC		0x080
 #define REG_QUEUE_DRIVER	0x090
 #define REG_QUEUE_DEVICE	0x0a0
+#define REG_CONFIG_GENERATION	0x0fc
 #define REG_CONFIG		0x100
 
 #define STATUS_ACKNOWLEDGE	1
@@ -178,6 +179,7 @@ void virtio_driver_ok(struct vdev *d)
 
 u32 virtio_status(struct vdev *d) { return rd(d, REG_STATUS); }
 u32 virtio_isr(struct vdev *d) { return rd(d, REG_INTERRUPT_STATUS); }
+u32 virtio_generation(struct vdev *d) { return rd(d, REG_CONFIG_GENERATION); }
 void virtio_ack(struct vdev *d, u32 bits) { wr(d, REG_INTERRUPT_ACK, bits); }
 u32 virtio_config32(struct vdev *d, u32 off) { return rd(d, REG_CONFIG + off); }
 u64 virtio_config64(struct vdev *d, u32 off)

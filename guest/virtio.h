@@ -57,6 +57,7 @@ int vq_setup(struct vdev *dev, u32 index, struct vq *q, u16 size);
 void virtio_driver_ok(struct vdev *dev);
 u32 virtio_status(struct vdev *dev);
 u32 virtio_isr(struct vdev *dev);
+u32 virtio_generation(struct vdev *dev);
 void virtio_ack(struct vdev *dev, u32 bits);
 u32 virtio_config32(struct vdev *dev, u32 offset);
 u64 virtio_config64(struct vdev *dev, u32 offset);

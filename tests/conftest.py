@@ -135,9 +135,10 @@ def run_qemu(kernel: Path, cmdline: str, timeout: float = 60, **kw: object) -> R
 class Vm:
     """A running altovirt process whose stdout lines can be waited for."""
 
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(altovirt_cmd(*args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, cwd=ROOT)
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
+        """``prefix`` runs the VMM through another command (``ip netns exec NS``)."""
+        self.proc = subprocess.Popen([*prefix, *altovirt_cmd(*args)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
         self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
         self.seen: list[str] = []
         self._reader_thread = threading.Thread(target=self._reader, daemon=True)
@@ -147,6 +148,12 @@ class Vm:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             self.lines.put((time.monotonic(), raw.decode(errors="replace").rstrip("\r\n")))
+
+    def type(self, line: str) -> None:
+        """Send a line to the guest's serial console."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
 
     def wait_line(self, text: str, timeout: float = 30) -> float:
         """Wait for a stdout line starting with ``text``; returns when it arrived (monotonic)."""
@@ -160,6 +167,11 @@ class Vm:
             if line.startswith(text):
                 return when
         raise AssertionError(f"never saw {text!r}; got {self.seen}")
+
+    def line(self, text: str, timeout: float = 30) -> str:
+        """The next stdout line starting with ``text``."""
+        self.wait_line(text, timeout)
+        return self.seen[-1]
 
     def finish(self, timeout: float = 30) -> tuple[int, str]:
         """Wait for exit; return the status and stderr, with stdout collected in ``seen``."""

@@ -126,8 +126,8 @@ def test_qmpclient_lifecycle_and_events(vm: tuple[Vm, Path]) -> None:
          "qom-path": f"/machine/unattached/device[{i}]", "type": "host-x86-cpu", "vcpus-count": 1}
         for i in range(2)]
     names = {c["name"] for c in seen["commands"]}  # type: ignore[attr-defined]
-    assert {"qmp_capabilities", "stop", "cont", "quit", "query-status", "query-cpus",
-            "system_powerdown"} <= names
+    assert {"qmp_capabilities", "stop", "cont", "quit", "query-status", "query-cpus", "system_reset",
+            "system_powerdown", "getfd", "blockdev-add", "device_add", "netdev_add", "device_del"} <= names
     assert (seen["stop"], seen["cont"]) == ("STOP", "RESUME")
     assert seen["paused"] == {"running": False, "singlestep": False, "status": "paused"}
     assert seen["quit"] == {"guest": False, "reason": "host-qmp-quit"}
@@ -229,6 +229,31 @@ def test_system_powerdown_lets_the_guest_decide(probe: Path, tmp_path: Path, vms
     v.wait_line("probe: ctrl-alt-del")
     shutdown = raw.recv()
     assert shutdown["event"] == "SHUTDOWN" and shutdown["data"] == {"guest": True, "reason": "guest-reset"}
+    raw.close()
+    assert v.finish()[0] == 0
+
+
+def test_system_reset_reboots_the_guest(vm: tuple[Vm, Path]) -> None:
+    v, sock = vm
+    raw = Raw(sock)
+    raw.send(b'{"execute": "system_reset"}')
+    assert raw.recv()["event"] == "RESET" and raw.recv() == {"return": {}}
+    # The kernel boots again from the start on both vCPUs: the AP went back to
+    # waiting for INIT/SIPI and answers the BSP's wake-up as it did at power-on.
+    v.wait_line("probe: boot=pvh")
+    v.wait_line("probe: smp cpus=2 expected=2 bsp=0")
+    v.wait_line("probe: waiting")
+    # A reset while paused leaves the VM paused, until cont.
+    assert raw.call({"execute": "stop"}) == {"return": {}}
+    reply = raw.call({"execute": "system_reset"})
+    assert reply == {"return": {}}
+    assert raw.call({"execute": "query-status"})["return"]["status"] == "paused"
+    with pytest.raises(AssertionError):
+        v.wait_line("probe: boot=", timeout=1)
+    assert raw.call({"execute": "cont"}) == {"return": {}}
+    v.wait_line("probe: boot=pvh")
+    v.wait_line("probe: waiting")
+    assert raw.call({"execute": "quit"}) == {"return": {}}
     raw.close()
     assert v.finish()[0] == 0
 

@@ -191,6 +191,7 @@ def build(machine: Machine) -> dict[str, Command]:
         "stop": Command(_lifecycle(machine.pause)),
         "cont": Command(_lifecycle(machine.resume)),
         "quit": Command(quit_),
+        "system_reset": Command(_lifecycle(machine.reset)),
         "system_powerdown": Command(_lifecycle(machine.powerdown)),
         "query-status": Command(query_status),
         "query-cpus": Command(query_cpus),

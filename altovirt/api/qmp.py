@@ -190,15 +190,16 @@ class QmpServer:
         log.debug("QMP client dropped: %s", why)
 
     def _readable(self, client: Client) -> None:
-        # As QEMU's socket chardev does, fds a read brought that no command took are closed.
-        _close_fds(client)
         try:
-            data, client.fds, _, _ = socket.recv_fds(client.sock, 65536, MAX_FDS,
-                                                       socket.MSG_CMSG_CLOEXEC)
+            data, fds, _, _ = socket.recv_fds(client.sock, 65536, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
+            data, fds = b"", []
+        if fds:
+            # As QEMU's socket chardev does: new fds replace those no command took.
+            _close_fds(client)
+            client.fds = fds
         if not data:
             self._drop(client, "disconnected")
             return

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..arch.x86_64 import boot, layout
+from ..arch.x86_64 import boot, layout, poweron
 from ..arch.x86_64.loader import KernelError
 from ..arch.x86_64.regs import BOOT_MSRS
 from ..config import VmConfig
@@ -138,6 +138,8 @@ class Machine:
         self._listeners: list[Callable[[str, dict[str, object]], None]] = []
         self.i8042: I8042 | None = None
         self.hotplug: Hotplug | None = None
+        self._boot_inputs: tuple[bytes, str, bytes | None] | None = None
+        self._power_on: poweron.PowerOnState | None = None
 
     # --- building ---
     @classmethod
@@ -173,6 +175,7 @@ class Machine:
         cmdline = " ".join([cfg.cmdline, *self._add_virtio_devices()]).strip()
         image = _read_file("-kernel", cfg.kernel or "")
         initrd = _read_file("-initrd", cfg.initrd) if cfg.initrd else None
+        self._boot_inputs = (image, cmdline, initrd)
         try:
             self.plan = plan = boot.prepare(mem, image, cmdline, initrd, cfg.vcpus)
         except KernelError as e:
@@ -182,10 +185,16 @@ class Machine:
 
         self._add_legacy_devices()
         supported = kvm.supported_cpuid()
+        msrs: dict[int, int] = {}
         for i in range(cfg.vcpus):
             vcpu = vm.create_vcpu(i)
             self.vcpus.append(VcpuThread(vcpu, self.pio, self.mmio, self.request_stop))
-            boot.setup_vcpu(vcpu, plan, supported, cfg.vcpus, _set_boot_msrs(vcpu))
+            msrs = _set_boot_msrs(vcpu)
+            boot.setup_vcpu(vcpu, plan, supported, cfg.vcpus, msrs)
+        try:
+            self._power_on = poweron.capture(vm, [v.vcpu for v in self.vcpus], list(msrs))
+        except KvmError as e:
+            raise VmmError(f"cannot read the vCPUs' power-on state: {e}") from None
 
     def _irqfd(self, gsi: int) -> int:
         """An eventfd that raises an edge on ``gsi`` when written (KVM_IRQFD)."""
@@ -243,8 +252,8 @@ class Machine:
 
     # --- lifecycle ---
     def add_event_listener(self, listener: Callable[[str, dict[str, object]], None]) -> None:
-        """``listener(event, data)`` is called for STOP, RESUME, SHUTDOWN, POWERDOWN and
-        DEVICE_DELETED."""
+        """``listener(event, data)`` is called for STOP, RESUME, SHUTDOWN, RESET, POWERDOWN
+        and DEVICE_DELETED."""
         self._listeners.append(listener)
 
     def _emit(self, event: str, data: dict[str, object]) -> None:
@@ -290,6 +299,34 @@ class Machine:
                 v.resume()
             self.state = "running"
         self._emit("RESUME", {})
+
+    def reset(self) -> None:
+        """Reset the machine as its reset line would (QMP system_reset): every virtio
+        device reset, RAM cleared and the kernel loaded again, vCPUs and interrupt
+        controllers back at power-on. A paused VM stays paused; RESET is announced."""
+        with self._lifecycle:
+            if self.state not in ("running", "paused"):
+                raise StateError(f"the VM is {self.state}")
+            assert self.vm is not None and self.mem is not None
+            assert self._boot_inputs is not None and self._power_on is not None
+            running = self.state == "running"
+            if running:
+                for v in self.vcpus:
+                    v.pause()
+                self.io.pause()
+            try:
+                for t in self.transports:
+                    t.reset()       # before RAM goes: no device writes into it afterwards
+                self.mem.discard()
+                boot.prepare(self.mem, *self._boot_inputs, self.cfg.vcpus)
+                poweron.restore(self.vm, [v.vcpu for v in self.vcpus], self._power_on)
+            finally:
+                if running:
+                    self.io.resume()
+                    for v in self.vcpus:
+                        v.resume()
+        log.info("system reset")
+        self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
     def powerdown(self) -> None:
         """Ask the guest to shut down (Ctrl-Alt-Del on the keyboard, as Firecracker does)."""

@@ -141,8 +141,14 @@ class VcpuThread:
         vcpu, run_map = self.vcpu, self.vcpu.run_map
         pio_read, pio_write = self._pio.read, self._pio.write
         while True:
-            if (self._pause_requested or self._exit_requested) and not self._park():
-                return None
+            if self._pause_requested or self._exit_requested:
+                # KVM finishes an MMIO or PIO exit's instruction only on the next KVM_RUN;
+                # with immediate_exit set it does that and returns, so the registers are
+                # consistent while parked (api.rst, KVM_EXIT_IO/KVM_EXIT_MMIO note).
+                vcpu.run.immediate_exit = 1
+                vcpu.run_once()
+                if not self._park():
+                    return None
             if vcpu.run_once():     # -EINTR (kicked) or -EAGAIN: look at the flags again
                 continue
             reason = _EXIT_REASON.unpack_from(run_map, 8)[0]

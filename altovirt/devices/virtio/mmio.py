@@ -103,6 +103,11 @@ class MmioTransport:
                 os.eventfd_write(fd, 1)
         return old
 
+    def reset(self) -> None:
+        """A device reset from outside (the machine is reset), as if the driver wrote 0 to Status."""
+        with self.lock:
+            self._reset()
+
     # --- notifications (I/O thread) ---
     def _notified(self, index: int, fd: int) -> None:
         try:
