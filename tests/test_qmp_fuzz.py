@@ -29,6 +29,30 @@ json_values = st.recursive(
 requests = st.fixed_dictionaries(
     {"execute": st.sampled_from(COMMANDS) | json_values},
     optional={"arguments": json_values, "id": json_values, "extra": json_values})
+# Hot-plug requests close to valid ones, on real image files ("@DIR@" is the VM's
+# directory), so that slots really fill and empty in every order.
+ids = st.sampled_from(["d0", "d1", "n0", "rootfs", ""]) | st.text(max_size=6)
+files = st.sampled_from(["@DIR@/a.img", "@DIR@/b.img", "@DIR@/missing", "/dev/null"])
+addrs = st.sampled_from(["0x0", "0x1", "0x5", "0x6", "7", "x"]) | st.integers(-2, 8)
+
+
+def command(name: str, required: dict, optional: dict | None = None) -> st.SearchStrategy[dict]:
+    return st.fixed_dictionaries({"execute": st.just(name),
+                                  "arguments": st.fixed_dictionaries(required, optional=optional or {})})
+
+
+hotplug_requests = st.one_of(
+    command("blockdev-add", {"node-name": ids, "file": st.fixed_dictionaries(
+        {"filename": files}, optional={"driver": st.sampled_from(["file", "raw"])})},
+        {"read-only": st.booleans(), "cache": st.fixed_dictionaries({}, optional={"direct": st.booleans()})}),
+    command("device_add", {"id": ids, "driver": st.sampled_from(["virtio-blk-mmio", "virtio-net-mmio", "x"])},
+            {"addr": addrs, "lun": st.integers(-1, 6), "serial": st.text(max_size=24)}),
+    command("device_del", {"id": ids}),
+    command("blockdev-del", {"node-name": ids}),
+    command("netdev_add", {"id": ids}, {"ifname": st.sampled_from(["lo", "nosuch0"]), "fd": ids}),
+    command("netdev_del", {"id": ids}),
+    command("getfd", {"fdname": ids}),
+    command("system_reset", {}))
 # Raw input: arbitrary bytes, and real requests cut short or with bytes flipped.
 mutated = st.tuples(requests, st.integers(0, 200), st.binary(max_size=8)).map(
     lambda t: json.dumps(t[0]).encode()[:t[1]] + t[2])
@@ -38,8 +62,10 @@ raw_input = st.binary(max_size=300) | mutated
 @pytest.fixture(scope="module")
 def running(probe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Vm, Path]]:
     sock = tmp_path_factory.mktemp("qmp") / "qmp.sock"
+    for name in ("a.img", "b.img", "root.img"):
+        (sock.parent / name).write_bytes(bytes(1 << 20))
     vm = Vm("-kernel", str(probe / "probe.elf"), "-append", "probe.run=wait", "-serial", "stdio",
-            "-api-channel", f"unix:{sock}")
+            "-drive", f"id=rootfs,file={sock.parent / 'root.img'}", "-api-channel", f"unix:{sock}")
     vm.wait_line("probe: waiting")
     yield vm, sock
     if vm.proc.poll() is None:
@@ -78,6 +104,21 @@ def test_structured_requests_get_one_wellformed_reply(running: tuple[Vm, Path], 
             assert set(reply["error"]) == {"class", "desc"} and isinstance(reply["error"]["desc"], str)
         if "id" in request:
             assert reply["id"] == request["id"]
+    finally:
+        s.close()
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=hotplug_requests)
+def test_hotplug_requests_get_one_wellformed_reply(running: tuple[Vm, Path], request: dict) -> None:
+    _, sock = running
+    s, f = connect(sock)
+    try:
+        s.sendall(json.dumps(request).replace("@DIR@", str(sock.parent)).encode())
+        reply = read_reply(f)
+        assert set(reply) in ({"return"}, {"error"}), reply
+        if "error" in reply:
+            assert reply["error"]["class"] in ("GenericError", "DeviceNotFound"), reply
     finally:
         s.close()
 
