@@ -216,7 +216,9 @@ class Harness:
 
     def __init__(self, img: Path) -> None:
         self.mem = GuestMemory(layout.ram_regions(128 << 20))
-        self.dev = vblk.Block("d0", BlockFile(str(img), read_only=False, direct=False))
+        self.pool = vblk.WorkerPool()
+        self.pool.start()
+        self.dev = vblk.Block("d0", BlockFile(str(img), read_only=False, direct=False), self.pool)
         self.irqfd = os.eventfd(0, os.EFD_NONBLOCK)
         self.resets: list[str] = []
         self.drv = DriverQueue(self.mem, 0x100000, 64)
@@ -244,6 +246,7 @@ class Harness:
 
     def close(self) -> None:
         self.dev.close()
+        self.pool.stop()
         os.close(self.irqfd)
         self.mem.close()
 

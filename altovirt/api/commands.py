@@ -23,6 +23,7 @@ from .qmp import Command, QmpError
 HOST_QMP_QUIT = StopReason("host-qmp-quit", False, 0)
 BLOCK_DRIVERS = ("virtio-blk-mmio", "virtio-blk-device")
 NET_DRIVERS = ("virtio-net-mmio", "virtio-net-device")
+TEST_HOOKS = "ALTOVIRT_TEST_HOOKS"       # set to 1 only by the test suite
 
 
 def version() -> dict[str, Any]:
@@ -202,5 +203,8 @@ def build(machine: Machine) -> dict[str, Command]:
     }
     if machine.hotplug is not None:
         table.update(hotplug_commands(machine.hotplug))
+    if os.environ.get(TEST_HOOKS) == "1":
+        # Makes the QMP thread call chroot(2), which no allow-list has: proves the filter bites.
+        table["x-test-forbidden-syscall"] = Command(lambda a: os.chroot("/"))
     table["query-commands"] = Command(lambda a: [{"name": n} for n in sorted(table)])
     return table

@@ -146,7 +146,7 @@ class QmpServer:
         self.commands = commands
         self.version = version
         self.listener = UnixListener(path)
-        self.io = IoThread("qmp")
+        self.io = IoThread("qmp", role="api")
         self._clients: dict[int, Client] = {}
         self._lock = threading.RLock()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from ..backends import BackendError
 from ..backends.blockfile import BlockFile
 from ..backends.tap import Tap
-from ..devices.virtio.block import Block
+from ..devices.virtio.block import Block, WorkerPool
 from ..devices.virtio.mmio import MmioTransport
 from ..devices.virtio.net import Net
 from .iothread import IoThread
@@ -41,12 +41,13 @@ class Hotplug:
     """The backends and the slots of one VM. Callers serialize requests (the QMP thread)."""
 
     def __init__(self, disks: list[MmioTransport], nics: list[MmioTransport], io: IoThread,
-                 quiet: Callable[[], AbstractContextManager[None]],
+                 pool: WorkerPool, quiet: Callable[[], AbstractContextManager[None]],
                  on_deleted: Callable[[str], None]) -> None:
         """``quiet()`` holds device work still while a slot changes; ``on_deleted(id)``
         announces an unplugged device (QMP's DEVICE_DELETED)."""
         self.disks, self.nics = disks, nics
         self._io = io
+        self._pool = pool
         self._quiet = quiet
         self._on_deleted = on_deleted
         self._lock = threading.Lock()
@@ -119,7 +120,7 @@ class Hotplug:
                 raise HotplugError(f"no block node named {name!r}: blockdev-add it first "
                                    "(device_add's id must equal its node-name)")
             index = self._free_slot(self.disks, name, slot, "disk")
-            self._plug(self.disks[index], Block(name, image, serial))
+            self._plug(self.disks[index], Block(name, image, self._pool, serial))
         log.info("disk %s plugged into disk slot %d", name, index)
         return index
 
@@ -141,7 +142,7 @@ class Hotplug:
     def del_device(self, name: str) -> None:
         with self._lock:
             if (index := self._slot_of(self.disks, name)) is not None:
-                self._plug(self.disks[index], empty_disk(index))
+                self._plug(self.disks[index], empty_disk(index, self._pool))
             elif (index := self._slot_of(self.nics, name)) is not None:
                 self._plug(self.nics[index], empty_nic(index, self._io))
             else:

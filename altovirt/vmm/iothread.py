@@ -1,24 +1,32 @@
 """An I/O thread: an epoll loop that runs device work off the vCPU threads.
 
 Devices register file descriptors (ioeventfds for queue notifications, taps,
-sockets) with a callback; the thread calls it when the fd is readable. A
+sockets) with a callback; the thread calls it when the fd is readable, and
+runs callbacks scheduled with :meth:`IoThread.call_later` when they are due. A
 callback that raises is logged and unregistered, so one broken device never
 stops the others.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
+
+from ..sandbox import seccomp
 
 log = logging.getLogger(__name__)
 
 
 class IoThread:
-    def __init__(self, name: str = "io") -> None:
+    def __init__(self, name: str = "io", role: str = "io") -> None:
+        """``role`` names the seccomp allow-list the thread confines itself to."""
+        self.role = role
         self._ep = select.epoll()
         self._handlers: dict[int, Callable[[], None]] = {}
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -27,6 +35,8 @@ class IoThread:
         self._paused = False
         self._parked = False
         self._cond = threading.Condition()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def add(self, fd: int, callback: Callable[[], None], events: int = select.EPOLLIN) -> None:
@@ -39,6 +49,28 @@ class IoThread:
     def remove(self, fd: int) -> None:
         if self._handlers.pop(fd, None) is not None and not self._ep.closed:
             self._ep.unregister(fd)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once on this thread after ``delay`` seconds (any thread may ask)."""
+        with self._cond:
+            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), callback))
+        os.eventfd_write(self._wake, 1)
+
+    def _run_timers(self) -> float:
+        """Run the callbacks that are due; seconds until the next one (-1: none)."""
+        while True:
+            with self._cond:
+                if not self._timers:
+                    return -1
+                due, _, callback = self._timers[0]
+                wait = due - time.monotonic()
+                if wait > 0:
+                    return wait
+                heapq.heappop(self._timers)
+            try:
+                callback()
+            except Exception:
+                log.exception("I/O timer callback failed")
 
     def in_thread(self) -> bool:
         """Whether the caller is this I/O thread."""
@@ -82,10 +114,11 @@ class IoThread:
             self._parked = False
 
     def _run(self) -> None:
+        seccomp.confine(self.role)
         while not self._stopping:
             if self._paused:
                 self._park()
-            for fd, _ in self._ep.poll():
+            for fd, _ in self._ep.poll(self._run_timers()):
                 if fd == self._wake:
                     os.eventfd_read(self._wake)
                     continue

@@ -29,12 +29,14 @@ from ..devices.legacy.i8042 import I8042, I8042_IRQ
 from ..devices.legacy.post import POST_PORT, PostPort
 from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
+from ..devices.virtio.block import WorkerPool
 from ..devices.virtio.mmio import MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
 from ..kvm import Kvm, KvmError, Vcpu
 from ..kvm import Vm as KvmVm
 from ..kvm import ioctls as K
 from ..kvm import structs as S
 from ..memory import GuestMemory
+from ..sandbox import seccomp
 from . import virtio_devices
 from .console import HostConsole
 from .hotplug import Hotplug
@@ -130,6 +132,7 @@ class Machine:
         self.serial: Serial | None = None
         self.plan: boot.BootPlan | None = None
         self.io = IoThread()
+        self.block_pool = WorkerPool()
         self.transports: list[MmioTransport] = []
         # Lifecycle (QMP's RunState names): prelaunch -> running <-> paused -> shutdown.
         self.state = "prelaunch"
@@ -214,7 +217,8 @@ class Machine:
         entries = []
         try:
             # Hot-plug slots only where something can fill them: QMP.
-            devices = virtio_devices.devices_for(self.cfg, self.io, hotplug=bool(self.cfg.api_channel))
+            devices = virtio_devices.devices_for(self.cfg, self.io, self.block_pool,
+                                                 hotplug=bool(self.cfg.api_channel))
         except virtio_devices.DeviceError as e:
             raise VmmError(str(e), exit_code=2) from None     # a configuration the host cannot honour
         for index, device in enumerate(devices.in_slot_order()):
@@ -228,7 +232,7 @@ class Machine:
             log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)
         n_disks, n_nics = len(devices.disks), len(devices.nets)
         self.hotplug = Hotplug(self.transports[:n_disks], self.transports[n_disks:n_disks + n_nics],
-                               self.io, self._devices_still, self._device_deleted)
+                               self.io, self.block_pool, self._devices_still, self._device_deleted)
         return entries
 
     def _add_legacy_devices(self) -> None:
@@ -383,6 +387,7 @@ class Machine:
             if self.console:
                 self.console.start(ep, handlers)
             self.io.start()
+            self.block_pool.start()
             for v in self.vcpus:
                 v.start()
             with self._lifecycle:
@@ -390,6 +395,7 @@ class Machine:
                     self.state = "running"
             if on_running:
                 on_running()
+            seccomp.confine("main")
             while self.stop_reason is None:
                 for fd, _ in ep.poll():
                     handlers[fd]()
@@ -415,6 +421,7 @@ class Machine:
         for t in self.transports:
             t.close()
         self.transports.clear()
+        self.block_pool.stop()
         if self.hotplug is not None:
             self.hotplug.close()
         self.io.stop()

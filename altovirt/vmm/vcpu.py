@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ..devices.bus import Bus
 from ..kvm import KvmError, Vcpu
 from ..kvm import ioctls as K
+from ..sandbox import seccomp
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class VcpuThread:
 
     def _main(self) -> None:
         self.thread_id = threading.get_native_id()
+        seccomp.confine("vcpu")
         try:
             reason = self._loop()
         except Exception:

@@ -21,7 +21,7 @@ from ..backends.tap import Tap
 from ..backends.unix import UnixListener
 from ..config import VmConfig
 from ..config.model import MAX_DRIVES, MAX_NICS
-from ..devices.virtio.block import Block
+from ..devices.virtio.block import Block, WorkerPool
 from ..devices.virtio.console import Console
 from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.net import Net, random_mac
@@ -48,15 +48,15 @@ class DeviceSet:
         return [*self.disks, *self.nets, *self.others]
 
 
-def empty_disk(slot: int) -> Block:
-    return Block(f"disk-slot{slot}", None)
+def empty_disk(slot: int, pool: WorkerPool) -> Block:
+    return Block(f"disk-slot{slot}", None, pool)
 
 
 def empty_nic(slot: int, io: IoThread) -> Net:
     return Net(f"nic-slot{slot}", None, random_mac(), io)
 
 
-def devices_for(cfg: VmConfig, io: IoThread, hotplug: bool) -> DeviceSet:
+def devices_for(cfg: VmConfig, io: IoThread, pool: WorkerPool, hotplug: bool) -> DeviceSet:
     """The configured devices, with the empty hot-plug slots if ``hotplug``."""
     devices = DeviceSet([], [], [])
     where = ""
@@ -64,7 +64,7 @@ def devices_for(cfg: VmConfig, io: IoThread, hotplug: bool) -> DeviceSet:
         for d in cfg.drives:
             where = f"-drive id={d.id}"
             image = BlockFile(d.path, read_only=d.read_only, direct=d.direct)
-            devices.disks.append(Block(d.id, image, d.serial))
+            devices.disks.append(Block(d.id, image, pool, d.serial))
         for n in cfg.nets:
             where = f"-netdev id={n.id}"
             devices.nets.append(Net(n.id, Tap(n.tap), n.mac or random_mac(), io))
@@ -83,7 +83,7 @@ def devices_for(cfg: VmConfig, io: IoThread, hotplug: bool) -> DeviceSet:
     if cfg.rng is not None:
         devices.others.append(Rng(cfg.rng.id, cfg.rng.max_bytes, cfg.rng.period_ms))
     if hotplug:
-        devices.disks += [empty_disk(i) for i in range(len(devices.disks), MAX_DRIVES)]
+        devices.disks += [empty_disk(i, pool) for i in range(len(devices.disks), MAX_DRIVES)]
         devices.nets += [empty_nic(i, io) for i in range(len(devices.nets), MAX_NICS)]
     return devices
 

@@ -7,8 +7,9 @@ I/O errors become VIRTIO_BLK_S_IOERR, unknown types VIRTIO_BLK_S_UNSUPP; a
 request whose shape breaks the rules (no status byte, data to write into a
 device-readable buffer) puts the device in DEVICE_NEEDS_RESET.
 
-The I/O thread validates requests and a pool of workers carries them out;
-they complete in any order, as virtio allows.
+The I/O thread validates requests and a pool of workers, shared by every
+disk of the VM, carries them out; they complete in any order, as virtio
+allows.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import logging
 import queue
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...backends.blockfile import SECTOR_SIZE, BlockFile
-from ...memory import GuestMemory
-from ...vmm.iothread import IoThread
-from .device import COMMON_FEATURES, VIRTIO_ID_BLOCK, Interrupt, VirtioDevice
-from .queue import DescriptorChain, Queue, QueueError
+from ...sandbox import seccomp
+from .device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
+from .queue import DescriptorChain, QueueError
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +83,47 @@ class RequestError(Exception):
         self.status = status
 
 
+class WorkerPool:
+    """The threads that carry out every disk's requests (QEMU's thread pool). They start
+    with the VM, so no thread is created once the VMM is confined (see sandbox)."""
+
+    def __init__(self, size: int = WORKERS) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[list[Request]], None], list[Request]] | None] = \
+            queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"blk{i}", daemon=True) for i in range(size)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job: Callable[[list[Request]], None], run: list[Request]) -> None:
+        self._jobs.put((job, run))
+
+    def _run(self) -> None:
+        seccomp.confine("io")
+        while (item := self._jobs.get()) is not None:
+            job, run = item
+            job(run)
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            if t.is_alive():
+                t.join(5)
+
+
 class Block(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, name: str, image: BlockFile | None, serial: str | None = None) -> None:
+    def __init__(self, name: str, image: BlockFile | None, pool: WorkerPool,
+                 serial: str | None = None) -> None:
         """``image`` None is an empty hot-plug slot: a disk of no sectors, every I/O an IOERR."""
         super().__init__(name)
         self.image = image
         self.serial = (serial or "").encode()[:VIRTIO_BLK_ID_BYTES]
-        self._pending: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
-        self._workers: list[threading.Thread] = []
+        self._pool = pool
         self._used_lock = threading.Lock()
         self._idle = threading.Condition()
         self._in_flight = 0
@@ -117,15 +148,6 @@ class Block(VirtioDevice):
     def read_only(self) -> bool:
         return self.image is not None and self.image.read_only
 
-    def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
-                 io: IoThread) -> None:
-        super().activate(mem, queues, interrupt, io)
-        while len(self._workers) < WORKERS:
-            t = threading.Thread(target=self._worker, name=f"{self.name}-io{len(self._workers)}",
-                                 daemon=True)
-            t.start()
-            self._workers.append(t)
-
     def queue_notify(self, index: int) -> None:
         """Validate what the driver posted (I/O thread); hand the I/O to the workers,
         so that this thread is free to take the driver's next notification at once."""
@@ -140,23 +162,23 @@ class Block(VirtioDevice):
         with self._idle:
             self._in_flight += len(requests)
         for run in _merge(requests):
-            self._pending.put(run)
+            self._pool.submit(self._complete, run)
 
-    def _worker(self) -> None:
-        while (run := self._pending.get()) is not None:
-            written = self._execute_merged(run) if len(run) > 1 else None
-            if written is None:
-                written = [self._execute(r) for r in run]
-            with self._used_lock:
-                if not self.broken and self.queues:
-                    for request, n in zip(run, written, strict=True):
-                        self.queues[0].add_used(request.head, n)
-                    assert self.interrupt is not None
-                    self.interrupt.signal_used(self.queues[0])
-            with self._idle:
-                self._in_flight -= len(run)
-                if not self._in_flight:
-                    self._idle.notify_all()
+    def _complete(self, run: list[Request]) -> None:
+        """Carry out ``run`` and put its requests on the used ring (a pool thread)."""
+        written = self._execute_merged(run) if len(run) > 1 else None
+        if written is None:
+            written = [self._execute(r) for r in run]
+        with self._used_lock:
+            if not self.broken and self.queues:
+                for request, n in zip(run, written, strict=True):
+                    self.queues[0].add_used(request.head, n)
+                assert self.interrupt is not None
+                self.interrupt.signal_used(self.queues[0])
+        with self._idle:
+            self._in_flight -= len(run)
+            if not self._in_flight:
+                self._idle.notify_all()
 
     def _execute_merged(self, run: list[Request]) -> list[int] | None:
         """One preadv/pwritev for contiguous requests; None to fall back to one by one."""
@@ -258,15 +280,8 @@ class Block(VirtioDevice):
             raise RequestError(VIRTIO_BLK_S_IOERR, "no disk in this slot")
         return self.image
 
-    def detach(self) -> None:
-        for _ in self._workers:
-            self._pending.put(None)
-        for t in self._workers:
-            t.join(5)
-        self._workers.clear()
-
     def close(self) -> None:
-        self.detach()
+        self.quiesce()
         if self.image is not None:
             self.image.close()
 

@@ -8,7 +8,6 @@ queue until the next period starts.
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 from ...memory import GuestMemory
@@ -29,20 +28,13 @@ class Rng(VirtioDevice):
         self.period = period_ms / 1000
         self._window_start = 0.0
         self._budget = max_bytes or 0
-        self._wake_fd = -1
-        self._timer: threading.Timer | None = None
+        self._io: IoThread | None = None
+        self._waiting = False           # for the next period, with requests left on the queue
 
     def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
                  io: IoThread) -> None:
         super().activate(mem, queues, interrupt, io)
-        if self.max_bytes is not None and self._wake_fd < 0:
-            self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            io.add(self._wake_fd, self._wake)
-
-    def _wake(self) -> None:
-        os.eventfd_read(self._wake_fd)
-        if self.queues and not self.broken:
-            self.queue_notify(0)
+        self._io = io
 
     def _allowance(self, want: int) -> int:
         if self.max_bytes is None:
@@ -52,17 +44,15 @@ class Rng(VirtioDevice):
             self._window_start, self._budget = now, self.max_bytes
         give = min(want, self._budget)
         self._budget -= give
-        if not give and self._timer is None:
-            delay = self.period - (now - self._window_start)
-            self._timer = threading.Timer(delay, self._timer_fired)
-            self._timer.daemon = True
-            self._timer.start()
+        if not give and not self._waiting and self._io is not None:
+            self._waiting = True
+            self._io.call_later(self.period - (now - self._window_start), self._next_period)
         return give
 
-    def _timer_fired(self) -> None:
-        self._timer = None
-        if self._wake_fd >= 0:
-            os.eventfd_write(self._wake_fd, 1)
+    def _next_period(self) -> None:
+        self._waiting = False
+        if self.queues and not self.broken:
+            self.queue_notify(0)
 
     def queue_notify(self, index: int) -> None:
         queue, interrupt = self.queues[0], self.interrupt
@@ -91,7 +81,5 @@ class Rng(VirtioDevice):
             interrupt.signal_used(queue)
 
     def reset(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._waiting = False
         super().reset()

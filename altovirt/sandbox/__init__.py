@@ -1,0 +1,1 @@
+"""Confinement of the VMM process: seccomp filters (and, later, the jailer)."""

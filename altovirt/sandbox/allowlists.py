@@ -1,0 +1,71 @@
+"""The system calls each AltoVirt thread may make once the VM runs: the one place to read them.
+
+Every thread loads the filter for its role as it starts (threads it creates
+inherit it). A call outside the list raises SIGSYS, which ends the VMM (see
+:mod:`.seccomp`). Roles:
+
+- ``vcpu``: runs KVM_RUN and the register accesses that exit to us; raises
+  interrupts (eventfd writes) and prints the serial console.
+- ``io``: the device I/O thread and the block worker pool: virtqueues, images,
+  taps and unix sockets (console, vsock).
+- ``api``: the QMP thread: its clients, the lifecycle (pausing vCPUs, KVM
+  state), hot-plug (opening images and taps) and system_reset.
+- ``main``: the event loop that waits for a stop, the terminal, and the
+  teardown.
+
+``PYTHON`` is what the interpreter needs in any thread (memory, locks,
+signals, time). The argument checks below are applied on top of the names.
+No role may create a thread or a process, run a program or map executable
+memory: every thread the VMM needs exists before the filters go on.
+"""
+
+from __future__ import annotations
+
+from ..backends.tap import TUNGETIFF, TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ
+from ..kvm import ioctls as K
+
+PYTHON = (
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "close", "lseek", "fstat", "newfstatat",
+    "statx", "fcntl", "dup", "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "futex",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "getpid", "gettid", "getuid",
+    "geteuid", "getrandom", "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday",
+    "sched_yield", "sched_getaffinity", "set_robust_list", "rseq", "exit", "exit_group", "poll",
+    "ppoll", "select", "pselect6", "eventfd2", "restart_syscall", "getcwd", "prctl",
+)
+# Where a thread serves an epoll loop.
+EPOLL = ("epoll_wait", "epoll_pwait", "epoll_ctl", "epoll_create1")
+# Unix sockets: QMP, the console and vsock (AF_UNIX only: see SOCKET_DOMAINS).
+UNIX_SOCKETS = ("socket", "connect", "accept4", "recvfrom", "sendto", "recvmsg", "sendmsg", "shutdown",
+                "getsockopt", "setsockopt", "getsockname", "getpeername")
+
+ROLES: dict[str, tuple[str, ...]] = {
+    # Driver-OK activates a device here: it starts watching its tap or socket.
+    "vcpu": (*PYTHON, "ioctl", "tgkill", "epoll_ctl"),
+    "io": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
+           "ioctl", "preadv", "pwritev", "preadv2", "pwritev2", "fdatasync", "fsync", "fallocate", "openat",
+           "unlink", "tgkill"),
+    "api": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
+            "ioctl", "openat", "unlink", "tgkill", "flock", "fdatasync"),
+    "main": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
+             "ioctl", "tgkill", "unlink", "openat", "fsync", "rename", "wait4"),
+}
+
+TCGETS, TCSETS, TCSETSW, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX = \
+    0x5401, 0x5402, 0x5403, 0x541B, 0x5421, 0x5450, 0x5451
+# What Python's open() (isatty), socket.setblocking and os.set_inheritable use, in any thread.
+FILE_IOCTLS = (TCGETS, FIONBIO, FIONCLEX, FIOCLEX, FIONREAD)
+KVM_VCPU_STATE = (
+    K.KVM_GET_REGS, K.KVM_SET_REGS, K.KVM_GET_SREGS, K.KVM_SET_SREGS, K.KVM_GET_MSRS, K.KVM_SET_MSRS,
+    K.KVM_GET_LAPIC, K.KVM_SET_LAPIC, K.KVM_GET_MP_STATE, K.KVM_SET_MP_STATE, K.KVM_GET_VCPU_EVENTS,
+    K.KVM_SET_VCPU_EVENTS, K.KVM_GET_XSAVE, K.KVM_SET_XSAVE, K.KVM_GET_XCRS, K.KVM_SET_XCRS,
+    K.KVM_GET_FPU, K.KVM_SET_FPU)
+KVM_VM_STATE = (K.KVM_GET_CLOCK, K.KVM_SET_CLOCK, K.KVM_GET_IRQCHIP, K.KVM_SET_IRQCHIP, K.KVM_GET_PIT2,
+                K.KVM_SET_PIT2, K.KVM_IRQ_LINE)
+# ioctl request numbers per role (argument 1).
+IOCTLS: dict[str, tuple[int, ...]] = {
+    "vcpu": (*FILE_IOCTLS, K.KVM_RUN, *KVM_VCPU_STATE, K.KVM_IRQ_LINE, TUNSETOFFLOAD),
+    "io": (*FILE_IOCTLS, TUNSETOFFLOAD),
+    "api": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ,
+            TUNSETOFFLOAD),
+    "main": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TCSETS, TCSETSW),
+}

@@ -1,0 +1,78 @@
+"""Seccomp filters for AltoVirt's threads, built with seccompy from :mod:`.allowlists`.
+
+:func:`enable` is called once the VM is built (every module the VMM will use
+is imported by then); each long-lived thread then calls :func:`confine` with
+its role as it starts. A forbidden call traps: faulthandler writes every
+thread's Python stack, the offending one first as "Current thread", to the
+log, and the signal's default action ends the process at once (status 159,
+128 + SIGSYS). The kernel logs the call's number as well (``dmesg``:
+``type=1326 ... syscall=N``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import importlib
+import mmap
+import signal
+import socket
+import threading
+from typing import TextIO
+
+from seccompy import Action, ArgCmp, CmpOp, Filter, FilterFlag
+
+from .allowlists import IOCTLS, ROLES
+
+PR_SET_NAME = 15
+# Imported lazily by the standard library on rare paths (a logged traceback):
+# loaded up front, because a confined thread cannot open them any more.
+LAZY_MODULES = ("traceback", "linecache", "tokenize", "encodings.idna")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_enabled = False
+_default_action = Action.TRAP
+
+
+def enable(report: TextIO, *, audit_only: bool = False) -> None:
+    """Turn filtering on for threads that confine themselves from now on; forbidden
+    calls are reported on ``report``. ``audit_only`` logs them (to the kernel log)
+    instead of stopping the VMM: for finding what an allow-list misses."""
+    global _enabled, _default_action
+    for name in LAZY_MODULES:
+        importlib.import_module(name)
+    faulthandler.register(signal.SIGSYS, file=report, all_threads=True, chain=True)
+    _default_action = Action.LOG if audit_only else Action.TRAP
+    _enabled = True
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def build(role: str) -> Filter:
+    """The filter for ``role`` (see allowlists)."""
+    # FLAG_LOG: the kernel records trapped calls (with their numbers) in its log.
+    f = Filter(default=_default_action, flags=FilterFlag.LOG)
+    no_exec = ArgCmp(2, CmpOp.MASKED_EQ, 0, mask=mmap.PROT_EXEC)
+    for name in ROLES[role]:
+        if name in ("mmap", "mprotect"):
+            f.allow(name, args=[no_exec])             # no new executable memory once running
+        elif name == "ioctl":
+            for request in IOCTLS[role]:
+                # The request is an unsigned int: compare the low 32 bits only.
+                f.allow("ioctl", args=[ArgCmp(1, CmpOp.MASKED_EQ, request, mask=0xFFFFFFFF)])
+        elif name == "socket":
+            f.allow("socket", args={0: socket.AF_UNIX})
+        else:
+            f.allow(name)
+    return f
+
+
+def confine(role: str) -> None:
+    """Name the calling thread after its Python name (for ps and the kernel log) and,
+    when filtering is on, load ``role``'s filter on it."""
+    name = threading.current_thread().name.encode()[:15]
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    if _enabled:
+        build(role).load()
