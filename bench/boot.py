@@ -65,9 +65,9 @@ def measure(cmd: list[str]) -> tuple[Sample, bytes]:
     return Sample((end - start) * 1000, ((first or end) - start) * 1000, usage.ru_maxrss), bytes(out)
 
 
-def altovirt_cmd(image: Path, log: Path) -> list[str]:
+def altovirt_cmd(image: Path, log: Path, *extra: str) -> list[str]:
     return [*common.altovirt(), "-kernel", str(image), "-smp", "1", "-m", "128M", "-append", CMDLINE,
-            "-serial", "stdio", "-D", str(log)]
+            "-serial", "stdio", "-D", str(log), *extra]
 
 
 def qemu_cmd(image: Path) -> list[str]:
@@ -89,20 +89,27 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--image", type=Path, default=ROOT / "guest" / "probe.elf",
                     help="probe image; QEMU boots it through its PVH note")
+    ap.add_argument("--seccomp-cost", action="store_true",
+                    help="also boot AltoVirt with -disable-seccomp, to show what the filters cost")
     args = ap.parse_args()
     common.prepare()
 
     alto: list[Sample] = []
     qemu: list[Sample] = []
+    unfiltered: list[Sample] = []
     with tempfile.TemporaryDirectory() as d:
         for i in range(args.runs + 1):          # run 0 warms the page cache and is dropped
             log = Path(d) / f"run{i}.log"
             a, _ = measure(altovirt_cmd(args.image, log))
             a.boot_timer_ms = boot_timer_ms(log)
             q, _ = measure(qemu_cmd(args.image))
+            if args.seccomp_cost:
+                u, _ = measure(altovirt_cmd(args.image, log, "-disable-seccomp"))
             if i:
                 alto.append(a)
                 qemu.append(q)
+                if args.seccomp_cost:
+                    unfiltered.append(u)
 
     def med(samples: list[Sample], attr: str) -> float:
         return statistics.median(getattr(s, attr) for s in samples)
@@ -117,6 +124,10 @@ def main() -> None:
         print(f"{label:22}{a / scale:12.1f}{q / scale:12.1f}{a / q:10.2f}")
     print(f"{'boot timer (ms)':22}{statistics.median(s.boot_timer_ms or 0 for s in alto):12.1f}"
           f"{'n/a':>12}{'':>10}")
+    if unfiltered:
+        a, u = med(alto, "wall_ms"), med(unfiltered, "wall_ms")
+        print(f"boot to poweroff with seccomp {a:.1f} ms, without {u:.1f} ms: "
+              f"the filters cost {a - u:+.1f} ms")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .allowlists import IOCTLS, ROLES
 PR_SET_NAME = 15
 # Imported lazily by the standard library on rare paths (a logged traceback):
 # loaded up front, because a confined thread cannot open them any more.
-LAZY_MODULES = ("traceback", "linecache", "tokenize", "encodings.idna")
+LAZY_MODULES = ("traceback", "linecache", "tokenize")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _enabled = False

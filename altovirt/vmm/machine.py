@@ -387,7 +387,8 @@ class Machine:
             if self.console:
                 self.console.start(ep, handlers)
             self.io.start()
-            self.block_pool.start()
+            if self.hotplug is not None and self.hotplug.disks:
+                self.block_pool.start()         # only a VM with disk slots needs it
             for v in self.vcpus:
                 v.start()
             with self._lifecycle:
