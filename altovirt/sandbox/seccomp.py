@@ -46,10 +46,6 @@ def enable(report: TextIO, *, audit_only: bool = False) -> None:
     _enabled = True
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 def build(role: str) -> Filter:
     """The filter for ``role`` (see allowlists)."""
     # FLAG_LOG: the kernel records trapped calls (with their numbers) in its log.
