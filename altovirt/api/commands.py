@@ -31,23 +31,17 @@ def version() -> dict[str, Any]:
     return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": f"altovirt-{__version__}"}
 
 
-def _lifecycle(action: Any) -> Any:
-    def run(args: dict[str, Any]) -> object:
-        try:
-            action()
-        except StateError as e:
-            raise QmpError("GenericError", str(e)) from None
-        return {}
-    return run
-
-
 def _checked(action: Callable[[], object]) -> object:
-    """Run a hot-plug action, turning its refusals into QMP errors."""
+    """Run a lifecycle or hot-plug action, turning its refusals into QMP errors."""
     try:
         action()
     except (HotplugError, StateError, ConfigError) as e:
         raise QmpError(getattr(e, "cls", "GenericError"), str(e)) from None
     return {}
+
+
+def _lifecycle(action: Callable[[], object]) -> Callable[[dict[str, Any]], object]:
+    return lambda args: _checked(action)
 
 
 def _object(name: str, value: dict[str, Any], fields: dict[str, type]) -> None:

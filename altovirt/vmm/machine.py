@@ -313,22 +313,12 @@ class Machine:
                 raise StateError(f"the VM is {self.state}")
             assert self.vm is not None and self.mem is not None
             assert self._boot_inputs is not None and self._power_on is not None
-            running = self.state == "running"
-            if running:
-                for v in self.vcpus:
-                    v.pause()
-                self.io.pause()
-            try:
+            with self._held(vcpus=True, devices=True):
                 for t in self.transports:
                     t.reset()       # before RAM goes: no device writes into it afterwards
                 self.mem.discard()
                 boot.prepare(self.mem, *self._boot_inputs, self.cfg.vcpus)
                 poweron.restore(self.vm, [v.vcpu for v in self.vcpus], self._power_on)
-            finally:
-                if running:
-                    self.io.resume()
-                    for v in self.vcpus:
-                        v.resume()
         log.info("system reset")
         self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
@@ -341,37 +331,41 @@ class Machine:
         self._emit("POWERDOWN", {})
 
     @contextlib.contextmanager
+    def _held(self, *, vcpus: bool, devices: bool) -> Iterator[None]:
+        """Keep the vCPUs and/or device work still for the block, if the VM is running
+        (otherwise they are still already). The caller holds the lifecycle lock."""
+        running = self.state == "running"
+        if running and vcpus:
+            for v in self.vcpus:
+                v.pause()
+        if running and devices:
+            self.io.pause()
+        try:
+            yield
+        finally:
+            if running and devices:
+                self.io.resume()
+            if running and vcpus:
+                for v in self.vcpus:
+                    v.resume()
+
+    @contextlib.contextmanager
     def _devices_still(self) -> Iterator[None]:
         """Hold device work still (a slot is changing), whether the guest runs or not."""
         with self._lifecycle:
             if self.state == "shutdown":
                 raise StateError("the VM is shutting down")
-            running = self.state == "running"
-            if running:
-                self.io.pause()
-            try:
+            with self._held(vcpus=False, devices=True):
                 yield
-            finally:
-                if running:
-                    self.io.resume()
 
     def _device_deleted(self, name: str) -> None:
         self._emit("DEVICE_DELETED", {"device": name, "path": name})
 
     def vcpu_info(self) -> list[VcpuInfo]:
         """Per vCPU: index, native thread id and whether it is halted (read outside KVM_RUN)."""
-        with self._lifecycle:
-            running = self.state == "running"
-            if running:
-                for v in self.vcpus:
-                    v.pause()
-            try:
-                return [VcpuInfo(v.index, v.thread_id, v.vcpu.get_mp_state() != K.KVM_MP_STATE_RUNNABLE)
-                        for v in self.vcpus]
-            finally:
-                if running:
-                    for v in self.vcpus:
-                        v.resume()
+        with self._lifecycle, self._held(vcpus=True, devices=False):
+            return [VcpuInfo(v.index, v.thread_id, v.vcpu.get_mp_state() != K.KVM_MP_STATE_RUNNABLE)
+                    for v in self.vcpus]
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.request_stop(StopReason("host-signal", False, 128 + signum))

@@ -89,18 +89,12 @@ class MmioTransport:
             old.reset()             # its in-flight requests complete first
             old.detach()
             self.device = device
-            running = bool(self.status & DRIVER_OK) and not old.broken
-            if running:
-                device.features = self.driver_features
-                device.activate(self.mem, self.queues, self.interrupt, self.io)
+            if self.status & DRIVER_OK and not old.broken:
+                self._start_device()
             else:
                 device.broken = old.broken
             self.config_generation += 1
         self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG)
-        if running:
-            # Buffers the driver posted to the old device get looked at by the new one.
-            for fd in self.notify_fds:
-                os.eventfd_write(fd, 1)
         return old
 
     def reset(self) -> None:
@@ -239,9 +233,14 @@ class MmioTransport:
             log.error("%s: %s; the device needs a reset", self.device.name, e)
             self._needs_reset(str(e))
             return
+        self._start_device()
+
+    def _start_device(self) -> None:
+        """Hand the device its active queues with the negotiated features."""
         self.device.features = self.driver_features
         self.device.activate(self.mem, self.queues, self.interrupt, self.io)
-        # Buffers made available before DRIVER_OK get looked at now.
+        # Buffers made available before now (before DRIVER_OK, or to a replaced device)
+        # get looked at at once.
         for i, q in enumerate(self.queues):
             if q.ready:
                 os.eventfd_write(self.notify_fds[i], 1)
