@@ -74,7 +74,10 @@ def enable_seccomp(cfg: VmConfig) -> None:
     """Threads started from here on confine themselves; a forbidden call is reported
     in the -D log (or on stderr) before the VMM ends."""
     report = open(cfg.log_file, "a") if cfg.log_file else sys.stderr     # noqa: SIM115 (kept for life)
-    seccomp.enable(report, audit_only=os.environ.get("ALTOVIRT_SECCOMP_AUDIT") == "1")
+    try:
+        seccomp.enable(report, audit_only=os.environ.get("ALTOVIRT_SECCOMP_AUDIT") == "1")
+    except seccomp.SeccompError as e:
+        raise VmmError(str(e)) from None
 
 
 def _error(msg: str) -> None:

@@ -20,6 +20,7 @@ import socket
 import threading
 from typing import TextIO
 
+import seccompy
 from seccompy import Action, ArgCmp, CmpOp, Filter, FilterFlag
 
 from .allowlists import IOCTLS, ROLES
@@ -30,6 +31,12 @@ PR_SET_NAME = 15
 LAZY_MODULES = ("traceback", "linecache", "tokenize")
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SeccompError(RuntimeError):
+    """Filtering cannot be turned on here; the message is one line for the user."""
+
+
 _enabled = False
 _default_action = Action.TRAP
 
@@ -39,6 +46,8 @@ def enable(report: TextIO, *, audit_only: bool = False) -> None:
     calls are reported on ``report``. ``audit_only`` logs them (to the kernel log)
     instead of stopping the VMM: for finding what an allow-list misses."""
     global _enabled, _default_action
+    if not seccompy.supported():
+        raise SeccompError("this kernel cannot load seccomp filters; run with -disable-seccomp")
     for name in LAZY_MODULES:
         importlib.import_module(name)
     faulthandler.register(signal.SIGSYS, file=report, all_threads=True, chain=True)

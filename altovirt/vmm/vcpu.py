@@ -127,8 +127,8 @@ class VcpuThread:
 
     def _main(self) -> None:
         self.thread_id = threading.get_native_id()
-        seccomp.confine("vcpu")
         try:
+            seccomp.confine("vcpu")
             reason = self._loop()
         except Exception:
             log.exception("vCPU %d failed", self.index)
