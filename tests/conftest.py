@@ -135,9 +135,11 @@ def run_qemu(kernel: Path, cmdline: str, timeout: float = 60, **kw: object) -> R
 class Vm:
     """A running altovirt process whose stdout lines can be waited for."""
 
-    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
-        """``prefix`` runs the VMM through another command (``ip netns exec NS``)."""
-        self.proc = subprocess.Popen([*prefix, *altovirt_cmd(*args)], stdin=subprocess.PIPE,
+    def __init__(self, *args: str, prefix: tuple[str, ...] = (), launcher: list[str] | None = None) -> None:
+        """``prefix`` runs the VMM through another command (``ip netns exec NS``); ``launcher``
+        replaces ``python -m altovirt`` (with the jailer, say)."""
+        command = [*(launcher or altovirt_cmd()), *args]
+        self.proc = subprocess.Popen([*prefix, *command], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
         self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
         self.seen: list[str] = []

@@ -32,12 +32,15 @@ needs_netns = pytest.mark.skipif(_netns_problem() is not None, reason=_netns_pro
 class NetNs:
     """A private network namespace with taps and the echo responder on each."""
 
-    def __init__(self, taps: tuple[str, ...]) -> None:
+    def __init__(self, taps: tuple[str, ...], owner: int | None = None) -> None:
+        """``owner``: a uid that may attach the taps without CAP_NET_ADMIN."""
         self.name = f"altovirt-test-{os.getpid()}"
+        self.path = f"/run/netns/{self.name}"
         self.echoes: list[subprocess.Popen[str]] = []
         self.ip("netns", "add", self.name)
         for t in taps:
-            self.ip("-n", self.name, "tuntap", "add", "dev", t, "mode", "tap")
+            self.ip("-n", self.name, "tuntap", "add", "dev", t, "mode", "tap",
+                    *(["user", str(owner)] if owner is not None else []))
             # MTU 9000: the responder's 4000-byte answer to "big" must fit the link
             self.ip("-n", self.name, "link", "set", t, "mtu", "9000", "up")
             echo = subprocess.Popen(self.cmd(sys.executable, str(ECHO), t), stdout=subprocess.PIPE, text=True)

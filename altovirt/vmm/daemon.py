@@ -56,11 +56,11 @@ class Daemon:
                 os.unlink(self.pidfile)
 
 
-def write_pidfile(path: str) -> None:
-    """Write our pid atomically, refusing to replace an existing file."""
+def write_pidfile(path: str, pid: int | None = None) -> None:
+    """Write ``pid`` (ours by default) atomically, refusing to replace an existing file."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{pid or os.getpid()}\n")
         f.flush()
         os.fsync(f.fileno())
     try:

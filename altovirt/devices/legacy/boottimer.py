@@ -11,6 +11,7 @@ test still passes, it just leaves marks in the log.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -21,8 +22,10 @@ log = logging.getLogger(__name__)
 BOOT_TIMER_PORT = 0x3FF
 
 
+@functools.cache
 def process_start_monotonic() -> float:
-    """CLOCK_BOOTTIME of this process's exec, from /proc (clock-tick resolution)."""
+    """CLOCK_BOOTTIME of this process's exec, from /proc (clock-tick resolution).
+    Cached: the jailer reads it before entering a jail that has no /proc."""
     with open("/proc/self/stat", "rb") as f:
         stat = f.read()
     fields = stat[stat.rindex(b")") + 2:].split()
