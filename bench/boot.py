@@ -9,7 +9,7 @@ For each VMM, over --runs boots, prints the median of:
 then the ratios AltoVirt / QEMU. Runs alternate between the VMMs so that
 machine noise hits both alike.
 
-    .venv/bin/python bench/boot.py [--runs 15] [--image guest/probe.elf]
+    .venv/bin/python bench/boot.py [--runs 15] [--image guest/probe.elf] [--seccomp-cost] [--jail-cost]
 """
 
 from __future__ import annotations
@@ -70,6 +70,17 @@ def altovirt_cmd(image: Path, log: Path, *extra: str) -> list[str]:
             "-serial", "stdio", "-D", str(log), *extra]
 
 
+def jailed(image: Path, base: Path, *jail_options: str) -> Sample:
+    """One boot through the jailer (its start-up included); the jail is cleaned afterwards."""
+    jailer = [str(ROOT / ".venv" / "bin" / "altovirt-jailer"), "--id", "bench",
+              "--chroot-base-dir", str(base)]
+    sample, _ = measure([*jailer, "--uid", "4242", "--gid", "4242", *jail_options, "--source", str(image),
+                         "--", "-kernel", image.name, "-smp", "1", "-m", "128M", "-append", CMDLINE,
+                         "-serial", "stdio", "-D", "/vm.log"])
+    subprocess.run([*jailer, "--clean"], check=True)
+    return sample
+
+
 def qemu_cmd(image: Path) -> list[str]:
     # -cpu host,-arch-capabilities: PVM hosts refuse MSR_IA32_ARCH_CAPABILITIES.
     return [common.qemu(), "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
@@ -91,25 +102,38 @@ def main() -> None:
                     help="probe image; QEMU boots it through its PVH note")
     ap.add_argument("--seccomp-cost", action="store_true",
                     help="also boot AltoVirt with -disable-seccomp, to show what the filters cost")
+    ap.add_argument("--jail-cost", action="store_true",
+                    help="also boot AltoVirt through altovirt-jailer (as uid 4242), to show what the "
+                         "jail costs (needs root)")
     args = ap.parse_args()
     common.prepare()
 
     alto: list[Sample] = []
     qemu: list[Sample] = []
-    unfiltered: list[Sample] = []
+    # What AltoVirt costs with something changed: label -> samples.
+    variants: dict[str, list[Sample]] = {}
+    if args.seccomp_cost:
+        variants["without seccomp"] = []
+    if args.jail_cost:
+        variants["jailed"] = []
+        variants["jailed, new PID namespace"] = []
     with tempfile.TemporaryDirectory() as d:
         for i in range(args.runs + 1):          # run 0 warms the page cache and is dropped
             log = Path(d) / f"run{i}.log"
             a, _ = measure(altovirt_cmd(args.image, log))
             a.boot_timer_ms = boot_timer_ms(log)
             q, _ = measure(qemu_cmd(args.image))
+            others = {}
             if args.seccomp_cost:
-                u, _ = measure(altovirt_cmd(args.image, log, "-disable-seccomp"))
+                others["without seccomp"], _ = measure(altovirt_cmd(args.image, log, "-disable-seccomp"))
+            if args.jail_cost:
+                others["jailed"] = jailed(args.image, Path(d))
+                others["jailed, new PID namespace"] = jailed(args.image, Path(d), "--new-pid-ns")
             if i:
                 alto.append(a)
                 qemu.append(q)
-                if args.seccomp_cost:
-                    unfiltered.append(u)
+                for label, sample in others.items():
+                    variants[label].append(sample)
 
     def med(samples: list[Sample], attr: str) -> float:
         return statistics.median(getattr(s, attr) for s in samples)
@@ -124,10 +148,10 @@ def main() -> None:
         print(f"{label:22}{a / scale:12.1f}{q / scale:12.1f}{a / q:10.2f}")
     print(f"{'boot timer (ms)':22}{statistics.median(s.boot_timer_ms or 0 for s in alto):12.1f}"
           f"{'n/a':>12}{'':>10}")
-    if unfiltered:
-        a, u = med(alto, "wall_ms"), med(unfiltered, "wall_ms")
-        print(f"boot to poweroff with seccomp {a:.1f} ms, without {u:.1f} ms: "
-              f"the filters cost {a - u:+.1f} ms")
+    a = med(alto, "wall_ms")
+    for label, samples in variants.items():
+        v = med(samples, "wall_ms")
+        print(f"boot to poweroff {label}: {v:.1f} ms ({v - a:+.1f} ms against {a:.1f} ms)")
 
 
 if __name__ == "__main__":

@@ -1,1 +1,1 @@
-"""Confinement of the VMM process: seccomp filters (and, later, the jailer)."""
+"""Confinement of the VMM process: seccomp filters per thread, and the jailer."""
