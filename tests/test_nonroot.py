@@ -118,8 +118,8 @@ def test_ordinary_user_runs_every_device(probe: Path, home: Path, vms: list[Vm])
     raw = Raw(files / "qmp.sock")
     for command in ("stop", "cont"):
         assert raw.call({"execute": command}) == {"return": {}}
-    image = {"driver": "file", "filename": str(spare)}
-    assert raw.call({"execute": "blockdev-add", "arguments": {"node-name": "spare", "file": image}}) == \
+    spare_file = {"driver": "file", "filename": str(spare)}
+    assert raw.call({"execute": "blockdev-add", "arguments": {"node-name": "spare", "file": spare_file}}) == \
         {"return": {}}
     assert raw.call({"execute": "device_add", "arguments": {"id": "spare", "driver": "virtio-blk-mmio"}}) == \
         {"return": {}}
