@@ -192,7 +192,8 @@ class QmpServer:
     def _readable(self, client: Client) -> None:
         try:
             data, fds, _, _ = socket.recv_fds(client.sock, 65536, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
-        except BlockingIOError:
+        except BlockingIOError:             # woken for EPOLLOUT: the client reads again
+            self._flush(client)
             return
         except OSError:
             data, fds = b"", []

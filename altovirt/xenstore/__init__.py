@@ -1,0 +1,1 @@
+"""An embedded XenStore: the store, its wire protocol, and the host's socket."""

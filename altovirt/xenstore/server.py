@@ -1,0 +1,132 @@
+"""The host's XenStore socket: xenstored's unix-socket protocol, every client as dom0.
+
+Point Xen's tools at it with ``XENSTORED_PATH=<socket> xenstore-read ...``,
+or ``pyxs.Client(unix_socket_path=...)``. The server runs on its own thread;
+watch events raised by other threads (QMP, the guest's connection) are
+queued and the thread is woken to send them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import select
+import socket
+import threading
+
+from ..backends.unix import UnixListener
+from ..vmm.iothread import IoThread
+from .store import DOM0, Store
+from .wire import Connection
+
+log = logging.getLogger(__name__)
+
+MAX_OUTPUT = 4 << 20           # replies and events a client has not read; past this it is dropped
+
+
+class _Client:
+    def __init__(self, server: XenStoreServer, sock: socket.socket) -> None:
+        self.sock = sock
+        self.out = bytearray()
+        self.watching_out = False
+        self.conn = Connection(server.store, DOM0, functools.partial(server.queue, self))
+
+
+class XenStoreServer:
+    def __init__(self, path: str, store: Store) -> None:
+        self.store = store
+        self.listener = UnixListener(path, backlog=64)
+        self.io = IoThread("xenstore", role="api")
+        self._clients: dict[int, _Client] = {}
+        self._dirty: set[_Client] = set()          # clients with output queued since the last flush
+        self._lock = threading.RLock()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.io.add(self.listener.fileno(), self._accept)
+        self.io.add(self._wake, self._woken)
+
+    def start(self) -> None:
+        self.io.start()
+
+    def queue(self, client: _Client, message: bytes) -> None:
+        """Send ``message`` to ``client`` soon (any thread)."""
+        with self._lock:
+            if client.sock.fileno() < 0:
+                return
+            if len(client.out) + len(message) > MAX_OUTPUT:
+                log.warning("XenStore client is not reading; dropping it")
+                self._drop(client)
+                return
+            client.out += message
+            self._dirty.add(client)
+        if not self.io.in_thread():
+            os.eventfd_write(self._wake, 1)
+
+    def _accept(self) -> None:
+        sock = self.listener.accept()
+        if sock is None:
+            return
+        client = _Client(self, sock)
+        with self._lock:
+            self._clients[sock.fileno()] = client
+            self.io.add(sock.fileno(), functools.partial(self._readable, client))
+
+    def _drop(self, client: _Client) -> None:
+        with self._lock:
+            if self._clients.pop(client.sock.fileno(), None) is None:
+                return
+            self.io.remove(client.sock.fileno())
+            client.sock.close()
+            client.conn.close()
+
+    def _readable(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(65536)
+        except BlockingIOError:             # woken for EPOLLOUT: the client reads again
+            self._flush(client)
+            return
+        except OSError:
+            data = b""
+        if not data or not client.conn.feed(data):
+            self._drop(client)              # gone, or a request over the payload limit
+        self._flush_all()                   # the replies, and the events for other clients
+
+    def _woken(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake)
+        self._flush_all()
+
+    def _flush_all(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            for client in dirty:
+                self._flush(client)
+
+    def _flush(self, client: _Client) -> None:
+        with self._lock:
+            if client.sock.fileno() < 0:
+                return
+            while client.out:
+                try:
+                    sent = client.sock.send(client.out)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self._drop(client)
+                    return
+                del client.out[:sent]
+            want_out = bool(client.out)
+            if want_out != client.watching_out:
+                self.io.modify(client.sock.fileno(), select.EPOLLIN | (select.EPOLLOUT if want_out else 0))
+                client.watching_out = want_out
+
+    def close(self) -> None:
+        self.io.stop()
+        with self._lock:
+            for client in list(self._clients.values()):
+                client.sock.close()
+                client.conn.close()
+            self._clients.clear()
+        self.listener.close()
+        os.close(self._wake)
