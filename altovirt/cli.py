@@ -20,6 +20,7 @@ from .config import ConfigError, HelpRequested, VmConfig, load_config
 from .sandbox import seccomp
 from .vmm.daemon import Daemon
 from .vmm.machine import Machine, VmmError
+from .xenstore.server import XenStoreServer
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -70,6 +71,16 @@ def start_qmp(machine: Machine, path: str) -> QmpServer:
     return qmp
 
 
+def start_xenstore(machine: Machine, path: str) -> XenStoreServer:
+    assert machine.xenstore is not None
+    try:
+        server = XenStoreServer(path, machine.xenstore)
+    except BackendError as e:
+        raise VmmError(f"-xenstore: {e.strerror}", exit_code=EXIT_USAGE) from None
+    server.start()
+    return server
+
+
 def enable_seccomp(cfg: VmConfig) -> None:
     """Threads started from here on confine themselves; a forbidden call is reported
     in the -D log (or on stderr) before the VMM ends."""
@@ -102,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon.detach()
     machine = None
     qmp = None
+    xenstore = None
     try:
         machine = Machine.build(cfg)
         log.info("VM %s: %d vCPU(s), %d MiB", cfg.name, cfg.vcpus, cfg.mem_size >> 20)
@@ -109,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             enable_seccomp(cfg)
         if cfg.api_channel:
             qmp = start_qmp(machine, cfg.api_channel[len("unix:"):])
+        if cfg.xenstore:
+            xenstore = start_xenstore(machine, cfg.xenstore)
         reason = machine.run(on_running=lambda: daemon.report(None))
         log.info("VM %s stopped: %s (exit %d)", cfg.name, reason.reason, reason.exit_code)
         return reason.exit_code
@@ -126,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"internal error: {e} (run with -debug for a traceback)")
         return EXIT_ERROR
     finally:
+        if xenstore is not None:
+            xenstore.close()
         if qmp is not None:
             qmp.close()             # after the SHUTDOWN event has been queued for every client
         if machine is not None:

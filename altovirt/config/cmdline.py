@@ -16,6 +16,8 @@ from .model import (
     VCPUS_MIN,
     VSOCK_MAX_CID,
     VSOCK_MIN_CID,
+    XEN_DOMID_MAX,
+    XEN_DOMID_MIN,
     ConfigError,
     ConsoleConfig,
     DriveConfig,
@@ -33,6 +35,7 @@ usage: altovirt -kernel PATH [-append CMDLINE] [-initrd PATH] [-smp [cpus=]N] [-
                 [-device vsock,id=ID,guest-cid=N[,uds-path=SOCKET]]
                 [-device virtio-rng[,id=ID,max-bytes=N,period=MS]]
                 [-api-channel unix:PATH | -qmp unix:PATH,server,nowait] [-serial stdio]
+                [-xenstore SOCKET [-xen-domid N]]
                 [-name NAME] [-D LOGFILE] [-daemonize [-pidfile PATH]] [-disable-seccomp]
                 [-omit_vm_memory] [-config FILE.json] [-debug] [-version]
 
@@ -42,7 +45,8 @@ error, 2 usage or configuration error, 3 guest panic, 128+N stopped by signal N.
 """
 
 VALUE_OPTIONS = {"name", "kernel", "append", "initrd", "smp", "m", "drive", "netdev", "chardev",
-                 "device", "api-channel", "qmp", "serial", "D", "pidfile", "config"}
+                 "device", "api-channel", "qmp", "serial", "D", "pidfile", "config",
+                 "xenstore", "xen-domid"}
 FLAG_OPTIONS = {"disable-seccomp", "omit_vm_memory", "daemonize", "debug", "help", "h", "version"}
 
 
@@ -189,7 +193,9 @@ HANDLERS: dict[str, Callable[[VmConfig, str], None]] = {
     "initrd": _set("initrd"), "D": _set("log_file"), "pidfile": _set("pidfile"),
     "smp": _smp, "m": lambda cfg, v: setattr(cfg, "mem_size", parse_size("-m", v)),
     "drive": _drive, "netdev": _netdev, "chardev": _chardev, "device": _device,
-    "serial": _serial, "api-channel": _api_channel, "qmp": _qmp,
+    "serial": _serial, "api-channel": _api_channel, "qmp": _qmp, "xenstore": _set("xenstore"),
+    "xen-domid": lambda cfg, v: setattr(cfg, "xen_domid", parse_int("-xen-domid", v, XEN_DOMID_MIN,
+                                                                      XEN_DOMID_MAX)),
 }
 FLAGS = {"disable-seccomp": ("seccomp", False), "omit_vm_memory": ("omit_vm_memory", True),
          "daemonize": ("daemonize", True), "debug": ("debug", True)}

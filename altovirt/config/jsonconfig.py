@@ -10,6 +10,8 @@ from .model import (
     VCPUS_MIN,
     VSOCK_MAX_CID,
     VSOCK_MIN_CID,
+    XEN_DOMID_MAX,
+    XEN_DOMID_MIN,
     ConfigError,
     ConsoleConfig,
     DriveConfig,
@@ -20,7 +22,8 @@ from .model import (
 )
 from .validate import check_id, check_mac, check_tap, parse_bool, parse_int, parse_size
 
-SECTIONS = {"boot-source", "machine-config", "drive", "net", "console", "serial", "vsock", "rng"}
+SECTIONS = {"boot-source", "machine-config", "drive", "net", "console", "serial", "vsock", "rng",
+            "xenstore"}
 
 
 def _obj(where: str, value: Any, required: set[str], optional: set[str]) -> dict[str, Any]:
@@ -136,5 +139,10 @@ def from_dict(doc: Any) -> VmConfig:
             check_id("rng.rng_id", _str("rng.rng_id", r["rng_id"])),
             _int("rng.max_bytes", r["max_bytes"], 1, 1 << 31) if "max_bytes" in r else None,
             _int("rng.period_ms", r.get("period_ms", 1000), 1, 3_600_000))
+    if "xenstore" in top:
+        x = _obj("xenstore", top["xenstore"], {"socket_path"}, {"domid"})
+        cfg.xenstore = _str("xenstore.socket_path", x["socket_path"])
+        if "domid" in x:
+            cfg.xen_domid = _int("xenstore.domid", x["domid"], XEN_DOMID_MIN, XEN_DOMID_MAX)
     return cfg
 

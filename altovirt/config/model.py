@@ -13,6 +13,8 @@ MAX_DRIVES = 6
 MAX_NICS = 2
 # x86_64: at most two devices besides disks and NICs (a console and a vsock).
 MAX_OTHER_DEVICES = 2
+# Xen's domain ids below DOMID_FIRST_RESERVED (0x7ff0); 0 is the host's.
+XEN_DOMID_MIN, XEN_DOMID_MAX = 1, 0x7FEF
 VSOCK_MIN_CID = 3               # 0-2 are reserved (hypervisor, local, host)
 VSOCK_MAX_CID = 0xFFFFFFFE      # U32_MAX is VMADDR_CID_ANY
 
@@ -75,6 +77,8 @@ class VmConfig:
     rng: RngConfig | None = None
     serial_stdio: bool = False
     api_channel: str | None = None
+    xenstore: str | None = None          # the host's XenStore socket
+    xen_domid: int = 1                   # the guest's XenStore domain id
     log_file: str | None = None
     pidfile: str | None = None
     daemonize: bool = False

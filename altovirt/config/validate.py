@@ -146,6 +146,8 @@ def check_vm(cfg: VmConfig) -> VmConfig:
             raise ConfigError(f"-D: directory {parent} does not exist")
     if cfg.api_channel:
         check_api_channel("-api-channel", cfg.api_channel)
+    if cfg.xenstore:
+        check_new_path("-xenstore", cfg.xenstore)
     if len(cfg.drives) > MAX_DRIVES:
         raise ConfigError(f"-drive: {len(cfg.drives)} disks given; at most {MAX_DRIVES} are supported")
     if len(cfg.nets) > MAX_NICS:

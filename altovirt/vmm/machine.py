@@ -37,6 +37,7 @@ from ..kvm import ioctls as K
 from ..kvm import structs as S
 from ..memory import GuestMemory
 from ..sandbox import seccomp
+from ..xenstore.store import Store
 from . import virtio_devices
 from .console import HostConsole
 from .hotplug import Hotplug
@@ -141,6 +142,8 @@ class Machine:
         self._listeners: list[Callable[[str, dict[str, object]], None]] = []
         self.i8042: I8042 | None = None
         self.hotplug: Hotplug | None = None
+        # The VM's XenStore: the guest is domain cfg.xen_domid, with its home made at start.
+        self.xenstore = Store(cfg.xen_domid) if cfg.xenstore else None
         self._boot_inputs: tuple[bytes, str, bytes | None] | None = None
         self._power_on: poweron.PowerOnState | None = None
 
