@@ -1,0 +1,190 @@
+"""The VMM's XenStore socket, driven by real clients (Debian xenstore-utils, PyPI pyxs) and
+by raw wire messages: framing, errors, limits, and a fuzzing flood it must survive."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import Vm, needs_kvm, run_altovirt
+
+HEADER = struct.Struct("=IIII")
+DOMID = 7
+needs_xs_utils = pytest.mark.skipif(
+    shutil.which("xenstore-read") is None,
+    reason="SKIPPED LOUDLY: Debian xenstore-utils is missing (scripts/setup installs it)")
+
+
+class Wire:
+    """A raw XenStore connection."""
+
+    def __init__(self, path: Path) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(10)
+        self.s.connect(str(path))
+
+    def send(self, op: int, payload: bytes, req_id: int = 1, tx_id: int = 0) -> None:
+        self.s.sendall(HEADER.pack(op, req_id, tx_id, len(payload)) + payload)
+
+    def recv(self) -> tuple[int, int, int, bytes]:
+        head = self._exactly(HEADER.size)
+        op, req_id, tx_id, length = HEADER.unpack(head)
+        return op, req_id, tx_id, self._exactly(length)
+
+    def call(self, op: int, payload: bytes, req_id: int = 1, tx_id: int = 0) -> tuple[int, bytes]:
+        self.send(op, payload, req_id, tx_id)
+        while True:
+            rop, rid, _, body = self.recv()
+            if rop != 15:                                     # skip watch events
+                assert rid == req_id
+                return rop, body
+
+    def _exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.s.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.s.close()
+
+
+@pytest.fixture(scope="module")
+def xs(probe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A running VM's XenStore socket (the guest is domain 7)."""
+    sock = tmp_path_factory.mktemp("xs") / "xenstore.sock"
+    vm = Vm("-kernel", str(probe / "probe.elf"), "-append", "probe.run=wait", "-serial", "stdio",
+            "-xenstore", str(sock), "-xen-domid", str(DOMID))
+    vm.wait_line("probe: waiting")
+    yield sock
+    vm.proc.terminate()
+    assert vm.finish()[0] == 143
+    assert not sock.exists()                                     # removed at exit
+
+
+def tool(sock: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, XENSTORED_PATH=str(sock))
+    return subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=30, check=check)
+
+
+@needs_kvm
+@needs_xs_utils
+def test_xenstore_utils(xs: Path) -> None:
+    tool(xs, "xenstore-write", "/vm/name", "web-1", "/vm/ip", "10.0.0.2")     # one transaction
+    assert tool(xs, "xenstore-read", "/vm/name", "/vm/ip").stdout == "web-1\n10.0.0.2\n"
+    assert tool(xs, "xenstore-list", "/vm").stdout == "ip\nname\n"
+    assert tool(xs, "xenstore-exists", "/vm/ip").returncode == 0
+    assert tool(xs, "xenstore-exists", "/vm/nope", check=False).returncode == 1
+    tool(xs, "xenstore-chmod", "/vm/ip", "n0", f"r{DOMID}")
+    assert "/vm/ip = \"10.0.0.2\"" in tool(xs, "xenstore-ls", "-f", "-p", "/vm").stdout
+    assert f"(n0,r{DOMID})" in tool(xs, "xenstore-ls", "-p", "/vm").stdout
+    assert f"{DOMID} = \"\"" in tool(xs, "xenstore-ls", "/local/domain").stdout
+    watcher = subprocess.Popen(["xenstore-watch", "-n", "3", "/vm"], stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, XENSTORED_PATH=str(xs)))
+    time.sleep(0.3)
+    tool(xs, "xenstore-write", "/vm/state", "ready")
+    tool(xs, "xenstore-rm", "/vm")
+    out, _ = watcher.communicate(timeout=30)
+    assert out.split() == ["/vm", "/vm/state", "/vm"]
+    assert tool(xs, "xenstore-read", "/vm/name", check=False).returncode == 1
+    # More children than one reply holds: libxenstore falls back to DIRECTORY_PART.
+    names = [f"/big/child-with-a-fairly-long-name-{i:04d}" for i in range(300)]
+    tool(xs, "xenstore-write", *[x for n in names for x in (n, "v")])
+    assert tool(xs, "xenstore-list", "/big").stdout.split() == sorted(n.rsplit("/", 1)[1] for n in names)
+    tool(xs, "xenstore-rm", "/big")
+
+
+@needs_kvm
+def test_pyxs(xs: Path) -> None:
+    from pyxs import Client, PyXSError  # type: ignore[import-untyped]
+    with Client(unix_socket_path=str(xs)) as c, Client(unix_socket_path=str(xs)) as other:
+        monitor = c.monitor()
+        monitor.watch(b"/py", b"token")
+        events = monitor.wait()
+        assert next(events) == (b"/py", b"token")
+        other.write(b"/py/a", b"1")
+        assert next(events) == (b"/py/a", b"token")
+        assert c.read(b"/py/a") == b"1"
+        assert c.get_domain_path(DOMID) == f"/local/domain/{DOMID}".encode()
+        assert c.is_domain_introduced(DOMID) and not c.is_domain_introduced(DOMID + 1)
+        c.set_perms(b"/py/a", [b"b0", b"r3"])
+        assert c.get_perms(b"/py/a") == [b"b0", b"r3"]
+        assert next(events) == (b"/py/a", b"token")                # re-permissioned
+        c.transaction()
+        c.write(b"/py/b", b"2")
+        assert other.exists(b"/py/b") is False                 # isolated until commit
+        assert c.commit() is True
+        assert next(events) == (b"/py/b", b"token")
+        with pytest.raises(PyXSError):
+            c.read(b"/py/missing")
+        c.delete(b"/py")
+        assert next(events) == (b"/py", b"token")
+
+
+@needs_kvm
+def test_wire_edges(xs: Path) -> None:
+    w = Wire(xs)
+    w.call(11, b"/edge/v\0value")
+    # Several requests in one send, and one request split over sends, with ids echoed.
+    w.s.sendall(HEADER.pack(2, 41, 0, 8) + b"/edge/v\0" + HEADER.pack(1, 42, 0, 6) + b"/edge\0")
+    assert w.recv() == (2, 41, 0, b"value") and w.recv() == (1, 42, 0, b"v\0")
+    msg = HEADER.pack(2, 43, 0, 8) + b"/edge/v\0"
+    w.s.sendall(msg[:5])
+    time.sleep(0.05)
+    w.s.sendall(msg[5:])
+    assert w.recv() == (2, 43, 0, b"value")
+    assert w.call(2, b"/edge/v") == (16, b"EINVAL\0")            # no NUL
+    assert w.call(2, b"/edge/v\0x\0") == (16, b"EINVAL\0")       # one string too many
+    assert w.call(2, b"/nope\0") == (16, b"ENOENT\0")
+    assert w.call(2, b"/edge/v\0", tx_id=12345) == (16, b"ENOENT\0")
+    for op in (0, 8, 9, 15, 16, 18, 19, 20, 23, 999):
+        assert w.call(op, b"x\0") == (16, b"ENOSYS\0"), op
+    assert w.call(10, b"12\0") == (10, b"/local/domain/12\0")
+    assert w.call(6, b"\0")[0] == 6
+    w.send(2, b"x" * 4097)                                     # over the payload limit
+    with pytest.raises((EOFError, ConnectionResetError)):
+        w.recv()
+    w.close()
+    ok = Wire(xs)                                               # the store serves on
+    assert ok.call(2, b"/edge/v\0") == (2, b"value")
+    ok.close()
+
+
+@needs_kvm
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 2**32 - 1), st.binary(max_size=64)),
+                min_size=1, max_size=20), st.binary(max_size=40))
+def test_fuzz_flood(xs: Path, requests: list[tuple[int, int, bytes]], junk: bytes) -> None:
+    w = Wire(xs)
+    w.s.sendall(b"".join(HEADER.pack(op, 7, tx, len(p)) + p for op, tx, p in requests) + junk)
+    w.close()
+    check = Wire(xs)
+    assert check.call(10, b"1\0") == (10, b"/local/domain/1\0")
+    check.close()
+
+
+def test_config_errors(probe: Path, tmp_path: Path) -> None:
+    kernel = str(probe / "probe.elf")
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for args, message in [
+        (("-xenstore", str(taken)), f"-xenstore: {taken} already exists; it must not exist before start"),
+        (("-xenstore", str(tmp_path / "x.sock"), "-xen-domid", "0"), "-xen-domid"),
+        (("-xen-domid", "32752"), "-xen-domid"),
+    ]:
+        r = run_altovirt("-kernel", kernel, *args)
+        assert r.returncode == 2 and r.stderr.startswith("altovirt: error: "), r.stderr
+        assert message in r.stderr and r.stderr.count("\n") == 1
