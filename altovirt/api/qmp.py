@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import os
-import select
 import socket
 import threading
 import time
@@ -24,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.unix import UnixListener
+from ..backends.unix import PendingOutput, UnixListener
 from ..vmm.iothread import IoThread
 
 log = logging.getLogger(__name__)
@@ -61,10 +60,9 @@ class Command:
 class Client:
     sock: socket.socket
     inbuf: str = ""
-    outbuf: bytearray = field(default_factory=bytearray)
+    out: PendingOutput = field(default_factory=PendingOutput)
     negotiated: bool = False
     fds: list[int] = field(default_factory=list)     # received, not yet taken by a command
-    watching_out: bool = False
     # Where the scan for the end of the current request stands (see _split).
     scan: int = 0
     depth: int = 0
@@ -275,12 +273,12 @@ class QmpServer:
             self._queue(client, _encode(msg))
 
     def _queue(self, client: Client, line: bytes) -> None:
-        if len(client.outbuf) + len(line) > MAX_OUTPUT:
+        if len(client.out.buf) + len(line) > MAX_OUTPUT:
             log.warning("QMP client is not reading its replies; dropping it")
-            client.outbuf.clear()
+            client.out.buf.clear()
             self._drop(client, "not reading")
             return
-        client.outbuf += line
+        client.out.buf += line
 
     def _flush_all(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -293,19 +291,8 @@ class QmpServer:
         with self._lock:
             if client.sock.fileno() < 0:
                 return
-            while client.outbuf:
-                try:
-                    sent = client.sock.send(client.outbuf)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self._drop(client, "write failed")
-                    return
-                del client.outbuf[:sent]
-            want_out = bool(client.outbuf)
-            if want_out != client.watching_out:
-                self.io.modify(client.sock.fileno(), select.EPOLLIN | (select.EPOLLOUT if want_out else 0))
-                client.watching_out = want_out
+            if not client.out.flush(client.sock, self.io):
+                self._drop(client, "write failed")
 
     def close(self, flush_timeout: float = 1.0) -> None:
         """Stop serving; give clients up to ``flush_timeout`` to receive what is queued."""
@@ -317,7 +304,7 @@ class QmpServer:
                     client.sock.setblocking(True)
                     client.sock.settimeout(max(0.01, deadline - time.monotonic()))
                     with contextlib.suppress(OSError):
-                        client.sock.sendall(client.outbuf)
+                        client.sock.sendall(client.out.buf)
                     client.sock.close()
                 _close_fds(client)
             self._clients.clear()

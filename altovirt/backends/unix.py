@@ -1,4 +1,5 @@
-"""Listening unix sockets that devices serve (console, vsock).
+"""Unix sockets we serve: listeners (console, vsock, QMP, XenStore) and the output
+queued for their clients.
 
 The socket file must not exist beforehand (the spec's rule for -chardev
 and -api-channel); it is created at start and removed when closed.
@@ -9,9 +10,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import socket
+from typing import TYPE_CHECKING
 
 from . import BackendError
+
+if TYPE_CHECKING:
+    from ..vmm.iothread import IoThread
 
 
 class UnixListener:
@@ -45,3 +51,28 @@ class UnixListener:
             self.sock.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+
+class PendingOutput:
+    """What a server has queued for one client on a non-blocking stream socket that an
+    I/O thread polls; while some is left, the thread also waits for room (EPOLLOUT)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self._waiting = False
+
+    def flush(self, sock: socket.socket, io: IoThread) -> bool:
+        """Send until the socket would block; False when the peer is gone."""
+        while self.buf:
+            try:
+                sent = sock.send(self.buf)
+            except BlockingIOError:
+                break
+            except OSError:
+                return False
+            del self.buf[:sent]
+        waiting = bool(self.buf)
+        if waiting != self._waiting:
+            io.modify(sock.fileno(), select.EPOLLIN | (select.EPOLLOUT if waiting else 0))
+            self._waiting = waiting
+        return True

@@ -138,10 +138,9 @@ class JailCgroups:
             for d in (mount, os.path.join(mount, PARENT)):
                 _write(os.path.join(d, "cgroup.subtree_control"), wanted)
 
-    def remove(self) -> list[str]:
+    def remove(self) -> None:
         """Remove this jail's cgroup in every hierarchy (whatever the version it was made
-        with), and the shared parent once it is empty. Returns what was removed."""
-        removed = []
+        with), and the shared parent once it is empty."""
         for h in self.hierarchies:
             d = self.path(h.mount)
             if not os.path.isdir(d):
@@ -152,7 +151,5 @@ class JailCgroups:
                 if e.errno == errno.EBUSY:
                     raise CgroupError(f"cgroup {d} still has processes") from None
                 raise CgroupError(f"cgroup {d}: {e.strerror}") from None
-            removed.append(d)
             with contextlib.suppress(OSError):      # other jails still use it
                 os.rmdir(os.path.dirname(d))
-        return removed

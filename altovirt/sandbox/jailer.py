@@ -305,7 +305,7 @@ def enter(opts: Options) -> int:
     namespaces.make_private()
     binds = {os.path.basename(src): src for src in to_bind}
     for name, src in binds.items():
-        namespaces.bind(src, os.path.join(opts.root, name), readonly=False)
+        namespaces.bind(src, os.path.join(opts.root, name))
     namespaces.sethostname(opts.jail_id)
     namespaces.pivot_into(opts.root)
     writable = _writable_sources(opts.vmm_args)

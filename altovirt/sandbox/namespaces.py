@@ -56,14 +56,12 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int) -> No
                        ctypes.c_ulong(flags), None), f"mount {target}")
 
 
-def bind(source: str, target: str, *, readonly: bool) -> None:
-    """Bind-mount ``source`` on ``target``; read-only takes a second, remounting call."""
+def bind(source: str, target: str) -> None:
     mount(source, target, None, MS_BIND)
-    if readonly:
-        remount_readonly(target)
 
 
 def remount_readonly(target: str) -> None:
+    """Make a bind mount read-only (a bind mount takes its flags from a second call)."""
     mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 

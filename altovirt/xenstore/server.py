@@ -12,11 +12,10 @@ import contextlib
 import functools
 import logging
 import os
-import select
 import socket
 import threading
 
-from ..backends.unix import UnixListener
+from ..backends.unix import PendingOutput, UnixListener
 from ..vmm.iothread import IoThread
 from .store import DOM0, Store
 from .wire import Connection
@@ -29,8 +28,7 @@ MAX_OUTPUT = 4 << 20           # replies and events a client has not read; past 
 class _Client:
     def __init__(self, server: XenStoreServer, sock: socket.socket) -> None:
         self.sock = sock
-        self.out = bytearray()
-        self.watching_out = False
+        self.out = PendingOutput()
         self.conn = Connection(server.store, DOM0, functools.partial(server.queue, self))
 
 
@@ -54,11 +52,11 @@ class XenStoreServer:
         with self._lock:
             if client.sock.fileno() < 0:
                 return
-            if len(client.out) + len(message) > MAX_OUTPUT:
+            if len(client.out.buf) + len(message) > MAX_OUTPUT:
                 log.warning("XenStore client is not reading; dropping it")
                 self._drop(client)
                 return
-            client.out += message
+            client.out.buf += message
             self._dirty.add(client)
         if not self.io.in_thread():
             os.eventfd_write(self._wake, 1)
@@ -107,19 +105,8 @@ class XenStoreServer:
         with self._lock:
             if client.sock.fileno() < 0:
                 return
-            while client.out:
-                try:
-                    sent = client.sock.send(client.out)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self._drop(client)
-                    return
-                del client.out[:sent]
-            want_out = bool(client.out)
-            if want_out != client.watching_out:
-                self.io.modify(client.sock.fileno(), select.EPOLLIN | (select.EPOLLOUT if want_out else 0))
-                client.watching_out = want_out
+            if not client.out.flush(client.sock, self.io):
+                self._drop(client)
 
     def close(self) -> None:
         self.io.stop()

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .tree import Node, Perm, Perms, XsError, can, check_path, join, split
+from .tree import Node, Perm, Perms, XsError, can, check_path, split
 
 DOM0 = 0
 
@@ -188,28 +188,33 @@ class Store:
             raise XsError("ENOENT")
         return txn.state, txn
 
-    def _find(self, session: Session, tx: int, path: str, letter: str) -> tuple[str, Node]:
-        """The node at ``path``, which ``session`` must be allowed to ``letter`` (r/w)."""
-        absolute = check_path(path, session.home)
-        node: Node | None = self._state(session, tx)[0].root
+    @staticmethod
+    def _lookup(root: Node, absolute: str) -> Node | None:
+        node: Node | None = root
         for name in split(absolute):
             node = node.children.get(name) if node else None
+        return node
+
+    def _find(self, session: Session, tx: int, path: str, letter: str) -> Node:
+        """The node at ``path``, which ``session`` must be allowed to ``letter`` (r/w)."""
+        absolute = check_path(path, session.home)
+        node = self._lookup(self._state(session, tx)[0].root, absolute)
         if node is None:
             raise XsError("ENOENT")
         if not can(node.perms, session.domid, letter):
             raise XsError("EACCES")
-        return absolute, node
+        return node
 
     def read(self, session: Session, tx: int, path: str) -> bytes:
-        return self._find(session, tx, path, "r")[1].value
+        return self._find(session, tx, path, "r").value
 
     def directory(self, session: Session, tx: int, path: str) -> tuple[int, list[str]]:
         """The node's generation count and its children's names, sorted."""
-        node = self._find(session, tx, path, "r")[1]
+        node = self._find(session, tx, path, "r")
         return node.gen, sorted(node.children)
 
     def get_perms(self, session: Session, tx: int, path: str) -> Perms:
-        return self._find(session, tx, path, "r")[1].perms
+        return self._find(session, tx, path, "r").perms
 
     def write(self, session: Session, tx: int, path: str, value: bytes, *, mkdir: bool = False) -> None:
         """WRITE (or MKDIR): missing parents are created empty, as mkdir -p does."""
@@ -250,31 +255,27 @@ class Store:
         if absolute == "/":
             raise XsError("EINVAL")
         state, txn = self._state(session, tx)
-        try:
-            absolute, node = self._find(session, tx, absolute, "w")
-        except XsError as e:
-            parent = absolute.rsplit("/", 1)[0] or "/"
-            if e.name == "ENOENT" and self._exists(state.root, parent):
+        node = self._lookup(state.root, absolute)
+        if node is None:
+            if self._lookup(state.root, absolute.rsplit("/", 1)[0] or "/") is not None:
                 return
-            raise
+            raise XsError("ENOENT")
+        if not can(node.perms, session.domid, "w"):
+            raise XsError("EACCES")
         for _, gone in node.walk(absolute):
             state.owned[gone.perms[0].domid] -= 1
         state.root = self._replace(state.root, split(absolute), None)
         self._changed(txn, Change(absolute, node.perms, removed=True))
 
-    @staticmethod
-    def _exists(root: Node, path: str) -> bool:
-        node: Node | None = root
-        for name in split(path):
-            node = node.children.get(name) if node else None
-        return node is not None
-
     def set_perms(self, session: Session, tx: int, path: str, perms: Perms) -> None:
         """Only the owner or dom0 may; a guest may not give the node away."""
         if not perms:
             raise XsError("EINVAL")
-        absolute, node = self._find(session, tx, path, "r")
+        absolute = check_path(path, session.home)
         state, txn = self._state(session, tx)
+        node = self._lookup(state.root, absolute)
+        if node is None:
+            raise XsError("ENOENT")
         if session.domid not in (DOM0, node.perms[0].domid):
             raise XsError("EACCES")
         if session.domid != DOM0:
@@ -362,4 +363,4 @@ class Store:
             session.deliver(event, w.token)
 
 
-__all__ = ["DOM0", "Perm", "Quota", "Session", "Store", "XsError", "domain_path", "join"]
+__all__ = ["DOM0", "Perm", "Quota", "Session", "Store", "XsError", "domain_path"]
