@@ -20,7 +20,7 @@ from .config import ConfigError, HelpRequested, VmConfig, load_config
 from .sandbox import seccomp
 from .vmm.daemon import Daemon
 from .vmm.machine import Machine, VmmError
-from .xenstore.server import XenStoreServer
+from .xenstore.server import GUEST_VSOCK_PORT, XenStoreServer
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -77,6 +77,8 @@ def start_xenstore(machine: Machine, path: str) -> XenStoreServer:
         server = XenStoreServer(path, machine.xenstore)
     except BackendError as e:
         raise VmmError(f"-xenstore: {e.strerror}", exit_code=EXIT_USAGE) from None
+    if machine.vsock is not None:
+        machine.vsock.serve(GUEST_VSOCK_PORT, server.guest_socket)
     server.start()
     return server
 

@@ -261,6 +261,7 @@ static const struct {
 	{ "netbench", test_netbench },
 	{ "net-big", test_net_big },
 	{ "hotplug", test_hotplug },
+	{ "xenstore", test_xenstore },
 };
 
 static int run_test(const char *name, size_t len)

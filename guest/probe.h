@@ -42,6 +42,7 @@ int test_vsock(void);
 int test_netbench(void);
 int test_net_big(void);
 int test_hotplug(void);
+int test_xenstore(void);
 u64 tsc_hz(void);
 
 #endif

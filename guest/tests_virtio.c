@@ -304,62 +304,6 @@ int test_net(void)
 	return got == NET_FRAMES && (status & 1);
 }
 
-#define VSOCK_OP_REQUEST	1
-#define VSOCK_OP_RESPONSE	2
-#define VSOCK_OP_RST		3
-#define VSOCK_OP_SHUTDOWN	4
-#define VSOCK_OP_RW		5
-#define VSOCK_OP_CREDIT_UPDATE	6
-#define VSOCK_HOST_CID		2
-#define VSOCK_RXBUF		4096
-#define VSOCK_BUF_ALLOC		(32 * 1024)	/* small on purpose: the host must respect it */
-
-struct vsock_hdr {
-	u64 src_cid, dst_cid;
-	u32 src_port, dst_port, len;
-	u16 type, op;
-	u32 flags, buf_alloc, fwd_cnt;
-} __attribute__((packed));
-
-struct vsk {
-	struct vdev dev;
-	struct vq rx, tx, ev;
-	u64 cid;
-	u8 *txbuf;
-	u32 fwd_cnt;		/* bytes of the current connection we consumed */
-};
-
-static int vsock_send(struct vsk *v, u32 src_port, u32 dst_port, u16 op, u32 flags, const void *data, u32 len)
-{
-	struct vsock_hdr *h = (struct vsock_hdr *)v->txbuf;
-	u32 head, used;
-
-	*h = (struct vsock_hdr){ v->cid, VSOCK_HOST_CID, src_port, dst_port, len, 1, op, flags,
-				 VSOCK_BUF_ALLOC, v->fwd_cnt };
-	if (len)
-		memcpy(v->txbuf + sizeof(*h), data, len);
-	struct vbuf b = { v->txbuf, (u32)sizeof(*h) + len, 0 };
-	vq_submit(&v->tx, &b, 1);
-	return vq_wait(&v->tx, &head, &used, TIMEOUT);
-}
-
-/* Next packet from the host: header and payload copied out, the buffer posted again. */
-static int vsock_recv(struct vsk *v, struct vsock_hdr *h, u8 *data, u64 timeout)
-{
-	u32 head, len;
-
-	if (vq_wait(&v->rx, &head, &len, timeout))
-		return -1;
-	u8 *buf = (u8 *)v->rx.desc[head].addr;
-	memcpy(h, buf, sizeof(*h));
-	if (h->len > VSOCK_RXBUF - sizeof(*h))
-		h->len = 0;
-	memcpy(data, buf + sizeof(*h), h->len);
-	struct vbuf again = { buf, VSOCK_RXBUF, 1 };
-	vq_submit(&v->rx, &again, 1);
-	return 0;
-}
-
 static void u32_to_hex(u32 v, char *out)
 {
 	for (int k = 0; k < 8; k++)
@@ -376,18 +320,9 @@ int test_vsock(void)
 	u32 hp = 0, total = 0, crc = 0xffffffff, since_update = 0;
 	int credit_ok = 1, ok = 1;
 
-	if (virtio_find(VIRTIO_ID_VSOCK, 0, &v.dev) || virtio_init(&v.dev, 0) || vq_setup(&v.dev, 0, &v.rx, 64) ||
-	    vq_setup(&v.dev, 1, &v.tx, 64) || vq_setup(&v.dev, 2, &v.ev, 8)) {
+	if (vsock_open(&v)) {
 		printf("probe: vsock no device\n");
 		return 0;
-	}
-	virtio_driver_ok(&v.dev);
-	v.cid = virtio_config64(&v.dev, 0);
-	v.txbuf = dma_alloc(VSOCK_RXBUF, 64);
-	v.fwd_cnt = 0;
-	for (int i = 0; i < 48; i++) {
-		struct vbuf b = { dma_alloc(VSOCK_RXBUF, 64), VSOCK_RXBUF, 1 };
-		vq_submit(&v.rx, &b, 1);
 	}
 	printf("probe: vsock cid=%lu ready\n", v.cid);
 

@@ -1,4 +1,4 @@
-/* Polling drivers for virtio-blk and virtio-net, shared by the probe's tests. */
+/* Polling drivers for virtio-blk, virtio-net and virtio-vsock, shared by the probe's tests. */
 #include "vdrivers.h"
 
 u8 blk_rw(struct blk *b, u32 type, u64 sector, u8 *data, u32 len, int n_parts, int indirect)
@@ -130,4 +130,53 @@ void mac_string(const u8 *mac, char *out)
 		out[3 * i + 1] = "0123456789abcdef"[mac[i] & 0xf];
 		out[3 * i + 2] = i < 5 ? ':' : 0;
 	}
+}
+
+int vsock_open(struct vsk *v)
+{
+	if (virtio_find(VIRTIO_ID_VSOCK, 0, &v->dev) || virtio_init(&v->dev, 0) || vq_setup(&v->dev, 0, &v->rx, 64) ||
+	    vq_setup(&v->dev, 1, &v->tx, 64) || vq_setup(&v->dev, 2, &v->ev, 8))
+		return -1;
+	virtio_driver_ok(&v->dev);
+	v->cid = virtio_config64(&v->dev, 0);
+	v->txbuf = dma_alloc(VSOCK_TXBUF, 64);
+	v->fwd_cnt = v->fwd_sent = 0;
+	for (int i = 0; i < 48; i++) {
+		struct vbuf b = { dma_alloc(VSOCK_RXBUF, 64), VSOCK_RXBUF, 1 };
+		vq_submit(&v->rx, &b, 1);
+	}
+	return 0;
+}
+
+int vsock_send(struct vsk *v, u32 src_port, u32 dst_port, u16 op, u32 flags, const void *data, u32 len)
+{
+	struct vsock_hdr *h = (struct vsock_hdr *)v->txbuf;
+	u32 head, used;
+
+	if (len > VSOCK_TXBUF - sizeof(*h))
+		return -1;
+	*h = (struct vsock_hdr){ v->cid, VSOCK_HOST_CID, src_port, dst_port, len, 1, op, flags,
+				 VSOCK_BUF_ALLOC, v->fwd_cnt };
+	v->fwd_sent = v->fwd_cnt;
+	if (len)
+		memcpy(v->txbuf + sizeof(*h), data, len);
+	struct vbuf b = { v->txbuf, (u32)sizeof(*h) + len, 0 };
+	vq_submit(&v->tx, &b, 1);
+	return vq_wait(&v->tx, &head, &used, TIMEOUT);
+}
+
+int vsock_recv(struct vsk *v, struct vsock_hdr *h, u8 *data, u64 timeout)
+{
+	u32 head, len;
+
+	if (vq_wait(&v->rx, &head, &len, timeout))
+		return -1;
+	u8 *buf = (u8 *)v->rx.desc[head].addr;
+	memcpy(h, buf, sizeof(*h));
+	if (h->len > VSOCK_RXBUF - sizeof(*h))
+		h->len = 0;
+	memcpy(data, buf + sizeof(*h), h->len);
+	struct vbuf again = { buf, VSOCK_RXBUF, 1 };
+	vq_submit(&v->rx, &again, 1);
+	return 0;
 }

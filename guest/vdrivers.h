@@ -1,4 +1,4 @@
-/* Polling drivers for virtio-blk and virtio-net, shared by the probe's tests. */
+/* Polling drivers for virtio-blk, virtio-net and virtio-vsock, shared by the probe's tests. */
 #ifndef PROBE_VDRIVERS_H
 #define PROBE_VDRIVERS_H
 #include "virtio.h"
@@ -67,5 +67,39 @@ int net_send(struct netdev *n, u32 i);
 long net_recv(struct netdev *n, u64 timeout);
 /* "xx:xx:xx:xx:xx:xx" into out[18]. */
 void mac_string(const u8 *mac, char *out);
+
+#define VSOCK_OP_REQUEST	1
+#define VSOCK_OP_RESPONSE	2
+#define VSOCK_OP_RST		3
+#define VSOCK_OP_SHUTDOWN	4
+#define VSOCK_OP_RW		5
+#define VSOCK_OP_CREDIT_UPDATE	6
+#define VSOCK_HOST_CID		2
+#define VSOCK_RXBUF		4096
+#define VSOCK_TXBUF		8192
+#define VSOCK_BUF_ALLOC		(32 * 1024)	/* small on purpose: the host must respect it */
+
+struct vsock_hdr {
+	u64 src_cid, dst_cid;
+	u32 src_port, dst_port, len;
+	u16 type, op;
+	u32 flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+
+struct vsk {
+	struct vdev dev;
+	struct vq rx, tx, ev;
+	u64 cid;
+	u8 *txbuf;
+	u32 fwd_cnt;		/* bytes of the current connection we consumed */
+	u32 fwd_sent;		/* the fwd_cnt the host last heard of */
+};
+
+/* Find the vsock device, set it up and post receive buffers: 0 or -1. */
+int vsock_open(struct vsk *v);
+/* One packet to the host (payload up to VSOCK_TXBUF less the header); 0 once it is used. */
+int vsock_send(struct vsk *v, u32 src_port, u32 dst_port, u16 op, u32 flags, const void *data, u32 len);
+/* Next packet from the host: header and payload copied out, the buffer posted again; -1 on timeout. */
+int vsock_recv(struct vsk *v, struct vsock_hdr *h, u8 *data, u64 timeout);
 
 #endif

@@ -135,6 +135,51 @@ def test_pyxs(xs: Path) -> None:
 
 
 @needs_kvm
+@needs_xs_utils
+def test_guest_over_vsock(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """The probe's XenStore client on the vsock port: domain 7, with its permissions and quotas."""
+    sock = tmp_path / "xs.sock"
+    vm = Vm("-kernel", str(probe / "probe.elf"), "-append", "probe.run=xenstore,wait", "-serial", "stdio",
+            "-device", f"vsock,id=vsock0,guest-cid=3,uds-path={tmp_path / 'v.sock'}",
+            "-xenstore", str(sock), "-xen-domid", str(DOMID))
+    vms.append(vm)
+    home = f"/local/domain/{DOMID}"
+    vm.wait_line("probe: xenstore watching")
+    tool(sock, "xenstore-write", "/vm/secret", "host only", f"{home}/config/name", "probe-vm")
+    # The host learns the guest's state by watching its key (initial event, then the write).
+    watcher = subprocess.Popen(["xenstore-watch", "-n", "2", f"{home}/data/hello"], stdout=subprocess.PIPE,
+                               text=True, env=dict(os.environ, XENSTORED_PATH=str(sock)))
+    time.sleep(0.3)
+    tool(sock, "xenstore-write", f"{home}/config/ready", "1")
+    vm.wait_line("probe: waiting", timeout=120)
+    assert "probe: test xenstore ok" in vm.seen
+    assert watcher.communicate(timeout=30)[0].split() == [f"{home}/data/hello"] * 2
+    for line in (
+            "probe: xenstore event path=config/ready",          # relative watch, relative event
+            "probe: xenstore read config/name=probe-vm",
+            "probe: xenstore write data/hello=OK",
+            "probe: xenstore read /vm/secret=EACCES",
+            "probe: xenstore write /vm/ours=EACCES",
+            "probe: xenstore write /local/domain/0/x=EACCES",
+            "probe: xenstore transaction reads counter=0",      # isolated from the write made after its start
+            "probe: xenstore transaction first=EAGAIN tries=2 end=OK counter=11",
+            "probe: xenstore write 2049 bytes=ENOSPC",
+            "probe: xenstore write 2048 bytes=OK",
+            # 1000 nodes: home, config, config/{name,ready}, data, data/hello, counter and q are 8.
+            "probe: xenstore quota nodes=992 then=ENOSPC",
+            "probe: xenstore after rm=OK"):
+        assert line in vm.seen
+    written = tool(sock, "xenstore-read", f"{home}/data/hello", f"{home}/counter").stdout
+    assert written == "from the guest\n11\n"
+    assert tool(sock, "xenstore-list", f"{home}/q").stdout == "again\n"
+    listing = " ".join(tool(sock, "xenstore-ls", "-f", "-p", home).stdout.split())
+    assert f'{home}/data/hello = "from the guest" (n{DOMID})' in listing     # the guest owns what it made
+    assert tool(sock, "xenstore-read", "/vm/secret").stdout == "host only\n"
+    vm.proc.terminate()
+    assert vm.finish()[0] == 143
+
+
+@needs_kvm
 def test_wire_edges(xs: Path) -> None:
     w = Wire(xs)
     w.call(11, b"/edge/v\0value")

@@ -258,6 +258,25 @@ def test_quotas(store: Store, guest: Client) -> None:
         host.transaction_start()                               # dom0 has no quota
 
 
+def test_watch_and_transaction_quotas_are_the_domains(store: Store, guest: Client) -> None:
+    """A guest may open several connections (vsock); they share its quotas, and closing
+    one gives back what it held."""
+    second = Client(store, GUEST).s
+    for i in range(100):
+        guest.s.watch(f"w{i}", "t")
+    for i in range(28):
+        second.watch(f"x{i}", "t")
+    assert errno_of(second.watch, "x28", "t") == "E2BIG"
+    for _ in range(6):
+        guest.s.transaction_start()
+    for _ in range(4):
+        second.transaction_start()
+    assert errno_of(second.transaction_start) == "ENOSPC"
+    guest.s.close()
+    second.watch("x28", "t")
+    second.transaction_start()
+
+
 def test_guest_node_count_at_the_default_quota(guest: Client) -> None:
     s = guest.s
     for i in range(999):

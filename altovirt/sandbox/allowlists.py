@@ -7,7 +7,7 @@ inherit it). A call outside the list raises SIGSYS, which ends the VMM (see
 - ``vcpu``: runs KVM_RUN and the register accesses that exit to us; raises
   interrupts (eventfd writes) and prints the serial console.
 - ``io``: the device I/O thread and the block worker pool: virtqueues, images,
-  taps and unix sockets (console, vsock).
+  taps and unix sockets (console, vsock, the guest's XenStore connections).
 - ``api``: the QMP thread: its clients, the lifecycle (pausing vCPUs, KVM
   state), hot-plug (opening images and taps) and system_reset.
 - ``main``: the event loop that waits for a stop, the terminal, and the
@@ -34,7 +34,7 @@ PYTHON = (
 )
 # Where a thread serves an epoll loop.
 EPOLL = ("epoll_wait", "epoll_pwait", "epoll_ctl", "epoll_create1")
-# Unix sockets: QMP, the console and vsock (AF_UNIX only: see SOCKET_DOMAINS).
+# Unix sockets: QMP, the console, vsock and XenStore (AF_UNIX only: see seccomp.build).
 UNIX_SOCKETS = ("socket", "connect", "accept4", "recvfrom", "sendto", "recvmsg", "sendmsg", "shutdown",
                 "getsockopt", "setsockopt", "getsockname", "getpeername")
 
@@ -43,7 +43,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "vcpu": (*PYTHON, "ioctl", "tgkill", "epoll_ctl"),
     "io": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
            "ioctl", "preadv", "pwritev", "preadv2", "pwritev2", "fdatasync", "fsync", "fallocate", "openat",
-           "unlink", "tgkill"),
+           "unlink", "tgkill", "socketpair"),       # socketpair: a guest's XenStore connection
     "api": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
             "ioctl", "openat", "unlink", "tgkill", "flock", "fdatasync"),
     "main": (*PYTHON, *EPOLL, *UNIX_SOCKETS,

@@ -67,8 +67,8 @@ def build(role: str) -> Filter:
             for request in IOCTLS[role]:
                 # The request is an unsigned int: compare the low 32 bits only.
                 f.allow("ioctl", args=[ArgCmp(1, CmpOp.MASKED_EQ, request, mask=0xFFFFFFFF)])
-        elif name == "socket":
-            f.allow("socket", args={0: socket.AF_UNIX})
+        elif name in ("socket", "socketpair"):
+            f.allow(name, args={0: socket.AF_UNIX})
         else:
             f.allow(name)
     return f

@@ -31,6 +31,7 @@ from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
 from ..devices.virtio.block import WorkerPool
 from ..devices.virtio.mmio import MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
+from ..devices.virtio.vsock import Vsock
 from ..kvm import Kvm, KvmError, Vcpu
 from ..kvm import Vm as KvmVm
 from ..kvm import ioctls as K
@@ -142,6 +143,7 @@ class Machine:
         self._listeners: list[Callable[[str, dict[str, object]], None]] = []
         self.i8042: I8042 | None = None
         self.hotplug: Hotplug | None = None
+        self.vsock: Vsock | None = None
         # The VM's XenStore: the guest is domain cfg.xen_domid, with its home made at start.
         self.xenstore = Store(cfg.xen_domid) if cfg.xenstore else None
         self._boot_inputs: tuple[bytes, str, bytes | None] | None = None
@@ -233,6 +235,7 @@ class Machine:
             self.mmio.insert(transport, base, MMIO_SLOT_SIZE)
             entries.append(virtio_devices.cmdline_entry(base, irq))
             log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)
+        self.vsock = next((d for d in devices.others if isinstance(d, Vsock)), None)
         n_disks, n_nics = len(devices.disks), len(devices.nets)
         self.hotplug = Hotplug(self.transports[:n_disks], self.transports[n_disks:n_disks + n_nics],
                                self.io, self.block_pool, self._devices_still, self._device_deleted)

@@ -1,14 +1,18 @@
-"""The host's XenStore socket: xenstored's unix-socket protocol, every client as dom0.
+"""The XenStore's connections: xenstored's socket protocol for the host (dom0) on a
+unix socket, and for the guest on a vsock port.
 
-Point Xen's tools at it with ``XENSTORED_PATH=<socket> xenstore-read ...``,
-or ``pyxs.Client(unix_socket_path=...)``. The server runs on its own thread;
-watch events raised by other threads (QMP, the guest's connection) are
-queued and the thread is woken to send them.
+Point Xen's tools at the host socket with ``XENSTORED_PATH=<socket>
+xenstore-read ...``, or ``pyxs.Client(unix_socket_path=...)``. The guest
+connects to the host (CID 2) on port :data:`GUEST_VSOCK_PORT` of the VM's
+vsock device and is its own domain there, held to its permissions and
+quotas. The server runs on its own thread; watch events raised by other
+threads (QMP) are queued and the thread is woken to send them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -22,14 +26,16 @@ from .wire import Connection
 
 log = logging.getLogger(__name__)
 
+# The vsock port (on the host, CID 2) where the guest finds the store: "XS".
+GUEST_VSOCK_PORT = 0x5853
 MAX_OUTPUT = 4 << 20           # replies and events a client has not read; past this it is dropped
 
 
 class _Client:
-    def __init__(self, server: XenStoreServer, sock: socket.socket) -> None:
+    def __init__(self, server: XenStoreServer, sock: socket.socket, domid: int) -> None:
         self.sock = sock
         self.out = PendingOutput()
-        self.conn = Connection(server.store, DOM0, functools.partial(server.queue, self))
+        self.conn = Connection(server.store, domid, functools.partial(server.queue, self))
 
 
 class XenStoreServer:
@@ -41,6 +47,7 @@ class XenStoreServer:
         self._dirty: set[_Client] = set()          # clients with output queued since the last flush
         self._lock = threading.RLock()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._closed = False
         self.io.add(self.listener.fileno(), self._accept)
         self.io.add(self._wake, self._woken)
 
@@ -61,11 +68,27 @@ class XenStoreServer:
         if not self.io.in_thread():
             os.eventfd_write(self._wake, 1)
 
+    def guest_socket(self) -> socket.socket:
+        """A new connection for the guest's domain: one end of a socket pair is served
+        here, the other (non-blocking) is for the vsock device to carry."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        with self._lock:
+            if self._closed:
+                ours.close()
+                theirs.close()
+                raise ConnectionRefusedError(errno.ECONNREFUSED, "the XenStore is closed")
+            self._add(ours, self.store.guest_domid)
+        return theirs
+
     def _accept(self) -> None:
         sock = self.listener.accept()
-        if sock is None:
-            return
-        client = _Client(self, sock)
+        if sock is not None:
+            self._add(sock, DOM0)
+
+    def _add(self, sock: socket.socket, domid: int) -> None:
+        client = _Client(self, sock, domid)
         with self._lock:
             self._clients[sock.fileno()] = client
             self.io.add(sock.fileno(), functools.partial(self._readable, client))
@@ -109,6 +132,8 @@ class XenStoreServer:
                 self._drop(client)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self.io.stop()
         with self._lock:
             for client in list(self._clients.values()):

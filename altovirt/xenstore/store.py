@@ -11,6 +11,7 @@ meanwhile). Errors are :class:`XsError` with the protocol's errno name.
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,6 +148,9 @@ class Store:
         self.guest_domid = guest_domid
         self._gen = 0
         self._next_tx = 1
+        # A guest may hold several connections: its watch and transaction quotas are
+        # the domain's, as in xenstored (which has one connection a domain).
+        self._open_tx: collections.Counter[int] = collections.Counter()
         self.watches: list[Watch] = []
         root = self._node(b"", (Perm("n", DOM0),))
         self.state = State(root, {DOM0: 1})
@@ -291,8 +295,9 @@ class Store:
 
     # --- transactions ---
     def transaction_start(self, session: Session) -> int:
-        if session.domid != DOM0 and len(session.transactions) >= self.quota.transactions:
+        if session.domid != DOM0 and self._open_tx[session.domid] >= self.quota.transactions:
             raise XsError("ENOSPC")
+        self._open_tx[session.domid] += 1
         tx, self._next_tx = self._next_tx, (self._next_tx % 0xFFFFFFFF) + 1
         snapshot = State(self.state.root, dict(self.state.owned))
         session.transactions[tx] = Transaction(tx, self.state.root, snapshot)
@@ -302,6 +307,7 @@ class Store:
         txn = session.transactions.pop(tx, None)
         if txn is None:
             raise XsError("ENOENT")
+        self._open_tx[session.domid] -= 1
         if not commit:
             return
         if self.state.root is not txn.base:
@@ -315,7 +321,8 @@ class Store:
         absolute = check_path(path, session.home, watch=True)
         if any(w.absolute == absolute and w.token == token for w in session.watches):
             raise XsError("EEXIST")
-        if session.domid != DOM0 and len(session.watches) >= self.quota.watches:
+        if session.domid != DOM0 and \
+                sum(w.session.domid == session.domid for w in self.watches) >= self.quota.watches:
             raise XsError("E2BIG")
         w = Watch(session, path, absolute, token)
         session.watches.append(w)
@@ -335,6 +342,7 @@ class Store:
         for w in session.watches:
             self.watches.remove(w)
         session.watches.clear()
+        self._open_tx[session.domid] -= len(session.transactions)
         session.transactions.clear()
 
     def _changed(self, txn: Transaction | None, change: Change) -> None:

@@ -8,6 +8,8 @@ unix-socket model on the host side.
   byte stream to the guest port.
 * Guest to host: a guest connection to CID 2 port P becomes a connection to
   the unix socket ``<uds_path>_P``; if nothing listens there, the guest gets RST.
+  Ports given to :meth:`Vsock.serve` are answered inside the VMM instead
+  (the XenStore's guest port).
 
 Flow control is the spec's credit scheme (5.10.6.3): we send a connection
 no more than the guest's buf_alloc minus what it has not yet consumed, and
@@ -26,6 +28,7 @@ import select
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ...backends.unix import UnixListener
@@ -88,7 +91,13 @@ class Vsock(VirtioDevice):
         self._handshakes: dict[int, tuple[socket.socket, bytearray]] = {}
         self._control: collections.deque[bytes] = collections.deque()   # packets waiting for rx buffers
         self._next_port = FIRST_HOST_PORT
+        self._services: dict[int, Callable[[], socket.socket]] = {}
         io.add(listener.fileno(), self._accept)
+
+    def serve(self, port: int, connect: Callable[[], socket.socket]) -> None:
+        """Answer guest connections to host port ``port`` with ``connect()``: a connected,
+        non-blocking stream socket (OSError refuses the guest) instead of ``<uds_path>_port``."""
+        self._services[port] = connect
 
     # --- packets to the guest ---
     def _header(self, conn: Conn | None, op: int, *, src_port: int = 0, dst_port: int = 0,
@@ -326,13 +335,10 @@ class Vsock(VirtioDevice):
             self._close(conn, notify_guest=False)
 
     def _guest_connect(self, guest_port: int, host_port: int, buf_alloc: int, fwd_cnt: int) -> None:
-        path = f"{self.uds_path}_{host_port}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.connect(path)              # a unix connect completes (or fails) at once
-            sock.setblocking(False)
+            service = self._services.get(host_port)
+            sock = service() if service else _connect_unix(f"{self.uds_path}_{host_port}")
         except OSError as e:
-            sock.close()
             log.info("%s: guest port %d -> host port %d refused (%s)", self.name, guest_port, host_port,
                      errno.errorcode.get(e.errno or 0, e))
             self._control.append(self._header(None, OP_RST, src_port=host_port, dst_port=guest_port))
@@ -357,6 +363,17 @@ class Vsock(VirtioDevice):
                 self._end_handshake(sock, close=True)
             self.io.remove(self.listener.fileno())
             self.listener.close()
+
+
+def _connect_unix(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)              # a unix connect completes (or fails) at once
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _limit(views: list[memoryview], n: int) -> list[memoryview]:
