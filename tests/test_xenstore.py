@@ -3,6 +3,7 @@ by raw wire messages: framing, errors, limits, and a fuzzing flood it must survi
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -177,6 +178,93 @@ def test_guest_over_vsock(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
     assert tool(sock, "xenstore-read", "/vm/secret").stdout == "host only\n"
     vm.proc.terminate()
     assert vm.finish()[0] == 143
+
+
+@needs_kvm
+def test_qmp_commands(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """xenstore-* over QMP (qemu.qmp) act as dom0: what they write is the store's, watchers on
+    the host socket hear of it, and every refusal is a GenericError that changes nothing."""
+    from pyxs import Client
+    from qemu.qmp import ExecuteError, QMPClient
+
+    sock, api = tmp_path / "xs.sock", tmp_path / "qmp.sock"
+    vm = Vm("-kernel", str(probe / "probe.elf"), "-append", "probe.run=wait", "-serial", "stdio",
+            "-api-channel", f"unix:{api}", "-xenstore", str(sock), "-xen-domid", str(DOMID))
+    vms.append(vm)
+    vm.wait_line("probe: waiting")
+    home = f"/local/domain/{DOMID}"
+
+    async def session() -> dict[str, object]:
+        qmp = QMPClient("xs")
+        await qmp.connect(str(api))
+        seen: dict[str, object] = {}
+
+        async def error(cmd: str, args: dict[str, object]) -> str:
+            with pytest.raises(ExecuteError) as e:
+                await qmp.execute(cmd, args)
+            assert e.value.error_class == "GenericError"
+            return str(e.value)
+
+        with Client(unix_socket_path=str(sock)) as c:
+            monitor = c.monitor()
+            monitor.watch(b"/vm", b"t")
+            events = monitor.wait()
+            assert next(events) == (b"/vm", b"t")
+            await qmp.execute("xenstore-write", {"path": "/vm/name", "value": "web-1 \u00e9"})
+            assert next(events) == (b"/vm/name", b"t")
+            assert c.read(b"/vm/name") == "web-1 \u00e9".encode()
+            await qmp.execute("xenstore-write", {"path": "/vm/blob", "value": "AP8=", "format": "base64"})
+            assert c.read(b"/vm/blob") == b"\x00\xff"
+            c.write(b"/vm/ip", b"10.0.0.2")
+        seen["read"] = await qmp.execute("xenstore-read", {"path": "/vm/name"})
+        seen["blob"] = await qmp.execute("xenstore-read", {"path": "/vm/blob", "format": "base64"})
+        seen["list"] = await qmp.execute("xenstore-list", {"path": "/vm"})
+        seen["home"] = await qmp.execute("xenstore-get-perms", {"path": home})
+        await qmp.execute("xenstore-set-perms", {"path": "/vm/ip", "perms": ["n0", f"r{DOMID}"]})
+        seen["perms"] = await qmp.execute("xenstore-get-perms", {"path": "/vm/ip"})
+        seen["errors"] = [
+            await error("xenstore-read", {"path": "/vm/missing"}),
+            await error("xenstore-read", {"path": "/vm/blob"}),
+            await error("xenstore-read", {"path": "/vm", "format": "hex"}),
+            await error("xenstore-write", {"path": "bad//path", "value": ""}),
+            await error("xenstore-write", {"path": "/vm/x", "value": "!", "format": "base64"}),
+            await error("xenstore-write", {"path": "/vm/x", "value": "x" * 4096}),
+            await error("xenstore-write", {"path": "/vm/x"}),
+            await error("xenstore-rm", {"path": "/"}),
+            await error("xenstore-list", {"path": "/nowhere/below"}),
+            await error("xenstore-set-perms", {"path": "/vm/ip", "perms": []}),
+            await error("xenstore-set-perms", {"path": "/vm/ip", "perms": ["x1"]}),
+            await error("xenstore-set-perms", {"path": "/vm/ip", "perms": [7]}),
+        ]
+        await qmp.execute("xenstore-rm", {"path": "/vm/blob"})
+        seen["after"] = await qmp.execute("xenstore-list", {"path": "/vm"})
+        seen["unchanged"] = await qmp.execute("xenstore-get-perms", {"path": "/vm/ip"})
+        await qmp.execute("quit")
+        await qmp.disconnect()
+        return seen
+
+    seen = asyncio.run(session())
+    assert seen["read"] == {"value": "web-1 \u00e9"}
+    assert seen["blob"] == {"value": "AP8="}
+    assert seen["list"] == ["blob", "ip", "name"]
+    assert seen["home"] == [f"n{DOMID}"]
+    assert seen["perms"] == ["n0", f"r{DOMID}"]
+    assert seen["errors"] == [
+        "/vm/missing: ENOENT (No such file or directory)",
+        "the value is not UTF-8; read it with format 'base64'",
+        "Parameter 'format' expects one of utf8, base64",
+        "bad//path: EINVAL (Invalid argument)",
+        "Parameter 'value' is not valid base64",
+        "/vm/x: the path and value are over 4096 bytes",
+        "Parameter 'value' is missing",
+        "/: EINVAL (Invalid argument)",
+        "/nowhere/below: ENOENT (No such file or directory)",
+        *["Parameter 'perms' expects a non-empty list like [\"n0\", \"r7\"]: n (none), r, w or b (both), "
+          "then a domain id"] * 3,
+    ]
+    assert seen["after"] == ["ip", "name"]
+    assert seen["unchanged"] == ["n0", f"r{DOMID}"]
+    assert vm.finish()[0] == 0
 
 
 @needs_kvm

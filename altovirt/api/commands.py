@@ -19,6 +19,7 @@ from ..vmm.hotplug import Hotplug, HotplugError
 from ..vmm.machine import Machine, StateError
 from ..vmm.vcpu import StopReason
 from .qmp import Command, QmpError
+from .xenstore import xenstore_commands
 
 HOST_QMP_QUIT = StopReason("host-qmp-quit", False, 0)
 BLOCK_DRIVERS = ("virtio-blk-mmio", "virtio-blk-device")
@@ -197,6 +198,8 @@ def build(machine: Machine) -> dict[str, Command]:
     }
     if machine.hotplug is not None:
         table.update(hotplug_commands(machine.hotplug))
+    if machine.xenstore is not None:
+        table.update(xenstore_commands(machine.xenstore))
     if os.environ.get(TEST_HOOKS) == "1":
         # Makes the QMP thread call chroot(2), which no allow-list has: proves the filter bites.
         table["x-test-forbidden-syscall"] = Command(lambda a: os.chroot("/"))
