@@ -79,6 +79,18 @@ def test_invalid_paths(host: Client, path: str) -> None:
     assert errno_of(host.s.write, 0, path, b"v") == "EINVAL"
 
 
+def test_deepest_path(host: Client) -> None:
+    """A path at the length limit is 1536 names deep: past Python's recursion limit."""
+    deep = "/d" * 1536
+    host.s.write(0, deep, b"bottom")
+    assert host.s.read(0, deep) == b"bottom"
+    host.watch(deep, "t")
+    host.take()
+    host.s.rm(0, "/d")
+    assert host.take() == [(deep, "t")]
+    assert errno_of(host.s.write, 0, deep + "/d", b"") == "EINVAL"
+
+
 def test_rm(host: Client) -> None:
     s = host.s
     s.write(0, "/a/b/c", b"1")

@@ -169,20 +169,22 @@ class Store:
         self._gen += 1
         return Node(value, perms, children if children is not None else {}, self._gen)
 
-    def _replace(self, node: Node, parts: list[str], new: Node | None, depth: int = 0) -> Node:
-        """``node`` with the node at ``parts`` (below it) replaced by ``new`` (None removes
-        it): the nodes on the way down are copied, everything else is shared."""
-        if depth == len(parts):
-            assert new is not None
-            return new
-        name = parts[depth]
-        children = dict(node.children)
-        below = new if depth + 1 == len(parts) else self._replace(children[name], parts, new, depth + 1)
-        if below is None:
-            del children[name]
-        else:
-            children[name] = below
-        return self._node(node.value, node.perms, children)
+    def _replace(self, root: Node, parts: list[str], new: Node | None) -> Node:
+        """``root`` with the node at ``parts`` replaced by ``new`` (None removes it): the
+        nodes on the way down are copied, everything else is shared."""
+        above = [root]
+        for name in parts[:-1]:
+            above.append(above[-1].children[name])
+        below = new
+        for node, name in zip(reversed(above), reversed(parts), strict=True):
+            children = dict(node.children)
+            if below is None:
+                del children[name]
+            else:
+                children[name] = below
+            below = self._node(node.value, node.perms, children)
+        assert below is not None
+        return below
 
     def _state(self, session: Session, tx: int) -> tuple[State, Transaction | None]:
         if tx == 0:

@@ -9,6 +9,7 @@ root node, and a transaction can start from the store's current root in O(1).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 ABS_PATH_MAX = 3072
@@ -70,12 +71,14 @@ class Node:
         self.children = children
         self.gen = gen
 
-    def walk(self, path: str) -> list[tuple[str, Node]]:
-        """This node and every node below it, as (absolute path, node), ``path`` being this one's."""
-        out = [(path, self)]
-        for name, child in self.children.items():
-            out += child.walk(join(path, name))
-        return out
+    def walk(self, path: str) -> Iterator[tuple[str, Node]]:
+        """This node and every node below it, as (absolute path, node), ``path`` being this one's.
+        Iterative: a path may be 1536 names deep, past Python's recursion limit."""
+        stack = [(path, self)]
+        while stack:
+            path, node = stack.pop()
+            yield path, node
+            stack.extend((join(path, name), child) for name, child in node.children.items())
 
 
 def join(parent: str, name: str) -> str:
