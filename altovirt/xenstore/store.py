@@ -70,17 +70,33 @@ def domain_path(domid: int) -> str:
     return f"/local/domain/{domid}"
 
 
+def owners(root: Node) -> dict[int, int]:
+    """How many nodes of the tree each domain owns."""
+    return dict(collections.Counter(node.perms[0].domid for _, node in root.walk("/")))
+
+
 class Session:
     """A client's view of the store: domain ``domid``; ``deliver(path, token)`` sends
-    a watch event to the client (called with the store locked: it must only queue)."""
+    a watch event to the client (called with the store locked: it must only queue).
+    Without ``deliver`` (a session loaded from a snapshot) events are held until
+    :meth:`attach`."""
 
-    def __init__(self, store: Store, domid: int, deliver: Callable[[str, str], None]) -> None:
+    def __init__(self, store: Store, domid: int, deliver: Callable[[str, str], None] | None = None) -> None:
         self.store = store
         self.domid = domid
         self.home = domain_path(domid)
-        self.deliver = deliver
+        self.held: list[tuple[str, str]] = []
+        self.deliver = deliver or (lambda path, token: self.held.append((path, token)))
         self.watches: list[Watch] = []
         self.transactions: dict[int, Transaction] = {}
+
+    def attach(self, deliver: Callable[[str, str], None]) -> None:
+        """Deliver to ``deliver`` from now on, starting with the events held so far."""
+        with self.store.lock:
+            self.deliver = deliver
+            held, self.held = self.held, []
+            for path, token in held:
+                deliver(path, token)
 
     # Each call takes the store's lock and passes itself on.
     def read(self, tx: int, path: str) -> bytes:
@@ -138,7 +154,11 @@ class Session:
         with self.store.lock:
             self.store.drop(self)
 
-    close = reset
+    def close(self) -> None:
+        """The client is gone: its watches and transactions go with it."""
+        with self.store.lock:
+            self.store.drop(self)
+            self.store.sessions.pop(self, None)
 
 
 class Store:
@@ -146,8 +166,9 @@ class Store:
         self.lock = threading.RLock()
         self.quota = quota or Quota()
         self.guest_domid = guest_domid
-        self._gen = 0
-        self._next_tx = 1
+        self.gen = 0                 # the last generation count given to a node
+        self.next_tx = 1
+        self.sessions: dict[Session, None] = {}      # the open ones, in the order they came
         # A guest may hold several connections: its watch and transaction quotas are
         # the domain's, as in xenstored (which has one connection a domain).
         self._open_tx: collections.Counter[int] = collections.Counter()
@@ -162,12 +183,34 @@ class Store:
         self.set_perms(admin, 0, home, (Perm("n", guest_domid),))
 
     def session(self, domid: int, deliver: Callable[[str, str], None]) -> Session:
-        return Session(self, domid, deliver)
+        with self.lock:
+            session = Session(self, domid, deliver)
+            self.sessions[session] = None
+            return session
+
+    def restore(self, root: Node, gen: int, next_tx: int, guests: list[Session]) -> None:
+        """Take a loaded tree and the guest's loaded sessions (see :mod:`.snapshot`) in place
+        of the current ones. Guest sessions open here lose their watches and transactions;
+        the loaded ones keep theirs, without initial events. Host sessions stay, and each
+        of their watches fires once, as anything may have changed."""
+        with self.lock:
+            for session in self.sessions:
+                if session.domid != DOM0:
+                    self.drop(session)
+            self.state = State(root, owners(root))
+            self.gen, self.next_tx = gen, next_tx
+            for session in guests:
+                self.sessions[session] = None
+                self.watches += session.watches
+                self._open_tx[session.domid] += len(session.transactions)
+            for w in self.watches:
+                if w.session.domid == DOM0 and not w.absolute.startswith("@"):
+                    w.session.deliver(w.path, w.token)
 
     # --- the tree ---
     def _node(self, value: bytes, perms: Perms, children: dict[str, Node] | None = None) -> Node:
-        self._gen += 1
-        return Node(value, perms, children if children is not None else {}, self._gen)
+        self.gen += 1
+        return Node(value, perms, children if children is not None else {}, self.gen)
 
     def _replace(self, root: Node, parts: list[str], new: Node | None) -> Node:
         """``root`` with the node at ``parts`` replaced by ``new`` (None removes it): the
@@ -300,7 +343,7 @@ class Store:
         if session.domid != DOM0 and self._open_tx[session.domid] >= self.quota.transactions:
             raise XsError("ENOSPC")
         self._open_tx[session.domid] += 1
-        tx, self._next_tx = self._next_tx, (self._next_tx % 0xFFFFFFFF) + 1
+        tx, self.next_tx = self.next_tx, (self.next_tx % 0xFFFFFFFF) + 1
         snapshot = State(self.state.root, dict(self.state.owned))
         session.transactions[tx] = Transaction(tx, self.state.root, snapshot)
         return tx
