@@ -315,13 +315,17 @@ int test_xenstore(void)
 	big[2048] = 0;
 	printf("probe: xenstore write 2048 bytes=%s\n", ok_or(xs_write(&x, 0, "big", big)));
 	ok &= !xs_rm(&x, 0, "big");
+	u64 t0 = rdtsc();
 	for (;;) {
 		char path[16] = "q/";
 		u32_to_dec(nodes, path + 2);
 		if ((err = xs_write(&x, 0, path, "")) || ++nodes > 2000)
 			break;
 	}
+	u64 cycles = rdtsc() - t0, hz = tsc_hz();
 	printf("probe: xenstore quota nodes=%u then=%s\n", nodes, ok_or(err));
+	if (hz && cycles)	/* round trips over vsock: the guest's view of the store's speed */
+		printf("probe: xenstore guest writes/s=%lu\n", (u64)(nodes + 1) * hz / cycles);
 	ok &= !xs_rm(&x, 0, "q");
 	err = xs_write(&x, 0, "q/again", "");
 	printf("probe: xenstore after rm=%s\n", ok_or(err));
