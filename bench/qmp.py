@@ -39,8 +39,8 @@ class Client:
         self.f.readline()
         self.call("qmp_capabilities")
 
-    def call(self, name: str) -> dict:
-        self.s.sendall(json.dumps({"execute": name}).encode() + b"\n")
+    def call(self, name: str, arguments: dict | None = None) -> dict:
+        self.s.sendall(json.dumps({"execute": name, "arguments": arguments or {}}).encode() + b"\n")
         while True:
             msg = json.loads(self.f.readline())
             if "event" not in msg:

@@ -7,7 +7,8 @@ than ten independent processes).
 Each client sends back-to-back requests (one outstanding at a time, as libxenstore
 does). Watch delivery: one writer changes a key that every client watches; the figure
 is events received per second, all clients together. Last, the guest's view: the
-probe's xenstore test times its back-to-back writes over the vsock port.
+probe's xenstore test times its back-to-back writes over the vsock port, and QMP's
+xenstore-read round trip is set beside query-status's.
 
     .venv/bin/python bench/xenstore.py [--seconds 2]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import statistics
 import struct
 import subprocess
 import tempfile
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 import common
+from qmp import Client as QmpClient
 
 HEADER = struct.Struct("=IIII")
 READ, WATCH, WRITE = 2, 4, 11
@@ -131,15 +134,31 @@ def guest_writes_per_second(d: Path) -> str:
     return figure
 
 
+def qmp_round_trips(path: Path, calls: int) -> dict[str, float]:
+    """Median round trip (µs) of xenstore-read and of query-status, interleaved."""
+    client = QmpClient(str(path))
+    client.call("xenstore-write", {"path": "/bench/qmp", "value": "v"})
+    times: dict[str, list[float]] = {"xenstore-read": [], "query-status": []}
+    for _ in range(calls):
+        for name, arguments in (("xenstore-read", {"path": "/bench/qmp"}), ("query-status", None)):
+            t0 = time.perf_counter()
+            client.call(name, arguments)
+            times[name].append(time.perf_counter() - t0)
+    client.s.close()
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--calls", type=int, default=5000, help="QMP round trips of each command")
     args = ap.parse_args()
     common.prepare()
     with tempfile.TemporaryDirectory() as d:
         sock = Path(d) / "xs.sock"
         vm = subprocess.Popen([*common.altovirt(), "-kernel", str(common.PROBE), "-append", "probe.run=wait",
-                               "-serial", "stdio", "-xenstore", str(sock)],
+                               "-serial", "stdio", "-xenstore", str(sock),
+                               "-api-channel", f"unix:{Path(d) / 'qmp.sock'}"],
                               stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         try:
             while not sock.exists():
@@ -155,6 +174,9 @@ def main() -> None:
             one = events_per_second(sock, 1, args.seconds)
             ten = events_per_second(sock, 10, args.seconds)
             print(f"{'watch events (events/s)':28}{one:12.0f}{ten:12.0f}")
+            rtt = qmp_round_trips(Path(d) / "qmp.sock", args.calls)
+            print(f"QMP median round trip: xenstore-read {rtt['xenstore-read']:.0f} us, "
+                  f"query-status {rtt['query-status']:.0f} us")
         finally:
             vm.terminate()
             vm.wait()
