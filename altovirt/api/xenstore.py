@@ -16,7 +16,7 @@ import contextlib
 import errno
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ..xenstore.store import DOM0, Store
 from ..xenstore.tree import Perm, XsError
@@ -24,6 +24,7 @@ from ..xenstore.wire import PAYLOAD_MAX
 from .qmp import Command, QmpError
 
 FORMATS = ("utf8", "base64")
+T = TypeVar("T")
 
 
 def _encode(value: bytes, fmt: str) -> str:
@@ -64,7 +65,7 @@ def xenstore_commands(store: Store) -> dict[str, Command]:
     """xenstore-read/-write/-list/-rm/-get-perms/-set-perms."""
     session = store.session(DOM0, lambda path, token: None)      # QMP has no watches
 
-    def call(path: str, action: Callable[[], object]) -> object:
+    def call(path: str, action: Callable[[], T]) -> T:
         try:
             return action()
         except XsError as e:
@@ -73,9 +74,7 @@ def xenstore_commands(store: Store) -> dict[str, Command]:
 
     def read(args: dict[str, Any]) -> object:
         path, fmt = args["path"], _format(args)
-        value = call(path, lambda: session.read(0, path))
-        assert isinstance(value, bytes)
-        return {"value": _encode(value, fmt)}
+        return {"value": _encode(call(path, lambda: session.read(0, path)), fmt)}
 
     def write(args: dict[str, Any]) -> object:
         path = args["path"]
@@ -96,9 +95,7 @@ def xenstore_commands(store: Store) -> dict[str, Command]:
 
     def get_perms(args: dict[str, Any]) -> object:
         path = args["path"]
-        perms = call(path, lambda: session.get_perms(0, path))
-        assert isinstance(perms, tuple)
-        return [str(p) for p in perms]
+        return [str(p) for p in call(path, lambda: session.get_perms(0, path))]
 
     def set_perms(args: dict[str, Any]) -> object:
         path, perms = args["path"], _perms(args["perms"])
