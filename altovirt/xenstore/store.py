@@ -168,10 +168,10 @@ class Store:
         self.guest_domid = guest_domid
         self.gen = 0                 # the last generation count given to a node
         self.next_tx = 1
-        self.sessions: dict[Session, None] = {}      # the open ones, in the order they came
-        # A guest may hold several connections: its watch and transaction quotas are
-        # the domain's, as in xenstored (which has one connection a domain).
-        self._open_tx: collections.Counter[int] = collections.Counter()
+        # The open ones, in the order they came. A guest may hold several connections:
+        # its watch and transaction quotas are the domain's, counted over all of them,
+        # as in xenstored (which has one connection a domain).
+        self.sessions: dict[Session, None] = {}
         self.watches: list[Watch] = []
         root = self._node(b"", (Perm("n", DOM0),))
         self.state = State(root, {DOM0: 1})
@@ -202,7 +202,6 @@ class Store:
             for session in guests:
                 self.sessions[session] = None
                 self.watches += session.watches
-                self._open_tx[session.domid] += len(session.transactions)
             for w in self.watches:
                 if w.session.domid == DOM0 and not w.absolute.startswith("@"):
                     w.session.deliver(w.path, w.token)
@@ -340,9 +339,9 @@ class Store:
 
     # --- transactions ---
     def transaction_start(self, session: Session) -> int:
-        if session.domid != DOM0 and self._open_tx[session.domid] >= self.quota.transactions:
+        if session.domid != DOM0 and sum(len(s.transactions) for s in self.sessions
+                                         if s.domid == session.domid) >= self.quota.transactions:
             raise XsError("ENOSPC")
-        self._open_tx[session.domid] += 1
         tx, self.next_tx = self.next_tx, (self.next_tx % 0xFFFFFFFF) + 1
         snapshot = State(self.state.root, dict(self.state.owned))
         session.transactions[tx] = Transaction(tx, self.state.root, snapshot)
@@ -352,7 +351,6 @@ class Store:
         txn = session.transactions.pop(tx, None)
         if txn is None:
             raise XsError("ENOENT")
-        self._open_tx[session.domid] -= 1
         if not commit:
             return
         if self.state.root is not txn.base:
@@ -387,7 +385,6 @@ class Store:
         for w in session.watches:
             self.watches.remove(w)
         session.watches.clear()
-        self._open_tx[session.domid] -= len(session.transactions)
         session.transactions.clear()
 
     def _changed(self, txn: Transaction | None, change: Change) -> None:
