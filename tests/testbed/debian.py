@@ -1,0 +1,106 @@
+"""Debian packages for the test bed, fetched with ``apt-get download`` and unpacked into a cache.
+
+Nothing here is committed to the repository: the kernel, its modules and busybox come from
+Debian's archive at test time, keyed by package version so a newer kernel is fetched when
+Debian publishes one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE = Path(os.environ.get("ALTOVIRT_TESTBED_CACHE", "/var/cache/altovirt-testbed"))
+# The meta-package whose dependency names the current kernel image package.
+KERNEL_META = "linux-image-amd64"
+
+
+class PackageError(RuntimeError):
+    """A package cannot be found, downloaded or unpacked; the message is one line."""
+
+
+def _run(*cmd: str, cwd: Path | None = None) -> str:
+    try:
+        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise PackageError(f"{cmd[0]}: not installed (run ./scripts/setup)") from None
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["no message"])[-1]
+        raise PackageError(f"{' '.join(cmd)}: {last}")
+    return p.stdout
+
+
+def candidate(name: str) -> str:
+    """The version apt would install; runs ``apt-get update`` once if the lists lack it."""
+    for attempt in range(2):
+        out = _run("apt-cache", "policy", name)
+        for line in out.splitlines():
+            key, _, value = line.strip().partition(": ")
+            if key == "Candidate" and value and value != "(none)":
+                return value
+        if attempt == 0:
+            _run("apt-get", "update", "-qq")
+    raise PackageError(f"{name}: no installable version in the apt lists")
+
+
+def unpack(name: str) -> Path:
+    """The root of package ``name`` unpacked (``dpkg-deb -x``), downloading it if needed."""
+    version = candidate(name)
+    root = CACHE / "pkgs" / f"{name}_{version.replace(':', '%3a')}"
+    if root.is_dir():
+        return root
+    debs = CACHE / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    _run("apt-get", "download", "-qq", f"{name}={version}", cwd=debs)
+    deb = next(debs.glob(f"{name}_*.deb"), None)
+    if deb is None:
+        raise PackageError(f"{name}: apt-get download left no .deb in {debs}")
+    tmp = root.with_name(root.name + ".tmp")
+    _run("rm", "-rf", str(tmp))
+    tmp.mkdir(parents=True)
+    _run("dpkg-deb", "-x", str(deb), str(tmp))
+    tmp.rename(root)            # complete or absent: a killed run leaves only .tmp behind
+    deb.unlink()
+    return root
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """Debian's stock kernel: its release (``6.1.0-57-amd64``), image and module tree."""
+
+    release: str
+    vmlinuz: Path
+    modules: Path               # .../lib/modules/<release>
+
+    def module_path(self, name: str) -> Path:
+        """The .ko(.xz) file of module ``name`` (as modinfo names it, ``-`` or ``_``)."""
+        wanted = {f"{name}.ko", f"{name}.ko.xz", f"{name.replace('_', '-')}.ko",
+                  f"{name.replace('_', '-')}.ko.xz", f"{name.replace('-', '_')}.ko",
+                  f"{name.replace('-', '_')}.ko.xz"}
+        for path in self.modules.rglob("*.ko*"):
+            if path.name in wanted:
+                return path
+        raise PackageError(f"kernel {self.release}: no module {name}")
+
+
+def kernel() -> Kernel:
+    """The kernel that ``linux-image-amd64`` currently depends on, unpacked."""
+    deps = _run("apt-cache", "depends", KERNEL_META)
+    image = next((line.split(":", 1)[1].strip() for line in deps.splitlines()
+                  if line.strip().startswith("Depends: linux-image-")), None)
+    if image is None:
+        candidate(KERNEL_META)          # refreshes the lists if they were missing
+        deps = _run("apt-cache", "depends", KERNEL_META)
+        image = next((line.split(":", 1)[1].strip() for line in deps.splitlines()
+                      if line.strip().startswith("Depends: linux-image-")), None)
+    if image is None:
+        raise PackageError(f"{KERNEL_META}: names no linux-image package")
+    root = unpack(image)
+    release = image.removeprefix("linux-image-")
+    vmlinuz = root / "boot" / f"vmlinuz-{release}"
+    modules = root / "lib" / "modules" / release
+    if not vmlinuz.is_file() or not modules.is_dir():
+        raise PackageError(f"{image}: no boot/vmlinuz-{release} or lib/modules/{release}")
+    return Kernel(release, vmlinuz, modules)
