@@ -10,6 +10,7 @@
 #include "probe.h"
 
 /* boot_params (zero page) offsets */
+#define BP_ACPI_RSDP_ADDR	0x070
 #define BP_EXT_RAMDISK_IMAGE	0x0c0
 #define BP_EXT_RAMDISK_SIZE	0x0c4
 #define BP_EXT_CMD_LINE_PTR	0x0c8
@@ -29,6 +30,7 @@
 #define SI_NR_MODULES		12
 #define SI_MODLIST_PADDR	16
 #define SI_CMDLINE_PADDR	24
+#define SI_RSDP_PADDR		32
 #define SI_MEMMAP_PADDR		40
 #define SI_MEMMAP_ENTRIES	48
 
@@ -79,6 +81,7 @@ static int parse_zero_page(u64 bp)
 				      ((u64)rd32(bp + BP_EXT_CMD_LINE_PTR) << 32));
 	boot.initrd = rd32(bp + BP_RAMDISK_IMAGE) | ((u64)rd32(bp + BP_EXT_RAMDISK_IMAGE) << 32);
 	boot.initrd_size = rd32(bp + BP_RAMDISK_SIZE) | ((u64)rd32(bp + BP_EXT_RAMDISK_SIZE) << 32);
+	boot.rsdp = rd64(bp + BP_ACPI_RSDP_ADDR);
 	for (u32 i = 0; i < rd8(bp + BP_E820_ENTRIES); i++) {
 		u64 e = bp + BP_E820_TABLE + 20 * i;
 		add_e820(rd64(e), rd64(e + 8), rd32(e + 16));
@@ -94,6 +97,7 @@ static int parse_start_info(u64 si)
 	}
 	boot.protocol = rd32(si + SI_VERSION);
 	boot.cmdline = (const char *)rd64(si + SI_CMDLINE_PADDR);
+	boot.rsdp = rd64(si + SI_RSDP_PADDR);
 	if (rd32(si + SI_NR_MODULES)) {
 		u64 mod = rd64(si + SI_MODLIST_PADDR);
 		boot.initrd = rd64(mod);
@@ -250,6 +254,8 @@ static const struct {
 	{ "wait", test_wait },
 	{ "triplefault", test_triplefault },
 	{ "keyboard", test_keyboard },
+	{ "acpi", test_acpi },
+	{ "acpi-power", test_acpi_power },
 	{ "rng", test_rng },
 	{ "rng-rate", test_rng_rate },
 	{ "blk", test_blk },

@@ -20,6 +20,7 @@ struct boot_info {
 	u32 loader;		/* type_of_loader */
 	const char *cmdline;
 	u64 initrd, initrd_size;
+	u64 rsdp;		/* the ACPI RSDP the boot protocol named, or 0 */
 	u64 ram;
 	u32 n_e820;
 	struct e820_entry e820[128];
@@ -43,6 +44,8 @@ int test_netbench(void);
 int test_net_big(void);
 int test_hotplug(void);
 int test_xenstore(void);
+int test_acpi(void);
+int test_acpi_power(void);
 u64 tsc_hz(void);
 
 #endif

@@ -80,6 +80,9 @@ def usage_error(*args: str) -> str:
     (["-kernel", KERNEL, "-daemonize", "-serial", "stdio"], "-serial: stdio cannot be used with -daemonize"),
     (["-kernel", KERNEL, "-D", "/nonexistent/dir/log"], "-D: directory /nonexistent/dir does not exist"),
     (["-kernel", KERNEL, "-debug=1"], "-debug: takes no value"),
+    (["-kernel", KERNEL, "-machine", "acpi=maybe"], "-machine acpi: invalid boolean 'maybe'; use on/off"),
+    (["-kernel", KERNEL, "-machine", "q35"], "-machine: unknown machine type 'q35'; accepted: microvm"),
+    (["-kernel", KERNEL, "-machine", "microvm,pic=off"], "-machine: unknown key 'pic'; accepted: acpi, type"),
     (["-config", "/nonexistent.json"], "-config: /nonexistent.json: no such file"),
 ])
 def test_usage_errors(args: list[str], expected: str) -> None:
@@ -124,6 +127,8 @@ def write_json(tmp_path: Path, doc: object) -> str:
      "machine-config.mem_size: expected bytes"),
     ({"boot-source": {"kernel_image_path": KERNEL}, "machine-config": {"omit_vm_memory": "yes"}},
      "machine-config.omit_vm_memory: expected true or false"),
+    ({"boot-source": {"kernel_image_path": KERNEL}, "machine-config": {"acpi": "off"}},
+     "machine-config.acpi: expected true or false"),
     ({"boot-source": {"kernel_image_path": KERNEL}, "drive": {}}, "drive: expected a JSON array"),
     ({"boot-source": {"kernel_image_path": KERNEL}, "drive": [{"drive_id": "r"}]},
      "drive[0]: missing key 'path_on_host'"),
@@ -192,12 +197,12 @@ def test_every_spec_option_is_parsed(tmp_path: Path) -> None:
                  "-device", "vsock,id=vsock_id,guest-cid=3",
                  "-api-channel", f"unix:{tmp_path / 'qmp.sock'}", "-serial", "stdio",
                  "-D", str(tmp_path / "log"), "-pidfile", str(tmp_path / "pid"), "-disable-seccomp",
-                 "-omit_vm_memory", "-daemonize"])
+                 "-omit_vm_memory", "-daemonize", "-machine", "microvm,acpi=off"])
     assert cfg.name == "abc" and cfg.vcpus == 2 and cfg.mem_size == 512 * MiB
     assert cfg.drives[0].serial == "serial_num" and not cfg.drives[0].read_only
     assert cfg.nets[0].id == "iface_id" and cfg.vsock is not None and cfg.vsock.guest_cid == 3
     assert cfg.api_channel == f"unix:{tmp_path / 'qmp.sock'}"
-    assert not cfg.seccomp and cfg.omit_vm_memory and cfg.daemonize and cfg.serial_stdio
+    assert not cfg.seccomp and cfg.omit_vm_memory and cfg.daemonize and cfg.serial_stdio and not cfg.acpi
     assert cfg.pidfile == str(tmp_path / "pid") and cfg.log_file == str(tmp_path / "log")
 
 

@@ -95,7 +95,7 @@ def test_debian_kernel_setup_header(debian_kernel: Path) -> None:
         assert 0 <= len(image) - setup - hdr.syssize * 16 < 4096
         assert m.read(layout.HIMEM_START, 64) == image[setup:setup + 64]
         assert k.entry == layout.HIMEM_START + 0x200
-        plan = boot.prepare(m, image, "console=ttyS0 quiet", b"initrd!", 1)
+        plan = boot.prepare(m, image, "console=ttyS0 quiet", b"initrd!", 1, None)
         params = bp.boot_params.from_buffer_copy(m.read(layout.ZERO_PAGE_START, 4096))
         assert params.hdr.type_of_loader == 0xFF and params.hdr.version == hdr.version
         assert params.hdr.ramdisk_image == plan.initrd_addr and params.hdr.ramdisk_size == 7
@@ -116,7 +116,7 @@ def test_debian_kernel_setup_header(debian_kernel: Path) -> None:
 def test_zero_page_contents(probe: Path) -> None:
     m = GuestMemory(layout.ram_regions(5 << 30))     # RAM on both sides of the MMIO gap
     try:
-        plan = boot.prepare(m, (probe / "probe.bin").read_bytes(), "a=b c", b"x" * 5000, 3)
+        plan = boot.prepare(m, (probe / "probe.bin").read_bytes(), "a=b c", b"x" * 5000, 3, None)
         assert (plan.kind, plan.long_mode, plan.info_addr) == ("raw", True, layout.ZERO_PAGE_START)
         p = bp.boot_params.from_buffer_copy(m.read(layout.ZERO_PAGE_START, 4096))
         assert p.hdr.boot_flag == 0xAA55 and p.hdr.header == bp.HDRS_MAGIC and p.hdr.type_of_loader == 0xFF
@@ -125,7 +125,7 @@ def test_zero_page_contents(probe: Path) -> None:
         assert p.hdr.ramdisk_image % 4096 == 0 and p.hdr.ramdisk_image + 5000 <= 0x80000000
         e820 = [(p.e820_table[i].addr, p.e820_table[i].size, p.e820_table[i].type)
                 for i in range(p.e820_entries)]
-        assert e820 == [(0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2),
+        assert e820 == [(0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xE0000, 0x20000, 2),
                         (0x100000, (3 << 30) - 0x100000, 1), (3 << 30, 1 << 30, 2), (4 << 30, 2 << 30, 1)]
         # identity map of the first GiB
         assert struct.unpack("<Q", m.read(layout.PML4_START, 8))[0] == layout.PDPTE_START | 3
@@ -135,7 +135,7 @@ def test_zero_page_contents(probe: Path) -> None:
 
 
 def test_pvh_start_info(probe: Path, mem: GuestMemory) -> None:
-    plan = boot.prepare(mem, (probe / "probe.elf").read_bytes(), "pvh!", b"abc", 1)
+    plan = boot.prepare(mem, (probe / "probe.elf").read_bytes(), "pvh!", b"abc", 1, None)
     assert (plan.kind, plan.long_mode, plan.info_addr) == ("pvh", False, layout.PVH_INFO_START)
     si = hvm_start_info.from_buffer_copy(mem.read(layout.PVH_INFO_START, ctypes.sizeof(hvm_start_info)))
     assert (si.magic, si.version, si.nr_modules) == (XEN_HVM_START_MAGIC_VALUE, 1, 1)
@@ -187,7 +187,7 @@ def test_initrd_must_fit(probe: Path, mem: GuestMemory) -> None:
 
 def test_command_line_limit(probe: Path, mem: GuestMemory) -> None:
     with pytest.raises(KernelError, match="command line is 2048 bytes; this kernel accepts at most 2047"):
-        boot.prepare(mem, (probe / "probe.bzImage").read_bytes(), "x" * 2048, None, 1)
+        boot.prepare(mem, (probe / "probe.bzImage").read_bytes(), "x" * 2048, None, 1, None)
 
 
 def test_guest_memory_bounds() -> None:

@@ -216,10 +216,10 @@ def test_protocol_edges(vm: tuple[Vm, Path]) -> None:
     assert v.finish()[0] == 0
 
 
-def test_system_powerdown_lets_the_guest_decide(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
+def test_system_powerdown_without_acpi_is_ctrl_alt_del(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
     sock = tmp_path / "qmp.sock"
     v = Vm("-kernel", str(probe / "probe.elf"), "-append", "probe.run=keyboard", "-serial", "stdio",
-           "-qmp", f"unix:{sock},server,nowait")
+           "-qmp", f"unix:{sock},server,nowait", "-machine", "acpi=off")
     vms.append(v)
     v.wait_line("probe: keyboard waiting")
     raw = Raw(sock)

@@ -35,7 +35,7 @@ usage: altovirt -kernel PATH [-append CMDLINE] [-initrd PATH] [-smp [cpus=]N] [-
                 [-device vsock,id=ID,guest-cid=N[,uds-path=SOCKET]]
                 [-device virtio-rng[,id=ID,max-bytes=N,period=MS]]
                 [-api-channel unix:PATH | -qmp unix:PATH,server,nowait] [-serial stdio]
-                [-xenstore SOCKET [-xen-domid N]]
+                [-xenstore SOCKET [-xen-domid N]] [-machine [microvm][,acpi=on|off]]
                 [-name NAME] [-D LOGFILE] [-daemonize [-pidfile PATH]] [-disable-seccomp]
                 [-omit_vm_memory] [-config FILE.json] [-debug] [-version]
 
@@ -44,7 +44,7 @@ Boots a micro-VM on KVM. Sizes take bytes or a K/M/G suffix; -smp in [1, 254],
 error, 2 usage or configuration error, 3 guest panic, 128+N stopped by signal N.
 """
 
-VALUE_OPTIONS = {"name", "kernel", "append", "initrd", "smp", "m", "drive", "netdev", "chardev",
+VALUE_OPTIONS = {"name", "machine", "kernel", "append", "initrd", "smp", "m", "drive", "netdev", "chardev",
                  "device", "api-channel", "qmp", "serial", "D", "pidfile", "config",
                  "xenstore", "xen-domid"}
 FLAG_OPTIONS = {"disable-seccomp", "omit_vm_memory", "daemonize", "debug", "help", "h", "version"}
@@ -163,6 +163,16 @@ def _rng(cfg: VmConfig, kv: dict[str, str]) -> None:
     cfg.rng = RngConfig(rng_id, max_bytes, period)
 
 
+def _machine(cfg: VmConfig, v: str) -> None:
+    """QEMU's spelling: -machine [type=]microvm,acpi=on|off (microvm is the only type)."""
+    kv = split_kv("-machine", v, positional="type")
+    _keys("-machine", kv, set(), {"type", "acpi"})
+    if kv.get("type", "microvm") != "microvm":
+        raise ConfigError(f"-machine: unknown machine type {kv['type']!r}; accepted: microvm")
+    if "acpi" in kv:
+        cfg.acpi = parse_bool("-machine acpi", kv["acpi"])
+
+
 def _serial(cfg: VmConfig, v: str) -> None:
     if v not in ("stdio", "none"):
         raise ConfigError(f"-serial: unsupported backend {v!r}; accepted: stdio, none")
@@ -189,7 +199,7 @@ def _qmp(cfg: VmConfig, v: str) -> None:
 
 
 HANDLERS: dict[str, Callable[[VmConfig, str], None]] = {
-    "name": _set("name"), "kernel": _set("kernel"), "append": _set("cmdline"),
+    "name": _set("name"), "machine": _machine, "kernel": _set("kernel"), "append": _set("cmdline"),
     "initrd": _set("initrd"), "D": _set("log_file"), "pidfile": _set("pidfile"),
     "smp": _smp, "m": lambda cfg, v: setattr(cfg, "mem_size", parse_size("-m", v)),
     "drive": _drive, "netdev": _netdev, "chardev": _chardev, "device": _device,

@@ -92,7 +92,7 @@ def from_dict(doc: Any) -> VmConfig:
             cfg.initrd = _str(f"{w}.initrd_fs_path", bs["initrd_fs_path"])
     if "machine-config" in top:
         w = "machine-config"
-        mc = _obj(w, top[w], set(), {"name", "vcpu_count", "mem_size", "omit_vm_memory"})
+        mc = _obj(w, top[w], set(), {"name", "vcpu_count", "mem_size", "omit_vm_memory", "acpi"})
         if "name" in mc:
             cfg.name = _str(f"{w}.name", mc["name"])
         if "vcpu_count" in mc:
@@ -104,6 +104,8 @@ def from_dict(doc: Any) -> VmConfig:
             cfg.mem_size = v if isinstance(v, int) else parse_size(f"{w}.mem_size", v)
         if "omit_vm_memory" in mc:
             cfg.omit_vm_memory = _bool(f"{w}.omit_vm_memory", mc["omit_vm_memory"])
+        if "acpi" in mc:
+            cfg.acpi = _bool(f"{w}.acpi", mc["acpi"])
     for i, d in enumerate(_list("drive", top.get("drive", []))):
         w = f"drive[{i}]"
         d = _obj(w, d, {"drive_id", "path_on_host"}, {"direct", "read_only", "serial_num"})

@@ -70,6 +70,7 @@ class VmConfig:
     vcpus: int = 1
     mem_size: int = DEFAULT_MEM
     omit_vm_memory: bool = False
+    acpi: bool = True                    # ACPI tables; off: the MP table and the command line only
     drives: list[DriveConfig] = field(default_factory=list)
     nets: list[NetConfig] = field(default_factory=list)
     console: ConsoleConfig | None = None

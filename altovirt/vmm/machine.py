@@ -18,11 +18,12 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..arch.x86_64 import boot, layout, poweron
+from ..arch.x86_64 import acpi, boot, layout, poweron
 from ..arch.x86_64.loader import KernelError
 from ..arch.x86_64.regs import BOOT_MSRS
 from ..config import VmConfig
 from ..devices.bus import Bus
+from ..devices.legacy.acpi import ACPI_PORT_BASE, ACPI_PORT_COUNT, GED_IRQ, AcpiRegisters
 from ..devices.legacy.boottimer import BOOT_TIMER_PORT, BootTimer
 from ..devices.legacy.i8042 import DATA_PORT as I8042_PORT
 from ..devices.legacy.i8042 import I8042, I8042_IRQ
@@ -43,7 +44,7 @@ from . import virtio_devices
 from .console import HostConsole
 from .hotplug import Hotplug
 from .iothread import IoThread
-from .vcpu import GUEST_RESET, StopReason, VcpuThread, install_kick_handler
+from .vcpu import GUEST_RESET, GUEST_SHUTDOWN, StopReason, VcpuThread, install_kick_handler
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +143,13 @@ class Machine:
         self._clock: S.kvm_clock_data | None = None
         self._listeners: list[Callable[[str, dict[str, object]], None]] = []
         self.i8042: I8042 | None = None
+        self.acpi: AcpiRegisters | None = None
         self.hotplug: Hotplug | None = None
         self.vsock: Vsock | None = None
         # The VM's XenStore: the guest is domain cfg.xen_domid, with its home made at start.
         self.xenstore = Store(cfg.xen_domid) if cfg.xenstore else None
-        self._boot_inputs: tuple[bytes, str, bytes | None] | None = None
+        # What boot.prepare needs after the kernel and initrd files are read, kept for system_reset.
+        self._boot_inputs: tuple[bytes, str, bytes | None, int, acpi.AcpiTables | None] | None = None
         self._power_on: poweron.PowerOnState | None = None
 
     # --- building ---
@@ -180,12 +183,17 @@ class Machine:
         for slot, region in enumerate(mem.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
 
-        cmdline = " ".join([cfg.cmdline, *self._add_virtio_devices()]).strip()
+        slots = self._add_virtio_devices()
+        # Minimal kernels find virtio-mmio devices on the command line, distro kernels
+        # through the DSDT; both ways stay, as a guest uses the one it was built with.
+        cmdline = " ".join([cfg.cmdline, *(virtio_devices.cmdline_entry(s.base, s.irq)
+                                           for s in slots)]).strip()
+        tables = acpi.build(cfg.vcpus, slots) if cfg.acpi else None
         image = _read_file("-kernel", cfg.kernel or "")
         initrd = _read_file("-initrd", cfg.initrd) if cfg.initrd else None
-        self._boot_inputs = (image, cmdline, initrd)
+        self._boot_inputs = (image, cmdline, initrd, cfg.vcpus, tables)
         try:
-            self.plan = plan = boot.prepare(mem, image, cmdline, initrd, cfg.vcpus)
+            self.plan = plan = boot.prepare(mem, *self._boot_inputs)
         except KernelError as e:
             raise VmmError(f"-kernel: {cfg.kernel}: {e}") from None
         log.info("kernel %s: %s format, entry %#x%s", cfg.kernel, plan.kind, plan.entry,
@@ -216,10 +224,10 @@ class Machine:
         fd = self._irqfd(gsi)
         return lambda: os.eventfd_write(fd, 1)
 
-    def _add_virtio_devices(self) -> list[str]:
-        """Create the configured virtio devices; returns their cmdline announcements."""
+    def _add_virtio_devices(self) -> list[acpi.MmioSlot]:
+        """Create the configured virtio devices; returns the slots they occupy."""
         assert self.vm is not None and self.mem is not None
-        entries = []
+        slots = []
         try:
             # Hot-plug slots only where something can fill them: QMP.
             devices = virtio_devices.devices_for(self.cfg, self.io, self.block_pool,
@@ -233,13 +241,13 @@ class Machine:
             for q, fd in enumerate(transport.notify_fds):
                 self.vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=q)
             self.mmio.insert(transport, base, MMIO_SLOT_SIZE)
-            entries.append(virtio_devices.cmdline_entry(base, irq))
+            slots.append(acpi.MmioSlot(base, MMIO_SLOT_SIZE, irq))
             log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)
         self.vsock = next((d for d in devices.others if isinstance(d, Vsock)), None)
         n_disks, n_nics = len(devices.disks), len(devices.nets)
         self.hotplug = Hotplug(self.transports[:n_disks], self.transports[n_disks:n_disks + n_nics],
                                self.io, self.block_pool, self._devices_still, self._device_deleted)
-        return entries
+        return slots
 
     def _add_legacy_devices(self) -> None:
         out = None
@@ -256,6 +264,10 @@ class Machine:
         self.pio.insert(self.serial, COM1_PORT, BOOT_TIMER_PORT - COM1_PORT)
         self.i8042 = I8042(lambda: self.request_stop(GUEST_RESET), self._irq_line(I8042_IRQ))
         self.pio.insert(self.i8042, I8042_PORT, 5)
+        if self.cfg.acpi:
+            self.acpi = AcpiRegisters(lambda: self.request_stop(GUEST_SHUTDOWN),
+                                      lambda: self.request_stop(GUEST_RESET), self._irq_line(GED_IRQ))
+            self.pio.insert(self.acpi, ACPI_PORT_BASE, ACPI_PORT_COUNT)
         self.pio.insert(Rtc(mem.regions[0].size, high), RTC_PORT, 2)
         self.pio.insert(self.boot_timer, BOOT_TIMER_PORT, 1)
         self.pio.insert(PostPort(), POST_PORT, 1)
@@ -323,17 +335,21 @@ class Machine:
                 for t in self.transports:
                     t.reset()       # before RAM goes: no device writes into it afterwards
                 self.mem.discard()
-                boot.prepare(self.mem, *self._boot_inputs, self.cfg.vcpus)
+                boot.prepare(self.mem, *self._boot_inputs)
                 poweron.restore(self.vm, [v.vcpu for v in self.vcpus], self._power_on)
         log.info("system reset")
         self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
     def powerdown(self) -> None:
-        """Ask the guest to shut down (Ctrl-Alt-Del on the keyboard, as Firecracker does)."""
+        """Ask the guest to shut down: the ACPI power button, or without ACPI
+        Ctrl-Alt-Del on the keyboard (as Firecracker does)."""
         if self.state not in ("running", "paused"):
             raise StateError(f"the VM is {self.state}")
-        assert self.i8042 is not None
-        self.i8042.ctrl_alt_del()
+        if self.acpi is not None:
+            self.acpi.press_power_button()
+        else:
+            assert self.i8042 is not None
+            self.i8042.ctrl_alt_del()
         self._emit("POWERDOWN", {})
 
     @contextlib.contextmanager

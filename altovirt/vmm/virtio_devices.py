@@ -2,8 +2,8 @@
 
 Slots are 4 KiB each from MMIO_BASE in the 32-bit gap (as in Firecracker);
 IRQs are ISA lines the legacy devices do not use (8 stays with the RTC).
-Linux finds the devices through ``virtio_mmio.device=`` on its command line
-(CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+Linux finds the devices in the ACPI DSDT (distro kernels) or through
+``virtio_mmio.device=`` on its command line (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
 
 When the VM has a QMP channel, hot-plug works as StratoVirt's microvm does it
 ("hot-replace"): every disk and NIC slot the limits allow exists from boot,

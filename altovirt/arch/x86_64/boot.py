@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from ...kvm import Vcpu
 from ...kvm import structs as S
 from ...memory import GuestMemory
+from . import acpi, cpuid, layout, mptable, regs
 from . import bootparams as bp
-from . import cpuid, layout, mptable, regs
 from .loader import Kernel, KernelError, load_initrd, load_kernel
 from .pvh import (
     HVM_START_INFO_VERSION,
@@ -36,8 +36,9 @@ class BootPlan:
 
 
 def _zero_page(kernel: Kernel, cmdline_size: int, initrd: tuple[int, int],
-               e820: list[tuple[int, int, int]]) -> bp.boot_params:
+               e820: list[tuple[int, int, int]], rsdp_addr: int) -> bp.boot_params:
     params = bp.boot_params()
+    params.acpi_rsdp_addr = rsdp_addr           # boot protocol 2.14; older kernels scan for it
     params.hdr = kernel.header
     hdr = params.hdr
     hdr.type_of_loader = bp.LOADER_TYPE_UNDEFINED
@@ -57,9 +58,9 @@ def _zero_page(kernel: Kernel, cmdline_size: int, initrd: tuple[int, int],
 
 
 def _start_info(mem: GuestMemory, initrd: tuple[int, int],
-                e820: list[tuple[int, int, int]]) -> None:
+                e820: list[tuple[int, int, int]], rsdp_addr: int) -> None:
     info = hvm_start_info(magic=XEN_HVM_START_MAGIC_VALUE, version=HVM_START_INFO_VERSION,
-                          cmdline_paddr=layout.CMDLINE_START,
+                          cmdline_paddr=layout.CMDLINE_START, rsdp_paddr=rsdp_addr,
                           memmap_paddr=layout.PVH_MEMMAP_START, memmap_entries=len(e820))
     if initrd[1]:
         info.nr_modules = 1
@@ -71,8 +72,9 @@ def _start_info(mem: GuestMemory, initrd: tuple[int, int],
 
 
 def prepare(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
-            cpus: int) -> BootPlan:
-    """Load the kernel and write every boot structure; KernelError if it cannot boot."""
+            cpus: int, tables: acpi.AcpiTables | None) -> BootPlan:
+    """Load the kernel and write every boot structure (the ACPI ``tables`` too, if
+    given); KernelError if it cannot boot."""
     kernel = load_kernel(mem, image)
     raw_cmdline = cmdline.encode()
     limit = min(kernel.cmdline_max, layout.CMDLINE_MAX_SIZE - 1) if kernel.cmdline_max \
@@ -84,14 +86,18 @@ def prepare(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
     initrd_loc = (load_initrd(mem, kernel, initrd), len(initrd)) if initrd else (0, 0)
     e820 = layout.e820_map(mem.regions)
     mptable.write(mem, cpus)
+    rsdp_addr = 0
+    if tables is not None:
+        acpi.write(mem, tables)
+        rsdp_addr = tables.rsdp_addr
     long_mode = kernel.kind != "pvh"
     if long_mode:
-        params = _zero_page(kernel, limit, initrd_loc, e820)
+        params = _zero_page(kernel, limit, initrd_loc, e820, rsdp_addr)
         mem.write(layout.ZERO_PAGE_START, bytes(params))
         regs.write_boot_tables(mem, regs.GDT_64, paging=True)
         info = layout.ZERO_PAGE_START
     else:
-        _start_info(mem, initrd_loc, e820)
+        _start_info(mem, initrd_loc, e820, rsdp_addr)
         regs.write_boot_tables(mem, regs.GDT_32, paging=False)
         info = layout.PVH_INFO_START
     return BootPlan(kernel.kind, kernel.entry, long_mode, info, *initrd_loc)

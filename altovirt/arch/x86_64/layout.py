@@ -27,7 +27,9 @@ CMDLINE_START = 0x20000
 CMDLINE_MAX_SIZE = 0x10000       # our own limit; the kernel's cmdline_size may be lower
 EBDA_START = 0x9FC00             # MP floating pointer and table live here
 EBDA_SIZE = 0x400
-BIOS_ROM_START = 0xF0000         # reserved up to 1 MiB, as on a PC
+ACPI_START = 0xE0000             # RSDP and the ACPI tables (where Linux scans for the RSDP)
+ACPI_SIZE = 0x10000
+BIOS_ROM_START = 0xF0000         # the MP configuration table; reserved up to 1 MiB, as on a PC
 HIMEM_START = 0x100000           # bzImage protected-mode code (code32_start)
 RAW_KERNEL_START = 0x1000000     # 16 MiB: Linux's default physical load address
 
@@ -60,7 +62,7 @@ def e820_map(regions: list[Region]) -> list[tuple[int, int, int]]:
     entries = [
         (0, EBDA_START, E820_RAM),
         (EBDA_START, 0xA0000 - EBDA_START, E820_RESERVED),
-        (BIOS_ROM_START, HIMEM_START - BIOS_ROM_START, E820_RESERVED),
+        (ACPI_START, HIMEM_START - ACPI_START, E820_RESERVED),
         (HIMEM_START, low.end - HIMEM_START, E820_RAM),
         (MMIO_GAP_START, MMIO_GAP_END - MMIO_GAP_START, E820_RESERVED),
     ]

@@ -31,19 +31,24 @@ def _checksum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
 
+def ioapic_id(cpus: int) -> int:
+    """The IOAPIC's id: the first after the processors' (the MADT uses it too)."""
+    return cpus
+
+
 def build(cpus: int) -> tuple[bytes, bytes]:
     """The floating pointer and the configuration table for ``cpus`` processors."""
-    ioapic_id = cpus                # first ID after the processors'
+    ioapic = ioapic_id(cpus)
     entries = []
     for i in range(cpus):
         flags = CPU_ENABLED | (CPU_BOOTPROCESSOR if i == 0 else 0)
         entries.append(struct.pack("<BBBBII8x", MP_PROCESSOR, i, APIC_VERSION, flags,
                                    CPU_SIGNATURE, CPU_FEATURES))
     entries.append(struct.pack("<BB6s", MP_BUS, 0, b"ISA   "))
-    entries.append(struct.pack("<BBBBI", MP_IOAPIC, ioapic_id, IOAPIC_VERSION, 1, layout.IOAPIC_ADDR))
+    entries.append(struct.pack("<BBBBI", MP_IOAPIC, ioapic, IOAPIC_VERSION, 1, layout.IOAPIC_ADDR))
     for irq in range(IOAPIC_PINS):
         entries.append(struct.pack("<BBHBBBB", MP_INTSRC, MP_IRQ_INT, MP_IRQPOL_DEFAULT, 0, irq,
-                                   ioapic_id, irq))
+                                   ioapic, irq))
     # LINT0 <- the 8259 (ExtINT), LINT1 <- NMI, on every local APIC (0xFF).
     entries.append(struct.pack("<BBHBBBB", MP_LINTSRC, MP_IRQ_EXTINT, MP_IRQPOL_DEFAULT, 0, 0, 0xFF, 0))
     entries.append(struct.pack("<BBHBBBB", MP_LINTSRC, MP_IRQ_NMI, MP_IRQPOL_DEFAULT, 0, 0, 0xFF, 1))
