@@ -16,19 +16,19 @@ import re
 import struct
 
 # Opcodes (20.3).
-ZERO_OP, ONE_OP, ONES_OP = 0x00, 0x01, 0xFF
+ONES_OP = 0xFF
 BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX, STRING_PREFIX, QWORD_PREFIX = 0x0A, 0x0B, 0x0C, 0x0D, 0x0E
 NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP, METHOD_OP = 0x08, 0x10, 0x11, 0x12, 0x14
-LOCAL0_OP, ARG0_OP = 0x60, 0x68
-STORE_OP, AND_OP, NOTIFY_OP, LEQUAL_OP, IF_OP, RETURN_OP = 0x70, 0x7B, 0x86, 0x93, 0xA0, 0xA4
+LOCAL0_OP = 0x60
+STORE_OP, AND_OP, NOTIFY_OP, LEQUAL_OP, IF_OP = 0x70, 0x7B, 0x86, 0x93, 0xA0
 EXT_OP_PREFIX = 0x5B
 EXT_OP_REGION, EXT_FIELD, EXT_DEVICE = 0x80, 0x81, 0x82
 ROOT_CHAR, DUAL_NAME_PREFIX, MULTI_NAME_PREFIX = 0x5C, 0x2E, 0x2F
 
-# OperationRegion spaces (19.6.100) and field flags (20.2.5.2).
-SYSTEM_MEMORY, SYSTEM_IO = 0x00, 0x01
-ACCESS_ANY, ACCESS_BYTE, ACCESS_WORD, ACCESS_DWORD = 0, 1, 2, 3
-UPDATE_PRESERVE, UPDATE_WRITE_AS_ONES, UPDATE_WRITE_AS_ZEROS = 0, 1, 2
+# OperationRegion space (19.6.100) and field flags (20.2.5.2) we use.
+SYSTEM_IO = 0x01
+ACCESS_BYTE = 1
+UPDATE_PRESERVE = 0
 
 _NAME_SEG = re.compile(r"[A-Z_][A-Z0-9_]{0,3}")
 
@@ -162,10 +162,6 @@ def local(n: int) -> bytes:
     return bytes([LOCAL0_OP + n])
 
 
-def arg(n: int) -> bytes:
-    return bytes([ARG0_OP + n])
-
-
 def store(source: bytes, target: bytes) -> bytes:
     return bytes([STORE_OP]) + source + target
 
@@ -185,10 +181,6 @@ def if_(predicate: bytes, *terms: bytes) -> bytes:
 
 def notify(path: str, value: int) -> bytes:
     return bytes([NOTIFY_OP]) + name_string(path) + integer(value)
-
-
-def return_(value: bytes) -> bytes:
-    return bytes([RETURN_OP]) + value
 
 
 # --- resource descriptors, the body of a ResourceTemplate (6.4) ---

@@ -15,13 +15,12 @@ OEM_REVISION = 1
 CREATOR_ID = b"ALTV"
 CREATOR_REVISION = 1
 
-# Generic Address Structure address spaces (5.2.3.2) and access sizes.
-GAS_SYSTEM_MEMORY, GAS_SYSTEM_IO = 0, 1
+# Generic Address Structure (5.2.3.2): address space and access size we use.
+GAS_SYSTEM_IO = 1
 GAS_ACCESS_BYTE = 1
 
 # FADT (5.2.9): revision 6 with minor version 4 is ACPI 6.4's.
 FADT_REVISION, FADT_MINOR_REVISION = 6, 4
-FADT_F_WBINVD = 1 << 0
 FADT_F_POWER_BUTTON = 1 << 4         # set: no fixed-feature power button (ours is a device)
 FADT_F_SLEEP_BUTTON = 1 << 5         # set: no fixed-feature sleep button
 FADT_F_RESET_REGISTER = 1 << 10      # RESET_REG is supported
@@ -34,7 +33,7 @@ BOOT_NO_MSI = 1 << 3
 # MADT (5.2.12).
 MADT_REVISION = 5
 MADT_PCAT_COMPAT = 1 << 0            # dual 8259s are present (KVM's in-kernel PIC)
-MADT_LOCAL_APIC, MADT_IO_APIC, MADT_INTERRUPT_OVERRIDE, MADT_LOCAL_APIC_NMI = 0, 1, 2, 4
+MADT_LOCAL_APIC, MADT_IO_APIC, MADT_LOCAL_APIC_NMI = 0, 1, 4
 MADT_ENABLED = 1 << 0
 MADT_ALL_PROCESSORS = 0xFF           # a Local APIC NMI for every processor
 
