@@ -104,3 +104,24 @@ def kernel() -> Kernel:
     if not vmlinuz.is_file() or not modules.is_dir():
         raise PackageError(f"{image}: no boot/vmlinuz-{release} or lib/modules/{release}")
     return Kernel(release, vmlinuz, modules)
+
+
+def depmod(k: Kernel) -> Path:
+    """``modules.dep`` of ``k``, running ``depmod`` on its unpacked tree once.
+
+    The package ships no dependency files. Safe when several processes call it at once: they
+    serialise on a lock file, and ``.depmod-done`` is written only after depmod succeeded, so a
+    killed run is simply redone.
+    """
+    # imported here: the rest of the module has no use for it
+    import fcntl
+
+    done = k.modules / ".depmod-done"
+    if done.is_file():
+        return k.modules / "modules.dep"
+    with open(k.modules / ".depmod-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            _run("depmod", "-b", str(k.modules.parent.parent.parent), k.release)
+            done.touch()
+    return k.modules / "modules.dep"

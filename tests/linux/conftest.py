@@ -1,0 +1,100 @@
+"""Fixtures for Linux guests: Debian's kernel, the test initramfs, AltoVirt and QEMU command
+lines, a network namespace with a tap, and a QMP client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from ..testbed import debian, guest, initramfs
+
+# Link-local addresses: nothing outside the namespace the test makes can be reached.
+HOST_IP, GUEST_IP, PREFIX = "169.254.77.1", "169.254.77.2", 24
+
+
+@pytest.fixture(scope="session")
+def kernel() -> debian.Kernel:
+    return debian.kernel()
+
+
+@pytest.fixture(scope="session")
+def initrd(kernel: debian.Kernel) -> Path:
+    return initramfs.build(kernel)
+
+
+def altovirt_argv(kernel: debian.Kernel, initrd: Path, *args: str, append: str = "") -> list[str]:
+    """AltoVirt booting the test guest with its serial console on stdio (seccomp on)."""
+    return [sys.executable, "-m", "altovirt", "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
+            "-append", f"{guest.APPEND} {append}".strip(), "-serial", "stdio", *args]
+
+
+def qemu_argv(kernel: debian.Kernel, initrd: Path, *args: str, append: str = "", cpus: int = 1,
+              mem: str = "512M") -> list[str]:
+    """QEMU microvm (ACPI on, as AltoVirt) on the same KVM, for the reference runs."""
+    qemu = shutil.which("qemu-system-x86_64")
+    assert qemu is not None
+    return [qemu, "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", str(cpus), "-m", mem,
+            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+            "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
+            "-append", f"{guest.APPEND} {append}".strip(), *args]
+
+
+class Qmp:
+    """A QMP connection (qemu.qmp's synchronous client) that keeps events for later checks."""
+
+    def __init__(self, path: Path) -> None:
+        self.client = QEMUMonitorProtocol(str(path))
+        self.client.connect()
+
+    def ok(self, command: str, **args: object) -> dict[str, object]:
+        reply = self.client.cmd_obj({"execute": command, "arguments": args})
+        assert "return" in reply, reply
+        return reply
+
+    def event(self, name: str, timeout: float = 60) -> dict[str, object]:
+        """The next event called ``name`` (others are dropped)."""
+        while True:
+            ev = self.client.pull_event(wait=timeout)
+            assert ev is not None, f"no {name} event within {timeout} s"
+            if ev["event"] == name:
+                return ev
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class Netns:
+    """A private network namespace holding taps; the VMM runs inside it (``prefix``)."""
+
+    def __init__(self, *taps: str) -> None:
+        self.name = f"altovirt-linux-{os.getpid()}"
+        self._ip("netns", "add", self.name)
+        for tap in taps:
+            self._ip("-n", self.name, "tuntap", "add", "dev", tap, "mode", "tap")
+        self._ip("-n", self.name, "link", "set", "lo", "up")
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def address(self, tap: str, addr: str) -> None:
+        self._ip("-n", self.name, "addr", "add", addr, "dev", tap)
+        self._ip("-n", self.name, "link", "set", tap, "up")
+
+    @property
+    def prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.name]
+
+    def run(self, *args: str, timeout: float = 60,
+            input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*self.prefix, *args], capture_output=True, timeout=timeout, input=input)
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
