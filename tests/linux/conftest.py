@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,20 @@ from ..testbed import debian, guest, initramfs
 
 # Link-local addresses: nothing outside the namespace the test makes can be reached.
 HOST_IP, GUEST_IP, PREFIX = "169.254.77.1", "169.254.77.2", 24
+
+
+@pytest.fixture(scope="session", autouse=True)
+def logs_back_to_the_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """In the test bed, the guests' serial logs are copied to TESTBED_OUT/logs at the end,
+    where the host can read them after L1 is gone."""
+    yield
+    out = os.environ.get("TESTBED_OUT")
+    if out:
+        base = tmp_path_factory.getbasetemp()
+        for log in base.rglob("*.log"):
+            dest = Path(out) / "logs" / log.relative_to(base)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log, dest)
 
 
 @pytest.fixture(scope="session")
