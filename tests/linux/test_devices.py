@@ -107,7 +107,7 @@ def test_net_ping_and_tcp_both_ways(vm: Machine) -> None:
     try:
         time.sleep(0.5)
         sent = vm.g.check("dd if=/dev/urandom of=/tmp/blob bs=64k count=16 2>/dev/null && "
-                          f"md5sum < /tmp/blob && nc -w 5 {HOST_IP} 5001 < /tmp/blob", timeout=120)
+                          f"md5sum < /tmp/blob && nc {HOST_IP} 5001 < /tmp/blob", timeout=120)
         received, _ = listener.communicate(timeout=60)
     finally:
         listener.kill()

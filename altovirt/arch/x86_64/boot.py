@@ -22,6 +22,12 @@ from .pvh import (
     hvm_start_info,
 )
 
+# What firmware does at the reset vector, for a VM: reset. Linux reboots through it when
+# other ways fail, and on a hardware-reduced ACPI machine without EFI it tries nothing else
+# (reboot_init() picks BOOT_EFI, which falls back to BOOT_BIOS: a jump to F000:FFF0). Real-
+# mode code: mov al, 0xfe; out 0x64, al (pulse the i8042's reset line); hlt; jmp to the hlt.
+RESET_STUB = bytes([0xB0, 0xFE, 0xE6, 0x64, 0xF4, 0xEB, 0xFD])
+
 
 @dataclass(frozen=True)
 class BootPlan:
@@ -86,6 +92,7 @@ def prepare(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
     initrd_loc = (load_initrd(mem, kernel, initrd), len(initrd)) if initrd else (0, 0)
     e820 = layout.e820_map(mem.regions)
     mptable.write(mem, cpus)
+    mem.write(layout.RESET_VECTOR, RESET_STUB)
     rsdp_addr = 0
     if tables is not None:
         acpi.write(mem, tables)

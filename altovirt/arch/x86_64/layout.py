@@ -30,6 +30,7 @@ EBDA_SIZE = 0x400
 ACPI_START = 0xE0000             # RSDP and the ACPI tables (where Linux scans for the RSDP)
 ACPI_SIZE = 0x10000
 BIOS_ROM_START = 0xF0000         # the MP configuration table; reserved up to 1 MiB, as on a PC
+RESET_VECTOR = 0xFFFF0           # F000:FFF0, where a CPU (or a BIOS reboot) starts in real mode
 HIMEM_START = 0x100000           # bzImage protected-mode code (code32_start)
 RAW_KERNEL_START = 0x1000000     # 16 MiB: Linux's default physical load address
 

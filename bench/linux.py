@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Linux guest benchmark: Debian's stock kernel and the test initramfs on AltoVirt and on QEMU
+microvm (ACPI on for both), on the same KVM, with the same devices:
+
+  * boot to init (VMM start to the init's first command) and boot to power-off, median of --runs,
+  * sequential disk write and read of --disk-mib MiB with O_DIRECT (dd, 1 MiB blocks),
+  * TCP throughput of --net-mib MiB each way over a tap in a private network namespace,
+  * exits to user space per boot (KVM's kvm_userspace_exit, kvm_pio and kvm_mmio tracepoints,
+    counted by ftrace histograms), by reason and by port or address: where the time goes.
+
+It needs a /dev/kvm that boots stock kernels; on a PVM host it runs itself inside the nested
+test bed (scripts/testbed), where everything is emulated and so slow, but alike for both VMMs.
+
+    .venv/bin/python bench/linux.py [--runs 3] [--disk-mib 256] [--net-mib 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import common
+from common import ROOT
+
+sys.path.insert(0, str(ROOT))
+from tests.linux.conftest import GUEST_IP, HOST_IP, PREFIX, Netns
+from tests.testbed import debian, guest, initramfs, l1
+
+TRACING = Path("/sys/kernel/tracing")
+TRACE_EVENTS = {"kvm_userspace_exit": "reason", "kvm_pio": "port", "kvm_mmio": "gpa"}
+VMMS = ("altovirt", "qemu")
+
+
+def has_hardware_virt() -> bool:
+    with open("/proc/cpuinfo") as f:
+        flags = next((line for line in f if line.startswith("flags")), "").split()
+    return "svm" in flags or "vmx" in flags
+
+
+def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path | None,
+             tap: str | None) -> list[str]:
+    """The same machine on both VMMs: 1 vCPU, 512 MiB, serial on stdio, optional disk and NIC."""
+    cmdline = f"{guest.APPEND} {append}".strip()
+    if vmm == "altovirt":
+        argv = [*common.altovirt(), "-kernel", str(k.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
+                "-smp", "1", "-m", "512M", "-serial", "stdio"]
+        if disk:
+            argv += ["-drive", f"id=d0,file={disk}"]
+        if tap:
+            argv += ["-netdev", f"id=n0,netdev={tap}"]
+        return argv
+    argv = [common.qemu(), "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512M",
+            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+            "-kernel", str(k.vmlinuz), "-initrd", str(initrd), "-append", cmdline]
+    if disk:
+        argv += ["-drive", f"id=d0,file={disk},format=raw,if=none,cache=none,aio=native",
+                 "-device", "virtio-blk-device,drive=d0"]
+    if tap:
+        argv += ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                 "-device", "virtio-net-device,netdev=n0"]
+    return argv
+
+
+def boot_times(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path) -> tuple[float, float]:
+    """(s to the init's command, s to the VMM's exit) for a guest that runs /bin/true and powers off."""
+    start = time.monotonic()
+    with guest.LinuxGuest(argv_for(vmm, k, initrd, "guest.run=/bin/true", None, None),
+                          log_path=tmp / f"{vmm}-boot.log") as g:
+        g.wait_for("ALTOVIRT-GUEST-EXIT 0", 600)
+        at_init = time.monotonic() - start
+        status = g.wait_exit(120)
+        if status != 0:
+            raise SystemExit(f"bench: {vmm} exited {status} after the guest's poweroff")
+        return at_init, time.monotonic() - start
+
+
+def _trace(event: str, trigger: str) -> None:
+    (TRACING / "events" / "kvm" / event / "trigger").write_text(trigger)
+
+
+def exits_per_boot(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path) -> dict[str, list[tuple[int, str]]]:
+    """Per tracepoint, (count, key) for one boot to power-off, most frequent first."""
+    for event, key in TRACE_EVENTS.items():
+        _trace(event, f"hist:keys={key}:vals=hitcount:sort=hitcount.descending:size=4096")
+    try:
+        boot_times(vmm, k, initrd, tmp)
+        tables = {}
+        for event in TRACE_EVENTS:
+            text = (TRACING / "events" / "kvm" / event / "hist").read_text()
+            rows = re.findall(r"\{ \w+:\s*(\S+)\s*\} hitcount:\s*(\d+)", text)
+            tables[event] = [(int(n), key) for key, n in rows]
+        return tables
+    finally:
+        for event, key in TRACE_EVENTS.items():
+            _trace(event, f"!hist:keys={key}:vals=hitcount:sort=hitcount.descending:size=4096")
+
+
+def seconds_in_guest(g: guest.LinuxGuest, command: str) -> float:
+    out = g.check(f"s=$(cut -d' ' -f1 /proc/uptime); {command} >/dev/null 2>&1; "
+                  "e=$(cut -d' ' -f1 /proc/uptime); echo $s $e", timeout=900)
+    start, end = (float(x) for x in out.split())
+    return end - start
+
+
+def disk_mbps(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path, mib: int) -> tuple[float, float]:
+    """(write, read) MiB/s of sequential 1 MiB O_DIRECT transfers on vda."""
+    image = tmp / f"{vmm}-disk.img"
+    with open(image, "wb") as f:
+        f.truncate((mib + 16) << 20)
+    with guest.LinuxGuest(argv_for(vmm, k, initrd, "", image, None), log_path=tmp / f"{vmm}-disk.log") as g:
+        g.wait_ready(600)
+        write = seconds_in_guest(g, f"dd if=/dev/zero of=/dev/vda bs=1M count={mib} oflag=direct")
+        read = seconds_in_guest(g, f"dd if=/dev/vda of=/dev/null bs=1M count={mib} iflag=direct")
+    image.unlink()
+    return mib / write, mib / read
+
+
+def net_mbps(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path, mib: int) -> tuple[float, float]:
+    """(guest to host, host to guest) MiB/s of one TCP stream each way."""
+    ns = Netns("tap0")
+    try:
+        ns.address("tap0", f"{HOST_IP}/{PREFIX}")
+        argv = [*ns.prefix, *argv_for(vmm, k, initrd, f"guest.ip={GUEST_IP}/{PREFIX}", None, "tap0")]
+        with guest.LinuxGuest(argv, log_path=tmp / f"{vmm}-net.log") as g:
+            g.wait_ready(600)
+            sink = subprocess.Popen([*ns.prefix, "socat", "-u", "TCP-LISTEN:5001,reuseaddr",
+                                     "OPEN:/dev/null"])
+            time.sleep(0.5)
+            tx = seconds_in_guest(g, f"dd if=/dev/zero bs=64k count={mib * 16} | nc {HOST_IP} 5001")
+            sink.wait(60)
+            g.check("(nc -l -p 5002 > /dev/null &) ; sleep 1")
+            start = time.monotonic()
+            ns.run("socat", "-u", f"OPEN:/dev/zero,readbytes={mib << 20}", f"TCP:{GUEST_IP}:5002",
+                   timeout=900)
+            rx = time.monotonic() - start
+    finally:
+        ns.close()
+    return mib / tx, mib / rx
+
+
+Pairs = dict[str, list[tuple[float, float]]]
+
+
+def alternate(runs: int, measure: Callable[[str], tuple[float, float]]) -> Pairs:
+    """``measure(vmm)`` ``runs`` times per VMM, alternating so that noise hits both alike."""
+    results: Pairs = {v: [] for v in VMMS}
+    for _ in range(runs):
+        for vmm in VMMS:
+            results[vmm].append(measure(vmm))
+    return results
+
+
+def report(title: str, unit: str, results: Pairs,
+           names: tuple[str, str], lower_is_better: bool) -> None:
+    print(f"\n{title}")
+    for i, name in enumerate(names):
+        a, q = (statistics.median(r[i] for r in results[v]) for v in VMMS)
+        better = "lower is better" if lower_is_better else "higher is better"
+        print(f"  {name:<22} AltoVirt {a:9.2f} {unit}   QEMU {q:9.2f} {unit}   ratio {a / q:5.2f} ({better})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--disk-mib", type=int, default=256)
+    ap.add_argument("--net-mib", type=int, default=64)
+    args = ap.parse_args()
+    if not has_hardware_virt():
+        print("bench: no hardware virtualization here; running in the nested test bed", flush=True)
+        r = l1.run([sys.executable, *sys.argv], timeout=7200, cwd=ROOT, stdout=sys.stdout.buffer,
+                   stderr=sys.stderr.buffer, note=print)
+        raise SystemExit(r.status)
+    common.prepare()
+    k = debian.kernel()
+    initrd = initramfs.build(k)
+    tmp = Path(tempfile.mkdtemp(prefix="altovirt-bench-linux-"))
+    print(f"kernel {k.release}, {os.cpu_count()} CPUs, runs={args.runs}", flush=True)
+    report("boot (1 vCPU, 512 MiB, no devices; s from VMM start)", "s",
+           alternate(args.runs, lambda v: boot_times(v, k, initrd, tmp)), ("to init", "to power-off"), True)
+    report(f"disk ({args.disk_mib} MiB sequential, 1 MiB O_DIRECT blocks)", "MiB/s",
+           alternate(1, lambda v: disk_mbps(v, k, initrd, tmp, args.disk_mib)), ("write", "read"), False)
+    report(f"net ({args.net_mib} MiB over TCP, one stream)", "MiB/s",
+           alternate(1, lambda v: net_mbps(v, k, initrd, tmp, args.net_mib)),
+           ("guest to host", "host to guest"), False)
+    for vmm in VMMS:
+        tables = exits_per_boot(vmm, k, initrd, tmp)
+        print(f"\nexits per boot to power-off, {vmm}:")
+        for event, rows in tables.items():
+            top = ", ".join(f"{key}: {n}" for n, key in rows[:8])
+            print(f"  {event:<19} {sum(n for n, _ in rows):8d}   {top}")
+
+
+if __name__ == "__main__":
+    main()
