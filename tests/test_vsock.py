@@ -12,6 +12,7 @@ from altovirt.devices.virtio import vsock as vvsock
 
 from .cabi import c_values, needs_gcc
 from .conftest import Vm, needs_kvm
+from .unixsock import read_line
 
 
 @needs_gcc
@@ -23,15 +24,6 @@ def test_header_layout_and_constants() -> None:
     assert list(got.values()) == [vvsock.HDR_SIZE, 40, vvsock.OP_REQUEST, vvsock.OP_CREDIT_REQUEST,
                                   vvsock.VIRTIO_VSOCK_TYPE_STREAM, vvsock.SHUTDOWN_RCV, vvsock.SHUTDOWN_SEND]
 
-
-def _read_line(s: socket.socket) -> bytes:
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        line += chunk
-    return line
 
 
 @needs_kvm
@@ -66,10 +58,10 @@ def test_streams_both_ways(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
     s.settimeout(30)
     s.connect(str(uds))
     s.sendall(b"CONNECT 5000\n")
-    assert _read_line(s) == b"OK 1073741824\n"
+    assert read_line(s) == b"OK 1073741824\n"
     bulk = b"ping\n" + bytes(i & 0xFF for i in range(102400))
     s.sendall(bulk)
-    assert _read_line(s) == f"pong {zlib.crc32(bulk):08x}\n".encode()
+    assert read_line(s) == f"pong {zlib.crc32(bulk):08x}\n".encode()
     assert s.recv(10) == b""                          # the guest shut the stream down
     vm.wait_line("probe: test vsock ok")
     assert vm.finish()[0] == 0

@@ -37,6 +37,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from ..unixsock import read_line
+
 # A command line for the guest kernel: serial console, no boot chatter, and a reset right after
 # a panic, which ends AltoVirt (and QEMU with -no-reboot); the driver fails at the panic message.
 APPEND = "console=ttyS0 quiet panic=-1"
@@ -328,7 +330,7 @@ def vsock_connect(uds_path: Path, port: int, timeout: float = 30) -> socket.sock
         try:
             s.connect(str(uds_path))
             s.sendall(f"CONNECT {port}\n".encode())
-            answer = _read_line(s)
+            answer = read_line(s).strip()
             if answer.startswith(b"OK "):
                 s.settimeout(None)
                 return s
@@ -351,13 +353,3 @@ def vsock_listen(uds_path: Path, port: int) -> socket.socket:
     s.listen(8)
     return s
 
-
-def _read_line(s: socket.socket) -> bytes:
-    """Bytes up to a newline, read one at a time so nothing after it is consumed."""
-    line = b""
-    while not line.endswith(b"\n"):
-        c = s.recv(1)
-        if not c:
-            break
-        line += c
-    return line.strip()
