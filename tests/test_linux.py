@@ -1,9 +1,10 @@
 """Linux guests on hosts whose /dev/kvm cannot boot them (PVM): tests/linux runs inside the
 nested test bed (scripts/testbed, tests/testbed/l1.py), and every inner failure fails here.
 
-A test bed that wedges on every attempt (soft lockups in L1, which the bed detects from
-outside and retries once) is an infrastructure failure, not AltoVirt's: that skips, loudly,
-with the wedge named. Anything else that goes wrong, an L1 that does not boot included, fails.
+When L1 itself is lost on every attempt (it wedges, or its kernel crashes: TCG's SVM
+emulation has races, see tests/testbed/l1.py), the bed retries once; if that fails too it is an
+infrastructure failure, not AltoVirt's, and the test skips, loudly, naming it. Anything else
+that goes wrong, an L1 that does not boot included, fails.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def test_linux_guests_in_the_nested_test_bed(tmp_path: Path) -> None:
                timeout=ATTEMPT_TIMEOUT, cwd=ROOT, out_dir=out, log=tmp_path / "l1.log", note=notes.append)
     print(r.output.decode(errors="replace"))
     print("\n".join(notes), f"L1 boot {r.boot_seconds} s, {r.attempts} attempt(s), {r.seconds:.0f} s in all")
-    if r.status == l1.BED_FAILURE and r.wedges and len(r.wedges) == r.attempts:
-        pytest.skip(f"SKIPPED LOUDLY: the nested test bed wedged on every attempt ({r.wedges[-1]}); "
-                    "no Linux guest test ran")
+    lost = [f for f in r.failures if f.startswith(("L1 wedged", "L1 stopped"))]
+    if r.status == l1.BED_FAILURE and len(lost) == r.attempts:
+        pytest.skip(f"SKIPPED LOUDLY: the nested test bed lost L1 on every attempt ({lost[-1]}); "
+                    "no Linux guest test ran to the end")
     assert r.bed_error is None, f"test bed: {r.bed_error}; L1 log {r.l1_log}"
     assert junit.exists(), f"the inner pytest wrote no report (status {r.status})"
     failures = inner_failures(junit)

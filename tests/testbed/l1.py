@@ -1,0 +1,777 @@
+"""The nested test bed's L1: Debian's stock kernel in QEMU TCG with emulated AMD SVM.
+
+The host's /dev/kvm is paravirtual (PVM) and cannot run stock kernels.  QEMU's TCG with
+``-cpu max`` emulates SVM with nested paging, so Debian's kernel booted that way (L1) loads
+``kvm_amd`` and offers a /dev/kvm on which AltoVirt and QEMU boot unmodified kernels (L2).
+
+:func:`run` boots L1, runs one command in it and powers L1 off:
+
+- L1's root is the host's root, shared read-only over 9p under a tmpfs overlay, so the
+  command sees the same files (the repository, .venv, the test bed cache) at the same paths;
+  /tmp, /run and /dev/shm are fresh tmpfs, /lib/modules/<release> is the cache's module tree.
+- ``out_dir`` is shared read-write at the same path inside and outside (``TESTBED_OUT``).
+- The command's stdout and stderr come back on two virtio-serial ports, apart from L1's
+  console (ttyS0), which is written to a log file.
+- A third port carries control lines from L1: ``ready``, a heartbeat every few seconds,
+  ``exit N`` and ``fail MESSAGE``.  A missing heartbeat (with soft lockups or RCU stalls on
+  the console) means L1 is wedged: it is killed and the run retried once.
+
+Exit statuses: the command's own, :data:`TIMEOUT` (124) when it ran past ``timeout``, or
+:data:`BED_FAILURE` (125) when the test bed itself failed (L1 did not boot, wedged twice,
+QEMU died); the two are never confused with a failure of the command, except that a
+command may itself exit 124 or 125 (``Result.bed_error`` tells them apart).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, NoReturn
+
+from . import debian
+
+TIMEOUT = 124                   # as timeout(1): the command did not finish in time
+BED_FAILURE = 125               # the test bed failed; the command's outcome is unknown
+
+QEMU = "qemu-system-x86_64"
+# One vCPU: with two, L1 crashed ("stack guard page was hit", "corrupted stack end") or an L2
+# triple-faulted in about 1 of 12 L2 boots whenever two L2 guests ran at the same time (6
+# failures in ~80 such boots, with vgif on or off, 5-level paging on or off), never with
+# one vCPU (30 of 30); TCG's SVM emulation evidently has a race between vCPUs.  One L2 at a
+# time boots as fast on one L1 vCPU as on two (about 18 s), and leaves a host core free.
+DEFAULT_CPUS = 1
+DEFAULT_MEM = "8G"              # room for a 5 GiB L2 guest plus a QEMU reference run
+
+# What L1 needs, loaded in dependency order (modules.dep) by stage 1: virtio-pci for the
+# devices, 9p for the host's root and the output directory, overlay for a writable root,
+# virtio_console for the stdout/stderr/control ports, qemu_fw_cfg for the run script, and
+# what the guests under test use.
+MODULES: tuple[str, ...] = ("virtio_pci", "virtio_console", "qemu_fw_cfg", "9pnet_virtio", "9p",
+                            "overlay", "tun", "kvm_amd", "vhost_net", "vhost_vsock")
+# Module parameters.  kvm_amd.vgif=0: KVM then clears and sets GIF with real CLGI/STGI around
+# VMRUN instead of leaving it to TCG's young virtual-GIF emulation.  Measured with
+# scripts/testbed-stress on two L1 vCPUs, two L2 guests booting at a time: with vgif=1, 2
+# of 20 L2 boots reset silently before printing anything (a failure nothing outside can
+# tell from a VMM bug); with vgif=0 the failures seen were mostly L1 oopses ("stack guard
+# page was hit" in an L2 vCPU thread: exc_page_fault recursing on a %gs access, as if an
+# interrupt came while L2's GS base was loaded), which end L1 and so are detected and
+# retried.  One L2 at a time, both settings booted 20 of 20.
+MODULE_PARAMS: Mapping[str, str] = {"kvm_amd": "vgif=0"}
+
+# L1's kernel command line.  Measured, none of these changes L1's boot time beyond the noise
+# (about 8-11 s to "ready" on 2 host cores either way); they are there for robustness.
+# quiet: less console output through the emulated UART; tsc=reliable/no_timer_check: no
+# clocksource watchdog and timer checks, which TCG's irregular timing on a busy host can
+# fail (falling back from the TSC to the HPET makes every clock read an emulated MMIO
+# access under QEMU's big lock); mitigations=off: speculation workarounds only cost time in
+# an emulator; panic=-1 with -no-reboot: a panic ends QEMU at once; nokaslr: the same
+# addresses in every L1 log, so oopses can be compared across runs.
+# Not here: no5lvl (L1 on 4-level paging; -cpu max offers LA57) did not stop the crashes
+# described at DEFAULT_CPUS.
+CMDLINE = ("console=ttyS0 quiet loglevel=4 panic=-1 tsc=reliable no_timer_check mitigations=off "
+           "nokaslr")
+
+BOOT_LIMIT = 300.0              # s from QEMU's start to "ready" before L1 counts as wedged
+HEARTBEAT_LIMIT = 150.0         # s without a heartbeat before L1 counts as wedged
+STALL_HEARTBEAT_LIMIT = 45.0    # the same, once the console reported a lockup or stall
+POWEROFF_LIMIT = 60.0           # s from "exit N" until QEMU must have ended
+WEDGE_PATTERNS = re.compile(rb"soft lockup|hard LOCKUP|rcu.{0,40}stall|hung_task|blocked for more than")
+# What to quote when L1 ends early: a panic, an oops, or stage 1 failing before it could
+# open the control port.
+CRASH_PATTERNS = re.compile(rb"testbed-l1: FAILED[^\n]*|Kernel panic[^\n]*|BUG: [^\n]*|Oops[^\n]*")
+
+PORTS = ("con", "out", "err", "ctl")    # sockets QEMU connects to: console, stdout, stderr, control
+RUN_FW_CFG = "opt/altovirt/run"
+
+
+class BedError(RuntimeError):
+    """The test bed failed (not the command); ``retry`` says whether another boot may help."""
+
+    def __init__(self, message: str, *, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+@dataclass
+class Result:
+    """The outcome of one :func:`run`.
+
+    ``status`` is the command's exit status, :data:`TIMEOUT` or :data:`BED_FAILURE`;
+    ``bed_error`` is set (one line) exactly when the test bed failed or timed out.
+    ``output`` holds the last attempt's stdout and stderr as received, interleaved.
+    """
+
+    status: int
+    output: bytes
+    out_dir: Path
+    l1_log: Path
+    bed_error: str | None = None
+    attempts: int = 1
+    boot_seconds: float | None = None   # QEMU start to "ready" in the last attempt
+    seconds: float = 0.0                # wall time of all attempts
+    failures: list[str] = field(default_factory=list)   # each failed attempt's bed_error
+
+
+# ---------------------------------------------------------------------------------------
+# The initramfs
+
+# Stage 1: PID 1 of the initramfs.  Loads the modules, opens the control port as fd 3 (kept
+# across switch_root), builds the overlay root and switches into it.  Run-specific values
+# (TB_MODULES, TB_OUT, TB_CWD and the command) come from the run script in fw_cfg, so this
+# text, and with it the cached initramfs, is the same for every run.
+STAGE1 = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+say() { echo "testbed-l1: $*" > /dev/console; }
+die() { say "FAILED: $*"; echo "fail $*" >&3; sync; poweroff -f; }
+exec 3>/dev/null
+while read -r name args; do
+    insmod "/modules/$name.ko" $args || die "insmod $name $args failed"
+done < /modules/order
+# virtio_console adds ports from a work queue, and names them a little later.
+port() {
+    for _ in $(seq 100); do
+        for d in /sys/class/virtio-ports/*; do
+            [ "$(cat "$d/name" 2>/dev/null)" = "$1" ] && [ -c "/dev/${d##*/}" ] \
+                && echo "/dev/${d##*/}" && return 0
+        done
+        sleep 0.1
+    done
+    return 1
+}
+ctl=$(port testbed.ctl) || die "no virtio port testbed.ctl"
+exec 3>"$ctl"
+echo "boot $(cut -d' ' -f1 /proc/uptime)" >&3
+run=/sys/firmware/qemu_fw_cfg/by_name/opt/altovirt/run/raw
+[ -r "$run" ] || die "no run script in fw_cfg"
+mkdir -p /lower /rw /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose host /lower \
+    || die "cannot mount the host's root (9p tag host)"
+mount -t tmpfs -o mode=0755 tmpfs /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
+    || die "cannot mount the overlay root"
+mkdir -p /newroot/.testbed
+cp /bin/busybox /stage2 /newroot/.testbed/ && cp "$run" /newroot/.testbed/run.sh \
+    || die "cannot copy stage 2"
+for d in dev proc sys; do mount --move "/$d" "/newroot/$d" || die "cannot move /$d"; done
+exec switch_root /newroot /.testbed/stage2
+"""
+
+# Stage 2: PID 1 in the overlay root.  Mounts what a Debian userland expects, starts the
+# heartbeat, runs the command with its output on the two ports, reports its status and
+# powers off.  Absolute symlinks in the host's root (/lib) resolve correctly only from here.
+STAGE2 = r"""#!/.testbed/busybox sh
+bb=/.testbed/busybox
+say() { echo "testbed-l1: $*" > /dev/console; }
+die() { say "FAILED: $*"; echo "fail $*" >&3; $bb sync; $bb poweroff -f; }
+. /.testbed/run.sh
+$bb mkdir -p /dev/pts /dev/shm
+$bb mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+$bb mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+$bb mount -t tmpfs -o mode=1777 tmpfs /tmp
+$bb mount -t tmpfs -o mode=0755 tmpfs /run
+rel=$($bb uname -r)
+$bb mkdir -p "/lib/modules/$rel" && $bb mount --bind "$TB_MODULES" "/lib/modules/$rel" \
+    || die "cannot bind $TB_MODULES to /lib/modules/$rel"
+$bb mkdir -p "$TB_OUT" && $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out "$TB_OUT" \
+    || die "cannot mount the output directory $TB_OUT (9p tag out)"
+$bb hostname testbed-l1
+$bb ip link set lo up 2>/dev/null
+port() {
+    for d in /sys/class/virtio-ports/*; do
+        [ "$($bb cat "$d/name")" = "$1" ] && echo "/dev/${d##*/}" && return 0
+    done
+    return 1
+}
+out=$(port testbed.stdout) && err=$(port testbed.stderr) || die "no virtio ports for stdout/stderr"
+( while :; do echo "hb $($bb cut -d' ' -f1 /proc/uptime)" >&3; $bb sleep 5; done ) &
+cd "$TB_CWD" || die "no directory $TB_CWD in L1 (/tmp is a fresh tmpfs there)"
+echo "ready $($bb cut -d' ' -f1 /proc/uptime)" >&3
+"$@" </dev/null >"$out" 2>"$err" 3>&-
+echo "exit $?" >&3
+$bb sync
+$bb poweroff -f
+"""
+
+
+def _cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> bytes:
+    """One entry of a newc ("070701") cpio archive, as the kernel's initramfs unpacker reads it."""
+    fields = (0, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0)
+    head = b"070701" + b"".join(b"%08x" % value for value in fields) + name.encode() + b"\0"
+    return head + b"\0" * (-len(head) % 4) + data + b"\0" * (-len(data) % 4)
+
+
+def cpio(files: Mapping[str, tuple[int, bytes]], dirs: Sequence[str] = (),
+         chardevs: Mapping[str, tuple[int, int]] | None = None) -> bytes:
+    """A newc cpio archive of ``dirs`` (mode 755), ``files`` (name -> (mode bits, content)) and
+    ``chardevs`` (name -> (major, minor), mode 600), in that order, owned by root."""
+    parts = [_cpio_entry(d, 0o040755) for d in dirs]
+    parts += [_cpio_entry(name, 0o020600, rdev=rdev) for name, rdev in (chardevs or {}).items()]
+    parts += [_cpio_entry(name, 0o100000 | mode, data) for name, (mode, data) in files.items()]
+    parts.append(_cpio_entry("TRAILER!!!", 0))
+    return b"".join(parts)
+
+
+def module_order(modules_dir: Path, wanted: Sequence[str]) -> list[Path]:
+    """The .ko files (relative to ``modules_dir``) of ``wanted`` and their dependencies from
+    modules.dep, each after everything it depends on."""
+    deps: dict[str, list[str]] = {}
+    for line in (modules_dir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+    by_name = {_module_name(path): path for path in deps}
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        # modules.dep lists the whole closure, last-loaded first; any order that loads
+        # dependencies first works, and recursion gives one.
+        for dep in deps.get(path, []):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        key = name.replace("-", "_")
+        if key not in by_name:
+            raise debian.PackageError(f"{modules_dir}: no module {name} in modules.dep")
+        visit(by_name[key])
+    return [Path(path) for path in order]
+
+
+def _module_name(path: str) -> str:
+    """``kernel/fs/9p/9p.ko`` -> ``9p``; dashes as underscores, as the kernel names modules."""
+    return Path(path).name.split(".ko")[0].replace("-", "_")
+
+
+def initramfs(kern: debian.Kernel) -> Path:
+    """L1's initramfs for ``kern``, built once and cached by release and content hash.
+
+    It holds static busybox, the two stage scripts and the modules of :data:`MODULES` with
+    their dependencies (uncompressed: TCG unpacks plain data faster than it inflates).
+    """
+    debian.depmod(kern)
+    busybox = debian.unpack("busybox-static") / "bin" / "busybox"
+    mods = module_order(kern.modules, MODULES)
+    order = "".join(f"{_module_name(str(m))} {MODULE_PARAMS.get(_module_name(str(m)), '')}\n"
+                    for m in mods)
+    key = hashlib.sha256("\0".join([STAGE1, STAGE2, order, str(busybox)]).encode()).hexdigest()[:16]
+    target = debian.CACHE / "l1" / f"initramfs-{kern.release}-{key}.cpio"
+    if target.is_file():
+        return target
+    files = {"init": (0o755, STAGE1.encode()), "stage2": (0o755, STAGE2.encode()),
+             "bin/busybox": (0o755, busybox.read_bytes()), "modules/order": (0o644, order.encode())}
+    for mod in mods:
+        files[f"modules/{_module_name(str(mod))}.ko"] = (0o644, (kern.modules / mod).read_bytes())
+    data = cpio(files, dirs=["bin", "dev", "modules"], chardevs={"dev/console": (5, 1)})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.rename(target)              # complete or absent, also with concurrent builders
+    return target
+
+
+# ---------------------------------------------------------------------------------------
+# One boot of L1
+
+def run_script(command: Sequence[str], *, cwd: Path, out_dir: Path, modules: Path,
+               env: Mapping[str, str]) -> str:
+    """The shell fragment stage 2 sources: TB_* variables and ``set --`` with the command
+    wrapped in ``env -i`` so that it sees exactly ``env``.  The root is the host's Debian, so
+    coreutils' env is there; busybox's would run its own applets in place of the host's
+    programs (``sh``, ``ls``, ``modprobe``)."""
+    argv = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in sorted(env.items())), *command]
+    return (f"TB_CWD={shlex.quote(str(cwd))}\nTB_OUT={shlex.quote(str(out_dir))}\n"
+            f"TB_MODULES={shlex.quote(str(modules))}\nset -- {shlex.join(argv)}\n")
+
+
+def command_env(out_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The command's environment in L1: a fixed PATH and HOME, ``CI`` and ``ALTOVIRT_*`` from
+    ours, ``ALTOVIRT_TESTBED=1``, ``TESTBED_OUT`` and then ``extra``."""
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+           "LANG": "C.UTF-8", "TERM": "dumb"}
+    env.update({k: v for k, v in os.environ.items() if k == "CI" or k.startswith("ALTOVIRT_")})
+    env.update({"ALTOVIRT_TESTBED": "1", "TESTBED_OUT": str(out_dir)})
+    env.update(extra or {})
+    return env
+
+
+def qemu_command(*, kern: debian.Kernel, initrd: Path, sockets: Path, out_dir: Path, script: Path,
+                 cpus: int, mem: str, append: str = "") -> list[str]:
+    """QEMU's command line for L1, its character devices connecting to ``sockets``/<port>;
+    ``append`` is added to L1's kernel command line :data:`CMDLINE`."""
+    cmd = [QEMU, "-accel", "tcg", "-cpu", "max", "-smp", str(cpus), "-m", mem, "-M", "pc",
+           "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+           "-kernel", str(kern.vmlinuz), "-initrd", str(initrd), "-append", f"{CMDLINE} {append}".strip(),
+           "-fw_cfg", f"name={RUN_FW_CFG},file={script}",
+           "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+           "-virtfs", f"local,path={out_dir},mount_tag=out,security_model=none,multidevs=remap",
+           "-device", "virtio-serial-pci,id=vser"]
+    for port in PORTS:
+        cmd += ["-chardev", f"socket,id={port},path={sockets / port}"]
+    cmd += ["-serial", "chardev:con"]
+    for port, name in (("out", "stdout"), ("err", "stderr"), ("ctl", "ctl")):
+        cmd += ["-device", f"virtserialport,bus=vser.0,chardev={port},name=testbed.{name}"]
+    return cmd
+
+
+@dataclass
+class _Boot:
+    """The state of one L1 boot as seen from the host."""
+
+    log: BinaryIO
+    stdout: BinaryIO | None
+    stderr: BinaryIO | None
+    started: float = field(default_factory=time.monotonic)
+    output: bytearray = field(default_factory=bytearray)
+    ready: float | None = None
+    heartbeat: float | None = None
+    stall: bytes | None = None          # the first console line reporting a lockup or stall
+    stall_at: float | None = None
+    status: int | None = None
+    fail: str | None = None
+    exited_at: float | None = None
+    console_tail: bytes = b""
+    ctl_buf: bytes = b""
+    qemu_err: bytes = b""
+
+    def on_console(self, data: bytes) -> None:
+        """Log console output and note the first lockup or stall report."""
+        self.log.write(data)
+        self.log.flush()
+        self.console_tail = (self.console_tail + data)[-4096:]
+        if self.stall is None:
+            match = WEDGE_PATTERNS.search(self.console_tail)
+            if match:
+                start = self.console_tail.rfind(b"\n", 0, match.start()) + 1
+                end = self.console_tail.find(b"\n", match.end())
+                self.stall = self.console_tail[start:end if end >= 0 else None].strip()
+                self.stall_at = time.monotonic()
+
+    def on_output(self, data: bytes, sink: BinaryIO | None) -> None:
+        """Keep the command's output and stream it on."""
+        self.output += data
+        if sink is not None:
+            sink.write(data)
+            sink.flush()
+
+    def on_control(self, data: bytes) -> None:
+        """Parse control lines: boot, ready, hb, exit N, fail MESSAGE."""
+        self.ctl_buf += data
+        *lines, self.ctl_buf = self.ctl_buf.split(b"\n")
+        now = time.monotonic()
+        for raw in lines:
+            word, _, rest = raw.decode(errors="replace").strip().partition(" ")
+            if word == "ready":
+                self.ready = self.heartbeat = now
+            elif word == "hb":
+                self.heartbeat = now
+            elif word == "exit" and rest.isdigit():
+                self.status, self.exited_at = int(rest), now
+            elif word == "fail":
+                self.fail, self.exited_at = rest, now
+
+    def wedged(self, now: float) -> str | None:
+        """Why L1 counts as wedged at ``now``, or None while it makes progress."""
+        if self.exited_at is not None:
+            return None
+        stall = f"{self.stall.decode(errors='replace')}" if self.stall else ""
+        if self.ready is None:
+            if now - self.started > BOOT_LIMIT:
+                return f"not booted after {BOOT_LIMIT:.0f} s" + (f"; console: {stall}" if stall else "")
+            return None
+        assert self.heartbeat is not None
+        silent = now - self.heartbeat
+        if silent > HEARTBEAT_LIMIT:
+            return f"no heartbeat for {silent:.0f} s" + (f"; console: {stall}" if stall else "")
+        if self.stall_at is not None and now - max(self.stall_at, self.heartbeat) > STALL_HEARTBEAT_LIMIT:
+            return f"{stall}; no heartbeat for {silent:.0f} s"
+        return None
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """End QEMU: SIGTERM, then SIGKILL if it lingers (a stopped or deadlocked QEMU does)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _listen(path: Path) -> socket.socket:
+    """A listening unix socket at ``path``, for QEMU to connect a chardev to."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(1)
+    return sock
+
+
+def boot_once(command: Sequence[str], *, timeout: float, cwd: Path, out_dir: Path, log: Path,
+              cpus: int, mem: str, env: Mapping[str, str] | None, append: str,
+              stdout: BinaryIO | None, stderr: BinaryIO | None) -> tuple[int, _Boot]:
+    """Boot L1 once and run ``command``; the command's status, or :data:`TIMEOUT`.
+
+    Raises :class:`BedError` when the test bed fails (``retry`` set when another boot may
+    help: a wedge, or QEMU ending before the command did).  QEMU is always gone on return.
+    """
+    kern = debian.kernel()
+    initrd = initramfs(kern)
+    with tempfile.TemporaryDirectory(prefix="altovirt-l1-") as tmp, open(log, "ab") as logf:
+        sockets = Path(tmp)
+        script = sockets / "run.sh"
+        script.write_text(run_script(command, cwd=cwd, out_dir=out_dir, modules=kern.modules,
+                                     env=command_env(out_dir, env)))
+        listeners = {port: _listen(sockets / port) for port in PORTS}
+        cmd = qemu_command(kern=kern, initrd=initrd, sockets=sockets, out_dir=out_dir, script=script,
+                           cpus=cpus, mem=mem, append=append)
+        logf.write(f"testbed: {shlex.join(cmd)}\n".encode())
+        logf.flush()                    # before QEMU writes to the same file
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.PIPE)
+        boot = _Boot(log=logf, stdout=stdout, stderr=stderr)
+        try:
+            return _supervise(proc, boot, listeners, timeout), boot
+        finally:
+            _kill(proc)
+            for sock in listeners.values():
+                sock.close()
+
+
+def _supervise(proc: subprocess.Popen[bytes], boot: _Boot, listeners: dict[str, socket.socket],
+               timeout: float) -> int:
+    """Pump QEMU's sockets into ``boot`` until the command's status is known and QEMU ended;
+    the command's status or :data:`TIMEOUT`, else :class:`BedError`."""
+    sel = selectors.DefaultSelector()
+    try:
+        _pump(proc, boot, listeners, timeout, sel)
+    except _Timeout:
+        return TIMEOUT
+    finally:
+        for key in list(sel.get_map().values()):
+            if isinstance(key.fileobj, socket.socket) and key.data[0] == "data":
+                key.fileobj.close()
+        sel.close()
+    if boot.fail is not None:
+        raise BedError(f"L1: {boot.fail}", retry=False)
+    if boot.status is not None:
+        return boot.status
+    _stopped_early(proc, boot)
+
+
+class _Timeout(Exception):
+    """The command ran past its time limit."""
+
+
+def _pump(proc: subprocess.Popen[bytes], boot: _Boot, listeners: dict[str, socket.socket],
+          timeout: float, sel: selectors.BaseSelector) -> None:
+    """Feed QEMU's sockets and stderr into ``boot`` until QEMU ended (or did not end in time
+    after reporting the status).  Raises :class:`BedError` on a wedge, :class:`_Timeout`."""
+    assert proc.stderr is not None
+    handlers: dict[str, Callable[[bytes], None]] = {
+        "con": boot.on_console, "ctl": boot.on_control,
+        "out": lambda d: boot.on_output(d, boot.stdout), "err": lambda d: boot.on_output(d, boot.stderr)}
+    for port, sock in listeners.items():
+        sel.register(sock, selectors.EVENT_READ, ("accept", port))
+    sel.register(proc.stderr, selectors.EVENT_READ, ("qemu", ""))
+    gone: float | None = None           # when QEMU was seen to have ended
+    while sel.get_map():
+        for key, _ in sel.select(1.0):
+            kind, port = key.data
+            if kind == "accept":
+                conn, _ = listeners[port].accept()
+                sel.unregister(key.fileobj)
+                sel.register(conn, selectors.EVENT_READ, ("data", port))
+                continue
+            fileobj = key.fileobj
+            data = os.read(fileobj if isinstance(fileobj, int) else fileobj.fileno(), 65536)
+            if not data:
+                sel.unregister(fileobj)
+                if isinstance(fileobj, socket.socket):
+                    fileobj.close()
+            elif kind == "qemu":
+                boot.qemu_err += data
+                boot.on_console(data)
+            else:
+                handlers[port](data)
+        now = time.monotonic()
+        if gone is None and proc.poll() is not None:
+            gone = now
+        streams = [k for k in sel.get_map().values() if k.data[0] != "accept"]
+        if gone is not None and (not streams or now - gone > 2):
+            break                           # what QEMU wrote before it ended has been read
+        if boot.exited_at is not None and now - boot.exited_at > POWEROFF_LIMIT:
+            break                           # poweroff did not end QEMU; the status is known
+        if boot.status is None and boot.fail is None:
+            why = boot.wedged(now)
+            if why:
+                raise BedError(f"L1 wedged ({why})", retry=True)
+            if now - boot.started > timeout:
+                raise _Timeout
+
+
+def _stopped_early(proc: subprocess.Popen[bytes], boot: _Boot) -> NoReturn:
+    """Raise the :class:`BedError` for a QEMU that ended without the command's status."""
+    last = (boot.qemu_err.decode(errors="replace").strip().splitlines() or [""])[-1]
+    if boot.ready is None and last:
+        raise BedError(f"QEMU failed: {last}", retry=False)
+    try:
+        code: int | None = proc.wait(10)
+    except subprocess.TimeoutExpired:
+        code = None
+    crash = CRASH_PATTERNS.findall(boot.console_tail)
+    why = crash[0].decode(errors="replace").strip() if crash else last or "see the L1 log"
+    raise BedError(f"L1 stopped before the command ended (QEMU status {code}: {why})", retry=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The API
+
+def hidden_in_l1(path: Path, out_dir: Path) -> bool:
+    """Whether ``path`` on the host is hidden in L1 by its own /tmp, /run or /dev (the output
+    directory is mounted on top, so paths in it are visible)."""
+    if path.is_relative_to(out_dir):
+        return False
+    return any(path != Path(top) and path.is_relative_to(top) for top in ("/tmp", "/run", "/dev"))
+
+
+def run(command: Sequence[str], *, timeout: float, cwd: str | os.PathLike[str] | None = None,
+        out_dir: str | os.PathLike[str] | None = None, cpus: int = DEFAULT_CPUS, mem: str = DEFAULT_MEM,
+        env: Mapping[str, str] | None = None, log: str | os.PathLike[str] | None = None,
+        stdout: BinaryIO | None = None, stderr: BinaryIO | None = None, retry: bool = True,
+        append: str = "", note: Callable[[str], None] | None = None) -> Result:
+    """Run ``command`` as root in L1 and return its outcome; never raises for L1's failures.
+
+    ``cwd`` (default: ours) must exist in L1, so not under /tmp (ValueError).  ``out_dir``
+    (default: a fresh ``/tmp/altovirt-out-*``, created) is shared read-write at the same
+    path and exported as ``TESTBED_OUT``.  ``env`` adds variables to the command's
+    environment (see :func:`command_env`).  ``timeout`` bounds each attempt (boot included);
+    with ``retry`` a wedged or crashed L1 is booted once more, so the worst case is two
+    timeouts.  The command's output is streamed to ``stdout``/``stderr`` when given; L1's
+    console goes to ``log`` (default: a fresh ``/tmp/altovirt-l1-*.log``, left for the
+    caller).  ``append`` adds parameters to L1's kernel command line.  ``note`` receives
+    one-line messages about the test bed (a wedge and the retry, a timeout).
+    """
+    cwd_path, out, log_path = _prepare(cwd, out_dir, log)
+    result = Result(status=BED_FAILURE, output=b"", out_dir=out, l1_log=log_path)
+    started = time.monotonic()
+    for attempt in range(1, 3 if retry else 2):
+        result.attempts = attempt
+        try:
+            status, boot = boot_once(command, timeout=timeout, cwd=cwd_path, out_dir=out, log=log_path,
+                                     cpus=cpus, mem=mem, env=env, append=append, stdout=stdout,
+                                     stderr=stderr)
+        except (BedError, debian.PackageError, OSError) as err:
+            again = isinstance(err, BedError) and err.retry and retry and attempt == 1
+            result.bed_error = str(err)
+            result.failures.append(str(err))
+            if note is not None:
+                note(f"testbed: {err}" + (", retrying once" if again else ""))
+            if again:
+                continue
+            break
+        _finish(result, status, boot, timeout, note)
+        break
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _prepare(cwd: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str] | None,
+             log: str | os.PathLike[str] | None) -> tuple[Path, Path, Path]:
+    """:func:`run`'s working directory, output directory (created) and log file (emptied)."""
+    cwd_path = Path(cwd or os.getcwd()).resolve()
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="altovirt-out-"))
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if hidden_in_l1(cwd_path, out):
+        raise ValueError(f"the working directory {cwd_path} does not exist in L1 (/tmp is a fresh tmpfs "
+                         "there); run from elsewhere")
+    if log is None:
+        fd, name = tempfile.mkstemp(prefix="altovirt-l1-", suffix=".log")
+        os.close(fd)
+        log = name
+    log_path = Path(log)
+    log_path.write_bytes(b"")        # the log of this run's attempts only
+    return cwd_path, out, log_path
+
+
+def _finish(result: Result, status: int, boot: _Boot, timeout: float,
+            note: Callable[[str], None] | None) -> None:
+    """Fill ``result`` from an attempt that ended with ``status`` (the command's, or TIMEOUT)."""
+    result.status, result.output = status, bytes(boot.output)
+    result.boot_seconds = boot.ready - boot.started if boot.ready is not None else None
+    result.bed_error = None
+    if status == TIMEOUT and boot.status is None:
+        result.bed_error = f"the command did not finish within {timeout:g} s"
+        if note is not None:
+            note(f"testbed: {result.bed_error}")
+
+
+# ---------------------------------------------------------------------------------------
+# The command line (scripts/testbed)
+
+USAGE = f"""usage: scripts/testbed [--timeout SECONDS] [--cpus N] [--mem SIZE] [--out DIR]
+                       [--keep-log FILE] [--append PARAMS] [--no-retry] -- COMMAND [ARGS...]
+
+Boot Debian's stock kernel in QEMU TCG with emulated AMD SVM (L1, a /dev/kvm with hardware
+virtualization semantics) and run COMMAND there as root, in the current directory (which
+must not be under /tmp: L1 has a fresh tmpfs there).  L1's root is the host's, read-only
+under a tmpfs overlay.  COMMAND sees CI and ALTOVIRT_* from this environment,
+ALTOVIRT_TESTBED=1, HOME=/root, and TESTBED_OUT, a directory shared read-write at the same
+path inside and outside (--out DIR, default a fresh /tmp/altovirt-out-*; printed at the end).
+COMMAND's stdout and stderr are streamed here; L1's console goes to a log file, deleted
+unless --keep-log FILE.
+
+  --timeout SECONDS  limit for one attempt, boot included (default 3600)
+  --cpus N           L1's vCPUs (default {DEFAULT_CPUS})
+  --mem SIZE         L1's memory (default {DEFAULT_MEM})
+  --out DIR          the shared output directory (created if missing)
+  --keep-log FILE    keep L1's console log in FILE
+  --append PARAMS    more parameters for L1's kernel command line
+  --no-retry         do not boot L1 a second time after a wedge or crash
+
+A wedged L1 (no heartbeat; soft lockups or RCU stalls on its console) is killed and booted
+once more; the line "testbed: L1 wedged (...), retrying once" says so.
+
+exit status: COMMAND's own; {TIMEOUT} if COMMAND did not finish within --timeout;
+{BED_FAILURE} if the test bed failed (L1 did not boot, wedged twice, QEMU died), with a line
+"testbed: ..." on stderr saying why; 130 if interrupted (SIGINT, SIGTERM, SIGHUP: L1 is
+killed); 2 for a usage error.  COMMAND's own 124 or 125 is told apart by the "testbed:" line.
+"""
+
+
+@dataclass
+class _Options:
+    """Parsed command line of scripts/testbed."""
+
+    command: list[str]
+    timeout: float = 3600.0
+    cpus: int = DEFAULT_CPUS
+    mem: str = DEFAULT_MEM
+    out: str | None = None
+    keep_log: str | None = None
+    append: str = ""
+    retry: bool = True
+
+
+class HelpRequested(Exception):
+    """``-h``/``--help`` was given."""
+
+
+def parse_args(argv: Sequence[str]) -> _Options:
+    """Parse scripts/testbed's arguments; raises ValueError with a one-line message, or
+    :class:`HelpRequested`."""
+    opts = _Options(command=[])
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            opts.command = args
+            break
+        if arg in ("-h", "--help"):
+            raise HelpRequested
+        if arg == "--no-retry":
+            opts.retry = False
+            continue
+        name, eq, value = arg.partition("=")
+        if name not in ("--timeout", "--cpus", "--mem", "--out", "--keep-log", "--append"):
+            raise ValueError(f"unknown option {arg!r} (COMMAND goes after --)")
+        if not eq:
+            if not args:
+                raise ValueError(f"{name} needs a value")
+            value = args.pop(0)
+        if name == "--timeout":
+            opts.timeout = float(value)     # ValueError on a bad number, as wanted
+        elif name == "--cpus":
+            opts.cpus = int(value)
+        elif name == "--mem":
+            opts.mem = value
+        elif name == "--out":
+            opts.out = value
+        elif name == "--append":
+            opts.append = value
+        else:
+            opts.keep_log = value
+    if not opts.command:
+        raise ValueError("no COMMAND (give it after --)")
+    return opts
+
+
+def _interrupted(signum: int, _frame: object) -> None:
+    """Signal handler: unwind like Ctrl-C does."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """scripts/testbed: run a command in L1; returns the exit status documented in USAGE."""
+    try:
+        opts = parse_args(sys.argv[1:] if argv is None else argv)
+    except HelpRequested:
+        sys.stdout.write(USAGE)
+        return 0
+    except ValueError as err:
+        sys.stderr.write(f"testbed: {err}\n{USAGE}")
+        return 2
+    if shutil.which(QEMU) is None:
+        _note(f"testbed: {QEMU} not found (apt-get install qemu-system-x86)")
+        return BED_FAILURE
+    # A cancelled CI job sends SIGTERM: turn it into an exception so that the finally
+    # clauses kill QEMU instead of leaving L1 running.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
+    try:
+        result = run(opts.command, timeout=opts.timeout, out_dir=opts.out, cpus=opts.cpus, mem=opts.mem,
+                     log=opts.keep_log, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
+                     retry=opts.retry, append=opts.append, note=_note)
+    except ValueError as err:
+        _note(f"testbed: {err}")
+        return 2
+    except KeyboardInterrupt as err:
+        _note(f"testbed: interrupted ({err or 'SIGINT'}); L1 stopped")
+        return 130
+    _summarize(result, keep_log=opts.keep_log is not None, own_out=opts.out is None)
+    return result.status
+
+
+def _note(line: str) -> None:
+    """Write one test bed message to stderr at once."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _summarize(result: Result, *, keep_log: bool, own_out: bool) -> None:
+    """Print the end of L1's console after a test bed failure and a closing status line;
+    delete the log unless ``keep_log``, and the output directory if ``own_out`` (we made
+    it) and it stayed empty."""
+    if result.status == BED_FAILURE and result.bed_error is not None:
+        lines = result.l1_log.read_bytes()[-4000:].decode(errors="replace").splitlines()
+        tail = [line for line in lines if not line.startswith(f"testbed: {QEMU}")][-25:]
+        _note("testbed: last lines of L1's console:\n  " + "\n  ".join(tail))
+    boot = f"{result.boot_seconds:.1f} s" if result.boot_seconds is not None else "-"
+    out = str(result.out_dir)
+    if own_out and not any(result.out_dir.iterdir()):
+        result.out_dir.rmdir()
+        out += " (empty, removed)"
+    _note(f"testbed: status {result.status}, L1 boot {boot}, total {result.seconds:.1f} s, "
+          f"attempts {result.attempts}, TESTBED_OUT={out}"
+          + (f", L1 log {result.l1_log}" if keep_log else ""))
+    if not keep_log:
+        result.l1_log.unlink(missing_ok=True)
