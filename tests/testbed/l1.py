@@ -191,6 +191,10 @@ $bb mount -t tmpfs -o mode=0755 tmpfs /run
 rel=$($bb uname -r)
 $bb mkdir -p "/lib/modules/$rel" && $bb mount --bind "$TB_MODULES" "/lib/modules/$rel" \
     || die "cannot bind $TB_MODULES to /lib/modules/$rel"
+if [ -n "$TB_SHARE_CWD" ]; then
+    $bb mkdir -p "$TB_CWD" && $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro cwd "$TB_CWD" \
+        || die "cannot mount the working directory $TB_CWD (9p tag cwd)"
+fi
 $bb mkdir -p "$TB_OUT" && $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out "$TB_OUT" \
     || die "cannot mount the output directory $TB_OUT (9p tag out)"
 $bb hostname testbed-l1
@@ -299,7 +303,8 @@ def run_script(command: Sequence[str], *, cwd: Path, out_dir: Path, modules: Pat
     coreutils' env is there; busybox's would run its own applets in place of the host's
     programs (``sh``, ``ls``, ``modprobe``)."""
     argv = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in sorted(env.items())), *command]
-    return (f"TB_CWD={shlex.quote(str(cwd))}\nTB_OUT={shlex.quote(str(out_dir))}\n"
+    share = "1" if hidden_in_l1(cwd, out_dir) else ""
+    return (f"TB_CWD={shlex.quote(str(cwd))}\nTB_SHARE_CWD={share}\nTB_OUT={shlex.quote(str(out_dir))}\n"
             f"TB_MODULES={shlex.quote(str(modules))}\nset -- {shlex.join(argv)}\n")
 
 
@@ -315,9 +320,10 @@ def command_env(out_dir: Path, extra: Mapping[str, str] | None = None) -> dict[s
 
 
 def qemu_command(*, kern: debian.Kernel, initrd: Path, sockets: Path, out_dir: Path, script: Path,
-                 cpus: int, mem: str, append: str = "") -> list[str]:
+                 cpus: int, mem: str, append: str = "", cwd: Path | None = None) -> list[str]:
     """QEMU's command line for L1, its character devices connecting to ``sockets``/<port>;
-    ``append`` is added to L1's kernel command line :data:`CMDLINE`."""
+    ``append`` is added to L1's kernel command line :data:`CMDLINE`; ``cwd``, when L1's own
+    /tmp or /run would hide it, is shared read-only (9p tag ``cwd``)."""
     cmd = [QEMU, "-accel", "tcg", "-cpu", "max", "-smp", str(cpus), "-m", mem, "-M", "pc",
            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
            "-kernel", str(kern.vmlinuz), "-initrd", str(initrd), "-append", f"{CMDLINE} {append}".strip(),
@@ -325,6 +331,8 @@ def qemu_command(*, kern: debian.Kernel, initrd: Path, sockets: Path, out_dir: P
            "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
            "-virtfs", f"local,path={out_dir},mount_tag=out,security_model=none,multidevs=remap",
            "-device", "virtio-serial-pci,id=vser"]
+    if cwd is not None and hidden_in_l1(cwd, out_dir):
+        cmd += ["-virtfs", f"local,path={cwd},mount_tag=cwd,security_model=none,readonly=on,multidevs=remap"]
     for port in PORTS:
         cmd += ["-chardev", f"socket,id={port},path={sockets / port}"]
     cmd += ["-serial", "chardev:con"]
@@ -443,7 +451,7 @@ def boot_once(command: Sequence[str], *, timeout: float, cwd: Path, out_dir: Pat
                                      env=command_env(out_dir, env)))
         listeners = {port: _listen(sockets / port) for port in PORTS}
         cmd = qemu_command(kern=kern, initrd=initrd, sockets=sockets, out_dir=out_dir, script=script,
-                           cpus=cpus, mem=mem, append=append)
+                           cpus=cpus, mem=mem, append=append, cwd=cwd)
         logf.write(f"testbed: {shlex.join(cmd)}\n".encode())
         logf.flush()                    # before QEMU writes to the same file
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.PIPE)
@@ -560,7 +568,8 @@ def run(command: Sequence[str], *, timeout: float, cwd: str | os.PathLike[str] |
         append: str = "", note: Callable[[str], None] | None = None) -> Result:
     """Run ``command`` as root in L1 and return its outcome; never raises for L1's failures.
 
-    ``cwd`` (default: ours) must exist in L1, so not under /tmp (ValueError).  ``out_dir``
+    ``cwd`` (default: ours) is the command's working directory; one under /tmp or /run, which
+    L1 has its own of, is shared read-only at the same path.  ``out_dir``
     (default: a fresh ``/tmp/altovirt-out-*``, created) is shared read-write at the same
     path and exported as ``TESTBED_OUT``.  ``env`` adds variables to the command's
     environment (see :func:`command_env`).  ``timeout`` bounds each attempt (boot included);
@@ -601,9 +610,6 @@ def _prepare(cwd: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str]
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="altovirt-out-"))
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if hidden_in_l1(cwd_path, out):
-        raise ValueError(f"the working directory {cwd_path} does not exist in L1 (/tmp is a fresh tmpfs "
-                         "there); run from elsewhere")
     if log is None:
         fd, name = tempfile.mkstemp(prefix="altovirt-l1-", suffix=".log")
         os.close(fd)
@@ -632,9 +638,9 @@ USAGE = f"""usage: scripts/testbed [--timeout SECONDS] [--cpus N] [--mem SIZE] [
                        [--keep-log FILE] [--append PARAMS] [--no-retry] -- COMMAND [ARGS...]
 
 Boot Debian's stock kernel in QEMU TCG with emulated AMD SVM (L1, a /dev/kvm with hardware
-virtualization semantics) and run COMMAND there as root, in the current directory (which
-must not be under /tmp: L1 has a fresh tmpfs there).  L1's root is the host's, read-only
-under a tmpfs overlay.  COMMAND sees CI and ALTOVIRT_* from this environment,
+virtualization semantics) and run COMMAND there as root, in the current directory (shared
+read-only on its own when it is under /tmp or /run, which are fresh tmpfs in L1).  L1's root
+is the host's, read-only under a tmpfs overlay.  COMMAND sees CI and ALTOVIRT_* from this environment,
 ALTOVIRT_TESTBED=1, HOME=/root, and TESTBED_OUT, a directory shared read-write at the same
 path inside and outside (--out DIR, default a fresh /tmp/altovirt-out-*; printed at the end).
 COMMAND's stdout and stderr are streamed here; L1's console goes to a log file, deleted
@@ -741,9 +747,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run(opts.command, timeout=opts.timeout, out_dir=opts.out, cpus=opts.cpus, mem=opts.mem,
                      log=opts.keep_log, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
                      retry=opts.retry, append=opts.append, note=_note)
-    except ValueError as err:
-        _note(f"testbed: {err}")
-        return 2
     except KeyboardInterrupt as err:
         _note(f"testbed: interrupted ({err or 'SIGINT'}); L1 stopped")
         return 130
