@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,16 +75,6 @@ class Kernel:
     vmlinuz: Path
     modules: Path               # .../lib/modules/<release>
 
-    def module_path(self, name: str) -> Path:
-        """The .ko(.xz) file of module ``name`` (as modinfo names it, ``-`` or ``_``)."""
-        wanted = {f"{name}.ko", f"{name}.ko.xz", f"{name.replace('_', '-')}.ko",
-                  f"{name.replace('_', '-')}.ko.xz", f"{name.replace('-', '_')}.ko",
-                  f"{name.replace('-', '_')}.ko.xz"}
-        for path in self.modules.rglob("*.ko*"):
-            if path.name in wanted:
-                return path
-        raise PackageError(f"kernel {self.release}: no module {name}")
-
 
 def kernel() -> Kernel:
     """The kernel that ``linux-image-amd64`` currently depends on, unpacked."""
@@ -125,3 +116,35 @@ def depmod(k: Kernel) -> Path:
             _run("depmod", "-b", str(k.modules.parent.parent.parent), k.release)
             done.touch()
     return k.modules / "modules.dep"
+
+
+def module_name(path: str) -> str:
+    """``kernel/fs/9p/9p.ko`` -> ``9p``, with dashes as underscores, as the kernel compares names."""
+    return Path(path).name.split(".ko")[0].replace("-", "_")
+
+
+def load_order(k: Kernel, names: Iterable[str]) -> list[str]:
+    """The .ko paths (relative to ``k.modules``) of modules ``names`` and everything they depend
+    on (modules.dep), each after its dependencies; names built into the kernel are skipped.
+    PackageError names a module that is neither."""
+    deps: dict[str, list[str]] = {}
+    for line in depmod(k).read_text().splitlines():
+        path, _, needs = line.partition(":")
+        deps[path] = needs.split()
+    by_name = {module_name(path): path for path in deps}
+    builtin = {module_name(line) for line in (k.modules / "modules.builtin").read_text().split()}
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path not in order:
+            for need in deps[path]:     # modules.dep names the whole closure; recursion orders it
+                visit(need)
+            order.append(path)
+
+    for name in names:
+        key = name.replace("-", "_")
+        if key in by_name:
+            visit(by_name[key])
+        elif key not in builtin:
+            raise PackageError(f"kernel {k.release}: no module {name} (and it is not built in)")
+    return order

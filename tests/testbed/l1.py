@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
-from . import debian
+from . import cpio, debian
 
 TIMEOUT = 124                   # as timeout(1): the command did not finish in time
 BED_FAILURE = 125               # the test bed failed; the command's outcome is unknown
@@ -216,81 +216,28 @@ $bb poweroff -f
 """
 
 
-def _cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> bytes:
-    """One entry of a newc ("070701") cpio archive, as the kernel's initramfs unpacker reads it."""
-    fields = (0, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0)
-    head = b"070701" + b"".join(b"%08x" % value for value in fields) + name.encode() + b"\0"
-    return head + b"\0" * (-len(head) % 4) + data + b"\0" * (-len(data) % 4)
-
-
-def cpio(files: Mapping[str, tuple[int, bytes]], dirs: Sequence[str] = (),
-         chardevs: Mapping[str, tuple[int, int]] | None = None) -> bytes:
-    """A newc cpio archive of ``dirs`` (mode 755), ``files`` (name -> (mode bits, content)) and
-    ``chardevs`` (name -> (major, minor), mode 600), in that order, owned by root."""
-    parts = [_cpio_entry(d, 0o040755) for d in dirs]
-    parts += [_cpio_entry(name, 0o020600, rdev=rdev) for name, rdev in (chardevs or {}).items()]
-    parts += [_cpio_entry(name, 0o100000 | mode, data) for name, (mode, data) in files.items()]
-    parts.append(_cpio_entry("TRAILER!!!", 0))
-    return b"".join(parts)
-
-
-def module_order(modules_dir: Path, wanted: Sequence[str]) -> list[Path]:
-    """The .ko files (relative to ``modules_dir``) of ``wanted`` and their dependencies from
-    modules.dep, each after everything it depends on."""
-    deps: dict[str, list[str]] = {}
-    for line in (modules_dir / "modules.dep").read_text().splitlines():
-        path, _, rest = line.partition(":")
-        deps[path] = rest.split()
-    by_name = {_module_name(path): path for path in deps}
-    order: list[str] = []
-
-    def visit(path: str) -> None:
-        if path in order:
-            return
-        # modules.dep lists the whole closure, last-loaded first; any order that loads
-        # dependencies first works, and recursion gives one.
-        for dep in deps.get(path, []):
-            visit(dep)
-        order.append(path)
-
-    for name in wanted:
-        key = name.replace("-", "_")
-        if key not in by_name:
-            raise debian.PackageError(f"{modules_dir}: no module {name} in modules.dep")
-        visit(by_name[key])
-    return [Path(path) for path in order]
-
-
-def _module_name(path: str) -> str:
-    """``kernel/fs/9p/9p.ko`` -> ``9p``; dashes as underscores, as the kernel names modules."""
-    return Path(path).name.split(".ko")[0].replace("-", "_")
-
-
 def initramfs(kern: debian.Kernel) -> Path:
     """L1's initramfs for ``kern``, built once and cached by release and content hash.
 
     It holds static busybox, the two stage scripts and the modules of :data:`MODULES` with
     their dependencies (uncompressed: TCG unpacks plain data faster than it inflates).
     """
-    debian.depmod(kern)
     busybox = debian.unpack("busybox-static") / "bin" / "busybox"
-    mods = module_order(kern.modules, MODULES)
-    order = "".join(f"{_module_name(str(m))} {MODULE_PARAMS.get(_module_name(str(m)), '')}\n"
-                    for m in mods)
+    mods = debian.load_order(kern, MODULES)
+    names = [debian.module_name(m) for m in mods]
+    order = "".join(f"{name} {MODULE_PARAMS.get(name, '')}\n" for name in names)
     key = hashlib.sha256("\0".join([STAGE1, STAGE2, order, str(busybox)]).encode()).hexdigest()[:16]
-    target = debian.CACHE / "l1" / f"initramfs-{kern.release}-{key}.cpio"
-    if target.is_file():
-        return target
-    files = {"init": (0o755, STAGE1.encode()), "stage2": (0o755, STAGE2.encode()),
-             "bin/busybox": (0o755, busybox.read_bytes()), "modules/order": (0o644, order.encode())}
-    for mod in mods:
-        files[f"modules/{_module_name(str(mod))}.ko"] = (0o644, (kern.modules / mod).read_bytes())
-    data = cpio(files, dirs=["bin", "dev", "modules"], chardevs={"dev/console": (5, 1)})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.rename(target)              # complete or absent, also with concurrent builders
-    return target
+
+    def build() -> bytes:
+        members = {"init": cpio.file(STAGE1.encode(), 0o755),
+                   "stage2": cpio.file(STAGE2.encode(), 0o755),
+                   "bin/busybox": cpio.file(busybox.read_bytes(), 0o755),
+                   "modules/order": cpio.file(order.encode()), "dev/console": cpio.chardev(5, 1)}
+        for mod, name in zip(mods, names, strict=True):
+            members[f"modules/{name}.ko"] = cpio.file((kern.modules / mod).read_bytes())
+        return cpio.archive(members)
+
+    return cpio.cached(debian.CACHE / "l1" / f"initramfs-{kern.release}-{key}.cpio", build)
 
 
 # ---------------------------------------------------------------------------------------
