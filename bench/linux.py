@@ -20,7 +20,6 @@ import argparse
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -131,11 +130,10 @@ def net_mbps(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path, mib: int) -> t
         argv = [*ns.prefix, *argv_for(vmm, k, initrd, f"guest.ip={GUEST_IP}/{PREFIX}", None, "tap0")]
         with guest.LinuxGuest(argv, log_path=tmp / f"{vmm}-net.log") as g:
             g.wait_ready(600)
-            sink = subprocess.Popen([*ns.prefix, "socat", "-u", "TCP-LISTEN:5001,reuseaddr",
-                                     "OPEN:/dev/null"])
+            sink = ns.receiver(5001, mib << 20)
             time.sleep(0.5)
             tx = seconds_in_guest(g, f"dd if=/dev/zero bs=64k count={mib * 16} | nc {HOST_IP} 5001")
-            sink.wait(60)
+            sink.communicate(timeout=60)
             g.check("(nc -l -p 5002 > /dev/null &) ; sleep 1")
             start = time.monotonic()
             ns.run("socat", "-u", f"OPEN:/dev/zero,readbytes={mib << 20}", f"TCP:{GUEST_IP}:5002",
