@@ -28,7 +28,7 @@ from ..devices.legacy.boottimer import BOOT_TIMER_PORT, BootTimer
 from ..devices.legacy.i8042 import DATA_PORT as I8042_PORT
 from ..devices.legacy.i8042 import I8042, I8042_IRQ
 from ..devices.legacy.post import POST_PORT, PostPort
-from ..devices.legacy.rtc import Rtc
+from ..devices.legacy.rtc import RTC_PORT, Rtc
 from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
 from ..devices.virtio.block import WorkerPool
 from ..devices.virtio.mmio import MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
@@ -48,7 +48,6 @@ from .vcpu import GUEST_RESET, GUEST_SHUTDOWN, StopReason, VcpuThread, install_k
 
 log = logging.getLogger(__name__)
 
-RTC_PORT = 0x70
 # Where VMX keeps its real-mode TSS and identity map: the top of the 32-bit space,
 # below the BIOS, outside RAM (KVM_SET_TSS_ADDR needs three pages).
 TSS_ADDR = 0xFFFBD000

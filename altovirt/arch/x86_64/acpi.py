@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from ...acpi import aml
 from ...acpi import tables as T
 from ...devices.legacy import acpi as regs
+from ...devices.legacy.i8042 import COMMAND_PORT as I8042_COMMAND_PORT
+from ...devices.legacy.i8042 import DATA_PORT as I8042_DATA_PORT
+from ...devices.legacy.i8042 import I8042_IRQ
+from ...devices.legacy.rtc import RTC_PORT
+from ...devices.legacy.serial import COM1_IRQ, COM1_PORT
 from ...memory import GuestMemory
 from . import layout, mptable
 
-COM1_PORT, COM1_IRQ = 0x3F8, 4
-I8042_DATA_PORT, I8042_COMMAND_PORT, I8042_IRQ = 0x60, 0x64, 1
-RTC_PORT = 0x70
 VIRTIO_MMIO_HID = "LNRO0005"         # drivers/virtio/virtio_mmio.c's ACPI match
 GED_HID = "ACPI0013"                 # Generic Event Device (5.6.9)
 POWER_BUTTON_HID = "PNP0C0C"         # control-method power button (4.8.2.2.1.2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+RTC_PORT = 0x70              # index; the data register is at 0x71
 SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR = 0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09
 STATUS_A, STATUS_B, STATUS_C, STATUS_D = 0x0A, 0x0B, 0x0C, 0x0D
 CENTURY = 0x32
