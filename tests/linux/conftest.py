@@ -111,17 +111,20 @@ class Netns:
         return subprocess.run([*self.prefix, *args], capture_output=True, timeout=timeout, input=input)
 
     def receiver(self, port: int, size: int) -> subprocess.Popen[str]:
-        """A TCP server in the namespace that takes one connection, reads ``size`` bytes, closes
-        it and prints "<bytes read> <md5>": busybox nc never half-closes at the end of its
-        input, so the receiver must end the connection."""
+        """A TCP server in the namespace, listening when this returns, that takes one connection,
+        reads ``size`` bytes, closes it and prints "<bytes read> <md5>": busybox nc never
+        half-closes at the end of its input, so the receiver must end the connection."""
         code = ("import hashlib, socket\n"
-                f"s = socket.create_server(('', {port})); c, _ = s.accept(); n = {size}; h = hashlib.md5()\n"
+                f"s = socket.create_server(('', {port})); print('listening', flush=True)\n"
+                f"c, _ = s.accept(); n = {size}; h = hashlib.md5()\n"
                 "while n > 0:\n"
                 "    b = c.recv(min(n, 65536))\n"
                 "    if not b: break\n"
                 "    h.update(b); n -= len(b)\n"
                 f"c.close(); print({size} - n, h.hexdigest())\n")
-        return subprocess.Popen([*self.prefix, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([*self.prefix, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline() == "listening\n"
+        return proc
 
     def close(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)

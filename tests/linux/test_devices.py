@@ -104,7 +104,6 @@ def test_net_ping_and_tcp_both_ways(vm: Machine) -> None:
     # guest -> host: 1 MiB of random bytes over TCP, checked by hash on both sides
     listener = vm.ns.receiver(5001, 1 << 20)
     try:
-        time.sleep(0.5)
         sent = vm.g.check("dd if=/dev/urandom of=/tmp/blob bs=64k count=16 2>/dev/null && "
                           f"md5sum < /tmp/blob && nc {HOST_IP} 5001 < /tmp/blob", timeout=120)
         received, _ = listener.communicate(timeout=60)
@@ -114,7 +113,8 @@ def test_net_ping_and_tcp_both_ways(vm: Machine) -> None:
     # host -> guest
     blob = os.urandom(1 << 20)
     vm.g.check("(nc -l -p 5002 > /tmp/got &) ; sleep 1")
-    p = vm.ns.run("socat", "-u", "STDIN", f"TCP:{GUEST_IP}:5002", input=blob, timeout=120)
+    p = vm.ns.run("socat", "-u", "STDIN", f"TCP:{GUEST_IP}:5002,retry=40,interval=0.5", input=blob,
+                  timeout=120)
     assert p.returncode == 0, p.stderr
     wait_in_guest(vm, "[ $(wc -c < /tmp/got) -eq 1048576 ]", "the whole transfer")
     assert vm.g.check("md5sum < /tmp/got").split()[0] == hashlib.md5(blob).hexdigest()
