@@ -107,7 +107,7 @@ def exits_per_boot(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path) -> dict[
 
 
 def seconds_in_guest(g: guest.LinuxGuest, command: str) -> float:
-    out = g.check(f"s=$(cut -d' ' -f1 /proc/uptime); {command} >/dev/null 2>&1; "
+    out = g.check(f"s=$(cut -d' ' -f1 /proc/uptime); {{ {command}; }} >/dev/null 2>&1; "
                   "e=$(cut -d' ' -f1 /proc/uptime); echo $s $e", timeout=900)
     start, end = (float(x) for x in out.split())
     return end - start
