@@ -31,18 +31,13 @@ import common
 from common import ROOT
 
 sys.path.insert(0, str(ROOT))
+from tests.conftest import HARDWARE_VIRT_PROBLEM
 from tests.linux.conftest import GUEST_IP, HOST_IP, PREFIX, Netns
 from tests.testbed import debian, guest, initramfs, l1
 
 TRACING = Path("/sys/kernel/tracing")
 TRACE_EVENTS = {"kvm_userspace_exit": "reason", "kvm_pio": "port", "kvm_mmio": "gpa"}
 VMMS = ("altovirt", "qemu")
-
-
-def has_hardware_virt() -> bool:
-    with open("/proc/cpuinfo") as f:
-        flags = next((line for line in f if line.startswith("flags")), "").split()
-    return "svm" in flags or "vmx" in flags
 
 
 def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path | None,
@@ -175,8 +170,8 @@ def main() -> None:
     ap.add_argument("--net-mib", type=int, default=64)
     ap.add_argument("--parts", default="boot,disk,net,exits", help="which measurements, comma-separated")
     args = ap.parse_args()
-    if not has_hardware_virt():
-        print("bench: no hardware virtualization here; running in the nested test bed", flush=True)
+    if HARDWARE_VIRT_PROBLEM:
+        print(f"bench: {HARDWARE_VIRT_PROBLEM.split(';')[0]}; running in the nested test bed", flush=True)
         r = l1.run([sys.executable, *sys.argv], timeout=7200, cwd=ROOT, stdout=sys.stdout.buffer,
                    stderr=sys.stderr.buffer, note=print)
         raise SystemExit(r.status)
