@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from .conftest import Vm, needs_kvm, needs_qemu, qemu_cmd
+from .unixsock import read_line
 
 PROBE_LINES = ["probe: console unconnected-tx=65536", "probe: console rx=ping from the host",
                "probe: console tx done", "probe: test console ok", "probe: done ok"]
@@ -26,12 +27,7 @@ def talk(sock_path: Path, second_client: bool) -> tuple[bytes, bytes | None]:
         refused = s2.recv(16)           # closed at once: EOF
         s2.close()
     s.sendall(b"ping from the host\n")
-    answer = b""
-    while not answer.endswith(b"\n"):
-        chunk = s.recv(100)
-        if not chunk:
-            break
-        answer += chunk
+    answer = read_line(s)
     s.close()
     return answer, refused
 
