@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...devices.legacy.i8042 import CMD_RESET_CPU, COMMAND_PORT
 from ...kvm import Vcpu
 from ...kvm import structs as S
 from ...memory import GuestMemory
@@ -25,8 +26,9 @@ from .pvh import (
 # What firmware does at the reset vector, for a VM: reset. Linux reboots through it when
 # other ways fail, and on a hardware-reduced ACPI machine without EFI it tries nothing else
 # (reboot_init() picks BOOT_EFI, which falls back to BOOT_BIOS: a jump to F000:FFF0). Real-
-# mode code: mov al, 0xfe; out 0x64, al (pulse the i8042's reset line); hlt; jmp to the hlt.
-RESET_STUB = bytes([0xB0, 0xFE, 0xE6, 0x64, 0xF4, 0xEB, 0xFD])
+# mode code: mov al, CMD_RESET_CPU; out COMMAND_PORT, al (pulse the i8042's reset line); hlt;
+# jmp back to the hlt.
+RESET_STUB = bytes([0xB0, CMD_RESET_CPU, 0xE6, COMMAND_PORT, 0xF4, 0xEB, 0xFD])
 
 
 @dataclass(frozen=True)
