@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import BinaryIO, NoReturn, TypeVar
 
 from . import cpio, debian
 
@@ -652,9 +652,9 @@ def parse_args(argv: Sequence[str]) -> _Options:
                 raise ValueError(f"{name} needs a value")
             value = args.pop(0)
         if name == "--timeout":
-            opts.timeout = float(value)     # ValueError on a bad number, as wanted
+            opts.timeout = _number(name, value, float)
         elif name == "--cpus":
-            opts.cpus = int(value)
+            opts.cpus = _number(name, value, int)
         elif name == "--mem":
             opts.mem = value
         elif name == "--out":
@@ -671,6 +671,20 @@ def parse_args(argv: Sequence[str]) -> _Options:
 def _interrupted(signum: int, _frame: object) -> None:
     """Signal handler: unwind like Ctrl-C does."""
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _number(option: str, value: str, kind: Callable[[str], _N]) -> _N:
+    """``value`` as a positive ``kind``; ValueError naming ``option`` otherwise."""
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ValueError(f"{option}: {value!r} is not a positive number") from None
+    if number <= 0:
+        raise ValueError(f"{option}: {value!r} is not a positive number")
+    return number
 
 
 def main(argv: Sequence[str] | None = None) -> int:
