@@ -105,9 +105,37 @@ def test_tap_errors(probe: Path, netns: NetNs) -> None:
         assert holder.wait(30) == 143
 
 
-@needs_netns
-def test_reception_is_paced_by_guest_buffers() -> None:
-    """Frames wait in the tap while the guest has no receive buffers, and arrive as it posts them."""
+class RxBench:
+    """A Net device on a fresh tap, driven from the test as its guest driver: ``rx`` is the
+    driver's receive queue and ``send`` puts an Ethernet frame on the tap's wire."""
+
+    BUFFERS = 0x200000          # receive buffer i sits at BUFFERS + 0x1000 * i
+
+    def __init__(self, mem: GuestMemory, dev: vnet.Net, rx: DriverQueue, sender: socket.socket) -> None:
+        self.mem, self.dev, self.rx, self._sender = mem, dev, rx, sender
+
+    def send(self, payload: bytes) -> None:
+        self._sender.send(b"\xff" * 6 + b"\x02" + b"\x00" * 5 + b"\x88\xb5" + payload)
+
+    def post(self, count: int, size: int) -> None:
+        for _ in range(count):
+            self.rx.publish(self.rx.chain([(self.BUFFERS + 0x1000 * self.rx.next_desc, size, True)]))
+        self.dev.queue_notify(vnet.RXQ)
+
+    def wait_used(self, expect: int) -> None:
+        deadline = time.monotonic() + 10
+        while self.rx.used_idx() < expect:
+            assert time.monotonic() < deadline, self.rx.used_idx()
+            time.sleep(0.01)
+
+    def used(self, i: int) -> bytes:
+        """What the device wrote into the i-th used buffer."""
+        head, length = self.rx.used_elem(i)
+        return self.mem.read(self.BUFFERS + 0x1000 * head, length)
+
+
+@pytest.fixture
+def rx_bench() -> Iterator[RxBench]:
     name = f"avt{os.getpid() % 100000}"
     subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
     io = IoThread()
@@ -128,36 +156,9 @@ def test_reception_is_paced_by_guest_buffers() -> None:
             queues.append(q)
         dev.features = features
         dev.activate(mem, queues, Interrupt(irqfd, lambda why: None), io)
-        rx = drivers[0]
-        sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-        sender.bind((name, 0))
-        for i in range(3):
-            payload = f"frame {i}".encode().ljust(46, b".")
-            sender.send(b"\xff" * 6 + b"\x02" + b"\x00" * 5 + b"\x88\xb5" + payload)
-        time.sleep(0.3)
-        assert rx.used_idx() == 0                      # nothing to put them in: they wait
-
-        def post_and_wait(count: int, expect: int) -> None:
-            for _ in range(count):
-                rx.publish(rx.chain([(0x200000 + 0x1000 * rx.next_desc, 2048, True)]))
-            dev.queue_notify(0)
-            deadline = time.monotonic() + 10
-            while rx.used_idx() < expect:
-                assert time.monotonic() < deadline, rx.used_idx()
-                time.sleep(0.01)
-
-        post_and_wait(1, 1)
-        time.sleep(0.2)
-        assert rx.used_idx() == 1                      # one buffer, one frame
-        post_and_wait(2, 3)
-        frames = []
-        for i in range(3):
-            head, length = rx.used_elem(i)
-            data = mem.read(0x200000 + 0x1000 * head, length)
-            assert struct.unpack_from("<H", data, 10)[0] == 1          # num_buffers
-            frames.append(data[12 + 14:12 + 21])
-        assert frames == [b"frame 0", b"frame 1", b"frame 2"]           # in order, none lost
-        sender.close()
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sender:
+            sender.bind((name, 0))
+            yield RxBench(mem, dev, drivers[vnet.RXQ], sender)
     finally:
         if dev is not None:
             dev.close()
@@ -165,3 +166,47 @@ def test_reception_is_paced_by_guest_buffers() -> None:
         os.close(irqfd)
         mem.close()
         subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+@needs_netns
+def test_reception_is_paced_by_guest_buffers(rx_bench: RxBench) -> None:
+    """Frames wait in the tap while the guest has no receive buffers, and arrive as it posts them."""
+    for i in range(3):
+        rx_bench.send(f"frame {i}".encode().ljust(46, b"."))
+    time.sleep(0.3)
+    assert rx_bench.rx.used_idx() == 0                      # nothing to put them in: they wait
+    rx_bench.post(1, 2048)
+    rx_bench.wait_used(1)
+    time.sleep(0.2)
+    assert rx_bench.rx.used_idx() == 1                      # one buffer, one frame
+    rx_bench.post(2, 2048)
+    rx_bench.wait_used(3)
+    frames = []
+    for i in range(3):
+        data = rx_bench.used(i)
+        assert struct.unpack_from("<H", data, 10)[0] == 1   # num_buffers
+        frames.append(data[12 + 14:12 + 21])
+    assert frames == [b"frame 0", b"frame 1", b"frame 2"]   # in order, none lost
+
+
+@needs_netns
+def test_frames_span_small_mergeable_buffers(rx_bench: RxBench) -> None:
+    """With small buffers a frame takes as many as it needs, in order, and says how many in
+    num_buffers; the next frame starts in the next buffer, so none is skipped or used twice."""
+    rx_bench.post(12, 256)
+    sizes = [990, 46, 600]                   # with the 12-byte header and 14-byte Ethernet header:
+    for i, size in enumerate(sizes):          # 4, 1 and 3 buffers of 256 bytes
+        rx_bench.send(bytes([0x41 + i]) * size)
+    rx_bench.wait_used(8)
+    time.sleep(0.2)
+    assert rx_bench.rx.used_idx() == 8
+    assert [rx_bench.rx.used_elem(i) for i in range(8)] == [
+        (0, 256), (1, 256), (2, 256), (3, 1016 - 768), (4, 72), (5, 256), (6, 256), (7, 626 - 512)]
+    received = []
+    for first, count in ((0, 4), (4, 1), (5, 3)):
+        assert struct.unpack_from("<H", rx_bench.used(first), 10)[0] == count     # num_buffers
+        received.append(b"".join(rx_bench.used(i) for i in range(first, first + count))[12 + 14:])
+    assert received == [bytes([0x41 + i]) * size for i, size in enumerate(sizes)]
+    rx_bench.send(b"D" * 46)                  # the four buffers left still take frames
+    rx_bench.wait_used(9)
+    assert rx_bench.used(8)[12 + 14:] == b"D" * 46

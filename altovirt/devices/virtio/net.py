@@ -5,8 +5,10 @@ they lie in guest RAM (one writev per frame; a notification takes every
 frame the guest queued, and raises one interrupt). RX: a frame is read from
 the tap straight into the guest's receive buffers; with
 VIRTIO_NET_F_MRG_RXBUF a large (GSO) frame spans several buffers and the
-header's num_buffers says how many. The tap is not read while the guest has
-no receive buffers posted, so the guest paces reception.
+header's num_buffers says how many. The device holds enough popped buffers
+for the largest frame, and a frame completes only those it fills, so each
+buffer is popped once however small the frames are. The tap is not read while
+the guest has no receive buffers posted, so the guest paces reception.
 
 Checksum and TSO offloads the guest accepts are passed on to the tap with
 TUNSETOFFLOAD, so segmentation and checksums happen once, in the host kernel.
@@ -20,6 +22,7 @@ import os
 import select
 import struct
 import threading
+from collections import deque
 
 from ...backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_SIZE, Tap
 from ...memory import GuestMemory
@@ -48,6 +51,7 @@ QUEUE_SIZE = 256
 MAX_FRAME = 65562               # a 64 KiB GSO frame, its Ethernet header and the vnet header
 NUM_BUFFERS_OFFSET = 10         # in struct virtio_net_hdr_v1
 _CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
+_NUM_BUFFERS = struct.Struct("<H")
 
 
 def parse_mac(mac: str) -> bytes:
@@ -74,6 +78,9 @@ class Net(VirtioDevice):
         self._lock = threading.Lock()
         self._reading = False
         self._registered = False
+        self._rx_held: deque[tuple[DescriptorChain, int, int]] = deque()  # chain, its views, bytes
+        self._rx_views: list[memoryview] = []   # the held chains' buffers, in order
+        self._rx_room = 0
         # Guest offloads only where the tap takes them (checked once, then reset). An empty
         # slot offers them, as every Linux tap takes them, for the tap plugged in later.
         self._tap_offloads = True
@@ -94,6 +101,7 @@ class Net(VirtioDevice):
                  io: IoThread) -> None:
         with self._lock:
             super().activate(mem, queues, interrupt, io)
+            self._release_held()
             offload = 0
             if self.features >> VIRTIO_NET_F_GUEST_CSUM & 1:
                 offload |= TUN_F_CSUM
@@ -109,13 +117,21 @@ class Net(VirtioDevice):
     def reset(self) -> None:
         with self._lock:
             super().reset()
+            self._release_held()
             self._watch_tap()
+
+    def _release_held(self) -> None:
+        """Forget the receive buffers held: the driver owns them again once the queue is reset."""
+        self._rx_held.clear()
+        self._rx_views.clear()
+        self._rx_room = 0
 
     def _watch_tap(self) -> None:
         """Read the tap only while the guest has receive buffers (it paces reception)."""
         if self.tap is None:
             return
-        want = bool(self.queues) and not self.broken and self.queues[RXQ].has_available()
+        want = bool(self.queues) and not self.broken and (
+            bool(self._rx_held) or self.queues[RXQ].has_available())
         if want == self._reading and self._registered:
             return
         self._reading = want
@@ -162,55 +178,57 @@ class Net(VirtioDevice):
 
     def _receive(self) -> None:
         queue, interrupt = self.queues[RXQ], self.interrupt
-        assert interrupt is not None
+        assert interrupt is not None and self.tap is not None
         mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
+        held, views = self._rx_held, self._rx_views
         delivered = False
         while True:
-            # Take enough buffers for the largest frame (one chain without MRG_RXBUF).
-            chains: list[DescriptorChain] = []
-            views: list[memoryview] = []
-            room = 0
+            # Hold enough buffers for the largest frame (one chain without MRG_RXBUF); those a
+            # frame does not reach stay held for the next one, so each chain is popped once.
             try:
-                while room < MAX_FRAME and (mergeable or not chains):
+                while self._rx_room < MAX_FRAME and (mergeable or not held):
                     chain = queue.pop()
                     if chain is None:
                         break
-                    if chain.readable or not chain.writable:
-                        raise QueueError("receive buffer is not device-writable")
-                    chains.append(chain)
+                    size = sum(map(len, chain.writable))
+                    if chain.readable or size < VNET_HDR_SIZE:
+                        # 5.1.6.3.1: every receive buffer holds at least the header
+                        raise QueueError("receive buffer is not device-writable or smaller than "
+                                         "the virtio-net header")
+                    held.append((chain, len(chain.writable), size))
                     views += chain.writable
-                    room += chain.writable_len
+                    self._rx_room += size
             except QueueError as e:
                 self.fail(str(e))
                 return
-            if not chains:
+            if not held:
                 break
-            if room < VNET_HDR_SIZE:
-                self.fail("receive buffer smaller than the virtio-net header")
-                return
             try:
-                assert self.tap is not None
                 n = os.readv(self.tap.fd, views)
             except OSError as e:
-                for _ in chains:
-                    queue.undo_pop()
                 if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                     log.debug("%s: tap read failed: %s", self.name, e)
                 break
-            # Hand back the buffers the frame did not reach; complete the others.
-            used, left = [], n
-            for chain in chains:
+            # The frame fills whole buffers in order, the last one partly.
+            count, nviews, left = 0, 0, n
+            for _, k, size in held:
                 if left <= 0:
                     break
-                take = min(left, chain.writable_len)
-                used.append((chain, take))
-                left -= take
-            for _ in range(len(chains) - len(used)):
-                queue.undo_pop()
+                count += 1
+                nviews += k
+                left -= size
             # The tap fills only the 10-byte legacy header; num_buffers is ours (5.1.6.4).
-            write_at(chains[0].writable, NUM_BUFFERS_OFFSET, struct.pack("<H", len(used)))
-            for chain, take in used:
-                queue.add_used(chain.head, take)
+            if len(views[0]) >= VNET_HDR_SIZE:
+                _NUM_BUFFERS.pack_into(views[0], NUM_BUFFERS_OFFSET, count)
+            else:
+                write_at(views, NUM_BUFFERS_OFFSET, _NUM_BUFFERS.pack(count))
+            left = n
+            for _ in range(count):
+                chain, _, size = held.popleft()
+                queue.add_used(chain.head, min(left, size))
+                left -= size
+                self._rx_room -= size
+            del views[:nviews]
             delivered = True
         if delivered:
             interrupt.signal_used(queue)

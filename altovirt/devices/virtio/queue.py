@@ -128,7 +128,7 @@ class Queue:
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None; QueueError if it is malformed."""
-        avail = self.avail_idx()
+        avail = _U16.unpack_from(self._avail, 2)[0]     # avail_idx(), inlined: a hot path
         if avail == self.next_avail:
             return None
         if (avail - self.next_avail) & 0xFFFF > self.size:
