@@ -180,13 +180,13 @@ class Net(VirtioDevice):
         queue, interrupt = self.queues[RXQ], self.interrupt
         assert interrupt is not None and self.tap is not None
         mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
-        held, views = self._rx_held, self._rx_views
+        held, views, room = self._rx_held, self._rx_views, self._rx_room
         delivered = False
-        while True:
-            # Hold enough buffers for the largest frame (one chain without MRG_RXBUF); those a
-            # frame does not reach stay held for the next one, so each chain is popped once.
-            try:
-                while self._rx_room < MAX_FRAME and (mergeable or not held):
+        try:
+            while True:
+                # Hold enough buffers for the largest frame (one chain without MRG_RXBUF); those
+                # a frame does not reach stay held for the next one, so each is popped once.
+                while room < MAX_FRAME and (mergeable or not held):
                     chain = queue.pop()
                     if chain is None:
                         break
@@ -197,39 +197,37 @@ class Net(VirtioDevice):
                                          "the virtio-net header")
                     held.append((chain, len(chain.writable), size))
                     views += chain.writable
-                    self._rx_room += size
-            except QueueError as e:
-                self.fail(str(e))
-                return
-            if not held:
-                break
-            try:
-                n = os.readv(self.tap.fd, views)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    log.debug("%s: tap read failed: %s", self.name, e)
-                break
-            # The frame fills whole buffers in order, the last one partly.
-            count, nviews, left = 0, 0, n
-            for _, k, size in held:
-                if left <= 0:
+                    room += size
+                if not held:
                     break
-                count += 1
-                nviews += k
-                left -= size
-            # The tap fills only the 10-byte legacy header; num_buffers is ours (5.1.6.4).
-            if len(views[0]) >= VNET_HDR_SIZE:
-                _NUM_BUFFERS.pack_into(views[0], NUM_BUFFERS_OFFSET, count)
-            else:
-                write_at(views, NUM_BUFFERS_OFFSET, _NUM_BUFFERS.pack(count))
-            left = n
-            for _ in range(count):
-                chain, _, size = held.popleft()
-                queue.add_used(chain.head, min(left, size))
-                left -= size
-                self._rx_room -= size
-            del views[:nviews]
-            delivered = True
+                try:
+                    n = os.readv(self.tap.fd, views)
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                        log.debug("%s: tap read failed: %s", self.name, e)
+                    break
+                # The frame filled whole buffers in order, the last one partly.
+                count = nviews = 0
+                left = n
+                while left > 0:
+                    chain, k, size = held.popleft()
+                    queue.add_used(chain.head, min(left, size), publish=False)
+                    left -= size
+                    room -= size
+                    count += 1
+                    nviews += k
+                # The tap fills only the 10-byte legacy header; num_buffers is ours (5.1.6.4).
+                if len(views[0]) >= VNET_HDR_SIZE:
+                    _NUM_BUFFERS.pack_into(views[0], NUM_BUFFERS_OFFSET, count)
+                else:
+                    write_at(views, NUM_BUFFERS_OFFSET, _NUM_BUFFERS.pack(count))
+                queue.publish_used()
+                del views[:nviews]
+                delivered = True
+        except QueueError as e:
+            self.fail(str(e))
+        finally:
+            self._rx_room = room
         if delivered:
             interrupt.signal_used(queue)
 

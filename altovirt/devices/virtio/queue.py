@@ -128,18 +128,33 @@ class Queue:
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None; QueueError if it is malformed."""
+        next_avail, size = self.next_avail, self.size
         avail = _U16.unpack_from(self._avail, 2)[0]     # avail_idx(), inlined: a hot path
-        if avail == self.next_avail:
+        if avail == next_avail:
             return None
-        if (avail - self.next_avail) & 0xFFFF > self.size:
-            raise QueueError(f"avail idx {avail} is more than {self.size} ahead of {self.next_avail}")
-        slot = 4 + 2 * (self.next_avail % self.size)
-        head = _U16.unpack_from(self._avail, slot)[0]
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        if (avail - next_avail) & 0xFFFF > size:
+            raise QueueError(f"avail idx {avail} is more than {size} ahead of {next_avail}")
+        head = _U16.unpack_from(self._avail, 4 + 2 * (next_avail % size))[0]
+        self.next_avail = next_avail = (next_avail + 1) & 0xFFFF
         if self.event_idx:
             # avail_event: tell the driver to notify us for the next new buffer (2.7.10)
-            _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+            _U16.pack_into(self._used, 4 + 8 * size, next_avail)
+        if head < size:
+            addr, length, flags, _ = _DESC.unpack_from(self._desc, DESC_SIZE * head)
+            if not flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
+                # A single buffer (receive buffers, entropy requests): nothing more to check.
+                chain = DescriptorChain(head)
+                (chain.writable if flags & VIRTQ_DESC_F_WRITE else chain.readable).append(
+                    self._buffer(addr, length))
+                return chain
         return self._walk(head)
+
+    def _buffer(self, addr: int, length: int) -> memoryview:
+        assert self._mem is not None
+        try:
+            return self._mem.view(addr, length)
+        except GuestMemoryError as e:
+            raise QueueError(f"buffer outside guest RAM: {e}") from None
 
     def _walk(self, head: int) -> DescriptorChain:
         assert self._mem is not None
@@ -169,10 +184,7 @@ class Queue:
                     raise QueueError(f"indirect table outside guest RAM: {e}") from None
                 n, index, seen, in_indirect = length // DESC_SIZE, 0, 0, True
                 continue
-            try:
-                view = mem.view(addr, length)
-            except GuestMemoryError as e:
-                raise QueueError(f"buffer outside guest RAM: {e}") from None
+            view = self._buffer(addr, length)
             if flags & VIRTQ_DESC_F_WRITE:
                 chain.writable.append(view)
             elif chain.writable:
@@ -188,11 +200,16 @@ class Queue:
         self.next_avail = (self.next_avail - 1) & 0xFFFF
 
     # --- the used ring ---
-    def add_used(self, head: int, length: int) -> None:
-        slot = 4 + 8 * (self.next_used % self.size)
-        _USED_ELEM.pack_into(self._used, slot, head, length)
+    def add_used(self, head: int, length: int, publish: bool = True) -> None:
+        """Return a chain to the driver; with ``publish`` False the driver sees it only at
+        the next :meth:`publish_used` (to finish writing what the elements refer to)."""
+        _USED_ELEM.pack_into(self._used, 4 + 8 * (self.next_used % self.size), head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
-        # x86 keeps stores in order, so the element is visible before the index.
+        if publish:
+            # x86 keeps stores in order, so the element is visible before the index.
+            _U16.pack_into(self._used, 2, self.next_used)
+
+    def publish_used(self) -> None:
         _U16.pack_into(self._used, 2, self.next_used)
 
     def needs_interrupt(self) -> bool:
