@@ -58,25 +58,24 @@ class GuestMemory:
         with contextlib.suppress(OSError):
             self._map.madvise(mmap.MADV_HUGEPAGE)
         self._view = memoryview(self._map)
+        # (first gpa, end gpa, memfd offset - gpa) of each region, for view()
+        self._spans = tuple((r.gpa, r.end, r.offset - r.gpa) for r in self.regions)
         self._base = C.addressof(C.c_char.from_buffer(self._map))
 
     def host_address(self, region: Region) -> int:
         """The userspace address backing ``region``, for KVM_SET_USER_MEMORY_REGION."""
         return self._base + region.offset
 
-    def _locate(self, gpa: int, length: int) -> int:
-        """Offset into the memfd of [gpa, gpa+length), or GuestMemoryError."""
-        if length < 0 or gpa < 0:
-            raise GuestMemoryError(f"bad guest range {gpa:#x}+{length:#x}")
-        for r in self.regions:
-            if r.gpa <= gpa and gpa + length <= r.end:
-                return r.offset + gpa - r.gpa
-        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not RAM")
-
     def view(self, gpa: int, length: int) -> memoryview:
-        """A zero-copy, writable view of guest RAM [gpa, gpa+length)."""
-        off = self._locate(gpa, length)
-        return self._view[off:off + length]
+        """A zero-copy, writable view of guest RAM [gpa, gpa+length), or GuestMemoryError."""
+        # Every virtqueue buffer comes through here: plain tuples, no property calls.
+        if length >= 0:
+            end = gpa + length
+            for start, stop, delta in self._spans:
+                if start <= gpa and end <= stop:
+                    off = gpa + delta
+                    return self._view[off:off + length]
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not RAM")
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
