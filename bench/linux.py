@@ -2,16 +2,18 @@
 """Linux guest benchmark: Debian's stock kernel and the test initramfs on AltoVirt and on QEMU
 microvm (ACPI on for both), on the same KVM, with the same devices:
 
-  * boot to init (VMM start to the init's first command) and boot to power-off, median of --runs,
+  * boot to init (VMM start to the init's first command) and boot to power-off,
   * sequential disk write and read of --disk-mib MiB with O_DIRECT (dd, 1 MiB blocks),
   * TCP throughput of --net-mib MiB each way over a tap in a private network namespace,
   * exits to user space per boot (KVM's kvm_userspace_exit, kvm_pio and kvm_mmio tracepoints,
     counted by ftrace histograms), by reason and by port or address: where the time goes.
 
+Each figure but the exits is the median of --runs, the two VMMs taking turns.
+
 It needs a /dev/kvm that boots stock kernels; on a PVM host it runs itself inside the nested
 test bed (scripts/testbed), where everything is emulated and so slow, but alike for both VMMs.
 
-    .venv/bin/python bench/linux.py [--runs 3] [--disk-mib 256] [--net-mib 64]
+    .venv/bin/python bench/linux.py [--runs 3] [--disk-mib 256] [--net-mib 64] [--append pci=off]
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ from tests.testbed import debian, guest, initramfs, l1
 TRACING = Path("/sys/kernel/tracing")
 TRACE_EVENTS = {"kvm_userspace_exit": "reason", "kvm_pio": "port", "kvm_mmio": "gpa"}
 VMMS = ("altovirt", "qemu")
+EXTRA_APPEND: list[str] = []    # --append: kernel parameters for both VMMs
 
 
 def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path | None,
              tap: str | None) -> list[str]:
     """The same machine on both VMMs: 1 vCPU, 512 MiB, serial on stdio, optional disk and NIC."""
-    cmdline = f"{guest.APPEND} {append}".strip()
+    cmdline = " ".join([guest.APPEND, *EXTRA_APPEND, append]).strip()
     if vmm == "altovirt":
         argv = [*common.altovirt(), "-kernel", str(k.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
                 "-smp", "1", "-m", "512M", "-serial", "stdio"]
@@ -169,7 +172,10 @@ def main() -> None:
     ap.add_argument("--disk-mib", type=int, default=256)
     ap.add_argument("--net-mib", type=int, default=64)
     ap.add_argument("--parts", default="boot,disk,net,exits", help="which measurements, comma-separated")
+    ap.add_argument("--append", default="", help="kernel parameters for both VMMs, e.g. pci=off "
+                    "(which AltoVirt adds on its own) to give QEMU the same command line")
     args = ap.parse_args()
+    EXTRA_APPEND.extend(args.append.split())
     if HARDWARE_VIRT_PROBLEM:
         print(f"bench: {HARDWARE_VIRT_PROBLEM.split(';')[0]}; running in the nested test bed", flush=True)
         r = l1.run([sys.executable, *sys.argv], timeout=7200, cwd=ROOT, stdout=sys.stdout.buffer,
@@ -179,7 +185,8 @@ def main() -> None:
     k = debian.kernel()
     initrd = initramfs.build(k)
     tmp = Path(tempfile.mkdtemp(prefix="altovirt-bench-linux-"))
-    print(f"kernel {k.release}, {os.cpu_count()} CPUs, runs={args.runs}", flush=True)
+    print(f"kernel {k.release}, {os.cpu_count()} CPUs, runs={args.runs}, "
+          f"append {' '.join([guest.APPEND, *EXTRA_APPEND])!r}", flush=True)
     parts = set(args.parts.split(","))
     if "boot" in parts:
         report("boot (1 vCPU, 512 MiB, no devices; s from VMM start)", "s",
@@ -187,10 +194,11 @@ def main() -> None:
                ("to init", "to power-off"), True)
     if "disk" in parts:
         report(f"disk ({args.disk_mib} MiB sequential, 1 MiB O_DIRECT blocks in the guest)", "MiB/s",
-               alternate(1, lambda v: disk_mbps(v, k, initrd, tmp, args.disk_mib)), ("write", "read"), False)
+               alternate(args.runs, lambda v: disk_mbps(v, k, initrd, tmp, args.disk_mib)),
+               ("write", "read"), False)
     if "net" in parts:
         report(f"net ({args.net_mib} MiB over TCP, one stream)", "MiB/s",
-               alternate(1, lambda v: net_mbps(v, k, initrd, tmp, args.net_mib)),
+               alternate(args.runs, lambda v: net_mbps(v, k, initrd, tmp, args.net_mib)),
                ("guest to host", "host to guest"), False)
     for vmm in VMMS if "exits" in parts else ():
         tables = exits_per_boot(vmm, k, initrd, tmp)

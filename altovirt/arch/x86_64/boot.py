@@ -88,8 +88,8 @@ def prepare(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
     limit = min(kernel.cmdline_max, layout.CMDLINE_MAX_SIZE - 1) if kernel.cmdline_max \
         else layout.CMDLINE_MAX_SIZE - 1
     if len(raw_cmdline) > limit:
-        raise KernelError(f"kernel command line is {len(raw_cmdline)} bytes; "
-                          f"this kernel accepts at most {limit}")
+        raise KernelError(f"kernel command line is {len(raw_cmdline)} bytes with what the machine "
+                          f"adds to -append; this kernel accepts at most {limit}")
     mem.write(layout.CMDLINE_START, raw_cmdline + b"\0")
     initrd_loc = (load_initrd(mem, kernel, initrd), len(initrd)) if initrd else (0, 0)
     e820 = layout.e820_map(mem.regions)
