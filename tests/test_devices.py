@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from altovirt.arch.x86_64.cpuid import vcpu_cpuid
 from altovirt.devices.bus import Bus, BusConflict
 from altovirt.devices.legacy import serial as uart
-from altovirt.devices.legacy.boottimer import BootTimer
+from altovirt.devices.legacy.boottimer import MAX_MARKS, BootTimer
 from altovirt.devices.legacy.i8042 import I8042
 from altovirt.devices.legacy.rtc import Rtc
 from altovirt.kvm import structs as S
@@ -139,6 +140,17 @@ def test_boot_timer_marks_and_scratch_semantics() -> None:
     t.write(0, 1, 0x102)
     assert [m.value for m in t.marks] == [0x01, 0x102] and t.read(0, 1) == 0x02
     assert 0 < t.marks[0].ms <= t.marks[1].ms < 600_000
+
+
+def test_boot_timer_record_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    """A guest writing port 0x3ff in a loop grows neither the VMM's memory nor its log."""
+    t = BootTimer()
+    with caplog.at_level(logging.INFO, logger="altovirt.devices.legacy.boottimer"):
+        for i in range(10 * MAX_MARKS):
+            t.write(0, 1, i)
+    assert [m.value for m in t.marks] == list(range(MAX_MARKS))
+    assert t.unrecorded == 9 * MAX_MARKS and t.read(0, 1) == (10 * MAX_MARKS - 1) & 0xFF
+    assert len(caplog.records) == MAX_MARKS + 1
 
 
 def test_cpuid_topology() -> None:

@@ -7,6 +7,9 @@ logs the value with the milliseconds since the VMM process started.
 Port 0x3ff is also COM1's scratch register, so the timer keeps scratch
 semantics (a read returns the last value written): an 8250 driver's scratch
 test still passes, it just leaves marks in the log.
+
+The guest decides how often it writes, so only the first MAX_MARKS writes are
+kept and logged; later ones are counted.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 BOOT_TIMER_PORT = 0x3FF
+MAX_MARKS = 64
 
 
 @functools.cache
@@ -42,14 +46,20 @@ class BootTimer:
     def __init__(self) -> None:
         self._start = process_start_monotonic()
         self.marks: list[BootMark] = []
+        self.unrecorded = 0             # writes after the first MAX_MARKS
         self._scratch = 0
 
     def read(self, offset: int, size: int) -> int:
         return self._scratch
 
     def write(self, offset: int, size: int, value: int) -> None:
-        ms = (time.clock_gettime(time.CLOCK_BOOTTIME) - self._start) * 1000
         self._scratch = value & 0xFF
+        if len(self.marks) == MAX_MARKS:
+            if not self.unrecorded:
+                log.info("boot timer: %d marks recorded; later ones are only counted", MAX_MARKS)
+            self.unrecorded += 1
+            return
+        ms = (time.clock_gettime(time.CLOCK_BOOTTIME) - self._start) * 1000
         self.marks.append(BootMark(value, ms))
         log.info("boot timer: value=%#x at %.1f ms since the VMM process started", value, ms)
 
