@@ -77,6 +77,8 @@ def usage_error(*args: str) -> str:
     (["-kernel", KERNEL, "-chardev", f"id=c0,path={KERNEL}"], "already exists; it must not exist"),
     (["-kernel", KERNEL, "-netdev", "id=x,netdev=tap0", "-chardev", "id=x,path=/tmp/nope.sock"],
      "id 'x' is already used by -netdev"),
+    (["-kernel", KERNEL, "-netdev", "id=x,netdev=tap0", "-device", "virtio-rng,id=x"],
+     "-device virtio-rng: id 'x' is already used by -netdev"),
     (["-kernel", KERNEL, "-daemonize", "-serial", "stdio"], "-serial: stdio cannot be used with -daemonize"),
     (["-kernel", KERNEL, "-D", "/nonexistent/dir/log"], "-D: directory /nonexistent/dir does not exist"),
     (["-kernel", KERNEL, "-debug=1"], "-debug: takes no value"),
@@ -139,6 +141,8 @@ def write_json(tmp_path: Path, doc: object) -> str:
      "vsock.guest_cid: 1 is out of range"),
     ({"boot-source": {"kernel_image_path": KERNEL}, "rng": {"rng_id": "r", "max_bytes": "1k"}},
      "rng.max_bytes: expected an integer"),
+    ({"boot-source": {"kernel_image_path": KERNEL}, "net": [{"iface_id": "x", "host_dev_name": "tap0"}],
+      "rng": {"rng_id": "x"}}, "id 'x' is already used by -netdev"),
     ({"boot-source": {"kernel_image_path": KERNEL}, "serial": {"stdio": 1}},
      "serial.stdio: expected true or false"),
 ])

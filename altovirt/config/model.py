@@ -11,8 +11,6 @@ MEM_MIN, MEM_MAX = 128 * MiB, 512 * GiB
 DEFAULT_MEM = 256 * MiB
 MAX_DRIVES = 6
 MAX_NICS = 2
-# x86_64: at most two devices besides disks and NICs (a console and a vsock).
-MAX_OTHER_DEVICES = 2
 # Xen's domain ids below DOMID_FIRST_RESERVED (0x7ff0); 0 is the host's.
 XEN_DOMID_MIN, XEN_DOMID_MAX = 1, 0x7FEF
 VSOCK_MIN_CID = 3               # 0-2 are reserved (hypervisor, local, host)

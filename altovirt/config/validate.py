@@ -15,7 +15,6 @@ import tempfile
 from .model import (
     MAX_DRIVES,
     MAX_NICS,
-    MAX_OTHER_DEVICES,
     MEM_MAX,
     MEM_MIN,
     VCPUS_MAX,
@@ -152,15 +151,14 @@ def check_vm(cfg: VmConfig) -> VmConfig:
         raise ConfigError(f"-drive: {len(cfg.drives)} disks given; at most {MAX_DRIVES} are supported")
     if len(cfg.nets) > MAX_NICS:
         raise ConfigError(f"-netdev: {len(cfg.nets)} NICs given; at most {MAX_NICS} are supported")
-    others = (cfg.console is not None) + (cfg.vsock is not None)
-    if others > MAX_OTHER_DEVICES:
-        raise ConfigError(f"-device: at most {MAX_OTHER_DEVICES} devices besides disks and NICs")
     seen: dict[str, str] = {}
     devices = [("-drive", d.id) for d in cfg.drives] + [("-netdev", n.id) for n in cfg.nets]
     if cfg.console:
         devices.append(("-chardev", cfg.console.id))
     if cfg.vsock:
         devices.append(("-device vsock", cfg.vsock.id))
+    if cfg.rng:
+        devices.append(("-device virtio-rng", cfg.rng.id))
     for opt, dev_id in devices:
         if dev_id in seen:
             raise ConfigError(f"{opt}: id {dev_id!r} is already used by {seen[dev_id]}; ids must be unique")
