@@ -24,7 +24,6 @@ from .xenstore import xenstore_commands
 HOST_QMP_QUIT = StopReason("host-qmp-quit", False, 0)
 BLOCK_DRIVERS = ("virtio-blk-mmio", "virtio-blk-device")
 NET_DRIVERS = ("virtio-net-mmio", "virtio-net-device")
-TEST_HOOKS = "ALTOVIRT_TEST_HOOKS"       # set to 1 only by the test suite
 
 
 def version() -> dict[str, Any]:
@@ -200,8 +199,5 @@ def build(machine: Machine) -> dict[str, Command]:
         table.update(hotplug_commands(machine.hotplug))
     if machine.xenstore is not None:
         table.update(xenstore_commands(machine.xenstore))
-    if os.environ.get(TEST_HOOKS) == "1":
-        # Makes the QMP thread call chroot(2), which no allow-list has: proves the filter bites.
-        table["x-test-forbidden-syscall"] = Command(lambda a: os.chroot("/"))
     table["query-commands"] = Command(lambda a: [{"name": n} for n in sorted(table)])
     return table
