@@ -143,16 +143,16 @@ def main() -> None:
     rows = [("boot to poweroff (ms)", "wall_ms"), ("first output (ms)", "first_output_ms"),
             ("peak RSS (MiB)", "rss_kib")]
     for label, attr in rows:
-        a, q = med(alto, attr), med(qemu, attr)
+        ma, mq = med(alto, attr), med(qemu, attr)
         scale = 1024 if attr == "rss_kib" else 1
-        print(f"{label:22}{a / scale:12.1f}{q / scale:12.1f}{a / q:10.2f}")
+        print(f"{label:22}{ma / scale:12.1f}{mq / scale:12.1f}{ma / mq:10.2f}")
     # Every AltoVirt sample has its mark (boot_timer_ms() raises otherwise); QEMU has no such device.
     timers = [s.boot_timer_ms for s in alto if s.boot_timer_ms is not None]
     print(f"{'boot timer (ms)':22}{statistics.median(timers):12.1f}{'n/a':>12}{'':>10}")
-    a = med(alto, "wall_ms")
+    ma = med(alto, "wall_ms")
     for label, samples in variants.items():
         v = med(samples, "wall_ms")
-        print(f"boot to poweroff {label}: {v:.1f} ms ({v - a:+.1f} ms against {a:.1f} ms)")
+        print(f"boot to poweroff {label}: {v:.1f} ms ({v - ma:+.1f} ms against {ma:.1f} ms)")
 
 
 if __name__ == "__main__":
