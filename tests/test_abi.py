@@ -33,7 +33,6 @@ STRUCTS = [
     ("struct kvm_pit_channel_state", S.kvm_pit_channel_state, {}),
     ("struct kvm_pit_state2", S.kvm_pit_state2, {}),
     ("struct kvm_irqchip", S.kvm_irqchip, {}),
-    ("struct kvm_irq_level", S.kvm_irq_level, {}),
     ("struct kvm_irqfd", S.kvm_irqfd, {}),
     ("struct kvm_ioeventfd", S.kvm_ioeventfd, {}),
     ("struct kvm_clock_data", S.kvm_clock_data, {}),

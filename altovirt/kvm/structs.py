@@ -185,10 +185,6 @@ class kvm_irqchip(_Struct):
     _fields_ = [("chip_id", u32), ("pad", u32), ("chip", C.c_char * 512)]
 
 
-class kvm_irq_level(_Struct):
-    _fields_ = [("irq", u32), ("level", u32)]
-
-
 class kvm_irqfd(_Struct):
     _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32),
                 ("pad", u8 * 16)]

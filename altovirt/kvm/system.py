@@ -113,9 +113,6 @@ class Vm:
     def create_pit2(self, flags: int = K.KVM_PIT_SPEAKER_DUMMY) -> None:
         ioctl(self.fd, K.KVM_CREATE_PIT2, S.kvm_pit_config(flags=flags))
 
-    def irq_line(self, irq: int, level: int) -> None:
-        ioctl(self.fd, K.KVM_IRQ_LINE, S.kvm_irq_level(irq, level))
-
     def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
         flags = K.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
         ioctl(self.fd, K.KVM_IRQFD, S.kvm_irqfd(fd=fd, gsi=gsi, flags=flags))
@@ -196,9 +193,6 @@ class Vcpu:
 
     def set_sregs(self, sregs: S.kvm_sregs) -> None:
         ioctl(self.fd, K.KVM_SET_SREGS, sregs)
-
-    def get_fpu(self) -> S.kvm_fpu:
-        return self._get(K.KVM_GET_FPU, S.kvm_fpu)  # type: ignore[return-value]
 
     def set_fpu(self, fpu: S.kvm_fpu) -> None:
         ioctl(self.fd, K.KVM_SET_FPU, fpu)

@@ -60,11 +60,11 @@ KVM_VCPU_STATE = (
     K.KVM_SET_VCPU_EVENTS, K.KVM_GET_XSAVE, K.KVM_SET_XSAVE, K.KVM_GET_XCRS, K.KVM_SET_XCRS,
     K.KVM_GET_FPU, K.KVM_SET_FPU)
 KVM_VM_STATE = (K.KVM_GET_CLOCK, K.KVM_SET_CLOCK, K.KVM_GET_IRQCHIP, K.KVM_SET_IRQCHIP, K.KVM_GET_PIT2,
-                K.KVM_SET_PIT2, K.KVM_IRQ_LINE)
+                K.KVM_SET_PIT2)
 SIOCGIFINDEX = 0x8933          # <linux/sockios.h>: if_nametoindex(), how a tap is found by name
 # ioctl request numbers per role (argument 1).
 IOCTLS: dict[str, tuple[int, ...]] = {
-    "vcpu": (*FILE_IOCTLS, K.KVM_RUN, *KVM_VCPU_STATE, K.KVM_IRQ_LINE, TUNSETOFFLOAD),
+    "vcpu": (*FILE_IOCTLS, K.KVM_RUN, *KVM_VCPU_STATE, TUNSETOFFLOAD),
     "io": (*FILE_IOCTLS, TUNSETOFFLOAD),
     "api": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ,
             TUNSETOFFLOAD, SIOCGIFINDEX),

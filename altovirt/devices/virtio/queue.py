@@ -224,11 +224,3 @@ class Queue:
         used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
         # vring_need_event() (2.7.10): did new pass used_event since old?
         return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
-
-    def set_notifications(self, enabled: bool) -> None:
-        """Ask the driver to notify us, or not (a hint; 2.7.10)."""
-        if self.event_idx:
-            if enabled:
-                _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
-        else:
-            _U16.pack_into(self._used, 0, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
