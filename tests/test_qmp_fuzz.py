@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -59,13 +58,14 @@ mutated = st.tuples(requests, st.integers(0, 200), st.binary(max_size=8)).map(
 raw_input = st.binary(max_size=300) | mutated
 
 
-@pytest.fixture(scope="module")
-def running(probe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Vm, Path]]:
-    sock = tmp_path_factory.mktemp("qmp") / "qmp.sock"
+@pytest.fixture
+def running(probe: Path, tmp_path: Path) -> Iterator[tuple[Vm, Path]]:
+    """A VM of its own for each test, so that no test depends on another having run."""
+    sock = tmp_path / "qmp.sock"
     for name in ("a.img", "b.img", "root.img"):
-        (sock.parent / name).write_bytes(bytes(1 << 20))
+        (tmp_path / name).write_bytes(bytes(1 << 20))
     vm = Vm("-kernel", str(probe / "probe.elf"), "-append", "probe.run=wait", "-serial", "stdio",
-            "-drive", f"id=rootfs,file={sock.parent / 'root.img'}", "-api-channel", f"unix:{sock}")
+            "-drive", f"id=rootfs,file={tmp_path / 'root.img'}", "-api-channel", f"unix:{sock}")
     vm.wait_line("probe: waiting")
     yield vm, sock
     if vm.proc.poll() is None:
@@ -91,50 +91,8 @@ def read_reply(f: object) -> dict:
             return msg
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
-@given(request=requests)
-def test_structured_requests_get_one_wellformed_reply(running: tuple[Vm, Path], request: dict) -> None:
-    _, sock = running
-    s, f = connect(sock)
-    try:
-        s.sendall(json.dumps(request).encode())
-        reply = read_reply(f)
-        assert set(reply) - {"id"} in ({"return"}, {"error"})
-        if "error" in reply:
-            assert set(reply["error"]) == {"class", "desc"} and isinstance(reply["error"]["desc"], str)
-        if "id" in request:
-            assert reply["id"] == request["id"]
-    finally:
-        s.close()
-
-
-@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
-@given(request=hotplug_requests)
-def test_hotplug_requests_get_one_wellformed_reply(running: tuple[Vm, Path], request: dict) -> None:
-    _, sock = running
-    s, f = connect(sock)
-    try:
-        s.sendall(json.dumps(request).replace("@DIR@", str(sock.parent)).encode())
-        reply = read_reply(f)
-        assert set(reply) in ({"return"}, {"error"}), reply
-        if "error" in reply:
-            assert reply["error"]["class"] in ("GenericError", "DeviceNotFound"), reply
-    finally:
-        s.close()
-
-
-@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=raw_input)
-def test_raw_garbage_never_hurts(running: tuple[Vm, Path], data: bytes) -> None:
-    _, sock = running
-    s, _ = connect(sock)
-    with contextlib.suppress(OSError):          # the server may hang up on garbage
-        s.sendall(data)
-    s.close()
-
-
-def test_vm_survived_the_flood(running: tuple[Vm, Path]) -> None:
-    vm, sock = running
+def survived(vm: Vm, sock: Path) -> None:
+    """After a flood of requests: the VMM answers, its guest still runs, and quit ends it cleanly."""
     assert vm.proc.poll() is None
     s, f = connect(sock)
     s.sendall(b'{"execute": "query-status"}')
@@ -155,5 +113,66 @@ def test_vm_survived_the_flood(running: tuple[Vm, Path]) -> None:
     s.sendall(b'{"execute": "quit"}')
     read_reply(f)
     s.close()
-    assert vm.finish()[0] == 0
-    assert os.path.exists(sock) is False
+    assert vm.finish()[0] == 0 and not sock.exists()
+
+
+def test_structured_requests_get_one_wellformed_reply(running: tuple[Vm, Path]) -> None:
+    vm, sock = running
+
+    @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(request=requests)
+    def one(request: dict) -> None:
+        s, f = connect(sock)
+        try:
+            s.sendall(json.dumps(request).encode())
+            reply = read_reply(f)
+            assert set(reply) - {"id"} in ({"return"}, {"error"})
+            if "error" in reply:
+                assert set(reply["error"]) == {"class", "desc"} and isinstance(reply["error"]["desc"], str)
+            if "id" in request:
+                assert reply["id"] == request["id"]
+        finally:
+            s.close()
+
+    one()
+    survived(vm, sock)
+
+
+def test_hotplug_requests_get_one_wellformed_reply(running: tuple[Vm, Path]) -> None:
+    vm, sock = running
+
+    @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(request=hotplug_requests)
+    def one(request: dict) -> None:
+        s, f = connect(sock)
+        try:
+            s.sendall(json.dumps(request).replace("@DIR@", str(sock.parent)).encode())
+            reply = read_reply(f)
+            assert set(reply) in ({"return"}, {"error"}), reply
+            if "error" in reply:
+                assert reply["error"]["class"] in ("GenericError", "DeviceNotFound"), reply
+        finally:
+            s.close()
+
+    one()
+    survived(vm, sock)
+
+
+def test_raw_garbage_never_hurts(running: tuple[Vm, Path]) -> None:
+    """Whatever bytes a client sends, the next client is served as if nothing happened."""
+    vm, sock = running
+
+    @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(data=raw_input)
+    def one(data: bytes) -> None:
+        s, _ = connect(sock)
+        with contextlib.suppress(OSError):          # the server may hang up on garbage
+            s.sendall(data)
+        s.close()
+        s, f = connect(sock)
+        s.sendall(b'{"execute": "query-version", "id": 7}')
+        assert read_reply(f)["id"] == 7
+        s.close()
+
+    one()
+    survived(vm, sock)
