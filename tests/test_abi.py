@@ -6,6 +6,7 @@ import pytest
 
 from altovirt.kvm import ioctls as K
 from altovirt.kvm import structs as S
+from altovirt.vmm import vcpu
 
 from .cabi import c_values, check_struct, needs_gcc
 
@@ -79,3 +80,19 @@ def test_ioctl_numbers_and_constants() -> None:
 @needs_gcc
 def test_api_version() -> None:
     assert c_values(KVM_H, ("KVM_API_VERSION",))["KVM_API_VERSION"] == K.KVM_API_VERSION
+
+
+def test_exit_fields_the_vcpu_loop_unpacks() -> None:
+    """The vCPU loop reads I/O and MMIO exits with struct formats at offsets taken from the
+    ctypes kvm_run (checked against the header above): the formats must agree with it."""
+    run = S.kvm_run()
+    run.exit_reason = K.KVM_EXIT_IO
+    run.u.io = S.kvm_run_io(direction=1, size=2, port=0x3F8, count=3, data_offset=4096)
+    raw = bytes(run)
+    assert vcpu._EXIT_REASON.unpack_from(raw, vcpu._EXIT_REASON_AT) == (K.KVM_EXIT_IO,)
+    assert vcpu._IO.unpack_from(raw, vcpu._EXIT_AT) == (1, 2, 0x3F8, 3, 4096)
+    run.u.mmio = S.kvm_run_mmio(phys_addr=0xD0000050, len=4, is_write=1)
+    run.u.mmio.data[:] = list(range(1, 9))
+    raw = bytes(run)
+    assert vcpu._MMIO.unpack_from(raw, vcpu._EXIT_AT) == (0xD0000050, bytes(range(1, 9)), 4, 1)
+    assert raw[vcpu._MMIO_DATA_AT:vcpu._MMIO_DATA_AT + 8] == bytes(range(1, 9))

@@ -13,6 +13,11 @@ u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
 s32 = C.c_int32
 
 
+def offsetof(struct: type[C.Structure], field: str) -> int:
+    """offsetof(3) for a ctypes structure, as the kernel header lays it out."""
+    return int(getattr(struct, field).offset)
+
+
 class _Struct(C.Structure):
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n, *_ in self._fields_)

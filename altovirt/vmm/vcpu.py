@@ -21,16 +21,21 @@ from dataclasses import dataclass
 from ..devices.bus import Bus
 from ..kvm import KvmError, Vcpu
 from ..kvm import ioctls as K
+from ..kvm import structs as S
 from ..sandbox import seccomp
 
 log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
 
-# kvm_run offsets of the fields read on every exit (<linux/kvm.h>).
-_EXIT_REASON = struct.Struct("<I")          # at 8
-_IO = struct.Struct("<BBHIQ")               # at 32: direction, size, port, count, data_offset
-_MMIO = struct.Struct("<Q8sIB")             # at 32: phys_addr, data, len, is_write
+# The kvm_run fields read on every exit, unpacked straight from the shared mapping
+# (cheaper than ctypes attribute access); offsets come from the ctypes mirror.
+_EXIT_REASON = struct.Struct("<I")
+_EXIT_REASON_AT = S.offsetof(S.kvm_run, "exit_reason")
+_IO = struct.Struct("<BBHIQ")               # direction, size, port, count, data_offset
+_MMIO = struct.Struct("<Q8sIB")             # phys_addr, data, len, is_write
+_EXIT_AT = S.offsetof(S.kvm_run, "u")
+_MMIO_DATA_AT = _EXIT_AT + S.offsetof(S.kvm_run_mmio, "data")
 
 
 @dataclass(frozen=True)
@@ -153,9 +158,9 @@ class VcpuThread:
                     return None
             if vcpu.run_once():     # -EINTR (kicked) or -EAGAIN: look at the flags again
                 continue
-            reason = _EXIT_REASON.unpack_from(run_map, 8)[0]
+            reason = _EXIT_REASON.unpack_from(run_map, _EXIT_REASON_AT)[0]
             if reason == K.KVM_EXIT_IO:
-                direction, size, port, count, off = _IO.unpack_from(run_map, 32)
+                direction, size, port, count, off = _IO.unpack_from(run_map, _EXIT_AT)
                 for _ in range(count):
                     if direction == K.KVM_EXIT_IO_OUT:
                         pio_write(port, size, int.from_bytes(run_map[off:off + size], "little"))
@@ -163,12 +168,12 @@ class VcpuThread:
                         run_map[off:off + size] = pio_read(port, size).to_bytes(size, "little")
                     off += size
             elif reason == K.KVM_EXIT_MMIO:
-                addr, data, length, is_write = _MMIO.unpack_from(run_map, 32)
+                addr, data, length, is_write = _MMIO.unpack_from(run_map, _EXIT_AT)
                 if is_write:
                     self._mmio.write(addr, length, int.from_bytes(data[:length], "little"))
                 else:
                     value = self._mmio.read(addr, length)
-                    run_map[40:40 + length] = value.to_bytes(length, "little")
+                    run_map[_MMIO_DATA_AT:_MMIO_DATA_AT + length] = value.to_bytes(length, "little")
             elif reason == K.KVM_EXIT_INTR:
                 continue
             else:
