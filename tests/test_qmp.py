@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
@@ -100,10 +101,10 @@ def test_socat_session(vm: tuple[Vm, Path]) -> None:
 def test_qmpclient_lifecycle_and_events(vm: tuple[Vm, Path]) -> None:
     v, sock = vm
 
-    async def session() -> dict[str, object]:
+    async def session() -> dict[str, Any]:
         qmp = QMPClient("test")
         await qmp.connect(str(sock))
-        seen: dict[str, object] = {"version": await qmp.execute("query-version"),
+        seen: dict[str, Any] = {"version": await qmp.execute("query-version"),
                                    "name": await qmp.execute("query-name"),
                                    "hotpluggable": await qmp.execute("query-hotpluggable-cpus"),
                                    "commands": await qmp.execute("query-commands")}
@@ -114,7 +115,7 @@ def test_qmpclient_lifecycle_and_events(vm: tuple[Vm, Path]) -> None:
             await qmp.execute("cont")
             seen["cont"] = (await asyncio.wait_for(events.get(), 10))["event"]
             await qmp.execute("quit")
-            seen["quit"] = dict((await asyncio.wait_for(events.get(), 10))["data"])
+            seen["quit"] = (await asyncio.wait_for(events.get(), 10))["data"]
         await qmp.disconnect()
         return seen
 
@@ -125,7 +126,7 @@ def test_qmpclient_lifecycle_and_events(vm: tuple[Vm, Path]) -> None:
         {"props": {"core-id": i, "socket-id": 0, "thread-id": 0},
          "qom-path": f"/machine/unattached/device[{i}]", "type": "host-x86-cpu", "vcpus-count": 1}
         for i in range(2)]
-    names = {c["name"] for c in seen["commands"]}  # type: ignore[attr-defined]
+    names = {c["name"] for c in seen["commands"]}
     # Exactly these: nothing test-only ships in the product.
     assert names == {"qmp_capabilities", "stop", "cont", "quit", "system_reset", "system_powerdown",
                      "query-status", "query-cpus", "query-cpus-fast", "query-hotpluggable-cpus",

@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from altovirt.config import load_config
 from altovirt.vmm.machine import Machine, VmmError, open_kvm
@@ -27,7 +28,7 @@ def test_pause_and_resume(probe: Path) -> None:
     m = Machine.build(load_config(["-kernel", str(probe / "probe.elf"), "-smp", "2",
                                    "-append", "probe.run=smp,wait"]))
     counter = symbol(probe, "wait_counter")
-    results: dict[str, object] = {}
+    results: dict[str, Any] = {}
 
     def count() -> int:
         assert m.mem is not None
@@ -63,10 +64,10 @@ def test_pause_and_resume(probe: Path) -> None:
         m.close()
     assert "error" not in results, results
     assert results["paused"] == [True, True]
-    frozen, later = results["frozen"]      # type: ignore[misc]
+    frozen, later = results["frozen"]
     assert frozen == later
-    assert 0x1000000 <= results["rip"] < 0x1100000   # type: ignore[operator]
-    assert results["after"] > 0                     # type: ignore[operator]
+    assert 0x1000000 <= results["rip"] < 0x1100000
+    assert results["after"] > 0
     assert results["resumed"] == [False, False]
 
 

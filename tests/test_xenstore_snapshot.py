@@ -4,7 +4,9 @@ watches fire and the guest's do not; a bad image changes nothing."""
 
 from __future__ import annotations
 
+import functools
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -30,28 +32,28 @@ ops = st.lists(st.one_of(
 ), max_size=40)
 
 
-def build(script: list[tuple[object, ...]]) -> tuple[Store, list[Session]]:
+def build(script: list[tuple[Any, ...]]) -> tuple[Store, list[Session]]:
     """A store after ``script``, run by the host (0) and two guest connections (1, 2)."""
     store = Store(GUEST)
     sessions = [store.session(0, lambda p, t: None)] + [store.session(GUEST, lambda p, t: None) for _ in "12"]
     for op, who, *args in script:
-        s = sessions[who]                                      # type: ignore[index]
+        s = sessions[who]
         open_tx = list(s.transactions)
         try:
             if op == "write":
-                s.write(0, *args)                               # type: ignore[arg-type]
+                s.write(0, *args)
             elif op == "rm":
-                s.rm(0, *args)                                  # type: ignore[arg-type]
+                s.rm(0, *args)
             elif op == "perms":
-                s.set_perms(0, args[0], tuple(Perm.parse(p) for p in args[1]))   # type: ignore[arg-type,attr-defined]
+                s.set_perms(0, args[0], tuple(Perm.parse(p) for p in args[1]))
             elif op == "watch":
-                s.watch(*args)                                  # type: ignore[arg-type]
+                s.watch(*args)
             elif op == "start":
                 s.transaction_start()
             elif op == "in-tx" and open_tx:
-                s.write(open_tx[-1], *args)                     # type: ignore[arg-type]
+                s.write(open_tx[-1], *args)
             elif op == "end" and open_tx:
-                s.transaction_end(open_tx[0], *args)            # type: ignore[arg-type]
+                s.transaction_end(open_tx[0], *args)
         except XsError:
             pass
     return store, sessions[1:]
@@ -96,8 +98,12 @@ def test_round_trip(script: list[tuple[object, ...]]) -> None:
     assert all(s.held == [] for s in loaded)                    # no initial events for the guest
     # From here both stores must behave alike: the same answers, the same events.
     heard: dict[Session, list[tuple[str, str]]] = {s: [] for s in guests + loaded}
-    for s in heard:
-        s.attach(lambda p, t, sink=heard[s]: sink.append((p, t)))  # type: ignore[misc]
+
+    def record(sink: list[tuple[str, str]], path: str, token: str) -> None:
+        sink.append((path, token))
+
+    for s, sink in heard.items():
+        s.attach(functools.partial(record, sink))
     assert commit_all(loaded) == commit_all(guests)            # commit or conflict, as saved
     for store in (original, copy):
         store.session(0, lambda p, t: None).write(0, "/local/domain/7/a/z", b"")
