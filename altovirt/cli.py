@@ -11,19 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from typing import NoReturn
 
 from .api import commands
 from .api.qmp import QmpServer
 from .backends import BackendError
 from .config import ConfigError, HelpRequested, VmConfig, load_config
+from .errors import EXIT_ERROR, EXIT_USAGE, AltoVirtError
 from .sandbox import seccomp
 from .vmm.daemon import Daemon
 from .vmm.machine import Machine, VmmError
 from .xenstore.server import GUEST_VSOCK_PORT, XenStoreServer
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 log = logging.getLogger("altovirt")
 
 
@@ -65,7 +65,7 @@ def start_qmp(machine: Machine, path: str) -> QmpServer:
     try:
         qmp = QmpServer(path, commands.build(machine), commands.version())
     except BackendError as e:
-        raise VmmError(f"-api-channel: {e.strerror}", exit_code=EXIT_USAGE) from None
+        raise VmmError(f"-api-channel: {e.strerror}", exit_status=EXIT_USAGE) from e
     machine.add_event_listener(qmp.event)
     qmp.start()
     return qmp
@@ -76,7 +76,7 @@ def start_xenstore(machine: Machine, path: str) -> XenStoreServer:
     try:
         server = XenStoreServer(path, machine.xenstore)
     except BackendError as e:
-        raise VmmError(f"-xenstore: {e.strerror}", exit_code=EXIT_USAGE) from None
+        raise VmmError(f"-xenstore: {e.strerror}", exit_status=EXIT_USAGE) from e
     if machine.vsock is not None:
         machine.vsock.serve(GUEST_VSOCK_PORT, server.guest_socket)
     server.start()
@@ -90,7 +90,7 @@ def enable_seccomp(cfg: VmConfig) -> None:
     try:
         seccomp.enable(report, audit_only=os.environ.get("ALTOVIRT_SECCOMP_AUDIT") == "1")
     except seccomp.SeccompError as e:
-        raise VmmError(str(e)) from None
+        raise VmmError(str(e)) from e
 
 
 def _error(msg: str) -> None:
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(argv)
     except HelpRequested as h:
         sys.stdout.write(str(h))
-        return 0
+        return h.exit_status
     except ConfigError as e:
         _error(str(e))
-        return EXIT_USAGE
+        return e.exit_status
     setup_logging(cfg)
     daemon = Daemon(cfg.pidfile)
     if cfg.daemonize:
@@ -128,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         reason = machine.run(on_running=lambda: daemon.report(None))
         log.info("VM %s stopped: %s (exit %d)", cfg.name, reason.reason, reason.exit_code)
         return reason.exit_code
-    except VmmError as e:
+    except AltoVirtError as e:
         if cfg.log_file:        # without -D the line below is the whole report
-            log.error("%s", e)
+            log.error("%s", e, exc_info=cfg.debug)
         daemon.report(str(e))
+        if debug:                   # the error and what caused it, on the terminal too
+            traceback.print_exception(e)
         _error(str(e))
-        return e.exit_code
+        return e.exit_status
     except Exception as e:
         log.exception("internal error")
         daemon.report(f"internal error: {e}")

@@ -15,11 +15,13 @@ import mmap
 import os
 from dataclasses import dataclass
 
+from .errors import AltoVirtError
+
 # madvise(2) advice; the mmap module exposes these on Linux, named for clarity.
 MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", 16)
 
 
-class GuestMemoryError(ValueError):
+class GuestMemoryError(AltoVirtError, ValueError):
     """A guest-physical range that is not backed by RAM."""
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 import struct
 
+from ..errors import AltoVirtError
+
 # Opcodes (20.3).
 ONES_OP = 0xFF
 BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX, STRING_PREFIX, QWORD_PREFIX = 0x0A, 0x0B, 0x0C, 0x0D, 0x0E
@@ -33,7 +35,7 @@ UPDATE_PRESERVE = 0
 _NAME_SEG = re.compile(r"[A-Z_][A-Z0-9_]{0,3}")
 
 
-class AmlError(ValueError):
+class AmlError(AltoVirtError, ValueError):
     """A term that cannot be encoded (bad name, out-of-range value)."""
 
 

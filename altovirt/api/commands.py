@@ -36,7 +36,7 @@ def _checked(action: Callable[[], object]) -> object:
     try:
         action()
     except (HotplugError, StateError, ConfigError) as e:
-        raise QmpError(getattr(e, "cls", "GenericError"), str(e)) from None
+        raise QmpError(getattr(e, "cls", "GenericError"), str(e)) from e
     return {}
 
 
@@ -66,8 +66,8 @@ def _slot(args: dict[str, Any]) -> int | None:
     addr = args["addr"]
     try:
         return addr if isinstance(addr, int) else int(addr, 0)
-    except ValueError:
-        raise QmpError("GenericError", f"Invalid addr {addr!r}; expected a slot number like 0x1") from None
+    except ValueError as e:
+        raise QmpError("GenericError", f"Invalid addr {addr!r}; expected a slot number like 0x1") from e
 
 
 def hotplug_commands(hotplug: Hotplug) -> dict[str, Command]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.unix import PendingOutput, UnixListener
+from ..errors import AltoVirtError
 from ..vmm.iothread import IoThread
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ MAX_OUTPUT = 16 << 20           # replies and events a client has not read; past
 MAX_FDS = 8                     # file descriptors taken from one read (SCM_RIGHTS)
 
 
-class QmpError(Exception):
+class QmpError(AltoVirtError):
     """A command failed; ``cls`` is QEMU's error class."""
 
     def __init__(self, cls: str, desc: str) -> None:

@@ -32,16 +32,16 @@ def _encode(value: bytes, fmt: str) -> str:
         return base64.b64encode(value).decode()
     try:
         return value.decode()
-    except UnicodeDecodeError:
-        raise QmpError("GenericError", "the value is not UTF-8; read it with format 'base64'") from None
+    except UnicodeDecodeError as e:
+        raise QmpError("GenericError", "the value is not UTF-8; read it with format 'base64'") from e
 
 
 def _decode(value: str, fmt: str) -> bytes:
     if fmt == "base64":
         try:
             return base64.b64decode(value, validate=True)
-        except binascii.Error:
-            raise QmpError("GenericError", "Parameter 'value' is not valid base64") from None
+        except binascii.Error as e:
+            raise QmpError("GenericError", "Parameter 'value' is not valid base64") from e
     return value.encode()
 
 
@@ -70,7 +70,7 @@ def xenstore_commands(store: Store) -> dict[str, Command]:
             return action()
         except XsError as e:
             reason = os.strerror(getattr(errno, e.name))         # every XsError name is an errno's
-            raise QmpError("GenericError", f"{path}: {e.name} ({reason})") from None
+            raise QmpError("GenericError", f"{path}: {e.name} ({reason})") from e
 
     def read(args: dict[str, Any]) -> object:
         path, fmt = args["path"], _format(args)

@@ -67,7 +67,7 @@ class BlockFile:
                 self.direct = False
                 self.fd = self._open_plain(path, flags)
             else:
-                raise BackendError(e.errno, f"{path}: {e.strerror}") from None
+                raise BackendError(e.errno, f"{path}: {e.strerror}") from e
         try:
             self._take_locks()
             st = os.fstat(self.fd)
@@ -86,7 +86,7 @@ class BlockFile:
         try:
             return os.open(path, flags)
         except OSError as e:
-            raise BackendError(e.errno, f"{path}: {e.strerror}") from None
+            raise BackendError(e.errno, f"{path}: {e.strerror}") from e
 
     def _take_locks(self) -> None:
         """QEMU's scheme for a virtio-blk disk without share-rw."""
@@ -106,8 +106,8 @@ class BlockFile:
                         got = _lock(self.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte)
                         if _FLOCK.unpack(got)[0] != fcntl.F_UNLCK:
                             raise BackendError(errno.EAGAIN, self._conflict(i))
-        except BlockingIOError:
-            raise BackendError(errno.EAGAIN, self._conflict(1)) from None
+        except BlockingIOError as e:
+            raise BackendError(errno.EAGAIN, self._conflict(1)) from e
 
     def _conflict(self, bit: int) -> str:
         what = {0: "read", 1: "write", 2: "write", 3: "resize"}[bit]

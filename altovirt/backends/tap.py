@@ -41,13 +41,13 @@ class Tap:
         # asked through a socket ioctl, not /sys, which a jail does not have.
         try:
             socket.if_nametoindex(name)
-        except OSError:
+        except OSError as e:
             raise BackendError(errno.ENODEV, f"tap {name} does not exist; create it first "
-                                             f"(ip tuntap add dev {name} mode tap)") from None
+                                             f"(ip tuntap add dev {name} mode tap)") from e
         try:
             self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
-            raise BackendError(e.errno, f"/dev/net/tun: {e.strerror}") from None
+            raise BackendError(e.errno, f"/dev/net/tun: {e.strerror}") from e
         try:
             ifr = _IFREQ.pack(name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
             fcntl.ioctl(self.fd, TUNSETIFF, ifr)
@@ -55,11 +55,11 @@ class Tap:
         except OSError as e:
             os.close(self.fd)
             if e.errno == errno.EBUSY:
-                raise BackendError(e.errno, f"tap {name} is in use by another process") from None
+                raise BackendError(e.errno, f"tap {name} is in use by another process") from e
             if e.errno == errno.EINVAL:
                 # What TUNSETIFF says of an existing interface that is not a tap.
-                raise BackendError(e.errno, f"{name} is not a tap device") from None
-            raise BackendError(e.errno, f"tap {name}: {e.strerror}") from None
+                raise BackendError(e.errno, f"{name} is not a tap device") from e
+            raise BackendError(e.errno, f"tap {name}: {e.strerror}") from e
 
     @classmethod
     def from_fd(cls, fd: int) -> Tap:
@@ -68,7 +68,7 @@ class Tap:
         try:
             ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size))
         except OSError as e:
-            raise BackendError(e.errno, f"fd {fd} is not an attached tap ({e.strerror})") from None
+            raise BackendError(e.errno, f"fd {fd} is not an attached tap ({e.strerror})") from e
         raw, flags = _IFREQ.unpack(ifr)
         name = raw.rstrip(b"\0").decode(errors="replace")
         if flags & (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) != IFF_TAP | IFF_NO_PI | IFF_VNET_HDR:
@@ -78,7 +78,7 @@ class Tap:
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
             os.set_blocking(fd, False)
         except OSError as e:
-            raise BackendError(e.errno, f"tap {name}: {e.strerror}") from None
+            raise BackendError(e.errno, f"tap {name}: {e.strerror}") from e
         tap = cls.__new__(cls)
         tap.name, tap.fd = name, fd
         return tap

@@ -32,8 +32,8 @@ class UnixListener:
             self.sock.close()
             if e.errno == errno.EADDRINUSE:
                 raise BackendError(e.errno, f"{path} already exists; it must not exist "
-                                   "before start") from None
-            raise BackendError(e.errno, f"{path}: {e.strerror}") from None
+                                   "before start") from e
+            raise BackendError(e.errno, f"{path}: {e.strerror}") from e
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import AltoVirtError
 from . import jsonconfig
 from .model import (
     VCPUS_MAX,
@@ -50,8 +51,10 @@ VALUE_OPTIONS = {"name", "machine", "kernel", "append", "initrd", "smp", "m", "d
 FLAG_OPTIONS = {"disable-seccomp", "omit_vm_memory", "daemonize", "debug", "help", "h", "version"}
 
 
-class HelpRequested(Exception):
-    """-help or -version: print and exit 0."""
+class HelpRequested(AltoVirtError):
+    """-help or -version: not an error; the message is printed and the VMM exits 0."""
+
+    exit_status = 0
 
 
 def split_kv(where: str, text: str, positional: str | None = None) -> dict[str, str]:

@@ -68,12 +68,12 @@ def load(path: str) -> VmConfig:
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"-config: {path}: no such file") from None
+    except FileNotFoundError as e:
+        raise ConfigError(f"-config: {path}: no such file") from e
     except OSError as e:
-        raise ConfigError(f"-config: {path}: {e.strerror}") from None
+        raise ConfigError(f"-config: {path}: {e.strerror}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"-config: {path}: not valid JSON ({e})") from None
+        raise ConfigError(f"-config: {path}: not valid JSON ({e})") from e
     return from_dict(doc)
 
 

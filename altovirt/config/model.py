@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import EXIT_USAGE, AltoVirtError
+
 MiB, GiB = 1 << 20, 1 << 30
 VCPUS_MIN, VCPUS_MAX = 1, 254
 MEM_MIN, MEM_MAX = 128 * MiB, 512 * GiB
@@ -17,8 +19,10 @@ VSOCK_MIN_CID = 3               # 0-2 are reserved (hypervisor, local, host)
 VSOCK_MAX_CID = 0xFFFFFFFE      # U32_MAX is VMADDR_CID_ANY
 
 
-class ConfigError(ValueError):
+class ConfigError(AltoVirtError, ValueError):
     """Invalid configuration; the message names the option and what is accepted."""
+
+    exit_status = EXIT_USAGE
 
 
 @dataclass

@@ -58,8 +58,8 @@ def parse_int(where: str, text: str | int, low: int, high: int) -> int:
         raise ConfigError(f"{where}: expected an integer in [{low}, {high}], got {text!r}")
     try:
         value = text if isinstance(text, int) else int(str(text), 0)
-    except ValueError:
-        raise ConfigError(f"{where}: invalid integer {text!r}; accepted range [{low}, {high}]") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}: invalid integer {text!r}; accepted range [{low}, {high}]") from e
     if not low <= value <= high:
         raise ConfigError(f"{where}: {value} is out of range; accepted range [{low}, {high}]")
     return value
@@ -89,10 +89,10 @@ def check_tap(where: str, value: str) -> str:
 def check_readable_file(where: str, path: str) -> str:
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: {path}: no such file") from None
+    except FileNotFoundError as e:
+        raise ConfigError(f"{where}: {path}: no such file") from e
     except OSError as e:
-        raise ConfigError(f"{where}: {path}: {e.strerror}") from None
+        raise ConfigError(f"{where}: {path}: {e.strerror}") from e
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
         raise ConfigError(f"{where}: {path}: not a regular file or block device")
     if not os.access(path, os.R_OK):

@@ -12,6 +12,8 @@ import logging
 import threading
 from typing import Protocol
 
+from ..errors import AltoVirtError
+
 log = logging.getLogger(__name__)
 
 
@@ -20,7 +22,7 @@ class BusDevice(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
-class BusConflict(ValueError):
+class BusConflict(AltoVirtError, ValueError):
     """Two devices claim overlapping ranges."""
 
 

@@ -13,6 +13,7 @@ import errno
 import mmap
 import os
 
+from ..errors import AltoVirtError
 from . import ioctls as K
 from . import structs as S
 
@@ -26,7 +27,7 @@ _IOCTL_NAMES = {v: k for k, v in vars(K).items() if k.startswith("KVM_") and not
      "KVM_PIT_", "KVM_CLOCK_"))}
 
 
-class KvmError(OSError):
+class KvmError(AltoVirtError, OSError):
     """An ioctl failed; ``str()`` names the ioctl and the errno."""
 
 

@@ -15,13 +15,15 @@ import errno
 import os
 from dataclasses import dataclass
 
+from ..errors import AltoVirtError
+
 PARENT = "altovirt"
 # Mount options of a v1 hierarchy that are not controllers.
 _V1_OPTIONS = {"rw", "ro", "relatime", "noatime", "nosuid", "nodev", "noexec", "clone_children",
                "noprefix", "xattr", "cpuset_v2_mode"}
 
 
-class CgroupError(Exception):
+class CgroupError(AltoVirtError):
     """A setting that cannot be applied, or a cgroup that cannot be removed; one line."""
 
 
@@ -121,7 +123,7 @@ class JailCgroups:
                 _write(os.path.join(self.path(mount), "cgroup.procs"), str(pid))
             except OSError as e:
                 where = e.filename or mount
-                raise CgroupError(f"cgroup {where}: {e.strerror}") from None
+                raise CgroupError(f"cgroup {where}: {e.strerror}") from e
 
     @staticmethod
     def _inherit_cpuset(d: str) -> None:
@@ -149,7 +151,7 @@ class JailCgroups:
                 os.rmdir(d)
             except OSError as e:
                 if e.errno == errno.EBUSY:
-                    raise CgroupError(f"cgroup {d} still has processes") from None
-                raise CgroupError(f"cgroup {d}: {e.strerror}") from None
+                    raise CgroupError(f"cgroup {d} still has processes") from e
+                raise CgroupError(f"cgroup {d}: {e.strerror}") from e
             with contextlib.suppress(OSError):      # other jails still use it
                 os.rmdir(os.path.dirname(d))

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from ..errors import EXIT_ERROR, EXIT_USAGE, AltoVirtError
 from . import caps, namespaces
 from .cgroups import CgroupError, JailCgroups
 
@@ -41,16 +42,14 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9-]{1,64}")        # Firecracker's rule; also
 DEVICE_NODES = ("/dev/kvm", "/dev/net/tun", "/dev/urandom", "/dev/null", "/dev/vhost-net",
                 "/dev/vhost-vsock")
 RLIMIT_ALIASES = {"no-file": "nofile"}               # Firecracker's spelling
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 
-class JailError(Exception):
+class JailError(AltoVirtError):
     """Why the jail could not be built or cleaned; one line for the user."""
 
 
-class UsageError(Exception):
-    pass
+class UsageError(AltoVirtError):
+    exit_status = EXIT_USAGE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,12 +168,12 @@ def parse(argv: Sequence[str]) -> Options:
     try:
         opts.cgroups = JailCgroups(a.id, a.cgroup_version, [_key_value("--cgroup", c) for c in a.cgroup])
     except CgroupError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(str(e)) from e
     opts.rlimits = [_rlimit(r) for r in a.resource_limit]
     try:
         opts.keep_caps = {caps.parse(c) for c in a.capability}
     except ValueError as e:
-        raise UsageError(f"--capability: {e}") from None
+        raise UsageError(f"--capability: {e}") from e
     opts.daemonize, opts.new_pid_ns = a.daemonize, a.new_pid_ns
     if not vmm_args:
         raise UsageError("no VMM arguments; give them after --, e.g. -- -kernel vmlinux")
@@ -210,7 +209,7 @@ def clean(opts: Options) -> None:
     try:
         JailCgroups(opts.jail_id, 1, []).remove()
     except CgroupError as e:
-        raise JailError(str(e)) from None
+        raise JailError(str(e)) from e
     if os.path.lexists(opts.jail_dir):
         # The sources are hard links or empty placeholders (bind mounts exist only
         # inside the jail's mount namespace): removing them leaves the originals alone.
@@ -225,9 +224,9 @@ def _build_root(opts: Options) -> list[str]:
     os.makedirs(os.path.dirname(opts.jail_dir), 0o755, exist_ok=True)
     try:
         os.mkdir(opts.jail_dir, 0o755)
-    except FileExistsError:
+    except FileExistsError as e:
         raise JailError(f"jail {opts.jail_id} already exists at {opts.jail_dir}; "
-                        f"remove it with: altovirt-jailer --id {opts.jail_id} --clean") from None
+                        f"remove it with: altovirt-jailer --id {opts.jail_id} --clean") from e
     os.mkdir(opts.root, 0o750)
     os.chown(opts.root, opts.uid, opts.gid)      # the VMM creates its sockets and logs here
     to_bind = []
@@ -340,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = parse(argv)
     except UsageError as e:
         _error(str(e))
-        return EXIT_USAGE
+        return e.exit_status
     except SystemExit as e:                     # --help
         return int(e.code or 0)
     if os.geteuid() != 0:
@@ -353,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return enter(opts)
     except (JailError, CgroupError) as e:
         _error(str(e))
+        return e.exit_status
     except OSError as e:
         _error(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     return EXIT_ERROR

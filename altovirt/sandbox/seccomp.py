@@ -23,6 +23,7 @@ from typing import TextIO
 import seccompy
 from seccompy import Action, ArgCmp, CmpOp, Filter, FilterFlag
 
+from ..errors import AltoVirtError
 from .allowlists import IOCTLS, ROLES
 
 PR_SET_NAME = 15
@@ -33,7 +34,7 @@ LAZY_MODULES = ("traceback", "linecache", "tokenize")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class SeccompError(RuntimeError):
+class SeccompError(AltoVirtError, RuntimeError):
     """Filtering cannot be turned on here; the message is one line for the user."""
 
 

@@ -23,13 +23,14 @@ from ..backends.tap import Tap
 from ..devices.virtio.block import Block, WorkerPool
 from ..devices.virtio.mmio import MmioTransport
 from ..devices.virtio.net import Net
+from ..errors import AltoVirtError
 from .iothread import IoThread
 from .virtio_devices import empty_disk, empty_nic
 
 log = logging.getLogger(__name__)
 
 
-class HotplugError(ValueError):
+class HotplugError(AltoVirtError, ValueError):
     """A hot-plug request refused, with nothing changed; ``cls`` is QMP's error class."""
 
     def __init__(self, message: str, cls: str = "GenericError") -> None:
@@ -69,7 +70,7 @@ class Hotplug:
             try:
                 st = os.stat(path)
             except OSError as e:
-                raise HotplugError(f"{path}: {e.strerror}") from None
+                raise HotplugError(f"{path}: {e.strerror}") from e
             for name, image in self.blockdevs.items():
                 other = os.fstat(image.fd)
                 if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
@@ -78,7 +79,7 @@ class Hotplug:
             try:
                 self.blockdevs[node] = BlockFile(path, read_only=read_only, direct=direct)
             except BackendError as e:
-                raise HotplugError(e.strerror or str(e)) from None
+                raise HotplugError(e.strerror or str(e)) from e
         log.info("block node %s: %s%s", node, path, " (read-only)" if read_only else "")
 
     def del_blockdev(self, node: str) -> None:
@@ -98,7 +99,7 @@ class Hotplug:
             try:
                 self.netdevs[name] = open_tap()
             except BackendError as e:
-                raise HotplugError(e.strerror or str(e)) from None
+                raise HotplugError(e.strerror or str(e)) from e
         log.info("netdev %s: tap %s", name, self.netdevs[name].name)
 
     def del_netdev(self, name: str) -> None:

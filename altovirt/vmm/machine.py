@@ -33,6 +33,7 @@ from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
 from ..devices.virtio.block import WorkerPool
 from ..devices.virtio.mmio import MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
 from ..devices.virtio.vsock import Vsock
+from ..errors import EXIT_USAGE, AltoVirtError
 from ..kvm import Kvm, KvmError, Vcpu
 from ..kvm import Vm as KvmVm
 from ..kvm import ioctls as K
@@ -61,27 +62,23 @@ class VcpuInfo:
     halted: bool
 
 
-class StateError(RuntimeError):
+class StateError(AltoVirtError, RuntimeError):
     """A lifecycle request that makes no sense in the VM's current state."""
 
 
-class VmmError(RuntimeError):
+class VmmError(AltoVirtError, RuntimeError):
     """The VM cannot be built or run; the message is one line for the user."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def open_kvm(path: str = "/dev/kvm") -> Kvm:
     try:
         kvm = Kvm(path)
-    except FileNotFoundError:
-        raise VmmError(f"{path}: no such device; KVM is not available on this host") from None
-    except PermissionError:
-        raise VmmError(f"{path}: permission denied; run as root or join the kvm group") from None
+    except FileNotFoundError as e:
+        raise VmmError(f"{path}: no such device; KVM is not available on this host") from e
+    except PermissionError as e:
+        raise VmmError(f"{path}: permission denied; run as root or join the kvm group") from e
     except OSError as e:
-        raise VmmError(f"{path}: {e.strerror or e}") from None
+        raise VmmError(f"{path}: {e.strerror or e}") from e
     missing = kvm.missing_caps()
     if missing:
         kvm.close()
@@ -111,7 +108,7 @@ def _read_file(what: str, path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise VmmError(f"{what}: {path}: {e.strerror}") from None
+        raise VmmError(f"{what}: {path}: {e.strerror}") from e
 
 
 def _set_boot_msrs(vcpu: Vcpu) -> dict[int, int]:
@@ -189,12 +186,12 @@ class Machine:
             vm.create_irqchip()
             vm.create_pit2()
         except KvmError as e:
-            raise VmmError(f"cannot set up the VM's interrupt controllers: {e}") from None
+            raise VmmError(f"cannot set up the VM's interrupt controllers: {e}") from e
         try:
             self.mem = mem = GuestMemory(layout.ram_regions(cfg.mem_size), dontdump=cfg.omit_vm_memory)
         except OSError as e:
             raise VmmError(f"-m: cannot allocate {cfg.mem_size >> 20} MiB of guest RAM: "
-                           f"{e.strerror}") from None
+                           f"{e.strerror}") from e
         for slot, region in enumerate(mem.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
 
@@ -207,7 +204,7 @@ class Machine:
         try:
             self.plan = plan = boot.prepare(mem, *self._boot_inputs)
         except KernelError as e:
-            raise VmmError(f"-kernel: {cfg.kernel}: {e}") from None
+            raise VmmError(f"-kernel: {cfg.kernel}: {e}") from e
         log.info("kernel %s: %s format, entry %#x%s", cfg.kernel, plan.kind, plan.entry,
                  f", initrd at {plan.initrd_addr:#x}" if plan.initrd_size else "")
 
@@ -222,7 +219,7 @@ class Machine:
         try:
             self._power_on = poweron.capture(vm, [v.vcpu for v in self.vcpus], list(msrs))
         except KvmError as e:
-            raise VmmError(f"cannot read the vCPUs' power-on state: {e}") from None
+            raise VmmError(f"cannot read the vCPUs' power-on state: {e}") from e
 
     def _irqfd(self, gsi: int) -> int:
         """An eventfd that raises an edge on ``gsi`` when written (KVM_IRQFD)."""
@@ -245,7 +242,7 @@ class Machine:
             devices = virtio_devices.devices_for(self.cfg, self.io, self.block_pool,
                                                  hotplug=bool(self.cfg.api_channel))
         except virtio_devices.DeviceError as e:
-            raise VmmError(str(e), exit_code=2) from None     # a configuration the host cannot honour
+            raise VmmError(str(e), exit_status=EXIT_USAGE) from e    # a configuration the host cannot honour
         for index, device in enumerate(devices.in_slot_order()):
             base, irq = virtio_devices.slot(index)
             transport = MmioTransport(device, self.mem, self._irqfd(irq), self.io)

@@ -27,13 +27,14 @@ from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.net import Net, random_mac
 from ..devices.virtio.rng import Rng
 from ..devices.virtio.vsock import Vsock
+from ..errors import AltoVirtError
 from .iothread import IoThread
 
 MMIO_BASE = 0xD0000000
 IRQS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17)
 
 
-class DeviceError(ValueError):
+class DeviceError(AltoVirtError, ValueError):
     """A configured device cannot be created (busy image, missing tap...)."""
 
 
@@ -79,7 +80,7 @@ def devices_for(cfg: VmConfig, io: IoThread, pool: WorkerPool, hotplug: bool) ->
     except BackendError as e:
         for dev in devices.in_slot_order():
             dev.close()
-        raise DeviceError(f"{where}: {e.strerror}") from None
+        raise DeviceError(f"{where}: {e.strerror}") from e
     if cfg.rng is not None:
         devices.others.append(Rng(cfg.rng.id, cfg.rng.max_bytes, cfg.rng.period_ms))
     if hotplug:

@@ -26,6 +26,7 @@ import binascii
 import json
 from typing import Any
 
+from ..errors import AltoVirtError
 from .store import DOM0, Change, Session, State, Store, Transaction, Watch, owners
 from .tree import Node, Perm, XsError, check_path
 
@@ -34,7 +35,7 @@ VERSION = 1
 TX_ID_MAX = 0xFFFFFFFF
 
 
-class SnapshotError(ValueError):
+class SnapshotError(AltoVirtError, ValueError):
     """Data that is not a XenStore image this VMM can load; the store is unchanged."""
 
 
@@ -67,7 +68,7 @@ def load(store: Store, data: bytes) -> list[Session]:
     try:
         image = json.loads(data)
     except (ValueError, RecursionError) as e:
-        raise SnapshotError(f"not a XenStore image: {e}") from None
+        raise SnapshotError(f"not a XenStore image: {e}") from e
     _expect(isinstance(image, dict) and image.get("format") == FORMAT, "not a XenStore image")
     _expect(image.get("version") == VERSION,
             f"XenStore image version {image.get('version')!r}; this VMM reads version {VERSION}")
@@ -160,8 +161,8 @@ def _perms(texts: object, where: str) -> tuple[Perm, ...]:
             f"{where}: perms must be a non-empty list of strings")
     try:
         return tuple(Perm.parse(t) for t in texts)
-    except XsError:
-        raise SnapshotError(f"{where}: perms {texts!r} are not Xen's (n0, r7...)") from None
+    except XsError as e:
+        raise SnapshotError(f"{where}: perms {texts!r} are not Xen's (n0, r7...)") from e
 
 
 def _perm_strings(perms: tuple[Perm, ...]) -> list[str]:
@@ -171,8 +172,8 @@ def _perm_strings(perms: tuple[Perm, ...]) -> list[str]:
 def _checked(path: str, home: str, *, watch: bool = False) -> str:
     try:
         return check_path(path, home, watch=watch)
-    except XsError:
-        raise SnapshotError(f"{path!r} is not a XenStore path") from None
+    except XsError as e:
+        raise SnapshotError(f"{path!r} is not a XenStore path") from e
 
 
 def _valid_name(name: str) -> bool:

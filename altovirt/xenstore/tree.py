@@ -12,13 +12,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..errors import AltoVirtError
+
 ABS_PATH_MAX = 3072
 REL_PATH_MAX = 2048
 _PATH_CHARS = re.compile(r"[A-Za-z0-9\-/_@]*")
 LETTERS = "rwbn"
 
 
-class XsError(Exception):
+class XsError(AltoVirtError):
     """A request fails with the errno name the protocol sends back (``ENOENT``...)."""
 
     def __init__(self, name: str) -> None:

@@ -13,6 +13,7 @@ import ctypes as C
 import struct
 from dataclasses import dataclass
 
+from ...errors import AltoVirtError
 from ...memory import GuestMemory, GuestMemoryError
 from . import bootparams as bp
 from . import layout
@@ -35,7 +36,7 @@ MIN_BZIMAGE_PROTOCOL = 0x020C
 SYNTH_PROTOCOL = 0x020F
 
 
-class KernelError(ValueError):
+class KernelError(AltoVirtError, ValueError):
     """The kernel image cannot be booted; the message says why."""
 
 
@@ -67,9 +68,9 @@ def _synth_header() -> bp.setup_header:
 def _write(mem: GuestMemory, gpa: int, data: bytes | memoryview, what: str) -> None:
     try:
         mem.write(gpa, data)
-    except GuestMemoryError:
+    except GuestMemoryError as e:
         raise KernelError(f"{what} ({len(data)} bytes at {gpa:#x}) does not fit in guest RAM "
-                          f"({mem.size >> 20} MiB)") from None
+                          f"({mem.size >> 20} MiB)") from e
 
 
 def _load_bzimage(mem: GuestMemory, image: bytes) -> Kernel:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...backends.blockfile import SECTOR_SIZE, BlockFile
+from ...errors import AltoVirtError
 from ...sandbox import seccomp
 from .device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
 from .queue import DescriptorChain, QueueError
@@ -75,7 +76,7 @@ class Request:
     status: memoryview
 
 
-class RequestError(Exception):
+class RequestError(AltoVirtError):
     """A request the device completes with a status other than OK."""
 
     def __init__(self, status: int, why: str) -> None:

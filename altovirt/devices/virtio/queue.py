@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 
+from ...errors import AltoVirtError
 from ...memory import GuestMemory, GuestMemoryError
 
 # Descriptor flags (2.7.5)
@@ -34,7 +35,7 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
-class QueueError(Exception):
+class QueueError(AltoVirtError):
     """The driver broke the virtqueue rules; the message says how."""
 
 
@@ -112,7 +113,7 @@ class Queue:
             self._avail = mem.view(self.avail_addr, 6 + 2 * size)
             self._used = mem.view(self.used_addr, 6 + 8 * size)
         except GuestMemoryError as e:
-            raise QueueError(f"ring outside guest RAM: {e}") from None
+            raise QueueError(f"ring outside guest RAM: {e}") from e
         self._mem = mem
         self.event_idx = bool(features >> VIRTIO_F_EVENT_IDX & 1)
         self.indirect = bool(features >> VIRTIO_F_INDIRECT_DESC & 1)
@@ -154,7 +155,7 @@ class Queue:
         try:
             return self._mem.view(addr, length)
         except GuestMemoryError as e:
-            raise QueueError(f"buffer outside guest RAM: {e}") from None
+            raise QueueError(f"buffer outside guest RAM: {e}") from e
 
     def _walk(self, head: int) -> DescriptorChain:
         assert self._mem is not None
@@ -181,7 +182,7 @@ class Queue:
                 try:
                     table = mem.view(addr, length)
                 except GuestMemoryError as e:
-                    raise QueueError(f"indirect table outside guest RAM: {e}") from None
+                    raise QueueError(f"indirect table outside guest RAM: {e}") from e
                 n, index, seen, in_indirect = length // DESC_SIZE, 0, 0, True
                 continue
             view = self._buffer(addr, length)

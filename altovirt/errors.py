@@ -1,0 +1,25 @@
+"""The root of every error AltoVirt raises on purpose.
+
+``str(error)`` is one line for the user, naming what is wrong and what is
+accepted; ``exit_status`` is what the process exits with when the error ends
+it (see ``altovirt.cli``). Errors raised while handling another keep it as
+their cause (``raise ... from e``), so ``-debug`` and the log show the chain.
+Module errors also derive from the built-in class they refine (ValueError,
+OSError...), so code that catches those keeps working.
+"""
+
+from __future__ import annotations
+
+EXIT_ERROR = 1          # a VMM, KVM or host error
+EXIT_USAGE = 2          # a usage or configuration error
+
+
+class AltoVirtError(Exception):
+    """An error AltoVirt reports as one line and an exit status."""
+
+    exit_status = EXIT_ERROR
+
+    def __init__(self, *args: object, exit_status: int | None = None) -> None:
+        super().__init__(*args)
+        if exit_status is not None:
+            self.exit_status = exit_status
