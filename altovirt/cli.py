@@ -8,6 +8,7 @@ signal N. Errors are one line on stderr; tracebacks appear only with
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -63,7 +64,8 @@ def setup_logging(cfg: VmConfig) -> None:
 
 def start_qmp(machine: Machine, path: str) -> QmpServer:
     try:
-        qmp = QmpServer(path, commands.build(machine), commands.version())
+        qmp = QmpServer(path, commands.build(machine), commands.version(),
+                        functools.partial(seccomp.confine, "api"))
     except BackendError as e:
         raise VmmError(f"-api-channel: {e.strerror}", exit_status=EXIT_USAGE) from e
     machine.add_event_listener(qmp.event)
@@ -74,7 +76,7 @@ def start_qmp(machine: Machine, path: str) -> QmpServer:
 def start_xenstore(machine: Machine, path: str) -> XenStoreServer:
     assert machine.xenstore is not None
     try:
-        server = XenStoreServer(path, machine.xenstore)
+        server = XenStoreServer(path, machine.xenstore, functools.partial(seccomp.confine, "api"))
     except BackendError as e:
         raise VmmError(f"-xenstore: {e.strerror}", exit_status=EXIT_USAGE) from e
     if machine.vsock is not None:

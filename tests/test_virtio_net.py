@@ -18,8 +18,8 @@ from altovirt.backends import tap as tapmod
 from altovirt.devices.virtio import net as vnet
 from altovirt.devices.virtio.device import VIRTIO_F_VERSION_1, Interrupt
 from altovirt.devices.virtio.queue import Queue
+from altovirt.eventloop import EventLoop
 from altovirt.memory import GuestMemory
-from altovirt.vmm.iothread import IoThread
 
 from .cabi import c_values, needs_gcc
 from .conftest import ROOT, ProbeReport, altovirt_cmd, qemu_cmd
@@ -138,7 +138,7 @@ class RxBench:
 def rx_bench() -> Iterator[RxBench]:
     name = f"avt{os.getpid() % 100000}"
     subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
-    io = IoThread()
+    io = EventLoop()
     mem = GuestMemory(layout.ram_regions(128 << 20))
     irqfd = os.eventfd(0, os.EFD_NONBLOCK)
     dev = None

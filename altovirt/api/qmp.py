@@ -25,7 +25,7 @@ from typing import Any
 
 from ..backends.unix import PendingOutput, UnixListener
 from ..errors import AltoVirtError
-from ..vmm.iothread import IoThread
+from ..eventloop import EventLoop
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +141,13 @@ def timestamp() -> dict[str, int]:
 
 
 class QmpServer:
-    def __init__(self, path: str, commands: dict[str, Command], version: dict[str, Any]) -> None:
+    def __init__(self, path: str, commands: dict[str, Command], version: dict[str, Any],
+                 on_start: Callable[[], None] | None = None) -> None:
+        """``on_start`` runs first on the server's thread (the VMM confines it there)."""
         self.commands = commands
         self.version = version
         self.listener = UnixListener(path)
-        self.io = IoThread("qmp", role="api")
+        self.io = EventLoop("qmp", on_start)
         self._clients: dict[int, Client] = {}
         self._lock = threading.RLock()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from . import BackendError
 
 if TYPE_CHECKING:
-    from ..vmm.iothread import IoThread
+    from ..eventloop import EventLoop
 
 
 class UnixListener:
@@ -61,7 +61,7 @@ class PendingOutput:
         self.buf = bytearray()
         self._waiting = False
 
-    def flush(self, sock: socket.socket, io: IoThread) -> bool:
+    def flush(self, sock: socket.socket, io: EventLoop) -> bool:
         """Send until the socket would block; False when the peer is gone."""
         while self.buf:
             try:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import termios
 import tty
 from collections.abc import Callable
 
+from ..eventloop import EventLoop
 from .vcpu import StopReason
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class HostConsole:
         self._to_guest: Callable[[bytes], None] | None = None
         self._saved_tty: list | None = None
         self._escaped = False
-        self._ep: select.epoll | None = None
+        self._loop: EventLoop | None = None
 
     def attach(self, to_guest: Callable[[bytes], None]) -> None:
         self._to_guest = to_guest
@@ -41,16 +41,16 @@ class HostConsole:
         with contextlib.suppress(BrokenPipeError, BlockingIOError):
             os.write(self._out, data)
 
-    def start(self, ep: select.epoll, handlers: dict[int, Callable[[], None]]) -> None:
+    def start(self, loop: EventLoop) -> None:
+        """Read stdin on ``loop`` (the main loop)."""
         if os.isatty(self._in):
             self._saved_tty = termios.tcgetattr(self._in)
             tty.setraw(self._in, termios.TCSANOW)
         try:
-            ep.register(self._in, select.EPOLLIN)
+            loop.add(self._in, self._readable)
         except PermissionError:     # a regular file or /dev/null: nothing to wait for
             return
-        self._ep = ep
-        handlers[self._in] = self._readable
+        self._loop = loop
 
     def _readable(self) -> None:
         try:
@@ -59,8 +59,8 @@ class HostConsole:
             log.debug("stdin: %s", e)
             data = b""
         if not data:        # EOF: the guest simply gets no more input
-            assert self._ep is not None
-            self._ep.unregister(self._in)
+            assert self._loop is not None
+            self._loop.remove(self._in)
             return
         if self._saved_tty is not None:
             data = self._filter_escape(data)

@@ -24,7 +24,7 @@ from ..devices.virtio.block import Block, WorkerPool
 from ..devices.virtio.mmio import MmioTransport
 from ..devices.virtio.net import Net
 from ..errors import AltoVirtError
-from .iothread import IoThread
+from ..eventloop import EventLoop
 from .virtio_devices import empty_disk, empty_nic
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class HotplugError(AltoVirtError, ValueError):
 class Hotplug:
     """The backends and the slots of one VM. Callers serialize requests (the QMP thread)."""
 
-    def __init__(self, disks: list[MmioTransport], nics: list[MmioTransport], io: IoThread,
+    def __init__(self, disks: list[MmioTransport], nics: list[MmioTransport], io: EventLoop,
                  pool: WorkerPool, quiet: Callable[[], AbstractContextManager[None]],
                  on_deleted: Callable[[str], None]) -> None:
         """``quiet()`` holds device work still while a slot changes; ``on_deleted(id)``

@@ -10,9 +10,9 @@ later, QMP).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import select
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -34,6 +34,7 @@ from ..devices.virtio.block import WorkerPool
 from ..devices.virtio.mmio import MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
 from ..devices.virtio.vsock import Vsock
 from ..errors import EXIT_USAGE, AltoVirtError
+from ..eventloop import EventLoop
 from ..kvm import Kvm, KvmError, Vcpu
 from ..kvm import Vm as KvmVm
 from ..kvm import ioctls as K
@@ -44,7 +45,6 @@ from ..xenstore.store import Store
 from . import virtio_devices
 from .console import HostConsole
 from .hotplug import Hotplug
-from .iothread import IoThread
 from .vcpu import GUEST_RESET, GUEST_SHUTDOWN, StopReason, VcpuThread, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,8 @@ class Machine:
         self.console: HostConsole | None = None
         self.serial: Serial | None = None
         self.plan: boot.BootPlan | None = None
-        self.io = IoThread()
-        self.block_pool = WorkerPool()
+        self.io = EventLoop("io", functools.partial(seccomp.confine, "io"))
+        self.block_pool = WorkerPool(on_start=functools.partial(seccomp.confine, "io"))
         self.transports: list[MmioTransport] = []
         # Lifecycle (QMP's RunState names): prelaunch -> running <-> paused -> shutdown.
         self.state = "prelaunch"
@@ -405,12 +405,11 @@ class Machine:
         """Run until stopped; returns why. Must be called on the main thread."""
         install_kick_handler()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        ep = select.epoll()
-        handlers: dict[int, Callable[[], None]] = {self._stop_fd: lambda: None}
-        ep.register(self._stop_fd, select.EPOLLIN)
+        loop = EventLoop("main", functools.partial(seccomp.confine, "main"))
+        loop.add(self._stop_fd, loop.stop_soon)     # request_stop() sets stop_reason, then writes it
         try:
             if self.console:
-                self.console.start(ep, handlers)
+                self.console.start(loop)
             self.io.start()
             if self.hotplug is not None and self.hotplug.disks:
                 self.block_pool.start()         # only a VM with disk slots needs it
@@ -421,10 +420,7 @@ class Machine:
                     self.state = "running"
             if on_running:
                 on_running()
-            seccomp.confine("main")
-            while self.stop_reason is None:
-                for fd, _ in ep.poll():
-                    handlers[fd]()
+            loop.run()
         finally:
             for v in self.vcpus:
                 v.resume()
@@ -433,7 +429,7 @@ class Machine:
             self.io.stop()
             if self.console:
                 self.console.stop()
-            ep.close()
+            loop.stop()
             for s, h in old.items():
                 signal.signal(s, h)
         assert self.stop_reason is not None

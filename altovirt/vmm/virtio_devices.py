@@ -28,7 +28,7 @@ from ..devices.virtio.net import Net, random_mac
 from ..devices.virtio.rng import Rng
 from ..devices.virtio.vsock import Vsock
 from ..errors import AltoVirtError
-from .iothread import IoThread
+from ..eventloop import EventLoop
 
 MMIO_BASE = 0xD0000000
 IRQS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17)
@@ -53,11 +53,11 @@ def empty_disk(slot: int, pool: WorkerPool) -> Block:
     return Block(f"disk-slot{slot}", None, pool)
 
 
-def empty_nic(slot: int, io: IoThread) -> Net:
+def empty_nic(slot: int, io: EventLoop) -> Net:
     return Net(f"nic-slot{slot}", None, random_mac(), io)
 
 
-def devices_for(cfg: VmConfig, io: IoThread, pool: WorkerPool, hotplug: bool) -> DeviceSet:
+def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -> DeviceSet:
     """The configured devices, with the empty hot-plug slots if ``hotplug``."""
     devices = DeviceSet([], [], [])
     where = ""

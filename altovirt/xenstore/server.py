@@ -18,9 +18,10 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 
 from ..backends.unix import PendingOutput, UnixListener
-from ..vmm.iothread import IoThread
+from ..eventloop import EventLoop
 from .store import DOM0, Store
 from .wire import Connection
 
@@ -39,10 +40,11 @@ class _Client:
 
 
 class XenStoreServer:
-    def __init__(self, path: str, store: Store) -> None:
+    def __init__(self, path: str, store: Store, on_start: Callable[[], None] | None = None) -> None:
+        """``on_start`` runs first on the server's thread (the VMM confines it there)."""
         self.store = store
         self.listener = UnixListener(path, backlog=64)
-        self.io = IoThread("xenstore", role="api")
+        self.io = EventLoop("xenstore", on_start)
         self._clients: dict[int, _Client] = {}
         self._dirty: set[_Client] = set()          # clients with output queued since the last flush
         self._lock = threading.RLock()

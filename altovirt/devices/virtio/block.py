@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from ...backends.blockfile import SECTOR_SIZE, BlockFile
 from ...errors import AltoVirtError
-from ...sandbox import seccomp
 from .device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
 from .queue import DescriptorChain, QueueError
 
@@ -86,9 +85,11 @@ class RequestError(AltoVirtError):
 
 class WorkerPool:
     """The threads that carry out every disk's requests (QEMU's thread pool). They start
-    with the VM, so no thread is created once the VMM is confined (see sandbox)."""
+    with the VM, so no thread is created once the VMM is confined (see sandbox); ``on_start``
+    runs first on each (where the VMM confines it)."""
 
-    def __init__(self, size: int = WORKERS) -> None:
+    def __init__(self, size: int = WORKERS, on_start: Callable[[], None] | None = None) -> None:
+        self._on_start = on_start
         self._jobs: queue.SimpleQueue[tuple[Callable[[list[Request]], None], list[Request]] | None] = \
             queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._run, name=f"blk{i}", daemon=True) for i in range(size)]
@@ -101,7 +102,8 @@ class WorkerPool:
         self._jobs.put((job, run))
 
     def _run(self) -> None:
-        seccomp.confine("io")
+        if self._on_start is not None:
+            self._on_start()
         while (item := self._jobs.get()) is not None:
             job, run = item
             job(run)

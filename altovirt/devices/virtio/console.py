@@ -15,8 +15,8 @@ import socket
 import threading
 
 from ...backends.unix import UnixListener
+from ...eventloop import EventLoop
 from ...memory import GuestMemory
-from ...vmm.iothread import IoThread
 from .device import VIRTIO_ID_CONSOLE, Interrupt, VirtioDevice
 from .queue import Queue
 
@@ -31,7 +31,7 @@ class Console(VirtioDevice):
     device_id = VIRTIO_ID_CONSOLE
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, name: str, listener: UnixListener, io: IoThread) -> None:
+    def __init__(self, name: str, listener: UnixListener, io: EventLoop) -> None:
         super().__init__(name)
         self.config = bytearray(12)         # cols, rows, max_nr_ports, emerg_wr: all 0
         self.listener = listener
@@ -151,7 +151,7 @@ class Console(VirtioDevice):
 
     # --- the guest side ---
     def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
-                 io: IoThread) -> None:
+                 io: EventLoop) -> None:
         with self._lock:
             super().activate(mem, queues, interrupt, io)
             self._watch_client()

@@ -13,8 +13,8 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
+from ...eventloop import EventLoop
 from ...memory import GuestMemory
-from ...vmm.iothread import IoThread
 from .queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, DescriptorChain, Queue, QueueError
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class VirtioDevice:
         """Most config spaces are read-only; writes are ignored unless overridden."""
 
     def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
-                 io: IoThread) -> None:
+                 io: EventLoop) -> None:
         self.mem, self.queues, self.interrupt = mem, queues, interrupt
         self.broken = False
 

@@ -14,8 +14,8 @@ import logging
 import os
 import threading
 
+from ...eventloop import EventLoop
 from ...memory import GuestMemory
-from ...vmm.iothread import IoThread
 from .device import VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, Interrupt, VirtioDevice
 from .queue import Queue, QueueError
 
@@ -50,7 +50,7 @@ DEVICE_NEEDS_RESET, FAILED = 64, 128
 class MmioTransport:
     """A BusDevice for one virtio device's slot."""
 
-    def __init__(self, device: VirtioDevice, mem: GuestMemory, irqfd: int, io: IoThread) -> None:
+    def __init__(self, device: VirtioDevice, mem: GuestMemory, irqfd: int, io: EventLoop) -> None:
         self.device = device
         self.mem = mem
         self.io = io

@@ -25,8 +25,8 @@ import threading
 from collections import deque
 
 from ...backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_SIZE, Tap
+from ...eventloop import EventLoop
 from ...memory import GuestMemory
-from ...vmm.iothread import IoThread
 from .device import COMMON_FEATURES, VIRTIO_ID_NET, Interrupt, VirtioDevice
 from .queue import DescriptorChain, Queue, QueueError, write_at
 
@@ -67,7 +67,7 @@ class Net(VirtioDevice):
     device_id = VIRTIO_ID_NET
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, name: str, tap: Tap | None, mac: str, io: IoThread) -> None:
+    def __init__(self, name: str, tap: Tap | None, mac: str, io: EventLoop) -> None:
         """``tap`` None is an empty hot-plug slot: the link is down and frames sent are dropped."""
         super().__init__(name)
         self.tap = tap
@@ -98,7 +98,7 @@ class Net(VirtioDevice):
         return f
 
     def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
-                 io: IoThread) -> None:
+                 io: EventLoop) -> None:
         with self._lock:
             super().activate(mem, queues, interrupt, io)
             self._release_held()

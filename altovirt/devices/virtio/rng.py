@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import time
 
+from ...eventloop import EventLoop
 from ...memory import GuestMemory
-from ...vmm.iothread import IoThread
 from .device import VIRTIO_ID_RNG, Interrupt, VirtioDevice
 from .queue import Queue
 
@@ -28,11 +28,11 @@ class Rng(VirtioDevice):
         self.period = period_ms / 1000
         self._window_start = 0.0
         self._budget = max_bytes or 0
-        self._io: IoThread | None = None
+        self._io: EventLoop | None = None
         self._waiting = False           # for the next period, with requests left on the queue
 
     def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
-                 io: IoThread) -> None:
+                 io: EventLoop) -> None:
         super().activate(mem, queues, interrupt, io)
         self._io = io
 

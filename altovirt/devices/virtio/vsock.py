@@ -32,8 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ...backends.unix import UnixListener
+from ...eventloop import EventLoop
 from ...memory import GuestMemory
-from ...vmm.iothread import IoThread
 from .device import VIRTIO_ID_VSOCK, Interrupt, VirtioDevice
 from .queue import Queue, QueueError, views_from, write_at
 
@@ -79,7 +79,7 @@ class Vsock(VirtioDevice):
     device_id = VIRTIO_ID_VSOCK
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, name: str, guest_cid: int, listener: UnixListener, io: IoThread) -> None:
+    def __init__(self, name: str, guest_cid: int, listener: UnixListener, io: EventLoop) -> None:
         super().__init__(name)
         self.guest_cid = guest_cid
         self.config = bytearray(struct.pack("<Q", guest_cid))
@@ -265,7 +265,7 @@ class Vsock(VirtioDevice):
 
     # --- packets from the guest (I/O thread) ---
     def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
-                 io: IoThread) -> None:
+                 io: EventLoop) -> None:
         with self._lock:
             super().activate(mem, queues, interrupt, io)
 

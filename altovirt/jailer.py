@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from ..errors import EXIT_ERROR, EXIT_USAGE, AltoVirtError
-from . import caps, namespaces
-from .cgroups import CgroupError, JailCgroups
+from .errors import EXIT_ERROR, EXIT_USAGE, AltoVirtError
+from .sandbox import caps, namespaces
+from .sandbox.cgroups import CgroupError, JailCgroups
 
 EXEC_NAME = "altovirt"
 ID_PATTERN = re.compile(r"[A-Za-z0-9-]{1,64}")        # Firecracker's rule; also a valid hostname
@@ -185,8 +185,8 @@ def import_everything() -> None:
     """Import every module the VMM may need, while the host's files are still in view."""
     import altovirt
 
-    from ..devices.legacy import boottimer
-    from . import seccomp
+    from .devices.legacy import boottimer
+    from .sandbox import seccomp
 
     for mod in pkgutil.walk_packages(altovirt.__path__, "altovirt."):
         if not mod.name.endswith(".__main__"):          # that one runs the VMM
@@ -254,9 +254,9 @@ def _build_root(opts: Options) -> list[str]:
 def _writable_sources(vmm_args: list[str]) -> set[str]:
     """The jail's files the VM writes: its drives without readonly=on. Read inside the
     jail as the VMM will read them; arguments the VMM will refuse anyway give none."""
-    from ..config import HelpRequested
-    from ..config.cmdline import parse as parse_vm
-    from ..config.model import ConfigError
+    from .config import HelpRequested
+    from .config.cmdline import parse as parse_vm
+    from .config.model import ConfigError
     try:
         cfg = parse_vm(vmm_args)
     except (ConfigError, HelpRequested, OSError):
@@ -276,7 +276,7 @@ def _wait_for(child: int) -> int:
 
 def enter(opts: Options) -> int:
     """Build the jail and run the VMM in it; returns the exit status for this process."""
-    from ..vmm.daemon import write_pidfile
+    from .vmm.daemon import write_pidfile
 
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     os.environ.clear()
@@ -324,7 +324,7 @@ def enter(opts: Options) -> int:
         # SIGTERM, its clean stop (disks flushed), if that one is killed. (Set after the
         # switch of user, which clears it.)
         namespaces.set_parent_death_signal(signal.SIGTERM)
-    from .. import cli
+    from . import cli
     return cli.main(opts.vmm_args)
 
 

@@ -1,10 +1,14 @@
-"""An I/O thread: an epoll loop that runs device work off the vCPU threads.
+"""The event loop every part of the VMM runs its work on.
 
-Devices register file descriptors (ioeventfds for queue notifications, taps,
-sockets) with a callback; the thread calls it when the fd is readable, and
-runs callbacks scheduled with :meth:`IoThread.call_later` when they are due. A
-callback that raises is logged and unregistered, so one broken device never
-stops the others.
+An epoll loop: parts register file descriptors (ioeventfds for queue
+notifications, taps, sockets, the host console, the stop eventfd) with a
+callback, which the loop calls when the fd is readable, and schedule callbacks
+with :meth:`EventLoop.call_later`. A callback that raises is logged and
+unregistered, so one broken part never stops the others. A loop runs on a
+thread of its own (:meth:`EventLoop.start`) or on the caller's
+(:meth:`EventLoop.run`, the VMM's main loop); ``on_start`` runs first on that
+thread, which is where the VMM confines it (seccomp), without this module
+knowing of the sandbox.
 """
 
 from __future__ import annotations
@@ -18,15 +22,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..sandbox import seccomp
-
 log = logging.getLogger(__name__)
 
 
-class IoThread:
-    def __init__(self, name: str = "io", role: str = "io") -> None:
-        """``role`` names the seccomp allow-list the thread confines itself to."""
-        self.role = role
+class EventLoop:
+    def __init__(self, name: str = "io", on_start: Callable[[], None] | None = None) -> None:
+        """``name`` is the thread's; ``on_start`` runs on the loop's thread before anything else."""
+        self._on_start = on_start
         self._ep = select.epoll()
         self._handlers: dict[int, Callable[[], None]] = {}
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -37,11 +39,14 @@ class IoThread:
         self._cond = threading.Condition()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self.run, name=name, daemon=True)
+        self._owner: threading.Thread | None = None     # the thread serving the loop
 
     def add(self, fd: int, callback: Callable[[], None], events: int = select.EPOLLIN) -> None:
-        self._handlers[fd] = callback
+        """Call ``callback`` on this loop when ``fd`` has ``events``; OSError (e.g. EPERM for
+        a regular file) if epoll cannot watch it."""
         self._ep.register(fd, events)
+        self._handlers[fd] = callback
 
     def modify(self, fd: int, events: int) -> None:
         self._ep.modify(fd, events)
@@ -73,20 +78,25 @@ class IoThread:
                 log.exception("I/O timer callback failed")
 
     def in_thread(self) -> bool:
-        """Whether the caller is this I/O thread."""
-        return threading.current_thread() is self._thread
+        """Whether the caller is the thread serving this loop."""
+        return threading.current_thread() is self._owner
 
     def start(self) -> None:
+        """Serve on a thread of the loop's own."""
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the thread and close the loop; calling it again does nothing."""
-        if self._ep.closed:
-            return
+    def stop_soon(self) -> None:
+        """Make :meth:`run` return after the handler running now (any thread, handlers too)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         os.eventfd_write(self._wake, 1)
+
+    def stop(self) -> None:
+        """Stop serving and close the loop; calling it again does nothing."""
+        if self._ep.closed:
+            return
+        self.stop_soon()
         if self._thread.is_alive():
             self._thread.join(5)
         self._ep.close()
@@ -113,8 +123,11 @@ class IoThread:
             self._cond.wait_for(lambda: not self._paused or self._stopping)
             self._parked = False
 
-    def _run(self) -> None:
-        seccomp.confine(self.role)
+    def run(self) -> None:
+        """Serve on the calling thread until :meth:`stop_soon` (or :meth:`stop` from another)."""
+        self._owner = threading.current_thread()
+        if self._on_start is not None:
+            self._on_start()
         while not self._stopping:
             if self._paused:
                 self._park()
