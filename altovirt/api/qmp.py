@@ -11,21 +11,17 @@ client sends can stop the VM or the other clients.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.unix import PendingOutput, UnixListener
+from ..backends.unix import Peer, SocketServer
 from ..errors import AltoVirtError
-from ..eventloop import EventLoop
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +53,9 @@ class Command:
     takes_fd: bool = False
 
 
-@dataclass
-class Client:
-    sock: socket.socket
+@dataclass(eq=False)
+class Client(Peer):
     inbuf: str = ""
-    out: PendingOutput = field(default_factory=PendingOutput)
     negotiated: bool = False
     fds: list[int] = field(default_factory=list)     # received, not yet taken by a command
     # Where the scan for the end of the current request stands (see _split).
@@ -140,80 +134,56 @@ def timestamp() -> dict[str, int]:
     return {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}
 
 
-class QmpServer:
+class QmpServer(SocketServer[Client]):
     def __init__(self, path: str, commands: dict[str, Command], version: dict[str, Any],
                  on_start: Callable[[], None] | None = None) -> None:
         """``on_start`` runs first on the server's thread (the VMM confines it there)."""
+        super().__init__(path, "qmp", max_output=MAX_OUTPUT, on_start=on_start)
         self.commands = commands
         self.version = version
-        self.listener = UnixListener(path)
-        self.io = EventLoop("qmp", on_start)
-        self._clients: dict[int, Client] = {}
-        self._lock = threading.RLock()
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.io.add(self.listener.fileno(), self._accept)
-        self.io.add(self._wake, self._flush_all)
-
-    def start(self) -> None:
-        self.io.start()
 
     # --- events (any thread) ---
     def event(self, name: str, data: dict[str, object]) -> None:
         line = _encode({"event": name, "data": data, "timestamp": timestamp()})
-        with self._lock:
-            for client in self._clients.values():
-                if client.negotiated:
-                    self._queue(client, line)
-        if self.io.in_thread():
-            self._flush_all()
-        else:
-            os.eventfd_write(self._wake, 1)
+        for client in self.peers:
+            if client.negotiated:
+                self.send(client, line)
 
     # --- connections (the QMP thread) ---
-    def _accept(self) -> None:
-        sock = self.listener.accept()
-        if sock is None:
-            return
+    def accepted(self, sock: socket.socket) -> Client:
         client = Client(sock)
-        with self._lock:
-            self._clients[sock.fileno()] = client
-            self._queue(client, _encode({"QMP": {"version": self.version, "capabilities": []}}))
-            self.io.add(sock.fileno(), functools.partial(self._readable, client))
-            self._flush(client)
+        self.send(client, _encode({"QMP": {"version": self.version, "capabilities": []}}))
+        return client
 
-    def _drop(self, client: Client, why: str) -> None:
-        with self._lock:
-            if self._clients.pop(client.sock.fileno(), None) is None:
-                return
-            self.io.remove(client.sock.fileno())
-            client.sock.close()
-            _close_fds(client)
-        log.debug("QMP client dropped: %s", why)
+    def dropped(self, client: Client) -> None:
+        _close_fds(client)
 
-    def _readable(self, client: Client) -> None:
+    def read(self, client: Client) -> bytes | None:
         try:
             data, fds, _, _ = socket.recv_fds(client.sock, 65536, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
-        except BlockingIOError:             # woken for EPOLLOUT: the client reads again
-            self._flush(client)
-            return
+        except BlockingIOError:
+            return None
         except OSError:
-            data, fds = b"", []
+            return b""
         if fds:
             # As QEMU's socket chardev does: new fds replace those no command took.
             _close_fds(client)
             client.fds = fds
-        if not data:
-            self._drop(client, "disconnected")
-            return
+        return data
+
+    def received(self, client: Client, data: bytes) -> bool:
         client.inbuf += data.decode("utf-8", errors="replace")
         if len(client.inbuf) > MAX_REQUEST:
             too_big = QmpError("GenericError", f"request larger than {MAX_REQUEST} bytes")
             self._reply(client, None, error=too_big)
-            self._flush(client)
-            self._drop(client, "oversized request")
-            return
+            self.flush(client)
+            return False
         self._process(client)
-        self._flush(client)
+        return True
+
+    def close(self, flush_timeout: float = 1.0) -> None:
+        """Stop serving; clients get up to ``flush_timeout`` to take what is queued (SHUTDOWN)."""
+        super().close(flush_timeout)
 
     def _process(self, client: Client) -> None:
         """Take every complete request off the client's input."""
@@ -272,47 +242,7 @@ class QmpServer:
                                   else {"return": result})
         if has_id:
             msg["id"] = req_id
-        with self._lock:
-            self._queue(client, _encode(msg))
-
-    def _queue(self, client: Client, line: bytes) -> None:
-        if len(client.out.buf) + len(line) > MAX_OUTPUT:
-            log.warning("QMP client is not reading its replies; dropping it")
-            client.out.buf.clear()
-            self._drop(client, "not reading")
-            return
-        client.out.buf += line
-
-    def _flush_all(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._wake)
-        with self._lock:
-            for client in list(self._clients.values()):
-                self._flush(client)
-
-    def _flush(self, client: Client) -> None:
-        with self._lock:
-            if client.sock.fileno() < 0:
-                return
-            if not client.out.flush(client.sock, self.io):
-                self._drop(client, "write failed")
-
-    def close(self, flush_timeout: float = 1.0) -> None:
-        """Stop serving; give clients up to ``flush_timeout`` to receive what is queued."""
-        self.io.stop()
-        deadline = time.monotonic() + flush_timeout
-        with self._lock:
-            for client in list(self._clients.values()):
-                if client.sock.fileno() >= 0:
-                    client.sock.setblocking(True)
-                    client.sock.settimeout(max(0.01, deadline - time.monotonic()))
-                    with contextlib.suppress(OSError):
-                        client.sock.sendall(client.out.buf)
-                    client.sock.close()
-                _close_fds(client)
-            self._clients.clear()
-        self.listener.close()
-        os.close(self._wake)
+        self.send(client, _encode(msg))
 
 
 def _close_fds(client: Client) -> None:

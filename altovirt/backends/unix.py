@@ -1,5 +1,5 @@
-"""Unix sockets we serve: listeners (console, vsock, QMP, XenStore) and the output
-queued for their clients.
+"""Unix sockets we serve: listeners (console, vsock, QMP, XenStore), the output
+queued for their clients, and the server QMP and the XenStore share.
 
 The socket file must not exist beforehand (the spec's rule for -chardev
 and -api-channel); it is created at start and removed when closed.
@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
-from typing import TYPE_CHECKING
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
+from ..eventloop import EventLoop
 from . import BackendError
 
-if TYPE_CHECKING:
-    from ..eventloop import EventLoop
+log = logging.getLogger(__name__)
 
 
 class UnixListener:
@@ -76,3 +81,159 @@ class PendingOutput:
             io.modify(sock.fileno(), select.EPOLLIN | (select.EPOLLOUT if waiting else 0))
             self._waiting = waiting
         return True
+
+
+@dataclass(eq=False)
+class Peer:
+    """One client of a :class:`SocketServer`: its socket and what is queued for it."""
+
+    sock: socket.socket
+    out: PendingOutput = field(default_factory=PendingOutput)
+
+
+P = TypeVar("P", bound=Peer)
+
+
+class SocketServer(Generic[P]):
+    """A stream-socket server on an event loop of its own.
+
+    It accepts on a :class:`UnixListener`, reads what each client sends and hands
+    it to :meth:`received`, and sends what :meth:`send` queued for a client as its
+    socket takes it. A client that hangs up, or stops reading while more than
+    ``max_output`` bytes wait for it, is dropped; nothing one client does stops
+    the others. Subclasses make their peers (:meth:`accepted`) and handle input.
+    """
+
+    def __init__(self, path: str, name: str, *, max_output: int, backlog: int = 8,
+                 on_start: Callable[[], None] | None = None) -> None:
+        """``on_start`` runs first on the server's thread (the VMM confines it there)."""
+        self.name = name
+        self.max_output = max_output
+        self.listener = UnixListener(path, backlog)
+        self.io = EventLoop(name, on_start)
+        self.lock = threading.RLock()
+        self._peers: dict[int, P] = {}
+        self._dirty: set[P] = set()             # peers with output queued since the last flush
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._closed = False
+        self.io.add(self.listener.fileno(), self._accept)
+        self.io.add(self._wake, self._woken)
+
+    def start(self) -> None:
+        self.io.start()
+
+    # --- what subclasses provide (the server's thread) ---
+    def accepted(self, sock: socket.socket) -> P:
+        """The peer for a connection the listener accepted."""
+        raise NotImplementedError
+
+    def read(self, peer: P) -> bytes | None:
+        """What the client sent: b"" when it is gone, None when there is nothing yet."""
+        try:
+            return peer.sock.recv(65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def received(self, peer: P, data: bytes) -> bool:
+        """Handle input; False drops the client."""
+        raise NotImplementedError
+
+    def dropped(self, peer: P) -> None:
+        """The client is gone: release what it held."""
+
+    # --- peers ---
+    @property
+    def peers(self) -> list[P]:
+        with self.lock:
+            return list(self._peers.values())
+
+    def add(self, peer: P) -> None:
+        """Serve ``peer`` (any thread); ConnectionRefusedError once the server is closed."""
+        with self.lock:
+            if self._closed:
+                raise ConnectionRefusedError(errno.ECONNREFUSED, f"the {self.name} server is closed")
+            self._peers[peer.sock.fileno()] = peer
+            self.io.add(peer.sock.fileno(), lambda: self._readable(peer))
+        self._schedule_flush(peer)
+
+    def send(self, peer: P, data: bytes) -> None:
+        """Queue ``data`` for ``peer`` (any thread); it leaves as the socket takes it."""
+        with self.lock:
+            if peer.sock.fileno() < 0:
+                return
+            if len(peer.out.buf) + len(data) > self.max_output:
+                log.warning("%s: a client is not reading what it is sent; it is dropped", self.name)
+                self.drop(peer, "not reading")
+                return
+            peer.out.buf += data
+        self._schedule_flush(peer)
+
+    def drop(self, peer: P, why: str) -> None:
+        with self.lock:
+            if self._peers.pop(peer.sock.fileno(), None) is None:
+                return
+            self._dirty.discard(peer)
+            self.io.remove(peer.sock.fileno())
+            peer.sock.close()
+            self.dropped(peer)
+        log.debug("%s: client dropped: %s", self.name, why)
+
+    def flush(self, peer: P) -> None:
+        """Send what the socket takes now (the server's thread)."""
+        with self.lock:
+            if peer.sock.fileno() >= 0 and not peer.out.flush(peer.sock, self.io):
+                self.drop(peer, "write failed")
+
+    # --- the server's thread ---
+    def _schedule_flush(self, peer: P) -> None:
+        with self.lock:
+            self._dirty.add(peer)
+        if not self.io.in_thread():
+            os.eventfd_write(self._wake, 1)
+
+    def _flush_dirty(self) -> None:
+        with self.lock:
+            dirty, self._dirty = self._dirty, set()
+            for peer in dirty:
+                self.flush(peer)
+
+    def _accept(self) -> None:
+        sock = self.listener.accept()
+        if sock is not None:
+            self.add(self.accepted(sock))
+            self._flush_dirty()
+
+    def _woken(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake)
+        self._flush_dirty()
+
+    def _readable(self, peer: P) -> None:
+        data = self.read(peer)
+        if data is None:                    # woken for EPOLLOUT: the client reads again
+            self.flush(peer)
+            return
+        if not data or not self.received(peer, data):
+            self.drop(peer, "disconnected" if not data else "refused")
+        self._flush_dirty()                 # the replies, and whatever other clients were sent
+
+    def close(self, flush_timeout: float = 0.0) -> None:
+        """Stop serving; each client has up to ``flush_timeout`` to take what is queued."""
+        with self.lock:
+            self._closed = True
+        self.io.stop()
+        deadline = time.monotonic() + flush_timeout
+        with self.lock:
+            for peer in list(self._peers.values()):
+                if flush_timeout and peer.out.buf:
+                    peer.sock.setblocking(True)
+                    peer.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                    with contextlib.suppress(OSError):
+                        peer.sock.sendall(peer.out.buf)
+                peer.sock.close()
+                self.dropped(peer)
+            self._peers.clear()
+        self.listener.close()
+        os.close(self._wake)
