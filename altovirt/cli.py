@@ -21,6 +21,7 @@ from .backends import BackendError
 from .config import ConfigError, HelpRequested, VmConfig, load_config
 from .errors import EXIT_ERROR, EXIT_USAGE, AltoVirtError
 from .sandbox import seccomp
+from .vmm import builder
 from .vmm.daemon import Daemon
 from .vmm.machine import Machine, VmmError
 from .xenstore.server import GUEST_VSOCK_PORT, XenStoreServer
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     qmp = None
     xenstore = None
     try:
-        machine = Machine.build(cfg)
+        machine = builder.build(cfg)
         log.info("VM %s: %d vCPU(s), %d MiB", cfg.name, cfg.vcpus, cfg.mem_size >> 20)
         if cfg.seccomp:
             enable_seccomp(cfg)

@@ -14,7 +14,7 @@ import pytest
 
 from altovirt.arch.x86_64 import acpi, layout
 from altovirt.config import load_config
-from altovirt.vmm.machine import Machine
+from altovirt.vmm import builder
 
 from .conftest import Vm, needs_kvm
 from .test_qmp import Raw
@@ -98,7 +98,7 @@ def check_tables(tmp_path: Path, tables: dict[str, bytes], cpus: int,
 @needs_iasl
 def test_tables_in_guest_ram_pass_acpica(probe: Path, tmp_path: Path) -> None:
     """Every slot a VM with QMP has (6 disks, 2 NICs, console, vsock, rng) is in the DSDT."""
-    m = Machine.build(load_config([
+    m = builder.build(load_config([
         "-kernel", str(probe / "probe.elf"), "-smp", "4", "-m", "5G",
         "-api-channel", f"unix:{tmp_path / 'qmp.sock'}", "-chardev", f"id=c0,path={tmp_path / 'con'}",
         "-device", f"vsock,id=v0,guest-cid=3,uds-path={tmp_path / 'v.sock'}", "-device", "virtio-rng"]))

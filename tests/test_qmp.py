@@ -21,7 +21,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from altovirt.config import load_config
-from altovirt.vmm.machine import Machine
+from altovirt.vmm import builder
 from altovirt.vmm.vcpu import StopReason
 
 from .conftest import Vm, needs_kvm
@@ -263,7 +263,7 @@ def test_system_reset_reboots_the_guest(vm: tuple[Vm, Path]) -> None:
 
 
 def test_guest_clock_does_not_jump_over_a_pause(probe: Path) -> None:
-    m = Machine.build(load_config(["-kernel", str(probe / "probe.elf"), "-append", "probe.run=wait"]))
+    m = builder.build(load_config(["-kernel", str(probe / "probe.elf"), "-append", "probe.run=wait"]))
     readings: dict[str, int] = {}
 
     def driver() -> None:

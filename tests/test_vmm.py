@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from altovirt.config import load_config
-from altovirt.vmm.machine import Machine, VmmError, open_kvm
+from altovirt.vmm import builder
+from altovirt.vmm.builder import open_kvm
+from altovirt.vmm.machine import VmmError
 from altovirt.vmm.vcpu import StopReason
 
 from .conftest import needs_kvm
@@ -25,7 +27,7 @@ def symbol(probe: Path, name: str) -> int:
 
 @needs_kvm
 def test_pause_and_resume(probe: Path) -> None:
-    m = Machine.build(load_config(["-kernel", str(probe / "probe.elf"), "-smp", "2",
+    m = builder.build(load_config(["-kernel", str(probe / "probe.elf"), "-smp", "2",
                                    "-append", "probe.run=smp,wait"]))
     counter = symbol(probe, "wait_counter")
     results: dict[str, Any] = {}

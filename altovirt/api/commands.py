@@ -15,8 +15,9 @@ from .. import __version__
 from ..backends.tap import Tap
 from ..config import ConfigError
 from ..config.validate import check_id, check_mac, check_tap
-from ..vmm.hotplug import Hotplug, HotplugError
-from ..vmm.machine import Machine, StateError
+from ..vmm.hotplug import Hotplug, HotplugError, NoSuchDevice
+from ..vmm.lifecycle import StateError
+from ..vmm.machine import Machine
 from ..vmm.vcpu import StopReason
 from .qmp import Command, QmpError
 from .xenstore import xenstore_commands
@@ -36,7 +37,7 @@ def _checked(action: Callable[[], object]) -> object:
     try:
         action()
     except (HotplugError, StateError, ConfigError) as e:
-        raise QmpError(getattr(e, "cls", "GenericError"), str(e)) from e
+        raise QmpError("DeviceNotFound" if isinstance(e, NoSuchDevice) else "GenericError", str(e)) from e
     return {}
 
 
@@ -157,7 +158,7 @@ def build(machine: Machine) -> dict[str, Command]:
     """The command table for ``machine``."""
 
     def query_status(args: dict[str, Any]) -> object:
-        state = machine.state
+        state = machine.state.value
         return {"running": state == "running", "singlestep": False, "status": state}
 
     def props(i: int) -> dict[str, int]:

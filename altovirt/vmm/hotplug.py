@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 
 
 class HotplugError(AltoVirtError, ValueError):
-    """A hot-plug request refused, with nothing changed; ``cls`` is QMP's error class."""
+    """A hot-plug request refused, with nothing changed."""
 
-    def __init__(self, message: str, cls: str = "GenericError") -> None:
-        super().__init__(message)
-        self.cls = cls
+
+class NoSuchDevice(HotplugError):
+    """The request names a device that is not plugged."""
 
 
 class Hotplug:
@@ -147,7 +147,7 @@ class Hotplug:
             elif (index := self._slot_of(self.nics, name)) is not None:
                 self._plug(self.nics[index], empty_nic(index, self._io))
             else:
-                raise HotplugError(f"Device {name!r} not found", "DeviceNotFound")
+                raise NoSuchDevice(f"Device {name!r} not found")
         log.info("device %s unplugged", name)
         self._on_deleted(name)
 

@@ -27,7 +27,7 @@ from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.net import Net, random_mac
 from ..devices.virtio.rng import Rng
 from ..devices.virtio.vsock import Vsock
-from ..errors import AltoVirtError
+from ..errors import EXIT_USAGE, AltoVirtError
 from ..eventloop import EventLoop
 
 MMIO_BASE = 0xD0000000
@@ -35,7 +35,10 @@ IRQS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17)
 
 
 class DeviceError(AltoVirtError, ValueError):
-    """A configured device cannot be created (busy image, missing tap...)."""
+    """A configured device cannot be created (busy image, missing tap...): a configuration
+    the host cannot honour, so a usage error."""
+
+    exit_status = EXIT_USAGE
 
 
 @dataclass

@@ -1,0 +1,132 @@
+"""The VM's devices: the two buses, the legacy devices on port I/O, the virtio-mmio
+slots, and the interrupt and notification eventfds that tie them to KVM.
+
+Interrupts are irqfds (KVM_IRQFD), queue notifications ioeventfds
+(KVM_IOEVENTFD with the queue index as datamatch), so neither needs a vCPU
+exit to user space to reach a device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+from ..arch.x86_64.acpi import MmioSlot
+from ..config import VmConfig
+from ..devices.bus import Bus
+from ..devices.legacy.acpi import ACPI_PORT_BASE, ACPI_PORT_COUNT, GED_IRQ, AcpiRegisters
+from ..devices.legacy.boottimer import BOOT_TIMER_PORT, BootTimer
+from ..devices.legacy.i8042 import DATA_PORT as I8042_PORT
+from ..devices.legacy.i8042 import I8042, I8042_IRQ
+from ..devices.legacy.post import POST_PORT, PostPort
+from ..devices.legacy.rtc import RTC_PORT, Rtc
+from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
+from ..devices.virtio.block import WorkerPool
+from ..devices.virtio.mmio import MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
+from ..devices.virtio.vsock import Vsock
+from ..eventloop import EventLoop
+from ..kvm import Vm
+from ..memory import GuestMemory
+from . import virtio_devices
+from .console import HostConsole
+from .hotplug import Hotplug
+from .vcpu import GUEST_RESET, GUEST_SHUTDOWN, StopReason
+
+log = logging.getLogger(__name__)
+
+
+class DeviceManager:
+    """Creates the devices of one VM on ``vm`` and ``mem``, and releases them."""
+
+    def __init__(self, cfg: VmConfig, vm: Vm, mem: GuestMemory, io: EventLoop, pool: WorkerPool,
+                 stop: Callable[[StopReason], None]) -> None:
+        """``stop(reason)`` is how a device ends the VM (ACPI S5, the i8042's reset line)."""
+        self.cfg, self._vm, self._mem, self._io, self._pool = cfg, vm, mem, io, pool
+        self._stop = stop
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self._fds: list[int] = []
+        self.transports: list[MmioTransport] = []
+        self.boot_timer = BootTimer()
+        self.console: HostConsole | None = None
+        self.serial: Serial | None = None
+        self.i8042: I8042 | None = None
+        self.acpi: AcpiRegisters | None = None
+        self.hotplug: Hotplug | None = None
+        self.vsock: Vsock | None = None
+
+    def _irqfd(self, gsi: int) -> int:
+        """An eventfd that raises an edge on ``gsi`` when written (KVM_IRQFD)."""
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fds.append(fd)
+        self._vm.irqfd(fd, gsi)
+        return fd
+
+    def _irq_line(self, gsi: int) -> Callable[[], None]:
+        fd = self._irqfd(gsi)
+        return lambda: os.eventfd_write(fd, 1)
+
+    def add_virtio_devices(self, quiet: Callable[[], AbstractContextManager[None]],
+                           on_deleted: Callable[[str], None]) -> list[MmioSlot]:
+        """Create the configured virtio devices, and the empty hot-plug slots when the VM
+        has a QMP channel to fill them; returns the slots. ``quiet`` and ``on_deleted``
+        are the hot-plug's (see :class:`Hotplug`)."""
+        devices = virtio_devices.devices_for(self.cfg, self._io, self._pool,
+                                             hotplug=bool(self.cfg.api_channel))
+        slots = []
+        for index, device in enumerate(devices.in_slot_order()):
+            base, irq = virtio_devices.slot(index)
+            transport = MmioTransport(device, self._mem, self._irqfd(irq), self._io)
+            self.transports.append(transport)
+            for q, fd in enumerate(transport.notify_fds):
+                self._vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=q)
+            self.mmio.insert(transport, base, MMIO_SLOT_SIZE)
+            slots.append(MmioSlot(base, MMIO_SLOT_SIZE, irq))
+            log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)
+        self.vsock = next((d for d in devices.others if isinstance(d, Vsock)), None)
+        n_disks, n_nics = len(devices.disks), len(devices.nets)
+        self.hotplug = Hotplug(self.transports[:n_disks], self.transports[n_disks:n_disks + n_nics],
+                               self._io, self._pool, quiet, on_deleted)
+        return slots
+
+    def add_legacy_devices(self) -> None:
+        out = None
+        if self.cfg.serial_stdio:
+            self.console = HostConsole(self._stop)
+            out = self.console.write
+        self.serial = Serial(out, self._irq_line(COM1_IRQ))
+        if self.console:
+            self.console.attach(self.serial.enqueue)
+        high = sum(r.size for r in self._mem.regions[1:])
+        # COM1's eighth port (scratch, 0x3ff) is the boot timer.
+        self.pio.insert(self.serial, COM1_PORT, BOOT_TIMER_PORT - COM1_PORT)
+        self.i8042 = I8042(lambda: self._stop(GUEST_RESET), self._irq_line(I8042_IRQ))
+        self.pio.insert(self.i8042, I8042_PORT, 5)
+        if self.cfg.acpi:
+            self.acpi = AcpiRegisters(lambda: self._stop(GUEST_SHUTDOWN), lambda: self._stop(GUEST_RESET),
+                                      self._irq_line(GED_IRQ))
+            self.pio.insert(self.acpi, ACPI_PORT_BASE, ACPI_PORT_COUNT)
+        self.pio.insert(Rtc(self._mem.regions[0].size, high), RTC_PORT, 2)
+        self.pio.insert(self.boot_timer, BOOT_TIMER_PORT, 1)
+        self.pio.insert(PostPort(), POST_PORT, 1)
+
+    def reset(self) -> None:
+        """Reset every virtio device, as the reset line does (device work is held still)."""
+        for t in self.transports:
+            t.reset()
+
+    def quiesce(self) -> None:
+        for t in self.transports:
+            t.device.quiesce()
+
+    def close(self) -> None:
+        for t in self.transports:
+            t.close()
+        self.transports.clear()
+        if self.hotplug is not None:
+            self.hotplug.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()

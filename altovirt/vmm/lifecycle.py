@@ -1,0 +1,91 @@
+"""The VM's run state, the moves between states, and who hears of them.
+
+States and their names are QMP's RunState: prelaunch -> running <-> paused,
+and from any of them -> shutdown, which is final. A stop can be asked for from
+any thread (the guest, a signal, QMP); the first reason given wins and is
+announced, and the main loop is woken through an eventfd to act on it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from ..errors import AltoVirtError
+from .vcpu import StopReason
+
+log = logging.getLogger(__name__)
+
+
+class RunState(enum.StrEnum):
+    PRELAUNCH = "prelaunch"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+
+
+MOVES: dict[RunState, frozenset[RunState]] = {
+    RunState.PRELAUNCH: frozenset({RunState.RUNNING, RunState.SHUTDOWN}),
+    RunState.RUNNING: frozenset({RunState.PAUSED, RunState.SHUTDOWN}),
+    RunState.PAUSED: frozenset({RunState.RUNNING, RunState.SHUTDOWN}),
+    RunState.SHUTDOWN: frozenset(),
+}
+
+Listener = Callable[[str, dict[str, object]], None]
+
+
+class StateError(AltoVirtError, RuntimeError):
+    """A lifecycle request that makes no sense in the VM's current state."""
+
+
+class Lifecycle:
+    """Holds the run state. ``lock`` serializes whatever changes the machine's state
+    (pause, resume, reset, hot-plug); moves are made under it."""
+
+    def __init__(self) -> None:
+        self.state = RunState.PRELAUNCH
+        self.lock = threading.Lock()
+        self.stop_reason: StopReason | None = None
+        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stop_lock = threading.Lock()
+        self._listeners: list[Listener] = []
+
+    def require(self, *states: RunState, what: str = "") -> None:
+        """StateError unless the VM is in one of ``states`` ("the VM is paused, not running")."""
+        if self.state not in states:
+            raise StateError(f"the VM is {self.state}{what}")
+
+    def move(self, to: RunState) -> None:
+        """Go to ``to``; the caller holds ``lock`` and has checked the move is wanted."""
+        if to not in MOVES[self.state]:
+            raise StateError(f"the VM cannot go from {self.state} to {to}")
+        self.state = to
+
+    def request_stop(self, reason: StopReason) -> None:
+        """Ask the main loop to stop the VM (any thread); the first reason wins and is announced."""
+        with self._stop_lock:
+            first = self.stop_reason is None
+            if first:
+                self.stop_reason = reason
+                self.state = RunState.SHUTDOWN      # from any state, without waiting for the lock
+                log.info("stopping: %s", reason.reason)
+        if first:
+            self.emit("SHUTDOWN", {"guest": reason.guest, "reason": reason.reason})
+        os.eventfd_write(self.stop_fd, 1)
+
+    def add_listener(self, listener: Listener) -> None:
+        """``listener(event, data)`` hears STOP, RESUME, SHUTDOWN, RESET, POWERDOWN and
+        DEVICE_DELETED (QMP's events)."""
+        self._listeners.append(listener)
+
+    def emit(self, event: str, data: dict[str, object]) -> None:
+        for listener in self._listeners:
+            listener(event, data)
+
+    def close(self) -> None:
+        if self.stop_fd >= 0:
+            os.close(self.stop_fd)
+            self.stop_fd = -1
