@@ -52,7 +52,9 @@ class Session:
 
     def error(self, command: str, **args: object) -> str:
         reply = self.qmp.cmd_obj({"execute": command, "arguments": args})
-        assert reply["error"]["class"] in ("GenericError", "DeviceNotFound"), reply
+        # QEMU's classes: a device_del of what is not plugged is DeviceNotFound, the rest generic.
+        not_found = command == "device_del" and reply["error"]["desc"].endswith("not found")
+        assert reply["error"]["class"] == ("DeviceNotFound" if not_found else "GenericError"), reply
         return str(reply["error"]["desc"])
 
     def shell(self, command: str, reply: str) -> str:
