@@ -6,13 +6,18 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import pytest
 
 from altovirt.config import load_config
 from altovirt.vmm import builder
+from altovirt.vmm.actions import Action
 from altovirt.vmm.builder import open_kvm
-from altovirt.vmm.machine import VmmError
+from altovirt.vmm.lifecycle import StateError
+from altovirt.vmm.machine import VcpuInfo, VmmError
 from altovirt.vmm.vcpu import StopReason
 
 from .conftest import needs_kvm
@@ -42,13 +47,13 @@ def test_pause_and_resume(probe: Path) -> None:
             while count() == 0:
                 assert time.monotonic() < deadline, "the guest never started counting"
                 time.sleep(0.01)
-            m.pause()
+            m.request(Action.PAUSE)         # as QMP asks: carried out on the main thread
             results["paused"] = [v.paused for v in m.vcpus]
             frozen = count()
             time.sleep(0.2)
             results["frozen"] = (frozen, count())
             results["rip"] = m.vcpus[0].vcpu.get_regs().rip    # registers readable while paused
-            m.resume()
+            m.request(Action.RESUME)
             time.sleep(0.2)
             results["after"] = count() - frozen
             results["resumed"] = [v.paused for v in m.vcpus]
@@ -71,6 +76,51 @@ def test_pause_and_resume(probe: Path) -> None:
     assert 0x1000000 <= results["rip"] < 0x1100000
     assert results["after"] > 0
     assert results["resumed"] == [False, False]
+
+
+@needs_kvm
+def test_actions_are_answered_until_the_vmm_stops(probe: Path) -> None:
+    """What the API asks runs on the main thread and comes back; a refusal is a StateError;
+    once the VMM has stopped, every request is refused instead of waiting forever."""
+    m = builder.build(load_config(["-kernel", str(probe / "probe.elf"), "-smp", "2",
+                                   "-append", "probe.run=wait"]))
+    results: dict[str, Any] = {}
+
+    def driver() -> None:
+        try:
+            infos = cast(list[VcpuInfo], m.request(Action.VCPU_INFO))
+            results["info"] = [(i.index, i.thread_id > 0) for i in infos]
+            with pytest.raises(StateError, match="the VM is running, not paused"):
+                m.request(Action.RESUME)
+        except BaseException as e:
+            results["error"] = e
+        finally:
+            m.request_stop(TEST_STOP)
+
+    t = threading.Thread(target=driver)
+    t.start()
+    try:
+        assert m.run() == TEST_STOP
+        t.join()
+        late: dict[str, BaseException | None] = {}
+        asker = threading.Thread(target=lambda: late.update(error=catch(lambda: m.request(Action.PAUSE))))
+        asker.start()
+        asker.join(10)
+        assert not asker.is_alive()
+        assert isinstance(late["error"], StateError) and str(late["error"]) == "the VM is shutting down"
+    finally:
+        t.join()
+        m.close()
+    assert "error" not in results, results
+    assert results["info"] == [(0, True), (1, True)]
+
+
+def catch(action: Callable[[], object]) -> BaseException | None:
+    try:
+        action()
+    except BaseException as e:
+        return e
+    return None
 
 
 def test_missing_kvm_is_one_line() -> None:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from .. import __version__
 from ..backends.tap import Tap
 from ..config import ConfigError
 from ..config.validate import check_id, check_mac, check_tap
+from ..vmm.actions import Action
 from ..vmm.hotplug import Hotplug, HotplugError, NoSuchDevice
 from ..vmm.lifecycle import StateError
-from ..vmm.machine import Machine
+from ..vmm.machine import Machine, VcpuInfo
 from ..vmm.vcpu import StopReason
 from .qmp import Command, QmpError
 from .xenstore import xenstore_commands
@@ -41,8 +42,9 @@ def _checked(action: Callable[[], object]) -> object:
     return {}
 
 
-def _lifecycle(action: Callable[[], object]) -> Callable[[dict[str, Any]], object]:
-    return lambda args: _checked(action)
+def _ask(machine: Machine, action: Action) -> Callable[[dict[str, Any]], object]:
+    """A command that asks the VMM for ``action`` (carried out on the VMM's thread)."""
+    return lambda args: _checked(lambda: machine.request(action))
 
 
 def _object(name: str, value: dict[str, Any], fields: dict[str, type]) -> None:
@@ -167,7 +169,13 @@ def build(machine: Machine) -> dict[str, Command]:
     def query_cpus(args: dict[str, Any]) -> object:
         return [{"CPU": c.index, "arch": "x86", "current": c.index == 0, "halted": c.halted,
                  "props": props(c.index), "qom_path": f"/machine/unattached/device[{c.index}]",
-                 "thread_id": c.thread_id} for c in machine.vcpu_info()]
+                 "thread_id": c.thread_id} for c in vcpu_info()]
+
+    def vcpu_info() -> list[VcpuInfo]:
+        try:
+            return cast(list[VcpuInfo], machine.request(Action.VCPU_INFO))
+        except StateError as e:
+            raise QmpError("GenericError", str(e)) from e
 
     def query_cpus_fast(args: dict[str, Any]) -> object:
         return [{"cpu-index": v.index, "props": props(v.index),
@@ -184,11 +192,11 @@ def build(machine: Machine) -> dict[str, Command]:
 
     table: dict[str, Command] = {
         "qmp_capabilities": Command(lambda a: {}, {"enable": (list, False)}),
-        "stop": Command(_lifecycle(machine.pause)),
-        "cont": Command(_lifecycle(machine.resume)),
+        "stop": Command(_ask(machine, Action.PAUSE)),
+        "cont": Command(_ask(machine, Action.RESUME)),
         "quit": Command(quit_),
-        "system_reset": Command(_lifecycle(machine.reset)),
-        "system_powerdown": Command(_lifecycle(machine.powerdown)),
+        "system_reset": Command(_ask(machine, Action.RESET)),
+        "system_powerdown": Command(_ask(machine, Action.POWERDOWN)),
         "query-status": Command(query_status),
         "query-cpus": Command(query_cpus),
         "query-cpus-fast": Command(query_cpus_fast),

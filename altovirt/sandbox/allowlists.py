@@ -8,10 +8,10 @@ inherit it). A call outside the list raises SIGSYS, which ends the VMM (see
   interrupts (eventfd writes) and prints the serial console.
 - ``io``: the device I/O thread and the block worker pool: virtqueues, images,
   taps and unix sockets (console, vsock, the guest's XenStore connections).
-- ``api``: the QMP thread: its clients, the lifecycle (pausing vCPUs, KVM
-  state), hot-plug (opening images and taps) and system_reset.
-- ``main``: the event loop that waits for a stop, the terminal, and the
-  teardown.
+- ``api``: the QMP and XenStore threads: their clients and hot-plug (opening
+  images and taps). What touches the VM itself they ask of ``main``.
+- ``main``: the main thread's event loop: the stop, the terminal, the actions
+  the API asks for (pausing vCPUs, KVM state, system_reset), and the teardown.
 
 ``PYTHON`` is what the interpreter needs in any thread (memory, locks,
 signals, time). The argument checks below are applied on top of the names.
@@ -45,7 +45,7 @@ ROLES: dict[str, tuple[str, ...]] = {
            "ioctl", "preadv", "pwritev", "preadv2", "pwritev2", "fdatasync", "fsync", "fallocate", "openat",
            "unlink", "tgkill", "socketpair"),       # socketpair: a guest's XenStore connection
     "api": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
-            "ioctl", "openat", "unlink", "tgkill", "flock", "fdatasync"),
+            "ioctl", "openat", "unlink", "flock", "fdatasync"),
     "main": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
              "ioctl", "tgkill", "unlink", "openat", "fsync", "rename", "wait4"),
 }
@@ -66,7 +66,7 @@ SIOCGIFINDEX = 0x8933          # <linux/sockios.h>: if_nametoindex(), how a tap 
 IOCTLS: dict[str, tuple[int, ...]] = {
     "vcpu": (*FILE_IOCTLS, K.KVM_RUN, *KVM_VCPU_STATE, TUNSETOFFLOAD),
     "io": (*FILE_IOCTLS, TUNSETOFFLOAD),
-    "api": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ,
-            TUNSETOFFLOAD, SIOCGIFINDEX),
+    # No KVM: the API asks the main thread for what touches the VM (vmm/actions.py).
+    "api": (*FILE_IOCTLS, TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFINDEX),
     "main": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TCSETS, TCSETSW),
 }

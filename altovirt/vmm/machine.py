@@ -29,6 +29,7 @@ from ..kvm import structs as S
 from ..memory import GuestMemory
 from ..sandbox import seccomp
 from ..xenstore.store import Store
+from .actions import Action, ActionQueue
 from .device_manager import DeviceManager
 from .hotplug import Hotplug
 from .lifecycle import Lifecycle, Listener, RunState, StateError
@@ -64,6 +65,8 @@ class Machine:
         self.io = EventLoop("io", functools.partial(seccomp.confine, "io"))
         self.block_pool = WorkerPool(on_start=functools.partial(seccomp.confine, "io"))
         self.lifecycle = Lifecycle()
+        self._loop = EventLoop("main", functools.partial(seccomp.confine, "main"))
+        self._actions = ActionQueue(self._loop)
         # The VM's XenStore: the guest is domain cfg.xen_domid, with its home made at start.
         self.xenstore = Store(cfg.xen_domid) if cfg.xenstore else None
         self.boot_inputs: BootInputs | None = None
@@ -92,6 +95,14 @@ class Machine:
 
     def request_stop(self, reason: StopReason) -> None:
         self.lifecycle.request_stop(reason)
+
+    def request(self, action: Action) -> object:
+        """Carry out ``action`` on the VMM's main thread (any thread may ask): its result,
+        or its error (StateError when the VM's state does not allow it)."""
+        handlers: dict[Action, Callable[[], object]] = {
+            Action.PAUSE: self.pause, Action.RESUME: self.resume, Action.RESET: self.reset,
+            Action.POWERDOWN: self.powerdown, Action.VCPU_INFO: self.vcpu_info}
+        return self._actions.submit(handlers[action])
 
     # --- lifecycle ---
     def pause(self) -> None:
@@ -195,7 +206,7 @@ class Machine:
         """Run until stopped; returns why. Must be called on the main thread."""
         install_kick_handler()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        loop = EventLoop("main", functools.partial(seccomp.confine, "main"))
+        loop = self._loop
         loop.add(self.lifecycle.stop_fd, loop.stop_soon)    # request_stop() sets the reason first
         console = self.devices.console if self.devices else None
         try:
@@ -213,6 +224,7 @@ class Machine:
                 on_running()
             loop.run()
         finally:
+            self._actions.close()
             for v in self.vcpus:
                 v.resume()
                 v.exit()
@@ -220,7 +232,6 @@ class Machine:
             self.io.stop()
             if console:
                 console.stop()
-            loop.stop()
             for s, h in old.items():
                 signal.signal(s, h)
         assert self.stop_reason is not None
@@ -235,6 +246,8 @@ class Machine:
             self.devices.close()
         self.block_pool.stop()
         self.io.stop()
+        self._actions.close()
+        self._loop.stop()
         self.lifecycle.close()
         if self.vm is not None:
             self.vm.close()
