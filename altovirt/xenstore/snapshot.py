@@ -1,6 +1,7 @@
 """The whole XenStore as bytes, for snapshots and migration: :func:`save` and :func:`load`.
 
-The image is versioned JSON: the tree, the guest's sessions (their watches
+The image is versioned JSON in the envelope every saved state uses
+(:mod:`altovirt.persist`): the tree, the guest's sessions (their watches
 and open transactions) and the counters that must carry on (generation
 counts, transaction ids). Host sessions are not saved: their clients belong
 to the process that saved. A tree and the transactions' trees share nodes,
@@ -23,10 +24,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
-from ..errors import AltoVirtError
+from ..persist import StateError, check, check_int, seal, unseal
 from .store import DOM0, Change, Session, State, Store, Transaction, Watch, owners
 from .tree import Node, Perm, XsError, check_path
 
@@ -35,8 +35,8 @@ VERSION = 1
 TX_ID_MAX = 0xFFFFFFFF
 
 
-class SnapshotError(AltoVirtError, ValueError):
-    """Data that is not a XenStore image this VMM can load; the store is unchanged."""
+# Data that is not a XenStore image this VMM can load; the store is unchanged.
+SnapshotError = StateError
 
 
 def save(store: Store) -> bytes:
@@ -48,7 +48,7 @@ def save(store: Store) -> bytes:
                 roots += [txn.base, txn.state.root]
         nodes, index = _flatten(roots)
         image = {
-            "format": FORMAT, "version": VERSION, "guest_domid": store.guest_domid,
+            "guest_domid": store.guest_domid,
             "gen": store.gen, "next_tx": store.next_tx, "nodes": nodes, "root": index[id(store.state.root)],
             "sessions": [{
                 "watches": [[w.path, w.token] for w in session.watches],
@@ -58,24 +58,18 @@ def save(store: Store) -> bytes:
                 } for txn in session.transactions.values()],
             } for session in guests],
         }
-    return json.dumps(image, separators=(",", ":")).encode()
+    return seal(FORMAT, VERSION, image)
 
 
 def load(store: Store, data: bytes) -> list[Session]:
     """Replace ``store``'s content with the image's (see :meth:`Store.restore`). Returns
     the guest's loaded sessions, which hold their events until :meth:`Session.attach`
     gives them a connection. A bad image raises SnapshotError and changes nothing."""
-    try:
-        image = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise SnapshotError(f"not a XenStore image: {e}") from e
-    _expect(isinstance(image, dict) and image.get("format") == FORMAT, "not a XenStore image")
-    _expect(image.get("version") == VERSION,
-            f"XenStore image version {image.get('version')!r}; this VMM reads version {VERSION}")
-    _expect(image.get("guest_domid") == store.guest_domid,
+    image = unseal(data, FORMAT, VERSION, "a XenStore image")
+    check(image.get("guest_domid") == store.guest_domid,
             f"the image's guest is domain {image.get('guest_domid')!r}; this VM's is {store.guest_domid}")
-    gen = _int(image.get("gen"), 0, 1 << 63, "gen")
-    next_tx = _int(image.get("next_tx"), 1, TX_ID_MAX, "next_tx")
+    gen = check_int(image.get("gen"), 0, 1 << 63, "gen")
+    next_tx = check_int(image.get("next_tx"), 1, TX_ID_MAX, "next_tx")
     nodes = _nodes(_list(image.get("nodes"), "nodes"), gen)
     tx_ids: set[int] = set()
     guests = [_session(store, _dict(s, "a session"), nodes, tx_ids)
@@ -108,15 +102,15 @@ def _nodes(entries: list[Any], gen: int) -> list[Node]:
     nodes: list[Node] = []
     for i, entry in enumerate(entries):
         where = f"node {i}"
-        _expect(isinstance(entry, list) and len(entry) == 4, f"{where} must be [value, perms, gen, children]")
+        check(isinstance(entry, list) and len(entry) == 4, f"{where} must be [value, perms, gen, children]")
         value, perms, node_gen, children = entry
         kids: dict[str, Node] = {}
         for name, j in _dict(children, f"{where}: children").items():
-            _expect(_valid_name(name), f"{where}: {name!r} is not a node name")
+            check(_valid_name(name), f"{where}: {name!r} is not a node name")
             # Children come first: an index below this node's keeps the tree free of cycles.
-            kids[name] = nodes[_int(j, 0, i - 1, f"{where}: child {name!r}")]
+            kids[name] = nodes[check_int(j, 0, i - 1, f"{where}: child {name!r}")]
         nodes.append(Node(_base64(value, where), _perms(perms, where), kids,
-                          _int(node_gen, 0, gen, f"{where}: gen")))
+                          check_int(node_gen, 0, gen, f"{where}: gen")))
     return nodes
 
 
@@ -124,17 +118,17 @@ def _session(store: Store, image: dict[str, Any], nodes: list[Node], tx_ids: set
     # Not one of the store's sessions until it is restored; it holds events until attached.
     session = Session(store, store.guest_domid)
     for w in _list(image.get("watches"), "a session's watches"):
-        _expect(isinstance(w, list) and len(w) == 2 and all(isinstance(x, str) for x in w),
+        check(isinstance(w, list) and len(w) == 2 and all(isinstance(x, str) for x in w),
                 "a watch must be [path, token]")
         path, token = w
         absolute = _checked(path, session.home, watch=True)
-        _expect(not any(o.absolute == absolute and o.token == token for o in session.watches),
+        check(not any(o.absolute == absolute and o.token == token for o in session.watches),
                 f"watch {path!r} {token!r} is there twice")
         session.watches.append(Watch(session, path, absolute, token))
     for t in _list(image.get("transactions"), "a session's transactions"):
         t = _dict(t, "a transaction")
-        tx = _int(t.get("id"), 1, TX_ID_MAX, "a transaction's id")
-        _expect(tx not in tx_ids, f"transaction {tx} is there twice")
+        tx = check_int(t.get("id"), 1, TX_ID_MAX, "a transaction's id")
+        check(tx not in tx_ids, f"transaction {tx} is there twice")
         tx_ids.add(tx)
         root = _node_at(nodes, t.get("root"))
         changes = [_change(c, tx) for c in _list(t.get("changes"), f"transaction {tx}: changes")]
@@ -145,19 +139,19 @@ def _session(store: Store, image: dict[str, Any], nodes: list[Node], tx_ids: set
 
 def _change(c: object, tx: int) -> Change:
     c = _list(c, f"transaction {tx}: a change")
-    _expect(len(c) == 3 and isinstance(c[0], str) and isinstance(c[2], bool),
+    check(len(c) == 3 and isinstance(c[0], str) and isinstance(c[2], bool),
             f"transaction {tx}: a change must be [path, perms, removed]")
     path, perms, removed = c
     return Change(_checked(path, "/"), _perms(perms, f"transaction {tx}"), removed)
 
 
 def _node_at(nodes: list[Node], index: object) -> Node:
-    return nodes[_int(index, 0, len(nodes) - 1, "a node index")]
+    return nodes[check_int(index, 0, len(nodes) - 1, "a node index")]
 
 
 def _perms(texts: object, where: str) -> tuple[Perm, ...]:
     texts = _list(texts, f"{where}: perms")
-    _expect(len(texts) > 0 and all(isinstance(t, str) for t in texts),
+    check(len(texts) > 0 and all(isinstance(t, str) for t in texts),
             f"{where}: perms must be a non-empty list of strings")
     try:
         return tuple(Perm.parse(t) for t in texts)
@@ -192,12 +186,6 @@ def _base64(value: object, where: str) -> bytes:
     raise SnapshotError(f"{where}: the value must be base64")
 
 
-def _int(x: object, low: int, high: int, what: str) -> int:
-    if type(x) is not int or not low <= x <= high:      # not bool, though bool is an int
-        raise SnapshotError(f"{what} must be an integer from {low} to {high}, not {x!r}")
-    return x
-
-
 def _list(x: object, what: str) -> list[Any]:
     if not isinstance(x, list):
         raise SnapshotError(f"{what} must be a list")
@@ -210,6 +198,3 @@ def _dict(x: object, what: str) -> dict[str, Any]:
     return x
 
 
-def _expect(condition: bool, problem: str) -> None:
-    if not condition:
-        raise SnapshotError(problem)
