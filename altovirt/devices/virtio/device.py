@@ -51,6 +51,13 @@ class Interrupt:
         with self._lock:
             self.status &= ~bits
 
+    def restore(self, status: int) -> None:
+        """InterruptStatus as saved; an interrupt still owed is raised again."""
+        with self._lock:
+            self.status = status
+        if status:
+            os.eventfd_write(self._fd, 1)
+
     def signal_used(self, queue: Queue) -> None:
         """Interrupt for newly used buffers, unless the driver suppressed it."""
         if queue.needs_interrupt():

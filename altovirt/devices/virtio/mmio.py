@@ -13,11 +13,13 @@ import functools
 import logging
 import os
 import threading
+from dataclasses import dataclass
 
 from ...eventloop import EventLoop
 from ...memory import GuestMemory
+from ...persist import check, check_int
 from .device import VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, Interrupt, VirtioDevice
-from .queue import Queue, QueueError
+from .queue import Queue, QueueError, QueueState
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,22 @@ VENDOR = 0x554D4551             # "QEMU", what Linux and QEMU expect from a gene
 # Device status bits (2.1)
 ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK = 1, 2, 4, 8
 DEVICE_NEEDS_RESET, FAILED = 64, 128
+
+
+@dataclass(frozen=True)
+class TransportState:
+    """The slot's registers, its queues, and what the device took from the driver."""
+
+    device_id: int
+    status: int
+    features_sel: int
+    driver_features: int
+    driver_features_sel: int
+    queue_sel: int
+    config_generation: int
+    interrupt_status: int
+    broken: bool
+    queues: tuple[QueueState, ...]
 
 
 class MmioTransport:
@@ -101,6 +119,43 @@ class MmioTransport:
         """A device reset from outside (the machine is reset), as if the driver wrote 0 to Status."""
         with self.lock:
             self._reset()
+
+    # --- saved state (device work is held still) ---
+    def save(self) -> TransportState:
+        with self.lock:
+            return TransportState(self.device.device_id, self.status, self.features_sel, self.driver_features,
+                                  self.driver_features_sel, self.queue_sel, self.config_generation,
+                                  self.interrupt.status, self.device.broken,
+                                  tuple(q.save() for q in self.queues))
+
+    def restore(self, state: TransportState) -> None:
+        """Take ``state``: a device the driver had started is started again on its queues,
+        where they stood. StateError, with the slot unchanged, if the state does not fit it."""
+        check(state.device_id == self.device.device_id,
+              f"a slot of device {state.device_id} cannot restore {self.device.name}'s")
+        check(len(state.queues) == len(self.queues),
+              f"{len(state.queues)} queues saved; {self.device.name} has {len(self.queues)}")
+        check_int(state.status, 0, 0xFF, "status")
+        check_int(state.driver_features, 0, (1 << 64) - 1, "driver features")
+        for name in ("features_sel", "driver_features_sel", "queue_sel", "config_generation",
+                     "interrupt_status"):
+            check_int(getattr(state, name), 0, 0xFFFFFFFF, name)
+        if state.status & FEATURES_OK:
+            check(not state.driver_features & ~self.device.device_features(),
+                  f"driver features {state.driver_features:#x} were never offered by {self.device.name}")
+        queues = [Queue(q.max_size) for q in self.queues]
+        for queue, saved in zip(queues, state.queues, strict=True):
+            queue.restore(saved, self.mem)
+        with self.lock:
+            self._reset()
+            self.queues[:] = queues     # the list the device is handed
+            self.status, self.features_sel, self.queue_sel = state.status, state.features_sel, state.queue_sel
+            self.driver_features, self.driver_features_sel = state.driver_features, state.driver_features_sel
+            self.config_generation = state.config_generation
+            self.interrupt.restore(state.interrupt_status)
+            if state.status & DRIVER_OK and not state.broken:
+                self._start_device()
+            self.device.broken = state.broken
 
     # --- notifications (I/O thread) ---
     def _notified(self, index: int, fd: int) -> None:

@@ -13,9 +13,11 @@ into the device-readable part and the device-writable part of the chain.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from ...errors import AltoVirtError
 from ...memory import GuestMemory, GuestMemoryError
+from ...persist import StateError, check, check_int
 
 # Descriptor flags (2.7.5)
 VIRTQ_DESC_F_NEXT = 1
@@ -37,6 +39,25 @@ _USED_ELEM = struct.Struct("<II")
 
 class QueueError(AltoVirtError):
     """The driver broke the virtqueue rules; the message says how."""
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """A queue as the driver programmed it and where the device stands in its rings
+    (rust-vmm virtio-queue's QueueState). ``active``: the rings are in use (DRIVER_OK)."""
+
+    max_size: int
+    size: int
+    ready: bool
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    active: bool
+    event_idx: bool
+    indirect: bool
+    next_avail: int
+    next_used: int
+    signalled_used: int         # -1: no interrupt yet since activation
 
 
 class DescriptorChain:
@@ -103,22 +124,60 @@ class Queue:
     # --- activation ---
     def activate(self, mem: GuestMemory, features: int) -> None:
         """Check the ring layout the driver programmed and map the rings."""
-        size = self.size
-        if not size or size > self.max_size or size & (size - 1):
-            raise QueueError(f"queue size {size} is not a power of 2 in [1, {self.max_size}]")
-        if self.desc_addr % 16 or self.avail_addr % 2 or self.used_addr % 4:
-            raise QueueError("misaligned ring address (2.7: descriptors 16, avail 2, used 4)")
-        try:
-            self._desc = mem.view(self.desc_addr, DESC_SIZE * size)
-            self._avail = mem.view(self.avail_addr, 6 + 2 * size)
-            self._used = mem.view(self.used_addr, 6 + 8 * size)
-        except GuestMemoryError as e:
-            raise QueueError(f"ring outside guest RAM: {e}") from e
+        self._desc, self._avail, self._used = self._map(mem, self.size, self.desc_addr, self.avail_addr,
+                                                        self.used_addr)
         self._mem = mem
         self.event_idx = bool(features >> VIRTIO_F_EVENT_IDX & 1)
         self.indirect = bool(features >> VIRTIO_F_INDIRECT_DESC & 1)
         self.next_avail = self.next_used = 0
         self._signalled_used = None
+
+    def _map(self, mem: GuestMemory, size: int, desc: int, avail: int,
+             used: int) -> tuple[memoryview, memoryview, memoryview]:
+        if not size or size > self.max_size or size & (size - 1):
+            raise QueueError(f"queue size {size} is not a power of 2 in [1, {self.max_size}]")
+        if desc % 16 or avail % 2 or used % 4:
+            raise QueueError("misaligned ring address (2.7: descriptors 16, avail 2, used 4)")
+        try:
+            return (mem.view(desc, DESC_SIZE * size), mem.view(avail, 6 + 2 * size),
+                    mem.view(used, 6 + 8 * size))
+        except GuestMemoryError as e:
+            raise QueueError(f"ring outside guest RAM: {e}") from e
+
+    # --- saved state ---
+    def save(self) -> QueueState:
+        return QueueState(self.max_size, self.size, self.ready, self.desc_addr, self.avail_addr,
+                          self.used_addr, self._mem is not None, self.event_idx, self.indirect,
+                          self.next_avail, self.next_used,
+                          -1 if self._signalled_used is None else self._signalled_used)
+
+    def restore(self, state: QueueState, mem: GuestMemory) -> None:
+        """Take ``state`` (an active queue's rings are mapped in ``mem`` again); StateError,
+        with this queue unchanged, if the state could not have been saved from it."""
+        check(state.max_size == self.max_size,
+              f"a queue of at most {state.max_size} entries cannot restore one of {self.max_size}")
+        check_int(state.size, 0, 0xFFFFFFFF, "queue size")        # as the driver wrote it
+        for name in ("desc_addr", "avail_addr", "used_addr"):
+            check_int(getattr(state, name), 0, (1 << 64) - 1, name)
+        check_int(state.next_avail, 0, 0xFFFF, "next_avail")
+        check_int(state.next_used, 0, 0xFFFF, "next_used")
+        check_int(state.signalled_used, -1, 0xFFFF, "signalled_used")
+        check(state.ready or not state.active, "an active queue must be ready")
+        rings = None
+        if state.active:
+            try:
+                rings = self._map(mem, state.size, state.desc_addr, state.avail_addr, state.used_addr)
+            except QueueError as e:
+                raise StateError(str(e)) from e
+        self.reset()
+        self.size, self.ready = state.size, state.ready
+        self.desc_addr, self.avail_addr, self.used_addr = state.desc_addr, state.avail_addr, state.used_addr
+        self.event_idx, self.indirect = state.event_idx, state.indirect
+        self.next_avail, self.next_used = state.next_avail, state.next_used
+        self._signalled_used = None if state.signalled_used < 0 else state.signalled_used
+        if rings is not None:
+            self._desc, self._avail, self._used = rings
+            self._mem = mem
 
     # --- the available ring ---
     def avail_idx(self) -> int:

@@ -1,0 +1,197 @@
+"""Saved state: virtqueues and the virtio-mmio transport round-trip through the JSON envelope,
+carry on where they stood, and refuse state that does not fit, changing nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from altovirt import persist
+from altovirt.arch.x86_64 import layout
+from altovirt.devices.virtio import mmio
+from altovirt.devices.virtio.device import COMMON_FEATURES, VIRTIO_F_VERSION_1
+from altovirt.devices.virtio.mmio import MmioTransport, TransportState
+from altovirt.devices.virtio.queue import Queue, QueueState
+from altovirt.devices.virtio.rng import Rng
+from altovirt.eventloop import EventLoop
+from altovirt.memory import GuestMemory
+from altovirt.persist import StateError
+
+from .virtq import DriverQueue
+
+S = TypeVar("S")
+MEM = GuestMemory(layout.ram_regions(128 << 20))
+RING = 0x100000
+BUFFERS = 0x200000
+
+
+def through_json(state: object) -> bytes:
+    return persist.seal("altovirt-test", 1, persist.to_json(state))
+
+
+def from_json_image(cls: type[S], data: bytes) -> S:
+    return persist.from_json(cls, persist.unseal(data, "altovirt-test", 1, "a test image"), "state")
+
+
+def driven_queue(size: int, features: int, posted: int, popped: int) -> tuple[Queue, DriverQueue]:
+    """A queue the driver set up with ``posted`` one-buffer chains, of which the device took
+    and completed ``popped``."""
+    driver = DriverQueue(MEM, RING, size)
+    q = Queue(256)
+    q.size, q.ready = size, True
+    q.desc_addr, q.avail_addr, q.used_addr = driver.desc, driver.avail, driver.used
+    q.activate(MEM, features)
+    for i in range(posted):
+        driver.publish(driver.chain([(BUFFERS + 0x1000 * (i % size), 64, True)]))
+    for _ in range(popped):
+        chain = q.pop()
+        assert chain is not None
+        q.add_used(chain.head, 8)
+    if popped:
+        q.needs_interrupt()
+    return q, driver
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.sampled_from([1, 2, 8, 64, 256]), event_idx=st.booleans(), indirect=st.booleans(),
+       data=st.data())
+def test_queue_round_trip(size: int, event_idx: bool, indirect: bool, data: st.DataObject) -> None:
+    features = 1 << VIRTIO_F_VERSION_1 | event_idx << 29 | indirect << 28
+    posted = data.draw(st.integers(0, size))
+    popped = data.draw(st.integers(0, posted))
+    q, _ = driven_queue(size, features, posted, popped)
+    saved = q.save()
+    copy = Queue(256)
+    copy.restore(from_json_image(QueueState, through_json(saved)), MEM)
+    assert copy.save() == saved
+    a, b = q.pop(), copy.pop()            # both carry on with the same next chain
+    assert (a and (a.head, bytes(a.writable[0]))) == (b and (b.head, bytes(b.writable[0])))
+
+
+def test_inactive_queue_keeps_what_the_driver_wrote() -> None:
+    q = Queue(256)
+    q.size, q.desc_addr = 1000, 0x1234      # not valid yet: checked only at activation
+    copy = Queue(256)
+    copy.restore(q.save(), MEM)
+    assert copy.save() == q.save()
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"max_size": 128}, "a queue of at most 128 entries cannot restore one of 256"),
+    ({"next_avail": 1 << 16}, "next_avail must be an integer from 0 to 65535"),
+    ({"signalled_used": -2}, "signalled_used must be an integer from -1 to 65535"),
+    ({"used_addr": RING + 2}, "misaligned ring address"),
+    ({"desc_addr": 0xF000_0000}, "ring outside guest RAM"),
+    ({"size": 3}, "queue size 3 is not a power of 2"),
+    ({"ready": False}, "an active queue must be ready"),
+])
+def test_bad_queue_state_changes_nothing(change: dict[str, object], problem: str) -> None:
+    q, _ = driven_queue(8, COMMON_FEATURES, 5, 2)
+    fields: dict[str, Any] = {**persist.to_json(q.save()), **change}
+    bad = QueueState(**fields)
+    target, _ = driven_queue(8, COMMON_FEATURES, 3, 1)
+    before = target.save()
+    with pytest.raises(StateError, match=problem):
+        target.restore(bad, MEM)
+    assert target.save() == before
+
+
+def test_bad_images_are_refused() -> None:
+    with pytest.raises(StateError, match="not a test image"):
+        persist.unseal(b'{"format": "other", "version": 1}', "altovirt-test", 1, "a test image")
+    with pytest.raises(StateError, match="a test image version 2; this VMM reads version 1"):
+        persist.unseal(b'{"format": "altovirt-test", "version": 2}', "altovirt-test", 1, "a test image")
+    fields = persist.to_json(Queue(256).save())
+    with pytest.raises(StateError, match=r"state.ready must be true or false"):
+        persist.from_json(QueueState, {**fields, "ready": 1}, "state")
+    with pytest.raises(StateError, match="state must have the fields"):
+        persist.from_json(QueueState, {**fields, "extra": 1}, "state")
+
+
+# --- the transport, with an entropy device behind it ---
+
+@pytest.fixture
+def slot() -> Iterator[tuple[MmioTransport, int]]:
+    io = EventLoop()
+    irqfd = os.eventfd(0, os.EFD_NONBLOCK)
+    transport = MmioTransport(Rng("rng0"), MEM, irqfd, io)
+    yield transport, irqfd
+    transport.close()
+    io.stop()
+    os.close(irqfd)
+
+
+def start_driver(t: MmioTransport, driver: DriverQueue) -> None:
+    """What Linux's virtio_mmio does up to DRIVER_OK, through the registers."""
+    t.write(mmio.STATUS, 4, mmio.ACKNOWLEDGE | mmio.DRIVER)
+    t.write(mmio.DRIVER_FEATURES_SEL, 4, 1)
+    t.write(mmio.DRIVER_FEATURES, 4, 1 << (VIRTIO_F_VERSION_1 - 32))
+    t.write(mmio.STATUS, 4, mmio.ACKNOWLEDGE | mmio.DRIVER | mmio.FEATURES_OK)
+    t.write(mmio.QUEUE_SEL, 4, 0)
+    t.write(mmio.QUEUE_NUM, 4, driver.size)
+    for reg, addr in ((mmio.QUEUE_DESC_LOW, driver.desc), (mmio.QUEUE_DRIVER_LOW, driver.avail),
+                      (mmio.QUEUE_DEVICE_LOW, driver.used)):
+        t.write(reg, 4, addr)
+    t.write(mmio.QUEUE_READY, 4, 1)
+    t.write(mmio.STATUS, 4, mmio.ACKNOWLEDGE | mmio.DRIVER | mmio.FEATURES_OK | mmio.DRIVER_OK)
+
+
+def request_entropy(t: MmioTransport, driver: DriverQueue, n: int) -> bytes:
+    head = driver.chain([(BUFFERS + 0x1000 * n, 32, True)])
+    driver.publish(head)
+    t.device.queue_notify(0)
+    assert driver.used_idx() == n + 1
+    used_head, length = driver.used_elem(n)
+    assert (used_head, length) == (head, 32)
+    return MEM.read(BUFFERS + 0x1000 * n, 32)
+
+
+def test_transport_round_trip_carries_on(slot: tuple[MmioTransport, int]) -> None:
+    t, _ = slot
+    driver = DriverQueue(MEM, RING, 16)
+    start_driver(t, driver)
+    request_entropy(t, driver, 0)
+    saved = t.save()
+    io = EventLoop()
+    irqfd = os.eventfd(0, os.EFD_NONBLOCK)
+    copy = MmioTransport(Rng("rng0"), MEM, irqfd, io)
+    try:
+        copy.restore(from_json_image(TransportState, through_json(saved)))
+        assert copy.save() == saved
+        registers = (mmio.STATUS, mmio.QUEUE_READY, mmio.QUEUE_NUM, mmio.INTERRUPT_STATUS,
+                     mmio.CONFIG_GENERATION)
+        assert [copy.read(r, 4) for r in registers] == [t.read(r, 4) for r in registers]
+        assert copy.read(mmio.STATUS, 4) & mmio.DRIVER_OK
+        # The restored device serves the next request in the ring where the first left off.
+        assert request_entropy(copy, driver, 1) != bytes(32)
+        assert struct.unpack("<Q", os.read(irqfd, 8))[0] >= 1     # it interrupts the guest
+    finally:
+        copy.close()
+        io.stop()
+        os.close(irqfd)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"device_id": 2}, "a slot of device 2 cannot restore rng0's"),
+    ({"queues": ()}, "0 queues saved; rng0 has 1"),
+    ({"status": 0x100}, "status must be an integer from 0 to 255"),
+    ({"driver_features": 1 << 40}, "were never offered by rng0"),
+])
+def test_bad_transport_state_changes_nothing(slot: tuple[MmioTransport, int], change: dict[str, object],
+                                             problem: str) -> None:
+    t, _ = slot
+    driver = DriverQueue(MEM, RING, 16)
+    start_driver(t, driver)
+    good = t.save()
+    bad = TransportState(**{**{f: getattr(good, f) for f in good.__dataclass_fields__}, **change})
+    with pytest.raises(StateError, match=problem):
+        t.restore(bad)
+    assert t.save() == good
+    assert json.loads(through_json(good))["format"] == "altovirt-test"
