@@ -1,12 +1,13 @@
-"""Saved state: virtqueues and the virtio-mmio transport round-trip through the JSON envelope,
-carry on where they stood, and refuse state that does not fit, changing nothing."""
+"""Saved state: virtqueues, the virtio-mmio transport and the legacy devices round-trip
+through the JSON envelope, carry on where they stood, and refuse state that does not fit,
+changing nothing."""
 
 from __future__ import annotations
 
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -15,6 +16,10 @@ from hypothesis import strategies as st
 
 from altovirt import persist
 from altovirt.arch.x86_64 import layout
+from altovirt.devices.legacy.i8042 import CMD_RESET_CPU, CMD_SELF_TEST, I8042, I8042State
+from altovirt.devices.legacy.i8042 import MAX_OUTPUT as I8042_MAX_OUTPUT
+from altovirt.devices.legacy.rtc import Rtc, RtcState
+from altovirt.devices.legacy.serial import Serial, SerialState
 from altovirt.devices.virtio import mmio
 from altovirt.devices.virtio.device import COMMON_FEATURES, VIRTIO_F_VERSION_1
 from altovirt.devices.virtio.mmio import MmioTransport, TransportState
@@ -195,3 +200,67 @@ def test_bad_transport_state_changes_nothing(slot: tuple[MmioTransport, int], ch
         t.restore(bad)
     assert t.save() == good
     assert json.loads(through_json(good))["format"] == "altovirt-test"
+
+
+# --- the legacy devices, driven by random guest writes ---
+
+def uart() -> Serial:
+    return Serial(None, lambda: None)
+
+
+def keyboard() -> I8042:
+    return I8042(lambda: None)
+
+
+def rtc() -> Rtc:
+    return Rtc(128 << 20, 0)
+
+
+writes = st.lists(st.tuples(st.integers(0, 7), st.integers(0, 0xFF)), max_size=40)
+
+
+@settings(max_examples=80, deadline=None)
+@given(ops=writes, typed=st.binary(max_size=64))
+@pytest.mark.parametrize("make, cls, ports", [
+    (uart, SerialState, 8), (keyboard, I8042State, 5), (rtc, RtcState, 2)])
+def test_legacy_round_trip(make: Callable[[], Any], cls: type, ports: int, ops: list[tuple[int, int]],
+                           typed: bytes) -> None:
+    device = make()
+    if isinstance(device, Serial):
+        device.enqueue(typed)
+    for offset, value in ops:
+        if offset < ports and not (isinstance(device, I8042) and value == CMD_RESET_CPU):
+            device.write(offset % ports, 1, value)
+    saved = device.save()
+    copy = make()
+    copy.restore(from_json_image(cls, through_json(saved)))
+    assert copy.save() == saved
+    readable = [o for o in range(ports) if not isinstance(device, Rtc) or o == 0]
+    assert [copy.read(o, 1) for o in readable] == [device.read(o, 1) for o in readable]
+
+
+@pytest.mark.parametrize("make, change, problem", [
+    (uart, {"ier": 0x10}, "ier must be an integer from 0 to 15"),
+    (uart, {"rx": bytes(5000)}, "rx holds more than 4096 bytes"),
+    (keyboard, {"pending_cmd": 0xAA}, "pending command 170 takes no data"),
+    (keyboard, {"out": bytes(17)}, "more than 16 bytes waiting"),
+    (rtc, {"index": 0x80}, "index must be an integer from 0 to 127"),
+    (rtc, {"cmos": bytes(64)}, "the CMOS must be 128 bytes"),
+])
+def test_bad_legacy_state_changes_nothing(make: Callable[[], Any], change: dict[str, object],
+                                          problem: str) -> None:
+    device = make()
+    good = device.save()
+    fields = {f: getattr(good, f) for f in good.__dataclass_fields__}
+    with pytest.raises(StateError, match=problem):
+        device.restore(type(good)(**{**fields, **change}))
+    assert device.save() == good
+
+
+def test_i8042_answers_are_bounded() -> None:
+    """A guest sending commands without reading the answers cannot grow the VMM's memory."""
+    kbd = keyboard()
+    for _ in range(10_000):
+        kbd.write(4, 1, CMD_SELF_TEST)
+    assert len(kbd.save().out) == I8042_MAX_OUTPUT
+    assert kbd.read(0, 1) == 0x55

@@ -11,6 +11,9 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from ...persist import check, check_int
 
 DATA_PORT, COMMAND_PORT = 0x60, 0x64
 I8042_IRQ = 1
@@ -24,6 +27,16 @@ CMD_RESET_CPU = 0xFE
 STATUS_OBF = 0x01          # output buffer full: data for the guest at port 0x60
 STATUS_SYS = 0x04          # system flag: self test passed
 SELF_TEST_OK = 0x55
+# A real controller holds one byte; a few more cover a key sequence (Ctrl-Alt-Del), and a
+# guest that sends commands without reading the answers cannot grow the queue.
+MAX_OUTPUT = 16
+
+
+@dataclass(frozen=True)
+class I8042State:
+    ctr: int
+    pending_cmd: int
+    out: bytes              # bytes waiting for the guest at port 0x60
 
 
 class I8042:
@@ -37,10 +50,28 @@ class I8042:
         self._lock = threading.Lock()
         self._out: collections.deque[int] = collections.deque()   # bytes for the guest at port 0x60
 
+    def save(self) -> I8042State:
+        with self._lock:
+            return I8042State(self.ctr, self._pending_cmd, bytes(self._out))
+
+    def restore(self, state: I8042State) -> None:
+        check_int(state.ctr, 0, 0xFF, "ctr")
+        check(state.pending_cmd in (0, CMD_WRITE_CTR),
+              f"pending command {state.pending_cmd!r} takes no data")
+        check(len(state.out) <= MAX_OUTPUT, f"more than {MAX_OUTPUT} bytes waiting for the guest")
+        with self._lock:
+            self.ctr, self._pending_cmd = state.ctr, state.pending_cmd
+            self._out = collections.deque(state.out)
+
+    def _answer(self, byte: int) -> None:
+        with self._lock:
+            if len(self._out) < MAX_OUTPUT:
+                self._out.append(byte)
+
     def ctrl_alt_del(self) -> None:
         """Put Ctrl-Alt-Del in the output buffer and raise the keyboard IRQ."""
         with self._lock:
-            self._out.extend(CTRL_ALT_DEL)
+            self._out.extend(CTRL_ALT_DEL[:MAX_OUTPUT - len(self._out)])
         if self._irq:
             self._irq()
 
@@ -63,13 +94,13 @@ class I8042:
             if value == CMD_RESET_CPU:
                 self._reset()
             elif value == CMD_READ_CTR:
-                self._out.append(self.ctr)
+                self._answer(self.ctr)
             elif value == CMD_WRITE_CTR:
                 self._pending_cmd = value
             elif value == CMD_SELF_TEST:
-                self._out.append(SELF_TEST_OK)
+                self._answer(SELF_TEST_OK)
             elif value == CMD_KBD_TEST:
-                self._out.append(0x00)
+                self._answer(0x00)
         elif offset == 0 and self._pending_cmd == CMD_WRITE_CTR:
             self.ctr = value
             self._pending_cmd = 0

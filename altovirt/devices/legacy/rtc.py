@@ -8,6 +8,9 @@ would, for firmware and tools that read them.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+
+from ...persist import check, check_int
 
 RTC_PORT = 0x70              # index; the data register is at 0x71
 SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR = 0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09
@@ -26,6 +29,12 @@ def _bcd(v: int) -> int:
     return ((v // 10) << 4) | (v % 10)
 
 
+@dataclass(frozen=True)
+class RtcState:
+    index: int
+    cmos: bytes             # the time registers are read from the host clock, never stored
+
+
 class Rtc:
     """Ports 0x70 (index, offset 0) and 0x71 (data, offset 1)."""
 
@@ -41,6 +50,14 @@ class Rtc:
         above_4g = high_ram >> 16
         for i, reg in enumerate(MEM_ABOVE_4G):
             self.cmos[reg] = (above_4g >> (8 * i)) & 0xFF
+
+    def save(self) -> RtcState:
+        return RtcState(self.index, bytes(self.cmos))
+
+    def restore(self, state: RtcState) -> None:
+        check_int(state.index, 0, 0x7F, "index")
+        check(len(state.cmos) == len(self.cmos), f"the CMOS must be {len(self.cmos)} bytes")
+        self.index, self.cmos = state.index, bytearray(state.cmos)
 
     def _time_reg(self, reg: int) -> int | None:
         t = time.gmtime()

@@ -11,6 +11,9 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from ...persist import check, check_int
 
 # Register offsets from the base port.
 DATA, IER, IIR, LCR, MCR, LSR, MSR, SCR = range(8)
@@ -28,6 +31,19 @@ COM1_PORT, COM1_IRQ = 0x3F8, 4
 RX_BUFFER_LIMIT = 4096
 
 
+@dataclass(frozen=True)
+class SerialState:
+    ier: int
+    lcr: int
+    mcr: int
+    scr: int
+    dll: int
+    dlm: int
+    fifo: bool
+    thr_pending: bool
+    rx: bytes               # typed on the host, not yet read by the guest
+
+
 class Serial:
     """One UART. ``out`` receives guest output; ``irq`` raises an interrupt edge."""
 
@@ -43,6 +59,25 @@ class Serial:
         self.dll, self.dlm = 0x0C, 0   # 9600 baud, the reset value
         self.fifo = False
         self._thr_pending = False
+
+    # --- saved state ---
+    def save(self) -> SerialState:
+        with self._lock:
+            return SerialState(self.ier, self.lcr, self.mcr, self.scr, self.dll, self.dlm, self.fifo,
+                               self._thr_pending, bytes(self._rx))
+
+    def restore(self, state: SerialState) -> None:
+        """StateError, the UART unchanged, for registers a guest could not have written."""
+        check_int(state.ier, 0, 0x0F, "ier")
+        check_int(state.mcr, 0, 0x1F, "mcr")
+        for name in ("lcr", "scr", "dll", "dlm"):
+            check_int(getattr(state, name), 0, 0xFF, name)
+        check(len(state.rx) <= RX_BUFFER_LIMIT, f"rx holds more than {RX_BUFFER_LIMIT} bytes")
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.scr = state.ier, state.lcr, state.mcr, state.scr
+            self.dll, self.dlm, self.fifo = state.dll, state.dlm, state.fifo
+            self._thr_pending = state.thr_pending
+            self._rx = collections.deque(state.rx)
 
     # --- host side ---
     def enqueue(self, data: bytes) -> None:
