@@ -4,10 +4,13 @@ changing nothing."""
 
 from __future__ import annotations
 
+import ctypes as C
+import dataclasses
 import json
 import os
 import struct
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -15,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from altovirt import persist
-from altovirt.arch.x86_64 import layout
+from altovirt.arch.x86_64 import layout, poweron
+from altovirt.config import load_config
 from altovirt.devices.legacy.i8042 import CMD_RESET_CPU, CMD_SELF_TEST, I8042, I8042State
 from altovirt.devices.legacy.i8042 import MAX_OUTPUT as I8042_MAX_OUTPUT
 from altovirt.devices.legacy.rtc import Rtc, RtcState
@@ -26,12 +30,16 @@ from altovirt.devices.virtio.mmio import MmioTransport, TransportState
 from altovirt.devices.virtio.queue import Queue, QueueState
 from altovirt.devices.virtio.rng import Rng
 from altovirt.eventloop import EventLoop
+from altovirt.kvm import structs as S
 from altovirt.memory import GuestMemory
 from altovirt.persist import StateError
+from altovirt.vmm import builder
+from altovirt.vmm.machine import Machine
 
+from .conftest import needs_kvm
 from .virtq import DriverQueue
 
-S = TypeVar("S")
+T = TypeVar("T")
 MEM = GuestMemory(layout.ram_regions(128 << 20))
 RING = 0x100000
 BUFFERS = 0x200000
@@ -41,7 +49,7 @@ def through_json(state: object) -> bytes:
     return persist.seal("altovirt-test", 1, persist.to_json(state))
 
 
-def from_json_image(cls: type[S], data: bytes) -> S:
+def from_json_image(cls: type[T], data: bytes) -> T:
     return persist.from_json(cls, persist.unseal(data, "altovirt-test", 1, "a test image"), "state")
 
 
@@ -264,3 +272,66 @@ def test_i8042_answers_are_bounded() -> None:
         kbd.write(4, 1, CMD_SELF_TEST)
     assert len(kbd.save().out) == I8042_MAX_OUTPUT
     assert kbd.read(0, 1) == 0x55
+
+
+# --- what KVM holds: vCPUs, interrupt controllers, PIT, clock ---
+
+@pytest.fixture
+def built(probe: Path) -> Iterator[Machine]:
+    m = builder.build(load_config(["-kernel", str(probe / "probe.elf"), "-smp", "2"]))
+    yield m
+    m.close()
+
+
+def kvm_state(m: Machine) -> poweron.PowerOnState:
+    assert m.vm is not None
+    return poweron.save(m.vm, [v.vcpu for v in m.vcpus], [])
+
+
+def without_clock(state: poweron.PowerOnState) -> poweron.PowerOnState:
+    """Without what moves with time: the kvmclock, and when each PIT channel was loaded
+    (count_load_time, which KVM sets to "now" when the state is set)."""
+    pit = bytearray(state.vm.pit)
+    for channel in range(3):
+        at = channel * C.sizeof(S.kvm_pit_channel_state) + S.offsetof(S.kvm_pit_channel_state,
+                                                                       "count_load_time")
+        pit[at:at + 8] = bytes(8)
+    return dataclasses.replace(state, vm=dataclasses.replace(state.vm, clock=0, pit=bytes(pit)))
+
+
+@needs_kvm
+def test_kvm_state_round_trip(built: Machine) -> None:
+    assert built.vm is not None
+    saved = kvm_state(built)
+    # Something else in the meantime: the registers of vCPU 1 changed.
+    regs = built.vcpus[1].vcpu.get_regs()
+    regs.rax = 0x1234
+    built.vcpus[1].vcpu.set_regs(regs)
+    assert without_clock(kvm_state(built)) != without_clock(saved)
+    poweron.restore(built.vm, [v.vcpu for v in built.vcpus],
+                    from_json_image(poweron.PowerOnState, through_json(saved)))
+    after = kvm_state(built)
+    assert without_clock(after) == without_clock(saved)
+    assert saved.vm.clock <= after.vm.clock < saved.vm.clock + 10**9       # ns; it runs on from there
+
+
+@needs_kvm
+@pytest.mark.parametrize("change, problem", [
+    (lambda s: dataclasses.replace(s, vcpus=s.vcpus[:1]), "1 vCPUs saved; this VM has 2"),
+    (lambda s: dataclasses.replace(s, vcpus=(dataclasses.replace(s.vcpus[0], regs=b"\0" * 8),
+                                             s.vcpus[1])), "vCPU 0 regs must be 144 bytes"),
+    (lambda s: dataclasses.replace(s, vcpus=(s.vcpus[0], dataclasses.replace(s.vcpus[1], mp_state=11))),
+     "vCPU 1 mp_state must be an integer from 0 to 10"),
+    (lambda s: dataclasses.replace(s, vm=dataclasses.replace(s.vm, irqchips=s.vm.irqchips[:2])),
+     "3 interrupt controllers are saved"),
+])
+def test_bad_kvm_state_sets_nothing(built: Machine, change: Callable[[Any], Any], problem: str) -> None:
+    assert built.vm is not None
+    saved = kvm_state(built)
+    regs = built.vcpus[0].vcpu.get_regs()
+    regs.rbx = 0x5678                       # differs from the saved state: a partial restore shows
+    built.vcpus[0].vcpu.set_regs(regs)
+    before = without_clock(kvm_state(built))
+    with pytest.raises(StateError, match=problem):
+        poweron.restore(built.vm, [v.vcpu for v in built.vcpus], change(saved))
+    assert without_clock(kvm_state(built)) == before

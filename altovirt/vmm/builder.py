@@ -136,6 +136,6 @@ def _build(m: Machine) -> None:
         msrs = _set_boot_msrs(vcpu)
         boot.setup_vcpu(vcpu, plan, supported, cfg.vcpus, msrs)
     try:
-        m.power_on = poweron.capture(vm, [v.vcpu for v in m.vcpus], list(msrs))
+        m.power_on = poweron.save(vm, [v.vcpu for v in m.vcpus], list(msrs))
     except KvmError as e:
         raise VmmError(f"cannot read the vCPUs' power-on state: {e}") from e

@@ -145,7 +145,7 @@ class Machine:
                 self.devices.reset()        # before RAM goes: no device writes into it afterwards
                 self.mem.discard()
                 boot.prepare(self.mem, *self.boot_inputs)
-                poweron.restore(self.vm, [v.vcpu for v in self.vcpus], self.power_on)
+                poweron.restore(self.vm, [v.vcpu for v in self.vcpus], self.power_on, clock=False)
         log.info("system reset")
         life.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
