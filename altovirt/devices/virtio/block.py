@@ -155,8 +155,9 @@ class Block(VirtioDevice):
         """Validate what the driver posted (I/O thread); hand the I/O to the workers,
         so that this thread is free to take the driver's next notification at once."""
         requests = []
+        assert self.active is not None
         try:
-            for chain in self.chains(self.queues[0]):
+            for chain in self.chains(self.active.queues[0]):
                 requests.append(self._parse(chain))
         except QueueError as e:
             self.fail(str(e))
@@ -173,11 +174,11 @@ class Block(VirtioDevice):
         if written is None:
             written = [self._execute(r) for r in run]
         with self._used_lock:
-            if not self.broken and self.queues:
+            active = self.active
+            if not self.broken and active is not None:
                 for request, n in zip(run, written, strict=True):
-                    self.queues[0].add_used(request.head, n)
-                assert self.interrupt is not None
-                self.interrupt.signal_used(self.queues[0])
+                    active.queues[0].add_used(request.head, n)
+                active.interrupt.signal_used(active.queues[0])
         with self._idle:
             self._in_flight -= len(run)
             if not self._in_flight:

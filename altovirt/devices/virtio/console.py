@@ -65,7 +65,7 @@ class Console(VirtioDevice):
             return
         fd = self.client.fileno()
         events = 0
-        if self.queues and not self.broken and self.queues[RECEIVEQ].has_available():
+        if self.active is not None and not self.broken and self.active.queues[RECEIVEQ].has_available():
             events |= select.EPOLLIN
         if self._backlog:
             events |= select.EPOLLOUT
@@ -113,8 +113,8 @@ class Console(VirtioDevice):
 
     def _receive(self) -> None:
         """Client bytes straight into the guest's receive buffers."""
-        assert self.client is not None and self.interrupt is not None
-        queue = self.queues[RECEIVEQ]
+        assert self.client is not None and self.active is not None
+        queue, interrupt = self.active.queues[RECEIVEQ], self.active.interrupt
         delivered = False
         for chain in self.chains(queue):
             if not chain.writable:
@@ -134,7 +134,7 @@ class Console(VirtioDevice):
             queue.add_used(chain.head, n)
             delivered = True
         if delivered:
-            self.interrupt.signal_used(queue)
+            interrupt.signal_used(queue)
 
     def _flush(self) -> bool:
         """Send what waits; False if the client went away."""
@@ -163,8 +163,8 @@ class Console(VirtioDevice):
             self._watch_client()       # new receive buffers: read the client again
 
     def _transmit(self) -> None:
-        queue, interrupt = self.queues[TRANSMITQ], self.interrupt
-        assert interrupt is not None
+        assert self.active is not None
+        queue, interrupt = self.active.queues[TRANSMITQ], self.active.interrupt
         used = False
         for chain in self.chains(queue):
             if self.client is not None:

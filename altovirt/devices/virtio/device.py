@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from ...eventloop import EventLoop
 from ...memory import GuestMemory
@@ -67,8 +68,21 @@ class Interrupt:
         self._on_needs_reset(reason)
 
 
+@dataclass(frozen=True)
+class Active:
+    """What a device works with between activation (DRIVER_OK) and reset."""
+
+    mem: GuestMemory
+    queues: list[Queue]
+    interrupt: Interrupt
+
+
 class VirtioDevice:
-    """Base class: override the class attributes and the hooks below."""
+    """Base class: override the class attributes and the hooks below.
+
+    A device is inactive (``active`` None) until the transport activates it with
+    the driver's queues, and again after a reset; a transport hot-replaces it by
+    resetting and detaching it (see MmioTransport.replace)."""
 
     device_id = 0
     queue_sizes: tuple[int, ...] = ()
@@ -77,9 +91,7 @@ class VirtioDevice:
         self.name = name
         self.config = bytearray()
         self.features = 0               # what the driver accepted
-        self.mem: GuestMemory | None = None
-        self.queues: list[Queue] = []
-        self.interrupt: Interrupt | None = None
+        self.active: Active | None = None
         self.broken = False
 
     def device_features(self) -> int:
@@ -94,14 +106,14 @@ class VirtioDevice:
 
     def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
                  io: EventLoop) -> None:
-        self.mem, self.queues, self.interrupt = mem, queues, interrupt
+        self.active = Active(mem, queues, interrupt)
         self.broken = False
 
     def queue_notify(self, index: int) -> None:
         """The driver made buffers available on queue ``index`` (I/O thread)."""
 
     def reset(self) -> None:
-        self.mem, self.queues, self.interrupt = None, [], None
+        self.active = None
 
     def quiesce(self) -> None:
         """Return when no request is in flight (the VM is being paused)."""
@@ -131,5 +143,5 @@ class VirtioDevice:
         if not self.broken:
             self.broken = True
             log.error("%s: %s; the device needs a reset", self.name, reason)
-            if self.interrupt is not None:
-                self.interrupt.needs_reset(reason)
+            if self.active is not None:
+                self.active.interrupt.needs_reset(reason)

@@ -130,8 +130,8 @@ class Net(VirtioDevice):
         """Read the tap only while the guest has receive buffers (it paces reception)."""
         if self.tap is None:
             return
-        want = bool(self.queues) and not self.broken and (
-            bool(self._rx_held) or self.queues[RXQ].has_available())
+        want = self.active is not None and not self.broken and (
+            bool(self._rx_held) or self.active.queues[RXQ].has_available())
         if want == self._reading and self._registered:
             return
         self._reading = want
@@ -150,8 +150,8 @@ class Net(VirtioDevice):
             self._watch_tap()
 
     def _transmit(self) -> None:
-        queue, interrupt = self.queues[TXQ], self.interrupt
-        assert interrupt is not None
+        assert self.active is not None
+        queue, interrupt = self.active.queues[TXQ], self.active.interrupt
         sent = False
         for chain in self.chains(queue):
             if chain.writable:
@@ -172,13 +172,13 @@ class Net(VirtioDevice):
 
     def _tap_readable(self) -> None:
         with self._lock:
-            if self.queues and not self.broken and self.tap is not None:
+            if self.active is not None and not self.broken and self.tap is not None:
                 self._receive()
                 self._watch_tap()
 
     def _receive(self) -> None:
-        queue, interrupt = self.queues[RXQ], self.interrupt
-        assert interrupt is not None and self.tap is not None
+        assert self.active is not None and self.tap is not None
+        queue, interrupt = self.active.queues[RXQ], self.active.interrupt
         mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
         held, views, room = self._rx_held, self._rx_views, self._rx_room
         delivered = False

@@ -51,12 +51,12 @@ class Rng(VirtioDevice):
 
     def _next_period(self) -> None:
         self._waiting = False
-        if self.queues and not self.broken:
+        if self.active is not None and not self.broken:
             self.queue_notify(0)
 
     def queue_notify(self, index: int) -> None:
-        queue, interrupt = self.queues[0], self.interrupt
-        assert interrupt is not None
+        assert self.active is not None
+        queue, interrupt = self.active.queues[0], self.active.interrupt
         used = False
         for chain in self.chains(queue):
             if chain.readable or not chain.writable:

@@ -115,9 +115,10 @@ class Vsock(VirtioDevice):
 
     def _deliver(self) -> None:
         """Control packets first, then stream data while guest buffers and credit last."""
-        if not self.queues or self.broken:
+        active = self.active
+        if active is None or self.broken:
             return
-        queue, delivered = self.queues[RXQ], False
+        queue, delivered = active.queues[RXQ], False
         try:
             while self._control:
                 chain = queue.pop()
@@ -134,8 +135,7 @@ class Vsock(VirtioDevice):
             self.fail(str(e))
             return
         if delivered:
-            assert self.interrupt is not None
-            self.interrupt.signal_used(queue)
+            active.interrupt.signal_used(queue)
         for conn in list(self._conns.values()):
             self._watch(conn)
 
@@ -170,8 +170,8 @@ class Vsock(VirtioDevice):
     def _watch(self, conn: Conn) -> None:
         """Read a socket only while the guest has credit for it; write while bytes wait."""
         events = 0
-        if conn.established and conn.peer_credit() > 0 and self.queues and \
-                self.queues[RXQ].has_available():
+        if conn.established and conn.peer_credit() > 0 and self.active is not None and \
+                self.active.queues[RXQ].has_available():
             events |= select.EPOLLIN
         if conn.out:
             events |= select.EPOLLOUT
@@ -276,8 +276,8 @@ class Vsock(VirtioDevice):
             self._deliver()
 
     def _transmit(self) -> None:
-        queue = self.queues[TXQ]
-        assert self.interrupt is not None
+        assert self.active is not None
+        queue, interrupt = self.active.queues[TXQ], self.active.interrupt
         used = False
         for chain in self.chains(queue):
             header = b"".join(bytes(v) for v in _limit(chain.readable, HDR_SIZE))
@@ -288,7 +288,7 @@ class Vsock(VirtioDevice):
             queue.add_used(chain.head, 0)
             used = True
         if used:
-            self.interrupt.signal_used(queue)
+            interrupt.signal_used(queue)
 
     def _packet(self, hdr: tuple[int, ...], payload: list[memoryview]) -> None:
         src_cid, dst_cid, src_port, dst_port, length, kind, op, flags, buf_alloc, fwd_cnt = hdr
