@@ -17,7 +17,7 @@ from altovirt.vmm import builder
 from altovirt.vmm.actions import Action
 from altovirt.vmm.builder import open_kvm
 from altovirt.vmm.lifecycle import StateError
-from altovirt.vmm.machine import VcpuInfo, VmmError
+from altovirt.vmm.machine import Machine, VcpuInfo, VmmError
 from altovirt.vmm.vcpu import StopReason
 
 from .conftest import needs_kvm
@@ -30,33 +30,14 @@ def symbol(probe: Path, name: str) -> int:
     return next(int(ln.split()[0], 16) for ln in out.splitlines() if ln.endswith(" " + name))
 
 
-@needs_kvm
-def test_pause_and_resume(probe: Path) -> None:
-    m = builder.build(load_config(["-kernel", str(probe / "probe.elf"), "-smp", "2",
-                                   "-append", "probe.run=smp,wait"]))
-    counter = symbol(probe, "wait_counter")
+def drive(m: Machine, steps: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Run ``m`` on this (the main) thread while ``steps(results)`` runs on another and then
+    stops the VM; ``results`` holds what the steps recorded, and "error" if they failed."""
     results: dict[str, Any] = {}
-
-    def count() -> int:
-        assert m.mem is not None
-        return int(struct.unpack("<Q", m.mem.read(counter, 8))[0])
 
     def driver() -> None:
         try:
-            deadline = time.monotonic() + 30
-            while count() == 0:
-                assert time.monotonic() < deadline, "the guest never started counting"
-                time.sleep(0.01)
-            m.request(Action.PAUSE)         # as QMP asks: carried out on the main thread
-            results["paused"] = [v.paused for v in m.vcpus]
-            frozen = count()
-            time.sleep(0.2)
-            results["frozen"] = (frozen, count())
-            results["rip"] = m.vcpus[0].vcpu.get_regs().rip    # registers readable while paused
-            m.request(Action.RESUME)
-            time.sleep(0.2)
-            results["after"] = count() - frozen
-            results["resumed"] = [v.paused for v in m.vcpus]
+            steps(results)
         except BaseException as e:
             results["error"] = e
         finally:
@@ -68,6 +49,38 @@ def test_pause_and_resume(probe: Path) -> None:
         assert m.run() == TEST_STOP
     finally:
         t.join()
+    return results
+
+
+@needs_kvm
+def test_pause_and_resume(probe: Path) -> None:
+    m = builder.build(load_config(["-kernel", str(probe / "probe.elf"), "-smp", "2",
+                                   "-append", "probe.run=smp,wait"]))
+    counter = symbol(probe, "wait_counter")
+
+    def count() -> int:
+        assert m.mem is not None
+        return int(struct.unpack("<Q", m.mem.read(counter, 8))[0])
+
+    def steps(results: dict[str, Any]) -> None:
+        deadline = time.monotonic() + 30
+        while count() == 0:
+            assert time.monotonic() < deadline, "the guest never started counting"
+            time.sleep(0.01)
+        m.request(Action.PAUSE)         # as QMP asks: carried out on the main thread
+        results["paused"] = [v.paused for v in m.vcpus]
+        frozen = count()
+        time.sleep(0.2)
+        results["frozen"] = (frozen, count())
+        results["rip"] = m.vcpus[0].vcpu.get_regs().rip    # registers readable while paused
+        m.request(Action.RESUME)
+        time.sleep(0.2)
+        results["after"] = count() - frozen
+        results["resumed"] = [v.paused for v in m.vcpus]
+
+    try:
+        results = drive(m, steps)
+    finally:
         m.close()
     assert "error" not in results, results
     assert results["paused"] == [True, True]
@@ -84,24 +97,15 @@ def test_actions_are_answered_until_the_vmm_stops(probe: Path) -> None:
     once the VMM has stopped, every request is refused instead of waiting forever."""
     m = builder.build(load_config(["-kernel", str(probe / "probe.elf"), "-smp", "2",
                                    "-append", "probe.run=wait"]))
-    results: dict[str, Any] = {}
 
-    def driver() -> None:
-        try:
-            infos = cast(list[VcpuInfo], m.request(Action.VCPU_INFO))
-            results["info"] = [(i.index, i.thread_id > 0) for i in infos]
-            with pytest.raises(StateError, match="the VM is running, not paused"):
-                m.request(Action.RESUME)
-        except BaseException as e:
-            results["error"] = e
-        finally:
-            m.request_stop(TEST_STOP)
+    def steps(results: dict[str, Any]) -> None:
+        infos = cast(list[VcpuInfo], m.request(Action.VCPU_INFO))
+        results["info"] = [(i.index, i.thread_id > 0) for i in infos]
+        with pytest.raises(StateError, match="the VM is running, not paused"):
+            m.request(Action.RESUME)
 
-    t = threading.Thread(target=driver)
-    t.start()
     try:
-        assert m.run() == TEST_STOP
-        t.join()
+        results = drive(m, steps)
         late: dict[str, BaseException | None] = {}
         asker = threading.Thread(target=lambda: late.update(error=catch(lambda: m.request(Action.PAUSE))))
         asker.start()
@@ -109,7 +113,6 @@ def test_actions_are_answered_until_the_vmm_stops(probe: Path) -> None:
         assert not asker.is_alive()
         assert isinstance(late["error"], StateError) and str(late["error"]) == "the VM is shutting down"
     finally:
-        t.join()
         m.close()
     assert "error" not in results, results
     assert results["info"] == [(0, True), (1, True)]
