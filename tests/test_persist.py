@@ -20,14 +20,16 @@ from hypothesis import strategies as st
 from altovirt import persist
 from altovirt.arch.x86_64 import layout, poweron
 from altovirt.config import load_config
-from altovirt.devices.legacy.i8042 import CMD_RESET_CPU, CMD_SELF_TEST, I8042, I8042State
+from altovirt.devices.legacy.i8042 import CMD_RESET_CPU, CMD_SELF_TEST, I8042
 from altovirt.devices.legacy.i8042 import MAX_OUTPUT as I8042_MAX_OUTPUT
-from altovirt.devices.legacy.rtc import Rtc, RtcState
-from altovirt.devices.legacy.serial import Serial, SerialState
+from altovirt.devices.legacy.persist import I8042State, RtcState, SerialState
+from altovirt.devices.legacy.rtc import Rtc
+from altovirt.devices.legacy.serial import Serial
 from altovirt.devices.virtio import mmio
 from altovirt.devices.virtio.device import COMMON_FEATURES, VIRTIO_F_VERSION_1
-from altovirt.devices.virtio.mmio import MmioTransport, TransportState
-from altovirt.devices.virtio.queue import Queue, QueueState
+from altovirt.devices.virtio.mmio import MmioTransport
+from altovirt.devices.virtio.persist import QueueState, TransportState
+from altovirt.devices.virtio.queue import Queue
 from altovirt.devices.virtio.rng import Rng
 from altovirt.eventloop import EventLoop
 from altovirt.kvm import structs as S

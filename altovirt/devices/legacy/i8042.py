@@ -11,9 +11,10 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ...persist import check, check_int
+if TYPE_CHECKING:
+    from .persist import I8042State
 
 DATA_PORT, COMMAND_PORT = 0x60, 0x64
 I8042_IRQ = 1
@@ -32,13 +33,6 @@ SELF_TEST_OK = 0x55
 MAX_OUTPUT = 16
 
 
-@dataclass(frozen=True)
-class I8042State:
-    ctr: int
-    pending_cmd: int
-    out: bytes              # bytes waiting for the guest at port 0x60
-
-
 class I8042:
     """Ports 0x60 (offset 0) to 0x64 (offset 4)."""
 
@@ -51,10 +45,12 @@ class I8042:
         self._out: collections.deque[int] = collections.deque()   # bytes for the guest at port 0x60
 
     def save(self) -> I8042State:
+        from .persist import I8042State  # only when saving: see persist's docstring
         with self._lock:
             return I8042State(self.ctr, self._pending_cmd, bytes(self._out))
 
     def restore(self, state: I8042State) -> None:
+        from ...persist import check, check_int
         check_int(state.ctr, 0, 0xFF, "ctr")
         check(state.pending_cmd in (0, CMD_WRITE_CTR),
               f"pending command {state.pending_cmd!r} takes no data")

@@ -8,9 +8,10 @@ would, for firmware and tools that read them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ...persist import check, check_int
+if TYPE_CHECKING:
+    from .persist import RtcState
 
 RTC_PORT = 0x70              # index; the data register is at 0x71
 SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR = 0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09
@@ -27,12 +28,6 @@ NMI_DISABLE = 0x80
 
 def _bcd(v: int) -> int:
     return ((v // 10) << 4) | (v % 10)
-
-
-@dataclass(frozen=True)
-class RtcState:
-    index: int
-    cmos: bytes             # the time registers are read from the host clock, never stored
 
 
 class Rtc:
@@ -52,9 +47,11 @@ class Rtc:
             self.cmos[reg] = (above_4g >> (8 * i)) & 0xFF
 
     def save(self) -> RtcState:
+        from .persist import RtcState  # only when saving: see persist's docstring
         return RtcState(self.index, bytes(self.cmos))
 
     def restore(self, state: RtcState) -> None:
+        from ...persist import check, check_int
         check_int(state.index, 0, 0x7F, "index")
         check(len(state.cmos) == len(self.cmos), f"the CMOS must be {len(self.cmos)} bytes")
         self.index, self.cmos = state.index, bytearray(state.cmos)

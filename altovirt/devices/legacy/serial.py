@@ -11,9 +11,10 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ...persist import check, check_int
+if TYPE_CHECKING:
+    from .persist import SerialState
 
 # Register offsets from the base port.
 DATA, IER, IIR, LCR, MCR, LSR, MSR, SCR = range(8)
@@ -29,19 +30,6 @@ MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 0x10, 0x20, 0x40, 0x80
 COM1_PORT, COM1_IRQ = 0x3F8, 4
 # Host input waiting for the guest; beyond this, further input is dropped.
 RX_BUFFER_LIMIT = 4096
-
-
-@dataclass(frozen=True)
-class SerialState:
-    ier: int
-    lcr: int
-    mcr: int
-    scr: int
-    dll: int
-    dlm: int
-    fifo: bool
-    thr_pending: bool
-    rx: bytes               # typed on the host, not yet read by the guest
 
 
 class Serial:
@@ -62,12 +50,14 @@ class Serial:
 
     # --- saved state ---
     def save(self) -> SerialState:
+        from .persist import SerialState  # only when saving: see persist's docstring
         with self._lock:
             return SerialState(self.ier, self.lcr, self.mcr, self.scr, self.dll, self.dlm, self.fifo,
                                self._thr_pending, bytes(self._rx))
 
     def restore(self, state: SerialState) -> None:
         """StateError, the UART unchanged, for registers a guest could not have written."""
+        from ...persist import check, check_int
         check_int(state.ier, 0, 0x0F, "ier")
         check_int(state.mcr, 0, 0x1F, "mcr")
         for name in ("lcr", "scr", "dll", "dlm"):

@@ -13,13 +13,15 @@ import functools
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ...eventloop import EventLoop
 from ...memory import GuestMemory
-from ...persist import check, check_int
 from .device import VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, Interrupt, VirtioDevice
-from .queue import Queue, QueueError, QueueState
+from .queue import Queue, QueueError
+
+if TYPE_CHECKING:
+    from .persist import TransportState
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +49,6 @@ VENDOR = 0x554D4551             # "QEMU", what Linux and QEMU expect from a gene
 # Device status bits (2.1)
 ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK = 1, 2, 4, 8
 DEVICE_NEEDS_RESET, FAILED = 64, 128
-
-
-@dataclass(frozen=True)
-class TransportState:
-    """The slot's registers, its queues, and what the device took from the driver."""
-
-    device_id: int
-    status: int
-    features_sel: int
-    driver_features: int
-    driver_features_sel: int
-    queue_sel: int
-    config_generation: int
-    interrupt_status: int
-    broken: bool
-    queues: tuple[QueueState, ...]
 
 
 class MmioTransport:
@@ -122,6 +108,7 @@ class MmioTransport:
 
     # --- saved state (device work is held still) ---
     def save(self) -> TransportState:
+        from .persist import TransportState  # only when saving: see persist's docstring
         with self.lock:
             return TransportState(self.device.device_id, self.status, self.features_sel, self.driver_features,
                                   self.driver_features_sel, self.queue_sel, self.config_generation,
@@ -131,6 +118,7 @@ class MmioTransport:
     def restore(self, state: TransportState) -> None:
         """Take ``state``: a device the driver had started is started again on its queues,
         where they stood. StateError, with the slot unchanged, if the state does not fit it."""
+        from ...persist import check, check_int
         check(state.device_id == self.device.device_id,
               f"a slot of device {state.device_id} cannot restore {self.device.name}'s")
         check(len(state.queues) == len(self.queues),

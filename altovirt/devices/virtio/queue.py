@@ -13,11 +13,13 @@ into the device-readable part and the device-writable part of the chain.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ...errors import AltoVirtError
 from ...memory import GuestMemory, GuestMemoryError
-from ...persist import StateError, check, check_int
+
+if TYPE_CHECKING:
+    from .persist import QueueState
 
 # Descriptor flags (2.7.5)
 VIRTQ_DESC_F_NEXT = 1
@@ -39,25 +41,6 @@ _USED_ELEM = struct.Struct("<II")
 
 class QueueError(AltoVirtError):
     """The driver broke the virtqueue rules; the message says how."""
-
-
-@dataclass(frozen=True)
-class QueueState:
-    """A queue as the driver programmed it and where the device stands in its rings
-    (rust-vmm virtio-queue's QueueState). ``active``: the rings are in use (DRIVER_OK)."""
-
-    max_size: int
-    size: int
-    ready: bool
-    desc_addr: int
-    avail_addr: int
-    used_addr: int
-    active: bool
-    event_idx: bool
-    indirect: bool
-    next_avail: int
-    next_used: int
-    signalled_used: int         # -1: no interrupt yet since activation
 
 
 class DescriptorChain:
@@ -146,6 +129,7 @@ class Queue:
 
     # --- saved state ---
     def save(self) -> QueueState:
+        from .persist import QueueState  # only when saving: see persist's docstring
         return QueueState(self.max_size, self.size, self.ready, self.desc_addr, self.avail_addr,
                           self.used_addr, self._mem is not None, self.event_idx, self.indirect,
                           self.next_avail, self.next_used,
@@ -154,6 +138,7 @@ class Queue:
     def restore(self, state: QueueState, mem: GuestMemory) -> None:
         """Take ``state`` (an active queue's rings are mapped in ``mem`` again); StateError,
         with this queue unchanged, if the state could not have been saved from it."""
+        from ...persist import StateError, check, check_int
         check(state.max_size == self.max_size,
               f"a queue of at most {state.max_size} entries cannot restore one of {self.max_size}")
         check_int(state.size, 0, 0xFFFFFFFF, "queue size")        # as the driver wrote it
