@@ -3,7 +3,7 @@
 Every component whose state a snapshot must keep has ``save()``, returning a
 frozen dataclass of plain values (ints, bools, bytes, tuples of them), and
 ``restore(state)``, which checks the whole state before using any of it: bad
-state raises :class:`StateError` and leaves the component as it was. Saved
+state raises :class:`SavedStateError` and leaves the component as it was. Saved
 state is written as versioned JSON (:func:`seal`) and read back with
 :func:`unseal`, which refuses another format or a version this VMM does not
 read (as Firecracker's persist does with its versioned state).
@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from .errors import AltoVirtError
 
 
-class StateError(AltoVirtError, ValueError):
+class SavedStateError(AltoVirtError, ValueError):
     """Saved state this VMM cannot take; whatever was being restored is unchanged."""
 
 
@@ -38,32 +38,32 @@ def seal(fmt: str, version: int, fields: dict[str, Any]) -> bytes:
 
 
 def unseal(data: bytes, fmt: str, version: int, what: str) -> dict[str, Any]:
-    """The fields of an envelope of ``fmt``, ``version``; StateError naming ``what`` otherwise."""
+    """The fields of an envelope of ``fmt``, ``version``; SavedStateError naming ``what`` otherwise."""
     try:
         image = json.loads(data)
     except (ValueError, RecursionError) as e:
-        raise StateError(f"not {what}: {e}") from e
+        raise SavedStateError(f"not {what}: {e}") from e
     if not isinstance(image, dict) or image.get("format") != fmt:
-        raise StateError(f"not {what}")
+        raise SavedStateError(f"not {what}")
     if image.get("version") != version:
-        raise StateError(f"{what} version {image.get('version')!r}; this VMM reads version {version}")
+        raise SavedStateError(f"{what} version {image.get('version')!r}; this VMM reads version {version}")
     return {k: v for k, v in image.items() if k not in ("format", "version")}
 
 
 def check(condition: bool, problem: str) -> None:
     if not condition:
-        raise StateError(problem)
+        raise SavedStateError(problem)
 
 
 def check_int(x: object, low: int, high: int, what: str) -> int:
     if type(x) is not int or not low <= x <= high:      # not bool, though bool is an int
-        raise StateError(f"{what} must be an integer from {low} to {high}, not {x!r}")
+        raise SavedStateError(f"{what} must be an integer from {low} to {high}, not {x!r}")
     return x
 
 
 def check_bytes(x: object, what: str, size: int | None = None) -> bytes:
     if not isinstance(x, bytes) or (size is not None and len(x) != size):
-        raise StateError(f"{what} must be {size if size is not None else 'some'} bytes, not {x!r:.40}")
+        raise SavedStateError(f"{what} must be {size if size is not None else 'some'} bytes, not {x!r:.40}")
     return x
 
 
@@ -89,10 +89,10 @@ def from_json(cls: type[S], data: object, what: str) -> S:
     shapes saved states use: int, bool, bytes, nested states and tuples of them).
     Values are not range-checked here: ``restore`` does that."""
     if not isinstance(data, dict):
-        raise StateError(f"{what} must be an object")
+        raise SavedStateError(f"{what} must be an object")
     hints = _field_types(cls)
     if set(data) != set(hints):
-        raise StateError(f"{what} must have the fields {sorted(hints)}, not {sorted(data)}")
+        raise SavedStateError(f"{what} must have the fields {sorted(hints)}, not {sorted(data)}")
     return cls(**{name: _from(hint, data[name], f"{what}.{name}") for name, hint in hints.items()})
 
 
@@ -105,23 +105,23 @@ def _from(hint: Any, v: object, what: str) -> object:
     origin = typing.get_origin(hint)
     if hint is bytes:
         if not isinstance(v, str):
-            raise StateError(f"{what} must be base64 text")
+            raise SavedStateError(f"{what} must be base64 text")
         try:
             return base64.b64decode(v, validate=True)
         except binascii.Error as e:
-            raise StateError(f"{what} must be base64 text") from e
+            raise SavedStateError(f"{what} must be base64 text") from e
     if hint is bool:
         if type(v) is not bool:
-            raise StateError(f"{what} must be true or false")
+            raise SavedStateError(f"{what} must be true or false")
         return v
     if hint is int:
         if type(v) is not int:
-            raise StateError(f"{what} must be an integer")
+            raise SavedStateError(f"{what} must be an integer")
         return v
     if origin is tuple:
         (item, _) = typing.get_args(hint)           # tuple[X, ...]
         if not isinstance(v, list):
-            raise StateError(f"{what} must be a list")
+            raise SavedStateError(f"{what} must be a list")
         return tuple(_from(item, x, f"{what}[{i}]") for i, x in enumerate(v))
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_json(hint, v, what)

@@ -34,7 +34,7 @@ from altovirt.devices.virtio.rng import Rng
 from altovirt.eventloop import EventLoop
 from altovirt.kvm import structs as S
 from altovirt.memory import GuestMemory
-from altovirt.persist import StateError
+from altovirt.persist import SavedStateError
 from altovirt.vmm import builder
 from altovirt.vmm.machine import Machine
 
@@ -113,20 +113,20 @@ def test_bad_queue_state_changes_nothing(change: dict[str, object], problem: str
     bad = QueueState(**fields)
     target, _ = driven_queue(8, COMMON_FEATURES, 3, 1)
     before = target.save()
-    with pytest.raises(StateError, match=problem):
+    with pytest.raises(SavedStateError, match=problem):
         target.restore(bad, MEM)
     assert target.save() == before
 
 
 def test_bad_images_are_refused() -> None:
-    with pytest.raises(StateError, match="not a test image"):
+    with pytest.raises(SavedStateError, match="not a test image"):
         persist.unseal(b'{"format": "other", "version": 1}', "altovirt-test", 1, "a test image")
-    with pytest.raises(StateError, match="a test image version 2; this VMM reads version 1"):
+    with pytest.raises(SavedStateError, match="a test image version 2; this VMM reads version 1"):
         persist.unseal(b'{"format": "altovirt-test", "version": 2}', "altovirt-test", 1, "a test image")
     fields = persist.to_json(Queue(256).save())
-    with pytest.raises(StateError, match=r"state.ready must be true or false"):
+    with pytest.raises(SavedStateError, match=r"state.ready must be true or false"):
         persist.from_json(QueueState, {**fields, "ready": 1}, "state")
-    with pytest.raises(StateError, match="state must have the fields"):
+    with pytest.raises(SavedStateError, match="state must have the fields"):
         persist.from_json(QueueState, {**fields, "extra": 1}, "state")
 
 
@@ -206,7 +206,7 @@ def test_bad_transport_state_changes_nothing(slot: tuple[MmioTransport, int], ch
     start_driver(t, driver)
     good = t.save()
     bad = TransportState(**{**{f: getattr(good, f) for f in good.__dataclass_fields__}, **change})
-    with pytest.raises(StateError, match=problem):
+    with pytest.raises(SavedStateError, match=problem):
         t.restore(bad)
     assert t.save() == good
     assert json.loads(through_json(good))["format"] == "altovirt-test"
@@ -262,7 +262,7 @@ def test_bad_legacy_state_changes_nothing(make: Callable[[], Any], change: dict[
     device = make()
     good = device.save()
     fields = {f: getattr(good, f) for f in good.__dataclass_fields__}
-    with pytest.raises(StateError, match=problem):
+    with pytest.raises(SavedStateError, match=problem):
         device.restore(type(good)(**{**fields, **change}))
     assert device.save() == good
 
@@ -334,6 +334,6 @@ def test_bad_kvm_state_sets_nothing(built: Machine, change: Callable[[Any], Any]
     regs.rbx = 0x5678                       # differs from the saved state: a partial restore shows
     built.vcpus[0].vcpu.set_regs(regs)
     before = without_clock(kvm_state(built))
-    with pytest.raises(StateError, match=problem):
+    with pytest.raises(SavedStateError, match=problem):
         poweron.restore(built.vm, [v.vcpu for v in built.vcpus], change(saved))
     assert without_clock(kvm_state(built)) == before

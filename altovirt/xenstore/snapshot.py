@@ -26,7 +26,7 @@ import base64
 import binascii
 from typing import Any
 
-from ..persist import StateError, check, check_int, seal, unseal
+from ..persist import SavedStateError, check, check_int, seal, unseal
 from .store import DOM0, Change, Session, State, Store, Transaction, Watch, owners
 from .tree import Node, Perm, XsError, check_path
 
@@ -36,7 +36,7 @@ TX_ID_MAX = 0xFFFFFFFF
 
 
 # Data that is not a XenStore image this VMM can load; the store is unchanged.
-SnapshotError = StateError
+SnapshotError = SavedStateError
 
 
 def save(store: Store) -> bytes:

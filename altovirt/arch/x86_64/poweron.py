@@ -114,7 +114,7 @@ def _check(vcpus: list[Vcpu], state: PowerOnState) -> None:
 
 def restore(vm: Vm, vcpus: list[Vcpu], state: PowerOnState, *, clock: bool = True) -> None:
     """Put ``state`` back (every vCPU outside KVM_RUN, its I/O completed); a power-on reset
-    leaves the kvmclock running (``clock`` False). StateError, with nothing set, for
+    leaves the kvmclock running (``clock`` False). SavedStateError, with nothing set, for
     state that does not fit this VM."""
     _check(vcpus, state)
     for chip in state.vm.irqchips:

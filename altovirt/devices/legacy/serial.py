@@ -56,7 +56,7 @@ class Serial:
                                self._thr_pending, bytes(self._rx))
 
     def restore(self, state: SerialState) -> None:
-        """StateError, the UART unchanged, for registers a guest could not have written."""
+        """SavedStateError, the UART unchanged, for registers a guest could not have written."""
         from ...persist import check, check_int
         check_int(state.ier, 0, 0x0F, "ier")
         check_int(state.mcr, 0, 0x1F, "mcr")

@@ -117,7 +117,7 @@ class MmioTransport:
 
     def restore(self, state: TransportState) -> None:
         """Take ``state``: a device the driver had started is started again on its queues,
-        where they stood. StateError, with the slot unchanged, if the state does not fit it."""
+        where they stood. SavedStateError, with the slot unchanged, if the state does not fit it."""
         from ...persist import check, check_int
         check(state.device_id == self.device.device_id,
               f"a slot of device {state.device_id} cannot restore {self.device.name}'s")

@@ -136,9 +136,9 @@ class Queue:
                           -1 if self._signalled_used is None else self._signalled_used)
 
     def restore(self, state: QueueState, mem: GuestMemory) -> None:
-        """Take ``state`` (an active queue's rings are mapped in ``mem`` again); StateError,
+        """Take ``state`` (an active queue's rings are mapped in ``mem`` again); SavedStateError,
         with this queue unchanged, if the state could not have been saved from it."""
-        from ...persist import StateError, check, check_int
+        from ...persist import SavedStateError, check, check_int
         check(state.max_size == self.max_size,
               f"a queue of at most {state.max_size} entries cannot restore one of {self.max_size}")
         check_int(state.size, 0, 0xFFFFFFFF, "queue size")        # as the driver wrote it
@@ -153,7 +153,7 @@ class Queue:
             try:
                 rings = self._map(mem, state.size, state.desc_addr, state.avail_addr, state.used_addr)
             except QueueError as e:
-                raise StateError(str(e)) from e
+                raise SavedStateError(str(e)) from e
         self.reset()
         self.size, self.ready = state.size, state.ready
         self.desc_addr, self.avail_addr, self.used_addr = state.desc_addr, state.avail_addr, state.used_addr
