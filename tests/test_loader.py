@@ -186,7 +186,8 @@ def test_initrd_must_fit(probe: Path, mem: GuestMemory) -> None:
 
 
 def test_command_line_limit(probe: Path, mem: GuestMemory) -> None:
-    with pytest.raises(KernelError, match="command line is 2048 bytes; this kernel accepts at most 2047"):
+    with pytest.raises(KernelError, match="command line is 2048 bytes with what the machine adds to "
+                                          "-append; this kernel accepts at most 2047"):
         boot.prepare(mem, (probe / "probe.bzImage").read_bytes(), "x" * 2048, None, 1, None)
 
 
