@@ -190,7 +190,7 @@ class Net(VirtioDevice):
                     chain = queue.pop()
                     if chain is None:
                         break
-                    size = sum(map(len, chain.writable))
+                    size = sum(map(len, chain.writable))    # writable_len, inlined: a hot path
                     if chain.readable or size < VNET_HDR_SIZE:
                         # 5.1.6.3.1: every receive buffer holds at least the header
                         raise QueueError("receive buffer is not device-writable or smaller than "
@@ -217,10 +217,7 @@ class Net(VirtioDevice):
                     count += 1
                     nviews += k
                 # The tap fills only the 10-byte legacy header; num_buffers is ours (5.1.6.4).
-                if len(views[0]) >= VNET_HDR_SIZE:
-                    _NUM_BUFFERS.pack_into(views[0], NUM_BUFFERS_OFFSET, count)
-                else:
-                    write_at(views, NUM_BUFFERS_OFFSET, _NUM_BUFFERS.pack(count))
+                write_at(views, NUM_BUFFERS_OFFSET, _NUM_BUFFERS.pack(count))
                 queue.publish_used()
                 del views[:nviews]
                 delivered = True

@@ -58,11 +58,14 @@ class DescriptorChain:
 
     @property
     def writable_len(self) -> int:
-        return sum(len(v) for v in self.writable)
+        return sum(map(len, self.writable))
 
 
 def write_at(views: list[memoryview], offset: int, data: bytes) -> None:
     """Write ``data`` at ``offset`` into a buffer split across ``views``."""
+    if views and offset + len(data) <= len(views[0]):     # the usual case: all in the first view
+        views[0][offset:offset + len(data)] = data
+        return
     for v in views:
         if offset < len(v):
             n = min(len(v) - offset, len(data))
