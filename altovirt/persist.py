@@ -61,9 +61,9 @@ def check_int(x: object, low: int, high: int, what: str) -> int:
     return x
 
 
-def check_bytes(x: object, what: str, size: int | None = None) -> bytes:
-    if not isinstance(x, bytes) or (size is not None and len(x) != size):
-        raise SavedStateError(f"{what} must be {size if size is not None else 'some'} bytes, not {x!r:.40}")
+def check_bytes(x: object, what: str, size: int) -> bytes:
+    if not isinstance(x, bytes) or len(x) != size:
+        raise SavedStateError(f"{what} must be {size} bytes, not {x!r:.40}")
     return x
 
 

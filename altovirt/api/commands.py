@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from .. import __version__
 from ..backends.tap import Tap
@@ -27,18 +27,25 @@ HOST_QMP_QUIT = StopReason("host-qmp-quit", False, 0)
 BLOCK_DRIVERS = ("virtio-blk-mmio", "virtio-blk-device")
 NET_DRIVERS = ("virtio-net-mmio", "virtio-net-device")
 
+T = TypeVar("T")
+
 
 def version() -> dict[str, Any]:
     major, minor, micro = (int(x) for x in __version__.split(".")[:3])
     return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": f"altovirt-{__version__}"}
 
 
-def _checked(action: Callable[[], object]) -> object:
-    """Run a lifecycle or hot-plug action, turning its refusals into QMP errors."""
+def _answer(action: Callable[[], T]) -> T:
+    """What a lifecycle or hot-plug action returns; its refusals become QMP errors."""
     try:
-        action()
+        return action()
     except (HotplugError, StateError, ConfigError) as e:
         raise QmpError("DeviceNotFound" if isinstance(e, NoSuchDevice) else "GenericError", str(e)) from e
+
+
+def _checked(action: Callable[[], object]) -> object:
+    """Run an action for its effect: the reply is an empty return, or the QMP error."""
+    _answer(action)
     return {}
 
 
@@ -172,10 +179,7 @@ def build(machine: Machine) -> dict[str, Command]:
                  "thread_id": c.thread_id} for c in vcpu_info()]
 
     def vcpu_info() -> list[VcpuInfo]:
-        try:
-            return cast(list[VcpuInfo], machine.request(Action.VCPU_INFO))
-        except StateError as e:
-            raise QmpError("GenericError", str(e)) from e
+        return cast(list[VcpuInfo], _answer(lambda: machine.request(Action.VCPU_INFO)))
 
     def query_cpus_fast(args: dict[str, Any]) -> object:
         return [{"cpu-index": v.index, "props": props(v.index),

@@ -111,7 +111,7 @@ class SocketServer(Generic[P]):
         self.max_output = max_output
         self.listener = UnixListener(path, backlog)
         self.io = EventLoop(name, on_start)
-        self.lock = threading.RLock()
+        self._lock = threading.RLock()
         self._peers: dict[int, P] = {}
         self._dirty: set[P] = set()             # peers with output queued since the last flush
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -146,12 +146,12 @@ class SocketServer(Generic[P]):
     # --- peers ---
     @property
     def peers(self) -> list[P]:
-        with self.lock:
+        with self._lock:
             return list(self._peers.values())
 
     def add(self, peer: P) -> None:
         """Serve ``peer`` (any thread); ConnectionRefusedError once the server is closed."""
-        with self.lock:
+        with self._lock:
             if self._closed:
                 raise ConnectionRefusedError(errno.ECONNREFUSED, f"the {self.name} server is closed")
             self._peers[peer.sock.fileno()] = peer
@@ -160,7 +160,7 @@ class SocketServer(Generic[P]):
 
     def send(self, peer: P, data: bytes) -> None:
         """Queue ``data`` for ``peer`` (any thread); it leaves as the socket takes it."""
-        with self.lock:
+        with self._lock:
             if peer.sock.fileno() < 0:
                 return
             if len(peer.out.buf) + len(data) > self.max_output:
@@ -171,7 +171,7 @@ class SocketServer(Generic[P]):
         self._schedule_flush(peer)
 
     def drop(self, peer: P, why: str) -> None:
-        with self.lock:
+        with self._lock:
             if self._peers.pop(peer.sock.fileno(), None) is None:
                 return
             self._dirty.discard(peer)
@@ -182,19 +182,19 @@ class SocketServer(Generic[P]):
 
     def flush(self, peer: P) -> None:
         """Send what the socket takes now (the server's thread)."""
-        with self.lock:
+        with self._lock:
             if peer.sock.fileno() >= 0 and not peer.out.flush(peer.sock, self.io):
                 self.drop(peer, "write failed")
 
     # --- the server's thread ---
     def _schedule_flush(self, peer: P) -> None:
-        with self.lock:
+        with self._lock:
             self._dirty.add(peer)
         if not self.io.in_thread():
             os.eventfd_write(self._wake, 1)
 
     def _flush_dirty(self) -> None:
-        with self.lock:
+        with self._lock:
             dirty, self._dirty = self._dirty, set()
             for peer in dirty:
                 self.flush(peer)
@@ -221,11 +221,11 @@ class SocketServer(Generic[P]):
 
     def close(self, flush_timeout: float = 0.0) -> None:
         """Stop serving; each client has up to ``flush_timeout`` to take what is queued."""
-        with self.lock:
+        with self._lock:
             self._closed = True
         self.io.stop()
         deadline = time.monotonic() + flush_timeout
-        with self.lock:
+        with self._lock:
             for peer in list(self._peers.values()):
                 if flush_timeout and peer.out.buf:
                     peer.sock.setblocking(True)
