@@ -7,14 +7,17 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import Vm, needs_kvm
+
+T = TypeVar("T")
 
 pytestmark = needs_kvm
 
@@ -116,12 +119,18 @@ def survived(vm: Vm, sock: Path) -> None:
     assert vm.finish()[0] == 0 and not sock.exists()
 
 
-def test_structured_requests_get_one_wellformed_reply(running: tuple[Vm, Path]) -> None:
+def fuzz(running: tuple[Vm, Path], examples: int, inputs: st.SearchStrategy[T],
+         check: Callable[[Path, T], None]) -> None:
+    """``check(socket, input)`` for ``examples`` inputs against one VM, which must then be
+    alive and well (:func:`survived`)."""
     vm, sock = running
+    settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))(
+        given(inputs)(lambda value: check(sock, value)))()
+    survived(vm, sock)
 
-    @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(request=requests)
-    def one(request: dict) -> None:
+
+def test_structured_requests_get_one_wellformed_reply(running: tuple[Vm, Path]) -> None:
+    def check(sock: Path, request: dict) -> None:
         s, f = connect(sock)
         try:
             s.sendall(json.dumps(request).encode())
@@ -134,16 +143,11 @@ def test_structured_requests_get_one_wellformed_reply(running: tuple[Vm, Path]) 
         finally:
             s.close()
 
-    one()
-    survived(vm, sock)
+    fuzz(running, 1500, requests, check)
 
 
 def test_hotplug_requests_get_one_wellformed_reply(running: tuple[Vm, Path]) -> None:
-    vm, sock = running
-
-    @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(request=hotplug_requests)
-    def one(request: dict) -> None:
+    def check(sock: Path, request: dict) -> None:
         s, f = connect(sock)
         try:
             s.sendall(json.dumps(request).replace("@DIR@", str(sock.parent)).encode())
@@ -154,17 +158,12 @@ def test_hotplug_requests_get_one_wellformed_reply(running: tuple[Vm, Path]) -> 
         finally:
             s.close()
 
-    one()
-    survived(vm, sock)
+    fuzz(running, 600, hotplug_requests, check)
 
 
 def test_raw_garbage_never_hurts(running: tuple[Vm, Path]) -> None:
     """Whatever bytes a client sends, the next client is served as if nothing happened."""
-    vm, sock = running
-
-    @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(data=raw_input)
-    def one(data: bytes) -> None:
+    def check(sock: Path, data: bytes) -> None:
         s, _ = connect(sock)
         with contextlib.suppress(OSError):          # the server may hang up on garbage
             s.sendall(data)
@@ -174,5 +173,4 @@ def test_raw_garbage_never_hurts(running: tuple[Vm, Path]) -> None:
         assert read_reply(f)["id"] == 7
         s.close()
 
-    one()
-    survived(vm, sock)
+    fuzz(running, 1500, raw_input, check)
