@@ -53,10 +53,12 @@ class Lifecycle:
         self._stop_lock = threading.Lock()
         self._listeners: list[Listener] = []
 
-    def require(self, *states: RunState, what: str = "") -> None:
-        """StateError unless the VM is in one of ``states`` ("the VM is paused, not running")."""
+    def require(self, *states: RunState) -> None:
+        """StateError unless the VM is in one of ``states``: "the VM is paused, not running",
+        or "the VM is shutdown" when several states would do."""
         if self.state not in states:
-            raise StateError(f"the VM is {self.state}{what}")
+            wanted = f", not {states[0]}" if len(states) == 1 else ""
+            raise StateError(f"the VM is {self.state}{wanted}")
 
     def move(self, to: RunState) -> None:
         """Go to ``to``; the caller holds ``lock`` and has checked the move is wanted."""

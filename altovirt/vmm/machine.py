@@ -109,7 +109,7 @@ class Machine:
         """Stop the guest: every vCPU out of KVM_RUN, device work quiescent, the clock held."""
         life = self.lifecycle
         with life.lock:
-            life.require(RunState.RUNNING, what=", not running")
+            life.require(RunState.RUNNING)
             for v in self.vcpus:
                 v.pause()
             self.io.pause()
@@ -122,7 +122,7 @@ class Machine:
     def resume(self) -> None:
         life = self.lifecycle
         with life.lock:
-            life.require(RunState.PAUSED, what=", not paused")
+            life.require(RunState.PAUSED)
             assert self.vm is not None and self._clock is not None
             # The guest's kvmclock continues from where it stopped: no jump over the pause.
             self.vm.set_clock(S.kvm_clock_data(clock=self._clock.clock))
