@@ -172,6 +172,10 @@ class MmioTransport:
         if size != 4:
             log.debug("%s: %d-byte read of register %#x ignored", self.device.name, size, offset)
             return 0
+        if offset == INTERRUPT_STATUS:
+            # Every interrupt's first question: answered without the transport lock, which the
+            # I/O thread holds while it works the queues (the interrupt has a lock of its own).
+            return self.interrupt.status
         q = self._queue()
         with self.lock:
             if offset == MAGIC_VALUE:
@@ -189,8 +193,6 @@ class MmioTransport:
                 return q.max_size if q else 0
             if offset == QUEUE_READY:
                 return int(q.ready) if q else 0
-            if offset == INTERRUPT_STATUS:
-                return self.interrupt.status
             if offset == STATUS:
                 return self.status
             if offset == CONFIG_GENERATION:
@@ -207,6 +209,9 @@ class MmioTransport:
         if size != 4:
             log.debug("%s: %d-byte write of register %#x ignored", self.device.name, size, offset)
             return
+        if offset == INTERRUPT_ACK:
+            self.interrupt.ack(value)       # without the transport lock, as InterruptStatus
+            return
         with self.lock:
             if offset == QUEUE_NOTIFY:
                 # Only reached when the ioeventfd did not take it (e.g. while it is being set up).
@@ -222,8 +227,6 @@ class MmioTransport:
                 self.driver_features_sel = value
             elif offset == QUEUE_SEL:
                 self.queue_sel = value
-            elif offset == INTERRUPT_ACK:
-                self.interrupt.ack(value)
             elif offset == STATUS:
                 self._set_status(value)
             else:
