@@ -126,12 +126,15 @@ class Net(VirtioDevice):
         self._rx_views.clear()
         self._rx_room = 0
 
+    def _can_receive(self) -> bool:
+        return self.tap is not None and self.active is not None and not self.broken and (
+            bool(self._rx_held) or self.active.queues[RXQ].has_available())
+
     def _watch_tap(self) -> None:
         """Read the tap only while the guest has receive buffers (it paces reception)."""
         if self.tap is None:
             return
-        want = self.active is not None and not self.broken and (
-            bool(self._rx_held) or self.active.queues[RXQ].has_available())
+        want = self._can_receive()
         if want == self._reading and self._registered:
             return
         self._reading = want
@@ -145,18 +148,23 @@ class Net(VirtioDevice):
     # --- I/O thread ---
     def queue_notify(self, index: int) -> None:
         with self._lock:
-            if index == TXQ:
-                self._transmit()
+            sent = index == TXQ and self._transmit()
+            # Frames just sent are often answered at once (TCP ACKs), and buffers just posted
+            # may be waiting for frames: look at the tap now, and raise one interrupt for both
+            # queues (an interrupt costs the host more than an empty read).
+            received = self._can_receive() and self._receive()
+            self._interrupt(sent, received)
             self._watch_tap()
 
-    def _transmit(self) -> None:
+    def _transmit(self) -> bool:
+        """Send what the driver queued; whether any chain was used."""
         assert self.active is not None
-        queue, interrupt = self.active.queues[TXQ], self.active.interrupt
+        queue = self.active.queues[TXQ]
         sent = False
         for chain in self.chains(queue):
             if chain.writable:
                 self.fail("transmit chain with device-writable buffers")
-                return
+                break
             try:
                 if self.tap is not None:        # no tap: the cable is out, the frame is lost
                     os.writev(self.tap.fd, chain.readable)
@@ -167,18 +175,28 @@ class Net(VirtioDevice):
                 log.debug("%s: tap write failed: %s (frame dropped)", self.name, e)
             queue.add_used(chain.head, 0)
             sent = True
-        if sent:
-            interrupt.signal_used(queue)
+        return sent
+
+    def _interrupt(self, sent: bool, received: bool) -> None:
+        """One interrupt for the queues that used buffers, if the driver wants it for either."""
+        assert self.active is not None
+        queues = self.active.queues
+        # Both asked (no short cut): with EVENT_IDX the question records what was signalled.
+        want = [queues[TXQ].needs_interrupt() if sent else False,
+                queues[RXQ].needs_interrupt() if received else False]
+        if any(want):
+            self.active.interrupt.trigger()
 
     def _tap_readable(self) -> None:
         with self._lock:
-            if self.active is not None and not self.broken and self.tap is not None:
-                self._receive()
+            if self._can_receive():
+                self._interrupt(False, self._receive())
                 self._watch_tap()
 
-    def _receive(self) -> None:
+    def _receive(self) -> bool:
+        """Read frames into the receive buffers while both last; whether any buffer was used."""
         assert self.active is not None and self.tap is not None
-        queue, interrupt = self.active.queues[RXQ], self.active.interrupt
+        queue = self.active.queues[RXQ]
         mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
         held, views, room = self._rx_held, self._rx_views, self._rx_room
         delivered = False
@@ -225,8 +243,7 @@ class Net(VirtioDevice):
             self.fail(str(e))
         finally:
             self._rx_room = room
-        if delivered:
-            interrupt.signal_used(queue)
+        return delivered
 
     def detach(self) -> None:
         if self._registered and self.tap is not None:
