@@ -2,15 +2,49 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
 
+from altovirt.arch.x86_64 import layout
 from altovirt.devices.virtio import device as vdev
 from altovirt.devices.virtio import mmio, queue
+from altovirt.devices.virtio.rng import Rng
+from altovirt.eventloop import EventLoop
+from altovirt.memory import GuestMemory
 
 from .cabi import c_values, needs_gcc
 from .conftest import Vm, needs_kvm, needs_qemu, run_altovirt, run_qemu
+
+
+def test_interrupt_registers_do_not_wait_for_queue_work() -> None:
+    """A vCPU taking an interrupt reads InterruptStatus and writes InterruptACK while the
+    I/O thread may hold the transport's lock for queue work; those two never wait for it."""
+    mem = GuestMemory(layout.ram_regions(1 << 20))
+    irqfd = os.eventfd(0, os.EFD_NONBLOCK)
+    t = mmio.MmioTransport(Rng("rng0"), mem, irqfd, EventLoop())
+    t.interrupt.trigger(vdev.VIRTIO_MMIO_INT_VRING)
+    seen: list[int] = []
+
+    def vcpu() -> None:
+        seen.append(t.read(mmio.INTERRUPT_STATUS, 4))
+        t.write(mmio.INTERRUPT_ACK, 4, vdev.VIRTIO_MMIO_INT_VRING)
+        seen.append(t.read(mmio.INTERRUPT_STATUS, 4))
+
+    try:
+        with t.lock:                # the I/O thread, busy with a queue
+            reader = threading.Thread(target=vcpu)
+            reader.start()
+            reader.join(5)
+            waited = reader.is_alive()
+        assert not waited and seen == [vdev.VIRTIO_MMIO_INT_VRING, 0]
+    finally:
+        reader.join()
+        t.close()
+        mem.close()
+        os.close(irqfd)
 
 
 @needs_gcc
