@@ -1,7 +1,11 @@
-"""Guest RAM: one memfd, mapped shared, split around the 32-bit MMIO gap.
+"""Guest RAM: anonymous memory, aligned to 2 MiB, split around the 32-bit MMIO gap.
 
-The memfd (rather than anonymous memory) lets later features hand guest RAM
-to another process (vhost-user) or save it (snapshots) without copying.
+RAM is allocated as QEMU and Firecracker allocate it by default: private
+anonymous memory advised for transparent huge pages, which Linux hosts give
+(``transparent_hugepage/enabled`` is ``madvise`` or ``always``), where shared
+memory (a memfd) gets them only if the host turned them on for shmem. KVM maps
+a guest's 2 MiB page with one nested-paging entry only where the host page is
+huge and host and guest addresses agree modulo 2 MiB: hence the alignment.
 Every guest-physical access goes through :meth:`GuestMemory.view`, which
 refuses any range that is not entirely inside one RAM region: a guest (or a
 bug) can never make us touch host memory outside guest RAM.
@@ -12,13 +16,13 @@ from __future__ import annotations
 import contextlib
 import ctypes as C
 import mmap
-import os
 from dataclasses import dataclass
 
 from .errors import AltoVirtError
 
 # madvise(2) advice; the mmap module exposes these on Linux, named for clarity.
 MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", 16)
+HUGE_PAGE = 2 << 20             # x86-64's 2 MiB page
 
 
 class GuestMemoryError(AltoVirtError, ValueError):
@@ -27,7 +31,7 @@ class GuestMemoryError(AltoVirtError, ValueError):
 
 @dataclass(frozen=True)
 class Region:
-    """A contiguous range of guest RAM: ``size`` bytes at ``gpa``, at ``offset`` in the memfd."""
+    """A contiguous range of guest RAM: ``size`` bytes at ``gpa``, ``offset`` bytes into RAM."""
 
     gpa: int
     size: int
@@ -44,25 +48,23 @@ class GuestMemory:
     def __init__(self, regions: list[Region], *, dontdump: bool = False) -> None:
         self.regions = sorted(regions, key=lambda r: r.gpa)
         self.size = sum(r.size for r in self.regions)
-        self.fd = os.memfd_create("altovirt-ram", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, self.size)
-            self._map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        # 2 MiB more than asked, so that RAM can start on a 2 MiB boundary; the pages before
+        # and after are never touched, so they cost address space only.
+        self._map = mmap.mmap(-1, self.size + HUGE_PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                              mmap.PROT_READ | mmap.PROT_WRITE)
         if dontdump:
             self._map.madvise(MADV_DONTDUMP)
-        # Huge pages where the host allows them for shmem (transparent_hugepage/shmem_enabled
-        # advise or within_size), as QEMU asks for its RAM: fewer page-table entries for
-        # KVM and for direct I/O into guest memory. Elsewhere this is a no-op.
-        with contextlib.suppress(OSError):
+        # Not copied into a child process (QEMU does the same): a fork would otherwise make
+        # every page copy-on-write under the running guest.
+        self._map.madvise(mmap.MADV_DONTFORK)
+        with contextlib.suppress(OSError):      # hosts without transparent huge pages
             self._map.madvise(mmap.MADV_HUGEPAGE)
-        self._view = memoryview(self._map)
-        # (first gpa, end gpa, memfd offset - gpa) of each region, for view()
+        start = C.addressof(C.c_char.from_buffer(self._map))
+        pad = -start % HUGE_PAGE
+        self._base = start + pad
+        self._view = memoryview(self._map)[pad:pad + self.size]
+        # (first gpa, end gpa, offset in RAM - gpa) of each region, for view()
         self._spans = tuple((r.gpa, r.end, r.offset - r.gpa) for r in self.regions)
-        self._base = C.addressof(C.c_char.from_buffer(self._map))
 
     def host_address(self, region: Region) -> int:
         """The userspace address backing ``region``, for KVM_SET_USER_MEMORY_REGION."""
@@ -88,12 +90,11 @@ class GuestMemory:
     def discard(self) -> None:
         """Zero all of guest RAM by handing its pages back to the host (a cold reset).
         KVM drops its mappings through the MMU notifier and faults in fresh zero pages."""
-        self._map.madvise(mmap.MADV_REMOVE)
+        self._map.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
-        """Unmap and close. Views still held elsewhere (device queues) keep the
-        mapping alive until they are dropped; the memfd is closed either way."""
+        """Unmap. Views still held elsewhere (device queues) keep the mapping alive
+        until they are dropped."""
         self._view.release()
         with contextlib.suppress(BufferError):
             self._map.close()
-        os.close(self.fd)

@@ -9,15 +9,10 @@ cache.direct=on). The host's own storage is virtual here and much faster
 for regions read recently, so the first round only warms it and is dropped;
 the rounds then alternate between the VMMs and the medians are compared.
 
-AltoVirt's guest RAM is a shared memfd (shmem); QEMU's is anonymous memory
-unless told otherwise. Direct I/O into shmem is only as fast as into
-anonymous memory when shmem may use huge pages, which the host decides
-(/sys/kernel/mm/transparent_hugepage/shmem_enabled; AltoVirt asks with
-MADV_HUGEPAGE, as QEMU does). So QEMU also runs with memfd RAM, like for
-like, and --shmem-thp sets shmem_enabled to "advise" for the run (root;
-the old value is put back).
+Both VMMs back guest RAM with anonymous memory advised for transparent huge
+pages, so direct I/O lands in memory alike.
 
-    .venv/bin/python bench/block.py [--rounds 5] [--shmem-thp] [--image /var/tmp/altovirt-bench.img]
+    .venv/bin/python bench/block.py [--rounds 5] [--image /var/tmp/altovirt-bench.img]
 """
 
 from __future__ import annotations
@@ -61,23 +56,13 @@ def altovirt(image: Path) -> dict[str, int]:
     return parse(subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout, "AltoVirt")
 
 
-THP_SHMEM = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
-
-
-def shmem_thp() -> str:
-    text = THP_SHMEM.read_text() if THP_SHMEM.exists() else "[unknown]"
-    return text[text.index("[") + 1:text.index("]")]
-
-
-def qemu(image: Path, memfd: bool = False) -> dict[str, int]:
+def qemu(image: Path) -> dict[str, int]:
     cmd = [common.qemu(), "-M", "microvm,acpi=off,auto-kernel-cmdline=on",
            "-global", "virtio-mmio.force-legacy=false",
            "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", "256M", "-nodefaults", "-no-user-config",
            "-nographic", "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4",
            "-drive", f"file={image},if=none,id=d0,format=raw,cache.direct=on",
            "-device", "virtio-blk-device,drive=d0", "-kernel", str(PROBE), "-append", "probe.run=blkbench"]
-    if memfd:
-        cmd += ["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem"]
     return parse(subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout, "QEMU")
 
 
@@ -85,35 +70,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--image", type=Path, default=Path("/var/tmp/altovirt-bench.img"))
-    ap.add_argument("--shmem-thp", action="store_true", help="let shmem use huge pages during the run")
     args = ap.parse_args()
     common.prepare()
     make_image(args.image, 1 << 30)
-    saved = shmem_thp()
-    if args.shmem_thp:
-        THP_SHMEM.write_text("advise")
-    try:
-        runs = {"AltoVirt": lambda: altovirt(args.image), "QEMU": lambda: qemu(args.image),
-                "QEMU memfd": lambda: qemu(args.image, memfd=True)}
-        results: dict[str, list[dict[str, int]]] = {name: [] for name in runs}
-        order = list(runs)
-        for i in range(args.rounds + 1):
-            for name in order[i % 3:] + order[:i % 3]:     # rotate who goes first
-                r = runs[name]()
-                if i:
-                    results[name].append(r)
-        thp = shmem_thp()
-    finally:
-        if args.shmem_thp:
-            THP_SHMEM.write_text(saved)
-    print(f"probe blkbench, 1 GiB image, O_DIRECT, median of {args.rounds} rotating rounds "
-          f"(after a warm-up); host shmem THP: {thp}")
-    print(f"{'':30}{'AltoVirt':>9}{'QEMU':>9}{'QEMU memfd':>11}{'ratio':>7}{'ratio memfd':>12}  target")
+    runs = {"AltoVirt": lambda: altovirt(args.image), "QEMU": lambda: qemu(args.image)}
+    results: dict[str, list[dict[str, int]]] = {name: [] for name in runs}
+    order = list(runs)
+    for i in range(args.rounds + 1):
+        for name in order[i % 2:] + order[:i % 2]:     # take turns at going first
+            r = runs[name]()
+            if i:
+                results[name].append(r)
+    print(f"probe blkbench, 1 GiB image, O_DIRECT, median of {args.rounds} alternating rounds "
+          "(after a warm-up)")
+    print(f"{'':30}{'AltoVirt':>9}{'QEMU':>9}{'ratio':>7}  target")
     for key, label, target in METRICS:
-        a, q, m = (statistics.median(r[key] for r in results[n]) for n in order)
+        a, q = (statistics.median(r[key] for r in results[n]) for n in order)
         goal = f">= {target}" if target else ""
-        print(f"{label:30}{a:9.0f}{q:9.0f}{m:11.0f}{a / q:7.2f}{a / m:12.2f}  {goal}")
-
+        print(f"{label:30}{a:9.0f}{q:9.0f}{a / q:7.2f}  {goal}")
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ import pytest
 
 from altovirt.arch.x86_64 import layout
 from altovirt.config.validate import parse_size
+from altovirt.memory import HUGE_PAGE, GuestMemory
 
 from .conftest import ROOT, ProbeReport, Vm, altovirt_cmd, needs_kvm, run_altovirt
 
@@ -206,12 +207,23 @@ def test_daemonize_reports_start_failure(tmp_path: Path) -> None:
 
 
 def _ram_vmflags(pid: int) -> str:
+    """The VmFlags of the guest RAM mapping: the one mapping not copied on fork ("dc")."""
     with open(f"/proc/{pid}/smaps") as f:
-        lines = f.read().splitlines()
-    for i, line in enumerate(lines):
-        if "memfd:altovirt-ram" in line:
-            return next(ln for ln in lines[i:] if ln.startswith("VmFlags:"))
-    raise AssertionError("guest RAM mapping not found")
+        flags = [ln for ln in f.read().splitlines() if ln.startswith("VmFlags:") and " dc" in ln]
+    assert len(flags) == 1, f"guest RAM mapping not found in {flags}"
+    return flags[0]
+
+
+def test_ram_is_laid_out_for_huge_pages() -> None:
+    """KVM maps 2 MiB of guest RAM with one nested-paging entry only where host and guest
+    addresses agree modulo 2 MiB, below and above the MMIO gap alike."""
+    mem = GuestMemory(layout.ram_regions(5 << 30))
+    try:
+        assert len(mem.regions) == 2
+        for r in mem.regions:
+            assert (mem.host_address(r) - r.gpa) % HUGE_PAGE == 0
+    finally:
+        mem.close()
 
 
 @pytest.mark.parametrize("omit", [True, False])
@@ -220,6 +232,8 @@ def test_omit_vm_memory(probe: Path, vms: list[Vm], omit: bool) -> None:
             *(["-omit_vm_memory"] if omit else []))
     vms.append(vm)
     vm.wait_line("probe: waiting")
-    assert (" dd" in _ram_vmflags(vm.proc.pid)) == omit
+    flags = _ram_vmflags(vm.proc.pid)
+    assert (" dd" in flags) == omit
+    assert " hg" in flags           # MADV_HUGEPAGE: transparent huge pages where the host has them
     vm.proc.terminate()
     assert vm.finish()[0] == 143
