@@ -62,10 +62,10 @@ def main() -> None:
                 qem.append(q)
     finally:
         subprocess.run(["ip", "netns", "del", ns])
-    a, q = statistics.median(alto), statistics.median(qem)
+    ma, mq = statistics.median(alto), statistics.median(qem)
     print(f"probe netbench, 64-byte frames, 64 in flight, median of {args.rounds} rounds")
     print(f"{'':28}{'AltoVirt':>10}{'QEMU':>10}{'ratio':>8}")
-    print(f"{'transmit, frames/s':28}{a:10.0f}{q:10.0f}{a / q:8.2f}")
+    print(f"{'transmit, frames/s':28}{ma:10.0f}{mq:10.0f}{ma / mq:8.2f}")
 
 
 if __name__ == "__main__":

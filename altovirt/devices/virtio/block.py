@@ -165,7 +165,7 @@ class Block(VirtioDevice):
             return
         with self._idle:
             self._in_flight += len(requests)
-        for run in _merge(requests):
+        for run in _merge(requests) if len(requests) > 1 else [requests]:
             self._pool.submit(self._complete, run)
 
     def _complete(self, run: list[Request]) -> None:
