@@ -126,15 +126,12 @@ class Net(VirtioDevice):
         self._rx_views.clear()
         self._rx_room = 0
 
-    def _can_receive(self) -> bool:
-        return self.tap is not None and self.active is not None and not self.broken and (
-            bool(self._rx_held) or self.active.queues[RXQ].has_available())
-
     def _watch_tap(self) -> None:
         """Read the tap only while the guest has receive buffers (it paces reception)."""
         if self.tap is None:
             return
-        want = self._can_receive()
+        want = self.active is not None and not self.broken and (
+            bool(self._rx_held) or self.active.queues[RXQ].has_available())
         if want == self._reading and self._registered:
             return
         self._reading = want
@@ -148,23 +145,18 @@ class Net(VirtioDevice):
     # --- I/O thread ---
     def queue_notify(self, index: int) -> None:
         with self._lock:
-            sent = index == TXQ and self._transmit()
-            # Frames just sent are often answered at once (TCP ACKs), and buffers just posted
-            # may be waiting for frames: look at the tap now, and raise one interrupt for both
-            # queues (an interrupt costs the host more than an empty read).
-            received = self._can_receive() and self._receive()
-            self._interrupt(sent, received)
+            if index == TXQ:
+                self._transmit()
             self._watch_tap()
 
-    def _transmit(self) -> bool:
-        """Send what the driver queued; whether any chain was used."""
+    def _transmit(self) -> None:
         assert self.active is not None
-        queue = self.active.queues[TXQ]
+        queue, interrupt = self.active.queues[TXQ], self.active.interrupt
         sent = False
         for chain in self.chains(queue):
             if chain.writable:
                 self.fail("transmit chain with device-writable buffers")
-                break
+                return
             try:
                 if self.tap is not None:        # no tap: the cable is out, the frame is lost
                     os.writev(self.tap.fd, chain.readable)
@@ -175,28 +167,18 @@ class Net(VirtioDevice):
                 log.debug("%s: tap write failed: %s (frame dropped)", self.name, e)
             queue.add_used(chain.head, 0)
             sent = True
-        return sent
-
-    def _interrupt(self, sent: bool, received: bool) -> None:
-        """One interrupt for the queues that used buffers, if the driver wants it for either."""
-        assert self.active is not None
-        queues = self.active.queues
-        # Both asked (no short cut): with EVENT_IDX the question records what was signalled.
-        want = [queues[TXQ].needs_interrupt() if sent else False,
-                queues[RXQ].needs_interrupt() if received else False]
-        if any(want):
-            self.active.interrupt.trigger()
+        if sent:
+            interrupt.signal_used(queue)
 
     def _tap_readable(self) -> None:
         with self._lock:
-            if self._can_receive():
-                self._interrupt(False, self._receive())
+            if self.active is not None and not self.broken and self.tap is not None:
+                self._receive()
                 self._watch_tap()
 
-    def _receive(self) -> bool:
-        """Read frames into the receive buffers while both last; whether any buffer was used."""
+    def _receive(self) -> None:
         assert self.active is not None and self.tap is not None
-        queue = self.active.queues[RXQ]
+        queue, interrupt = self.active.queues[RXQ], self.active.interrupt
         mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
         held, views, room = self._rx_held, self._rx_views, self._rx_room
         delivered = False
@@ -243,7 +225,8 @@ class Net(VirtioDevice):
             self.fail(str(e))
         finally:
             self._rx_room = room
-        return delivered
+        if delivered:
+            interrupt.signal_used(queue)
 
     def detach(self) -> None:
         if self._registered and self.tap is not None:
