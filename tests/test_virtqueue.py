@@ -144,3 +144,28 @@ def test_event_idx(mem: GuestMemory) -> None:
         q.add_used(chain.head, 1)
         assert q.needs_interrupt() == expected, drv.used_idx()
     assert drv.avail_event() == 3                       # the device asks for the next new buffer
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_device_turns_notifications_off_while_busy(mem: GuestMemory, event_idx: bool) -> None:
+    """What a driver checks before notifying (2.7.10 avail_event, or 2.7.7 the used ring's
+    NO_NOTIFY flag) says "don't" while the device works the queue, and asks for the next new
+    buffer once it is done."""
+    q, drv = make(mem, features=FEATURES | (1 << VIRTIO_F_EVENT_IDX if event_idx else 0))
+
+    def driver_would_notify(new_idx: int) -> bool:
+        # Linux's virtqueue_kick_prepare: vring_need_event(), or the flag.
+        if event_idx:
+            return (new_idx - drv.avail_event() - 1) & 0xFFFF < 1
+        return not drv.mem.read(drv.used, 2)[0] & 1
+
+    drv.publish(drv.chain([(BUF, 1, False)]))
+    q.notifications(False)
+    assert q.pop() is not None
+    drv.publish(drv.chain([(BUF, 1, False)]))         # added while the device is busy
+    assert not driver_would_notify(drv.avail_idx)
+    q.notifications(True)
+    assert q.has_available()                            # so the device must look again
+    assert q.pop() is not None and q.pop() is None
+    drv.publish(drv.chain([(BUF, 1, False)]))
+    assert driver_would_notify(drv.avail_idx)

@@ -153,20 +153,30 @@ class Net(VirtioDevice):
         assert self.active is not None
         queue, interrupt = self.active.queues[TXQ], self.active.interrupt
         sent = False
-        for chain in self.chains(queue):
-            if chain.writable:
-                self.fail("transmit chain with device-writable buffers")
-                return
-            try:
-                if self.tap is not None:        # no tap: the cable is out, the frame is lost
-                    os.writev(self.tap.fd, chain.readable)
-            except BlockingIOError:
-                queue.undo_pop()            # the tap is full: try again on the next notify
+        # No notifications while we send (as QEMU's virtio-net): frames the driver adds in the
+        # meantime are taken by the look after turning them back on, without a kick each.
+        queue.notifications(False)
+        while True:
+            stalled = False
+            for chain in self.chains(queue):
+                if chain.writable:
+                    self.fail("transmit chain with device-writable buffers")
+                    break
+                try:
+                    if self.tap is not None:    # no tap: the cable is out, the frame is lost
+                        os.writev(self.tap.fd, chain.readable)
+                except BlockingIOError:
+                    queue.undo_pop()        # the tap is full: try again on the next notify
+                    stalled = True
+                    break
+                except OSError as e:
+                    log.debug("%s: tap write failed: %s (frame dropped)", self.name, e)
+                queue.add_used(chain.head, 0)
+                sent = True
+            queue.notifications(True)
+            if stalled or self.broken or not queue.has_available():
                 break
-            except OSError as e:
-                log.debug("%s: tap write failed: %s (frame dropped)", self.name, e)
-            queue.add_used(chain.head, 0)
-            sent = True
+            queue.notifications(False)
         if sent:
             interrupt.signal_used(queue)
 

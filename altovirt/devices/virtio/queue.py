@@ -105,6 +105,7 @@ class Queue:
         self.next_avail = 0
         self.next_used = 0
         self._signalled_used: int | None = None
+        self._notify = True
         self._mem: GuestMemory | None = None
 
     # --- activation ---
@@ -184,7 +185,7 @@ class Queue:
             raise QueueError(f"avail idx {avail} is more than {size} ahead of {next_avail}")
         head = _U16.unpack_from(self._avail, 4 + 2 * (next_avail % size))[0]
         self.next_avail = next_avail = (next_avail + 1) & 0xFFFF
-        if self.event_idx:
+        if self.event_idx and self._notify:
             # avail_event: tell the driver to notify us for the next new buffer (2.7.10)
             _U16.pack_into(self._used, 4 + 8 * size, next_avail)
         if head < size:
@@ -242,6 +243,17 @@ class Queue:
             if not flags & VIRTQ_DESC_F_NEXT:
                 return chain
             index = nxt
+
+    def notifications(self, enable: bool) -> None:
+        """Ask the driver to notify us of new buffers, or not to (2.7.7, 2.7.10). A device busy
+        with the queue turns them off, and must look at the queue again after turning them on:
+        buffers made available in between came without a notification."""
+        self._notify = enable
+        if self.event_idx:
+            if enable:
+                _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+        else:
+            _U16.pack_into(self._used, 0, 0 if enable else VIRTQ_USED_F_NO_NOTIFY)
 
     def undo_pop(self) -> None:
         """Give the last popped chain back (the device could not take it yet)."""
