@@ -2,7 +2,8 @@
 
 TX: each chain is a virtio_net_hdr_v1 and a frame, written to the tap as
 they lie in guest RAM (one writev per frame; a notification takes every
-frame the guest queued, and raises one interrupt). RX: a frame is read from
+frame the guest queued, and raises one interrupt; the driver is asked not to
+notify while frames are being sent). RX: a frame is read from
 the tap straight into the guest's receive buffers; with
 VIRTIO_NET_F_MRG_RXBUF a large (GSO) frame spans several buffers and the
 header's num_buffers says how many. The device holds enough popped buffers
