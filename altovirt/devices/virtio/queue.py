@@ -13,6 +13,7 @@ into the device-readable part and the device-writable part of the chain.
 from __future__ import annotations
 
 import struct
+import threading
 from typing import TYPE_CHECKING
 
 from ...errors import AltoVirtError
@@ -37,6 +38,9 @@ DESC_SIZE = 16
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+# Taking and releasing a lock are locked instructions (glibc's semaphores), which on x86 order
+# a store before a later load: the barrier QEMU issues with smp_mb() at the same place.
+_FENCE = threading.Lock()
 
 
 class QueueError(AltoVirtError):
@@ -254,6 +258,11 @@ class Queue:
                 _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
         else:
             _U16.pack_into(self._used, 0, 0 if enable else VIRTQ_USED_F_NO_NOTIFY)
+        if enable:
+            # The driver stores avail idx then loads our field; we store our field then load
+            # avail idx. Without a barrier both could miss the other's store: a lost notification.
+            with _FENCE:
+                pass
 
     def undo_pop(self) -> None:
         """Give the last popped chain back (the device could not take it yet)."""
