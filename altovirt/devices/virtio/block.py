@@ -165,7 +165,7 @@ class Block(VirtioDevice):
             return
         with self._idle:
             self._in_flight += len(requests)
-        for run in _merge(requests) if len(requests) > 1 else [requests]:
+        for run in _merge(requests):
             self._pool.submit(self._complete, run)
 
     def _complete(self, run: list[Request]) -> None:
@@ -293,6 +293,8 @@ class Block(VirtioDevice):
 def _merge(requests: list[Request]) -> list[list[Request]]:
     """Runs of reads or writes that are contiguous on disk, as QEMU's virtio-blk
     merges them (virtio_blk_submit_multireq); everything else runs alone."""
+    if len(requests) == 1:          # the usual case at queue depth 1: nothing to sort
+        return [requests]
     runs: list[list[Request]] = []
     for kind, data in ((VIRTIO_BLK_T_IN, "data_in"), (VIRTIO_BLK_T_OUT, "data_out")):
         run: list[Request] = []

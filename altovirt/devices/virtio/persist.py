@@ -28,7 +28,6 @@ class QueueState:
     signalled_used: int         # -1: no interrupt yet since activation
 
 
-
 @dataclass(frozen=True)
 class TransportState:
     """The slot's registers, its queues, and what the device took from the driver."""
