@@ -160,9 +160,12 @@ def test_legacy_client_stop_really_stops(vm: tuple[Vm, Path]) -> None:
         assert vcpu_cpu_time(pid, bsp) > frozen + 10            # spinning again
         error = mon.cmd_obj({"execute": "cont"})["error"]
         assert error == {"class": "GenericError", "desc": "the VM is running, not paused"}
-        mon.cmd_obj({"execute": "quit"})
+        assert mon.cmd_obj({"execute": "quit"}) == {"return": {}}
     finally:
-        mon.close()
+        # The VMM closes the socket as it exits; the client may see that EOF
+        # before it hangs up itself (QEMU's own machine.py ignores it too).
+        with contextlib.suppress(EOFError):
+            mon.close()
     assert v.finish()[0] == 0
 
 
