@@ -222,9 +222,9 @@ class Harness:
         self.irqfd = os.eventfd(0, os.EFD_NONBLOCK)
         self.resets: list[str] = []
         self.drv = DriverQueue(self.mem, 0x100000, 64)
-        q = Queue(256)
+        q = Queue(256, self.mem)
         q.size, q.desc_addr, q.avail_addr, q.used_addr = 64, self.drv.desc, self.drv.avail, self.drv.used
-        q.activate(self.mem, 0)
+        q.activate(0)
         self.dev.activate(self.mem, [q], Interrupt(self.irqfd, self.resets.append), None)  # type: ignore[arg-type]
         self.slot = 0
 

@@ -26,9 +26,9 @@ def mem() -> Iterator[GuestMemory]:
 
 def make(mem: GuestMemory, size: int = 8, features: int = FEATURES) -> tuple[Queue, DriverQueue]:
     drv = DriverQueue(mem, RING, size)
-    q = Queue(256)
+    q = Queue(256, mem)
     q.size, q.desc_addr, q.avail_addr, q.used_addr = size, drv.desc, drv.avail, drv.used
-    q.activate(mem, features)
+    q.activate(features)
     return q, drv
 
 
@@ -113,10 +113,10 @@ def test_avail_index_running_ahead(mem: GuestMemory) -> None:
     (8, RING + 8, "misaligned"), (8, 0xC0000000, "ring outside guest RAM"),
 ])
 def test_bad_ring_layouts(mem: GuestMemory, size: int, desc: int, message: str) -> None:
-    q = Queue(256)
+    q = Queue(256, mem)
     q.size, q.desc_addr, q.avail_addr, q.used_addr = size, desc, RING + 0x1000, RING + 0x2000
     with pytest.raises(QueueError, match=message):
-        q.activate(mem, 0)
+        q.activate(0)
 
 
 def test_interrupt_suppression_without_event_idx(mem: GuestMemory) -> None:

@@ -20,9 +20,11 @@ def test_header_layout_and_constants() -> None:
     h = ("linux/virtio_vsock.h",)
     got = c_values(h, ("sizeof(struct virtio_vsock_hdr)", "offsetof(struct virtio_vsock_hdr, fwd_cnt)",
                        "VIRTIO_VSOCK_OP_REQUEST", "VIRTIO_VSOCK_OP_CREDIT_REQUEST",
-                       "VIRTIO_VSOCK_TYPE_STREAM", "VIRTIO_VSOCK_SHUTDOWN_RCV", "VIRTIO_VSOCK_SHUTDOWN_SEND"))
+                       "VIRTIO_VSOCK_TYPE_STREAM", "VIRTIO_VSOCK_SHUTDOWN_RCV", "VIRTIO_VSOCK_SHUTDOWN_SEND",
+                       "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET", "sizeof(struct virtio_vsock_event)"))
     assert list(got.values()) == [vvsock.HDR_SIZE, 40, vvsock.OP_REQUEST, vvsock.OP_CREDIT_REQUEST,
-                                  vvsock.VIRTIO_VSOCK_TYPE_STREAM, vvsock.SHUTDOWN_RCV, vvsock.SHUTDOWN_SEND]
+                                  vvsock.VIRTIO_VSOCK_TYPE_STREAM, vvsock.SHUTDOWN_RCV, vvsock.SHUTDOWN_SEND,
+                                  vvsock.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, vvsock._EVENT.size]
 
 
 

@@ -118,6 +118,11 @@ class VirtioDevice:
     def quiesce(self) -> None:
         """Return when no request is in flight (the VM is being paused)."""
 
+    def prepare_save(self) -> None:
+        """Line the device's own state up with its rings, which are about to be saved
+        (device work is held still): buffers it took and still holds go back to the
+        driver, and what cannot move to another process ends as the guest expects."""
+
     def detach(self) -> None:
         """Stop using the backend but leave it open: it outlives the device (hot-unplug)."""
 

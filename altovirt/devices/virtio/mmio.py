@@ -59,7 +59,7 @@ class MmioTransport:
         self.mem = mem
         self.io = io
         self.lock = threading.RLock()
-        self.queues = [Queue(n) for n in device.queue_sizes]
+        self.queues = [Queue(n, mem) for n in device.queue_sizes]
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queues]
         self.interrupt = Interrupt(irqfd, self._needs_reset)
         self.status = 0
@@ -108,12 +108,15 @@ class MmioTransport:
 
     # --- saved state (device work is held still) ---
     def save(self) -> TransportState:
+        """The slot's state, once the device has lined its own up with its rings
+        (``VirtioDevice.prepare_save``). SaveError if the device cannot be saved now."""
         from .persist import TransportState  # only when saving: see persist's docstring
         with self.lock:
-            return TransportState(self.device.device_id, self.status, self.features_sel, self.driver_features,
-                                  self.driver_features_sel, self.queue_sel, self.config_generation,
-                                  self.interrupt.status, self.device.broken,
-                                  tuple(q.save() for q in self.queues))
+            self.device.prepare_save()
+            return TransportState(self.device.device_id, bytes(self.device.config), self.status,
+                                  self.features_sel, self.driver_features, self.driver_features_sel,
+                                  self.queue_sel, self.config_generation, self.interrupt.status,
+                                  self.device.broken, tuple(q.save() for q in self.queues))
 
     def restore(self, state: TransportState) -> None:
         """Take ``state``: a device the driver had started is started again on its queues,
@@ -121,6 +124,8 @@ class MmioTransport:
         from ...persist import check, check_int
         check(state.device_id == self.device.device_id,
               f"a slot of device {state.device_id} cannot restore {self.device.name}'s")
+        check(state.config == self.device.config,
+              f"{self.device.name}'s configuration space (MAC, capacity, CID...) is not the saved one")
         check(len(state.queues) == len(self.queues),
               f"{len(state.queues)} queues saved; {self.device.name} has {len(self.queues)}")
         check_int(state.status, 0, 0xFF, "status")
@@ -131,9 +136,9 @@ class MmioTransport:
         if state.status & FEATURES_OK:
             check(not state.driver_features & ~self.device.device_features(),
                   f"driver features {state.driver_features:#x} were never offered by {self.device.name}")
-        queues = [Queue(q.max_size) for q in self.queues]
+        queues = [Queue(q.max_size, self.mem) for q in self.queues]
         for queue, saved in zip(queues, state.queues, strict=True):
-            queue.restore(saved, self.mem)
+            queue.restore(saved)
         with self.lock:
             self._reset()
             self.queues[:] = queues     # the list the device is handed
@@ -273,7 +278,7 @@ class MmioTransport:
         try:
             for q in self.queues:
                 if q.ready:
-                    q.activate(self.mem, self.driver_features)
+                    q.activate(self.driver_features)
         except QueueError as e:
             self.device.broken = True
             log.error("%s: %s; the device needs a reset", self.device.name, e)

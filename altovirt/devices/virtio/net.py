@@ -121,6 +121,14 @@ class Net(VirtioDevice):
             self._release_held()
             self._watch_tap()
 
+    def prepare_save(self) -> None:
+        """The receive buffers held are given back: they are the last ones taken, untouched."""
+        with self._lock:
+            if self.active is not None and self._rx_held:
+                self.active.queues[RXQ].undo_pop(len(self._rx_held))
+            self._release_held()
+            self._watch_tap()
+
     def _release_held(self) -> None:
         """Forget the receive buffers held: the driver owns them again once the queue is reset."""
         self._rx_held.clear()

@@ -30,9 +30,11 @@ class QueueState:
 
 @dataclass(frozen=True)
 class TransportState:
-    """The slot's registers, its queues, and what the device took from the driver."""
+    """The slot's registers, its queues, and what the device took from the driver.
+    ``config``: the device's configuration space, which the guest has read."""
 
     device_id: int
+    config: bytes
     status: int
     features_sel: int
     driver_features: int

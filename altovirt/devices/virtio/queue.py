@@ -94,10 +94,11 @@ def views_from(views: list[memoryview], offset: int) -> list[memoryview]:
 
 
 class Queue:
-    """Driver-programmed queue state plus the device's own ring positions."""
+    """Driver-programmed queue state plus the device's own ring positions, in ``mem``."""
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, mem: GuestMemory) -> None:
         self.max_size = max_size
+        self.mem = mem
         self.reset()
 
     def reset(self) -> None:
@@ -110,28 +111,27 @@ class Queue:
         self.next_used = 0
         self._signalled_used: int | None = None
         self._notify = True
-        self._mem: GuestMemory | None = None
+        self.active = False             # the rings are mapped and in use
 
     # --- activation ---
-    def activate(self, mem: GuestMemory, features: int) -> None:
+    def activate(self, features: int) -> None:
         """Check the ring layout the driver programmed and map the rings."""
-        self._desc, self._avail, self._used = self._map(mem, self.size, self.desc_addr, self.avail_addr,
+        self._desc, self._avail, self._used = self._map(self.size, self.desc_addr, self.avail_addr,
                                                         self.used_addr)
-        self._mem = mem
+        self.active = True
         self.event_idx = bool(features >> VIRTIO_F_EVENT_IDX & 1)
         self.indirect = bool(features >> VIRTIO_F_INDIRECT_DESC & 1)
         self.next_avail = self.next_used = 0
         self._signalled_used = None
 
-    def _map(self, mem: GuestMemory, size: int, desc: int, avail: int,
-             used: int) -> tuple[memoryview, memoryview, memoryview]:
+    def _map(self, size: int, desc: int, avail: int, used: int) -> tuple[memoryview, memoryview, memoryview]:
         if not size or size > self.max_size or size & (size - 1):
             raise QueueError(f"queue size {size} is not a power of 2 in [1, {self.max_size}]")
         if desc % 16 or avail % 2 or used % 4:
             raise QueueError("misaligned ring address (2.7: descriptors 16, avail 2, used 4)")
         try:
-            return (mem.view(desc, DESC_SIZE * size), mem.view(avail, 6 + 2 * size),
-                    mem.view(used, 6 + 8 * size))
+            return (self.mem.view(desc, DESC_SIZE * size), self.mem.view(avail, 6 + 2 * size),
+                    self.mem.view(used, 6 + 8 * size))
         except GuestMemoryError as e:
             raise QueueError(f"ring outside guest RAM: {e}") from e
 
@@ -139,12 +139,12 @@ class Queue:
     def save(self) -> QueueState:
         from .persist import QueueState  # only when saving: see persist's docstring
         return QueueState(self.max_size, self.size, self.ready, self.desc_addr, self.avail_addr,
-                          self.used_addr, self._mem is not None, self.event_idx, self.indirect,
+                          self.used_addr, self.active, self.event_idx, self.indirect,
                           self.next_avail, self.next_used,
                           -1 if self._signalled_used is None else self._signalled_used)
 
-    def restore(self, state: QueueState, mem: GuestMemory) -> None:
-        """Take ``state`` (an active queue's rings are mapped in ``mem`` again); SavedStateError,
+    def restore(self, state: QueueState) -> None:
+        """Take ``state`` (an active queue's rings are mapped again); SavedStateError,
         with this queue unchanged, if the state could not have been saved from it."""
         from ...persist import SavedStateError, check, check_int
         check(state.max_size == self.max_size,
@@ -159,7 +159,7 @@ class Queue:
         rings = None
         if state.active:
             try:
-                rings = self._map(mem, state.size, state.desc_addr, state.avail_addr, state.used_addr)
+                rings = self._map(state.size, state.desc_addr, state.avail_addr, state.used_addr)
             except QueueError as e:
                 raise SavedStateError(str(e)) from e
         self.reset()
@@ -170,7 +170,7 @@ class Queue:
         self._signalled_used = None if state.signalled_used < 0 else state.signalled_used
         if rings is not None:
             self._desc, self._avail, self._used = rings
-            self._mem = mem
+            self.active = True
 
     # --- the available ring ---
     def avail_idx(self) -> int:
@@ -203,15 +203,13 @@ class Queue:
         return self._walk(head)
 
     def _buffer(self, addr: int, length: int) -> memoryview:
-        assert self._mem is not None
         try:
-            return self._mem.view(addr, length)
+            return self.mem.view(addr, length)
         except GuestMemoryError as e:
             raise QueueError(f"buffer outside guest RAM: {e}") from e
 
     def _walk(self, head: int) -> DescriptorChain:
-        assert self._mem is not None
-        mem = self._mem
+        mem = self.mem
         chain = DescriptorChain(head)
         table, n, index = self._desc, self.size, head
         seen = 0
@@ -264,9 +262,9 @@ class Queue:
             with _FENCE:
                 pass
 
-    def undo_pop(self) -> None:
-        """Give the last popped chain back (the device could not take it yet)."""
-        self.next_avail = (self.next_avail - 1) & 0xFFFF
+    def undo_pop(self, count: int = 1) -> None:
+        """Give the last ``count`` popped chains back (the device could not take them yet)."""
+        self.next_avail = (self.next_avail - count) & 0xFFFF
 
     # --- the used ring ---
     def add_used(self, head: int, length: int, publish: bool = True) -> None:

@@ -52,6 +52,10 @@ BUF_ALLOC = 256 << 10               # what we can hold per connection, guest to 
 MAX_PKT_PAYLOAD = 64 << 10
 FIRST_HOST_PORT = 1 << 30           # host-side ports we hand out for host-initiated connections
 CONNECT_LINE_MAX = 64
+# The event queue's one event (5.10.6.6, Device Events): the driver drops every connection
+# and reads the guest CID again.
+_EVENT = struct.Struct("<I")
+VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0
 
 
 @dataclass
@@ -347,6 +351,33 @@ class Vsock(VirtioDevice):
                     peer_fwd_cnt=fwd_cnt)
         self._conns[(host_port, guest_port)] = conn
         self._control.append(self._header(conn, OP_RESPONSE))
+
+    def prepare_save(self) -> None:
+        """Connections end here, with a transport reset, as in Firecracker: their host sockets
+        cannot move with the guest, and the event in the saved rings tells the restored guest too."""
+        with self._lock:
+            for conn in list(self._conns.values()):
+                self._close(conn, notify_guest=False)
+            self._control.clear()
+            if self.active is not None and not self.broken:
+                self._transport_reset(self.active.queues[EVENTQ], self.active.interrupt)
+
+    def _transport_reset(self, queue: Queue, interrupt: Interrupt) -> None:
+        try:
+            chain = queue.pop()
+        except QueueError as e:
+            self.fail(str(e))
+            return
+        if chain is None:
+            log.warning("%s: no event buffer for the transport reset; guest connections stay "
+                        "open until they time out", self.name)
+            return
+        if chain.readable or chain.writable_len < _EVENT.size:
+            self.fail("vsock event buffer is not 4 device-writable bytes")
+            return
+        write_at(chain.writable, 0, _EVENT.pack(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
+        queue.add_used(chain.head, _EVENT.size)
+        interrupt.signal_used(queue)
 
     def reset(self) -> None:
         with self._lock:
