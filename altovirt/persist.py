@@ -23,13 +23,17 @@ import binascii
 import dataclasses
 import json
 import typing
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .errors import AltoVirtError
 
 
 class SavedStateError(AltoVirtError, ValueError):
     """Saved state this VMM cannot take; whatever was being restored is unchanged."""
+
+
+class SaveError(AltoVirtError):
+    """A component cannot be saved as it stands; nothing was saved."""
 
 
 def seal(fmt: str, version: int, fields: dict[str, Any]) -> bytes:
@@ -70,6 +74,18 @@ def check_bytes(x: object, what: str, size: int) -> bytes:
 S = TypeVar("S")
 
 
+class Persistent(Protocol[S]):
+    """A component with saved state: the queues, the virtio-mmio transports, the legacy devices."""
+
+    def save(self) -> S:
+        """The state as a frozen dataclass of plain values."""
+        ...
+
+    def restore(self, state: S) -> None:
+        """Take ``state`` whole, or raise SavedStateError and change nothing."""
+        ...
+
+
 def to_json(state: object) -> dict[str, Any]:
     """A saved state dataclass as JSON values: bytes as base64, tuples as lists, nested states too."""
     def value(v: object) -> object:
@@ -86,7 +102,7 @@ def to_json(state: object) -> dict[str, Any]:
 
 def from_json(cls: type[S], data: object, what: str) -> S:
     """``cls`` from :func:`to_json`'s output, by the field types ``cls`` declares (only the
-    shapes saved states use: int, bool, bytes, nested states and tuples of them).
+    shapes saved states use: int, bool, bytes, str, nested states and tuples of them).
     Values are not range-checked here: ``restore`` does that."""
     if not isinstance(data, dict):
         raise SavedStateError(f"{what} must be an object")
@@ -110,6 +126,10 @@ def _from(hint: Any, v: object, what: str) -> object:
             return base64.b64decode(v, validate=True)
         except binascii.Error as e:
             raise SavedStateError(f"{what} must be base64 text") from e
+    if hint is str:
+        if not isinstance(v, str):
+            raise SavedStateError(f"{what} must be text")
+        return v
     if hint is bool:
         if type(v) is not bool:
             raise SavedStateError(f"{what} must be true or false")

@@ -4,10 +4,12 @@ changing nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as C
 import dataclasses
 import json
 import os
+import socket
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,14 +21,17 @@ from hypothesis import strategies as st
 
 from altovirt import persist
 from altovirt.arch.x86_64 import layout, poweron
+from altovirt.backends.blockfile import BlockFile
+from altovirt.backends.unix import UnixListener
 from altovirt.config import load_config
 from altovirt.devices.legacy.i8042 import CMD_RESET_CPU, CMD_SELF_TEST, I8042
 from altovirt.devices.legacy.i8042 import MAX_OUTPUT as I8042_MAX_OUTPUT
 from altovirt.devices.legacy.persist import I8042State, RtcState, SerialState
 from altovirt.devices.legacy.rtc import Rtc
 from altovirt.devices.legacy.serial import Serial
-from altovirt.devices.virtio import mmio
-from altovirt.devices.virtio.device import COMMON_FEATURES, VIRTIO_F_VERSION_1
+from altovirt.devices.virtio import mmio, vsock
+from altovirt.devices.virtio.block import Block, WorkerPool
+from altovirt.devices.virtio.device import COMMON_FEATURES, VIRTIO_F_VERSION_1, Interrupt
 from altovirt.devices.virtio.mmio import MmioTransport
 from altovirt.devices.virtio.persist import QueueState, TransportState
 from altovirt.devices.virtio.queue import Queue
@@ -36,7 +41,10 @@ from altovirt.kvm import structs as S
 from altovirt.memory import GuestMemory
 from altovirt.persist import SavedStateError
 from altovirt.vmm import builder
+from altovirt.vmm.hotplug import Hotplug
 from altovirt.vmm.machine import Machine
+from altovirt.vmm.persist import BlockNodeState, HotplugState, NicSlotState
+from altovirt.vmm.virtio_devices import empty_disk, empty_nic
 
 from .conftest import needs_kvm
 from .virtq import DriverQueue
@@ -59,10 +67,10 @@ def driven_queue(size: int, features: int, posted: int, popped: int) -> tuple[Qu
     """A queue the driver set up with ``posted`` one-buffer chains, of which the device took
     and completed ``popped``."""
     driver = DriverQueue(MEM, RING, size)
-    q = Queue(256)
+    q = Queue(256, MEM)
     q.size, q.ready = size, True
     q.desc_addr, q.avail_addr, q.used_addr = driver.desc, driver.avail, driver.used
-    q.activate(MEM, features)
+    q.activate(features)
     for i in range(posted):
         driver.publish(driver.chain([(BUFFERS + 0x1000 * (i % size), 64, True)]))
     for _ in range(popped):
@@ -83,18 +91,18 @@ def test_queue_round_trip(size: int, event_idx: bool, indirect: bool, data: st.D
     popped = data.draw(st.integers(0, posted))
     q, _ = driven_queue(size, features, posted, popped)
     saved = q.save()
-    copy = Queue(256)
-    copy.restore(from_json_image(QueueState, through_json(saved)), MEM)
+    copy = Queue(256, MEM)
+    copy.restore(from_json_image(QueueState, through_json(saved)))
     assert copy.save() == saved
     a, b = q.pop(), copy.pop()            # both carry on with the same next chain
     assert (a and (a.head, bytes(a.writable[0]))) == (b and (b.head, bytes(b.writable[0])))
 
 
 def test_inactive_queue_keeps_what_the_driver_wrote() -> None:
-    q = Queue(256)
+    q = Queue(256, MEM)
     q.size, q.desc_addr = 1000, 0x1234      # not valid yet: checked only at activation
-    copy = Queue(256)
-    copy.restore(q.save(), MEM)
+    copy = Queue(256, MEM)
+    copy.restore(q.save())
     assert copy.save() == q.save()
 
 
@@ -114,7 +122,7 @@ def test_bad_queue_state_changes_nothing(change: dict[str, object], problem: str
     target, _ = driven_queue(8, COMMON_FEATURES, 3, 1)
     before = target.save()
     with pytest.raises(SavedStateError, match=problem):
-        target.restore(bad, MEM)
+        target.restore(bad)
     assert target.save() == before
 
 
@@ -123,7 +131,7 @@ def test_bad_images_are_refused() -> None:
         persist.unseal(b'{"format": "other", "version": 1}', "altovirt-test", 1, "a test image")
     with pytest.raises(SavedStateError, match="a test image version 2; this VMM reads version 1"):
         persist.unseal(b'{"format": "altovirt-test", "version": 2}', "altovirt-test", 1, "a test image")
-    fields = persist.to_json(Queue(256).save())
+    fields = persist.to_json(Queue(256, MEM).save())
     with pytest.raises(SavedStateError, match=r"state.ready must be true or false"):
         persist.from_json(QueueState, {**fields, "ready": 1}, "state")
     with pytest.raises(SavedStateError, match="state must have the fields"):
@@ -195,6 +203,7 @@ def test_transport_round_trip_carries_on(slot: tuple[MmioTransport, int]) -> Non
 
 @pytest.mark.parametrize("change, problem", [
     ({"device_id": 2}, "a slot of device 2 cannot restore rng0's"),
+    ({"config": b"\x01"}, "rng0's configuration space .* is not the saved one"),
     ({"queues": ()}, "0 queues saved; rng0 has 1"),
     ({"status": 0x100}, "status must be an integer from 0 to 255"),
     ({"driver_features": 1 << 40}, "were never offered by rng0"),
@@ -337,3 +346,139 @@ def test_bad_kvm_state_sets_nothing(built: Machine, change: Callable[[Any], Any]
     with pytest.raises(SavedStateError, match=problem):
         poweron.restore(built.vm, [v.vcpu for v in built.vcpus], change(saved))
     assert without_clock(kvm_state(built)) == before
+
+
+# --- what devices do before their rings are saved ---
+
+def test_saving_vsock_resets_its_transport(tmp_path: Path) -> None:
+    """Connections cannot move with a snapshot: saving ends them on the host and leaves a
+    transport reset event for the guest in the saved rings, as Firecracker does."""
+    io = EventLoop()
+    irqfd = os.eventfd(0, os.EFD_NONBLOCK)
+    uds = str(tmp_path / "v.sock")
+    device = vsock.Vsock("vsock0", 3, UnixListener(uds), io)
+    try:
+        drivers = [DriverQueue(MEM, RING + 0x10000 * i, 16) for i in range(3)]
+        queues = []
+        for d in drivers:
+            q = Queue(256, MEM)
+            q.size, q.ready, q.desc_addr, q.avail_addr, q.used_addr = 16, True, d.desc, d.avail, d.used
+            q.activate(1 << VIRTIO_F_VERSION_1)
+            queues.append(q)
+        device.features = 1 << VIRTIO_F_VERSION_1
+        device.activate(MEM, queues, Interrupt(irqfd, lambda why: None), io)
+        rx, tx, events = drivers
+        with socket.socket(socket.AF_UNIX) as service:
+            service.bind(f"{uds}_5000")
+            service.listen()
+            # The guest connects to host port 5000 and gets its RESPONSE.
+            request = vsock._HDR.pack(3, vsock.VMADDR_CID_HOST, 1234, 5000, 0, vsock.VIRTIO_VSOCK_TYPE_STREAM,
+                                      vsock.OP_REQUEST, 0, 65536, 0)
+            MEM.write(BUFFERS, request)
+            tx.publish(tx.chain([(BUFFERS, len(request), False)]))
+            rx.publish(rx.chain([(BUFFERS + 0x1000, 4096, True)]))
+            device.queue_notify(vsock.TXQ)
+            peer, _ = service.accept()
+            with peer:
+                peer.settimeout(5)
+                assert rx.used_idx() == 1
+                assert vsock._HDR.unpack(MEM.read(BUFFERS + 0x1000, vsock.HDR_SIZE))[6] == vsock.OP_RESPONSE
+                MEM.write(BUFFERS + 0x2000, b"\xff" * 4)
+                events.publish(events.chain([(BUFFERS + 0x2000, 4, True)]))
+                os.eventfd_read(irqfd)
+                device.prepare_save()
+                assert peer.recv(1) == b""                          # the host side is closed
+        assert events.used_idx() == 1 and events.used_elem(0)[1] == 4
+        assert MEM.read(BUFFERS + 0x2000, 4) == struct.pack("<I", vsock.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
+        assert os.eventfd_read(irqfd) == 1                          # and the guest is told
+    finally:
+        device.close()
+        io.stop()
+        os.close(irqfd)
+
+
+def test_one_protocol_for_saved_state(slot: tuple[MmioTransport, int]) -> None:
+    """Every component saves and restores the same way (mypy checks the signatures)."""
+    parts: list[persist.Persistent[Any]] = [Queue(256, MEM), slot[0], uart(), keyboard(), rtc()]
+    for part in parts:
+        state = part.save()
+        part.restore(state)
+        assert part.save() == state
+
+
+# --- the hot-plug slots ---
+
+@pytest.fixture
+def slots_factory() -> Iterator[Callable[[], Hotplug]]:
+    """VMs' hot-plug slots (2 disks, 1 NIC, all empty), as the builder makes them."""
+    io, pool = EventLoop(), WorkerPool()
+    made: list[tuple[Hotplug, list[int]]] = []
+
+    def make() -> Hotplug:
+        fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]
+        disks = [MmioTransport(empty_disk(i, pool), MEM, fds[i], io) for i in range(2)]
+        nics = [MmioTransport(empty_nic(0, io), MEM, fds[2], io)]
+        hotplug = Hotplug(disks, nics, io, pool, contextlib.nullcontext, lambda name: None)
+        made.append((hotplug, fds))
+        return hotplug
+
+    yield make
+    for hotplug, fds in made:
+        for t in (*hotplug.disks, *hotplug.nics):
+            t.close()
+        hotplug.close()
+        for fd in fds:
+            os.close(fd)
+    pool.stop()
+    io.stop()
+
+
+def test_hotplug_round_trip(slots_factory: Callable[[], Hotplug], tmp_path: Path) -> None:
+    """A disk plugged into the second slot, a spare node and the empty NIC slot's MAC come back
+    in another VM with the same slots."""
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(bytes(1 << 20))
+    source = slots_factory()
+    source.add_blockdev("hp", str(tmp_path / "a"), read_only=False, direct=False)
+    source.add_blockdev("spare", str(tmp_path / "b"), read_only=True, direct=False)
+    source.add_disk("hp", 1, serial="s1")
+    saved = source.save()
+    source.del_device("hp")                 # the source lets go of its images (they are locked)
+    source.del_blockdev("hp")
+    source.del_blockdev("spare")
+    target = slots_factory()
+    target.restore(from_json_image(HotplugState, through_json(saved)))
+    assert target.save() == saved
+    disk = target.disks[1].device
+    assert isinstance(disk, Block) and disk.image is not None
+    assert (disk.name, disk.image.path, disk.serial) == ("hp", str(tmp_path / "a"), b"s1")
+    assert target.disks[1].read(mmio.CONFIG, 4) == (1 << 20) // 512     # the guest sees its capacity
+    assert target.nics[0].device.config == source.nics[0].device.config  # and the slot's MAC
+    target.del_device("hp")                                                 # and it unplugs as any
+    assert target.save().disks[1].device == ""
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda s, p: dataclasses.replace(s, disks=s.disks[:1]),
+     "1 disk and 1 NIC slots saved; this VM has 2 and 1"),
+    (lambda s, p: dataclasses.replace(s, blockdevs=()), "disk 'hp' has no saved block node"),
+    (lambda s, p: dataclasses.replace(s, nics=(NicSlotState("", "52:54:00:zz:00:01"),)),
+     "NIC slot 0: invalid MAC"),
+    (lambda s, p: dataclasses.replace(s, blockdevs=(BlockNodeState("b", str(p / "b"), False, False),
+                                                    BlockNodeState("hp", str(p / "gone"), False, False))),
+     "a saved backend cannot be opened: .*gone"),
+])
+def test_bad_hotplug_state_changes_nothing(slots_factory: Callable[[], Hotplug], tmp_path: Path,
+                                           change: Callable[[HotplugState, Path], HotplugState],
+                                           problem: str) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(bytes(1 << 20))
+    source = slots_factory()
+    source.add_blockdev("hp", str(tmp_path / "a"), read_only=False, direct=False)
+    source.add_disk("hp", 1)
+    target = slots_factory()
+    before = target.save()
+    with pytest.raises(SavedStateError, match=problem):
+        target.restore(change(source.save(), tmp_path))
+    assert target.save() == before
+    BlockFile(str(tmp_path / "b"), read_only=False, direct=False).close()   # nothing left open

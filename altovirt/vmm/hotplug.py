@@ -16,16 +16,22 @@ import os
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 from ..backends import BackendError
 from ..backends.blockfile import BlockFile
 from ..backends.tap import Tap
+from ..config.model import ConfigError
+from ..config.validate import check_mac
 from ..devices.virtio.block import Block, WorkerPool
 from ..devices.virtio.mmio import MmioTransport
 from ..devices.virtio.net import Net
 from ..errors import AltoVirtError
 from ..eventloop import EventLoop
 from .virtio_devices import empty_disk, empty_nic
+
+if TYPE_CHECKING:
+    from .persist import BlockNodeState, HotplugState, NetdevState
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +127,7 @@ class Hotplug:
                 raise HotplugError(f"no block node named {name!r}: blockdev-add it first "
                                    "(device_add's id must equal its node-name)")
             index = self._free_slot(self.disks, name, slot, "disk")
-            self._plug(self.disks[index], Block(name, image, self._pool, serial))
+            self._plug(self.disks[index], Block(name, image, self._pool, (serial or "").encode()))
         log.info("disk %s plugged into disk slot %d", name, index)
         return index
 
@@ -150,6 +156,88 @@ class Hotplug:
                 raise NoSuchDevice(f"Device {name!r} not found")
         log.info("device %s unplugged", name)
         self._on_deleted(name)
+
+    # --- saved state (device work is held still) ---
+    def save(self) -> HotplugState:
+        from .persist import BlockNodeState, DiskSlotState, HotplugState, NetdevState, NicSlotState
+        with self._lock:
+            return HotplugState(
+                tuple(BlockNodeState(n, i.path, i.read_only, i.direct) for n, i in self.blockdevs.items()),
+                tuple(NetdevState(n, t.name) for n, t in self.netdevs.items()),
+                tuple(DiskSlotState(t.device.name if self._occupied(t) else "", _block(t).serial)
+                      for t in self.disks),
+                tuple(NicSlotState(t.device.name if self._occupied(t) else "", _net(t).mac)
+                      for t in self.nics))
+
+    def restore(self, state: HotplugState) -> None:
+        """Open the saved backends and put the saved devices in their slots, keeping what is
+        already so (a VM built from the same configuration has its configured devices).
+        Before the guest runs: the slots' transports are restored afterwards. SavedStateError,
+        with the slots and backends unchanged, if the state does not fit or a backend fails."""
+        from ..persist import SavedStateError, check
+        nodes = {b.node: b for b in state.blockdevs}
+        taps = {n.name: n for n in state.netdevs}
+        check(len(nodes) == len(state.blockdevs) and len(taps) == len(state.netdevs),
+              "a backend name is saved twice")
+        check((len(state.disks), len(state.nics)) == (len(self.disks), len(self.nics)),
+              f"{len(state.disks)} disk and {len(state.nics)} NIC slots saved; this VM has "
+              f"{len(self.disks)} and {len(self.nics)}")
+        plugged = [s.device for s in state.disks if s.device] + [n.device for n in state.nics if n.device]
+        check(len(set(plugged)) == len(plugged), "a device is saved in two slots")
+        for s in state.disks:
+            check(not s.device or s.device in nodes, f"disk {s.device!r} has no saved block node")
+        for i, n in enumerate(state.nics):
+            check(not n.device or n.device in taps, f"NIC {n.device!r} has no saved netdev")
+            try:
+                check_mac(f"NIC slot {i}", n.mac)
+            except ConfigError as e:
+                raise SavedStateError(str(e)) from e
+        with self._lock:
+            blockdevs, netdevs = self._open_saved(nodes, taps)
+            for i, (saved, transport) in enumerate(zip(state.disks, self.disks, strict=True)):
+                image = blockdevs[saved.device] if saved.device else None
+                old = _block(transport)
+                if (old.image, old.serial) != (image, saved.serial) or (image and old.name != saved.device):
+                    self._plug(transport, Block(saved.device, image, self._pool, saved.serial) if image
+                               else empty_disk(i, self._pool))
+            for i, (n, transport) in enumerate(zip(state.nics, self.nics, strict=True)):
+                tap = netdevs[n.device] if n.device else None
+                was = _net(transport)
+                if (was.tap, was.mac) != (tap, n.mac) or (tap and was.name != n.device):
+                    self._plug(transport, Net(n.device or f"nic-slot{i}", tap, n.mac, self._io))
+            for name, image in self.blockdevs.items():
+                if blockdevs.get(name) is not image:
+                    image.close()
+            for name, old_tap in self.netdevs.items():
+                if netdevs.get(name) is not old_tap:
+                    old_tap.close()
+            self.blockdevs, self.netdevs = blockdevs, netdevs
+
+    def _open_saved(self, nodes: dict[str, BlockNodeState], taps: dict[str, NetdevState]
+                    ) -> tuple[dict[str, BlockFile], dict[str, Tap]]:
+        """The saved backends: those open as saved are kept, the others opened."""
+        from ..persist import SavedStateError
+        blockdevs: dict[str, BlockFile] = {}
+        netdevs: dict[str, Tap] = {}
+        opened: list[BlockFile | Tap] = []
+        try:
+            for name, b in nodes.items():
+                image = self.blockdevs.get(name)
+                if image is None or (image.path, image.read_only) != (b.path, b.read_only):
+                    image = BlockFile(b.path, read_only=b.read_only, direct=b.direct)
+                    opened.append(image)
+                blockdevs[name] = image
+            for name, n in taps.items():
+                tap = self.netdevs.get(name)
+                if tap is None or tap.name != n.ifname:
+                    tap = Tap(n.ifname)
+                    opened.append(tap)
+                netdevs[name] = tap
+        except BackendError as e:
+            for backend in opened:
+                backend.close()
+            raise SavedStateError(f"a saved backend cannot be opened: {e.strerror or e}") from e
+        return blockdevs, netdevs
 
     # --- helpers ---
     def _plug(self, transport: MmioTransport, device: Block | Net) -> None:
@@ -190,3 +278,14 @@ class Hotplug:
             tap.close()
         self.blockdevs.clear()
         self.netdevs.clear()
+
+
+def _block(transport: MmioTransport) -> Block:
+    assert isinstance(transport.device, Block)
+    return transport.device
+
+
+def _net(transport: MmioTransport) -> Net:
+    assert isinstance(transport.device, Net)
+    return transport.device
+

@@ -68,7 +68,7 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
         for d in cfg.drives:
             where = f"-drive id={d.id}"
             image = BlockFile(d.path, read_only=d.read_only, direct=d.direct)
-            devices.disks.append(Block(d.id, image, pool, d.serial))
+            devices.disks.append(Block(d.id, image, pool, (d.serial or "").encode()))
         for n in cfg.nets:
             where = f"-netdev id={n.id}"
             devices.nets.append(Net(n.id, Tap(n.tap), n.mac or random_mac(), io))

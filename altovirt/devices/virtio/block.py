@@ -121,11 +121,12 @@ class Block(VirtioDevice):
     queue_sizes = (QUEUE_SIZE,)
 
     def __init__(self, name: str, image: BlockFile | None, pool: WorkerPool,
-                 serial: str | None = None) -> None:
-        """``image`` None is an empty hot-plug slot: a disk of no sectors, every I/O an IOERR."""
+                 serial: bytes = b"") -> None:
+        """``image`` None is an empty hot-plug slot: a disk of no sectors, every I/O an IOERR.
+        ``serial``: what VIRTIO_BLK_T_GET_ID answers, cut to its 20 bytes."""
         super().__init__(name)
         self.image = image
-        self.serial = (serial or "").encode()[:VIRTIO_BLK_ID_BYTES]
+        self.serial = serial[:VIRTIO_BLK_ID_BYTES]
         self._pool = pool
         self._used_lock = threading.Lock()
         self._idle = threading.Condition()
@@ -205,6 +206,14 @@ class Block(VirtioDevice):
     def quiesce(self) -> None:
         with self._idle:
             self._idle.wait_for(lambda: not self._in_flight, timeout=30)
+
+    def prepare_save(self) -> None:
+        """Requests in flight finish first: their chains cannot be given back, as they
+        complete out of order."""
+        from ...persist import SaveError
+        self.quiesce()
+        if self._in_flight:
+            raise SaveError(f"{self.name}: {self._in_flight} requests still in flight")
 
     def reset(self) -> None:
         """Requests already handed out finish first (4.2.2.1: reset waits for them)."""
