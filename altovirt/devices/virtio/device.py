@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from ...eventloop import EventLoop
 from ...memory import GuestMemory
@@ -75,6 +76,41 @@ class Active:
     mem: GuestMemory
     queues: list[Queue]
     interrupt: Interrupt
+
+
+class Device(Protocol):
+    """What a transport asks of the device behind it (:class:`VirtioDevice` is the usual one).
+
+    A device is inactive until ``activate`` hands it the driver's queues (DRIVER_OK) and
+    inactive again after ``reset``; while active, ``queue_notify`` brings it work on the
+    I/O thread. ``broken`` is set when it gave up on its queues (NEEDS_RESET). A slot
+    hot-replaces its device by ``reset`` and ``detach``, leaving the backend open;
+    ``close`` releases the backend too. ``quiesce`` waits out requests in flight (the VM is
+    pausing); ``prepare_save`` comes before a saved state."""
+
+    features: int               # what the driver accepted
+    broken: bool
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def device_id(self) -> int: ...
+    @property
+    def queue_sizes(self) -> tuple[int, ...]: ...
+    @property
+    def config(self) -> bytearray: ...
+
+    def device_features(self) -> int: ...
+    def read_config(self, offset: int, size: int) -> int: ...
+    def write_config(self, offset: int, size: int, value: int) -> None: ...
+    def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
+                 io: EventLoop) -> None: ...
+    def queue_notify(self, index: int) -> None: ...
+    def reset(self) -> None: ...
+    def quiesce(self) -> None: ...
+    def prepare_save(self) -> None: ...
+    def detach(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class VirtioDevice:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ...eventloop import EventLoop
 from ...memory import GuestMemory
-from .device import VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, Interrupt, VirtioDevice
+from .device import VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, Device, Interrupt
 from .queue import Queue, QueueError
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ DEVICE_NEEDS_RESET, FAILED = 64, 128
 class MmioTransport:
     """A BusDevice for one virtio device's slot."""
 
-    def __init__(self, device: VirtioDevice, mem: GuestMemory, irqfd: int, io: EventLoop) -> None:
+    def __init__(self, device: Device, mem: GuestMemory, irqfd: int, io: EventLoop) -> None:
         self.device = device
         self.mem = mem
         self.io = io
@@ -77,7 +77,7 @@ class MmioTransport:
             os.close(fd)
         self.device.close()
 
-    def replace(self, device: VirtioDevice) -> VirtioDevice:
+    def replace(self, device: Device) -> Device:
         """Hot-replace: put ``device`` (same ID and queues) behind this slot and return the
         old one, reset and detached from its backend but not closed.
 
@@ -109,7 +109,7 @@ class MmioTransport:
     # --- saved state (device work is held still) ---
     def save(self) -> TransportState:
         """The slot's state, once the device has lined its own up with its rings
-        (``VirtioDevice.prepare_save``). SaveError if the device cannot be saved now."""
+        (``Device.prepare_save``). SaveError if the device cannot be saved now."""
         from .persist import TransportState  # only when saving: see persist's docstring
         with self.lock:
             self.device.prepare_save()
