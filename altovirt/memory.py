@@ -81,6 +81,15 @@ class GuestMemory:
                     return self._view[off:off + length]
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not RAM")
 
+    def host_address_of(self, gpa: int, length: int) -> int:
+        """The userspace address of guest RAM [gpa, gpa+length), for the host kernel (vhost);
+        GuestMemoryError if it is not RAM."""
+        self.view(gpa, length)
+        for start, stop, delta in self._spans:
+            if start <= gpa < stop:
+                return self._base + gpa + delta
+        raise AssertionError("view() checked the range")
+
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
 

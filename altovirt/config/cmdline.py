@@ -32,7 +32,7 @@ from .validate import check_api_channel, check_id, check_mac, check_tap, parse_b
 USAGE = """\
 usage: altovirt -kernel PATH [-append CMDLINE] [-initrd PATH] [-smp [cpus=]N] [-m SIZE]
                 [-drive id=ID,file=PATH[,readonly=on|off][,direct=on|off][,serial=S]]...
-                [-netdev id=ID,netdev=TAP[,mac=MAC]]... [-chardev id=ID,path=SOCKET]
+                [-netdev id=ID,netdev=TAP[,mac=MAC][,vhost=on|off]]... [-chardev id=ID,path=SOCKET]
                 [-device vsock,id=ID,guest-cid=N[,uds-path=SOCKET]]
                 [-device virtio-rng[,id=ID,max-bytes=N,period=MS]]
                 [-api-channel unix:PATH | -qmp unix:PATH,server,nowait] [-serial stdio]
@@ -125,10 +125,11 @@ def _drive(cfg: VmConfig, v: str) -> None:
 
 def _netdev(cfg: VmConfig, v: str) -> None:
     kv = split_kv("-netdev", v)
-    _keys("-netdev", kv, {"id", "netdev"}, {"mac"})
+    _keys("-netdev", kv, {"id", "netdev"}, {"mac", "vhost"})
     _replace(cfg.nets, NetConfig(
         id=check_id("-netdev id", kv["id"]), tap=check_tap("-netdev netdev", kv["netdev"]),
-        mac=check_mac("-netdev mac", kv["mac"]) if "mac" in kv else None))
+        mac=check_mac("-netdev mac", kv["mac"]) if "mac" in kv else None,
+        vhost=parse_bool("-netdev vhost", kv.get("vhost", "off"))))
 
 
 def _chardev(cfg: VmConfig, v: str) -> None:

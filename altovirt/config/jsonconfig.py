@@ -117,11 +117,12 @@ def from_dict(doc: Any) -> VmConfig:
             serial=_str(f"{w}.serial_num", d["serial_num"]) if "serial_num" in d else None))
     for i, n in enumerate(_list("net", top.get("net", []))):
         w = f"net[{i}]"
-        n = _obj(w, n, {"iface_id", "host_dev_name"}, {"mac"})
+        n = _obj(w, n, {"iface_id", "host_dev_name"}, {"mac", "vhost"})
         cfg.nets.append(NetConfig(
             id=check_id(f"{w}.iface_id", _str(f"{w}.iface_id", n["iface_id"])),
             tap=check_tap(f"{w}.host_dev_name", _str(f"{w}.host_dev_name", n["host_dev_name"])),
-            mac=check_mac(f"{w}.mac", _str(f"{w}.mac", n["mac"])) if "mac" in n else None))
+            mac=check_mac(f"{w}.mac", _str(f"{w}.mac", n["mac"])) if "mac" in n else None,
+            vhost=_bool(f"{w}.vhost", n.get("vhost", False))))
     if "console" in top:
         c = _obj("console", top["console"], {"console_id", "socket_path"}, set())
         console_id = _str("console.console_id", c["console_id"])

@@ -39,6 +39,7 @@ class NetConfig:
     id: str
     tap: str
     mac: str | None = None
+    vhost: bool = False         # the host kernel serves the queues (vhost-net)
 
 
 @dataclass

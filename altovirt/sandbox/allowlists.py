@@ -22,6 +22,7 @@ memory: every thread the VMM needs exists before the filters go on.
 from __future__ import annotations
 
 from ..backends.tap import TUNGETIFF, TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ
+from ..backends.vhost import VHOST_IOCTLS
 from ..kvm import ioctls as K
 
 PYTHON = (
@@ -63,10 +64,12 @@ KVM_VM_STATE = (K.KVM_GET_CLOCK, K.KVM_SET_CLOCK, K.KVM_GET_IRQCHIP, K.KVM_SET_I
                 K.KVM_SET_PIT2)
 SIOCGIFINDEX = 0x8933          # <linux/sockios.h>: if_nametoindex(), how a tap is found by name
 # ioctl request numbers per role (argument 1).
+# vhost-net is started and stopped where a device is activated (vcpu) and reset (vcpu, main;
+# api when it is unplugged).
 IOCTLS: dict[str, tuple[int, ...]] = {
-    "vcpu": (*FILE_IOCTLS, K.KVM_RUN, *KVM_VCPU_STATE, TUNSETOFFLOAD),
+    "vcpu": (*FILE_IOCTLS, K.KVM_RUN, *KVM_VCPU_STATE, TUNSETOFFLOAD, *VHOST_IOCTLS),
     "io": (*FILE_IOCTLS, TUNSETOFFLOAD),
     # No KVM: the API asks the main thread for what touches the VM (vmm/actions.py).
-    "api": (*FILE_IOCTLS, TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFINDEX),
-    "main": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TCSETS, TCSETSW),
+    "api": (*FILE_IOCTLS, TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFINDEX, *VHOST_IOCTLS),
+    "main": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TCSETS, TCSETSW, *VHOST_IOCTLS),
 }

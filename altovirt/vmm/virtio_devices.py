@@ -20,7 +20,7 @@ from ..backends.blockfile import BlockFile
 from ..backends.tap import Tap
 from ..backends.unix import UnixListener
 from ..config import VmConfig
-from ..config.model import MAX_DRIVES, MAX_NICS
+from ..config.model import MAX_DRIVES, MAX_NICS, NetConfig
 from ..devices.virtio.block import Block, WorkerPool
 from ..devices.virtio.console import Console
 from ..devices.virtio.device import VirtioDevice
@@ -71,7 +71,7 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
             devices.disks.append(Block(d.id, image, pool, (d.serial or "").encode()))
         for n in cfg.nets:
             where = f"-netdev id={n.id}"
-            devices.nets.append(Net(n.id, Tap(n.tap), n.mac or random_mac(), io))
+            devices.nets.append(_nic(n, io))
         if cfg.console is not None:
             where = f"-chardev id={cfg.console.id}"
             devices.others.append(Console(cfg.console.id, UnixListener(cfg.console.socket_path), io))
@@ -90,6 +90,20 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
         devices.disks += [empty_disk(i, pool) for i in range(len(devices.disks), MAX_DRIVES)]
         devices.nets += [empty_nic(i, io) for i in range(len(devices.nets), MAX_NICS)]
     return devices
+
+
+def _nic(n: NetConfig, io: EventLoop) -> Net:
+    tap = Tap(n.tap)
+    if not n.vhost:
+        return Net(n.id, tap, n.mac or random_mac(), io)
+    from ..backends.vhost import Vhost  # only for a VM that uses it
+    from ..devices.virtio.vhost_net import VhostNet
+    try:
+        vhost = Vhost()
+    except BackendError:
+        tap.close()
+        raise
+    return VhostNet(n.id, tap, n.mac or random_mac(), io, vhost)
 
 
 def slot(index: int) -> tuple[int, int]:

@@ -39,26 +39,35 @@ class Interrupt:
     """The device's interrupt: InterruptStatus bits plus an edge on its irqfd."""
 
     def __init__(self, irqfd: int, on_needs_reset: Callable[[str], None]) -> None:
-        self._fd = irqfd
+        self.fd = irqfd
         self._lock = threading.Lock()
         self.status = 0
+        self._sticky = 0
         self._on_needs_reset = on_needs_reset
 
     def trigger(self, bits: int = VIRTIO_MMIO_INT_VRING) -> None:
         with self._lock:
             self.status |= bits
-        os.eventfd_write(self._fd, 1)
+        os.eventfd_write(self.fd, 1)
 
     def ack(self, bits: int) -> None:
         with self._lock:
-            self.status &= ~bits
+            self.status &= ~bits | self._sticky
+
+    def stick(self, bits: int) -> None:
+        """Keep ``bits`` set (0: none) for a device whose queues the host kernel serves: it
+        raises the interrupt through the irqfd without telling us, and Linux looks at its
+        queues only when InterruptStatus says so (an extra look finds nothing and costs little)."""
+        with self._lock:
+            self._sticky = bits
+            self.status = self.status & ~VIRTIO_MMIO_INT_VRING | bits
 
     def restore(self, status: int) -> None:
         """InterruptStatus as saved; an interrupt still owed is raised again."""
         with self._lock:
             self.status = status
         if status:
-            os.eventfd_write(self._fd, 1)
+            os.eventfd_write(self.fd, 1)
 
     def signal_used(self, queue: Queue) -> None:
         """Interrupt for newly used buffers, unless the driver suppressed it."""

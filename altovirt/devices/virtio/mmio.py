@@ -59,8 +59,8 @@ class MmioTransport:
         self.mem = mem
         self.io = io
         self.lock = threading.RLock()
-        self.queues = [Queue(n, mem) for n in device.queue_sizes]
-        self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queues]
+        self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in device.queue_sizes]
+        self.queues = [Queue(n, mem, fd) for n, fd in zip(device.queue_sizes, self.notify_fds, strict=True)]
         self.interrupt = Interrupt(irqfd, self._needs_reset)
         self.status = 0
         self.features_sel = 0
@@ -136,7 +136,7 @@ class MmioTransport:
         if state.status & FEATURES_OK:
             check(not state.driver_features & ~self.device.device_features(),
                   f"driver features {state.driver_features:#x} were never offered by {self.device.name}")
-        queues = [Queue(q.max_size, self.mem) for q in self.queues]
+        queues = [Queue(q.max_size, self.mem, q.notifier) for q in self.queues]
         for queue, saved in zip(queues, state.queues, strict=True):
             queue.restore(saved)
         with self.lock:

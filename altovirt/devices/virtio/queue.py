@@ -96,9 +96,11 @@ def views_from(views: list[memoryview], offset: int) -> list[memoryview]:
 class Queue:
     """Driver-programmed queue state plus the device's own ring positions, in ``mem``."""
 
-    def __init__(self, max_size: int, mem: GuestMemory) -> None:
+    def __init__(self, max_size: int, mem: GuestMemory, notifier: int = -1) -> None:
+        """``notifier``: the eventfd KVM signals when the driver notifies this queue."""
         self.max_size = max_size
         self.mem = mem
+        self.notifier = notifier
         self.reset()
 
     def reset(self) -> None:
