@@ -6,6 +6,7 @@ microvm (ACPI on for both), on the same KVM, with the same devices:
   * sequential disk write and read of --disk-mib MiB with O_DIRECT (dd, 1 MiB blocks),
   * TCP throughput of --net-mib MiB each way over a tap in a private network namespace, in 64 KiB
     writes (the guest's tcp tool), and of --small-mib MiB from the guest in busybox nc's 1 KiB writes,
+    with the VMM serving the NIC and again with the host kernel serving it (vhost=on on both),
   * exits to user space per boot (KVM's kvm_userspace_exit, kvm_pio and kvm_mmio tracepoints,
     counted by ftrace histograms), by reason and by port or address: where the time goes.
 
@@ -45,8 +46,10 @@ EXTRA_APPEND: list[str] = []    # --append: kernel parameters for both VMMs
 
 
 def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path | None,
-             tap: str | None) -> list[str]:
-    """The same machine on both VMMs: 1 vCPU, 512 MiB, serial on stdio, optional disk and NIC."""
+             tap: str | None, vhost: bool = False) -> list[str]:
+    """The same machine on both VMMs: 1 vCPU, 512 MiB, serial on stdio, optional disk and NIC
+    (served by the host kernel if ``vhost``)."""
+    on = ",vhost=on" if vhost else ""
     cmdline = " ".join([guest.APPEND, *EXTRA_APPEND, append]).strip()
     if vmm == "altovirt":
         argv = [*common.altovirt(), "-kernel", str(k.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
@@ -54,7 +57,7 @@ def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path |
         if disk:
             argv += ["-drive", f"id=d0,file={disk}"]
         if tap:
-            argv += ["-netdev", f"id=n0,netdev={tap}"]
+            argv += ["-netdev", f"id=n0,netdev={tap}{on}"]
         return argv
     argv = [common.qemu(), "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512M",
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
@@ -64,7 +67,7 @@ def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path |
         argv += ["-drive", f"id=d0,file={disk},format=raw,if=none",
                  "-device", "virtio-blk-device,drive=d0"]
     if tap:
-        argv += ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+        argv += ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no{on}",
                  "-device", "virtio-net-device,netdev=n0"]
     return argv
 
@@ -128,7 +131,7 @@ def disk_mbps(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path, mib: int) -> 
 
 
 def net_mbps(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path, mib: int,
-             small_mib: int) -> tuple[float, float, float]:
+             small_mib: int, vhost: bool = False) -> tuple[float, float, float]:
     """(guest to host, host to guest, guest to host in 1 KiB writes) MiB/s of one TCP stream.
 
     The guest's end is the test guest's ``tcp`` tool, which moves 64 KiB per system call as
@@ -137,7 +140,7 @@ def net_mbps(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path, mib: int,
     ns = Netns("tap0")
     try:
         ns.address("tap0", f"{HOST_IP}/{PREFIX}")
-        argv = [*ns.prefix, *argv_for(vmm, k, initrd, f"guest.ip={GUEST_IP}/{PREFIX}", None, "tap0")]
+        argv = [*ns.prefix, *argv_for(vmm, k, initrd, f"guest.ip={GUEST_IP}/{PREFIX}", None, "tap0", vhost)]
         with guest.LinuxGuest(argv, log_path=tmp / f"{vmm}-net.log") as g:
             g.wait_ready(600)
             sink = ns.receiver(5001, mib << 20)
@@ -192,7 +195,8 @@ def main() -> None:
     ap.add_argument("--disk-mib", type=int, default=256)
     ap.add_argument("--net-mib", type=int, default=64)
     ap.add_argument("--small-mib", type=int, default=4, help="MiB sent in busybox nc's 1 KiB writes")
-    ap.add_argument("--parts", default="boot,disk,net,exits", help="which measurements, comma-separated")
+    ap.add_argument("--parts", default="boot,disk,net,net-vhost,exits",
+                    help="which measurements, comma-separated")
     ap.add_argument("--append", default="", help="kernel parameters for both VMMs, e.g. pci=off "
                     "(which AltoVirt adds on its own) to give QEMU the same command line")
     args = ap.parse_args()
@@ -221,6 +225,12 @@ def main() -> None:
         report(f"net (one TCP stream: {args.net_mib} MiB in 64 KiB writes, {args.small_mib} MiB in 1 KiB)",
                "MiB/s",
                alternate(args.runs, lambda v: net_mbps(v, k, initrd, tmp, args.net_mib, args.small_mib)),
+               ("guest to host", "host to guest", "guest to host, 1 KiB"), False)
+    if "net-vhost" in parts:
+        report(f"net, vhost=on on both ({args.net_mib} MiB in 64 KiB writes, {args.small_mib} MiB in 1 KiB)",
+               "MiB/s",
+               alternate(args.runs, lambda v: net_mbps(v, k, initrd, tmp, args.net_mib, args.small_mib,
+                                                       vhost=True)),
                ("guest to host", "host to guest", "guest to host, 1 KiB"), False)
     for vmm in VMMS if "exits" in parts else ():
         tables = exits_per_boot(vmm, k, initrd, tmp)
