@@ -60,6 +60,8 @@ def usage_error(*args: str) -> str:
     (["-kernel", KERNEL, "-drive", f"id=a b,file={KERNEL}"], "-drive id: invalid id 'a b'"),
     (["-kernel", KERNEL, "-netdev", "id=n0,netdev=tap0,mac=zz:00:00:00:00:00"], "-netdev mac: invalid MAC"),
     (["-kernel", KERNEL, "-netdev", "id=n0,netdev=tap0,mac=01:00:00:00:00:01"], "multicast"),
+    (["-kernel", KERNEL, "-netdev", "id=n0,netdev=tap0,vhost=maybe"],
+     "-netdev vhost: invalid boolean 'maybe'"),
     (["-kernel", KERNEL, "-netdev", "id=n0,netdev=tap0", "-netdev", "id=n1,netdev=tap1",
       "-netdev", "id=n2,netdev=tap2"], "-netdev: 3 NICs given; at most 2"),
     (["-kernel", KERNEL, "-netdev", "id=n0,netdev=tap0", "-netdev", "id=n1,netdev=tap0"],
@@ -137,6 +139,9 @@ def write_json(tmp_path: Path, doc: object) -> str:
     ({"boot-source": {"kernel_image_path": KERNEL},
       "net": [{"iface_id": "n", "host_dev_name": "tap0", "mac": "0e:90:df:9f:a8"}]},
      "net[0].mac: invalid MAC"),
+    ({"boot-source": {"kernel_image_path": KERNEL},
+      "net": [{"iface_id": "n", "host_dev_name": "tap0", "vhost": "on"}]},
+     "net[0].vhost: expected true or false"),
     ({"boot-source": {"kernel_image_path": KERNEL}, "vsock": {"vsock_id": "v", "guest_cid": 1}},
      "vsock.guest_cid: 1 is out of range"),
     ({"boot-source": {"kernel_image_path": KERNEL}, "rng": {"rng_id": "r", "max_bytes": "1k"}},
@@ -160,7 +165,8 @@ def test_spec_json_example_parses(tmp_path: Path) -> None:
         "machine-config": {"name": "abc", "vcpu_count": 2, "mem_size": 268435456, "omit_vm_memory": False},
         "drive": [{"drive_id": "rootfs", "path_on_host": str(rootfs), "direct": True,
                    "read_only": False, "serial_num": "abcd"}],
-        "net": [{"iface_id": "net0", "host_dev_name": "tap0", "mac": "0e:90:df:9f:a8:88"}],
+        "net": [{"iface_id": "net0", "host_dev_name": "tap0", "mac": "0e:90:df:9f:a8:88"},
+                {"iface_id": "net1", "host_dev_name": "tap1", "vhost": True}],
         "console": {"console_id": "charconsole0", "socket_path": str(tmp_path / "console.sock")},
         "serial": {"stdio": True},
         "vsock": {"vsock_id": "vsock-123321132", "guest_cid": 4},
@@ -169,7 +175,8 @@ def test_spec_json_example_parses(tmp_path: Path) -> None:
     assert (cfg.name, cfg.vcpus, cfg.mem_size) == ("abc", 2, 256 * MiB)
     assert cfg.cmdline.startswith("console=ttyS0") and cfg.initrd == KERNEL
     assert cfg.drives[0].id == "rootfs" and cfg.drives[0].serial == "abcd" and cfg.drives[0].direct
-    assert (cfg.nets[0].tap, cfg.nets[0].mac) == ("tap0", "0e:90:df:9f:a8:88")
+    assert (cfg.nets[0].tap, cfg.nets[0].mac, cfg.nets[0].vhost) == ("tap0", "0e:90:df:9f:a8:88", False)
+    assert (cfg.nets[1].tap, cfg.nets[1].vhost) == ("tap1", True)
     assert cfg.console is not None and cfg.console.id == "charconsole0"
     assert cfg.vsock is not None and cfg.vsock.guest_cid == 4
     assert cfg.serial_stdio
