@@ -47,6 +47,26 @@ def test_interrupt_registers_do_not_wait_for_queue_work() -> None:
         os.close(irqfd)
 
 
+def test_status_read_acknowledges_when_kvm_absorbs_the_ack() -> None:
+    """A slot whose InterruptACK KVM absorbs (a vhost device's) clears InterruptStatus as
+    the driver reads it, but for the bits the kernel keeps raising."""
+    mem = GuestMemory(layout.ram_regions(1 << 20))
+    irqfd = os.eventfd(0, os.EFD_NONBLOCK)
+    t = mmio.MmioTransport(Rng("rng0"), mem, irqfd, EventLoop(), ack_in_kernel=True)
+    try:
+        t.interrupt.trigger(vdev.VIRTIO_MMIO_INT_CONFIG)
+        assert [t.read(mmio.INTERRUPT_STATUS, 4) for _ in range(2)] == [vdev.VIRTIO_MMIO_INT_CONFIG, 0]
+        t.interrupt.stick(vdev.VIRTIO_MMIO_INT_VRING)         # vhost serves the queues
+        t.interrupt.trigger(vdev.VIRTIO_MMIO_INT_CONFIG)
+        assert [t.read(mmio.INTERRUPT_STATUS, 4) for _ in range(2)] == [3, vdev.VIRTIO_MMIO_INT_VRING]
+        t.interrupt.stick(0)                                  # and stops
+        assert t.read(mmio.INTERRUPT_STATUS, 4) == 0
+    finally:
+        t.close()
+        mem.close()
+        os.close(irqfd)
+
+
 @needs_gcc
 def test_constants_match_linux_headers() -> None:
     ours = {

@@ -24,7 +24,7 @@ from ..devices.legacy.post import POST_PORT, PostPort
 from ..devices.legacy.rtc import RTC_PORT, Rtc
 from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
 from ..devices.virtio.block import WorkerPool
-from ..devices.virtio.mmio import MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
+from ..devices.virtio.mmio import INTERRUPT_ACK, MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
 from ..devices.virtio.vsock import Vsock
 from ..eventloop import EventLoop
 from ..kvm import Vm
@@ -78,10 +78,17 @@ class DeviceManager:
         slots = []
         for index, device in enumerate(devices.in_slot_order()):
             base, irq = virtio_devices.slot(index)
-            transport = MmioTransport(device, self._mem, self._irqfd(irq), self._io)
+            transport = MmioTransport(device, self._mem, self._irqfd(irq), self._io,
+                                      ack_in_kernel=device.served_by_kernel)
             self.transports.append(transport)
             for q, fd in enumerate(transport.notify_fds):
                 self._vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=q)
+            if device.served_by_kernel:
+                # The kernel raises its interrupts without us; the driver's acknowledgement
+                # stays in KVM too (reading InterruptStatus clears it instead).
+                ack = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._fds.append(ack)
+                self._vm.ioeventfd(ack, base + INTERRUPT_ACK, 4)
             self.mmio.insert(transport, base, MMIO_SLOT_SIZE)
             slots.append(MmioSlot(base, MMIO_SLOT_SIZE, irq))
             log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)

@@ -38,12 +38,24 @@ VIRTIO_MMIO_INT_CONFIG = 2
 class Interrupt:
     """The device's interrupt: InterruptStatus bits plus an edge on its irqfd."""
 
-    def __init__(self, irqfd: int, on_needs_reset: Callable[[str], None]) -> None:
+    def __init__(self, irqfd: int, on_needs_reset: Callable[[str], None], *,
+                 clear_on_read: bool = False) -> None:
+        """``clear_on_read``: KVM absorbs InterruptACK writes (an ioeventfd), so reading
+        InterruptStatus is what acknowledges it: one exit to us per interrupt instead of two."""
         self.fd = irqfd
         self._lock = threading.Lock()
         self.status = 0
         self._sticky = 0
+        self._clear_on_read = clear_on_read
         self._on_needs_reset = on_needs_reset
+
+    def read(self) -> int:
+        """InterruptStatus, as the driver reads it."""
+        if not self._clear_on_read:
+            return self.status
+        with self._lock:
+            status, self.status = self.status, self.status & self._sticky
+        return status
 
     def trigger(self, bits: int = VIRTIO_MMIO_INT_VRING) -> None:
         with self._lock:
@@ -108,6 +120,8 @@ class Device(Protocol):
     def queue_sizes(self) -> tuple[int, ...]: ...
     @property
     def config(self) -> bytearray: ...
+    @property
+    def served_by_kernel(self) -> bool: ...
 
     def device_features(self) -> int: ...
     def read_config(self, offset: int, size: int) -> int: ...
@@ -131,6 +145,7 @@ class VirtioDevice:
 
     device_id = 0
     queue_sizes: tuple[int, ...] = ()
+    served_by_kernel = False        # the host kernel raises its interrupts (vhost)
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -54,14 +54,16 @@ DEVICE_NEEDS_RESET, FAILED = 64, 128
 class MmioTransport:
     """A BusDevice for one virtio device's slot."""
 
-    def __init__(self, device: Device, mem: GuestMemory, irqfd: int, io: EventLoop) -> None:
+    def __init__(self, device: Device, mem: GuestMemory, irqfd: int, io: EventLoop, *,
+                 ack_in_kernel: bool = False) -> None:
+        """``ack_in_kernel``: KVM absorbs InterruptACK writes (see :class:`Interrupt`)."""
         self.device = device
         self.mem = mem
         self.io = io
         self.lock = threading.RLock()
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in device.queue_sizes]
         self.queues = [Queue(n, mem, fd) for n, fd in zip(device.queue_sizes, self.notify_fds, strict=True)]
-        self.interrupt = Interrupt(irqfd, self._needs_reset)
+        self.interrupt = Interrupt(irqfd, self._needs_reset, clear_on_read=ack_in_kernel)
         self.status = 0
         self.features_sel = 0
         self.driver_features = 0
@@ -180,7 +182,7 @@ class MmioTransport:
         if offset == INTERRUPT_STATUS:
             # Every interrupt's first question: answered without the transport lock, which the
             # I/O thread holds while it works the queues (the interrupt has a lock of its own).
-            return self.interrupt.status
+            return self.interrupt.read()
         q = self._queue()
         with self.lock:
             if offset == MAGIC_VALUE:
