@@ -48,7 +48,7 @@ def test_interrupt_registers_do_not_wait_for_queue_work() -> None:
 
 
 def test_status_read_acknowledges_when_kvm_absorbs_the_ack() -> None:
-    """A slot whose InterruptACK KVM absorbs (a vhost device's) clears InterruptStatus as
+    """A slot whose InterruptACK KVM absorbs (every slot the VMM builds) clears InterruptStatus as
     the driver reads it, but for the bits the kernel keeps raising."""
     mem = GuestMemory(layout.ram_regions(1 << 20))
     irqfd = os.eventfd(0, os.EFD_NONBLOCK)

@@ -120,8 +120,6 @@ class Device(Protocol):
     def queue_sizes(self) -> tuple[int, ...]: ...
     @property
     def config(self) -> bytearray: ...
-    @property
-    def served_by_kernel(self) -> bool: ...
 
     def device_features(self) -> int: ...
     def read_config(self, offset: int, size: int) -> int: ...
@@ -145,7 +143,6 @@ class VirtioDevice:
 
     device_id = 0
     queue_sizes: tuple[int, ...] = ()
-    served_by_kernel = False        # the host kernel raises its interrupts (vhost)
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -7,10 +7,7 @@ ioeventfds KVM signals) and the interrupt (the irqfd), and frames go between
 the tap and guest RAM without passing through Python. While it does, the
 queues' notifiers are not watched by the I/O thread, and InterruptStatus
 always says "used buffers" (see :meth:`Interrupt.stick`), as QEMU and
-Firecracker do for virtio-mmio devices served outside the VMM. The slot's
-InterruptACK writes stay in KVM (the device manager gives them an ioeventfd)
-and reading InterruptStatus acknowledges instead: an interrupt costs one exit
-to us, not two.
+Firecracker do for virtio-mmio devices served outside the VMM.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ _RING_FEATURES = COMMON_FEATURES | 1 << VIRTIO_NET_F_MRG_RXBUF
 
 
 class VhostNet(Net):
-    served_by_kernel = True
     def __init__(self, name: str, tap: Tap, mac: str, io: EventLoop, vhost: Vhost) -> None:
         super().__init__(name, tap, mac, io)
         self.vhost = vhost
