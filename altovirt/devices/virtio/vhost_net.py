@@ -37,7 +37,8 @@ class VhostNet(Net):
         return super().device_features() & ~(_RING_FEATURES & ~self.vhost.features)
 
     def queue_notify(self, index: int) -> None:
-        """The kernel takes the notifications; one that reached us before it did is its too."""
+        """Nothing to do: the kernel takes the notifications (the transport kicks it once
+        more after activation, for buffers made available before)."""
 
     def _watch_tap(self) -> None:
         """The kernel serves the queues while the device is active and not broken."""
