@@ -48,11 +48,11 @@ def test_interrupt_registers_do_not_wait_for_queue_work() -> None:
 
 
 def test_status_read_acknowledges_when_kvm_absorbs_the_ack() -> None:
-    """A slot whose InterruptACK KVM absorbs (every slot the VMM builds) clears InterruptStatus as
-    the driver reads it, but for the bits the kernel keeps raising."""
+    """KVM absorbs InterruptACK in every slot the VMM builds, so InterruptStatus clears as the
+    driver reads it, but for the bits the kernel keeps raising."""
     mem = GuestMemory(layout.ram_regions(1 << 20))
     irqfd = os.eventfd(0, os.EFD_NONBLOCK)
-    t = mmio.MmioTransport(Rng("rng0"), mem, irqfd, EventLoop(), ack_in_kernel=True)
+    t = mmio.MmioTransport(Rng("rng0"), mem, irqfd, EventLoop())
     try:
         t.interrupt.trigger(vdev.VIRTIO_MMIO_INT_CONFIG)
         assert [t.read(mmio.INTERRUPT_STATUS, 4) for _ in range(2)] == [vdev.VIRTIO_MMIO_INT_CONFIG, 0]

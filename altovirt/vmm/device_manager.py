@@ -78,12 +78,12 @@ class DeviceManager:
         slots = []
         for index, device in enumerate(devices.in_slot_order()):
             base, irq = virtio_devices.slot(index)
-            transport = MmioTransport(device, self._mem, self._irqfd(irq), self._io, ack_in_kernel=True)
+            transport = MmioTransport(device, self._mem, self._irqfd(irq), self._io)
             self.transports.append(transport)
             for q, fd in enumerate(transport.notify_fds):
                 self._vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=q)
-            # The driver's InterruptACK stays in KVM, which signals an eventfd nobody reads;
-            # reading InterruptStatus acknowledges instead: one exit per interrupt, not two.
+            # The driver's InterruptACK stays in KVM, which signals an eventfd nobody reads:
+            # reading InterruptStatus acknowledges (see Interrupt.read).
             ack = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._fds.append(ack)
             self._vm.ioeventfd(ack, base + INTERRUPT_ACK, 4)

@@ -38,21 +38,17 @@ VIRTIO_MMIO_INT_CONFIG = 2
 class Interrupt:
     """The device's interrupt: InterruptStatus bits plus an edge on its irqfd."""
 
-    def __init__(self, irqfd: int, on_needs_reset: Callable[[str], None], *,
-                 clear_on_read: bool = False) -> None:
-        """``clear_on_read``: KVM absorbs InterruptACK writes (an ioeventfd), so reading
-        InterruptStatus is what acknowledges it: one exit to us per interrupt instead of two."""
+    def __init__(self, irqfd: int, on_needs_reset: Callable[[str], None]) -> None:
         self.fd = irqfd
         self._lock = threading.Lock()
         self.status = 0
         self._sticky = 0
-        self._clear_on_read = clear_on_read
         self._on_needs_reset = on_needs_reset
 
     def read(self) -> int:
-        """InterruptStatus, as the driver reads it."""
-        if not self._clear_on_read:
-            return self.status
+        """InterruptStatus, as the driver reads it. Reading acknowledges: the VMM has KVM
+        absorb InterruptACK writes (an ioeventfd), so that an interrupt costs one exit to us,
+        not two. Bits raised after the read stay set, as with read-then-ACK-what-you-read."""
         with self._lock:
             status, self.status = self.status, self.status & self._sticky
         return status

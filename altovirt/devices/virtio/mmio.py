@@ -54,16 +54,14 @@ DEVICE_NEEDS_RESET, FAILED = 64, 128
 class MmioTransport:
     """A BusDevice for one virtio device's slot."""
 
-    def __init__(self, device: Device, mem: GuestMemory, irqfd: int, io: EventLoop, *,
-                 ack_in_kernel: bool = False) -> None:
-        """``ack_in_kernel``: KVM absorbs InterruptACK writes (see :class:`Interrupt`)."""
+    def __init__(self, device: Device, mem: GuestMemory, irqfd: int, io: EventLoop) -> None:
         self.device = device
         self.mem = mem
         self.io = io
         self.lock = threading.RLock()
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in device.queue_sizes]
         self.queues = [Queue(n, mem, fd) for n, fd in zip(device.queue_sizes, self.notify_fds, strict=True)]
-        self.interrupt = Interrupt(irqfd, self._needs_reset, clear_on_read=ack_in_kernel)
+        self.interrupt = Interrupt(irqfd, self._needs_reset)
         self.status = 0
         self.features_sel = 0
         self.driver_features = 0
