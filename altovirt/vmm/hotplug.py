@@ -204,7 +204,8 @@ class Hotplug:
                 tap = netdevs[n.device] if n.device else None
                 was = _net(transport)
                 if (was.tap, was.mac) != (tap, n.mac) or (tap and was.name != n.device):
-                    self._plug(transport, Net(n.device or f"nic-slot{i}", tap, n.mac, self._io))
+                    self._plug(transport, Net(n.device, tap, n.mac, self._io) if tap
+                               else empty_nic(i, self._io, n.mac))
             for name, image in self.blockdevs.items():
                 if blockdevs.get(name) is not image:
                     image.close()
@@ -288,4 +289,3 @@ def _block(transport: MmioTransport) -> Block:
 def _net(transport: MmioTransport) -> Net:
     assert isinstance(transport.device, Net)
     return transport.device
-

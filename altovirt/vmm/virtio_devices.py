@@ -56,8 +56,8 @@ def empty_disk(slot: int, pool: WorkerPool) -> Block:
     return Block(f"disk-slot{slot}", None, pool)
 
 
-def empty_nic(slot: int, io: EventLoop) -> Net:
-    return Net(f"nic-slot{slot}", None, random_mac(), io)
+def empty_nic(slot: int, io: EventLoop, mac: str | None = None) -> Net:
+    return Net(f"nic-slot{slot}", None, mac or random_mac(), io)
 
 
 def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -> DeviceSet:
