@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,21 @@ from .cabi import c_values, needs_gcc
 from .conftest import Vm, needs_kvm, needs_qemu, run_altovirt, run_qemu
 
 
-def test_interrupt_registers_do_not_wait_for_queue_work() -> None:
-    """A vCPU taking an interrupt reads InterruptStatus and writes InterruptACK while the
-    I/O thread may hold the transport's lock for queue work; those two never wait for it."""
+@pytest.fixture
+def transport() -> Iterator[mmio.MmioTransport]:
     mem = GuestMemory(layout.ram_regions(1 << 20))
     irqfd = os.eventfd(0, os.EFD_NONBLOCK)
     t = mmio.MmioTransport(Rng("rng0"), mem, irqfd, EventLoop())
+    yield t
+    t.close()
+    mem.close()
+    os.close(irqfd)
+
+
+def test_interrupt_registers_do_not_wait_for_queue_work(transport: mmio.MmioTransport) -> None:
+    """A vCPU taking an interrupt reads InterruptStatus and writes InterruptACK while the
+    I/O thread may hold the transport's lock for queue work; those two never wait for it."""
+    t = transport
     t.interrupt.trigger(vdev.VIRTIO_MMIO_INT_VRING)
     seen: list[int] = []
 
@@ -42,29 +52,19 @@ def test_interrupt_registers_do_not_wait_for_queue_work() -> None:
         assert not waited and seen == [vdev.VIRTIO_MMIO_INT_VRING, 0]
     finally:
         reader.join()
-        t.close()
-        mem.close()
-        os.close(irqfd)
 
 
-def test_status_read_acknowledges_when_kvm_absorbs_the_ack() -> None:
+def test_status_read_acknowledges_when_kvm_absorbs_the_ack(transport: mmio.MmioTransport) -> None:
     """KVM absorbs InterruptACK in every slot the VMM builds, so InterruptStatus clears as the
     driver reads it, but for the bits the kernel keeps raising."""
-    mem = GuestMemory(layout.ram_regions(1 << 20))
-    irqfd = os.eventfd(0, os.EFD_NONBLOCK)
-    t = mmio.MmioTransport(Rng("rng0"), mem, irqfd, EventLoop())
-    try:
-        t.interrupt.trigger(vdev.VIRTIO_MMIO_INT_CONFIG)
-        assert [t.read(mmio.INTERRUPT_STATUS, 4) for _ in range(2)] == [vdev.VIRTIO_MMIO_INT_CONFIG, 0]
-        t.interrupt.stick(vdev.VIRTIO_MMIO_INT_VRING)         # vhost serves the queues
-        t.interrupt.trigger(vdev.VIRTIO_MMIO_INT_CONFIG)
-        assert [t.read(mmio.INTERRUPT_STATUS, 4) for _ in range(2)] == [3, vdev.VIRTIO_MMIO_INT_VRING]
-        t.interrupt.stick(0)                                  # and stops
-        assert t.read(mmio.INTERRUPT_STATUS, 4) == 0
-    finally:
-        t.close()
-        mem.close()
-        os.close(irqfd)
+    t = transport
+    t.interrupt.trigger(vdev.VIRTIO_MMIO_INT_CONFIG)
+    assert [t.read(mmio.INTERRUPT_STATUS, 4) for _ in range(2)] == [vdev.VIRTIO_MMIO_INT_CONFIG, 0]
+    t.interrupt.stick(vdev.VIRTIO_MMIO_INT_VRING)         # vhost serves the queues
+    t.interrupt.trigger(vdev.VIRTIO_MMIO_INT_CONFIG)
+    assert [t.read(mmio.INTERRUPT_STATUS, 4) for _ in range(2)] == [3, vdev.VIRTIO_MMIO_INT_VRING]
+    t.interrupt.stick(0)                                  # and stops
+    assert t.read(mmio.INTERRUPT_STATUS, 4) == 0
 
 
 @needs_gcc

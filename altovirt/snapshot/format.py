@@ -28,6 +28,7 @@ import os
 import struct
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +107,7 @@ def _write_memory(fd: int, memory: memoryview, snapshot_id: uuid.UUID) -> None:
     os.pwrite(fd, _TRAILER.pack(MAGIC, snapshot_id.bytes), size)
 
 
-def _replace(path: str, fill: Any) -> None:
+def _replace(path: str, fill: Callable[[int], None]) -> None:
     """Write ``path`` atomically: a temporary file, fsync, rename, fsync of the directory."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
