@@ -43,6 +43,11 @@ _USED_ELEM = struct.Struct("<II")
 _FENCE = threading.Lock()
 
 
+def _ring_ranges(size: int, desc: int, avail: int, used: int) -> tuple[tuple[int, int], ...]:
+    """The split rings' extents (2.7.5, 2.7.6, 2.7.8), each with its event index field."""
+    return (desc, DESC_SIZE * size), (avail, 6 + 2 * size), (used, 6 + 8 * size)
+
+
 class QueueError(AltoVirtError):
     """The driver broke the virtqueue rules; the message says how."""
 
@@ -126,14 +131,18 @@ class Queue:
         self.next_avail = self.next_used = 0
         self._signalled_used = None
 
+    def ring_ranges(self) -> tuple[tuple[int, int], ...]:
+        """(guest address, length) of the descriptor table, the available and the used ring."""
+        return _ring_ranges(self.size, self.desc_addr, self.avail_addr, self.used_addr)
+
     def _map(self, size: int, desc: int, avail: int, used: int) -> tuple[memoryview, memoryview, memoryview]:
         if not size or size > self.max_size or size & (size - 1):
             raise QueueError(f"queue size {size} is not a power of 2 in [1, {self.max_size}]")
         if desc % 16 or avail % 2 or used % 4:
             raise QueueError("misaligned ring address (2.7: descriptors 16, avail 2, used 4)")
         try:
-            return (self.mem.view(desc, DESC_SIZE * size), self.mem.view(avail, 6 + 2 * size),
-                    self.mem.view(used, 6 + 8 * size))
+            d, a, u = (self.mem.view(addr, n) for addr, n in _ring_ranges(size, desc, avail, used))
+            return d, a, u
         except GuestMemoryError as e:
             raise QueueError(f"ring outside guest RAM: {e}") from e
 

@@ -61,10 +61,9 @@ class VhostNet(Net):
         active.interrupt.stick(VIRTIO_MMIO_INT_VRING)
         for i, q in enumerate(active.queues):
             self.io.modify(q.notifier, 0)       # the kernel's from now on
-            rings = (mem.host_address_of(q.desc_addr, 16 * q.size),
-                     mem.host_address_of(q.avail_addr, 6 + 2 * q.size),
-                     mem.host_address_of(q.used_addr, 6 + 8 * q.size))
-            vhost.start_vring(i, q.size, q.next_avail, rings, q.notifier, active.interrupt.fd)
+            desc, avail, used = (mem.host_address_of(addr, n) for addr, n in q.ring_ranges())
+            vhost.start_vring(i, q.size, q.next_avail, (desc, avail, used), q.notifier,
+                              active.interrupt.fd)
             vhost.set_backend(i, self.tap.fd)
         log.info("%s: vhost-net serves the queues", self.name)
 
