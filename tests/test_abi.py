@@ -36,6 +36,8 @@ STRUCTS = [
     ("struct kvm_irqchip", S.kvm_irqchip, {}),
     ("struct kvm_irqfd", S.kvm_irqfd, {}),
     ("struct kvm_ioeventfd", S.kvm_ioeventfd, {}),
+    ("struct kvm_debugregs", S.kvm_debugregs, {}),
+    ("struct kvm_dirty_log", S.kvm_dirty_log, {"dirty_bitmap": "padding2"}),
     ("struct kvm_clock_data", S.kvm_clock_data, {}),
     # kvm_run's exit data is an anonymous union; ours is named "u".
     ("struct kvm_run", S.kvm_run, {"u": "io"}),

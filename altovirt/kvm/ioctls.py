@@ -45,6 +45,7 @@ KVM_GET_SUPPORTED_CPUID = _iowr(0x05, S.kvm_cpuid2)
 
 # VM fd
 KVM_CREATE_VCPU = _io(0x41)
+KVM_GET_DIRTY_LOG = _iow(0x42, S.kvm_dirty_log)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, S.kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, C.c_uint64)
@@ -77,6 +78,10 @@ KVM_GET_MP_STATE = _ior(0x98, S.kvm_mp_state)
 KVM_SET_MP_STATE = _iow(0x99, S.kvm_mp_state)
 KVM_GET_VCPU_EVENTS = _ior(0x9F, S.kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _iow(0xA0, S.kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _ior(0xA1, S.kvm_debugregs)
+KVM_SET_DEBUGREGS = _iow(0xA2, S.kvm_debugregs)
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_GET_XSAVE = _ior(0xA4, S.kvm_xsave)
 KVM_SET_XSAVE = _iow(0xA5, S.kvm_xsave)
 KVM_GET_XCRS = _ior(0xA6, S.kvm_xcrs)
@@ -109,6 +114,7 @@ KVM_SYSTEM_EVENT_CRASH = 3
 KVM_MP_STATE_RUNNABLE = 0
 KVM_MP_STATE_UNINITIALIZED = 1
 
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1

@@ -200,6 +200,15 @@ class kvm_ioeventfd(_Struct):
                 ("flags", u32), ("pad", u8 * 36)]
 
 
+class kvm_debugregs(_Struct):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
+
+
+class kvm_dirty_log(_Struct):
+    # The kernel's union of a bitmap pointer and padding: the address as a u64.
+    _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
+
+
 class kvm_clock_data(_Struct):
     _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64),
                 ("host_tsc", u64), ("pad", u32 * 4)]

@@ -24,7 +24,7 @@ _ioctl.argtypes = [C.c_int, C.c_ulong, C.c_void_p]
 
 _IOCTL_NAMES = {v: k for k, v in vars(K).items() if k.startswith("KVM_") and not k.startswith(
     ("KVM_CAP_", "KVM_EXIT_", "KVM_MP_", "KVM_SYSTEM_", "KVM_IOEVENTFD_", "KVM_IRQFD_",
-     "KVM_PIT_", "KVM_CLOCK_"))}
+     "KVM_PIT_", "KVM_CLOCK_", "KVM_MEM_"))}
 
 
 class KvmError(AltoVirtError, OSError):
@@ -83,6 +83,18 @@ class Kvm:
                 raise
             return [buf.entries[i] for i in range(buf.nent)]
 
+    def msr_index_list(self) -> list[int]:
+        """The MSRs KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST)."""
+        head = S.kvm_msr_list(nmsrs=0)
+        try:
+            ioctl(self.fd, K.KVM_GET_MSR_INDEX_LIST, head)      # E2BIG, with the count filled in
+        except KvmError as e:
+            if e.errno != errno.E2BIG:
+                raise
+        buf = (C.c_uint32 * (1 + head.nmsrs))(head.nmsrs)
+        ioctl(self.fd, K.KVM_GET_MSR_INDEX_LIST, buf)
+        return list(buf[1:1 + buf[0]])
+
     def create_vm(self) -> Vm:
         return Vm(self, ioctl(self.fd, K.KVM_CREATE_VM, 0))
 
@@ -101,6 +113,11 @@ class Vm:
                                flags: int = 0) -> None:
         region = S.kvm_userspace_memory_region(slot, flags, gpa, size, host_addr)
         ioctl(self.fd, K.KVM_SET_USER_MEMORY_REGION, region)
+
+    def get_dirty_log(self, slot: int, bitmap: C.Array[C.c_uint64]) -> None:
+        """Fill ``bitmap`` (a bit per 4 KiB page of memory slot ``slot``) with the pages the
+        guest wrote since the last call, and clear KVM's (the slot logs dirty pages)."""
+        ioctl(self.fd, K.KVM_GET_DIRTY_LOG, S.kvm_dirty_log(slot=slot, dirty_bitmap=C.addressof(bitmap)))
 
     def set_tss_addr(self, addr: int) -> None:
         ioctl(self.fd, K.KVM_SET_TSS_ADDR, addr)
@@ -222,6 +239,32 @@ class Vcpu:
             buf.entries[i].index = index
         done = ioctl(self.fd, K.KVM_GET_MSRS, buf)
         return {buf.entries[i].index: buf.entries[i].data for i in range(done)}
+
+    def get_cpuid2(self) -> list[S.kvm_cpuid_entry2]:
+        n = 64
+        while True:
+            buf = S.kvm_cpuid2_n(n)()
+            buf.nent = n
+            try:
+                ioctl(self.fd, K.KVM_GET_CPUID2, buf)
+            except KvmError as e:
+                if e.errno == errno.E2BIG and n < 4096:
+                    n *= 2
+                    continue
+                raise
+            return [buf.entries[i] for i in range(buf.nent)]
+
+    def get_debugregs(self) -> S.kvm_debugregs:
+        return self._get(K.KVM_GET_DEBUGREGS, S.kvm_debugregs)  # type: ignore[return-value]
+
+    def set_debugregs(self, regs: S.kvm_debugregs) -> None:
+        ioctl(self.fd, K.KVM_SET_DEBUGREGS, regs)
+
+    def get_tsc_khz(self) -> int:
+        return ioctl(self.fd, K.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl(self.fd, K.KVM_SET_TSC_KHZ, khz)
 
     def get_lapic(self) -> S.kvm_lapic_state:
         return self._get(K.KVM_GET_LAPIC, S.kvm_lapic_state)  # type: ignore[return-value]
