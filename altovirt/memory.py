@@ -16,13 +16,22 @@ from __future__ import annotations
 import contextlib
 import ctypes as C
 import mmap
+import os
 from dataclasses import dataclass
 
 from .errors import AltoVirtError
 
 # madvise(2) advice; the mmap module exposes these on Linux, named for clarity.
 MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", 16)
+MAP_FIXED = 0x10                # <sys/mman.h>: replace what is mapped at the address
 HUGE_PAGE = 2 << 20             # x86-64's 2 MiB page
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+_libc = C.CDLL(None, use_errno=True)
+_libc.mmap.restype = C.c_void_p
+_libc.mmap.argtypes = [C.c_void_p, C.c_size_t, C.c_int, C.c_int, C.c_int, C.c_long]
+_MAP_FAILED = C.c_void_p(-1).value
 
 
 class GuestMemoryError(AltoVirtError, ValueError):
@@ -52,19 +61,48 @@ class GuestMemory:
         # and after are never touched, so they cost address space only.
         self._map = mmap.mmap(-1, self.size + HUGE_PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                               mmap.PROT_READ | mmap.PROT_WRITE)
-        if dontdump:
+        self._dontdump = dontdump
+        self._file_backed = False
+        start = C.addressof(C.c_char.from_buffer(self._map))
+        self._pad = -start % HUGE_PAGE
+        self._base = start + self._pad
+        self._advise()
+        self._view = memoryview(self._map)[self._pad:self._pad + self.size]
+        # (first gpa, end gpa, offset in RAM - gpa) of each region, for view()
+        self._spans = tuple((r.gpa, r.end, r.offset - r.gpa) for r in self.regions)
+        # While a live migration runs: a byte per page of RAM, set for each page a view was
+        # taken of (what devices write; KVM's dirty log sees only the guest's writes).
+        self.written: bytearray | None = None
+
+    def _advise(self) -> None:
+        if self._dontdump:
             self._map.madvise(MADV_DONTDUMP)
         # Not copied into a child process (QEMU does the same): a fork would otherwise make
         # every page copy-on-write under the running guest.
         self._map.madvise(mmap.MADV_DONTFORK)
         with contextlib.suppress(OSError):      # hosts without transparent huge pages
             self._map.madvise(mmap.MADV_HUGEPAGE)
-        start = C.addressof(C.c_char.from_buffer(self._map))
-        pad = -start % HUGE_PAGE
-        self._base = start + pad
-        self._view = memoryview(self._map)[pad:pad + self.size]
-        # (first gpa, end gpa, offset in RAM - gpa) of each region, for view()
-        self._spans = tuple((r.gpa, r.end, r.offset - r.gpa) for r in self.regions)
+
+    def _map_fixed(self, flags: int, fd: int) -> None:
+        got = _libc.mmap(self._base, self.size, mmap.PROT_READ | mmap.PROT_WRITE,
+                         mmap.MAP_PRIVATE | MAP_FIXED | flags, fd, 0)
+        if got != self._base:
+            err = C.get_errno()
+            raise OSError(err, f"cannot map guest RAM: {os.strerror(err)}")
+        self._advise()
+
+    @property
+    def ram(self) -> memoryview:
+        """All of guest RAM, region after region (offsets as in :class:`Region`)."""
+        return self._view
+
+    def map_file(self, fd: int) -> None:
+        """Put the first ``size`` bytes of file ``fd`` in place of guest RAM, copy-on-write
+        (MAP_PRIVATE): pages are read in as the guest (or KVM) first touches them, and
+        writes stay in this process. Used to restore a snapshot lazily; the addresses KVM
+        and the devices hold stay valid (the mapping replaces RAM at the same place)."""
+        self._map_fixed(0, fd)
+        self._file_backed = True
 
     def host_address(self, region: Region) -> int:
         """The userspace address backing ``region``, for KVM_SET_USER_MEMORY_REGION."""
@@ -78,6 +116,9 @@ class GuestMemory:
             for start, stop, delta in self._spans:
                 if start <= gpa and end <= stop:
                     off = gpa + delta
+                    if self.written is not None and length:
+                        first, last = off >> PAGE_SHIFT, (off + length - 1) >> PAGE_SHIFT
+                        self.written[first:last + 1] = b"\1" * (last + 1 - first)
                     return self._view[off:off + length]
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not RAM")
 
@@ -90,6 +131,10 @@ class GuestMemory:
                 return self._base + gpa + delta
         raise AssertionError("view() checked the range")
 
+    def mark_written(self, gpa: int, length: int) -> None:
+        """Note [gpa, gpa+length) as written by the VMM (while :attr:`written` is kept)."""
+        self.view(gpa, length)
+
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
 
@@ -98,8 +143,14 @@ class GuestMemory:
 
     def discard(self) -> None:
         """Zero all of guest RAM by handing its pages back to the host (a cold reset).
-        KVM drops its mappings through the MMU notifier and faults in fresh zero pages."""
-        self._map.madvise(mmap.MADV_DONTNEED)
+        KVM drops its mappings through the MMU notifier and faults in fresh zero pages.
+        RAM mapped from a snapshot's file is replaced by anonymous memory (dropping the
+        private copies would bring back the file's pages, not zeros)."""
+        if self._file_backed:
+            self._map_fixed(mmap.MAP_ANONYMOUS, -1)
+            self._file_backed = False
+        else:
+            self._map.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         """Unmap. Views still held elsewhere (device queues) keep the mapping alive
