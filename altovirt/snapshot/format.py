@@ -63,17 +63,27 @@ def _crc(name: bytes, version: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(_U32.pack(version), zlib.crc32(name)))
 
 
-def write(directory: str, header: dict[str, Any], sections: list[Section], memory: memoryview) -> str:
+def write(directory: str, header: dict[str, Any], sections: list[Section], memory: memoryview,
+          progress: Callable[[int], None] | None = None) -> str:
     """Write a snapshot of ``memory`` and ``sections`` into ``directory`` (made if missing);
-    returns its id. ``header`` holds the caller's plain JSON values."""
+    returns its id. ``header`` holds the caller's plain JSON values. ``progress(done)`` hears
+    how many bytes of memory are written, as it goes; what it raises abandons the snapshot
+    (nothing of it is left)."""
     snapshot_id = uuid.uuid4()
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise SnapshotError(f"{directory}: {e.strerror}") from e
-    _replace(os.path.join(directory, "memory"), lambda fd: _write_memory(fd, memory, snapshot_id))
-    head = json.dumps({**header, "id": str(snapshot_id), "altovirt": __version__,
-                       "memory_size": len(memory)}).encode()
+    _replace(os.path.join(directory, "memory"), lambda fd: _write_memory(fd, memory, snapshot_id, progress))
+    data = encode_state({**header, "id": str(snapshot_id), "memory_size": len(memory)}, sections)
+    _replace(os.path.join(directory, "state"), lambda fd: _write_all(fd, data))
+    return str(snapshot_id)
+
+
+def encode_state(header: dict[str, Any], sections: list[Section]) -> bytes:
+    """The state as bytes: the magic, ``header`` (with the AltoVirt version added) and
+    ``sections``, as ``state`` holds them and live migration sends them."""
+    head = json.dumps({**header, "altovirt": __version__}).encode()
     out = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)), head, _U32.pack(zlib.crc32(head))]
     for s in sections:
         name = s.name.encode()
@@ -82,9 +92,7 @@ def write(directory: str, header: dict[str, Any], sections: list[Section], memor
         out += [_U16.pack(len(name)), name, _SECTION.pack(s.version, len(s.payload),
                                                           _crc(name, s.version, s.payload)), s.payload]
     out.append(_U16.pack(0))
-    data = b"".join(out)
-    _replace(os.path.join(directory, "state"), lambda fd: _write_all(fd, data))
-    return str(snapshot_id)
+    return b"".join(out)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -93,11 +101,14 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _write_memory(fd: int, memory: memoryview, snapshot_id: uuid.UUID) -> None:
+def _write_memory(fd: int, memory: memoryview, snapshot_id: uuid.UUID,
+                  progress: Callable[[int], None] | None) -> None:
     size = len(memory)
     os.ftruncate(fd, size)                  # holes where RAM is zero
     for start in range(0, size, _CHUNK):
         chunk = bytes(memory[start:start + _CHUNK])     # bytes compare as memcmp; views do not
+        if progress is not None:
+            progress(start)
         if chunk == _ZERO_CHUNK[:len(chunk)]:
             continue
         for off in range(0, len(chunk), PAGE):
@@ -123,10 +134,12 @@ def _replace(path: str, fill: Callable[[int], None]) -> None:
             os.fsync(dirfd)
         finally:
             os.close(dirfd)
-    except OSError as e:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise SnapshotError(f"{path}: {e.strerror}") from e
+        if isinstance(e, OSError):
+            raise SnapshotError(f"{path}: {e.strerror}") from e
+        raise
 
 
 def read_state(directory: str) -> tuple[dict[str, Any], dict[str, Section]]:
@@ -138,47 +151,55 @@ def read_state(directory: str) -> tuple[dict[str, Any], dict[str, Section]]:
             data = f.read()
     except OSError as e:
         raise SnapshotError(f"{path}: {e.strerror}") from e
+    header, sections = decode_state(data, path)
+    if not isinstance(header.get("memory_size"), int) or not isinstance(header.get("id"), str):
+        raise SnapshotError(f"{path}: the header is incomplete")
+    _check_memory(os.path.join(directory, "memory"), header)
+    return header, sections
+
+
+def decode_state(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, Section]]:
+    """:func:`encode_state`'s header and sections, every CRC checked; SnapshotError naming
+    ``where`` (the file, or the migration stream) and what is wrong otherwise."""
     if len(data) < _PREFIX.size or data[:len(MAGIC)] != MAGIC:
-        raise SnapshotError(f"{path}: not an AltoVirt snapshot")
+        raise SnapshotError(f"{where}: not an AltoVirt snapshot")
     _, version, head_len = _PREFIX.unpack_from(data)
     if version != FORMAT_VERSION:
-        raise SnapshotError(f"{path}: snapshot format {version}; this AltoVirt reads format {FORMAT_VERSION}")
+        raise SnapshotError(f"{where}: snapshot format {version}; this AltoVirt reads {FORMAT_VERSION}")
     if head_len > MAX_HEADER:
-        raise SnapshotError(f"{path}: the header is corrupt ({head_len} bytes long)")
+        raise SnapshotError(f"{where}: the header is corrupt ({head_len} bytes long)")
     at = _PREFIX.size
-    head = _take(data, at, head_len, path, "the header")
+    head = _take(data, at, head_len, where, "the header")
     at += head_len
-    if _U32.unpack(_take(data, at, 4, path, "the header"))[0] != zlib.crc32(head):
-        raise SnapshotError(f"{path}: the header is corrupt (CRC mismatch)")
+    if _U32.unpack(_take(data, at, 4, where, "the header"))[0] != zlib.crc32(head):
+        raise SnapshotError(f"{where}: the header is corrupt (CRC mismatch)")
     at += 4
     try:
         header = json.loads(head)
     except ValueError as e:
-        raise SnapshotError(f"{path}: the header is corrupt ({e})") from e
-    if not isinstance(header, dict) or not isinstance(header.get("memory_size"), int) \
-            or not isinstance(header.get("id"), str):
-        raise SnapshotError(f"{path}: the header is incomplete")
+        raise SnapshotError(f"{where}: the header is corrupt ({e})") from e
+    if not isinstance(header, dict):
+        raise SnapshotError(f"{where}: the header is incomplete")
     sections: dict[str, Section] = {}
     while True:
-        (n,) = _U16.unpack(_take(data, at, 2, path, "the section list"))
+        (n,) = _U16.unpack(_take(data, at, 2, where, "the section list"))
         at += 2
         if n == 0:
             break
-        raw = _take(data, at, n, path, "a section name")
+        raw = _take(data, at, n, where, "a section name")
         name = raw.decode(errors="replace")
         at += n
-        s_version, length, crc = _SECTION.unpack(_take(data, at, _SECTION.size, path, f"section {name}"))
+        s_version, length, crc = _SECTION.unpack(_take(data, at, _SECTION.size, where, f"section {name}"))
         at += _SECTION.size
-        payload = _take(data, at, length, path, f"section {name}")
+        payload = _take(data, at, length, where, f"section {name}")
         at += length
         if crc != _crc(raw, s_version, payload):
-            raise SnapshotError(f"{path}: section {name} is corrupt (CRC mismatch)")
+            raise SnapshotError(f"{where}: section {name} is corrupt (CRC mismatch)")
         if name in sections:
-            raise SnapshotError(f"{path}: section {name} appears twice")
+            raise SnapshotError(f"{where}: section {name} appears twice")
         sections[name] = Section(name, s_version, payload)
     if at != len(data):
-        raise SnapshotError(f"{path}: {len(data) - at} bytes after the last section")
-    _check_memory(os.path.join(directory, "memory"), header)
+        raise SnapshotError(f"{where}: {len(data) - at} bytes after the last section")
     return header, sections
 
 
@@ -201,6 +222,16 @@ def _check_memory(path: str, header: dict[str, Any]) -> None:
     magic, raw_id = _TRAILER.unpack(trailer)
     if magic != MAGIC or str(uuid.UUID(bytes=raw_id)) != header["id"]:
         raise SnapshotError(f"{path}: belongs to another snapshot")
+
+
+def open_memory(directory: str) -> int:
+    """A read-only descriptor of the snapshot's memory file (checked by :func:`read_state`),
+    for mapping guest RAM from it."""
+    path = os.path.join(directory, "memory")
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SnapshotError(f"{path}: {e.strerror}") from e
 
 
 def read_memory(directory: str, header: dict[str, Any], into: memoryview) -> None:
