@@ -54,8 +54,11 @@ def _lock(fd: int, cmd: int, kind: int, byte: int) -> bytes:
 
 
 class BlockFile:
-    def __init__(self, path: str, *, read_only: bool, direct: bool) -> None:
+    def __init__(self, path: str, *, read_only: bool, direct: bool, lock: bool = True) -> None:
+        """``lock`` False opens the image without its locks, for a VM that waits for a migration
+        whose source still holds them: :meth:`take_locks` once the source has let go."""
         self.path = path
+        self.locked = False
         self.read_only = read_only
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         self.direct = direct
@@ -69,7 +72,8 @@ class BlockFile:
             else:
                 raise BackendError(e.errno, f"{path}: {e.strerror}") from e
         try:
-            self._take_locks()
+            if lock:
+                self.take_locks()
             st = os.fstat(self.fd)
             if stat.S_ISBLK(st.st_mode):
                 self.size = os.lseek(self.fd, 0, os.SEEK_END)
@@ -88,8 +92,9 @@ class BlockFile:
         except OSError as e:
             raise BackendError(e.errno, f"{path}: {e.strerror}") from e
 
-    def _take_locks(self) -> None:
-        """QEMU's scheme for a virtio-blk disk without share-rw."""
+    def take_locks(self) -> None:
+        """QEMU's scheme for a virtio-blk disk without share-rw; BackendError, with none
+        taken, if another process holds or forbids what this one uses."""
         perm = BLK_PERM_CONSISTENT_READ | (0 if self.read_only else BLK_PERM_WRITE)
         shared = BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED
         unshared = BLK_PERM_ALL & ~shared
@@ -107,7 +112,19 @@ class BlockFile:
                         if _FLOCK.unpack(got)[0] != fcntl.F_UNLCK:
                             raise BackendError(errno.EAGAIN, self._conflict(i))
         except BlockingIOError as e:
+            self.release_locks()
             raise BackendError(errno.EAGAIN, self._conflict(1)) from e
+        except BackendError:
+            self.release_locks()
+            raise
+        self.locked = True
+
+    def release_locks(self) -> None:
+        """Let another process take the image (the destination of a live migration): as
+        QEMU's source does once the guest has stopped for the last time."""
+        for base in (RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE):
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, base, 4, 0))
+        self.locked = False
 
     def _conflict(self, bit: int) -> str:
         what = {0: "read", 1: "write", 2: "write", 3: "resize"}[bit]
