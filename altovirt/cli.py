@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from typing import NoReturn
 
 from .api import commands
@@ -86,6 +87,28 @@ def start_xenstore(machine: Machine, path: str) -> XenStoreServer:
     return server
 
 
+def start_migration(machine: Machine) -> Callable[[], None]:
+    """A VM with a QMP channel or -incoming can migrate; with -incoming it waits in
+    inmigrate, listening for the source already. Returns what starts the load once the
+    VM runs."""
+    cfg = machine.cfg
+    if not cfg.api_channel and cfg.incoming is None:
+        return lambda: None
+    from .vmm.migration import Migration, MigrationError, listen
+    migration = machine.migration = Migration(machine)
+    incoming = cfg.incoming
+    if incoming is None:
+        return lambda: None
+    machine.expect_incoming()
+    if incoming.uri is None:
+        return lambda: None         # -incoming defer: QMP migrate-incoming starts it
+    try:
+        listener = listen(incoming.uri) if incoming.uri.kind != "file" else None
+    except MigrationError as e:
+        raise VmmError(str(e), exit_status=EXIT_USAGE) from e
+    return lambda: migration.incoming(incoming, listener)
+
+
 def enable_seccomp(cfg: VmConfig) -> None:
     """Threads started from here on confine themselves; a forbidden call is reported
     in the -D log (or on stderr) before the VMM ends."""
@@ -122,14 +145,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         machine = builder.build(cfg)
         log.info("VM %s: %d vCPU(s), %d MiB", cfg.name, cfg.vcpus, cfg.mem_size >> 20)
+        start_incoming = start_migration(machine)
         if cfg.seccomp:
             enable_seccomp(cfg)
+        if machine.migration is not None:
+            machine.migration.start()       # its thread confines itself
         if cfg.api_channel:
             qmp = start_qmp(machine, cfg.api_channel[len("unix:"):])
         if cfg.xenstore:
             xenstore = start_xenstore(machine, cfg.xenstore)
-        reason = machine.run(on_running=lambda: daemon.report(None))
+
+        def on_running() -> None:
+            daemon.report(None)
+            start_incoming()
+        reason = machine.run(on_running)
         log.info("VM %s stopped: %s (exit %d)", cfg.name, reason.reason, reason.exit_code)
+        if machine.migration is not None and machine.migration.incoming_error:
+            _error(machine.migration.incoming_error)
         return reason.exit_code
     except AltoVirtError as e:
         if cfg.log_file:        # without -D the line below is the whole report
@@ -151,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             xenstore.close()
         if qmp is not None:
             qmp.close()             # after the SHUTDOWN event has been queued for every client
+        if machine is not None and machine.migration is not None:
+            machine.migration.close()
         if machine is not None:
             machine.close()
         daemon.cleanup()

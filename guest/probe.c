@@ -268,6 +268,7 @@ static const struct {
 	{ "net-big", test_net_big },
 	{ "hotplug", test_hotplug },
 	{ "xenstore", test_xenstore },
+	{ "snapshot", test_snapshot },
 };
 
 static int run_test(const char *name, size_t len)

@@ -46,6 +46,7 @@ int test_hotplug(void);
 int test_xenstore(void);
 int test_acpi(void);
 int test_acpi_power(void);
+int test_snapshot(void);
 u64 tsc_hz(void);
 
 #endif

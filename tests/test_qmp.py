@@ -131,7 +131,9 @@ def test_qmpclient_lifecycle_and_events(vm: tuple[Vm, Path]) -> None:
     assert names == {"qmp_capabilities", "stop", "cont", "quit", "system_reset", "system_powerdown",
                      "query-status", "query-cpus", "query-cpus-fast", "query-hotpluggable-cpus",
                      "query-version", "query-name", "query-commands", "getfd", "closefd",
-                     "blockdev-add", "blockdev-del", "netdev_add", "netdev_del", "device_add", "device_del"}
+                     "blockdev-add", "blockdev-del", "netdev_add", "netdev_del", "device_add", "device_del",
+                     "migrate", "migrate-incoming", "query-migrate", "migrate_cancel",
+                     "migrate-set-parameters", "query-migrate-parameters"}
     assert (seen["stop"], seen["cont"]) == ("STOP", "RESUME")
     assert seen["paused"] == {"running": False, "singlestep": False, "status": "paused"}
     assert seen["quit"] == {"guest": False, "reason": "host-qmp-quit"}

@@ -46,7 +46,8 @@ def test_every_thread_is_confined(probe: Path, tmp_path: Path, vms: list[Vm], di
     vm.wait_line("probe: waiting")
     threads = thread_table(vm.proc.pid)
     # vCPUs, the device I/O thread, the block worker pool, QMP, and the main loop.
-    assert {"MainThread", "vcpu0", "vcpu1", "io", "qmp", *(f"blk{i}" for i in range(8))} == set(threads)
+    assert {"MainThread", "vcpu0", "vcpu1", "io", "qmp", "migration",
+            *(f"blk{i}" for i in range(8))} == set(threads)
     assert set(threads.values()) == ({"0"} if disable else {"2"})        # 2: SECCOMP_MODE_FILTER
     raw = Raw(sock)
     assert raw.call({"execute": "quit"}) == {"return": {}}
@@ -104,6 +105,9 @@ def run_confined(role: str, code: str) -> int:
     ("api", "fcntl.ioctl(0, 0x5421, struct.pack('i', 0))", True),            # FIONBIO
     ("api", "fcntl.ioctl(0, 0x8004AE99, 0)", False),                        # not a KVM ioctl we use
     ("io", "os.fork()", False),                                             # threads, not processes
+    ("migration", "socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()", True),   # tcp: URIs
+    ("migration", "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)", False),
+    ("migration", "os.setuid(0)", False),
 ])
 def test_filter_arguments(role: str, code: str, allowed: bool) -> None:
     status = run_confined(role, code)
@@ -111,7 +115,7 @@ def test_filter_arguments(role: str, code: str, allowed: bool) -> None:
 
 
 def test_allowlists_are_consistent() -> None:
-    assert set(ROLES) == set(IOCTLS) == {"vcpu", "io", "api", "main"}
+    assert set(ROLES) == set(IOCTLS) == {"vcpu", "io", "api", "main", "migration"}
     # The API threads ask the main thread for whatever touches the VM: no KVM for them.
     kvm = {v for n, v in vars(K).items() if n.startswith("KVM_") and isinstance(v, int) and v > 0xFFFF}
     assert not kvm & set(IOCTLS["api"])

@@ -212,5 +212,8 @@ def build(machine: Machine) -> dict[str, Command]:
         table.update(hotplug_commands(machine.hotplug))
     if machine.xenstore is not None:
         table.update(xenstore_commands(machine.xenstore))
+    if machine.migration is not None:
+        from .migration import migration_commands
+        table.update(migration_commands(machine.migration))
     table["query-commands"] = Command(lambda a: [{"name": n} for n in sorted(table)])
     return table

@@ -22,12 +22,22 @@ from .model import (
     ConfigError,
     ConsoleConfig,
     DriveConfig,
+    IncomingConfig,
     NetConfig,
     RngConfig,
     VmConfig,
     VsockConfig,
 )
-from .validate import check_api_channel, check_id, check_mac, check_tap, parse_bool, parse_int, parse_size
+from .validate import (
+    check_api_channel,
+    check_id,
+    check_mac,
+    check_tap,
+    parse_bool,
+    parse_int,
+    parse_migration_uri,
+    parse_size,
+)
 
 USAGE = """\
 usage: altovirt -kernel PATH [-append CMDLINE] [-initrd PATH] [-smp [cpus=]N] [-m SIZE]
@@ -39,6 +49,7 @@ usage: altovirt -kernel PATH [-append CMDLINE] [-initrd PATH] [-smp [cpus=]N] [-
                 [-xenstore SOCKET [-xen-domid N]] [-machine [microvm][,acpi=on|off]]
                 [-name NAME] [-D LOGFILE] [-daemonize [-pidfile PATH]] [-disable-seccomp]
                 [-omit_vm_memory] [-config FILE.json] [-debug] [-version]
+                [-incoming file:DIR|tcp:HOST:PORT|unix:PATH|defer[,resume=on][,mem=map|copy]]
 
 Boots a micro-VM on KVM. Sizes take bytes or a K/M/G suffix; -smp in [1, 254],
 -m in [128M, 512G]. Exit status: 0 the guest powered off or reset, 1 VMM or KVM
@@ -47,7 +58,7 @@ error, 2 usage or configuration error, 3 guest panic, 128+N stopped by signal N.
 
 VALUE_OPTIONS = {"name", "machine", "kernel", "append", "initrd", "smp", "m", "drive", "netdev", "chardev",
                  "device", "api-channel", "qmp", "serial", "D", "pidfile", "config",
-                 "xenstore", "xen-domid"}
+                 "xenstore", "xen-domid", "incoming"}
 FLAG_OPTIONS = {"disable-seccomp", "omit_vm_memory", "daemonize", "debug", "help", "h", "version"}
 
 
@@ -177,6 +188,18 @@ def _machine(cfg: VmConfig, v: str) -> None:
         cfg.acpi = parse_bool("-machine acpi", kv["acpi"])
 
 
+def _incoming(cfg: VmConfig, v: str) -> None:
+    """-incoming URI|defer[,resume=on|off][,mem=map|copy] (",," for a comma in the URI)."""
+    kv = split_kv("-incoming", v, positional="uri")
+    _keys("-incoming", kv, {"uri"}, {"resume", "mem"})
+    if kv.get("mem", "map") not in ("map", "copy"):
+        raise ConfigError(f"-incoming: mem={kv['mem']!r}; accepted: map (the snapshot's file, "
+                          "copy-on-write) or copy (read into RAM)")
+    uri = None if kv["uri"] == "defer" else parse_migration_uri("-incoming", kv["uri"])
+    cfg.incoming = IncomingConfig(uri, parse_bool("-incoming resume", kv.get("resume", "off")),
+                                  kv.get("mem", "map") == "map")
+
+
 def _serial(cfg: VmConfig, v: str) -> None:
     if v not in ("stdio", "none"):
         raise ConfigError(f"-serial: unsupported backend {v!r}; accepted: stdio, none")
@@ -207,7 +230,8 @@ HANDLERS: dict[str, Callable[[VmConfig, str], None]] = {
     "initrd": _set("initrd"), "D": _set("log_file"), "pidfile": _set("pidfile"),
     "smp": _smp, "m": lambda cfg, v: setattr(cfg, "mem_size", parse_size("-m", v)),
     "drive": _drive, "netdev": _netdev, "chardev": _chardev, "device": _device,
-    "serial": _serial, "api-channel": _api_channel, "qmp": _qmp, "xenstore": _set("xenstore"),
+    "serial": _serial, "incoming": _incoming, "api-channel": _api_channel, "qmp": _qmp,
+    "xenstore": _set("xenstore"),
     "xen-domid": lambda cfg, v: setattr(cfg, "xen_domid", parse_int("-xen-domid", v, XEN_DOMID_MIN,
                                                                       XEN_DOMID_MAX)),
 }

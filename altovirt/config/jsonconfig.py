@@ -15,15 +15,16 @@ from .model import (
     ConfigError,
     ConsoleConfig,
     DriveConfig,
+    IncomingConfig,
     NetConfig,
     RngConfig,
     VmConfig,
     VsockConfig,
 )
-from .validate import check_id, check_mac, check_tap, parse_bool, parse_int, parse_size
+from .validate import check_id, check_mac, check_tap, parse_bool, parse_int, parse_migration_uri, parse_size
 
 SECTIONS = {"boot-source", "machine-config", "drive", "net", "console", "serial", "vsock", "rng",
-            "xenstore"}
+            "xenstore", "incoming"}
 
 
 def _obj(where: str, value: Any, required: set[str], optional: set[str]) -> dict[str, Any]:
@@ -147,5 +148,14 @@ def from_dict(doc: Any) -> VmConfig:
         cfg.xenstore = _str("xenstore.socket_path", x["socket_path"])
         if "domid" in x:
             cfg.xen_domid = _int("xenstore.domid", x["domid"], XEN_DOMID_MIN, XEN_DOMID_MAX)
+    if "incoming" in top:
+        w = "incoming"
+        inc = _obj(w, top[w], {"uri"}, {"resume", "mem"})
+        uri = _str(f"{w}.uri", inc["uri"])
+        mem = inc.get("mem", "map")
+        if mem not in ("map", "copy"):
+            raise ConfigError(f"{w}.mem: expected \"map\" or \"copy\"")
+        cfg.incoming = IncomingConfig(None if uri == "defer" else parse_migration_uri(f"{w}.uri", uri),
+                                      _bool(f"{w}.resume", inc.get("resume", False)), mem == "map")
     return cfg
 

@@ -64,6 +64,29 @@ class RngConfig:
     period_ms: int = 1000
 
 
+@dataclass(frozen=True)
+class MigrationUri:
+    """Where a migration goes or comes from: ``file`` (a snapshot directory), ``tcp``
+    (host, port) or ``unix`` (socket path)."""
+
+    kind: str
+    path: str = ""                  # file, unix
+    host: str = ""                  # tcp
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"tcp:{self.host}:{self.port}" if self.kind == "tcp" else f"{self.kind}:{self.path}"
+
+
+@dataclass
+class IncomingConfig:
+    """-incoming: load the VM instead of booting it (``uri`` None: wait for QMP migrate-incoming)."""
+
+    uri: MigrationUri | None
+    resume: bool = False            # run once loaded, instead of waiting paused for 'cont'
+    map_memory: bool = True         # a snapshot's memory mapped copy-on-write, not read in
+
+
 @dataclass
 class VmConfig:
     kernel: str | None = None
@@ -83,6 +106,7 @@ class VmConfig:
     api_channel: str | None = None
     xenstore: str | None = None          # the host's XenStore socket
     xen_domid: int = 1                   # the guest's XenStore domain id
+    incoming: IncomingConfig | None = None
     log_file: str | None = None
     pidfile: str | None = None
     daemonize: bool = False

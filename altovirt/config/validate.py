@@ -22,6 +22,7 @@ from .model import (
     VSOCK_MAX_CID,
     VSOCK_MIN_CID,
     ConfigError,
+    MigrationUri,
     VmConfig,
 )
 
@@ -119,6 +120,23 @@ def check_api_channel(where: str, value: str) -> str:
     return value
 
 
+MIGRATION_URIS = "file:DIR, tcp:HOST:PORT or unix:PATH"
+
+
+def parse_migration_uri(where: str, text: str) -> MigrationUri:
+    """``file:DIR``, ``tcp:HOST:PORT`` (HOST may be ``[v6]``) or ``unix:PATH``."""
+    kind, colon, rest = text.partition(":")
+    if colon and rest and kind in ("file", "unix"):
+        return MigrationUri(kind, path=rest)
+    if colon and kind == "tcp":
+        host, colon, port = rest.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if colon and host and port.isdigit() and 0 < int(port) < 65536:
+            return MigrationUri("tcp", host=host, port=int(port))
+        raise ConfigError(f"{where}: {text!r}: expected tcp:HOST:PORT with a port in [1, 65535]")
+    raise ConfigError(f"{where}: unsupported URI {text!r}; accepted: {MIGRATION_URIS}")
+
+
 def check_vm(cfg: VmConfig) -> VmConfig:
     """Cross-field checks on a complete configuration."""
     if not cfg.kernel:
@@ -133,6 +151,8 @@ def check_vm(cfg: VmConfig) -> VmConfig:
                           "[128M, 512G]")
     if cfg.mem_size % 4096:
         raise ConfigError(f"-m: {cfg.mem_size} bytes is not a multiple of 4 KiB")
+    if cfg.incoming is not None and cfg.incoming.uri is None and not cfg.api_channel:
+        raise ConfigError("-incoming defer: the VM waits for QMP migrate-incoming; give -api-channel too")
     if cfg.pidfile and not cfg.daemonize:
         raise ConfigError("-pidfile: only valid together with -daemonize")
     if cfg.pidfile:

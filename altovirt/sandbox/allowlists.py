@@ -12,6 +12,8 @@ inherit it). A call outside the list raises SIGSYS, which ends the VMM (see
   images and taps). What touches the VM itself they ask of ``main``.
 - ``main``: the main thread's event loop: the stop, the terminal, the actions
   the API asks for (pausing vCPUs, KVM state, system_reset), and the teardown.
+- ``migration``: writes and reads snapshots, and sends or receives a VM over
+  TCP or a unix socket, with KVM's dirty log of guest RAM.
 
 ``PYTHON`` is what the interpreter needs in any thread (memory, locks,
 signals, time). The argument checks below are applied on top of the names.
@@ -20,6 +22,8 @@ memory: every thread the VMM needs exists before the filters go on.
 """
 
 from __future__ import annotations
+
+import socket
 
 from ..backends.tap import TUNGETIFF, TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ
 from ..backends.vhost import VHOST_IOCTLS
@@ -49,6 +53,13 @@ ROLES: dict[str, tuple[str, ...]] = {
             "ioctl", "openat", "unlink", "flock", "fdatasync"),
     "main": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
              "ioctl", "tgkill", "unlink", "openat", "fsync", "rename", "wait4"),
+    "migration": (*PYTHON, *UNIX_SOCKETS, "bind", "listen", "ioctl", "openat", "mkdir", "mkdirat",
+                  "ftruncate", "fsync", "rename", "renameat", "renameat2", "unlink"),
+}
+# socket() and socketpair() families per role (argument 0): unix sockets only, but a
+# migration's TCP.
+SOCKET_FAMILIES: dict[str, tuple[int, ...]] = {
+    "migration": (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6),
 }
 
 TCGETS, TCSETS, TCSETSW, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX = \
@@ -59,7 +70,8 @@ KVM_VCPU_STATE = (
     K.KVM_GET_REGS, K.KVM_SET_REGS, K.KVM_GET_SREGS, K.KVM_SET_SREGS, K.KVM_GET_MSRS, K.KVM_SET_MSRS,
     K.KVM_GET_LAPIC, K.KVM_SET_LAPIC, K.KVM_GET_MP_STATE, K.KVM_SET_MP_STATE, K.KVM_GET_VCPU_EVENTS,
     K.KVM_SET_VCPU_EVENTS, K.KVM_GET_XSAVE, K.KVM_SET_XSAVE, K.KVM_GET_XCRS, K.KVM_SET_XCRS,
-    K.KVM_GET_FPU, K.KVM_SET_FPU)
+    K.KVM_GET_FPU, K.KVM_SET_FPU, K.KVM_GET_DEBUGREGS, K.KVM_SET_DEBUGREGS, K.KVM_GET_CPUID2,
+    K.KVM_SET_CPUID2, K.KVM_GET_TSC_KHZ, K.KVM_SET_TSC_KHZ)
 KVM_VM_STATE = (K.KVM_GET_CLOCK, K.KVM_SET_CLOCK, K.KVM_GET_IRQCHIP, K.KVM_SET_IRQCHIP, K.KVM_GET_PIT2,
                 K.KVM_SET_PIT2)
 SIOCGIFINDEX = 0x8933          # <linux/sockios.h>: if_nametoindex(), how a tap is found by name
@@ -71,5 +83,8 @@ IOCTLS: dict[str, tuple[int, ...]] = {
     "io": (*FILE_IOCTLS, TUNSETOFFLOAD),
     # No KVM: the API asks the main thread for what touches the VM (vmm/actions.py).
     "api": (*FILE_IOCTLS, TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFINDEX, *VHOST_IOCTLS),
-    "main": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TCSETS, TCSETSW, *VHOST_IOCTLS),
+    # A snapshot records the host CPU and every MSR KVM lists (read-only /dev/kvm queries).
+    "main": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TCSETS, TCSETSW, *VHOST_IOCTLS,
+             K.KVM_GET_SUPPORTED_CPUID, K.KVM_GET_MSR_INDEX_LIST),
+    "migration": (*FILE_IOCTLS, K.KVM_GET_DIRTY_LOG, K.KVM_SET_USER_MEMORY_REGION),
 }

@@ -24,7 +24,7 @@ import seccompy
 from seccompy import Action, ArgCmp, CmpOp, Filter, FilterFlag
 
 from ..errors import AltoVirtError
-from .allowlists import IOCTLS, ROLES
+from .allowlists import IOCTLS, ROLES, SOCKET_FAMILIES
 
 PR_SET_NAME = 15
 # Imported lazily by the standard library on rare paths (a logged traceback):
@@ -69,7 +69,8 @@ def build(role: str) -> Filter:
                 # The request is an unsigned int: compare the low 32 bits only.
                 f.allow("ioctl", args=[ArgCmp(1, CmpOp.MASKED_EQ, request, mask=0xFFFFFFFF)])
         elif name in ("socket", "socketpair"):
-            f.allow(name, args={0: socket.AF_UNIX})
+            for family in SOCKET_FAMILIES.get(role, (socket.AF_UNIX,)):
+                f.allow(name, args={0: family})
         else:
             f.allow(name)
     return f

@@ -54,6 +54,7 @@ class DeviceManager:
         self.serial: Serial | None = None
         self.i8042: I8042 | None = None
         self.acpi: AcpiRegisters | None = None
+        self.rtc: Rtc | None = None
         self.hotplug: Hotplug | None = None
         self.vsock: Vsock | None = None
 
@@ -113,7 +114,8 @@ class DeviceManager:
             self.acpi = AcpiRegisters(lambda: self._stop(GUEST_SHUTDOWN), lambda: self._stop(GUEST_RESET),
                                       self._irq_line(GED_IRQ))
             self.pio.insert(self.acpi, ACPI_PORT_BASE, ACPI_PORT_COUNT)
-        self.pio.insert(Rtc(self._mem.regions[0].size, high), RTC_PORT, 2)
+        self.rtc = Rtc(self._mem.regions[0].size, high)
+        self.pio.insert(self.rtc, RTC_PORT, 2)
         self.pio.insert(self.boot_timer, BOOT_TIMER_PORT, 1)
         self.pio.insert(PostPort(), POST_PORT, 1)
 

@@ -172,7 +172,8 @@ class Hotplug:
     def restore(self, state: HotplugState) -> None:
         """Open the saved backends and put the saved devices in their slots, keeping what is
         already so (a VM built from the same configuration has its configured devices).
-        Before the guest runs: the slots' transports are restored afterwards. SavedStateError,
+        Before the guest runs, with device work still: the slots' transports are restored
+        afterwards. SavedStateError,
         with the slots and backends unchanged, if the state does not fit or a backend fails."""
         from ..persist import SavedStateError, check
         nodes = {b.node: b for b in state.blockdevs}
@@ -198,13 +199,13 @@ class Hotplug:
                 image = blockdevs[saved.device] if saved.device else None
                 old = _block(transport)
                 if (old.image, old.serial) != (image, saved.serial) or (image and old.name != saved.device):
-                    self._plug(transport, Block(saved.device, image, self._pool, saved.serial) if image
+                    transport.replace(Block(saved.device, image, self._pool, saved.serial) if image
                                else empty_disk(i, self._pool))
             for i, (n, transport) in enumerate(zip(state.nics, self.nics, strict=True)):
                 tap = netdevs[n.device] if n.device else None
                 was = _net(transport)
                 if (was.tap, was.mac) != (tap, n.mac) or (tap and was.name != n.device):
-                    self._plug(transport, Net(n.device, tap, n.mac, self._io) if tap
+                    transport.replace(Net(n.device, tap, n.mac, self._io) if tap
                                else empty_nic(i, self._io, n.mac))
             for name, image in self.blockdevs.items():
                 if blockdevs.get(name) is not image:
@@ -216,7 +217,9 @@ class Hotplug:
 
     def _open_saved(self, nodes: dict[str, BlockNodeState], taps: dict[str, NetdevState]
                     ) -> tuple[dict[str, BlockFile], dict[str, Tap]]:
-        """The saved backends: those open as saved are kept, the others opened."""
+        """The saved backends: one this VM has open under the same name is kept (the VM's own
+        configuration names its disks' images and NICs' taps: clones of one snapshot each
+        give their own), the others are opened as saved."""
         from ..persist import SavedStateError
         blockdevs: dict[str, BlockFile] = {}
         netdevs: dict[str, Tap] = {}
@@ -224,13 +227,13 @@ class Hotplug:
         try:
             for name, b in nodes.items():
                 image = self.blockdevs.get(name)
-                if image is None or (image.path, image.read_only) != (b.path, b.read_only):
-                    image = BlockFile(b.path, read_only=b.read_only, direct=b.direct)
+                if image is None:       # its lock is taken once the source has let go (take_images)
+                    image = BlockFile(b.path, read_only=b.read_only, direct=b.direct, lock=False)
                     opened.append(image)
                 blockdevs[name] = image
             for name, n in taps.items():
                 tap = self.netdevs.get(name)
-                if tap is None or tap.name != n.ifname:
+                if tap is None:
                     tap = Tap(n.ifname)
                     opened.append(tap)
                 netdevs[name] = tap
@@ -239,6 +242,24 @@ class Hotplug:
                 backend.close()
             raise SavedStateError(f"a saved backend cannot be opened: {e.strerror or e}") from e
         return blockdevs, netdevs
+
+    # --- a live migration's hand-over of the images ---
+    def release_images(self) -> None:
+        """Let the destination lock the images (the guest has stopped for good, here)."""
+        with self._lock:
+            for image in self.blockdevs.values():
+                image.release_locks()
+
+    def take_images(self) -> None:
+        """Lock every image not locked yet; HotplugError naming the first one another
+        process still holds (those taken stay taken)."""
+        with self._lock:
+            for name, image in self.blockdevs.items():
+                if not image.locked:
+                    try:
+                        image.take_locks()
+                    except BackendError as e:
+                        raise HotplugError(f"block node {name!r}: {e.strerror}") from e
 
     # --- helpers ---
     def _plug(self, transport: MmioTransport, device: Block | Net) -> None:

@@ -1,7 +1,10 @@
 """The VM's run state, the moves between states, and who hears of them.
 
 States and their names are QMP's RunState: prelaunch -> running <-> paused,
-and from any of them -> shutdown, which is final. A stop can be asked for from
+and from any of them -> shutdown, which is final. A VM restored from a snapshot
+or a migration starts in inmigrate and goes to paused (or running) once its
+state is in; a live migration's source goes through finish-migrate (the last
+copy, vCPUs stopped) to postmigrate, or back to running if it failed. A stop can be asked for from
 any thread (the guest, a signal, QMP); the first reason given wins and is
 announced, and the main loop is woken through an eventfd to act on it.
 """
@@ -25,12 +28,19 @@ class RunState(enum.StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     SHUTDOWN = "shutdown"
+    INMIGRATE = "inmigrate"
+    FINISH_MIGRATE = "finish-migrate"
+    POSTMIGRATE = "postmigrate"
 
 
 MOVES: dict[RunState, frozenset[RunState]] = {
-    RunState.PRELAUNCH: frozenset({RunState.RUNNING, RunState.SHUTDOWN}),
-    RunState.RUNNING: frozenset({RunState.PAUSED, RunState.SHUTDOWN}),
-    RunState.PAUSED: frozenset({RunState.RUNNING, RunState.SHUTDOWN}),
+    RunState.PRELAUNCH: frozenset({RunState.RUNNING, RunState.INMIGRATE, RunState.SHUTDOWN}),
+    RunState.INMIGRATE: frozenset({RunState.PAUSED, RunState.SHUTDOWN}),
+    RunState.RUNNING: frozenset({RunState.PAUSED, RunState.FINISH_MIGRATE, RunState.SHUTDOWN}),
+    RunState.PAUSED: frozenset({RunState.RUNNING, RunState.FINISH_MIGRATE, RunState.SHUTDOWN}),
+    RunState.FINISH_MIGRATE: frozenset({RunState.POSTMIGRATE, RunState.RUNNING, RunState.PAUSED,
+                                        RunState.SHUTDOWN}),
+    RunState.POSTMIGRATE: frozenset({RunState.RUNNING, RunState.SHUTDOWN}),
     RunState.SHUTDOWN: frozenset(),
 }
 
@@ -49,6 +59,9 @@ class Lifecycle:
         self.state = RunState.PRELAUNCH
         self.lock = threading.Lock()
         self.stop_reason: StopReason | None = None
+        # "snapshot" or "live" while one is taken: no hot-plug meanwhile, and a snapshot's
+        # VM stays paused until it is written.
+        self.migrating = ""
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop_lock = threading.Lock()
         self._listeners: list[Listener] = []

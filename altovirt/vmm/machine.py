@@ -15,6 +15,7 @@ import logging
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from ..arch.x86_64 import acpi, boot, poweron
 from ..config import VmConfig
@@ -31,9 +32,13 @@ from ..sandbox import seccomp
 from ..xenstore.store import Store
 from .actions import Action, ActionQueue
 from .device_manager import DeviceManager
-from .hotplug import Hotplug
+from .hotplug import Hotplug, HotplugError
 from .lifecycle import Lifecycle, Listener, RunState, StateError
 from .vcpu import StopReason, VcpuThread, install_kick_handler
+
+if TYPE_CHECKING:
+    from ..snapshot.format import Section
+    from .migration import Migration
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,8 @@ class Machine:
         self.boot_inputs: BootInputs | None = None
         self.power_on: poweron.PowerOnState | None = None
         self._clock: S.kvm_clock_data | None = None
+        self._snapshot_msrs: list[int] | None = None
+        self.migration: Migration | None = None        # with a QMP channel or -incoming
 
     # --- what the API and the CLI see ---
     @property
@@ -110,27 +117,126 @@ class Machine:
         life = self.lifecycle
         with life.lock:
             life.require(RunState.RUNNING)
-            for v in self.vcpus:
-                v.pause()
-            self.io.pause()
-            assert self.devices is not None and self.vm is not None
-            self.devices.quiesce()
-            self._clock = self.vm.get_clock()
+            self._stop_guest()
             life.move(RunState.PAUSED)
         life.emit("STOP", {})
 
     def resume(self) -> None:
         life = self.lifecycle
         with life.lock:
-            life.require(RunState.PAUSED)
-            assert self.vm is not None and self._clock is not None
-            # The guest's kvmclock continues from where it stopped: no jump over the pause.
-            self.vm.set_clock(S.kvm_clock_data(clock=self._clock.clock))
-            self.io.resume()
-            for v in self.vcpus:
-                v.resume()
+            if self.state != RunState.POSTMIGRATE:     # cont after a migration is allowed, as in QEMU
+                life.require(RunState.PAUSED)
+            if life.migrating == "snapshot":
+                raise StateError("a snapshot is being written; cont once it has completed")
+            if self.state == RunState.POSTMIGRATE:
+                self._take_images()     # unless the destination holds them now
+            self._start_guest()
             life.move(RunState.RUNNING)
         life.emit("RESUME", {})
+
+    def _take_images(self) -> None:
+        assert self.hotplug is not None
+        try:
+            self.hotplug.take_images()
+        except HotplugError as e:
+            raise StateError(str(e)) from e
+
+    def _stop_guest(self) -> None:
+        for v in self.vcpus:
+            v.pause()
+        self.io.pause()
+        assert self.devices is not None and self.vm is not None
+        self.devices.quiesce()
+        self._clock = self.vm.get_clock()
+
+    def _start_guest(self) -> None:
+        assert self.vm is not None and self._clock is not None
+        # The guest's kvmclock continues from where it stopped: no jump over the pause.
+        self.vm.set_clock(S.kvm_clock_data(clock=self._clock.clock))
+        self.io.resume()
+        for v in self.vcpus:
+            v.resume()
+
+    # --- snapshots and migration (driven by vmm/migration.py) ---
+    def save_state(self) -> tuple[dict[str, Any], list[Section]]:
+        """The stopped VM's header and sections (see vmm/snapshot.py), taken on the main
+        thread. SaveError if a device cannot be saved now; StateError unless stopped."""
+        def work() -> tuple[dict[str, Any], list[Section]]:
+            from . import snapshot
+            with self.lifecycle.lock:
+                self.lifecycle.require(RunState.PAUSED, RunState.FINISH_MIGRATE)
+                assert self.kvm is not None and self._clock is not None
+                if self._snapshot_msrs is None:
+                    self._snapshot_msrs = poweron.snapshot_msrs(self.kvm, self.vcpus[0].vcpu)
+                return snapshot.save(self, self._snapshot_msrs, self._clock.clock)
+        return cast("tuple[dict[str, Any], list[Section]]", self._actions.submit(work))
+
+    def stop_for_migration(self) -> RunState:
+        """Stop the guest for the last copy of a live migration (finish-migrate), on the main
+        thread; returns the state to go back to if it fails."""
+        return cast(RunState, self._actions.submit(self._stop_for_migration))
+
+    def _stop_for_migration(self) -> RunState:
+        life = self.lifecycle
+        with life.lock:
+            life.require(RunState.RUNNING, RunState.PAUSED)
+            was = self.state
+            if was == RunState.RUNNING:
+                self._stop_guest()
+            life.move(RunState.FINISH_MIGRATE)
+        if was == RunState.RUNNING:
+            life.emit("STOP", {})
+        return was
+
+    def end_migration(self, completed: bool, was: RunState) -> None:
+        """After the last copy: postmigrate if the destination took the VM, else back to ``was``
+        (on the main thread)."""
+        self._actions.submit(lambda: self._end_migration(completed, was))
+
+    def _end_migration(self, completed: bool, was: RunState) -> None:
+        life = self.lifecycle
+        with life.lock:
+            if self.state != RunState.FINISH_MIGRATE:
+                return                  # stopped meanwhile
+            if completed:
+                life.move(RunState.POSTMIGRATE)
+                return
+            try:
+                self._take_images()
+            except StateError as e:
+                log.error("after a failed migration: %s", e)
+            if was == RunState.RUNNING:
+                self._start_guest()
+            life.move(was)
+        if was == RunState.RUNNING:
+            life.emit("RESUME", {})
+
+    def expect_incoming(self) -> None:
+        """Before :meth:`run`: the VM waits in inmigrate, vCPUs and devices still, for
+        :meth:`load_state`."""
+        with self.lifecycle.lock:
+            self.lifecycle.move(RunState.INMIGRATE)
+        for v in self.vcpus:
+            v.pause()                   # not started yet: they park as they start
+        self.io.pause()
+
+    def load_state(self, header: dict[str, Any], sections: dict[str, Section], *, resume: bool) -> None:
+        """Take a snapshot's state (main thread); paused after, or running if ``resume``.
+        SnapshotError naming the section and the reason if it does not fit this VM."""
+        def work() -> None:
+            from ..snapshot.format import SnapshotError
+            from . import snapshot
+            with self.lifecycle.lock:
+                self.lifecycle.require(RunState.INMIGRATE)
+                self._clock = S.kvm_clock_data(clock=snapshot.restore(self, header, sections))
+                try:
+                    self._take_images()
+                except StateError as e:
+                    raise SnapshotError(str(e)) from e
+                self.lifecycle.move(RunState.PAUSED)
+            if resume:
+                self.resume()
+        self._actions.submit(work)
 
     def reset(self) -> None:
         """Reset the machine as its reset line would (QMP system_reset): every virtio
@@ -145,7 +251,7 @@ class Machine:
                 self.devices.reset()        # before RAM goes: no device writes into it afterwards
                 self.mem.discard()
                 boot.prepare(self.mem, *self.boot_inputs)
-                poweron.restore(self.vm, [v.vcpu for v in self.vcpus], self.power_on, clock=False)
+                poweron.restore(self.vm, [v.vcpu for v in self.vcpus], self.power_on, reset=True)
         log.info("system reset")
         life.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
@@ -186,6 +292,10 @@ class Machine:
         with self.lifecycle.lock:
             if self.state == RunState.SHUTDOWN:
                 raise StateError("the VM is shutting down")
+            if self.state == RunState.INMIGRATE:
+                raise StateError("the VM waits for its state (inmigrate), which brings its devices")
+            if self.lifecycle.migrating:
+                raise StateError("a migration is in progress")
             with self._held(vcpus=False, devices=True):
                 yield
 

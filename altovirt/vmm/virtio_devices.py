@@ -67,7 +67,8 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
     try:
         for d in cfg.drives:
             where = f"-drive id={d.id}"
-            image = BlockFile(d.path, read_only=d.read_only, direct=d.direct)
+            # A VM that waits for a migration takes its images' locks once the source lets go.
+            image = BlockFile(d.path, read_only=d.read_only, direct=d.direct, lock=cfg.incoming is None)
             devices.disks.append(Block(d.id, image, pool, (d.serial or "").encode()))
         for n in cfg.nets:
             where = f"-netdev id={n.id}"

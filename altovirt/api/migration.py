@@ -1,0 +1,66 @@
+"""QMP's migration commands (QEMU's shapes): migrate, migrate-incoming, query-migrate,
+migrate_cancel, migrate-set-parameters and query-migrate-parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import ConfigError
+from ..config.model import IncomingConfig
+from ..config.validate import parse_migration_uri
+from ..vmm.lifecycle import StateError
+from ..vmm.migration import Migration, MigrationError
+from .qmp import Command, QmpError
+
+MAX_DOWNTIME_MS = 2_000_000     # QEMU's limit for downtime-limit
+
+
+def migration_commands(migration: Migration) -> dict[str, Command]:
+    def checked(action: Any) -> object:
+        try:
+            action()
+        except (ConfigError, MigrationError, StateError) as e:
+            raise QmpError("GenericError", str(e)) from e
+        return {}
+
+    def migrate(args: dict[str, Any]) -> object:
+        if args.get("detach") is False or args.get("blk") or args.get("inc"):
+            raise QmpError("GenericError", "only detached migrations of RAM and devices are supported")
+        if args.get("resume"):
+            raise QmpError("GenericError", "postcopy is not supported: there is nothing to resume")
+        return checked(lambda: migration.migrate(parse_migration_uri("uri", args["uri"])))
+
+    def migrate_incoming(args: dict[str, Any]) -> object:
+        mem = args.get("mem", "map")
+        if mem not in ("map", "copy"):
+            raise QmpError("GenericError", "Parameter 'mem' expects map or copy")
+        return checked(lambda: migration.incoming(IncomingConfig(
+            parse_migration_uri("uri", args["uri"]), args.get("resume", False), mem == "map")))
+
+    def set_parameters(args: dict[str, Any]) -> object:
+        bandwidth, downtime = args.get("max-bandwidth"), args.get("downtime-limit")
+        if bandwidth is not None and bandwidth < 0:
+            raise QmpError("GenericError", "Parameter 'max-bandwidth' expects a size of 0 (no limit) or more")
+        if downtime is not None and not 0 <= downtime <= MAX_DOWNTIME_MS:
+            raise QmpError("GenericError", f"Parameter 'downtime-limit' expects an integer in the range "
+                                           f"of 0 to {MAX_DOWNTIME_MS} milliseconds")
+        migration.set_parameters(bandwidth, downtime)
+        return {}
+
+    def query_parameters(args: dict[str, Any]) -> object:
+        return {"max-bandwidth": migration.params.max_bandwidth,
+                "downtime-limit": migration.params.downtime_limit}
+
+    return {
+        "migrate": Command(migrate, {"uri": (str, True), "detach": (bool, False), "blk": (bool, False),
+                                     "inc": (bool, False), "resume": (bool, False)}),
+        # resume and mem are AltoVirt's: run once loaded (Firecracker's resume_vm), and how
+        # a snapshot's memory comes in.
+        "migrate-incoming": Command(migrate_incoming, {"uri": (str, True), "resume": (bool, False),
+                                                       "mem": (str, False)}),
+        "query-migrate": Command(lambda a: migration.info()),
+        "migrate_cancel": Command(lambda a: checked(migration.cancel)),
+        "migrate-set-parameters": Command(set_parameters, {"max-bandwidth": (int, False),
+                                                           "downtime-limit": (int, False)}),
+        "query-migrate-parameters": Command(query_parameters),
+    }

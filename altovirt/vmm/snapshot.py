@@ -1,0 +1,152 @@
+"""A built VM's state as snapshot sections (:mod:`altovirt.snapshot.format`), and back.
+
+One section per component, named after it, holding its saved state (see
+:mod:`altovirt.persist`) as JSON: ``kvm`` (vCPUs, interrupt controllers, PIT,
+clock), ``serial``, ``i8042``, ``rtc``, ``hotplug`` (backends and slots),
+``virtio-mmio.N`` (each slot's transport and queues) and ``xenstore``. The
+header names what a VM must match to take them: vCPU count and the host CPU
+(vendor, and the features KVM offered the guest). Imported only when a VM is
+saved or restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..arch.x86_64 import poweron
+from ..devices.legacy.persist import I8042State, RtcState, SerialState
+from ..devices.virtio.persist import TransportState
+from ..kvm import Kvm, KvmError
+from ..persist import Persistent, SavedStateError, from_json, to_json
+from ..snapshot.format import Section, SnapshotError
+from .persist import HotplugState
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+VERSION = 1                         # of every section below but xenstore's (its own envelope)
+T = TypeVar("T")
+# CPUID (leaf, subleaf) -> the registers whose bits are features a guest may have been given.
+FEATURE_LEAVES = {(1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (0xD, 0): ("eax", "edx"),
+                  (0x80000001, 0): ("ecx", "edx")}
+
+
+def host_cpu(kvm: Kvm) -> dict[str, Any]:
+    """The host CPU as the header records it: vendor and the feature bits KVM offers."""
+    leaves = {(e.function, e.index): e for e in kvm.supported_cpuid()}
+    zero = leaves[(0, 0)]
+    vendor = b"".join(r.to_bytes(4, "little") for r in (zero.ebx, zero.edx, zero.ecx))
+    features = {f"{leaf:#x}.{sub}": [getattr(leaves[(leaf, sub)], r) if (leaf, sub) in leaves else 0
+                                     for r in regs]
+                for (leaf, sub), regs in FEATURE_LEAVES.items()}
+    return {"vendor": vendor.decode(errors="replace"), "features": features}
+
+
+def _check_cpu(saved: object, here: dict[str, Any]) -> None:
+    if not isinstance(saved, dict) or not isinstance(saved.get("features"), dict):
+        raise SnapshotError("header: the host CPU is not recorded")
+    if saved.get("vendor") != here["vendor"]:
+        raise SnapshotError(f"header: saved on a {saved.get('vendor')} CPU; this host's is {here['vendor']}")
+    for leaf, regs in here["features"].items():
+        for name, had, has in zip(FEATURE_LEAVES[_leaf(leaf)], saved["features"].get(leaf, []), regs,
+                                  strict=False):
+            if not isinstance(had, int):
+                raise SnapshotError(f"header: CPUID {leaf} {name} must be an integer")
+            if had & ~has:
+                raise SnapshotError(f"header: this host's CPU lacks features the guest may use "
+                                    f"(CPUID {leaf} {name} bits {had & ~has:#x})")
+
+
+def _leaf(key: str) -> tuple[int, int]:
+    leaf, sub = key.split(".")
+    return int(leaf, 16), int(sub)
+
+
+def _section(name: str, state: object) -> Section:
+    return Section(name, VERSION, json.dumps(to_json(state), separators=(",", ":")).encode())
+
+
+def _state(sections: dict[str, Section], name: str, cls: type[T]) -> T:
+    section = sections.get(name)
+    if section is None:
+        raise SnapshotError(f"section {name}: missing")
+    if section.version != VERSION:
+        raise SnapshotError(f"section {name}: version {section.version}; this AltoVirt reads {VERSION}")
+    try:
+        return from_json(cls, json.loads(section.payload), name)
+    except (ValueError, RecursionError) as e:
+        raise SnapshotError(f"section {name}: {e}") from e
+
+
+def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[Section]]:
+    """The header and sections of ``m``, paused with its device work still; ``msrs`` are
+    the MSRs to keep and ``clock`` the kvmclock at the pause. SaveError if a device
+    cannot be saved as it stands."""
+    assert m.vm is not None and m.kvm is not None and m.devices is not None
+    d = m.devices
+    assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
+    kvm_state = poweron.save(m.vm, [v.vcpu for v in m.vcpus], msrs)
+    kvm_state = dataclasses.replace(kvm_state, vm=dataclasses.replace(kvm_state.vm, clock=clock))
+    sections = [_section("kvm", kvm_state), _section("serial", d.serial.save()),
+                _section("i8042", d.i8042.save()), _section("rtc", d.rtc.save()),
+                _section("hotplug", d.hotplug.save())]
+    sections += [_section(f"virtio-mmio.{i}", t.save()) for i, t in enumerate(d.transports)]
+    if m.xenstore is not None:
+        from ..xenstore import snapshot as xs
+        sections.append(Section("xenstore", xs.VERSION, xs.save(m.xenstore)))
+    assert m.mem is not None
+    return {"vcpus": len(m.vcpus), "memory_size": m.mem.size, "cpu": host_cpu(m.kvm)}, sections
+
+
+def restore(m: Machine, header: dict[str, Any], sections: dict[str, Section]) -> int:
+    """Put the saved state into ``m``, built from a matching configuration and never run;
+    returns the kvmclock to resume from. SnapshotError naming the section and the reason
+    for state that does not fit (a VM that took part of it must not run)."""
+    assert m.vm is not None and m.kvm is not None and m.devices is not None and m.mem is not None
+    d = m.devices
+    assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
+    if header.get("vcpus") != len(m.vcpus):
+        raise SnapshotError(f"header: {header.get('vcpus')} vCPUs saved; this VM has {len(m.vcpus)} (-smp)")
+    if header.get("memory_size") != m.mem.size:
+        raise SnapshotError(f"header: {header.get('memory_size')} bytes of RAM saved; "
+                            f"this VM has {m.mem.size} (-m)")
+    _check_cpu(header.get("cpu"), host_cpu(m.kvm))
+    kvm_state = _state(sections, "kvm", poweron.PowerOnState)
+    names = ["hotplug", *(f"virtio-mmio.{i}" for i in range(len(d.transports))), "serial", "i8042", "rtc"]
+    unknown = sorted(set(sections) - {*names, "kvm", "xenstore"})
+    if unknown:
+        raise SnapshotError(f"section {unknown[0]}: this VM has no such component")
+    if "xenstore" in sections and m.xenstore is None:
+        raise SnapshotError("section xenstore: saved, but this VM has no -xenstore")
+    if "xenstore" not in sections and m.xenstore is not None:
+        raise SnapshotError("section xenstore: missing, but this VM has a XenStore")
+    # Every section is read and checked before anything is restored; hot-plug comes first,
+    # as it puts the saved devices into the slots whose transports follow.
+    components: list[Persistent[Any]] = [d.hotplug, *d.transports, d.serial, d.i8042, d.rtc]
+    classes: list[type] = [HotplugState, *(TransportState for _ in d.transports), SerialState, I8042State,
+                           RtcState]
+    states: list[Any] = [_state(sections, n, cls) for n, cls in zip(names, classes, strict=True)]
+    steps: list[tuple[str, Callable[[], None]]] = [
+        (n, functools.partial(c.restore, st)) for n, c, st in zip(names, components, states, strict=True)]
+    steps.append(("kvm", lambda: poweron.restore(m.vm, [v.vcpu for v in m.vcpus], kvm_state)))  # type: ignore[arg-type]
+    if m.xenstore is not None:
+        steps.append(("xenstore", lambda: _load_xenstore(m, sections["xenstore"])))
+    for name, step in steps:
+        try:
+            step()
+        except (SavedStateError, KvmError) as e:
+            raise SnapshotError(f"section {name}: {e}") from e
+    return kvm_state.vm.clock
+
+
+
+def _load_xenstore(m: Machine, section: Section) -> None:
+    from ..xenstore import snapshot as xs
+    assert m.xenstore is not None
+    if section.version != xs.VERSION:
+        raise SavedStateError(f"version {section.version}; this AltoVirt reads {xs.VERSION}")
+    xs.load(m.xenstore, section.payload)
