@@ -7,6 +7,7 @@ option (``-m``) or JSON path (``machine-config.mem_size``) the value came from.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -124,16 +125,23 @@ MIGRATION_URIS = "file:DIR, tcp:HOST:PORT or unix:PATH"
 
 
 def parse_migration_uri(where: str, text: str) -> MigrationUri:
-    """``file:DIR``, ``tcp:HOST:PORT`` (HOST may be ``[v6]``) or ``unix:PATH``."""
+    """``file:DIR``, ``tcp:HOST:PORT`` or ``unix:PATH``. HOST is an IP address (``[v6]`` too),
+    ``localhost``, or empty for every address: no name is looked up, as a VMM in its
+    sandbox cannot load the resolver's modules."""
     kind, colon, rest = text.partition(":")
     if colon and rest and kind in ("file", "unix"):
         return MigrationUri(kind, path=rest)
     if colon and kind == "tcp":
         host, colon, port = rest.rpartition(":")
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if colon and host and port.isdigit() and 0 < int(port) < 65536:
-            return MigrationUri("tcp", host=host, port=int(port))
-        raise ConfigError(f"{where}: {text!r}: expected tcp:HOST:PORT with a port in [1, 65535]")
+        if not (colon and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"{where}: {text!r}: expected tcp:HOST:PORT with a port in [1, 65535]")
+        host = {"": "0.0.0.0", "localhost": "127.0.0.1"}.get(host, host)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {text!r}: HOST must be an IP address or localhost") from e
+        return MigrationUri("tcp", host=host, port=int(port))
     raise ConfigError(f"{where}: unsupported URI {text!r}; accepted: {MIGRATION_URIS}")
 
 

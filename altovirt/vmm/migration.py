@@ -129,15 +129,22 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         view = view[k:]
 
 
+def _socket(uri: MigrationUri) -> tuple[socket.socket, str | tuple[str, int]]:
+    """A socket for ``uri`` and its address. No name lookup (getaddrinfo): the host is an
+    IP address (config/validate.py), and the resolver's modules cannot load in the sandbox."""
+    if uri.kind == "unix":
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC), uri.path
+    family = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
+    return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC), (uri.host, uri.port)
+
+
 def connect(uri: MigrationUri) -> socket.socket:
+    sock, address = _socket(uri)
     try:
-        if uri.kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.settimeout(CONNECT_TIMEOUT)
-            sock.connect(uri.path)
-        else:
-            sock = socket.create_connection((uri.host, uri.port), CONNECT_TIMEOUT)
+        sock.settimeout(CONNECT_TIMEOUT)
+        sock.connect(address)
     except OSError as e:
+        sock.close()
         raise MigrationError(f"{uri}: cannot connect: {e.strerror or e}") from e
     sock.settimeout(IO_TIMEOUT)
     return sock
@@ -145,16 +152,16 @@ def connect(uri: MigrationUri) -> socket.socket:
 
 def listen(uri: MigrationUri) -> socket.socket:
     """The destination's listening socket, made at start-up (a usage error if it cannot be)."""
+    sock, address = _socket(uri)
     try:
-        if uri.kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.bind(uri.path)
-            sock.listen(1)
-            return sock
-        return socket.create_server((uri.host, uri.port), family=socket.AF_INET6 if ":" in uri.host
-                                    else socket.AF_INET, reuse_port=False)
+        if uri.kind == "tcp":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1)
     except OSError as e:
+        sock.close()
         raise MigrationError(f"-incoming {uri}: cannot listen: {e.strerror or e}") from e
+    return sock
 
 
 class Migration:
@@ -499,7 +506,7 @@ class Migration:
             self.close()
 
     def _fail_incoming(self, reason: str) -> None:
-        log.error("%s", reason)
+        log.info("incoming migration failed: %s", reason)     # the VMM's last line says it to the user
         self.incoming_error = reason
         self._set_status("failed", reason)
         self._m.request_stop(HOST_ERROR)      # nothing starts

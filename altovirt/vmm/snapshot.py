@@ -119,7 +119,8 @@ def restore(m: Machine, header: dict[str, Any], sections: dict[str, Section]) ->
     names = ["hotplug", *(f"virtio-mmio.{i}" for i in range(len(d.transports))), "serial", "i8042", "rtc"]
     unknown = sorted(set(sections) - {*names, "kvm", "xenstore"})
     if unknown:
-        raise SnapshotError(f"section {unknown[0]}: this VM has no such component")
+        slots = "; a VM with -api-channel has hot-plug slots" if unknown[0].startswith("virtio-mmio.") else ""
+        raise SnapshotError(f"section {unknown[0]}: this VM has no such component{slots}")
     if "xenstore" in sections and m.xenstore is None:
         raise SnapshotError("section xenstore: saved, but this VM has no -xenstore")
     if "xenstore" not in sections and m.xenstore is not None:

@@ -1,0 +1,399 @@
+"""Snapshots and live migration of the probe guest, driven over QMP as QEMU's users drive
+them: a counter in guest RAM carries on, a virtio-blk queue is used across, the serial
+port answers, pages the guest keeps writing arrive; every failure leaves the source
+running and the destination refusing with one line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from altovirt.snapshot import format as snapfile
+
+from .conftest import Vm, needs_kvm
+
+pytestmark = needs_kvm
+
+DISK_TEXT = b"the disk's first sector, read before and after"
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(DISK_TEXT.ljust(1 << 20, b"\0"))
+    return path
+
+
+def guest_args(probe: Path, disk: Path, *more: str) -> list[str]:
+    return ["-kernel", str(probe / "probe.elf"), "-smp", "2", "-append", "probe.run=snapshot",
+            "-serial", "stdio", "-drive", f"id=disk0,file={disk}", *more]
+
+
+class Guest:
+    """A probe guest running the snapshot test, and its QMP monitor (qemu.qmp's legacy client)."""
+
+    def __init__(self, vms: list[Vm], args: list[str], sock: Path, *, ready: bool = True) -> None:
+        self.vm = Vm(*args, "-api-channel", f"unix:{sock}")
+        vms.append(self.vm)
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert self.vm.proc.poll() is None and time.monotonic() < deadline, "the VMM did not start"
+            time.sleep(0.02)
+        self.qmp = QEMUMonitorProtocol(str(sock))
+        self.qmp.connect(negotiate=True)
+        if ready:
+            self.vm.wait_line("probe: snap ready")
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        reply = self.qmp.cmd_obj({"execute": name, "arguments": args} if args else {"execute": name})
+        assert "return" in reply, reply
+        return reply["return"]
+
+    def error(self, name: str, **args: Any) -> str:
+        reply = self.qmp.cmd_obj({"execute": name, "arguments": args})
+        assert "error" in reply, reply
+        return str(reply["error"]["desc"])
+
+    def status(self) -> str:
+        return str(self.cmd("query-status")["status"])
+
+    def ask(self, command: str, answer: str) -> str:
+        """Type a command to the guest; its answer line."""
+        self.vm.type(command)
+        return self.vm.line(f"probe: snap {answer}")
+
+    def count(self) -> int:
+        return int(self.ask("count", "count=").split("=")[1])
+
+    def migration_ends(self, timeout: float = 60) -> dict[str, Any]:
+        """query-migrate once the migration has ended (MIGRATION events seen on the way)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.cmd("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                return dict(info)
+            time.sleep(0.02)
+        raise AssertionError(f"the migration did not end: {info}")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.qmp.get_events() if e["event"] == name]
+
+    def quit(self) -> None:
+        self.cmd("quit")
+        with contextlib.suppress(EOFError):     # qemu.qmp reports the server's close, which quit asked for
+            self.qmp.close()
+        assert self.vm.finish()[0] == 0
+
+    def exits(self) -> tuple[int, str]:
+        """The VMM's exit status and stderr, once it has ended by itself."""
+        status, err = self.vm.finish()
+        with contextlib.suppress(EOFError):
+            self.qmp.close()
+        return status, err
+
+
+def wait_status(guest: Guest, status: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while guest.status() != status:
+        assert time.monotonic() < deadline, f"still {guest.status()}, never {status}"
+        time.sleep(0.02)
+
+
+def snapshot(guest: Guest, directory: Path) -> dict[str, Any]:
+    guest.cmd("stop")
+    guest.cmd("migrate", uri=f"file:{directory}")
+    info = guest.migration_ends()
+    assert info["status"] == "completed", info
+    return info
+
+
+# --- snapshots ---
+
+@pytest.mark.parametrize("mem", ["map", "copy"])
+def test_snapshot_and_restore(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], mem: str) -> None:
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    before = source.count()
+    first_read = source.ask("blk", "blk")
+    assert "read=ok" in first_read
+    info = snapshot(source, tmp_path / "snap")
+    assert [e["data"]["status"] for e in source.events("MIGRATION")] == ["setup", "active", "completed"]
+    assert source.status() == "paused"         # a snapshot leaves the source as it was
+    assert info["ram"]["total"] == 256 << 20
+    memory = os.stat(tmp_path / "snap" / "memory")
+    assert memory.st_blocks * 512 < (64 << 20)     # zero pages are holes: mostly empty RAM costs little
+    source.cmd("cont")                          # and it goes on
+    assert source.count() > before
+    source.quit()
+
+    restored = Guest(vms, guest_args(probe, disk, "-incoming", f"file:{tmp_path / 'snap'},mem={mem}"),
+                     tmp_path / "q2.sock", ready=False)
+    wait_status(restored, "paused")             # loaded, waiting for cont
+    assert restored.cmd("query-migrate")["status"] == "completed"
+    restored.cmd("cont")
+    after = restored.count()
+    assert after > before                       # the counter in RAM carried on from the snapshot
+    assert restored.ask("blk", "blk") == first_read     # the disk's queue, where the driver left it
+    restored.vm.type("quit")
+    restored.vm.wait_line("probe: done ok")
+    assert restored.vm.finish()[0] == 0
+    assert not any(line.startswith("probe: boot") for line in restored.vm.seen)     # no boot: a restore
+
+
+def test_restore_can_resume_at_once(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    snapshot(source, tmp_path / "snap")
+    source.quit()
+    restored = Guest(vms, guest_args(probe, disk, "-incoming", f"file:{tmp_path / 'snap'},resume=on"),
+                     tmp_path / "q2.sock", ready=False)
+    wait_status(restored, "running")
+    assert restored.count() > 0
+    restored.quit()
+
+
+def test_deferred_incoming(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """-incoming defer: the process starts and waits; migrate-incoming loads the VM."""
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    snapshot(source, tmp_path / "snap")
+    source.quit()
+    waiting = Guest(vms, guest_args(probe, disk, "-incoming", "defer"), tmp_path / "q2.sock", ready=False)
+    assert waiting.status() == "inmigrate"
+    assert "inmigrate" in waiting.error("device_del", id="disk0")     # nothing changes before the load
+    assert waiting.error("cont") == "the VM is inmigrate, not paused"
+    assert waiting.cmd("migrate-incoming", uri=f"file:{tmp_path / 'snap'}", resume=True) == {}
+    wait_status(waiting, "running")
+    again = waiting.error("migrate-incoming", uri=f"file:{tmp_path / 'snap'}")
+    assert again == "the VM is running, not inmigrate"
+    assert waiting.count() > 0
+    waiting.quit()
+
+
+def test_snapshot_needs_a_paused_vm(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    guest = Guest(vms, guest_args(probe, disk), tmp_path / "q.sock")
+    assert guest.error("migrate", uri=f"file:{tmp_path / 'snap'}") == "the VM is running, not paused"
+    assert "unsupported URI 'exec:cat'; accepted: file:DIR, tcp:HOST:PORT or unix:PATH" in \
+        guest.error("migrate", uri="exec:cat")
+    assert "port in [1, 65535]" in guest.error("migrate", uri="tcp:127.0.0.1:99999")
+    assert "range of 0 to" in guest.error("migrate-set-parameters", **{"downtime-limit": -1})
+    assert guest.cmd("query-migrate") == {}
+    assert not (tmp_path / "snap").exists()
+    guest.quit()
+
+
+# --- bad snapshots: refused with one line naming the section, nothing starts ---
+
+def _corrupt_section(state: bytes) -> bytes:
+    at = state.index(b"virtio-mmio.0") + len("virtio-mmio.0") + 20     # into the payload
+    return state[:at] + bytes([state[at] ^ 0xFF]) + state[at + 1:]
+
+
+def _other_version(state: bytes) -> bytes:
+    return state[:8] + (99).to_bytes(4, "little") + state[12:]
+
+
+BAD: list[tuple[str, Callable[[Path], None], list[str], str]] = [
+    ("truncated", lambda d: (d / "state").write_bytes((d / "state").read_bytes()[:-40]), [],
+     r"state: truncated in section \S+$"),
+    ("corrupt", lambda d: (d / "state").write_bytes(_corrupt_section((d / "state").read_bytes())), [],
+     r"state: section virtio-mmio.0 is corrupt \(CRC mismatch\)$"),
+    ("version", lambda d: (d / "state").write_bytes(_other_version((d / "state").read_bytes())), [],
+     r"state: snapshot format 99; this AltoVirt reads 1$"),
+    ("memory-gone", lambda d: (d / "memory").unlink(), [], r"memory: No such file or directory$"),
+    ("other-memory", lambda d: (d / "memory").write_bytes(bytes(256 << 20) + b"AVSNAP\r\n" + bytes(16)), [],
+     r"memory: belongs to another snapshot$"),
+    ("ram-size", lambda d: None, ["-m", "512M"],
+     r"header: 268435456 bytes of RAM saved; this VM has 536870912"),
+    ("vcpus", lambda d: None, ["-smp", "1"], r"header: 2 vCPUs saved; this VM has 1 \(-smp\)$"),
+]
+
+
+@pytest.mark.parametrize("name, damage, config, problem", BAD, ids=[b[0] for b in BAD])
+def test_bad_snapshot_is_refused(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], name: str,
+                                 damage: Callable[[Path], None], config: list[str], problem: str) -> None:
+    directory = tmp_path / "snap"
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    snapshot(source, directory)
+    source.quit()
+    damage(directory)
+    args = guest_args(probe, disk, "-incoming", f"file:{directory}") + config
+    if config[:1] == ["-smp"]:
+        args[args.index("-smp") + 1] = config[1]
+        args = args[:-2]
+    vm = Vm(*args)
+    vms.append(vm)
+    status, err = vm.finish()
+    assert status == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(problem, lines[0]), lines[0]
+    assert lines[0].startswith(f"altovirt: error: -incoming file:{directory}: ")
+    assert not any(line.startswith("probe: snap") for line in vm.seen)        # the guest never ran
+
+
+def test_missing_backend_is_refused(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """A hot-plugged disk's image is saved by path: gone, the snapshot cannot be taken up."""
+    extra = tmp_path / "extra.img"
+    extra.write_bytes(bytes(1 << 20))
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    source.cmd("blockdev-add", **{"node-name": "extra", "file": {"driver": "file", "filename": str(extra)}})
+    source.cmd("device_add", driver="virtio-blk-mmio", id="extra")
+    snapshot(source, tmp_path / "snap")
+    source.quit()
+    extra.unlink()
+    vm = Vm(*guest_args(probe, disk, "-incoming", f"file:{tmp_path / 'snap'}",
+                        "-api-channel", f"unix:{tmp_path / 'q2.sock'}"))
+    vms.append(vm)
+    status, err = vm.finish()
+    assert status == 1 and len(err.strip().splitlines()) == 1, err
+    assert "section hotplug: a saved backend cannot be opened: " in err and "extra.img" in err
+    # Without the QMP channel the VM has no hot-plug slots for the saved ones.
+    vm = Vm(*guest_args(probe, disk, "-incoming", f"file:{tmp_path / 'snap'}"))
+    vms.append(vm)
+    status, err = vm.finish()
+    assert status == 1 and "section virtio-mmio.1: this VM has no such component; a VM with " \
+        "-api-channel has hot-plug slots" in err
+
+
+def test_incoming_usage_errors(probe: Path, disk: Path) -> None:
+    from .conftest import run_altovirt
+    for option, problem in (("file:/x,mem=lazy", "-incoming: mem='lazy'; accepted: map"),
+                            ("ftp:host", "-incoming: unsupported URI 'ftp:host'"),
+                            ("defer", "-incoming defer: the VM waits for QMP migrate-incoming; give "
+                                      "-api-channel too")):
+        r = run_altovirt(*guest_args(probe, disk, "-incoming", option))
+        assert r.returncode == 2 and problem in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# --- live migration ---
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def migrate_live(source: Guest, uri: str) -> dict[str, Any]:
+    source.cmd("migrate", uri=uri)
+    return source.migration_ends()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_live_migration(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], transport: str) -> None:
+    uri = f"unix:{tmp_path / 'mig.sock'}" if transport == "unix" else f"tcp:127.0.0.1:{free_port()}"
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    source.ask("dirty 4096", "dirty")           # 16 MiB the guest keeps rewriting
+    before = source.count()
+    first_read = source.ask("blk", "blk")
+    # The destination opens the same disk: it takes the image's locks once the source lets go.
+    dest = Guest(vms, guest_args(probe, disk, "-incoming", uri), tmp_path / "q2.sock", ready=False)
+    assert dest.status() == "inmigrate"
+    source.cmd("migrate-set-parameters", **{"downtime-limit": 200, "max-bandwidth": 0})
+    info = migrate_live(source, uri)
+    assert info["status"] == "completed", info
+    assert 0 < info["downtime"] <= 200 and info["ram"]["transferred"] > 16 << 20
+    assert source.status() == "postmigrate"
+    assert [e["data"]["status"] for e in source.events("MIGRATION")][-1] == "completed"
+    wait_status(dest, "paused")
+    dest.cmd("cont")
+    assert dest.ask("verify", "verify").startswith("probe: snap verify=ok pages=4096")   # every page arrived
+    assert dest.count() > before
+    assert dest.ask("blk", "blk") == first_read
+    assert "in use by another process" in source.error("cont")     # the destination has the disk now
+    source.quit()
+    dest.quit()
+
+
+def test_live_migration_in_passes(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """A guest rewriting more than the downtime limit allows at the bandwidth cap: pass after
+    pass (MIGRATION_PASS), then the last copy with the guest stopped, and nothing lost."""
+    uri = f"unix:{tmp_path / 'mig.sock'}"
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    source.ask("dirty 64", "dirty")
+    dest = Guest(vms, guest_args(probe, disk, "-incoming", f"{uri},resume=on"), tmp_path / "q2.sock",
+                 ready=False)
+    source.cmd("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 64 << 20})
+    assert source.cmd("query-migrate-parameters") == {"max-bandwidth": 64 << 20, "downtime-limit": 1}
+    started = time.monotonic()
+    info = migrate_live(source, uri)
+    assert info["status"] == "completed", info
+    assert time.monotonic() - started > 0.9 * info["ram"]["transferred"] / (64 << 20)    # the cap holds
+    passes = source.events("MIGRATION_PASS")
+    assert len(passes) >= 2 and info["ram"]["dirty-sync-count"] == len(passes) + 1
+    wait_status(dest, "running")
+    assert dest.ask("verify", "verify").startswith("probe: snap verify=ok pages=64")
+    source.quit()
+    dest.quit()
+
+
+def test_cancel_leaves_the_source_running(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    uri = f"unix:{tmp_path / 'mig.sock'}"
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    dest = Guest(vms, guest_args(probe, disk, "-incoming", uri), tmp_path / "q2.sock", ready=False)
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})     # slow: time to cancel
+    source.cmd("migrate", uri=uri)
+    time.sleep(0.5)
+    assert "already in progress" in source.error("migrate", uri=uri)
+    assert "migration is in progress" in source.error("device_del", id="disk0")
+    source.cmd("migrate_cancel")
+    assert source.migration_ends()["status"] == "cancelled"
+    assert source.status() == "running"
+    before = source.count()
+    assert source.count() > before
+    assert "read=ok" in source.ask("blk", "blk")        # its disk is still its own
+    status, err = dest.exits()                         # the destination gives up: nothing starts
+    assert status == 1 and "the connection was closed" in err and len(err.strip().splitlines()) == 1
+    source.quit()
+
+
+def test_lost_destination_leaves_the_source_running(probe: Path, disk: Path, tmp_path: Path,
+                                                     vms: list[Vm]) -> None:
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    dest = Guest(vms, guest_args(probe, disk, "-incoming", uri), tmp_path / "q2.sock", ready=False)
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
+    source.cmd("migrate", uri=uri)
+    time.sleep(0.5)
+    dest.vm.proc.kill()
+    dest.exits()
+    info = source.migration_ends()
+    assert info["status"] == "failed" and "connection" in info["error-desc"]
+    assert source.status() == "running"
+    assert "read=ok" in source.ask("blk", "blk")
+    source.quit()
+
+
+def test_destination_refuses_another_machine(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    uri = f"unix:{tmp_path / 'mig.sock'}"
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    dest = Vm(*guest_args(probe, disk, "-incoming", uri, "-m", "512M"))
+    vms.append(dest)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "mig.sock").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    info = migrate_live(source, uri)
+    assert info["status"] == "failed", info
+    assert source.status() == "running"
+    status, err = dest.finish()
+    assert status == 1 and "268435456 bytes of RAM sent; this VM has 536870912 (-m)" in err
+    source.quit()
+
+
+def test_snapshot_format_of_a_real_vm(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """The header and sections a VM writes: every component, the host CPU, versions."""
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    snapshot(source, tmp_path / "snap")
+    source.quit()
+    header, sections = snapfile.read_state(str(tmp_path / "snap"))
+    assert header["vcpus"] == 2 and header["memory_size"] == 256 << 20 and header["altovirt"]
+    assert header["cpu"]["vendor"] in ("GenuineIntel", "AuthenticAMD")
+    assert {"kvm", "serial", "i8042", "rtc", "hotplug", "virtio-mmio.0"} <= set(sections)
+    assert all(s.version == 1 for s in sections.values())
