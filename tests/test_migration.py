@@ -199,7 +199,7 @@ def _other_version(state: bytes) -> bytes:
     return state[:8] + (99).to_bytes(4, "little") + state[12:]
 
 
-BAD: list[tuple[str, Callable[[Path], None], list[str], str]] = [
+BAD: list[tuple[str, Callable[[Path], object], list[str], str]] = [
     ("truncated", lambda d: (d / "state").write_bytes((d / "state").read_bytes()[:-40]), [],
      r"state: truncated in section \S+$"),
     ("corrupt", lambda d: (d / "state").write_bytes(_corrupt_section((d / "state").read_bytes())), [],
@@ -217,7 +217,7 @@ BAD: list[tuple[str, Callable[[Path], None], list[str], str]] = [
 
 @pytest.mark.parametrize("name, damage, config, problem", BAD, ids=[b[0] for b in BAD])
 def test_bad_snapshot_is_refused(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], name: str,
-                                 damage: Callable[[Path], None], config: list[str], problem: str) -> None:
+                                 damage: Callable[[Path], object], config: list[str], problem: str) -> None:
     directory = tmp_path / "snap"
     source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
     snapshot(source, directory)
