@@ -100,6 +100,7 @@ def start_migration(machine: Machine) -> Callable[[], None]:
     if incoming is None:
         return lambda: None
     machine.expect_incoming()
+    from .vmm import snapshot  # noqa: F401 (imported now, so that the load costs only the load)
     if incoming.uri is None:
         return lambda: None         # -incoming defer: QMP migrate-incoming starts it
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import json
 import typing
 from typing import Any, Protocol, TypeVar
@@ -112,7 +113,9 @@ def from_json(cls: type[S], data: object, what: str) -> S:
     return cls(**{name: _from(hint, data[name], f"{what}.{name}") for name, hint in hints.items()})
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
+    # Cached: resolving the annotations compiles them, a millisecond a restore otherwise.
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 

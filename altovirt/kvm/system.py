@@ -58,6 +58,7 @@ class Kvm:
                 raise KvmError(errno.ENOTSUP,
                                f"KVM API version {version}, AltoVirt needs {K.KVM_API_VERSION}")
             self.vcpu_mmap_size = ioctl(self.fd, K.KVM_GET_VCPU_MMAP_SIZE)
+            self._supported_cpuid: list[S.kvm_cpuid_entry2] | None = None
         except BaseException:
             os.close(self.fd)
             raise
@@ -70,6 +71,12 @@ class Kvm:
         return [name for name, cap in K.REQUIRED_CAPS.items() if self.check_extension(cap) <= 0]
 
     def supported_cpuid(self) -> list[S.kvm_cpuid_entry2]:
+        """What KVM can give a guest (read once: it does not change); callers copy entries."""
+        if self._supported_cpuid is None:
+            self._supported_cpuid = self._get_supported_cpuid()
+        return self._supported_cpuid
+
+    def _get_supported_cpuid(self) -> list[S.kvm_cpuid_entry2]:
         n = 64
         while True:
             buf = S.kvm_cpuid2_n(n)()
