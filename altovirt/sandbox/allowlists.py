@@ -53,8 +53,8 @@ ROLES: dict[str, tuple[str, ...]] = {
             "ioctl", "openat", "unlink", "flock", "fdatasync"),
     "main": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
              "ioctl", "tgkill", "unlink", "openat", "fsync", "rename", "wait4"),
-    "migration": (*PYTHON, *UNIX_SOCKETS, "bind", "listen", "ioctl", "openat", "mkdir", "mkdirat",
-                  "ftruncate", "fsync", "rename", "renameat", "renameat2", "unlink"),
+    "migration": (*PYTHON, *UNIX_SOCKETS, "bind", "listen", "ioctl", "openat", "preadv", "preadv2",
+                  "mkdir", "mkdirat", "ftruncate", "fsync", "rename", "renameat", "renameat2", "unlink"),
 }
 # socket() and socketpair() families per role (argument 0): unix sockets only, but a
 # migration's TCP.

@@ -23,6 +23,7 @@ refuses: a half-written snapshot is never taken for a good one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import struct
@@ -235,17 +236,27 @@ def open_memory(directory: str) -> int:
 
 
 def read_memory(directory: str, header: dict[str, Any], into: memoryview) -> None:
-    """Fill guest RAM from the snapshot's memory file (its holes read as zeros)."""
+    """Fill guest RAM, which must be zero, from the snapshot's memory file: only its data is
+    read (SEEK_DATA/SEEK_HOLE), its holes are the zero pages."""
     path = os.path.join(directory, "memory")
-    if len(into) != header["memory_size"]:
-        raise SnapshotError(f"{path}: {header['memory_size']} bytes of RAM saved; this VM has {len(into)}")
+    size = header["memory_size"]
+    if len(into) != size:
+        raise SnapshotError(f"{path}: {size} bytes of RAM saved; this VM has {len(into)}")
     try:
         with open(path, "rb", buffering=0) as f:
-            done = 0
-            while done < len(into):
-                n = f.readinto(into[done:done + _CHUNK])
-                if not n:
-                    raise SnapshotError(f"{path}: truncated at byte {done}")
-                done += n
+            fd, at = f.fileno(), 0
+            while at < size:
+                try:
+                    data = os.lseek(fd, at, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:       # nothing but holes from here
+                        break
+                    raise
+                end = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+                for start in range(data, end, _CHUNK):
+                    view = into[start:min(start + _CHUNK, end)]
+                    if os.preadv(fd, [view], start) != len(view):
+                        raise SnapshotError(f"{path}: truncated at byte {start}")
+                at = end
     except OSError as e:
         raise SnapshotError(f"{path}: {e.strerror}") from e

@@ -526,6 +526,7 @@ class Migration:
             finally:
                 os.close(fd)
         else:
+            m.mem.discard()                 # zero: the file's holes are not read
             snapfile.read_memory(directory, header, m.mem.ram)
         self._stats.transferred = m.mem.size
         m.load_state(header, sections, resume=incoming.resume)
