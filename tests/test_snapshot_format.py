@@ -62,7 +62,7 @@ def test_any_corrupt_or_truncated_state_is_refused(tmp_path_factory: pytest.Temp
 
 @pytest.mark.parametrize("change, problem", [
     (lambda state: state[:8] + (9).to_bytes(4, "little") + state[12:],
-     "snapshot format 9; this AltoVirt reads format 1"),
+     "snapshot format 9; this AltoVirt reads 1"),
     (lambda state: b"#!/bin/sh\n" + state, "not an AltoVirt snapshot"),
     (lambda state: state + b"more", "4 bytes after the last section"),
 ])
