@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import functools
 import json
 import typing
 from typing import Any, Protocol, TypeVar
@@ -113,11 +112,17 @@ def from_json(cls: type[S], data: object, what: str) -> S:
     return cls(**{name: _from(hint, data[name], f"{what}.{name}") for name, hint in hints.items()})
 
 
-@functools.cache
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
 def _field_types(cls: type) -> dict[str, Any]:
-    # Cached: resolving the annotations compiles them, a millisecond a restore otherwise.
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    """``cls``'s fields and their types, resolved once (resolving compiles the annotations:
+    a millisecond a restore otherwise)."""
+    types = _FIELD_TYPES.get(cls)
+    if types is None:
+        hints = typing.get_type_hints(cls)
+        types = _FIELD_TYPES[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return types
 
 
 def _from(hint: Any, v: object, what: str) -> object:

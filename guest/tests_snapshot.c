@@ -7,6 +7,7 @@
  *   blk           read sector 0 of disk 0 (opened before the snapshot) and print its CRC
  *   dirty N       write N pages (from DIRTY_BASE) round-robin from now on; 0 stops
  *   verify        check every page holds what the last round wrote into it
+ *   vmgenid       print the VM generation ID's 16 bytes (at VMGENID_ADDR, as the DSDT says)
  *   quit          end the test
  */
 #include "lib.h"
@@ -15,6 +16,7 @@
 
 #define DIRTY_BASE	(96UL << 20)	/* above the DMA area */
 #define POLL_EVERY	(1UL << 14)	/* counter steps between looks at the serial port */
+#define VMGENID_ADDR	0xEF000UL	/* arch/x86_64/layout.py */
 
 static volatile u64 snap_counter;
 static volatile u64 dirty_pages, dirty_written;
@@ -97,6 +99,16 @@ int test_snapshot(void)
 			dirty_written = 0;
 			dirty_pages = pages;
 			printf("probe: snap dirty pages=%lu\n", pages);
+		} else if (!strncmp(line, "vmgenid", 8)) {
+			const volatile u8 *id = (const volatile u8 *)VMGENID_ADDR;
+			static const char digits[] = "0123456789abcdef";
+			char hex[33];
+			for (int i = 0; i < 16; i++) {
+				hex[2 * i] = digits[id[i] >> 4];
+				hex[2 * i + 1] = digits[id[i] & 15];
+			}
+			hex[32] = 0;
+			printf("probe: snap vmgenid=%s\n", hex);
 		} else if (!strncmp(line, "verify", 7)) {
 			ok &= dirty_verify();
 		} else if (!strncmp(line, "quit", 5)) {

@@ -84,6 +84,10 @@ def check_tables(tmp_path: Path, tables: dict[str, bytes], cpus: int,
     for hid in ("PNP0501", "PNP0303", "PNP0B00", "PNP0C0C"):
         assert f'EisaId ("{hid}")' in dsl
     assert '"ACPI0013"' in dsl and "Method (_EVT, 1, Serialized)" in dsl and "Name (_S5, Package" in dsl
+    # The VM generation ID: what Linux's vmgenid driver binds to, and where the GUID is.
+    assert re.search(r'Name \(_CID, "VM_Gen_Counter"\).*Name \(ADDR, Package \(0x02\)\s+\{\s+0x000EF000,\s+'
+                     r'(Zero|0x00000000)', dsl, re.S), dsl
+    assert "Notify (\\_SB.VGEN, 0x80)" in dsl
     # ACPICA compiles its own disassembly back to the very same AML (-oa: as written, no
     # optimizations), so nothing in our encoding is ambiguous or lost.
     (tmp_path / "dsdt.dsl").write_text(dsl)

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,32 @@ def test_snapshot_and_restore(probe: Path, disk: Path, tmp_path: Path, vms: list
     restored.vm.wait_line("probe: done ok")
     assert restored.vm.finish()[0] == 0
     assert not any(line.startswith("probe: boot") for line in restored.vm.seen)     # no boot: a restore
+
+
+def test_clones_get_new_vm_generation_ids(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """Each VM started from one snapshot has a GUID of its own, in guest RAM where the DSDT
+    says and as QMP reports it (each clone with its own copy of the disk)."""
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    ids = {source.cmd("query-vm-generation-id")["guid"]}
+    assert guest_vmgenid(source) == ids
+    snapshot(source, tmp_path / "snap")
+    source.quit()
+    for n in range(2):
+        copy = tmp_path / f"disk{n}.img"
+        copy.write_bytes(disk.read_bytes())
+        clone = Guest(vms, guest_args(probe, copy, "-incoming", f"file:{tmp_path / 'snap'},resume=on"),
+                      tmp_path / f"c{n}.sock", ready=False)
+        wait_status(clone, "running")
+        guid = clone.cmd("query-vm-generation-id")["guid"]
+        assert guest_vmgenid(clone) == {guid} and guid not in ids
+        ids.add(guid)
+        clone.quit()
+
+
+def guest_vmgenid(guest: Guest) -> set[str]:
+    """The GUID the guest reads at the address its ACPI tables give, as text."""
+    raw = bytes.fromhex(guest.ask("vmgenid", "vmgenid=").split("=")[1])
+    return {str(uuid.UUID(bytes_le=raw))}
 
 
 def test_restore_can_resume_at_once(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
@@ -306,6 +333,8 @@ def test_live_migration(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], 
     assert dest.ask("verify", "verify").startswith("probe: snap verify=ok pages=4096")   # every page arrived
     assert dest.count() > before
     assert dest.ask("blk", "blk") == first_read
+    # The same VM goes on: its generation ID too.
+    assert dest.cmd("query-vm-generation-id") == source.cmd("query-vm-generation-id")
     assert "in use by another process" in source.error("cont")     # the destination has the disk now
     source.quit()
     dest.quit()

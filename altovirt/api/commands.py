@@ -15,6 +15,7 @@ from .. import __version__
 from ..backends.tap import Tap
 from ..config import ConfigError
 from ..config.validate import check_id, check_mac, check_tap
+from ..devices.legacy.vmgenid import guid_string
 from ..vmm.actions import Action
 from ..vmm.hotplug import Hotplug, HotplugError, NoSuchDevice
 from ..vmm.lifecycle import StateError
@@ -190,6 +191,11 @@ def build(machine: Machine) -> dict[str, Command]:
         return [{"props": props(v.index), "qom-path": f"/machine/unattached/device[{v.index}]",
                  "type": "host-x86-cpu", "vcpus-count": 1} for v in machine.vcpus]
 
+    def query_vm_generation_id(args: dict[str, Any]) -> object:
+        if machine.vmgenid is None:
+            raise QmpError("GenericError", "VM Generation ID device not found (the VM has no ACPI)")
+        return {"guid": guid_string(machine.vmgenid.id)}
+
     def quit_(args: dict[str, Any]) -> object:
         machine.request_stop(HOST_QMP_QUIT)      # SHUTDOWN goes out before this reply
         return {}
@@ -207,6 +213,7 @@ def build(machine: Machine) -> dict[str, Command]:
         "query-hotpluggable-cpus": Command(query_hotpluggable_cpus),
         "query-version": Command(lambda a: version()),
         "query-name": Command(lambda a: {"name": machine.cfg.name}),
+        "query-vm-generation-id": Command(query_vm_generation_id),
     }
     if machine.hotplug is not None:
         table.update(hotplug_commands(machine.hotplug))

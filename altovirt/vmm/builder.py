@@ -13,6 +13,7 @@ from ..arch.x86_64 import acpi, boot, layout, poweron
 from ..arch.x86_64.loader import KernelError
 from ..arch.x86_64.regs import BOOT_MSRS
 from ..config import VmConfig
+from ..devices.legacy.vmgenid import VmGenId
 from ..kvm import Kvm, KvmError, Vcpu
 from ..memory import GuestMemory
 from . import virtio_devices
@@ -128,6 +129,9 @@ def _build(m: Machine) -> None:
              f", initrd at {plan.initrd_addr:#x}" if plan.initrd_size else "")
 
     devices.add_legacy_devices()
+    if devices.acpi is not None:
+        m.vmgenid = VmGenId(mem, layout.VMGENID_ADDR, devices.acpi.vm_generation_changed)
+        m.vmgenid.write()
     supported = kvm.supported_cpuid()
     msrs: dict[int, int] = {}
     for i in range(cfg.vcpus):

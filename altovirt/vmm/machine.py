@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..arch.x86_64 import acpi, boot, poweron
 from ..config import VmConfig
+from ..devices.legacy.vmgenid import VmGenId
 from ..devices.virtio.block import WorkerPool
 from ..devices.virtio.vsock import Vsock
 from ..errors import AltoVirtError
@@ -79,6 +80,7 @@ class Machine:
         self._clock: S.kvm_clock_data | None = None
         self._snapshot_msrs: list[int] | None = None
         self.migration: Migration | None = None        # with a QMP channel or -incoming
+        self.vmgenid: VmGenId | None = None             # with ACPI
 
     # --- what the API and the CLI see ---
     @property
@@ -220,9 +222,12 @@ class Machine:
             v.pause()                   # not started yet: they park as they start
         self.io.pause()
 
-    def load_state(self, header: dict[str, Any], sections: dict[str, Section], *, resume: bool) -> None:
+    def load_state(self, header: dict[str, Any], sections: dict[str, Section], *, resume: bool,
+                   new_generation: bool) -> None:
         """Take a snapshot's state (main thread); paused after, or running if ``resume``.
-        SnapshotError naming the section and the reason if it does not fit this VM."""
+        ``new_generation``: a VM started again from a snapshot (perhaps one of several clones)
+        gets a new VM generation ID; a migrated one keeps its own. SnapshotError naming the
+        section and the reason if it does not fit this VM."""
         def work() -> None:
             from ..snapshot.format import SnapshotError
             from . import snapshot
@@ -233,6 +238,10 @@ class Machine:
                     self._take_images()
                 except StateError as e:
                     raise SnapshotError(str(e)) from e
+                if self.vmgenid is not None and new_generation:
+                    self.vmgenid.change()
+                elif self.vmgenid is not None:
+                    self.vmgenid.taken_from_ram()
                 self.lifecycle.move(RunState.PAUSED)
             if resume:
                 self.resume()
@@ -251,6 +260,8 @@ class Machine:
                 self.devices.reset()        # before RAM goes: no device writes into it afterwards
                 self.mem.discard()
                 boot.prepare(self.mem, *self.boot_inputs)
+                if self.vmgenid is not None:
+                    self.vmgenid.write()    # the same VM: the same generation
                 poweron.restore(self.vm, [v.vcpu for v in self.vcpus], self.power_on, reset=True)
         log.info("system reset")
         life.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})

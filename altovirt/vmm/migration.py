@@ -529,7 +529,7 @@ class Migration:
             m.mem.discard()                 # zero: the file's holes are not read
             snapfile.read_memory(directory, header, m.mem.ram)
         self._stats.transferred = m.mem.size
-        m.load_state(header, sections, resume=incoming.resume)
+        m.load_state(header, sections, resume=incoming.resume, new_generation=True)
 
     def _receive(self, incoming: IncomingConfig) -> None:
         m = self._m
@@ -566,7 +566,7 @@ class Migration:
                         raise MigrationError(f"a state record of {n} bytes")
                     header, sections = snapfile.decode_state(read(n), "the migration stream")
                     try:
-                        m.load_state(header, sections, resume=incoming.resume)
+                        m.load_state(header, sections, resume=incoming.resume, new_generation=False)
                     except (snapfile.SnapshotError, StateError) as e:
                         reason = str(e).encode()
                         sock.sendall(b"F" + _REASON.pack(len(reason)) + reason)

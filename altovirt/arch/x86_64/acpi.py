@@ -9,8 +9,9 @@ Hardware-reduced ACPI (ACPI 6.4, 4.1), as QEMU's microvm and Firecracker use:
 - MADT: a Local APIC per vCPU, the IOAPIC, LINT1 as NMI. ISA IRQs are
   identity-mapped, as the MP table says, so there are no source overrides;
 - DSDT: COM1, the i8042, the RTC, each virtio-mmio slot (``LNRO0005``, what
-  virtio_mmio.c matches), a processor device per vCPU, a Generic Event Device
-  with the power button, and ``_S5_``.
+  virtio_mmio.c matches), a processor device per vCPU, the VM Generation ID
+  (:mod:`altovirt.devices.legacy.vmgenid`), a Generic Event Device with the
+  power button and the generation change, and ``_S5_``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ GED_HID = "ACPI0013"                 # Generic Event Device (5.6.9)
 POWER_BUTTON_HID = "PNP0C0C"         # control-method power button (4.8.2.2.1.2)
 PROCESSOR_HID = "ACPI0007"           # processor device (8.4)
 NOTIFY_BUTTON_PRESSED = 0x80         # 5.6.6, device-specific notification for buttons
+# The VM Generation ID device: our own hardware ID (an ACPI ID needs four hex digits,
+# which "VMGENCTR" lacks) and the spec's compatible ID, which ACPICA upper-cases into
+# what drivers/virt/vmgenid.c matches (VM_GEN_COUNTER), as for QEMU's.
+VMGENID_HID = "ALTV0001"
+VMGENID_CID = "VM_Gen_Counter"
+NOTIFY_VMGENID_CHANGED = 0x80        # Microsoft's VM Generation ID spec: the ID changed
 TABLE_ALIGN = 16
 
 
@@ -79,8 +86,14 @@ def dsdt(cpus: int, slots: list[MmioSlot]) -> bytes:
                 for i in range(cpus)]
     devices.append(aml.device("PWRB", aml.name("_HID", aml.eisa_id(POWER_BUTTON_HID)),
                               aml.name("_UID", aml.integer(0))))
+    devices.append(aml.device(
+        "VGEN", aml.name("_HID", aml.string(VMGENID_HID)), aml.name("_CID", aml.string(VMGENID_CID)),
+        aml.name("_DDN", aml.string(VMGENID_CID)),
+        aml.name("ADDR", aml.package(aml.integer(layout.VMGENID_ADDR & 0xFFFFFFFF),
+                                     aml.integer(layout.VMGENID_ADDR >> 32)))))
     # _EVT(GSI): read (and so clear) the event register; a set power-button bit
-    # becomes a notification the OS's button driver turns into KEY_POWER.
+    # becomes a notification the OS's button driver turns into KEY_POWER, a set
+    # VM generation bit one the vmgenid driver reseeds the RNG on.
     devices.append(aml.device(
         "GED", aml.name("_HID", aml.string(GED_HID)), aml.name("_UID", aml.integer(0)),
         _crs(aml.interrupt(regs.GED_IRQ)),
@@ -91,6 +104,9 @@ def dsdt(cpus: int, slots: list[MmioSlot]) -> bytes:
                    aml.if_(aml.lequal(aml.and_(aml.local(0), aml.integer(regs.GED_POWER_BUTTON)),
                                       aml.integer(regs.GED_POWER_BUTTON)),
                            aml.notify("\\_SB.PWRB", NOTIFY_BUTTON_PRESSED)),
+                   aml.if_(aml.lequal(aml.and_(aml.local(0), aml.integer(regs.GED_VMGENID)),
+                                      aml.integer(regs.GED_VMGENID)),
+                           aml.notify("\\_SB.VGEN", NOTIFY_VMGENID_CHANGED)),
                    serialized=True)))
     body = aml.scope("\\_SB", *devices)
     body += aml.name("_S5", aml.package(aml.integer(regs.S5_SLP_TYP), aml.integer(0)))

@@ -6,7 +6,7 @@ the FADT points at a sleep control register for S5 (4.8.3.7) and a reset
 register (4.8.3.6), and events reach the OS through a Generic Event Device
 (5.6.9), whose interrupt makes the OS run ``_EVT``. Our DSDT's ``_EVT`` reads
 the event register (read clears it) and notifies the power button device
-when the power-button bit is set.
+when the power-button bit is set, the VM generation ID device when its bit is.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ RESET_VALUE = 0x0F           # what the FADT tells the OS to write to RESET_PORT
 S5_SLP_TYP = 5               # the _S5_ package's value: soft off
 SLP_TYP_SHIFT, SLP_TYP_MASK, SLP_EN = 2, 0x1C, 0x20
 GED_POWER_BUTTON = 1 << 0    # event register bit: the power button was pressed
+GED_VMGENID = 1 << 1         # event register bit: the VM generation ID changed
 GED_IRQ = 23                 # the GED's interrupt: the IOAPIC's last pin, used by nothing else
 
 
@@ -43,8 +44,15 @@ class AcpiRegisters:
 
     def press_power_button(self) -> None:
         """Latch the power-button event and interrupt the guest (QMP system_powerdown)."""
+        self._raise(GED_POWER_BUTTON)
+
+    def vm_generation_changed(self) -> None:
+        """Latch the VM generation event (a restored clone) and interrupt the guest."""
+        self._raise(GED_VMGENID)
+
+    def _raise(self, event: int) -> None:
         with self._lock:
-            self._events |= GED_POWER_BUTTON
+            self._events |= event
         self._irq()
 
     def read(self, offset: int, size: int) -> int:
