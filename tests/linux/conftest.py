@@ -3,6 +3,7 @@ lines, a network namespace with a tap, and a QMP client."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -87,8 +88,10 @@ class Qmp:
 class Netns:
     """A private network namespace holding taps; the VMM runs inside it (``prefix``)."""
 
+    _made = itertools.count()
+
     def __init__(self, *taps: str) -> None:
-        self.name = f"altovirt-linux-{os.getpid()}"
+        self.name = f"altovirt-linux-{os.getpid()}-{next(Netns._made)}"
         self._ip("netns", "add", self.name)
         for tap in taps:
             self._ip("-n", self.name, "tuntap", "add", "dev", tap, "mode", "tap")
