@@ -21,6 +21,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from altovirt.snapshot import format as snapfile
 
 from .conftest import Vm, needs_kvm
+from .netns import NetNs, needs_netns
 
 pytestmark = needs_kvm
 
@@ -42,8 +43,9 @@ def guest_args(probe: Path, disk: Path, *more: str) -> list[str]:
 class Guest:
     """A probe guest running the snapshot test, and its QMP monitor (qemu.qmp's legacy client)."""
 
-    def __init__(self, vms: list[Vm], args: list[str], sock: Path, *, ready: bool = True) -> None:
-        self.vm = Vm(*args, "-api-channel", f"unix:{sock}")
+    def __init__(self, vms: list[Vm], args: list[str], sock: Path, *, ready: bool = True,
+                 prefix: tuple[str, ...] = ()) -> None:
+        self.vm = Vm(*args, "-api-channel", f"unix:{sock}", prefix=prefix)
         vms.append(self.vm)
         deadline = time.monotonic() + 20
         while not sock.exists():
@@ -149,10 +151,22 @@ def test_snapshot_and_restore(probe: Path, disk: Path, tmp_path: Path, vms: list
     assert not any(line.startswith("probe: boot") for line in restored.vm.seen)     # no boot: a restore
 
 
+@needs_netns
 def test_clones_get_new_vm_generation_ids(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
     """Each VM started from one snapshot has a GUID of its own, in guest RAM where the DSDT
-    says and as QMP reports it (each clone with its own copy of the disk)."""
-    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    says and as QMP reports it; each clone has its own copy of the disk and its own tap
+    (the NIC comes back with the snapshot's MAC on it)."""
+    netns = NetNs(("tap0", "tap1", "tap2"))
+    try:
+        clones(probe, disk, tmp_path, vms, netns)
+    finally:
+        netns.close()
+
+
+def clones(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], netns: NetNs) -> None:
+    prefix = tuple(netns.cmd())
+    source = Guest(vms, guest_args(probe, disk, "-netdev", "id=n0,netdev=tap0"), tmp_path / "q1.sock",
+                   prefix=prefix)
     ids = {source.cmd("query-vm-generation-id")["guid"]}
     assert guest_vmgenid(source) == ids
     snapshot(source, tmp_path / "snap")
@@ -160,8 +174,9 @@ def test_clones_get_new_vm_generation_ids(probe: Path, disk: Path, tmp_path: Pat
     for n in range(2):
         copy = tmp_path / f"disk{n}.img"
         copy.write_bytes(disk.read_bytes())
-        clone = Guest(vms, guest_args(probe, copy, "-incoming", f"file:{tmp_path / 'snap'},resume=on"),
-                      tmp_path / f"c{n}.sock", ready=False)
+        clone = Guest(vms, guest_args(probe, copy, "-netdev", f"id=n0,netdev=tap{n + 1}",
+                                      "-incoming", f"file:{tmp_path / 'snap'},resume=on"),
+                      tmp_path / f"c{n}.sock", ready=False, prefix=prefix)
         wait_status(clone, "running")
         guid = clone.cmd("query-vm-generation-id")["guid"]
         assert guest_vmgenid(clone) == {guid} and guid not in ids
