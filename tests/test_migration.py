@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -188,6 +190,32 @@ def guest_vmgenid(guest: Guest) -> set[str]:
     """The GUID the guest reads at the address its ACPI tables give, as text."""
     raw = bytes.fromhex(guest.ask("vmgenid", "vmgenid=").split("=")[1])
     return {str(uuid.UUID(bytes_le=raw))}
+
+
+@pytest.mark.skipif(shutil.which("xenstore-write") is None,
+                    reason="SKIPPED LOUDLY: Debian's xenstore-utils is missing (scripts/setup installs it)")
+def test_the_xenstore_comes_along(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """What the host wrote into the VM's XenStore (Xen's own tools) is in the restored VM's."""
+    def xs(sock: Path, *args: str) -> str:
+        return subprocess.run(args, env=dict(os.environ, XENSTORED_PATH=str(sock)), capture_output=True,
+                              text=True, check=True, timeout=30).stdout
+
+    source = Guest(vms, guest_args(probe, disk, "-xenstore", str(tmp_path / "xs1.sock")), tmp_path / "q1.sock")
+    xs(tmp_path / "xs1.sock", "xenstore-write", "/vm/name", "web-1", "/local/domain/1/data/x", "y")
+    snapshot(source, tmp_path / "snap")
+    source.quit()
+    restored = Guest(vms, guest_args(probe, disk, "-xenstore", str(tmp_path / "xs2.sock"),
+                                     "-incoming", f"file:{tmp_path / 'snap'},resume=on"),
+                     tmp_path / "q2.sock", ready=False)
+    wait_status(restored, "running")
+    assert xs(tmp_path / "xs2.sock", "xenstore-read", "/vm/name", "/local/domain/1/data/x") == "web-1\ny\n"
+    restored.quit()
+    # A VM without a XenStore cannot take the snapshot of one that had it.
+    vm = Vm(*guest_args(probe, disk, "-incoming", f"file:{tmp_path / 'snap'}",
+                        "-api-channel", f"unix:{tmp_path / 'q3.sock'}"))
+    vms.append(vm)
+    status, err = vm.finish()
+    assert status == 1 and "section xenstore: saved, but this VM has no -xenstore" in err
 
 
 def test_restore_can_resume_at_once(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:

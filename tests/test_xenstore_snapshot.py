@@ -130,6 +130,24 @@ def test_a_loaded_transaction_keeps_its_base() -> None:
             assert loaded.read(0, "k") == b"v"
 
 
+def test_the_guest_reconnecting_takes_up_its_sessions() -> None:
+    """A snapshot closes the guest's connections; its next ones get its sessions back, with
+    their watches and the events raised meanwhile; after those, connections start afresh."""
+    store = Store(GUEST)
+    first = store.session(GUEST, lambda p, t: None)
+    first.watch("a", "t1")
+    store.session(GUEST, lambda p, t: None).watch("b", "t2")
+    copy = Store(GUEST)
+    load(copy, save(store))
+    copy.session(0, lambda p, t: None).write(0, "/local/domain/7/a", b"changed while away")
+    heard: list[tuple[str, str]] = []
+    again = copy.session(GUEST, lambda p, t: heard.append((p, t)))
+    assert [(w.path, w.token) for w in again.watches] == [("a", "t1")]
+    assert heard == [("a", "t1")]                                # held, then delivered
+    assert [(w.path, w.token) for w in copy.session(GUEST, lambda p, t: None).watches] == [("b", "t2")]
+    assert copy.session(GUEST, lambda p, t: None).watches == []
+
+
 def test_guest_sessions_open_at_load_are_reset() -> None:
     copy = Store(GUEST)
     live = copy.session(GUEST, lambda p, t: None)

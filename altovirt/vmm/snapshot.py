@@ -94,10 +94,12 @@ def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[
     sections = [_section("kvm", kvm_state), _section("serial", d.serial.save()),
                 _section("i8042", d.i8042.save()), _section("rtc", d.rtc.save()),
                 _section("hotplug", d.hotplug.save())]
-    sections += [_section(f"virtio-mmio.{i}", t.save()) for i, t in enumerate(d.transports)]
     if m.xenstore is not None:
+        # Before the transports: saving vsock closes the guest's XenStore connections,
+        # whose sessions the snapshot keeps for the guest to take up again.
         from ..xenstore import snapshot as xs
         sections.append(Section("xenstore", xs.VERSION, xs.save(m.xenstore)))
+    sections += [_section(f"virtio-mmio.{i}", t.save()) for i, t in enumerate(d.transports)]
     assert m.mem is not None
     return {"vcpus": len(m.vcpus), "memory_size": m.mem.size, "cpu": host_cpu(m.kvm)}, sections
 

@@ -172,6 +172,7 @@ class Store:
         # its watch and transaction quotas are the domain's, counted over all of them,
         # as in xenstored (which has one connection a domain).
         self.sessions: dict[Session, None] = {}
+        self._unclaimed: list[Session] = []         # loaded guest sessions no connection has taken
         self.watches: list[Watch] = []
         root = self._node(b"", (Perm("n", DOM0),))
         self.state = State(root, {DOM0: 1})
@@ -183,7 +184,15 @@ class Store:
         self.set_perms(admin, 0, home, (Perm("n", guest_domid),))
 
     def session(self, domid: int, deliver: Callable[[str, str], None]) -> Session:
+        """A new client's session. The guest's first connections after a load take up its
+        loaded sessions, oldest first, with their watches, transactions and held events: its
+        connections were closed by the snapshot (vsock resets them) and it connects again,
+        as a Xen guest's ring would have carried on."""
         with self.lock:
+            if domid == self.guest_domid and self._unclaimed:
+                session = self._unclaimed.pop(0)
+                session.attach(deliver)
+                return session
             session = Session(self, domid, deliver)
             self.sessions[session] = None
             return session
@@ -191,14 +200,16 @@ class Store:
     def restore(self, root: Node, gen: int, next_tx: int, guests: list[Session]) -> None:
         """Take a loaded tree and the guest's loaded sessions (see :mod:`.snapshot`) in place
         of the current ones. Guest sessions open here lose their watches and transactions;
-        the loaded ones keep theirs, without initial events. Host sessions stay, and each
-        of their watches fires once, as anything may have changed."""
+        the loaded ones keep theirs, without initial events, until the guest's next
+        connections take them up (:meth:`session`). Host sessions stay, and each of their
+        watches fires once, as anything may have changed."""
         with self.lock:
             for session in self.sessions:
                 if session.domid != DOM0:
                     self.drop(session)
             self.state = State(root, owners(root))
             self.gen, self.next_tx = gen, next_tx
+            self._unclaimed = list(guests)
             for session in guests:
                 self.sessions[session] = None
                 self.watches += session.watches

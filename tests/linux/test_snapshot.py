@@ -28,6 +28,7 @@ BOOT_TIMEOUT = 400
 pytestmark = pytest.mark.timeout(900)
 BEFORE = "written before the snapshot\n"
 VMGENID = 0xEF000              # arch/x86_64/layout.py: where the DSDT's VGEN points
+HOST_MAC = "02:00:00:a1:70:01"
 
 
 @dataclass
@@ -59,6 +60,9 @@ class Bed:
         """A VM called ``name`` (its QMP socket, vsock socket and log are named after it) in a
         namespace of its own whose ``tap`` has the host address."""
         ns = Netns(tap)
+        # Every VM's host end has the same MAC: they stand for one host on one network, whose
+        # address the guest has in its ARP cache when it comes back or moves.
+        ns.run("ip", "link", "set", tap, "address", HOST_MAC)
         ns.address(tap, f"{HOST_IP}/{PREFIX}")
         d = self.dir
         argv = altovirt_argv(
