@@ -200,7 +200,8 @@ def test_the_xenstore_comes_along(probe: Path, disk: Path, tmp_path: Path, vms: 
         return subprocess.run(args, env=dict(os.environ, XENSTORED_PATH=str(sock)), capture_output=True,
                               text=True, check=True, timeout=30).stdout
 
-    source = Guest(vms, guest_args(probe, disk, "-xenstore", str(tmp_path / "xs1.sock")), tmp_path / "q1.sock")
+    source = Guest(vms, guest_args(probe, disk, "-xenstore", str(tmp_path / "xs1.sock")),
+                   tmp_path / "q1.sock")
     xs(tmp_path / "xs1.sock", "xenstore-write", "/vm/name", "web-1", "/local/domain/1/data/x", "y")
     snapshot(source, tmp_path / "snap")
     source.quit()
