@@ -94,7 +94,8 @@ def start_migration(machine: Machine) -> Callable[[], None]:
     cfg = machine.cfg
     if not cfg.api_channel and cfg.incoming is None:
         return lambda: None
-    from .vmm.migration import Migration, MigrationError, listen
+    from .vmm.migration import Migration
+    from .vmm.precopy import MigrationError, listen
     migration = machine.migration = Migration(machine)
     incoming = cfg.incoming
     if incoming is None:

@@ -17,27 +17,20 @@ built from a matching configuration waits in ``inmigrate`` with its vCPUs stoppe
 loads the snapshot (mapping its memory file copy-on-write, or reading it in) or the
 stream, and comes up paused, or running if asked.
 
-The stream, once the source has connected::
+The stream and the copying of RAM are :mod:`.precopy`'s.
 
-    hello   "AVMIGR\\r\\n"  version (u32)  RAM size (u64)
-    records "P" offset (u64) pages (u32) and the pages: RAM at that offset
-            "Z" offset (u64) pages (u32): pages that are zero now
-            "S" length (u64) and the state (format.encode_state): the last record
-    answer  "K": the destination runs the VM; or "F" length (u32) and why not
-
-One thread of its own, made at start-up (before the sandbox is on), does the work;
-the QMP thread only starts, queries and cancels.
+One thread of its own (the sandbox's ``migration`` role) does the work; the QMP
+thread only starts, queries and cancels, and what touches KVM's vCPU state runs on
+the main thread (Machine.save_state, load_state, stop_for_migration).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes as C
 import logging
 import os
 import queue
 import socket
-import struct
 import sys
 import threading
 import time
@@ -47,12 +40,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..config.model import IncomingConfig, MigrationUri
 from ..errors import AltoVirtError
-from ..kvm import ioctls as K
-from ..memory import PAGE_SHIFT, PAGE_SIZE
+from ..memory import PAGE_SIZE
 from ..persist import SaveError
 from ..sandbox import seccomp
 from ..snapshot import format as snapfile
+from . import precopy
 from .lifecycle import RunState, StateError
+from .precopy import MigrationError
 from .vcpu import HOST_ERROR
 
 if TYPE_CHECKING:
@@ -60,26 +54,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"AVMIGR\r\n"
-STREAM_VERSION = 1
-_HELLO = struct.Struct("<8sIQ")
-_PAGES = struct.Struct("<QI")
-_LENGTH = struct.Struct("<Q")
-_REASON = struct.Struct("<I")
-MAX_STATE = 64 << 20                # a state record longer than this is not ours
-MAX_RUN = 256                       # pages a "P" record carries at most (1 MiB)
 MAX_PASSES = 30                     # pre-copy passes before the guest is stopped regardless
-CONNECT_TIMEOUT = 10.0
-IO_TIMEOUT = 60.0                   # a peer silent this long has gone
 PROGRESS_AFTER = 1.0                # seconds before a long save reports on stderr, once a second
-_ZERO_RUN = bytes(MAX_RUN * PAGE_SIZE)
-# A byte of a dirty bitmap, as the 8 page flags (0 or 1) it stands for.
-_BITS = [bytes((b >> i) & 1 for i in range(8)) for b in range(256)]
 ACTIVE = ("setup", "active", "device")
-
-
-class MigrationError(AltoVirtError):
-    """A migration that cannot start or did not complete; the message says why."""
 
 
 class _Cancelled(MigrationError):
@@ -105,63 +82,6 @@ class _Stats:
     duplicate: int = 0              # zero pages, skipped or sent as such
     passes: int = 0
     dirty_rate: int = 0             # pages a second, in the last pass
-
-
-def _reader(sock: socket.socket) -> Callable[[int], bytes]:
-    """A reader of exactly ``n`` bytes from ``sock`` (EOF is an error)."""
-    def read(n: int) -> bytes:
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            k = sock.recv_into(view[got:])
-            if not k:
-                raise MigrationError("the connection was closed")
-            got += k
-        return bytes(buf)
-    return read
-
-
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    while view:
-        k = sock.recv_into(view)
-        if not k:
-            raise MigrationError("the connection was closed")
-        view = view[k:]
-
-
-def _socket(uri: MigrationUri) -> tuple[socket.socket, str | tuple[str, int]]:
-    """A socket for ``uri`` and its address. No name lookup (getaddrinfo): the host is an
-    IP address (config/validate.py), and the resolver's modules cannot load in the sandbox."""
-    if uri.kind == "unix":
-        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC), uri.path
-    family = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
-    return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC), (uri.host, uri.port)
-
-
-def connect(uri: MigrationUri) -> socket.socket:
-    sock, address = _socket(uri)
-    try:
-        sock.settimeout(CONNECT_TIMEOUT)
-        sock.connect(address)
-    except OSError as e:
-        sock.close()
-        raise MigrationError(f"{uri}: cannot connect: {e.strerror or e}") from e
-    sock.settimeout(IO_TIMEOUT)
-    return sock
-
-
-def listen(uri: MigrationUri) -> socket.socket:
-    """The destination's listening socket, made at start-up (a usage error if it cannot be)."""
-    sock, address = _socket(uri)
-    try:
-        if uri.kind == "tcp":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(1)
-    except OSError as e:
-        sock.close()
-        raise MigrationError(f"-incoming {uri}: cannot listen: {e.strerror or e}") from e
-    return sock
 
 
 class Migration:
@@ -228,7 +148,7 @@ class Migration:
             self._begin()
         if incoming.uri.kind != "file" and listener is None:
             try:
-                listener = listen(incoming.uri)
+                listener = precopy.listen(incoming.uri)
             except MigrationError:
                 with self._lock:
                     self._incoming_started = False
@@ -286,9 +206,11 @@ class Migration:
                 self.error = error
         self._m.lifecycle.emit("MIGRATION", {"status": status})
 
-    def _sent(self, nbytes: int, pages: int = 0, zero: int = 0) -> None:
+    def _sent(self, nbytes: int, covered: int, pages: int, zero: int) -> None:
+        """Account for what went (precopy.Sent); _Cancelled once migrate_cancel asked."""
         s = self._stats
         s.transferred += nbytes
+        s.remaining = max(0, s.remaining - covered)
         s.normal += pages
         s.duplicate += zero
         if self._cancel.is_set():
@@ -331,61 +253,52 @@ class Migration:
         s = self._stats
 
         def progress(done: int) -> None:
-            s.remaining = s.total - done
-            self._sent(done - s.transferred)
+            self._sent(done - s.transferred, done - s.transferred, 0, 0)
         snapshot_id = snapfile.write(directory, header, sections, m.mem.ram, progress)
-        s.remaining, s.passes = 0, 1
-        self._sent(s.total - s.transferred)
+        s.passes = 1
+        self._sent(s.total - s.transferred, s.total - s.transferred, 0, 0)
         log.info("snapshot %s written to %s", snapshot_id, directory)
 
     def _send_live(self, uri: MigrationUri) -> None:
         m = self._m
-        assert m.mem is not None and m.vm is not None
-        mem, s = m.mem, self._stats
-        sock = connect(uri)
+        assert m.mem is not None and m.vm is not None and m.devices is not None and m.hotplug is not None
+        s, limit = self._stats, self.params
+        sock = precopy.connect(uri)
+        sender = precopy.Sender(sock, m.mem.ram, self._sent)
+        log_ = precopy.DirtyLog(m.vm, m.mem, m.devices.transports)
         logging_on = False
         was: RunState | None = None
         try:
-            sock.sendall(_HELLO.pack(MAGIC, STREAM_VERSION, mem.size))
-            self._dirty_logging(True)
+            sender.hello()
+            log_.start()
             logging_on = True
             self._set_status("active")
-            self._send_all(sock)
+            sender.all_pages(self._throttle)
             s.passes = 1
             while True:
                 started = time.monotonic()
-                dirty = self._collect_dirty()
+                dirty = log_.collect()
                 pages = dirty.count(1)
                 s.remaining = pages * PAGE_SIZE
                 bandwidth = s.transferred / max(time.monotonic() - s.start, 1e-3)
-                if self.params.max_bandwidth:
-                    bandwidth = min(bandwidth, self.params.max_bandwidth)
-                if s.remaining <= bandwidth * self.params.downtime_limit / 1000 or s.passes >= MAX_PASSES:
+                if limit.max_bandwidth:
+                    bandwidth = min(bandwidth, limit.max_bandwidth)
+                if s.remaining <= bandwidth * limit.downtime_limit / 1000 or s.passes >= MAX_PASSES:
                     break
-                self._send_pages(sock, dirty, capped=True)
+                sender.pages(dirty, self._throttle)
                 s.passes += 1
                 s.dirty_rate = int(pages / max(time.monotonic() - started, 1e-3))
                 m.lifecycle.emit("MIGRATION_PASS", {"pass": s.passes})
+            # The last copy, with the guest stopped: no cap, as the guest waits for it.
             was = m.stop_for_migration()
             stopped = time.monotonic()
-            assert m.hotplug is not None
             m.hotplug.release_images()          # the destination locks them as it takes over
-            self._send_pages(sock, self._collect_dirty(dirty), capped=False)
+            sender.pages(log_.collect(dirty), None)
             with self._lock:
                 self.status = "device"
             header, sections = m.save_state()
-            state = snapfile.encode_state(header, sections)
-            sock.sendall(b"S" + _LENGTH.pack(len(state)) + state)
-            s.transferred += len(state)
+            sender.state(snapfile.encode_state(header, sections))
             s.remaining = 0
-            answer = _reader(sock)(1)
-            if answer == b"F":
-                read = _reader(sock)
-                (n,) = _REASON.unpack(read(_REASON.size))
-                why = read(min(n, 4096)).decode(errors="replace")
-                raise MigrationError(f"the destination refused the VM: {why}")
-            if answer != b"K":
-                raise MigrationError("the destination answered with garbage")
             s.downtime = time.monotonic() - stopped
             m.end_migration(True, was)
             was = None
@@ -396,83 +309,8 @@ class Migration:
                 with contextlib.suppress(StateError):   # the VMM is stopping anyway
                     m.end_migration(False, was)
             if logging_on:
-                self._dirty_logging(False)
+                log_.stop()
             sock.close()
-
-    def _dirty_logging(self, on: bool) -> None:
-        """Have KVM log the guest's writes to RAM (and the VMM note its own), or stop."""
-        m = self._m
-        assert m.mem is not None and m.vm is not None
-        mem = m.mem
-        flags = K.KVM_MEM_LOG_DIRTY_PAGES if on else 0
-        for slot, region in enumerate(mem.regions):
-            m.vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region), flags)
-        mem.written = bytearray(mem.size >> PAGE_SHIFT) if on else None
-
-    def _collect_dirty(self, pending: bytearray | None = None) -> bytearray:
-        """A flag (0 or 1) per page of RAM: written since the last call, by the guest (KVM's
-        log) or the VMM (views taken of RAM, and every active queue's rings), or flagged
-        in ``pending`` (collected before, not yet sent)."""
-        m = self._m
-        assert m.mem is not None and m.vm is not None and m.devices is not None
-        mem = m.mem
-        for transport in m.devices.transports:
-            for q in transport.queues:
-                if q.active:
-                    for gpa, length in q.ring_ranges():
-                        mem.mark_written(gpa, length)
-        written, mem.written = mem.written, bytearray(mem.size >> PAGE_SHIFT)
-        assert written is not None
-        flags = bytearray()
-        for slot, region in enumerate(mem.regions):
-            pages = region.size >> PAGE_SHIFT
-            bitmap = (C.c_uint64 * ((pages + 63) // 64))()
-            m.vm.get_dirty_log(slot, bitmap)
-            flags += b"".join(_BITS[b] for b in bytes(bitmap))[:pages]
-        both = int.from_bytes(flags, "little") | int.from_bytes(written, "little")
-        if pending is not None:
-            both |= int.from_bytes(pending, "little")
-        return bytearray(both.to_bytes(len(written), "little"))
-
-    def _send_all(self, sock: socket.socket) -> None:
-        """The first pass: every page that is not zero (the destination's RAM starts zeroed)."""
-        assert self._m.mem is not None
-        ram, s = self._m.mem.ram, self._stats
-        step = MAX_RUN * PAGE_SIZE
-        for off in range(0, len(ram), step):
-            chunk = ram[off:off + step]
-            n = len(chunk) >> PAGE_SHIFT
-            if bytes(chunk) == _ZERO_RUN[:len(chunk)]:
-                s.remaining -= len(chunk)
-                self._sent(0, zero=n)
-                continue
-            sock.sendall(b"P" + _PAGES.pack(off, n))
-            sock.sendall(chunk)
-            s.remaining -= len(chunk)
-            self._sent(len(chunk) + 1 + _PAGES.size, pages=n)
-            self._throttle()
-
-    def _send_pages(self, sock: socket.socket, dirty: bytearray, *, capped: bool) -> None:
-        """Every page flagged in ``dirty``, in runs; zero pages as "Z" records."""
-        assert self._m.mem is not None
-        ram, s = self._m.mem.ram, self._stats
-        at = dirty.find(1)
-        while at >= 0:
-            end = dirty.find(0, at, at + MAX_RUN)
-            end = min(at + MAX_RUN, len(dirty)) if end < 0 else end
-            n = end - at
-            chunk = ram[at << PAGE_SHIFT:end << PAGE_SHIFT]
-            if bytes(chunk) == _ZERO_RUN[:len(chunk)]:
-                sock.sendall(b"Z" + _PAGES.pack(at << PAGE_SHIFT, n))
-                self._sent(1 + _PAGES.size, zero=n)
-            else:
-                sock.sendall(b"P" + _PAGES.pack(at << PAGE_SHIFT, n))
-                sock.sendall(chunk)
-                self._sent(len(chunk) + 1 + _PAGES.size, pages=n)
-            s.remaining = max(0, s.remaining - len(chunk))
-            if capped:
-                self._throttle()
-            at = dirty.find(1, end)
 
     def _throttle(self) -> None:
         """Keep to max-bandwidth: sleep off whatever was sent ahead of it."""
@@ -535,48 +373,20 @@ class Migration:
         m = self._m
         assert m.mem is not None and self._listener is not None
         sock, _ = self._listener.accept()
-        sock.settimeout(IO_TIMEOUT)
+        sock.settimeout(precopy.IO_TIMEOUT)
+
+        def load(data: bytes) -> None:
+            header, sections = snapfile.decode_state(data, "the migration stream")
+            m.load_state(header, sections, resume=incoming.resume, new_generation=False)
+
         try:
             self._set_status("active")
-            read = _reader(sock)
-            magic, version, size = _HELLO.unpack(read(_HELLO.size))
-            if magic != MAGIC:
-                raise MigrationError("the peer is not an AltoVirt migration source")
-            if version != STREAM_VERSION:
-                raise MigrationError(f"stream version {version}; this AltoVirt reads {STREAM_VERSION}")
-            if size != m.mem.size:
-                raise MigrationError(f"{size} bytes of RAM sent; this VM has {m.mem.size} (-m)")
             m.mem.discard()                 # the kernel the build loaded: the source's pages replace it
-            ram, s = m.mem.ram, self._stats
-            while True:
-                kind = read(1)
-                if kind in (b"P", b"Z"):
-                    off, n = _PAGES.unpack(read(_PAGES.size))
-                    if off % PAGE_SIZE or not 0 < n <= MAX_RUN or off + n * PAGE_SIZE > len(ram):
-                        raise MigrationError(f"a page record out of RAM ({n} pages at {off:#x})")
-                    target = ram[off:off + n * PAGE_SIZE]
-                    if kind == b"P":
-                        _recv_into(sock, target)
-                    else:
-                        target[:] = _ZERO_RUN[:len(target)]
-                    s.transferred += len(target)
-                elif kind == b"S":
-                    (n,) = _LENGTH.unpack(read(_LENGTH.size))
-                    if n > MAX_STATE:
-                        raise MigrationError(f"a state record of {n} bytes")
-                    header, sections = snapfile.decode_state(read(n), "the migration stream")
-                    try:
-                        m.load_state(header, sections, resume=incoming.resume, new_generation=False)
-                    except (snapfile.SnapshotError, StateError) as e:
-                        reason = str(e).encode()
-                        sock.sendall(b"F" + _REASON.pack(len(reason)) + reason)
-                        raise
-                    sock.sendall(b"K")
-                    return
-                else:
-                    raise MigrationError(f"unknown record {kind!r} in the migration stream")
+            precopy.receive(sock, m.mem.ram, self._received, load)
         except (TimeoutError, ConnectionError) as e:
             raise MigrationError(f"the connection was lost ({e.strerror or e})") from e
         finally:
             sock.close()
 
+    def _received(self, nbytes: int) -> None:
+        self._stats.transferred += nbytes
