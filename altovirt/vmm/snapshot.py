@@ -143,6 +143,11 @@ def restore(m: Machine, header: dict[str, Any], sections: dict[str, Section]) ->
             step()
         except (SavedStateError, KvmError) as e:
             raise SnapshotError(f"section {name}: {e}") from e
+    # Last, with the interrupt controllers in place: the interrupts devices still owe (a
+    # vsock's transport reset event, say), or the guest would look at those queues only
+    # at the device's next interrupt.
+    for transport in d.transports:
+        transport.interrupt.raise_pending()
     return kvm_state.vm.clock
 
 

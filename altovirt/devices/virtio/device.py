@@ -71,10 +71,15 @@ class Interrupt:
             self.status = self.status & ~VIRTIO_MMIO_INT_VRING | bits
 
     def restore(self, status: int) -> None:
-        """InterruptStatus as saved; an interrupt still owed is raised again."""
+        """InterruptStatus as saved. The interrupt it still owes is raised by
+        :meth:`raise_pending` once the interrupt controllers are restored too: an edge
+        sent before would be lost when their saved state is put back."""
         with self._lock:
             self.status = status
-        if status:
+
+    def raise_pending(self) -> None:
+        """Raise the interrupt again if InterruptStatus has bits set (after a restore)."""
+        if self.status:
             os.eventfd_write(self.fd, 1)
 
     def signal_used(self, queue: Queue) -> None:
