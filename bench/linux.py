@@ -8,7 +8,9 @@ microvm (ACPI on for both), on the same KVM, with the same devices:
     writes (the guest's tcp tool), and of --small-mib MiB from the guest in busybox nc's 1 KiB writes,
     with the VMM serving the NIC and again with the host kernel serving it (vhost=on on both),
   * exits to user space per boot (KVM's kvm_userspace_exit, kvm_pio and kvm_mmio tracepoints,
-    counted by ftrace histograms), by reason and by port or address: where the time goes.
+    counted by ftrace histograms), by reason and by port or address: where the time goes,
+  * live migration (total time, downtime, MiB sent) of a 2-vCPU, 512 MiB guest that keeps
+    writing memory, a snapshot of it (save time, size) and its restore to running.
 
 Each figure but the exits is the median of --runs, the two VMMs taking turns.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,13 +33,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import common
 from common import ROOT
 
 sys.path.insert(0, str(ROOT))
 from tests.conftest import HARDWARE_VIRT_PROBLEM
-from tests.linux.conftest import GUEST_IP, HOST_IP, PREFIX, Netns
+from tests.linux.conftest import GUEST_IP, HOST_IP, PREFIX, Netns, Qmp
 from tests.testbed import debian, guest, initramfs, l1
 
 TRACING = Path("/sys/kernel/tracing")
@@ -46,22 +50,26 @@ EXTRA_APPEND: list[str] = []    # --append: kernel parameters for both VMMs
 
 
 def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path | None,
-             tap: str | None, vhost: bool = False) -> list[str]:
-    """The same machine on both VMMs: 1 vCPU, 512 MiB, serial on stdio, optional disk and NIC
-    (served by the host kernel if ``vhost``)."""
+             tap: str | None, vhost: bool = False, cpus: int = 1, qmp: Path | None = None) -> list[str]:
+    """The same machine on both VMMs: ``cpus`` vCPUs, 512 MiB, serial on stdio, optional disk and
+    NIC (served by the host kernel if ``vhost``) and QMP socket."""
     on = ",vhost=on" if vhost else ""
     cmdline = " ".join([guest.APPEND, *EXTRA_APPEND, append]).strip()
     if vmm == "altovirt":
         argv = [*common.altovirt(), "-kernel", str(k.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
-                "-smp", "1", "-m", "512M", "-serial", "stdio"]
+                "-smp", str(cpus), "-m", "512M", "-serial", "stdio"]
         if disk:
             argv += ["-drive", f"id=d0,file={disk}"]
         if tap:
             argv += ["-netdev", f"id=n0,netdev={tap}{on}"]
+        if qmp:
+            argv += ["-api-channel", f"unix:{qmp}"]
         return argv
-    argv = [common.qemu(), "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512M",
+    argv = [common.qemu(), "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", str(cpus), "-m", "512M",
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
             "-kernel", str(k.vmlinuz), "-initrd", str(initrd), "-append", cmdline]
+    if qmp:
+        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     if disk:
         # The page cache on both: AltoVirt falls back to it where O_DIRECT is refused (tmpfs).
         argv += ["-drive", f"id=d0,file={disk},format=raw,if=none",
@@ -168,6 +176,83 @@ def _check_received(sink: subprocess.Popen[str], mib: int) -> None:
         raise SystemExit(f"bench: the host received {out.split()[0]} bytes, not {mib << 20}")
 
 
+def _qmp(path: Path) -> Qmp:
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: no QMP socket at {path}")
+        time.sleep(0.01)
+    return Qmp(path)
+
+
+def _answer(q: Qmp, command: str, **args: object) -> Any:
+    return q.ok(command, **args)["return"]
+
+
+def _migration(q: Qmp) -> dict[str, Any]:
+    while (info := _answer(q, "query-migrate")).get("status") not in ("completed", "failed"):
+        time.sleep(0.05)
+    if info["status"] != "completed":
+        raise SystemExit(f"bench: migration failed: {info}")
+    return dict(info)
+
+
+def _on_disk(path: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in ([path] if path.is_file() else path.iterdir()))
+
+
+def snapshot_figures(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path) -> tuple[float, ...]:
+    """One booted guest (2 vCPUs, 512 MiB) rewriting 64 MiB at 20 MB/s (tests/linux/guest/dirty.c):
+    live migration to a second process over a unix socket (300 ms downtime limit, no bandwidth
+    cap): total s, downtime ms, MiB sent; then that VM paused and saved to a file: s, MiB on disk;
+    then restored (AltoVirt: file: mapped, resume; QEMU: exec:cat, cont): ms from migrate-incoming
+    to running."""
+    d = tmp / f"{vmm}-snap"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    snap = d / "snap" if vmm == "altovirt" else d / "snap.qemu"
+
+    def vm(name: str, *extra: str) -> guest.LinuxGuest:
+        return guest.LinuxGuest([*argv_for(vmm, k, initrd, "", None, None, cpus=2, qmp=d / f"{name}.qmp"),
+                                 *extra], log_path=d / f"{name}.log")
+
+    with vm("a") as g:
+        g.wait_ready(600)
+        g.check("dirty 64 20 > /dev/null 2>&1 &")
+        src = _qmp(d / "a.qmp")
+        with vm("b", "-incoming", f"unix:{d / 'mig.sock'}") as g2:
+            dst = _qmp(d / "b.qmp")
+            src.ok("migrate-set-parameters", **{"downtime-limit": 300, "max-bandwidth": 10 << 30})
+            src.ok("migrate", uri=f"unix:{d / 'mig.sock'}")
+            live = _migration(src)
+            while _answer(dst, "query-status")["status"] not in ("running", "paused"):
+                time.sleep(0.05)
+            dst.ok("stop")
+            t = time.monotonic()
+            dst.ok("migrate", uri=f"file:{snap}" if vmm == "altovirt" else f"exec:cat > {snap}")
+            _migration(dst)
+            save_s = time.monotonic() - t
+            dst.ok("quit")
+            g2.wait_exit(120)
+        src.ok("quit")
+    with vm("c", "-incoming", "defer") as g3:
+        q = _qmp(d / "c.qmp")
+        t = time.monotonic()
+        if vmm == "altovirt":
+            q.ok("migrate-incoming", uri=f"file:{snap}", resume=True)
+        else:
+            q.ok("migrate-incoming", uri=f"exec:cat {snap}")
+            _migration(q)
+            q.ok("cont")
+        while _answer(q, "query-status")["status"] != "running":
+            pass
+        restore_ms = (time.monotonic() - t) * 1000
+        g3.check("true", timeout=300)          # the guest's shell answers
+        q.ok("quit")
+    return (live["total-time"] / 1000, live["downtime"], live["ram"]["transferred"] / (1 << 20),
+            save_s, _on_disk(snap) / (1 << 20), restore_ms)
+
+
 Pairs = dict[str, list[tuple[float, ...]]]
 
 
@@ -195,7 +280,7 @@ def main() -> None:
     ap.add_argument("--disk-mib", type=int, default=256)
     ap.add_argument("--net-mib", type=int, default=64)
     ap.add_argument("--small-mib", type=int, default=4, help="MiB sent in busybox nc's 1 KiB writes")
-    ap.add_argument("--parts", default="boot,disk,net,net-vhost,exits",
+    ap.add_argument("--parts", default="boot,disk,net,net-vhost,exits,snapshot",
                     help="which measurements, comma-separated")
     ap.add_argument("--append", default="", help="kernel parameters for both VMMs, e.g. pci=off "
                     "(which AltoVirt adds on its own) to give QEMU the same command line")
@@ -232,6 +317,11 @@ def main() -> None:
                alternate(args.runs, lambda v: net_mbps(v, k, initrd, tmp, args.net_mib, args.small_mib,
                                                        vhost=True)),
                ("guest to host", "host to guest", "guest to host, 1 KiB"), False)
+    if "snapshot" in parts:
+        report("snapshot and migration (2 vCPUs, 512 MiB, the guest rewriting 64 MiB at 20 MB/s)", "",
+               alternate(args.runs, lambda v: snapshot_figures(v, k, initrd, tmp)),
+               ("live total (s)", "live downtime (ms)", "live sent (MiB)", "save (s)", "snapshot (MiB)",
+                "restore to running (ms)"), True)
     for vmm in VMMS if "exits" in parts else ():
         tables = exits_per_boot(vmm, k, initrd, tmp)
         print(f"\nexits per boot to power-off, {vmm}:")
