@@ -47,6 +47,23 @@ def ioctl(fd: int, request: int, arg: object = None) -> int:
     return ret
 
 
+def _get_cpuid(fd: int, request: int) -> list[S.kvm_cpuid_entry2]:
+    """A CPUID table (KVM_GET_SUPPORTED_CPUID, KVM_GET_CPUID2), asked for with more room
+    while KVM answers E2BIG."""
+    n = 64
+    while True:
+        buf = S.kvm_cpuid2_n(n)()
+        buf.nent = n
+        try:
+            ioctl(fd, request, buf)
+        except KvmError as e:
+            if e.errno == errno.E2BIG and n < 4096:
+                n *= 2
+                continue
+            raise
+        return [buf.entries[i] for i in range(buf.nent)]
+
+
 class Kvm:
     """The /dev/kvm system fd."""
 
@@ -77,18 +94,7 @@ class Kvm:
         return self._supported_cpuid
 
     def _get_supported_cpuid(self) -> list[S.kvm_cpuid_entry2]:
-        n = 64
-        while True:
-            buf = S.kvm_cpuid2_n(n)()
-            buf.nent = n
-            try:
-                ioctl(self.fd, K.KVM_GET_SUPPORTED_CPUID, buf)
-            except KvmError as e:
-                if e.errno == errno.E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise
-            return [buf.entries[i] for i in range(buf.nent)]
+        return _get_cpuid(self.fd, K.KVM_GET_SUPPORTED_CPUID)
 
     def msr_index_list(self) -> list[int]:
         """The MSRs KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST)."""
@@ -248,18 +254,7 @@ class Vcpu:
         return {buf.entries[i].index: buf.entries[i].data for i in range(done)}
 
     def get_cpuid2(self) -> list[S.kvm_cpuid_entry2]:
-        n = 64
-        while True:
-            buf = S.kvm_cpuid2_n(n)()
-            buf.nent = n
-            try:
-                ioctl(self.fd, K.KVM_GET_CPUID2, buf)
-            except KvmError as e:
-                if e.errno == errno.E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise
-            return [buf.entries[i] for i in range(buf.nent)]
+        return _get_cpuid(self.fd, K.KVM_GET_CPUID2)
 
     def get_debugregs(self) -> S.kvm_debugregs:
         return self._get(K.KVM_GET_DEBUGREGS, S.kvm_debugregs)  # type: ignore[return-value]

@@ -173,8 +173,8 @@ class Hotplug:
         """Open the saved backends and put the saved devices in their slots, keeping what is
         already so (a VM built from the same configuration has its configured devices).
         Before the guest runs, with device work still: the slots' transports are restored
-        afterwards. SavedStateError,
-        with the slots and backends unchanged, if the state does not fit or a backend fails."""
+        afterwards. SavedStateError, with the slots and backends unchanged, if the state does
+        not fit or a backend fails."""
         from ..persist import SavedStateError, check
         nodes = {b.node: b for b in state.blockdevs}
         taps = {n.name: n for n in state.netdevs}
@@ -200,13 +200,13 @@ class Hotplug:
                 old = _block(transport)
                 if (old.image, old.serial) != (image, saved.serial) or (image and old.name != saved.device):
                     transport.replace(Block(saved.device, image, self._pool, saved.serial) if image
-                               else empty_disk(i, self._pool))
+                                      else empty_disk(i, self._pool))
             for i, (n, transport) in enumerate(zip(state.nics, self.nics, strict=True)):
                 tap = netdevs[n.device] if n.device else None
                 was = _net(transport)
                 if (was.tap, was.mac) != (tap, n.mac) or (tap and was.name != n.device):
                     transport.replace(Net(n.device, tap, n.mac, self._io) if tap
-                               else empty_nic(i, self._io, n.mac))
+                                      else empty_nic(i, self._io, n.mac))
             for name, image in self.blockdevs.items():
                 if blockdevs.get(name) is not image:
                     image.close()

@@ -254,6 +254,8 @@ class Machine:
         life = self.lifecycle
         with life.lock:
             life.require(RunState.RUNNING, RunState.PAUSED)
+            if life.migrating:
+                raise StateError("a migration is in progress; migrate_cancel it first")
             assert self.vm is not None and self.mem is not None and self.devices is not None
             assert self.boot_inputs is not None and self.power_on is not None
             with self._held(vcpus=True, devices=True):
