@@ -254,6 +254,9 @@ def test_snapshot_needs_a_paused_vm(probe: Path, disk: Path, tmp_path: Path, vms
         guest.error("migrate", uri="exec:cat")
     assert "port in [1, 65535]" in guest.error("migrate", uri="tcp:127.0.0.1:99999")
     assert "range of 0 to" in guest.error("migrate-set-parameters", **{"downtime-limit": -1})
+    assert guest.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}]) == {}
+    assert "'postcopy-ram' is not supported" in guest.error(
+        "migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
     assert guest.cmd("query-migrate") == {}
     assert not (tmp_path / "snap").exists()
     guest.quit()

@@ -1,5 +1,6 @@
 """QMP's migration commands (QEMU's shapes): migrate, migrate-incoming, query-migrate,
-migrate_cancel, migrate-set-parameters and query-migrate-parameters."""
+migrate_cancel, migrate-set-parameters, query-migrate-parameters, and the capabilities
+(events only)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,17 @@ def migration_commands(migration: Migration) -> dict[str, Command]:
         migration.set_parameters(bandwidth, downtime)
         return {}
 
+    def set_capabilities(args: dict[str, Any]) -> object:
+        for cap in args["capabilities"]:
+            if not isinstance(cap, dict) or set(cap) != {"capability", "state"} \
+                    or not isinstance(cap["state"], bool):
+                raise QmpError("GenericError", "Invalid parameter 'capabilities': expected "
+                                               "[{\"capability\": NAME, \"state\": BOOL}]")
+            if cap["state"] and cap["capability"] != "events":
+                raise QmpError("GenericError", f"Migration capability '{cap['capability']}' is not "
+                                               "supported; only 'events' is (and always on)")
+        return {}
+
     def query_parameters(args: dict[str, Any]) -> object:
         return {"max-bandwidth": migration.params.max_bandwidth,
                 "downtime-limit": migration.params.downtime_limit}
@@ -63,4 +75,7 @@ def migration_commands(migration: Migration) -> dict[str, Command]:
         "migrate-set-parameters": Command(set_parameters, {"max-bandwidth": (int, False),
                                                            "downtime-limit": (int, False)}),
         "query-migrate-parameters": Command(query_parameters),
+        # QEMU's clients turn on MIGRATION events this way; AltoVirt always sends them.
+        "migrate-set-capabilities": Command(set_capabilities, {"capabilities": (list, True)}),
+        "query-migrate-capabilities": Command(lambda a: [{"capability": "events", "state": True}]),
     }
