@@ -28,6 +28,9 @@ HUGE_PAGE = 2 << 20             # x86-64's 2 MiB page
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
+# pagemap's last byte of an entry -> 1 if neither present (bit 7) nor swapped (bit 6)
+_UNTOUCHED = bytes(int(not b & 0xC0) for b in range(256))
+
 _libc = C.CDLL(None, use_errno=True)
 _libc.mmap.restype = C.c_void_p
 _libc.mmap.argtypes = [C.c_void_p, C.c_size_t, C.c_int, C.c_int, C.c_int, C.c_long]
@@ -95,6 +98,25 @@ class GuestMemory:
     def ram(self) -> memoryview:
         """All of guest RAM, region after region (offsets as in :class:`Region`)."""
         return self._view
+
+    def untouched_pages(self) -> bytes | None:
+        """A byte per page of RAM, 1 where the page was never touched (neither in memory nor
+        swapped out: it reads as zero without being read), from /proc/self/pagemap; None
+        where that cannot be known (RAM mapped from a file, or no /proc, in a jail)."""
+        if self._file_backed:
+            return None
+        try:
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            entries = os.pread(fd, (self.size >> PAGE_SHIFT) * 8, (self._base >> PAGE_SHIFT) * 8)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        # Each entry is a little-endian u64: bit 63 present, bit 62 swapped, in its last byte.
+        return entries[7::8].translate(_UNTOUCHED)
 
     def map_file(self, fd: int) -> None:
         """Put the first ``size`` bytes of file ``fd`` in place of guest RAM, copy-on-write

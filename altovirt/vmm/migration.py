@@ -254,7 +254,8 @@ class Migration:
 
         def progress(done: int) -> None:
             self._sent(done - s.transferred, done - s.transferred, 0, 0)
-        snapshot_id = snapfile.write(directory, header, sections, m.mem.ram, progress)
+        snapshot_id = snapfile.write(directory, header, sections, m.mem.ram, progress,
+                                     untouched=m.mem.untouched_pages())
         s.passes = 1
         self._sent(s.total - s.transferred, s.total - s.transferred, 0, 0)
         log.info("snapshot %s written to %s", snapshot_id, directory)
@@ -273,7 +274,7 @@ class Migration:
             log_.start()
             logging_on = True
             self._set_status("active")
-            sender.all_pages(self._throttle)
+            sender.all_pages(self._throttle, m.mem.untouched_pages())
             s.passes = 1
             while True:
                 started = time.monotonic()

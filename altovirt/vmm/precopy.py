@@ -164,11 +164,16 @@ class Sender:
         if throttle is not None:
             throttle()
 
-    def all_pages(self, throttle: Callable[[], None]) -> None:
-        """The first pass: every page that is not zero (the destination's RAM starts zeroed)."""
+    def all_pages(self, throttle: Callable[[], None], untouched: bytes | None) -> None:
+        """The first pass: every page that is not zero (the destination's RAM starts zeroed);
+        ``untouched`` flags pages known to be zero without reading them."""
         pages = len(self._ram) >> PAGE_SHIFT
         for at in range(0, pages, MAX_RUN):
-            self._run(at, min(MAX_RUN, pages - at), throttle, skip_zero=True)
+            n = min(MAX_RUN, pages - at)
+            if untouched is not None and untouched.count(0, at, at + n) == 0:
+                self._sent(0, n << PAGE_SHIFT, 0, n)
+            else:
+                self._run(at, n, throttle, skip_zero=True)
 
     def pages(self, dirty: bytearray, throttle: Callable[[], None] | None) -> None:
         """Every page flagged in ``dirty``, in runs; zero pages as "Z" records."""
