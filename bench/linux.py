@@ -220,12 +220,14 @@ def snapshot_figures(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path) -> tup
         g.wait_ready(600)
         g.check("dirty 64 20 > /dev/null 2>&1 &")
         src = _qmp(d / "a.qmp")
-        with vm("b", "-incoming", f"unix:{d / 'mig.sock'}") as g2:
+        # The destination runs once it has the VM, as QEMU's does without -S.
+        resume = ",resume=on" if vmm == "altovirt" else ""
+        with vm("b", "-incoming", f"unix:{d / 'mig.sock'}{resume}") as g2:
             dst = _qmp(d / "b.qmp")
             src.ok("migrate-set-parameters", **{"downtime-limit": 300, "max-bandwidth": 10 << 30})
             src.ok("migrate", uri=f"unix:{d / 'mig.sock'}")
             live = _migration(src)
-            while _answer(dst, "query-status")["status"] not in ("running", "paused"):
+            while _answer(dst, "query-status")["status"] != "running":
                 time.sleep(0.05)
             dst.ok("stop")
             t = time.monotonic()
