@@ -266,19 +266,19 @@ class Migration:
         s, limit = self._stats, self.params
         sock = precopy.connect(uri)
         sender = precopy.Sender(sock, m.mem.ram, self._sent)
-        log_ = precopy.DirtyLog(m.vm, m.mem, m.devices.transports)
+        dirty_log = precopy.DirtyLog(m.vm, m.mem, m.devices.transports)
         logging_on = False
         was: RunState | None = None
         try:
             sender.hello()
-            log_.start()
+            dirty_log.start()
             logging_on = True
             self._set_status("active")
             sender.all_pages(self._throttle, m.mem.untouched_pages())
             s.passes = 1
             while True:
                 started = time.monotonic()
-                dirty = log_.collect()
+                dirty = dirty_log.collect()
                 pages = dirty.count(1)
                 s.remaining = pages * PAGE_SIZE
                 bandwidth = s.transferred / max(time.monotonic() - s.start, 1e-3)
@@ -294,7 +294,7 @@ class Migration:
             was = m.stop_for_migration()
             stopped = time.monotonic()
             m.hotplug.release_images()          # the destination locks them as it takes over
-            sender.pages(log_.collect(dirty), None)
+            sender.pages(dirty_log.collect(dirty), None)
             with self._lock:
                 self.status = "device"
             header, sections = m.save_state()
@@ -310,7 +310,7 @@ class Migration:
                 with contextlib.suppress(StateError):   # the VMM is stopping anyway
                     m.end_migration(False, was)
             if logging_on:
-                log_.stop()
+                dirty_log.stop()
             sock.close()
 
     def _throttle(self) -> None:
