@@ -6,6 +6,7 @@ running and the destination refusing with one line."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -336,14 +337,25 @@ def test_missing_backend_is_refused(probe: Path, disk: Path, tmp_path: Path, vms
         "-api-channel has hot-plug slots" in err
 
 
-def test_incoming_usage_errors(probe: Path, disk: Path) -> None:
+def test_incoming_usage_errors(probe: Path, disk: Path, tmp_path: Path) -> None:
     from .conftest import run_altovirt
     for option, problem in (("file:/x,mem=lazy", "-incoming: mem='lazy'; accepted: map"),
                             ("ftp:host", "-incoming: unsupported URI 'ftp:host'"),
+                            ("tcp:example.com:4444", "HOST must be an IP address or localhost"),
                             ("defer", "-incoming defer: the VM waits for QMP migrate-incoming; give "
                                       "-api-channel too")):
         r = run_altovirt(*guest_args(probe, disk, "-incoming", option))
         assert r.returncode == 2 and problem in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # The JSON form says the same things.
+    for incoming, problem in (
+            ({"uri": "file:/x", "mem": "lazy"}, 'incoming.mem: expected "map" or "copy"'),
+            ({"uri": "file:/x", "resume": "yes"}, "incoming.resume: expected true or false"),
+            ({"uri": "tcp:1.2.3.4"}, "incoming.uri: 'tcp:1.2.3.4': expected tcp:HOST:PORT")):
+        config = tmp_path / "vm.json"
+        config.write_text(json.dumps({"boot-source": {"kernel_image_path": str(probe / "probe.elf")},
+                                      "incoming": incoming}))
+        r = run_altovirt("-config", str(config))
+        assert r.returncode == 2 and problem in r.stderr, r.stderr
 
 
 # --- live migration ---
