@@ -25,16 +25,36 @@ from . import BackendError
 log = logging.getLogger(__name__)
 
 
+def listen_unix(path: str, backlog: int) -> socket.socket:
+    """A stream socket listening at ``path``, which appears only once it listens: it is bound
+    under a temporary name and linked into place, so a client that sees the path can connect
+    (bind then listen would refuse it in between). OSError (EADDRINUSE if ``path`` exists)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        if os.path.lexists(path):
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+        sock.bind(tmp)
+        try:
+            sock.listen(backlog)
+            os.link(tmp, path)          # never replaces an existing file
+        except FileExistsError as e:
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)) from e
+        finally:
+            os.unlink(tmp)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class UnixListener:
     def __init__(self, path: str, backlog: int = 8) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self.sock.bind(path)
-            self.sock.listen(backlog)
+            self.sock = listen_unix(path, backlog)
             self.sock.setblocking(False)
         except OSError as e:
-            self.sock.close()
             if e.errno == errno.EADDRINUSE:
                 raise BackendError(e.errno, f"{path} already exists; it must not exist "
                                    "before start") from e

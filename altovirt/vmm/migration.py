@@ -100,6 +100,7 @@ class Migration:
         self._thread = threading.Thread(target=self._serve, name="migration", daemon=True)
         self._incoming_started = False
         self._listener: socket.socket | None = None
+        self._listen_path = ""
         self._progress_at = 0.0
 
     def start(self) -> None:
@@ -111,11 +112,10 @@ class Migration:
         listener, self._listener = self._listener, None
         if listener is None:
             return
-        path = listener.getsockname() if listener.family == socket.AF_UNIX else ""
         listener.close()
-        if path:
+        if self._listen_path:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(self._listen_path)
 
     def _serve(self) -> None:
         seccomp.confine("migration")
@@ -155,6 +155,7 @@ class Migration:
                     self.status = "none"
                 raise
         self._listener = listener
+        self._listen_path = incoming.uri.path if incoming.uri.kind == "unix" else ""
         self._jobs.put(lambda: self._incoming(incoming))
 
     def cancel(self) -> None:

@@ -20,6 +20,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
+from ..backends.unix import listen_unix
 from ..config.model import MigrationUri
 from ..devices.virtio.mmio import MmioTransport
 from ..errors import AltoVirtError
@@ -74,16 +75,20 @@ def connect(uri: MigrationUri) -> socket.socket:
 
 def listen(uri: MigrationUri) -> socket.socket:
     """The destination's listening socket, made at start-up (a usage error if it cannot be)."""
-    sock, address = _socket(uri)
     try:
-        if uri.kind == "tcp":
+        if uri.kind == "unix":
+            return listen_unix(uri.path, 1)
+        sock, address = _socket(uri)
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(1)
+            sock.bind(address)
+            sock.listen(1)
+        except OSError:
+            sock.close()
+            raise
+        return sock
     except OSError as e:
-        sock.close()
         raise MigrationError(f"-incoming {uri}: cannot listen: {e.strerror or e}") from e
-    return sock
 
 
 def _read(sock: socket.socket, n: int) -> bytes:
