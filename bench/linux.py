@@ -23,6 +23,7 @@ test bed (scripts/testbed), where everything is emulated and so slow, but alike 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -189,6 +190,12 @@ def _answer(q: Qmp, command: str, **args: object) -> Any:
     return q.ok(command, **args)["return"]
 
 
+def _quit(q: Qmp) -> None:
+    q.ok("quit")
+    with contextlib.suppress(EOFError):     # qemu.qmp reports the close that quit asked for
+        q.close()
+
+
 def _migration(q: Qmp) -> dict[str, Any]:
     while (info := _answer(q, "query-migrate")).get("status") not in ("completed", "failed"):
         time.sleep(0.05)
@@ -234,9 +241,9 @@ def snapshot_figures(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path) -> tup
             dst.ok("migrate", uri=f"file:{snap}" if vmm == "altovirt" else f"exec:cat > {snap}")
             _migration(dst)
             save_s = time.monotonic() - t
-            dst.ok("quit")
+            _quit(dst)
             g2.wait_exit(120)
-        src.ok("quit")
+        _quit(src)
     with vm("c", "-incoming", "defer") as g3:
         q = _qmp(d / "c.qmp")
         t = time.monotonic()
@@ -250,7 +257,7 @@ def snapshot_figures(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path) -> tup
             pass
         restore_ms = (time.monotonic() - t) * 1000
         g3.check("true", timeout=300)          # the guest's shell answers
-        q.ok("quit")
+        _quit(q)
     return (live["total-time"] / 1000, live["downtime"], live["ram"]["transferred"] / (1 << 20),
             save_s, _on_disk(snap) / (1 << 20), restore_ms)
 
