@@ -97,6 +97,7 @@ def start_migration(machine: Machine) -> Callable[[], None]:
     from .vmm.migration import Migration
     from .vmm.precopy import MigrationError, listen
     migration = machine.migration = Migration(machine)
+    machine.snapshot_msrs()
     incoming = cfg.incoming
     if incoming is None:
         return lambda: None

@@ -167,11 +167,17 @@ class Machine:
             from . import snapshot
             with self.lifecycle.lock:
                 self.lifecycle.require(RunState.PAUSED, RunState.FINISH_MIGRATE)
-                assert self.kvm is not None and self._clock is not None
-                if self._snapshot_msrs is None:
-                    self._snapshot_msrs = poweron.snapshot_msrs(self.kvm, self.vcpus[0].vcpu)
-                return snapshot.save(self, self._snapshot_msrs, self._clock.clock)
+                assert self._clock is not None
+                return snapshot.save(self, self.snapshot_msrs(), self._clock.clock)
         return cast("tuple[dict[str, Any], list[Section]]", self._actions.submit(work))
+
+    def snapshot_msrs(self) -> list[int]:
+        """The MSRs a snapshot keeps, found once: before the vCPUs first run (cli.py asks then,
+        for a VM that can migrate) or with them stopped, not in a migration's downtime."""
+        if self._snapshot_msrs is None:
+            assert self.kvm is not None
+            self._snapshot_msrs = poweron.snapshot_msrs(self.kvm, self.vcpus[0].vcpu)
+        return self._snapshot_msrs
 
     def stop_for_migration(self) -> RunState:
         """Stop the guest for the last copy of a live migration (finish-migrate), on the main
