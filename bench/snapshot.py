@@ -31,6 +31,7 @@ from typing import Any
 
 import common
 from common import PROBE
+from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 CMDLINE = "console=ttyS0 probe.run=snapshot"
@@ -48,8 +49,15 @@ class Vmm:
             if self.proc.poll() is not None or time.monotonic() - self.started > 30:
                 raise SystemExit(f"bench: {argv[0]} did not start")
             time.sleep(0.001)
-        self.qmp = QEMUMonitorProtocol(str(sock))
-        self.qmp.connect()
+        while True:                     # QEMU's socket file exists a moment before it listens
+            self.qmp = QEMUMonitorProtocol(str(sock))
+            try:
+                self.qmp.connect()
+                break
+            except ConnectError:
+                if time.monotonic() - self.started > 30:
+                    raise
+                time.sleep(0.001)
         if wait_ready:
             self.wait_output(b"probe: snap ready")
             self.type(DIRTY)
