@@ -38,6 +38,9 @@ CMDLINE = "console=ttyS0 probe.run=snapshot"
 DIRTY = "dirty 16384\n"          # 64 MiB the guest keeps rewriting
 
 
+STARTED: list[subprocess.Popen[bytes]] = []            # killed at the end, whatever happens
+
+
 class Vmm:
     """A VMM process running the probe, its serial console and its QMP monitor."""
 
@@ -45,6 +48,7 @@ class Vmm:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
+        STARTED.append(self.proc)
         while not sock.exists():
             if self.proc.poll() is not None or time.monotonic() - self.started > 30:
                 raise SystemExit(f"bench: {argv[0]} did not start")
@@ -214,11 +218,17 @@ def main() -> None:
     opts = ap.parse_args()
     common.prepare()
     results: dict[str, list[dict[str, float]]] = {"altovirt-map": [], "altovirt-copy": [], "qemu": []}
-    for _ in range(opts.runs):
-        for name in results:
-            with workdir() as d:
-                one = round_qemu(d) if name == "qemu" else round_altovirt(d, name.split("-")[1])
-                results[name].append(one)
+    try:
+        for _ in range(opts.runs):
+            for name in results:
+                with workdir() as d:
+                    one = round_qemu(d) if name == "qemu" else round_altovirt(d, name.split("-")[1])
+                    results[name].append(one)
+    finally:
+        for proc in STARTED:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     keys = list(results["qemu"][0])
     med = {name: {k: statistics.median(r[k] for r in runs) for k in keys} for name, runs in results.items()}
     print(f"{'median of ' + str(opts.runs):24}" + "".join(f"{k:>22}" for k in keys))
