@@ -86,7 +86,7 @@ def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[
     """The header and sections of ``m``, paused with its device work still; ``msrs`` are
     the MSRs to keep and ``clock`` the kvmclock at the pause. SaveError if a device
     cannot be saved as it stands."""
-    assert m.vm is not None and m.kvm is not None and m.devices is not None
+    assert m.vm is not None and m.kvm is not None and m.devices is not None and m.mem is not None
     d = m.devices
     assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
     kvm_state = poweron.save(m.vm, [v.vcpu for v in m.vcpus], msrs)
@@ -100,7 +100,6 @@ def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[
         from ..xenstore import snapshot as xs
         sections.append(Section("xenstore", xs.VERSION, xs.save(m.xenstore)))
     sections += [_section(f"virtio-mmio.{i}", t.save()) for i, t in enumerate(d.transports)]
-    assert m.mem is not None
     return {"vcpus": len(m.vcpus), "memory_size": m.mem.size, "cpu": host_cpu(m.kvm)}, sections
 
 
@@ -135,7 +134,8 @@ def restore(m: Machine, header: dict[str, Any], sections: dict[str, Section]) ->
     states: list[Any] = [_state(sections, n, cls) for n, cls in zip(names, classes, strict=True)]
     steps: list[tuple[str, Callable[[], None]]] = [
         (n, functools.partial(c.restore, st)) for n, c, st in zip(names, components, states, strict=True)]
-    steps.append(("kvm", lambda: poweron.restore(m.vm, [v.vcpu for v in m.vcpus], kvm_state)))  # type: ignore[arg-type]
+    vm = m.vm
+    steps.append(("kvm", lambda: poweron.restore(vm, [v.vcpu for v in m.vcpus], kvm_state)))
     if m.xenstore is not None:
         steps.append(("xenstore", lambda: _load_xenstore(m, sections["xenstore"])))
     for name, step in steps:
@@ -149,7 +149,6 @@ def restore(m: Machine, header: dict[str, Any], sections: dict[str, Section]) ->
     for transport in d.transports:
         transport.interrupt.raise_pending()
     return kvm_state.vm.clock
-
 
 
 def _load_xenstore(m: Machine, section: Section) -> None:
