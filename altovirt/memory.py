@@ -34,7 +34,6 @@ _UNTOUCHED = bytes(int(not b & 0xC0) for b in range(256))
 _libc = C.CDLL(None, use_errno=True)
 _libc.mmap.restype = C.c_void_p
 _libc.mmap.argtypes = [C.c_void_p, C.c_size_t, C.c_int, C.c_int, C.c_int, C.c_long]
-_MAP_FAILED = C.c_void_p(-1).value
 
 
 class GuestMemoryError(AltoVirtError, ValueError):

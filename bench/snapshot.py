@@ -145,16 +145,19 @@ def disk_usage(path: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in ([path] if path.is_file() else path.iterdir()))
 
 
-def round_altovirt(d: Path, mem: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    src = Vmm(altovirt_argv(d / "a.sock"), d / "a.sock")
+def save(src: Vmm, uri: str, snapshot: Path) -> dict[str, float]:
+    """Pause ``src``, save it to ``uri`` (which writes ``snapshot``), quit it: the time and size."""
     src.cmd("stop")
     t = time.monotonic()
-    src.cmd("migrate", uri=f"file:{d / 'snap'}")
+    src.cmd("migrate", uri=uri)
     src.migration()
-    out["save_ms"] = (time.monotonic() - t) * 1000
-    out["size_mib"] = disk_usage(d / "snap") / (1 << 20)
+    out = {"save_ms": (time.monotonic() - t) * 1000, "size_mib": disk_usage(snapshot) / (1 << 20)}
     src.close()
+    return out
+
+
+def round_altovirt(d: Path, mem: str) -> dict[str, float]:
+    out = save(Vmm(altovirt_argv(d / "a.sock"), d / "a.sock"), f"file:{d / 'snap'}", d / "snap")
     waiting = Vmm(altovirt_argv(d / "b.sock", "-incoming", "defer"), d / "b.sock", wait_ready=False)
     time.sleep(SETTLE)
     t = time.monotonic()
@@ -165,20 +168,12 @@ def round_altovirt(d: Path, mem: str) -> dict[str, float]:
                   d / "c.sock", wait_ready=False)
     out["start_to_running_ms"] = (started.wait_status("running") - started.started) * 1000
     started.close()
-    out.update(live(lambda s, *e: altovirt_argv(s, *e), d, lambda uri: ["-incoming", uri]))
+    out.update(live(altovirt_argv, d))
     return out
 
 
 def round_qemu(d: Path) -> dict[str, float]:
-    out: dict[str, float] = {}
-    src = Vmm(qemu_argv(d / "a.sock"), d / "a.sock")
-    src.cmd("stop")
-    t = time.monotonic()
-    src.cmd("migrate", uri=f"exec:cat > {d / 'snap.qemu'}")
-    src.migration()
-    out["save_ms"] = (time.monotonic() - t) * 1000
-    out["size_mib"] = disk_usage(d / "snap.qemu") / (1 << 20)
-    src.close()
+    out = save(Vmm(qemu_argv(d / "a.sock"), d / "a.sock"), f"exec:cat > {d / 'snap.qemu'}", d / "snap.qemu")
     waiting = Vmm(qemu_argv(d / "b.sock", "-incoming", "defer"), d / "b.sock", wait_ready=False)
     time.sleep(SETTLE)
     t = time.monotonic()
@@ -194,16 +189,16 @@ def round_qemu(d: Path) -> dict[str, float]:
     started.cmd("cont")
     out["start_to_running_ms"] = (started.wait_status("running") - started.started) * 1000
     started.close()
-    out.update(live(qemu_argv, d, lambda uri: ["-incoming", uri]))
+    out.update(live(qemu_argv, d))
     return out
 
 
-def live(argv: Callable[..., list[str]], d: Path, incoming: Callable[[str], list[str]]) -> dict[str, float]:
+def live(argv: Callable[..., list[str]], d: Path) -> dict[str, float]:
     uri = f"unix:{d / 'mig.sock'}"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(d / "mig.sock")
     src = Vmm(argv(d / "l1.sock"), d / "l1.sock")
-    dst = Vmm(argv(d / "l2.sock", *incoming(uri)), d / "l2.sock", wait_ready=False)
+    dst = Vmm(argv(d / "l2.sock", "-incoming", uri), d / "l2.sock", wait_ready=False)
     while not (d / "mig.sock").exists():
         time.sleep(0.001)
     src.cmd("migrate-set-parameters", **{"downtime-limit": 300, "max-bandwidth": 10 << 30})

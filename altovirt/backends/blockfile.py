@@ -123,7 +123,8 @@ class BlockFile:
         """Let another process take the image (the destination of a live migration): as
         QEMU's source does once the guest has stopped for the last time."""
         for base in (RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE):
-            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, base, 4, 0))
+            for i in range(4):
+                _lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, base + i)
         self.locked = False
 
     def _conflict(self, bit: int) -> str:

@@ -90,11 +90,8 @@ class Kvm:
     def supported_cpuid(self) -> list[S.kvm_cpuid_entry2]:
         """What KVM can give a guest (read once: it does not change); callers copy entries."""
         if self._supported_cpuid is None:
-            self._supported_cpuid = self._get_supported_cpuid()
+            self._supported_cpuid = _get_cpuid(self.fd, K.KVM_GET_SUPPORTED_CPUID)
         return self._supported_cpuid
-
-    def _get_supported_cpuid(self) -> list[S.kvm_cpuid_entry2]:
-        return _get_cpuid(self.fd, K.KVM_GET_SUPPORTED_CPUID)
 
     def msr_index_list(self) -> list[int]:
         """The MSRs KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST)."""

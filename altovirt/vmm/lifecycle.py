@@ -4,9 +4,10 @@ States and their names are QMP's RunState: prelaunch -> running <-> paused,
 and from any of them -> shutdown, which is final. A VM restored from a snapshot
 or a migration starts in inmigrate and goes to paused (or running) once its
 state is in; a live migration's source goes through finish-migrate (the last
-copy, vCPUs stopped) to postmigrate, or back to running if it failed. A stop can be asked for from
-any thread (the guest, a signal, QMP); the first reason given wins and is
-announced, and the main loop is woken through an eventfd to act on it.
+copy, vCPUs stopped) to postmigrate, or back to running if it failed. A stop
+can be asked for from any thread (the guest, a signal, QMP); the first reason
+given wins and is announced, and the main loop is woken through an eventfd to
+act on it.
 """
 
 from __future__ import annotations

@@ -172,8 +172,9 @@ class Machine:
         return cast("tuple[dict[str, Any], list[Section]]", self._actions.submit(work))
 
     def snapshot_msrs(self) -> list[int]:
-        """The MSRs a snapshot keeps, found once: before the vCPUs first run (cli.py asks then,
-        for a VM that can migrate) or with them stopped, not in a migration's downtime."""
+        """The MSRs a snapshot keeps, found once, before the vCPUs first run and the sandbox
+        goes on (cli.py asks then, for a VM that can migrate): KVM_GET_MSR_INDEX_LIST is not
+        in the main thread's allow-list, and no migration's downtime pays for it."""
         if self._snapshot_msrs is None:
             assert self.kvm is not None
             self._snapshot_msrs = poweron.snapshot_msrs(self.kvm, self.vcpus[0].vcpu)
