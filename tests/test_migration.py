@@ -437,7 +437,8 @@ def test_cancel_leaves_the_source_running(probe: Path, disk: Path, tmp_path: Pat
     assert source.count() > before
     assert "read=ok" in source.ask("blk", "blk")        # its disk is still its own
     status, err = dest.exits()                         # the destination gives up: nothing starts
-    assert status == 1 and "the connection was closed" in err and len(err.strip().splitlines()) == 1
+    # The source's cancel closes the stream: EOF or a reset, as the kernel has it, one message.
+    assert status == 1 and "the connection was lost (" in err and len(err.strip().splitlines()) == 1
     source.quit()
 
 

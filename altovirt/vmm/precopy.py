@@ -101,7 +101,8 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
     while view:
         k = sock.recv_into(view)
         if not k:
-            raise MigrationError("the connection was closed")
+            # As a reset or a broken pipe says it (migration.py): the peer went either way.
+            raise MigrationError("the connection was lost (closed by the peer)")
         view = view[k:]
 
 
