@@ -87,12 +87,12 @@ def start_xenstore(machine: Machine, path: str) -> XenStoreServer:
     return server
 
 
-def start_migration(machine: Machine) -> Callable[[], None]:
-    """A VM with a QMP channel or -incoming can migrate; with -incoming it waits in
-    inmigrate, listening for the source already. Returns what starts the load once the
-    VM runs."""
+def start_migration(machine: Machine, migratable: bool) -> Callable[[], None]:
+    """A ``migratable`` VM (one with a QMP channel or -incoming, or a Firecracker API) can
+    migrate; with -incoming it waits in inmigrate, listening for the source already.
+    Returns what starts the load once the VM runs."""
     cfg = machine.cfg
-    if not cfg.api_channel and cfg.incoming is None:
+    if not migratable:
         return lambda: None
     from .vmm.migration import Migration
     from .vmm.precopy import MigrationError, listen
@@ -127,6 +127,50 @@ def _error(msg: str) -> None:
     sys.stderr.flush()
 
 
+def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool,
+           on_built: Callable[[Machine], None] | None = None,
+           on_running: Callable[[], None] | None = None) -> int:
+    """Build the VM, start its services and run it until it stops; the exit status.
+    ``sandbox``: turn seccomp on once it is built (a caller that turned it on earlier
+    passes False). ``migratable``: it can be snapshotted or migrated. AltoVirtError if
+    it cannot be built or run; whatever was made is released either way."""
+    machine = qmp = xenstore = None
+    try:
+        machine = builder.build(cfg)
+        log.info("VM %s: %d vCPU(s), %d MiB", cfg.name, cfg.vcpus, cfg.mem_size >> 20)
+        start_incoming = start_migration(machine, migratable)
+        if sandbox:
+            enable_seccomp(cfg)
+        if machine.migration is not None:
+            machine.migration.start()       # its thread confines itself
+        if cfg.api_channel:
+            qmp = start_qmp(machine, cfg.api_channel[len("unix:"):])
+        if cfg.xenstore:
+            xenstore = start_xenstore(machine, cfg.xenstore)
+        if on_built is not None:
+            on_built(machine)
+
+        def running() -> None:
+            daemon.report(None)
+            if on_running is not None:
+                on_running()
+            start_incoming()
+        reason = machine.run(running)
+        log.info("VM %s stopped: %s (exit %d)", cfg.name, reason.reason, reason.exit_code)
+        if machine.migration is not None and machine.migration.incoming_error:
+            _error(machine.migration.incoming_error)
+        return reason.exit_code
+    finally:
+        if xenstore is not None:
+            xenstore.close()
+        if qmp is not None:
+            qmp.close()             # after the SHUTDOWN event has been queued for every client
+        if machine is not None and machine.migration is not None:
+            machine.migration.close()
+        if machine is not None:
+            machine.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "-debug" in argv or "--debug" in argv
@@ -142,37 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Daemon(cfg.pidfile)
     if cfg.daemonize:
         daemon.detach()
-    machine = None
-    qmp = None
-    xenstore = None
     try:
-        machine = builder.build(cfg)
-        log.info("VM %s: %d vCPU(s), %d MiB", cfg.name, cfg.vcpus, cfg.mem_size >> 20)
-        start_incoming = start_migration(machine)
-        if cfg.seccomp:
-            enable_seccomp(cfg)
-        if machine.migration is not None:
-            machine.migration.start()       # its thread confines itself
-        if cfg.api_channel:
-            qmp = start_qmp(machine, cfg.api_channel[len("unix:"):])
-        if cfg.xenstore:
-            xenstore = start_xenstore(machine, cfg.xenstore)
-
-        def on_running() -> None:
-            daemon.report(None)
-            start_incoming()
-        reason = machine.run(on_running)
-        log.info("VM %s stopped: %s (exit %d)", cfg.name, reason.reason, reason.exit_code)
-        if machine.migration is not None and machine.migration.incoming_error:
-            _error(machine.migration.incoming_error)
-        return reason.exit_code
+        return run_vm(cfg, daemon, sandbox=cfg.seccomp, migratable=bool(cfg.api_channel or cfg.incoming))
     except AltoVirtError as e:
-        if cfg.log_file:        # without -D the line below is the whole report
-            log.error("%s", e, exc_info=cfg.debug)
-        daemon.report(str(e))
-        if debug:                   # the error and what caused it, on the terminal too
-            traceback.print_exception(e)
-        _error(str(e))
+        report_error(cfg, daemon, e, debug)
         return e.exit_status
     except Exception as e:
         log.exception("internal error")
@@ -182,16 +199,18 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"internal error: {e} (run with -debug for a traceback)")
         return EXIT_ERROR
     finally:
-        if xenstore is not None:
-            xenstore.close()
-        if qmp is not None:
-            qmp.close()             # after the SHUTDOWN event has been queued for every client
-        if machine is not None and machine.migration is not None:
-            machine.migration.close()
-        if machine is not None:
-            machine.close()
         daemon.cleanup()
         logging.shutdown()
+
+
+def report_error(cfg: VmConfig, daemon: Daemon, e: AltoVirtError, debug: bool) -> None:
+    """The one line that says why the VMM stops (and the traceback with -debug)."""
+    if cfg.log_file:        # without -D the line below is the whole report
+        log.error("%s", e, exc_info=cfg.debug)
+    daemon.report(str(e))
+    if debug:                   # the error and what caused it, on the terminal too
+        traceback.print_exception(e)
+    _error(str(e))
 
 
 def run() -> NoReturn:

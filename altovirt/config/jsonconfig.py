@@ -159,3 +159,31 @@ def from_dict(doc: Any) -> VmConfig:
                                       _bool(f"{w}.resume", inc.get("resume", False)), mem == "map")
     return cfg
 
+
+
+def to_dict(cfg: VmConfig) -> dict[str, Any]:
+    """The VM's devices and machine as a -config document (:func:`from_dict` reads it back);
+    what only concerns the process (API sockets, logging, -incoming) is left out."""
+    doc: dict[str, Any] = {
+        "machine-config": {"name": cfg.name, "vcpu_count": cfg.vcpus, "mem_size": cfg.mem_size,
+                           "omit_vm_memory": cfg.omit_vm_memory, "acpi": cfg.acpi},
+        "drive": [{"drive_id": d.id, "path_on_host": d.path, "read_only": d.read_only, "direct": d.direct,
+                   **({"serial_num": d.serial} if d.serial else {})} for d in cfg.drives],
+        "net": [{"iface_id": n.id, "host_dev_name": n.tap, "vhost": n.vhost,
+                 **({"mac": n.mac} if n.mac else {})} for n in cfg.nets],
+        "serial": {"stdio": cfg.serial_stdio},
+    }
+    if cfg.kernel:
+        doc["boot-source"] = {"kernel_image_path": cfg.kernel, "boot_args": cfg.cmdline,
+                              **({"initrd_fs_path": cfg.initrd} if cfg.initrd else {})}
+    if cfg.console:
+        doc["console"] = {"console_id": cfg.console.id, "socket_path": cfg.console.socket_path}
+    if cfg.vsock:
+        doc["vsock"] = {"vsock_id": cfg.vsock.id, "guest_cid": cfg.vsock.guest_cid,
+                        **({"uds_path": cfg.vsock.uds_path} if cfg.vsock.uds_path else {})}
+    if cfg.rng:
+        doc["rng"] = {"rng_id": cfg.rng.id, "period_ms": cfg.rng.period_ms,
+                      **({"max_bytes": cfg.rng.max_bytes} if cfg.rng.max_bytes is not None else {})}
+    if cfg.xenstore:
+        doc["xenstore"] = {"socket_path": cfg.xenstore, "domid": cfg.xen_domid}
+    return doc

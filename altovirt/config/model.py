@@ -66,11 +66,13 @@ class RngConfig:
 
 @dataclass(frozen=True)
 class MigrationUri:
-    """Where a migration goes or comes from: ``file`` (a snapshot directory), ``tcp``
-    (host, port) or ``unix`` (socket path)."""
+    """Where a migration goes or comes from: ``file`` (a snapshot directory, or with
+    ``memory`` the state file and the memory file), ``tcp`` (host, port) or ``unix``
+    (socket path)."""
 
     kind: str
     path: str = ""                  # file, unix
+    memory: str = ""                # file: the memory file, ``path`` being the state file
     host: str = ""                  # tcp
     port: int = 0
 

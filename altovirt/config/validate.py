@@ -147,10 +147,11 @@ def parse_migration_uri(where: str, text: str) -> MigrationUri:
 
 def check_vm(cfg: VmConfig) -> VmConfig:
     """Cross-field checks on a complete configuration."""
-    if not cfg.kernel:
-        raise ConfigError("-kernel: no kernel given; pass -kernel /path/to/vmlinux.bin "
-                          "or boot-source.kernel_image_path in -config")
-    check_readable_file("-kernel", cfg.kernel)
+    if cfg.incoming is None:            # a VM loaded from a snapshot reads its kernel only to reboot
+        if not cfg.kernel:
+            raise ConfigError("-kernel: no kernel given; pass -kernel /path/to/vmlinux.bin "
+                              "or boot-source.kernel_image_path in -config")
+        check_readable_file("-kernel", cfg.kernel)
     if cfg.initrd:
         check_readable_file("-initrd", cfg.initrd)
     parse_int("-smp", cfg.vcpus, VCPUS_MIN, VCPUS_MAX)
@@ -193,7 +194,7 @@ def check_vm(cfg: VmConfig) -> VmConfig:
         seen[dev_id] = opt
     for d in cfg.drives:
         check_readable_file(f"-drive id={d.id}", d.path)
-        if os.path.realpath(d.path) == os.path.realpath(cfg.kernel):
+        if cfg.kernel and os.path.realpath(d.path) == os.path.realpath(cfg.kernel):
             raise ConfigError(f"-drive id={d.id}: {d.path} is the kernel image")
     paths = [os.path.realpath(d.path) for d in cfg.drives]
     if len(set(paths)) != len(paths):

@@ -1,5 +1,6 @@
-"""The snapshot files: ``DIR/state`` (a header and one checked section per component) and
-``DIR/memory`` (guest RAM, sparse).
+"""The snapshot files: ``state`` (a header and one checked section per component) and
+``memory`` (guest RAM, sparse): ``DIR/state`` and ``DIR/memory``, or two paths of the
+caller's (Firecracker's ``snapshot_path`` and ``mem_file_path``).
 
 ``state``::
 
@@ -60,26 +61,40 @@ class Section:
     payload: bytes
 
 
+@dataclass(frozen=True)
+class SnapshotFiles:
+    state: str
+    memory: str
+
+
+def files(where: SnapshotFiles | str) -> SnapshotFiles:
+    """``where``'s two files: given as such, or a snapshot directory's."""
+    if isinstance(where, SnapshotFiles):
+        return where
+    return SnapshotFiles(os.path.join(where, "state"), os.path.join(where, "memory"))
+
+
 def _crc(name: bytes, version: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(_U32.pack(version), zlib.crc32(name)))
 
 
-def write(directory: str, header: dict[str, Any], sections: list[Section], memory: memoryview,
+def write(where: SnapshotFiles | str, header: dict[str, Any], sections: list[Section], memory: memoryview,
           progress: Callable[[int], None] | None = None, untouched: bytes | None = None) -> str:
-    """Write a snapshot of ``memory`` and ``sections`` into ``directory`` (made if missing);
-    returns its id. ``header`` holds the caller's plain JSON values. ``progress(done)`` hears
-    how many bytes of memory are written, as it goes; what it raises abandons the snapshot
+    """Write a snapshot of ``memory`` and ``sections`` to ``where`` (directories are made if
+    missing); returns its id. ``header`` holds the caller's plain JSON values. ``progress(done)``
+    hears how many bytes of memory are written, as it goes; what it raises abandons the snapshot
     (nothing of it is left). ``untouched``: a byte per page, 1 for pages known to be zero
     without reading them (GuestMemory.untouched_pages)."""
     snapshot_id = uuid.uuid4()
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise SnapshotError(f"{directory}: {e.strerror}") from e
-    _replace(os.path.join(directory, "memory"),
-             lambda fd: _write_memory(fd, memory, snapshot_id, progress, untouched))
+    paths = files(where)
+    for directory in {os.path.dirname(paths.state), os.path.dirname(paths.memory)} - {""}:
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise SnapshotError(f"{directory}: {e.strerror}") from e
+    _replace(paths.memory, lambda fd: _write_memory(fd, memory, snapshot_id, progress, untouched))
     data = encode_state({**header, "id": str(snapshot_id), "memory_size": len(memory)}, sections)
-    _replace(os.path.join(directory, "state"), lambda fd: _write_all(fd, data))
+    _replace(paths.state, lambda fd: _write_all(fd, data))
     return str(snapshot_id)
 
 
@@ -147,10 +162,10 @@ def _replace(path: str, fill: Callable[[int], None]) -> None:
         raise
 
 
-def read_state(directory: str) -> tuple[dict[str, Any], dict[str, Section]]:
-    """The header and sections of ``directory``'s snapshot, every CRC checked, and its memory
+def read_state(where: SnapshotFiles | str) -> tuple[dict[str, Any], dict[str, Section]]:
+    """The header and sections of the snapshot at ``where``, every CRC checked, and its memory
     file checked to be this snapshot's; SnapshotError naming what is wrong otherwise."""
-    path = os.path.join(directory, "state")
+    path = files(where).state
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -159,7 +174,7 @@ def read_state(directory: str) -> tuple[dict[str, Any], dict[str, Section]]:
     header, sections = decode_state(data, path)
     if not isinstance(header.get("memory_size"), int) or not isinstance(header.get("id"), str):
         raise SnapshotError(f"{path}: the header is incomplete")
-    _check_memory(os.path.join(directory, "memory"), header)
+    _check_memory(files(where).memory, header)
     return header, sections
 
 
@@ -229,20 +244,20 @@ def _check_memory(path: str, header: dict[str, Any]) -> None:
         raise SnapshotError(f"{path}: belongs to another snapshot")
 
 
-def open_memory(directory: str) -> int:
+def open_memory(where: SnapshotFiles | str) -> int:
     """A read-only descriptor of the snapshot's memory file (checked by :func:`read_state`),
     for mapping guest RAM from it."""
-    path = os.path.join(directory, "memory")
+    path = files(where).memory
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise SnapshotError(f"{path}: {e.strerror}") from e
 
 
-def read_memory(directory: str, header: dict[str, Any], into: memoryview) -> None:
+def read_memory(where: SnapshotFiles | str, header: dict[str, Any], into: memoryview) -> None:
     """Fill guest RAM, which must be zero, from the snapshot's memory file: only its data is
     read (SEEK_DATA/SEEK_HOLE), its holes are the zero pages."""
-    path = os.path.join(directory, "memory")
+    path = files(where).memory
     size = header["memory_size"]
     if len(into) != size:
         raise SnapshotError(f"{path}: {size} bytes of RAM saved; this VM has {len(into)}")

@@ -21,6 +21,7 @@ class Action(enum.Enum):
     RESUME = "resume"
     RESET = "reset"
     POWERDOWN = "powerdown"
+    CTRL_ALT_DEL = "ctrl-alt-del"
     VCPU_INFO = "vcpu-info"
 
 

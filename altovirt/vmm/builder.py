@@ -7,6 +7,7 @@ AltoVirtError naming what is wrong, with everything it had made released.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from ..arch.x86_64 import acpi, boot, layout, poweron
@@ -18,7 +19,7 @@ from ..kvm import Kvm, KvmError, Vcpu
 from ..memory import GuestMemory
 from . import virtio_devices
 from .device_manager import DeviceManager
-from .machine import Machine, VmmError
+from .machine import BootInputs, Machine, VmmError
 from .vcpu import VcpuThread
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,25 @@ def _set_boot_msrs(vcpu: Vcpu) -> dict[int, int]:
         return accepted
 
 
+def _boot_inputs(cfg: VmConfig, cmdline: str, tables: acpi.AcpiTables | None) -> BootInputs:
+    """What boot.prepare needs: the kernel and initrd read, the command line and tables."""
+    image = _read_file("-kernel", cfg.kernel or "")
+    initrd = _read_file("-initrd", cfg.initrd) if cfg.initrd else None
+    return (image, cmdline, initrd, cfg.vcpus, tables)
+
+
+def prepare_boot(m: Machine) -> boot.BootPlan:
+    """Load the kernel, initrd, command line and boot tables into guest RAM."""
+    assert m.mem is not None and m.boot_inputs is not None
+    try:
+        plan = boot.prepare(m.mem, *m.boot_inputs)
+    except KernelError as e:
+        raise VmmError(f"-kernel: {m.cfg.kernel}: {e}") from e
+    log.info("kernel %s: %s format, entry %#x%s", m.cfg.kernel, plan.kind, plan.entry,
+             f", initrd at {plan.initrd_addr:#x}" if plan.initrd_size else "")
+    return plan
+
+
 def build(cfg: VmConfig) -> Machine:
     m = Machine(cfg)
     try:
@@ -118,15 +138,11 @@ def _build(m: Machine) -> None:
     slots = devices.add_virtio_devices(m.devices_still, m.device_deleted)
     cmdline = guest_cmdline(cfg.cmdline, slots)
     tables = acpi.build(cfg.vcpus, slots) if cfg.acpi else None
-    image = _read_file("-kernel", cfg.kernel or "")
-    initrd = _read_file("-initrd", cfg.initrd) if cfg.initrd else None
-    m.boot_inputs = (image, cmdline, initrd, cfg.vcpus, tables)
-    try:
-        plan = boot.prepare(mem, *m.boot_inputs)
-    except KernelError as e:
-        raise VmmError(f"-kernel: {cfg.kernel}: {e}") from e
-    log.info("kernel %s: %s format, entry %#x%s", cfg.kernel, plan.kind, plan.entry,
-             f", initrd at {plan.initrd_addr:#x}" if plan.initrd_size else "")
+    m.read_boot_inputs = functools.partial(_boot_inputs, cfg, cmdline, tables)
+    plan = None
+    if cfg.incoming is None:            # a VM loaded from a snapshot or a migration boots nothing
+        m.boot_inputs = m.read_boot_inputs()
+        plan = prepare_boot(m)
 
     devices.add_legacy_devices()
     if devices.acpi is not None:
@@ -138,7 +154,9 @@ def _build(m: Machine) -> None:
         vcpu = vm.create_vcpu(i)
         m.vcpus.append(VcpuThread(vcpu, devices.pio, devices.mmio, m.lifecycle.request_stop))
         msrs = _set_boot_msrs(vcpu)
-        boot.setup_vcpu(vcpu, plan, supported, cfg.vcpus, msrs)
+        boot.setup_vcpu(vcpu, supported, cfg.vcpus, msrs)
+    if plan is not None:
+        boot.setup_boot_regs(m.vcpus[0].vcpu, plan)
     try:
         m.power_on = poweron.save(vm, [v.vcpu for v in m.vcpus], list(msrs))
     except KvmError as e:

@@ -131,6 +131,26 @@ class Hotplug:
         log.info("disk %s plugged into disk slot %d", name, index)
         return index
 
+    def change_image(self, name: str, path: str) -> None:
+        """Back disk ``name`` by the image at ``path`` from now on (read-only or not, and
+        cached or not, as before); the old image is closed. The driver keeps its queues
+        and learns the new size from a configuration change (virtio 1.2, 4.2.2), as with
+        Firecracker's PATCH /drives."""
+        with self._lock:
+            index = self._slot_of(self.disks, name)
+            if index is None:
+                raise NoSuchDevice(f"no disk named {name!r}")
+            old = _block(self.disks[index])
+            assert old.image is not None
+            try:
+                image = BlockFile(path, read_only=old.image.read_only, direct=old.image.direct)
+            except BackendError as e:
+                raise HotplugError(e.strerror or str(e)) from e
+            self._plug(self.disks[index], Block(name, image, self._pool, old.serial))
+            self.blockdevs[name] = image
+            old.image.close()
+        log.info("disk %s: now backed by %s", name, path)
+
     def add_nic(self, name: str, slot: int | None, mac: str | None = None) -> int:
         """Put netdev ``name`` into NIC slot ``slot`` (the first free one if None); returns the slot."""
         with self._lock:

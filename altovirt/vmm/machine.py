@@ -75,7 +75,8 @@ class Machine:
         self._actions = ActionQueue(self._loop)
         # The VM's XenStore: the guest is domain cfg.xen_domid, with its home made at start.
         self.xenstore = Store(cfg.xen_domid) if cfg.xenstore else None
-        self.boot_inputs: BootInputs | None = None
+        self.boot_inputs: BootInputs | None = None     # read at build, or at the first reset if loaded
+        self.read_boot_inputs: Callable[[], BootInputs] | None = None
         self.power_on: poweron.PowerOnState | None = None
         self._clock: S.kvm_clock_data | None = None
         self._snapshot_msrs: list[int] | None = None
@@ -110,7 +111,8 @@ class Machine:
         or its error (StateError when the VM's state does not allow it)."""
         handlers: dict[Action, Callable[[], object]] = {
             Action.PAUSE: self.pause, Action.RESUME: self.resume, Action.RESET: self.reset,
-            Action.POWERDOWN: self.powerdown, Action.VCPU_INFO: self.vcpu_info}
+            Action.POWERDOWN: self.powerdown, Action.CTRL_ALT_DEL: self.ctrl_alt_del,
+            Action.VCPU_INFO: self.vcpu_info}
         return self._actions.submit(handlers[action])
 
     # --- lifecycle ---
@@ -264,14 +266,22 @@ class Machine:
             if life.migrating:
                 raise StateError("a migration is in progress; migrate_cancel it first")
             assert self.vm is not None and self.mem is not None and self.devices is not None
-            assert self.boot_inputs is not None and self.power_on is not None
+            assert self.read_boot_inputs is not None and self.power_on is not None
+            if self.boot_inputs is None:    # loaded from a snapshot: the kernel is read now
+                try:
+                    self.boot_inputs = self.read_boot_inputs()
+                except VmmError as e:
+                    raise StateError(f"cannot boot again: {e}") from e
+            from .builder import prepare_boot
             with self._held(vcpus=True, devices=True):
                 self.devices.reset()        # before RAM goes: no device writes into it afterwards
                 self.mem.discard()
-                boot.prepare(self.mem, *self.boot_inputs)
+                plan = prepare_boot(self)
                 if self.vmgenid is not None:
                     self.vmgenid.write()    # the same VM: the same generation
-                poweron.restore(self.vm, [v.vcpu for v in self.vcpus], self.power_on, reset=True)
+                vcpus = [v.vcpu for v in self.vcpus]
+                poweron.restore(self.vm, vcpus, self.power_on, reset=True)
+                boot.setup_boot_regs(vcpus[0], plan)
         log.info("system reset")
         life.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
@@ -286,6 +296,12 @@ class Machine:
             assert self.devices.i8042 is not None
             self.devices.i8042.ctrl_alt_del()
         self.lifecycle.emit("POWERDOWN", {})
+
+    def ctrl_alt_del(self) -> None:
+        """Press Ctrl-Alt-Del on the i8042 keyboard (Firecracker's SendCtrlAltDel)."""
+        self.lifecycle.require(RunState.RUNNING)
+        assert self.devices is not None and self.devices.i8042 is not None
+        self.devices.i8042.ctrl_alt_del()
 
     @contextlib.contextmanager
     def _held(self, *, vcpus: bool, devices: bool) -> Iterator[None]:

@@ -63,6 +63,11 @@ class _Cancelled(MigrationError):
     pass
 
 
+def snapshot_files(uri: MigrationUri) -> snapfile.SnapshotFiles:
+    """The files of a ``file`` URI: its directory's, or its state and memory files."""
+    return snapfile.SnapshotFiles(uri.path, uri.memory) if uri.memory else snapfile.files(uri.path)
+
+
 @dataclass
 class Parameters:
     max_bandwidth: int = 128 << 20  # bytes a second (QEMU's default)
@@ -93,6 +98,8 @@ class Migration:
         self.status = "none"
         self.error: str | None = None           # why the last one failed
         self.incoming_error: str | None = None  # why this VM could not be loaded (the VMM stops)
+        # Told when a load has ended: None if it succeeded, else why it failed.
+        self.on_incoming_end: Callable[[str | None], None] | None = None
         self._stats = _Stats()
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -123,8 +130,9 @@ class Migration:
             self._jobs.get()()
 
     # --- what QMP asks (the QMP thread) ---
-    def migrate(self, uri: MigrationUri) -> None:
-        """Start sending the VM to ``uri``; StateError or MigrationError if it cannot start."""
+    def migrate(self, uri: MigrationUri, on_done: Callable[[], None] | None = None) -> None:
+        """Start sending the VM to ``uri``; StateError or MigrationError if it cannot start.
+        ``on_done`` is called once it has ended, whichever way."""
         m = self._m
         with self._lock:
             if self.status in ACTIVE:
@@ -135,7 +143,16 @@ class Migration:
                 m.lifecycle.require(RunState.RUNNING, RunState.PAUSED)
             m.lifecycle.migrating = "snapshot" if uri.kind == "file" else "live"
             self._begin()
-        self._jobs.put(lambda: self._outgoing(uri))
+        self._jobs.put(lambda: self._outgoing(uri, on_done))
+
+    def save_snapshot(self, where: snapfile.SnapshotFiles) -> None:
+        """Write a snapshot of the paused VM to ``where`` and return once it is on disk;
+        MigrationError (or StateError) saying why it could not be."""
+        done = threading.Event()
+        self.migrate(MigrationUri("file", path=where.state, memory=where.memory), done.set)
+        done.wait()
+        if self.status != "completed":
+            raise MigrationError(self.error or f"the snapshot was {self.status}")
 
     def incoming(self, incoming: IncomingConfig, listener: socket.socket | None = None) -> None:
         """Load the VM from ``incoming.uri`` (the VM waits in inmigrate)."""
@@ -224,11 +241,11 @@ class Migration:
             sys.stderr.flush()
 
     # --- out (the migration thread) ---
-    def _outgoing(self, uri: MigrationUri) -> None:
+    def _outgoing(self, uri: MigrationUri, on_done: Callable[[], None] | None) -> None:
         m = self._m
         try:
             if uri.kind == "file":
-                self._save_file(uri.path)
+                self._save_file(snapshot_files(uri))
             else:
                 self._send_live(uri)
         except _Cancelled:
@@ -245,8 +262,10 @@ class Migration:
             self._set_status("completed")
         finally:
             m.lifecycle.migrating = ""
+            if on_done is not None:
+                on_done()
 
-    def _save_file(self, directory: str) -> None:
+    def _save_file(self, where: snapfile.SnapshotFiles) -> None:
         m = self._m
         assert m.mem is not None
         header, sections = m.save_state()
@@ -255,11 +274,11 @@ class Migration:
 
         def progress(done: int) -> None:
             self._sent(done - s.transferred, done - s.transferred, 0, 0)
-        snapshot_id = snapfile.write(directory, header, sections, m.mem.ram, progress,
+        snapshot_id = snapfile.write(where, header, sections, m.mem.ram, progress,
                                      untouched=m.mem.untouched_pages())
         s.passes = 1
         self._sent(s.total - s.transferred, s.total - s.transferred, 0, 0)
-        log.info("snapshot %s written to %s", snapshot_id, directory)
+        log.info("snapshot %s written to %s", snapshot_id, where.state)
 
     def _send_live(self, uri: MigrationUri) -> None:
         m = self._m
@@ -334,40 +353,42 @@ class Migration:
                 self._receive(incoming)
         except (MigrationError, snapfile.SnapshotError, StateError, OSError) as e:
             reason = str(e) if isinstance(e, AltoVirtError) else (e.strerror or str(e))
-            self._fail_incoming(f"-incoming {incoming.uri}: {reason}")
+            self._fail_incoming(incoming.uri, reason)
         except Exception as e:
             log.exception("incoming migration failed")
-            self._fail_incoming(f"-incoming {incoming.uri}: internal error: {e}")
+            self._fail_incoming(incoming.uri, f"internal error: {e}")
         else:
             self._stats.remaining = 0
             self._set_status("completed")
             log.info("VM loaded from %s", incoming.uri)
         finally:
             self.close()
+            if self.on_incoming_end is not None:
+                self.on_incoming_end(self.error if self.status == "failed" else None)
 
-    def _fail_incoming(self, reason: str) -> None:
+    def _fail_incoming(self, uri: MigrationUri, reason: str) -> None:
         log.info("incoming migration failed: %s", reason)     # the VMM's last line says it to the user
-        self.incoming_error = reason
+        self.incoming_error = f"-incoming {uri}: {reason}"
         self._set_status("failed", reason)
         self._m.request_stop(HOST_ERROR)      # nothing starts
 
     def _load_file(self, incoming: IncomingConfig) -> None:
         m = self._m
         assert m.mem is not None and incoming.uri is not None
-        directory = incoming.uri.path
-        header, sections = snapfile.read_state(directory)
+        where = snapshot_files(incoming.uri)
+        header, sections = snapfile.read_state(where)
         if header["memory_size"] != m.mem.size:
             raise snapfile.SnapshotError(f"header: {header['memory_size']} bytes of RAM saved; "
                                          f"this VM has {m.mem.size} (-m)")
         if incoming.map_memory:
-            fd = snapfile.open_memory(directory)
+            fd = snapfile.open_memory(where)
             try:
                 m.mem.map_file(fd)
             finally:
                 os.close(fd)
         else:
             m.mem.discard()                 # zero: the file's holes are not read
-            snapfile.read_memory(directory, header, m.mem.ram)
+            snapfile.read_memory(where, header, m.mem.ram)
         self._stats.transferred = m.mem.size
         m.load_state(header, sections, resume=incoming.resume, new_generation=True)
 

@@ -1,7 +1,9 @@
 """A built VM's state as snapshot sections (:mod:`altovirt.snapshot.format`), and back.
 
 One section per component, named after it, holding its saved state (see
-:mod:`altovirt.persist`) as JSON: ``kvm`` (vCPUs, interrupt controllers, PIT,
+:mod:`altovirt.persist`) as JSON: ``config`` (the VM's machine and devices as
+a -config document, from which a Firecracker-style snapshot/load builds the
+VM; a VM started with -incoming has its own), ``kvm`` (vCPUs, interrupt controllers, PIT,
 clock), ``serial``, ``i8042``, ``rtc``, ``hotplug`` (backends and slots),
 ``virtio-mmio.N`` (each slot's transport and queues) and ``xenstore``. The
 header names what a VM must match to take them: vCPU count and the host CPU
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..arch.x86_64 import poweron
+from ..config import jsonconfig
 from ..devices.legacy.persist import I8042State, RtcState, SerialState
 from ..devices.virtio.persist import TransportState
 from ..kvm import Kvm, KvmError
@@ -26,6 +29,7 @@ from ..snapshot.format import Section, SnapshotError
 from .persist import HotplugState
 
 if TYPE_CHECKING:
+    from ..config import VmConfig
     from .machine import Machine
 
 VERSION = 1                         # of every section below but xenstore's (its own envelope)
@@ -91,7 +95,8 @@ def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[
     assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
     kvm_state = poweron.save(m.vm, [v.vcpu for v in m.vcpus], msrs)
     kvm_state = dataclasses.replace(kvm_state, vm=dataclasses.replace(kvm_state.vm, clock=clock))
-    sections = [_section("kvm", kvm_state), _section("serial", d.serial.save()),
+    sections = [Section("config", VERSION, json.dumps(jsonconfig.to_dict(m.cfg)).encode()),
+                _section("kvm", kvm_state), _section("serial", d.serial.save()),
                 _section("i8042", d.i8042.save()), _section("rtc", d.rtc.save()),
                 _section("hotplug", d.hotplug.save())]
     if m.xenstore is not None:
@@ -118,7 +123,7 @@ def restore(m: Machine, header: dict[str, Any], sections: dict[str, Section]) ->
     _check_cpu(header.get("cpu"), host_cpu(m.kvm))
     kvm_state = _state(sections, "kvm", poweron.PowerOnState)
     names = ["hotplug", *(f"virtio-mmio.{i}" for i in range(len(d.transports))), "serial", "i8042", "rtc"]
-    unknown = sorted(set(sections) - {*names, "kvm", "xenstore"})
+    unknown = sorted(set(sections) - {*names, "config", "kvm", "xenstore"})
     if unknown:
         slots = "; a VM with -api-channel has hot-plug slots" if unknown[0].startswith("virtio-mmio.") else ""
         raise SnapshotError(f"section {unknown[0]}: this VM has no such component{slots}")
@@ -157,3 +162,17 @@ def _load_xenstore(m: Machine, section: Section) -> None:
     if section.version != xs.VERSION:
         raise SavedStateError(f"version {section.version}; this AltoVirt reads {xs.VERSION}")
     xs.load(m.xenstore, section.payload)
+
+
+def saved_config(sections: dict[str, Section]) -> VmConfig:
+    """The configuration of the VM a snapshot was taken of (its ``config`` section)."""
+    section = sections.get("config")
+    if section is None:
+        raise SnapshotError("section config: missing (a snapshot from an older AltoVirt); "
+                            "load it with -incoming")
+    if section.version != VERSION:
+        raise SnapshotError(f"section config: version {section.version}; this AltoVirt reads {VERSION}")
+    try:
+        return jsonconfig.from_dict(json.loads(section.payload))
+    except (ValueError, RecursionError) as e:
+        raise SnapshotError(f"section config: {e}") from e

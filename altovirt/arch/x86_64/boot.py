@@ -112,16 +112,18 @@ def prepare(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
     return BootPlan(kernel.kind, kernel.entry, long_mode, info, *initrd_loc)
 
 
-def setup_vcpu(vcpu: Vcpu, plan: BootPlan, supported: list[S.kvm_cpuid_entry2],
-               count: int, msrs: dict[int, int]) -> None:
-    """CPUID, MSRs, FPU and LAPIC for every vCPU; registers for the boot vCPU only
-    (the others wait for INIT/SIPI in the in-kernel LAPIC)."""
+def setup_vcpu(vcpu: Vcpu, supported: list[S.kvm_cpuid_entry2], count: int, msrs: dict[int, int]) -> None:
+    """CPUID, MSRs, FPU and LAPIC, for every vCPU."""
     vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, vcpu.index, count))
     vcpu.set_msrs(msrs)
     regs.setup_fpu(vcpu)
     regs.setup_lapic(vcpu)
-    if vcpu.index == 0:
-        gdt = regs.GDT_64 if plan.long_mode else regs.GDT_32
-        regs.setup_sregs(vcpu, gdt, plan.long_mode)
-        regs.setup_regs(vcpu, plan.entry, plan.long_mode, plan.info_addr)
+
+
+def setup_boot_regs(vcpu: Vcpu, plan: BootPlan) -> None:
+    """The boot vCPU's registers, at the kernel's entry (the others wait for INIT/SIPI in
+    the in-kernel LAPIC)."""
+    gdt = regs.GDT_64 if plan.long_mode else regs.GDT_32
+    regs.setup_sregs(vcpu, gdt, plan.long_mode)
+    regs.setup_regs(vcpu, plan.entry, plan.long_mode, plan.info_addr)
 

@@ -45,9 +45,16 @@ class BootMark:
 class BootTimer:
     def __init__(self) -> None:
         self._start = process_start_monotonic()
+        self._origin = "the VMM process started"
         self.marks: list[BootMark] = []
         self.unrecorded = 0             # writes after the first MAX_MARKS
         self._scratch = 0
+
+    def count_from(self, monotonic: float, what: str) -> None:
+        """Time marks from ``monotonic`` (a time.monotonic() value, e.g. Firecracker's
+        InstanceStart), named ``what`` in the log, instead of the process's start."""
+        self._start = time.clock_gettime(time.CLOCK_BOOTTIME) - (time.monotonic() - monotonic)
+        self._origin = what
 
     def read(self, offset: int, size: int) -> int:
         return self._scratch
@@ -61,5 +68,5 @@ class BootTimer:
             return
         ms = (time.clock_gettime(time.CLOCK_BOOTTIME) - self._start) * 1000
         self.marks.append(BootMark(value, ms))
-        log.info("boot timer: value=%#x at %.1f ms since the VMM process started", value, ms)
+        log.info("boot timer: value=%#x at %.1f ms since %s", value, ms, self._origin)
 

@@ -1,0 +1,302 @@
+"""Firecracker's REST API (its ``firecracker.yaml``) on :mod:`.http`, for an :class:`Instance`.
+
+Requests are answered as Firecracker answers them: 204 with no body, 200 with
+a JSON body, or 400 with ``{"fault_message": ...}`` (also for a request in the
+wrong phase: pre-boot only after the start, post-boot only before it). What
+AltoVirt does not have answers 400 saying so. Each handler runs on the API
+thread; what touches the VM goes through the Machine's thread-safe entry
+points.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .. import __version__
+from ..config import ConfigError
+from ..config.firecracker import (
+    DESERIALIZE,
+    UNSUPPORTED,
+    FirecrackerConfig,
+    FirecrackerError,
+    LoggerConfig,
+    fields,
+    not_supported,
+)
+from ..config.model import IncomingConfig, MigrationUri, VmConfig
+from ..errors import AltoVirtError
+from ..snapshot import format as snapfile
+from ..snapshot.format import SnapshotFiles
+from ..vmm import snapshot
+from ..vmm.actions import Action
+from ..vmm.hotplug import HotplugError
+from ..vmm.instance import Instance
+from ..vmm.lifecycle import RunState
+from ..vmm.metrics import Metrics
+from ..vmm.migration import snapshot_files
+from .http import Request, Response, fault
+
+log = logging.getLogger(__name__)
+
+FIRECRACKER_API_VERSION = "1.16.1"      # the Firecracker release whose API this follows
+APP_NAME = "AltoVirt"
+VERSION = {"firecracker_version": FIRECRACKER_API_VERSION}
+# Firecracker's endpoints for what AltoVirt does not have.
+UNSUPPORTED_ENDPOINTS = {"mmds": UNSUPPORTED["mmds-config"], "hotplug": UNSUPPORTED["memory-hotplug"],
+                         **{k: UNSUPPORTED[k] for k in ("balloon", "cpu-config", "pmem", "serial")}}
+
+
+def _json(request: Request) -> object:
+    assert request.body is not None
+    try:
+        return json.loads(request.body)
+    except (ValueError, RecursionError) as e:
+        raise FirecrackerError(f"{DESERIALIZE}: {e}.") from e
+
+
+class FirecrackerApi:
+    """The routes: (method, first path segment) -> handler(request, rest of the path).
+    ``on_logger`` applies a PUT /logger; ``metrics`` takes PUT /metrics and FlushMetrics."""
+
+    def __init__(self, instance: Instance, metrics: Metrics,
+                 on_logger: Callable[[LoggerConfig], None]) -> None:
+        self.instance = instance
+        self.metrics = metrics
+        self.on_logger = on_logger
+        cfg = self._configure
+        self.routes: dict[tuple[str, str], Callable[[Request, str | None], Response]] = {
+            ("GET", ""): lambda r, rest: Response(200, self._info()),
+            ("GET", "version"): lambda r, rest: Response(200, VERSION),
+            ("GET", "machine-config"): lambda r, rest: Response(200, self._export()["machine-config"]),
+            ("GET", "vm"): self._get_vm,
+            ("PUT", "boot-source"): cfg(lambda c, b, rest: c.put_boot_source(b)),
+            ("PUT", "machine-config"): cfg(lambda c, b, rest: c.put_machine_config(b)),
+            ("PATCH", "machine-config"): cfg(lambda c, b, rest: c.put_machine_config(b, partial=True)),
+            ("PUT", "drives"): cfg(lambda c, b, rest: c.put_drive(_id(rest), b)),
+            ("PUT", "network-interfaces"): cfg(lambda c, b, rest: c.put_network_interface(_id(rest), b)),
+            ("PUT", "vsock"): cfg(lambda c, b, rest: c.put_vsock(b)),
+            ("PUT", "entropy"): cfg(lambda c, b, rest: c.put_entropy(b)),
+            # The logger and metrics may be set up before or after the start, as in Firecracker.
+            ("PUT", "logger"): lambda r, rest: self._logger(_json(r)),
+            ("PUT", "metrics"): lambda r, rest: self._metrics(_json(r)),
+            ("PUT", "actions"): self._action,
+            ("PATCH", "vm"): self._patch_vm,
+            ("PATCH", "drives"): self._patch_drive,
+            ("PATCH", "network-interfaces"): self._patch_net,
+            ("PUT", "snapshot"): self._snapshot,
+        }
+
+    def __call__(self, request: Request) -> Response:
+        segments = request.path.strip("/").split("/", 1)
+        first, rest = segments[0], (segments[1] if len(segments) > 1 else None)
+        self.metrics.count(request.method, first)
+        response = self._route(request, first, rest)
+        if response.status >= 400:
+            self.metrics.failed(request.method, first)
+        return response
+
+    def _route(self, request: Request, first: str, rest: str | None) -> Response:
+        route = self.routes.get((request.method, first))
+        invalid = f"Invalid request method and/or path: {request.method} {request.path}."
+        if route is None:
+            if first in UNSUPPORTED_ENDPOINTS:
+                return fault(400, str(not_supported(UNSUPPORTED_ENDPOINTS[first])))
+            return fault(400, invalid)
+        if request.method == "GET" and request.body is not None:
+            return fault(400, "GET request cannot have a body.")
+        if request.method != "GET" and request.body is None:
+            return fault(400, f"Empty {request.method} request.")
+        if rest is not None and first not in ("drives", "network-interfaces", "snapshot", "vm"):
+            return fault(400, invalid)
+        try:
+            return route(request, rest)
+        except (AltoVirtError, ConfigError) as e:
+            return fault(400, str(e))
+
+    def _logger(self, body: object) -> Response:
+        self.on_logger(self.instance.config.put_logger(body))
+        return Response(204)
+
+    def _metrics(self, body: object) -> Response:
+        self.metrics.open(self.instance.config.put_metrics(body))
+        return Response(204)
+
+    # --- before the start ---
+    def _configure(self, change: Callable[[FirecrackerConfig, object, str | None], object]
+                   ) -> Callable[[Request, str | None], Response]:
+        def handler(request: Request, rest: str | None) -> Response:
+            body = _json(request)
+            self.instance.configure(lambda c: change(c, body, rest))
+            return Response(204)
+        return handler
+
+    def _start(self) -> None:
+        self.instance.launch(lambda c: c.vm_config(self.instance.id))
+
+    def _load_snapshot(self, body: object) -> None:
+        p = fields("snapshot load", body, {"snapshot_path": str},
+                   {"mem_file_path": str, "mem_backend": dict, "resume_vm": bool,
+                    "enable_diff_snapshots": bool, "track_dirty_pages": bool, "network_overrides": list,
+                    "vsock_override": dict, "clock_realtime": bool, "huge_pages": str})
+        if ("mem_file_path" in p) == ("mem_backend" in p):
+            raise FirecrackerError("Load snapshot error: give exactly one of mem_file_path and mem_backend.")
+        memory = p.get("mem_file_path")
+        if "mem_backend" in p:
+            b = fields("mem_backend", p["mem_backend"], {"backend_type": str, "backend_path": str}, {})
+            if b["backend_type"] == "Uffd":
+                raise not_supported("userfaultfd memory backend (backend_type Uffd); use File")
+            if b["backend_type"] != "File":
+                raise FirecrackerError(f"{DESERIALIZE}: unknown variant `{b['backend_type']}`, "
+                                       "expected `File` or `Uffd`.")
+            memory = b["backend_path"]
+        assert memory is not None
+        if p.get("clock_realtime"):
+            raise not_supported("clock_realtime: a restored guest's clock continues from the snapshot")
+        if p.get("huge_pages", "Snapshot") not in ("Snapshot", "None"):
+            raise not_supported(f"huge pages (huge_pages {p['huge_pages']!r})")
+        nets = {}
+        for item in p.get("network_overrides", []):
+            o = fields("network_overrides", item, {"iface_id": str, "host_dev_name": str}, {})
+            nets[o["iface_id"]] = o["host_dev_name"]
+        vsock_path = None
+        if "vsock_override" in p:
+            vsock_path = fields("vsock_override", p["vsock_override"], {"uds_path": str}, {})["uds_path"]
+        uri = MigrationUri("file", path=p["snapshot_path"], memory=memory)
+
+        def make(c: FirecrackerConfig) -> VmConfig:
+            if not c.is_fresh():
+                raise FirecrackerError("Loading a microVM snapshot not allowed after configuring "
+                                       "boot-specific resources.")
+            try:
+                _, sections = snapfile.read_state(snapshot_files(uri))
+                cfg = snapshot.saved_config(sections)
+            except snapfile.SnapshotError as e:
+                raise FirecrackerError(f"Load snapshot error: {e}") from e
+            for iface_id, tap in nets.items():
+                net = next((n for n in cfg.nets if n.id == iface_id), None)
+                if net is None:
+                    raise FirecrackerError(f"Load snapshot error: network override for {iface_id!r}: the "
+                                           "snapshot has no such interface.")
+                net.tap = tap
+            if vsock_path is not None:
+                if cfg.vsock is None:
+                    raise FirecrackerError("Load snapshot error: vsock override: the snapshot has no vsock "
+                                           "device.")
+                cfg.vsock.uds_path = vsock_path
+            cfg.name, cfg.serial_stdio = self.instance.id, True
+            cfg.incoming = IncomingConfig(uri, resume=p.get("resume_vm", False))
+            c.restored_from(cfg)
+            return cfg
+        self.instance.launch(make, restore=True)
+
+    # --- after the start ---
+    def _info(self) -> dict[str, Any]:
+        return {"id": self.instance.id, "state": self.instance.state, "vmm_version": __version__,
+                "app_name": APP_NAME}
+
+    def _export(self) -> dict[str, Any]:
+        out = self.instance.config.export()
+        if self.instance.restored:
+            out.pop("boot-source", None)
+        return out
+
+    def _get_vm(self, request: Request, rest: str | None) -> Response:
+        if rest != "config":
+            return fault(400, f"Invalid request method and/or path: GET {request.path}.")
+        return Response(200, self._export())
+
+    def _action(self, request: Request, rest: str | None) -> Response:
+        a = fields("action", _json(request), {"action_type": str}, {})
+        kind = a["action_type"]
+        if kind == "InstanceStart":
+            self._start()
+        elif kind == "SendCtrlAltDel":
+            self.instance.running().request(Action.CTRL_ALT_DEL)
+        elif kind == "FlushMetrics":
+            self.metrics.flush(self.instance.state)
+        else:
+            raise FirecrackerError(f"{DESERIALIZE}: unknown variant `{kind}`, expected one of "
+                                   "`FlushMetrics`, `InstanceStart`, `SendCtrlAltDel`.")
+        return Response(204)
+
+    def _patch_vm(self, request: Request, rest: str | None) -> Response:
+        if rest is not None:
+            return fault(400, f"Invalid request method and/or path: PATCH {request.path}.")
+        v = fields("vm", _json(request), {"state": str}, {})
+        actions = {"Paused": Action.PAUSE, "Resumed": Action.RESUME}
+        if v["state"] not in actions:
+            raise FirecrackerError(f"{DESERIALIZE}: unknown variant `{v['state']}`, expected `Paused` or "
+                                   "`Resumed`.")
+        machine = self.instance.running()
+        try:
+            machine.request(actions[v["state"]])
+        except AltoVirtError as e:
+            raise FirecrackerError(f"{'Pause' if v['state'] == 'Paused' else 'Resume'} error: {e}") from e
+        return Response(204)
+
+    def _patch_drive(self, request: Request, rest: str | None) -> Response:
+        d = fields("drive", _json(request), {"drive_id": str}, {"path_on_host": str, "rate_limiter": dict})
+        drive_id = _id(rest)
+        if d["drive_id"] != drive_id:
+            raise FirecrackerError("The id from the path does not match the id from the body!")
+        if d.get("rate_limiter"):
+            raise not_supported("I/O rate limiters (rate_limiter)")
+        machine = self.instance.running()
+        if "path_on_host" in d:
+            assert machine.hotplug is not None
+            try:
+                machine.hotplug.change_image(drive_id, d["path_on_host"])
+            except HotplugError as e:
+                raise FirecrackerError(f"Drive config error: {e}") from e
+            self.instance.config.drive_moved(drive_id, d["path_on_host"])
+        return Response(204)
+
+    def _patch_net(self, request: Request, rest: str | None) -> Response:
+        n = fields("network-interface", _json(request), {"iface_id": str},
+                   {"rx_rate_limiter": dict, "tx_rate_limiter": dict})
+        iface_id = _id(rest)
+        if n["iface_id"] != iface_id:
+            raise FirecrackerError("The id from the path does not match the id from the body!")
+        if n.get("rx_rate_limiter") or n.get("tx_rate_limiter"):
+            raise not_supported("I/O rate limiters (rx_rate_limiter, tx_rate_limiter)")
+        self.instance.running()
+        if iface_id not in self.instance.config.nets:
+            raise FirecrackerError(f"Invalid interface ID - not found: {iface_id}.")
+        return Response(204)
+
+    def _snapshot(self, request: Request, rest: str | None) -> Response:
+        body = _json(request)
+        if rest == "create":
+            self._create_snapshot(body)
+        elif rest == "load":
+            self._load_snapshot(body)
+        else:
+            return fault(400, f"Invalid request method and/or path: PUT {request.path}.")
+        return Response(204)
+
+    def _create_snapshot(self, body: object) -> None:
+        p = fields("snapshot create", body, {"snapshot_path": str, "mem_file_path": str},
+                   {"snapshot_type": str, "version": str})
+        if p.get("snapshot_type", "Full") == "Diff":
+            raise not_supported("diff snapshots (snapshot_type Diff); take a Full one")
+        if p.get("snapshot_type", "Full") != "Full":
+            raise FirecrackerError(f"{DESERIALIZE}: unknown variant `{p['snapshot_type']}`, "
+                                   "expected `Full` or `Diff`.")
+        machine = self.instance.running()
+        if machine.state != RunState.PAUSED:
+            raise FirecrackerError("Create snapshot error: the microVM must be paused first "
+                                   "(PATCH /vm Paused).")
+        assert machine.migration is not None
+        try:
+            machine.migration.save_snapshot(SnapshotFiles(p["snapshot_path"], p["mem_file_path"]))
+        except AltoVirtError as e:
+            raise FirecrackerError(f"Create snapshot error: {e}") from e
+
+
+def _id(rest: str | None) -> str:
+    if not rest:
+        raise FirecrackerError("The ID cannot be empty.")
+    return rest

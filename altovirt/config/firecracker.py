@@ -1,0 +1,345 @@
+"""Firecracker's configuration objects (its API bodies and ``--config-file``) as AltoVirt's.
+
+The shapes and rules are those of Firecracker's OpenAPI description
+(``src/firecracker/swagger/firecracker.yaml``): unknown keys are refused,
+``null`` stands for an absent optional value, resource ids hold letters,
+digits and ``_``. What AltoVirt does not have (rate limiters, MTU, SMT, CPU
+templates, huge pages, MMDS, balloon, pmem, memory hot-plug, a serial
+output file) is refused with a message that says so, never ignored.
+:class:`FirecrackerConfig` collects a VM's settings before it starts and
+turns them into a :class:`VmConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .model import (
+    MAX_DRIVES,
+    MAX_NICS,
+    MEM_MIN,
+    ConfigError,
+    DriveConfig,
+    MiB,
+    NetConfig,
+    RngConfig,
+    VmConfig,
+    VsockConfig,
+)
+from .validate import check_mac, check_tap
+
+FC_VCPUS_MAX = 32                       # firecracker.yaml, MachineConfiguration.vcpu_count
+DEFAULT_MEM_MIB = 128                   # Firecracker's default machine
+_FC_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+DESERIALIZE = "An error occurred when deserializing the json body of a request"
+# Sections of Firecracker's configuration that AltoVirt does not have, and how it says so.
+UNSUPPORTED = {
+    "balloon": "the balloon device", "mmds-config": "MMDS (the metadata service)",
+    "cpu-config": "custom CPU templates", "pmem": "virtio-pmem", "memory-hotplug": "memory hot-plug",
+    "serial": "a serial output file (the serial console is the process's standard output)",
+}
+
+
+class FirecrackerError(ConfigError):
+    """A body or setting Firecracker's API answers with 400; the message is its fault_message."""
+
+
+def not_supported(what: str) -> FirecrackerError:
+    return FirecrackerError(f"The requested operation is not supported: AltoVirt does not support {what}.")
+
+
+def fields(where: str, body: object, required: dict[str, type | tuple[type, ...]],
+           optional: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """``body`` checked as a JSON object with these keys and types; ``null`` optional values
+    are dropped. FirecrackerError names the first key that is wrong."""
+    if not isinstance(body, dict):
+        raise FirecrackerError(f"{DESERIALIZE}: {where} must be a JSON object.")
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        kinds = required.get(key) or optional.get(key)
+        if kinds is None:
+            accepted = ", ".join(f"`{k}`" for k in (*required, *optional))
+            raise FirecrackerError(f"{DESERIALIZE}: unknown field `{key}` in {where}, "
+                                   f"expected one of {accepted}.")
+        if value is None and key in optional:
+            continue
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join({str: "a string", int: "an integer", bool: "a boolean", dict: "an object",
+                                 list: "an array"}[k] for k in kinds)
+            raise FirecrackerError(f"{DESERIALIZE}: {where}.{key} must be {names}.")
+        out[key] = value
+    for key in required:
+        if key not in out:
+            raise FirecrackerError(f"{DESERIALIZE}: missing field `{key}` in {where}.")
+    return out
+
+
+def check_fc_id(where: str, value: str) -> str:
+    if not _FC_ID.match(value):
+        raise FirecrackerError(f"{where}: API Resource IDs can only contain alphanumeric characters and "
+                               "underscores (1 to 64 of them).")
+    return value
+
+
+def _no_rate_limiter(where: str, value: object) -> None:
+    """A rate limiter: absent, null or without buckets, since AltoVirt has none."""
+    if value is None:
+        return
+    limiter = fields(where, value, {}, {"bandwidth": dict, "ops": dict})
+    if limiter:
+        raise not_supported(f"I/O rate limiters ({where})")
+
+
+@dataclass
+class FcDrive:
+    drive: DriveConfig
+    is_root_device: bool = False
+    partuuid: str | None = None
+    cache_type: str = "Unsafe"
+    io_engine: str = "Sync"
+
+
+@dataclass
+class LoggerConfig:
+    log_path: str | None = None
+    level: str = "Info"
+    show_level: bool = False
+    show_log_origin: bool = False
+
+
+@dataclass
+class MetricsConfig:
+    metrics_path: str
+    emit_id: bool = False
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+LOG_LEVELS = ("Error", "Warning", "Info", "Debug", "Trace", "Off")
+
+
+@dataclass
+class FirecrackerConfig:
+    """A microVM's settings as Firecracker's API collects them before InstanceStart."""
+
+    kernel: str | None = None
+    boot_args: str | None = None
+    initrd: str | None = None
+    vcpu_count: int = 1
+    mem_size_mib: int = DEFAULT_MEM_MIB
+    track_dirty_pages: bool = False
+    drives: dict[str, FcDrive] = field(default_factory=dict)
+    nets: dict[str, NetConfig] = field(default_factory=dict)
+    vsock: VsockConfig | None = None
+    entropy: bool = False
+    logger: LoggerConfig | None = None
+    metrics: MetricsConfig | None = None
+
+    # --- the API's bodies ---
+    def put_boot_source(self, body: object) -> None:
+        b = fields("boot-source", body, {"kernel_image_path": str}, {"boot_args": str, "initrd_path": str})
+        self.kernel = b["kernel_image_path"]
+        self.boot_args, self.initrd = b.get("boot_args"), b.get("initrd_path")
+
+    def put_machine_config(self, body: object, *, partial: bool = False) -> None:
+        kinds: dict[str, type | tuple[type, ...]] = {"vcpu_count": int, "mem_size_mib": int}
+        m = fields("machine-config", body, {} if partial else kinds,
+                   {**(kinds if partial else {}), "smt": bool, "track_dirty_pages": bool, "cpu_template": str,
+                    "huge_pages": str})
+        vcpus = m.get("vcpu_count", self.vcpu_count)
+        mem = m.get("mem_size_mib", self.mem_size_mib)
+        if not 1 <= vcpus <= FC_VCPUS_MAX:
+            raise FirecrackerError(f"The vCPU number is invalid! Accepted range [1, {FC_VCPUS_MAX}], "
+                                   f"got {vcpus}.")
+        if mem < MEM_MIN // MiB:
+            raise FirecrackerError(f"The memory size (MiB) is invalid: {mem}; AltoVirt needs at least "
+                                   f"{MEM_MIN // MiB} MiB.")
+        if m.get("smt"):
+            raise not_supported("SMT (simultaneous multithreading) in its CPU topology")
+        if m.get("cpu_template", "None") != "None":
+            raise not_supported(f"CPU templates (cpu_template {m['cpu_template']!r})")
+        if m.get("huge_pages", "None") != "None":
+            raise not_supported(f"huge pages (huge_pages {m['huge_pages']!r})")
+        self.vcpu_count, self.mem_size_mib = vcpus, mem
+        self.track_dirty_pages = m.get("track_dirty_pages", False if not partial else self.track_dirty_pages)
+
+    def put_drive(self, path_id: str, body: object) -> None:
+        d = fields("drive", body, {"drive_id": str, "is_root_device": bool},
+                   {"path_on_host": str, "is_read_only": bool, "partuuid": str, "cache_type": str,
+                    "io_engine": str, "rate_limiter": dict, "socket": str})
+        drive_id = _same_id(path_id, d["drive_id"])
+        if "socket" in d:
+            raise not_supported("vhost-user block devices")
+        if "path_on_host" not in d:
+            raise FirecrackerError(f"{DESERIALIZE}: missing field `path_on_host` in drive.")
+        if d.get("cache_type", "Unsafe") not in ("Unsafe", "Writeback"):
+            raise FirecrackerError(f"{DESERIALIZE}: unknown cache_type {d['cache_type']!r}, "
+                                   "expected `Unsafe` or `Writeback`.")
+        if d.get("io_engine", "Sync") not in ("Sync", "Async"):
+            raise FirecrackerError(f"{DESERIALIZE}: unknown io_engine {d['io_engine']!r}, expected `Sync` or "
+                                   "`Async`.")
+        _no_rate_limiter("rate_limiter", d.get("rate_limiter"))
+        if d["is_root_device"] and any(x.is_root_device for k, x in self.drives.items() if k != drive_id):
+            raise FirecrackerError("A root block device already exists!")
+        if drive_id not in self.drives and len(self.drives) >= MAX_DRIVES:
+            raise FirecrackerError(f"Unable to add drive {drive_id}: AltoVirt attaches at most {MAX_DRIVES}.")
+        self.drives[drive_id] = FcDrive(
+            DriveConfig(drive_id, d["path_on_host"], read_only=d.get("is_read_only", False), direct=False),
+            d["is_root_device"], d.get("partuuid"), d.get("cache_type", "Unsafe"), d.get("io_engine", "Sync"))
+
+    def put_network_interface(self, path_id: str, body: object) -> None:
+        n = fields("network-interface", body, {"iface_id": str, "host_dev_name": str},
+                   {"guest_mac": str, "mtu": int, "rx_rate_limiter": dict, "tx_rate_limiter": dict})
+        iface_id = _same_id(path_id, n["iface_id"])
+        if "mtu" in n:
+            raise not_supported("MTU advertisement (VIRTIO_NET_F_MTU)")
+        _no_rate_limiter("rx_rate_limiter", n.get("rx_rate_limiter"))
+        _no_rate_limiter("tx_rate_limiter", n.get("tx_rate_limiter"))
+        tap = check_tap("host_dev_name", n["host_dev_name"])
+        mac = check_mac("guest_mac", n["guest_mac"]) if "guest_mac" in n else None
+        for other_id, other in self.nets.items():
+            if other_id != iface_id and other.tap == tap:
+                raise FirecrackerError(f"The host device name {tap} is already in use by {other_id}.")
+            if other_id != iface_id and mac and other.mac == mac:
+                raise FirecrackerError(f"The MAC address {mac} is already in use by {other_id}.")
+        if iface_id not in self.nets and len(self.nets) >= MAX_NICS:
+            raise FirecrackerError(f"Unable to add network interface {iface_id}: AltoVirt attaches at most "
+                                   f"{MAX_NICS}.")
+        self.nets[iface_id] = NetConfig(iface_id, tap, mac)
+
+    def put_vsock(self, body: object) -> None:
+        v = fields("vsock", body, {"guest_cid": int, "uds_path": str}, {"vsock_id": str})
+        if not 3 <= v["guest_cid"] <= 0xFFFFFFFE:
+            raise FirecrackerError(f"Invalid guest CID {v['guest_cid']}; accepted range [3, 4294967294].")
+        self.vsock = VsockConfig(check_fc_id("vsock_id", v.get("vsock_id", "vsock")), v["guest_cid"],
+                                 v["uds_path"])
+
+    def put_entropy(self, body: object) -> None:
+        e = fields("entropy", body, {}, {"rate_limiter": dict})
+        _no_rate_limiter("rate_limiter", e.get("rate_limiter"))
+        self.entropy = True
+
+    def put_logger(self, body: object) -> LoggerConfig:
+        lg = fields("logger", body, {}, {"log_path": str, "level": str, "show_level": bool,
+                                         "show_log_origin": bool, "module": str})
+        level = {v.lower(): v for v in LOG_LEVELS}.get(lg.get("level", "Info").lower())
+        if level is None:
+            raise FirecrackerError(f"Invalid log level {lg['level']!r}; accepted: {', '.join(LOG_LEVELS)}.")
+        self.logger = LoggerConfig(lg.get("log_path"), level, lg.get("show_level", False),
+                                   lg.get("show_log_origin", False))
+        return self.logger
+
+    def put_metrics(self, body: object) -> MetricsConfig:
+        mt = fields("metrics", body, {"metrics_path": str}, {"emit_id": bool, "properties": dict})
+        props = mt.get("properties", {})
+        if not all(isinstance(v, str) for v in props.values()):
+            raise FirecrackerError(f"{DESERIALIZE}: metrics.properties values must be strings.")
+        if self.metrics is not None:
+            raise FirecrackerError("Reinitialization of metrics not allowed.")
+        self.metrics = MetricsConfig(mt["metrics_path"], mt.get("emit_id", False), props)
+        return self.metrics
+
+    def is_fresh(self) -> bool:
+        """Nothing but the logger and metrics is configured (what snapshot/load requires)."""
+        return dataclasses.replace(self, logger=None, metrics=None) == FirecrackerConfig()
+
+    def restored_from(self, cfg: VmConfig) -> None:
+        """Take the machine and devices of a VM loaded from a snapshot (for GET /vm/config)."""
+        self.kernel, self.boot_args, self.initrd = cfg.kernel, cfg.cmdline, cfg.initrd
+        self.vcpu_count, self.mem_size_mib = cfg.vcpus, cfg.mem_size // MiB
+        self.drives = {d.id: FcDrive(dataclasses.replace(d)) for d in cfg.drives}
+        self.nets = {n.id: dataclasses.replace(n) for n in cfg.nets}
+        self.vsock = dataclasses.replace(cfg.vsock) if cfg.vsock else None
+        self.entropy = cfg.rng is not None
+
+    def drive_moved(self, drive_id: str, path: str) -> None:
+        """A running VM's drive now reads ``path`` (PATCH /drives)."""
+        self.drives[drive_id].drive.path = path
+
+    # --- whole documents ---
+    def load_document(self, doc: object) -> None:
+        """Firecracker's ``--config-file`` document."""
+        if not isinstance(doc, dict):
+            raise FirecrackerError("the configuration file must hold a JSON object")
+        for key, value in doc.items():
+            if value is None:
+                continue
+            if key in UNSUPPORTED:
+                raise not_supported(UNSUPPORTED[key])
+            put = {"boot-source": self.put_boot_source, "machine-config": self.put_machine_config,
+                   "vsock": self.put_vsock, "entropy": self.put_entropy, "logger": self.put_logger,
+                   "metrics": self.put_metrics}.get(key)
+            if put is not None:
+                put(value)
+            elif key in ("drives", "network-interfaces"):
+                if not isinstance(value, list):
+                    raise FirecrackerError(f"{DESERIALIZE}: {key} must be an array.")
+                id_key = "drive_id" if key == "drives" else "iface_id"
+                for item in value:
+                    ident = item.get(id_key) if isinstance(item, dict) else None
+                    if not isinstance(ident, str):
+                        raise FirecrackerError(f"{DESERIALIZE}: every entry of {key} needs its id.")
+                    (self.put_drive if key == "drives" else self.put_network_interface)(ident, item)
+            else:
+                accepted = ", ".join(sorted({"boot-source", "machine-config", "drives", "network-interfaces",
+                                             "vsock", "entropy", "logger", "metrics", *UNSUPPORTED}))
+                raise FirecrackerError(f"unknown configuration section {key!r}; accepted: {accepted}")
+
+    def export(self) -> dict[str, Any]:
+        """GET /vm/config's FullVmConfiguration."""
+        out: dict[str, Any] = {
+            "machine-config": {"vcpu_count": self.vcpu_count, "mem_size_mib": self.mem_size_mib, "smt": False,
+                               "track_dirty_pages": self.track_dirty_pages, "huge_pages": "None"},
+            "drives": [{"drive_id": k, "partuuid": d.partuuid, "is_root_device": d.is_root_device,
+                        "cache_type": d.cache_type, "is_read_only": d.drive.read_only,
+                        "path_on_host": d.drive.path, "rate_limiter": None, "io_engine": d.io_engine,
+                        "socket": None} for k, d in self.drives.items()],
+            "network-interfaces": [{"iface_id": k, "host_dev_name": n.tap, "guest_mac": n.mac,
+                                    "rx_rate_limiter": None, "tx_rate_limiter": None}
+                                   for k, n in self.nets.items()],
+            "balloon": None, "vsock": None, "entropy": {"rate_limiter": None} if self.entropy else None,
+            "logger": None, "metrics": None, "mmds-config": None,
+        }
+        if self.kernel is not None:
+            out["boot-source"] = {"kernel_image_path": self.kernel, "boot_args": self.boot_args,
+                                  "initrd_path": self.initrd}
+        if self.vsock is not None:
+            out["vsock"] = {"guest_cid": self.vsock.guest_cid, "uds_path": self.vsock.uds_path}
+        if self.logger is not None:
+            out["logger"] = dataclasses.asdict(self.logger)
+        if self.metrics is not None:
+            out["metrics"] = dataclasses.asdict(self.metrics)
+        return out
+
+    def vm_config(self, name: str) -> VmConfig:
+        """The VmConfig to build; the root drive first (it is /dev/vda) and named on the kernel
+        command line, as Firecracker does."""
+        if self.kernel is None:
+            raise FirecrackerError("Cannot start microvm without kernel configuration.")
+        drives = sorted(self.drives.values(), key=lambda d: not d.is_root_device)
+        cmdline = self.boot_args if self.boot_args is not None else DEFAULT_BOOT_ARGS
+        root = next((d for d in drives if d.is_root_device), None)
+        if root is not None:
+            dev = f"PARTUUID={root.partuuid}" if root.partuuid else "/dev/vda"
+            cmdline = f"{cmdline} root={dev} {'ro' if root.drive.read_only else 'rw'}"
+        return VmConfig(kernel=self.kernel, cmdline=cmdline, initrd=self.initrd, name=name,
+                        vcpus=self.vcpu_count, mem_size=self.mem_size_mib * MiB,
+                        drives=[dataclasses.replace(d.drive) for d in drives],
+                        nets=[dataclasses.replace(n) for n in self.nets.values()],
+                        vsock=dataclasses.replace(self.vsock) if self.vsock else None,
+                        rng=RngConfig("entropy") if self.entropy else None, serial_stdio=True)
+
+
+# Firecracker's default kernel command line (src/vmm/src/vmm_config/boot_source.rs).
+DEFAULT_BOOT_ARGS = ("reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd "
+                     "swiotlb=noforce")
+
+
+def _same_id(path_id: str, body_id: str) -> str:
+    check_fc_id("path", path_id)
+    if body_id != path_id:
+        raise FirecrackerError("The id from the path does not match the id from the body!")
+    return path_id

@@ -1,0 +1,371 @@
+"""``altovirt-firecracker``: Firecracker's command line and REST API, driven as Firecracker's
+users drive it (its getting-started curl commands, its configuration file), on the probe."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, Vm, needs_kvm
+from .fcapi import FIRECRACKER, Firecracker
+from .netns import NetNs, needs_netns
+
+pytestmark = needs_kvm
+
+CURL = shutil.which("curl")
+needs_curl = pytest.mark.skipif(CURL is None, reason="SKIPPED LOUDLY: curl is missing (Debian's curl); "
+                                                     "the getting-started test drives the API with it")
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    path = tmp_path / "rootfs.ext4"
+    path.write_bytes(b"the root file system".ljust(1 << 20, b"\0"))
+    return path
+
+
+def start(fc: Firecracker, probe: Path, run: str, *, vcpus: int = 1, mem: int = 128) -> None:
+    fc.ok("PUT", "/boot-source", {"kernel_image_path": str(probe / "probe.elf"),
+                                  "boot_args": f"console=ttyS0 probe.run={run}"})
+    fc.ok("PUT", "/machine-config", {"vcpu_count": vcpus, "mem_size_mib": mem})
+    fc.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+
+
+@needs_curl
+@needs_netns
+def test_getting_started_with_curl(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """Firecracker's docs/getting-started.md, its curl commands verbatim: the logger, the
+    kernel, the root file system and a tap, then InstanceStart."""
+    shutil.copy(probe / "probe.elf", tmp_path / "vmlinux-probe")
+    net = NetNs(("tap0",))
+    try:
+        api_socket = tmp_path / "firecracker.socket"
+        fc = Firecracker(vms, api_socket, prefix=tuple(net.cmd("env", f"--chdir={tmp_path}")))
+        env = {**os.environ, "API_SOCKET": str(api_socket), "LOGFILE": "./firecracker.log",
+               "KERNEL": "./vmlinux-probe",
+               "KERNEL_BOOT_ARGS": "console=ttyS0 reboot=k panic=1 probe.run=info",
+               "ROOTFS": f"./{disk.name}", "FC_MAC": "06:00:AC:10:00:02", "TAP_DEV": "tap0"}
+        script = r'''
+set -e
+curl -X PUT --unix-socket "${API_SOCKET}" \
+    --data "{
+        \"log_path\": \"${LOGFILE}\",
+        \"level\": \"Debug\",
+        \"show_level\": true,
+        \"show_log_origin\": true
+    }" \
+    "http://localhost/logger"
+curl -X PUT --unix-socket "${API_SOCKET}" \
+    --data "{
+        \"kernel_image_path\": \"${KERNEL}\",
+        \"boot_args\": \"${KERNEL_BOOT_ARGS}\"
+    }" \
+    "http://localhost/boot-source"
+curl -X PUT --unix-socket "${API_SOCKET}" \
+    --data "{
+        \"drive_id\": \"rootfs\",
+        \"path_on_host\": \"${ROOTFS}\",
+        \"is_root_device\": true,
+        \"is_read_only\": false
+    }" \
+    "http://localhost/drives/rootfs"
+curl -X PUT --unix-socket "${API_SOCKET}" \
+    --data "{
+        \"iface_id\": \"net1\",
+        \"guest_mac\": \"$FC_MAC\",
+        \"host_dev_name\": \"$TAP_DEV\"
+    }" \
+    "http://localhost/network-interfaces/net1"
+sleep 0.015s
+curl -X PUT --unix-socket "${API_SOCKET}" \
+    --data "{
+        \"action_type\": \"InstanceStart\"
+    }" \
+    "http://localhost/actions"
+'''
+        done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0 and done.stdout == "", (done.stdout, done.stderr)
+        cmdline = fc.vm.line("probe: cmdline=")
+        assert "reboot=k panic=1 probe.run=info root=/dev/vda rw" in cmdline
+        assert cmdline.count("virtio_mmio.device=") == 2         # the disk and the NIC
+        assert fc.vm.line("probe: done") == "probe: done ok"
+        status, err = fc.vm.finish()
+        assert status == 0, err
+        log = (tmp_path / "firecracker.log").read_text()
+        assert "[anonymous-instance:MainThread] INFO " in log
+        assert "VM anonymous-instance: 1 vCPU(s), 128 MiB" in log
+    finally:
+        net.close()
+
+
+def test_config_file_without_api(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """--config-file with Firecracker's JSON boots at once; --no-api opens no socket."""
+    config = tmp_path / "vm.json"
+    config.write_text(json.dumps({
+        "boot-source": {"kernel_image_path": str(probe / "probe.elf"), "boot_args": "probe.run=info",
+                        "initrd_path": None},
+        "drives": [{"drive_id": "rootfs", "path_on_host": str(disk), "is_root_device": True,
+                    "partuuid": None, "is_read_only": True, "cache_type": "Unsafe", "io_engine": "Sync",
+                    "rate_limiter": None}],
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": False, "track_dirty_pages": False},
+        "balloon": None, "network-interfaces": [], "vsock": None, "logger": None, "metrics": None,
+        "mmds-config": None}))
+    vm = Vm("--no-api", "--config-file", str(config), "--id", "from-file", launcher=FIRECRACKER)
+    vms.append(vm)
+    assert "root=/dev/vda ro" in vm.line("probe: cmdline=")
+    assert vm.line("probe: done") == "probe: done ok"
+    assert vm.finish()[0] == 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--no-api"], "--no-api needs --config-file"),
+    (["--level", "Loud"], "--level: 'Loud'; accepted: Error, Warning, Info, Debug, Trace, Off"),
+    (["--id", "no/slash"], "--id: 'no/slash' may hold only letters, digits and '-'"),
+    (["--metadata", "m.json"], "--metadata: AltoVirt has no MMDS"),
+    (["--enable-pci"], "--enable-pci: AltoVirt has no PCI devices"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--config-file", "/nonexistent.json"], "--config-file: /nonexistent.json: No such file or directory"),
+])
+def test_usage_errors(args: list[str], message: str, tmp_path: Path) -> None:
+    done = subprocess.run([*FIRECRACKER, "--api-sock", str(tmp_path / "s"), *args], capture_output=True,
+                          text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.startswith("altovirt-firecracker: error: ") and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_version() -> None:
+    done = subprocess.run([*FIRECRACKER, "--version"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.startswith("Firecracker v1.")
+
+
+def test_bad_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "vm.json"
+    config.write_text(json.dumps({"boot-source": {"kernel_image_path": "/nonexistent"},
+                                  "balloon": {"amount_mib": 10, "deflate_on_oom": False}}))
+    done = subprocess.run([*FIRECRACKER, "--no-api", "--config-file", str(config)], capture_output=True,
+                          text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 2
+    assert "not supported: AltoVirt does not support the balloon device" in done.stderr
+
+
+def test_api_errors_and_phases(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """Bad requests get 400 and a fault_message and change nothing; pre-boot requests are refused
+    after the start and post-boot ones before it; what AltoVirt lacks says so."""
+    fc = Firecracker(vms, tmp_path / "api.sock")
+    assert fc.ok("GET", "/") == {"id": "anonymous-instance", "state": "Not started", "vmm_version": "0.1.0",
+                                 "app_name": "AltoVirt"}
+    version = fc.ok("GET", "/version")
+    assert isinstance(version, dict) and version["firecracker_version"].startswith("1.")
+    assert fc.ok("GET", "/machine-config") == {"vcpu_count": 1, "mem_size_mib": 128, "smt": False,
+                                               "track_dirty_pages": False, "huge_pages": "None"}
+    assert fc.fault("GET", "/nowhere") == "Invalid request method and/or path: GET /nowhere."
+    assert fc.fault("DELETE", "/drives/x") == "Invalid request method and/or path: DELETE /drives/x."
+    assert "deserializing" in fc.fault("PUT", "/machine-config", {"vcpu_count": "two", "mem_size_mib": 128})
+    assert "unknown field `vcpus`" in fc.fault("PUT", "/machine-config", {"vcpus": 2, "mem_size_mib": 128})
+    assert "missing field `mem_size_mib`" in fc.fault("PUT", "/machine-config", {"vcpu_count": 2})
+    assert "vCPU number is invalid" in fc.fault("PUT", "/machine-config", {"vcpu_count": 33,
+                                                                           "mem_size_mib": 128})
+    assert "huge pages" in fc.fault("PATCH", "/machine-config", {"huge_pages": "2M"})
+    limiter = {"bandwidth": {"size": 1, "refill_time": 1}}
+    assert "rate limiters" in fc.fault("PUT", "/drives/d", {"drive_id": "d", "path_on_host": "/x",
+                                                            "is_root_device": False, "rate_limiter": limiter})
+    assert fc.fault("PUT", "/drives/a", {"drive_id": "b", "path_on_host": "/x", "is_root_device": False}) == \
+        "The id from the path does not match the id from the body!"
+    assert "alphanumeric" in fc.fault("PUT", "/drives/a-b", {"drive_id": "a-b", "path_on_host": "/x",
+                                                             "is_root_device": False})
+    assert "does not support the balloon device" in fc.fault("PUT", "/balloon", {"amount_mib": 1,
+                                                                                 "deflate_on_oom": False})
+    assert "MMDS" in fc.fault("PUT", "/mmds", {"a": 1})
+    assert "not supported before starting" in fc.fault("PATCH", "/vm", {"state": "Paused"})
+    assert "not supported before starting" in fc.fault("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+    assert "unknown variant `Reboot`" in fc.fault("PUT", "/actions", {"action_type": "Reboot"})
+    assert "Empty PUT request" in fc.fault("PUT", "/actions")
+    assert "Metrics system not initialized" in fc.fault("PUT", "/actions", {"action_type": "FlushMetrics"})
+    assert "must be a JSON object" in fc.fault("PUT", "/boot-source", "not an object")
+    # Starting without a kernel fails and leaves the instance to be configured again.
+    assert "without kernel configuration" in fc.fault("PUT", "/actions", {"action_type": "InstanceStart"})
+    fc.ok("PUT", "/boot-source", {"kernel_image_path": str(tmp_path / "missing")})
+    assert "missing: no such file" in fc.fault("PUT", "/actions", {"action_type": "InstanceStart"})
+    assert fc.state() == "Not started"
+    start(fc, probe, "snapshot", vcpus=2)
+    fc.vm.wait_line("probe: snap ready")
+    assert fc.state() == "Running"
+    assert "not supported after starting" in fc.fault("PUT", "/machine-config", {"vcpu_count": 1,
+                                                                                 "mem_size_mib": 128})
+    assert "not supported after starting" in fc.fault("PUT", "/actions", {"action_type": "InstanceStart"})
+    assert "must be paused" in fc.fault("PUT", "/snapshot/create", {"snapshot_path": str(tmp_path / "s"),
+                                                                    "mem_file_path": str(tmp_path / "m")})
+    fc.ok("PATCH", "/vm", {"state": "Paused"})
+    assert fc.state() == "Paused"
+    assert "Pause error" in fc.fault("PATCH", "/vm", {"state": "Paused"})
+    fc.ok("PATCH", "/vm", {"state": "Resumed"})
+    fc.vm.type("count")
+    fc.vm.wait_line("probe: snap count=")
+    config = fc.ok("GET", "/vm/config")
+    assert isinstance(config, dict) and config["machine-config"]["vcpu_count"] == 2
+    fc.vm.type("quit")
+    assert fc.vm.finish()[0] == 0
+
+
+def test_snapshot_create_and_load(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """Pause, snapshot/create, and snapshot/load in a fresh process with resume_vm: the guest's
+    counter carries on and its disk still reads."""
+    fc = Firecracker(vms, tmp_path / "one.sock")
+    fc.ok("PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False})
+    start(fc, probe, "snapshot", vcpus=2, mem=256)
+    fc.vm.wait_line("probe: snap ready blk=1")
+    fc.vm.type("blk")
+    crc = fc.vm.line("probe: snap blk read=ok")
+    fc.vm.type("count")
+    before = int(fc.vm.line("probe: snap count=").split("=")[1])
+    fc.ok("PATCH", "/vm", {"state": "Paused"})
+    state, memory = tmp_path / "vm.state", tmp_path / "vm.mem"
+    fc.ok("PUT", "/snapshot/create", {"snapshot_path": str(state), "mem_file_path": str(memory),
+                                      "snapshot_type": "Full"})
+    assert "diff snapshots" in fc.fault("PUT", "/snapshot/create", {"snapshot_path": str(state),
+                                                                    "mem_file_path": str(memory),
+                                                                    "snapshot_type": "Diff"})
+    fc.vm.proc.kill()
+    fc.vm.proc.wait()
+
+    fc2 = Firecracker(vms, tmp_path / "two.sock")
+    fc2.ok("PUT", "/boot-source", {"kernel_image_path": str(probe / "probe.elf")})
+    assert "not allowed after configuring" in fc2.fault(
+        "PUT", "/snapshot/load", {"snapshot_path": str(state), "mem_file_path": str(memory)})
+    fc2.close()
+    fc2.vm.proc.kill()
+
+    fc3 = Firecracker(vms, tmp_path / "three.sock")
+    assert "of guest RAM and a trailer" in fc3.fault(
+        "PUT", "/snapshot/load", {"snapshot_path": str(state), "mem_file_path": str(disk)})
+    assert "Uffd" in fc3.fault("PUT", "/snapshot/load", {"snapshot_path": str(state),
+                                                         "mem_backend": {"backend_type": "Uffd",
+                                                                         "backend_path": "/x"}})
+    assert fc3.state() == "Not started"
+    began = time.monotonic()
+    fc3.ok("PUT", "/snapshot/load", {"snapshot_path": str(state),
+                                     "mem_backend": {"backend_type": "File", "backend_path": str(memory)},
+                                     "resume_vm": True})
+    took = time.monotonic() - began
+    assert fc3.state() == "Running"
+    fc3.vm.type("count")
+    assert int(fc3.vm.line("probe: snap count=").split("=")[1]) > before
+    fc3.vm.type("blk")
+    assert fc3.vm.line("probe: snap blk read=ok") == crc
+    config = fc3.ok("GET", "/vm/config")
+    assert isinstance(config, dict) and "boot-source" not in config
+    assert config["drives"][0]["path_on_host"] == str(disk) and config["machine-config"]["vcpu_count"] == 2
+    assert "not supported after starting" in fc3.fault(
+        "PUT", "/snapshot/load", {"snapshot_path": str(state), "mem_file_path": str(memory)})
+    fc3.vm.type("quit")
+    assert fc3.vm.finish()[0] == 0
+    assert took < 5
+
+
+def test_patch_drive_swaps_the_image(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    other = tmp_path / "other.img"
+    other.write_bytes(b"another image altogether".ljust(2 << 20, b"\0"))
+    fc = Firecracker(vms, tmp_path / "api.sock")
+    assert "not supported before starting" in fc.fault("PATCH", "/drives/data", {"drive_id": "data",
+                                                                                 "path_on_host": str(other)})
+    fc.ok("PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False})
+    start(fc, probe, "snapshot")
+    fc.vm.wait_line("probe: snap ready blk=1")
+    fc.vm.type("blk")
+    first = fc.vm.line("probe: snap blk read=ok")
+    missing = str(tmp_path / "none")
+    assert "no such file" in fc.fault("PATCH", "/drives/data", {"drive_id": "data",
+                                                                "path_on_host": missing}).lower()
+    assert "no disk named 'nope'" in fc.fault("PATCH", "/drives/nope", {"drive_id": "nope",
+                                                                        "path_on_host": str(other)})
+    fc.vm.type("blk")
+    assert fc.vm.line("probe: snap blk read=ok") == first      # a failed swap changed nothing
+    fc.ok("PATCH", "/drives/data", {"drive_id": "data", "path_on_host": str(other)})
+    fc.vm.type("blk")
+    swapped = fc.vm.line("probe: snap blk read=ok")
+    assert swapped != first
+    config = fc.ok("GET", "/vm/config")
+    assert isinstance(config, dict) and config["drives"][0]["path_on_host"] == str(other)
+    fc.vm.type("quit")
+    assert fc.vm.finish()[0] == 0
+
+
+def test_send_ctrl_alt_del(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    fc = Firecracker(vms, tmp_path / "api.sock")
+    start(fc, probe, "keyboard")
+    fc.vm.wait_line("probe: keyboard waiting")
+    fc.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+    fc.vm.wait_line("probe: ctrl-alt-del")
+    assert fc.vm.finish()[0] == 0
+
+
+def test_metrics_and_logger(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    fifo = tmp_path / "metrics.fifo"
+    os.mkfifo(fifo)
+    fc = Firecracker(vms, tmp_path / "api.sock", "--id", "vm-7")
+    fc.ok("PUT", "/metrics", {"metrics_path": str(fifo), "emit_id": True, "properties": {"team": "a"}})
+    assert "Reinitialization" in fc.fault("PUT", "/metrics", {"metrics_path": str(fifo)})
+    fc.ok("PUT", "/logger", {"log_path": str(tmp_path / "log"), "level": "Info"})
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    fc.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
+    line = json.loads(os.read(reader, 65536).decode().splitlines()[-1])
+    os.close(reader)
+    assert line["id"] == "vm-7" and line["properties"] == {"team": "a"}
+    assert line["put_api_requests"] == {"metrics_count": 2, "logger_count": 1, "actions_count": 1}
+    assert line["api_request_failures"] == {"metrics_put": 1}
+    assert line["vmm"] == {"state": "Not started"}
+
+
+def test_malformed_http_never_blocks(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """Bad lengths, huge heads, chunked bodies, garbage, silent and slow clients and many
+    connections: each gets its answer or is dropped, and the API and the VM go on."""
+    fc = Firecracker(vms, tmp_path / "api.sock")
+    start(fc, probe, "snapshot")
+    fc.vm.wait_line("probe: snap ready")
+
+    def raw(data: bytes) -> bytes:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(fc.sock))
+            s.sendall(data)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+
+    assert raw(b"GET / HTTP/1.1\r\nX: " + b"a" * 10000 + b"\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert raw(b"PUT /actions HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n").startswith(b"HTTP/1.1 413 ")
+    assert raw(b"PUT /actions HTTP/1.1\r\nContent-Length: -5\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert raw(b"PUT /actions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").startswith(b"HTTP/1.1 501 ")
+    assert raw(b"\x00\xff garbage\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert raw(b"GET / HTTP/2.0\r\n\r\n").startswith(b"HTTP/1.1 505 ")
+    assert raw(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    # Silent and slow clients, more of them than the server keeps: the oldest idle ones go.
+    idle = []
+    for _ in range(40):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(fc.sock))
+        s.sendall(b"PUT /actions HTTP/1.1\r\nContent-Length: 40\r\n\r\n{\"act")
+        idle.append(s)
+    idle[0].settimeout(10)
+    assert idle[0].recv(100) == b""         # the longest idle made room, with its request unanswered
+    fc.close()                              # so did this test's own keep-alive connection
+    started = time.monotonic()
+    assert fc.state() == "Running"
+    assert time.monotonic() - started < 2
+    for s in idle:
+        s.close()
+    fc.vm.type("count")
+    fc.vm.wait_line("probe: snap count=")
+    fc.vm.type("quit")
+    assert fc.vm.finish()[0] == 0
