@@ -12,12 +12,12 @@ import functools
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from .api import commands
-from .api.qmp import QmpServer
+from . import IMPORT_STARTED
 from .backends import BackendError
 from .config import ConfigError, HelpRequested, VmConfig, load_config
 from .errors import EXIT_ERROR, EXIT_USAGE, AltoVirtError
@@ -25,7 +25,10 @@ from .sandbox import seccomp
 from .vmm import builder
 from .vmm.daemon import Daemon
 from .vmm.machine import Machine, VmmError
-from .xenstore.server import GUEST_VSOCK_PORT, XenStoreServer
+
+if TYPE_CHECKING:
+    from .api.qmp import QmpServer
+    from .xenstore.server import XenStoreServer
 
 log = logging.getLogger("altovirt")
 
@@ -65,6 +68,8 @@ def setup_logging(cfg: VmConfig) -> None:
 
 
 def start_qmp(machine: Machine, path: str) -> QmpServer:
+    from .api import commands  # only a VM with a QMP channel imports them
+    from .api.qmp import QmpServer
     try:
         qmp = QmpServer(path, commands.build(machine), commands.version(),
                         functools.partial(seccomp.confine, "api"))
@@ -76,6 +81,7 @@ def start_qmp(machine: Machine, path: str) -> QmpServer:
 
 
 def start_xenstore(machine: Machine, path: str) -> XenStoreServer:
+    from .xenstore.server import GUEST_VSOCK_PORT, XenStoreServer  # only with -xenstore
     assert machine.xenstore is not None
     try:
         server = XenStoreServer(path, machine.xenstore, functools.partial(seccomp.confine, "api"))
@@ -112,12 +118,13 @@ def start_migration(machine: Machine, migratable: bool) -> Callable[[], None]:
     return lambda: migration.incoming(incoming, listener)
 
 
-def enable_seccomp(cfg: VmConfig) -> None:
+def enable_seccomp(cfg: VmConfig, precompile: bool = False) -> None:
     """Threads started from here on confine themselves; a forbidden call is reported
-    in the -D log (or on stderr) before the VMM ends."""
+    in the -D log (or on stderr) before the VMM ends. ``precompile``: see seccomp.enable."""
     report = open(cfg.log_file, "a") if cfg.log_file else sys.stderr     # noqa: SIM115 (kept for life)
     try:
-        seccomp.enable(report, audit_only=os.environ.get("ALTOVIRT_SECCOMP_AUDIT") == "1")
+        seccomp.enable(report, audit_only=os.environ.get("ALTOVIRT_SECCOMP_AUDIT") == "1",
+                       precompile=precompile)
     except seccomp.SeccompError as e:
         raise VmmError(str(e)) from e
 
@@ -127,16 +134,34 @@ def _error(msg: str) -> None:
     sys.stderr.flush()
 
 
+class Budget:
+    """The start-up budget: how long each phase took, logged (-D) once the VM runs."""
+
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float]] = []
+        self._last = IMPORT_STARTED
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((phase, (now - self._last) * 1000))
+        self._last = now
+
+    def report(self) -> None:
+        log.info("start-up: %s", ", ".join(f"{name} {ms:.1f} ms" for name, ms in self.phases))
+
+
 def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool,
            on_built: Callable[[Machine], None] | None = None,
-           on_running: Callable[[], None] | None = None) -> int:
+           on_running: Callable[[], None] | None = None, budget: Budget | None = None) -> int:
     """Build the VM, start its services and run it until it stops; the exit status.
     ``sandbox``: turn seccomp on once it is built (a caller that turned it on earlier
     passes False). ``migratable``: it can be snapshotted or migrated. AltoVirtError if
     it cannot be built or run; whatever was made is released either way."""
     machine = qmp = xenstore = None
+    budget = budget or Budget()
     try:
         machine = builder.build(cfg)
+        budget.mark("build")
         log.info("VM %s: %d vCPU(s), %d MiB", cfg.name, cfg.vcpus, cfg.mem_size >> 20)
         start_incoming = start_migration(machine, migratable)
         if sandbox:
@@ -149,8 +174,11 @@ def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool,
             xenstore = start_xenstore(machine, cfg.xenstore)
         if on_built is not None:
             on_built(machine)
+        budget.mark("services")
 
         def running() -> None:
+            budget.mark("vCPUs started")
+            budget.report()
             daemon.report(None)
             if on_running is not None:
                 on_running()
@@ -172,6 +200,8 @@ def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool,
 
 
 def main(argv: list[str] | None = None) -> int:
+    budget = Budget()
+    budget.mark("imports")
     argv = sys.argv[1:] if argv is None else argv
     debug = "-debug" in argv or "--debug" in argv
     try:
@@ -186,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Daemon(cfg.pidfile)
     if cfg.daemonize:
         daemon.detach()
+    budget.mark("configuration")
     try:
-        return run_vm(cfg, daemon, sandbox=cfg.seccomp, migratable=bool(cfg.api_channel or cfg.incoming))
+        return run_vm(cfg, daemon, sandbox=cfg.seccomp, migratable=bool(cfg.api_channel or cfg.incoming),
+                      budget=budget)
     except AltoVirtError as e:
         report_error(cfg, daemon, e, debug)
         return e.exit_status

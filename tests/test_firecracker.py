@@ -129,9 +129,12 @@ def test_config_file_without_api(probe: Path, disk: Path, tmp_path: Path, vms: l
     (["--no-api"], "--no-api needs --config-file"),
     (["--level", "Loud"], "--level: 'Loud'; accepted: Error, Warning, Info, Debug, Trace, Off"),
     (["--id", "no/slash"], "--id: 'no/slash' may hold only letters, digits and '-'"),
-    (["--metadata", "m.json"], "--metadata: AltoVirt has no MMDS"),
-    (["--enable-pci"], "--enable-pci: AltoVirt has no PCI devices"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--metadata", "m.json"], "--metadata: AltoVirt does not support MMDS"),
+    (["--enable-pci"], "--enable-pci: AltoVirt does not support PCI devices"),
+    (["--bogus"], "unknown argument '--bogus'; run with --help for the flags"),
+    (["--log-path"], "--log-path needs a value (PATH)"),
+    (["--boot-timer=1"], "--boot-timer takes no value"),
+    (["--http-api-max-payload-size", "lots"], "--http-api-max-payload-size: 'lots' is not a positive number"),
     (["--config-file", "/nonexistent.json"], "--config-file: /nonexistent.json: No such file or directory"),
 ])
 def test_usage_errors(args: list[str], message: str, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .. import __version__
+from .. import FIRECRACKER_API_VERSION, __version__
 from ..config import ConfigError
 from ..config.firecracker import (
     DESERIALIZE,
@@ -41,7 +41,6 @@ from .http import Request, Response, fault
 
 log = logging.getLogger(__name__)
 
-FIRECRACKER_API_VERSION = "1.16.1"      # the Firecracker release whose API this follows
 APP_NAME = "AltoVirt"
 VERSION = {"firecracker_version": FIRECRACKER_API_VERSION}
 # Firecracker's endpoints for what AltoVirt does not have.

@@ -21,38 +21,17 @@ from typing import Generic, TypeVar
 
 from ..eventloop import EventLoop
 from . import BackendError
+from .listen import listen_unix
 
 log = logging.getLogger(__name__)
 
 
-def listen_unix(path: str, backlog: int) -> socket.socket:
-    """A stream socket listening at ``path``, which appears only once it listens: it is bound
-    under a temporary name and linked into place, so a client that sees the path can connect
-    (bind then listen would refuse it in between). OSError (EADDRINUSE if ``path`` exists)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        if os.path.lexists(path):
-            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
-        sock.bind(tmp)
-        try:
-            sock.listen(backlog)
-            os.link(tmp, path)          # never replaces an existing file
-        except FileExistsError as e:
-            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)) from e
-        finally:
-            os.unlink(tmp)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class UnixListener:
-    def __init__(self, path: str, backlog: int = 8) -> None:
+    def __init__(self, path: str, backlog: int = 8, sock: socket.socket | None = None) -> None:
+        """Listen at ``path``, or take ``sock``, already listening there (see listen_unix)."""
         self.path = path
         try:
-            self.sock = listen_unix(path, backlog)
+            self.sock = sock if sock is not None else listen_unix(path, backlog)
             self.sock.setblocking(False)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
@@ -125,11 +104,12 @@ class SocketServer(Generic[P]):
     """
 
     def __init__(self, path: str, name: str, *, max_output: int, backlog: int = 8,
-                 on_start: Callable[[], None] | None = None) -> None:
-        """``on_start`` runs first on the server's thread (the VMM confines it there)."""
+                 on_start: Callable[[], None] | None = None, sock: socket.socket | None = None) -> None:
+        """``on_start`` runs first on the server's thread (the VMM confines it there); ``sock``
+        is the listening socket at ``path`` if the caller made it."""
         self.name = name
         self.max_output = max_output
-        self.listener = UnixListener(path, backlog)
+        self.listener = UnixListener(path, backlog, sock)
         self.io = EventLoop(name, on_start)
         self._lock = threading.RLock()
         self._peers: dict[int, P] = {}

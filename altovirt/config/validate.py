@@ -7,11 +7,9 @@ option (``-m``) or JSON path (``machine-config.mem_size``) the value came from.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import stat
-import tempfile
 
 from .model import (
     MAX_DRIVES,
@@ -137,6 +135,7 @@ def parse_migration_uri(where: str, text: str) -> MigrationUri:
         if not (colon and port.isdigit() and 0 < int(port) < 65536):
             raise ConfigError(f"{where}: {text!r}: expected tcp:HOST:PORT with a port in [1, 65535]")
         host = {"": "0.0.0.0", "localhost": "127.0.0.1"}.get(host, host)
+        import ipaddress  # only a migration's URI needs it
         try:
             ipaddress.ip_address(host)
         except ValueError as e:
@@ -210,6 +209,7 @@ def check_vm(cfg: VmConfig) -> VmConfig:
     if cfg.vsock:
         parse_int("-device vsock guest-cid", cfg.vsock.guest_cid, VSOCK_MIN_CID, VSOCK_MAX_CID)
         if cfg.vsock.uds_path is None:
+            import tempfile  # only a vsock device without uds_path needs it
             cfg.vsock.uds_path = os.path.join(tempfile.gettempdir(), f"altovirt-{cfg.vsock.id}.vsock")
         check_new_path(f"-device vsock id={cfg.vsock.id} uds-path", cfg.vsock.uds_path)
     return cfg

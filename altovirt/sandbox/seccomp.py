@@ -41,6 +41,7 @@ class SeccompError(AltoVirtError, RuntimeError):
 _enabled = False
 _default_action = Action.TRAP
 _programs: dict[str, bytes] = {}         # each role's filter, compiled once
+_compiling = threading.Lock()
 
 
 class sock_fprog(ctypes.Structure):
@@ -56,10 +57,12 @@ PR_SET_NO_NEW_PRIVS = 38
 SOCK_FILTER_SIZE = 8                    # sizeof(struct sock_filter)
 
 
-def enable(report: TextIO, *, audit_only: bool = False) -> None:
+def enable(report: TextIO, *, audit_only: bool = False, precompile: bool = False) -> None:
     """Turn filtering on for threads that confine themselves from now on; forbidden
     calls are reported on ``report``. ``audit_only`` logs them (to the kernel log)
-    instead of stopping the VMM: for finding what an allow-list misses."""
+    instead of stopping the VMM: for finding what an allow-list misses. ``precompile``:
+    compile every role's filter now, not as each role's first thread starts (a process
+    that waits for its API to start the VM does it while it waits)."""
     global _enabled, _default_action
     if not seccompy.supported():
         raise SeccompError("this kernel cannot load seccomp filters; run with -disable-seccomp")
@@ -67,10 +70,9 @@ def enable(report: TextIO, *, audit_only: bool = False) -> None:
         importlib.import_module(name)
     faulthandler.register(signal.SIGSYS, file=report, all_threads=True, chain=True)
     _default_action = Action.LOG if audit_only else Action.TRAP
-    # Compiled now, so that a thread starting later loads its filter in a system call: the
-    # vCPU role's takes some 3 ms to compile, on the way from InstanceStart to the guest.
-    for role in ROLES:
-        _programs[role] = build(role).program
+    if precompile:
+        for role in ROLES:
+            _program(role)
     _enabled = True
 
 
@@ -100,7 +102,16 @@ def confine(role: str) -> None:
     name = threading.current_thread().name.encode()[:15]
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
     if _enabled:
-        _load(_programs[role])
+        _load(_program(role))
+
+
+def _program(role: str) -> bytes:
+    """``role``'s filter, compiled once (the vCPU role's takes some 3 ms): the threads of a
+    role after the first only load it."""
+    with _compiling:
+        if role not in _programs:
+            _programs[role] = build(role).program
+        return _programs[role]
 
 
 def _load(program: bytes) -> None:

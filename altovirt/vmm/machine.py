@@ -30,7 +30,6 @@ from ..kvm import ioctls as K
 from ..kvm import structs as S
 from ..memory import GuestMemory
 from ..sandbox import seccomp
-from ..xenstore.store import Store
 from .actions import Action, ActionQueue
 from .device_manager import DeviceManager
 from .hotplug import Hotplug, HotplugError
@@ -39,6 +38,7 @@ from .vcpu import StopReason, VcpuThread, install_kick_handler
 
 if TYPE_CHECKING:
     from ..snapshot.format import Section
+    from ..xenstore.store import Store
     from .migration import Migration
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,10 @@ class Machine:
         self._loop = EventLoop("main", functools.partial(seccomp.confine, "main"))
         self._actions = ActionQueue(self._loop)
         # The VM's XenStore: the guest is domain cfg.xen_domid, with its home made at start.
-        self.xenstore = Store(cfg.xen_domid) if cfg.xenstore else None
+        self.xenstore: Store | None = None
+        if cfg.xenstore:
+            from ..xenstore.store import Store  # only a VM with a XenStore imports it
+            self.xenstore = Store(cfg.xen_domid)
         self.boot_inputs: BootInputs | None = None     # read at build, or at the first reset if loaded
         self.read_boot_inputs: Callable[[], BootInputs] | None = None
         self.power_on: poweron.PowerOnState | None = None

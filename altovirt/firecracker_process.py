@@ -1,0 +1,205 @@
+"""The ``altovirt-firecracker`` process once its flags are read (:mod:`.firecracker`):
+the VMM imported, the sandbox on, the API served, and the VM built and run when
+``InstanceStart`` or ``snapshot/load`` comes (or at once with ``--config-file``).
+
+The VM is built on the main thread, while the API thread, confined from its
+start, keeps answering; a launch that fails leaves the process to be
+configured again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import cli
+from .api.firecracker import FirecrackerApi
+from .api.http import HttpServer
+from .backends import BackendError
+from .config.firecracker import LOG_LEVELS, FirecrackerError, LoggerConfig
+from .config.model import VmConfig
+from .config.validate import check_vm
+from .devices.legacy.boottimer import process_start_monotonic
+from .errors import EXIT_ERROR, AltoVirtError
+from .firecracker import Options, UsageError, error
+from .sandbox import seccomp
+from .vmm.daemon import Daemon
+from .vmm.instance import Instance, Launch
+from .vmm.machine import Machine
+from .vmm.metrics import PERIOD, Metrics
+
+log = logging.getLogger("altovirt")
+
+
+_PY_LEVELS = {"Error": logging.ERROR, "Warning": logging.WARNING, "Info": logging.INFO,
+              "Debug": logging.DEBUG, "Trace": logging.DEBUG, "Off": logging.CRITICAL + 1}
+
+
+def setup_logging(instance_id: str, cfg: LoggerConfig) -> None:
+    """Firecracker's log lines (``TIME [ID:THREAD] message``) to ``cfg.log_path`` (a file or
+    a named pipe) at ``cfg.level``; without a path, warnings and errors on stderr."""
+    root = logging.getLogger("altovirt")
+    fmt = f"%(asctime)s [{instance_id}:%(threadName)s]"
+    fmt += " %(levelname)s" if cfg.show_level else ""
+    fmt += " %(pathname)s:%(lineno)d" if cfg.show_log_origin else ""
+    if cfg.log_path is None:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        level = max(_PY_LEVELS[cfg.level], logging.WARNING)
+    else:
+        try:
+            handler = logging.FileHandler(cfg.log_path)     # appends; a named pipe is written as it is read
+        except OSError as e:
+            raise FirecrackerError(f"Logger error: {cfg.log_path}: {e.strerror}.") from e
+        level = _PY_LEVELS[cfg.level]
+    handler.setFormatter(logging.Formatter(f"{fmt} %(message)s"))
+    root.handlers.clear()
+    root.propagate = False
+    root.setLevel(level)
+    root.addHandler(handler)
+
+
+class Process:
+    """One ``altovirt-firecracker`` process: its instance, API server and launches."""
+
+    def __init__(self, opts: Options, instance: Instance) -> None:
+        self.opts = opts
+        self.instance = instance
+        started = process_start_monotonic()
+        self.metrics = Metrics(instance.id, int((time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1e6))
+        self.api: HttpServer | None = None
+        self.daemon = Daemon(None)
+        self.signalled = 0
+
+    def start_api(self, sock: socket.socket) -> None:
+        assert self.opts.api_sock is not None
+        handler = FirecrackerApi(self.instance, self.metrics,
+                                 functools.partial(setup_logging, self.instance.id))
+        try:
+            self.api = HttpServer(self.opts.api_sock, handler, max_payload=self.opts.max_payload,
+                                  on_start=functools.partial(seccomp.confine, "api"), sock=sock)
+        except BackendError as e:
+            raise UsageError(f"--api-sock: {e.strerror}") from e
+        self.api.io.call_later(PERIOD, self._periodic_metrics)
+        self.api.start()
+
+    def _periodic_metrics(self) -> None:
+        assert self.api is not None
+        if self.metrics.configured:
+            try:
+                self.metrics.flush(self.instance.state)
+            except FirecrackerError as e:
+                log.warning("%s", e)
+        self.api.io.call_later(PERIOD, self._periodic_metrics)
+
+    def launches(self, first: Launch | None) -> int:
+        """Run what the API (or the configuration file) launches; the exit status."""
+        launch = first
+        while True:
+            if launch is None:
+                launch = self.instance.next_launch()
+                if launch is None:
+                    return 128 + self.signalled
+            code = self._run(launch)
+            if launch.error is None:
+                return code
+            self.instance.machine = None
+            launch = None               # it never ran: the API may configure and start again
+
+    def _run(self, launch: Launch) -> int:
+        cfg = launch.cfg
+        if self.opts.qmp:
+            cfg.api_channel = f"unix:{self.opts.qmp}"
+        launched_at = time.monotonic()
+
+        def built(machine: Machine) -> None:
+            self.instance.built(machine, launch.restore)
+            if self.opts.boot_timer and machine.devices is not None:
+                machine.devices.boot_timer.count_from(launched_at, "InstanceStart")
+            if launch.restore:
+                assert machine.migration is not None
+                machine.migration.on_incoming_end = lambda error: (
+                    launch.running() if error is None
+                    else launch.failed(FirecrackerError(f"Load snapshot error: {error}")))
+
+        try:
+            check_vm(cfg)               # here, not on the API thread: it looks at the files
+            return cli.run_vm(cfg, self.daemon, sandbox=False, migratable=True, on_built=built,
+                              on_running=None if launch.restore else launch.running)
+        except AltoVirtError as e:
+            if launch.answered:
+                raise
+            what = "Load snapshot" if launch.restore else "Start microvm"
+            launch.failed(FirecrackerError(f"{what} error: {e}"))
+            return e.exit_status
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        """Before any launch a signal ends the process (the VM's own handler takes over after)."""
+        self.signalled = signum
+        self.instance.stop_waiting()
+
+    def close(self) -> None:
+        if self.api is not None:
+            self.api.close(flush_timeout=1.0)
+
+
+def _from_file(instance: Instance, path: str) -> VmConfig:
+    """The VM of a ``--config-file``, checked (UsageError naming what is wrong)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise UsageError(f"--config-file: {path}: {e.strerror}") from e
+    except (ValueError, RecursionError) as e:
+        raise UsageError(f"--config-file: {path}: not valid JSON ({e})") from e
+    try:
+        instance.config.load_document(doc)
+        return check_vm(instance.config.vm_config(instance.id))
+    except AltoVirtError as e:
+        raise UsageError(f"--config-file: {path}: {e}") from e
+
+
+def serve(opts: Options, sock: socket.socket | None) -> int:
+    """Run the process whose API socket (if any) ``sock`` already listens; the exit status."""
+    instance = Instance(opts.instance_id)
+    process = Process(opts, instance)
+    try:
+        level = {v.lower(): v for v in LOG_LEVELS}.get(opts.level.lower())
+        if level is None:
+            raise UsageError(f"--level: {opts.level!r}; accepted: {', '.join(LOG_LEVELS)}")
+        setup_logging(opts.instance_id, LoggerConfig(opts.log_path, level, opts.show_level,
+                                                     opts.show_log_origin))
+        if opts.metrics_path:
+            process.metrics.open(instance.config.put_metrics({"metrics_path": opts.metrics_path}))
+        first = Launch(_from_file(instance, opts.config_file)) if opts.config_file else None
+        if opts.seccomp:
+            # Every filter compiled now, before the API answers: none on the way to the guest.
+            cli.enable_seccomp(VmConfig(log_file=opts.log_path), precompile=True)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, process.on_signal)
+        if sock is not None:
+            process.start_api(sock)
+            sock = None                 # the server's now, and closed with it
+        return process.launches(first)
+    except AltoVirtError as e:
+        if opts.log_path:               # without a log file the line below is the whole report
+            log.error("%s", e)
+        error(str(e))
+        return e.exit_status
+    except Exception as e:
+        log.exception("internal error")
+        error(f"internal error: {e}")
+        return EXIT_ERROR
+    finally:
+        if sock is not None:            # never served: the path goes too
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(opts.api_sock or "")
+        process.close()
+        logging.shutdown()
