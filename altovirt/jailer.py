@@ -1,6 +1,11 @@
 """``altovirt-jailer``: build a jail, enter it as an unprivileged user, and run the VMM there.
 
-The jail of VM ``ID`` is ``<chroot-base-dir>/altovirt/<ID>/root``. Into it go
+The jail of VM ``ID`` is ``<chroot-base-dir>/altovirt/<ID>/root``. With
+``--exec-file`` naming ``altovirt-firecracker`` the jailer takes the place of
+Firecracker's: the jail is ``<chroot-base-dir>/<exec-file name>/<ID>/root``
+(base ``/srv/jailer``), it may exist already with the VM's files linked in,
+it gets ``/dev/net`` and ``/run``, and the VMM gets Firecracker's flags with
+``--id ID`` first. Into it go
 the files named with ``--source`` and the device nodes a VM needs, owned by
 ``--uid``:``--gid``; the jailer then joins the jail's cgroups and network
 namespace, enters new mount, UTS and IPC (optionally PID) namespaces, makes the
@@ -37,6 +42,10 @@ from .sandbox import caps, namespaces
 from .sandbox.cgroups import CgroupError, JailCgroups
 
 EXEC_NAME = "altovirt"
+FIRECRACKER_BASE = "/srv/jailer"                     # Firecracker's jailer's default --chroot-base-dir
+# Directories a Firecracker-style jail gets, owned by the VMM's user (as Firecracker's jailer
+# makes them): /run holds the default API socket.
+FIRECRACKER_DIRS = ("dev", "dev/net", "run")
 ID_PATTERN = re.compile(r"[A-Za-z0-9-]{1,64}")        # Firecracker's rule; also a valid hostname
 # (path, needed): the only device nodes a jail gets, when the host has them.
 DEVICE_NODES = ("/dev/kvm", "/dev/net/tun", "/dev/urandom", "/dev/null", "/dev/vhost-net",
@@ -72,10 +81,15 @@ class Options:
     daemonize: bool = False
     new_pid_ns: bool = False
     vmm_args: list[str] = field(default_factory=list)
+    # --exec-file: the VMM's file name (the jail is <base>/<name>/<id>), and whether it is
+    # altovirt-firecracker (Firecracker's flags; the jail may exist already, its files linked
+    # in by the tool beforehand, as Firecracker's jailer allows).
+    exec_name: str = EXEC_NAME
+    firecracker: bool = False
 
     @property
     def jail_dir(self) -> str:
-        return os.path.join(self.base, EXEC_NAME, self.jail_id)
+        return os.path.join(self.base, self.exec_name, self.jail_id)
 
     @property
     def root(self) -> str:
@@ -122,10 +136,15 @@ def parse(argv: Sequence[str]) -> Options:
                 description="Run the AltoVirt VMM in a jail as an unprivileged user.",
                 epilog="Arguments after -- go to the VMM; paths in them are inside the jail.")
     p.add_argument("--id", required=True, help="the jail's name: letters, digits and '-', at most 64")
+    p.add_argument("--exec-file", metavar="FILE",
+                   help="the VMM: altovirt (the default) or altovirt-firecracker (Firecracker's flags), "
+                        "as Firecracker's jailer takes the firecracker binary")
     p.add_argument("--uid", help="numeric user id to run the VMM as")
     p.add_argument("--gid", help="numeric group id to run the VMM as")
     p.add_argument("--allow-root", action="store_true", help="consent to uid or gid 0")
-    p.add_argument("--chroot-base-dir", default="/srv/altovirt", metavar="DIR")
+    p.add_argument("--chroot-base-dir", metavar="DIR",
+                   help="default /srv/altovirt, or /srv/jailer with --exec-file altovirt-firecracker")
+    p.add_argument("--parent-cgroup", metavar="NAME", help=argparse.SUPPRESS)
     p.add_argument("--source", action="extend", nargs="+", default=[], metavar="FILE",
                    help="files the VM needs (kernel, initrd, disk images), put in the jail's root")
     p.add_argument("--netns", metavar="PATH", help="network namespace to join, e.g. /var/run/netns/NAME")
@@ -140,9 +159,14 @@ def parse(argv: Sequence[str]) -> Options:
     a = p.parse_args(argv)
     if not ID_PATTERN.fullmatch(a.id):
         raise UsageError(f"--id: {a.id!r} may hold only letters, digits and '-' (1 to 64 of them)")
-    if not os.path.isabs(a.chroot_base_dir):
-        raise UsageError(f"--chroot-base-dir: {a.chroot_base_dir!r} is not an absolute path")
-    opts = Options(a.id, os.path.normpath(a.chroot_base_dir), clean=a.clean)
+    if a.parent_cgroup is not None:
+        raise UsageError("--parent-cgroup: not supported; the jail's cgroups are made under the root "
+                         "of each hierarchy")
+    exec_name, firecracker = _exec_file(a.exec_file) if a.exec_file else (EXEC_NAME, False)
+    base = a.chroot_base_dir or (FIRECRACKER_BASE if firecracker else "/srv/altovirt")
+    if not os.path.isabs(base):
+        raise UsageError(f"--chroot-base-dir: {base!r} is not an absolute path")
+    opts = Options(a.id, os.path.normpath(base), clean=a.clean, exec_name=exec_name, firecracker=firecracker)
     if a.clean:
         return opts
     if a.uid is None or a.gid is None:
@@ -175,10 +199,29 @@ def parse(argv: Sequence[str]) -> Options:
     except ValueError as e:
         raise UsageError(f"--capability: {e}") from e
     opts.daemonize, opts.new_pid_ns = a.daemonize, a.new_pid_ns
+    if firecracker:
+        # As Firecracker's jailer does: the VMM learns its id from the jail's.
+        opts.vmm_args = vmm_args if "--id" in vmm_args else ["--id", a.id, *vmm_args]
+        return opts
     if not vmm_args:
         raise UsageError("no VMM arguments; give them after --, e.g. -- -kernel vmlinux")
     opts.vmm_args = vmm_args
     return opts
+
+
+def _exec_file(path: str) -> tuple[str, bool]:
+    """--exec-file's name (after links, as Firecracker's jailer takes it) and whether it is
+    altovirt-firecracker; the VMM runs in this process either way, nothing is copied."""
+    real = os.path.realpath(path)
+    if not os.path.isfile(real):
+        raise UsageError(f"--exec-file: {path}: no such file")
+    name = os.path.basename(real)
+    if "firecracker" in name:
+        return name, True
+    if name == EXEC_NAME:
+        return name, False
+    raise UsageError(f"--exec-file: {path} is not an AltoVirt VMM; give altovirt or altovirt-firecracker "
+                     "(or a link to either)")
 
 
 def import_everything() -> None:
@@ -224,11 +267,17 @@ def _build_root(opts: Options) -> list[str]:
     os.makedirs(os.path.dirname(opts.jail_dir), 0o755, exist_ok=True)
     try:
         os.mkdir(opts.jail_dir, 0o755)
+        os.mkdir(opts.root, 0o750)
     except FileExistsError as e:
-        raise JailError(f"jail {opts.jail_id} already exists at {opts.jail_dir}; "
-                        f"remove it with: altovirt-jailer --id {opts.jail_id} --clean") from e
-    os.mkdir(opts.root, 0o750)
+        if not opts.firecracker:
+            raise JailError(f"jail {opts.jail_id} already exists at {opts.jail_dir}; "
+                            f"remove it with: altovirt-jailer --id {opts.jail_id} --clean") from e
+        os.makedirs(opts.root, 0o750, exist_ok=True)    # a tool linked the VM's files in first
     os.chown(opts.root, opts.uid, opts.gid)      # the VMM creates its sockets and logs here
+    if opts.firecracker:
+        for d in FIRECRACKER_DIRS:
+            os.makedirs(os.path.join(opts.root, d), 0o700, exist_ok=True)
+            os.chown(os.path.join(opts.root, d), opts.uid, opts.gid)
     to_bind = []
     for src in opts.sources:
         target = os.path.join(opts.root, os.path.basename(src))
@@ -307,7 +356,7 @@ def enter(opts: Options) -> int:
         namespaces.bind(src, os.path.join(opts.root, name))
     namespaces.sethostname(opts.jail_id)
     namespaces.pivot_into(opts.root)
-    writable = _writable_sources(opts.vmm_args)
+    writable = set() if opts.firecracker else _writable_sources(opts.vmm_args)
     for name in binds:
         if os.path.realpath("/" + name) not in writable:
             namespaces.remount_readonly("/" + name)
@@ -324,6 +373,9 @@ def enter(opts: Options) -> int:
         # SIGTERM, its clean stop (disks flushed), if that one is killed. (Set after the
         # switch of user, which clears it.)
         namespaces.set_parent_death_signal(signal.SIGTERM)
+    if opts.firecracker:
+        from . import firecracker
+        return firecracker.main(opts.vmm_args)
     from . import cli
     return cli.main(opts.vmm_args)
 

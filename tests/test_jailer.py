@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,6 +253,9 @@ def test_errors_after_the_arguments(base: Path, probe: Path) -> None:
     (["--netns", "/run/netns/nosuch"], "--netns: /run/netns/nosuch: no such namespace file"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--uid", "4242", "--gid", "4242", "--"], "no VMM arguments; give them after --"),
+    (["--exec-file", "/bin/true"], "--exec-file: /bin/true is not an AltoVirt VMM; give altovirt or"),
+    (["--exec-file", "/nonexistent/firecracker"], "--exec-file: /nonexistent/firecracker: no such file"),
+    (["--parent-cgroup", "fc"], "--parent-cgroup: not supported"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
     defaults = {"--id": "ok", "--uid": "4242", "--gid": "4242"}
@@ -288,3 +292,41 @@ def test_vmm_stops_cleanly_when_its_jailer_is_killed(base: Path, probe: Path) ->
     vm.finish()
     wait_for(lambda: not os.path.exists(f"/proc/{pid}") or status(pid)["State"].startswith("Z"))
     assert "stopped: host-signal (exit 143)" in (jail / "root" / "vm.log").read_text()
+
+
+@needs_root_kvm
+def test_firecracker_jailer_flags(tmp_path: Path, probe: Path, vms: list[Vm]) -> None:
+    """As a Firecracker tool runs its jailer: --exec-file names the VMM (here through a link
+    called firecracker), the tool links the kernel into <base>/<exec name>/<id>/root first,
+    and the VMM, as the user, serves Firecracker's API at /run/firecracker.socket in the jail."""
+    from .fcapi import Firecracker
+    base = Path(tempfile.mkdtemp(prefix="fj", dir="/tmp"))     # short: the socket's path must fit
+    link = tmp_path / "bin" / "firecracker"
+    link.parent.mkdir()
+    link.symlink_to(Path(sys.executable).parent / "altovirt-firecracker")
+    root = base / "altovirt-firecracker" / "fc-1" / "root"
+    root.mkdir(parents=True)
+    os.link(probe / "probe.elf", root / "vmlinux")
+    args = ["--exec-file", str(link), "--chroot-base-dir", str(base)]
+    vm = Vm("--id", "fc-1", *args, "--uid", str(UID), "--gid", str(GID), "--", "--api-sock",
+            "/run/firecracker.socket", launcher=[JAILER])
+    vms.append(vm)
+    try:
+        sock = root / "run" / "firecracker.socket"
+        wait_for(sock.exists)
+        assert stat.S_IMODE((root / "run").stat().st_mode) == 0o700 and (root / "run").stat().st_uid == UID
+        fc = Firecracker.attach(vm, sock)
+        info = fc.ok("GET", "/")
+        assert isinstance(info, dict) and info["id"] == "fc-1"
+        fc.ok("PUT", "/boot-source", {"kernel_image_path": "/vmlinux", "boot_args": "probe.run=info"})
+        fc.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        assert vm.line("probe: done") == "probe: done ok"
+        assert vm.finish()[0] == 0
+    finally:
+        if vm.proc.poll() is None:
+            vm.proc.kill()
+            vm.proc.wait()
+        done = subprocess.run([JAILER, "--id", "fc-1", *args, "--clean"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert not (base / "altovirt-firecracker" / "fc-1").exists()
+        shutil.rmtree(base)
