@@ -239,16 +239,21 @@ def import_everything() -> None:
     boottimer.process_start_monotonic()         # cached: /proc is not in the jail
 
 
-def clean(opts: Options) -> None:
-    """Remove jail ``opts.jail_id``: its directory and its cgroups (v1 and v2)."""
+def _check_unused(opts: Options) -> None:
+    """JailError if the VMM of the pidfile still runs in the jail."""
     if os.path.isdir(opts.root):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             with open(opts.pidfile) as f:
                 pid = int(f.read())
             root = os.stat(opts.root)
             theirs = os.stat(f"/proc/{pid}/root")
             if (theirs.st_dev, theirs.st_ino) == (root.st_dev, root.st_ino):
                 raise JailError(f"jail {opts.jail_id} is in use by process {pid}; stop it first")
+
+
+def clean(opts: Options) -> None:
+    """Remove jail ``opts.jail_id``: its directory and its cgroups (v1 and v2)."""
+    _check_unused(opts)
     try:
         JailCgroups(opts.jail_id, 1, []).remove()
     except CgroupError as e:
@@ -295,7 +300,12 @@ def _build_root(opts: Options) -> list[str]:
             continue
         target = opts.root + node
         os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
-        os.mknod(target, stat.S_IFCHR | 0o600, st.st_rdev)
+        try:
+            os.mknod(target, stat.S_IFCHR | 0o600, st.st_rdev)
+        except FileExistsError:
+            there = os.lstat(target)        # a jail used again: the same node is fine, nothing else
+            if not (opts.firecracker and stat.S_ISCHR(there.st_mode) and there.st_rdev == st.st_rdev):
+                raise JailError(f"{target} exists and is not {node}") from None
         os.chown(target, opts.uid, opts.gid)
     return to_bind
 
@@ -330,6 +340,10 @@ def enter(opts: Options) -> int:
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     os.environ.clear()
     import_everything()
+    if opts.firecracker:                # a jail used again: its last VMM must be gone
+        _check_unused(opts)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(opts.pidfile)
     to_bind = _build_root(opts)
     for limit, value in opts.rlimits:
         resource.setrlimit(limit, (value, value))

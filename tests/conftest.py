@@ -168,6 +168,14 @@ class Vm:
         for raw in self.proc.stdout:
             self.lines.put((time.monotonic(), raw.decode(errors="replace").rstrip("\r\n")))
 
+    def wait_for_path(self, path: Path, timeout: float = 20) -> None:
+        """Wait for the VMM to create ``path`` (a socket, say); AssertionError if it exits first."""
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            assert self.proc.poll() is None, f"the VMM exited: {self.finish()[1]}"
+            assert time.monotonic() < deadline, f"{path} never appeared"
+            time.sleep(0.01)
+
     def type(self, line: str) -> None:
         """Send a line to the guest's serial console."""
         assert self.proc.stdin is not None
