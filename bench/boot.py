@@ -6,7 +6,9 @@ For each VMM, over --runs boots, prints the median of:
   * time from process start to the guest's first byte on the serial port,
   * AltoVirt's boot-timer value (the probe writes port 0x3ff at its entry point),
   * peak RSS of the VMM process (getrusage via wait4),
-then the ratios AltoVirt / QEMU. Runs alternate between the VMMs so that
+then the ratios AltoVirt / QEMU, and AltoVirt's start-up budget: the interpreter's own start,
+then the phases AltoVirt logs (imports, configuration, build, services, vCPUs started), and
+the guest's time from its first instruction to power-off. Runs alternate between the VMMs so that
 machine noise hits both alike.
 
     .venv/bin/python bench/boot.py [--runs 15] [--image guest/probe.elf] [--seccomp-cost] [--jail-cost]
@@ -88,6 +90,21 @@ def qemu_cmd(image: Path) -> list[str]:
             "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4", "-kernel", str(image), "-append", CMDLINE]
 
 
+def budget(log: Path) -> dict[str, float]:
+    """The start-up budget AltoVirt logged (-D): phase -> ms."""
+    m = re.search(r"start-up: (.*)", log.read_text())
+    if not m:
+        raise RuntimeError("no start-up budget in the AltoVirt log")
+    return {name: float(ms) for name, ms in (part.rsplit(" ", 2)[:2] for part in m.group(1).split(", "))}
+
+
+def interpreter_ms() -> float:
+    """The interpreter's own start (site included): what comes before AltoVirt's first import."""
+    start = time.perf_counter()
+    subprocess.run([*common.altovirt_python(), "-c", "pass"], check=True)
+    return (time.perf_counter() - start) * 1000
+
+
 def boot_timer_ms(log: Path) -> float:
     m = re.search(r"boot timer: value=0x1 at ([\d.]+) ms", log.read_text())
     if not m:
@@ -110,6 +127,7 @@ def main() -> None:
 
     alto: list[Sample] = []
     qemu: list[Sample] = []
+    budgets: list[dict[str, float]] = []
     # What AltoVirt costs with something changed: label -> samples.
     variants: dict[str, list[Sample]] = {}
     if args.seccomp_cost:
@@ -122,6 +140,7 @@ def main() -> None:
             log = Path(d) / f"run{i}.log"
             a, _ = measure(altovirt_cmd(args.image, log))
             a.boot_timer_ms = boot_timer_ms(log)
+            phases = {"interpreter and site": interpreter_ms(), **budget(log)}
             q, _ = measure(qemu_cmd(args.image))
             others = {}
             if args.seccomp_cost:
@@ -132,6 +151,7 @@ def main() -> None:
             if i:
                 alto.append(a)
                 qemu.append(q)
+                budgets.append(phases)
                 for label, sample in others.items():
                     variants[label].append(sample)
 
@@ -149,6 +169,11 @@ def main() -> None:
     # Every AltoVirt sample has its mark (boot_timer_ms() raises otherwise); QEMU has no such device.
     timers = [s.boot_timer_ms for s in alto if s.boot_timer_ms is not None]
     print(f"{'boot timer (ms)':22}{statistics.median(timers):12.1f}{'n/a':>12}{'':>10}")
+    print("AltoVirt's start-up budget (ms, medians):")
+    for phase in budgets[0]:
+        print(f"  {phase:26}{statistics.median(b[phase] for b in budgets):8.1f}")
+    print(f"  {'guest, entry to power-off':26}"
+          f"{statistics.median(s.wall_ms - (s.boot_timer_ms or 0) for s in alto):8.1f}")
     ma = med(alto, "wall_ms")
     for label, samples in variants.items():
         v = med(samples, "wall_ms")

@@ -24,6 +24,12 @@ def altovirt() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "altovirt"]
 
 
+def altovirt_python() -> list[str]:
+    """The interpreter the console script runs (the README's setup), else this one."""
+    exe = ROOT / ".venv" / "bin" / "python"
+    return [str(exe)] if exe.exists() else [sys.executable]
+
+
 def qemu() -> str:
     exe = shutil.which("qemu-system-x86_64")
     if exe is None:

@@ -84,7 +84,8 @@ def api_round(d: Path, probe: Path) -> dict[str, float]:
     if m is None:
         raise RuntimeError(f"no boot-timer mark in {log}")
     return {"ready": (ready - start) * 1e3, "first answer": (answered - start) * 1e3,
-            "InstanceStart request": (started - before) * 1e3, "InstanceStart to boot timer": float(m.group(1)),
+            "InstanceStart request": (started - before) * 1e3,
+            "InstanceStart to boot timer": float(m.group(1)),
             "process start to InstanceStart answered": (started - start) * 1e3}
 
 
@@ -93,7 +94,8 @@ def qmp_ready(d: Path, probe: Path) -> float:
     path.unlink(missing_ok=True)
     start = time.perf_counter()
     cmd = [*qemu_cmd(probe)[:-4], "-S", "-qmp", f"unix:{path},server=on,wait=off", "-kernel", str(probe)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     s = wait_connect(path, proc)
     greeting = s.recv(4096)
     took = (time.perf_counter() - start) * 1e3
@@ -132,8 +134,8 @@ def load_round(d: Path, state: Path, memory: Path) -> float:
     s = wait_connect(sock, proc)
     request(s, "GET", "/")                  # the VMM is imported and its API served
     before = time.perf_counter()
-    request(s, "PUT", "/snapshot/load", {"snapshot_path": str(state), "resume_vm": True,
-                                         "mem_backend": {"backend_type": "File", "backend_path": str(memory)}})
+    backend = {"backend_type": "File", "backend_path": str(memory)}
+    request(s, "PUT", "/snapshot/load", {"snapshot_path": str(state), "resume_vm": True, "mem_backend": backend})
     took = (time.perf_counter() - before) * 1e3
     proc.kill()
     proc.wait()

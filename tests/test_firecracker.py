@@ -3,9 +3,11 @@ users drive it (its getting-started curl commands, its configuration file), on t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -388,6 +390,7 @@ def test_pyrecracker_lifecycle(probe: Path, disk: Path, tmp_path: Path) -> None:
     (bin_dir / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
     (bin_dir / "sudo").chmod(0o755)
     net = NetNs(())
+    driver: subprocess.Popen[str] | None = None
     try:
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
         driver = subprocess.Popen(
@@ -410,4 +413,15 @@ def test_pyrecracker_lifecycle(probe: Path, disk: Path, tmp_path: Path) -> None:
         _, err = driver.communicate(timeout=60)
         assert driver.returncode == 0, err
     finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        kill_processes_with(str(tmp_path))      # VMMs a failed driver left behind
         net.close()
+
+
+def kill_processes_with(text: str) -> None:
+    """SIGKILL every process whose command line holds ``text``."""
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
