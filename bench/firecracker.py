@@ -135,7 +135,8 @@ def load_round(d: Path, state: Path, memory: Path) -> float:
     request(s, "GET", "/")                  # the VMM is imported and its API served
     before = time.perf_counter()
     backend = {"backend_type": "File", "backend_path": str(memory)}
-    request(s, "PUT", "/snapshot/load", {"snapshot_path": str(state), "resume_vm": True, "mem_backend": backend})
+    request(s, "PUT", "/snapshot/load", {"snapshot_path": str(state), "resume_vm": True,
+                                         "mem_backend": backend})
     took = (time.perf_counter() - before) * 1e3
     proc.kill()
     proc.wait()
