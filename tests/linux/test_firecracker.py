@@ -1,0 +1,113 @@
+"""Debian's kernel driven through altovirt-firecracker's API, with curl as Firecracker's users
+do: configured and started, its disk swapped while it runs (Linux's virtio_blk sees the new
+image and size), paused, snapshotted and loaded in a new process on another tap, where the
+same shell carries on. One boot (about 90 s in the nested test bed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ..testbed import debian, guest
+from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns
+
+BOOT_TIMEOUT = 400
+pytestmark = pytest.mark.timeout(900)
+FIRECRACKER = [sys.executable, "-m", "altovirt.firecracker"]
+
+
+def curl(sock: Path, method: str, path: str, body: object = None) -> object:
+    """One request with curl; its JSON answer (None for 204). AssertionError unless 2xx."""
+    cmd = ["curl", "-sS", "-X", method, "--unix-socket", str(sock), "-w", "\n%{http_code}"]
+    if body is not None:
+        cmd += ["--data", json.dumps(body)]
+    done = subprocess.run([*cmd, f"http://localhost{path}"], capture_output=True, text=True, timeout=120)
+    text, _, code = done.stdout.rpartition("\n")
+    assert code in ("200", "204"), f"{method} {path}: {code} {text} {done.stderr}"
+    return json.loads(text) if text else None
+
+
+def wait_socket(g: guest.LinuxGuest, sock: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not sock.exists():
+        if time.monotonic() > deadline or g.proc.poll() is not None:
+            raise g.fail("the VMM did not open its API socket")
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="SKIPPED LOUDLY: curl (Debian's curl) is missing")
+def test_linux_through_the_firecracker_api(kernel: debian.Kernel, initrd: Path, tmp_path: Path) -> None:
+    d = tmp_path
+    (d / "src").mkdir()
+    (d / "src" / "hello.txt").write_text("the first image\n")
+    guest.make_ext4(d / "one.img", "64M", d / "src")
+    (d / "src" / "hello.txt").write_text("the second image\n")
+    guest.make_ext4(d / "two.img", "96M", d / "src")
+    ns = Netns("tap0")
+    ns.address("tap0", f"{HOST_IP}/{PREFIX}")
+    sock = d / "api.sock"
+    g = guest.LinuxGuest([*ns.prefix, *FIRECRACKER, "--api-sock", str(sock), "--id", "debian",
+                          "--log-path", str(d / "vmm.log")], log_path=d / "serial.log")
+    try:
+        wait_socket(g, sock)
+        curl(sock, "PUT", "/boot-source", {"kernel_image_path": str(kernel.vmlinuz),
+                                           "initrd_path": str(initrd),
+                                           "boot_args": f"{guest.APPEND} guest.ip={GUEST_IP}/{PREFIX}"})
+        curl(sock, "PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 512})
+        curl(sock, "PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(d / "one.img"),
+                                           "is_root_device": False, "is_read_only": False})
+        curl(sock, "PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": "tap0",
+                                                       "guest_mac": "06:00:a9:fe:4d:02"})
+        curl(sock, "PUT", "/entropy", {})
+        curl(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
+        g.wait_ready(BOOT_TIMEOUT)
+        assert g.check("mkdir -p /mnt && mount /dev/vda /mnt && cat /mnt/hello.txt") == "the first image\n"
+        g.check(f"ping -c 2 -W 5 {HOST_IP}", timeout=120)
+        assert g.check("cat /sys/class/misc/hw_random/rng_current").startswith("virtio_rng")
+        assert g.check("cat /sys/block/vda/size").strip() == str(64 << 11)
+
+        # The disk's image swapped under the running guest: virtio_blk takes the new size from
+        # the configuration change, and a new mount reads the new file system.
+        g.check("umount /mnt")
+        curl(sock, "PATCH", "/drives/data", {"drive_id": "data", "path_on_host": str(d / "two.img")})
+        deadline = time.monotonic() + 60
+        while g.check("cat /sys/block/vda/size").strip() != str(96 << 11):
+            assert time.monotonic() < deadline, "Linux never saw the new disk size"
+            time.sleep(0.5)
+        assert g.check("mount /dev/vda /mnt && cat /mnt/hello.txt && umount /mnt") == "the second image\n"
+
+        # Pause, snapshot, and a new process loads it on another tap: the same shell goes on.
+        g.check("cd /tmp && echo kept > /tmp/mark && MARK=still-here")
+        curl(sock, "PATCH", "/vm", {"state": "Paused"})
+        info = curl(sock, "GET", "/")
+        assert isinstance(info, dict) and info["state"] == "Paused" and info["id"] == "debian"
+        curl(sock, "PUT", "/snapshot/create", {"snapshot_path": str(d / "vm.state"),
+                                               "mem_file_path": str(d / "vm.mem")})
+        g.kill()
+        ns.close()
+
+        ns = Netns("tap1")
+        ns.address("tap1", f"{HOST_IP}/{PREFIX}")
+        sock.unlink(missing_ok=True)
+        g = guest.LinuxGuest([*ns.prefix, *FIRECRACKER, "--api-sock", str(sock), "--id", "debian2",
+                              "--log-path", str(d / "vmm2.log")], log_path=d / "serial2.log")
+        wait_socket(g, sock)
+        curl(sock, "PUT", "/snapshot/load", {
+            "snapshot_path": str(d / "vm.state"), "resume_vm": True,
+            "mem_backend": {"backend_type": "File", "backend_path": str(d / "vm.mem")},
+            "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}]})
+        assert g.check('echo "$MARK $(pwd) $(cat /tmp/mark)"') == "still-here /tmp kept\n"
+        assert g.check("mount /dev/vda /mnt && cat /mnt/hello.txt && umount /mnt") == "the second image\n"
+        g.check(f"ping -c 2 -W 5 {HOST_IP}", timeout=120)
+        config = curl(sock, "GET", "/vm/config")
+        assert isinstance(config, dict) and config["network-interfaces"][0]["host_dev_name"] == "tap1"
+        assert g.poweroff(120) == 0
+    finally:
+        g.close()
+        ns.close()
