@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NoReturn
 from . import IMPORT_STARTED
 from .backends import BackendError
 from .config import ConfigError, HelpRequested, VmConfig, load_config
-from .errors import EXIT_ERROR, EXIT_USAGE, AltoVirtError
+from .errors import EXIT_ERROR, EXIT_USAGE, AltoVirtError, exit_now
 from .sandbox import seccomp
 from .vmm import builder
 from .vmm.daemon import Daemon
@@ -246,13 +246,5 @@ def report_error(cfg: VmConfig, daemon: Daemon, e: AltoVirtError, debug: bool) -
 
 
 def run() -> NoReturn:
-    """The console-script entry point: main(), then exit without interpreter teardown.
-
-    main() has closed the VM and flushed and closed every file it wrote; what
-    is left, Python's module finalization, costs about 9 ms per VM on these
-    hosts, which users starting many VMs pay for nothing.
-    """
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """The console-script entry point (see errors.exit_now)."""
+    exit_now(main())

@@ -10,8 +10,25 @@ OSError...), so code that catches those keeps working.
 
 from __future__ import annotations
 
+import os
+import sys
+
+TYPE_CHECKING = False                   # typing's: the Firecracker front end imports this module first
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 EXIT_ERROR = 1          # a VMM, KVM or host error
 EXIT_USAGE = 2          # a usage or configuration error
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code``, stdout and stderr flushed, without the interpreter's
+    teardown: the programs have closed the VM and every file they wrote by then, and module
+    finalization costs about 9 ms per VM on these hosts, which users starting many VMs pay
+    for nothing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class AltoVirtError(Exception):

@@ -23,7 +23,7 @@ import os
 import sys
 
 from . import FIRECRACKER_API_VERSION, __version__
-from .errors import EXIT_USAGE, AltoVirtError
+from .errors import EXIT_USAGE, AltoVirtError, exit_now
 
 TYPE_CHECKING = False               # typing's, without importing typing
 if TYPE_CHECKING:
@@ -178,11 +178,8 @@ def _listen(path: str) -> socket.socket | None:
 
 
 def run() -> NoReturn:
-    """Console-script entry point; exits without interpreter teardown, as ``altovirt`` does."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """The console-script entry point (see errors.exit_now)."""
+    exit_now(main())
 
 
 if __name__ == "__main__":

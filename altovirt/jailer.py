@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from .errors import EXIT_ERROR, EXIT_USAGE, AltoVirtError
+from .errors import EXIT_ERROR, EXIT_USAGE, AltoVirtError, exit_now
 from .sandbox import caps, namespaces
 from .sandbox.cgroups import CgroupError, JailCgroups
 
@@ -425,8 +425,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> NoReturn:
-    """Console-script entry point; exits without interpreter teardown, as ``altovirt`` does."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """The console-script entry point (see errors.exit_now)."""
+    exit_now(main())

@@ -302,8 +302,18 @@ def test_patch_drive_swaps_the_image(probe: Path, disk: Path, tmp_path: Path, vm
     assert swapped != first
     config = fc.ok("GET", "/vm/config")
     assert isinstance(config, dict) and config["drives"][0]["path_on_host"] == str(other)
-    fc.vm.type("quit")
-    assert fc.vm.finish()[0] == 0
+    # A snapshot taken after the swap names the new image: a new VMM loads it with that one.
+    fc.ok("PATCH", "/vm", {"state": "Paused"})
+    files = {"snapshot_path": str(tmp_path / "s"), "mem_file_path": str(tmp_path / "m")}
+    fc.ok("PUT", "/snapshot/create", files)
+    fc.vm.proc.kill()
+    fc.vm.proc.wait()
+    fc2 = Firecracker(vms, tmp_path / "two.sock")
+    fc2.ok("PUT", "/snapshot/load", {**files, "resume_vm": True})
+    fc2.vm.type("blk")
+    assert fc2.vm.line("probe: snap blk read=ok") == swapped
+    fc2.vm.type("quit")
+    assert fc2.vm.finish()[0] == 0
 
 
 def test_send_ctrl_alt_del(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:

@@ -11,12 +11,10 @@ points.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from typing import Any
 
 from .. import FIRECRACKER_API_VERSION, __version__
-from ..config import ConfigError
 from ..config.firecracker import (
     DESERIALIZE,
     UNSUPPORTED,
@@ -38,8 +36,6 @@ from ..vmm.lifecycle import RunState
 from ..vmm.metrics import Metrics
 from ..vmm.migration import snapshot_files
 from .http import Request, Response, fault
-
-log = logging.getLogger(__name__)
 
 APP_NAME = "AltoVirt"
 VERSION = {"firecracker_version": FIRECRACKER_API_VERSION}
@@ -64,7 +60,6 @@ class FirecrackerApi:
                  on_logger: Callable[[LoggerConfig], None]) -> None:
         self.instance = instance
         self.metrics = metrics
-        self.on_logger = on_logger
         cfg = self._configure
         self.routes: dict[tuple[str, str], Callable[[Request, str | None], Response]] = {
             ("GET", ""): lambda r, rest: Response(200, self._info()),
@@ -78,9 +73,8 @@ class FirecrackerApi:
             ("PUT", "network-interfaces"): cfg(lambda c, b, rest: c.put_network_interface(_id(rest), b)),
             ("PUT", "vsock"): cfg(lambda c, b, rest: c.put_vsock(b)),
             ("PUT", "entropy"): cfg(lambda c, b, rest: c.put_entropy(b)),
-            # The logger and metrics may be set up before or after the start, as in Firecracker.
-            ("PUT", "logger"): lambda r, rest: self._logger(_json(r)),
-            ("PUT", "metrics"): lambda r, rest: self._metrics(_json(r)),
+            ("PUT", "logger"): cfg(lambda c, b, rest: on_logger(c.put_logger(b))),
+            ("PUT", "metrics"): cfg(lambda c, b, rest: metrics.open(c.put_metrics(b))),
             ("PUT", "actions"): self._action,
             ("PATCH", "vm"): self._patch_vm,
             ("PATCH", "drives"): self._patch_drive,
@@ -112,16 +106,8 @@ class FirecrackerApi:
             return fault(400, invalid)
         try:
             return route(request, rest)
-        except (AltoVirtError, ConfigError) as e:
+        except AltoVirtError as e:
             return fault(400, str(e))
-
-    def _logger(self, body: object) -> Response:
-        self.on_logger(self.instance.config.put_logger(body))
-        return Response(204)
-
-    def _metrics(self, body: object) -> Response:
-        self.metrics.open(self.instance.config.put_metrics(body))
-        return Response(204)
 
     # --- before the start ---
     def _configure(self, change: Callable[[FirecrackerConfig, object, str | None], object]
@@ -245,9 +231,8 @@ class FirecrackerApi:
             raise not_supported("I/O rate limiters (rate_limiter)")
         machine = self.instance.running()
         if "path_on_host" in d:
-            assert machine.hotplug is not None
             try:
-                machine.hotplug.change_image(drive_id, d["path_on_host"])
+                machine.change_image(drive_id, d["path_on_host"])
             except HotplugError as e:
                 raise FirecrackerError(f"Drive config error: {e}") from e
             self.instance.config.drive_moved(drive_id, d["path_on_host"])

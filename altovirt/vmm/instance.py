@@ -12,6 +12,7 @@ asks the :class:`Machine` for what it wants, as QMP does.
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from collections.abc import Callable
@@ -98,12 +99,17 @@ class Instance:
         with self._lock:
             if self._launching or self.machine is not None:
                 raise FirecrackerError(PRE_BOOT_ONLY)
+            before = copy.deepcopy(self.config)
             cfg = make(self.config)
             self._launching = True
         launch = Launch(cfg, restore)
         self._launches.put(launch)
         try:
             launch.wait()
+        except BaseException:
+            with self._lock:
+                self.config = before
+            raise
         finally:
             with self._lock:
                 self._launching = False

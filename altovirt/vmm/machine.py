@@ -338,6 +338,15 @@ class Machine:
             with self._held(vcpus=False, devices=True):
                 yield
 
+    def change_image(self, drive_id: str, path: str) -> None:
+        """Back disk ``drive_id`` by the image at ``path`` from now on (see Hotplug.change_image);
+        the configuration a snapshot keeps names it too. HotplugError if it cannot."""
+        assert self.hotplug is not None
+        self.hotplug.change_image(drive_id, path)
+        for drive in self.cfg.drives:
+            if drive.id == drive_id:
+                drive.path = path
+
     def device_deleted(self, name: str) -> None:
         self.lifecycle.emit("DEVICE_DELETED", {"device": name, "path": name})
 
