@@ -435,3 +435,25 @@ def kill_processes_with(text: str) -> None:
         with contextlib.suppress(OSError, ValueError):
             if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
                 os.kill(int(proc.name), signal.SIGKILL)
+
+
+def test_qmp_beside_the_api(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """--qmp serves QMP for the same VM: QEMU's client sees what the Firecracker API did, and
+    the API what QMP did."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    fc = Firecracker(vms, tmp_path / "api.sock", "--qmp", str(tmp_path / "qmp.sock"))
+    start(fc, probe, "snapshot")
+    fc.vm.wait_line("probe: snap ready")
+    qmp = QEMUMonitorProtocol(str(tmp_path / "qmp.sock"))
+    qmp.connect(negotiate=True)
+    try:
+        assert qmp.cmd_obj({"execute": "query-status"})["return"]["status"] == "running"
+        fc.ok("PATCH", "/vm", {"state": "Paused"})
+        assert qmp.cmd_obj({"execute": "query-status"})["return"]["status"] == "paused"
+        assert qmp.cmd_obj({"execute": "cont"}) == {"return": {}}
+        assert fc.state() == "Running"
+        fc.vm.type("quit")
+        assert fc.vm.finish()[0] == 0
+    finally:
+        with contextlib.suppress(EOFError, OSError):
+            qmp.close()
