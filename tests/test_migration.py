@@ -231,6 +231,28 @@ def test_restore_can_resume_at_once(probe: Path, disk: Path, tmp_path: Path, vms
     restored.quit()
 
 
+def test_restored_vm_reads_its_kernel_to_reboot(probe: Path, disk: Path, tmp_path: Path,
+                                                vms: list[Vm]) -> None:
+    """A VM loaded from a snapshot boots nothing; system_reset reads the kernel then, and while
+    the kernel is missing it refuses, saying so, and the guest runs on."""
+    kernel = tmp_path / "vmlinux"
+    shutil.copy(probe / "probe.elf", kernel)
+    args = ["-kernel", str(kernel), *guest_args(probe, disk)[2:]]
+    source = Guest(vms, args, tmp_path / "q1.sock")
+    snapshot(source, tmp_path / "snap")
+    source.quit()
+    kernel.rename(tmp_path / "elsewhere")
+    restored = Guest(vms, [*args, "-incoming", f"file:{tmp_path / 'snap'},resume=on"], tmp_path / "q2.sock",
+                     ready=False)
+    wait_status(restored, "running")
+    assert "cannot boot again: -kernel: " in restored.error("system_reset")
+    assert restored.count() > 0
+    (tmp_path / "elsewhere").rename(kernel)
+    assert restored.cmd("system_reset") == {}
+    restored.vm.wait_line("probe: snap ready")        # the kernel booted from its start
+    restored.quit()
+
+
 def test_deferred_incoming(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
     """-incoming defer: the process starts and waits; migrate-incoming loads the VM."""
     source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
