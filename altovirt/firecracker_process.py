@@ -109,6 +109,8 @@ class Process:
             code = self._run(launch)
             if launch.error is None:
                 return code
+            if launch is first:         # the configuration file's VM: the process ends, as Firecracker's
+                raise launch.error
             self.instance.machine = None
             launch = None               # it never ran: the API may configure and start again
 
@@ -136,7 +138,7 @@ class Process:
             if launch.answered:
                 raise
             what = "Load snapshot" if launch.restore else "Start microvm"
-            launch.failed(FirecrackerError(f"{what} error: {e}"))
+            launch.failed(FirecrackerError(f"{what} error: {e}", exit_status=e.exit_status))
             return e.exit_status
 
     def on_signal(self, signum: int, frame: object) -> None:

@@ -128,6 +128,25 @@ def test_config_file_without_api(probe: Path, disk: Path, tmp_path: Path, vms: l
     assert vm.finish()[0] == 0
 
 
+@needs_netns
+def test_config_file_vm_that_cannot_be_built(probe: Path, tmp_path: Path) -> None:
+    """A --config-file VM whose tap does not exist: one line, exit 2 (as altovirt for the same
+    mistake), and no API left waiting."""
+    config = tmp_path / "vm.json"
+    config.write_text(json.dumps({"boot-source": {"kernel_image_path": str(probe / "probe.elf")},
+                                  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap9"}]}))
+    net = NetNs(())
+    try:
+        done = net.run([*FIRECRACKER, "--api-sock", str(tmp_path / "s"), "--config-file", str(config)],
+                       timeout=30)
+    finally:
+        net.close()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("altovirt-firecracker: error: Start microvm error: -netdev id=eth0: tap tap9 does "
+                           "not exist; create it first (ip tuntap add dev tap9 mode tap)\n")
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--no-api"], "--no-api needs --config-file"),
     (["--level", "Loud"], "--level: 'Loud'; accepted: Error, Warning, Info, Debug, Trace, Off"),
