@@ -23,8 +23,8 @@ from pyrecracker.vm import VMManager
 def wait_for(log: Path, text: str, timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        for line in text.split("\n")[:-1]:        # whole lines only: the console writes as it goes
+        content = log.read_text(errors="replace") if log.exists() else ""
+        for line in content.split("\n")[:-1]:     # whole lines only: the console writes as it goes
             if line.startswith(text):
                 return line
         time.sleep(0.05)
