@@ -478,3 +478,32 @@ def test_qmp_beside_the_api(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
     finally:
         with contextlib.suppress(EOFError, OSError):
             qmp.close()
+
+
+def test_http_pipelining_slow_clients_and_expect(tmp_path: Path, vms: list[Vm]) -> None:
+    """Two requests in one write are answered in order; a request sent a byte at a time is
+    answered once whole; Expect: 100-continue gets its interim answer before the body."""
+    fc = Firecracker(vms, tmp_path / "api.sock")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(fc.sock))
+        body = b'{"vcpu_count": 2, "mem_size_mib": 256}'
+        put = b"PUT /machine-config HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        s.sendall(put + b"GET /machine-config HTTP/1.1\r\n\r\n")
+        replies = b""
+        while replies.count(b"HTTP/1.1") < 2 or not replies.endswith(b"}"):
+            replies += s.recv(65536)
+        first, second = replies.split(b"HTTP/1.1 ")[1:]
+        assert first.startswith(b"204 ") and second.startswith(b"200 ") and b'"vcpu_count": 2' in second
+        for byte in b"GET /version HTTP/1.1\r\n\r\n":
+            s.send(bytes([byte]))
+            time.sleep(0.001)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        s.sendall(b"PUT /machine-config HTTP/1.1\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        assert s.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        assert s.recv(65536).startswith(b"HTTP/1.1 204 ")
+    fc.vm.proc.terminate()
+    assert fc.vm.finish()[0] == 128 + 15
+    assert not fc.sock.exists()                 # the API socket goes with the process
