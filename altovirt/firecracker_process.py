@@ -23,7 +23,7 @@ from . import cli
 from .api.firecracker import FirecrackerApi
 from .api.http import HttpServer
 from .backends import BackendError
-from .config.firecracker import LOG_LEVELS, FirecrackerError, LoggerConfig
+from .config.firecracker import LOG_LEVELS, FirecrackerError, LoggerConfig, log_level
 from .config.model import VmConfig
 from .config.validate import check_vm
 from .devices.legacy.boottimer import process_start_monotonic
@@ -172,7 +172,7 @@ def serve(opts: Options, sock: socket.socket | None) -> int:
     instance = Instance(opts.instance_id)
     process = Process(opts, instance)
     try:
-        level = {v.lower(): v for v in LOG_LEVELS}.get(opts.level.lower())
+        level = log_level(opts.level)
         if level is None:
             raise UsageError(f"--level: {opts.level!r}; accepted: {', '.join(LOG_LEVELS)}")
         setup_logging(opts.instance_id, LoggerConfig(opts.log_path, level, opts.show_level,

@@ -235,7 +235,6 @@ class FirecrackerApi:
                 machine.change_image(drive_id, d["path_on_host"])
             except HotplugError as e:
                 raise FirecrackerError(f"Drive config error: {e}") from e
-            self.instance.config.drive_moved(drive_id, d["path_on_host"])
         return Response(204)
 
     def _patch_net(self, request: Request, rest: str | None) -> Response:

@@ -32,9 +32,8 @@ MAX_HEAD = 8192                 # request line and headers
 MAX_CONNECTIONS = 32
 MAX_OUTPUT = 1 << 20            # replies a client has not read; past this it is dropped
 DEFAULT_MAX_PAYLOAD = 51200     # Firecracker's --http-api-max-payload-size default
-REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
-           405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error",
-           501: "Not Implemented", 505: "HTTP Version Not Supported"}
+REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 413: "Payload Too Large",
+           500: "Internal Server Error", 501: "Not Implemented", 505: "HTTP Version Not Supported"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def encode(response: Response, *, close: bool = False) -> bytes:
     if response.body is not None:
         body = json.dumps(response.body).encode()
         lines.append("Content-Type: application/json")
-    if response.body is not None or response.status not in (204, 100):
+    if response.body is not None or response.status != 204:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
@@ -150,12 +149,10 @@ class HttpServer(SocketServer[Connection]):
         (or the connection is to close)."""
         if conn.head is None:
             end = conn.inbuf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(conn.inbuf) > MAX_HEAD:
-                    raise HttpError(400, f"request head longer than {MAX_HEAD} bytes")
-                return False
-            if end > MAX_HEAD:
+            if end > MAX_HEAD or (end < 0 and len(conn.inbuf) > MAX_HEAD):
                 raise HttpError(400, f"request head longer than {MAX_HEAD} bytes")
+            if end < 0:
+                return False
             conn.head = parse_head(bytes(conn.inbuf[:end]))
             del conn.inbuf[:end + 4]
             conn.length = self._length(conn.head[3])

@@ -21,6 +21,8 @@ from .model import (
     MAX_DRIVES,
     MAX_NICS,
     MEM_MIN,
+    VSOCK_MAX_CID,
+    VSOCK_MIN_CID,
     ConfigError,
     DriveConfig,
     MiB,
@@ -121,6 +123,11 @@ class MetricsConfig:
 LOG_LEVELS = ("Error", "Warning", "Info", "Debug", "Trace", "Off")
 
 
+def log_level(text: str) -> str | None:
+    """A log level as Firecracker spells it, whatever its case (None if it is none)."""
+    return next((level for level in LOG_LEVELS if level.lower() == text.lower()), None)
+
+
 @dataclass
 class FirecrackerConfig:
     """A microVM's settings as Firecracker's API collects them before InstanceStart."""
@@ -212,8 +219,9 @@ class FirecrackerConfig:
 
     def put_vsock(self, body: object) -> None:
         v = fields("vsock", body, {"guest_cid": int, "uds_path": str}, {"vsock_id": str})
-        if not 3 <= v["guest_cid"] <= 0xFFFFFFFE:
-            raise FirecrackerError(f"Invalid guest CID {v['guest_cid']}; accepted range [3, 4294967294].")
+        if not VSOCK_MIN_CID <= v["guest_cid"] <= VSOCK_MAX_CID:
+            raise FirecrackerError(f"Invalid guest CID {v['guest_cid']}; accepted range "
+                                   f"[{VSOCK_MIN_CID}, {VSOCK_MAX_CID}].")
         self.vsock = VsockConfig(check_fc_id("vsock_id", v.get("vsock_id", "vsock")), v["guest_cid"],
                                  v["uds_path"])
 
@@ -225,7 +233,7 @@ class FirecrackerConfig:
     def put_logger(self, body: object) -> LoggerConfig:
         lg = fields("logger", body, {}, {"log_path": str, "level": str, "show_level": bool,
                                          "show_log_origin": bool, "module": str})
-        level = {v.lower(): v for v in LOG_LEVELS}.get(lg.get("level", "Info").lower())
+        level = log_level(lg.get("level", "Info"))
         if level is None:
             raise FirecrackerError(f"Invalid log level {lg['level']!r}; accepted: {', '.join(LOG_LEVELS)}.")
         self.logger = LoggerConfig(lg.get("log_path"), level, lg.get("show_level", False),
@@ -250,14 +258,10 @@ class FirecrackerConfig:
         """Take the machine and devices of a VM loaded from a snapshot (for GET /vm/config)."""
         self.kernel, self.boot_args, self.initrd = cfg.kernel, cfg.cmdline, cfg.initrd
         self.vcpu_count, self.mem_size_mib = cfg.vcpus, cfg.mem_size // MiB
-        self.drives = {d.id: FcDrive(dataclasses.replace(d)) for d in cfg.drives}
-        self.nets = {n.id: dataclasses.replace(n) for n in cfg.nets}
-        self.vsock = dataclasses.replace(cfg.vsock) if cfg.vsock else None
+        self.drives = {d.id: FcDrive(d) for d in cfg.drives}
+        self.nets = {n.id: n for n in cfg.nets}
+        self.vsock = cfg.vsock
         self.entropy = cfg.rng is not None
-
-    def drive_moved(self, drive_id: str, path: str) -> None:
-        """A running VM's drive now reads ``path`` (PATCH /drives)."""
-        self.drives[drive_id].drive.path = path
 
     # --- whole documents ---
     def load_document(self, doc: object) -> None:
@@ -316,7 +320,8 @@ class FirecrackerConfig:
 
     def vm_config(self, name: str) -> VmConfig:
         """The VmConfig to build; the root drive first (it is /dev/vda) and named on the kernel
-        command line, as Firecracker does."""
+        command line, as Firecracker does. Its device entries are this configuration's own,
+        so what the running VM changes (PATCH /drives) shows in :meth:`export`."""
         if self.kernel is None:
             raise FirecrackerError("Cannot start microvm without kernel configuration.")
         drives = sorted(self.drives.values(), key=lambda d: not d.is_root_device)
@@ -327,9 +332,7 @@ class FirecrackerConfig:
             cmdline = f"{cmdline} root={dev} {'ro' if root.drive.read_only else 'rw'}"
         return VmConfig(kernel=self.kernel, cmdline=cmdline, initrd=self.initrd, name=name,
                         vcpus=self.vcpu_count, mem_size=self.mem_size_mib * MiB,
-                        drives=[dataclasses.replace(d.drive) for d in drives],
-                        nets=[dataclasses.replace(n) for n in self.nets.values()],
-                        vsock=dataclasses.replace(self.vsock) if self.vsock else None,
+                        drives=[d.drive for d in drives], nets=list(self.nets.values()), vsock=self.vsock,
                         rng=RngConfig("entropy") if self.entropy else None, serial_stdio=True)
 
 

@@ -160,7 +160,6 @@ def from_dict(doc: Any) -> VmConfig:
     return cfg
 
 
-
 def to_dict(cfg: VmConfig) -> dict[str, Any]:
     """The VM's devices and machine as a -config document (:func:`from_dict` reads it back);
     what only concerns the process (API sockets, logging, -incoming) is left out."""

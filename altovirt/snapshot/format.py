@@ -165,7 +165,8 @@ def _replace(path: str, fill: Callable[[int], None]) -> None:
 def read_state(where: SnapshotFiles | str) -> tuple[dict[str, Any], dict[str, Section]]:
     """The header and sections of the snapshot at ``where``, every CRC checked, and its memory
     file checked to be this snapshot's; SnapshotError naming what is wrong otherwise."""
-    path = files(where).state
+    paths = files(where)
+    path = paths.state
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -174,7 +175,7 @@ def read_state(where: SnapshotFiles | str) -> tuple[dict[str, Any], dict[str, Se
     header, sections = decode_state(data, path)
     if not isinstance(header.get("memory_size"), int) or not isinstance(header.get("id"), str):
         raise SnapshotError(f"{path}: the header is incomplete")
-    _check_memory(files(where).memory, header)
+    _check_memory(paths.memory, header)
     return header, sections
 
 

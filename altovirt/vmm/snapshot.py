@@ -74,14 +74,20 @@ def _section(name: str, state: object) -> Section:
     return Section(name, VERSION, json.dumps(to_json(state), separators=(",", ":")).encode())
 
 
-def _state(sections: dict[str, Section], name: str, cls: type[T]) -> T:
+def _payload(sections: dict[str, Section], name: str, missing: str = "missing") -> bytes:
+    """Section ``name``'s payload; SnapshotError if it is ``missing`` or of another version."""
     section = sections.get(name)
     if section is None:
-        raise SnapshotError(f"section {name}: missing")
+        raise SnapshotError(f"section {name}: {missing}")
     if section.version != VERSION:
         raise SnapshotError(f"section {name}: version {section.version}; this AltoVirt reads {VERSION}")
+    return section.payload
+
+
+def _state(sections: dict[str, Section], name: str, cls: type[T]) -> T:
+    payload = _payload(sections, name)
     try:
-        return from_json(cls, json.loads(section.payload), name)
+        return from_json(cls, json.loads(payload), name)
     except (ValueError, RecursionError) as e:
         raise SnapshotError(f"section {name}: {e}") from e
 
@@ -166,13 +172,9 @@ def _load_xenstore(m: Machine, section: Section) -> None:
 
 def saved_config(sections: dict[str, Section]) -> VmConfig:
     """The configuration of the VM a snapshot was taken of (its ``config`` section)."""
-    section = sections.get("config")
-    if section is None:
-        raise SnapshotError("section config: missing (a snapshot from an older AltoVirt); "
-                            "load it with -incoming")
-    if section.version != VERSION:
-        raise SnapshotError(f"section config: version {section.version}; this AltoVirt reads {VERSION}")
+    payload = _payload(sections, "config",
+                       "missing (a snapshot from an older AltoVirt); load it with -incoming")
     try:
-        return jsonconfig.from_dict(json.loads(section.payload))
+        return jsonconfig.from_dict(json.loads(payload))
     except (ValueError, RecursionError) as e:
         raise SnapshotError(f"section config: {e}") from e
