@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import time
 import traceback
@@ -118,13 +117,12 @@ def start_migration(machine: Machine, migratable: bool) -> Callable[[], None]:
     return lambda: migration.incoming(incoming, listener)
 
 
-def enable_seccomp(cfg: VmConfig, precompile: bool = False) -> None:
+def enable_seccomp(cfg: VmConfig) -> None:
     """Threads started from here on confine themselves; a forbidden call is reported
-    in the -D log (or on stderr) before the VMM ends. ``precompile``: see seccomp.enable."""
+    in the -D log (or on stderr) before the VMM ends."""
     report = open(cfg.log_file, "a") if cfg.log_file else sys.stderr     # noqa: SIM115 (kept for life)
     try:
-        seccomp.enable(report, audit_only=os.environ.get("ALTOVIRT_SECCOMP_AUDIT") == "1",
-                       precompile=precompile)
+        seccomp.enable(report)
     except seccomp.SeccompError as e:
         raise VmmError(str(e)) from e
 

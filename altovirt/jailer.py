@@ -236,6 +236,7 @@ def import_everything() -> None:
             importlib.import_module(mod.name)
     for name in seccomp.LAZY_MODULES:
         importlib.import_module(name)
+    seccomp.prepare()                           # the filters' cache, or their compiler
     boottimer.process_start_monotonic()         # cached: /proc is not in the jail
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from altovirt.kvm import ioctls as K
+from altovirt.sandbox import seccomp
 from altovirt.sandbox.allowlists import IOCTLS, ROLES
 
 from .conftest import ROOT, Vm, needs_kvm
@@ -122,3 +123,38 @@ def test_allowlists_are_consistent() -> None:
     for role, names in ROLES.items():
         assert len(names) == len(set(names)), role
         assert "ioctl" in names and "execve" not in names and "ptrace" not in names
+
+
+def test_compiled_filters_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled = seccomp.programs("TRAP", str(tmp_path))
+    assert compiled == {role: seccomp.build(role).program for role in ROLES}
+    assert seccomp.programs("LOG", str(tmp_path)) != compiled          # one file per default action
+    path = tmp_path / "seccomp-trap.filters"
+    good = path.read_bytes()
+
+    def compile_again(role: str, action: str = "TRAP") -> object:
+        raise AssertionError(f"{role} compiled again")
+
+    with monkeypatch.context() as m:
+        m.setattr(seccomp, "build", compile_again)
+        assert seccomp.programs("TRAP", str(tmp_path)) == compiled      # read, not compiled
+    # A damaged file (a bit flipped in a program, cut short, or not a cache at all) or one
+    # compiled from other rules is compiled again, and rewritten.
+    flipped = bytearray(good)
+    flipped[good.index(compiled["vcpu"][8:24]) + 3] ^= 0x10
+    (tmp_path / "seccomp-log.filters").replace(tmp_path / "other-rules")
+    for bad in (bytes(flipped), good[:len(good) // 2], b"\x00" * 64, (tmp_path / "other-rules").read_bytes()):
+        path.write_bytes(bad)
+        assert seccomp.programs("TRAP", str(tmp_path)) == compiled
+        assert path.read_bytes() == good
+
+
+@needs_kvm
+def test_a_vmm_starts_without_importing_the_compiler(probe: Path) -> None:
+    """With the filters compiled at install (scripts/setup), the VMM loads them from the cache."""
+    subprocess.run([sys.executable, "-m", "altovirt.sandbox.seccomp"], cwd=ROOT, check=True)
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "altovirt", "-kernel",
+                          str(probe / "probe.elf"), "-append", "probe.run=info", "-serial", "stdio"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "probe: done ok" in run.stdout
+    assert "altovirt.sandbox.seccomp" in run.stderr and "seccompy" not in run.stderr

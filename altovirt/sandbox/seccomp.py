@@ -1,4 +1,4 @@
-"""Seccomp filters for AltoVirt's threads, built with seccompy from :mod:`.allowlists`.
+"""Seccomp filters for AltoVirt's threads: :mod:`.allowlists` compiled with seccompy.
 
 :func:`enable` is called once the VM is built (every module the VMM will use
 is imported by then); each long-lived thread then calls :func:`confine` with
@@ -7,24 +7,36 @@ thread's Python stack, the offending one first as "Current thread", to the
 log, and the signal's default action ends the process at once (status 159,
 128 + SIGSYS). The kernel logs the call's number as well (``dmesg``:
 ``type=1326 ... syscall=N``).
+
+The compiled programs are kept in the package's ``__pycache__``, as Python keeps
+bytecode there, so that a VMM starts without importing seccompy at all (as
+Firecracker compiles its filters when it is built). The file holds the rules it
+was compiled from and the stamps of the compiler (seccompy and this module): a
+file that does not match all of them, or that is damaged, is compiled again.
+``python -m altovirt.sandbox.seccomp`` writes it at install time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import faulthandler
 import importlib
+import importlib.machinery
+import marshal
 import mmap
+import os
 import signal
 import socket
 import threading
-from typing import TextIO
-
-import seccompy
-from seccompy import Action, ArgCmp, CmpOp, Filter, FilterFlag
+import zlib
+from typing import TYPE_CHECKING, TextIO
 
 from ..errors import AltoVirtError
 from .allowlists import IOCTLS, ROLES, SOCKET_FAMILIES
+
+if TYPE_CHECKING:
+    from seccompy import Filter
 
 PR_SET_NAME = 15
 # Imported lazily by the standard library on rare paths (a logged traceback):
@@ -33,15 +45,23 @@ LAZY_MODULES = ("traceback", "linecache", "tokenize")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
+# A rule: a system call and the conditions on its arguments, all of which must hold:
+# (argument index, seccompy CmpOp name, value, mask).
+Condition = tuple[int, str, int, int]
+Rule = tuple[str, tuple[Condition, ...]]
+# What compiled programs depend on (see _cache_key).
+CacheKey = tuple[int, str, str, tuple[tuple[int, int], ...], tuple[tuple[str, tuple[Rule, ...]], ...]]
+U64 = (1 << 64) - 1
+DEFAULT_ACTIONS = ("TRAP", "LOG")       # seccompy Action names (see default_action)
+
 
 class SeccompError(AltoVirtError, RuntimeError):
     """Filtering cannot be turned on here; the message is one line for the user."""
 
 
 _enabled = False
-_default_action = Action.TRAP
-_programs: dict[str, bytes] = {}         # each role's filter, compiled once
-_compiling = threading.Lock()
+_programs: dict[str, bytes] = {}         # each role's compiled filter, once enabled
+_prepared: dict[str, dict[str, bytes]] = {}     # default action -> _programs
 
 
 class sock_fprog(ctypes.Structure):
@@ -52,48 +72,129 @@ class sock_fprog(ctypes.Structure):
 
 SYS_seccomp = 317                       # x86_64
 SECCOMP_SET_MODE_FILTER = 1             # <linux/seccomp.h>
+SECCOMP_GET_ACTION_AVAIL = 2
 SECCOMP_FILTER_FLAG_LOG = 2
+SECCOMP_RET = {"TRAP": 0x00030000, "LOG": 0x7FFC0000}
 PR_SET_NO_NEW_PRIVS = 38
 SOCK_FILTER_SIZE = 8                    # sizeof(struct sock_filter)
+CACHE_FORMAT = 1
+CACHE_DIR = os.path.join(os.path.dirname(__file__), "__pycache__")
 
 
-def enable(report: TextIO, *, audit_only: bool = False, precompile: bool = False) -> None:
+def default_action() -> str:
+    """TRAP, or LOG with ALTOVIRT_SECCOMP_AUDIT=1: the kernel then logs forbidden calls
+    instead of the VMM stopping, for finding what an allow-list misses."""
+    return "LOG" if os.environ.get("ALTOVIRT_SECCOMP_AUDIT") == "1" else "TRAP"
+
+
+def prepare() -> dict[str, bytes]:
+    """Every role's program for the default action, read or compiled once per process (the
+    jailer calls this before the host's files leave its view)."""
+    action = default_action()
+    if action not in _prepared:
+        _prepared[action] = programs(action)
+    return _prepared[action]
+
+
+def enable(report: TextIO) -> None:
     """Turn filtering on for threads that confine themselves from now on; forbidden
-    calls are reported on ``report``. ``audit_only`` logs them (to the kernel log)
-    instead of stopping the VMM: for finding what an allow-list misses. ``precompile``:
-    compile every role's filter now, not as each role's first thread starts (a process
-    that waits for its API to start the VM does it while it waits)."""
-    global _enabled, _default_action
-    if not seccompy.supported():
+    calls are reported on ``report``. Every role's program is ready when this returns."""
+    global _enabled, _programs
+    if not _action_available(default_action()):
         raise SeccompError("this kernel cannot load seccomp filters; run with -disable-seccomp")
     for name in LAZY_MODULES:
         importlib.import_module(name)
     faulthandler.register(signal.SIGSYS, file=report, all_threads=True, chain=True)
-    _default_action = Action.LOG if audit_only else Action.TRAP
-    if precompile:
-        for role in ROLES:
-            _program(role)
+    _programs = prepare()
     _enabled = True
 
 
-def build(role: str) -> Filter:
-    """The filter for ``role`` (see allowlists)."""
-    # FLAG_LOG: the kernel records trapped calls (with their numbers) in its log.
-    f = Filter(default=_default_action, flags=FilterFlag.LOG)
-    no_exec = ArgCmp(2, CmpOp.MASKED_EQ, 0, mask=mmap.PROT_EXEC)
+def rules(role: str) -> tuple[Rule, ...]:
+    """What ``role`` may call (see allowlists), as plain data."""
+    no_exec: Condition = (2, "MASKED_EQ", 0, mmap.PROT_EXEC)
+    out: list[Rule] = []
     for name in ROLES[role]:
         if name in ("mmap", "mprotect"):
-            f.allow(name, args=[no_exec])             # no new executable memory once running
+            out.append((name, (no_exec,)))                # no new executable memory once running
         elif name == "ioctl":
-            for request in IOCTLS[role]:
-                # The request is an unsigned int: compare the low 32 bits only.
-                f.allow("ioctl", args=[ArgCmp(1, CmpOp.MASKED_EQ, request, mask=0xFFFFFFFF)])
+            # The request is an unsigned int: compare the low 32 bits only.
+            out += (("ioctl", ((1, "MASKED_EQ", request, 0xFFFFFFFF),)) for request in IOCTLS[role])
         elif name in ("socket", "socketpair"):
-            for family in SOCKET_FAMILIES.get(role, (socket.AF_UNIX,)):
-                f.allow(name, args={0: family})
+            families = SOCKET_FAMILIES.get(role, (socket.AF_UNIX,))
+            out += ((name, ((0, "EQ", int(family), U64),)) for family in families)
         else:
-            f.allow(name)
+            out.append((name, ()))
+    return tuple(out)
+
+
+def build(role: str, action: str = "TRAP") -> Filter:
+    """``role``'s filter, as a seccompy Filter whose default action is ``action``."""
+    from seccompy import Action, ArgCmp, CmpOp, Filter, FilterFlag
+    # FLAG_LOG: the kernel records trapped calls (with their numbers) in its log.
+    f = Filter(default=Action[action], flags=FilterFlag.LOG)
+    for name, conditions in rules(role):
+        f.allow(name, args=[ArgCmp(i, CmpOp[op], value, mask) for i, op, value, mask in conditions])
     return f
+
+
+def programs(action: str, cache: str = CACHE_DIR) -> dict[str, bytes]:
+    """Every role's compiled filter with default ``action``: from the file in ``cache`` when
+    it holds exactly these rules compiled by this compiler, else compiled (and the file
+    written where it can be)."""
+    key = _cache_key(action)
+    path = os.path.join(cache, f"seccomp-{action.lower()}.filters")
+    cached = _read_cache(path, key)
+    if cached is not None:
+        return cached
+    compiled = {role: build(role, action).program for role in ROLES}
+    _write_cache(path, key, compiled)
+    return compiled
+
+
+def _cache_key(action: str) -> CacheKey:
+    """What a compiled program depends on: the rules, the default action, the machine, and
+    the compiler's code (seccompy's and this module's files, stamped as Python stamps
+    bytecode: modification time and size)."""
+    spec = importlib.machinery.PathFinder.find_spec("seccompy")
+    if spec is None or spec.origin is None:
+        raise SeccompError("seccompy is not installed; run with -disable-seccomp or install it")
+    stamps = tuple((st.st_mtime_ns, st.st_size) for st in (os.stat(spec.origin), os.stat(__file__)))
+    return (CACHE_FORMAT, action, os.uname().machine, stamps, tuple((role, rules(role)) for role in ROLES))
+
+
+def _read_cache(path: str, key: CacheKey) -> dict[str, bytes] | None:
+    try:
+        with open(path, "rb") as f:
+            saved_key, saved, crc = marshal.load(f)
+    except (OSError, EOFError, ValueError, TypeError):
+        return None                     # absent, unreadable, or not a cache file
+    if saved_key != key or not isinstance(saved, dict) or set(saved) != set(ROLES):
+        return None
+    if not all(isinstance(p, bytes) and p and len(p) % SOCK_FILTER_SIZE == 0 for p in saved.values()):
+        return None
+    if crc != zlib.crc32(b"".join(saved[role] for role in ROLES)):
+        return None                     # damaged
+    return saved
+
+
+def _write_cache(path: str, key: CacheKey, compiled: dict[str, bytes]) -> None:
+    """Write the cache atomically; where the package is read-only, compile each time."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    data = marshal.dumps((key, compiled, zlib.crc32(b"".join(compiled[role] for role in ROLES))))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _action_available(action: str) -> bool:
+    """Whether this kernel can load filters with ``action`` (seccomp(2): GET_ACTION_AVAIL)."""
+    value = ctypes.c_uint32(SECCOMP_RET[action])
+    return _libc.syscall(SYS_seccomp, SECCOMP_GET_ACTION_AVAIL, 0, ctypes.byref(value)) == 0
 
 
 def confine(role: str) -> None:
@@ -102,16 +203,7 @@ def confine(role: str) -> None:
     name = threading.current_thread().name.encode()[:15]
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
     if _enabled:
-        _load(_program(role))
-
-
-def _program(role: str) -> bytes:
-    """``role``'s filter, compiled once (the vCPU role's takes some 3 ms): the threads of a
-    role after the first only load it."""
-    with _compiling:
-        if role not in _programs:
-            _programs[role] = build(role).program
-        return _programs[role]
+        _load(_programs[role])
 
 
 def _load(program: bytes) -> None:
@@ -123,3 +215,9 @@ def _load(program: bytes) -> None:
     prog = sock_fprog(len(program) // SOCK_FILTER_SIZE, ctypes.addressof(buf))
     if _libc.syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_LOG, ctypes.byref(prog)) != 0:
         raise OSError(ctypes.get_errno(), "seccomp(SECCOMP_SET_MODE_FILTER)")
+
+
+if __name__ == "__main__":
+    # At install time: compile both programs into the cache.
+    for default in DEFAULT_ACTIONS:
+        programs(default)
