@@ -160,8 +160,12 @@ def main() -> None:
         config = d / "vm.json"
         config.write_text(json.dumps({"boot-source": {"kernel_image_path": str(probe), "boot_args": CMDLINE},
                                       "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}))
+        def api(i: int) -> None:
+            for label, value in api_round(d, probe).items():
+                add(label, value)
+
         rounds: list[Callable[[int], None]] = [
-            lambda i: [add(k, v) for k, v in api_round(d, probe).items()],
+            api,
             lambda i: add("QEMU: process start to QMP greeting", qmp_ready(d, probe)),
             lambda i: add("snapshot/load (resume_vm) request", load_round(d, state, memory)),
             lambda i: add("boot to power-off, --config-file --no-api",
