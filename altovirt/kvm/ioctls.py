@@ -52,6 +52,7 @@ KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, C.c_uint64)
 KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_GET_IRQCHIP = _iowr(0x62, S.kvm_irqchip)
 KVM_SET_IRQCHIP = _ior(0x63, S.kvm_irqchip)
+KVM_REINJECT_CONTROL = _io(0x71)      # takes a struct kvm_reinject_control all the same
 KVM_IRQFD = _iow(0x76, S.kvm_irqfd)
 KVM_CREATE_PIT2 = _iow(0x77, S.kvm_pit_config)
 KVM_IOEVENTFD = _iow(0x79, S.kvm_ioeventfd)

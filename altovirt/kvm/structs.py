@@ -171,6 +171,10 @@ class kvm_pit_config(_Struct):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
 
+class kvm_reinject_control(_Struct):
+    _fields_ = [("pit_reinject", u8), ("reserved", u8 * 31)]
+
+
 class kvm_pit_channel_state(_Struct):
     _fields_ = [
         ("count", u32), ("latched_count", u16), ("count_latched", u8),

@@ -11,7 +11,8 @@ inherit it). A call outside the list raises SIGSYS, which ends the VMM (see
 - ``api``: the QMP and XenStore threads: their clients and hot-plug (opening
   images and taps). What touches the VM itself they ask of ``main``.
 - ``main``: the main thread's event loop: the stop, the terminal, the actions
-  the API asks for (pausing vCPUs, KVM state, system_reset), and the teardown.
+  the API asks for (pausing vCPUs, KVM state, system_reset), and the teardown;
+  also the thread that turns the PIT's tick reinjection off (vmm/pit.py).
 - ``migration``: writes and reads snapshots, and sends or receives a VM over
   TCP or a unix socket, with KVM's dirty log of guest RAM.
 
@@ -86,6 +87,6 @@ IOCTLS: dict[str, tuple[int, ...]] = {
     # A restore puts a NIC with its saved MAC on its tap (offloads set). What a snapshot asks
     # of /dev/kvm (the host's CPUID, the MSR list) is read before the filters go on.
     "main": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TCSETS, TCSETSW, *VHOST_IOCTLS,
-             TUNSETOFFLOAD),
+             TUNSETOFFLOAD, K.KVM_REINJECT_CONTROL),
     "migration": (*FILE_IOCTLS, K.KVM_GET_DIRTY_LOG, K.KVM_SET_USER_MEMORY_REGION),
 }

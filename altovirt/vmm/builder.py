@@ -20,6 +20,7 @@ from ..memory import GuestMemory
 from . import virtio_devices
 from .device_manager import DeviceManager
 from .machine import BootInputs, Machine, VmmError
+from .pit import LostTicks
 from .vcpu import VcpuThread
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def _build(m: Machine) -> None:
         vm.create_pit2()
     except KvmError as e:
         raise VmmError(f"cannot set up the VM's interrupt controllers: {e}") from e
+    m.lost_ticks = LostTicks(vm)
 
     m.devices = devices = DeviceManager(cfg, vm, mem, m.io, m.block_pool, m.lifecycle.request_stop)
     slots = devices.add_virtio_devices(m.devices_still, m.device_deleted)

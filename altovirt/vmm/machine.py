@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ..snapshot.format import Section
     from ..xenstore.store import Store
     from .migration import Migration
+    from .pit import LostTicks
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Machine:
         self._snapshot_msrs: list[int] | None = None
         self.migration: Migration | None = None        # with a QMP channel or -incoming
         self.vmgenid: VmGenId | None = None             # with ACPI
+        self.lost_ticks: LostTicks | None = None
 
     # --- what the API and the CLI see ---
     @property
@@ -255,6 +257,8 @@ class Machine:
                 elif self.vmgenid is not None:
                     self.vmgenid.taken_from_ram()
                 self.lifecycle.move(RunState.PAUSED)
+                if self.lost_ticks is not None:
+                    self.lost_ticks.discard()
             if resume:
                 self.resume()
         self._actions.submit(work)
@@ -378,6 +382,8 @@ class Machine:
             with self.lifecycle.lock:
                 if self.state == RunState.PRELAUNCH:
                     self.lifecycle.move(RunState.RUNNING)
+                    if self.lost_ticks is not None:
+                        self.lost_ticks.discard()
             if on_running:
                 on_running()
             loop.run()
@@ -407,6 +413,8 @@ class Machine:
         self._actions.close()
         self._loop.stop()
         self.lifecycle.close()
+        if self.lost_ticks is not None:
+            self.lost_ticks.close()
         if self.vm is not None:
             self.vm.close()
             self.vm = None
