@@ -181,7 +181,7 @@ def serve(opts: Options, sock: socket.socket | None) -> int:
             process.metrics.open(instance.config.put_metrics({"metrics_path": opts.metrics_path}))
         first = Launch(_from_file(instance, opts.config_file)) if opts.config_file else None
         if opts.seccomp:
-            # Every filter compiled now, before the API answers: none on the way to the guest.
+            # Every filter read (or compiled) now, before the API answers: none on the way to the guest.
             cli.enable_seccomp(VmConfig(log_file=opts.log_path))
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, process.on_signal)
