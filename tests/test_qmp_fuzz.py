@@ -22,7 +22,8 @@ T = TypeVar("T")
 pytestmark = needs_kvm
 
 COMMANDS = ["qmp_capabilities", "stop", "cont", "system_powerdown", "query-status", "query-cpus",
-            "query-cpus-fast", "query-hotpluggable-cpus", "query-version", "query-name", "query-commands",
+            "query-cpus-fast", "query-hotpluggable-cpus", "query-version", "query-name", "query-uuid",
+            "query-commands",
             "no-such-command", "", "QUERY-STATUS"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -45,10 +46,12 @@ def command(name: str, required: dict, optional: dict | None = None) -> st.Searc
 
 hotplug_requests = st.one_of(
     command("blockdev-add", {"node-name": ids, "file": st.fixed_dictionaries(
-        {"filename": files}, optional={"driver": st.sampled_from(["file", "raw"])})},
+        {"filename": files}, optional={"driver": st.sampled_from(["file", "host_device", "raw"]),
+                                       "aio": st.sampled_from(["native", "threads", "x"])})},
         {"read-only": st.booleans(), "cache": st.fixed_dictionaries({}, optional={"direct": st.booleans()})}),
     command("device_add", {"id": ids, "driver": st.sampled_from(["virtio-blk-mmio", "virtio-net-mmio", "x"])},
-            {"addr": addrs, "lun": st.integers(-1, 6), "serial": st.text(max_size=24)}),
+            {"addr": addrs, "lun": st.integers(-1, 6), "serial": st.text(max_size=24), "drive": ids,
+             "romfile": st.sampled_from(["", "efi.rom"])}),
     command("device_del", {"id": ids}),
     command("blockdev-del", {"node-name": ids}),
     command("netdev_add", {"id": ids}, {"ifname": st.sampled_from(["lo", "nosuch0"]), "fd": ids}),

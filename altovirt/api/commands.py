@@ -8,6 +8,7 @@ a GenericError and changes nothing.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -25,15 +26,23 @@ from .qmp import Command, QmpError
 from .xenstore import xenstore_commands
 
 HOST_QMP_QUIT = StopReason("host-qmp-quit", False, 0)
+NO_UUID = "00000000-0000-0000-0000-000000000000"       # QEMU's answer without -uuid
 BLOCK_DRIVERS = ("virtio-blk-mmio", "virtio-blk-device")
 NET_DRIVERS = ("virtio-net-mmio", "virtio-net-device")
 
 T = TypeVar("T")
 
 
+# The QEMU release whose QMP the commands follow, as StratoVirt 2.x reports it: clients such as
+# Kata's govmm refuse a server below QEMU 5.
+QEMU_VERSION = {"major": 5, "minor": 0, "micro": 1}
+# blockdev-add's file drivers: an image file, or a host block device (Kata's choice for one).
+FILE_DRIVERS = ("file", "host_device")
+AIO_MODES = ("native", "threads", "io_uring", "iouring", "off")     # all served alike
+
+
 def version() -> dict[str, Any]:
-    major, minor, micro = (int(x) for x in __version__.split(".")[:3])
-    return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": f"altovirt-{__version__}"}
+    return {"qemu": dict(QEMU_VERSION), "package": f"altovirt-{__version__}"}
 
 
 def _answer(action: Callable[[], T]) -> T:
@@ -81,18 +90,31 @@ def _slot(args: dict[str, Any]) -> int | None:
         raise QmpError("GenericError", f"Invalid addr {addr!r}; expected a slot number like 0x1") from e
 
 
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def hotplug_commands(hotplug: Hotplug) -> dict[str, Command]:
     """blockdev-add/del, netdev_add/del, device_add/del and getfd/closefd."""
     fds: dict[str, int] = {}            # getfd's named descriptors, until netdev_add takes one
 
     def blockdev_add(args: dict[str, Any]) -> object:
-        node = args["node-name"]
-        _object("file", args["file"], {"driver": str, "filename": str})
+        node, file = args["node-name"], args["file"]
+        _object("file", file, {"driver": str, "filename": str, "aio": str})
         _object("cache", args.get("cache", {}), {"direct": bool, "no-flush": bool})
-        if args["file"].get("driver", "file") != "file" or args.get("driver", "raw") not in ("raw", "file"):
-            raise QmpError("GenericError", "only raw images on the 'file' driver are supported")
-        if "filename" not in args["file"]:
+        if file.get("driver", "file") not in FILE_DRIVERS or args.get("driver", "raw") not in ("raw", "file"):
+            raise QmpError("GenericError", "only raw images on the 'file' or 'host_device' driver "
+                                           "are supported")
+        if "filename" not in file:
             raise QmpError("GenericError", "Parameter 'file.filename' is missing")
+        if file.get("aio", "off") not in AIO_MODES:
+            raise QmpError("GenericError", f"Parameter 'file.aio' expects one of {', '.join(AIO_MODES)}")
+        if file.get("driver") == "host_device" and not _is_block_device(file["filename"]):
+            raise QmpError("GenericError", f"'host_device' driver requires '{file['filename']}' "
+                                           "to be a block device")
         if args.get("cache", {}).get("no-flush"):
             raise QmpError("GenericError", "cache.no-flush is not supported: a flush is always durable")
         return _checked(lambda: hotplug.add_blockdev(
@@ -118,6 +140,11 @@ def hotplug_commands(hotplug: Hotplug) -> dict[str, Command]:
 
     def device_add(args: dict[str, Any]) -> object:
         name, driver, slot = args["id"], args["driver"], _slot(args)
+        if args.get("drive", name) != name:
+            raise QmpError("GenericError", f"Parameter 'drive' must equal 'id' ({name!r}): a device "
+                                           "takes the block node of its own name")
+        if args.get("romfile"):
+            raise QmpError("GenericError", "Parameter 'romfile': virtio-mmio devices have no option ROM")
         if driver in BLOCK_DRIVERS:
             if "mac" in args:
                 raise QmpError("GenericError", f"Parameter 'mac' is unexpected for {driver}")
@@ -157,7 +184,8 @@ def hotplug_commands(hotplug: Hotplug) -> dict[str, Command]:
         "netdev_del": Command(lambda a: _checked(lambda: hotplug.del_netdev(a["id"])), {"id": (str, True)}),
         "device_add": Command(device_add, {"id": (str, True), "driver": (str, True),
                                            "addr": ((str, int), False), "lun": (int, False),
-                                           "mac": (str, False), "serial": (str, False)}),
+                                           "mac": (str, False), "serial": (str, False),
+                                           "drive": (str, False), "romfile": (str, False)}),
         "device_del": Command(lambda a: _checked(lambda: hotplug.del_device(a["id"])), {"id": (str, True)}),
         "getfd": Command(getfd, {"fdname": (str, True)}, takes_fd=True),
         "closefd": Command(closefd, {"fdname": (str, True)}),
@@ -213,6 +241,7 @@ def build(machine: Machine) -> dict[str, Command]:
         "query-hotpluggable-cpus": Command(query_hotpluggable_cpus),
         "query-version": Command(lambda a: version()),
         "query-name": Command(lambda a: {"name": machine.cfg.name}),
+        "query-uuid": Command(lambda a: {"UUID": machine.cfg.uuid or NO_UUID}),
         "query-vm-generation-id": Command(query_vm_generation_id),
     }
     if machine.hotplug is not None:
