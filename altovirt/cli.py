@@ -52,8 +52,9 @@ def setup_logging(cfg: VmConfig) -> None:
     root.handlers.clear()
     root.propagate = False
     fmt = "%(asctime)s.%(msecs)03d %(levelname)s [%(threadName)s] %(name)s: %(message)s"
-    if cfg.log_file:
-        handler: logging.Handler = logging.FileHandler(cfg.log_file)
+    if cfg.log_file or cfg.log_stderr:      # -D alone: the whole log, on stderr
+        handler: logging.Handler = (logging.FileHandler(cfg.log_file) if cfg.log_file
+                                    else logging.StreamHandler(sys.stderr))
         handler.setFormatter(logging.Formatter(fmt, "%Y-%m-%d %H:%M:%S"))
         root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
     else:

@@ -55,7 +55,7 @@ def usage_error(*args: str) -> str:
     (["-kernel", KERNEL, "-drive", "id=d0"], "-drive: missing file="),
     (["-kernel", KERNEL, "-drive", "id=d0,file=/nonexistent"], "-drive id=d0: /nonexistent: no such file"),
     (["-kernel", KERNEL, "-drive", f"id=d0,file={KERNEL},readonly=maybe"],
-     "-drive readonly: invalid boolean 'maybe'"),
+     "-drive id=d0 readonly: invalid boolean 'maybe'"),
     (["-kernel", KERNEL, "-drive", f"id=d0,file={KERNEL},cache=none"], "-drive: unknown key 'cache'"),
     (["-kernel", KERNEL, "-drive", f"id=a b,file={KERNEL}"], "-drive id: invalid id 'a b'"),
     (["-kernel", KERNEL, "-netdev", "id=n0,netdev=tap0,mac=zz:00:00:00:00:00"], "-netdev mac: invalid MAC"),
@@ -86,7 +86,8 @@ def usage_error(*args: str) -> str:
     (["-kernel", KERNEL, "-debug=1"], "-debug: takes no value"),
     (["-kernel", KERNEL, "-machine", "acpi=maybe"], "-machine acpi: invalid boolean 'maybe'; use on/off"),
     (["-kernel", KERNEL, "-machine", "q35"], "-machine: unknown machine type 'q35'; accepted: microvm"),
-    (["-kernel", KERNEL, "-machine", "microvm,pic=off"], "-machine: unknown key 'pic'; accepted: acpi, type"),
+    (["-kernel", KERNEL, "-machine", "microvm,pic=off"],
+     "-machine: unknown key 'pic'; accepted: accel, acpi, dump-guest-core, mem-share, type"),
     (["-config", "/nonexistent.json"], "-config: /nonexistent.json: no such file"),
 ])
 def test_usage_errors(args: list[str], expected: str) -> None:

@@ -48,12 +48,17 @@ DEVICE = "/dev/vhost-net"
 class Vhost:
     """One vhost-net instance, owned by this process (VHOST_SET_OWNER)."""
 
-    def __init__(self, path: str = DEVICE) -> None:
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            hint = " (load the vhost_net module)" if e.errno == errno.ENOENT else ""
-            raise BackendError(e.errno, f"{path}: {e.strerror}{hint}") from e
+    def __init__(self, path: str = DEVICE, fd: int | None = None) -> None:
+        """Open ``path``, or take ``fd``, the device someone else opened and passed (QEMU's
+        and StratoVirt's ``vhostfd=``): it is ours from now on."""
+        if fd is not None:
+            self.fd, path = fd, f"vhostfd={fd}"
+        else:
+            try:
+                self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as e:
+                hint = " (load the vhost_net module)" if e.errno == errno.ENOENT else ""
+                raise BackendError(e.errno, f"{path}: {e.strerror}{hint}") from e
         try:
             fcntl.ioctl(self.fd, VHOST_SET_OWNER, 0)
             self.features = _U64.unpack(fcntl.ioctl(self.fd, VHOST_GET_FEATURES, bytes(8)))[0]

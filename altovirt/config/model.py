@@ -37,9 +37,11 @@ class DriveConfig:
 @dataclass
 class NetConfig:
     id: str
-    tap: str
+    tap: str                    # the host tap's name ("" when it comes as ``fd``)
     mac: str | None = None
     vhost: bool = False         # the host kernel serves the queues (vhost-net)
+    fd: int | None = None       # a tap the caller opened and passed, by descriptor number
+    vhost_fd: int | None = None     # /dev/vhost-net, opened and passed by the caller
 
 
 @dataclass
@@ -55,6 +57,8 @@ class VsockConfig:
     # The hybrid vsock's unix socket (Firecracker's uds_path); guest connections to
     # host port P go to "<uds_path>_P". Default: <tmpdir>/altovirt-<id>.vsock.
     uds_path: str | None = None
+    vhost: bool = False         # the host kernel's vhost-vsock instead: AF_VSOCK on the host
+    vhost_fd: int | None = None     # /dev/vhost-vsock, opened and passed by the caller
 
 
 @dataclass
@@ -95,6 +99,7 @@ class VmConfig:
     cmdline: str = ""
     initrd: str | None = None
     name: str = "altovirt"
+    uuid: str | None = None
     vcpus: int = 1
     mem_size: int = DEFAULT_MEM
     omit_vm_memory: bool = False
@@ -110,6 +115,7 @@ class VmConfig:
     xen_domid: int = 1                   # the guest's XenStore domain id
     incoming: IncomingConfig | None = None
     log_file: str | None = None
+    log_stderr: bool = False             # -D alone: the log on stderr
     pidfile: str | None = None
     daemonize: bool = False
     seccomp: bool = True

@@ -198,9 +198,14 @@ def check_vm(cfg: VmConfig) -> VmConfig:
     paths = [os.path.realpath(d.path) for d in cfg.drives]
     if len(set(paths)) != len(paths):
         raise ConfigError("-drive: the same image file is given twice")
-    taps = [n.tap for n in cfg.nets]
+    taps = [n.tap for n in cfg.nets if n.fd is None]
     if len(set(taps)) != len(taps):
         raise ConfigError("-netdev: the same tap device is given twice")
+    fds = [fd for n in cfg.nets for fd in (n.fd, n.vhost_fd) if fd is not None]
+    if cfg.vsock and cfg.vsock.vhost_fd is not None:
+        fds.append(cfg.vsock.vhost_fd)
+    if len(set(fds)) != len(fds):
+        raise ConfigError("-netdev, -device: the same file descriptor is given twice")
     macs = [n.mac for n in cfg.nets if n.mac]
     if len(set(macs)) != len(macs):
         raise ConfigError("-netdev: the same MAC address is given twice")
@@ -208,8 +213,9 @@ def check_vm(cfg: VmConfig) -> VmConfig:
         check_new_path(f"-chardev id={cfg.console.id}", cfg.console.socket_path)
     if cfg.vsock:
         parse_int("-device vsock guest-cid", cfg.vsock.guest_cid, VSOCK_MIN_CID, VSOCK_MAX_CID)
-        if cfg.vsock.uds_path is None:
+        if cfg.vsock.uds_path is None and not cfg.vsock.vhost:
             import tempfile  # only a vsock device without uds_path needs it
             cfg.vsock.uds_path = os.path.join(tempfile.gettempdir(), f"altovirt-{cfg.vsock.id}.vsock")
-        check_new_path(f"-device vsock id={cfg.vsock.id} uds-path", cfg.vsock.uds_path)
+        if cfg.vsock.uds_path is not None:
+            check_new_path(f"-device vsock id={cfg.vsock.id} uds-path", cfg.vsock.uds_path)
     return cfg

@@ -62,6 +62,9 @@ def empty_nic(slot: int, io: EventLoop, mac: str | None = None) -> Net:
 
 def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -> DeviceSet:
     """The configured devices, with the empty hot-plug slots if ``hotplug``."""
+    if cfg.vsock is not None and cfg.vsock.vhost:
+        raise DeviceError(f"-device vhost-vsock-device id={cfg.vsock.id}: the kernel's vhost-vsock "
+                          "is not supported yet; use -device vsock (the hybrid unix-socket model)")
     devices = DeviceSet([], [], [])
     where = ""
     try:
@@ -94,13 +97,13 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
 
 
 def _nic(n: NetConfig, io: EventLoop) -> Net:
-    tap = Tap(n.tap)
+    tap = Tap.from_fd(n.fd) if n.fd is not None else Tap(n.tap)
     if not n.vhost:
         return Net(n.id, tap, n.mac or random_mac(), io)
     from ..backends.vhost import Vhost  # only for a VM that uses it
     from ..devices.virtio.vhost_net import VhostNet
     try:
-        vhost = Vhost()
+        vhost = Vhost(fd=n.vhost_fd)
     except BackendError:
         tap.close()
         raise
