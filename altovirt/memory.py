@@ -1,4 +1,4 @@
-"""Guest RAM: anonymous memory, aligned to 2 MiB, split around the 32-bit MMIO gap.
+"""Guest RAM: anonymous memory (or a shared memfd), aligned to 2 MiB, split around the 32-bit MMIO gap.
 
 RAM is allocated as QEMU and Firecracker allocate it by default: private
 anonymous memory advised for transparent huge pages, which Linux hosts give
@@ -56,7 +56,9 @@ class Region:
 class GuestMemory:
     """Guest RAM of ``size`` bytes laid out by ``regions`` (see arch layout)."""
 
-    def __init__(self, regions: list[Region], *, dontdump: bool = False) -> None:
+    def __init__(self, regions: list[Region], *, dontdump: bool = False, shared: bool = False) -> None:
+        """``shared``: RAM is a memfd mapped MAP_SHARED (StratoVirt's ``mem-share=on``), so that
+        a vhost-user back end can map it too (:attr:`fd`, at offset ``Region.offset``)."""
         self.regions = sorted(regions, key=lambda r: r.gpa)
         self.size = sum(r.size for r in self.regions)
         # 2 MiB more than asked, so that RAM can start on a 2 MiB boundary; the pages before
@@ -68,7 +70,18 @@ class GuestMemory:
         start = C.addressof(C.c_char.from_buffer(self._map))
         self._pad = -start % HUGE_PAGE
         self._base = start + self._pad
-        self._advise()
+        self.fd: int | None = None
+        if shared:
+            self.fd = os.memfd_create("altovirt-ram", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self.fd, self.size)
+                self._map_fixed(mmap.MAP_SHARED, self.fd)
+            except OSError:
+                os.close(self.fd)
+                self._map.close()
+                raise
+        else:
+            self._advise()
         self._view = memoryview(self._map)[self._pad:self._pad + self.size]
         # (first gpa, end gpa, offset in RAM - gpa) of each region, for view()
         self._spans = tuple((r.gpa, r.end, r.offset - r.gpa) for r in self.regions)
@@ -86,8 +99,11 @@ class GuestMemory:
             self._map.madvise(mmap.MADV_HUGEPAGE)
 
     def _map_fixed(self, flags: int, fd: int) -> None:
+        """Map ``fd`` (or anonymous memory) in place of RAM; private unless ``flags`` says
+        MAP_SHARED."""
+        sharing = 0 if flags & mmap.MAP_SHARED else mmap.MAP_PRIVATE
         got = _libc.mmap(self._base, self.size, mmap.PROT_READ | mmap.PROT_WRITE,
-                         mmap.MAP_PRIVATE | MAP_FIXED | flags, fd, 0)
+                         sharing | MAP_FIXED | flags, fd, 0)
         if got != self._base:
             err = C.get_errno()
             raise OSError(err, f"cannot map guest RAM: {os.strerror(err)}")
@@ -101,8 +117,9 @@ class GuestMemory:
     def untouched_pages(self) -> bytes | None:
         """A byte per page of RAM, 1 where the page was never touched (neither in memory nor
         swapped out: it reads as zero without being read), from /proc/self/pagemap; None
-        where that cannot be known (RAM mapped from a file, or no /proc, in a jail)."""
-        if self._file_backed:
+        where that cannot be known (RAM mapped from a file, RAM shared with a back end that
+        writes it through its own mapping, or no /proc, in a jail)."""
+        if self._file_backed or self.fd is not None:
             return None
         try:
             fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -121,7 +138,16 @@ class GuestMemory:
         """Put the first ``size`` bytes of file ``fd`` in place of guest RAM, copy-on-write
         (MAP_PRIVATE): pages are read in as the guest (or KVM) first touches them, and
         writes stay in this process. Used to restore a snapshot lazily; the addresses KVM
-        and the devices hold stay valid (the mapping replaces RAM at the same place)."""
+        and the devices hold stay valid (the mapping replaces RAM at the same place).
+        Shared RAM stays the memfd its back end maps: the file is read into it."""
+        if self.fd is not None:
+            done = 0
+            while done < self.size:
+                n = os.preadv(fd, [self._view[done:]], done)
+                if n <= 0:
+                    raise OSError(0, f"the memory file ends at {done} bytes of {self.size}")
+                done += n
+            return
         self._map_fixed(0, fd)
         self._file_backed = True
 
@@ -170,6 +196,8 @@ class GuestMemory:
         if self._file_backed:
             self._map_fixed(mmap.MAP_ANONYMOUS, -1)
             self._file_backed = False
+        elif self.fd is not None:           # the memfd's pages freed: they read as zero
+            self._map.madvise(mmap.MADV_REMOVE, self._pad, self.size)
         else:
             self._map.madvise(mmap.MADV_DONTNEED)
 
@@ -179,3 +207,6 @@ class GuestMemory:
         self._view.release()
         with contextlib.suppress(BufferError):
             self._map.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

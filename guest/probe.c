@@ -257,6 +257,7 @@ static const struct {
 	{ "acpi", test_acpi },
 	{ "acpi-power", test_acpi_power },
 	{ "rng", test_rng },
+	{ "fs", test_fs },
 	{ "rng-rate", test_rng_rate },
 	{ "blk", test_blk },
 	{ "virtio-abuse", test_virtio_abuse },

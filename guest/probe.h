@@ -33,6 +33,7 @@ void mptable_report(void);
 int mptable_valid(void);
 int test_smp(void);
 int test_rng(void);
+int test_fs(void);
 int test_rng_rate(void);
 int test_blk(void);
 int test_virtio_abuse(void);

@@ -498,3 +498,69 @@ int test_net_big(void)
 	virtio_reset(&n.dev);
 	return match && want > 1;
 }
+
+/*
+ * fs: one FUSE_INIT on virtio-fs's request queue (virtio 1.2, 5.11; FUSE's <linux/fuse.h>),
+ * answered from the host by the vhost-user back end (virtiofsd) through the shared RAM.
+ */
+#define VIRTIO_ID_FS	26
+#define FUSE_INIT	26
+
+struct fuse_in_header {
+	u32 len, opcode;
+	u64 unique, nodeid;
+	u32 uid, gid, pid;
+	u16 total_extlen, padding;
+};
+
+struct fuse_out_header {
+	u32 len;
+	int error;
+	u64 unique;
+};
+
+int test_fs(void)
+{
+	struct vdev dev;
+	struct vq hiprio, request;
+	u32 head, len, words[9];
+	char tag[37];
+
+	if (virtio_find(VIRTIO_ID_FS, 0, &dev)) {
+		printf("probe: fs no device\n");
+		return 0;
+	}
+	for (int i = 0; i < 9; i++)
+		words[i] = virtio_config32(&dev, 4 * i);
+	memcpy(tag, words, 36);
+	tag[36] = 0;
+	if (virtio_init(&dev, 0) || vq_setup(&dev, 0, &hiprio, 64) || vq_setup(&dev, 1, &request, 64)) {
+		printf("probe: fs setup failed\n");
+		return 0;
+	}
+	virtio_driver_ok(&dev);
+	/* fuse_in_header + fuse_init_in (major, minor, max_readahead, flags); room for the reply */
+	u8 *in = dma_alloc(64, 64), *out = dma_alloc(128, 64);
+	struct fuse_in_header *h = (struct fuse_in_header *)in;
+	u32 *init = (u32 *)(in + sizeof(*h));
+	memset(in, 0, 64);
+	memset(out, 0, 128);
+	h->len = sizeof(*h) + 16;
+	h->opcode = FUSE_INIT;
+	h->unique = 0x1234;
+	init[0] = 7;
+	init[1] = 31;
+	init[2] = 65536;
+	struct vbuf b[2] = { { in, h->len, 0 }, { out, 128, 1 } };
+	vq_submit(&request, b, 2);
+	if (vq_wait(&request, &head, &len, TIMEOUT)) {
+		printf("probe: fs timeout\n");
+		return 0;
+	}
+	struct fuse_out_header *o = (struct fuse_out_header *)out;
+	u32 *init_out = (u32 *)(out + sizeof(*o));
+	printf("probe: fs tag=%s used=%u error=%d unique=0x%lx major=%u minor=%u\n", tag, len, o->error,
+	       o->unique, init_out[0], init_out[1]);
+	virtio_reset(&dev);
+	return o->error == 0 && o->unique == 0x1234 && init_out[0] == 7 && len == o->len;
+}

@@ -124,9 +124,24 @@ def snapshot(guest: Guest, directory: Path) -> dict[str, Any]:
 
 # --- snapshots ---
 
-@pytest.mark.parametrize("mem", ["map", "copy"])
-def test_snapshot_and_restore(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], mem: str) -> None:
-    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+def ram_mapping(pid: int) -> str:
+    """What backs the VMM's guest RAM (its biggest mapping), from /proc/<pid>/maps."""
+    def size(line: str) -> int:
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        return end - start
+    with open(f"/proc/{pid}/maps") as f:
+        biggest = max(f.read().splitlines(), key=size)
+    return " ".join(biggest.split()[5:])
+
+
+@pytest.mark.parametrize("mem, share", [("map", "off"), ("copy", "off"), ("map", "on")])
+def test_snapshot_and_restore(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], mem: str,
+                              share: str) -> None:
+    """Also with shared RAM (mem-share=on, for vhost-user back ends): it stays the memfd the
+    back end would map, the snapshot's memory read into it."""
+    machine = ("-machine", f"mem-share={share}")
+    source = Guest(vms, guest_args(probe, disk, *machine), tmp_path / "q1.sock")
+    assert ram_mapping(source.vm.proc.pid) == ("/memfd:altovirt-ram (deleted)" if share == "on" else "")
     before = source.count()
     first_read = source.ask("blk", "blk")
     assert "read=ok" in first_read
@@ -140,9 +155,11 @@ def test_snapshot_and_restore(probe: Path, disk: Path, tmp_path: Path, vms: list
     assert source.count() > before
     source.quit()
 
-    restored = Guest(vms, guest_args(probe, disk, "-incoming", f"file:{tmp_path / 'snap'},mem={mem}"),
-                     tmp_path / "q2.sock", ready=False)
+    incoming = ("-incoming", f"file:{tmp_path / 'snap'},mem={mem}")
+    restored = Guest(vms, guest_args(probe, disk, *machine, *incoming), tmp_path / "q2.sock", ready=False)
     wait_status(restored, "paused")             # loaded, waiting for cont
+    if share == "on":
+        assert ram_mapping(restored.vm.proc.pid) == "/memfd:altovirt-ram (deleted)"
     assert restored.cmd("query-migrate")["status"] == "completed"
     restored.cmd("cont")
     after = restored.count()

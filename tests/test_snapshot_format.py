@@ -124,3 +124,30 @@ def test_untouched_pages_are_skipped_not_lost(tmp_path: Path) -> None:
         assert copy == mem.ram
     finally:
         mem.close()
+
+
+def test_shared_ram_is_one_memfd_zeroed_and_loaded_in_place(tmp_path: Path) -> None:
+    """Shared RAM (mem-share=on): what a back end maps through the memfd is what the VMM sees,
+    a reset zeroes it there too, a snapshot's memory is read into it (not mapped over it), and
+    nothing is taken as untouched (the back end writes through its own mapping)."""
+    regions = [Region(0, 32 * MiB, 0), Region(4 << 30, 32 * MiB, 32 * MiB)]
+    mem = GuestMemory(regions, shared=True)
+    try:
+        assert mem.fd is not None and mem.untouched_pages() is None
+        backend = mmap.mmap(mem.fd, 64 * MiB)           # as a vhost-user back end maps it
+        mem.write((4 << 30) + 7, b"guest data")
+        assert backend[32 * MiB + 7:32 * MiB + 17] == b"guest data"
+        backend[100:109] = b"from back"
+        assert mem.read(100, 9) == b"from back"
+        F.write(str(tmp_path), {}, [], mem.ram)
+        mem.discard()
+        assert backend[100:109] == bytes(9) and mem.read((4 << 30) + 7, 10) == bytes(10)
+        fd = os.open(tmp_path / "memory", os.O_RDONLY)
+        try:
+            mem.map_file(fd)
+        finally:
+            os.close(fd)
+        assert backend[32 * MiB + 7:32 * MiB + 17] == b"guest data" and mem.read(100, 9) == b"from back"
+        backend.close()
+    finally:
+        mem.close()

@@ -1,8 +1,9 @@
-"""The host kernel's vhost-net (<linux/vhost.h>): a NIC's virtqueues served in the kernel.
+"""The host kernel's vhost (<linux/vhost.h>): a device's virtqueues served in the kernel.
 
 vhost reads the guest's rings and buffers through this process's mapping of
 guest RAM (the memory table), takes the queue notifications straight from
-the ioeventfds KVM signals (``kick``), sends and receives on the tap, and
+the ioeventfds KVM signals (``kick``), does the device's work (vhost-net sends
+and receives on a tap; vhost-vsock carries the host's AF_VSOCK sockets) and
 raises the guest's interrupt through the irqfd (``call``): no frame and no
 notification passes through Python.
 
@@ -30,10 +31,13 @@ VHOST_GET_VRING_BASE = 0xC008AF12
 VHOST_SET_VRING_KICK = 0x4008AF20
 VHOST_SET_VRING_CALL = 0x4008AF21
 VHOST_NET_SET_BACKEND = 0x4008AF30
+VHOST_VSOCK_SET_GUEST_CID = 0x4008AF60
+VHOST_VSOCK_SET_RUNNING = 0x4004AF61
 # Every request above, for the seccomp allow-lists.
 VHOST_IOCTLS = (VHOST_GET_FEATURES, VHOST_SET_FEATURES, VHOST_SET_OWNER, VHOST_SET_MEM_TABLE,
                 VHOST_SET_VRING_NUM, VHOST_SET_VRING_ADDR, VHOST_SET_VRING_BASE, VHOST_GET_VRING_BASE,
-                VHOST_SET_VRING_KICK, VHOST_SET_VRING_CALL, VHOST_NET_SET_BACKEND)
+                VHOST_SET_VRING_KICK, VHOST_SET_VRING_CALL, VHOST_NET_SET_BACKEND,
+                VHOST_VSOCK_SET_GUEST_CID, VHOST_VSOCK_SET_RUNNING)
 
 _U64 = struct.Struct("<Q")
 _VRING_STATE = struct.Struct("<II")              # struct vhost_vring_state: index, num
@@ -43,10 +47,12 @@ _MEMORY = struct.Struct("<II")                   # struct vhost_memory: nregions
 _MEMORY_REGION = struct.Struct("<QQQQ")          # gpa, size, userspace address, flags/padding
 
 DEVICE = "/dev/vhost-net"
+VSOCK_DEVICE = "/dev/vhost-vsock"
+_MODULES = {DEVICE: "vhost_net", VSOCK_DEVICE: "vhost_vsock"}
 
 
 class Vhost:
-    """One vhost-net instance, owned by this process (VHOST_SET_OWNER)."""
+    """One vhost instance (vhost-net by default), owned by this process (VHOST_SET_OWNER)."""
 
     def __init__(self, path: str = DEVICE, fd: int | None = None) -> None:
         """Open ``path``, or take ``fd``, the device someone else opened and passed (QEMU's
@@ -57,7 +63,8 @@ class Vhost:
             try:
                 self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except OSError as e:
-                hint = " (load the vhost_net module)" if e.errno == errno.ENOENT else ""
+                module = _MODULES.get(path)
+                hint = f" (load the {module} module)" if module and e.errno == errno.ENOENT else ""
                 raise BackendError(e.errno, f"{path}: {e.strerror}{hint}") from e
         try:
             fcntl.ioctl(self.fd, VHOST_SET_OWNER, 0)
@@ -89,6 +96,14 @@ class Vhost:
     def set_backend(self, index: int, fd: int) -> None:
         """Queue ``index`` sends and receives on tap ``fd``; -1 stops it."""
         fcntl.ioctl(self.fd, VHOST_NET_SET_BACKEND, _VRING_FILE.pack(index, fd))
+
+    def set_guest_cid(self, cid: int) -> None:
+        """vhost-vsock: the guest's context ID, unique on the host (EADDRINUSE if taken)."""
+        fcntl.ioctl(self.fd, VHOST_VSOCK_SET_GUEST_CID, _U64.pack(cid))
+
+    def set_running(self, running: bool) -> None:
+        """vhost-vsock: start or stop carrying the host's sockets on the started queues."""
+        fcntl.ioctl(self.fd, VHOST_VSOCK_SET_RUNNING, struct.pack("i", int(running)))
 
     def stop_vring(self, index: int) -> int:
         """Stop serving queue ``index``; returns where it stood in the available ring."""

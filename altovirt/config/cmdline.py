@@ -37,7 +37,7 @@ usage: altovirt -kernel PATH [-append CMDLINE] [-initrd PATH] [-smp [cpus=]N] [-
                 [-device virtio-rng[,id=ID,max-bytes=N,period=MS]]
                 [-api-channel unix:PATH | -qmp unix:PATH,server,nowait] [-serial stdio]
                 [-xenstore SOCKET [-xen-domid N]]
-                [-machine [type=]microvm[,acpi=on|off][,dump-guest-core=on|off]]
+                [-machine [type=]microvm[,acpi=on|off][,dump-guest-core=on|off][,mem-share=on|off]]
                 [-name NAME] [-uuid UUID] [-D [LOGFILE]] [-daemonize [-pidfile PATH]]
                 [-disable-seccomp] [-omit_vm_memory] [-config FILE.json] [-debug] [-version]
                 [-incoming file:DIR|tcp:HOST:PORT|unix:PATH|defer[,resume=on][,mem=map|copy]]
@@ -81,7 +81,7 @@ def _smp(cfg: VmConfig, v: str) -> None:
 
 
 def _machine(cfg: VmConfig, v: str) -> None:
-    """-machine [type=]microvm[,acpi=on|off][,dump-guest-core=on|off][,mem-share=off][,accel=kvm]
+    """-machine [type=]microvm[,acpi=on|off][,dump-guest-core=on|off][,mem-share=on|off][,accel=kvm]
     (QEMU's and StratoVirt 2.x's spelling; microvm is the only type)."""
     kv = split_kv("-machine", v, positional="type")
     check_keys("-machine", kv, set(), {"type", "acpi", "dump-guest-core", "mem-share", "accel"})
@@ -89,9 +89,8 @@ def _machine(cfg: VmConfig, v: str) -> None:
         raise ConfigError(f"-machine: unknown machine type {kv['type']!r}; accepted: microvm")
     if kv.get("accel", "kvm") != "kvm":
         raise ConfigError(f"-machine: accel={kv['accel']!r}; accepted: kvm")
-    if parse_bool("-machine mem-share", kv.get("mem-share", "off")):
-        raise ConfigError("-machine: mem-share=on (guest RAM shared with vhost-user back ends) "
-                          "is not supported yet; accepted: off")
+    if "mem-share" in kv:               # on: RAM a shared memfd, that vhost-user back ends map
+        cfg.mem_share = parse_bool("-machine mem-share", kv["mem-share"])
     if "acpi" in kv:
         cfg.acpi = parse_bool("-machine acpi", kv["acpi"])
     if "dump-guest-core" in kv:         # off: guest RAM left out of core dumps, as -omit_vm_memory

@@ -22,6 +22,7 @@ from .model import (
     ConfigError,
     ConsoleConfig,
     DriveConfig,
+    FsConfig,
     NetConfig,
     RngConfig,
     VmConfig,
@@ -31,6 +32,7 @@ from .validate import check_id, check_mac, check_tap, parse_bool, parse_int
 
 # Entropy files served by getrandom(2), which reads the same pool (Linux >= 5.6).
 RNG_FILES = ("/dev/urandom", "/dev/random")
+TAG_MAX = 36                    # virtio-fs: the tag's bytes in the configuration space (virtio 1.2, 5.11.4)
 # What an aio= may say: every mode is served by AltoVirt's block workers alike.
 AIO_MODES = ("native", "io_uring", "iouring", "threads", "off")
 
@@ -293,7 +295,15 @@ class Devices:
         check_keys("-device virtio-serial-device", kv, {"driver"}, {"id"})
 
     def _fs(self, cfg: VmConfig, kv: dict[str, str]) -> None:
-        raise ConfigError("-device vhost-user-fs-device: virtio-fs is not supported yet")
+        where = "-device vhost-user-fs-device"
+        check_keys(where, kv, {"driver", "id", "chardev", "tag"}, set())
+        if cfg.fs is not None and cfg.fs.id != kv["id"]:
+            raise ConfigError(f"{where}: only one virtio-fs device is supported")
+        if not 0 < len(kv["tag"].encode()) <= TAG_MAX:
+            raise ConfigError(f"{where}: tag={kv['tag']!r}; give 1 to {TAG_MAX} bytes")
+        # The back end (virtiofsd) listens; AltoVirt connects, whatever server says (as StratoVirt).
+        path = self._socket(f"{where} {kv['id']}", kv["chardev"], server=False)
+        cfg.fs = FsConfig(check_id(f"{where} id", kv["id"]), kv["tag"], path)
 
 
 def _drive_config(name: str, d: dict[str, str], serial: str | None) -> DriveConfig:

@@ -62,6 +62,16 @@ class VsockConfig:
 
 
 @dataclass
+class FsConfig:
+    """virtio-fs: the guest mounts ``tag``; a vhost-user back end (virtiofsd) listening on
+    ``socket_path`` serves it."""
+
+    id: str
+    tag: str
+    socket_path: str
+
+
+@dataclass
 class RngConfig:
     id: str
     max_bytes: int | None = None    # at most this many bytes per period (QEMU's max-bytes)
@@ -103,12 +113,14 @@ class VmConfig:
     vcpus: int = 1
     mem_size: int = DEFAULT_MEM
     omit_vm_memory: bool = False
+    mem_share: bool = False              # RAM a shared memfd, for vhost-user back ends
     acpi: bool = True                    # ACPI tables; off: the MP table and the command line only
     drives: list[DriveConfig] = field(default_factory=list)
     nets: list[NetConfig] = field(default_factory=list)
     console: ConsoleConfig | None = None
     vsock: VsockConfig | None = None
     rng: RngConfig | None = None
+    fs: FsConfig | None = None
     serial_stdio: bool = False
     api_channel: str | None = None
     xenstore: str | None = None          # the host's XenStore socket

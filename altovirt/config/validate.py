@@ -183,6 +183,8 @@ def check_vm(cfg: VmConfig) -> VmConfig:
     devices = [("-drive", d.id) for d in cfg.drives] + [("-netdev", n.id) for n in cfg.nets]
     if cfg.console:
         devices.append(("-chardev", cfg.console.id))
+    if cfg.fs:
+        devices.append(("-device vhost-user-fs-device", cfg.fs.id))
     if cfg.vsock:
         devices.append(("-device vsock", cfg.vsock.id))
     if cfg.rng:
@@ -211,6 +213,9 @@ def check_vm(cfg: VmConfig) -> VmConfig:
         raise ConfigError("-netdev: the same MAC address is given twice")
     if cfg.console:
         check_new_path(f"-chardev id={cfg.console.id}", cfg.console.socket_path)
+    if cfg.fs and not cfg.mem_share:
+        raise ConfigError(f"-device vhost-user-fs-device id={cfg.fs.id}: the back end maps guest RAM; "
+                          "add -machine mem-share=on")
     if cfg.vsock:
         parse_int("-device vsock guest-cid", cfg.vsock.guest_cid, VSOCK_MIN_CID, VSOCK_MAX_CID)
         if cfg.vsock.uds_path is None and not cfg.vsock.vhost:

@@ -45,8 +45,9 @@ UNIX_SOCKETS = ("socket", "connect", "accept4", "recvfrom", "sendto", "recvmsg",
                 "getsockopt", "setsockopt", "getsockname", "getpeername")
 
 ROLES: dict[str, tuple[str, ...]] = {
-    # Driver-OK activates a device here: it starts watching its tap or socket.
-    "vcpu": (*PYTHON, "ioctl", "tgkill", "epoll_ctl"),
+    # Driver-OK activates a device here: it starts watching its tap or socket, or hands its
+    # queues to a vhost-user back end (messages with descriptors).
+    "vcpu": (*PYTHON, "ioctl", "tgkill", "epoll_ctl", "sendto", "sendmsg", "recvfrom"),
     "io": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
            "ioctl", "preadv", "pwritev", "preadv2", "pwritev2", "fdatasync", "fsync", "fallocate", "openat",
            "unlink", "tgkill", "socketpair"),       # socketpair: a guest's XenStore connection

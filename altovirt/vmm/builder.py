@@ -123,7 +123,8 @@ def _build(m: Machine) -> None:
     m.kvm = kvm = open_kvm()
     m.vm = vm = kvm.create_vm()
     try:
-        m.mem = mem = GuestMemory(layout.ram_regions(cfg.mem_size), dontdump=cfg.omit_vm_memory)
+        m.mem = mem = GuestMemory(layout.ram_regions(cfg.mem_size), dontdump=cfg.omit_vm_memory,
+                                  shared=cfg.mem_share)
     except OSError as e:
         raise VmmError(f"-m: cannot allocate {cfg.mem_size >> 20} MiB of guest RAM: {e.strerror}") from e
     # RAM before the interrupt controllers, as Firecracker does: a memory slot added once the

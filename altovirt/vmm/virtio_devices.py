@@ -20,7 +20,7 @@ from ..backends.blockfile import BlockFile
 from ..backends.tap import Tap
 from ..backends.unix import UnixListener
 from ..config import VmConfig
-from ..config.model import MAX_DRIVES, MAX_NICS, NetConfig
+from ..config.model import MAX_DRIVES, MAX_NICS, FsConfig, NetConfig, VsockConfig
 from ..devices.virtio.block import Block, WorkerPool
 from ..devices.virtio.console import Console
 from ..devices.virtio.device import VirtioDevice
@@ -62,9 +62,6 @@ def empty_nic(slot: int, io: EventLoop, mac: str | None = None) -> Net:
 
 def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -> DeviceSet:
     """The configured devices, with the empty hot-plug slots if ``hotplug``."""
-    if cfg.vsock is not None and cfg.vsock.vhost:
-        raise DeviceError(f"-device vhost-vsock-device id={cfg.vsock.id}: the kernel's vhost-vsock "
-                          "is not supported yet; use -device vsock (the hybrid unix-socket model)")
     devices = DeviceSet([], [], [])
     where = ""
     try:
@@ -79,11 +76,17 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
         if cfg.console is not None:
             where = f"-chardev id={cfg.console.id}"
             devices.others.append(Console(cfg.console.id, UnixListener(cfg.console.socket_path), io))
-        if cfg.vsock is not None:
+        if cfg.vsock is not None and cfg.vsock.vhost:
+            where = f"-device vhost-vsock-device id={cfg.vsock.id}"
+            devices.others.append(_vhost_vsock(cfg.vsock))
+        elif cfg.vsock is not None:
             where = f"-device vsock id={cfg.vsock.id}"
             assert cfg.vsock.uds_path is not None       # validation fills in the default
             devices.others.append(Vsock(cfg.vsock.id, cfg.vsock.guest_cid,
                                         UnixListener(cfg.vsock.uds_path), io))
+        if cfg.fs is not None:
+            where = f"-device vhost-user-fs-device id={cfg.fs.id}"
+            devices.others.append(_fs(cfg.fs, io))
     except BackendError as e:
         for dev in devices.in_slot_order():
             dev.close()
@@ -108,6 +111,17 @@ def _nic(n: NetConfig, io: EventLoop) -> Net:
         tap.close()
         raise
     return VhostNet(n.id, tap, n.mac or random_mac(), io, vhost)
+
+
+def _vhost_vsock(v: VsockConfig) -> VirtioDevice:
+    from ..devices.virtio.vhost_vsock import VhostVsock, open_vhost_vsock  # only for a VM that uses it
+    return VhostVsock(v.id, v.guest_cid, open_vhost_vsock(v.guest_cid, v.vhost_fd))
+
+
+def _fs(f: FsConfig, io: EventLoop) -> VirtioDevice:
+    from ..backends.vhost_user import VhostUser  # only for a VM that uses it
+    from ..devices.virtio.vhost_user_fs import VhostUserFs
+    return VhostUserFs(f.id, f.tag, VhostUser(f.socket_path), io)
 
 
 def slot(index: int) -> tuple[int, int]:

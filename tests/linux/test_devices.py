@@ -67,12 +67,6 @@ def vm(kernel: debian.Kernel, initrd: Path, tmp_path_factory: pytest.TempPathFac
         ns.close()
 
 
-def wait_in_guest(m: Machine, condition: str, what: str, seconds: int = 30) -> None:
-    status, out = m.g.run(f"for i in $(seq {seconds * 5}); do {condition} && return 0; sleep 0.2; done; "
-                          "return 1", timeout=seconds + 30)
-    assert status == 0, f"the guest never saw {what}: {out}"
-
-
 def test_vcpus_memory_and_acpi_devices(vm: Machine) -> None:
     assert vm.g.check("nproc").strip() == "4"
     mem_kib = int(vm.g.check("awk '/MemTotal/ {print $2}' /proc/meminfo"))
@@ -116,7 +110,7 @@ def ping_and_tcp_both_ways(vm: Machine, host_ip: str, guest_ip: str, port: int) 
     p = vm.ns.run("socat", "-u", "STDIN", f"TCP:{guest_ip}:{port + 1},retry=40,interval=0.5", input=blob,
                   timeout=120)
     assert p.returncode == 0, p.stderr
-    wait_in_guest(vm, "[ $(wc -c < /tmp/got) -eq 1048576 ]", "the whole transfer")
+    vm.g.wait_until("[ $(wc -c < /tmp/got) -eq 1048576 ]", "the whole transfer")
     assert vm.g.check("md5sum < /tmp/got").split()[0] == hashlib.md5(blob).hexdigest()
 
 
@@ -147,7 +141,7 @@ def test_vsock_guest_to_host_and_host_to_guest(vm: Machine) -> None:
             conn.settimeout(30)
             assert conn.recv(100) == b"ping from the guest\n"
             conn.sendall(b"pong from the host\n")
-    wait_in_guest(vm, "grep -q 'pong from the host' /tmp/vsock-reply", "the host's reply")
+    vm.g.wait_until("grep -q 'pong from the host' /tmp/vsock-reply", "the host's reply")
     # host -> guest port 5200: CONNECT through the hybrid socket
     vm.g.check("vsock listen -b -e 5200")
     with guest.vsock_connect(vm.dir / "v.sock", 5200) as c:
@@ -192,7 +186,7 @@ def test_disk_hotplug_seen_by_linux(vm: Machine) -> None:
     vm.qmp.ok("blockdev-add", **{"node-name": "plug", "file": {"driver": "file",
                                                               "filename": str(vm.dir / "plug.img")}})
     vm.qmp.ok("device_add", id="plug", driver="virtio-blk-mmio", addr="0x2")
-    wait_in_guest(vm, "[ $(cat /sys/block/vdc/size) -gt 0 ]", "vdc's new capacity")
+    vm.g.wait_until("[ $(cat /sys/block/vdc/size) -gt 0 ]", "vdc's new capacity")
     assert vm.g.check("mkdir -p /p && mount /dev/vdc /p && cat /p/hello.txt && umount /p") == PLUGGED
 
 
@@ -201,7 +195,7 @@ def test_nic_hotplug_seen_by_linux(vm: Machine) -> None:
     vm.qmp.ok("netdev_add", id="n1", ifname="tap1")
     vm.qmp.ok("device_add", id="n1", driver="virtio-net-mmio", addr="0x1")
     vm.g.check(f"ip addr add {GUEST_IP2}/{PREFIX} dev eth1 && ip link set eth1 up")
-    wait_in_guest(vm, "[ $(cat /sys/class/net/eth1/carrier) = 1 ]", "eth1's link come up")
+    vm.g.wait_until("[ $(cat /sys/class/net/eth1/carrier) = 1 ]", "eth1's link come up")
     ping_and_tcp_both_ways(vm, HOST_IP2, GUEST_IP2, 5011)      # the NIC served by AltoVirt itself
 
 

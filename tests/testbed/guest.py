@@ -223,6 +223,13 @@ class LinuxGuest:
             raise self.fail(f"command {cmd!r} exited with status {status}:\n{out}")
         return out
 
+    def wait_until(self, condition: str, what: str, seconds: int = 30) -> None:
+        """Wait for shell ``condition`` to hold in the guest, polling every 0.2 s; AssertionError
+        naming ``what`` if it never does."""
+        status, out = self.run(f"for i in $(seq {seconds * 5}); do {condition} && return 0; sleep 0.2; "
+                               "done; return 1", timeout=seconds + 30)
+        assert status == 0, f"the guest never saw {what}: {out}"
+
     def wait_for(self, text: str, timeout: float = 60) -> str:
         """Wait for a whole line holding ``text`` in serial output not yet consumed by a wait
         (``wait_ready``, ``run``, ``wait_for``); returns that line without its line ending."""
