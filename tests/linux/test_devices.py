@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -121,13 +120,7 @@ def test_vhost_net_ping_and_tcp_both_ways(vm: Machine) -> None:
 
 
 def test_shell_on_hvc0_through_the_console_socket(vm: Machine) -> None:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(vm.dir / "con.sock"))
-        s.settimeout(30)
-        s.sendall(b"echo hvc0-says-$((6 * 7)) on $(tty)\n")
-        got = b""
-        while b"hvc0-says-42" not in got or not got.endswith(b"\n"):
-            got += s.recv(4096)
+    got = guest.console_shell(vm.dir / "con.sock", "echo hvc0-says-$((6 * 7)) on $(tty)", b"hvc0-says-42")
     assert b"hvc0-says-42 on /dev/hvc0" in got
 
 

@@ -1,14 +1,18 @@
 """Kata Containers' StratoVirt command line, as its driver builds it (see tests/test_kata.py),
 booting Debian's kernel in the test bed: the entropy device, the debug console, the vsock the
-agent talks on (the kernel's vhost-vsock, its descriptor passed as Kata passes it), the NIC on
-a tap passed by descriptor, and Kata's QMP block hot-plug, each used by Linux. The tests share
-one VM, in file order."""
+agent talks on (the kernel's vhost-vsock, its descriptor passed as Kata passes it), the
+container's shared directory (virtio-fs with QEMU's virtiofsd, on shared RAM), the NIC on a
+tap passed by descriptor, and Kata's QMP block hot-plug, each used by Linux. The tests share
+one VM, in file order; the last one kills virtiofsd."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -19,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from ..test_kata import Govmm
-from ..testbed import debian, guest
+from ..testbed import debian, guest, initramfs
 from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns
 
 BOOT_TIMEOUT = 400
@@ -33,6 +37,8 @@ KATA_APPEND = "reboot=k panic=1 net.ifnames=0 ramdom.trust_cpu=on pci=off iommu=
 AGENT_PORT = 1024                         # where Kata's agent listens, on vsock
 CID = 1000 + os.getpid() % 50000          # unique on this host while the test runs
 HOTPLUGGED = "on a disk Kata plugged\n"
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+SHARED = "/run/kata-containers/shared/containers"   # where Kata's agent mounts kataShared
 
 
 @dataclass
@@ -41,14 +47,26 @@ class Machine:
     ns: Netns
     dir: Path
     vm_id: str
+    virtiofsd: subprocess.Popen[bytes]
 
 
 @pytest.fixture(scope="module")
-def vm(kernel: debian.Kernel, initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+def vm(kernel: debian.Kernel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     d = tmp_path_factory.mktemp("kata")
     (d / "src").mkdir()
     (d / "src" / "hello.txt").write_text(HOTPLUGGED)
     guest.make_ext4(d / "volume.img", "16M", d / "src")
+    (d / "shared").mkdir()
+    (d / "shared" / "from-host.txt").write_text("written on the host\n")
+    initrd = initramfs.build(kernel, modules=(*initramfs.DEFAULT_MODULES, "virtiofs"))
+    # As Kata's setupVirtiofsDaemon: the back end first, listening where the VMM will connect.
+    sock = d / "virtiofs_kata.socket"
+    virtiofsd = subprocess.Popen([VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={d / 'shared'}",
+                                  "-o", "cache=none"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert virtiofsd.poll() is None and time.monotonic() < deadline, "virtiofsd did not start"
+        time.sleep(0.05)
     ns = Netns("tap0")
     ns.address("tap0", f"{HOST_IP}/{PREFIX}")
     vm_id = str(uuid.uuid4())
@@ -58,30 +76,34 @@ def vm(kernel: debian.Kernel, initrd: Path, tmp_path_factory: pytest.TempPathFac
             "-kernel", str(kernel.vmlinuz),
             "-append", f"{guest.APPEND} guest.ip={GUEST_IP}/{PREFIX} {KATA_APPEND}",
             "-qmp", f"unix:{d / 'qmp.socket'},server,nowait", "-D", "-disable-seccomp",
-            "-machine", "type=microvm,dump-guest-core=off", "-initrd", str(initrd),
+            "-machine", "type=microvm,dump-guest-core=off,mem-share=on", "-initrd", str(initrd),
             "-object", "rng-random,id=objrng0,filename=/dev/urandom",
             "-device", "virtio-rng-device,rng=objrng0,id=virtio-rng0",
             "-device", "virtio-serial-device,id=virtio-serial0",
             "-chardev", f"socket,id=charconsole0,path={d / 'console.socket'},server,nowait",
             "-device", "virtconsole,chardev=charconsole0,id=virtio-console0,nr=0",
             "-device", f"vhost-vsock-device,id=vsock-id,guest-cid={CID},vhostfd=3",
+            "-chardev", f"socket,id=virtio_fs,path={sock},server,nowait",
+            "-device", "vhost-user-fs-device,chardev=virtio_fs,tag=kataShared,id=virtio-fs0",
             "-netdev", "tap,id=eth0,fds=4",
             "-device", "virtio-net-device,netdev=eth0,id=eth0,mac=0e:90:df:9f:a8:88",
             "-serial", "stdio"]           # ours: the test drives the guest's serial shell
     g = guest.LinuxGuest([*ns.prefix, *launch, *argv], log_path=d / "serial.log")
     try:
         g.wait_ready(BOOT_TIMEOUT)
-        yield Machine(g, ns, d, vm_id)
+        yield Machine(g, ns, d, vm_id, virtiofsd)
     finally:
         g.close()
         ns.close()
+        virtiofsd.kill()
+        virtiofsd.wait()
 
 
 def test_every_device_has_its_driver(vm: Machine) -> None:
     drivers = vm.g.check("for d in /sys/bus/virtio/devices/*; do basename $(readlink $d/driver); done")
-    # 6 disk and 2 NIC slots (QMP: ready for hot-plug), the console, vsock and rng.
-    assert sorted(drivers.split()) == sorted(["virtio_blk"] * 6 + ["virtio_net"] * 2 +
-                                             ["virtio_console", "vmw_vsock_virtio_transport", "virtio_rng"])
+    # 6 disk and 2 NIC slots (QMP: ready for hot-plug), the console, vsock, virtio-fs and rng.
+    assert sorted(drivers.split()) == sorted(["virtio_blk"] * 6 + ["virtio_net"] * 2 + [
+        "virtio_console", "vmw_vsock_virtio_transport", "virtio_rng", "virtiofs"])
     assert vm.g.check("cat /sys/class/misc/hw_random/rng_current").strip().startswith("virtio_rng")
 
 
@@ -127,14 +149,8 @@ def test_nic_on_the_passed_tap(vm: Machine) -> None:
 
 
 def test_shell_on_the_debug_console(vm: Machine) -> None:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(vm.dir / "console.socket"))
-        s.settimeout(30)
-        s.sendall(b"echo kata-console-$((6 * 7)) on $(tty)\n")
-        got = b""
-        while b"kata-console-42" not in got or not got.endswith(b"\n"):
-            got += s.recv(4096)
-    assert b"kata-console-42 on /dev/hvc0" in got
+    got = guest.console_shell(vm.dir / "console.socket", "echo kata-$((6 * 7)) on $(tty)", b"kata-42")
+    assert b"kata-42 on /dev/hvc0" in got
 
 
 def test_kata_block_hotplug_seen_by_linux(vm: Machine) -> None:
@@ -156,3 +172,28 @@ def test_kata_block_hotplug_seen_by_linux(vm: Machine) -> None:
     finally:
         with contextlib.suppress(Exception):
             qmp.close()
+
+
+def test_shared_directory_through_virtiofs(vm: Machine) -> None:
+    """What Kata's agent does with kataShared, and what a container then does in it."""
+    vm.g.check(f"mkdir -p {SHARED} && mount -t virtiofs kataShared {SHARED}")
+    assert vm.g.check(f"cat {SHARED}/from-host.txt") == "written on the host\n"
+    vm.g.check(f"echo written in the guest > {SHARED}/new.txt && mv {SHARED}/new.txt {SHARED}/renamed.txt "
+               f"&& rm {SHARED}/from-host.txt && mkdir {SHARED}/dir && sync")
+    shared = vm.dir / "shared"
+    assert sorted(p.name for p in shared.iterdir()) == ["dir", "renamed.txt"]
+    assert (shared / "renamed.txt").read_text() == "written in the guest\n"
+    (shared / "dir" / "later.txt").write_text("the host again\n")     # cache=none: seen at once
+    assert vm.g.check(f"cat {SHARED}/dir/later.txt") == "the host again\n"
+    blob = vm.g.check(f"dd if=/dev/urandom of={SHARED}/blob bs=64k count=32 2>/dev/null && "
+                      f"md5sum {SHARED}/blob")
+    assert hashlib.md5((shared / "blob").read_bytes()).hexdigest() == blob.split()[0]
+
+
+def test_virtiofsd_death_stops_only_its_device(vm: Machine) -> None:
+    vm.virtiofsd.send_signal(signal.SIGKILL)
+    vm.virtiofsd.wait()
+    vm.g.check(f"ping -c 1 -W 5 {HOST_IP}", timeout=60)             # the VM and its other devices run on
+    assert vm.g.check("cat /sys/class/misc/hw_random/rng_current").strip().startswith("virtio_rng")
+    assert "virtio-fs0: the vhost-user back end at" in (vm.dir / "serial.log").read_text()
+    assert "went away; the device needs a reset" in (vm.dir / "serial.log").read_text()

@@ -350,6 +350,19 @@ def vsock_connect(uds_path: Path, port: int, timeout: float = 30) -> socket.sock
         time.sleep(0.2)
 
 
+def console_shell(sock_path: Path, command: str, marker: bytes, timeout: float = 30) -> bytes:
+    """Type ``command`` to the shell the guest keeps on hvc0, through the VMM's virtio-console
+    socket; what came back, up to the end of the line holding ``marker``."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock_path))
+        s.settimeout(timeout)
+        s.sendall(command.encode() + b"\n")
+        got = b""
+        while marker not in got or not got.endswith(b"\n"):
+            got += s.recv(4096)
+    return got
+
+
 def vsock_listen(uds_path: Path, port: int) -> socket.socket:
     """A listening unix socket at ``<uds_path>_<port>``, where the VMM forwards the guest's
     connections to host (CID 2) port ``port``. Remove the file when done."""

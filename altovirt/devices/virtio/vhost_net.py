@@ -4,22 +4,19 @@ The device is a :class:`~.net.Net` to the guest (same configuration space,
 MAC, link and offloads, the tap set up the same way); once the driver sets
 DRIVER_OK, the kernel takes the rings, the queue notifications (the
 ioeventfds KVM signals) and the interrupt (the irqfd), and frames go between
-the tap and guest RAM without passing through Python. While it does, the
-queues' notifiers are not watched by the I/O thread, and InterruptStatus
-always says "used buffers" (see :meth:`Interrupt.stick`), as QEMU and
-Firecracker do for virtio-mmio devices served outside the VMM.
+the tap and guest RAM without passing through Python (see :mod:`.offload`).
 """
 
 from __future__ import annotations
 
 import logging
-import select
 
 from ...backends.tap import Tap
 from ...backends.vhost import Vhost
 from ...eventloop import EventLoop
-from .device import COMMON_FEATURES, VIRTIO_MMIO_INT_VRING, Active
+from .device import COMMON_FEATURES, Active
 from .net import VIRTIO_NET_F_MRG_RXBUF, Net
+from .offload import hand_over, take_back
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +55,8 @@ class VhostNet(Net):
         mem, vhost = active.mem, self.vhost
         vhost.set_features(self.features & vhost.features)
         vhost.set_mem_table([(r.gpa, r.size, mem.host_address(r)) for r in mem.regions])
-        active.interrupt.stick(VIRTIO_MMIO_INT_VRING)
-        for i, q in enumerate(active.queues):
-            self.io.modify(q.notifier, 0)       # the kernel's from now on
-            desc, avail, used = (mem.host_address_of(addr, n) for addr, n in q.ring_ranges())
-            vhost.start_vring(i, q.size, q.next_avail, (desc, avail, used), q.notifier,
-                              active.interrupt.fd)
+        hand_over(vhost, active, self.io, range(len(active.queues)))
+        for i in range(len(active.queues)):
             vhost.set_backend(i, self.tap.fd)
         log.info("%s: vhost-net serves the queues", self.name)
 
@@ -71,14 +64,12 @@ class VhostNet(Net):
         active, self._serving = self._serving, None
         if active is None:
             return
-        for i, q in enumerate(active.queues):
+        for i in range(len(active.queues)):
             try:
                 self.vhost.set_backend(i, -1)
-                q.next_avail = self.vhost.stop_vring(i)
             except OSError as e:
                 log.debug("%s: stopping vhost queue %d: %s", self.name, i, e.strerror)
-            self.io.modify(q.notifier, select.EPOLLIN)
-        active.interrupt.stick(0)
+        take_back(self.vhost, active, self.io, range(len(active.queues)), self.name)
 
     def prepare_save(self) -> None:
         from ...persist import SaveError

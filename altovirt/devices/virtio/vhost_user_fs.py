@@ -19,7 +19,8 @@ import struct
 from ...backends.vhost_user import VhostUser, VhostUserError
 from ...eventloop import EventLoop
 from ...memory import GuestMemory
-from .device import COMMON_FEATURES, VIRTIO_MMIO_INT_VRING, Active, Interrupt, VirtioDevice
+from .device import COMMON_FEATURES, Active, Interrupt, VirtioDevice
+from .offload import hand_over, take_back
 from .queue import Queue
 
 log = logging.getLogger(__name__)
@@ -72,25 +73,14 @@ class VhostUserFs(VirtioDevice):
             raise VhostUserError(0, "guest RAM is not shared (-machine mem-share=on)")
         backend.set_features(self.features)
         backend.set_mem_table([(r.gpa, r.size, mem.host_address(r), r.offset) for r in mem.regions], mem.fd)
-        active.interrupt.stick(VIRTIO_MMIO_INT_VRING)
-        for i, q in enumerate(active.queues):
-            self._io.modify(q.notifier, 0)      # the back end's from now on
-            desc, avail, used = (mem.host_address_of(addr, n) for addr, n in q.ring_ranges())
-            backend.start_vring(i, q.size, q.next_avail, (desc, avail, used), q.notifier, active.interrupt.fd)
+        hand_over(backend, active, self._io, range(len(active.queues)))
         log.info("%s: the vhost-user back end at %s serves the queues", self.name, backend.path)
 
     def _stop(self) -> None:
         active, self._serving = self._serving, None
-        if active is None:
-            return
-        for i, q in enumerate(active.queues):
-            if not self.broken:
-                try:
-                    q.next_avail = self.backend.stop_vring(i)
-                except VhostUserError as e:
-                    log.warning("%s: stopping queue %d: %s", self.name, i, e.strerror)
-            self._io.modify(q.notifier, select.EPOLLIN)
-        active.interrupt.stick(0)
+        if active is not None:
+            take_back(None if self.broken else self.backend, active, self._io, range(len(active.queues)),
+                      self.name)
 
     def _backend_gone(self) -> None:
         """I/O thread: the back end closed the connection."""

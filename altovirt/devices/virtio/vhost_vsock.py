@@ -13,13 +13,13 @@ guests share one AF_VSOCK address space, so a CID in use elsewhere is refused.
 from __future__ import annotations
 
 import logging
-import select
 import struct
 
 from ...backends.vhost import Vhost
 from ...eventloop import EventLoop
 from ...memory import GuestMemory
-from .device import COMMON_FEATURES, VIRTIO_ID_VSOCK, VIRTIO_MMIO_INT_VRING, Active, Interrupt, VirtioDevice
+from .device import COMMON_FEATURES, VIRTIO_ID_VSOCK, Active, Interrupt, VirtioDevice
+from .offload import hand_over, take_back
 from .queue import Queue
 from .vsock import QUEUE_SIZE, RXQ, TXQ
 
@@ -65,32 +65,19 @@ class VhostVsock(VirtioDevice):
         mem, vhost = active.mem, self.vhost
         vhost.set_features(self.features & vhost.features)
         vhost.set_mem_table([(r.gpa, r.size, mem.host_address(r)) for r in mem.regions])
-        active.interrupt.stick(VIRTIO_MMIO_INT_VRING)
-        for i in (RXQ, TXQ):
-            q = active.queues[i]
-            self._io.modify(q.notifier, 0)      # the kernel's from now on
-            desc, avail, used = (mem.host_address_of(addr, n) for addr, n in q.ring_ranges())
-            vhost.start_vring(i, q.size, q.next_avail, (desc, avail, used), q.notifier, active.interrupt.fd)
+        hand_over(vhost, active, self._io, (RXQ, TXQ))
         vhost.set_running(True)
         log.info("%s: vhost-vsock serves CID %d", self.name, self.guest_cid)
 
     def _stop(self) -> None:
         active, self._serving = self._serving, None
-        if active is None:
+        if active is None or self._io is None:
             return
         try:
             self.vhost.set_running(False)
         except OSError as e:
             log.debug("%s: stopping vhost-vsock: %s", self.name, e.strerror)
-        for i in (RXQ, TXQ):
-            q = active.queues[i]
-            try:
-                q.next_avail = self.vhost.stop_vring(i)
-            except OSError as e:
-                log.debug("%s: stopping vhost queue %d: %s", self.name, i, e.strerror)
-            if self._io is not None:
-                self._io.modify(q.notifier, select.EPOLLIN)
-        active.interrupt.stick(0)
+        take_back(self.vhost, active, self._io, (RXQ, TXQ), self.name)
 
     def prepare_save(self) -> None:
         from ...persist import SaveError
