@@ -9,6 +9,8 @@ microvm (ACPI on for both), on the same KVM, with the same devices:
     with the VMM serving the NIC and again with the host kernel serving it (vhost=on on both),
   * exits to user space per boot (KVM's kvm_userspace_exit, kvm_pio and kvm_mmio tracepoints,
     counted by ftrace histograms), by reason and by port or address: where the time goes,
+  * virtio-fs (QEMU's virtiofsd) against ext4 on virtio-blk, in the same guest: a stream of
+    --fs-mib MiB written and read, and --files small files created, read and deleted,
   * live migration (total time, downtime, MiB sent) of a 2-vCPU, 512 MiB guest that keeps
     writing memory, a snapshot of it (save time, size) and its restore to running.
 
@@ -51,9 +53,11 @@ EXTRA_APPEND: list[str] = []    # --append: kernel parameters for both VMMs
 
 
 def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path | None,
-             tap: str | None, vhost: bool = False, cpus: int = 1, qmp: Path | None = None) -> list[str]:
-    """The same machine on both VMMs: ``cpus`` vCPUs, 512 MiB, serial on stdio, optional disk and
-    NIC (served by the host kernel if ``vhost``) and QMP socket."""
+             tap: str | None, vhost: bool = False, cpus: int = 1, qmp: Path | None = None,
+             fs: Path | None = None) -> list[str]:
+    """The same machine on both VMMs: ``cpus`` vCPUs, 512 MiB, serial on stdio, optional disk,
+    NIC (served by the host kernel if ``vhost``), QMP socket, and virtio-fs (tag ``bench``) from
+    the virtiofsd listening on ``fs``, with guest RAM in a shared memfd."""
     on = ",vhost=on" if vhost else ""
     cmdline = " ".join([guest.APPEND, *EXTRA_APPEND, append]).strip()
     if vmm == "altovirt":
@@ -65,10 +69,18 @@ def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path |
             argv += ["-netdev", f"id=n0,netdev={tap}{on}"]
         if qmp:
             argv += ["-api-channel", f"unix:{qmp}"]
+        if fs:
+            argv += ["-machine", "mem-share=on", "-chardev", f"socket,id=fs,path={fs}",
+                     "-device", "vhost-user-fs-device,chardev=fs,tag=bench,id=fs0"]
         return argv
-    argv = [common.qemu(), "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", str(cpus), "-m", "512M",
+    machine = "microvm,memory-backend=mem" if fs else "microvm"
+    argv = [common.qemu(), "-M", machine, "-accel", "kvm", "-cpu", "host", "-smp", str(cpus), "-m", "512M",
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
             "-kernel", str(k.vmlinuz), "-initrd", str(initrd), "-append", cmdline]
+    if fs:
+        argv += ["-object", "memory-backend-memfd,id=mem,size=512M,share=on",
+                 "-chardev", f"socket,id=fs,path={fs}",
+                 "-device", "vhost-user-fs-device,chardev=fs,tag=bench"]
     if qmp:
         argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     if disk:
@@ -169,6 +181,50 @@ def net_mbps(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path, mib: int,
     finally:
         ns.close()
     return mib / tx, mib / rx, small_mib / small
+
+
+FS_STREAM = "dd if=/dev/zero of={d}/big bs=1M count={mib} conv=fsync"
+FS_READ = "echo 3 > /proc/sys/vm/drop_caches; dd if={d}/big of=/dev/null bs=1M"
+FS_CREATE = ("mkdir {d}/small && i=0; "
+             "while [ $i -lt {n} ]; do echo file $i > {d}/small/f$i; i=$((i+1)); done; sync")
+FS_LIST_READ = "echo 3 > /proc/sys/vm/drop_caches; cat {d}/small/* > /dev/null"
+FS_DELETE = "rm -r {d}/small {d}/big; sync"
+
+
+def fs_figures(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path, mib: int,
+               files: int) -> tuple[float, ...]:
+    """virtio-fs (QEMU's virtiofsd, cache=auto) against ext4 on virtio-blk in the same guest:
+    for each, a streaming write (fsync'd) and read (cold cache) in MiB/s, then ``files`` small
+    files created (and synced), read cold and deleted, in files/s."""
+    share = tmp / f"{vmm}-share"
+    share.mkdir()
+    sock = tmp / f"{vmm}-vfs.sock"
+    image = guest.make_ext4(tmp / f"{vmm}-ext4.img", f"{mib * 2 + 64}M")
+    virtiofsd = subprocess.Popen(["/usr/lib/qemu/virtiofsd", f"--socket-path={sock}", "-o", f"source={share}",
+                                  "-o", "cache=auto"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if virtiofsd.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("bench: virtiofsd did not start")
+            time.sleep(0.05)
+        figures: list[float] = []
+        with guest.LinuxGuest(argv_for(vmm, k, initrd, "", image, None, fs=sock),
+                              log_path=tmp / f"{vmm}-fs.log") as g:
+            g.wait_ready(600)
+            g.check("mkdir -p /fs /blk && mount -t virtiofs bench /fs && mount /dev/vda /blk")
+            for d in ("/fs", "/blk"):
+                figures += [mib / seconds_in_guest(g, FS_STREAM.format(d=d, mib=mib)),
+                            mib / seconds_in_guest(g, FS_READ.format(d=d)),
+                            files / seconds_in_guest(g, FS_CREATE.format(d=d, n=files)),
+                            files / seconds_in_guest(g, FS_LIST_READ.format(d=d)),
+                            files / seconds_in_guest(g, FS_DELETE.format(d=d))]
+    finally:
+        virtiofsd.kill()
+        virtiofsd.wait()
+        shutil.rmtree(share)
+        image.unlink()
+    return tuple(figures)
 
 
 def _check_received(sink: subprocess.Popen[str], mib: int) -> None:
@@ -277,10 +333,12 @@ def alternate(runs: int, measure: Callable[[str], tuple[float, ...]]) -> Pairs:
 def report(title: str, unit: str, results: Pairs,
            names: tuple[str, ...], lower_is_better: bool) -> None:
     print(f"\n{title}")
+    width = max(22, *(len(n) for n in names))
     for i, name in enumerate(names):
         a, q = (statistics.median(r[i] for r in results[v]) for v in VMMS)
         better = "lower is better" if lower_is_better else "higher is better"
-        print(f"  {name:<22} AltoVirt {a:9.2f} {unit}   QEMU {q:9.2f} {unit}   ratio {a / q:5.2f} ({better})")
+        print(f"  {name:<{width}} AltoVirt {a:9.2f} {unit}   QEMU {q:9.2f} {unit}   "
+              f"ratio {a / q:5.2f} ({better})")
 
 
 def main() -> None:
@@ -289,7 +347,9 @@ def main() -> None:
     ap.add_argument("--disk-mib", type=int, default=256)
     ap.add_argument("--net-mib", type=int, default=64)
     ap.add_argument("--small-mib", type=int, default=4, help="MiB sent in busybox nc's 1 KiB writes")
-    ap.add_argument("--parts", default="boot,disk,net,net-vhost,exits,snapshot",
+    ap.add_argument("--fs-mib", type=int, default=64, help="MiB streamed to and from each file system")
+    ap.add_argument("--files", type=int, default=500, help="small files created, read and deleted")
+    ap.add_argument("--parts", default="boot,disk,net,net-vhost,fs,exits,snapshot",
                     help="which measurements, comma-separated")
     ap.add_argument("--append", default="", help="kernel parameters for both VMMs, e.g. pci=off "
                     "(which AltoVirt adds on its own) to give QEMU the same command line")
@@ -326,6 +386,14 @@ def main() -> None:
                alternate(args.runs, lambda v: net_mbps(v, k, initrd, tmp, args.net_mib, args.small_mib,
                                                        vhost=True)),
                ("guest to host", "host to guest", "guest to host, 1 KiB"), False)
+    if "fs" in parts:
+        fs_initrd = initramfs.build(k, modules=(*initramfs.DEFAULT_MODULES, "virtiofs"))
+        steps = ("stream write", "stream read", "files create", "files read", "files delete")
+        names = tuple(f"{where} {what}" for where in ("virtio-fs", "ext4 on virtio-blk") for what in steps)
+        report(f"virtio-fs and virtio-blk ({args.fs_mib} MiB streamed, then {args.files} small files; "
+               "MiB/s or files/s)", "", alternate(args.runs, lambda v: fs_figures(v, k, fs_initrd, tmp,
+                                                                                  args.fs_mib, args.files)),
+               names, False)
     if "snapshot" in parts:
         report("snapshot and migration (2 vCPUs, 512 MiB, the guest rewriting 64 MiB at 20 MB/s)", "",
                alternate(args.runs, lambda v: snapshot_figures(v, k, initrd, tmp)),

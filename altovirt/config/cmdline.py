@@ -50,6 +50,8 @@ StratoVirt 2.x's devices (a backend, and a -device that uses it):
                  -device virtconsole,chardev=ID,id=DEV,nr=0]
                 [-object rng-random,id=ID,filename=/dev/urandom -device virtio-rng-device,rng=ID]
                 [-device vhost-vsock-device,id=ID,guest-cid=N[,vhostfd=N]]
+                [-chardev socket,id=ID,path=SOCKET -device vhost-user-fs-device,chardev=ID,tag=TAG,id=DEV
+                 (with -machine mem-share=on)]
                 [-chardev socket,id=ID,path=SOCKET,server,nowait -mon chardev=ID,id=MON,mode=control]
 
 Boots a micro-VM on KVM. Sizes take bytes or a K/M/G suffix (a bare number
