@@ -78,7 +78,9 @@ def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path |
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
             "-kernel", str(k.vmlinuz), "-initrd", str(initrd), "-append", cmdline]
     if fs:
-        argv += ["-object", "memory-backend-memfd,id=mem,size=512M,share=on",
+        # virtiofsd (libvhost-user) serves modern virtio only; QEMU's virtio-mmio is legacy by default.
+        argv += ["-global", "virtio-mmio.force-legacy=false",
+                 "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
                  "-chardev", f"socket,id=fs,path={fs}",
                  "-device", "vhost-user-fs-device,chardev=fs,tag=bench"]
     if qmp:
