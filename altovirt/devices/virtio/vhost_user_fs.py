@@ -54,8 +54,8 @@ class VhostUserFs(VirtioDevice):
         super().activate(mem, queues, interrupt, io)
         try:
             self._start()
-        except (VhostUserError, OSError) as e:
-            self._serving = None
+        except OSError as e:                # VhostUserError among them
+            self._stop()
             self.fail(e.strerror or str(e))
 
     def queue_notify(self, index: int) -> None:
