@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT, Vm, altovirt_cmd, needs_kvm
+from .test_cli import usage_error
 from .test_qmp import Raw
 
 VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
@@ -57,24 +58,18 @@ def test_fuse_init_answered_by_virtiofsd(probe: Path, virtiofsd: Path) -> None:
     assert "probe: test fs ok" in run.stdout and "probe: test rng ok" in run.stdout
 
 
-def usage_error(*args: str) -> str:
-    run = subprocess.run(altovirt_cmd(*args), capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert run.returncode == 2 and run.stdout == "" and run.stderr.count("\n") == 1, run.stderr
-    return run.stderr
-
-
 def test_shared_ram_is_required(probe: Path, tmp_path: Path) -> None:
     args = [a for a in fs_args(probe, tmp_path / "none.sock", "info") if a != "mem-share=on"]
     args.remove("-machine")
     assert usage_error(*args) == ("altovirt: error: -device vhost-user-fs-device id=fs0: the back end maps "
-                                  "guest RAM; add -machine mem-share=on\n")
+                                  "guest RAM; add -machine mem-share=on")
 
 
 def test_no_back_end_is_one_line(probe: Path, tmp_path: Path) -> None:
     sock = tmp_path / "none.sock"
     assert usage_error(*fs_args(probe, sock, "info")) == (
         f"altovirt: error: -device vhost-user-fs-device id=fs0: vhost-user back end {sock}: "
-        "No such file or directory\n")
+        "No such file or directory")
 
 
 class FakeBackEnd:
@@ -130,7 +125,7 @@ def test_bad_back_ends_at_start_are_one_line(probe: Path, tmp_path: Path,
     finally:
         fake.close()
     prefix = "altovirt: error: -device vhost-user-fs-device id=fs0: vhost-user back end"
-    assert message == f"{prefix} {sock}: {error}\n"
+    assert message == f"{prefix} {sock}: {error}"
 
 
 def test_back_end_death_stops_only_that_device(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:

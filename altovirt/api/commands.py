@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast
 from .. import __version__
 from ..backends.tap import Tap
 from ..config import ConfigError
+from ..config.devices import AIO_MODES
 from ..config.validate import check_id, check_mac, check_tap
 from ..devices.legacy.vmgenid import guid_string
 from ..vmm.actions import Action
@@ -38,7 +39,6 @@ T = TypeVar("T")
 QEMU_VERSION = {"major": 5, "minor": 0, "micro": 1}
 # blockdev-add's file drivers: an image file, or a host block device (Kata's choice for one).
 FILE_DRIVERS = ("file", "host_device")
-AIO_MODES = ("native", "threads", "io_uring", "iouring", "off")     # all served alike
 
 
 def version() -> dict[str, Any]:
