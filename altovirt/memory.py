@@ -9,6 +9,12 @@ huge and host and guest addresses agree modulo 2 MiB: hence the alignment.
 Every guest-physical access goes through :meth:`GuestMemory.view`, which
 refuses any range that is not entirely inside one RAM region: a guest (or a
 bug) can never make us touch host memory outside guest RAM.
+
+KVM's dirty log sees only the guest's own writes. The VMM's writes are noted by
+the writer once they have landed (write, then :meth:`GuestMemory.mark_written`,
+as rust-vmm's vm-memory marks its bitmap at the write): a mark made when a
+buffer is merely handed out could be collected and sent by a live migration's
+pass before the data arrives, and the page would then never be sent again.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import contextlib
 import ctypes as C
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 
 from .errors import AltoVirtError
@@ -85,9 +92,11 @@ class GuestMemory:
         self._view = memoryview(self._map)[self._pad:self._pad + self.size]
         # (first gpa, end gpa, offset in RAM - gpa) of each region, for view()
         self._spans = tuple((r.gpa, r.end, r.offset - r.gpa) for r in self.regions)
-        # While a live migration runs: a byte per page of RAM, set for each page a view was
-        # taken of (what devices write; KVM's dirty log sees only the guest's writes).
-        self.written: bytearray | None = None
+        # While a live migration runs: a byte per page of RAM, set for each page the VMM wrote
+        # (KVM's dirty log sees only the guest's writes). Swapped under the lock, so that a mark
+        # lands either before a collection or after it, never in a bitmap already read.
+        self._written: bytearray | None = None
+        self._written_lock = threading.Lock()
 
     def _advise(self) -> None:
         if self._dontdump:
@@ -155,38 +164,65 @@ class GuestMemory:
         """The userspace address backing ``region``, for KVM_SET_USER_MEMORY_REGION."""
         return self._base + region.offset
 
-    def view(self, gpa: int, length: int) -> memoryview:
-        """A zero-copy, writable view of guest RAM [gpa, gpa+length), or GuestMemoryError."""
+    def _offset(self, gpa: int, length: int) -> int:
+        """The offset in RAM of [gpa, gpa+length), or GuestMemoryError."""
         # Every virtqueue buffer comes through here: plain tuples, no property calls.
         if length >= 0:
             end = gpa + length
             for start, stop, delta in self._spans:
                 if start <= gpa and end <= stop:
-                    off = gpa + delta
-                    if self.written is not None and length:
-                        first, last = off >> PAGE_SHIFT, (off + length - 1) >> PAGE_SHIFT
-                        self.written[first:last + 1] = b"\1" * (last + 1 - first)
-                    return self._view[off:off + length]
+                    return gpa + delta
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not RAM")
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy, writable view of guest RAM [gpa, gpa+length), or GuestMemoryError.
+        Whoever writes through it calls :meth:`mark_written` once the bytes are in."""
+        off = self._offset(gpa, length)
+        return self._view[off:off + length]
 
     def host_address_of(self, gpa: int, length: int) -> int:
         """The userspace address of guest RAM [gpa, gpa+length), for the host kernel (vhost);
         GuestMemoryError if it is not RAM."""
-        self.view(gpa, length)
-        for start, stop, delta in self._spans:
-            if start <= gpa < stop:
-                return self._base + gpa + delta
-        raise AssertionError("view() checked the range")
+        return self._base + self._offset(gpa, length)
+
+    def track_writes(self, on: bool) -> None:
+        """Start noting the pages the VMM writes (a fresh, empty set), or stop."""
+        with self._written_lock:
+            self._written = bytearray(self.size >> PAGE_SHIFT) if on else None
+
+    def take_written(self) -> bytearray:
+        """A byte per page of RAM, 1 for each page the VMM wrote since tracking started or since
+        the last call; tracking goes on with an empty set."""
+        with self._written_lock:
+            written, self._written = self._written, bytearray(self.size >> PAGE_SHIFT)
+        if written is None:
+            raise RuntimeError("take_written() while writes are not tracked")
+        return written
 
     def mark_written(self, gpa: int, length: int) -> None:
-        """Note [gpa, gpa+length) as written by the VMM (while :attr:`written` is kept)."""
-        self.view(gpa, length)
+        """Note [gpa, gpa+length) as written by the VMM, after the write (while tracked).
+        GuestMemoryError if the range is not RAM."""
+        off = self._offset(gpa, length)
+        # Unlocked first look: a write that lands before tracking starts is in RAM by then,
+        # and a migration's first pass reads all of RAM after it starts.
+        if self._written is not None and length:
+            first, last = off >> PAGE_SHIFT, (off + length - 1) >> PAGE_SHIFT
+            with self._written_lock:
+                if self._written is not None:
+                    self._written[first:last + 1] = b"\1" * (last + 1 - first)
+
+    def mark_spans(self, spans: list[tuple[int, int]]) -> None:
+        """:meth:`mark_written` for each (gpa, length) of ``spans``."""
+        if self._written is not None:           # a migration runs: rare, the check is cheap
+            for gpa, length in spans:
+                self.mark_written(gpa, length)
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
+        self.mark_written(gpa, len(data))
 
     def discard(self) -> None:
         """Zero all of guest RAM by handing its pages back to the host (a cold reset).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from altovirt.memory import GuestMemory
 
 from .cabi import c_values, needs_gcc
 from .conftest import ROOT, Vm, altovirt_cmd, needs_kvm, needs_qemu, qemu_cmd, run_altovirt, run_qemu
+from .livecopy import LiveCopy
 from .virtq import DriverQueue
 
 ABUSE_CASES = ["index", "loop", "address", "length", "indirect-nested", "indirect-length",
@@ -277,6 +279,47 @@ def test_contiguous_requests_are_merged(tmp_path: Path, monkeypatch: pytest.Monk
         assert h.mem.read(tail[0][0], 4096) == data[-4096:]
         assert not h.resets
     finally:
+        h.close()
+
+
+@needs_kvm
+def test_a_read_that_completes_during_a_live_migration_reaches_the_destination(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read a worker holds across a pass of a live migration, its data landing after the pass
+    went: the pages are noted as written when the request completes, so a later pass sends them
+    (a note taken when the request was handed out is spent on the pass that went before)."""
+    img = tmp_path / "disk.img"
+    data = os.urandom(1 << 20)
+    img.write_bytes(data)
+    h = Harness(img)
+    copy = LiveCopy(h.mem)
+    reading, go_on = threading.Event(), threading.Event()
+    real = os.preadv
+
+    def held_preadv(fd: int, bufs: list[memoryview], off: int) -> int:
+        reading.set()
+        assert go_on.wait(10)
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(os, "preadv", held_preadv)
+    try:
+        copy.first_pass()
+        buf, status = h.post_read(8, 8192)
+        h.dev.queue_notify(0)
+        assert reading.wait(10)         # a worker has the request; nothing is read yet
+        copy.next_pass()
+        go_on.set()
+        deadline = time.monotonic() + 10
+        while h.drv.used_idx() < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        dest = copy.finish()
+        assert h.mem.read(status, 1) == b"\0" and h.mem.read(buf, 8192) == data[4096:12288]
+        assert dest[buf:buf + 8192] == data[4096:12288]
+        assert dest[status] == vblk.VIRTIO_BLK_S_OK
+    finally:
+        go_on.set()
+        copy.close()
         h.close()
 
 

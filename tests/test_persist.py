@@ -76,7 +76,7 @@ def driven_queue(size: int, features: int, posted: int, popped: int) -> tuple[Qu
     for _ in range(popped):
         chain = q.pop()
         assert chain is not None
-        q.add_used(chain.head, 8)
+        q.add_used(chain, 8)
     if popped:
         q.needs_interrupt()
     return q, driver

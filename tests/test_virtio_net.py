@@ -22,7 +22,8 @@ from altovirt.eventloop import EventLoop
 from altovirt.memory import GuestMemory
 
 from .cabi import c_values, needs_gcc
-from .conftest import ROOT, ProbeReport, altovirt_cmd, qemu_cmd
+from .conftest import ROOT, ProbeReport, altovirt_cmd, needs_kvm, qemu_cmd
+from .livecopy import LiveCopy
 from .netns import NetNs, needs_netns
 from .virtq import DriverQueue
 
@@ -187,6 +188,29 @@ def test_reception_is_paced_by_guest_buffers(rx_bench: RxBench) -> None:
         assert struct.unpack_from("<H", data, 10)[0] == 1   # num_buffers
         frames.append(data[12 + 14:12 + 21])
     assert frames == [b"frame 0", b"frame 1", b"frame 2"]   # in order, none lost
+
+
+@needs_kvm
+@needs_netns
+def test_a_frame_received_during_a_live_migration_reaches_the_destination(rx_bench: RxBench) -> None:
+    """Receive buffers the device took before a pass of a live migration and filled after it:
+    the next pass sends the frame (they are noted as written when used, not when taken)."""
+    copy = LiveCopy(rx_bench.mem)
+    try:
+        copy.first_pass()
+        rx_bench.post(8, 4096)
+        rx_bench.send(b"the first frame".ljust(46, b"."))
+        rx_bench.wait_used(1)           # the device holds the other buffers for the next frames
+        copy.next_pass()
+        rx_bench.send(b"the second frame".ljust(46, b"."))
+        rx_bench.wait_used(2)
+        dest = copy.finish()
+        head, length = rx_bench.rx.used_elem(1)
+        where = RxBench.BUFFERS + 0x1000 * head
+        assert rx_bench.used(1)[12 + 14:12 + 30] == b"the second frame"
+        assert dest[where:where + length] == rx_bench.used(1)
+    finally:
+        copy.close()
 
 
 @needs_netns

@@ -41,8 +41,34 @@ def test_chain_views_are_guest_ram(mem: GuestMemory) -> None:
     assert chain.read_all() == b"request!" and chain.writable_len == 4
     chain.writable[0][:] = b"done"                      # written straight into guest RAM
     assert mem.read(BUF + 0x1000, 4) == b"done"
-    q.add_used(chain.head, 4)
+    q.add_used(chain, 4)
     assert drv.used_idx() == 1 and drv.used_elem(0) == (chain.head, 4)
+
+
+def test_only_used_writable_buffers_are_noted_as_written(mem: GuestMemory) -> None:
+    """While writes are tracked, a chain's device-writable buffers are noted when it is used
+    (not when it is taken), across page boundaries and through an indirect table; its
+    device-readable buffers never are."""
+    q, drv = make(mem)
+    table = 0x300000
+    drv.write_desc(0, BUF + 0x3000, 0x1800, F_WRITE | F_NEXT, 1, table=table)
+    drv.write_desc(1, BUF + 0x6000, 1, F_WRITE, table=table)
+    drv.publish(drv.chain([(BUF, 16, False), (BUF + 0x1ff0, 0x20, True)]))
+    drv.write_desc(2, table, 32, F_INDIRECT)
+    drv.publish(2)
+    mem.track_writes(True)
+    try:
+        mem.take_written()                      # the driver's own writes above are not ours
+        chains = [q.pop(), q.pop()]
+        assert not any(mem.take_written())      # taken, not yet written
+        for chain in chains:
+            assert chain is not None
+            q.add_used(chain, 1)
+        pages = mem.take_written()
+        assert [i for i, b in enumerate(pages) if b] == [p >> 12 for p in (
+            BUF + 0x1000, BUF + 0x2000, BUF + 0x3000, BUF + 0x4000, BUF + 0x6000)]
+    finally:
+        mem.track_writes(False)
 
 
 def test_indirect_chain(mem: GuestMemory) -> None:
@@ -62,7 +88,7 @@ def test_ring_wraps_past_65535(mem: GuestMemory) -> None:
         drv.publish(drv.chain([(BUF, 1, True)]))
         chain = q.pop()
         assert chain is not None
-        q.add_used(chain.head, 1)
+        q.add_used(chain, 1)
     assert drv.used_idx() == 70000 & 0xFFFF
 
 
@@ -124,7 +150,7 @@ def test_interrupt_suppression_without_event_idx(mem: GuestMemory) -> None:
     drv.publish(drv.chain([(BUF, 1, True)]))
     chain = q.pop()
     assert chain is not None
-    q.add_used(chain.head, 1)
+    q.add_used(chain, 1)
     assert q.needs_interrupt()
     drv.set_avail_flags(1)                              # VIRTQ_AVAIL_F_NO_INTERRUPT
     assert not q.needs_interrupt()
@@ -141,7 +167,7 @@ def test_event_idx(mem: GuestMemory) -> None:
         if chain is None:
             assert not expected
             break
-        q.add_used(chain.head, 1)
+        q.add_used(chain, 1)
         assert q.needs_interrupt() == expected, drv.used_idx()
     assert drv.avail_event() == 3                       # the device asks for the next new buffer
 

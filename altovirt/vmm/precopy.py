@@ -9,8 +9,9 @@ The stream, once the source has connected::
     answer  "K": the destination runs the VM; or "F" length (u32) and why not
 
 What changed between passes is KVM's dirty log of the guest's writes joined with
-the pages the VMM wrote itself (device buffers, through :class:`GuestMemory`
-views, and every active queue's rings), which KVM does not see.
+the pages the VMM wrote itself, which KVM does not see: device buffers, marked
+as each chain is used (after the device's write, on whichever thread made it),
+and every active queue's used ring.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class DirtyLog:
         flags = K.KVM_MEM_LOG_DIRTY_PAGES if on else 0
         for slot, region in enumerate(mem.regions):
             self._vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region), flags)
-        mem.written = bytearray(mem.size >> PAGE_SHIFT) if on else None
+        mem.track_writes(on)
 
     def start(self) -> None:
         self._log(True)
@@ -129,13 +130,13 @@ class DirtyLog:
         """A flag (0 or 1) per page of RAM: written since the last call, or flagged in
         ``pending`` (collected before, not sent yet)."""
         mem = self._mem
+        # The used rings are written in place, with no mark for each element: they go every
+        # pass. The last pass comes after the devices are quiescent, so it has their last write.
         for transport in self._transports:
             for q in transport.queues:
                 if q.active:
-                    for gpa, length in q.ring_ranges():
-                        mem.mark_written(gpa, length)
-        written, mem.written = mem.written, bytearray(mem.size >> PAGE_SHIFT)
-        assert written is not None, "collect() before start()"
+                    mem.mark_written(*q.ring_ranges()[2])
+        written = mem.take_written()
         flags = bytearray()
         for slot, region in enumerate(mem.regions):
             pages = region.size >> PAGE_SHIFT

@@ -67,7 +67,7 @@ _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 class Request:
     """A validated request: where its data is and where its status byte goes."""
 
-    head: int
+    chain: DescriptorChain          # given back, once done, to the used ring
     kind: int
     sector: int
     data_out: list[memoryview]      # device-readable data, after the header
@@ -178,7 +178,7 @@ class Block(VirtioDevice):
             active = self.active
             if not self.broken and active is not None:
                 for request, n in zip(run, written, strict=True):
-                    active.queues[0].add_used(request.head, n)
+                    active.queues[0].add_used(request.chain, n)
                 active.interrupt.signal_used(active.queues[0])
         with self._idle:
             self._in_flight -= len(run)
@@ -234,7 +234,7 @@ class Block(VirtioDevice):
             raise QueueError("read request with device-readable data buffers")
         if kind == VIRTIO_BLK_T_OUT and data_in:
             raise QueueError("write request with device-writable data buffers")
-        return Request(chain.head, kind, sector, readable, data_in, chain.writable[-1][-1:])
+        return Request(chain, kind, sector, readable, data_in, chain.writable[-1][-1:])
 
     def _execute(self, r: Request) -> int:
         """Carry out one request; returns the bytes written to the driver's buffers."""

@@ -131,7 +131,7 @@ class Console(VirtioDevice):
                 queue.undo_pop()
                 self._drop_client()
                 break
-            queue.add_used(chain.head, n)
+            queue.add_used(chain, n)
             delivered = True
         if delivered:
             interrupt.signal_used(queue)
@@ -173,7 +173,7 @@ class Console(VirtioDevice):
                 self._backlog += data[:room]
                 if len(data) > room:
                     log.debug("%s: client is not reading; %d bytes dropped", self.name, len(data) - room)
-            queue.add_used(chain.head, 0)
+            queue.add_used(chain, 0)
             used = True
         if self.client is not None and self._backlog:
             self._flush()

@@ -180,7 +180,7 @@ class Net(VirtioDevice):
                     break
                 except OSError as e:
                     log.debug("%s: tap write failed: %s (frame dropped)", self.name, e)
-                queue.add_used(chain.head, 0)
+                queue.add_used(chain, 0)
                 sent = True
             queue.notifications(True)
             if stalled or self.broken or not queue.has_available():
@@ -229,14 +229,18 @@ class Net(VirtioDevice):
                 count = nviews = 0
                 left = n
                 while left > 0:
-                    chain, k, size = held.popleft()
-                    queue.add_used(chain.head, min(left, size), publish=False)
+                    left -= held[count][2]
+                    nviews += held[count][1]
+                    count += 1
+                # The tap fills only the 10-byte legacy header; num_buffers is ours (5.1.6.4).
+                # Written before the chains are used: using one notes it as written.
+                write_at(views, NUM_BUFFERS_OFFSET, _NUM_BUFFERS.pack(count))
+                left = n
+                for _ in range(count):
+                    chain, _, size = held.popleft()
+                    queue.add_used(chain, min(left, size), publish=False)
                     left -= size
                     room -= size
-                    count += 1
-                    nviews += k
-                # The tap fills only the 10-byte legacy header; num_buffers is ours (5.1.6.4).
-                write_at(views, NUM_BUFFERS_OFFSET, _NUM_BUFFERS.pack(count))
                 queue.publish_used()
                 del views[:nviews]
                 delivered = True

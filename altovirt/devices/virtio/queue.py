@@ -7,7 +7,10 @@ ordering checked. Any violation raises :class:`QueueError`, which the
 transport turns into DEVICE_NEEDS_RESET for that one device.
 
 Buffers are handed to devices as memoryviews of guest RAM (no copies), split
-into the device-readable part and the device-writable part of the chain.
+into the device-readable part and the device-writable part of the chain. A
+device returns a chain with :meth:`Queue.add_used` once it has written what it
+will: that is where the chain's device-writable buffers are noted as written by
+the VMM (for a live migration; see memory.py), never before the data is in.
 """
 
 from __future__ import annotations
@@ -53,14 +56,16 @@ class QueueError(AltoVirtError):
 
 
 class DescriptorChain:
-    """One request: its head index and its buffers as views of guest RAM."""
+    """One request: its head index and its buffers as views of guest RAM; ``spans``, the
+    guest addresses and lengths of the device-writable ones."""
 
-    __slots__ = ("head", "readable", "writable")
+    __slots__ = ("head", "readable", "spans", "writable")
 
     def __init__(self, head: int) -> None:
         self.head = head
         self.readable: list[memoryview] = []
         self.writable: list[memoryview] = []
+        self.spans: list[tuple[int, int]] = []
 
     def read_all(self) -> bytes:
         return b"".join(self.readable)
@@ -208,8 +213,11 @@ class Queue:
             if not flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
                 # A single buffer (receive buffers, entropy requests): nothing more to check.
                 chain = DescriptorChain(head)
-                (chain.writable if flags & VIRTQ_DESC_F_WRITE else chain.readable).append(
-                    self._buffer(addr, length))
+                if flags & VIRTQ_DESC_F_WRITE:
+                    chain.writable.append(self._buffer(addr, length))
+                    chain.spans.append((addr, length))
+                else:
+                    chain.readable.append(self._buffer(addr, length))
                 return chain
         return self._walk(head)
 
@@ -249,6 +257,7 @@ class Queue:
             view = self._buffer(addr, length)
             if flags & VIRTQ_DESC_F_WRITE:
                 chain.writable.append(view)
+                chain.spans.append((addr, length))
             elif chain.writable:
                 raise QueueError("device-readable descriptor after a device-writable one (2.7.4.2)")
             else:
@@ -278,10 +287,14 @@ class Queue:
         self.next_avail = (self.next_avail - count) & 0xFFFF
 
     # --- the used ring ---
-    def add_used(self, head: int, length: int, publish: bool = True) -> None:
-        """Return a chain to the driver; with ``publish`` False the driver sees it only at
-        the next :meth:`publish_used` (to finish writing what the elements refer to)."""
-        _USED_ELEM.pack_into(self._used, 4 + 8 * (self.next_used % self.size), head, length)
+    def add_used(self, chain: DescriptorChain, length: int, publish: bool = True) -> None:
+        """Return ``chain`` to the driver, with ``length`` bytes written into its device-writable
+        buffers, all of which are noted as written (the device writes nothing into a chain it
+        has returned). With ``publish`` False the driver sees it only at the next
+        :meth:`publish_used` (to finish writing what the elements refer to)."""
+        if chain.spans:
+            self.mem.mark_spans(chain.spans)
+        _USED_ELEM.pack_into(self._used, 4 + 8 * (self.next_used % self.size), chain.head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
         if publish:
             # x86 keeps stores in order, so the element is visible before the index.

@@ -75,7 +75,7 @@ class Rng(VirtioDevice):
                 written += len(part)
                 if written == give:
                     break
-            queue.add_used(chain.head, give)
+            queue.add_used(chain, give)
             used = True
         if used:
             interrupt.signal_used(queue)

@@ -131,7 +131,7 @@ class Vsock(VirtioDevice):
                 if chain.readable or chain.writable_len < HDR_SIZE:
                     raise QueueError("vsock receive buffer is not a writable header and payload")
                 write_at(chain.writable, 0, self._control.popleft())
-                queue.add_used(chain.head, HDR_SIZE)
+                queue.add_used(chain, HDR_SIZE)
                 delivered = True
             for conn in list(self._conns.values()):
                 delivered |= self._stream_to_guest(conn, queue)
@@ -167,7 +167,7 @@ class Vsock(VirtioDevice):
                 break
             conn.tx_cnt += n
             write_at(chain.writable, 0, self._header(conn, OP_RW, length=n))
-            queue.add_used(chain.head, HDR_SIZE + n)
+            queue.add_used(chain, HDR_SIZE + n)
             delivered = True
         return delivered
 
@@ -289,7 +289,7 @@ class Vsock(VirtioDevice):
                 self.fail("vsock transmit chain is not a device-readable header and payload")
                 return
             self._packet(_HDR.unpack(header), views_from(chain.readable, HDR_SIZE))
-            queue.add_used(chain.head, 0)
+            queue.add_used(chain, 0)
             used = True
         if used:
             interrupt.signal_used(queue)
@@ -373,7 +373,7 @@ class Vsock(VirtioDevice):
             self.fail("vsock event buffer is not 4 device-writable bytes")
             return
         write_at(chain.writable, 0, _EVENT.pack(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
-        queue.add_used(chain.head, _EVENT.size)
+        queue.add_used(chain, _EVENT.size)
         interrupt.signal_used(queue)
 
     def reset(self) -> None:
