@@ -71,8 +71,9 @@ def start_qmp(machine: Machine, path: str) -> QmpServer:
     from .api import commands  # only a VM with a QMP channel imports them
     from .api.qmp import QmpServer
     try:
-        qmp = QmpServer(path, commands.build(machine), commands.version(),
-                        functools.partial(seccomp.confine, "api"))
+        fds: dict[str, int] = {}
+        qmp = QmpServer(path, commands.build(machine, fds), commands.version(),
+                        functools.partial(seccomp.confine, "api"), named_fds=fds)
     except BackendError as e:
         raise VmmError(f"-api-channel: {e.strerror}", exit_status=EXIT_USAGE) from e
     machine.add_event_listener(qmp.event)
@@ -103,7 +104,6 @@ def start_migration(machine: Machine, migratable: bool) -> Callable[[], None]:
     from .vmm.migration import Migration
     from .vmm.precopy import MigrationError, listen
     migration = machine.migration = Migration(machine)
-    machine.snapshot_msrs()
     incoming = cfg.incoming
     if incoming is None:
         return lambda: None

@@ -15,8 +15,8 @@ from altovirt.vmm.machine import Machine
 _build = commands.build
 
 
-def build_with_forbidden_call(machine: Machine) -> dict[str, Command]:
-    table = _build(machine)
+def build_with_forbidden_call(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
+    table = _build(machine, fds)
     table["x-test-forbidden-syscall"] = Command(forbidden_call)
     return table
 

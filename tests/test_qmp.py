@@ -188,6 +188,11 @@ def test_protocol_edges(vm: tuple[Vm, Path]) -> None:
     time.sleep(0.1)
     raw.send(b'status", "id": 2}')
     assert raw.recv()["id"] == 2
+    euro = "\u20ac".encode()                                       # 3 bytes in UTF-8
+    raw.send(b'{"execute": "query-name", "id": "' + euro[:1])     # a character split across writes
+    time.sleep(0.1)
+    raw.send(euro[1:] + b'"}')
+    assert raw.recv()["id"] == "\u20ac"
     cases = [
         ("{]", "JSON parse error"),
         ("[1, 2]", "QMP input must be a JSON object"),
@@ -295,3 +300,31 @@ def test_guest_clock_does_not_jump_over_a_pause(probe: Path) -> None:
         m.close()
     # One second passed on the host; the guest's clock moved only by the resume's own time.
     assert 0 <= readings["resumed"] - readings["paused"] < 100_000_000
+
+
+def test_named_descriptors_go_with_the_server(probe: Path, tmp_path: Path) -> None:
+    """A descriptor given with getfd that no command took stays the server's across
+    connections (as QEMU's monitor keeps it) and is closed when the server goes."""
+    from altovirt import cli
+    m = builder.build(load_config(["-kernel", str(probe / "probe.elf")]))
+    qmp = cli.start_qmp(m, str(tmp_path / "qmp.sock"))
+    r, w = os.pipe()
+    served = True
+    try:
+        raw = Raw(tmp_path / "qmp.sock")
+        socket.send_fds(raw.s, [b'{"execute": "getfd", "arguments": {"fdname": "kept"}}'], [w])
+        os.close(w)
+        assert raw.recv() == {"return": {}}
+        raw.close()
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)               # the server holds the write end: no end of file
+        qmp.close()
+        served = False
+        assert os.read(r, 1) == b""     # closed with the server
+    finally:
+        if served:
+            qmp.close()
+        m.close()
+        os.close(r)
+

@@ -97,9 +97,9 @@ def _is_block_device(path: str) -> bool:
         return False
 
 
-def hotplug_commands(hotplug: Hotplug) -> dict[str, Command]:
-    """blockdev-add/del, netdev_add/del, device_add/del and getfd/closefd."""
-    fds: dict[str, int] = {}            # getfd's named descriptors, until netdev_add takes one
+def hotplug_commands(hotplug: Hotplug, fds: dict[str, int]) -> dict[str, Command]:
+    """blockdev-add/del, netdev_add/del, device_add/del and getfd/closefd. ``fds``: getfd's
+    named descriptors, until netdev_add takes one (the QMP server's, which closes the rest)."""
 
     def blockdev_add(args: dict[str, Any]) -> object:
         node, file = args["node-name"], args["file"]
@@ -192,8 +192,8 @@ def hotplug_commands(hotplug: Hotplug) -> dict[str, Command]:
     }
 
 
-def build(machine: Machine) -> dict[str, Command]:
-    """The command table for ``machine``."""
+def build(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
+    """The command table for ``machine``; ``fds`` keeps getfd's descriptors (see QmpServer)."""
 
     def query_status(args: dict[str, Any]) -> object:
         state = machine.state.value
@@ -245,7 +245,7 @@ def build(machine: Machine) -> dict[str, Command]:
         "query-vm-generation-id": Command(query_vm_generation_id),
     }
     if machine.hotplug is not None:
-        table.update(hotplug_commands(machine.hotplug))
+        table.update(hotplug_commands(machine.hotplug, fds))
     if machine.xenstore is not None:
         table.update(xenstore_commands(machine.xenstore))
     if machine.migration is not None:

@@ -11,6 +11,7 @@ client sends can stop the VM or the other clients.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -53,9 +54,15 @@ class Command:
     takes_fd: bool = False
 
 
+def _utf8_decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")("replace")
+
+
 @dataclass(eq=False)
 class Client(Peer):
     inbuf: str = ""
+    # One decoder for the whole stream: a character split across two reads is one character.
+    decoder: codecs.IncrementalDecoder = field(default_factory=_utf8_decoder)
     negotiated: bool = False
     fds: list[int] = field(default_factory=list)     # received, not yet taken by a command
     # Where the scan for the end of the current request stands (see _split).
@@ -136,11 +143,15 @@ def timestamp() -> dict[str, int]:
 
 class QmpServer(SocketServer[Client]):
     def __init__(self, path: str, commands: dict[str, Command], version: dict[str, Any],
-                 on_start: Callable[[], None] | None = None) -> None:
-        """``on_start`` runs first on the server's thread (the VMM confines it there)."""
+                 on_start: Callable[[], None] | None = None,
+                 named_fds: dict[str, int] | None = None) -> None:
+        """``on_start`` runs first on the server's thread (the VMM confines it there).
+        ``named_fds``: the descriptors clients named with getfd (the commands' table keeps
+        them there), which, as QEMU's monitor's, outlive a connection and go with the server."""
         super().__init__(path, "qmp", max_output=MAX_OUTPUT, on_start=on_start)
         self.commands = commands
         self.version = version
+        self.named_fds = {} if named_fds is None else named_fds
 
     # --- events (any thread) ---
     def event(self, name: str, data: dict[str, object]) -> None:
@@ -172,7 +183,7 @@ class QmpServer(SocketServer[Client]):
         return data
 
     def received(self, client: Client, data: bytes) -> bool:
-        client.inbuf += data.decode("utf-8", errors="replace")
+        client.inbuf += client.decoder.decode(data)
         if len(client.inbuf) > MAX_REQUEST:
             too_big = QmpError("GenericError", f"request larger than {MAX_REQUEST} bytes")
             self._reply(client, None, error=too_big)
@@ -182,8 +193,12 @@ class QmpServer(SocketServer[Client]):
         return True
 
     def close(self, flush_timeout: float = 1.0) -> None:
-        """Stop serving; clients get up to ``flush_timeout`` to take what is queued (SHUTDOWN)."""
+        """Stop serving; clients get up to ``flush_timeout`` to take what is queued (SHUTDOWN).
+        The named descriptors no command took are closed."""
         super().close(flush_timeout)
+        for fd in self.named_fds.values():
+            os.close(fd)
+        self.named_fds.clear()
 
     def _process(self, client: Client) -> None:
         """Take every complete request off the client's input."""
