@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+STOP_TIMEOUT = 5.0          # s stop() waits for the loop's thread to finish its handler
+
 
 class EventLoop:
     def __init__(self, name: str = "io", on_start: Callable[[], None] | None = None) -> None:
@@ -41,6 +43,8 @@ class EventLoop:
         self._timer_seq = itertools.count()
         self._thread = threading.Thread(target=self.run, name=name, daemon=True)
         self._owner: threading.Thread | None = None     # the thread serving the loop
+        self._close_on_exit = False     # stop() gave up waiting: the thread closes as it leaves
+        self._left = False              # run() has returned from its last handler
 
     def add(self, fd: int, callback: Callable[[], None], events: int = select.EPOLLIN) -> None:
         """Call ``callback`` on this loop when ``fd`` has ``events``; OSError (e.g. EPERM for
@@ -93,12 +97,24 @@ class EventLoop:
         os.eventfd_write(self._wake, 1)
 
     def stop(self) -> None:
-        """Stop serving and close the loop; calling it again does nothing."""
-        if self._ep.closed:
+        """Stop serving and close the loop; calling it again does nothing. A loop whose thread
+        is still in a handler after STOP_TIMEOUT is closed by that thread when it returns: its
+        descriptors stay open while it may use them (a number closed under it could be reused
+        by the next file opened)."""
+        if self._ep.closed or self._close_on_exit:
             return
         self.stop_soon()
         if self._thread.is_alive():
-            self._thread.join(5)
+            self._thread.join(STOP_TIMEOUT)
+        with self._cond:
+            if self._thread.is_alive() and not self._left:
+                log.error("the %s loop is still in a handler after %g s; it closes once that "
+                          "returns", self._thread.name, STOP_TIMEOUT)
+                self._close_on_exit = True
+                return
+        self._close()
+
+    def _close(self) -> None:
         self._ep.close()
         os.close(self._wake)
 
@@ -143,3 +159,7 @@ class EventLoop:
                 except Exception:
                     log.exception("I/O handler for fd %d failed; it is removed", fd)
                     self.remove(fd)
+        with self._cond:
+            self._left = True
+            if self._close_on_exit:
+                self._close()

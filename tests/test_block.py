@@ -323,6 +323,33 @@ def test_a_read_that_completes_during_a_live_migration_reaches_the_destination(
         h.close()
 
 
+def test_quiesce_says_when_requests_stay_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that does not complete: quiesce (a pause) and prepare_save (a snapshot) give up
+    with an error that names the device, instead of going on with it in flight."""
+    from altovirt.devices.virtio.device import DeviceBusyError
+    from altovirt.persist import SaveError
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    h = Harness(img)
+    monkeypatch.setattr(vblk, "QUIESCE_TIMEOUT", 0.2)
+    go_on = threading.Event()
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: go_on.wait(10) and real(fd, bufs, off))
+    try:
+        h.post_read(0, 4096)
+        h.dev.queue_notify(0)
+        with pytest.raises(DeviceBusyError, match=r"^d0: 1 requests still in flight after 0.2 s"):
+            h.dev.quiesce()
+        with pytest.raises(SaveError, match=r"^d0: 1 requests still in flight"):
+            h.dev.prepare_save()
+        go_on.set()
+        h.dev.quiesce()
+        assert h.drv.used_idx() == 1
+    finally:
+        go_on.set()
+        h.close()
+
+
 def test_io_error_becomes_ioerr(tmp_path: Path) -> None:
     """A disk that shrinks under the VM: reads past the new end complete with IOERR."""
     img = tmp_path / "shrinks.img"

@@ -278,12 +278,27 @@ def test_deferred_incoming(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm
     waiting = Guest(vms, guest_args(probe, disk, "-incoming", "defer"), tmp_path / "q2.sock", ready=False)
     assert waiting.status() == "inmigrate"
     assert "inmigrate" in waiting.error("device_del", id="disk0")     # nothing changes before the load
-    assert waiting.error("cont") == "the VM is inmigrate, not paused"
-    assert waiting.cmd("migrate-incoming", uri=f"file:{tmp_path / 'snap'}", resume=True) == {}
+    assert waiting.cmd("cont") == {}            # as QEMU: it runs once loaded (autostart)
+    assert waiting.status() == "inmigrate"
+    assert waiting.cmd("migrate-incoming", uri=f"file:{tmp_path / 'snap'}") == {}
     wait_status(waiting, "running")
     again = waiting.error("migrate-incoming", uri=f"file:{tmp_path / 'snap'}")
     assert again == "the VM is running, not inmigrate"
     assert waiting.count() > 0
+    waiting.quit()
+
+
+def test_stop_while_loading_takes_back_cont(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """'stop' after 'cont' while the VM waits for its state: it comes up paused (as QEMU)."""
+    source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    snapshot(source, tmp_path / "snap")
+    source.quit()
+    waiting = Guest(vms, guest_args(probe, disk, "-incoming", "defer"), tmp_path / "q2.sock", ready=False)
+    assert waiting.cmd("cont") == {} and waiting.cmd("stop") == {}
+    assert waiting.cmd("migrate-incoming", uri=f"file:{tmp_path / 'snap'}") == {}
+    wait_status(waiting, "paused")
+    time.sleep(0.2)
+    assert waiting.status() == "paused"
     waiting.quit()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import threading
@@ -13,6 +14,7 @@ from typing import Any, cast
 import pytest
 
 from altovirt.config import load_config
+from altovirt.devices.virtio import block as vblk
 from altovirt.vmm import builder
 from altovirt.vmm.actions import Action
 from altovirt.vmm.builder import open_kvm
@@ -89,6 +91,54 @@ def test_pause_and_resume(probe: Path) -> None:
     assert 0x1000000 <= results["rip"] < 0x1100000
     assert results["after"] > 0
     assert results["resumed"] == [False, False]
+
+
+@needs_kvm
+def test_a_pause_that_a_stuck_disk_holds_up_fails_and_the_guest_runs_on(
+        probe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk write that does not complete: the pause gives up with an error naming the disk,
+    and the VM is left running as it was (no STOP with requests in flight)."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8 << 20))
+    monkeypatch.setattr(vblk, "QUIESCE_TIMEOUT", 0.3)
+    writing, go_on = threading.Event(), threading.Event()
+    real = os.pwritev
+
+    def stuck_pwritev(fd: int, bufs: list[memoryview], off: int) -> int:
+        writing.set()
+        go_on.wait(30)
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(os, "pwritev", stuck_pwritev)
+    m = builder.build(load_config(["-kernel", str(probe / "probe.elf"), "-drive", f"id=d0,file={disk}",
+                                   "-append", "probe.run=blkbench"]))
+    events: list[str] = []
+    m.add_event_listener(lambda event, data: events.append(event))
+
+    def steps(results: dict[str, Any]) -> None:
+        assert writing.wait(30), "the guest never wrote to its disk"
+        try:
+            m.request(Action.PAUSE)
+        except StateError as e:
+            results["error_text"] = str(e)
+        deadline = time.monotonic() + 5
+        while any(v.paused for v in m.vcpus) and time.monotonic() < deadline:
+            time.sleep(0.01)        # a resumed vCPU clears its flag as it wakes
+        results["after_failure"] = (m.state.value, [v.paused for v in m.vcpus], list(events))
+        go_on.set()
+        m.request(Action.PAUSE)         # the disk has caught up: the pause goes through
+        results["paused"] = m.state.value
+
+    try:
+        results = drive(m, steps)
+    finally:
+        go_on.set()
+        m.close()
+    assert "error" not in results, results
+    assert results["error_text"].startswith("cannot stop the guest: d0: ")
+    assert "still in flight after 0.3 s" in results["error_text"]
+    assert results["after_failure"] == ("running", [False], [])
+    assert results["paused"] == "paused"
 
 
 @needs_kvm

@@ -61,7 +61,7 @@ class Lifecycle:
         self.lock = threading.Lock()
         self.stop_reason: StopReason | None = None
         # "snapshot" or "live" while one is taken: no hot-plug meanwhile, and a snapshot's
-        # VM stays paused until it is written.
+        # VM stays paused until it is written. Changed under ``lock`` only.
         self.migrating = ""
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop_lock = threading.Lock()
@@ -79,6 +79,20 @@ class Lifecycle:
         if to not in MOVES[self.state]:
             raise StateError(f"the VM cannot go from {self.state} to {to}")
         self.state = to
+
+    def begin_migration(self, kind: str, *states: RunState) -> None:
+        """Mark a migration of ``kind`` ("snapshot" or "live") as running, if the VM is in one
+        of ``states`` and none runs; StateError otherwise. The check and the mark are one step
+        under ``lock``, so no pause, resume, reset or hot-plug comes in between."""
+        with self.lock:
+            self.require(*states)
+            if self.migrating:
+                raise StateError("a migration is already in progress")
+            self.migrating = kind
+
+    def end_migration(self) -> None:
+        with self.lock:
+            self.migrating = ""
 
     def request_stop(self, reason: StopReason) -> None:
         """Ask the main loop to stop the VM (any thread); the first reason wins and is announced."""

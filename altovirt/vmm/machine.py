@@ -21,6 +21,7 @@ from ..arch.x86_64 import acpi, boot, poweron
 from ..config import VmConfig
 from ..devices.legacy.vmgenid import VmGenId
 from ..devices.virtio.block import WorkerPool
+from ..devices.virtio.device import DeviceBusyError
 from ..devices.virtio.vsock import Vsock
 from ..errors import AltoVirtError
 from ..eventloop import EventLoop
@@ -84,6 +85,8 @@ class Machine:
         self.power_on: poweron.PowerOnState | None = None
         self._clock: S.kvm_clock_data | None = None
         self._snapshot_msrs: list[int] | None = None
+        # QEMU's autostart: 'cont' while the state loads (inmigrate) runs the VM once it is in.
+        self._run_once_loaded = False
         self.migration: Migration | None = None        # with a QMP channel or -incoming
         self.vmgenid: VmGenId | None = None             # with ACPI
         self.lost_ticks: LostTicks | None = None
@@ -122,17 +125,26 @@ class Machine:
 
     # --- lifecycle ---
     def pause(self) -> None:
-        """Stop the guest: every vCPU out of KVM_RUN, device work quiescent, the clock held."""
+        """Stop the guest: every vCPU out of KVM_RUN, device work quiescent, the clock held.
+        While the state loads (inmigrate), the VM will stay paused once it is in (as QEMU)."""
         life = self.lifecycle
         with life.lock:
+            if self.state == RunState.INMIGRATE:
+                self._run_once_loaded = False
+                return
             life.require(RunState.RUNNING)
             self._stop_guest()
             life.move(RunState.PAUSED)
         life.emit("STOP", {})
 
     def resume(self) -> None:
+        """Run the guest again. While the state loads (inmigrate), it runs once the state is in
+        (QEMU's ``cont`` sets autostart then; scripts send it without waiting for the load)."""
         life = self.lifecycle
         with life.lock:
+            if self.state == RunState.INMIGRATE:
+                self._run_once_loaded = True
+                return
             if self.state != RunState.POSTMIGRATE:     # cont after a migration is allowed, as in QEMU
                 life.require(RunState.PAUSED)
             if life.migrating == "snapshot":
@@ -151,11 +163,18 @@ class Machine:
             raise StateError(str(e)) from e
 
     def _stop_guest(self) -> None:
+        """StateError, the guest running on, if device work does not come to rest."""
         for v in self.vcpus:
             v.pause()
         self.io.pause()
         assert self.devices is not None and self.vm is not None
-        self.devices.quiesce()
+        try:
+            self.devices.quiesce()
+        except DeviceBusyError as e:
+            self.io.resume()
+            for v in self.vcpus:
+                v.resume()
+            raise StateError(f"cannot stop the guest: {e}") from e
         self._clock = self.vm.get_clock()
 
     def _start_guest(self) -> None:
@@ -179,9 +198,10 @@ class Machine:
         return cast("tuple[dict[str, Any], list[Section]]", self._actions.submit(work))
 
     def snapshot_msrs(self) -> list[int]:
-        """The MSRs a snapshot keeps, found once, before the vCPUs first run and the sandbox
-        goes on (cli.py asks then, for a VM that can migrate): KVM_GET_MSR_INDEX_LIST is not
-        in the main thread's allow-list, and no migration's downtime pays for it."""
+        """The MSRs a snapshot keeps, found once, before the vCPUs first run and the main
+        thread is confined (:meth:`run` asks then, for a VM that can migrate):
+        KVM_GET_MSR_INDEX_LIST is not in the main thread's allow-list, and no migration's
+        downtime pays for it."""
         if self._snapshot_msrs is None:
             assert self.kvm is not None
             self._snapshot_msrs = poweron.snapshot_msrs(self.kvm, self.vcpus[0].vcpu)
@@ -259,7 +279,7 @@ class Machine:
                 self.lifecycle.move(RunState.PAUSED)
                 if self.lost_ticks is not None:
                     self.lost_ticks.discard()
-            if resume:
+            if resume or self._run_once_loaded:
                 self.resume()
         self._actions.submit(work)
 
@@ -295,20 +315,22 @@ class Machine:
     def powerdown(self) -> None:
         """Ask the guest to shut down: the ACPI power button, or without ACPI
         Ctrl-Alt-Del on the keyboard (as Firecracker does)."""
-        self.lifecycle.require(RunState.RUNNING, RunState.PAUSED)
-        assert self.devices is not None
-        if self.devices.acpi is not None:
-            self.devices.acpi.press_power_button()
-        else:
-            assert self.devices.i8042 is not None
-            self.devices.i8042.ctrl_alt_del()
+        with self.lifecycle.lock:
+            self.lifecycle.require(RunState.RUNNING, RunState.PAUSED)
+            assert self.devices is not None
+            if self.devices.acpi is not None:
+                self.devices.acpi.press_power_button()
+            else:
+                assert self.devices.i8042 is not None
+                self.devices.i8042.ctrl_alt_del()
         self.lifecycle.emit("POWERDOWN", {})
 
     def ctrl_alt_del(self) -> None:
         """Press Ctrl-Alt-Del on the i8042 keyboard (Firecracker's SendCtrlAltDel)."""
-        self.lifecycle.require(RunState.RUNNING)
-        assert self.devices is not None and self.devices.i8042 is not None
-        self.devices.i8042.ctrl_alt_del()
+        with self.lifecycle.lock:
+            self.lifecycle.require(RunState.RUNNING)
+            assert self.devices is not None and self.devices.i8042 is not None
+            self.devices.i8042.ctrl_alt_del()
 
     @contextlib.contextmanager
     def _held(self, *, vcpus: bool, devices: bool) -> Iterator[None]:
@@ -371,6 +393,8 @@ class Machine:
         loop = self._loop
         loop.add(self.lifecycle.stop_fd, loop.stop_soon)    # request_stop() sets the reason first
         console = self.devices.console if self.devices else None
+        if self.migration is not None:
+            self.snapshot_msrs()        # while the vCPUs are still and this thread is free
         try:
             if console:
                 console.start(loop)

@@ -138,10 +138,9 @@ class Migration:
             if self.status in ACTIVE:
                 raise MigrationError("a migration is already in progress")
             if uri.kind == "file":
-                m.lifecycle.require(RunState.PAUSED)
+                m.lifecycle.begin_migration("snapshot", RunState.PAUSED)
             else:
-                m.lifecycle.require(RunState.RUNNING, RunState.PAUSED)
-            m.lifecycle.migrating = "snapshot" if uri.kind == "file" else "live"
+                m.lifecycle.begin_migration("live", RunState.RUNNING, RunState.PAUSED)
             self._begin()
         self._jobs.put(lambda: self._outgoing(uri, on_done))
 
@@ -261,7 +260,7 @@ class Migration:
         else:
             self._set_status("completed")
         finally:
-            m.lifecycle.migrating = ""
+            m.lifecycle.end_migration()
             if on_done is not None:
                 on_done()
 

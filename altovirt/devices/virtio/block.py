@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ...backends.blockfile import SECTOR_SIZE, BlockFile
 from ...errors import AltoVirtError
-from .device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
+from .device import COMMON_FEATURES, VIRTIO_ID_BLOCK, DeviceBusyError, VirtioDevice
 from .queue import DescriptorChain, QueueError
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ IOV_MAX = 1024                      # sysconf(_SC_IOV_MAX) on Linux
 MAX_MERGE_BYTES = 32 << 20
 SEG_MAX = QUEUE_SIZE - 2            # the header and status take one descriptor each
 MAX_DISCARD_SECTORS = (1 << 32) - 1
+QUIESCE_TIMEOUT = 30.0              # s a pause waits for requests in flight before it gives up
 _HEADER = struct.Struct("<IIQ")
 _SEGMENT = struct.Struct("<QII")     # sector, num_sectors, flags
 # struct virtio_blk_config, up to write_zeroes_may_unmap (5.2.4)
@@ -203,21 +204,29 @@ class Block(VirtioDevice):
             r.status[0] = VIRTIO_BLK_S_OK
         return [1 + (_total(r.data_in) if kind == VIRTIO_BLK_T_IN else 0) for r in run]
 
-    def quiesce(self) -> None:
+    def _wait_idle(self) -> int:
+        """Wait for the requests in flight, QUIESCE_TIMEOUT at most; how many are left."""
         with self._idle:
-            self._idle.wait_for(lambda: not self._in_flight, timeout=30)
+            self._idle.wait_for(lambda: not self._in_flight, timeout=QUIESCE_TIMEOUT)
+            return self._in_flight
+
+    def quiesce(self) -> None:
+        if left := self._wait_idle():
+            raise DeviceBusyError(f"{self.name}: {left} requests still in flight after "
+                                  f"{QUIESCE_TIMEOUT:g} s (is the disk's storage stuck?)")
 
     def prepare_save(self) -> None:
         """Requests in flight finish first: their chains cannot be given back, as they
         complete out of order."""
         from ...persist import SaveError
-        self.quiesce()
-        if self._in_flight:
-            raise SaveError(f"{self.name}: {self._in_flight} requests still in flight")
+        try:
+            self.quiesce()
+        except DeviceBusyError as e:
+            raise SaveError(str(e)) from e
 
     def reset(self) -> None:
         """Requests already handed out finish first (4.2.2.1: reset waits for them)."""
-        self.quiesce()
+        self._wait_idle()
         super().reset()
 
     def _parse(self, chain: DescriptorChain) -> Request:
@@ -294,7 +303,7 @@ class Block(VirtioDevice):
         return self.image
 
     def close(self) -> None:
-        self.quiesce()
+        self._wait_idle()
         if self.image is not None:
             self.image.close()
 

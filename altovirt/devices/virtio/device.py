@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from ...errors import AltoVirtError
 from ...eventloop import EventLoop
 from ...memory import GuestMemory
 from .queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, DescriptorChain, Queue, QueueError
@@ -33,6 +34,10 @@ COMMON_FEATURES = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC | 1 << V
 # InterruptStatus bits (4.2.2)
 VIRTIO_MMIO_INT_VRING = 1
 VIRTIO_MMIO_INT_CONFIG = 2
+
+
+class DeviceBusyError(AltoVirtError):
+    """Device work that did not finish in time (the VM cannot be paused with it in flight)."""
 
 
 class Interrupt:
@@ -174,7 +179,8 @@ class VirtioDevice:
         self.active = None
 
     def quiesce(self) -> None:
-        """Return when no request is in flight (the VM is being paused)."""
+        """Return when no request is in flight (the VM is being paused); DeviceBusyError if
+        some are still after a while."""
 
     def prepare_save(self) -> None:
         """Line the device's own state up with its rings, which are about to be saved
