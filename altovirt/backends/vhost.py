@@ -76,10 +76,12 @@ class Vhost:
     def set_features(self, features: int) -> None:
         fcntl.ioctl(self.fd, VHOST_SET_FEATURES, _U64.pack(features))
 
-    def set_mem_table(self, regions: list[tuple[int, int, int]]) -> None:
-        """Guest RAM as (guest physical address, size, userspace address) regions."""
+    def set_mem_table(self, regions: list[tuple[int, int, int, int]], fd: int | None = None) -> None:
+        """Guest RAM as (guest physical address, size, userspace address, offset) regions. The
+        kernel reads it through this process's mapping: the offsets, and the memfd ``fd`` a
+        vhost-user back end maps, are not its business."""
         table = _MEMORY.pack(len(regions), 0) + b"".join(
-            _MEMORY_REGION.pack(gpa, size, hva, 0) for gpa, size, hva in regions)
+            _MEMORY_REGION.pack(gpa, size, hva, 0) for gpa, size, hva, _ in regions)
         fcntl.ioctl(self.fd, VHOST_SET_MEM_TABLE, table)
 
     def start_vring(self, index: int, size: int, next_avail: int, rings: tuple[int, int, int],

@@ -81,8 +81,11 @@ class VhostUser:
         """The features the driver accepted (PROTOCOL_FEATURES kept when the back end has it)."""
         self._send(SET_FEATURES, _U64.pack(features | self.features & 1 << F_PROTOCOL_FEATURES))
 
-    def set_mem_table(self, regions: list[tuple[int, int, int, int]], fd: int) -> None:
-        """Guest RAM as (guest address, size, userspace address, offset in ``fd``) regions."""
+    def set_mem_table(self, regions: list[tuple[int, int, int, int]], fd: int | None) -> None:
+        """Guest RAM as (guest address, size, userspace address, offset in ``fd``) regions; the
+        back end maps them from ``fd``, which RAM must be (None: it is private to this process)."""
+        if fd is None:
+            raise VhostUserError(0, "guest RAM is not shared (-machine mem-share=on)")
         if len(regions) > MAX_REGIONS:
             raise VhostUserError(0, f"{len(regions)} memory regions; vhost-user takes {MAX_REGIONS}")
         payload = _MEMORY.pack(len(regions), 0) + b"".join(_REGION.pack(*r) for r in regions)

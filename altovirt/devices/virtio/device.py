@@ -212,5 +212,6 @@ class VirtioDevice:
         if not self.broken:
             self.broken = True
             log.error("%s: %s; the device needs a reset", self.name, reason)
-            if self.active is not None:
-                self.active.interrupt.needs_reset(reason)
+            active = self.active        # a vCPU thread may reset the device meanwhile
+            if active is not None:
+                active.interrupt.needs_reset(reason)

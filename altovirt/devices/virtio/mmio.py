@@ -72,10 +72,10 @@ class MmioTransport:
             io.add(fd, functools.partial(self._notified, i, fd))
 
     def close(self) -> None:
+        self.device.close()             # first: a device may still hand its queues back
         for fd in self.notify_fds:
             self.io.remove(fd)
             os.close(fd)
-        self.device.close()
 
     def replace(self, device: Device) -> Device:
         """Hot-replace: put ``device`` (same ID and queues) behind this slot and return the
