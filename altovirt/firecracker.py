@@ -11,7 +11,9 @@ the VMM is imported, so a tool waiting for the socket connects at once; its
 requests are answered once :mod:`.firecracker_process` has imported the VMM
 and turned the sandbox on (the VM itself is built at ``InstanceStart``). So
 this module imports nothing beyond what the interpreter has loaded already,
-and parses the flags by hand, as Firecracker's own parser does.
+and parses the flags by hand, as Firecracker's own parser does. The checked
+flags (:class:`Options`) go down to :func:`.firecracker_process.serve`, which
+needs nothing of this module; what ends the process is said here.
 
 Exit status: the VM's (0 when the guest powers off or reboots, see
 ``altovirt.cli``), 2 for a usage error, 128+N after signal N before any start.
@@ -23,7 +25,7 @@ import os
 import sys
 
 from . import FIRECRACKER_API_VERSION, __version__
-from .errors import EXIT_USAGE, AltoVirtError, exit_now
+from .errors import EXIT_ERROR, AltoVirtError, UsageError, exit_now, print_error
 
 TYPE_CHECKING = False               # typing's, without importing typing
 if TYPE_CHECKING:
@@ -64,12 +66,9 @@ DEFAULT_API_SOCK = "/run/firecracker.socket"
 BACKLOG = 32                        # connections waiting while the VMM is imported (api.http's limit)
 
 
-class UsageError(AltoVirtError):
-    exit_status = EXIT_USAGE
-
-
 class Options:
-    """The flags, checked. (A plain class: this module imports nothing that start-up can spare.)"""
+    """The flags, checked: what :func:`.firecracker_process.serve` takes (its ``Flags``).
+    (A plain class: this module imports nothing that start-up can spare.)"""
 
     def __init__(self, values: dict[str, str | None]) -> None:
         self.api_sock = None if "--no-api" in values else values.get("--api-sock") or DEFAULT_API_SOCK
@@ -137,44 +136,38 @@ def usage() -> str:
     return "\n".join(lines) + "\n"
 
 
-def error(msg: str) -> None:
-    sys.stderr.write(f"{PROG}: error: {msg}\n")
-    sys.stderr.flush()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Read the flags, open the API socket, then import the VMM and serve; the exit status.
+    Whatever stops the process is said here, in one line."""
     try:
         opts = parse(sys.argv[1:] if argv is None else argv)
-    except UsageError as e:
-        error(str(e))
-        return EXIT_USAGE
-    if opts.help:
-        sys.stdout.write(usage())
-        return 0
-    if opts.version:
-        sys.stdout.write(f"Firecracker v{FIRECRACKER_API_VERSION} (AltoVirt {__version__}, "
-                         "its API and flags)\n\n")
-        return 0
-    sock = None
-    if opts.api_sock is not None:
-        sock = _listen(opts.api_sock)
-        if sock is None:
-            return EXIT_USAGE
-    from .firecracker_process import serve
-    return serve(opts, sock)
+        if opts.help:
+            sys.stdout.write(usage())
+            return 0
+        if opts.version:
+            sys.stdout.write(f"Firecracker v{FIRECRACKER_API_VERSION} (AltoVirt {__version__}, "
+                             "its API and flags)\n\n")
+            return 0
+        sock = _listen(opts.api_sock) if opts.api_sock is not None else None
+        from .firecracker_process import serve  # the VMM: only once a client can connect
+        return serve(opts, sock)
+    except AltoVirtError as e:
+        print_error(PROG, str(e))
+        return e.exit_status
+    except Exception as e:                  # a bug; serve has logged its traceback
+        print_error(PROG, f"internal error: {e}")
+        return EXIT_ERROR
 
 
-def _listen(path: str) -> socket.socket | None:
-    """The API socket, listening; None (and the reason said) if it cannot be."""
+def _listen(path: str) -> socket.socket:
+    """The API socket, listening; UsageError if it cannot be."""
     from .backends.listen import listen_unix
     try:
         return listen_unix(path, BACKLOG)
     except OSError as e:
         if os.path.lexists(path):
-            error(f"--api-sock: {path} already exists; it must not exist before start")
-        else:
-            error(f"--api-sock: {path}: {e.strerror}")
-        return None
+            raise UsageError(f"--api-sock: {path} already exists; it must not exist before start") from e
+        raise UsageError(f"--api-sock: {path}: {e.strerror}") from e
 
 
 def run() -> NoReturn:

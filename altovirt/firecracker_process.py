@@ -4,7 +4,8 @@ the VMM imported, the sandbox on, the API served, and the VM built and run when
 
 The VM is built on the main thread, while the API thread, confined from its
 start, keeps answering; a launch that fails leaves the process to be
-configured again.
+configured again. The VM runs through :func:`.vmm.run.run_vm`, as under the
+``altovirt`` command.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
+from typing import Protocol
 
-from . import cli
 from .api.firecracker import FirecrackerApi
 from .api.http import HttpServer
 from .backends import BackendError
@@ -27,13 +27,13 @@ from .config.firecracker import LOG_LEVELS, FirecrackerError, LoggerConfig, log_
 from .config.model import VmConfig
 from .config.validate import check_vm
 from .devices.legacy.boottimer import process_start_monotonic
-from .errors import EXIT_ERROR, AltoVirtError
-from .firecracker import Options, UsageError, error
+from .errors import AltoVirtError, UsageError
 from .sandbox import seccomp
 from .vmm.daemon import Daemon
 from .vmm.instance import Instance, Launch
 from .vmm.machine import Machine
 from .vmm.metrics import PERIOD, Metrics
+from .vmm.run import enable_seccomp, log_to, run_vm
 
 log = logging.getLogger("altovirt")
 
@@ -42,33 +42,44 @@ _PY_LEVELS = {"Error": logging.ERROR, "Warning": logging.WARNING, "Info": loggin
               "Debug": logging.DEBUG, "Trace": logging.DEBUG, "Off": logging.CRITICAL + 1}
 
 
+class Flags(Protocol):
+    """What the process takes from its command line, checked (``altovirt.firecracker``'s
+    ``Options``): stated here, so that the flags flow down and nothing of the front end
+    is imported back."""
+
+    api_sock: str | None            # None with --no-api
+    instance_id: str
+    config_file: str | None
+    log_path: str | None
+    level: str                      # as given; checked here (log_level)
+    show_level: bool
+    show_log_origin: bool
+    metrics_path: str | None
+    boot_timer: bool
+    seccomp: bool
+    max_payload: int
+    qmp: str | None
+
+
 def setup_logging(instance_id: str, cfg: LoggerConfig) -> None:
     """Firecracker's log lines (``TIME [ID:THREAD] message``) to ``cfg.log_path`` (a file or
-    a named pipe) at ``cfg.level``; without a path, warnings and errors on stderr."""
-    root = logging.getLogger("altovirt")
+    a named pipe) at ``cfg.level``; without a path, warnings and errors on stderr.
+    FirecrackerError if the file cannot be opened."""
     fmt = f"%(asctime)s [{instance_id}:%(threadName)s]"
     fmt += " %(levelname)s" if cfg.show_level else ""
     fmt += " %(pathname)s:%(lineno)d" if cfg.show_log_origin else ""
-    if cfg.log_path is None:
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
-        level = max(_PY_LEVELS[cfg.level], logging.WARNING)
-    else:
-        try:
-            handler = logging.FileHandler(cfg.log_path)     # appends; a named pipe is written as it is read
-        except OSError as e:
-            raise FirecrackerError(f"Logger error: {cfg.log_path}: {e.strerror}.") from e
-        level = _PY_LEVELS[cfg.level]
-    handler.setFormatter(logging.Formatter(f"{fmt} %(message)s"))
-    root.handlers.clear()
-    root.propagate = False
-    root.setLevel(level)
-    root.addHandler(handler)
+    level = _PY_LEVELS[cfg.level]
+    try:
+        log_to(cfg.log_path, logging.Formatter(f"{fmt} %(message)s"),
+               level if cfg.log_path is not None else max(level, logging.WARNING))
+    except OSError as e:
+        raise FirecrackerError(f"Logger error: {cfg.log_path}: {e.strerror}.") from e
 
 
 class Process:
     """One ``altovirt-firecracker`` process: its instance, API server and launches."""
 
-    def __init__(self, opts: Options, instance: Instance) -> None:
+    def __init__(self, opts: Flags, instance: Instance) -> None:
         self.opts = opts
         self.instance = instance
         started = process_start_monotonic()
@@ -132,8 +143,8 @@ class Process:
 
         try:
             check_vm(cfg)               # here, not on the API thread: it looks at the files
-            return cli.run_vm(cfg, self.daemon, sandbox=False, migratable=True, on_built=built,
-                              on_running=None if launch.restore else launch.running)
+            return run_vm(cfg, self.daemon, sandbox=False, migratable=True, on_built=built,
+                          on_running=None if launch.restore else launch.running)
         except AltoVirtError as e:
             if launch.answered:
                 raise
@@ -167,8 +178,10 @@ def _from_file(instance: Instance, path: str) -> VmConfig:
         raise UsageError(f"--config-file: {path}: {e}") from e
 
 
-def serve(opts: Options, sock: socket.socket | None) -> int:
-    """Run the process whose API socket (if any) ``sock`` already listens; the exit status."""
+def serve(opts: Flags, sock: socket.socket | None) -> int:
+    """Run the process whose API socket (if any) ``sock`` already listens; the exit status.
+    What stops it early is logged and raised for the caller to say: AltoVirtError (bad
+    flags, a configuration file or a VM that cannot start) or any other (a bug)."""
     instance = Instance(opts.instance_id)
     process = Process(opts, instance)
     try:
@@ -182,7 +195,7 @@ def serve(opts: Options, sock: socket.socket | None) -> int:
         first = Launch(_from_file(instance, opts.config_file)) if opts.config_file else None
         if opts.seccomp:
             # Every filter read (or compiled) now, before the API answers: none on the way to the guest.
-            cli.enable_seccomp(VmConfig(log_file=opts.log_path))
+            enable_seccomp(opts.log_path)
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, process.on_signal)
         if sock is not None:
@@ -190,14 +203,12 @@ def serve(opts: Options, sock: socket.socket | None) -> int:
             sock = None                 # the server's now, and closed with it
         return process.launches(first)
     except AltoVirtError as e:
-        if opts.log_path:               # without a log file the line below is the whole report
+        if opts.log_path:               # without a log file the caller's line is the whole report
             log.error("%s", e)
-        error(str(e))
-        return e.exit_status
-    except Exception as e:
+        raise
+    except Exception:
         log.exception("internal error")
-        error(f"internal error: {e}")
-        return EXIT_ERROR
+        raise
     finally:
         if sock is not None:            # never served: the path goes too
             sock.close()

@@ -37,10 +37,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from .errors import EXIT_ERROR, EXIT_USAGE, AltoVirtError, exit_now
+from .errors import EXIT_ERROR, AltoVirtError, UsageError, exit_now, print_error
 from .sandbox import caps, namespaces
 from .sandbox.cgroups import CgroupError, JailCgroups
 
+PROG = "altovirt-jailer"
 EXEC_NAME = "altovirt"
 FIRECRACKER_BASE = "/srv/jailer"                     # Firecracker's jailer's default --chroot-base-dir
 # Directories a Firecracker-style jail gets, owned by the VMM's user (as Firecracker's jailer
@@ -55,10 +56,6 @@ RLIMIT_ALIASES = {"no-file": "nofile"}               # Firecracker's spelling
 
 class JailError(AltoVirtError):
     """Why the jail could not be built or cleaned; one line for the user."""
-
-
-class UsageError(AltoVirtError):
-    exit_status = EXIT_USAGE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,7 +129,7 @@ def parse(argv: Sequence[str]) -> Options:
     if "--" in argv:
         cut = argv.index("--")
         argv, vmm_args = argv[:cut], argv[cut + 1:]
-    p = _Parser(prog="altovirt-jailer", add_help=True,
+    p = _Parser(prog=PROG, add_help=True,
                 description="Run the AltoVirt VMM in a jail as an unprivileged user.",
                 epilog="Arguments after -- go to the VMM; paths in them are inside the jail.")
     p.add_argument("--id", required=True, help="the jail's name: letters, digits and '-', at most 64")
@@ -395,22 +392,17 @@ def enter(opts: Options) -> int:
     return cli.main(opts.vmm_args)
 
 
-def _error(msg: str) -> None:
-    sys.stderr.write(f"altovirt-jailer: error: {msg}\n")
-    sys.stderr.flush()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         opts = parse(argv)
     except UsageError as e:
-        _error(str(e))
+        print_error(PROG, str(e))
         return e.exit_status
     except SystemExit as e:                     # --help
         return int(e.code or 0)
     if os.geteuid() != 0:
-        _error("must be started as root (it builds the jail, then drops to --uid/--gid)")
+        print_error(PROG, "must be started as root (it builds the jail, then drops to --uid/--gid)")
         return EXIT_ERROR
     try:
         if opts.clean:
@@ -418,10 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return enter(opts)
     except (JailError, CgroupError) as e:
-        _error(str(e))
+        print_error(PROG, str(e))
         return e.exit_status
     except OSError as e:
-        _error(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+        print_error(PROG, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     return EXIT_ERROR
 
 

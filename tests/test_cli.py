@@ -11,6 +11,7 @@ import pytest
 
 from altovirt.config import ConfigError, load_config
 from altovirt.config.cmdline import parse
+from altovirt.config.keys import KeyProblem, Problem, check_keys, find_key_problem
 from altovirt.config.model import MiB
 
 from .conftest import ROOT, altovirt_cmd
@@ -52,7 +53,7 @@ def usage_error(*args: str) -> str:
     (["-kernel", KERNEL, "-qmp", f"unix:{KERNEL},server,nowait"], "already exists; it must not exist"),
     (["-kernel", KERNEL, "-api-channel", f"unix:{KERNEL}"], "-api-channel: " + KERNEL + " already exists"),
     (["-kernel", KERNEL, "-serial", "pty"], "-serial: unsupported backend 'pty'; accepted: stdio, none"),
-    (["-kernel", KERNEL, "-drive", "id=d0"], "-drive: missing file="),
+    (["-kernel", KERNEL, "-drive", "id=d0"], "-drive: missing key 'file'"),
     (["-kernel", KERNEL, "-drive", "id=d0,file=/nonexistent"], "-drive id=d0: /nonexistent: no such file"),
     (["-kernel", KERNEL, "-drive", f"id=d0,file={KERNEL},readonly=maybe"],
      "-drive id=d0 readonly: invalid boolean 'maybe'"),
@@ -75,7 +76,7 @@ def usage_error(*args: str) -> str:
     (["-kernel", KERNEL, "-device", "virtio-rng,period=0"], "-device virtio-rng period: 0 is out of range"),
     (["-kernel", KERNEL, "-device", "virtio-rng,id=a", "-device", "virtio-rng,id=b"],
      "only one entropy device"),
-    (["-kernel", KERNEL, "-device", "vsock,id=v0"], "-device vsock: missing guest-cid="),
+    (["-kernel", KERNEL, "-device", "vsock,id=v0"], "-device vsock: missing key 'guest-cid'"),
     (["-kernel", KERNEL, "-chardev", f"id=c0,path={KERNEL}"], "already exists; it must not exist"),
     (["-kernel", KERNEL, "-netdev", "id=x,netdev=tap0", "-chardev", "id=x,path=/tmp/nope.sock"],
      "id 'x' is already used by -netdev"),
@@ -245,3 +246,40 @@ def test_help_and_version_exit_zero() -> None:
 def test_config_error_is_a_value_error() -> None:
     with pytest.raises(ConfigError, match="-smp"):
         parse(["-smp", "x"])
+
+
+@pytest.mark.parametrize("given, problem", [
+    ({"c": None, "a": 1, "b": "x"}, None),
+    ({"a": 1, "c": [1]}, None),                         # object takes any value
+    # The given keys in their own order, an unknown key or a mistyped value, whichever comes first...
+    ({"z": 1, "y": 1}, KeyProblem(Problem.UNKNOWN, "z", accepted=("c", "a", "b"))),
+    ({"a": "1", "z": 1}, KeyProblem(Problem.WRONG_TYPE, "a", expected=(int,))),
+    ({"b": 2, "a": "1"}, KeyProblem(Problem.WRONG_TYPE, "b", expected=(str, list))),
+    ({"c": 0, "a": True}, KeyProblem(Problem.WRONG_TYPE, "a", expected=(int,))),   # JSON's true is no number
+    # ...then the first absent required key, in the declared order (c before a), not sorted.
+    ({"b": "x"}, KeyProblem(Problem.MISSING, "c")),
+    ({"c": None, "b": "x"}, KeyProblem(Problem.MISSING, "a")),
+])
+def test_key_problem_order(given: dict[str, object], problem: KeyProblem | None) -> None:
+    assert find_key_problem(given, {"c": object, "a": int}, {"b": (str, list)}) == problem
+
+
+def test_altovirt_surfaces_share_one_wording(tmp_path: Path) -> None:
+    """The command line and -config word a bad key alike, and name the first one written."""
+    def error(argv: list[str]) -> str:
+        with pytest.raises(ConfigError) as e:
+            parse(argv)
+        return str(e.value)
+
+    assert error(["-kernel", KERNEL, "-drive", "id=d0,zz=1,aa=2"]) == \
+        "-drive: unknown key 'zz'; accepted: aio, direct, file, format, id, if, readonly, serial"
+    assert error(["-kernel", KERNEL, "-drive", "id=d0"]) == "-drive: missing key 'file'"
+    assert error(["-kernel", KERNEL, "-incoming", "resume=on"]) == "-incoming: missing key 'uri'"
+    doc = {"boot-source": {"kernel_image_path": KERNEL}, "drive": [{"drive_id": "d0", "zz": 1, "aa": 2}]}
+    assert error(["-config", write_json(tmp_path, doc)]) == \
+        "drive[0]: unknown key 'zz'; accepted: direct, drive_id, path_on_host, read_only, serial_num"
+    doc = {"boot-source": {"kernel_image_path": KERNEL}, "drive": [{"drive_id": "d0"}]}
+    assert error(["-config", write_json(tmp_path, doc)]) == "drive[0]: missing key 'path_on_host'"
+    # Required keys are sets without an order: the first missing one in sorted order.
+    with pytest.raises(ConfigError, match=r"^x: missing key 'a'$"):
+        check_keys("x", {}, {"b", "a"}, set())

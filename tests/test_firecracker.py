@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from altovirt.config.firecracker import DESERIALIZE, FirecrackerConfig, FirecrackerError, fields
+
 from .conftest import ROOT, Vm, needs_kvm
 from .fcapi import FIRECRACKER, Firecracker
 from .netns import NetNs, needs_netns
@@ -174,6 +176,25 @@ def test_version() -> None:
     assert done.returncode == 0 and done.stdout.startswith("Firecracker v1.")
 
 
+def _altovirt_modules_after(module: str) -> list[str]:
+    """AltoVirt's modules that importing ``module`` loads, in a fresh interpreter."""
+    code = (f"import json, sys, {module}; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('altovirt'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout))
+
+
+def test_front_end_imports() -> None:
+    """The flags are read and the API socket opened before any of the VMM is imported; the
+    process then runs its VMs through vmm.run without importing either front end back."""
+    assert _altovirt_modules_after("altovirt.firecracker") == [
+        "altovirt", "altovirt.errors", "altovirt.firecracker"]
+    process = _altovirt_modules_after("altovirt.firecracker_process")
+    assert "altovirt.vmm.run" in process
+    assert "altovirt.firecracker" not in process and "altovirt.cli" not in process
+
+
 def test_bad_config_file(tmp_path: Path) -> None:
     config = tmp_path / "vm.json"
     config.write_text(json.dumps({"boot-source": {"kernel_image_path": "/nonexistent"},
@@ -182,6 +203,28 @@ def test_bad_config_file(tmp_path: Path) -> None:
                           text=True, timeout=30, cwd=ROOT)
     assert done.returncode == 2
     assert "not supported: AltoVirt does not support the balloon device" in done.stderr
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"z": 1, "a": "1"}, "unknown field `z` in x, expected one of `a`, `b`."),
+    ({"a": "1", "z": 1}, "x.a must be an integer."),
+    ({"a": 1, "b": 2}, "x.b must be a string or a boolean."),
+    ({"a": None}, "x.a must be an integer."),           # null stands for an absent optional value only
+    ({"b": None}, "missing field `a` in x."),
+    ("a", "x must be a JSON object."),
+])
+def test_field_errors_keep_serdes_words(body: object, message: str) -> None:
+    """A bad body's fault_message, byte for byte: Firecracker's tooling matches serde's words."""
+    with pytest.raises(FirecrackerError) as e:
+        fields("x", body, {"a": int}, {"b": (str, bool)})
+    assert str(e.value) == f"{DESERIALIZE}: {message}"
+
+
+def test_fields_drop_null_optional_values() -> None:
+    assert fields("x", {"b": None, "a": 1}, {"a": int}, {"b": str}) == {"a": 1}
+    with pytest.raises(FirecrackerError) as e:
+        FirecrackerConfig().put_drive("d", {"drive_id": "d", "is_root_device": False})
+    assert str(e.value) == f"{DESERIALIZE}: missing field `path_on_host` in drive."
 
 
 def test_api_errors_and_phases(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:

@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from altovirt.api.qmp import Command, QmpError, _check_args
+
 from .conftest import Vm, needs_kvm
 
 T = TypeVar("T")
@@ -62,6 +64,38 @@ hotplug_requests = st.one_of(
 mutated = st.tuples(requests, st.integers(0, 200), st.binary(max_size=8)).map(
     lambda t: json.dumps(t[0]).encode()[:t[1]] + t[2])
 raw_input = st.binary(max_size=300) | mutated
+
+
+ARG_PARAMS: dict[str, tuple[type | tuple[type, ...], bool]] = {
+    "id": (str, True), "addr": ((str, int), False), "on": (bool, False), "fd": (str, True)}
+ARG_TYPES = {"id": "string", "addr": "string/int", "on": "bool", "fd": "string"}
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "addr", "on", "fd", "x", "y"]), json_values, max_size=5))
+def test_argument_errors_name_the_first_bad_key(args: dict) -> None:
+    """Whatever the arguments, the error names the first one, in the order given, that is
+    unknown or of another JSON type (decoded JSON has exact types: true is no int), else the
+    first required one absent, in QEMU's words; arguments without fault pass."""
+    def fits(key: str, value: object) -> bool:
+        types = ARG_PARAMS[key][0]
+        return type(value) in (types if isinstance(types, tuple) else (types,))
+
+    bad = [k for k, v in args.items() if k not in ARG_PARAMS or not fits(k, v)]
+    missing = [k for k, (_, required) in ARG_PARAMS.items() if required and k not in args]
+    try:
+        _check_args(Command(lambda a: {}, ARG_PARAMS), args)
+        desc = None
+    except QmpError as e:
+        desc = e.desc
+    if bad and bad[0] not in ARG_PARAMS:
+        assert desc == f"Parameter '{bad[0]}' is unexpected"
+    elif bad:
+        assert desc == f"Invalid parameter type for '{bad[0]}', expected: {ARG_TYPES[bad[0]]}"
+    elif missing:
+        assert desc == f"Parameter '{missing[0]}' is missing"
+    else:
+        assert desc is None
 
 
 @pytest.fixture

@@ -17,11 +17,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.unix import Peer, SocketServer
+from ..config.keys import KeyProblem, Problem, Types, find_key_problem
 from ..errors import AltoVirtError
 
 log = logging.getLogger(__name__)
@@ -119,20 +120,33 @@ def _split(client: Client) -> str | None:
 _TYPE_NAMES = {str: "string", int: "int", bool: "bool", dict: "object", list: "array"}
 
 
+def argument_error(problem: KeyProblem, prefix: str = "") -> QmpError:
+    """QEMU's words for a bad argument (its QAPI input visitor's), which QMP clients match;
+    ``prefix`` places a nested object's key (``file.``)."""
+    key = prefix + problem.key
+    if problem.kind is Problem.UNKNOWN:
+        return QmpError("GenericError", f"Parameter '{key}' is unexpected")
+    if problem.kind is Problem.MISSING:
+        return QmpError("GenericError", f"Parameter '{key}' is missing")
+    expected = "/".join(_TYPE_NAMES.get(k, k.__name__) for k in problem.expected)
+    return QmpError("GenericError", f"Invalid parameter type for '{key}', expected: {expected}")
+
+
+def check_arguments(params: Mapping[str, tuple[Types, bool]], args: Mapping[str, object],
+                    prefix: str = "") -> None:
+    """QmpError (:func:`argument_error`) for the first bad key of ``args``, in
+    :func:`~altovirt.config.keys.find_key_problem`'s order; ``params`` as :class:`Command`'s."""
+    required = {key: types for key, (types, needed) in params.items() if needed}
+    optional = {key: types for key, (types, needed) in params.items() if not needed}
+    problem = find_key_problem(args, required, optional)
+    if problem is not None:
+        raise argument_error(problem, prefix)
+
+
 def _check_args(cmd: Command, args: object) -> dict[str, Any]:
     if not isinstance(args, dict):
         raise QmpError("GenericError", "QMP input member 'arguments' must be an object")
-    for key, value in args.items():
-        if key not in cmd.params:
-            raise QmpError("GenericError", f"Parameter '{key}' is unexpected")
-        kinds, _ = cmd.params[key]
-        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            expected = "/".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
-            raise QmpError("GenericError", f"Invalid parameter type for '{key}', expected: {expected}")
-    for key, (_, required) in cmd.params.items():
-        if required and key not in args:
-            raise QmpError("GenericError", f"Parameter '{key}' is missing")
+    check_arguments(cmd.params, args)
     return args
 
 

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 from ..errors import AltoVirtError
 from . import jsonconfig
-from .devices import Devices, check_keys, split_kv
+from .devices import Devices, split_kv
+from .keys import check_keys
 from .model import (
     MEM_MIN,
     VCPUS_MAX,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from .keys import check_keys
 from .model import (
     VSOCK_MAX_CID,
     VSOCK_MIN_CID,
@@ -68,16 +69,6 @@ def split_kv(where: str, text: str, positional: str | None = None,
             raise ConfigError(f"{where}: {key!r} given twice")
         out[key] = value
     return out
-
-
-def check_keys(where: str, kv: dict[str, str], required: set[str], optional: set[str]) -> None:
-    unknown = set(kv) - required - optional
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: "
-                          f"{', '.join(sorted(required | optional))}")
-    missing = required - set(kv)
-    if missing:
-        raise ConfigError(f"{where}: missing {sorted(missing)[0]}=")
 
 
 def replace(items: list, new: object) -> None:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .keys import KeyProblem, Problem, Types, find_key_problem
 from .model import (
     MAX_DRIVES,
     MAX_NICS,
@@ -53,30 +55,34 @@ def not_supported(what: str) -> FirecrackerError:
     return FirecrackerError(f"The requested operation is not supported: AltoVirt does not support {what}.")
 
 
-def fields(where: str, body: object, required: dict[str, type | tuple[type, ...]],
-           optional: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
-    """``body`` checked as a JSON object with these keys and types; ``null`` optional values
-    are dropped. FirecrackerError names the first key that is wrong."""
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "an array"}
+
+
+def field_error(where: str, problem: KeyProblem) -> FirecrackerError:
+    """The fault_message for a bad key of the object ``where``: serde's words for an unknown
+    or missing field, as Firecracker answers (tools that drive it match them)."""
+    if problem.kind is Problem.UNKNOWN:
+        accepted = ", ".join(f"`{k}`" for k in problem.accepted)
+        return FirecrackerError(f"{DESERIALIZE}: unknown field `{problem.key}` in {where}, "
+                                f"expected one of {accepted}.")
+    if problem.kind is Problem.MISSING:
+        return FirecrackerError(f"{DESERIALIZE}: missing field `{problem.key}` in {where}.")
+    names = " or ".join(_TYPE_NAMES[k] for k in problem.expected)
+    return FirecrackerError(f"{DESERIALIZE}: {where}.{problem.key} must be {names}.")
+
+
+def fields(where: str, body: object, required: Mapping[str, Types],
+           optional: Mapping[str, Types]) -> dict[str, Any]:
+    """``body`` checked as a JSON object with these keys and types, in
+    :func:`~.keys.find_key_problem`'s order; ``null`` optional values are dropped.
+    FirecrackerError (:func:`field_error`) names the first key that is wrong."""
     if not isinstance(body, dict):
         raise FirecrackerError(f"{DESERIALIZE}: {where} must be a JSON object.")
-    out: dict[str, Any] = {}
-    for key, value in body.items():
-        kinds = required.get(key) or optional.get(key)
-        if kinds is None:
-            accepted = ", ".join(f"`{k}`" for k in (*required, *optional))
-            raise FirecrackerError(f"{DESERIALIZE}: unknown field `{key}` in {where}, "
-                                   f"expected one of {accepted}.")
-        if value is None and key in optional:
-            continue
-        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            names = " or ".join({str: "a string", int: "an integer", bool: "a boolean", dict: "an object",
-                                 list: "an array"}[k] for k in kinds)
-            raise FirecrackerError(f"{DESERIALIZE}: {where}.{key} must be {names}.")
-        out[key] = value
-    for key in required:
-        if key not in out:
-            raise FirecrackerError(f"{DESERIALIZE}: missing field `{key}` in {where}.")
+    # null is an absent optional value (serde's Option), so it is neither checked nor kept.
+    out = {key: value for key, value in body.items() if value is not None or key not in optional}
+    problem = find_key_problem(out, required, optional)
+    if problem is not None:
+        raise field_error(where, problem)
     return out
 
 
@@ -181,7 +187,7 @@ class FirecrackerConfig:
         if "socket" in d:
             raise not_supported("vhost-user block devices")
         if "path_on_host" not in d:
-            raise FirecrackerError(f"{DESERIALIZE}: missing field `path_on_host` in drive.")
+            raise field_error("drive", KeyProblem(Problem.MISSING, "path_on_host"))
         if d.get("cache_type", "Unsafe") not in ("Unsafe", "Writeback"):
             raise FirecrackerError(f"{DESERIALIZE}: unknown cache_type {d['cache_type']!r}, "
                                    "expected `Unsafe` or `Writeback`.")

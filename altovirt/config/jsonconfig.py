@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .keys import check_keys
 from .model import (
     VCPUS_MAX,
     VCPUS_MIN,
@@ -28,15 +29,10 @@ SECTIONS = {"boot-source", "machine-config", "drive", "net", "console", "serial"
 
 
 def _obj(where: str, value: Any, required: set[str], optional: set[str]) -> dict[str, Any]:
+    """``value`` as a JSON object with these keys (see :func:`.keys.check_keys`)."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a JSON object")
-    unknown = set(value) - required - optional
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: "
-                          f"{', '.join(sorted(required | optional))}")
-    missing = required - set(value)
-    if missing:
-        raise ConfigError(f"{where}: missing key {sorted(missing)[0]!r}")
+    check_keys(where, value, required, optional)
     return value
 
 

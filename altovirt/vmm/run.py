@@ -1,0 +1,184 @@
+"""Running one VM, for both front ends (``altovirt`` and ``altovirt-firecracker``).
+
+:func:`run_vm` builds the VM from its configuration, starts its services (QMP,
+the XenStore, migration), turns the sandbox on, runs it until it stops, and
+releases everything it made. What differs between the front ends (how the
+configuration came, what to do once the VM is built or runs) they pass in;
+nothing here knows their command lines. :func:`log_to` is the one place the
+process's log is set up, in the format each front end chooses.
+
+Start-up: the QMP server, the XenStore and migration are imported only by a VM
+that has them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .. import IMPORT_STARTED
+from ..backends import BackendError
+from ..errors import EXIT_USAGE, VMM_PROG, print_error
+from ..sandbox import seccomp
+from . import builder
+from .machine import Machine, VmmError
+
+if TYPE_CHECKING:
+    from ..api.qmp import QmpServer
+    from ..config.model import VmConfig
+    from ..xenstore.server import XenStoreServer
+    from .daemon import Daemon
+
+# The package's logger, not this module's: the VM's lines ("VM x stopped") are logged under
+# "altovirt", which tools reading the log match (Kata's driver among them).
+log = logging.getLogger("altovirt")
+
+
+def log_to(path: str | None, formatter: logging.Formatter, level: int) -> None:
+    """Send AltoVirt's log records at ``level`` and above, formatted by ``formatter``, to the
+    file ``path`` (appended; a named pipe is written as it is read), or to stderr when None.
+    Replaces the set-up in place (Firecracker's API may set the logger again). OSError if the
+    file cannot be opened; the set-up in place then stays."""
+    handler = logging.FileHandler(path) if path is not None else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger("altovirt")
+    root.handlers.clear()
+    root.propagate = False
+    root.setLevel(level)
+    root.addHandler(handler)
+
+
+class Budget:
+    """The start-up budget: how long each phase took, logged once the VM runs."""
+
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float]] = []
+        self._last = IMPORT_STARTED
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((phase, (now - self._last) * 1000))
+        self._last = now
+
+    def report(self) -> None:
+        log.info("start-up: %s", ", ".join(f"{name} {ms:.1f} ms" for name, ms in self.phases))
+
+
+def enable_seccomp(log_path: str | None) -> None:
+    """Threads started from here on confine themselves; a forbidden call is reported in the
+    log file ``log_path`` (or, without one, on stderr) before the VMM ends. SeccompError
+    (exit status 1) if this kernel cannot filter."""
+    report = open(log_path, "a") if log_path else sys.stderr     # noqa: SIM115 (kept for life)
+    seccomp.enable(report)
+
+
+def start_qmp(machine: Machine, path: str) -> QmpServer:
+    """QMP for ``machine`` on the unix socket ``path``, serving; VmmError (usage) if the
+    socket cannot be made."""
+    # Only a VM with a QMP channel imports the API's modules. (They stand above vmm/: the
+    # front ends would better hand this function in, once it lives in api/.)
+    from ..api import commands
+    from ..api.qmp import QmpServer
+    try:
+        fds: dict[str, int] = {}
+        qmp = QmpServer(path, commands.build(machine, fds), commands.version(),
+                        functools.partial(seccomp.confine, "api"), named_fds=fds)
+    except BackendError as e:
+        raise VmmError(f"-api-channel: {e.strerror}", exit_status=EXIT_USAGE) from e
+    machine.add_event_listener(qmp.event)
+    qmp.start()
+    return qmp
+
+
+def start_xenstore(machine: Machine, path: str) -> XenStoreServer:
+    """``machine``'s XenStore served on the unix socket ``path`` (and to the guest on its
+    vsock port, if it has a vsock); VmmError (usage) if the socket cannot be made."""
+    from ..xenstore.server import GUEST_VSOCK_PORT, XenStoreServer  # only with -xenstore
+    assert machine.xenstore is not None
+    try:
+        server = XenStoreServer(path, machine.xenstore, functools.partial(seccomp.confine, "api"))
+    except BackendError as e:
+        raise VmmError(f"-xenstore: {e.strerror}", exit_status=EXIT_USAGE) from e
+    if machine.vsock is not None:
+        machine.vsock.serve(GUEST_VSOCK_PORT, server.guest_socket)
+    server.start()
+    return server
+
+
+def start_migration(machine: Machine, migratable: bool) -> Callable[[], None]:
+    """A ``migratable`` VM (one with a QMP channel or -incoming, or a Firecracker API) can
+    migrate; with -incoming it waits in inmigrate, listening for the source already.
+    Returns what starts the load once the VM runs."""
+    cfg = machine.cfg
+    if not migratable:
+        return lambda: None
+    from .migration import Migration
+    from .precopy import MigrationError, listen
+    migration = machine.migration = Migration(machine)
+    incoming = cfg.incoming
+    if incoming is None:
+        return lambda: None
+    machine.expect_incoming()
+    from . import snapshot  # noqa: F401 (imported now, so that the load costs only the load)
+    if incoming.uri is None:
+        return lambda: None         # -incoming defer: QMP migrate-incoming starts it
+    try:
+        listener = listen(incoming.uri) if incoming.uri.kind != "file" else None
+    except MigrationError as e:
+        raise VmmError(str(e), exit_status=EXIT_USAGE) from e
+    return lambda: migration.incoming(incoming, listener)
+
+
+def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool,
+           on_built: Callable[[Machine], None] | None = None,
+           on_running: Callable[[], None] | None = None, budget: Budget | None = None) -> int:
+    """Build the VM, start its services and run it until it stops; the exit status.
+    ``sandbox``: turn seccomp on once it is built (a caller that turned it on earlier
+    passes False). ``migratable``: it can be snapshotted or migrated. ``on_built`` gets the
+    machine once its services run, ``on_running`` is told once its vCPUs do. AltoVirtError
+    if it cannot be built or run; whatever was made is released either way. A load that
+    fails stops the VM; its reason is then the VMM's error line on stderr."""
+    machine = qmp = xenstore = None
+    budget = budget or Budget()
+    try:
+        machine = builder.build(cfg)
+        budget.mark("build")
+        log.info("VM %s: %d vCPU(s), %d MiB", cfg.name, cfg.vcpus, cfg.mem_size >> 20)
+        start_incoming = start_migration(machine, migratable)
+        if sandbox:
+            enable_seccomp(cfg.log_file)
+        if machine.migration is not None:
+            machine.migration.start()       # its thread confines itself
+        if cfg.api_channel:
+            qmp = start_qmp(machine, cfg.api_channel[len("unix:"):])
+        if cfg.xenstore:
+            xenstore = start_xenstore(machine, cfg.xenstore)
+        if on_built is not None:
+            on_built(machine)
+        budget.mark("services")
+
+        def running() -> None:
+            budget.mark("vCPUs started")
+            budget.report()
+            daemon.report(None)
+            if on_running is not None:
+                on_running()
+            start_incoming()
+        reason = machine.run(running)
+        log.info("VM %s stopped: %s (exit %d)", cfg.name, reason.reason, reason.exit_code)
+        if machine.migration is not None and machine.migration.incoming_error:
+            print_error(VMM_PROG, machine.migration.incoming_error)
+        return reason.exit_code
+    finally:
+        if xenstore is not None:
+            xenstore.close()
+        if qmp is not None:
+            qmp.close()             # after the SHUTDOWN event has been queued for every client
+        if machine is not None and machine.migration is not None:
+            machine.migration.close()
+        if machine is not None:
+            machine.close()
