@@ -144,7 +144,7 @@ def test_disk_errors_change_nothing(disks: tuple[Session, Path]) -> None:
     assert s.error("blockdev-add", **{"node-name": "d", "file": file("root.img"), "bogus": 1}) == \
         "Parameter 'bogus' is unexpected"
     assert s.error("blockdev-add", **{"node-name": "d", "file": {"driver": "file", "filename": 5}}) == \
-        "Invalid parameter type for 'file.filename'"
+        "Invalid parameter type for 'file.filename', expected: string"      # QEMU's words
     assert "invalid id" in s.error("blockdev-add", **{"node-name": "a b", "file": file("root.img")})
     image(tmp / "a.img", MiB, 1)
     s.ok("blockdev-add", **{"node-name": "a", "file": file("a.img")})

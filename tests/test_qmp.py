@@ -20,6 +20,8 @@ import pytest
 from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from altovirt.api.commands import _object
+from altovirt.api.qmp import Command, QmpError, _check_args
 from altovirt.config import load_config
 from altovirt.vmm import builder
 from altovirt.vmm.vcpu import StopReason
@@ -231,6 +233,32 @@ def test_protocol_edges(vm: tuple[Vm, Path]) -> None:
     raw.call({"execute": "quit"})
     raw.close()
     assert v.finish()[0] == 0
+
+
+@pytest.mark.parametrize("args, desc", [
+    ({"id": "a", "x": 1}, "Parameter 'x' is unexpected"),
+    ({"addr": 1.5, "x": 1}, "Invalid parameter type for 'addr', expected: string/int"),
+    ({"on": 1, "id": 5}, "Invalid parameter type for 'on', expected: bool"),
+    ({"id": True}, "Invalid parameter type for 'id', expected: string"),
+    ({"on": True}, "Parameter 'id' is missing"),
+    ([], "QMP input member 'arguments' must be an object"),
+])
+def test_argument_errors_keep_qemus_words(args: object, desc: str) -> None:
+    """QEMU's words, byte for byte, for the first bad argument in the order they are given."""
+    cmd = Command(lambda a: {}, {"id": (str, True), "addr": ((str, int), False), "on": (bool, False)})
+    with pytest.raises(QmpError) as e:
+        _check_args(cmd, args)
+    assert (e.value.cls, e.value.desc) == ("GenericError", desc)
+
+
+@pytest.mark.parametrize("value, desc", [
+    ({"driver": "file", "x": 1}, "Parameter 'file.x' is unexpected"),
+    ({"filename": 5}, "Invalid parameter type for 'file.filename', expected: string"),
+])
+def test_nested_argument_errors_name_the_path(value: dict[str, Any], desc: str) -> None:
+    with pytest.raises(QmpError) as e:
+        _object("file", value, {"driver": str, "filename": str})
+    assert e.value.desc == desc
 
 
 def test_system_powerdown_without_acpi_is_ctrl_alt_del(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:

@@ -16,7 +16,7 @@ import pytest
 from altovirt.config import load_config
 from altovirt.devices.virtio import block as vblk
 from altovirt.vmm import builder
-from altovirt.vmm.actions import Action
+from altovirt.vmm.actions import Pause, QueryVcpus, Resume
 from altovirt.vmm.builder import open_kvm
 from altovirt.vmm.lifecycle import StateError
 from altovirt.vmm.machine import Machine, VcpuInfo, VmmError
@@ -69,13 +69,13 @@ def test_pause_and_resume(probe: Path) -> None:
         while count() == 0:
             assert time.monotonic() < deadline, "the guest never started counting"
             time.sleep(0.01)
-        m.request(Action.PAUSE)         # as QMP asks: carried out on the main thread
+        m.request(Pause())         # as QMP asks: carried out on the main thread
         results["paused"] = [v.paused for v in m.vcpus]
         frozen = count()
         time.sleep(0.2)
         results["frozen"] = (frozen, count())
         results["rip"] = m.vcpus[0].vcpu.get_regs().rip    # registers readable while paused
-        m.request(Action.RESUME)
+        m.request(Resume())
         time.sleep(0.2)
         results["after"] = count() - frozen
         results["resumed"] = [v.paused for v in m.vcpus]
@@ -118,7 +118,7 @@ def test_a_pause_that_a_stuck_disk_holds_up_fails_and_the_guest_runs_on(
     def steps(results: dict[str, Any]) -> None:
         assert writing.wait(30), "the guest never wrote to its disk"
         try:
-            m.request(Action.PAUSE)
+            m.request(Pause())
         except StateError as e:
             results["error_text"] = str(e)
         deadline = time.monotonic() + 5
@@ -126,7 +126,7 @@ def test_a_pause_that_a_stuck_disk_holds_up_fails_and_the_guest_runs_on(
             time.sleep(0.01)        # a resumed vCPU clears its flag as it wakes
         results["after_failure"] = (m.state.value, [v.paused for v in m.vcpus], list(events))
         go_on.set()
-        m.request(Action.PAUSE)         # the disk has caught up: the pause goes through
+        m.request(Pause())         # the disk has caught up: the pause goes through
         results["paused"] = m.state.value
 
     try:
@@ -149,15 +149,15 @@ def test_actions_are_answered_until_the_vmm_stops(probe: Path) -> None:
                                    "-append", "probe.run=wait"]))
 
     def steps(results: dict[str, Any]) -> None:
-        infos = cast(list[VcpuInfo], m.request(Action.VCPU_INFO))
+        infos = cast(list[VcpuInfo], m.request(QueryVcpus()))
         results["info"] = [(i.index, i.thread_id > 0) for i in infos]
         with pytest.raises(StateError, match="the VM is running, not paused"):
-            m.request(Action.RESUME)
+            m.request(Resume())
 
     try:
         results = drive(m, steps)
         late: dict[str, BaseException | None] = {}
-        asker = threading.Thread(target=lambda: late.update(error=catch(lambda: m.request(Action.PAUSE))))
+        asker = threading.Thread(target=lambda: late.update(error=catch(lambda: m.request(Pause()))))
         asker.start()
         asker.join(10)
         assert not asker.is_alive()

@@ -13,17 +13,31 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from .. import __version__
-from ..backends.tap import Tap
 from ..config import ConfigError
 from ..config.devices import AIO_MODES
+from ..config.keys import KeyProblem, Problem
 from ..config.validate import check_id, check_mac, check_tap
 from ..devices.legacy.vmgenid import guid_string
-from ..vmm.actions import Action
-from ..vmm.hotplug import Hotplug, HotplugError, NoSuchDevice
+from ..vmm.actions import (
+    Action,
+    AddBlockdev,
+    AddDisk,
+    AddNetdev,
+    AddNic,
+    DelBlockdev,
+    DelDevice,
+    DelNetdev,
+    Pause,
+    Powerdown,
+    QueryVcpus,
+    Reset,
+    Resume,
+)
+from ..vmm.hotplug import HotplugError, NoSuchDevice
 from ..vmm.lifecycle import StateError
 from ..vmm.machine import Machine, VcpuInfo
 from ..vmm.vcpu import StopReason
-from .qmp import Command, QmpError
+from .qmp import Command, QmpError, argument_error, check_arguments
 from .xenstore import xenstore_commands
 
 HOST_QMP_QUIT = StopReason("host-qmp-quit", False, 0)
@@ -59,18 +73,16 @@ def _checked(action: Callable[[], object]) -> object:
     return {}
 
 
-def _ask(machine: Machine, action: Action) -> Callable[[dict[str, Any]], object]:
-    """A command that asks the VMM for ``action`` (carried out on the VMM's thread)."""
-    return lambda args: _checked(lambda: machine.request(action))
+def _ask(machine: Machine, action: Callable[[dict[str, Any]], Action]) -> Callable[[dict[str, Any]], object]:
+    """A command that asks the VMM for the action ``action(args)`` makes (carried out on the
+    VMM's thread); its reply is empty."""
+    return lambda args: _checked(lambda: machine.request(action(args)))
 
 
 def _object(name: str, value: dict[str, Any], fields: dict[str, type]) -> None:
-    """Check a nested argument object (QMP's 'file', 'cache')."""
-    for key, item in value.items():
-        if key not in fields:
-            raise QmpError("GenericError", f"Parameter '{name}.{key}' is unexpected")
-        if not isinstance(item, fields[key]):
-            raise QmpError("GenericError", f"Invalid parameter type for '{name}.{key}'")
+    """Check a nested argument object (QMP's 'file', 'cache'), whose keys are all optional,
+    as the arguments themselves are checked (QmpError naming ``name.key``)."""
+    check_arguments({key: (types, False) for key, types in fields.items()}, value, f"{name}.")
 
 
 def _slot(args: dict[str, Any]) -> int | None:
@@ -97,7 +109,7 @@ def _is_block_device(path: str) -> bool:
         return False
 
 
-def hotplug_commands(hotplug: Hotplug, fds: dict[str, int]) -> dict[str, Command]:
+def hotplug_commands(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
     """blockdev-add/del, netdev_add/del, device_add/del and getfd/closefd. ``fds``: getfd's
     named descriptors, until netdev_add takes one (the QMP server's, which closes the rest)."""
 
@@ -109,7 +121,7 @@ def hotplug_commands(hotplug: Hotplug, fds: dict[str, int]) -> dict[str, Command
             raise QmpError("GenericError", "only raw images on the 'file' or 'host_device' driver "
                                            "are supported")
         if "filename" not in file:
-            raise QmpError("GenericError", "Parameter 'file.filename' is missing")
+            raise argument_error(KeyProblem(Problem.MISSING, "filename"), "file.")
         if file.get("aio", "off") not in AIO_MODES:
             raise QmpError("GenericError", f"Parameter 'file.aio' expects one of {', '.join(AIO_MODES)}")
         if file.get("driver") == "host_device" and not _is_block_device(file["filename"]):
@@ -117,9 +129,9 @@ def hotplug_commands(hotplug: Hotplug, fds: dict[str, int]) -> dict[str, Command
                                            "to be a block device")
         if args.get("cache", {}).get("no-flush"):
             raise QmpError("GenericError", "cache.no-flush is not supported: a flush is always durable")
-        return _checked(lambda: hotplug.add_blockdev(
+        return _checked(lambda: machine.request(AddBlockdev(
             check_id("node-name", node), args["file"]["filename"],
-            read_only=args.get("read-only", False), direct=args.get("cache", {}).get("direct", False)))
+            args.get("read-only", False), args.get("cache", {}).get("direct", False))))
 
     def netdev_add(args: dict[str, Any]) -> object:
         name = args["id"]
@@ -129,12 +141,12 @@ def hotplug_commands(hotplug: Hotplug, fds: dict[str, int]) -> dict[str, Command
             raise QmpError("GenericError", "give the tap as ifname or as fd (from getfd), one of them")
         if "ifname" in args:
             ifname = args["ifname"]
-            return _checked(lambda: hotplug.add_netdev(check_id("id", name),
-                                                       lambda: Tap(check_tap("ifname", ifname))))
+            return _checked(lambda: machine.request(AddNetdev(check_id("id", name),
+                                                              ifname=check_tap("ifname", ifname))))
         fdname = args["fd"]
         if fdname not in fds:
             raise QmpError("GenericError", f"File descriptor named '{fdname}' has not been found")
-        result = _checked(lambda: hotplug.add_netdev(check_id("id", name), lambda: Tap.from_fd(fds[fdname])))
+        result = _checked(lambda: machine.request(AddNetdev(check_id("id", name), fd=fds[fdname])))
         del fds[fdname]                 # the tap owns it now
         return result
 
@@ -148,12 +160,13 @@ def hotplug_commands(hotplug: Hotplug, fds: dict[str, int]) -> dict[str, Command
         if driver in BLOCK_DRIVERS:
             if "mac" in args:
                 raise QmpError("GenericError", f"Parameter 'mac' is unexpected for {driver}")
-            return _checked(lambda: hotplug.add_disk(name, slot, args.get("serial")))
+            return _checked(lambda: machine.request(AddDisk(name, slot, args.get("serial"))))
         if driver in NET_DRIVERS:
             if "serial" in args:
                 raise QmpError("GenericError", f"Parameter 'serial' is unexpected for {driver}")
             mac = args.get("mac")
-            return _checked(lambda: hotplug.add_nic(name, slot, check_mac("mac", mac) if mac else None))
+            return _checked(lambda: machine.request(
+                AddNic(name, slot, check_mac("mac", mac) if mac else None)))
         raise QmpError("GenericError", f"Parameter 'driver' expects one of "
                                        f"{', '.join(BLOCK_DRIVERS + NET_DRIVERS)}")
 
@@ -177,16 +190,16 @@ def hotplug_commands(hotplug: Hotplug, fds: dict[str, int]) -> dict[str, Command
         "blockdev-add": Command(blockdev_add, {"node-name": (str, True), "driver": (str, False),
                                                "file": (dict, True), "cache": (dict, False),
                                                "read-only": (bool, False)}),
-        "blockdev-del": Command(lambda a: _checked(lambda: hotplug.del_blockdev(a["node-name"])),
+        "blockdev-del": Command(_ask(machine, lambda a: DelBlockdev(a["node-name"])),
                                 {"node-name": (str, True)}),
         "netdev_add": Command(netdev_add, {"id": (str, True), "type": (str, False), "ifname": (str, False),
                                            "fd": (str, False)}),
-        "netdev_del": Command(lambda a: _checked(lambda: hotplug.del_netdev(a["id"])), {"id": (str, True)}),
+        "netdev_del": Command(_ask(machine, lambda a: DelNetdev(a["id"])), {"id": (str, True)}),
         "device_add": Command(device_add, {"id": (str, True), "driver": (str, True),
                                            "addr": ((str, int), False), "lun": (int, False),
                                            "mac": (str, False), "serial": (str, False),
                                            "drive": (str, False), "romfile": (str, False)}),
-        "device_del": Command(lambda a: _checked(lambda: hotplug.del_device(a["id"])), {"id": (str, True)}),
+        "device_del": Command(_ask(machine, lambda a: DelDevice(a["id"])), {"id": (str, True)}),
         "getfd": Command(getfd, {"fdname": (str, True)}, takes_fd=True),
         "closefd": Command(closefd, {"fdname": (str, True)}),
     }
@@ -208,7 +221,7 @@ def build(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
                  "thread_id": c.thread_id} for c in vcpu_info()]
 
     def vcpu_info() -> list[VcpuInfo]:
-        return cast(list[VcpuInfo], _answer(lambda: machine.request(Action.VCPU_INFO)))
+        return cast(list[VcpuInfo], _answer(lambda: machine.request(QueryVcpus())))
 
     def query_cpus_fast(args: dict[str, Any]) -> object:
         return [{"cpu-index": v.index, "props": props(v.index),
@@ -230,11 +243,11 @@ def build(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
 
     table: dict[str, Command] = {
         "qmp_capabilities": Command(lambda a: {}, {"enable": (list, False)}),
-        "stop": Command(_ask(machine, Action.PAUSE)),
-        "cont": Command(_ask(machine, Action.RESUME)),
+        "stop": Command(_ask(machine, lambda a: Pause())),
+        "cont": Command(_ask(machine, lambda a: Resume())),
         "quit": Command(quit_),
-        "system_reset": Command(_ask(machine, Action.RESET)),
-        "system_powerdown": Command(_ask(machine, Action.POWERDOWN)),
+        "system_reset": Command(_ask(machine, lambda a: Reset())),
+        "system_powerdown": Command(_ask(machine, lambda a: Powerdown())),
         "query-status": Command(query_status),
         "query-cpus": Command(query_cpus),
         "query-cpus-fast": Command(query_cpus_fast),
@@ -245,11 +258,11 @@ def build(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
         "query-vm-generation-id": Command(query_vm_generation_id),
     }
     if machine.hotplug is not None:
-        table.update(hotplug_commands(machine.hotplug, fds))
+        table.update(hotplug_commands(machine, fds))
     if machine.xenstore is not None:
         table.update(xenstore_commands(machine.xenstore))
     if machine.migration is not None:
         from .migration import migration_commands
-        table.update(migration_commands(machine.migration))
+        table.update(migration_commands(machine))
     table["query-commands"] = Command(lambda a: [{"name": n} for n in sorted(table)])
     return table

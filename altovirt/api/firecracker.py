@@ -11,8 +11,9 @@ points.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from .. import FIRECRACKER_API_VERSION, __version__
 from ..config.firecracker import (
@@ -27,9 +28,8 @@ from ..config.firecracker import (
 from ..config.model import IncomingConfig, MigrationUri, VmConfig
 from ..errors import AltoVirtError
 from ..snapshot import format as snapfile
-from ..snapshot.format import SnapshotFiles
 from ..vmm import snapshot
-from ..vmm.actions import Action
+from ..vmm.actions import ChangeImage, CtrlAltDel, Migrate, Pause, QueryMigration, Resume
 from ..vmm.hotplug import HotplugError
 from ..vmm.instance import Instance
 from ..vmm.lifecycle import RunState
@@ -199,7 +199,7 @@ class FirecrackerApi:
         if kind == "InstanceStart":
             self._start()
         elif kind == "SendCtrlAltDel":
-            self.instance.running().request(Action.CTRL_ALT_DEL)
+            self.instance.running().request(CtrlAltDel())
         elif kind == "FlushMetrics":
             self.metrics.flush(self.instance.state)
         else:
@@ -211,7 +211,7 @@ class FirecrackerApi:
         if rest is not None:
             return fault(400, f"Invalid request method and/or path: PATCH {request.path}.")
         v = fields("vm", _json(request), {"state": str}, {})
-        actions = {"Paused": Action.PAUSE, "Resumed": Action.RESUME}
+        actions: dict[str, Pause | Resume] = {"Paused": Pause(), "Resumed": Resume()}
         if v["state"] not in actions:
             raise FirecrackerError(f"{DESERIALIZE}: unknown variant `{v['state']}`, expected `Paused` or "
                                    "`Resumed`.")
@@ -232,7 +232,7 @@ class FirecrackerApi:
         machine = self.instance.running()
         if "path_on_host" in d:
             try:
-                machine.change_image(drive_id, d["path_on_host"])
+                machine.request(ChangeImage(drive_id, d["path_on_host"]))
             except HotplugError as e:
                 raise FirecrackerError(f"Drive config error: {e}") from e
         return Response(204)
@@ -272,11 +272,16 @@ class FirecrackerApi:
         if machine.state != RunState.PAUSED:
             raise FirecrackerError("Create snapshot error: the microVM must be paused first "
                                    "(PATCH /vm Paused).")
-        assert machine.migration is not None
+        done = threading.Event()
         try:
-            machine.migration.save_snapshot(SnapshotFiles(p["snapshot_path"], p["mem_file_path"]))
+            machine.request(Migrate(MigrationUri("file", path=p["snapshot_path"], memory=p["mem_file_path"]),
+                                    done.set))
         except AltoVirtError as e:
             raise FirecrackerError(f"Create snapshot error: {e}") from e
+        done.wait()
+        info = cast(dict[str, Any], machine.request(QueryMigration()))
+        if info["status"] != "completed":
+            raise FirecrackerError(f"Create snapshot error: {info.get('error-desc', info['status'])}")
 
 
 def _id(rest: str | None) -> str:

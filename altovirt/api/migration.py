@@ -9,18 +9,29 @@ from typing import Any
 from ..config import ConfigError
 from ..config.model import IncomingConfig
 from ..config.validate import parse_migration_uri
+from ..vmm.actions import (
+    CancelMigration,
+    Incoming,
+    Migrate,
+    QueryMigration,
+    QueryMigrationParameters,
+    SetMigrationParameters,
+)
+from ..vmm.hotplug import HotplugError
 from ..vmm.lifecycle import StateError
-from ..vmm.migration import Migration, MigrationError
+from ..vmm.machine import Machine
+from ..vmm.migration import MigrationError
 from .qmp import Command, QmpError
 
 MAX_DOWNTIME_MS = 2_000_000     # QEMU's limit for downtime-limit
 
 
-def migration_commands(migration: Migration) -> dict[str, Command]:
+def migration_commands(machine: Machine) -> dict[str, Command]:
+    """The commands, each a request to ``machine`` (see vmm/actions.py)."""
     def checked(action: Any) -> object:
         try:
             action()
-        except (ConfigError, MigrationError, StateError) as e:
+        except (ConfigError, MigrationError, StateError, HotplugError) as e:
             raise QmpError("GenericError", str(e)) from e
         return {}
 
@@ -29,14 +40,14 @@ def migration_commands(migration: Migration) -> dict[str, Command]:
             raise QmpError("GenericError", "only detached migrations of RAM and devices are supported")
         if args.get("resume"):
             raise QmpError("GenericError", "postcopy is not supported: there is nothing to resume")
-        return checked(lambda: migration.migrate(parse_migration_uri("uri", args["uri"])))
+        return checked(lambda: machine.request(Migrate(parse_migration_uri("uri", args["uri"]))))
 
     def migrate_incoming(args: dict[str, Any]) -> object:
         mem = args.get("mem", "map")
         if mem not in ("map", "copy"):
             raise QmpError("GenericError", "Parameter 'mem' expects map or copy")
-        return checked(lambda: migration.incoming(IncomingConfig(
-            parse_migration_uri("uri", args["uri"]), args.get("resume", False), mem == "map")))
+        return checked(lambda: machine.request(Incoming(IncomingConfig(
+            parse_migration_uri("uri", args["uri"]), args.get("resume", False), mem == "map"))))
 
     def set_parameters(args: dict[str, Any]) -> object:
         bandwidth, downtime = args.get("max-bandwidth"), args.get("downtime-limit")
@@ -45,8 +56,7 @@ def migration_commands(migration: Migration) -> dict[str, Command]:
         if downtime is not None and not 0 <= downtime <= MAX_DOWNTIME_MS:
             raise QmpError("GenericError", f"Parameter 'downtime-limit' expects an integer in the range "
                                            f"of 0 to {MAX_DOWNTIME_MS} milliseconds")
-        migration.set_parameters(bandwidth, downtime)
-        return {}
+        return checked(lambda: machine.request(SetMigrationParameters(bandwidth, downtime)))
 
     def set_capabilities(args: dict[str, Any]) -> object:
         for cap in args["capabilities"]:
@@ -59,10 +69,6 @@ def migration_commands(migration: Migration) -> dict[str, Command]:
                                                "supported; only 'events' is (and always on)")
         return {}
 
-    def query_parameters(args: dict[str, Any]) -> object:
-        return {"max-bandwidth": migration.params.max_bandwidth,
-                "downtime-limit": migration.params.downtime_limit}
-
     return {
         "migrate": Command(migrate, {"uri": (str, True), "detach": (bool, False), "blk": (bool, False),
                                      "inc": (bool, False), "resume": (bool, False)}),
@@ -70,11 +76,11 @@ def migration_commands(migration: Migration) -> dict[str, Command]:
         # a snapshot's memory comes in.
         "migrate-incoming": Command(migrate_incoming, {"uri": (str, True), "resume": (bool, False),
                                                        "mem": (str, False)}),
-        "query-migrate": Command(lambda a: migration.info()),
-        "migrate_cancel": Command(lambda a: checked(migration.cancel)),
+        "query-migrate": Command(lambda a: machine.request(QueryMigration())),
+        "migrate_cancel": Command(lambda a: checked(lambda: machine.request(CancelMigration()))),
         "migrate-set-parameters": Command(set_parameters, {"max-bandwidth": (int, False),
                                                            "downtime-limit": (int, False)}),
-        "query-migrate-parameters": Command(query_parameters),
+        "query-migrate-parameters": Command(lambda a: machine.request(QueryMigrationParameters())),
         # QEMU's clients turn on MIGRATION events this way; AltoVirt always sends them.
         "migrate-set-capabilities": Command(set_capabilities, {"capabilities": (list, True)}),
         "query-migrate-capabilities": Command(lambda a: [{"capability": "events", "state": True}]),

@@ -8,11 +8,12 @@ inherit it). A call outside the list raises SIGSYS, which ends the VMM (see
   interrupts (eventfd writes) and prints the serial console.
 - ``io``: the device I/O thread and the block worker pool: virtqueues, images,
   taps and unix sockets (console, vsock, the guest's XenStore connections).
-- ``api``: the QMP and XenStore threads: their clients and hot-plug (opening
-  images and taps). What touches the VM itself they ask of ``main``.
+- ``api``: the QMP, REST and XenStore threads: their clients. What touches the
+  VM (hot-plug included) they ask of ``main`` (vmm/actions.py).
 - ``main``: the main thread's event loop: the stop, the terminal, the actions
-  the API asks for (pausing vCPUs, KVM state, system_reset), and the teardown;
-  also the thread that turns the PIT's tick reinjection off (vmm/pit.py).
+  the API asks for (pausing vCPUs, KVM state, system_reset, hot-plug: opening
+  images and taps), and the teardown; also the thread that turns the PIT's tick
+  reinjection off (vmm/pit.py).
 - ``migration``: writes and reads snapshots, and sends or receives a VM over
   TCP or a unix socket, with KVM's dirty log of guest RAM.
 
@@ -51,10 +52,11 @@ ROLES: dict[str, tuple[str, ...]] = {
     "io": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
            "ioctl", "preadv", "pwritev", "preadv2", "pwritev2", "fdatasync", "fsync", "fallocate", "openat",
            "unlink", "tgkill", "socketpair"),       # socketpair: a guest's XenStore connection
-    "api": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
-            "ioctl", "openat", "unlink", "flock", "fdatasync"),
+    # openat: glibc's malloc reads /proc/sys/vm/overcommit_memory as it first shrinks a
+    # thread's heap (after a large request, say).
+    "api": (*PYTHON, *EPOLL, *UNIX_SOCKETS, "ioctl", "unlink", "openat"),
     "main": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
-             "ioctl", "tgkill", "unlink", "openat", "fsync", "rename", "wait4"),
+             "ioctl", "tgkill", "unlink", "openat", "flock", "fdatasync", "fsync", "rename", "wait4"),
     "migration": (*PYTHON, *UNIX_SOCKETS, "bind", "listen", "ioctl", "openat", "preadv", "preadv2",
                   "mkdir", "mkdirat", "ftruncate", "fsync", "rename", "renameat", "renameat2", "unlink"),
 }
@@ -78,16 +80,17 @@ KVM_VM_STATE = (K.KVM_GET_CLOCK, K.KVM_SET_CLOCK, K.KVM_GET_IRQCHIP, K.KVM_SET_I
                 K.KVM_SET_PIT2)
 SIOCGIFINDEX = 0x8933          # <linux/sockios.h>: if_nametoindex(), how a tap is found by name
 # ioctl request numbers per role (argument 1).
-# vhost-net is started and stopped where a device is activated (vcpu) and reset (vcpu, main;
-# api when it is unplugged).
+# vhost-net is started and stopped where a device is activated (vcpu) and reset (vcpu, main,
+# which unplugs it too).
 IOCTLS: dict[str, tuple[int, ...]] = {
     "vcpu": (*FILE_IOCTLS, K.KVM_RUN, *KVM_VCPU_STATE, TUNSETOFFLOAD, *VHOST_IOCTLS),
     "io": (*FILE_IOCTLS, TUNSETOFFLOAD),
-    # No KVM: the API asks the main thread for what touches the VM (vmm/actions.py).
-    "api": (*FILE_IOCTLS, TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFINDEX, *VHOST_IOCTLS),
-    # A restore puts a NIC with its saved MAC on its tap (offloads set). What a snapshot asks
-    # of /dev/kvm (the host's CPUID, the MSR list) is read before the filters go on.
+    # No KVM, no taps: the API asks the main thread for what touches the VM (vmm/actions.py).
+    "api": FILE_IOCTLS,
+    # Hot-plug opens taps; a restore puts a NIC with its saved MAC on its tap (offloads set).
+    # What a snapshot asks of /dev/kvm (the host's CPUID, the MSR list) is read before the
+    # filters go on.
     "main": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TCSETS, TCSETSW, *VHOST_IOCTLS,
-             TUNSETOFFLOAD, K.KVM_REINJECT_CONTROL),
+             TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFINDEX, K.KVM_REINJECT_CONTROL),
     "migration": (*FILE_IOCTLS, K.KVM_GET_DIRTY_LOG, K.KVM_SET_USER_MEMORY_REGION),
 }

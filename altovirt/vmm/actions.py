@@ -1,28 +1,185 @@
-"""The path from the APIs to the VMM (Firecracker's VmmAction).
+"""The one way from the APIs to the VMM (Firecracker's VmmAction).
 
-An API thread parses and validates a request, then asks for an :class:`Action`;
+An API thread (QMP, the REST API) parses and validates a request, then hands
+the VMM one typed action with :meth:`Machine.request <altovirt.vmm.machine.Machine.request>`;
 the VMM's main thread carries it out and the answer (or the error) goes back
-to the thread that asked. The API threads thus never touch KVM themselves, and
-their seccomp role allows no KVM ioctl.
+to the thread that asked. API threads thus hold no VMM lock and call no VMM
+method: hot-plug, a disk's new image and a migration's start are actions too,
+and the migration thread asks for the stop, the state and the load the same way.
+Their seccomp role allows no KVM ioctl.
 """
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..eventloop import EventLoop
-from .lifecycle import StateError
+from .lifecycle import RunState, StateError
+
+if TYPE_CHECKING:
+    from ..config.model import IncomingConfig, MigrationUri
+    from ..snapshot.format import Section
 
 
-class Action(enum.Enum):
-    PAUSE = "pause"
-    RESUME = "resume"
-    RESET = "reset"
-    POWERDOWN = "powerdown"
-    CTRL_ALT_DEL = "ctrl-alt-del"
-    VCPU_INFO = "vcpu-info"
+# --- the lifecycle (QMP stop, cont, system_reset, system_powerdown; PATCH /vm; SendCtrlAltDel) ---
+@dataclass(frozen=True)
+class Pause:
+    pass
+
+
+@dataclass(frozen=True)
+class Resume:
+    pass
+
+
+@dataclass(frozen=True)
+class Reset:
+    pass
+
+
+@dataclass(frozen=True)
+class Powerdown:
+    pass
+
+
+@dataclass(frozen=True)
+class CtrlAltDel:
+    pass
+
+
+@dataclass(frozen=True)
+class QueryVcpus:
+    """Per vCPU: index, thread id and whether it is halted (a list of VcpuInfo)."""
+
+
+# --- hot-plug (QMP blockdev-add ... device_del; PATCH /drives) ---
+@dataclass(frozen=True)
+class AddBlockdev:
+    node: str
+    path: str
+    read_only: bool
+    direct: bool
+
+
+@dataclass(frozen=True)
+class DelBlockdev:
+    node: str
+
+
+@dataclass(frozen=True)
+class AddNetdev:
+    """A tap by name (``ifname``), or one the client opened (``fd``, the VMM's once taken)."""
+
+    name: str
+    ifname: str | None = None
+    fd: int | None = None
+
+
+@dataclass(frozen=True)
+class DelNetdev:
+    name: str
+
+
+@dataclass(frozen=True)
+class AddDisk:
+    """Block node ``name`` into a disk slot (the first free one if ``slot`` is None); the slot."""
+
+    name: str
+    slot: int | None
+    serial: str | None = None
+
+
+@dataclass(frozen=True)
+class AddNic:
+    """Netdev ``name`` into a NIC slot (the first free one if ``slot`` is None); the slot."""
+
+    name: str
+    slot: int | None
+    mac: str | None = None
+
+
+@dataclass(frozen=True)
+class DelDevice:
+    name: str
+
+
+@dataclass(frozen=True)
+class ChangeImage:
+    """Back disk ``drive`` by the image at ``path`` from now on (Firecracker's PATCH /drives)."""
+
+    drive: str
+    path: str
+
+
+# --- migration (QMP migrate ...; Firecracker's snapshot/create) ---
+@dataclass(frozen=True)
+class Migrate:
+    """Start sending the VM to ``uri``; ``on_done`` hears when it has ended, either way."""
+
+    uri: MigrationUri
+    on_done: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """Start loading the VM (it waits in inmigrate) from ``config.uri``."""
+
+    config: IncomingConfig
+
+
+@dataclass(frozen=True)
+class CancelMigration:
+    pass
+
+
+@dataclass(frozen=True)
+class SetMigrationParameters:
+    max_bandwidth: int | None
+    downtime_limit: int | None
+
+
+@dataclass(frozen=True)
+class QueryMigration:
+    """query-migrate's answer."""
+
+
+@dataclass(frozen=True)
+class QueryMigrationParameters:
+    """query-migrate-parameters' answer."""
+
+
+# --- what the migration thread asks of the VM (vmm/migration.py) ---
+@dataclass(frozen=True)
+class SaveState:
+    """The stopped VM's header and sections."""
+
+
+@dataclass(frozen=True)
+class StopForMigration:
+    """Stop the guest for the last copy (finish-migrate); the state to go back to."""
+
+
+@dataclass(frozen=True)
+class EndMigration:
+    completed: bool
+    was: RunState
+
+
+@dataclass(frozen=True)
+class LoadState:
+    header: dict[str, Any]
+    sections: dict[str, Section]
+    resume: bool
+    new_generation: bool
+
+
+Action = (Pause | Resume | Reset | Powerdown | CtrlAltDel | QueryVcpus | AddBlockdev | DelBlockdev
+          | AddNetdev | DelNetdev | AddDisk | AddNic | DelDevice | ChangeImage | Migrate | Incoming
+          | CancelMigration | SetMigrationParameters | QueryMigration | QueryMigrationParameters
+          | SaveState | StopForMigration | EndMigration | LoadState)
 
 
 class _Request:

@@ -15,7 +15,7 @@ import logging
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from ..arch.x86_64 import acpi, boot, poweron
 from ..config import VmConfig
@@ -31,6 +31,7 @@ from ..kvm import ioctls as K
 from ..kvm import structs as S
 from ..memory import GuestMemory
 from ..sandbox import seccomp
+from . import controller
 from .actions import Action, ActionQueue
 from .device_manager import DeviceManager
 from .hotplug import Hotplug, HotplugError
@@ -115,13 +116,9 @@ class Machine:
         self.lifecycle.request_stop(reason)
 
     def request(self, action: Action) -> object:
-        """Carry out ``action`` on the VMM's main thread (any thread may ask): its result,
-        or its error (StateError when the VM's state does not allow it)."""
-        handlers: dict[Action, Callable[[], object]] = {
-            Action.PAUSE: self.pause, Action.RESUME: self.resume, Action.RESET: self.reset,
-            Action.POWERDOWN: self.powerdown, Action.CTRL_ALT_DEL: self.ctrl_alt_del,
-            Action.VCPU_INFO: self.vcpu_info}
-        return self._actions.submit(handlers[action])
+        """Carry out ``action`` on the VMM's main thread (any thread may ask; see actions.py):
+        its result, or its error (StateError when the VM's state does not allow it)."""
+        return self._actions.submit(functools.partial(controller.handle, self, action))
 
     # --- lifecycle ---
     def pause(self) -> None:
@@ -187,15 +184,13 @@ class Machine:
 
     # --- snapshots and migration (driven by vmm/migration.py) ---
     def save_state(self) -> tuple[dict[str, Any], list[Section]]:
-        """The stopped VM's header and sections (see vmm/snapshot.py), taken on the main
-        thread. SaveError if a device cannot be saved now; StateError unless stopped."""
-        def work() -> tuple[dict[str, Any], list[Section]]:
-            from . import snapshot
-            with self.lifecycle.lock:
-                self.lifecycle.require(RunState.PAUSED, RunState.FINISH_MIGRATE)
-                assert self._clock is not None
-                return snapshot.save(self, self.snapshot_msrs(), self._clock.clock)
-        return cast("tuple[dict[str, Any], list[Section]]", self._actions.submit(work))
+        """The stopped VM's header and sections (see vmm/snapshot.py). SaveError if a device
+        cannot be saved now; StateError unless stopped."""
+        from . import snapshot
+        with self.lifecycle.lock:
+            self.lifecycle.require(RunState.PAUSED, RunState.FINISH_MIGRATE)
+            assert self._clock is not None
+            return snapshot.save(self, self.snapshot_msrs(), self._clock.clock)
 
     def snapshot_msrs(self) -> list[int]:
         """The MSRs a snapshot keeps, found once, before the vCPUs first run and the main
@@ -208,11 +203,8 @@ class Machine:
         return self._snapshot_msrs
 
     def stop_for_migration(self) -> RunState:
-        """Stop the guest for the last copy of a live migration (finish-migrate), on the main
-        thread; returns the state to go back to if it fails."""
-        return cast(RunState, self._actions.submit(self._stop_for_migration))
-
-    def _stop_for_migration(self) -> RunState:
+        """Stop the guest for the last copy of a live migration (finish-migrate) and let the
+        destination lock the disk images; returns the state to go back to if it fails."""
         life = self.lifecycle
         with life.lock:
             life.require(RunState.RUNNING, RunState.PAUSED)
@@ -220,16 +212,14 @@ class Machine:
             if was == RunState.RUNNING:
                 self._stop_guest()
             life.move(RunState.FINISH_MIGRATE)
+            if self.hotplug is not None:
+                self.hotplug.release_images()
         if was == RunState.RUNNING:
             life.emit("STOP", {})
         return was
 
     def end_migration(self, completed: bool, was: RunState) -> None:
-        """After the last copy: postmigrate if the destination took the VM, else back to ``was``
-        (on the main thread)."""
-        self._actions.submit(lambda: self._end_migration(completed, was))
-
-    def _end_migration(self, completed: bool, was: RunState) -> None:
+        """After the last copy: postmigrate if the destination took the VM, else back to ``was``."""
         life = self.lifecycle
         with life.lock:
             if self.state != RunState.FINISH_MIGRATE:
@@ -258,30 +248,28 @@ class Machine:
 
     def load_state(self, header: dict[str, Any], sections: dict[str, Section], *, resume: bool,
                    new_generation: bool) -> None:
-        """Take a snapshot's state (main thread); paused after, or running if ``resume``.
+        """Take a snapshot's state; paused after, or running if ``resume``.
         ``new_generation``: a VM started again from a snapshot (perhaps one of several clones)
         gets a new VM generation ID; a migrated one keeps its own. SnapshotError naming the
         section and the reason if it does not fit this VM."""
-        def work() -> None:
-            from ..snapshot.format import SnapshotError
-            from . import snapshot
-            with self.lifecycle.lock:
-                self.lifecycle.require(RunState.INMIGRATE)
-                self._clock = S.kvm_clock_data(clock=snapshot.restore(self, header, sections))
-                try:
-                    self._take_images()
-                except StateError as e:
-                    raise SnapshotError(str(e)) from e
-                if self.vmgenid is not None and new_generation:
-                    self.vmgenid.change()
-                elif self.vmgenid is not None:
-                    self.vmgenid.taken_from_ram()
-                self.lifecycle.move(RunState.PAUSED)
-                if self.lost_ticks is not None:
-                    self.lost_ticks.discard()
-            if resume or self._run_once_loaded:
-                self.resume()
-        self._actions.submit(work)
+        from ..snapshot.format import SnapshotError
+        from . import snapshot
+        with self.lifecycle.lock:
+            self.lifecycle.require(RunState.INMIGRATE)
+            self._clock = S.kvm_clock_data(clock=snapshot.restore(self, header, sections))
+            try:
+                self._take_images()
+            except StateError as e:
+                raise SnapshotError(str(e)) from e
+            if self.vmgenid is not None and new_generation:
+                self.vmgenid.change()
+            elif self.vmgenid is not None:
+                self.vmgenid.taken_from_ram()
+            self.lifecycle.move(RunState.PAUSED)
+            if self.lost_ticks is not None:
+                self.lost_ticks.discard()
+        if resume or self._run_once_loaded:
+            self.resume()
 
     def reset(self) -> None:
         """Reset the machine as its reset line would (QMP system_reset): every virtio

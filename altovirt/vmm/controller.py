@@ -1,0 +1,123 @@
+"""Carrying out an action on the VMM's main thread (Firecracker's RuntimeApiController).
+
+:meth:`Machine.request <altovirt.vmm.machine.Machine.request>` hands every
+action here, on the main thread; what it returns is the asker's answer, what it
+raises the asker's error (StateError, HotplugError, MigrationError, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, assert_never
+
+from ..backends.tap import Tap
+from .actions import (
+    Action,
+    AddBlockdev,
+    AddDisk,
+    AddNetdev,
+    AddNic,
+    CancelMigration,
+    ChangeImage,
+    CtrlAltDel,
+    DelBlockdev,
+    DelDevice,
+    DelNetdev,
+    EndMigration,
+    Incoming,
+    LoadState,
+    Migrate,
+    Pause,
+    Powerdown,
+    QueryMigration,
+    QueryMigrationParameters,
+    QueryVcpus,
+    Reset,
+    Resume,
+    SaveState,
+    SetMigrationParameters,
+    StopForMigration,
+)
+from .hotplug import Hotplug, HotplugError
+from .lifecycle import StateError
+
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .migration import Migration
+
+
+def handle(m: Machine, action: Action) -> object:
+    """Carry out ``action`` on ``m`` (the main thread); its answer."""
+    match action:
+        case Pause():
+            m.pause()
+        case Resume():
+            m.resume()
+        case Reset():
+            m.reset()
+        case Powerdown():
+            m.powerdown()
+        case CtrlAltDel():
+            m.ctrl_alt_del()
+        case QueryVcpus():
+            return m.vcpu_info()
+        case AddBlockdev(node, path, read_only, direct):
+            _hotplug(m).add_blockdev(node, path, read_only=read_only, direct=direct)
+        case DelBlockdev(node):
+            _hotplug(m).del_blockdev(node)
+        case AddNetdev(name, ifname, fd):
+            _hotplug(m).add_netdev(name, _tap_opener(ifname, fd))
+        case DelNetdev(name):
+            _hotplug(m).del_netdev(name)
+        case AddDisk(name, slot, serial):
+            return _hotplug(m).add_disk(name, slot, serial)
+        case AddNic(name, slot, mac):
+            return _hotplug(m).add_nic(name, slot, mac)
+        case DelDevice(name):
+            _hotplug(m).del_device(name)
+        case ChangeImage(drive, path):
+            m.change_image(drive, path)
+        case Migrate(uri, on_done):
+            _migration(m).migrate(uri, on_done)
+        case Incoming(config):
+            _migration(m).incoming(config)
+        case CancelMigration():
+            _migration(m).cancel()
+        case SetMigrationParameters(bandwidth, downtime):
+            _migration(m).set_parameters(bandwidth, downtime)
+        case QueryMigration():
+            return _migration(m).info()
+        case QueryMigrationParameters():
+            params = _migration(m).params
+            return {"max-bandwidth": params.max_bandwidth, "downtime-limit": params.downtime_limit}
+        case SaveState():
+            return m.save_state()
+        case StopForMigration():
+            return m.stop_for_migration()
+        case EndMigration(completed, was):
+            m.end_migration(completed, was)
+        case LoadState(header, sections, resume, new_generation):
+            m.load_state(header, sections, resume=resume, new_generation=new_generation)
+        case _:
+            assert_never(action)        # mypy: every action has its case
+    return None
+
+
+def _hotplug(m: Machine) -> Hotplug:
+    if m.hotplug is None:
+        raise HotplugError("this VM has no hot-plug slots")
+    return m.hotplug
+
+
+def _migration(m: Machine) -> Migration:
+    if m.migration is None:
+        raise StateError("this VM cannot migrate (it has no QMP channel, API or -incoming)")
+    return m.migration
+
+
+def _tap_opener(ifname: str | None, fd: int | None) -> Callable[[], Tap]:
+    """What opens the tap: by name, or adopting ``fd``."""
+    if ifname is not None:
+        return lambda: Tap(ifname)
+    assert fd is not None
+    return lambda: Tap.from_fd(fd)
