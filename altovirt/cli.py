@@ -14,11 +14,11 @@ import sys
 import traceback
 from typing import NoReturn
 
+from .api import serve_qmp
 from .config import ConfigError, HelpRequested, VmConfig, load_config
 from .errors import EXIT_ERROR, VMM_PROG, AltoVirtError, exit_now, print_error
 from .vmm.daemon import Daemon
 from .vmm.run import Budget, log_to, run_vm
-from .vmm.run import start_qmp as start_qmp  # for tests/test_qmp.py, until it imports vmm.run
 
 log = logging.getLogger("altovirt")
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     budget.mark("configuration")
     try:
         return run_vm(cfg, daemon, sandbox=cfg.seccomp, migratable=bool(cfg.api_channel or cfg.incoming),
-                      budget=budget)
+                      serve_api=serve_qmp, budget=budget)
     except AltoVirtError as e:
         report_error(cfg, daemon, e, debug)
         return e.exit_status

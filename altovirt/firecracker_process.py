@@ -20,6 +20,7 @@ import socket
 import time
 from typing import Protocol
 
+from .api import serve_qmp
 from .api.firecracker import FirecrackerApi
 from .api.http import HttpServer
 from .backends import BackendError
@@ -143,7 +144,8 @@ class Process:
 
         try:
             check_vm(cfg)               # here, not on the API thread: it looks at the files
-            return run_vm(cfg, self.daemon, sandbox=False, migratable=True, on_built=built,
+            return run_vm(cfg, self.daemon, sandbox=False, migratable=True, serve_api=serve_qmp,
+                          on_built=built,
                           on_running=None if launch.restore else launch.running)
         except AltoVirtError as e:
             if launch.answered:

@@ -333,9 +333,9 @@ def test_guest_clock_does_not_jump_over_a_pause(probe: Path) -> None:
 def test_named_descriptors_go_with_the_server(probe: Path, tmp_path: Path) -> None:
     """A descriptor given with getfd that no command took stays the server's across
     connections (as QEMU's monitor keeps it) and is closed when the server goes."""
-    from altovirt import cli
+    from altovirt.api import commands
     m = builder.build(load_config(["-kernel", str(probe / "probe.elf")]))
-    qmp = cli.start_qmp(m, str(tmp_path / "qmp.sock"))
+    qmp = commands.serve(m, str(tmp_path / "qmp.sock"))
     r, w = os.pipe()
     served = True
     try:

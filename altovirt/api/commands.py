@@ -7,17 +7,21 @@ a GenericError and changes nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from .. import __version__
+from ..backends import BackendError
 from ..config import ConfigError
 from ..config.devices import AIO_MODES
 from ..config.keys import KeyProblem, Problem
 from ..config.validate import check_id, check_mac, check_tap
 from ..devices.legacy.vmgenid import guid_string
+from ..errors import EXIT_USAGE
+from ..sandbox import seccomp
 from ..vmm.actions import (
     Action,
     AddBlockdev,
@@ -35,9 +39,9 @@ from ..vmm.actions import (
 )
 from ..vmm.hotplug import HotplugError, NoSuchDevice
 from ..vmm.lifecycle import StateError
-from ..vmm.machine import Machine, VcpuInfo
+from ..vmm.machine import Machine, VcpuInfo, VmmError
 from ..vmm.vcpu import StopReason
-from .qmp import Command, QmpError, argument_error, check_arguments
+from .qmp import Command, QmpError, QmpServer, argument_error, check_arguments
 from .xenstore import xenstore_commands
 
 HOST_QMP_QUIT = StopReason("host-qmp-quit", False, 0)
@@ -266,3 +270,17 @@ def build(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
         table.update(migration_commands(machine))
     table["query-commands"] = Command(lambda a: [{"name": n} for n in sorted(table)])
     return table
+
+
+def serve(machine: Machine, path: str) -> QmpServer:
+    """QMP for ``machine`` on the unix socket ``path``, serving; VmmError (usage) if the
+    socket cannot be made. The front ends hand this to vmm.run.run_vm."""
+    try:
+        fds: dict[str, int] = {}
+        qmp = QmpServer(path, build(machine, fds), version(), functools.partial(seccomp.confine, "api"),
+                        named_fds=fds)
+    except BackendError as e:
+        raise VmmError(f"-api-channel: {e.strerror}", exit_status=EXIT_USAGE) from e
+    machine.add_event_listener(qmp.event)
+    qmp.start()
+    return qmp

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
+
+from ..errors import VMM_PROG, print_error
 
 
 class Daemon:
@@ -28,8 +29,7 @@ class Daemon:
             msg = b"".join(chunks).decode(errors="replace")
             if msg == "ok":
                 os._exit(0)
-            sys.stderr.write(f"altovirt: error: {msg or 'the daemon exited during start-up'}\n")
-            sys.stderr.flush()
+            print_error(VMM_PROG, msg or "the daemon exited during start-up")
             os._exit(1)
         os.close(r)
         os.setsid()

@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .. import IMPORT_STARTED
 from ..backends import BackendError
@@ -28,7 +28,6 @@ from . import builder
 from .machine import Machine, VmmError
 
 if TYPE_CHECKING:
-    from ..api.qmp import QmpServer
     from ..config.model import VmConfig
     from ..xenstore.server import XenStoreServer
     from .daemon import Daemon
@@ -36,6 +35,17 @@ if TYPE_CHECKING:
 # The package's logger, not this module's: the VM's lines ("VM x stopped") are logged under
 # "altovirt", which tools reading the log match (Kata's driver among them).
 log = logging.getLogger("altovirt")
+
+
+class Service(Protocol):
+    """A server a VM runs with (QMP), closed once the VM has stopped."""
+
+    def close(self) -> None: ...
+
+
+# What serves a VM's API channel (the front ends hand in api.commands.serve): vmm/ imports
+# nothing of api/, which stands above it.
+ServeApi = Callable[[Machine, str], Service]
 
 
 def log_to(path: str | None, formatter: logging.Formatter, level: int) -> None:
@@ -74,24 +84,6 @@ def enable_seccomp(log_path: str | None) -> None:
     (exit status 1) if this kernel cannot filter."""
     report = open(log_path, "a") if log_path else sys.stderr     # noqa: SIM115 (kept for life)
     seccomp.enable(report)
-
-
-def start_qmp(machine: Machine, path: str) -> QmpServer:
-    """QMP for ``machine`` on the unix socket ``path``, serving; VmmError (usage) if the
-    socket cannot be made."""
-    # Only a VM with a QMP channel imports the API's modules. (They stand above vmm/: the
-    # front ends would better hand this function in, once it lives in api/.)
-    from ..api import commands
-    from ..api.qmp import QmpServer
-    try:
-        fds: dict[str, int] = {}
-        qmp = QmpServer(path, commands.build(machine, fds), commands.version(),
-                        functools.partial(seccomp.confine, "api"), named_fds=fds)
-    except BackendError as e:
-        raise VmmError(f"-api-channel: {e.strerror}", exit_status=EXIT_USAGE) from e
-    machine.add_event_listener(qmp.event)
-    qmp.start()
-    return qmp
 
 
 def start_xenstore(machine: Machine, path: str) -> XenStoreServer:
@@ -133,12 +125,13 @@ def start_migration(machine: Machine, migratable: bool) -> Callable[[], None]:
     return lambda: migration.incoming(incoming, listener)
 
 
-def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool,
+def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, serve_api: ServeApi,
            on_built: Callable[[Machine], None] | None = None,
            on_running: Callable[[], None] | None = None, budget: Budget | None = None) -> int:
     """Build the VM, start its services and run it until it stops; the exit status.
     ``sandbox``: turn seccomp on once it is built (a caller that turned it on earlier
-    passes False). ``migratable``: it can be snapshotted or migrated. ``on_built`` gets the
+    passes False). ``migratable``: it can be snapshotted or migrated. ``serve_api`` serves
+    its -api-channel, if it has one. ``on_built`` gets the
     machine once its services run, ``on_running`` is told once its vCPUs do. AltoVirtError
     if it cannot be built or run; whatever was made is released either way. A load that
     fails stops the VM; its reason is then the VMM's error line on stderr."""
@@ -154,7 +147,7 @@ def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool,
         if machine.migration is not None:
             machine.migration.start()       # its thread confines itself
         if cfg.api_channel:
-            qmp = start_qmp(machine, cfg.api_channel[len("unix:"):])
+            qmp = serve_api(machine, cfg.api_channel[len("unix:"):])
         if cfg.xenstore:
             xenstore = start_xenstore(machine, cfg.xenstore)
         if on_built is not None:
