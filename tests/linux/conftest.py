@@ -8,8 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -83,6 +85,27 @@ class Qmp:
 
     def close(self) -> None:
         self.client.close()
+
+
+def wait_for_qmp(g: guest.LinuxGuest, path: Path, timeout: float = 120) -> Qmp:
+    """A QMP connection to the VMM running ``g``, once its socket ``path`` appears."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline or g.proc.poll() is not None:
+            raise g.fail("the VMM did not open its QMP socket")
+        time.sleep(0.1)
+    return Qmp(path)
+
+
+def migration_ends(qmp: Qmp, timeout: float = 600) -> dict[str, Any]:
+    """query-migrate's answer once the migration has ended, whichever way."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info: dict[str, Any] = qmp.ok("query-migrate")["return"]        # type: ignore[assignment]
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        time.sleep(0.2)
+    raise AssertionError("the migration did not end")
 
 
 class Netns:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ..testbed import debian, guest
-from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns, Qmp, altovirt_argv
+from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns, Qmp, altovirt_argv, migration_ends, wait_for_qmp
 
 BOOT_TIMEOUT = 400
 ROUNDS = 3
@@ -71,26 +71,10 @@ def start(kernel: debian.Kernel, initrd: Path, d: Path, host: Host, name: str, t
     try:
         if not extra:
             g.wait_ready(BOOT_TIMEOUT)
-        deadline = time.monotonic() + 120
-        while not (d / f"{name}.qmp").exists():
-            if time.monotonic() > deadline or g.proc.poll() is not None:
-                raise g.fail("the VMM did not open its QMP socket")
-            time.sleep(0.1)
-        return g, Qmp(d / f"{name}.qmp")
+        return g, wait_for_qmp(g, d / f"{name}.qmp")
     except BaseException:
         g.close()
         raise
-
-
-def migration_ends(qmp: Qmp, timeout: float = 600) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = qmp.ok("query-migrate")["return"]
-        assert isinstance(info, dict)
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            return info
-        time.sleep(0.2)
-    raise AssertionError("the migration did not end")
 
 
 @pytest.fixture

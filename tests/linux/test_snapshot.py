@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from ..testbed import debian, guest
-from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns, Qmp, altovirt_argv
+from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns, Qmp, altovirt_argv, migration_ends, wait_for_qmp
 
 BOOT_TIMEOUT = 400
 pytestmark = pytest.mark.timeout(900)
@@ -79,12 +79,7 @@ class Bed:
         try:
             if ready:
                 g.wait_ready(BOOT_TIMEOUT)
-            deadline = time.monotonic() + 120
-            while not (d / f"{name}.qmp").exists():
-                if time.monotonic() > deadline or g.proc.poll() is not None:
-                    raise g.fail("the VMM did not open its QMP socket")
-                time.sleep(0.1)
-            run = Run(g, Qmp(d / f"{name}.qmp"), ns, name)
+            run = Run(g, wait_for_qmp(g, d / f"{name}.qmp"), ns, name)
         except BaseException:
             g.close()
             ns.close()
@@ -95,16 +90,6 @@ class Bed:
 
 def answer(qmp: Qmp, command: str, **args: object) -> Any:
     return qmp.ok(command, **args)["return"]
-
-
-def migration_ends(qmp: Qmp, timeout: float = 600) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = answer(qmp, "query-migrate")
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            return info
-        time.sleep(0.2)
-    raise AssertionError("the migration did not end")
 
 
 def wait_status(qmp: Qmp, status: str, timeout: float = 300) -> None:
