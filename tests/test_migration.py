@@ -425,16 +425,22 @@ def migrate_live(source: Guest, uri: str) -> dict[str, Any]:
     return source.migration_ends()
 
 
-@pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_live_migration(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], transport: str) -> None:
+@pytest.mark.parametrize("transport, deferred", [("unix", False), ("tcp", False), ("unix", True), ("tcp", True)])
+def test_live_migration(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], transport: str,
+                        deferred: bool) -> None:
+    """``deferred``: the destination starts with -incoming defer and listens once QMP's
+    migrate-incoming asks, its sandbox on (it was killed for the listen, and for the tcp URI)."""
     uri = f"unix:{tmp_path / 'mig.sock'}" if transport == "unix" else f"tcp:127.0.0.1:{free_port()}"
     source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
     source.ask("dirty 4096", "dirty")           # 16 MiB the guest keeps rewriting
     before = source.count()
     first_read = source.ask("blk", "blk")
     # The destination opens the same disk: it takes the image's locks once the source lets go.
-    dest = Guest(vms, guest_args(probe, disk, "-incoming", uri), tmp_path / "q2.sock", ready=False)
+    dest = Guest(vms, guest_args(probe, disk, "-incoming", "defer" if deferred else uri), tmp_path / "q2.sock",
+                 ready=False)
     assert dest.status() == "inmigrate"
+    if deferred:
+        assert dest.cmd("migrate-incoming", uri=uri) == {}
     source.cmd("migrate-set-parameters", **{"downtime-limit": 200, "max-bandwidth": 0})
     info = migrate_live(source, uri)
     assert info["status"] == "completed", info

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 
 from .model import (
@@ -135,13 +136,22 @@ def parse_migration_uri(where: str, text: str) -> MigrationUri:
         if not (colon and port.isdigit() and 0 < int(port) < 65536):
             raise ConfigError(f"{where}: {text!r}: expected tcp:HOST:PORT with a port in [1, 65535]")
         host = {"": "0.0.0.0", "localhost": "127.0.0.1"}.get(host, host)
-        import ipaddress  # only a migration's URI needs it
-        try:
-            ipaddress.ip_address(host)
-        except ValueError as e:
-            raise ConfigError(f"{where}: {text!r}: HOST must be an IP address or localhost") from e
+        if not _is_ip_address(host):
+            raise ConfigError(f"{where}: {text!r}: HOST must be an IP address or localhost")
         return MigrationUri("tcp", host=host, port=int(port))
     raise ConfigError(f"{where}: unsupported URI {text!r}; accepted: {MIGRATION_URIS}")
+
+
+def _is_ip_address(host: str) -> bool:
+    """An IPv4 or IPv6 address, as the C library reads one: socket is loaded already, where the
+    ipaddress module would be imported on an API thread whose sandbox cannot list directories."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            pass
+    return False
 
 
 def check_vm(cfg: VmConfig) -> VmConfig:

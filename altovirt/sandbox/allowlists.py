@@ -57,7 +57,8 @@ ROLES: dict[str, tuple[str, ...]] = {
     "api": (*PYTHON, *EPOLL, *UNIX_SOCKETS, "ioctl", "unlink", "openat"),
     "main": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
              "ioctl", "tgkill", "unlink", "openat", "flock", "fdatasync", "fsync", "rename", "wait4"),
-    "migration": (*PYTHON, *UNIX_SOCKETS, "bind", "listen", "ioctl", "openat", "preadv", "preadv2",
+    # bind, listen, link: migrate-incoming's listener (backends/listen.py links it into place).
+    "migration": (*PYTHON, *UNIX_SOCKETS, "bind", "listen", "link", "ioctl", "openat", "preadv", "preadv2",
                   "mkdir", "mkdirat", "ftruncate", "fsync", "rename", "renameat", "renameat2", "unlink"),
 }
 # socket() and socketpair() families per role (argument 0): unix sockets only, but a

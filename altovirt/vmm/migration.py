@@ -28,13 +28,14 @@ and it asks the main thread for what touches the VM (stop, state, load) the same
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
 import socket
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ..config.model import IncomingConfig, MigrationUri
 from ..errors import AltoVirtError
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["Migration", "MigrationError", "Parameters", "snapshot_files"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def snapshot_files(uri: MigrationUri) -> snapfile.SnapshotFiles:
@@ -128,7 +130,7 @@ class Migration:
             self.progress.begin(self._m.mem.size)
         if incoming.uri.kind != "file" and listener is None:
             try:
-                listener = precopy.listen(incoming.uri)
+                listener = self._on_thread(functools.partial(precopy.listen, incoming.uri))
             except MigrationError:
                 with self.progress.lock:
                     self._incoming_started = False
@@ -137,6 +139,24 @@ class Migration:
         self._listener = listener
         self._listen_path = incoming.uri.path if incoming.uri.kind == "unix" else ""
         self._jobs.put(lambda: self._incoming(incoming))
+
+    def _on_thread(self, work: Callable[[], T]) -> T:
+        """``work``'s result (or its exception), run on the migration thread: the one whose
+        sandbox role may bind and listen (migrate-incoming after -incoming defer)."""
+        done = threading.Event()
+        outcome: list[Any] = []
+
+        def job() -> None:
+            try:
+                outcome.append(work())
+            except BaseException as e:       # raised again on the asking thread
+                outcome.append(e)
+            done.set()
+        self._jobs.put(job)
+        done.wait()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return cast(T, outcome[0])
 
     def cancel(self) -> None:
         self.progress.cancel()
