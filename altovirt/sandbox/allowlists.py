@@ -38,6 +38,10 @@ PYTHON = (
     "geteuid", "getrandom", "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday",
     "sched_yield", "sched_getaffinity", "set_robust_list", "rseq", "exit", "exit_group", "poll",
     "ppoll", "select", "pselect6", "eventfd2", "restart_syscall", "getcwd", "prctl",
+    # A module imported once a thread is confined (a snapshot's, on the first save) lists a
+    # directory of sys.path whose contents changed since the last import (the current one,
+    # first on the path under "python -m", is often /tmp).
+    "getdents64",
 )
 # Where a thread serves an epoll loop.
 EPOLL = ("epoll_wait", "epoll_pwait", "epoll_ctl", "epoll_create1")
