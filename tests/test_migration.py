@@ -425,7 +425,8 @@ def migrate_live(source: Guest, uri: str) -> dict[str, Any]:
     return source.migration_ends()
 
 
-@pytest.mark.parametrize("transport, deferred", [("unix", False), ("tcp", False), ("unix", True), ("tcp", True)])
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
 def test_live_migration(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], transport: str,
                         deferred: bool) -> None:
     """``deferred``: the destination starts with -incoming defer and listens once QMP's
@@ -436,8 +437,8 @@ def test_live_migration(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], 
     before = source.count()
     first_read = source.ask("blk", "blk")
     # The destination opens the same disk: it takes the image's locks once the source lets go.
-    dest = Guest(vms, guest_args(probe, disk, "-incoming", "defer" if deferred else uri), tmp_path / "q2.sock",
-                 ready=False)
+    incoming = "defer" if deferred else uri
+    dest = Guest(vms, guest_args(probe, disk, "-incoming", incoming), tmp_path / "q2.sock", ready=False)
     assert dest.status() == "inmigrate"
     if deferred:
         assert dest.cmd("migrate-incoming", uri=uri) == {}
