@@ -1,20 +1,31 @@
 """ACPI: the tables a guest finds in RAM, checked with ACPICA's own tools (Debian's
 acpica-tools), found by the probe as Linux finds them, and the hardware-reduced
-power button and soft-off path driven by QMP system_powerdown."""
+power button and soft-off path driven by QMP system_powerdown; the same tables as
+before the devices described themselves (issue 24), and arch apart from devices."""
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import struct
 import subprocess
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from altovirt.arch.x86_64 import acpi, layout
-from altovirt.config import load_config
-from altovirt.vmm import builder
+import altovirt
+from altovirt import arch
+from altovirt.arch.x86_64 import layout
+from altovirt.config import VmConfig, load_config
+from altovirt.devices.legacy.i8042 import I8042
+from altovirt.devices.virtio.block import WorkerPool
+from altovirt.eventloop import EventLoop
+from altovirt.kvm import Vm as KvmVm
+from altovirt.memory import GuestMemory
+from altovirt.vmm import builder, virtio_devices
+from altovirt.vmm.device_manager import DeviceManager
 
 from .conftest import Vm, needs_kvm
 from .test_qmp import Raw
@@ -98,10 +109,137 @@ def check_tables(tmp_path: Path, tables: dict[str, bytes], cpus: int,
     assert (tmp_path / "again.aml").read_bytes()[36:] == tables["DSDT"][36:]
 
 
+BEFORE = Path(__file__).parent / "data" / "acpi-before-issue24.hex"
+
+
+def tables_before() -> dict[int, bytes]:
+    """The ACPI area as AltoVirt built it before issue 24, by number of virtio-mmio slots."""
+    cases: dict[int, str] = {}
+    slots = 0
+    for line in BEFORE.read_text().splitlines():
+        if line.startswith("slots="):
+            slots = int(line.removeprefix("slots="))
+            cases[slots] = ""
+        elif line and not line.startswith("#"):
+            cases[slots] += line
+    return {n: bytes.fromhex(text) for n, text in cases.items()}
+
+
+def _pkg_length(data: bytes, at: int) -> tuple[int, int]:
+    """The PkgLength at ``at`` (ACPI 6.4, 20.2.4): what it encodes (its own bytes included),
+    and how many bytes it takes."""
+    extra = data[at] >> 6
+    if not extra:
+        return data[at] & 0x3F, 1
+    return (data[at] & 0x0F) | int.from_bytes(data[at + 1:at + 1 + extra], "little") << 4, 1 + extra
+
+
+def sb_devices(dsdt: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """The DSDT cut into what comes before \\_SB's Device terms, each of them, and what follows."""
+    assert dsdt[36] == 0x10                                 # ScopeOp
+    length, size = _pkg_length(dsdt, 37)
+    end, at = 37 + length, 37 + size + 5                    # past \\_SB_
+    head, devices = dsdt[:at], []
+    while at < end:
+        assert dsdt[at:at + 2] == b"\x5b\x82"                # DeviceOp
+        length, _ = _pkg_length(dsdt, at + 2)
+        devices.append(dsdt[at:at + 2 + length])
+        at += 2 + length
+    assert at == end
+    return head, devices, dsdt[end:]
+
+
+def device_name(term: bytes) -> str:
+    return term[2 + _pkg_length(term, 2)[1]:][:4].decode()
+
+
+class NoKvm:
+    """What the legacy devices ask of a VM: irqfds, here going nowhere."""
+
+    def irqfd(self, fd: int, gsi: int) -> None:
+        pass
+
+
+def device_firmware(slots: int, acpi_on: bool = True) -> arch.FirmwareDevices:
+    """What the device manager hands the firmware for its legacy devices and ``slots``
+    virtio-mmio slots, made without KVM."""
+    mem = GuestMemory(layout.ram_regions(128 << 20))
+    dm = DeviceManager(VmConfig(acpi=acpi_on), cast(KvmVm, NoKvm()), mem, cast(EventLoop, None),
+                       cast(WorkerPool, None), lambda reason: None)
+    try:
+        dm.add_legacy_devices()
+        dm.slots = [virtio_devices.slot(i) for i in range(slots)]
+        return dm.firmware_devices()
+    finally:
+        dm.close()
+        mem.close()
+
+
+def check_as_before(area: bytes, before: bytes) -> None:
+    """The tables in ``area`` are ``before``'s but for the order of \\_SB's devices: the
+    processors come first now, and the VM generation ID before the power button."""
+    now, then = tables_in_ram(area), tables_in_ram(before)
+    assert area[len(before):].strip(b"\0") == b""
+    for name in ("RSDP", "XSDT", "FACP", "APIC"):
+        assert now[name] == then[name], name
+    head, devices, tail = sb_devices(now["DSDT"])
+    assert (head, tail) == sb_devices(then["DSDT"])[::2]     # length and checksum too
+    assert sorted(devices) == sorted(sb_devices(then["DSDT"])[1])
+    names = [device_name(d) for d in devices]
+    cpus = [n for n in names if n.startswith("C0")]
+    slots = [n for n in names if n.startswith("V0")]
+    assert names == [*cpus, "COM1", "PS2K", "RTC_", *slots, "VGEN", "PWRB", "GED_"]
+
+
+@pytest.mark.parametrize("slots", [11, 12])
+def test_tables_as_before_the_devices_described_themselves(slots: int) -> None:
+    firmware = arch.build_firmware(4, device_firmware(slots))
+    assert firmware.acpi is not None and firmware.reset == I8042.reset_register
+    check_as_before(firmware.acpi.image, tables_before()[slots])
+
+
+def test_acpi_off_builds_no_tables() -> None:
+    firmware = arch.build_firmware(2, device_firmware(12, acpi_on=False))
+    assert firmware.acpi is None and firmware.reset == I8042.reset_register
+
+
+def _imports(path: Path, root: Path) -> list[str]:
+    """Every module and name ``path`` imports, absolute (``altovirt.arch.x86_64.acpi``)."""
+    package = list(path.relative_to(root.parent).with_suffix("").parts)
+    if package[-1] != "__init__":
+        package.pop()
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join([*package[:len(package) - node.level + 1], node.module or ""]).strip(".") \
+                if node.level else node.module or ""
+            found += [base, *(f"{base}.{a.name}" for a in node.names)]
+    return found
+
+
+def test_arch_and_devices_are_apart_and_vmm_sees_one_interface() -> None:
+    """arch/ assembles what the devices hand it and imports nothing of devices/; the devices
+    import nothing of arch/; everything else takes arch only as ``altovirt.arch``'s names."""
+    root = Path(altovirt.__file__).parent
+    for path in root.rglob("*.py"):
+        imported = _imports(path, root)
+        where = path.relative_to(root).parts[0]
+        if where == "arch":
+            assert not [m for m in imported if m.startswith("altovirt.devices")], path
+        elif where == "devices":
+            assert not [m for m in imported if m.startswith("altovirt.arch")], path
+        else:
+            inside = [m for m in imported if m.startswith("altovirt.arch.")]
+            assert all(m.removeprefix("altovirt.arch.") in arch.__all__ for m in inside), (path, inside)
+
+
 @needs_kvm
 @needs_iasl
 def test_tables_in_guest_ram_pass_acpica(probe: Path, tmp_path: Path) -> None:
-    """Every slot a VM with QMP has (6 disks, 2 NICs, console, vsock, rng) is in the DSDT."""
+    """Every slot a VM with QMP has (6 disks, 2 NICs, console, vsock, rng) is in the DSDT, and
+    the tables are those from before the devices described themselves."""
     m = builder.build(load_config([
         "-kernel", str(probe / "probe.elf"), "-smp", "4", "-m", "5G",
         "-api-channel", f"unix:{tmp_path / 'qmp.sock'}", "-chardev", f"id=c0,path={tmp_path / 'con'}",
@@ -114,13 +252,14 @@ def test_tables_in_guest_ram_pass_acpica(probe: Path, tmp_path: Path) -> None:
     finally:
         m.close()
     check_tables(tmp_path, tables_in_ram(area), 4, slots)
+    check_as_before(area, tables_before()[11])
 
 
 @needs_iasl
 def test_tables_for_254_vcpus_fit_and_pass_acpica(tmp_path: Path) -> None:
-    slots = [acpi.MmioSlot(0xD0000000 + 0x1000 * i, 0x1000, 5 + i) for i in range(12)]
-    built = acpi.build(254, slots)
-    assert len(built.image) <= layout.ACPI_SIZE
+    built = arch.build_firmware(254, device_firmware(12)).acpi
+    assert built is not None and len(built.image) <= layout.ACPI_SIZE
+    slots = [virtio_devices.slot(i) for i in range(12)]
     check_tables(tmp_path, tables_in_ram(built.image), 254, [(s.base, s.irq) for s in slots])
 
 

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from altovirt.acpi.tables import ResetRegister
 from altovirt.arch.x86_64 import boot, layout, mptable
 from altovirt.arch.x86_64 import bootparams as bp
 from altovirt.arch.x86_64.loader import KernelError, detect, load_initrd, load_kernel
 from altovirt.arch.x86_64.pvh import XEN_HVM_START_MAGIC_VALUE, hvm_memmap_table_entry, hvm_start_info
+from altovirt.devices.legacy.i8042 import I8042
 from altovirt.memory import GuestMemory, GuestMemoryError
 
 MiB = 1 << 20
+NO_ACPI = boot.Firmware(None, I8042.reset_register)        # -machine acpi=off
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "altovirt-tests"
 
 
@@ -95,7 +98,7 @@ def test_debian_kernel_setup_header(debian_kernel: Path) -> None:
         assert 0 <= len(image) - setup - hdr.syssize * 16 < 4096
         assert m.read(layout.HIMEM_START, 64) == image[setup:setup + 64]
         assert k.entry == layout.HIMEM_START + 0x200
-        plan = boot.prepare(m, image, "console=ttyS0 quiet", b"initrd!", 1, None)
+        plan = boot.prepare(m, image, "console=ttyS0 quiet", b"initrd!", 1, NO_ACPI)
         params = bp.boot_params.from_buffer_copy(m.read(layout.ZERO_PAGE_START, 4096))
         assert params.hdr.type_of_loader == 0xFF and params.hdr.version == hdr.version
         assert params.hdr.ramdisk_image == plan.initrd_addr and params.hdr.ramdisk_size == 7
@@ -116,7 +119,7 @@ def test_debian_kernel_setup_header(debian_kernel: Path) -> None:
 def test_zero_page_contents(probe: Path) -> None:
     m = GuestMemory(layout.ram_regions(5 << 30))     # RAM on both sides of the MMIO gap
     try:
-        plan = boot.prepare(m, (probe / "probe.bin").read_bytes(), "a=b c", b"x" * 5000, 3, None)
+        plan = boot.prepare(m, (probe / "probe.bin").read_bytes(), "a=b c", b"x" * 5000, 3, NO_ACPI)
         assert (plan.kind, plan.long_mode, plan.info_addr) == ("raw", True, layout.ZERO_PAGE_START)
         p = bp.boot_params.from_buffer_copy(m.read(layout.ZERO_PAGE_START, 4096))
         assert p.hdr.boot_flag == 0xAA55 and p.hdr.header == bp.HDRS_MAGIC and p.hdr.type_of_loader == 0xFF
@@ -135,7 +138,7 @@ def test_zero_page_contents(probe: Path) -> None:
 
 
 def test_pvh_start_info(probe: Path, mem: GuestMemory) -> None:
-    plan = boot.prepare(mem, (probe / "probe.elf").read_bytes(), "pvh!", b"abc", 1, None)
+    plan = boot.prepare(mem, (probe / "probe.elf").read_bytes(), "pvh!", b"abc", 1, NO_ACPI)
     assert (plan.kind, plan.long_mode, plan.info_addr) == ("pvh", False, layout.PVH_INFO_START)
     si = hvm_start_info.from_buffer_copy(mem.read(layout.PVH_INFO_START, ctypes.sizeof(hvm_start_info)))
     assert (si.magic, si.version, si.nr_modules) == (XEN_HVM_START_MAGIC_VALUE, 1, 1)
@@ -188,7 +191,15 @@ def test_initrd_must_fit(probe: Path, mem: GuestMemory) -> None:
 def test_command_line_limit(probe: Path, mem: GuestMemory) -> None:
     with pytest.raises(KernelError, match="command line is 2048 bytes with what the machine adds to "
                                           "-append; this kernel accepts at most 2047"):
-        boot.prepare(mem, (probe / "probe.bzImage").read_bytes(), "x" * 2048, None, 1, None)
+        boot.prepare(mem, (probe / "probe.bzImage").read_bytes(), "x" * 2048, None, 1, NO_ACPI)
+
+
+def test_reset_vector_pulses_the_i8042_reset_line(probe: Path, mem: GuestMemory) -> None:
+    """F000:FFF0 holds mov al, 0xfe; out 0x64, al; hlt; jmp $-1: what the i8042 hands boot.py."""
+    boot.prepare(mem, (probe / "probe.elf").read_bytes(), "", None, 1, NO_ACPI)
+    assert mem.read(layout.RESET_VECTOR, 7) == bytes([0xB0, 0xFE, 0xE6, 0x64, 0xF4, 0xEB, 0xFD])
+    with pytest.raises(ValueError, match="ports 0-0xff"):
+        boot.reset_stub(ResetRegister(0x602, 0x0F))     # out imm8 cannot name the ACPI reset port
 
 
 def test_guest_memory_bounds() -> None:

@@ -219,3 +219,8 @@ def interrupt(gsi: int, *, edge: bool = True, active_low: bool = False) -> bytes
 def resource_template(*descriptors: bytes) -> bytes:
     """A Buffer of the descriptors and an end tag (checksum 0: "treat as valid")."""
     return buffer(b"".join(descriptors) + bytes([END_TAG, 0]))
+
+
+def crs(*descriptors: bytes) -> bytes:
+    """Name (_CRS, ResourceTemplate () {descriptors}): a device's current resources (6.2.2)."""
+    return name("_CRS", resource_template(*descriptors))

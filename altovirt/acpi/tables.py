@@ -1,11 +1,13 @@
 """ACPI table structures (ACPI 6.4, chapter 5.2) as ctypes, named as in ACPICA's
 actbl.h/actbl2.h (which Linux carries in include/acpi/), and the checksums that
-make a guest accept them.
+make a guest accept them; and, as plain data, what a device hands the FADT
+(:class:`PowerRegisters`, :class:`ResetRegister`, the boot flags).
 """
 
 from __future__ import annotations
 
 import ctypes as C
+from dataclasses import dataclass
 
 u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
 
@@ -152,3 +154,24 @@ def rsdp(xsdt_addr: int) -> bytes:
     r.checksum = checksum(bytes(r)[:20])
     r.extended_checksum = checksum(bytes(r))
     return bytes(r)
+
+
+@dataclass(frozen=True)
+class ResetRegister:
+    """Writing ``value`` to I/O ``port`` resets the machine: the FADT's RESET_REG and
+    RESET_VALUE (4.8.3.6), or any register that works so (the i8042's command port)."""
+
+    port: int
+    value: int
+
+
+@dataclass(frozen=True)
+class PowerRegisters:
+    """A hardware-reduced platform's power registers, I/O ports all, as the FADT names them
+    (5.2.9): reset (4.8.3.6), sleep control and sleep status (4.8.3.7); and the SLP_TYP
+    that the DSDT's ``\\_S5`` object gives for soft off (7.4.2)."""
+
+    reset: ResetRegister
+    sleep_control_port: int
+    sleep_status_port: int
+    s5_sleep_type: int

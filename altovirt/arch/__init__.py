@@ -1,1 +1,64 @@
-"""Architecture-specific code; only x86_64 for now."""
+"""The architecture interface: all that vmm/ asks of the host's architecture, in one place.
+
+vmm/ imports these names from here, never from an architecture's own modules; the
+devices and the ACPI encoder import nothing of arch. Each architecture is a package
+beside this file that provides every name (only x86_64 exists yet), picked by
+``os.uname().machine``, which is what platform.machine() answers, without importing
+platform at start-up.
+
+Memory layout
+    ram_regions(size) -> list[Region]       guest RAM of ``size`` bytes, around the MMIO holes
+    mmio_slot(index) -> (base, gsi)         virtio-mmio slot ``index``: its 4 KiB and its
+                                            interrupt; IndexError past the last slot
+    VMGENID_ADDR                            the VM generation ID's reserved page
+The VM and its vCPUs
+    create_irqchip(vm)                      the in-kernel interrupt controllers: after guest RAM
+                                            is registered, before any vCPU; KvmError
+    setup_vcpus(kvm, vcpus) -> list[int]    every vCPU's CPU model and power-on registers;
+                                            returns the registers the power-on state keeps
+    setup_boot_regs(vcpu, plan)             the boot vCPU at the kernel's entry
+Firmware and kernel
+    FirmwareDevices                         what the devices hand the firmware, each describing
+                                            itself (DSDT entries and the FADT's plain data)
+    build_firmware(cpus, devices) -> Firmware
+    load_kernel(mem, image, cmdline, initrd, cpus, firmware) -> BootPlan
+                                            the kernel, initrd, command line, firmware and boot
+                                            structures in guest RAM; KernelError if it cannot boot
+KVM's state (a reset's power-on state, a snapshot's "kvm" section)
+    PowerOnState                            the VM's and its vCPUs' state as plain data
+    save_state(vm, vcpus, registers) -> PowerOnState
+    restore_state(vm, vcpus, state, *, reset=False)    SavedStateError if it does not fit
+    snapshot_registers(kvm, vcpu) -> list[int]         the registers a snapshot keeps
+"""
+
+from __future__ import annotations
+
+import os
+
+MACHINE = os.uname().machine
+
+if MACHINE == "x86_64":
+    from .x86_64 import (
+        VMGENID_ADDR,
+        BootPlan,
+        Firmware,
+        FirmwareDevices,
+        KernelError,
+        PowerOnState,
+        build_firmware,
+        create_irqchip,
+        load_kernel,
+        mmio_slot,
+        ram_regions,
+        restore_state,
+        save_state,
+        setup_boot_regs,
+        setup_vcpus,
+        snapshot_registers,
+    )
+else:
+    raise ImportError(f"AltoVirt runs on x86_64 hosts; this one is {MACHINE}")
+
+__all__ = ["MACHINE", "VMGENID_ADDR", "BootPlan", "Firmware", "FirmwareDevices", "KernelError",
+           "PowerOnState", "build_firmware", "create_irqchip", "load_kernel", "mmio_slot", "ram_regions",
+           "restore_state", "save_state", "setup_boot_regs", "setup_vcpus", "snapshot_registers"]

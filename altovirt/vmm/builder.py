@@ -10,25 +10,17 @@ from __future__ import annotations
 import functools
 import logging
 
-from ..arch.x86_64 import acpi, boot, layout, poweron
-from ..arch.x86_64.loader import KernelError
-from ..arch.x86_64.regs import BOOT_MSRS
+from .. import arch
 from ..config import VmConfig
-from ..devices.legacy.vmgenid import VmGenId
-from ..kvm import Kvm, KvmError, Vcpu
+from ..kvm import Kvm, KvmError
 from ..memory import GuestMemory
-from . import virtio_devices
 from .device_manager import DeviceManager
 from .machine import BootInputs, Machine, VmmError
 from .pit import LostTicks
 from .vcpu import VcpuThread
+from .virtio_devices import MmioSlot
 
 log = logging.getLogger(__name__)
-
-# Where VMX keeps its real-mode TSS and identity map: the top of the 32-bit space,
-# below the BIOS, outside RAM (KVM_SET_TSS_ADDR needs three pages).
-TSS_ADDR = 0xFFFBD000
-IDENTITY_MAP_ADDR = 0xFFFBC000
 
 
 def open_kvm(path: str = "/dev/kvm") -> Kvm:
@@ -48,7 +40,7 @@ def open_kvm(path: str = "/dev/kvm") -> Kvm:
     return kvm
 
 
-def guest_cmdline(user: str, slots: list[acpi.MmioSlot]) -> str:
+def guest_cmdline(user: str, slots: list[MmioSlot]) -> str:
     """The user's kernel command line, then what the machine adds to it.
 
     ``pci=off`` unless the user chose a ``pci=`` setting: there is no PCI bus, yet
@@ -60,7 +52,7 @@ def guest_cmdline(user: str, slots: list[acpi.MmioSlot]) -> str:
     words = [user] if user else []
     if not any(w.startswith("pci=") for w in user.split()):
         words.append("pci=off")
-    words += (virtio_devices.cmdline_entry(s.base, s.irq) for s in slots)
+    words += (s.cmdline_entry() for s in slots)
     return " ".join(words)
 
 
@@ -72,36 +64,21 @@ def _read_file(what: str, path: str) -> bytes:
         raise VmmError(f"{what}: {path}: {e.strerror}") from e
 
 
-def _set_boot_msrs(vcpu: Vcpu) -> dict[int, int]:
-    """Set the boot MSRs; a host (PVM) that refuses some keeps its defaults for those."""
-    try:
-        vcpu.set_msrs(BOOT_MSRS)
-        return BOOT_MSRS
-    except KvmError:
-        accepted = {}
-        for index, value in BOOT_MSRS.items():
-            try:
-                vcpu.set_msrs({index: value})
-                accepted[index] = value
-            except KvmError:
-                log.debug("host refuses boot MSR %#x; left at its default", index)
-        return accepted
-
-
-def _boot_inputs(cfg: VmConfig, cmdline: str, slots: list[acpi.MmioSlot]) -> BootInputs:
-    """What boot.prepare needs: the kernel and initrd read, the command line and tables."""
+def _boot_inputs(cfg: VmConfig, cmdline: str, devices: DeviceManager) -> BootInputs:
+    """What arch.load_kernel needs: the kernel and initrd read, the command line, and the
+    firmware built from what the devices say of themselves."""
     image = _read_file("-kernel", cfg.kernel or "")
     initrd = _read_file("-initrd", cfg.initrd) if cfg.initrd else None
-    tables = acpi.build(cfg.vcpus, slots) if cfg.acpi else None
-    return (image, cmdline, initrd, cfg.vcpus, tables)
+    firmware = arch.build_firmware(cfg.vcpus, devices.firmware_devices())
+    return (image, cmdline, initrd, cfg.vcpus, firmware)
 
 
-def prepare_boot(m: Machine) -> boot.BootPlan:
+def prepare_boot(m: Machine) -> arch.BootPlan:
     """Load the kernel, initrd, command line and boot tables into guest RAM."""
     assert m.mem is not None and m.boot_inputs is not None
     try:
-        plan = boot.prepare(m.mem, *m.boot_inputs)
-    except KernelError as e:
+        plan = arch.load_kernel(m.mem, *m.boot_inputs)
+    except arch.KernelError as e:
         raise VmmError(f"-kernel: {m.cfg.kernel}: {e}") from e
     log.info("kernel %s: %s format, entry %#x%s", m.cfg.kernel, plan.kind, plan.entry,
              f", initrd at {plan.initrd_addr:#x}" if plan.initrd_size else "")
@@ -123,7 +100,7 @@ def _build(m: Machine) -> None:
     m.kvm = kvm = open_kvm()
     m.vm = vm = kvm.create_vm()
     try:
-        m.mem = mem = GuestMemory(layout.ram_regions(cfg.mem_size), dontdump=cfg.omit_vm_memory,
+        m.mem = mem = GuestMemory(arch.ram_regions(cfg.mem_size), dontdump=cfg.omit_vm_memory,
                                   shared=cfg.mem_share)
     except OSError as e:
         raise VmmError(f"-m: cannot allocate {cfg.mem_size >> 20} MiB of guest RAM: {e.strerror}") from e
@@ -132,37 +109,31 @@ def _build(m: Machine) -> None:
     for slot, region in enumerate(mem.regions):
         vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
     try:
-        vm.set_tss_addr(TSS_ADDR)
-        vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        vm.create_irqchip()
-        vm.create_pit2()
+        arch.create_irqchip(vm)
     except KvmError as e:
         raise VmmError(f"cannot set up the VM's interrupt controllers: {e}") from e
     m.lost_ticks = LostTicks(vm)
 
     m.devices = devices = DeviceManager(cfg, vm, mem, m.io, m.block_pool, m.lifecycle.request_stop)
     slots = devices.add_virtio_devices(m.devices_still, m.device_deleted)
+    devices.add_legacy_devices()        # before the firmware, which they describe
+    m.vmgenid = devices.vmgenid
     cmdline = guest_cmdline(cfg.cmdline, slots)
-    m.read_boot_inputs = functools.partial(_boot_inputs, cfg, cmdline, slots)
+    m.read_boot_inputs = functools.partial(_boot_inputs, cfg, cmdline, devices)
     plan = None
     if cfg.incoming is None:            # a VM loaded from a snapshot or a migration boots nothing
         m.boot_inputs = m.read_boot_inputs()
         plan = prepare_boot(m)
-
-    devices.add_legacy_devices()
-    if devices.acpi is not None:
-        m.vmgenid = VmGenId(mem, layout.VMGENID_ADDR, devices.acpi.vm_generation_changed)
+    if m.vmgenid is not None:
         m.vmgenid.write()
-    supported = kvm.supported_cpuid()
-    msrs: dict[int, int] = {}
+
     for i in range(cfg.vcpus):
-        vcpu = vm.create_vcpu(i)
-        m.vcpus.append(VcpuThread(vcpu, devices.pio, devices.mmio, m.lifecycle.request_stop))
-        msrs = _set_boot_msrs(vcpu)
-        boot.setup_vcpu(vcpu, supported, cfg.vcpus, msrs)
+        m.vcpus.append(VcpuThread(vm.create_vcpu(i), devices.pio, devices.mmio, m.lifecycle.request_stop))
+    vcpus = [v.vcpu for v in m.vcpus]
+    registers = arch.setup_vcpus(kvm, vcpus)
     if plan is not None:
-        boot.setup_boot_regs(m.vcpus[0].vcpu, plan)
+        arch.setup_boot_regs(vcpus[0], plan)
     try:
-        m.power_on = poweron.save(vm, [v.vcpu for v in m.vcpus], list(msrs))
+        m.power_on = arch.save_state(vm, vcpus, registers)
     except KvmError as e:
         raise VmmError(f"cannot read the vCPUs' power-on state: {e}") from e

@@ -3,7 +3,8 @@ slots, and the interrupt and notification eventfds that tie them to KVM.
 
 Interrupts are irqfds (KVM_IRQFD), queue notifications ioeventfds
 (KVM_IOEVENTFD with the queue index as datamatch), so neither needs a vCPU
-exit to user space to reach a device.
+exit to user space to reach a device. Each device describes itself to the
+firmware; :meth:`DeviceManager.firmware_devices` gathers what they say.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from ..arch.x86_64.acpi import MmioSlot
+from .. import arch
 from ..config import VmConfig
 from ..devices.bus import Bus
 from ..devices.legacy.acpi import ACPI_PORT_BASE, ACPI_PORT_COUNT, GED_IRQ, AcpiRegisters
@@ -23,6 +24,7 @@ from ..devices.legacy.i8042 import I8042, I8042_IRQ
 from ..devices.legacy.post import POST_PORT, PostPort
 from ..devices.legacy.rtc import RTC_PORT, Rtc
 from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
+from ..devices.legacy.vmgenid import VmGenId
 from ..devices.virtio.block import WorkerPool
 from ..devices.virtio.mmio import INTERRUPT_ACK, MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
 from ..devices.virtio.vsock import Vsock
@@ -49,12 +51,14 @@ class DeviceManager:
         self.mmio = Bus("mmio")
         self._fds: list[int] = []
         self.transports: list[MmioTransport] = []
+        self.slots: list[virtio_devices.MmioSlot] = []
         self.boot_timer = BootTimer()
         self.console: HostConsole | None = None
         self.serial: Serial | None = None
         self.i8042: I8042 | None = None
         self.acpi: AcpiRegisters | None = None
         self.rtc: Rtc | None = None
+        self.vmgenid: VmGenId | None = None
         self.hotplug: Hotplug | None = None
         self.vsock: Vsock | None = None
 
@@ -70,15 +74,15 @@ class DeviceManager:
         return lambda: os.eventfd_write(fd, 1)
 
     def add_virtio_devices(self, quiet: Callable[[], AbstractContextManager[None]],
-                           on_deleted: Callable[[str], None]) -> list[MmioSlot]:
+                           on_deleted: Callable[[str], None]) -> list[virtio_devices.MmioSlot]:
         """Create the configured virtio devices, and the empty hot-plug slots when the VM
         has a QMP channel to fill them; returns the slots. ``quiet`` and ``on_deleted``
         are the hot-plug's (see :class:`Hotplug`)."""
         devices = virtio_devices.devices_for(self.cfg, self._io, self._pool,
                                              hotplug=bool(self.cfg.api_channel))
-        slots = []
         for index, device in enumerate(devices.in_slot_order()):
-            base, irq = virtio_devices.slot(index)
+            slot = virtio_devices.slot(index)
+            base, irq = slot.base, slot.irq
             transport = MmioTransport(device, self._mem, self._irqfd(irq), self._io)
             self.transports.append(transport)
             for q, fd in enumerate(transport.notify_fds):
@@ -89,13 +93,13 @@ class DeviceManager:
             self._fds.append(ack)
             self._vm.ioeventfd(ack, base + INTERRUPT_ACK, 4)
             self.mmio.insert(transport, base, MMIO_SLOT_SIZE)
-            slots.append(MmioSlot(base, MMIO_SLOT_SIZE, irq))
+            self.slots.append(slot)
             log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)
         self.vsock = next((d for d in devices.others if isinstance(d, Vsock)), None)
         n_disks, n_nics = len(devices.disks), len(devices.nets)
         self.hotplug = Hotplug(self.transports[:n_disks], self.transports[n_disks:n_disks + n_nics],
                                self._io, self._pool, quiet, on_deleted)
-        return slots
+        return self.slots
 
     def add_legacy_devices(self) -> None:
         out = None
@@ -114,10 +118,24 @@ class DeviceManager:
             self.acpi = AcpiRegisters(lambda: self._stop(GUEST_SHUTDOWN), lambda: self._stop(GUEST_RESET),
                                       self._irq_line(GED_IRQ))
             self.pio.insert(self.acpi, ACPI_PORT_BASE, ACPI_PORT_COUNT)
+            self.vmgenid = VmGenId(self._mem, arch.VMGENID_ADDR, self.acpi.vm_generation_changed)
         self.rtc = Rtc(self._mem.regions[0].size, high)
         self.pio.insert(self.rtc, RTC_PORT, 2)
         self.pio.insert(self.boot_timer, BOOT_TIMER_PORT, 1)
         self.pio.insert(PostPort(), POST_PORT, 1)
+
+    def firmware_devices(self) -> arch.FirmwareDevices:
+        """What the devices put in the firmware, each describing itself (after
+        :meth:`add_legacy_devices`). The DSDT lists the legacy devices, the virtio-mmio slots,
+        the VM generation ID, then the ACPI registers' power button and GED, whose ``_EVT``
+        notifies both of those."""
+        assert self.serial is not None and self.i8042 is not None and self.rtc is not None
+        reset = self.i8042.reset_register
+        if self.acpi is None or self.vmgenid is None:
+            return arch.FirmwareDevices((), None, 0, reset)
+        dsdt = (self.serial.acpi_device(), self.i8042.acpi_device(), self.rtc.acpi_device(),
+                *(s.acpi_device() for s in self.slots), self.vmgenid.acpi_device(), self.acpi.acpi_device())
+        return arch.FirmwareDevices(dsdt, self.acpi.power_registers, self.i8042.boot_flags, reset)
 
     def reset(self) -> None:
         """Reset every virtio device, as the reset line does (device work is held still)."""

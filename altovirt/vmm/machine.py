@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..arch.x86_64 import acpi, boot, poweron
+from .. import arch
 from ..config import VmConfig
 from ..devices.legacy.vmgenid import VmGenId
 from ..devices.virtio.block import WorkerPool
@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# What boot.prepare needs once the kernel and initrd are read: kept for system_reset.
-BootInputs = tuple[bytes, str, bytes | None, int, acpi.AcpiTables | None]
+# What arch.load_kernel needs once the kernel and initrd are read: kept for system_reset.
+BootInputs = tuple[bytes, str, bytes | None, int, arch.Firmware]
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Machine:
             self.xenstore = Store(cfg.xen_domid)
         self.boot_inputs: BootInputs | None = None     # read at build, or at the first reset if loaded
         self.read_boot_inputs: Callable[[], BootInputs] | None = None
-        self.power_on: poweron.PowerOnState | None = None
+        self.power_on: arch.PowerOnState | None = None
         self._clock: S.kvm_clock_data | None = None
         self._snapshot_msrs: list[int] | None = None
         # QEMU's autostart: 'cont' while the state loads (inmigrate) runs the VM once it is in.
@@ -199,7 +199,7 @@ class Machine:
         downtime pays for it."""
         if self._snapshot_msrs is None:
             assert self.kvm is not None
-            self._snapshot_msrs = poweron.snapshot_msrs(self.kvm, self.vcpus[0].vcpu)
+            self._snapshot_msrs = arch.snapshot_registers(self.kvm, self.vcpus[0].vcpu)
         return self._snapshot_msrs
 
     def stop_for_migration(self) -> RunState:
@@ -295,8 +295,8 @@ class Machine:
                 if self.vmgenid is not None:
                     self.vmgenid.write()    # the same VM: the same generation
                 vcpus = [v.vcpu for v in self.vcpus]
-                poweron.restore(self.vm, vcpus, self.power_on, reset=True)
-                boot.setup_boot_regs(vcpus[0], plan)
+                arch.restore_state(self.vm, vcpus, self.power_on, reset=True)
+                arch.setup_boot_regs(vcpus[0], plan)
         log.info("system reset")
         life.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 

@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..arch.x86_64 import poweron
+from .. import arch
 from ..config import jsonconfig
 from ..devices.legacy.persist import I8042State, RtcState, SerialState
 from ..devices.virtio.persist import TransportState
@@ -99,7 +99,7 @@ def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[
     assert m.vm is not None and m.kvm is not None and m.devices is not None and m.mem is not None
     d = m.devices
     assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
-    kvm_state = poweron.save(m.vm, [v.vcpu for v in m.vcpus], msrs)
+    kvm_state = arch.save_state(m.vm, [v.vcpu for v in m.vcpus], msrs)
     kvm_state = dataclasses.replace(kvm_state, vm=dataclasses.replace(kvm_state.vm, clock=clock))
     sections = [Section("config", VERSION, json.dumps(jsonconfig.to_dict(m.cfg)).encode()),
                 _section("kvm", kvm_state), _section("serial", d.serial.save()),
@@ -127,7 +127,7 @@ def restore(m: Machine, header: dict[str, Any], sections: dict[str, Section]) ->
         raise SnapshotError(f"header: {header.get('memory_size')} bytes of RAM saved; "
                             f"this VM has {m.mem.size} (-m)")
     _check_cpu(header.get("cpu"), host_cpu(m.kvm))
-    kvm_state = _state(sections, "kvm", poweron.PowerOnState)
+    kvm_state = _state(sections, "kvm", arch.PowerOnState)
     names = ["hotplug", *(f"virtio-mmio.{i}" for i in range(len(d.transports))), "serial", "i8042", "rtc"]
     unknown = sorted(set(sections) - {*names, "config", "kvm", "xenstore"})
     if unknown:
@@ -146,7 +146,7 @@ def restore(m: Machine, header: dict[str, Any], sections: dict[str, Section]) ->
     steps: list[tuple[str, Callable[[], None]]] = [
         (n, functools.partial(c.restore, st)) for n, c, st in zip(names, components, states, strict=True)]
     vm = m.vm
-    steps.append(("kvm", lambda: poweron.restore(vm, [v.vcpu for v in m.vcpus], kvm_state)))
+    steps.append(("kvm", lambda: arch.restore_state(vm, [v.vcpu for v in m.vcpus], kvm_state)))
     if m.xenstore is not None:
         steps.append(("xenstore", lambda: _load_xenstore(m, sections["xenstore"])))
     for name, step in steps:

@@ -1,9 +1,9 @@
 """Which virtio devices a configuration asks for, and where they sit.
 
-Slots are 4 KiB each from MMIO_BASE in the 32-bit gap (as in Firecracker);
-IRQs are ISA lines the legacy devices do not use (8 stays with the RTC).
-Linux finds the devices in the ACPI DSDT (distro kernels) or through
-``virtio_mmio.device=`` on its command line (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+Slots are the architecture's (:func:`altovirt.arch.mmio_slot`): on x86_64 4 KiB
+each in the 32-bit gap, as in Firecracker. Linux finds the devices in the ACPI
+DSDT (distro kernels, :meth:`MmioSlot.acpi_device`) or through ``virtio_mmio.device=``
+on its command line (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, :meth:`MmioSlot.cmdline_entry`).
 
 When the VM has a QMP channel, hot-plug works as StratoVirt's microvm does it
 ("hot-replace"): every disk and NIC slot the limits allow exists from boot,
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import arch
+from ..acpi import aml
 from ..backends import BackendError
 from ..backends.blockfile import BlockFile
 from ..backends.tap import Tap
@@ -24,14 +26,14 @@ from ..config.model import MAX_DRIVES, MAX_NICS, FsConfig, NetConfig, VsockConfi
 from ..devices.virtio.block import Block, WorkerPool
 from ..devices.virtio.console import Console
 from ..devices.virtio.device import VirtioDevice
+from ..devices.virtio.mmio import MMIO_SLOT_SIZE
 from ..devices.virtio.net import Net, random_mac
 from ..devices.virtio.rng import Rng
 from ..devices.virtio.vsock import Vsock
 from ..errors import EXIT_USAGE, AltoVirtError
 from ..eventloop import EventLoop
 
-MMIO_BASE = 0xD0000000
-IRQS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17)
+VIRTIO_MMIO_HID = "LNRO0005"         # what drivers/virtio/virtio_mmio.c matches in ACPI
 
 
 class DeviceError(AltoVirtError, ValueError):
@@ -124,10 +126,27 @@ def _fs(f: FsConfig, io: EventLoop) -> VirtioDevice:
     return VhostUserFs(f.id, f.tag, VhostUser(f.socket_path), io)
 
 
-def slot(index: int) -> tuple[int, int]:
-    """(base address, IRQ) of slot ``index``."""
-    return MMIO_BASE + index * 0x1000, IRQS[index]
+@dataclass(frozen=True)
+class MmioSlot:
+    """Where the virtio-mmio transport of slot ``index`` sits: MMIO_SLOT_SIZE bytes at
+    ``base``, interrupt ``irq``."""
+
+    index: int
+    base: int
+    irq: int
+
+    def acpi_device(self) -> bytes:
+        """The slot in the DSDT: a Device term for ``\\_SB`` (ACPI 6.4, 6.4.3: Memory32Fixed and
+        an extended interrupt, edge-triggered, active high)."""
+        return aml.device(f"V{self.index:03X}", aml.name("_HID", aml.string(VIRTIO_MMIO_HID)),
+                          aml.name("_UID", aml.integer(self.index)),
+                          aml.crs(aml.memory32_fixed(self.base, MMIO_SLOT_SIZE), aml.interrupt(self.irq)))
+
+    def cmdline_entry(self) -> str:
+        """The slot on the kernel command line (Linux's virtio_mmio.device=<size>@<base>:<irq>)."""
+        return f"virtio_mmio.device={MMIO_SLOT_SIZE >> 10}K@{self.base:#x}:{self.irq}"
 
 
-def cmdline_entry(base: int, irq: int) -> str:
-    return f"virtio_mmio.device=4K@{base:#x}:{irq}"
+def slot(index: int) -> MmioSlot:
+    """Slot ``index``, where the architecture puts it."""
+    return MmioSlot(index, *arch.mmio_slot(index))

@@ -1,19 +1,22 @@
 """Put a kernel, its command line, initrd and boot information in guest RAM.
 
-:func:`prepare` writes everything the boot protocol needs and returns a
-:class:`BootPlan`; :func:`setup_vcpu` then gives each vCPU its initial state.
+:func:`prepare` writes everything the boot protocol needs, the :class:`Firmware`
+too, and returns a :class:`BootPlan`; :func:`setup_vcpus` then gives each vCPU its
+initial state, and :func:`setup_boot_regs` the boot vCPU its entry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...devices.legacy.i8042 import CMD_RESET_CPU, COMMAND_PORT
-from ...kvm import Vcpu
+from ...acpi.tables import ResetRegister
+from ...kvm import Kvm, Vcpu
 from ...kvm import structs as S
 from ...memory import GuestMemory
 from . import acpi, cpuid, layout, mptable, regs
 from . import bootparams as bp
+from .acpi import AcpiTables
 from .loader import Kernel, KernelError, load_initrd, load_kernel
 from .pvh import (
     HVM_START_INFO_VERSION,
@@ -23,12 +26,25 @@ from .pvh import (
     hvm_start_info,
 )
 
-# What firmware does at the reset vector, for a VM: reset. Linux reboots through it when
-# other ways fail, and on a hardware-reduced ACPI machine without EFI it tries nothing else
-# (reboot_init() picks BOOT_EFI, which falls back to BOOT_BIOS: a jump to F000:FFF0). Real-
-# mode code: mov al, CMD_RESET_CPU; out COMMAND_PORT, al (pulse the i8042's reset line); hlt;
-# jmp back to the hlt.
-RESET_STUB = bytes([0xB0, CMD_RESET_CPU, 0xE6, COMMAND_PORT, 0xF4, 0xEB, 0xFD])
+
+@dataclass(frozen=True)
+class Firmware:
+    """What stands in for firmware besides the MP table: the ACPI tables (None: no ACPI,
+    ``-machine acpi=off``), and the register the reset vector's stub resets through."""
+
+    acpi: AcpiTables | None
+    reset: ResetRegister
+
+
+def reset_stub(reset: ResetRegister) -> bytes:
+    """What firmware does at the reset vector, for a VM: reset. Linux reboots through it when
+    other ways fail, and on a hardware-reduced ACPI machine without EFI it tries nothing else
+    (reboot_init() picks BOOT_EFI, which falls back to BOOT_BIOS: a jump to F000:FFF0). Real-
+    mode code: mov al, value; out port, al (the i8042's: pulse its reset line); hlt; jmp back
+    to the hlt. ValueError for a port that ``out imm8`` cannot name."""
+    if not 0 <= reset.port <= 0xFF or not 0 <= reset.value <= 0xFF:
+        raise ValueError(f"the reset stub writes a byte to ports 0-0xff, not {reset}")
+    return bytes([0xB0, reset.value, 0xE6, reset.port, 0xF4, 0xEB, 0xFD])
 
 
 @dataclass(frozen=True)
@@ -80,9 +96,9 @@ def _start_info(mem: GuestMemory, initrd: tuple[int, int],
 
 
 def prepare(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
-            cpus: int, tables: acpi.AcpiTables | None) -> BootPlan:
-    """Load the kernel and write every boot structure (the ACPI ``tables`` too, if
-    given); KernelError if it cannot boot."""
+            cpus: int, firmware: Firmware) -> BootPlan:
+    """Load the kernel and write every boot structure: the MP table for ``cpus``, the
+    ``firmware``, the zero page or PVH start info; KernelError if it cannot boot."""
     kernel = load_kernel(mem, image)
     raw_cmdline = cmdline.encode()
     limit = min(kernel.cmdline_max, layout.CMDLINE_MAX_SIZE - 1) if kernel.cmdline_max \
@@ -94,11 +110,11 @@ def prepare(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
     initrd_loc = (load_initrd(mem, kernel, initrd), len(initrd)) if initrd else (0, 0)
     e820 = layout.e820_map(mem.regions)
     mptable.write(mem, cpus)
-    mem.write(layout.RESET_VECTOR, RESET_STUB)
+    mem.write(layout.RESET_VECTOR, reset_stub(firmware.reset))
     rsdp_addr = 0
-    if tables is not None:
-        acpi.write(mem, tables)
-        rsdp_addr = tables.rsdp_addr
+    if firmware.acpi is not None:
+        acpi.write(mem, firmware.acpi)
+        rsdp_addr = firmware.acpi.rsdp_addr
     long_mode = kernel.kind != "pvh"
     if long_mode:
         params = _zero_page(kernel, limit, initrd_loc, e820, rsdp_addr)
@@ -118,6 +134,17 @@ def setup_vcpu(vcpu: Vcpu, supported: list[S.kvm_cpuid_entry2], count: int, msrs
     vcpu.set_msrs(msrs)
     regs.setup_fpu(vcpu)
     regs.setup_lapic(vcpu)
+
+
+def setup_vcpus(kvm: Kvm, vcpus: Sequence[Vcpu]) -> list[int]:
+    """Every vCPU's CPUID, boot MSRs, FPU and LAPIC; returns the MSRs the power-on state must
+    keep (the boot MSRs the host accepted)."""
+    supported = kvm.supported_cpuid()
+    msrs: dict[int, int] = {}
+    for vcpu in vcpus:
+        msrs = regs.set_boot_msrs(vcpu)
+        setup_vcpu(vcpu, supported, len(vcpus), msrs)
+    return list(msrs)
 
 
 def setup_boot_regs(vcpu: Vcpu, plan: BootPlan) -> None:

@@ -38,8 +38,17 @@ RAW_KERNEL_START = 0x1000000     # 16 MiB: Linux's default physical load address
 # The 32-bit MMIO gap: devices, the IOAPIC and the LAPIC live here.
 MMIO_GAP_START = 3 * GiB
 MMIO_GAP_END = 4 * GiB
+VIRTIO_MMIO_BASE = 0xD0000000    # virtio-mmio slots of 4 KiB from here, as in Firecracker
+VIRTIO_MMIO_SLOT = 0x1000
+# Their interrupts: IOAPIC pins the legacy devices leave free (1 i8042, 4 COM1, 8 the RTC,
+# 23 the GED), one a slot, ISA lines first.
+VIRTIO_MMIO_IRQS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17)
 IOAPIC_ADDR = 0xFEC00000
 APIC_ADDR = 0xFEE00000
+# Where VMX keeps its real-mode TSS and identity map: the top of the 32-bit space,
+# below the BIOS, outside RAM (KVM_SET_TSS_ADDR needs three pages).
+TSS_ADDR = 0xFFFBD000
+IDENTITY_MAP_ADDR = 0xFFFBC000
 
 # e820 types (arch/x86/include/uapi/asm/e820.h via bootparam.h).
 E820_RAM = 1
@@ -56,6 +65,14 @@ def ram_regions(size: int) -> list[Region]:
     if size > low:
         regions.append(Region(MMIO_GAP_END, size - low, low))
     return regions
+
+
+def mmio_slot(index: int) -> tuple[int, int]:
+    """The base address and the interrupt (GSI) of virtio-mmio slot ``index``; IndexError
+    past the last slot."""
+    if not 0 <= index < len(VIRTIO_MMIO_IRQS):
+        raise IndexError(f"virtio-mmio slot {index}: the machine has {len(VIRTIO_MMIO_IRQS)}")
+    return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SLOT, VIRTIO_MMIO_IRQS[index]
 
 
 def e820_map(regions: list[Region]) -> list[tuple[int, int, int]]:

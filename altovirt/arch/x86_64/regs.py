@@ -9,12 +9,15 @@ mode, paging off, EBX = hvm_start_info.
 
 from __future__ import annotations
 
+import logging
 import struct
 
-from ...kvm import Vcpu
+from ...kvm import KvmError, Vcpu
 from ...kvm import structs as S
 from ...memory import GuestMemory
 from . import layout
+
+log = logging.getLogger(__name__)
 
 X86_CR0_PE = 1 << 0
 X86_CR0_ET = 1 << 4
@@ -55,6 +58,23 @@ APIC_LVT0 = 0x350
 APIC_LVT1 = 0x360
 APIC_MODE_NMI = 0x4
 APIC_MODE_EXTINT = 0x7
+
+
+def set_boot_msrs(vcpu: Vcpu) -> dict[int, int]:
+    """Set BOOT_MSRS; a host (PVM) that refuses some keeps its defaults for those. Returns
+    the MSRs set."""
+    try:
+        vcpu.set_msrs(BOOT_MSRS)
+        return BOOT_MSRS
+    except KvmError:
+        accepted = {}
+        for index, value in BOOT_MSRS.items():
+            try:
+                vcpu.set_msrs({index: value})
+                accepted[index] = value
+            except KvmError:
+                log.debug("host refuses boot MSR %#x; left at its default", index)
+        return accepted
 
 
 def segment_from_gdt(entry: int, index: int) -> S.kvm_segment:

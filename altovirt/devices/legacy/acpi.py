@@ -4,15 +4,21 @@ Generic Event Device's event register, on four I/O ports.
 A hardware-reduced platform (ACPI 6.4, 4.1) has no PM1 blocks, SCI or GPEs:
 the FADT points at a sleep control register for S5 (4.8.3.7) and a reset
 register (4.8.3.6), and events reach the OS through a Generic Event Device
-(5.6.9), whose interrupt makes the OS run ``_EVT``. Our DSDT's ``_EVT`` reads
-the event register (read clears it) and notifies the power button device
-when the power-button bit is set, the VM generation ID device when its bit is.
+(5.6.9), whose interrupt makes the OS run ``_EVT``. The GED's ``_EVT``
+(:meth:`AcpiRegisters.acpi_device`) reads the event register (read clears it)
+and notifies the power button device when the power-button bit is set, the VM
+generation ID device when its bit is. The FADT takes the registers from
+:attr:`AcpiRegisters.power_registers`.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+
+from ...acpi import aml
+from ...acpi.tables import PowerRegisters, ResetRegister
+from .vmgenid import NOTIFY_VMGENID_CHANGED, VMGENID_PATH
 
 ACPI_PORT_BASE = 0x600
 ACPI_PORT_COUNT = 4
@@ -28,11 +34,17 @@ SLP_TYP_SHIFT, SLP_TYP_MASK, SLP_EN = 2, 0x1C, 0x20
 GED_POWER_BUTTON = 1 << 0    # event register bit: the power button was pressed
 GED_VMGENID = 1 << 1         # event register bit: the VM generation ID changed
 GED_IRQ = 23                 # the GED's interrupt: the IOAPIC's last pin, used by nothing else
+GED_HID = "ACPI0013"         # Generic Event Device (5.6.9)
+POWER_BUTTON_HID = "PNP0C0C"  # control-method power button (4.8.2.2.1.2)
+NOTIFY_BUTTON_PRESSED = 0x80  # 5.6.6, the device-specific notification for buttons
 
 
 class AcpiRegisters:
     """Ports ACPI_PORT_BASE..+3. ``power_off`` and ``reset`` are called on a vCPU
     thread when the guest asks; ``irq`` raises the GED's interrupt."""
+
+    power_registers = PowerRegisters(ResetRegister(RESET_PORT, RESET_VALUE), SLEEP_CONTROL_PORT,
+                                     SLEEP_STATUS_PORT, S5_SLP_TYP)
 
     def __init__(self, power_off: Callable[[], None], reset: Callable[[], None],
                  irq: Callable[[], None]) -> None:
@@ -41,6 +53,28 @@ class AcpiRegisters:
         self._irq = irq
         self._events = 0
         self._lock = threading.Lock()
+
+    def acpi_device(self) -> bytes:
+        """The power button and the GED in the DSDT: two Device terms for ``\\_SB``. The GED's
+        ``_EVT(GSI)`` reads (and so clears) the event register: a set power-button bit becomes
+        a notification that the OS's button driver turns into KEY_POWER, a set VM generation
+        bit one that Linux's vmgenid driver reseeds its RNG on. It notifies ``\\_SB.PWRB`` and
+        VMGENID_PATH, so it goes after both in the DSDT."""
+        def on(bit: int, path: str, value: int) -> bytes:
+            return aml.if_(aml.lequal(aml.and_(aml.local(0), aml.integer(bit)), aml.integer(bit)),
+                           aml.notify(path, value))
+
+        power_button = aml.device("PWRB", aml.name("_HID", aml.eisa_id(POWER_BUTTON_HID)),
+                                  aml.name("_UID", aml.integer(0)))
+        ged = aml.device(
+            "GED", aml.name("_HID", aml.string(GED_HID)), aml.name("_UID", aml.integer(0)),
+            aml.crs(aml.interrupt(GED_IRQ)),
+            aml.operation_region("EREG", aml.SYSTEM_IO, GED_EVENT_PORT, 1),
+            aml.field("EREG", aml.ACCESS_BYTE, aml.UPDATE_PRESERVE, ("EVTS", 8)),
+            aml.method("_EVT", 1, aml.store(aml.name_string("EVTS"), aml.local(0)),
+                       on(GED_POWER_BUTTON, "\\_SB.PWRB", NOTIFY_BUTTON_PRESSED),
+                       on(GED_VMGENID, VMGENID_PATH, NOTIFY_VMGENID_CHANGED), serialized=True))
+        return power_button + ged
 
     def press_power_button(self) -> None:
         """Latch the power-button event and interrupt the guest (QMP system_powerdown)."""

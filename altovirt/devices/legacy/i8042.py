@@ -3,7 +3,9 @@
 Linux (and the probe) reset the machine by writing 0xFE (pulse the reset
 line) to the command port; we turn that into a VM stop with reason
 "guest-reset". The controller's command byte and self test are answered so
-that a probing driver finds a sane, empty controller.
+that a probing driver finds a sane, empty controller. The reset line is also how
+the reset vector's stub resets (:attr:`I8042.reset_register`), and the FADT says
+that there is an 8042 (:attr:`I8042.boot_flags`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ...acpi import aml
+from ...acpi.tables import BOOT_8042, ResetRegister
+
 if TYPE_CHECKING:
     from .persist import I8042State
 
 DATA_PORT, COMMAND_PORT = 0x60, 0x64
 I8042_IRQ = 1
+I8042_HID = "PNP0303"      # an IBM enhanced (101/102-key) keyboard: what Linux's i8042 PnP driver matches
 # Ctrl, Alt, Del pressed, in scan code set 2 (what Firecracker's SendCtrlAltDel sends).
 CTRL_ALT_DEL = (0x14, 0x11, 0xE0, 0x71)
 # Commands (Linux drivers/input/serio/i8042.h)
@@ -36,6 +42,12 @@ MAX_OUTPUT = 16
 class I8042:
     """Ports 0x60 (offset 0) to 0x64 (offset 4)."""
 
+    # Writing CMD_RESET_CPU to the command port pulses the reset line.
+    reset_register = ResetRegister(COMMAND_PORT, CMD_RESET_CPU)
+    # The FADT's IA-PC boot flag for a port 60/64 keyboard controller (ACPI 6.4, 5.2.9.3),
+    # which Linux's i8042 driver reads (x86_platform.legacy.i8042) before it looks for one.
+    boot_flags = BOOT_8042
+
     def __init__(self, reset: Callable[[], None], irq: Callable[[], None] | None = None) -> None:
         self._reset = reset
         self._irq = irq
@@ -43,6 +55,13 @@ class I8042:
         self._pending_cmd = 0
         self._lock = threading.Lock()
         self._out: collections.deque[int] = collections.deque()   # bytes for the guest at port 0x60
+
+    def acpi_device(self) -> bytes:
+        """The controller in the DSDT: a Device term for ``\\_SB`` with its data and command
+        ports and the keyboard's ISA IRQ (ACPI 6.4, 6.4.2)."""
+        return aml.device("PS2K", aml.name("_HID", aml.eisa_id(I8042_HID)),
+                          aml.crs(aml.io_port(DATA_PORT, 1), aml.io_port(COMMAND_PORT, 1),
+                                  aml.irq_no_flags(I8042_IRQ)))
 
     def save(self) -> I8042State:
         from .persist import I8042State  # only when saving: see persist's docstring

@@ -2,7 +2,8 @@
 
 Time registers are BCD in 24-hour mode (status B = 0x02); the update-in-
 progress bit is never set. The memory-size bytes are filled in as a BIOS
-would, for firmware and tools that read them.
+would, for firmware and tools that read them. The guest finds the clock in the
+DSDT (:meth:`Rtc.acpi_device`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from ...acpi import aml
+
 if TYPE_CHECKING:
     from .persist import RtcState
 
 RTC_PORT = 0x70              # index; the data register is at 0x71
+RTC_HID = "PNP0B00"          # an AT real-time clock: what Linux's rtc-cmos PnP driver matches
 SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR = 0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09
 STATUS_A, STATUS_B, STATUS_C, STATUS_D = 0x0A, 0x0B, 0x0C, 0x0D
 CENTURY = 0x32
@@ -45,6 +49,11 @@ class Rtc:
         above_4g = high_ram >> 16
         for i, reg in enumerate(MEM_ABOVE_4G):
             self.cmos[reg] = (above_4g >> (8 * i)) & 0xFF
+
+    def acpi_device(self) -> bytes:
+        """The clock in the DSDT: a Device term for ``\\_SB`` with its two ports (ACPI 6.4,
+        6.4.2). No IRQ: the clock raises none."""
+        return aml.device("RTC", aml.name("_HID", aml.eisa_id(RTC_HID)), aml.crs(aml.io_port(RTC_PORT, 2)))
 
     def save(self) -> RtcState:
         from .persist import RtcState  # only when saving: see persist's docstring

@@ -3,7 +3,8 @@
 Transmit is immediate (THR is always empty again by the next access), so
 the transmitter-empty interrupt fires after every byte when enabled; receive
 takes bytes from the host through :meth:`Serial.enqueue`. Interrupts are
-edges on the serial IRQ line, delivered through an irqfd.
+edges on the serial IRQ line, delivered through an irqfd. The guest finds it as COM1
+(:meth:`Serial.acpi_device`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import collections
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from ...acpi import aml
 
 if TYPE_CHECKING:
     from .persist import SerialState
@@ -28,6 +31,7 @@ LSR_DR, LSR_THRE, LSR_TEMT = 0x01, 0x20, 0x40
 MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 0x10, 0x20, 0x40, 0x80
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
+COM1_HID = "PNP0501"        # a 16550A-compatible COM port: what Linux's 8250_pnp matches
 # Host input waiting for the guest; beyond this, further input is dropped.
 RX_BUFFER_LIMIT = 4096
 
@@ -47,6 +51,12 @@ class Serial:
         self.dll, self.dlm = 0x0C, 0   # 9600 baud, the reset value
         self.fifo = False
         self._thr_pending = False
+
+    def acpi_device(self) -> bytes:
+        """This UART as COM1 in the DSDT: a Device term for ``\\_SB`` with its eight ports and
+        its ISA IRQ (ACPI 6.4, 6.4.2)."""
+        return aml.device("COM1", aml.name("_HID", aml.eisa_id(COM1_HID)), aml.name("_UID", aml.integer(1)),
+                          aml.crs(aml.io_port(COM1_PORT, 8), aml.irq_no_flags(COM1_IRQ)))
 
     # --- saved state ---
     def save(self) -> SerialState:

@@ -15,9 +15,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from ...acpi import aml
 from ...memory import GuestMemory
 
 VMGENID_SIZE = 16
+# Our own hardware ID (an ACPI ID needs four hex digits, which "VMGENCTR" lacks) and the
+# spec's compatible ID, which ACPICA upper-cases into what drivers/virt/vmgenid.c matches
+# (VM_GEN_COUNTER), as for QEMU's.
+VMGENID_HID = "ALTV0001"
+VMGENID_CID = "VM_Gen_Counter"
+VMGENID_PATH = "\\_SB.VGEN"         # the Generic Event Device notifies it (devices/legacy/acpi.py)
+NOTIFY_VMGENID_CHANGED = 0x80       # Microsoft's VM Generation ID spec: the ID changed
 
 
 def new_id() -> bytes:
@@ -43,6 +51,14 @@ class VmGenId:
         self.addr = addr
         self._notify = notify
         self.id = new_id()
+
+    def acpi_device(self) -> bytes:
+        """VGEN in the DSDT: a Device term for ``\\_SB`` whose ``ADDR`` package holds the GUID's
+        guest-physical address, low and high 32 bits (the spec's form)."""
+        address = aml.package(aml.integer(self.addr & 0xFFFFFFFF), aml.integer(self.addr >> 32))
+        return aml.device("VGEN", aml.name("_HID", aml.string(VMGENID_HID)),
+                          aml.name("_CID", aml.string(VMGENID_CID)),
+                          aml.name("_DDN", aml.string(VMGENID_CID)), aml.name("ADDR", address))
 
     def write(self) -> None:
         """Put the GUID in guest RAM (at power-on and after a reset, which clears RAM)."""

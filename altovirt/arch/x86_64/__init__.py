@@ -1,0 +1,59 @@
+"""x86_64 as the architecture interface (:mod:`altovirt.arch`) names it: a PC-like
+micro-VM with KVM's in-kernel PIC, IOAPIC, LAPICs and PIT, booted through Linux's
+64-bit or PVH protocol with an MP table and hardware-reduced ACPI.
+
+The modules do the work: ``layout`` (the memory map, the virtio-mmio slots),
+``loader`` and ``boot`` (the kernel and its boot structures), ``acpi`` and
+``mptable`` (the firmware tables), ``cpuid`` and ``regs`` (the vCPUs), ``poweron``
+(KVM's state). Here are the names the interface exports, and the steps that only
+tie those modules together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ...acpi.tables import PowerRegisters, ResetRegister
+from ...kvm import Vm
+from . import acpi, layout
+from .boot import BootPlan, Firmware, setup_boot_regs, setup_vcpus
+from .boot import prepare as load_kernel
+from .layout import VMGENID_ADDR, mmio_slot, ram_regions
+from .loader import KernelError
+from .poweron import PowerOnState
+from .poweron import restore as restore_state
+from .poweron import save as save_state
+from .poweron import snapshot_msrs as snapshot_registers
+
+__all__ = ["VMGENID_ADDR", "BootPlan", "Firmware", "FirmwareDevices", "KernelError", "PowerOnState",
+           "build_firmware", "create_irqchip", "load_kernel", "mmio_slot", "ram_regions", "restore_state",
+           "save_state", "setup_boot_regs", "setup_vcpus", "snapshot_registers"]
+
+
+@dataclass(frozen=True)
+class FirmwareDevices:
+    """What the devices hand the firmware, each describing itself."""
+
+    dsdt: Sequence[bytes]           # Device terms for the DSDT's \_SB, in the order it lists them
+    power: PowerRegisters | None    # the ACPI registers; None: no ACPI tables (-machine acpi=off)
+    boot_flags: int                 # the IA-PC boot flags they ask the FADT for (ACPI 6.4, 5.2.9.3)
+    reset: ResetRegister            # how the reset vector's stub resets (the i8042's reset line)
+
+
+def build_firmware(cpus: int, devices: FirmwareDevices) -> Firmware:
+    """The firmware for ``cpus`` vCPUs and ``devices``: built only to boot (a VM that loads
+    its state from a snapshot needs none until it resets). ValueError if the ACPI tables
+    outgrow their area."""
+    tables = None if devices.power is None else acpi.build(cpus, devices.dsdt, devices.power,
+                                                           devices.boot_flags)
+    return Firmware(tables, devices.reset)
+
+
+def create_irqchip(vm: Vm) -> None:
+    """The in-kernel PIC, IOAPIC and PIT, and first the pages VMX needs for real mode:
+    after guest RAM is registered, before any vCPU. KvmError if KVM refuses."""
+    vm.set_tss_addr(layout.TSS_ADDR)
+    vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
+    vm.create_irqchip()
+    vm.create_pit2()
