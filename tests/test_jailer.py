@@ -216,7 +216,8 @@ def test_daemonized_with_a_kept_capability_in_cgroup_v2(base: Path, tmp_path: Pa
     assert cgroups_of(pid)[""] == "/altovirt/d-1"
     assert (v2 / "altovirt" / "d-1" / "cgroup.max.descendants").read_text().strip() == "0"
     raw = Raw(root / "qmp.sock")
-    assert raw.call({"execute": "query-status"})["return"]["status"] == "running"
+    # The jailer's parent has left once the daemon began: the VM may still be in prelaunch.
+    wait_for(lambda: raw.call({"execute": "query-status"})["return"]["status"] == "running")
     assert raw.call({"execute": "quit"}) == {"return": {}}
     raw.close()
     wait_for(lambda: not os.path.exists(f"/proc/{pid}") or status(pid)["State"].startswith("Z"))

@@ -253,8 +253,6 @@ class QmpServer(SocketServer[Client]):
                 client.fds.pop(0)
             else:
                 result = cmd.handler(args)
-            if name == "qmp_capabilities":
-                client.negotiated = True
         except QmpError as e:
             self._reply(client, req_id if has_id else None, error=e, has_id=has_id)
             return
@@ -264,6 +262,10 @@ class QmpServer(SocketServer[Client]):
             self._reply(client, req_id, error=failure, has_id=has_id)
             return
         self._reply(client, req_id, result=result if result is not None else {}, has_id=has_id)
+        if name == "qmp_capabilities":
+            # Events (sent from other threads) only once the reply has gone: a client such as
+            # qemu.qmp takes anything else in its place for a failed negotiation.
+            client.negotiated = True
 
     def _reply(self, client: Client, req_id: object, *, result: object = None,
                error: QmpError | None = None, has_id: bool = False) -> None:
