@@ -42,7 +42,7 @@ def test_header_layout_and_constants() -> None:
                        "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET", "sizeof(struct virtio_vsock_event)"))
     assert list(got.values()) == [vvsock.HDR_SIZE, 40, vvsock.OP_REQUEST, vvsock.OP_CREDIT_REQUEST,
                                   vvsock.VIRTIO_VSOCK_TYPE_STREAM, vvsock.SHUTDOWN_RCV, vvsock.SHUTDOWN_SEND,
-                                  vvsock.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, vvsock._EVENT.size]
+                                  vvsock.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, vvsock.EVENT.size]
 
 
 @needs_kvm
@@ -113,9 +113,9 @@ class VsockBench:
         batch = 0
         for src, dst, op, data in packets:
             at = self.TX_BUFFERS + 0x1000 * self.tx.next_desc
-            self.mem.write(at, vvsock._HDR.pack(self.CID, vvsock.VMADDR_CID_HOST, src, dst, len(data),
-                                                vvsock.VIRTIO_VSOCK_TYPE_STREAM, op, 0,
-                                                self.GUEST_BUF_ALLOC, 0) + data)
+            self.mem.write(at, vvsock.HDR.pack(self.CID, vvsock.VMADDR_CID_HOST, src, dst, len(data),
+                                               vvsock.VIRTIO_VSOCK_TYPE_STREAM, op, 0,
+                                               self.GUEST_BUF_ALLOC, 0) + data)
             self.tx.publish(self.tx.chain([(at, vvsock.HDR_SIZE + len(data), False)]))
             batch += 1
             if batch == self.tx.size // 2:
@@ -138,7 +138,7 @@ class VsockBench:
         while self.seen & 0xFFFF != self.rx.used_idx():
             head, length = self.rx.used_elem(self.seen)
             data = self.mem.read(self.RX_BUFFERS + 0x1000 * head, length)
-            out.append((vvsock._HDR.unpack_from(data), data[vvsock.HDR_SIZE:]))
+            out.append((vvsock.HDR.unpack_from(data), data[vvsock.HDR_SIZE:]))
             self.seen += 1
         return out
 
@@ -228,9 +228,9 @@ def test_a_flood_of_packets_wanting_replies_waits_in_a_bounded_queue(bench: Vsoc
 
 
 def _vsock_memory() -> int:
-    """Bytes traced since tracemalloc started, allocated with vsock.py on the stack."""
-    snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, vvsock.__file__,
-                                                                         all_frames=True)])
+    """Bytes traced since tracemalloc started, allocated with the vsock package on the stack."""
+    package = str(Path(vvsock.__file__).parent / "*")
+    snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, package, all_frames=True)])
     return sum(s.size for s in snap.statistics("filename"))
 
 
@@ -274,7 +274,7 @@ def _open_too_many(bench: VsockBench, cap: int, extra: int) -> None:
         grown = _vsock_memory() - before
     finally:
         tracemalloc.stop()
-    print(f"vsock.py's memory grew by {grown} bytes over {extra} connections beyond the cap")
+    print(f"the vsock package's memory grew by {grown} bytes over {extra} connections beyond the cap")
     assert grown < 64 << 10         # RXQ_SIZE RSTs; before, MiBs: a connection and a socket each
     assert len(peers) == cap
     replies = bench.drain()
