@@ -8,7 +8,9 @@ Each client sends back-to-back requests (one outstanding at a time, as libxensto
 does). Watch delivery: one writer changes a key that every client watches; the figure
 is events received per second, all clients together. Last, the guest's view: the
 probe's xenstore test times its back-to-back writes over the vsock port, and QMP's
-xenstore-read round trip is set beside query-status's.
+xenstore-read round trip is set beside query-status's, through bench/qmp.py's raw client:
+qemu.qmp's own cost, 130-150 us of CPU a call (bench/qmp.py's docstring), would outweigh
+both round trips.
 
     .venv/bin/python bench/xenstore.py [--seconds 2]
 """
@@ -144,7 +146,7 @@ def qmp_round_trips(path: Path, calls: int) -> dict[str, float]:
             t0 = time.perf_counter()
             client.call(name, arguments)
             times[name].append(time.perf_counter() - t0)
-    client.s.close()
+    client.close()
     return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 

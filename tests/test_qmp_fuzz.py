@@ -9,11 +9,12 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from altovirt.api.qmp import Command, QmpError, _check_args
 
@@ -113,7 +114,9 @@ def running(probe: Path, tmp_path: Path) -> Iterator[tuple[Vm, Path]]:
         vm.proc.wait()
 
 
-def connect(sock: Path) -> tuple[socket.socket, object]:
+def connect(sock: Path) -> tuple[socket.socket, BinaryIO]:
+    """A raw connection, negotiated, for requests qemu.qmp would not send (ids of any JSON
+    type, anything at all as the command) and bytes that are no request at all."""
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)
     s.connect(str(sock))
@@ -124,35 +127,46 @@ def connect(sock: Path) -> tuple[socket.socket, object]:
     return s, f
 
 
-def read_reply(f: object) -> dict:
+def read_reply(f: BinaryIO) -> dict:
     while True:
-        msg = json.loads(f.readline())  # type: ignore[attr-defined]
+        msg = json.loads(f.readline())
         if "event" not in msg:
             return msg
+
+
+def monitor(sock: Path) -> QEMUMonitorProtocol:
+    """qemu.qmp's client, connected and negotiated, for well-formed commands."""
+    mon = QEMUMonitorProtocol(str(sock))
+    mon.settimeout(10)
+    mon.connect()
+    return mon
+
+
+def hang_up(mon: QEMUMonitorProtocol) -> None:
+    with contextlib.suppress(EOFError):     # qemu.qmp reports a close the server made first (quit)
+        mon.close()
 
 
 def survived(vm: Vm, sock: Path) -> None:
     """After a flood of requests: the VMM answers, its guest still runs, and quit ends it cleanly."""
     assert vm.proc.poll() is None
-    s, f = connect(sock)
-    s.sendall(b'{"execute": "query-status"}')
-    if read_reply(f)["return"]["status"] == "paused":       # a fuzzed "stop" may have paused it
-        s.sendall(b'{"execute": "cont"}')
-        assert read_reply(f) == {"return": {}}
-    s.sendall(b'{"execute": "query-cpus"}')
-    tid = read_reply(f)["return"][0]["thread_id"]
+    mon = monitor(sock)
+    try:
+        if mon.cmd_obj({"execute": "query-status"})["return"]["status"] == "paused":   # a fuzzed "stop"
+            assert mon.cmd_obj({"execute": "cont"}) == {"return": {}}
+        tid = mon.cmd_obj({"execute": "query-cpus"})["return"][0]["thread_id"]
 
-    def cpu_time() -> int:
-        with open(f"/proc/{vm.proc.pid}/task/{tid}/stat") as st_file:
-            fields = st_file.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
+        def cpu_time() -> int:
+            with open(f"/proc/{vm.proc.pid}/task/{tid}/stat") as st_file:
+                fields = st_file.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
 
-    before = cpu_time()
-    time.sleep(0.5)
-    assert cpu_time() > before                      # the guest still runs
-    s.sendall(b'{"execute": "quit"}')
-    read_reply(f)
-    s.close()
+        before = cpu_time()
+        time.sleep(0.5)
+        assert cpu_time() > before                      # the guest still runs
+        assert mon.cmd_obj({"execute": "quit"}) == {"return": {}}
+    finally:
+        hang_up(mon)
     assert vm.finish()[0] == 0 and not sock.exists()
 
 
@@ -168,7 +182,7 @@ def fuzz(running: tuple[Vm, Path], examples: int, inputs: st.SearchStrategy[T],
 
 def test_structured_requests_get_one_wellformed_reply(running: tuple[Vm, Path]) -> None:
     def check(sock: Path, request: dict) -> None:
-        s, f = connect(sock)
+        s, f = connect(sock)        # raw: ids of any JSON type and any "execute", which qemu.qmp refuses
         try:
             s.sendall(json.dumps(request).encode())
             reply = read_reply(f)
@@ -185,15 +199,14 @@ def test_structured_requests_get_one_wellformed_reply(running: tuple[Vm, Path]) 
 
 def test_hotplug_requests_get_one_wellformed_reply(running: tuple[Vm, Path]) -> None:
     def check(sock: Path, request: dict) -> None:
-        s, f = connect(sock)
+        mon = monitor(sock)
         try:
-            s.sendall(json.dumps(request).replace("@DIR@", str(sock.parent)).encode())
-            reply = read_reply(f)
+            reply = mon.cmd_obj(json.loads(json.dumps(request).replace("@DIR@", str(sock.parent))))
             assert set(reply) in ({"return"}, {"error"}), reply
             if "error" in reply:
                 assert reply["error"]["class"] in ("GenericError", "DeviceNotFound"), reply
         finally:
-            s.close()
+            hang_up(mon)
 
     fuzz(running, 600, hotplug_requests, check)
 
@@ -201,13 +214,14 @@ def test_hotplug_requests_get_one_wellformed_reply(running: tuple[Vm, Path]) -> 
 def test_raw_garbage_never_hurts(running: tuple[Vm, Path]) -> None:
     """Whatever bytes a client sends, the next client is served as if nothing happened."""
     def check(sock: Path, data: bytes) -> None:
-        s, _ = connect(sock)
+        s, _ = connect(sock)                        # raw: these bytes are no client's
         with contextlib.suppress(OSError):          # the server may hang up on garbage
             s.sendall(data)
         s.close()
-        s, f = connect(sock)
-        s.sendall(b'{"execute": "query-version", "id": 7}')
-        assert read_reply(f)["id"] == 7
-        s.close()
+        mon = monitor(sock)
+        try:
+            assert mon.cmd_obj({"execute": "query-version", "id": "7"})["id"] == "7"
+        finally:
+            hang_up(mon)
 
     fuzz(running, 1500, raw_input, check)

@@ -4,6 +4,7 @@ filters on, which is the default, so every device and QMP command is exercised u
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -13,13 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from qemu.qmp import ExecInterruptedError
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from altovirt.kvm import ioctls as K
 from altovirt.sandbox import seccomp
 from altovirt.sandbox.allowlists import IOCTLS, ROLES
 
 from .conftest import ROOT, Vm, needs_kvm
-from .test_qmp import Raw
 
 
 def thread_table(pid: int) -> dict[str, str]:
@@ -50,9 +52,11 @@ def test_every_thread_is_confined(probe: Path, tmp_path: Path, vms: list[Vm], di
     assert {"MainThread", "vcpu0", "vcpu1", "io", "qmp", "migration",
             *(f"blk{i}" for i in range(8))} == set(threads)
     assert set(threads.values()) == ({"0"} if disable else {"2"})        # 2: SECCOMP_MODE_FILTER
-    raw = Raw(sock)
-    assert raw.call({"execute": "quit"}) == {"return": {}}
-    raw.close()
+    mon = QEMUMonitorProtocol(str(sock))
+    mon.connect()
+    assert mon.cmd_obj({"execute": "quit"}) == {"return": {}}
+    with contextlib.suppress(EOFError):     # qemu.qmp reports the close that quit asked for
+        mon.close()
     assert vm.finish()[0] == 0
 
 
@@ -64,14 +68,19 @@ def test_forbidden_call_ends_the_vmm_and_is_reported(probe: Path, tmp_path: Path
                              "-api-channel", f"unix:{sock}", "-D", str(log)],
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    mon = QEMUMonitorProtocol(str(sock))
+    mon.settimeout(30)
     try:
         deadline = time.monotonic() + 30
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        raw = Raw(sock)
-        raw.send(b'{"execute": "x-test-forbidden-syscall"}')
+        mon.connect()
+        with pytest.raises(ExecInterruptedError):      # no answer: the connection ends with the VMM
+            mon.cmd_obj({"execute": "x-test-forbidden-syscall"})
         assert proc.wait(30) == -31                     # killed by SIGSYS, at once
     finally:
+        with contextlib.suppress(EOFError, OSError):    # qemu.qmp reports the VMM's end on closing
+            mon.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .conftest import ROOT, Vm, altovirt_cmd, needs_kvm
 from .test_cli import usage_error
-from .test_qmp import Raw
 
 VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 needs_virtiofsd = pytest.mark.skipif(not VIRTIOFSD.exists(), reason="SKIPPED LOUDLY: no QEMU virtiofsd "
@@ -146,10 +146,12 @@ def test_back_end_death_stops_only_that_device(probe: Path, tmp_path: Path, vms:
         while "went away; the device needs a reset" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
-        raw = Raw(qmp)
-        assert raw.call({"execute": "query-status"})["return"]["status"] == "running"
-        assert raw.call({"execute": "quit"}) == {"return": {}}
-        raw.close()
+        mon = QEMUMonitorProtocol(str(qmp))
+        mon.connect()
+        assert mon.cmd_obj({"execute": "query-status"})["return"]["status"] == "running"
+        assert mon.cmd_obj({"execute": "quit"}) == {"return": {}}
+        with contextlib.suppress(EOFError):     # qemu.qmp reports the close that quit asked for
+            mon.close()
         assert vm.finish()[0] == 0
     finally:
         fake.close()
