@@ -56,3 +56,7 @@ class UsageError(AltoVirtError):
     """A program's command line is wrong; the message names what, and what is accepted."""
 
     exit_status = EXIT_USAGE
+
+
+class VmmError(AltoVirtError, RuntimeError):
+    """The VM cannot be built or run; the message is one line for the user."""

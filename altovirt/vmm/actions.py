@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..eventloop import EventLoop
 from .lifecycle import RunState, StateError
@@ -180,6 +180,21 @@ Action = (Pause | Resume | Reset | Powerdown | CtrlAltDel | QueryVcpus | AddBloc
           | AddNetdev | DelNetdev | AddDisk | AddNic | DelDevice | ChangeImage | Migrate | Incoming
           | CancelMigration | SetMigrationParameters | QueryMigration | QueryMigrationParameters
           | SaveState | StopForMigration | EndMigration | LoadState)
+
+
+class Migrations(Protocol):
+    """The VM's migration service (vmm/migration.py), for a VM that can migrate: what the
+    requests ask of it (controller.py) and what the front ends hear from it."""
+
+    incoming_error: str | None
+    on_incoming_end: Callable[[str | None], None] | None
+
+    def migrate(self, uri: MigrationUri, on_done: Callable[[], None] | None = None) -> None: ...
+    def incoming(self, incoming: IncomingConfig) -> None: ...
+    def cancel(self) -> None: ...
+    def set_parameters(self, max_bandwidth: int | None, downtime_limit: int | None) -> None: ...
+    def parameters(self) -> dict[str, int]: ...
+    def info(self) -> dict[str, Any]: ...
 
 
 class _Request:

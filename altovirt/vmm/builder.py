@@ -7,15 +7,23 @@ AltoVirtError naming what is wrong, with everything it had made released.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
 from .. import arch
 from ..config import VmConfig
+from ..devices.virtio.block import WorkerPool
+from ..errors import VmmError
+from ..eventloop import EventLoop
 from ..kvm import Kvm, KvmError
 from ..memory import GuestMemory
+from ..sandbox import seccomp
+from . import controller
+from .boot import Boot, BootInputs
 from .device_manager import DeviceManager
-from .machine import BootInputs, Machine, VmmError
+from .lifecycle import Lifecycle, device_deleted, devices_still
+from .machine import Machine
 from .pit import LostTicks
 from .vcpu import VcpuThread
 from .virtio_devices import MmioSlot
@@ -73,67 +81,65 @@ def _boot_inputs(cfg: VmConfig, cmdline: str, devices: DeviceManager) -> BootInp
     return (image, cmdline, initrd, cfg.vcpus, firmware)
 
 
-def prepare_boot(m: Machine) -> arch.BootPlan:
-    """Load the kernel, initrd, command line and boot tables into guest RAM."""
-    assert m.mem is not None and m.boot_inputs is not None
-    try:
-        plan = arch.load_kernel(m.mem, *m.boot_inputs)
-    except arch.KernelError as e:
-        raise VmmError(f"-kernel: {m.cfg.kernel}: {e}") from e
-    log.info("kernel %s: %s format, entry %#x%s", m.cfg.kernel, plan.kind, plan.entry,
-             f", initrd at {plan.initrd_addr:#x}" if plan.initrd_size else "")
-    return plan
-
-
 def build(cfg: VmConfig) -> Machine:
-    m = Machine(cfg)
-    try:
-        _build(m)
-    except BaseException:
-        m.close()
-        raise
-    return m
+    """The VM ``cfg`` describes, every part made (and released again if one cannot be)."""
+    with contextlib.ExitStack() as undo:
+        kvm = open_kvm()
+        undo.callback(kvm.close)
+        vm = kvm.create_vm()
+        undo.callback(vm.close)
+        try:
+            mem = GuestMemory(arch.ram_regions(cfg.mem_size), dontdump=cfg.omit_vm_memory,
+                              shared=cfg.mem_share)
+        except OSError as e:
+            raise VmmError(f"-m: cannot allocate {cfg.mem_size >> 20} MiB of guest RAM: {e.strerror}") from e
+        undo.callback(mem.close)
+        # RAM before the interrupt controllers, as Firecracker does: a memory slot added once the
+        # in-kernel LAPIC exists costs KVM some 7 ms (on these hosts), one added before 0.1 ms.
+        for slot, region in enumerate(mem.regions):
+            vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
+        try:
+            arch.create_irqchip(vm)
+        except KvmError as e:
+            raise VmmError(f"cannot set up the VM's interrupt controllers: {e}") from e
+        lost_ticks = LostTicks(vm)
+        undo.callback(lost_ticks.close)
+        lifecycle = Lifecycle()
+        undo.callback(lifecycle.close)
+        io = EventLoop("io", functools.partial(seccomp.confine, "io"))
+        undo.callback(io.stop)
+        block_pool = WorkerPool(on_start=functools.partial(seccomp.confine, "io"))
+        undo.callback(block_pool.stop)
+        xenstore = None
+        if cfg.xenstore:
+            from ..xenstore.store import Store  # only a VM with a XenStore imports it
+            xenstore = Store(cfg.xen_domid)
 
+        devices = DeviceManager(cfg, vm, mem, io, block_pool, lifecycle.request_stop)
+        undo.callback(devices.close)
+        slots = devices.add_virtio_devices(functools.partial(devices_still, lifecycle, io),
+                                           functools.partial(device_deleted, lifecycle))
+        devices.add_legacy_devices()        # before the firmware, which they describe
+        boot = Boot(cfg.kernel or "", functools.partial(_boot_inputs, cfg, guest_cmdline(cfg.cmdline, slots),
+                                                        devices))
+        # A VM loaded from a snapshot or a migration boots nothing (it reads its kernel to reboot).
+        plan = boot.load(mem) if cfg.incoming is None else None
+        if devices.vmgenid is not None:
+            devices.vmgenid.write()
 
-def _build(m: Machine) -> None:
-    cfg = m.cfg
-    m.kvm = kvm = open_kvm()
-    m.vm = vm = kvm.create_vm()
-    try:
-        m.mem = mem = GuestMemory(arch.ram_regions(cfg.mem_size), dontdump=cfg.omit_vm_memory,
-                                  shared=cfg.mem_share)
-    except OSError as e:
-        raise VmmError(f"-m: cannot allocate {cfg.mem_size >> 20} MiB of guest RAM: {e.strerror}") from e
-    # RAM before the interrupt controllers, as Firecracker does: a memory slot added once the
-    # in-kernel LAPIC exists costs KVM some 7 ms (on these hosts), one added before 0.1 ms.
-    for slot, region in enumerate(mem.regions):
-        vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
-    try:
-        arch.create_irqchip(vm)
-    except KvmError as e:
-        raise VmmError(f"cannot set up the VM's interrupt controllers: {e}") from e
-    m.lost_ticks = LostTicks(vm)
-
-    m.devices = devices = DeviceManager(cfg, vm, mem, m.io, m.block_pool, m.lifecycle.request_stop)
-    slots = devices.add_virtio_devices(m.devices_still, m.device_deleted)
-    devices.add_legacy_devices()        # before the firmware, which they describe
-    m.vmgenid = devices.vmgenid
-    cmdline = guest_cmdline(cfg.cmdline, slots)
-    m.read_boot_inputs = functools.partial(_boot_inputs, cfg, cmdline, devices)
-    plan = None
-    if cfg.incoming is None:            # a VM loaded from a snapshot or a migration boots nothing
-        m.boot_inputs = m.read_boot_inputs()
-        plan = prepare_boot(m)
-    if m.vmgenid is not None:
-        m.vmgenid.write()
-
-    for i in range(cfg.vcpus):
-        m.vcpus.append(VcpuThread(vm.create_vcpu(i), devices.pio, devices.mmio, m.lifecycle.request_stop))
-    vcpus = [v.vcpu for v in m.vcpus]
-    registers = arch.setup_vcpus(kvm, vcpus)
-    if plan is not None:
-        arch.setup_boot_regs(vcpus[0], plan)
-    try:
-        m.power_on = arch.save_state(vm, vcpus, registers)
-    except KvmError as e:
-        raise VmmError(f"cannot read the vCPUs' power-on state: {e}") from e
+        vcpus = [VcpuThread(vm.create_vcpu(i), devices.pio, devices.mmio, lifecycle.request_stop)
+                 for i in range(cfg.vcpus)]
+        for v in vcpus:
+            undo.callback(v.vcpu.close)
+        registers = arch.setup_vcpus(kvm, [v.vcpu for v in vcpus])
+        if plan is not None:
+            arch.setup_boot_regs(vcpus[0].vcpu, plan)
+        try:
+            power_on = arch.save_state(vm, [v.vcpu for v in vcpus], registers)
+        except KvmError as e:
+            raise VmmError(f"cannot read the vCPUs' power-on state: {e}") from e
+        machine = Machine(cfg, kvm=kvm, vm=vm, mem=mem, lifecycle=lifecycle, io=io, block_pool=block_pool,
+                          devices=devices, vcpus=vcpus, boot=boot, power_on=power_on, lost_ticks=lost_ticks,
+                          xenstore=xenstore, handle=controller.handle)
+        undo.pop_all()
+    return machine

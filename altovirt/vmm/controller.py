@@ -42,8 +42,8 @@ from .hotplug import Hotplug, HotplugError
 from .lifecycle import StateError
 
 if TYPE_CHECKING:
+    from .actions import Migrations
     from .machine import Machine
-    from .migration import Migration
 
 
 def handle(m: Machine, action: Action) -> object:
@@ -88,16 +88,19 @@ def handle(m: Machine, action: Action) -> object:
         case QueryMigration():
             return _migration(m).info()
         case QueryMigrationParameters():
-            params = _migration(m).params
-            return {"max-bandwidth": params.max_bandwidth, "downtime-limit": params.downtime_limit}
+            return _migration(m).parameters()
         case SaveState():
-            return m.save_state()
+            from . import snapshot  # only a VM that is saved imports it (start-up)
+            return snapshot.save_state(m)
         case StopForMigration():
-            return m.stop_for_migration()
+            from . import snapshot
+            return snapshot.stop_for_migration(m)
         case EndMigration(completed, was):
-            m.end_migration(completed, was)
+            from . import snapshot
+            snapshot.end_migration(m, completed, was)
         case LoadState(header, sections, resume, new_generation):
-            m.load_state(header, sections, resume=resume, new_generation=new_generation)
+            from . import snapshot
+            snapshot.load_state(m, header, sections, resume=resume, new_generation=new_generation)
         case _:
             assert_never(action)        # mypy: every action has its case
     return None
@@ -109,7 +112,7 @@ def _hotplug(m: Machine) -> Hotplug:
     return m.hotplug
 
 
-def _migration(m: Machine) -> Migration:
+def _migration(m: Machine) -> Migrations:
     if m.migration is None:
         raise StateError("this VM cannot migrate (it has no QMP channel, API or -incoming)")
     return m.migration

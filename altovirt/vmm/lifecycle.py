@@ -12,13 +12,15 @@ act on it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..errors import AltoVirtError
+from ..eventloop import EventLoop
 from .vcpu import StopReason
 
 log = logging.getLogger(__name__)
@@ -119,3 +121,29 @@ class Lifecycle:
         if self.stop_fd >= 0:
             os.close(self.stop_fd)
             self.stop_fd = -1
+
+
+@contextlib.contextmanager
+def devices_still(life: Lifecycle, io: EventLoop) -> Iterator[None]:
+    """Hold device work still (a hot-plug slot is changing), whether the guest runs or not:
+    StateError while the VM stops, waits for its state or migrates."""
+    with life.lock:
+        if life.state == RunState.SHUTDOWN:
+            raise StateError("the VM is shutting down")
+        if life.state == RunState.INMIGRATE:
+            raise StateError("the VM waits for its state (inmigrate), which brings its devices")
+        if life.migrating:
+            raise StateError("a migration is in progress")
+        running = life.state == RunState.RUNNING
+        if running:
+            io.pause()
+        try:
+            yield
+        finally:
+            if running:
+                io.resume()
+
+
+def device_deleted(life: Lifecycle, name: str) -> None:
+    """Announce an unplugged device (QMP's DEVICE_DELETED)."""
+    life.emit("DEVICE_DELETED", {"device": name, "path": name})

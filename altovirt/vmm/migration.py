@@ -167,6 +167,10 @@ class Migration:
         if downtime_limit is not None:
             self.params.downtime_limit = downtime_limit
 
+    def parameters(self) -> dict[str, int]:
+        """query-migrate-parameters' answer."""
+        return {"max-bandwidth": self.params.max_bandwidth, "downtime-limit": self.params.downtime_limit}
+
     def info(self) -> dict[str, Any]:
         """query-migrate's answer, as QEMU shapes it ({} before any migration)."""
         return self.progress.info()

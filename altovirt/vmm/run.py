@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ..config.model import VmConfig
     from ..xenstore.server import XenStoreServer
     from .daemon import Daemon
+    from .migration import Migration
 
 # The package's logger, not this module's: the VM's lines ("VM x stopped") are logged under
 # "altovirt", which tools reading the log match (Kata's driver among them).
@@ -101,28 +102,29 @@ def start_xenstore(machine: Machine, path: str) -> XenStoreServer:
     return server
 
 
-def start_migration(machine: Machine, migratable: bool) -> Callable[[], None]:
+def start_migration(machine: Machine, migratable: bool) -> tuple[Migration | None, Callable[[], None]]:
     """A ``migratable`` VM (one with a QMP channel or -incoming, or a Firecracker API) can
     migrate; with -incoming it waits in inmigrate, listening for the source already.
-    Returns what starts the load once the VM runs."""
+    Returns the migration service (None if it cannot migrate) and what starts the load once
+    the VM runs."""
     cfg = machine.cfg
     if not migratable:
-        return lambda: None
+        return None, lambda: None
     from .migration import Migration
     from .precopy import MigrationError, listen
     migration = machine.migration = Migration(machine)
     incoming = cfg.incoming
     if incoming is None:
-        return lambda: None
+        return migration, lambda: None
     machine.expect_incoming()
     from . import snapshot  # noqa: F401 (imported now, so that the load costs only the load)
     if incoming.uri is None:
-        return lambda: None         # -incoming defer: QMP migrate-incoming starts it
+        return migration, lambda: None      # -incoming defer: QMP migrate-incoming starts it
     try:
         listener = listen(incoming.uri) if incoming.uri.kind != "file" else None
     except MigrationError as e:
         raise VmmError(str(e), exit_status=EXIT_USAGE) from e
-    return lambda: migration.incoming(incoming, listener)
+    return migration, lambda: migration.incoming(incoming, listener)
 
 
 def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, serve_api: ServeApi,
@@ -135,17 +137,17 @@ def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, se
     machine once its services run, ``on_running`` is told once its vCPUs do. AltoVirtError
     if it cannot be built or run; whatever was made is released either way. A load that
     fails stops the VM; its reason is then the VMM's error line on stderr."""
-    machine = qmp = xenstore = None
+    machine = qmp = xenstore = migration = None
     budget = budget or Budget()
     try:
         machine = builder.build(cfg)
         budget.mark("build")
         log.info("VM %s: %d vCPU(s), %d MiB", cfg.name, cfg.vcpus, cfg.mem_size >> 20)
-        start_incoming = start_migration(machine, migratable)
+        migration, start_incoming = start_migration(machine, migratable)
         if sandbox:
             enable_seccomp(cfg.log_file)
-        if machine.migration is not None:
-            machine.migration.start()       # its thread confines itself
+        if migration is not None:
+            migration.start()               # its thread confines itself
         if cfg.api_channel:
             qmp = serve_api(machine, cfg.api_channel[len("unix:"):])
         if cfg.xenstore:
@@ -163,15 +165,15 @@ def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, se
             start_incoming()
         reason = machine.run(running)
         log.info("VM %s stopped: %s (exit %d)", cfg.name, reason.reason, reason.exit_code)
-        if machine.migration is not None and machine.migration.incoming_error:
-            print_error(VMM_PROG, machine.migration.incoming_error)
+        if migration is not None and migration.incoming_error:
+            print_error(VMM_PROG, migration.incoming_error)
         return reason.exit_code
     finally:
         if xenstore is not None:
             xenstore.close()
         if qmp is not None:
             qmp.close()             # after the SHUTDOWN event has been queued for every client
-        if machine is not None and machine.migration is not None:
-            machine.migration.close()
+        if migration is not None:
+            migration.close()
         if machine is not None:
             machine.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,13 +25,17 @@ from ..config import jsonconfig
 from ..devices.legacy.persist import I8042State, RtcState, SerialState
 from ..devices.virtio.persist import TransportState
 from ..kvm import Kvm, KvmError
+from ..kvm import structs as S
 from ..persist import Persistent, SavedStateError, from_json, to_json
 from ..snapshot.format import Section, SnapshotError
+from .lifecycle import RunState, StateError
 from .persist import HotplugState
 
 if TYPE_CHECKING:
     from ..config import VmConfig
     from .machine import Machine
+
+log = logging.getLogger(__name__)
 
 VERSION = 1                         # of every section below but xenstore's (its own envelope)
 T = TypeVar("T")
@@ -96,7 +101,6 @@ def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[
     """The header and sections of ``m``, paused with its device work still; ``msrs`` are
     the MSRs to keep and ``clock`` the kvmclock at the pause. SaveError if a device
     cannot be saved as it stands."""
-    assert m.vm is not None and m.kvm is not None and m.devices is not None and m.mem is not None
     d = m.devices
     assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
     kvm_state = arch.save_state(m.vm, [v.vcpu for v in m.vcpus], msrs)
@@ -118,7 +122,6 @@ def restore(m: Machine, header: dict[str, Any], sections: dict[str, Section]) ->
     """Put the saved state into ``m``, built from a matching configuration and never run;
     returns the kvmclock to resume from. SnapshotError naming the section and the reason
     for state that does not fit (a VM that took part of it must not run)."""
-    assert m.vm is not None and m.kvm is not None and m.devices is not None and m.mem is not None
     d = m.devices
     assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
     if header.get("vcpus") != len(m.vcpus):
@@ -160,6 +163,76 @@ def restore(m: Machine, header: dict[str, Any], sections: dict[str, Section]) ->
     for transport in d.transports:
         transport.interrupt.raise_pending()
     return kvm_state.vm.clock
+
+
+def save_state(m: Machine) -> tuple[dict[str, Any], list[Section]]:
+    """The stopped VM's header and sections (the main thread). SaveError if a device cannot be
+    saved now; StateError unless stopped."""
+    with m.lifecycle.lock:
+        m.lifecycle.require(RunState.PAUSED, RunState.FINISH_MIGRATE)
+        assert m.clock is not None
+        return save(m, m.snapshot_msrs(), m.clock.clock)
+
+
+def load_state(m: Machine, header: dict[str, Any], sections: dict[str, Section], *, resume: bool,
+               new_generation: bool) -> None:
+    """Take a snapshot's state (the main thread); paused after, or running if ``resume`` (or a
+    'cont' came while it loaded). ``new_generation``: a VM started again from a snapshot
+    (perhaps one of several clones) gets a new VM generation ID; a migrated one keeps its own.
+    SnapshotError naming the section and the reason if it does not fit this VM."""
+    with m.lifecycle.lock:
+        m.lifecycle.require(RunState.INMIGRATE)
+        m.clock = S.kvm_clock_data(clock=restore(m, header, sections))
+        try:
+            m.take_images()
+        except StateError as e:
+            raise SnapshotError(str(e)) from e
+        if m.vmgenid is not None and new_generation:
+            m.vmgenid.change()
+        elif m.vmgenid is not None:
+            m.vmgenid.taken_from_ram()
+        m.lifecycle.move(RunState.PAUSED)
+        m.lost_ticks.discard()
+    if resume or m.run_once_loaded:
+        m.resume()
+
+
+def stop_for_migration(m: Machine) -> RunState:
+    """Stop the guest for a live migration's last copy (finish-migrate) and let the destination
+    lock the disk images (the main thread); the state to go back to if it fails."""
+    life = m.lifecycle
+    with life.lock:
+        life.require(RunState.RUNNING, RunState.PAUSED)
+        was = life.state
+        if was == RunState.RUNNING:
+            m.stop_guest()
+        life.move(RunState.FINISH_MIGRATE)
+        if m.hotplug is not None:
+            m.hotplug.release_images()
+    if was == RunState.RUNNING:
+        life.emit("STOP", {})
+    return was
+
+
+def end_migration(m: Machine, completed: bool, was: RunState) -> None:
+    """After the last copy (the main thread): postmigrate if the destination took the VM, else
+    back to ``was``, the images locked again."""
+    life = m.lifecycle
+    with life.lock:
+        if life.state != RunState.FINISH_MIGRATE:
+            return                  # stopped meanwhile
+        if completed:
+            life.move(RunState.POSTMIGRATE)
+            return
+        try:
+            m.take_images()
+        except StateError as e:
+            log.error("after a failed migration: %s", e)
+        if was == RunState.RUNNING:
+            m.start_guest()
+        life.move(was)
+    if was == RunState.RUNNING:
+        life.emit("RESUME", {})
 
 
 def _load_xenstore(m: Machine, section: Section) -> None:
