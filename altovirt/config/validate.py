@@ -144,7 +144,7 @@ def parse_migration_uri(where: str, text: str) -> MigrationUri:
 
 def _is_ip_address(host: str) -> bool:
     """An IPv4 or IPv6 address, as the C library reads one: socket is loaded already, where the
-    ipaddress module would be imported on an API thread whose sandbox cannot list directories."""
+    ipaddress module would be imported when QMP's migrate asks, on a thread confined by then."""
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
             socket.inet_pton(family, host)

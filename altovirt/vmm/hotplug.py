@@ -45,7 +45,8 @@ class NoSuchDevice(HotplugError):
 
 
 class Hotplug:
-    """The backends and the slots of one VM. Callers serialize requests (the QMP thread)."""
+    """The backends and the slots of one VM. Requests come as actions, one at a time, on the
+    VMM's main thread (vmm/controller.py)."""
 
     def __init__(self, disks: list[MmioTransport], nics: list[MmioTransport], io: EventLoop,
                  pool: WorkerPool, quiet: Callable[[], AbstractContextManager[None]],
