@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from typing import TYPE_CHECKING
 
 from .. import arch
 from ..config import VmConfig
@@ -19,7 +20,6 @@ from ..eventloop import EventLoop
 from ..kvm import Kvm, KvmError
 from ..memory import GuestMemory
 from ..sandbox import seccomp
-from . import controller
 from .boot import Boot, BootInputs
 from .device_manager import DeviceManager
 from .lifecycle import Lifecycle, device_deleted, devices_still
@@ -27,6 +27,9 @@ from .machine import Machine
 from .pit import LostTicks
 from .vcpu import VcpuThread
 from .virtio_devices import MmioSlot
+
+if TYPE_CHECKING:
+    from .actions import Action
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,13 @@ def _boot_inputs(cfg: VmConfig, cmdline: str, devices: DeviceManager) -> BootInp
     initrd = _read_file("-initrd", cfg.initrd) if cfg.initrd else None
     firmware = arch.build_firmware(cfg.vcpus, devices.firmware_devices())
     return (image, cmdline, initrd, cfg.vcpus, firmware)
+
+
+def _handle(m: Machine, action: Action) -> object:
+    """Carry out ``action`` (controller.py), imported with the first request: a VM nothing asks
+    anything of never loads the actions (start-up)."""
+    from . import controller
+    return controller.handle(m, action)
 
 
 def build(cfg: VmConfig) -> Machine:
@@ -140,6 +150,6 @@ def build(cfg: VmConfig) -> Machine:
             raise VmmError(f"cannot read the vCPUs' power-on state: {e}") from e
         machine = Machine(cfg, kvm=kvm, vm=vm, mem=mem, lifecycle=lifecycle, io=io, block_pool=block_pool,
                           devices=devices, vcpus=vcpus, boot=boot, power_on=power_on, lost_ticks=lost_ticks,
-                          xenstore=xenstore, handle=controller.handle)
+                          xenstore=xenstore, handle=_handle)
         undo.pop_all()
     return machine

@@ -31,7 +31,7 @@ from ..kvm import ioctls as K
 from ..kvm import structs as S
 from ..memory import GuestMemory
 from ..sandbox import seccomp
-from .actions import Action, ActionQueue, Migrations
+from .action_queue import ActionQueue
 from .boot import Boot
 from .device_manager import DeviceManager
 from .hotplug import Hotplug, HotplugError
@@ -41,13 +41,14 @@ from .vcpu import StopReason, VcpuThread, install_kick_handler
 
 if TYPE_CHECKING:
     from ..xenstore.store import Store
+    from .actions import Action, Migrations
 
 __all__ = ["Machine", "VcpuInfo", "VmmError"]
 
 log = logging.getLogger(__name__)
 # What carries out an action on the main thread (vmm/controller.py's handle, which the
 # builder hands in: the requests know the machine, not the other way round).
-Handler = Callable[["Machine", Action], object]
+Handler = Callable[["Machine", "Action"], object]
 
 
 @dataclass(frozen=True)
