@@ -233,12 +233,14 @@ class Machine:
         Ctrl-Alt-Del on the keyboard (as Firecracker does)."""
         with self.lifecycle.lock:
             self.lifecycle.require(RunState.RUNNING, RunState.PAUSED)
+            # Announced before the press, as QEMU does: the guest may power off at once, and
+            # its SHUTDOWN must come after.
+            self.lifecycle.emit("POWERDOWN", {})
             if self.devices.acpi is not None:
                 self.devices.acpi.press_power_button()
             else:
                 assert self.devices.i8042 is not None
                 self.devices.i8042.ctrl_alt_del()
-        self.lifecycle.emit("POWERDOWN", {})
 
     def ctrl_alt_del(self) -> None:
         """Press Ctrl-Alt-Del on the i8042 keyboard (Firecracker's SendCtrlAltDel)."""
