@@ -485,6 +485,9 @@ def test_live_migration_in_passes(probe: Path, disk: Path, tmp_path: Path, vms: 
 def test_cancel_leaves_the_source_running(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
     uri = f"unix:{tmp_path / 'mig.sock'}"
     source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    # 16 MiB the guest keeps rewriting, at 4 MiB/s: the migration cannot converge before the
+    # cancel (without it, the few pages the probe touched went in a second, cancel or not).
+    source.ask("dirty 4096", "dirty")
     dest = Guest(vms, guest_args(probe, disk, "-incoming", uri), tmp_path / "q2.sock", ready=False)
     source.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})     # slow: time to cancel
     source.cmd("migrate", uri=uri)
