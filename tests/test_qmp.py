@@ -293,21 +293,26 @@ def test_system_powerdown_without_acpi_is_ctrl_alt_del(probe: Path, tmp_path: Pa
     vms.append(v)
     v.wait_line("probe: keyboard waiting")
 
-    async def session() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    async def session() -> list[dict[str, Any]]:
         qmp = InOrder()
         await qmp.connect(str(sock))
         with qmp.listener("SHUTDOWN") as shutdowns:
             start = len(qmp.received)
-            msgs = await qmp.call("system_powerdown")
+            await qmp.call("system_powerdown")
             await asyncio.to_thread(v.wait_line, "probe: ctrl-alt-del")
             await asyncio.wait_for(shutdowns.get(), 10)
         with contextlib.suppress(EOFError):     # the VMM may have closed the socket first
             await qmp.disconnect()
-        return msgs, qmp.received[start + len(msgs)]           # what came next
+        return qmp.received[start:]
 
-    msgs, shutdown = asyncio.run(session())
-    assert msgs[0]["event"] == "POWERDOWN" and msgs[1] == {"return": {}}
-    assert shutdown["event"] == "SHUTDOWN" and shutdown["data"] == {"guest": True, "reason": "guest-reset"}
+    # The guest resets as soon as it sees the keys, so its SHUTDOWN may come before or after
+    # the command's reply (as in QEMU, where the guest's request is not ordered with the
+    # reply either); it always comes after POWERDOWN, which is announced before the press.
+    msgs = asyncio.run(session())
+    kinds = [m.get("event", "return" if "return" in m else "error") for m in msgs]
+    assert kinds in (["POWERDOWN", "return", "SHUTDOWN"], ["POWERDOWN", "SHUTDOWN", "return"]), msgs
+    shutdown = msgs[kinds.index("SHUTDOWN")]
+    assert shutdown["data"] == {"guest": True, "reason": "guest-reset"}
     assert v.finish()[0] == 0
 
 
