@@ -12,9 +12,12 @@ The host's /dev/kvm is paravirtual (PVM) and cannot run stock kernels.  QEMU's T
 - ``out_dir`` is shared read-write at the same path inside and outside (``TESTBED_OUT``).
 - The command's stdout and stderr come back on two virtio-serial ports, apart from L1's
   console (ttyS0), which is written to a log file.
-- A third port carries control lines from L1: ``ready``, a heartbeat every few seconds,
-  ``exit N`` and ``fail MESSAGE``.  A missing heartbeat (with soft lockups or RCU stalls on
-  the console) means L1 is wedged: it is killed and the run retried once.
+- A third port carries control lines from L1: ``ready``, a heartbeat every 5 s,
+  ``exit N`` and ``fail MESSAGE``.  L1 is wedged when its vCPU thread burnt a good deal of CPU
+  time without a heartbeat (sooner after a soft lockup or RCU stall on the console): a host
+  that gives L1 little CPU makes it slow, never wedged (see :class:`CpuClock`).  A wedged L1
+  is killed, after what QEMU's monitor says of its vCPU went to the log, and the run retried
+  once.
 
 Exit statuses: the command's own, :data:`TIMEOUT` (124) when it ran past ``timeout``, or
 :data:`BED_FAILURE` (125) when the test bed itself failed (L1 did not boot, wedged twice,
@@ -29,19 +32,18 @@ import os
 import re
 import selectors
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, NoReturn, TypeVar
+from typing import BinaryIO, NoReturn
 
 from . import cpio, debian
+from .watch import STEAL_FILE, WEDGE_QUERIES, CpuClock, Nudges, Watch, ask_monitor, prioritize
 
 TIMEOUT = 124                   # as timeout(1): the command did not finish in time
 BED_FAILURE = 125               # the test bed failed; the command's outcome is unknown
@@ -84,16 +86,13 @@ MODULE_PARAMS: Mapping[str, str] = {"kvm_amd": "vgif=0"}
 CMDLINE = ("console=ttyS0 quiet loglevel=4 panic=-1 tsc=reliable no_timer_check mitigations=off "
            "nokaslr")
 
-BOOT_LIMIT = 300.0              # s from QEMU's start to "ready" before L1 counts as wedged
-HEARTBEAT_LIMIT = 150.0         # s without a heartbeat before L1 counts as wedged
-STALL_HEARTBEAT_LIMIT = 45.0    # the same, once the console reported a lockup or stall
 POWEROFF_LIMIT = 60.0           # s from "exit N" until QEMU must have ended
-WEDGE_PATTERNS = re.compile(rb"soft lockup|hard LOCKUP|rcu.{0,40}stall|hung_task|blocked for more than")
 # What to quote when L1 ends early: a panic, an oops, or stage 1 failing before it could
 # open the control port.
 CRASH_PATTERNS = re.compile(rb"testbed-l1: FAILED[^\n]*|Kernel panic[^\n]*|BUG: [^\n]*|Oops[^\n]*")
 
 PORTS = ("con", "out", "err", "ctl")    # sockets QEMU connects to: console, stdout, stderr, control
+MONITOR = "mon"                         # QEMU's human monitor, a socket QEMU listens on
 RUN_FW_CFG = "opt/altovirt/run"
 
 
@@ -123,6 +122,7 @@ class Result:
     boot_seconds: float | None = None   # QEMU start to "ready" in the last attempt
     seconds: float = 0.0                # wall time of all attempts
     failures: list[str] = field(default_factory=list)   # each failed attempt's bed_error
+    nudges: Nudges = field(default_factory=Nudges)     # a silent L1 nudged, in all attempts
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,7 +261,8 @@ def command_env(out_dir: Path, extra: Mapping[str, str] | None = None) -> dict[s
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
            "LANG": "C.UTF-8", "TERM": "dumb"}
     env.update({k: v for k, v in os.environ.items() if k == "CI" or k.startswith("ALTOVIRT_")})
-    env.update({"ALTOVIRT_TESTBED": "1", "TESTBED_OUT": str(out_dir)})
+    env.update({"ALTOVIRT_TESTBED": "1", "TESTBED_OUT": str(out_dir),
+                "TESTBED_STEAL": str(out_dir / STEAL_FILE)})
     env.update(extra or {})
     return env
 
@@ -271,8 +272,9 @@ def qemu_command(*, kern: debian.Kernel, initrd: Path, sockets: Path, out_dir: P
     """QEMU's command line for L1, its character devices connecting to ``sockets``/<port>;
     ``append`` is added to L1's kernel command line :data:`CMDLINE`; ``cwd``, when L1's own
     /tmp or /run would hide it, is shared read-only (9p tag ``cwd``)."""
-    cmd = [QEMU, "-accel", "tcg", "-cpu", "max", "-smp", str(cpus), "-m", mem, "-M", "pc",
-           "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+    # debug-threads=on names the vCPU threads ("CPU 0/TCG") for CpuClock.
+    cmd = [QEMU, "-name", "testbed-l1,debug-threads=on", "-accel", "tcg", "-cpu", "max", "-smp", str(cpus),
+           "-m", mem, "-M", "pc", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
            "-kernel", str(kern.vmlinuz), "-initrd", str(initrd), "-append", f"{CMDLINE} {append}".strip(),
            "-fw_cfg", f"name={RUN_FW_CFG},file={script}",
            "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
@@ -282,84 +284,12 @@ def qemu_command(*, kern: debian.Kernel, initrd: Path, sockets: Path, out_dir: P
         cmd += ["-virtfs", f"local,path={cwd},mount_tag=cwd,security_model=none,readonly=on,multidevs=remap"]
     for port in PORTS:
         cmd += ["-chardev", f"socket,id={port},path={sockets / port}"]
+    cmd += ["-chardev", f"socket,id={MONITOR},path={sockets / MONITOR},server=on,wait=off",
+            "-mon", f"chardev={MONITOR},mode=readline"]
     cmd += ["-serial", "chardev:con"]
     for port, name in (("out", "stdout"), ("err", "stderr"), ("ctl", "ctl")):
         cmd += ["-device", f"virtserialport,bus=vser.0,chardev={port},name=testbed.{name}"]
     return cmd
-
-
-@dataclass
-class _Boot:
-    """The state of one L1 boot as seen from the host."""
-
-    log: BinaryIO
-    stdout: BinaryIO | None
-    stderr: BinaryIO | None
-    started: float = field(default_factory=time.monotonic)
-    output: bytearray = field(default_factory=bytearray)
-    ready: float | None = None
-    heartbeat: float | None = None
-    stall: bytes | None = None          # the first console line reporting a lockup or stall
-    stall_at: float | None = None
-    status: int | None = None
-    fail: str | None = None
-    exited_at: float | None = None
-    console_tail: bytes = b""
-    ctl_buf: bytes = b""
-    qemu_err: bytes = b""
-
-    def on_console(self, data: bytes) -> None:
-        """Log console output and note the first lockup or stall report."""
-        self.log.write(data)
-        self.log.flush()
-        self.console_tail = (self.console_tail + data)[-4096:]
-        if self.stall is None:
-            match = WEDGE_PATTERNS.search(self.console_tail)
-            if match:
-                start = self.console_tail.rfind(b"\n", 0, match.start()) + 1
-                end = self.console_tail.find(b"\n", match.end())
-                self.stall = self.console_tail[start:end if end >= 0 else None].strip()
-                self.stall_at = time.monotonic()
-
-    def on_output(self, data: bytes, sink: BinaryIO | None) -> None:
-        """Keep the command's output and stream it on."""
-        self.output += data
-        if sink is not None:
-            sink.write(data)
-            sink.flush()
-
-    def on_control(self, data: bytes) -> None:
-        """Parse control lines: boot, ready, hb, exit N, fail MESSAGE."""
-        self.ctl_buf += data
-        *lines, self.ctl_buf = self.ctl_buf.split(b"\n")
-        now = time.monotonic()
-        for raw in lines:
-            word, _, rest = raw.decode(errors="replace").strip().partition(" ")
-            if word == "ready":
-                self.ready = self.heartbeat = now
-            elif word == "hb":
-                self.heartbeat = now
-            elif word == "exit" and rest.isdigit():
-                self.status, self.exited_at = int(rest), now
-            elif word == "fail":
-                self.fail, self.exited_at = rest, now
-
-    def wedged(self, now: float) -> str | None:
-        """Why L1 counts as wedged at ``now``, or None while it makes progress."""
-        if self.exited_at is not None:
-            return None
-        stall = f"{self.stall.decode(errors='replace')}" if self.stall else ""
-        if self.ready is None:
-            if now - self.started > BOOT_LIMIT:
-                return f"not booted after {BOOT_LIMIT:.0f} s" + (f"; console: {stall}" if stall else "")
-            return None
-        assert self.heartbeat is not None
-        silent = now - self.heartbeat
-        if silent > HEARTBEAT_LIMIT:
-            return f"no heartbeat for {silent:.0f} s" + (f"; console: {stall}" if stall else "")
-        if self.stall_at is not None and now - max(self.stall_at, self.heartbeat) > STALL_HEARTBEAT_LIMIT:
-            return f"{stall}; no heartbeat for {silent:.0f} s"
-        return None
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -383,11 +313,14 @@ def _listen(path: Path) -> socket.socket:
 
 def boot_once(command: Sequence[str], *, timeout: float, cwd: Path, out_dir: Path, log: Path,
               cpus: int, mem: str, env: Mapping[str, str] | None, append: str,
-              stdout: BinaryIO | None, stderr: BinaryIO | None) -> tuple[int, _Boot]:
+              stdout: BinaryIO | None, stderr: BinaryIO | None, note: Callable[[str], None] | None = None,
+              nudges: Nudges | None = None) -> tuple[int, Watch]:
     """Boot L1 once and run ``command``; the command's status, or :data:`TIMEOUT`.
 
     Raises :class:`BedError` when the test bed fails (``retry`` set when another boot may
     help: a wedge, or QEMU ending before the command did).  QEMU is always gone on return.
+    ``note`` gets a line for each nudge of a silent L1 and each revival, which are counted in
+    ``nudges``.
     """
     kern = debian.kernel()
     initrd = initramfs(kern)
@@ -402,16 +335,20 @@ def boot_once(command: Sequence[str], *, timeout: float, cwd: Path, out_dir: Pat
         logf.write(f"testbed: {shlex.join(cmd)}\n".encode())
         logf.flush()                    # before QEMU writes to the same file
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.PIPE)
-        boot = _Boot(log=logf, stdout=stdout, stderr=stderr)
+        prioritize(proc.pid)
+        boot = Watch(log=logf, stdout=stdout, stderr=stderr, clock=CpuClock(proc.pid),
+                     monitor=sockets / MONITOR, steal_file=out_dir / STEAL_FILE, note=note,
+                     nudges=nudges if nudges is not None else Nudges())
         try:
             return _supervise(proc, boot, listeners, timeout), boot
         finally:
             _kill(proc)
+            (out_dir / STEAL_FILE).unlink(missing_ok=True)
             for sock in listeners.values():
                 sock.close()
 
 
-def _supervise(proc: subprocess.Popen[bytes], boot: _Boot, listeners: dict[str, socket.socket],
+def _supervise(proc: subprocess.Popen[bytes], boot: Watch, listeners: dict[str, socket.socket],
                timeout: float) -> int:
     """Pump QEMU's sockets into ``boot`` until the command's status is known and QEMU ended;
     the command's status or :data:`TIMEOUT`, else :class:`BedError`."""
@@ -436,7 +373,7 @@ class _Timeout(Exception):
     """The command ran past its time limit."""
 
 
-def _pump(proc: subprocess.Popen[bytes], boot: _Boot, listeners: dict[str, socket.socket],
+def _pump(proc: subprocess.Popen[bytes], boot: Watch, listeners: dict[str, socket.socket],
           timeout: float, sel: selectors.BaseSelector) -> None:
     """Feed QEMU's sockets and stderr into ``boot`` until QEMU ended (or did not end in time
     after reporting the status).  Raises :class:`BedError` on a wedge, :class:`_Timeout`."""
@@ -476,14 +413,19 @@ def _pump(proc: subprocess.Popen[bytes], boot: _Boot, listeners: dict[str, socke
         if boot.exited_at is not None and now - boot.exited_at > POWEROFF_LIMIT:
             break                           # poweroff did not end QEMU; the status is known
         if boot.status is None and boot.fail is None:
+            boot.publish_steal(now)
             why = boot.wedged(now)
             if why:
+                boot.log.write(f"testbed: L1 wedged ({why})\n".encode())
+                ask_monitor(boot, WEDGE_QUERIES)
                 raise BedError(f"L1 wedged ({why})", retry=True)
+            if boot.needs_nudge(now):
+                boot.nudge(now)
             if now - boot.started > timeout:
                 raise _Timeout
 
 
-def _stopped_early(proc: subprocess.Popen[bytes], boot: _Boot) -> NoReturn:
+def _stopped_early(proc: subprocess.Popen[bytes], boot: Watch) -> NoReturn:
     """Raise the :class:`BedError` for a QEMU that ended without the command's status."""
     last = (boot.qemu_err.decode(errors="replace").strip().splitlines() or [""])[-1]
     if boot.ready is None and last:
@@ -524,7 +466,8 @@ def run(command: Sequence[str], *, timeout: float, cwd: str | os.PathLike[str] |
     timeouts.  The command's output is streamed to ``stdout``/``stderr`` when given; L1's
     console goes to ``log`` (default: a fresh ``/tmp/altovirt-l1-*.log``, left for the
     caller).  ``append`` adds parameters to L1's kernel command line.  ``note`` receives
-    one-line messages about the test bed (a wedge and the retry, a timeout).
+    one-line messages about the test bed (a nudge of a silent L1 and whether it came back, a
+    wedge and the retry, a timeout).
     """
     cwd_path, out, log_path = _prepare(cwd, out_dir, log)
     result = Result(status=BED_FAILURE, output=b"", out_dir=out, l1_log=log_path)
@@ -534,7 +477,7 @@ def run(command: Sequence[str], *, timeout: float, cwd: str | os.PathLike[str] |
         try:
             status, boot = boot_once(command, timeout=timeout, cwd=cwd_path, out_dir=out, log=log_path,
                                      cpus=cpus, mem=mem, env=env, append=append, stdout=stdout,
-                                     stderr=stderr)
+                                     stderr=stderr, note=note, nudges=result.nudges)
         except (BedError, debian.PackageError, OSError) as err:
             again = isinstance(err, BedError) and err.retry and retry and attempt == 1
             result.bed_error = str(err)
@@ -566,7 +509,7 @@ def _prepare(cwd: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str]
     return cwd_path, out, log_path
 
 
-def _finish(result: Result, status: int, boot: _Boot, timeout: float,
+def _finish(result: Result, status: int, boot: Watch, timeout: float,
             note: Callable[[str], None] | None) -> None:
     """Fill ``result`` from an attempt that ended with ``status`` (the command's, or TIMEOUT)."""
     result.status, result.output = status, bytes(boot.output)
@@ -577,165 +520,3 @@ def _finish(result: Result, status: int, boot: _Boot, timeout: float,
         if note is not None:
             note(f"testbed: {result.bed_error}")
 
-
-# ---------------------------------------------------------------------------------------
-# The command line (scripts/testbed)
-
-USAGE = f"""usage: scripts/testbed [--timeout SECONDS] [--cpus N] [--mem SIZE] [--out DIR]
-                       [--keep-log FILE] [--append PARAMS] [--no-retry] -- COMMAND [ARGS...]
-
-Boot Debian's stock kernel in QEMU TCG with emulated AMD SVM (L1, a /dev/kvm with hardware
-virtualization semantics) and run COMMAND there as root, in the current directory (shared
-read-only on its own when it is under /tmp or /run, which are fresh tmpfs in L1).  L1's root
-is the host's, read-only under a tmpfs overlay.  COMMAND sees CI and ALTOVIRT_* from this environment,
-ALTOVIRT_TESTBED=1, HOME=/root, and TESTBED_OUT, a directory shared read-write at the same
-path inside and outside (--out DIR, default a fresh /tmp/altovirt-out-*; printed at the end).
-COMMAND's stdout and stderr are streamed here; L1's console goes to a log file, deleted
-unless --keep-log FILE.
-
-  --timeout SECONDS  limit for one attempt, boot included (default 3600)
-  --cpus N           L1's vCPUs (default {DEFAULT_CPUS})
-  --mem SIZE         L1's memory (default {DEFAULT_MEM})
-  --out DIR          the shared output directory (created if missing)
-  --keep-log FILE    keep L1's console log in FILE
-  --append PARAMS    more parameters for L1's kernel command line
-  --no-retry         do not boot L1 a second time after a wedge or crash
-
-A wedged L1 (no heartbeat; soft lockups or RCU stalls on its console) is killed and booted
-once more; the line "testbed: L1 wedged (...), retrying once" says so.
-
-exit status: COMMAND's own; {TIMEOUT} if COMMAND did not finish within --timeout;
-{BED_FAILURE} if the test bed failed (L1 did not boot, wedged twice, QEMU died), with a line
-"testbed: ..." on stderr saying why; 130 if interrupted (SIGINT, SIGTERM, SIGHUP: L1 is
-killed); 2 for a usage error.  COMMAND's own 124 or 125 is told apart by the "testbed:" line.
-"""
-
-
-@dataclass
-class _Options:
-    """Parsed command line of scripts/testbed."""
-
-    command: list[str]
-    timeout: float = 3600.0
-    cpus: int = DEFAULT_CPUS
-    mem: str = DEFAULT_MEM
-    out: str | None = None
-    keep_log: str | None = None
-    append: str = ""
-    retry: bool = True
-
-
-class HelpRequested(Exception):
-    """``-h``/``--help`` was given."""
-
-
-def parse_args(argv: Sequence[str]) -> _Options:
-    """Parse scripts/testbed's arguments; raises ValueError with a one-line message, or
-    :class:`HelpRequested`."""
-    opts = _Options(command=[])
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg == "--":
-            opts.command = args
-            break
-        if arg in ("-h", "--help"):
-            raise HelpRequested
-        if arg == "--no-retry":
-            opts.retry = False
-            continue
-        name, eq, value = arg.partition("=")
-        if name not in ("--timeout", "--cpus", "--mem", "--out", "--keep-log", "--append"):
-            raise ValueError(f"unknown option {arg!r} (COMMAND goes after --)")
-        if not eq:
-            if not args:
-                raise ValueError(f"{name} needs a value")
-            value = args.pop(0)
-        if name == "--timeout":
-            opts.timeout = _number(name, value, float)
-        elif name == "--cpus":
-            opts.cpus = _number(name, value, int)
-        elif name == "--mem":
-            opts.mem = value
-        elif name == "--out":
-            opts.out = value
-        elif name == "--append":
-            opts.append = value
-        else:
-            opts.keep_log = value
-    if not opts.command:
-        raise ValueError("no COMMAND (give it after --)")
-    return opts
-
-
-def _interrupted(signum: int, _frame: object) -> None:
-    """Signal handler: unwind like Ctrl-C does."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-_N = TypeVar("_N", int, float)
-
-
-def _number(option: str, value: str, kind: Callable[[str], _N]) -> _N:
-    """``value`` as a positive ``kind``; ValueError naming ``option`` otherwise."""
-    try:
-        number = kind(value)
-    except ValueError:
-        raise ValueError(f"{option}: {value!r} is not a positive number") from None
-    if number <= 0:
-        raise ValueError(f"{option}: {value!r} is not a positive number")
-    return number
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """scripts/testbed: run a command in L1; returns the exit status documented in USAGE."""
-    try:
-        opts = parse_args(sys.argv[1:] if argv is None else argv)
-    except HelpRequested:
-        sys.stdout.write(USAGE)
-        return 0
-    except ValueError as err:
-        sys.stderr.write(f"testbed: {err}\n{USAGE}")
-        return 2
-    if shutil.which(QEMU) is None:
-        _note(f"testbed: {QEMU} not found (apt-get install qemu-system-x86)")
-        return BED_FAILURE
-    # A cancelled CI job sends SIGTERM: turn it into an exception so that the finally
-    # clauses kill QEMU instead of leaving L1 running.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupted)
-    try:
-        result = run(opts.command, timeout=opts.timeout, out_dir=opts.out, cpus=opts.cpus, mem=opts.mem,
-                     log=opts.keep_log, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
-                     retry=opts.retry, append=opts.append, note=_note)
-    except KeyboardInterrupt as err:
-        _note(f"testbed: interrupted ({err or 'SIGINT'}); L1 stopped")
-        return 130
-    _summarize(result, keep_log=opts.keep_log is not None, own_out=opts.out is None)
-    return result.status
-
-
-def _note(line: str) -> None:
-    """Write one test bed message to stderr at once."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
-def _summarize(result: Result, *, keep_log: bool, own_out: bool) -> None:
-    """Print the end of L1's console after a test bed failure and a closing status line;
-    delete the log unless ``keep_log``, and the output directory if ``own_out`` (we made
-    it) and it stayed empty."""
-    if result.status == BED_FAILURE and result.bed_error is not None:
-        lines = result.l1_log.read_bytes()[-4000:].decode(errors="replace").splitlines()
-        tail = [line for line in lines if not line.startswith(f"testbed: {QEMU}")][-25:]
-        _note("testbed: last lines of L1's console:\n  " + "\n  ".join(tail))
-    boot = f"{result.boot_seconds:.1f} s" if result.boot_seconds is not None else "-"
-    out = str(result.out_dir)
-    if own_out and not any(result.out_dir.iterdir()):
-        result.out_dir.rmdir()
-        out += " (empty, removed)"
-    _note(f"testbed: status {result.status}, L1 boot {boot}, total {result.seconds:.1f} s, "
-          f"attempts {result.attempts}, TESTBED_OUT={out}"
-          + (f", L1 log {result.l1_log}" if keep_log else ""))
-    if not keep_log:
-        result.l1_log.unlink(missing_ok=True)
