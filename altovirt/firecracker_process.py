@@ -136,17 +136,11 @@ class Process:
             self.instance.built(machine, launch.restore)
             if self.opts.boot_timer and machine.devices is not None:
                 machine.devices.boot_timer.count_from(launched_at, "InstanceStart")
-            if launch.restore:
-                assert machine.migration is not None
-                machine.migration.on_incoming_end = lambda error: (
-                    launch.running() if error is None
-                    else launch.failed(FirecrackerError(f"Load snapshot error: {error}")))
 
         try:
             check_vm(cfg)               # here, not on the API thread: it looks at the files
             return run_vm(cfg, self.daemon, sandbox=False, migratable=True, serve_api=serve_qmp,
-                          on_built=built,
-                          on_running=None if launch.restore else launch.running)
+                          on_built=built, on_running=launch.running, saved=launch.saved)
         except AltoVirtError as e:
             if launch.answered:
                 raise

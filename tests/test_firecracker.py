@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from altovirt.config.firecracker import DESERIALIZE, FirecrackerConfig, FirecrackerError, fields
+from altovirt.snapshot import format as snapfile
 
 from .conftest import ROOT, Vm, needs_kvm
 from .fcapi import FIRECRACKER, Firecracker
@@ -320,6 +322,14 @@ def test_snapshot_create_and_load(probe: Path, disk: Path, tmp_path: Path, vms: 
     assert "Uffd" in fc3.fault("PUT", "/snapshot/load", {"snapshot_path": str(state),
                                                          "mem_backend": {"backend_type": "Uffd",
                                                                          "backend_path": "/x"}})
+    # A snapshot that does not fit (a vCPU count the VM it describes lacks) fails its build:
+    # nothing of it is left, and the process loads a good one after.
+    misfit = snapfile.SnapshotFiles(str(tmp_path / "misfit.state"), str(tmp_path / "misfit.mem"))
+    header, sections = snapfile.read_state(snapfile.SnapshotFiles(str(state), str(memory)))
+    with open(memory, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as ram:
+        snapfile.write(misfit, {**header, "vcpus": 3}, list(sections.values()), memoryview(ram)[:256 << 20])
+    assert "header: 3 vCPUs saved; this VM has 2 (-smp)" in fc3.fault(
+        "PUT", "/snapshot/load", {"snapshot_path": misfit.state, "mem_file_path": misfit.memory})
     assert fc3.state() == "Not started"
     began = time.monotonic()
     fc3.ok("PUT", "/snapshot/load", {"snapshot_path": str(state),

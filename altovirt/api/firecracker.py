@@ -25,16 +25,15 @@ from ..config.firecracker import (
     fields,
     not_supported,
 )
-from ..config.model import IncomingConfig, MigrationUri, VmConfig
+from ..config.model import MigrationUri
 from ..errors import AltoVirtError
 from ..snapshot import format as snapfile
 from ..vmm import snapshot
 from ..vmm.actions import ChangeImage, CtrlAltDel, Migrate, Pause, QueryMigration, Resume
 from ..vmm.hotplug import HotplugError
-from ..vmm.instance import Instance
+from ..vmm.instance import Instance, Launch
 from ..vmm.lifecycle import RunState
 from ..vmm.metrics import Metrics
-from ..vmm.migration import snapshot_files
 from .http import Request, Response, fault
 
 APP_NAME = "AltoVirt"
@@ -119,7 +118,7 @@ class FirecrackerApi:
         return handler
 
     def _start(self) -> None:
-        self.instance.launch(lambda c: c.vm_config(self.instance.id))
+        self.instance.launch(lambda c: Launch(c.vm_config(self.instance.id)))
 
     def _load_snapshot(self, body: object) -> None:
         p = fields("snapshot load", body, {"snapshot_path": str},
@@ -149,15 +148,14 @@ class FirecrackerApi:
         vsock_path = None
         if "vsock_override" in p:
             vsock_path = fields("vsock_override", p["vsock_override"], {"uds_path": str}, {})["uds_path"]
-        uri = MigrationUri("file", path=p["snapshot_path"], memory=memory)
+        files = snapfile.SnapshotFiles(p["snapshot_path"], memory)
 
-        def make(c: FirecrackerConfig) -> VmConfig:
+        def make(c: FirecrackerConfig) -> Launch:
             if not c.is_fresh():
                 raise FirecrackerError("Loading a microVM snapshot not allowed after configuring "
                                        "boot-specific resources.")
             try:
-                _, sections = snapfile.read_state(snapshot_files(uri))
-                cfg = snapshot.saved_config(sections)
+                cfg, state = snapshot.read(files)
             except snapfile.SnapshotError as e:
                 raise FirecrackerError(f"Load snapshot error: {e}") from e
             for iface_id, tap in nets.items():
@@ -172,10 +170,9 @@ class FirecrackerApi:
                                            "device.")
                 cfg.vsock.uds_path = vsock_path
             cfg.name, cfg.serial_stdio = self.instance.id, True
-            cfg.incoming = IncomingConfig(uri, resume=p.get("resume_vm", False))
             c.restored_from(cfg)
-            return cfg
-        self.instance.launch(make, restore=True)
+            return Launch(cfg, snapshot.SavedVm(state, files, resume=p.get("resume_vm", False)))
+        self.instance.launch(make)
 
     # --- after the start ---
     def _info(self) -> dict[str, Any]:

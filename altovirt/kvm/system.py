@@ -216,6 +216,15 @@ class Vcpu:
             raise KvmError(err, f"KVM_RUN: {os.strerror(err)}")
         return 0
 
+    def enter_once(self) -> None:
+        """One KVM_RUN with immediate_exit set, which returns at once and runs nothing
+        (api.rst, kvm_run.immediate_exit)."""
+        self.run.immediate_exit = 1
+        try:
+            self.run_once()
+        finally:
+            self.run.immediate_exit = 0
+
     def get_regs(self) -> S.kvm_regs:
         return self._get(K.KVM_GET_REGS, S.kvm_regs)  # type: ignore[return-value]
 

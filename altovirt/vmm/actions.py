@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from .lifecycle import RunState
 
 if TYPE_CHECKING:
+    import socket
+
     from ..config.model import IncomingConfig, MigrationUri
-    from ..snapshot.format import Section
+    from .sections import VmState
 
 
 # --- the lifecycle (QMP stop, cont, system_reset, system_powerdown; PATCH /vm; SendCtrlAltDel) ---
@@ -147,8 +149,7 @@ class EndMigration(NamedTuple):
 
 
 class LoadState(NamedTuple):
-    header: dict[str, Any]
-    sections: dict[str, Section]
+    state: VmState
     resume: bool
     new_generation: bool
 
@@ -164,10 +165,11 @@ class Migrations(Protocol):
     requests ask of it (controller.py) and what the front ends hear from it."""
 
     incoming_error: str | None
-    on_incoming_end: Callable[[str | None], None] | None
 
+    def start(self) -> None: ...
+    def close(self) -> None: ...
     def migrate(self, uri: MigrationUri, on_done: Callable[[], None] | None = None) -> None: ...
-    def incoming(self, incoming: IncomingConfig) -> None: ...
+    def incoming(self, incoming: IncomingConfig, listener: socket.socket | None = None) -> None: ...
     def cancel(self) -> None: ...
     def set_parameters(self, max_bandwidth: int | None, downtime_limit: int | None) -> None: ...
     def parameters(self) -> dict[str, int]: ...

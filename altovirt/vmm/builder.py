@@ -1,5 +1,6 @@
-"""Build a VM from a VmConfig: open KVM and check what we rely on, lay out guest
-RAM, create the devices, load the kernel and set up the vCPUs.
+"""Build a VM from a VmConfig, or from a snapshot (its configuration, then its memory
+and state): open KVM and check what we rely on, lay out guest RAM, create the devices,
+load the kernel or the snapshot and set up the vCPUs.
 
 :func:`build` returns a :class:`Machine` ready to run, or raises an
 AltoVirtError naming what is wrong, with everything it had made released.
@@ -29,7 +30,8 @@ from .vcpu import VcpuThread
 from .virtio_devices import MmioSlot
 
 if TYPE_CHECKING:
-    from .actions import Action
+    from .actions import Action, Migrations
+    from .snapshot import SavedVm
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,17 @@ def _handle(m: Machine, action: Action) -> object:
     return controller.handle(m, action)
 
 
-def build(cfg: VmConfig) -> Machine:
-    """The VM ``cfg`` describes, every part made (and released again if one cannot be)."""
+def _migrations(m: Machine) -> Migrations:
+    """The migration service of a VM that can migrate (imported only for one)."""
+    from .migration import Migration
+    return Migration(m)
+
+
+def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = None) -> Machine:
+    """The VM ``cfg`` describes, every part made (and released again if one cannot be).
+    ``migratable``: it can be snapshotted and migrated. ``saved``: the VM is the one that
+    snapshot holds (``cfg`` is its configuration), paused, not booted; SnapshotError if
+    the snapshot does not fit."""
     with contextlib.ExitStack() as undo:
         kvm = open_kvm()
         undo.callback(kvm.close)
@@ -133,7 +144,7 @@ def build(cfg: VmConfig) -> Machine:
         boot = Boot(cfg.kernel or "", functools.partial(_boot_inputs, cfg, guest_cmdline(cfg.cmdline, slots),
                                                         devices))
         # A VM loaded from a snapshot or a migration boots nothing (it reads its kernel to reboot).
-        plan = boot.load(mem) if cfg.incoming is None else None
+        plan = boot.load(mem) if cfg.incoming is None and saved is None else None
         if devices.vmgenid is not None:
             devices.vmgenid.write()
 
@@ -150,6 +161,13 @@ def build(cfg: VmConfig) -> Machine:
             raise VmmError(f"cannot read the vCPUs' power-on state: {e}") from e
         machine = Machine(cfg, kvm=kvm, vm=vm, mem=mem, lifecycle=lifecycle, io=io, block_pool=block_pool,
                           devices=devices, vcpus=vcpus, boot=boot, power_on=power_on, lost_ticks=lost_ticks,
-                          xenstore=xenstore, handle=_handle)
+                          xenstore=xenstore, handle=_handle, migrations=_migrations if migratable else None)
         undo.pop_all()
+    if saved is not None:
+        from . import snapshot
+        try:
+            snapshot.build_from(machine, saved)
+        except BaseException:
+            machine.close()             # it holds part of the state: it must not run
+            raise
     return machine

@@ -98,9 +98,9 @@ def handle(m: Machine, action: Action) -> object:
         case EndMigration(completed, was):
             from . import snapshot
             snapshot.end_migration(m, completed, was)
-        case LoadState(header, sections, resume, new_generation):
+        case LoadState(state, resume, new_generation):
             from . import snapshot
-            snapshot.load_state(m, header, sections, resume=resume, new_generation=new_generation)
+            snapshot.load_state(m, state, resume=resume, new_generation=new_generation)
         case _:
             assert_never(action)        # mypy: every action has its case
     return None

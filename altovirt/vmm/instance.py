@@ -17,13 +17,16 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ..config.firecracker import FirecrackerConfig, FirecrackerError
 from ..config.model import VmConfig
 from ..errors import AltoVirtError
 from .lifecycle import RunState
 from .machine import Machine
+
+if TYPE_CHECKING:
+    from .snapshot import SavedVm
 
 T = TypeVar("T")
 NOT_STARTED = "Not started"
@@ -36,9 +39,13 @@ class Launch:
     """A VM for the main thread to build and run, and the API thread waiting to hear how it went."""
 
     cfg: VmConfig
-    restore: bool = False
+    saved: SavedVm | None = None        # snapshot/load: the VM is built from this snapshot
     error: AltoVirtError | None = None
     _done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def restore(self) -> bool:
+        return self.saved is not None
 
     @property
     def answered(self) -> bool:
@@ -93,16 +100,16 @@ class Instance:
             raise FirecrackerError(POST_BOOT_ONLY)
         return m
 
-    def launch(self, make: Callable[[FirecrackerConfig], VmConfig], *, restore: bool = False) -> None:
+    def launch(self, make: Callable[[FirecrackerConfig], Launch]) -> None:
         """Have the main thread build the VM ``make`` describes and run it; returns once it
-        runs, or raises why it could not be built (the instance is then as it was)."""
+        runs (or, restored, holds its snapshot's state), or raises why it could not be built
+        (the instance is then as it was)."""
         with self._lock:
             if self._launching or self.machine is not None:
                 raise FirecrackerError(PRE_BOOT_ONLY)
             before = copy.deepcopy(self.config)
-            cfg = make(self.config)
+            launch = make(self.config)
             self._launching = True
-        launch = Launch(cfg, restore)
         self._launches.put(launch)
         try:
             launch.wait()

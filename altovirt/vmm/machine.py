@@ -65,7 +65,9 @@ class Machine:
     def __init__(self, cfg: VmConfig, *, kvm: Kvm, vm: KvmVm, mem: GuestMemory, lifecycle: Lifecycle,
                  io: EventLoop, block_pool: WorkerPool, devices: DeviceManager, vcpus: list[VcpuThread],
                  boot: Boot, power_on: arch.PowerOnState, lost_ticks: LostTicks, xenstore: Store | None,
-                 handle: Handler) -> None:
+                 handle: Handler, migrations: Callable[[Machine], Migrations] | None = None) -> None:
+        """``handle`` carries out actions (see :meth:`request`); ``migrations`` makes the
+        migration service of a VM that can be snapshotted and migrated."""
         self.cfg = cfg
         self.kvm, self.vm, self.mem = kvm, vm, mem
         self.lifecycle, self.io, self.block_pool = lifecycle, io, block_pool
@@ -81,7 +83,7 @@ class Machine:
         self._snapshot_msrs: list[int] | None = None
         # QEMU's autostart: 'cont' while the state loads (inmigrate) runs the VM once it is in.
         self.run_once_loaded = False
-        self.migration: Migrations | None = None       # for a VM that can migrate (run.py makes it)
+        self.migration = migrations(self) if migrations is not None else None
         self._closed = False
 
     # --- what the API and the CLI see ---

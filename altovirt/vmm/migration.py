@@ -72,8 +72,6 @@ class Migration:
         self.params = Parameters()
         self.progress = Progress(lambda status: machine.lifecycle.emit("MIGRATION", {"status": status}))
         self.incoming_error: str | None = None  # why this VM could not be loaded (the VMM stops)
-        # Told when a load has ended: None if it succeeded, else why it failed.
-        self.on_incoming_end: Callable[[str | None], None] | None = None
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="migration", daemon=True)
         self._incoming_started = False
@@ -223,8 +221,6 @@ class Migration:
             log.info("VM loaded from %s", incoming.uri)
         finally:
             self.close()
-            if self.on_incoming_end is not None:
-                self.on_incoming_end(progress.error if progress.status == "failed" else None)
 
     def _fail_incoming(self, uri: MigrationUri, reason: str) -> None:
         log.info("incoming migration failed: %s", reason)     # the VMM's last line says it to the user

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..config.model import VmConfig
     from ..xenstore.server import XenStoreServer
     from .daemon import Daemon
-    from .migration import Migration
+    from .snapshot import SavedVm
 
 # The package's logger, not this module's: the VM's lines ("VM x stopped") are logged under
 # "altovirt", which tools reading the log match (Kata's driver among them).
@@ -102,52 +102,47 @@ def start_xenstore(machine: Machine, path: str) -> XenStoreServer:
     return server
 
 
-def start_migration(machine: Machine, migratable: bool) -> tuple[Migration | None, Callable[[], None]]:
-    """A ``migratable`` VM (one with a QMP channel or -incoming, or a Firecracker API) can
-    migrate; with -incoming it waits in inmigrate, listening for the source already.
-    Returns the migration service (None if it cannot migrate) and what starts the load once
-    the VM runs."""
-    cfg = machine.cfg
-    if not migratable:
-        return None, lambda: None
-    from .migration import Migration
-    from .precopy import MigrationError, listen
-    migration = machine.migration = Migration(machine)
-    incoming = cfg.incoming
-    if incoming is None:
-        return migration, lambda: None
+def start_incoming(machine: Machine) -> Callable[[], None]:
+    """With -incoming the VM waits in inmigrate, listening for the source already; returns
+    what starts the load once the VM runs."""
+    migration, incoming = machine.migration, machine.cfg.incoming
+    if migration is None or incoming is None:
+        return lambda: None
     machine.expect_incoming()
     from . import snapshot  # noqa: F401 (imported now, so that the load costs only the load)
     if incoming.uri is None:
-        return migration, lambda: None      # -incoming defer: QMP migrate-incoming starts it
+        return lambda: None                 # -incoming defer: QMP migrate-incoming starts it
+    from .precopy import MigrationError, listen
     try:
         listener = listen(incoming.uri) if incoming.uri.kind != "file" else None
     except MigrationError as e:
         raise VmmError(str(e), exit_status=EXIT_USAGE) from e
-    return migration, lambda: migration.incoming(incoming, listener)
+    return lambda: migration.incoming(incoming, listener)
 
 
 def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, serve_api: ServeApi,
            on_built: Callable[[Machine], None] | None = None,
-           on_running: Callable[[], None] | None = None, budget: Budget | None = None) -> int:
+           on_running: Callable[[], None] | None = None, budget: Budget | None = None,
+           saved: SavedVm | None = None) -> int:
     """Build the VM, start its services and run it until it stops; the exit status.
     ``sandbox``: turn seccomp on once it is built (a caller that turned it on earlier
     passes False). ``migratable``: it can be snapshotted or migrated. ``serve_api`` serves
-    its -api-channel, if it has one. ``on_built`` gets the
+    its -api-channel, if it has one. ``saved``: the VM is built from that snapshot (``cfg``
+    is its configuration), and runs if it says so. ``on_built`` gets the
     machine once its services run, ``on_running`` is told once its vCPUs do. AltoVirtError
     if it cannot be built or run; whatever was made is released either way. A load that
     fails stops the VM; its reason is then the VMM's error line on stderr."""
-    machine = qmp = xenstore = migration = None
+    machine = qmp = xenstore = None
     budget = budget or Budget()
     try:
-        machine = builder.build(cfg)
+        machine = builder.build(cfg, migratable=migratable, saved=saved)
         budget.mark("build")
         log.info("VM %s: %d vCPU(s), %d MiB", cfg.name, cfg.vcpus, cfg.mem_size >> 20)
-        migration, start_incoming = start_migration(machine, migratable)
+        start_load = start_incoming(machine)
         if sandbox:
             enable_seccomp(cfg.log_file)
-        if migration is not None:
-            migration.start()               # its thread confines itself
+        if machine.migration is not None:
+            machine.migration.start()       # its thread confines itself
         if cfg.api_channel:
             qmp = serve_api(machine, cfg.api_channel[len("unix:"):])
         if cfg.xenstore:
@@ -160,20 +155,22 @@ def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, se
             budget.mark("vCPUs started")
             budget.report()
             daemon.report(None)
+            if saved is not None and saved.resume:
+                machine.resume()
             if on_running is not None:
                 on_running()
-            start_incoming()
+            start_load()
         reason = machine.run(running)
         log.info("VM %s stopped: %s (exit %d)", cfg.name, reason.reason, reason.exit_code)
-        if migration is not None and migration.incoming_error:
-            print_error(VMM_PROG, migration.incoming_error)
+        if machine.migration is not None and machine.migration.incoming_error:
+            print_error(VMM_PROG, machine.migration.incoming_error)
         return reason.exit_code
     finally:
         if xenstore is not None:
             xenstore.close()
         if qmp is not None:
             qmp.close()             # after the SHUTDOWN event has been queued for every client
-        if migration is not None:
-            migration.close()
         if machine is not None:
+            if machine.migration is not None:
+                machine.migration.close()
             machine.close()

@@ -1,168 +1,79 @@
-"""A built VM's state as snapshot sections (:mod:`altovirt.snapshot.format`), and back.
-
-One section per component, named after it, holding its saved state (see
-:mod:`altovirt.persist`) as JSON: ``config`` (the VM's machine and devices as
-a -config document, from which a Firecracker-style snapshot/load builds the
-VM; a VM started with -incoming has its own), ``kvm`` (vCPUs, interrupt controllers, PIT,
-clock), ``serial``, ``i8042``, ``rtc``, ``hotplug`` (backends and slots),
-``virtio-mmio.N`` (each slot's transport and queues) and ``xenstore``. The
-header names what a VM must match to take them: vCPU count and the host CPU
-(vendor, and the features KVM offered the guest). Imported only when a VM is
+"""Snapshots and migrations on the VM's main thread: save a stopped VM's state, load one
+into a VM waiting in inmigrate, stop for a live migration's last copy and end it, and make a
+VM just built from a snapshot's configuration the VM the snapshot holds (Firecracker's
+snapshot/load). The sections themselves are :mod:`.sections`'. Imported only when a VM is
 saved or restored.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+import os
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .. import arch
-from ..config import jsonconfig
-from ..devices.legacy.persist import I8042State, RtcState, SerialState
-from ..devices.virtio.persist import TransportState
-from ..kvm import Kvm, KvmError
 from ..kvm import structs as S
-from ..persist import Persistent, SavedStateError, from_json, to_json
+from ..snapshot import format as snapfile
 from ..snapshot.format import Section, SnapshotError
 from .lifecycle import RunState, StateError
-from .persist import HotplugState
+from .sections import VmState, parse, restore, save, saved_config
 
 if TYPE_CHECKING:
     from ..config import VmConfig
+    from ..memory import GuestMemory
     from .machine import Machine
 
 log = logging.getLogger(__name__)
 
-VERSION = 1                         # of every section below but xenstore's (its own envelope)
-T = TypeVar("T")
-# CPUID (leaf, subleaf) -> the registers whose bits are features a guest may have been given.
-FEATURE_LEAVES = {(1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (0xD, 0): ("eax", "edx"),
-                  (0x80000001, 0): ("ecx", "edx")}
+
+class SavedVm(NamedTuple):
+    """A VM to build from a snapshot (Firecracker's snapshot/load): its state, read and
+    checked, and the files its memory comes from (mapped copy-on-write)."""
+
+    state: VmState
+    files: snapfile.SnapshotFiles
+    resume: bool                    # run once built, instead of waiting paused
 
 
-def host_cpu(kvm: Kvm) -> dict[str, Any]:
-    """The host CPU as the header records it: vendor and the feature bits KVM offers."""
-    leaves = {(e.function, e.index): e for e in kvm.supported_cpuid()}
-    zero = leaves[(0, 0)]
-    vendor = b"".join(r.to_bytes(4, "little") for r in (zero.ebx, zero.edx, zero.ecx))
-    features = {f"{leaf:#x}.{sub}": [getattr(leaves[(leaf, sub)], r) if (leaf, sub) in leaves else 0
-                                     for r in regs]
-                for (leaf, sub), regs in FEATURE_LEAVES.items()}
-    return {"vendor": vendor.decode(errors="replace"), "features": features}
+def read(where: snapfile.SnapshotFiles) -> tuple[VmConfig, VmState]:
+    """The configuration and state a snapshot's files hold; SnapshotError if they cannot be
+    read or do not hold a whole VM."""
+    header, sections = snapfile.read_state(where)
+    return saved_config(sections), parse(header, sections)
 
 
-def _check_cpu(saved: object, here: dict[str, Any]) -> None:
-    if not isinstance(saved, dict) or not isinstance(saved.get("features"), dict):
-        raise SnapshotError("header: the host CPU is not recorded")
-    if saved.get("vendor") != here["vendor"]:
-        raise SnapshotError(f"header: saved on a {saved.get('vendor')} CPU; this host's is {here['vendor']}")
-    for leaf, regs in here["features"].items():
-        for name, had, has in zip(FEATURE_LEAVES[_leaf(leaf)], saved["features"].get(leaf, []), regs,
-                                  strict=False):
-            if not isinstance(had, int):
-                raise SnapshotError(f"header: CPUID {leaf} {name} must be an integer")
-            if had & ~has:
-                raise SnapshotError(f"header: this host's CPU lacks features the guest may use "
-                                    f"(CPUID {leaf} {name} bits {had & ~has:#x})")
-
-
-def _leaf(key: str) -> tuple[int, int]:
-    leaf, sub = key.split(".")
-    return int(leaf, 16), int(sub)
-
-
-def _section(name: str, state: object) -> Section:
-    return Section(name, VERSION, json.dumps(to_json(state), separators=(",", ":")).encode())
-
-
-def _payload(sections: dict[str, Section], name: str, missing: str = "missing") -> bytes:
-    """Section ``name``'s payload; SnapshotError if it is ``missing`` or of another version."""
-    section = sections.get(name)
-    if section is None:
-        raise SnapshotError(f"section {name}: {missing}")
-    if section.version != VERSION:
-        raise SnapshotError(f"section {name}: version {section.version}; this AltoVirt reads {VERSION}")
-    return section.payload
-
-
-def _state(sections: dict[str, Section], name: str, cls: type[T]) -> T:
-    payload = _payload(sections, name)
-    try:
-        return from_json(cls, json.loads(payload), name)
-    except (ValueError, RecursionError) as e:
-        raise SnapshotError(f"section {name}: {e}") from e
-
-
-def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[Section]]:
-    """The header and sections of ``m``, paused with its device work still; ``msrs`` are
-    the MSRs to keep and ``clock`` the kvmclock at the pause. SaveError if a device
-    cannot be saved as it stands."""
-    d = m.devices
-    assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
-    kvm_state = arch.save_state(m.vm, [v.vcpu for v in m.vcpus], msrs)
-    kvm_state = dataclasses.replace(kvm_state, vm=dataclasses.replace(kvm_state.vm, clock=clock))
-    sections = [Section("config", VERSION, json.dumps(jsonconfig.to_dict(m.cfg)).encode()),
-                _section("kvm", kvm_state), _section("serial", d.serial.save()),
-                _section("i8042", d.i8042.save()), _section("rtc", d.rtc.save()),
-                _section("hotplug", d.hotplug.save())]
-    if m.xenstore is not None:
-        # Before the transports: saving vsock closes the guest's XenStore connections,
-        # whose sessions the snapshot keeps for the guest to take up again.
-        from ..xenstore import snapshot as xs
-        sections.append(Section("xenstore", xs.VERSION, xs.save(m.xenstore)))
-    sections += [_section(f"virtio-mmio.{i}", t.save()) for i, t in enumerate(d.transports)]
-    return {"vcpus": len(m.vcpus), "memory_size": m.mem.size, "cpu": host_cpu(m.kvm)}, sections
-
-
-def restore(m: Machine, header: dict[str, Any], sections: dict[str, Section]) -> int:
-    """Put the saved state into ``m``, built from a matching configuration and never run;
-    returns the kvmclock to resume from. SnapshotError naming the section and the reason
-    for state that does not fit (a VM that took part of it must not run)."""
-    d = m.devices
-    assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
-    if header.get("vcpus") != len(m.vcpus):
-        raise SnapshotError(f"header: {header.get('vcpus')} vCPUs saved; this VM has {len(m.vcpus)} (-smp)")
-    if header.get("memory_size") != m.mem.size:
+def load_memory(mem: GuestMemory, where: snapfile.SnapshotFiles, header: dict[str, Any], *,
+                mapped: bool) -> None:
+    """Put a snapshot's memory in place of ``mem``'s: mapped copy-on-write, or read in."""
+    if header.get("memory_size") != mem.size:
         raise SnapshotError(f"header: {header.get('memory_size')} bytes of RAM saved; "
-                            f"this VM has {m.mem.size} (-m)")
-    _check_cpu(header.get("cpu"), host_cpu(m.kvm))
-    kvm_state = _state(sections, "kvm", arch.PowerOnState)
-    names = ["hotplug", *(f"virtio-mmio.{i}" for i in range(len(d.transports))), "serial", "i8042", "rtc"]
-    unknown = sorted(set(sections) - {*names, "config", "kvm", "xenstore"})
-    if unknown:
-        slots = "; a VM with -api-channel has hot-plug slots" if unknown[0].startswith("virtio-mmio.") else ""
-        raise SnapshotError(f"section {unknown[0]}: this VM has no such component{slots}")
-    if "xenstore" in sections and m.xenstore is None:
-        raise SnapshotError("section xenstore: saved, but this VM has no -xenstore")
-    if "xenstore" not in sections and m.xenstore is not None:
-        raise SnapshotError("section xenstore: missing, but this VM has a XenStore")
-    # Every section is read and checked before anything is restored; hot-plug comes first,
-    # as it puts the saved devices into the slots whose transports follow.
-    components: list[Persistent[Any]] = [d.hotplug, *d.transports, d.serial, d.i8042, d.rtc]
-    classes: list[type] = [HotplugState, *(TransportState for _ in d.transports), SerialState, I8042State,
-                           RtcState]
-    states: list[Any] = [_state(sections, n, cls) for n, cls in zip(names, classes, strict=True)]
-    steps: list[tuple[str, Callable[[], None]]] = [
-        (n, functools.partial(c.restore, st)) for n, c, st in zip(names, components, states, strict=True)]
-    vm = m.vm
-    steps.append(("kvm", lambda: arch.restore_state(vm, [v.vcpu for v in m.vcpus], kvm_state)))
-    if m.xenstore is not None:
-        steps.append(("xenstore", lambda: _load_xenstore(m, sections["xenstore"])))
-    for name, step in steps:
+                            f"this VM has {mem.size} (-m)")
+    if mapped:
+        fd = snapfile.open_memory(where)
         try:
-            step()
-        except (SavedStateError, KvmError) as e:
-            raise SnapshotError(f"section {name}: {e}") from e
-    # Last, with the interrupt controllers in place: the interrupts devices still owe (a
-    # vsock's transport reset event, say), or the guest would look at those queues only
-    # at the device's next interrupt.
-    for transport in d.transports:
-        transport.interrupt.raise_pending()
-    return kvm_state.vm.clock
+            mem.map_file(fd)
+        except OSError as e:
+            raise SnapshotError(f"{where.memory}: {e.strerror or e}") from e
+        finally:
+            os.close(fd)
+    else:
+        mem.discard()                   # zero: the file's holes are not read
+        snapfile.read_memory(where, header, mem.ram)
+
+
+def build_from(m: Machine, saved: SavedVm) -> None:
+    """Make ``m``, just built from the snapshot's configuration, the VM the snapshot holds:
+    its memory and state in, paused, with a new VM generation ID (it may be one of several
+    clones). SnapshotError if they do not fit; ``m`` must then not run."""
+    m.expect_incoming()
+    # Each vCPU enters KVM_RUN once first (immediate_exit: it returns at once, running
+    # nothing), as -incoming's parked vCPU threads have by the time their state comes.
+    # Measured on this host's KVM (PVM): a probe whose state went into vCPUs that had never
+    # entered KVM_RUN never woke again once resumed; after one entry, before or after the
+    # restore, it runs on (the registers, LAPIC and MSRs read back the same either way).
+    for v in m.vcpus:
+        v.vcpu.enter_once()
+    load_memory(m.mem, saved.files, saved.state.header, mapped=True)
+    load_state(m, saved.state, resume=False, new_generation=True)
 
 
 def save_state(m: Machine) -> tuple[dict[str, Any], list[Section]]:
@@ -174,15 +85,14 @@ def save_state(m: Machine) -> tuple[dict[str, Any], list[Section]]:
         return save(m, m.snapshot_msrs(), m.clock.clock)
 
 
-def load_state(m: Machine, header: dict[str, Any], sections: dict[str, Section], *, resume: bool,
-               new_generation: bool) -> None:
+def load_state(m: Machine, state: VmState, *, resume: bool, new_generation: bool) -> None:
     """Take a snapshot's state (the main thread); paused after, or running if ``resume`` (or a
     'cont' came while it loaded). ``new_generation``: a VM started again from a snapshot
     (perhaps one of several clones) gets a new VM generation ID; a migrated one keeps its own.
     SnapshotError naming the section and the reason if it does not fit this VM."""
     with m.lifecycle.lock:
         m.lifecycle.require(RunState.INMIGRATE)
-        m.clock = S.kvm_clock_data(clock=restore(m, header, sections))
+        m.clock = S.kvm_clock_data(clock=restore(m, state))
         try:
             m.take_images()
         except StateError as e:
@@ -233,21 +143,3 @@ def end_migration(m: Machine, completed: bool, was: RunState) -> None:
         life.move(was)
     if was == RunState.RUNNING:
         life.emit("RESUME", {})
-
-
-def _load_xenstore(m: Machine, section: Section) -> None:
-    from ..xenstore import snapshot as xs
-    assert m.xenstore is not None
-    if section.version != xs.VERSION:
-        raise SavedStateError(f"version {section.version}; this AltoVirt reads {xs.VERSION}")
-    xs.load(m.xenstore, section.payload)
-
-
-def saved_config(sections: dict[str, Section]) -> VmConfig:
-    """The configuration of the VM a snapshot was taken of (its ``config`` section)."""
-    payload = _payload(sections, "config",
-                       "missing (a snapshot from an older AltoVirt); load it with -incoming")
-    try:
-        return jsonconfig.from_dict(json.loads(payload))
-    except (ValueError, RecursionError) as e:
-        raise SnapshotError(f"section config: {e}") from e

@@ -1,0 +1,220 @@
+"""A built VM's state as snapshot sections (:mod:`altovirt.snapshot.format`), and back.
+
+One section per component, named after it, holding its saved state (see
+:mod:`altovirt.persist`) as JSON: ``config`` (the VM's machine and devices as
+a -config document, from which a Firecracker-style snapshot/load builds the
+VM; a VM started with -incoming has its own), ``kvm`` (vCPUs, interrupt controllers, PIT,
+clock), ``serial``, ``i8042``, ``rtc``, ``hotplug`` (backends and slots),
+``virtio-mmio.N`` (each slot's transport and queues) and ``xenstore``. The
+header names what a VM must match to take them: vCPU count and the host CPU
+(vendor, and the features KVM offered the guest). :func:`parse` reads sections
+into plain data (:class:`VmState`), :func:`restore` puts that into a VM.
+Imported only when a VM is saved or restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .. import arch
+from ..config import jsonconfig
+from ..devices.legacy.persist import I8042State, RtcState, SerialState
+from ..devices.virtio.persist import TransportState
+from ..kvm import Kvm, KvmError
+from ..persist import SavedStateError, from_json, to_json
+from ..snapshot.format import Section, SnapshotError
+from .persist import HotplugState
+
+if TYPE_CHECKING:
+    from ..config import VmConfig
+    from .machine import Machine
+
+log = logging.getLogger(__name__)
+
+VERSION = 1                         # of every section below but xenstore's (its own envelope)
+T = TypeVar("T")
+# CPUID (leaf, subleaf) -> the registers whose bits are features a guest may have been given.
+FEATURE_LEAVES = {(1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (0xD, 0): ("eax", "edx"),
+                  (0x80000001, 0): ("ecx", "edx")}
+
+
+def host_cpu(kvm: Kvm) -> dict[str, Any]:
+    """The host CPU as the header records it: vendor and the feature bits KVM offers."""
+    leaves = {(e.function, e.index): e for e in kvm.supported_cpuid()}
+    zero = leaves[(0, 0)]
+    vendor = b"".join(r.to_bytes(4, "little") for r in (zero.ebx, zero.edx, zero.ecx))
+    features = {f"{leaf:#x}.{sub}": [getattr(leaves[(leaf, sub)], r) if (leaf, sub) in leaves else 0
+                                     for r in regs]
+                for (leaf, sub), regs in FEATURE_LEAVES.items()}
+    return {"vendor": vendor.decode(errors="replace"), "features": features}
+
+
+def _check_cpu(saved: object, here: dict[str, Any]) -> None:
+    if not isinstance(saved, dict) or not isinstance(saved.get("features"), dict):
+        raise SnapshotError("header: the host CPU is not recorded")
+    if saved.get("vendor") != here["vendor"]:
+        raise SnapshotError(f"header: saved on a {saved.get('vendor')} CPU; this host's is {here['vendor']}")
+    for leaf, regs in here["features"].items():
+        for name, had, has in zip(FEATURE_LEAVES[_leaf(leaf)], saved["features"].get(leaf, []), regs,
+                                  strict=False):
+            if not isinstance(had, int):
+                raise SnapshotError(f"header: CPUID {leaf} {name} must be an integer")
+            if had & ~has:
+                raise SnapshotError(f"header: this host's CPU lacks features the guest may use "
+                                    f"(CPUID {leaf} {name} bits {had & ~has:#x})")
+
+
+def _leaf(key: str) -> tuple[int, int]:
+    leaf, sub = key.split(".")
+    return int(leaf, 16), int(sub)
+
+
+def _section(name: str, state: object) -> Section:
+    return Section(name, VERSION, json.dumps(to_json(state), separators=(",", ":")).encode())
+
+
+def _payload(sections: dict[str, Section], name: str, missing: str = "missing") -> bytes:
+    """Section ``name``'s payload; SnapshotError if it is ``missing`` or of another version."""
+    section = sections.get(name)
+    if section is None:
+        raise SnapshotError(f"section {name}: {missing}")
+    if section.version != VERSION:
+        raise SnapshotError(f"section {name}: version {section.version}; this AltoVirt reads {VERSION}")
+    return section.payload
+
+
+def _state(sections: dict[str, Section], name: str, cls: type[T]) -> T:
+    payload = _payload(sections, name)
+    try:
+        return from_json(cls, json.loads(payload), name)
+    except (ValueError, RecursionError) as e:
+        raise SnapshotError(f"section {name}: {e}") from e
+
+
+def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[Section]]:
+    """The header and sections of ``m``, paused with its device work still; ``msrs`` are
+    the MSRs to keep and ``clock`` the kvmclock at the pause. SaveError if a device
+    cannot be saved as it stands."""
+    d = m.devices
+    assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
+    kvm_state = arch.save_state(m.vm, [v.vcpu for v in m.vcpus], msrs)
+    kvm_state = dataclasses.replace(kvm_state, vm=dataclasses.replace(kvm_state.vm, clock=clock))
+    sections = [Section("config", VERSION, json.dumps(jsonconfig.to_dict(m.cfg)).encode()),
+                _section("kvm", kvm_state), _section("serial", d.serial.save()),
+                _section("i8042", d.i8042.save()), _section("rtc", d.rtc.save()),
+                _section("hotplug", d.hotplug.save())]
+    if m.xenstore is not None:
+        # Before the transports: saving vsock closes the guest's XenStore connections,
+        # whose sessions the snapshot keeps for the guest to take up again.
+        from ..xenstore import snapshot as xs
+        sections.append(Section("xenstore", xs.VERSION, xs.save(m.xenstore)))
+    sections += [_section(f"virtio-mmio.{i}", t.save()) for i, t in enumerate(d.transports)]
+    return {"vcpus": len(m.vcpus), "memory_size": m.mem.size, "cpu": host_cpu(m.kvm)}, sections
+
+
+@dataclass(frozen=True)
+class VmState:
+    """A snapshot's state, read and checked, not yet put anywhere: plain data, what a VM is
+    built from (Firecracker's snapshot/load) or takes in (-incoming, a live migration)."""
+
+    header: dict[str, Any]
+    kvm: arch.PowerOnState
+    hotplug: HotplugState
+    transports: tuple[TransportState, ...]      # virtio-mmio.0, .1, ...
+    serial: SerialState
+    i8042: I8042State
+    rtc: RtcState
+    xenstore: Section | None                    # in its own envelope (xenstore/snapshot.py)
+
+
+def parse(header: dict[str, Any], sections: dict[str, Section]) -> VmState:
+    """The state in ``sections``, every section read and checked; SnapshotError naming the
+    section and the reason for one that is missing, unknown or malformed."""
+    count = 0
+    while f"virtio-mmio.{count}" in sections:
+        count += 1
+    unknown = sorted(set(sections) - {"config", "kvm", "xenstore", "hotplug", "serial", "i8042", "rtc",
+                                      *(f"virtio-mmio.{i}" for i in range(count))})
+    if unknown:
+        raise SnapshotError(f"section {unknown[0]}: unknown component")
+    return VmState(header, _state(sections, "kvm", arch.PowerOnState),
+                   _state(sections, "hotplug", HotplugState),
+                   tuple(_state(sections, f"virtio-mmio.{i}", TransportState) for i in range(count)),
+                   _state(sections, "serial", SerialState), _state(sections, "i8042", I8042State),
+                   _state(sections, "rtc", RtcState), sections.get("xenstore"))
+
+
+def _check_fits(m: Machine, state: VmState) -> None:
+    """SnapshotError unless ``state`` was saved from a VM made as ``m`` is, on a like CPU."""
+    header, slots = state.header, len(m.devices.transports)
+    if header.get("vcpus") != len(m.vcpus):
+        raise SnapshotError(f"header: {header.get('vcpus')} vCPUs saved; this VM has {len(m.vcpus)} (-smp)")
+    if header.get("memory_size") != m.mem.size:
+        raise SnapshotError(f"header: {header.get('memory_size')} bytes of RAM saved; "
+                            f"this VM has {m.mem.size} (-m)")
+    _check_cpu(header.get("cpu"), host_cpu(m.kvm))
+    if len(state.transports) > slots:
+        raise SnapshotError(f"section virtio-mmio.{slots}: this VM has no such component; "
+                            "a VM with -api-channel has hot-plug slots")
+    if len(state.transports) < slots:
+        raise SnapshotError(f"section virtio-mmio.{len(state.transports)}: missing")
+    if state.xenstore is not None and m.xenstore is None:
+        raise SnapshotError("section xenstore: saved, but this VM has no -xenstore")
+    if state.xenstore is None and m.xenstore is not None:
+        raise SnapshotError("section xenstore: missing, but this VM has a XenStore")
+
+
+def restore(m: Machine, state: VmState) -> int:
+    """Put ``state`` into ``m``, built from a matching configuration and never run; returns
+    the kvmclock to resume from. SnapshotError naming the section and the reason for state
+    that does not fit (a VM that took part of it must not run)."""
+    _check_fits(m, state)
+    d = m.devices
+    assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
+    # Hot-plug first: it puts the saved devices into the slots whose transports follow.
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("hotplug", functools.partial(d.hotplug.restore, state.hotplug))]
+    steps += [(f"virtio-mmio.{i}", functools.partial(t.restore, st))
+              for i, (t, st) in enumerate(zip(d.transports, state.transports, strict=True))]
+    steps += [("serial", functools.partial(d.serial.restore, state.serial)),
+              ("i8042", functools.partial(d.i8042.restore, state.i8042)),
+              ("rtc", functools.partial(d.rtc.restore, state.rtc)),
+              ("kvm", lambda: arch.restore_state(m.vm, [v.vcpu for v in m.vcpus], state.kvm))]
+    if state.xenstore is not None:
+        xenstore = state.xenstore
+        steps.append(("xenstore", lambda: _load_xenstore(m, xenstore)))
+    for name, step in steps:
+        try:
+            step()
+        except (SavedStateError, KvmError) as e:
+            raise SnapshotError(f"section {name}: {e}") from e
+    # Last, with the interrupt controllers in place: the interrupts devices still owe (a
+    # vsock's transport reset event, say), or the guest would look at those queues only
+    # at the device's next interrupt.
+    for transport in d.transports:
+        transport.interrupt.raise_pending()
+    return state.kvm.vm.clock
+
+
+def _load_xenstore(m: Machine, section: Section) -> None:
+    from ..xenstore import snapshot as xs
+    assert m.xenstore is not None
+    if section.version != xs.VERSION:
+        raise SavedStateError(f"version {section.version}; this AltoVirt reads {xs.VERSION}")
+    xs.load(m.xenstore, section.payload)
+
+
+def saved_config(sections: dict[str, Section]) -> VmConfig:
+    """The configuration of the VM a snapshot was taken of (its ``config`` section)."""
+    payload = _payload(sections, "config",
+                       "missing (a snapshot from an older AltoVirt); load it with -incoming")
+    try:
+        return jsonconfig.from_dict(json.loads(payload))
+    except (ValueError, RecursionError) as e:
+        raise SnapshotError(f"section config: {e}") from e
