@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, assert_never
 
 from ..backends.tap import Tap
+from . import power
 from .actions import (
     Action,
     AddBlockdev,
@@ -54,11 +55,11 @@ def handle(m: Machine, action: Action) -> object:
         case Resume():
             m.resume()
         case Reset():
-            m.reset()
+            power.reset(m)
         case Powerdown():
-            m.powerdown()
+            power.powerdown(m)
         case CtrlAltDel():
-            m.ctrl_alt_del()
+            power.ctrl_alt_del(m)
         case QueryVcpus():
             return m.vcpu_info()
         case AddBlockdev(node, path, read_only, direct):
@@ -76,7 +77,10 @@ def handle(m: Machine, action: Action) -> object:
         case DelDevice(name):
             _hotplug(m).del_device(name)
         case ChangeImage(drive, path):
-            m.change_image(drive, path)
+            _hotplug(m).change_image(drive, path)
+            for saved in m.cfg.drives:      # the configuration a snapshot keeps names it too
+                if saved.id == drive:
+                    saved.path = path
         case Migrate(uri, on_done):
             _migration(m).migrate(uri, on_done)
         case Incoming(config):

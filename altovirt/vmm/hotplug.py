@@ -1,7 +1,7 @@
 """Hot-plug into replaceable virtio-mmio slots (StratoVirt's "hot-replace").
 
 Backends come first and live on their own, as in QEMU: block nodes
-(``blockdev-add``) and netdevs (``netdev_add``), named. A device is then put
+(``blockdev-add``) and netdevs (``netdev_add``), named (:mod:`.backend_nodes`). A device is then put
 into a free disk or NIC slot on a backend of the same name (``device_add``)
 and taken out again (``device_del``); the backend stays open until it is
 deleted. Configured disks and NICs are devices on backends named by their
@@ -12,7 +12,6 @@ anything changes: a refused one leaves the VM as it was.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -26,18 +25,16 @@ from ..config.validate import check_mac
 from ..devices.virtio.block import Block, WorkerPool
 from ..devices.virtio.mmio import MmioTransport
 from ..devices.virtio.net import Net
-from ..errors import AltoVirtError
 from ..eventloop import EventLoop
+from .backend_nodes import Backends, HotplugError
 from .virtio_devices import empty_disk, empty_nic
 
+__all__ = ["Hotplug", "HotplugError", "NoSuchDevice"]
+
 if TYPE_CHECKING:
-    from .persist import BlockNodeState, HotplugState, NetdevState
+    from .persist import HotplugState
 
 log = logging.getLogger(__name__)
-
-
-class HotplugError(AltoVirtError, ValueError):
-    """A hot-plug request refused, with nothing changed."""
 
 
 class NoSuchDevice(HotplugError):
@@ -59,71 +56,45 @@ class Hotplug:
         self._quiet = quiet
         self._on_deleted = on_deleted
         self._lock = threading.Lock()
-        self.blockdevs: dict[str, BlockFile] = {}
-        self.netdevs: dict[str, Tap] = {}
-        for t in disks:
-            if isinstance(t.device, Block) and t.device.image is not None:
-                self.blockdevs[t.device.name] = t.device.image
-        for t in nics:
-            if isinstance(t.device, Net) and t.device.tap is not None:
-                self.netdevs[t.device.name] = t.device.tap
-        self._boot_disk = disks[0].device.name if disks and self._occupied(disks[0]) else None
+        images = {d.name: d.image for d in map(_block, disks) if d.image is not None}
+        taps = {n.name: n.tap for n in map(_net, nics) if n.tap is not None}
+        boot_disk = disks[0].device.name if disks and self._occupied(disks[0]) else None
+        self.backends = Backends(images, taps, boot_disk)
 
     # --- backends ---
     def add_blockdev(self, node: str, path: str, *, read_only: bool, direct: bool) -> None:
         with self._lock:
-            if node in self.blockdevs:
-                raise HotplugError(f"node-name {node!r} is already in use")
-            try:
-                st = os.stat(path)
-            except OSError as e:
-                raise HotplugError(f"{path}: {e.strerror}") from e
-            for name, image in self.blockdevs.items():
-                other = os.fstat(image.fd)
-                if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
-                    boot = " (the boot disk)" if name == self._boot_disk else ""
-                    raise HotplugError(f"{path} is already open as node {name!r}{boot}")
-            try:
-                self.blockdevs[node] = BlockFile(path, read_only=read_only, direct=direct)
-            except BackendError as e:
-                raise HotplugError(e.strerror or str(e)) from e
-        log.info("block node %s: %s%s", node, path, " (read-only)" if read_only else "")
+            self.backends.add_blockdev(node, path, read_only=read_only, direct=direct)
 
     def del_blockdev(self, node: str) -> None:
         with self._lock:
-            image = self.blockdevs.get(node)
+            image = self.backends.blockdevs.get(node)
             if image is None:
                 raise HotplugError(f"Failed to find node with node-name={node!r}")
             if self._slot_of(self.disks, node) is not None:
                 raise HotplugError(f"Node {node!r} is busy: device {node!r} uses it; device_del it first")
-            del self.blockdevs[node]
+            del self.backends.blockdevs[node]
             image.close()
 
     def add_netdev(self, name: str, open_tap: Callable[[], Tap]) -> None:
         with self._lock:
-            if name in self.netdevs:
-                raise HotplugError(f"Duplicate ID {name!r} for netdev")
-            try:
-                self.netdevs[name] = open_tap()
-            except BackendError as e:
-                raise HotplugError(e.strerror or str(e)) from e
-        log.info("netdev %s: tap %s", name, self.netdevs[name].name)
+            self.backends.add_netdev(name, open_tap)
 
     def del_netdev(self, name: str) -> None:
         with self._lock:
-            tap = self.netdevs.get(name)
+            tap = self.backends.netdevs.get(name)
             if tap is None:
                 raise HotplugError(f"Failed to find netdev {name!r}")
             if self._slot_of(self.nics, name) is not None:
                 raise HotplugError(f"netdev {name!r} is busy: device {name!r} uses it; device_del it first")
-            del self.netdevs[name]
+            del self.backends.netdevs[name]
             tap.close()
 
     # --- devices ---
     def add_disk(self, name: str, slot: int | None, serial: str | None = None) -> int:
         """Put node ``name`` into disk slot ``slot`` (the first free one if None); returns the slot."""
         with self._lock:
-            image = self.blockdevs.get(name)
+            image = self.backends.blockdevs.get(name)
             if image is None:
                 raise HotplugError(f"no block node named {name!r}: blockdev-add it first "
                                    "(device_add's id must equal its node-name)")
@@ -148,14 +119,14 @@ class Hotplug:
             except BackendError as e:
                 raise HotplugError(e.strerror or str(e)) from e
             self._plug(self.disks[index], Block(name, image, self._pool, old.serial))
-            self.blockdevs[name] = image
+            self.backends.blockdevs[name] = image
             old.image.close()
         log.info("disk %s: now backed by %s", name, path)
 
     def add_nic(self, name: str, slot: int | None, mac: str | None = None) -> int:
         """Put netdev ``name`` into NIC slot ``slot`` (the first free one if None); returns the slot."""
         with self._lock:
-            tap = self.netdevs.get(name)
+            tap = self.backends.netdevs.get(name)
             if tap is None:
                 raise HotplugError(f"no netdev named {name!r}: netdev_add it first "
                                    "(device_add's id must equal the netdev's id)")
@@ -183,8 +154,9 @@ class Hotplug:
         from .persist import BlockNodeState, DiskSlotState, HotplugState, NetdevState, NicSlotState
         with self._lock:
             return HotplugState(
-                tuple(BlockNodeState(n, i.path, i.read_only, i.direct) for n, i in self.blockdevs.items()),
-                tuple(NetdevState(n, t.name) for n, t in self.netdevs.items()),
+                tuple(BlockNodeState(n, i.path, i.read_only, i.direct)
+                      for n, i in self.backends.blockdevs.items()),
+                tuple(NetdevState(n, t.name) for n, t in self.backends.netdevs.items()),
                 tuple(DiskSlotState(t.device.name if self._occupied(t) else "", _block(t).serial)
                       for t in self.disks),
                 tuple(NicSlotState(t.device.name if self._occupied(t) else "", _net(t).mac)
@@ -215,7 +187,7 @@ class Hotplug:
             except ConfigError as e:
                 raise SavedStateError(str(e)) from e
         with self._lock:
-            blockdevs, netdevs = self._open_saved(nodes, taps)
+            blockdevs, netdevs = self.backends.open_saved(nodes, taps)
             for i, (saved, transport) in enumerate(zip(state.disks, self.disks, strict=True)):
                 image = blockdevs[saved.device] if saved.device else None
                 old = _block(transport)
@@ -228,59 +200,19 @@ class Hotplug:
                 if (was.tap, was.mac) != (tap, n.mac) or (tap and was.name != n.device):
                     transport.replace(Net(n.device, tap, n.mac, self._io) if tap
                                       else empty_nic(i, self._io, n.mac))
-            for name, image in self.blockdevs.items():
-                if blockdevs.get(name) is not image:
-                    image.close()
-            for name, old_tap in self.netdevs.items():
-                if netdevs.get(name) is not old_tap:
-                    old_tap.close()
-            self.blockdevs, self.netdevs = blockdevs, netdevs
-
-    def _open_saved(self, nodes: dict[str, BlockNodeState], taps: dict[str, NetdevState]
-                    ) -> tuple[dict[str, BlockFile], dict[str, Tap]]:
-        """The saved backends: one this VM has open under the same name is kept (the VM's own
-        configuration names its disks' images and NICs' taps: clones of one snapshot each
-        give their own), the others are opened as saved."""
-        from ..persist import SavedStateError
-        blockdevs: dict[str, BlockFile] = {}
-        netdevs: dict[str, Tap] = {}
-        opened: list[BlockFile | Tap] = []
-        try:
-            for name, b in nodes.items():
-                image = self.blockdevs.get(name)
-                if image is None:       # its lock is taken once the source has let go (take_images)
-                    image = BlockFile(b.path, read_only=b.read_only, direct=b.direct, lock=False)
-                    opened.append(image)
-                blockdevs[name] = image
-            for name, n in taps.items():
-                tap = self.netdevs.get(name)
-                if tap is None:
-                    tap = Tap(n.ifname)
-                    opened.append(tap)
-                netdevs[name] = tap
-        except BackendError as e:
-            for backend in opened:
-                backend.close()
-            raise SavedStateError(f"a saved backend cannot be opened: {e.strerror or e}") from e
-        return blockdevs, netdevs
+            self.backends.replace(blockdevs, netdevs)
 
     # --- a live migration's hand-over of the images ---
     def release_images(self) -> None:
         """Let the destination lock the images (the guest has stopped for good, here)."""
         with self._lock:
-            for image in self.blockdevs.values():
-                image.release_locks()
+            self.backends.release_images()
 
     def take_images(self) -> None:
         """Lock every image not locked yet; HotplugError naming the first one another
         process still holds (those taken stay taken)."""
         with self._lock:
-            for name, image in self.blockdevs.items():
-                if not image.locked:
-                    try:
-                        image.take_locks()
-                    except BackendError as e:
-                        raise HotplugError(f"block node {name!r}: {e.strerror}") from e
+            self.backends.take_images()
 
     # --- helpers ---
     def _plug(self, transport: MmioTransport, device: Block | Net) -> None:
@@ -315,12 +247,7 @@ class Hotplug:
 
     def close(self) -> None:
         """Close every backend (after the devices, which may have closed some already)."""
-        for image in self.blockdevs.values():
-            image.close()
-        for tap in self.netdevs.values():
-            tap.close()
-        self.blockdevs.clear()
-        self.netdevs.clear()
+        self.backends.close()
 
 
 def _block(transport: MmioTransport) -> Block:

@@ -205,54 +205,8 @@ class Machine:
             v.pause()                   # not started yet: they park as they start
         self.io.pause()
 
-    def reset(self) -> None:
-        """Reset the machine as its reset line would (QMP system_reset): every virtio
-        device reset, RAM cleared and the kernel loaded again, vCPUs and interrupt
-        controllers back at power-on. A paused VM stays paused; RESET is announced."""
-        life = self.lifecycle
-        with life.lock:
-            life.require(RunState.RUNNING, RunState.PAUSED)
-            if life.migrating:
-                raise StateError("a migration is in progress; migrate_cancel it first")
-            try:
-                self.boot.read_inputs()     # loaded from a snapshot: the kernel is read now
-            except VmmError as e:
-                raise StateError(f"cannot boot again: {e}") from e
-            with self._held(vcpus=True, devices=True):
-                self.devices.reset()        # before RAM goes: no device writes into it afterwards
-                self.mem.discard()
-                plan = self.boot.load(self.mem)
-                if self.vmgenid is not None:
-                    self.vmgenid.write()    # the same VM: the same generation
-                vcpus = [v.vcpu for v in self.vcpus]
-                arch.restore_state(self.vm, vcpus, self.power_on, reset=True)
-                arch.setup_boot_regs(vcpus[0], plan)
-        log.info("system reset")
-        life.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
-
-    def powerdown(self) -> None:
-        """Ask the guest to shut down: the ACPI power button, or without ACPI
-        Ctrl-Alt-Del on the keyboard (as Firecracker does)."""
-        with self.lifecycle.lock:
-            self.lifecycle.require(RunState.RUNNING, RunState.PAUSED)
-            # Announced before the press, as QEMU does: the guest may power off at once, and
-            # its SHUTDOWN must come after.
-            self.lifecycle.emit("POWERDOWN", {})
-            if self.devices.acpi is not None:
-                self.devices.acpi.press_power_button()
-            else:
-                assert self.devices.i8042 is not None
-                self.devices.i8042.ctrl_alt_del()
-
-    def ctrl_alt_del(self) -> None:
-        """Press Ctrl-Alt-Del on the i8042 keyboard (Firecracker's SendCtrlAltDel)."""
-        with self.lifecycle.lock:
-            self.lifecycle.require(RunState.RUNNING)
-            assert self.devices.i8042 is not None
-            self.devices.i8042.ctrl_alt_del()
-
     @contextlib.contextmanager
-    def _held(self, *, vcpus: bool, devices: bool) -> Iterator[None]:
+    def held(self, *, vcpus: bool, devices: bool) -> Iterator[None]:
         """Keep the vCPUs and/or device work still for the block, if the VM is running
         (otherwise they are still already). The caller holds the lifecycle lock."""
         running = self.state == RunState.RUNNING
@@ -270,19 +224,9 @@ class Machine:
                 for v in self.vcpus:
                     v.resume()
 
-    def change_image(self, drive_id: str, path: str) -> None:
-        """Back disk ``drive_id`` by the image at ``path`` from now on (see Hotplug.change_image);
-        the configuration a snapshot keeps names it too. HotplugError if it cannot."""
-        if self.hotplug is None:
-            raise HotplugError("this VM has no hot-plug slots")
-        self.hotplug.change_image(drive_id, path)
-        for drive in self.cfg.drives:
-            if drive.id == drive_id:
-                drive.path = path
-
     def vcpu_info(self) -> list[VcpuInfo]:
         """Per vCPU: index, native thread id and whether it is halted (read outside KVM_RUN)."""
-        with self.lifecycle.lock, self._held(vcpus=True, devices=False):
+        with self.lifecycle.lock, self.held(vcpus=True, devices=False):
             return [VcpuInfo(v.index, v.thread_id, v.vcpu.get_mp_state() != K.KVM_MP_STATE_RUNNABLE)
                     for v in self.vcpus]
 
