@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import socket
 
     from ..config.model import IncomingConfig, MigrationUri
-    from .sections import VmState
+    from .persist import VmState
 
 
 # --- the lifecycle (QMP stop, cont, system_reset, system_powerdown; PATCH /vm; SendCtrlAltDel) ---

@@ -1,4 +1,5 @@
-"""The saved state of the hot-plug slots and their backends (see :mod:`altovirt.persist`).
+"""The saved state of the hot-plug slots and their backends, and of a whole VM as a snapshot
+holds it (see :mod:`altovirt.persist`).
 
 Apart from :mod:`.hotplug`, as Firecracker keeps its persist modules, and imported only
 when state is saved or restored: a VM that never snapshots does not load it.
@@ -7,6 +8,13 @@ when state is saved or restored: a VM that never snapshots does not load it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..arch import PowerOnState
+    from ..devices.legacy.persist import I8042State, RtcState, SerialState
+    from ..devices.virtio.persist import TransportState
+    from ..snapshot.format import Section
 
 
 @dataclass(frozen=True)
@@ -45,3 +53,18 @@ class HotplugState:
     netdevs: tuple[NetdevState, ...]
     disks: tuple[DiskSlotState, ...]
     nics: tuple[NicSlotState, ...]
+
+
+@dataclass(frozen=True)
+class VmState:
+    """A snapshot's state, read and checked, not yet put anywhere: plain data, what a VM is
+    built from (Firecracker's snapshot/load) or takes in (-incoming, a live migration)."""
+
+    header: dict[str, Any]
+    kvm: PowerOnState
+    hotplug: HotplugState
+    transports: tuple[TransportState, ...]      # virtio-mmio.0, .1, ...
+    serial: SerialState
+    i8042: I8042State
+    rtc: RtcState
+    xenstore: Section | None                    # in its own envelope (xenstore/snapshot.py)

@@ -19,7 +19,6 @@ import functools
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import arch
@@ -29,7 +28,7 @@ from ..devices.virtio.persist import TransportState
 from ..kvm import Kvm, KvmError
 from ..persist import SavedStateError, from_json, to_json
 from ..snapshot.format import Section, SnapshotError
-from .persist import HotplugState
+from .persist import HotplugState, VmState
 
 if TYPE_CHECKING:
     from ..config import VmConfig
@@ -116,21 +115,6 @@ def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[
         sections.append(Section("xenstore", xs.VERSION, xs.save(m.xenstore)))
     sections += [_section(f"virtio-mmio.{i}", t.save()) for i, t in enumerate(d.transports)]
     return {"vcpus": len(m.vcpus), "memory_size": m.mem.size, "cpu": host_cpu(m.kvm)}, sections
-
-
-@dataclass(frozen=True)
-class VmState:
-    """A snapshot's state, read and checked, not yet put anywhere: plain data, what a VM is
-    built from (Firecracker's snapshot/load) or takes in (-incoming, a live migration)."""
-
-    header: dict[str, Any]
-    kvm: arch.PowerOnState
-    hotplug: HotplugState
-    transports: tuple[TransportState, ...]      # virtio-mmio.0, .1, ...
-    serial: SerialState
-    i8042: I8042State
-    rtc: RtcState
-    xenstore: Section | None                    # in its own envelope (xenstore/snapshot.py)
 
 
 def parse(header: dict[str, Any], sections: dict[str, Section]) -> VmState:
