@@ -6,12 +6,14 @@ running and the destination refusing with one line."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -202,6 +204,57 @@ def clones(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], netns: NetNs)
         assert guest_vmgenid(clone) == {guid} and guid not in ids
         ids.add(guid)
         clone.quit()
+
+
+# Prints each RARP frame that reaches the tap argv[1] (time and bytes), ending after argv[2]
+# of them or 10 s of silence.
+RARP_CAPTURE = """
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035))
+s.bind((sys.argv[1], 0))
+s.settimeout(10)
+print("ready", flush=True)
+for _ in range(int(sys.argv[2])):
+    try:
+        frame = s.recv(2048)
+    except TimeoutError:
+        break
+    print(f"{time.monotonic():.3f} {frame.hex()}", flush=True)
+"""
+
+
+@needs_netns
+def test_a_loaded_vm_announces_its_nic(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """Once a VM loaded from a snapshot runs, its NIC announces itself on its tap as QEMU's
+    does after a migration: 5 broadcast RARP requests for its MAC, 50 ms apart and then further,
+    so that bridges and switches learn the guest's new port before it sends anything."""
+    netns = NetNs(("tap0", "tap1"))
+    try:
+        prefix = tuple(netns.cmd())
+        source = Guest(vms, guest_args(probe, disk, "-netdev", "id=n0,netdev=tap0"), tmp_path / "q1.sock",
+                       prefix=prefix)
+        snapshot(source, tmp_path / "snap")
+        source.quit()
+        capture = subprocess.Popen(netns.cmd(sys.executable, "-c", RARP_CAPTURE, "tap1", "6"),
+                                   stdout=subprocess.PIPE, text=True)
+        assert capture.stdout is not None and capture.stdout.readline() == "ready\n"
+        clone = Guest(vms, guest_args(probe, disk, "-netdev", "id=n0,netdev=tap1",
+                                      "-incoming", f"file:{tmp_path / 'snap'},resume=on"),
+                      tmp_path / "c.sock", ready=False, prefix=prefix)
+        wait_status(clone, "running")
+        out, _ = capture.communicate(timeout=30)
+        clone.quit()
+    finally:
+        netns.close()
+    frames = [(float(t), bytes.fromhex(f)) for t, f in (line.split() for line in out.splitlines())]
+    assert len(frames) == 5, out                        # five rounds, and no more
+    mac = frames[0][1][6:12]
+    for _, f in frames:
+        assert f[:6] == b"\xff" * 6 and f[6:12] == mac and f[12:14] == b"\x80\x35"
+        # hardware Ethernet, protocol IPv4, lengths 6 and 4, "request reverse", sender = target = MAC
+        assert f[14:22] == bytes.fromhex("0001080006040003") and f[22:28] == f[32:38] == mac
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(frames)]
+    assert gaps[0] >= 0.04 and all(later > earlier for earlier, later in itertools.pairwise(gaps)), gaps
 
 
 def guest_vmgenid(guest: Guest) -> set[str]:

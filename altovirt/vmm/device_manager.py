@@ -27,6 +27,7 @@ from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
 from ..devices.legacy.vmgenid import VmGenId
 from ..devices.virtio.block import WorkerPool
 from ..devices.virtio.mmio import INTERRUPT_ACK, MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
+from ..devices.virtio.net import Net
 from ..devices.virtio.vsock import Vsock
 from ..eventloop import EventLoop
 from ..kvm import Vm
@@ -141,6 +142,12 @@ class DeviceManager:
         """Reset every virtio device, as the reset line does (device work is held still)."""
         for t in self.transports:
             t.reset()
+
+    def announce_nics(self) -> None:
+        """Announce every NIC on its tap (see Net.announce): the VM has come here."""
+        for t in self.transports:
+            if isinstance(t.device, Net):
+                t.device.announce()
 
     def quiesce(self) -> None:
         for t in self.transports:

@@ -103,6 +103,7 @@ def load_state(m: Machine, state: VmState, *, resume: bool, new_generation: bool
             m.vmgenid.taken_from_ram()
         m.lifecycle.move(RunState.PAUSED)
         m.lost_ticks.discard()
+        m.devices.announce_nics()       # sent once device work runs
     if resume or m.run_once_loaded:
         m.resume()
 

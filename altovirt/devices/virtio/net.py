@@ -54,9 +54,26 @@ NUM_BUFFERS_OFFSET = 10         # in struct virtio_net_hdr_v1
 _CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
 _NUM_BUFFERS = struct.Struct("<H")
 
+# After a migration, QEMU announces each NIC with RARP requests (net/announce.c), so that the
+# switches between here and the guest's peers learn its new port before the guest sends
+# anything; its defaults: 5 rounds, the first at once, then 50 ms apart growing by 100 ms, at
+# most 550 ms.
+ETH_P_RARP = 0x8035
+ARPOP_RREQUEST = 3                  # RFC 903: "request reverse"
+_RARP = struct.Struct("!6s6sHHHBBH6s4s6s4s")
+ANNOUNCE_ROUNDS = 5
+ANNOUNCE_INITIAL, ANNOUNCE_STEP, ANNOUNCE_MAX = 0.05, 0.1, 0.55
+
 
 def parse_mac(mac: str) -> bytes:
     return bytes(int(b, 16) for b in mac.split(":"))
+
+
+def rarp_announce(mac: bytes) -> bytes:
+    """A broadcast RARP request for ``mac`` from ``mac``, padded to Ethernet's 60 bytes."""
+    frame = _RARP.pack(b"\xff" * 6, mac, ETH_P_RARP, 1, 0x0800, 6, 4, ARPOP_RREQUEST,
+                       mac, bytes(4), mac, bytes(4))
+    return frame.ljust(60, b"\0")
 
 
 def random_mac() -> str:
@@ -250,6 +267,26 @@ class Net(VirtioDevice):
             self._rx_room = room
         if delivered:
             interrupt.signal_used(queue)
+
+    def announce(self) -> None:
+        """Announce this NIC on its tap (a migrated VM has come up here), as QEMU does: RARP
+        rounds sent from the I/O thread, which starts once device work runs (cont)."""
+        frame = bytes(VNET_HDR_SIZE) + rarp_announce(parse_mac(self.mac))
+
+        def send(done: int) -> None:
+            tap = self.tap
+            if tap is None or tap.fd < 0:
+                return                          # unplugged or closed meanwhile
+            try:
+                os.write(tap.fd, frame)
+            except OSError as e:
+                log.warning("%s: cannot announce the NIC on tap %s: %s", self.name, tap.name, e.strerror)
+                return
+            if done + 1 < ANNOUNCE_ROUNDS:
+                delay = min(ANNOUNCE_INITIAL + done * ANNOUNCE_STEP, ANNOUNCE_MAX)
+                self.io.call_later(delay, lambda: send(done + 1))
+
+        self.io.call_later(0, lambda: send(0))
 
     def detach(self) -> None:
         if self._registered and self.tap is not None:
