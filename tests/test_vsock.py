@@ -5,6 +5,7 @@ floods the device can make it hold (issue 24)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import socket
@@ -191,11 +192,14 @@ def _ops(replies: list[tuple[tuple[int, ...], bytes]], op: int) -> list[int]:
     return [h[DST_PORT] for h, _ in replies if h[OP] == op]
 
 
-def test_a_flood_of_packets_wanting_replies_waits_in_a_bounded_queue(bench: VsockBench) -> None:
+def test_a_flood_of_packets_wanting_replies_waits_in_a_bounded_queue(bench: VsockBench,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """Thousands of packets that each want an answer (REQUESTs to a port nobody listens on,
     credit requests), with no receive buffer posted: what the device keeps for the guest stays
     within its queue of RXQ_SIZE entries (a connection's credit updates are one flag; RSTs beyond
-    a queue full of them are dropped), and a connection still works once buffers come."""
+    a queue full of them are dropped), a connection still works once buffers come, and the log
+    says once that port 7000 refused the guest, not 5000 times."""
+    caplog.set_level(logging.INFO, logger="altovirt")
     server = socket.socket(socket.AF_UNIX)
     server.bind(f"{bench.uds}_6000")
     server.listen(8)
@@ -208,6 +212,8 @@ def test_a_flood_of_packets_wanting_replies_waits_in_a_bounded_queue(bench: Vsoc
     bench.send(p for i in range(flood) for p in ((20000 + i, 7000, vvsock.OP_REQUEST, b""),
                                                 (1234, 6000, vvsock.OP_CREDIT_REQUEST, b"")))
     assert bench.received() == []                   # no buffer: nothing could go
+    refusals = [r for r in caplog.records if "-> host port 7000 refused" in r.getMessage()]
+    assert [r.levelno for r in refusals if r.levelno >= logging.INFO] == [logging.INFO]
     replies = bench.drain()
     # Before: 5000 RSTs and 5000 credit updates, every one kept until the guest took it.
     rsts = sorted(_ops(replies, vvsock.OP_RST))

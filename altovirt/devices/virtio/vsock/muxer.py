@@ -33,6 +33,7 @@ log = logging.getLogger(__package__)    # (the device's log lines keep the name 
 FIRST_HOST_PORT = 1 << 30           # host-side ports we hand out for host-initiated connections
 CONNECT_LINE_MAX = 64
 MAX_CONNECTIONS = 1023              # guest- and host-initiated, with those still saying goodbye
+MAX_LOGGED_PORTS = 256              # host ports whose first refused guest connect is logged
 
 
 class Muxer:
@@ -51,6 +52,9 @@ class Muxer:
         self._handshakes: dict[int, tuple[socket.socket, bytearray]] = {}
         self._rxq = RxQueue()
         self._full_warned = False
+        # Host ports a guest connect to was refused, for the log: the first refusal of each is
+        # logged, later ones only at debug level (a guest retrying in a loop floods nothing).
+        self._refused_ports: set[int] = set()
         self._next_port = FIRST_HOST_PORT
         self._services: dict[int, Callable[[], socket.socket]] = {}
         io.add(listener.fileno(), self._accept)
@@ -265,8 +269,13 @@ class Muxer:
             service = self._services.get(host_port)
             sock = service() if service else _connect_unix(f"{self.uds_path}_{host_port}")
         except OSError as e:
-            log.info("%s: guest port %d -> host port %d refused (%s)", self.name, guest_port, host_port,
-                     errno.errorcode.get(e.errno or 0, e))
+            first = host_port not in self._refused_ports and len(self._refused_ports) < MAX_LOGGED_PORTS
+            if first:
+                self._refused_ports.add(host_port)
+            log.log(logging.INFO if first else logging.DEBUG,
+                    "%s: guest port %d -> host port %d refused (%s)%s", self.name, guest_port, host_port,
+                    errno.errorcode.get(e.errno or 0, e),
+                    "; later refusals of this port are logged at debug level" if first else "")
             self._refuse(host_port, guest_port)
             return
         conn = Conn(host_port, guest_port, sock, self.guest_cid, self.name, established=True,
