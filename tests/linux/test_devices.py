@@ -192,6 +192,20 @@ def test_nic_hotplug_seen_by_linux(vm: Machine) -> None:
     ping_and_tcp_both_ways(vm, HOST_IP2, GUEST_IP2, 5011)      # the NIC served by AltoVirt itself
 
 
+def test_unplugged_vhost_net_nic_lets_go_of_its_vhost(vm: Machine) -> None:
+    """device_del of the vhost-net NIC: the guest sees its link go, and the VMM closes the
+    /dev/vhost-net instance the NIC had (it kept it before); its tap stays with netdev n0."""
+    def vhost_fds() -> int:
+        fds = Path(f"/proc/{vm.g.proc.pid}/fd")
+        return sum(1 for fd in fds.iterdir() if os.readlink(fd) == "/dev/vhost-net")
+
+    assert vhost_fds() == 1
+    vm.qmp.ok("device_del", id="n0")
+    assert vm.qmp.event("DEVICE_DELETED")["data"] == {"device": "n0", "path": "n0"}
+    vm.g.wait_until("[ $(cat /sys/class/net/eth0/carrier) = 0 ]", "eth0's link go down")
+    assert vhost_fds() == 0
+
+
 def test_system_powerdown_is_a_clean_shutdown(vm: Machine) -> None:
     vm.qmp.ok("system_powerdown")
     vm.qmp.event("POWERDOWN")

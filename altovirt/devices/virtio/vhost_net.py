@@ -33,6 +33,13 @@ class VhostNet(OffloadedDevice, Net):
         self.vhost = vhost
         self.offload = Offload(vhost)
 
+    def detach(self) -> None:
+        """Out of its slot (hot-unplug): the tap stays with its netdev, but the vhost-net
+        instance is this device's own and goes with it."""
+        super().detach()
+        self._unwatch_backend()
+        self.offload.backend.close()
+
     def _watch_tap(self) -> None:
         """Never: the kernel reads and writes the tap."""
 
