@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 from .. import arch
 from ..config import VmConfig
@@ -28,7 +29,6 @@ from ..devices.legacy.vmgenid import VmGenId
 from ..devices.virtio.block import WorkerPool
 from ..devices.virtio.mmio import INTERRUPT_ACK, MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
 from ..devices.virtio.net import Net
-from ..devices.virtio.vsock import Vsock
 from ..eventloop import EventLoop
 from ..kvm import Vm
 from ..memory import GuestMemory
@@ -36,6 +36,9 @@ from . import virtio_devices
 from .console import HostConsole
 from .hotplug import Hotplug
 from .vcpu import GUEST_RESET, GUEST_SHUTDOWN, StopReason
+
+if TYPE_CHECKING:
+    from ..devices.virtio.vsock import Vsock
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ class DeviceManager:
             self.mmio.insert(transport, base, MMIO_SLOT_SIZE)
             self.slots.append(slot)
             log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)
-        self.vsock = next((d for d in devices.others if isinstance(d, Vsock)), None)
+        self.vsock = devices.vsock
         n_disks, n_nics = len(devices.disks), len(devices.nets)
         self.hotplug = Hotplug(self.transports[:n_disks], self.transports[n_disks:n_disks + n_nics],
                                self._io, self._pool, quiet, on_deleted)

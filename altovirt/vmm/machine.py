@@ -22,7 +22,6 @@ from ..config import VmConfig
 from ..devices.legacy.vmgenid import VmGenId
 from ..devices.virtio.block import WorkerPool
 from ..devices.virtio.device import DeviceBusyError
-from ..devices.virtio.vsock import Vsock
 from ..errors import VmmError
 from ..eventloop import EventLoop
 from ..kvm import Kvm
@@ -40,6 +39,7 @@ from .pit import LostTicks
 from .vcpu import StopReason, VcpuThread, install_kick_handler
 
 if TYPE_CHECKING:
+    from ..devices.virtio.vsock import Vsock
     from ..xenstore.store import Store
     from .actions import Action, Migrations
 

@@ -14,6 +14,7 @@ sectors, a NIC with its link down) in the rest, ready to take a backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .. import arch
 from ..acpi import aml
@@ -29,9 +30,11 @@ from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.mmio import MMIO_SLOT_SIZE
 from ..devices.virtio.net import Net, random_mac
 from ..devices.virtio.rng import Rng
-from ..devices.virtio.vsock import Vsock
 from ..errors import EXIT_USAGE, AltoVirtError
 from ..eventloop import EventLoop
+
+if TYPE_CHECKING:
+    from ..devices.virtio.vsock import Vsock
 
 VIRTIO_MMIO_HID = "LNRO0005"         # what drivers/virtio/virtio_mmio.c matches in ACPI
 
@@ -48,6 +51,7 @@ class DeviceSet:
     disks: list[Block]
     nets: list[Net]
     others: list[VirtioDevice]
+    vsock: Vsock | None = None      # the userspace vsock device, also among the others
 
     def in_slot_order(self) -> list[VirtioDevice]:
         """Disks first (vda, vdb...), then NICs (eth0, eth1), then the others."""
@@ -84,8 +88,9 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
         elif cfg.vsock is not None:
             where = f"-device vsock id={cfg.vsock.id}"
             assert cfg.vsock.uds_path is not None       # validation fills in the default
-            devices.others.append(Vsock(cfg.vsock.id, cfg.vsock.guest_cid,
-                                        UnixListener(cfg.vsock.uds_path), io))
+            from ..devices.virtio.vsock import Vsock  # only for a VM that has one (start-up)
+            devices.vsock = Vsock(cfg.vsock.id, cfg.vsock.guest_cid, UnixListener(cfg.vsock.uds_path), io)
+            devices.others.append(devices.vsock)
         if cfg.fs is not None:
             where = f"-device vhost-user-fs-device id={cfg.fs.id}"
             devices.others.append(_fs(cfg.fs, io))
