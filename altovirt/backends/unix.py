@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import select
@@ -171,13 +172,21 @@ class SocketServer(Generic[P]):
         self._schedule_flush(peer)
 
     def drop(self, peer: P, why: str) -> None:
+        """Stop serving ``peer`` (any thread). What it held is released (:meth:`dropped`)
+        afterwards on the server's thread, outside this server's lock: releasing takes the
+        locks of what the peer used (the XenStore's), which a thread sending to peers may
+        hold already (a watch event sent under the store's lock; the other order deadlocked)."""
         with self._lock:
             if self._peers.pop(peer.sock.fileno(), None) is None:
                 return
             self._dirty.discard(peer)
             self.io.remove(peer.sock.fileno())
             peer.sock.close()
+            closing = self._closed          # the loop may be gone: release it here
+        if closing:
             self.dropped(peer)
+        else:
+            self.io.call_later(0, functools.partial(self.dropped, peer))
         log.debug("%s: client dropped: %s", self.name, why)
 
     def flush(self, peer: P) -> None:
@@ -226,14 +235,15 @@ class SocketServer(Generic[P]):
         self.io.stop()
         deadline = time.monotonic() + flush_timeout
         with self._lock:
-            for peer in list(self._peers.values()):
+            peers, self._peers = list(self._peers.values()), {}
+            for peer in peers:
                 if flush_timeout and peer.out.buf:
                     peer.sock.setblocking(True)
                     peer.sock.settimeout(max(0.01, deadline - time.monotonic()))
                     with contextlib.suppress(OSError):
                         peer.sock.sendall(peer.out.buf)
                 peer.sock.close()
-                self.dropped(peer)
-            self._peers.clear()
+        for peer in peers:                  # outside the lock, as in drop()
+            self.dropped(peer)
         self.listener.close()
         os.close(self._wake)
