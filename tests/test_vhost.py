@@ -28,7 +28,7 @@ from altovirt.devices.virtio import mmio
 from altovirt.devices.virtio.device import COMMON_FEATURES, VIRTIO_F_VERSION_1, VirtioDevice
 from altovirt.devices.virtio.device import VIRTIO_MMIO_INT_CONFIG as INT_CONFIG
 from altovirt.devices.virtio.device import VIRTIO_MMIO_INT_VRING as INT_VRING
-from altovirt.devices.virtio.net import VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF
+from altovirt.devices.virtio.net import VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF, Net
 from altovirt.devices.virtio.queue import VIRTIO_F_INDIRECT_DESC
 from altovirt.devices.virtio.vhost_net import VhostNet
 from altovirt.devices.virtio.vhost_user_fs import VhostUserFs
@@ -146,13 +146,14 @@ class FakeTap:
 
     def __init__(self) -> None:
         self.offloads: list[int] = []
+        self.closed = False
 
     def set_offload(self, flags: int) -> bool:
         self.offloads.append(flags)
         return True
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 QUEUE = 16
@@ -265,6 +266,19 @@ def test_rings_handed_over_at_driver_ok_and_taken_back_at_reset(kind: str,
     finally:
         slot.close()
     assert backend.calls[-1] == ("close",)
+
+
+def test_a_vhost_net_nic_replaced_in_its_slot_closes_its_instance() -> None:
+    """Hot-unplug puts an empty NIC in the slot: the vhost-net instance, the device's own, is
+    closed with it (it was kept until the VM ended); its tap stays open with the netdev."""
+    backend = Recorder(BACKEND_FEATURES)
+    slot = Slot("vhost-net", backend)
+    try:
+        slot.driver_ok()
+        slot.t.replace(Net("nic-slot0", None, "52:54:00:00:00:01", slot.io)).unplugged()
+        assert backend.calls[-1] == ("close",) and not slot.tap.closed
+    finally:
+        slot.close()
 
 
 def test_vhost_net_offers_what_the_kernel_serves_and_the_tap_its_offloads() -> None:

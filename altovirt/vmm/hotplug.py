@@ -217,7 +217,7 @@ class Hotplug:
     # --- helpers ---
     def _plug(self, transport: MmioTransport, device: Block | Net) -> None:
         with self._quiet():
-            transport.replace(device)
+            transport.replace(device).unplugged()
 
     @staticmethod
     def _occupied(transport: MmioTransport) -> bool:

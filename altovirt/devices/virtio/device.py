@@ -137,6 +137,7 @@ class Device(Protocol):
     def quiesce(self) -> None: ...
     def prepare_save(self) -> None: ...
     def detach(self) -> None: ...
+    def unplugged(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -189,6 +190,10 @@ class VirtioDevice:
 
     def detach(self) -> None:
         """Stop using the backend but leave it open: it outlives the device (hot-unplug)."""
+
+    def unplugged(self) -> None:
+        """Out of its slot for good (hot-unplug, after :meth:`detach`): release what is the
+        device's own; the backend it was put on stays open."""
 
     def close(self) -> None:
         """Release the device and its backend (files, sockets) when the VM goes away."""

@@ -33,10 +33,8 @@ class VhostNet(OffloadedDevice, Net):
         self.vhost = vhost
         self.offload = Offload(vhost)
 
-    def detach(self) -> None:
-        """Out of its slot (hot-unplug): the tap stays with its netdev, but the vhost-net
-        instance is this device's own and goes with it."""
-        super().detach()
+    def unplugged(self) -> None:
+        """The tap stays with its netdev, but the vhost-net instance is this device's own."""
         self._unwatch_backend()
         self.offload.backend.close()
 
