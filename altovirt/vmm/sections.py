@@ -134,14 +134,19 @@ def parse(header: dict[str, Any], sections: dict[str, Section]) -> VmState:
                    _state(sections, "rtc", RtcState), sections.get("xenstore"))
 
 
+def check_memory_size(header: dict[str, Any], size: int) -> None:
+    """SnapshotError unless the snapshot's RAM is ``size`` bytes, as this VM's is."""
+    if header.get("memory_size") != size:
+        raise SnapshotError(f"header: {header.get('memory_size')} bytes of RAM saved; "
+                            f"this VM has {size} (-m)")
+
+
 def _check_fits(m: Machine, state: VmState) -> None:
     """SnapshotError unless ``state`` was saved from a VM made as ``m`` is, on a like CPU."""
     header, slots = state.header, len(m.devices.transports)
     if header.get("vcpus") != len(m.vcpus):
         raise SnapshotError(f"header: {header.get('vcpus')} vCPUs saved; this VM has {len(m.vcpus)} (-smp)")
-    if header.get("memory_size") != m.mem.size:
-        raise SnapshotError(f"header: {header.get('memory_size')} bytes of RAM saved; "
-                            f"this VM has {m.mem.size} (-m)")
+    check_memory_size(header, m.mem.size)
     _check_cpu(header.get("cpu"), host_cpu(m.kvm))
     if len(state.transports) > slots:
         raise SnapshotError(f"section virtio-mmio.{slots}: this VM has no such component; "

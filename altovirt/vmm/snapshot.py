@@ -15,7 +15,7 @@ from ..kvm import structs as S
 from ..snapshot import format as snapfile
 from ..snapshot.format import Section, SnapshotError
 from .lifecycle import RunState, StateError
-from .sections import VmState, parse, restore, save, saved_config
+from .sections import VmState, check_memory_size, parse, restore, save, saved_config
 
 if TYPE_CHECKING:
     from ..config import VmConfig
@@ -44,9 +44,7 @@ def read(where: snapfile.SnapshotFiles) -> tuple[VmConfig, VmState]:
 def load_memory(mem: GuestMemory, where: snapfile.SnapshotFiles, header: dict[str, Any], *,
                 mapped: bool) -> None:
     """Put a snapshot's memory in place of ``mem``'s: mapped copy-on-write, or read in."""
-    if header.get("memory_size") != mem.size:
-        raise SnapshotError(f"header: {header.get('memory_size')} bytes of RAM saved; "
-                            f"this VM has {mem.size} (-m)")
+    check_memory_size(header, mem.size)     # before a byte of it is read
     if mapped:
         fd = snapfile.open_memory(where)
         try:
