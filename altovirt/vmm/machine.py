@@ -85,6 +85,7 @@ class Machine:
         self.run_once_loaded = False
         self.migration = migrations(self) if migrations is not None else None
         self._closed = False
+        lifecycle.add_listener(self._end_vcpus_on_shutdown)
 
     # --- what the API and the CLI see ---
     @property
@@ -231,6 +232,15 @@ class Machine:
                     for v in self.vcpus]
 
     # --- running ---
+    def _end_vcpus_on_shutdown(self, event: str, data: dict[str, object]) -> None:
+        """A guest that stops (ACPI S5, a reset) runs no instruction after the one that asked,
+        as on hardware: its vCPUs leave KVM_RUN now, not once the main loop gets to them.
+        Such a request comes on a vCPU thread, whose filter allows the kick (tgkill); the
+        API's threads, which a host's stop comes from, may not send it."""
+        if event == "SHUTDOWN" and data["guest"]:
+            for v in self.vcpus:
+                v.end_soon()
+
     def _on_signal(self, signum: int, frame: object) -> None:
         self.request_stop(StopReason("host-signal", False, 128 + signum))
 

@@ -109,11 +109,17 @@ class VcpuThread:
             self._pause_requested = False
             self._cond.notify_all()
 
-    def exit(self, timeout: float = 5.0) -> None:
+    def end_soon(self) -> None:
+        """Have this vCPU leave KVM_RUN and end, without waiting for it. Its own thread may
+        ask: it finishes the current exit and runs no more guest code. The caller's seccomp
+        role must allow tgkill (the kick)."""
         with self._cond:
             self._exit_requested = True
             self._cond.notify_all()
         self.kick()
+
+    def exit(self, timeout: float = 5.0) -> None:
+        self.end_soon()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("vCPU %d did not leave KVM_RUN within %.0f s", self.index, timeout)
