@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -167,3 +169,38 @@ def test_a_vmm_starts_without_importing_the_compiler(probe: Path) -> None:
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "probe: done ok" in run.stdout
     assert "altovirt.sandbox.seccomp" in run.stderr and "seccompy" not in run.stderr
+
+
+@needs_kvm
+def test_a_vmm_run_from_read_only_sources_serves_its_first_request(probe: Path, tmp_path: Path) -> None:
+    """Sources nobody compiled, on a read-only file system (a container image, say): a module
+    first imported on a confined thread (the actions, with the first request for one) is compiled
+    in memory. Trying to cache it on disk (mkdir) is outside every role; the VMM ended there."""
+    tree = tmp_path / "src"
+    shutil.copytree(ROOT / "altovirt", tree / "altovirt", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(tree)
+    sock = tmp_path / "qmp.sock"
+    vmm = shlex.join([sys.executable, "-m", "altovirt", "-kernel", str(probe / "probe.elf"),
+                      "-append", "probe.run=wait", "-api-channel", f"unix:{sock}"])
+    read_only = f"mount --bind {tree} {tree} && mount -o remount,bind,ro {tree} && exec {vmm}"
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", read_only], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        qmp = QEMUMonitorProtocol(str(sock))
+        qmp.connect()
+        assert qmp.cmd_obj({"execute": "stop"}) == {"return": {}}       # an action: see builder._handle
+        assert qmp.cmd_obj({"execute": "query-status"})["return"]["status"] == "paused"
+        assert qmp.cmd_obj({"execute": "quit"}) == {"return": {}}
+        qmp.close()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert not list(tree.rglob("__pycache__"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -28,6 +28,7 @@ import mmap
 import os
 import signal
 import socket
+import sys
 import threading
 import zlib
 from typing import TYPE_CHECKING, TextIO
@@ -104,6 +105,9 @@ def enable(report: TextIO) -> None:
         raise SeccompError("this kernel cannot load seccomp filters; run with -disable-seccomp")
     for name in LAZY_MODULES:
         importlib.import_module(name)
+    # A module imported on a confined thread is compiled in memory: writing its bytecode
+    # cache (mkdir, a new file) is outside every role, and would end the VMM.
+    sys.dont_write_bytecode = True
     faulthandler.register(signal.SIGSYS, file=report, all_threads=True, chain=True)
     _programs = prepare()
     _enabled = True
