@@ -50,6 +50,16 @@ def warm_caches() -> None:
     initramfs.build(debian.kernel())
 
 
+def inner_figures(junit: Path) -> list[str]:
+    """'test: name=value ...' for every inner test that recorded figures (record_property)."""
+    out = []
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        figures = [f"{p.get('name')}={p.get('value')}" for p in case.iter("property")]
+        if figures:
+            out.append(f"{case.get('name')}: {' '.join(figures)}")
+    return out
+
+
 def inner_failures(junit: Path) -> list[str]:
     """'name: message' for every inner test that failed or errored (the message's first
     lines: a GuestError's carry the serial log's tail)."""
@@ -77,6 +87,7 @@ def test_linux_guests_in_the_nested_test_bed(module: str, warm_caches: None, tmp
         pytest.fail(f"{module} did not run to the end in the nested test bed ({r.attempts} attempt(s)): "
                     + "; ".join(why) + f"; L1 log {r.l1_log}")
     assert junit.exists(), f"the inner pytest wrote no report (status {r.status})"
+    print("\n".join(f"figures: {line}" for line in inner_figures(junit)))
     failures = inner_failures(junit)
     assert not failures and r.status == 0, ("\n".join(failures) or f"inner pytest exited {r.status}") \
         + f"\nserial logs: {out / 'logs'}"

@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,8 +77,9 @@ def bed(tmp_path: Path) -> Iterator[tuple[Path, Host]]:
         host.ns.close()
 
 
-def test_data_read_during_live_migrations_arrives_whole(kernel: debian.Kernel, initrd: Path,
-                                                        bed: tuple[Path, Host]) -> None:
+def test_data_read_during_live_migrations_arrives_whole(
+        kernel: debian.Kernel, initrd: Path, bed: tuple[Path, Host],
+        record_property: Callable[[str, object], None]) -> None:
     d, host = bed
     data_md5 = hashlib.md5((d / "data.img").read_bytes()).hexdigest()
     g, qmp = start(kernel, initrd, d, host, "vm0", "tapa")
@@ -97,7 +98,8 @@ def test_data_read_during_live_migrations_arrives_whole(kernel: debian.Kernel, i
             src_q.ok("migrate", uri=f"unix:{d / f'mig{n}.sock'}")
             info = migration_ends(src_q)
             assert info["status"] == "completed", info
-            passes.append(info.get("ram"))
+            passes.append(info["ram"]["dirty-sync-count"])
+            record_property(f"round{n}_downtime_ms", info["downtime"])
             src_q.ok("quit")                # its tap leaves the bridge: frames go to the new one
             assert src_g.wait_exit(120) == 0
             dst_g, dst_q = dst
@@ -111,7 +113,7 @@ def test_data_read_during_live_migrations_arrives_whole(kernel: debian.Kernel, i
             assert dst_g.check("md5sum /dev/vdb", timeout=300).split()[0] == data_md5, f"round {n}"
         g_last = vms[-1][0]
         g_last.check(f"ping -c 2 -W 5 {HOST_IP}", timeout=120)     # the network came along
-        print(f"{ROUNDS} migrations; ram: {passes}")
+        record_property("passes", passes)
     finally:
         for vg, vq in vms:
             with contextlib.suppress(Exception):
