@@ -99,6 +99,9 @@ class Net(VirtioDevice):
         self._rx_held: deque[tuple[DescriptorChain, int, int]] = deque()  # chain, its views, bytes
         self._rx_views: list[memoryview] = []   # the held chains' buffers, in order
         self._rx_room = 0
+        # A frame read while the held buffers could not take the largest one, that did not fit
+        # in them: it waits here for more buffers (the tap is not read meanwhile).
+        self._rx_deferred: bytes | None = None
         # Guest offloads only where the tap takes them (checked once, then reset). An empty
         # slot offers them, as every Linux tap takes them, for the tap plugged in later.
         self._tap_offloads = True
@@ -139,7 +142,8 @@ class Net(VirtioDevice):
             self._watch_tap()
 
     def prepare_save(self) -> None:
-        """The receive buffers held are given back: they are the last ones taken, untouched."""
+        """The receive buffers held are given back: they are the last ones taken, untouched.
+        A frame waiting for buffers is dropped (a peer's TCP sends it again)."""
         with self._lock:
             if self.active is not None and self._rx_held:
                 self.active.queues[RXQ].undo_pop(len(self._rx_held))
@@ -147,16 +151,18 @@ class Net(VirtioDevice):
             self._watch_tap()
 
     def _release_held(self) -> None:
-        """Forget the receive buffers held: the driver owns them again once the queue is reset."""
+        """Forget the receive buffers held: the driver owns them again once the queue is reset.
+        A deferred frame is dropped, as a frame on the wire can be."""
         self._rx_held.clear()
         self._rx_views.clear()
         self._rx_room = 0
+        self._rx_deferred = None
 
     def _watch_tap(self) -> None:
         """Read the tap only while the guest has receive buffers (it paces reception)."""
         if self.tap is None:
             return
-        want = self.active is not None and not self.broken and (
+        want = self.active is not None and not self.broken and self._rx_deferred is None and (
             bool(self._rx_held) or self.active.queues[RXQ].has_available())
         if want == self._reading and self._registered:
             return
@@ -173,6 +179,8 @@ class Net(VirtioDevice):
         with self._lock:
             if index == TXQ:
                 self._transmit()
+            elif self._rx_deferred is not None and self.active is not None and not self.broken:
+                self._receive()             # new buffers: perhaps room for the frame waiting
             self._watch_tap()
 
     def _transmit(self) -> None:
@@ -213,16 +221,21 @@ class Net(VirtioDevice):
                 self._watch_tap()
 
     def _receive(self) -> None:
+        """Frames from the tap into the held receive buffers, zero-copy while they can take
+        the largest frame. Short of that (the driver is slow to post buffers), a frame is read
+        aside and waits for enough buffers: a frame cut to fit would reach the guest whole in
+        its header's eyes (5.1.6.4: the device waits for buffers, as QEMU's and
+        Firecracker's do)."""
         assert self.active is not None and self.tap is not None
         queue, interrupt = self.active.queues[RXQ], self.active.interrupt
         mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
-        held, views, room = self._rx_held, self._rx_views, self._rx_room
+        held, views = self._rx_held, self._rx_views
         delivered = False
         try:
             while True:
                 # Hold enough buffers for the largest frame (one chain without MRG_RXBUF); those
                 # a frame does not reach stay held for the next one, so each is popped once.
-                while room < MAX_FRAME and (mergeable or not held):
+                while self._rx_room < MAX_FRAME and (mergeable or not held):
                     chain = queue.pop()
                     if chain is None:
                         break
@@ -233,40 +246,62 @@ class Net(VirtioDevice):
                                          "the virtio-net header")
                     held.append((chain, len(chain.writable), size))
                     views += chain.writable
-                    room += size
+                    self._rx_room += size
                 if not held:
                     break
-                try:
-                    n = os.readv(self.tap.fd, views)
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                        log.debug("%s: tap read failed: %s", self.name, e)
-                    break
-                # The frame filled whole buffers in order, the last one partly.
-                count = nviews = 0
-                left = n
-                while left > 0:
-                    left -= held[count][2]
-                    nviews += held[count][1]
-                    count += 1
-                # The tap fills only the 10-byte legacy header; num_buffers is ours (5.1.6.4).
-                # Written before the chains are used: using one notes it as written.
-                write_at(views, NUM_BUFFERS_OFFSET, _NUM_BUFFERS.pack(count))
-                left = n
-                for _ in range(count):
-                    chain, _, size = held.popleft()
-                    queue.add_used(chain, min(left, size), publish=False)
-                    left -= size
-                    room -= size
-                queue.publish_used()
-                del views[:nviews]
+                frame = self._rx_deferred
+                if frame is None and (self._rx_room >= MAX_FRAME or not mergeable):
+                    try:
+                        n = os.readv(self.tap.fd, views)
+                    except OSError as e:
+                        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                            log.debug("%s: tap read failed: %s", self.name, e)
+                        break
+                else:
+                    if frame is None:
+                        try:
+                            frame = os.read(self.tap.fd, MAX_FRAME)
+                        except OSError as e:
+                            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                                log.debug("%s: tap read failed: %s", self.name, e)
+                            break
+                    self._rx_deferred = None
+                    if len(frame) > self._rx_room:
+                        if len(held) < queue.size:
+                            self._rx_deferred = frame       # until the driver posts more
+                            break
+                        log.debug("%s: a frame of %d bytes is larger than the whole receive "
+                                  "queue (%d bytes); dropped", self.name, len(frame), self._rx_room)
+                        continue
+                    write_at(views, 0, frame)
+                    n = len(frame)
+                self._use_held(queue, n)
                 delivered = True
         except QueueError as e:
             self.fail(str(e))
-        finally:
-            self._rx_room = room
         if delivered:
             interrupt.signal_used(queue)
+
+    def _use_held(self, queue: Queue, n: int) -> None:
+        """Give the driver the held buffers a frame of ``n`` bytes filled, in order (the last
+        one partly), with num_buffers in the first (the tap fills only the 10-byte legacy
+        header: 5.1.6.4). Written before the chains are used: using one notes it as written."""
+        held, views = self._rx_held, self._rx_views
+        count = nviews = 0
+        left = n
+        while left > 0:
+            left -= held[count][2]
+            nviews += held[count][1]
+            count += 1
+        write_at(views, NUM_BUFFERS_OFFSET, _NUM_BUFFERS.pack(count))
+        left = n
+        for _ in range(count):
+            chain, _, size = held.popleft()
+            queue.add_used(chain, min(left, size), publish=False)
+            left -= size
+            self._rx_room -= size
+        queue.publish_used()
+        del views[:nviews]
 
     def announce(self) -> None:
         """Announce this NIC on its tap (a migrated VM has come up here), as QEMU does: RARP

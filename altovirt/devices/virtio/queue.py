@@ -80,12 +80,13 @@ def write_at(views: list[memoryview], offset: int, data: bytes) -> None:
     if views and offset + len(data) <= len(views[0]):     # the usual case: all in the first view
         views[0][offset:offset + len(data)] = data
         return
+    rest = memoryview(data)          # slices of it copy nothing
     for v in views:
         if offset < len(v):
-            n = min(len(v) - offset, len(data))
-            v[offset:offset + n] = data[:n]
-            data, offset = data[n:], 0
-            if not data:
+            n = min(len(v) - offset, len(rest))
+            v[offset:offset + n] = rest[:n]
+            rest, offset = rest[n:], 0
+            if not rest:
                 return
         else:
             offset -= len(v)
