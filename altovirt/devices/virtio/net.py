@@ -250,21 +250,18 @@ class Net(VirtioDevice):
                 if not held:
                     break
                 frame = self._rx_deferred
-                if frame is None and (self._rx_room >= MAX_FRAME or not mergeable):
+                n = 0
+                if frame is None:
                     try:
-                        n = os.readv(self.tap.fd, views)
+                        if self._rx_room >= MAX_FRAME or not mergeable:
+                            n = os.readv(self.tap.fd, views)
+                        else:
+                            frame = os.read(self.tap.fd, MAX_FRAME)
                     except OSError as e:
                         if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                             log.debug("%s: tap read failed: %s", self.name, e)
                         break
-                else:
-                    if frame is None:
-                        try:
-                            frame = os.read(self.tap.fd, MAX_FRAME)
-                        except OSError as e:
-                            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                                log.debug("%s: tap read failed: %s", self.name, e)
-                            break
+                if frame is not None:
                     self._rx_deferred = None
                     if len(frame) > self._rx_room:
                         if len(held) < queue.size:
