@@ -208,18 +208,24 @@ def clones(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], netns: NetNs)
 
 # Prints each RARP frame that reaches the tap argv[1] (time and bytes), ending after argv[2]
 # of them or 10 s of silence.
+# Each frame with the time the kernel received it (SO_TIMESTAMPNS), so that the capture's own
+# scheduling delays do not show as the announcer's.
 RARP_CAPTURE = """
-import socket, sys, time
+import socket, struct, sys
+SO_TIMESTAMPNS = 35
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035))
+s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
 s.bind((sys.argv[1], 0))
 s.settimeout(10)
 print("ready", flush=True)
 for _ in range(int(sys.argv[2])):
     try:
-        frame = s.recv(2048)
+        frame, ancillary, _, _ = s.recvmsg(2048, socket.CMSG_SPACE(16))
     except TimeoutError:
         break
-    print(f"{time.monotonic():.3f} {frame.hex()}", flush=True)
+    sec, nsec = next(struct.unpack("qq", data) for level, kind, data in ancillary
+                     if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS)
+    print(f"{sec + nsec / 1e9:.6f} {frame.hex()}", flush=True)
 """
 
 
