@@ -9,9 +9,10 @@ migration too: with this disk reader beside it, the guest's driver found a used-
 had not posted ("output.0:id N is not a head!", once "input.0") within 30 s to 10 min in 7 of
 9 AltoVirt runs in the bed, and stopped; QEMU in the same bed streamed 420 s cleanly in 3 runs
 of 3. The device's own bookkeeping saw nothing wrong (every head it used was one it had popped),
-and L1's transparent huge pages are not the cause. Once, on a host running five L1s, this test
-failed on its disk instead: the device answered reads with I/O errors that no host I/O error
-explains; perhaps the same fault. Open.)
+and L1's transparent huge pages are not the cause. Without the reader it broke too (3 of 3);
+with VIRTIO_F_EVENT_IDX not offered it did not (1 run). Once, on a host running five L1s, this
+test failed on its disk instead: the device answered reads with I/O errors that no host I/O
+error explains; perhaps the same fault. Open.)
 """
 
 from __future__ import annotations
