@@ -5,14 +5,14 @@ log does not see it, so a write noted before it lands would leave a stale page b
 One guest (2 vCPUs, 512 MiB) migrates three times between two taps on one bridge, while it keeps
 filling its page cache from a disk of random bytes. After each move the cached disk hashes to the
 host's value. (A TCP stream the guest receives meanwhile is not here yet. It stalls without any
-migration too: with this disk reader beside it, the guest's driver found a used-ring entry it
-had not posted ("output.0:id N is not a head!", once "input.0") within 30 s to 10 min in 7 of
-9 AltoVirt runs in the bed, and stopped; QEMU in the same bed streamed 420 s cleanly in 3 runs
-of 3. The device's own bookkeeping saw nothing wrong (every head it used was one it had popped),
-and L1's transparent huge pages are not the cause. Without the reader it broke too (3 of 3);
-with VIRTIO_F_EVENT_IDX not offered it did not (1 run). Once, on a host running five L1s, this
-test failed on its disk instead: the device answered reads with I/O errors that no host I/O
-error explains; perhaps the same fault. Open.)
+migration too: the guest's driver finds a used-ring entry it had not posted ("output.0:id N is
+not a head!", sometimes "input.0") and the NIC stops, within 30 s to 10 min, in 7 of 9 AltoVirt
+runs in the bed with this disk reader beside it and in 4 of 4 without it; QEMU in the same bed
+streamed 420 s cleanly in 3 runs of 3. The device's own bookkeeping saw nothing wrong (every
+head it used was one it had popped); L1's transparent huge pages, a second guest vCPU and
+VIRTIO_F_EVENT_IDX are not needed for it. Once, on a host running five L1s, this test failed on
+its disk instead: the device answered reads with I/O errors that no host I/O error explains;
+perhaps the same fault. Open.)
 """
 
 from __future__ import annotations
