@@ -207,9 +207,8 @@ def clones(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm], netns: NetNs)
 
 
 # Prints each RARP frame that reaches the tap argv[1] (time and bytes), ending after argv[2]
-# of them or 10 s of silence.
-# Each frame with the time the kernel received it (SO_TIMESTAMPNS), so that the capture's own
-# scheduling delays do not show as the announcer's.
+# of them or 10 s of silence. The time is when the kernel received it (SO_TIMESTAMPNS), so that
+# the capture's own scheduling delays do not show as the announcer's.
 RARP_CAPTURE = """
 import socket, struct, sys
 SO_TIMESTAMPNS = 35

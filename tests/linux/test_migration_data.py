@@ -36,6 +36,8 @@ pytestmark = pytest.mark.timeout(1200)
 # Reads the whole disk into the page cache again and again (the cache dropped before each round).
 READER = ("(while :; do echo 1 > /proc/sys/vm/drop_caches; cat /dev/vdb > /dev/null; done) "
           "> /dev/null 2>&1 & echo $! > /tmp/reader.pid")
+
+
 class Host:
     """One network namespace: a bridge with the host's address and two taps, so that the guest
     keeps its TCP connections as it moves from one tap to the other."""
