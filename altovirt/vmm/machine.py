@@ -105,8 +105,7 @@ class Machine:
         return self.devices.vsock
 
     @property
-    def vmgenid(self) -> VmGenId | None:
-        """The VM generation ID device (with ACPI)."""
+    def vmgenid(self) -> VmGenId | None:      # the VM generation ID device (with ACPI)
         return self.devices.vmgenid
 
     def add_event_listener(self, listener: Listener) -> None:
