@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -195,3 +198,63 @@ def test_device_turns_notifications_off_while_busy(mem: GuestMemory, event_idx: 
     assert q.pop() is not None and q.pop() is None
     drv.publish(drv.chain([(BUF, 1, False)]))
     assert driver_would_notify(drv.avail_idx)
+
+
+# A driver on another CPU, reading the used ring's index and avail_event as a guest's vCPU does
+# while the device writes them: it prints how often a value went back (a store the device did
+# not mean: a torn or zeroed field).
+_READER = r"""
+import ctypes, mmap, sys
+fd, size, used, qsize, flag = map(int, sys.argv[1:])
+m = mmap.mmap(fd, size)
+idx = ctypes.c_uint16.from_buffer(m, used + 2)
+event = ctypes.c_uint16.from_buffer(m, used + 4 + 8 * qsize)
+state = ctypes.c_uint8.from_buffer(m, flag)
+state.value = 1                     # reading
+last_idx = last_event = reads = back = 0
+while state.value == 1 or reads < 1000:
+    i, e = idx.value, event.value
+    back += i < last_idx or e < last_event
+    last_idx, last_event = max(i, last_idx), max(e, last_event)
+    reads += 1
+print(reads, back)
+del idx, event, state
+m.close()
+"""
+
+
+def test_driver_never_sees_a_used_index_the_device_did_not_publish() -> None:
+    """The used index and avail_event go up, and a driver reading them meanwhile from
+    another CPU never sees them go back: each is written with one store, not cleared and
+    then written (struct.pack_into's way), which showed a Linux guest a used index of 0
+    and made it take an old element for a new one ("id N is not a head!")."""
+    mem = GuestMemory(layout.ram_regions(128 << 20), shared=True)
+    reader = None
+    try:
+        assert mem.fd is not None
+        q, drv = make(mem, size=256, features=FEATURES | 1 << VIRTIO_F_EVENT_IDX)
+        flag = 0x400000
+        reader = subprocess.Popen([sys.executable, "-c", _READER, str(mem.fd), str(mem.size), str(drv.used),
+                                   "256", str(flag)], pass_fds=[mem.fd], stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while mem.read(flag, 1) != b"\x01":
+            assert reader.poll() is None and time.monotonic() < deadline, "the reader did not start"
+            time.sleep(0.01)
+        head = drv.chain([(BUF, 64, True)])
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            if q.next_used < 60000:         # short of the index wrapping at 65536
+                drv.publish(head)
+                chain = q.pop()
+                assert chain is not None
+                q.add_used(chain, 64)
+            q.notifications(True)           # avail_event written again, unchanged
+        mem.write(flag, b"\x02")
+        out, _ = reader.communicate(timeout=60)
+        reads, back = map(int, out.split())
+        assert back == 0, f"the driver saw an index go back {back} times in {reads} reads"
+    finally:
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+            reader.wait()
+        mem.close()

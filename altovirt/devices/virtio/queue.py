@@ -15,6 +15,7 @@ the VMM (for a live migration; see memory.py), never before the data is in.
 
 from __future__ import annotations
 
+import ctypes as C
 import struct
 import threading
 from typing import TYPE_CHECKING
@@ -40,7 +41,11 @@ MAX_QUEUE_SIZE = 32768          # 2.7: Queue Size is at most 32768
 DESC_SIZE = 16
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
+# The used ring's fields are written as ctypes objects over guest RAM: setting one is one
+# store. struct.pack_into clears its target before it writes it, so a driver reading the
+# used idx in between saw 0, and a Linux guest took an old element for a new one ("id N is
+# not a head!"). Native order is virtio's little-endian on every host we run on.
+_USED_ELEM = C.c_uint64         # 2.7.8: le32 id, le32 len
 # Taking and releasing a lock are locked instructions (glibc's semaphores), which on x86 order
 # a store before a later load: the barrier QEMU issues with smp_mb() at the same place.
 _FENCE = threading.Lock()
@@ -129,8 +134,7 @@ class Queue:
     # --- activation ---
     def activate(self, features: int) -> None:
         """Check the ring layout the driver programmed and map the rings."""
-        self._desc, self._avail, self._used = self._map(self.size, self.desc_addr, self.avail_addr,
-                                                        self.used_addr)
+        self._bind(self._map(self.size, self.desc_addr, self.avail_addr, self.used_addr))
         self.active = True
         self.event_idx = bool(features >> VIRTIO_F_EVENT_IDX & 1)
         self.indirect = bool(features >> VIRTIO_F_INDIRECT_DESC & 1)
@@ -151,6 +155,15 @@ class Queue:
             return d, a, u
         except GuestMemoryError as e:
             raise QueueError(f"ring outside guest RAM: {e}") from e
+
+    def _bind(self, rings: tuple[memoryview, memoryview, memoryview]) -> None:
+        """Use ``rings`` (from :meth:`_map`), with the used ring's fields the driver reads
+        while we write them (2.7.8: flags, idx, the elements, avail_event)."""
+        self._desc, self._avail, used = rings
+        self._used_flags = C.c_uint16.from_buffer(used, 0)
+        self._used_idx = C.c_uint16.from_buffer(used, 2)
+        self._used_ring = (_USED_ELEM * self.size).from_buffer(used, 4)
+        self._avail_event = C.c_uint16.from_buffer(used, 4 + 8 * self.size)
 
     # --- saved state ---
     def save(self) -> QueueState:
@@ -186,7 +199,7 @@ class Queue:
         self.next_avail, self.next_used = state.next_avail, state.next_used
         self._signalled_used = None if state.signalled_used < 0 else state.signalled_used
         if rings is not None:
-            self._desc, self._avail, self._used = rings
+            self._bind(rings)
             self.active = True
 
     # --- the available ring ---
@@ -208,7 +221,7 @@ class Queue:
         self.next_avail = next_avail = (next_avail + 1) & 0xFFFF
         if self.event_idx and self._notify:
             # avail_event: tell the driver to notify us for the next new buffer (2.7.10)
-            _U16.pack_into(self._used, 4 + 8 * size, next_avail)
+            self._avail_event.value = next_avail
         if head < size:
             addr, length, flags, _ = _DESC.unpack_from(self._desc, DESC_SIZE * head)
             if not flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
@@ -274,9 +287,9 @@ class Queue:
         self._notify = enable
         if self.event_idx:
             if enable:
-                _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+                self._avail_event.value = self.next_avail
         else:
-            _U16.pack_into(self._used, 0, 0 if enable else VIRTQ_USED_F_NO_NOTIFY)
+            self._used_flags.value = 0 if enable else VIRTQ_USED_F_NO_NOTIFY
         if enable:
             # The driver stores avail idx then loads our field; we store our field then load
             # avail idx. Without a barrier both could miss the other's store: a lost notification.
@@ -295,14 +308,14 @@ class Queue:
         :meth:`publish_used` (to finish writing what the elements refer to)."""
         if chain.spans:
             self.mem.mark_spans(chain.spans)
-        _USED_ELEM.pack_into(self._used, 4 + 8 * (self.next_used % self.size), chain.head, length)
+        self._used_ring[self.next_used % self.size] = chain.head | length << 32
         self.next_used = (self.next_used + 1) & 0xFFFF
         if publish:
             # x86 keeps stores in order, so the element is visible before the index.
-            _U16.pack_into(self._used, 2, self.next_used)
+            self._used_idx.value = self.next_used
 
     def publish_used(self) -> None:
-        _U16.pack_into(self._used, 2, self.next_used)
+        self._used_idx.value = self.next_used
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was used since the last one."""
