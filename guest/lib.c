@@ -1,16 +1,6 @@
-/* Serial console, formatted output, CRC32 and power-off for the probe. */
+/* Strings, formatted output and CRC32 for the probe; the UART and power-off are per arch (arch/). */
 #include <stdarg.h>
 #include "lib.h"
-
-#define COM1		0x3f8
-#define UART_LSR	5
-#define LSR_DR		0x01
-#define LSR_THRE	0x20
-#define UART_FIFO_SIZE	16	/* 16550A: THRE set means the 16-byte FIFO is empty */
-
-#define ISA_DEBUG_EXIT	0xf4	/* QEMU's isa-debug-exit, ignored elsewhere */
-#define I8042_COMMAND	0x64
-#define I8042_RESET	0xfe
 
 void *memcpy(void *d, const void *s, size_t n)
 {
@@ -55,42 +45,6 @@ int strncmp(const char *a, const char *b, size_t n)
 			return 0;
 	}
 	return 0;
-}
-
-void serial_init(void)
-{
-	outb(COM1 + 1, 0x00);		/* no interrupts: we poll */
-	outb(COM1 + 3, 0x80);		/* DLAB */
-	outb(COM1 + 0, 0x01);		/* 115200 baud */
-	outb(COM1 + 1, 0x00);
-	outb(COM1 + 3, 0x03);		/* 8N1 */
-	outb(COM1 + 2, 0x07);		/* FIFO on, cleared */
-	outb(COM1 + 4, 0x03);		/* DTR | RTS */
-}
-
-void serial_write(const char *s, size_t n)
-{
-	while (n) {
-		while (!(inb(COM1 + UART_LSR) & LSR_THRE))
-			cpu_relax();
-		for (int i = 0; i < UART_FIFO_SIZE && n; i++, n--) {
-			if (*s == '\n') {
-				/* keep room for the CR+LF pair in this FIFO load */
-				if (i == UART_FIFO_SIZE - 1)
-					break;
-				outb(COM1, '\r');
-				i++;
-			}
-			outb(COM1, (u8)*s++);
-		}
-	}
-}
-
-int serial_getc(void)
-{
-	if (!(inb(COM1 + UART_LSR) & LSR_DR))
-		return -1;
-	return inb(COM1);
 }
 
 size_t serial_getline(char *line, size_t size)
@@ -214,12 +168,4 @@ u32 crc32(const u8 *p, size_t n)
 	while (n--)
 		crc = crc32_update(crc, *p++);
 	return crc ^ 0xffffffff;
-}
-
-void poweroff(void)
-{
-	outb(ISA_DEBUG_EXIT, 0);		/* QEMU: exits with status 1 */
-	outb(I8042_COMMAND, I8042_RESET);	/* AltoVirt, Firecracker: reboot=k */
-	for (;;)
-		__asm__ volatile("cli; hlt");
 }

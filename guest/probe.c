@@ -1,7 +1,8 @@
 /*
  * The AltoVirt probe guest: reports what the VMM handed it, in lines of the
  * form "probe: KEY ...", then runs the tests named by probe.run=a,b,... on
- * its command line and powers off.
+ * its command line (run.c) and powers off. This is the x86 side; arm64's is
+ * arch/arm64_boot.c.
  *
  * Layouts follow Linux's Documentation/arch/x86/boot.rst and zero-page.rst,
  * Xen's hvm/start_info.h and the Intel MultiProcessor Specification 1.4.
@@ -111,28 +112,6 @@ static int parse_start_info(u64 si)
 	return 0;
 }
 
-/* The value of "key=" on the command line, up to the next space, or NULL. */
-const char *cmdline_arg(const char *key, size_t *len)
-{
-	size_t klen = strlen(key);
-	const char *p = boot.cmdline;
-
-	while (p && *p) {
-		while (*p == ' ')
-			p++;
-		if (!strncmp(p, key, klen) && p[klen] == '=') {
-			const char *v = p + klen + 1;
-			*len = 0;
-			while (v[*len] && v[*len] != ' ')
-				(*len)++;
-			return v;
-		}
-		while (*p && *p != ' ')
-			p++;
-	}
-	return NULL;
-}
-
 static void report_boot(void)
 {
 	u64 ram = 0;
@@ -160,7 +139,7 @@ static void report_boot(void)
 }
 
 /* info: what the loader handed over must be self-consistent. */
-static int test_info(void)
+int test_info(void)
 {
 	int ok = 1;
 
@@ -182,38 +161,11 @@ static int test_info(void)
 	return ok;
 }
 
-/* echo: read one line from COM1 and print it back. */
-static int test_echo(void)
-{
-	char line[128];
-
-	printf("probe: echo ready\n");
-	serial_getline(line, sizeof(line));
-	printf("probe: echo %s\n", line);
-	return 1;
-}
-
-/*
- * wait: count forever, for tests that stop or pause the VM from the host;
- * they watch wait_counter in guest RAM to see whether the vCPU runs.
- */
-volatile u64 wait_counter;
-
-static int test_wait(void)
-{
-	printf("probe: waiting\n");
-	for (;;) {
-		wait_counter++;
-		cpu_relax();
-	}
-	return 0;
-}
-
 /*
  * keyboard: wait for Ctrl-Alt-Del from the i8042 (QMP system_powerdown) and
  * then power off, as a guest that honours the three-finger salute would.
  */
-static int test_keyboard(void)
+int test_keyboard(void)
 {
 	static const u8 cad[] = { 0x14, 0x11, 0xe0, 0x71 };	/* scan code set 2 */
 	size_t matched = 0;
@@ -235,7 +187,7 @@ static int test_keyboard(void)
  * triplefault: a CPU exception with no IDT escalates to a shutdown. ud2 rather
  * than int3: PVM emulates software interrupts and reports a failure instead.
  */
-static int test_triplefault(void)
+int test_triplefault(void)
 {
 	struct { u16 limit; u64 base; } __attribute__((packed)) idt = { 0, 0 };
 
@@ -244,54 +196,9 @@ static int test_triplefault(void)
 	return 0;
 }
 
-static const struct {
-	const char *name;
-	int (*fn)(void);
-} tests[] = {
-	{ "info", test_info },
-	{ "smp", test_smp },
-	{ "echo", test_echo },
-	{ "wait", test_wait },
-	{ "triplefault", test_triplefault },
-	{ "keyboard", test_keyboard },
-	{ "acpi", test_acpi },
-	{ "acpi-power", test_acpi_power },
-	{ "rng", test_rng },
-	{ "fs", test_fs },
-	{ "rng-rate", test_rng_rate },
-	{ "blk", test_blk },
-	{ "virtio-abuse", test_virtio_abuse },
-	{ "blkbench", test_blkbench },
-	{ "console", test_console },
-	{ "net", test_net },
-	{ "vsock", test_vsock },
-	{ "netbench", test_netbench },
-	{ "net-big", test_net_big },
-	{ "hotplug", test_hotplug },
-	{ "xenstore", test_xenstore },
-	{ "snapshot", test_snapshot },
-};
-
-static int run_test(const char *name, size_t len)
-{
-	for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
-		if (strlen(tests[i].name) == len && !strncmp(tests[i].name, name, len)) {
-			int ok = tests[i].fn();
-			printf("probe: test %s %s\n", tests[i].name, ok ? "ok" : "fail");
-			return ok;
-		}
-	}
-	printf("probe: test ");
-	serial_write(name, len);
-	printf(" unknown\n");
-	return 0;
-}
-
 void probe_main(u32 path, u64 info, u64 load)
 {
-	int ok, boot_ok;
-	size_t len = 0;
-	const char *run;
+	int ok;
 
 	boot.path = path;
 	boot.load = load;
@@ -304,22 +211,5 @@ void probe_main(u32 path, u64 info, u64 load)
 	outb(BOOT_TIMER_PORT, 2);
 	printf("probe: boottimer 1 2\n");
 
-	boot_ok = ok;
-	run = ok ? cmdline_arg("probe.run", &len) : NULL;
-	if (!run) {
-		run = "info";
-		len = 4;
-	}
-	while (boot_ok && len) {		/* every test runs; any failure fails the run */
-		size_t n = 0;
-		while (n < len && run[n] != ',')
-			n++;
-		ok &= run_test(run, n);
-		if (n < len)
-			n++;
-		run += n;
-		len -= n;
-	}
-	printf("probe: done %s\n", ok ? "ok" : "fail");
-	poweroff();
+	probe_run(ok);
 }

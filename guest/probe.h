@@ -7,6 +7,7 @@
 #define BOOT_ELF64	2
 #define BOOT_BZIMAGE	3
 #define BOOT_PVH	4
+#define BOOT_IMAGE	5	/* arm64 Linux Image (Documentation/arch/arm64/booting.rst) */
 
 struct e820_entry {
 	u64 addr, size;
@@ -21,7 +22,7 @@ struct boot_info {
 	const char *cmdline;
 	u64 initrd, initrd_size;
 	u64 rsdp;		/* the ACPI RSDP the boot protocol named, or 0 */
-	u64 ram;
+	u64 ram;		/* bytes of usable RAM */
 	u32 n_e820;
 	struct e820_entry e820[128];
 };
@@ -29,9 +30,21 @@ struct boot_info {
 extern struct boot_info boot;
 
 const char *cmdline_arg(const char *key, size_t *len);
+void probe_run(int boot_ok) __attribute__((noreturn));
+
+/* Per architecture (probe.c and smp.c; arch/arm64_boot.c). */
+int test_info(void);
+int test_smp(void);
+#ifdef __x86_64__
 void mptable_report(void);
 int mptable_valid(void);
-int test_smp(void);
+int test_keyboard(void);
+int test_triplefault(void);
+int test_acpi(void);
+int test_acpi_power(void);
+#endif
+
+/* Everywhere (tests_*.c, blkbench.c). */
 int test_rng(void);
 int test_fs(void);
 int test_rng_rate(void);
@@ -45,8 +58,6 @@ int test_netbench(void);
 int test_net_big(void);
 int test_hotplug(void);
 int test_xenstore(void);
-int test_acpi(void);
-int test_acpi_power(void);
 int test_snapshot(void);
 u64 tsc_hz(void);
 

@@ -7,16 +7,21 @@
  *   blk           read sector 0 of disk 0 (opened before the snapshot) and print its CRC
  *   dirty N       write N pages (from DIRTY_BASE) round-robin from now on; 0 stops
  *   verify        check every page holds what the last round wrote into it
- *   vmgenid       print the VM generation ID's 16 bytes (at VMGENID_ADDR, as the DSDT says)
+ *   vmgenid       print the VM generation ID's 16 bytes (x86: at VMGENID_ADDR, as the DSDT says;
+ *                 arm64: where the device tree's "microsoft,vmgenid" node says, if it has one)
  *   quit          end the test
  */
 #include "lib.h"
 #include "probe.h"
 #include "vdrivers.h"
 
-#define DIRTY_BASE	(96UL << 20)	/* above the DMA area */
+#define DIRTY_BASE	(RAM_BASE + (96UL << 20))	/* above the DMA area */
 #define POLL_EVERY	(1UL << 14)	/* counter steps between looks at the serial port */
+#ifdef __aarch64__
+#define VMGENID_ADDR	dt.vmgenid
+#else
 #define VMGENID_ADDR	0xEF000UL	/* arch/x86_64/layout.py */
+#endif
 
 static volatile u64 snap_counter;
 static volatile u64 dirty_pages, dirty_written;
@@ -92,13 +97,15 @@ int test_snapshot(void)
 			ok &= s == BLK_OK;
 		} else if (!strncmp(line, "dirty ", 6)) {
 			u64 pages = parse_u64(line + 6);
-			if (DIRTY_BASE + pages * 4096 > boot.ram) {
+			if (DIRTY_BASE + pages * 4096 > RAM_BASE + boot.ram) {
 				printf("probe: snap dirty too-big\n");
 				continue;
 			}
 			dirty_written = 0;
 			dirty_pages = pages;
 			printf("probe: snap dirty pages=%lu\n", pages);
+		} else if (!strncmp(line, "vmgenid", 8) && !VMGENID_ADDR) {
+			printf("probe: snap vmgenid=none\n");
 		} else if (!strncmp(line, "vmgenid", 8)) {
 			const volatile u8 *id = (const volatile u8 *)VMGENID_ADDR;
 			static const char digits[] = "0123456789abcdef";

@@ -145,7 +145,7 @@ static const char *const abuse_names[] = {
 static void abuse_submit(struct blk *b, int which)
 {
 	struct vring_desc *d = b->q.desc, *t = b->indirect;
-	u64 ram_end = boot.ram + (1UL << 20);	/* past the top of RAM on any map */
+	u64 ram_end = RAM_BASE + boot.ram + (1UL << 20);	/* past the top of RAM on any map */
 
 	b->hdr->type = VIRTIO_BLK_T_IN;
 	b->hdr->sector = 0;

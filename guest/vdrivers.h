@@ -3,7 +3,6 @@
 #define PROBE_VDRIVERS_H
 #include "virtio.h"
 
-#define TIMEOUT	(20UL * 1000 * 1000 * 1000)	/* TSC cycles: seconds on any host */
 #define VRING_INT	1
 #define CONFIG_INT	2
 

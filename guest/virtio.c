@@ -1,7 +1,8 @@
 /*
  * The probe's virtio-mmio driver (VIRTIO 1.2, 4.2 and 2.7): devices are
- * found through "virtio_mmio.device=<size>@<base>:<irq>" on the command line,
- * as Linux finds them; everything is polled.
+ * found as Linux finds them, on x86 through "virtio_mmio.device=<size>@<base>:<irq>"
+ * on the command line, on arm64 through the device tree's "virtio,mmio" nodes;
+ * everything is polled.
  */
 #include "virtio.h"
 #include "probe.h"
@@ -35,6 +36,29 @@
 static u32 rd(struct vdev *d, u32 reg) { return rd32(d->base + reg); }
 static void wr(struct vdev *d, u32 reg, u32 v) { wr32(d->base + reg, v); }
 
+/* Is the transport at base a version-2 device with this ID, and the nth such? */
+static int take(u64 base, u32 irq, u32 device_id, int *nth, struct vdev *dev)
+{
+	if (rd32(base + REG_MAGIC) == 0x74726976 && rd32(base + REG_VERSION) == 2 &&
+	    rd32(base + REG_DEVICE_ID) == device_id && (*nth)-- == 0) {
+		dev->base = base;
+		dev->irq = irq;
+		dev->id = device_id;
+		return 1;
+	}
+	return 0;
+}
+
+#ifdef __aarch64__
+/* The nth device with this ID among the device tree's transports (empty ones have ID 0). */
+int virtio_find(u32 device_id, int nth, struct vdev *dev)
+{
+	for (u32 i = 0; i < dt.n_virtio; i++)
+		if (take(dt.virtio[i].base, dt.virtio[i].irq, device_id, &nth, dev))
+			return 0;
+	return -1;
+}
+#else
 static u64 parse_num(const char **p)
 {
 	u64 v = 0;
@@ -74,13 +98,8 @@ int virtio_find(u32 device_id, int nth, struct vdev *dev)
 					s++;
 					irq = (u32)parse_num(&s);
 				}
-				if (rd32(base + REG_MAGIC) == 0x74726976 && rd32(base + REG_VERSION) == 2 &&
-				    rd32(base + REG_DEVICE_ID) == device_id && nth-- == 0) {
-					dev->base = base;
-					dev->irq = irq;
-					dev->id = device_id;
+				if (take(base, irq, device_id, &nth, dev))
 					return 0;
-				}
 			}
 		}
 		while (*p && *p != ' ')
@@ -90,6 +109,7 @@ int virtio_find(u32 device_id, int nth, struct vdev *dev)
 	}
 	return -1;
 }
+#endif
 
 void virtio_reset(struct vdev *d)
 {
@@ -122,8 +142,8 @@ int virtio_init(struct vdev *d, u64 wanted)
  * .bss: on PVM every page the probe clears costs a shadow-MMU fault, so only
  * what is allocated gets touched. Below any initrd, which sits at the top.
  */
-#define DMA_START	(32UL << 20)
-#define DMA_END		(96UL << 20)
+#define DMA_START	(RAM_BASE + (32UL << 20))
+#define DMA_END		(RAM_BASE + (96UL << 20))
 static u64 dma_next = DMA_START;
 
 void *dma_alloc(u64 size, u64 align)
