@@ -2,17 +2,23 @@
 
 vmm/ imports these names from here, never from an architecture's own modules; the
 devices and the ACPI encoder import nothing of arch. Each architecture is a package
-beside this file that provides every name (only x86_64 exists yet), picked by
+beside this file that provides every name (x86_64, aarch64), picked by
 ``os.uname().machine``, which is what platform.machine() answers, without importing
 platform at start-up.
 
+KVM
+    REQUIRED_CAPS                           the KVM_CAP_* names the machine relies on
 Memory layout
+    BOARD                                   the board's own MMIO devices by name ("uart", "rtc",
+                                            "boot-timer"): base, size, interrupt line; a PC's
+                                            are on port I/O, and it has none
     ram_regions(size) -> list[Region]       guest RAM of ``size`` bytes, around the MMIO holes
-    mmio_slot(index) -> (base, gsi)         virtio-mmio slot ``index``: its 4 KiB and its
+    mmio_slot(index) -> (base, size, gsi)   virtio-mmio slot ``index``: its window and its
                                             interrupt; IndexError past the last slot
-    VMGENID_ADDR                            the VM generation ID's reserved page
+    VMGENID_ADDR                            the VM generation ID's reserved page (None: the
+                                            machine has none)
 The VM and its vCPUs
-    create_irqchip(vm)                      the in-kernel interrupt controllers: after guest RAM
+    create_irqchip(vm, cpus, ram_end)       the in-kernel interrupt controllers: after guest RAM
                                             is registered, before any vCPU; KvmError
     setup_vcpus(kvm, vcpus) -> list[int]    every vCPU's CPU model and power-on registers;
                                             returns the registers the power-on state keeps
@@ -39,6 +45,29 @@ MACHINE = os.uname().machine
 
 if MACHINE == "x86_64":
     from .x86_64 import (
+        BOARD,
+        REQUIRED_CAPS,
+        VMGENID_ADDR,
+        BootPlan,
+        Firmware,
+        FirmwareDevices,
+        KernelError,
+        PowerOnState,
+        build_firmware,
+        create_irqchip,
+        load_kernel,
+        mmio_slot,
+        ram_regions,
+        restore_state,
+        save_state,
+        setup_boot_regs,
+        setup_vcpus,
+        snapshot_registers,
+    )
+elif MACHINE == "aarch64":
+    from .aarch64 import (  # type: ignore[assignment]
+        BOARD,
+        REQUIRED_CAPS,
         VMGENID_ADDR,
         BootPlan,
         Firmware,
@@ -57,8 +86,9 @@ if MACHINE == "x86_64":
         snapshot_registers,
     )
 else:
-    raise ImportError(f"AltoVirt runs on x86_64 hosts; this one is {MACHINE}")
+    raise ImportError(f"AltoVirt runs on x86_64 and aarch64 hosts; this one is {MACHINE}")
 
-__all__ = ["MACHINE", "VMGENID_ADDR", "BootPlan", "Firmware", "FirmwareDevices", "KernelError",
-           "PowerOnState", "build_firmware", "create_irqchip", "load_kernel", "mmio_slot", "ram_regions",
-           "restore_state", "save_state", "setup_boot_regs", "setup_vcpus", "snapshot_registers"]
+__all__ = ["BOARD", "MACHINE", "REQUIRED_CAPS", "VMGENID_ADDR", "BootPlan", "Firmware", "FirmwareDevices",
+           "KernelError", "PowerOnState", "build_firmware", "create_irqchip", "load_kernel", "mmio_slot",
+           "ram_regions", "restore_state", "save_state", "setup_boot_regs", "setup_vcpus",
+           "snapshot_registers"]

@@ -1,5 +1,5 @@
 """Thin, typed access to the KVM API: structures, ioctl numbers and fd wrappers."""
 
-from .system import Kvm, KvmError, Vcpu, Vm, ioctl
+from .system import Device, Kvm, KvmError, Vcpu, Vm, ioctl
 
-__all__ = ["Kvm", "KvmError", "Vcpu", "Vm", "ioctl"]
+__all__ = ["Device", "Kvm", "KvmError", "Vcpu", "Vm", "ioctl"]

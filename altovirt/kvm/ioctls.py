@@ -60,6 +60,12 @@ KVM_SET_CLOCK = _iow(0x7B, S.kvm_clock_data)
 KVM_GET_CLOCK = _ior(0x7C, S.kvm_clock_data)
 KVM_GET_PIT2 = _ior(0x9F, S.kvm_pit_state2)
 KVM_SET_PIT2 = _iow(0xA0, S.kvm_pit_state2)
+KVM_IRQ_LINE = _iow(0x61, S.kvm_irq_level)
+KVM_ARM_PREFERRED_TARGET = _ior(0xAF, S.kvm_vcpu_init)
+KVM_CREATE_DEVICE = _iowr(0xE0, S.kvm_create_device)
+KVM_SET_DEVICE_ATTR = _iow(0xE1, S.kvm_device_attr)    # also on a device fd
+KVM_GET_DEVICE_ATTR = _iow(0xE2, S.kvm_device_attr)
+KVM_HAS_DEVICE_ATTR = _iow(0xE3, S.kvm_device_attr)
 
 # vCPU fd
 KVM_RUN = _io(0x80)
@@ -87,6 +93,10 @@ KVM_GET_XSAVE = _ior(0xA4, S.kvm_xsave)
 KVM_SET_XSAVE = _iow(0xA5, S.kvm_xsave)
 KVM_GET_XCRS = _ior(0xA6, S.kvm_xcrs)
 KVM_SET_XCRS = _iow(0xA7, S.kvm_xcrs)
+KVM_GET_ONE_REG = _iow(0xAB, S.kvm_one_reg)
+KVM_SET_ONE_REG = _iow(0xAC, S.kvm_one_reg)
+KVM_ARM_VCPU_INIT = _iow(0xAE, S.kvm_vcpu_init)
+KVM_GET_REG_LIST = _iowr(0xB0, S.kvm_reg_list)
 
 KVM_API_VERSION = 12
 
@@ -104,6 +114,7 @@ KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_ARM_NISV = 28
 
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
@@ -137,21 +148,9 @@ KVM_CAP_ADJUST_CLOCK = 39
 KVM_CAP_VCPU_EVENTS = 41
 KVM_CAP_XSAVE = 55
 KVM_CAP_XCRS = 56
+KVM_CAP_ONE_REG = 70
+KVM_CAP_NR_VCPUS = 9
+KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_DEVICE_CTRL = 89
+KVM_CAP_ARM_PSCI_0_2 = 102
 KVM_CAP_IMMEDIATE_EXIT = 136
-
-REQUIRED_CAPS: dict[str, int] = {
-    "KVM_CAP_IRQCHIP": KVM_CAP_IRQCHIP,
-    "KVM_CAP_HLT": KVM_CAP_HLT,
-    "KVM_CAP_USER_MEMORY": KVM_CAP_USER_MEMORY,
-    "KVM_CAP_EXT_CPUID": KVM_CAP_EXT_CPUID,
-    "KVM_CAP_MP_STATE": KVM_CAP_MP_STATE,
-    "KVM_CAP_IRQ_ROUTING": KVM_CAP_IRQ_ROUTING,
-    "KVM_CAP_IRQFD": KVM_CAP_IRQFD,
-    "KVM_CAP_PIT2": KVM_CAP_PIT2,
-    "KVM_CAP_IOEVENTFD": KVM_CAP_IOEVENTFD,
-    "KVM_CAP_ADJUST_CLOCK": KVM_CAP_ADJUST_CLOCK,
-    "KVM_CAP_VCPU_EVENTS": KVM_CAP_VCPU_EVENTS,
-    "KVM_CAP_XSAVE": KVM_CAP_XSAVE,
-    "KVM_CAP_XCRS": KVM_CAP_XCRS,
-    "KVM_CAP_IMMEDIATE_EXIT": KVM_CAP_IMMEDIATE_EXIT,
-}

@@ -218,6 +218,36 @@ class kvm_clock_data(_Struct):
                 ("host_tsc", u64), ("pad", u32 * 4)]
 
 
+# --- generic and arm64 structures (linux/kvm.h, arch/arm64/include/uapi/asm/kvm.h) ---
+
+class kvm_one_reg(_Struct):
+    # ``addr``: the user-space address the register's value is read from or written to.
+    _fields_ = [("id", u64), ("addr", u64)]
+
+
+class kvm_reg_list(_Struct):
+    # Followed by ``n`` u64 register ids (a flexible array member).
+    _fields_ = [("n", u64)]
+
+
+class kvm_create_device(_Struct):
+    _fields_ = [("type", u32), ("fd", u32), ("flags", u32)]
+
+
+class kvm_device_attr(_Struct):
+    # ``addr``: the user-space address of the attribute's value.
+    _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]
+
+
+class kvm_irq_level(_Struct):
+    # The kernel's union of irq and status: the line number as a u32.
+    _fields_ = [("irq", u32), ("level", u32)]
+
+
+class kvm_vcpu_init(_Struct):
+    _fields_ = [("target", u32), ("features", u32 * 7)]
+
+
 # --- the shared kvm_run page --------------------------------------------------
 
 class kvm_run_io(_Struct):

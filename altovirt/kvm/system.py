@@ -12,6 +12,7 @@ import ctypes as C
 import errno
 import mmap
 import os
+from collections.abc import Iterable
 
 from ..errors import AltoVirtError
 from . import ioctls as K
@@ -83,9 +84,9 @@ class Kvm:
     def check_extension(self, cap: int) -> int:
         return ioctl(self.fd, K.KVM_CHECK_EXTENSION, cap)
 
-    def missing_caps(self) -> list[str]:
-        """Names of the capabilities AltoVirt relies on that this host lacks."""
-        return [name for name, cap in K.REQUIRED_CAPS.items() if self.check_extension(cap) <= 0]
+    def missing_caps(self, names: Iterable[str]) -> list[str]:
+        """Those of the capabilities ``names`` (``KVM_CAP_*``) this host lacks."""
+        return [name for name in names if self.check_extension(getattr(K, name)) <= 0]
 
     def supported_cpuid(self) -> list[S.kvm_cpuid_entry2]:
         """What KVM can give a guest (read once: it does not change); callers copy entries."""
@@ -113,11 +114,12 @@ class Kvm:
 
 
 class Vm:
-    """A VM fd: memory slots, the in-kernel IRQ chip and PIT, eventfds."""
+    """A VM fd: memory slots, the in-kernel IRQ chip, PIT and other devices, eventfds."""
 
     def __init__(self, kvm: Kvm, fd: int) -> None:
         self.kvm = kvm
         self.fd = fd
+        self.devices: list[Device] = []
 
     def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int,
                                flags: int = 0) -> None:
@@ -183,8 +185,64 @@ class Vm:
     def set_pit2(self, pit: S.kvm_pit_state2) -> None:
         ioctl(self.fd, K.KVM_SET_PIT2, pit)
 
+    def irq_line(self, irq: int, level: int) -> None:
+        """Drive interrupt line ``irq`` (encoded as the architecture's KVM_IRQ_LINE wants it)
+        to ``level``."""
+        ioctl(self.fd, K.KVM_IRQ_LINE, S.kvm_irq_level(irq=irq, level=level))
+
+    def create_device(self, kind: int) -> Device:
+        """An in-kernel device of type ``kind`` (``KVM_DEV_TYPE_*``), listed in
+        :attr:`devices` and closed with the VM."""
+        dev = S.kvm_create_device(type=kind)
+        ioctl(self.fd, K.KVM_CREATE_DEVICE, dev)
+        device = Device(kind, dev.fd)
+        self.devices.append(device)
+        return device
+
+    def arm_preferred_target(self) -> S.kvm_vcpu_init:
+        """arm64: the vCPU target (and features) that suits this host's CPUs best."""
+        init = S.kvm_vcpu_init()
+        ioctl(self.fd, K.KVM_ARM_PREFERRED_TARGET, init)
+        return init
+
     def create_vcpu(self, index: int) -> Vcpu:
         return Vcpu(self, index, ioctl(self.fd, K.KVM_CREATE_VCPU, index))
+
+    def close(self) -> None:
+        for device in self.devices:
+            device.close()
+        self.devices.clear()
+        os.close(self.fd)
+
+
+class Device:
+    """An in-kernel device of type ``kind`` (KVM_CREATE_DEVICE): its fd, and its attributes as
+    64-bit values."""
+
+    def __init__(self, kind: int, fd: int) -> None:
+        self.kind = kind
+        self.fd = fd
+
+    def _attr(self, request: int, group: int, attr: int, value: C.c_uint64 | None) -> None:
+        addr = 0 if value is None else C.addressof(value)
+        ioctl(self.fd, request, S.kvm_device_attr(group=group, attr=attr, addr=addr))
+
+    def set_attr(self, group: int, attr: int, value: int | None = None) -> None:
+        """Set attribute ``attr`` of ``group`` to ``value`` (None: an attribute with no value,
+        a command such as the vGIC's CTRL_INIT)."""
+        self._attr(K.KVM_SET_DEVICE_ATTR, group, attr, None if value is None else C.c_uint64(value))
+
+    def get_attr(self, group: int, attr: int) -> int:
+        value = C.c_uint64()
+        self._attr(K.KVM_GET_DEVICE_ATTR, group, attr, value)
+        return value.value
+
+    def has_attr(self, group: int, attr: int) -> bool:
+        try:
+            self._attr(K.KVM_HAS_DEVICE_ATTR, group, attr, None)
+        except KvmError:
+            return False
+        return True
 
     def close(self) -> None:
         os.close(self.fd)
@@ -309,6 +367,43 @@ class Vcpu:
 
     def set_xcrs(self, xcrs: S.kvm_xcrs) -> None:
         ioctl(self.fd, K.KVM_SET_XCRS, xcrs)
+
+    def arm_vcpu_init(self, init: S.kvm_vcpu_init) -> None:
+        """arm64: (re)initialise this vCPU as ``init`` says; its registers go to their reset
+        values (arm64 has no other reset)."""
+        ioctl(self.fd, K.KVM_ARM_VCPU_INIT, init)
+
+    def get_one_reg(self, reg_id: int) -> int:
+        """A register of 64 bits or fewer, by its ``KVM_REG_*`` id."""
+        value = C.c_uint64()
+        ioctl(self.fd, K.KVM_GET_ONE_REG, S.kvm_one_reg(id=reg_id, addr=C.addressof(value)))
+        return value.value
+
+    def set_one_reg(self, reg_id: int, value: int) -> None:
+        box = C.c_uint64(value)
+        ioctl(self.fd, K.KVM_SET_ONE_REG, S.kvm_one_reg(id=reg_id, addr=C.addressof(box)))
+
+    def get_one_reg_bytes(self, reg_id: int, size: int) -> bytes:
+        """A register of any size (``size`` bytes, as its id encodes)."""
+        buf = (C.c_uint8 * size)()
+        ioctl(self.fd, K.KVM_GET_ONE_REG, S.kvm_one_reg(id=reg_id, addr=C.addressof(buf)))
+        return bytes(buf)
+
+    def set_one_reg_bytes(self, reg_id: int, value: bytes) -> None:
+        buf = (C.c_uint8 * len(value)).from_buffer_copy(value)
+        ioctl(self.fd, K.KVM_SET_ONE_REG, S.kvm_one_reg(id=reg_id, addr=C.addressof(buf)))
+
+    def reg_list(self) -> list[int]:
+        """The ids of every register KVM saves and restores for this vCPU (KVM_GET_REG_LIST)."""
+        head = S.kvm_reg_list(n=0)
+        try:
+            ioctl(self.fd, K.KVM_GET_REG_LIST, head)        # E2BIG, with the count filled in
+        except KvmError as e:
+            if e.errno != errno.E2BIG:
+                raise
+        buf = (C.c_uint64 * (1 + head.n))(head.n)
+        ioctl(self.fd, K.KVM_GET_REG_LIST, buf)
+        return list(buf[1:1 + buf[0]])
 
     def close(self) -> None:
         del self.run

@@ -25,6 +25,7 @@ memory: every thread the VMM needs exists before the filters go on.
 
 from __future__ import annotations
 
+import os
 import socket
 
 from ..backends.tap import TUNGETIFF, TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ
@@ -48,6 +49,18 @@ EPOLL = ("epoll_wait", "epoll_pwait", "epoll_ctl", "epoll_create1")
 # Unix sockets: QMP, the console, vsock and XenStore (AF_UNIX only: see seccomp.build).
 UNIX_SOCKETS = ("socket", "connect", "accept4", "recvfrom", "sendto", "recvmsg", "sendmsg", "shutdown",
                 "getsockopt", "setsockopt", "getsockname", "getpeername")
+
+# aarch64 has only the generic system calls (<asm-generic/unistd.h>): the C library makes
+# these x86_64 ones with their successors there.
+GENERIC_SUCCESSORS = {"poll": "ppoll", "select": "pselect6", "epoll_wait": "epoll_pwait",
+                      "unlink": "unlinkat", "rename": "renameat", "mkdir": "mkdirat", "link": "linkat"}
+MACHINE = os.uname().machine
+
+
+def native_name(name: str, machine: str = MACHINE) -> str:
+    """The system call that does ``name``'s work on ``machine``."""
+    return GENERIC_SUCCESSORS.get(name, name) if machine == "aarch64" else name
+
 
 ROLES: dict[str, tuple[str, ...]] = {
     # Driver-OK activates a device here: it starts watching its tap or socket, or hands its
@@ -75,27 +88,34 @@ TCGETS, TCSETS, TCSETSW, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX = \
     0x5401, 0x5402, 0x5403, 0x541B, 0x5421, 0x5450, 0x5451
 # What Python's open() (isatty), socket.setblocking and os.set_inheritable use, in any thread.
 FILE_IOCTLS = (TCGETS, FIONBIO, FIONCLEX, FIOCLEX, FIONREAD)
-KVM_VCPU_STATE = (
+X86_VCPU_STATE = (
     K.KVM_GET_REGS, K.KVM_SET_REGS, K.KVM_GET_SREGS, K.KVM_SET_SREGS, K.KVM_GET_MSRS, K.KVM_SET_MSRS,
     K.KVM_GET_LAPIC, K.KVM_SET_LAPIC, K.KVM_GET_MP_STATE, K.KVM_SET_MP_STATE, K.KVM_GET_VCPU_EVENTS,
     K.KVM_SET_VCPU_EVENTS, K.KVM_GET_XSAVE, K.KVM_SET_XSAVE, K.KVM_GET_XCRS, K.KVM_SET_XCRS,
     K.KVM_GET_FPU, K.KVM_SET_FPU, K.KVM_GET_DEBUGREGS, K.KVM_SET_DEBUGREGS, K.KVM_GET_CPUID2,
     K.KVM_SET_CPUID2, K.KVM_GET_TSC_KHZ, K.KVM_SET_TSC_KHZ)
-KVM_VM_STATE = (K.KVM_GET_CLOCK, K.KVM_SET_CLOCK, K.KVM_GET_IRQCHIP, K.KVM_SET_IRQCHIP, K.KVM_GET_PIT2,
-                K.KVM_SET_PIT2)
+X86_VM_STATE = (K.KVM_GET_CLOCK, K.KVM_SET_CLOCK, K.KVM_GET_IRQCHIP, K.KVM_SET_IRQCHIP, K.KVM_GET_PIT2,
+                K.KVM_SET_PIT2, K.KVM_REINJECT_CONTROL)
+# arm64: registers one by one, a reset's KVM_ARM_VCPU_INIT, and the PL011's level interrupt,
+# raised by whichever thread writes or feeds it.
+ARM64_VCPU_STATE = (K.KVM_GET_ONE_REG, K.KVM_SET_ONE_REG, K.KVM_GET_REG_LIST, K.KVM_ARM_VCPU_INIT,
+                    K.KVM_GET_MP_STATE, K.KVM_SET_MP_STATE, K.KVM_IRQ_LINE)
+ARM64_VM_STATE = (K.KVM_IRQ_LINE, K.KVM_ARM_PREFERRED_TARGET)
+KVM_VCPU_STATE = ARM64_VCPU_STATE if MACHINE == "aarch64" else X86_VCPU_STATE
+KVM_VM_STATE = ARM64_VM_STATE if MACHINE == "aarch64" else X86_VM_STATE
 SIOCGIFINDEX = 0x8933          # <linux/sockios.h>: if_nametoindex(), how a tap is found by name
 # ioctl request numbers per role (argument 1).
 # vhost-net is started and stopped where a device is activated (vcpu) and reset (vcpu, main,
 # which unplugs it too).
 IOCTLS: dict[str, tuple[int, ...]] = {
     "vcpu": (*FILE_IOCTLS, K.KVM_RUN, *KVM_VCPU_STATE, TUNSETOFFLOAD, *VHOST_IOCTLS),
-    "io": (*FILE_IOCTLS, TUNSETOFFLOAD),
+    "io": (*FILE_IOCTLS, TUNSETOFFLOAD, *((K.KVM_IRQ_LINE,) if MACHINE == "aarch64" else ())),
     # No KVM, no taps: the API asks the main thread for what touches the VM (vmm/actions.py).
     "api": FILE_IOCTLS,
     # Hot-plug opens taps; a restore puts a NIC with its saved MAC on its tap (offloads set).
     # What a snapshot asks of /dev/kvm (the host's CPUID, the MSR list) is read before the
     # filters go on.
     "main": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TCSETS, TCSETSW, *VHOST_IOCTLS,
-             TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFINDEX, K.KVM_REINJECT_CONTROL),
+             TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFINDEX),
     "migration": (*FILE_IOCTLS, K.KVM_GET_DIRTY_LOG, K.KVM_SET_USER_MEMORY_REGION),
 }

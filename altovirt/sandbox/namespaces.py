@@ -24,7 +24,8 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
-SYS_PIVOT_ROOT = 155            # x86_64 <asm/unistd_64.h>
+# <asm/unistd_64.h> on x86_64, <asm-generic/unistd.h> on aarch64.
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 155)
 # <linux/prctl.h>
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38

@@ -34,7 +34,7 @@ import zlib
 from typing import TYPE_CHECKING, TextIO
 
 from ..errors import AltoVirtError
-from .allowlists import IOCTLS, ROLES, SOCKET_FAMILIES
+from .allowlists import IOCTLS, ROLES, SOCKET_FAMILIES, native_name
 
 if TYPE_CHECKING:
     from seccompy import Filter
@@ -71,7 +71,8 @@ class sock_fprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-SYS_seccomp = 317                       # x86_64
+# <asm/unistd_64.h> on x86_64, <asm-generic/unistd.h> on aarch64.
+SYS_seccomp = {"x86_64": 317, "aarch64": 277}.get(os.uname().machine, 317)
 SECCOMP_SET_MODE_FILTER = 1             # <linux/seccomp.h>
 SECCOMP_GET_ACTION_AVAIL = 2
 SECCOMP_FILTER_FLAG_LOG = 2
@@ -117,7 +118,7 @@ def rules(role: str) -> tuple[Rule, ...]:
     """What ``role`` may call (see allowlists), as plain data."""
     no_exec: Condition = (2, "MASKED_EQ", 0, mmap.PROT_EXEC)
     out: list[Rule] = []
-    for name in ROLES[role]:
+    for name in dict.fromkeys(native_name(n) for n in ROLES[role]):
         if name in ("mmap", "mprotect"):
             out.append((name, (no_exec,)))                # no new executable memory once running
         elif name == "ioctl":

@@ -45,7 +45,7 @@ def open_kvm(path: str = "/dev/kvm") -> Kvm:
         raise VmmError(f"{path}: permission denied; run as root or join the kvm group") from e
     except OSError as e:
         raise VmmError(f"{path}: {e.strerror or e}") from e
-    missing = kvm.missing_caps()
+    missing = kvm.missing_caps(arch.REQUIRED_CAPS)
     if missing:
         kvm.close()
         raise VmmError(f"KVM lacks capability {missing[0]}, which AltoVirt needs"
@@ -61,7 +61,10 @@ def guest_cmdline(user: str, slots: list[MmioSlot]) -> str:
     check walks all 256 buses, twice), some 33,000 exits to the VMM a boot.
     Firecracker adds it too. Then a ``virtio_mmio.device=`` entry per slot: minimal
     kernels find the devices there, distro kernels in the DSDT, so both ways stay.
+    An arm64 guest finds everything in its device tree: its command line is the user's.
     """
+    if arch.MACHINE == "aarch64":
+        return user
     words = [user] if user else []
     if not any(w.startswith("pci=") for w in user.split()):
         words.append("pci=off")
@@ -120,7 +123,7 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
         for slot, region in enumerate(mem.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
         try:
-            arch.create_irqchip(vm)
+            arch.create_irqchip(vm, cfg.vcpus, mem.regions[-1].end)
         except KvmError as e:
             raise VmmError(f"cannot set up the VM's interrupt controllers: {e}") from e
         lost_ticks = LostTicks(vm)
@@ -138,6 +141,14 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
 
         devices = DeviceManager(cfg, vm, mem, io, block_pool, lifecycle.request_stop)
         undo.callback(devices.close)
+        # The vCPUs before the devices: an arm64 GIC is ready for the devices' irqfds only
+        # once every vCPU is (KVM_IRQFD fails with EAGAIN before).
+        vcpus = [VcpuThread(vm.create_vcpu(i), devices.pio, devices.mmio, lifecycle.request_stop)
+                 for i in range(cfg.vcpus)]
+        for v in vcpus:
+            undo.callback(v.vcpu.close)
+        registers = arch.setup_vcpus(kvm, [v.vcpu for v in vcpus])
+
         slots = devices.add_virtio_devices(functools.partial(devices_still, lifecycle, io),
                                            functools.partial(device_deleted, lifecycle))
         devices.add_legacy_devices()        # before the firmware, which they describe
@@ -147,12 +158,6 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
         plan = boot.load(mem) if cfg.incoming is None and saved is None else None
         if devices.vmgenid is not None:
             devices.vmgenid.write()
-
-        vcpus = [VcpuThread(vm.create_vcpu(i), devices.pio, devices.mmio, lifecycle.request_stop)
-                 for i in range(cfg.vcpus)]
-        for v in vcpus:
-            undo.callback(v.vcpu.close)
-        registers = arch.setup_vcpus(kvm, [v.vcpu for v in vcpus])
         if plan is not None:
             arch.setup_boot_regs(vcpus[0].vcpu, plan)
         try:

@@ -22,12 +22,14 @@ from ..devices.legacy.acpi import ACPI_PORT_BASE, ACPI_PORT_COUNT, GED_IRQ, Acpi
 from ..devices.legacy.boottimer import BOOT_TIMER_PORT, BootTimer
 from ..devices.legacy.i8042 import DATA_PORT as I8042_PORT
 from ..devices.legacy.i8042 import I8042, I8042_IRQ
+from ..devices.legacy.pl011 import Pl011
+from ..devices.legacy.pl031 import Pl031
 from ..devices.legacy.post import POST_PORT, PostPort
 from ..devices.legacy.rtc import RTC_PORT, Rtc
 from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
 from ..devices.legacy.vmgenid import VmGenId
 from ..devices.virtio.block import WorkerPool
-from ..devices.virtio.mmio import INTERRUPT_ACK, MMIO_SLOT_SIZE, QUEUE_NOTIFY, MmioTransport
+from ..devices.virtio.mmio import INTERRUPT_ACK, QUEUE_NOTIFY, MmioTransport
 from ..devices.virtio.net import Net
 from ..eventloop import EventLoop
 from ..kvm import Vm
@@ -59,6 +61,7 @@ class DeviceManager:
         self.boot_timer = BootTimer()
         self.console: HostConsole | None = None
         self.serial: Serial | None = None
+        self.pl011: Pl011 | None = None
         self.i8042: I8042 | None = None
         self.acpi: AcpiRegisters | None = None
         self.rtc: Rtc | None = None
@@ -96,7 +99,7 @@ class DeviceManager:
             ack = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._fds.append(ack)
             self._vm.ioeventfd(ack, base + INTERRUPT_ACK, 4)
-            self.mmio.insert(transport, base, MMIO_SLOT_SIZE)
+            self.mmio.insert(transport, base, slot.size)
             self.slots.append(slot)
             log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)
         self.vsock = devices.vsock
@@ -106,6 +109,26 @@ class DeviceManager:
         return self.slots
 
     def add_legacy_devices(self) -> None:
+        """The machine's own devices: a PC's on port I/O, or an Arm board's on MMIO."""
+        if arch.MACHINE == "aarch64":
+            self._add_arm_devices()
+        else:
+            self._add_pc_devices()
+
+    def _add_arm_devices(self) -> None:
+        uart, rtc, timer = (arch.BOARD[name] for name in ("uart", "rtc", "boot-timer"))
+        out = None
+        if self.cfg.serial_stdio:
+            self.console = HostConsole(self._stop)
+            out = self.console.write
+        self.pl011 = Pl011(out, lambda level: self._vm.irq_line(uart.irq_line, int(level)))
+        if self.console:
+            self.console.attach(self.pl011.enqueue)
+        self.mmio.insert(self.pl011, uart.base, uart.size)
+        self.mmio.insert(Pl031(), rtc.base, rtc.size)
+        self.mmio.insert(self.boot_timer, timer.base, timer.size)
+
+    def _add_pc_devices(self) -> None:
         out = None
         if self.cfg.serial_stdio:
             self.console = HostConsole(self._stop)
@@ -130,9 +153,11 @@ class DeviceManager:
 
     def firmware_devices(self) -> arch.FirmwareDevices:
         """What the devices put in the firmware, each describing itself (after
-        :meth:`add_legacy_devices`). The DSDT lists the legacy devices, the virtio-mmio slots,
-        the VM generation ID, then the ACPI registers' power button and GED, whose ``_EVT``
-        notifies both of those."""
+        :meth:`add_legacy_devices`). On a PC, the DSDT lists the legacy devices, the virtio-mmio
+        slots, the VM generation ID, then the ACPI registers' power button and GED, whose
+        ``_EVT`` notifies both of those; an Arm board's device tree lists the slots."""
+        if arch.MACHINE == "aarch64":
+            return arch.FirmwareDevices([(s.base, s.irq) for s in self.slots])  # type: ignore[call-arg, misc]
         assert self.serial is not None and self.i8042 is not None and self.rtc is not None
         reset = self.i8042.reset_register
         if self.acpi is None or self.vmgenid is None:

@@ -6,7 +6,8 @@ KVM turns it off itself when it destroys a VM: left on, it would delay every exi
 VMM by as much. :class:`LostTicks` turns it off on a thread of its own once the VM's state
 is in place (KVM_SET_PIT2 waits for it), while the guest runs. Missed ticks are then
 dropped, as with QEMU's ``lost_tick_policy=discard``: Linux keeps time with kvmclock and
-the TSC, and uses the PIT at most to calibrate at boot.
+the TSC, and uses the PIT at most to calibrate at boot. A machine without a PIT (arm64)
+has nothing to turn off.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from .. import arch
 from ..kvm import KvmError, Vm
 from ..sandbox import seccomp
 
@@ -28,7 +30,8 @@ class LostTicks:
         self._go = threading.Event()
         self._cancelled = False
         self._thread = threading.Thread(target=self._run, name="pit", daemon=True)
-        self._thread.start()
+        if arch.MACHINE == "x86_64":
+            self._thread.start()
 
     def discard(self) -> None:
         """Turn reinjection off now, on the thread: the VM's state is in place."""
@@ -38,7 +41,8 @@ class LostTicks:
         """Wait for the thread; if :meth:`discard` was never called, it does nothing."""
         self._cancelled = not self._go.is_set()
         self._go.set()
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
 
     def _run(self) -> None:
         self._go.wait()

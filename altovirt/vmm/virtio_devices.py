@@ -27,7 +27,6 @@ from ..config.model import MAX_DRIVES, MAX_NICS, FsConfig, NetConfig, VsockConfi
 from ..devices.virtio.block import Block, WorkerPool
 from ..devices.virtio.console import Console
 from ..devices.virtio.device import VirtioDevice
-from ..devices.virtio.mmio import MMIO_SLOT_SIZE
 from ..devices.virtio.net import Net, random_mac
 from ..devices.virtio.rng import Rng
 from ..errors import EXIT_USAGE, AltoVirtError
@@ -133,11 +132,12 @@ def _fs(f: FsConfig, io: EventLoop) -> VirtioDevice:
 
 @dataclass(frozen=True)
 class MmioSlot:
-    """Where the virtio-mmio transport of slot ``index`` sits: MMIO_SLOT_SIZE bytes at
-    ``base``, interrupt ``irq``."""
+    """Where the virtio-mmio transport of slot ``index`` sits: ``size`` bytes at ``base``,
+    interrupt ``irq``."""
 
     index: int
     base: int
+    size: int
     irq: int
 
     def acpi_device(self) -> bytes:
@@ -145,11 +145,11 @@ class MmioSlot:
         an extended interrupt, edge-triggered, active high)."""
         return aml.device(f"V{self.index:03X}", aml.name("_HID", aml.string(VIRTIO_MMIO_HID)),
                           aml.name("_UID", aml.integer(self.index)),
-                          aml.crs(aml.memory32_fixed(self.base, MMIO_SLOT_SIZE), aml.interrupt(self.irq)))
+                          aml.crs(aml.memory32_fixed(self.base, self.size), aml.interrupt(self.irq)))
 
     def cmdline_entry(self) -> str:
         """The slot on the kernel command line (Linux's virtio_mmio.device=<size>@<base>:<irq>)."""
-        return f"virtio_mmio.device={MMIO_SLOT_SIZE >> 10}K@{self.base:#x}:{self.irq}"
+        return f"virtio_mmio.device={self.size >> 10}K@{self.base:#x}:{self.irq}"
 
 
 def slot(index: int) -> MmioSlot:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ...acpi.tables import PowerRegisters, ResetRegister
 from ...kvm import Vm
+from ..board import BoardDevice
 from . import acpi, layout
 from .boot import BootPlan, Firmware, setup_boot_regs, setup_vcpus
 from .boot import prepare as load_kernel
@@ -26,9 +27,17 @@ from .poweron import restore as restore_state
 from .poweron import save as save_state
 from .poweron import snapshot_msrs as snapshot_registers
 
-__all__ = ["VMGENID_ADDR", "BootPlan", "Firmware", "FirmwareDevices", "KernelError", "PowerOnState",
-           "build_firmware", "create_irqchip", "load_kernel", "mmio_slot", "ram_regions", "restore_state",
-           "save_state", "setup_boot_regs", "setup_vcpus", "snapshot_registers"]
+__all__ = ["BOARD", "REQUIRED_CAPS", "VMGENID_ADDR", "BootPlan", "Firmware", "FirmwareDevices", "KernelError",
+           "PowerOnState", "build_firmware", "create_irqchip", "load_kernel", "mmio_slot", "ram_regions",
+           "restore_state", "save_state", "setup_boot_regs", "setup_vcpus", "snapshot_registers"]
+
+# A PC's own devices are on port I/O, where the devices' modules say (COM1, the i8042, ...).
+BOARD: dict[str, BoardDevice] = {}
+# The KVM capabilities this machine relies on (<linux/kvm.h> KVM_CAP_* names).
+REQUIRED_CAPS = ("KVM_CAP_IRQCHIP", "KVM_CAP_HLT", "KVM_CAP_USER_MEMORY", "KVM_CAP_EXT_CPUID",
+                 "KVM_CAP_MP_STATE", "KVM_CAP_IRQ_ROUTING", "KVM_CAP_IRQFD", "KVM_CAP_PIT2",
+                 "KVM_CAP_IOEVENTFD", "KVM_CAP_ADJUST_CLOCK", "KVM_CAP_VCPU_EVENTS", "KVM_CAP_XSAVE",
+                 "KVM_CAP_XCRS", "KVM_CAP_IMMEDIATE_EXIT")
 
 
 @dataclass(frozen=True)
@@ -50,9 +59,10 @@ def build_firmware(cpus: int, devices: FirmwareDevices) -> Firmware:
     return Firmware(tables, devices.reset)
 
 
-def create_irqchip(vm: Vm) -> None:
-    """The in-kernel PIC, IOAPIC and PIT, and first the pages VMX needs for real mode:
-    after guest RAM is registered, before any vCPU. KvmError if KVM refuses."""
+def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> None:
+    """The in-kernel PIC, IOAPIC and PIT (the LAPICs come with the vCPUs), and first the pages
+    VMX needs for real mode: after guest RAM is registered, before any vCPU. KvmError if KVM
+    refuses."""
     vm.set_tss_addr(layout.TSS_ADDR)
     vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
     vm.create_irqchip()

@@ -67,12 +67,12 @@ def ram_regions(size: int) -> list[Region]:
     return regions
 
 
-def mmio_slot(index: int) -> tuple[int, int]:
-    """The base address and the interrupt (GSI) of virtio-mmio slot ``index``; IndexError
+def mmio_slot(index: int) -> tuple[int, int, int]:
+    """The base address, size and interrupt (GSI) of virtio-mmio slot ``index``; IndexError
     past the last slot."""
     if not 0 <= index < len(VIRTIO_MMIO_IRQS):
         raise IndexError(f"virtio-mmio slot {index}: the machine has {len(VIRTIO_MMIO_IRQS)}")
-    return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SLOT, VIRTIO_MMIO_IRQS[index]
+    return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SLOT, VIRTIO_MMIO_SLOT, VIRTIO_MMIO_IRQS[index]
 
 
 def e820_map(regions: list[Region]) -> list[tuple[int, int, int]]:

@@ -1,0 +1,75 @@
+"""aarch64 as the architecture interface (:mod:`altovirt.arch`) names it: QEMU virt's memory
+map, KVM's in-kernel GICv3, architected timer and PSCI, booted as Linux's arm64 ``Image``
+with a flattened device tree.
+
+The modules do the work: ``layout`` (the memory map, the virtio-mmio slots), ``boot`` (the
+kernel, initrd and device tree in RAM), ``fdt`` (the device tree), ``gic`` and ``regs``
+(the interrupt controller and the vCPUs), ``poweron`` (KVM's state). Here are the names the
+interface exports, and the steps that only tie those modules together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ...kvm import Kvm, KvmError, Vcpu, Vm
+from ..board import BoardDevice
+from . import gic, layout, regs
+from .boot import BootPlan, Firmware, KernelError, mpidr
+from .boot import prepare as load_kernel
+from .layout import mmio_slot, ram_regions
+from .poweron import PowerOnState, snapshot_registers
+from .poweron import restore as restore_state
+from .poweron import save as save_state
+
+__all__ = ["BOARD", "REQUIRED_CAPS", "VMGENID_ADDR", "BootPlan", "Firmware", "FirmwareDevices", "KernelError",
+           "PowerOnState", "build_firmware", "create_irqchip", "load_kernel", "mmio_slot", "ram_regions",
+           "restore_state", "save_state", "setup_boot_regs", "setup_vcpus", "snapshot_registers"]
+
+REQUIRED_CAPS = ("KVM_CAP_IRQCHIP", "KVM_CAP_USER_MEMORY", "KVM_CAP_ONE_REG", "KVM_CAP_DEVICE_CTRL",
+                 "KVM_CAP_ARM_PSCI_0_2", "KVM_CAP_MP_STATE", "KVM_CAP_IRQ_ROUTING", "KVM_CAP_IRQFD",
+                 "KVM_CAP_IOEVENTFD", "KVM_CAP_IMMEDIATE_EXIT")
+# No VM generation ID: it is an ACPI device, and this machine describes itself in a device tree.
+VMGENID_ADDR = None
+
+BOARD = {
+    "uart": BoardDevice(layout.UART_BASE, layout.PL0X1_SIZE, gic.spi_line(layout.UART_SPI)),
+    "rtc": BoardDevice(layout.RTC_BASE, layout.PL0X1_SIZE),
+    "boot-timer": BoardDevice(layout.BOOT_TIMER_BASE, 4),
+}
+
+
+@dataclass(frozen=True)
+class FirmwareDevices:
+    """What the devices hand the firmware: the virtio-mmio slots in use, (base, SPI) each.
+    The UART and RTC are always there, at the layout's addresses."""
+
+    virtio: Sequence[tuple[int, int]]
+
+
+def build_firmware(cpus: int, devices: FirmwareDevices) -> Firmware:
+    return Firmware(tuple(devices.virtio))
+
+
+def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> None:
+    """The in-kernel GICv3 for ``cpus`` vCPUs (the architected timer needs nothing):
+    after guest RAM is registered, before any vCPU. KvmError if KVM refuses."""
+    gic.create(vm, cpus, ram_end)
+
+
+def setup_vcpus(kvm: Kvm, vcpus: Sequence[Vcpu]) -> list[int]:
+    """Initialise every vCPU, then the GIC, which needs them all; returns the registers the
+    power-on state keeps: none, as a reset initialises the vCPUs again."""
+    mpidrs = regs.init_vcpus(vcpus)
+    expected = [mpidr(i) for i in range(len(vcpus))]
+    if mpidrs != expected:          # the device tree, written before the vCPUs existed, names these
+        raise KvmError(0, f"KVM gave the vCPUs MPIDRs {mpidrs[:4]}..., not {expected[:4]}...")
+    if vcpus:
+        gic.finalize(vcpus[0].vm)
+    return []
+
+
+def setup_boot_regs(vcpu: Vcpu, plan: BootPlan) -> None:
+    """The boot vCPU at the kernel's entry (the others wait, powered off, for PSCI CPU_ON)."""
+    regs.setup_boot_regs(vcpu, plan.entry, plan.fdt_addr)

@@ -1,0 +1,140 @@
+"""The flattened device tree an arm64 guest boots with, written with dtc's libfdt
+(``pylibfdt``: the ``libfdt`` module) in its sequential-write mode.
+
+What it holds follows QEMU's virt machine (hw/arm/virt.c) and the kernel's bindings
+(Documentation/devicetree/bindings/): the memory, the CPUs by MPIDR with PSCI as their
+enable method, the GICv3, the architected timer, the PL011 UART and PL031 RTC with their
+APB clock, every virtio-mmio slot in use, and ``/chosen`` with the command line, the initrd
+and seeds for the guest's RNG and KASLR.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ...memory import Region
+from . import layout
+
+# Interrupt specifier cells for the GIC binding (arm,gic-v3.yaml): type, number, flags.
+GIC_FDT_IRQ_TYPE_SPI = 0
+GIC_FDT_IRQ_TYPE_PPI = 1
+IRQ_TYPE_EDGE_RISING = 1
+IRQ_TYPE_LEVEL_HIGH = 4
+
+# phandles the nodes refer to each other by.
+PHANDLE_GIC = 1
+PHANDLE_APB_CLOCK = 2
+APB_CLOCK_HZ = 24_000_000           # the rate QEMU's virt gives its "clk24mhz"
+
+
+@dataclass(frozen=True)
+class DeviceTreeInputs:
+    """Everything the device tree describes."""
+
+    memory: Sequence[Region]
+    mpidrs: Sequence[int]                       # each vCPU's MPIDR affinity, in vCPU order
+    cmdline: str
+    initrd: tuple[int, int] | None              # (address, size)
+    virtio: Sequence[tuple[int, int]]           # (base, SPI) of each virtio-mmio slot in use
+    redist: Sequence[tuple[int, int]]           # the GICv3 redistributor regions (base, size)
+
+
+def _cells(*values: int) -> bytes:
+    return b"".join(v.to_bytes(4, "big") for v in values)
+
+
+def _reg(*pairs: tuple[int, int]) -> bytes:
+    """``reg`` with two address and two size cells."""
+    return b"".join(_cells(a >> 32, a & 0xFFFFFFFF, s >> 32, s & 0xFFFFFFFF) for a, s in pairs)
+
+
+def _strings(*values: str) -> bytes:
+    return b"".join(v.encode() + b"\0" for v in values)
+
+
+def build(inputs: DeviceTreeInputs) -> bytes:
+    """The device tree blob. ValueError if it outgrows :data:`layout.FDT_MAX_SIZE`."""
+    import libfdt  # only an arm64 VM builds a device tree
+
+    fdt = libfdt.FdtSw()
+    fdt.finish_reservemap()
+
+    def node(name: str, props: dict[str, bytes | str | int]) -> None:
+        fdt.begin_node(name)
+        for key, value in props.items():
+            if isinstance(value, str):
+                fdt.property_string(key, value)
+            elif isinstance(value, int):
+                fdt.property_u32(key, value)
+            else:
+                fdt.property(key, value)
+        fdt.end_node()
+
+    fdt.begin_node("")
+    for key, value in (("compatible", _strings("linux,dummy-virt")), ("model", b"AltoVirt\0"),
+                       ("interrupt-parent", _cells(PHANDLE_GIC)), ("#address-cells", _cells(2)),
+                       ("#size-cells", _cells(2))):
+        fdt.property(key, value)
+
+    chosen: dict[str, bytes | str | int] = {
+        "bootargs": inputs.cmdline,
+        "stdout-path": f"/pl011@{layout.UART_BASE:x}",
+        "rng-seed": os.urandom(64),
+        "kaslr-seed": os.urandom(8),
+    }
+    if inputs.initrd is not None:
+        start, size = inputs.initrd
+        chosen["linux,initrd-start"] = (start).to_bytes(8, "big")
+        chosen["linux,initrd-end"] = (start + size).to_bytes(8, "big")
+    node("chosen", chosen)
+
+    for region in inputs.memory:
+        node(f"memory@{region.gpa:x}", {"device_type": "memory", "reg": _reg((region.gpa, region.size))})
+
+    fdt.begin_node("cpus")
+    fdt.property("#address-cells", _cells(2))
+    fdt.property("#size-cells", _cells(0))
+    for index, mpidr in enumerate(inputs.mpidrs):
+        node(f"cpu@{index}", {"device_type": "cpu", "compatible": "arm,arm-v8", "enable-method": "psci",
+                              "reg": _cells(mpidr >> 32, mpidr & 0xFFFFFFFF)})
+    fdt.end_node()
+
+    # PSCI through HVC: KVM implements it (KVM_ARM_VCPU_PSCI_0_2).
+    node("psci", {"compatible": _strings("arm,psci-1.0", "arm,psci-0.2"), "method": "hvc"})
+
+    gic_regs = [(layout.GIC_DIST_BASE, layout.GIC_DIST_SIZE), *inputs.redist]
+    node(f"intc@{layout.GIC_DIST_BASE:x}", {
+        "compatible": "arm,gic-v3", "#interrupt-cells": 3, "interrupt-controller": b"",
+        "#address-cells": 2, "#size-cells": 2, "ranges": b"",
+        "#redistributor-regions": len(inputs.redist), "reg": _reg(*gic_regs),
+        "interrupts": _cells(GIC_FDT_IRQ_TYPE_PPI, layout.GIC_MAINTENANCE_PPI, IRQ_TYPE_LEVEL_HIGH),
+        "phandle": PHANDLE_GIC})
+
+    node("timer", {"compatible": _strings("arm,armv8-timer", "arm,armv7-timer"), "always-on": b"",
+                   "interrupts": b"".join(_cells(GIC_FDT_IRQ_TYPE_PPI, ppi, IRQ_TYPE_LEVEL_HIGH)
+                                          for ppi in layout.TIMER_PPIS)})
+
+    # The AMBA devices' bus clock: Linux's amba bus enables "apb_pclk" before probing them.
+    node("apb-pclk", {"compatible": "fixed-clock", "#clock-cells": 0, "clock-frequency": APB_CLOCK_HZ,
+                      "clock-output-names": "clk24mhz", "phandle": PHANDLE_APB_CLOCK})
+    for name, base, spi, clocks in (("pl011", layout.UART_BASE, layout.UART_SPI, ("uartclk", "apb_pclk")),
+                                    ("pl031", layout.RTC_BASE, layout.RTC_SPI, ("apb_pclk",))):
+        node(f"{name}@{base:x}", {
+            "compatible": _strings(f"arm,{name}", "arm,primecell"), "reg": _reg((base, layout.PL0X1_SIZE)),
+            "interrupts": _cells(GIC_FDT_IRQ_TYPE_SPI, spi, IRQ_TYPE_LEVEL_HIGH),
+            "clocks": _cells(*(PHANDLE_APB_CLOCK for _ in clocks)), "clock-names": _strings(*clocks)})
+
+    # virtio-mmio interrupts are edges, as QEMU's virt and Firecracker declare them: an irqfd
+    # raises one, and the driver reads InterruptStatus to learn why.
+    for base, spi in inputs.virtio:
+        node(f"virtio_mmio@{base:x}", {
+            "compatible": "virtio,mmio", "reg": _reg((base, layout.VIRTIO_MMIO_SLOT)), "dma-coherent": b"",
+            "interrupts": _cells(GIC_FDT_IRQ_TYPE_SPI, spi, IRQ_TYPE_EDGE_RISING)})
+
+    fdt.end_node()
+    blob = bytes(fdt.as_fdt().as_bytearray())
+    if len(blob) > layout.FDT_MAX_SIZE:
+        raise ValueError(f"the device tree is {len(blob)} bytes; at most {layout.FDT_MAX_SIZE} fit")
+    return blob

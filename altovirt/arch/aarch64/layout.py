@@ -1,0 +1,76 @@
+"""The aarch64 guest-physical memory map AltoVirt builds: QEMU's ``virt`` machine's
+(hw/arm/virt.c ``base_memmap``, ``a15irqmap``), which StratoVirt's follows too, so a guest,
+a device tree or an ``earlycon=pl011,0x9000000`` written for those finds the same devices
+at the same addresses and interrupts.
+
+Interrupts are numbered as the device tree numbers SPIs: SPI ``n`` is the GIC's INTID
+``32 + n``, and the ``gsi`` KVM_IRQFD takes for it on arm64 (vgic-irqfd.c routes GSI ``n``
+to SPI ``n``).
+"""
+
+from __future__ import annotations
+
+from ...memory import Region
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# The GICv3: one 64 KiB distributor, a redistributor (two 64 KiB frames) per vCPU.
+GIC_DIST_BASE = 0x0800_0000
+GIC_DIST_SIZE = 0x1_0000
+GIC_REDIST_BASE = 0x080A_0000
+GIC_REDIST_SIZE = 0xF6_0000          # room for 123 vCPUs, up to the UART
+GIC_REDIST_STRIDE = 0x2_0000         # GICv3 architecture spec 12.10: RD_base and SGI_base frames
+# A GICv2 host's CPU interface, where QEMU's virt puts it.
+GIC_CPU_BASE = 0x0801_0000
+GIC_CPU_SIZE = 0x1_0000
+# Interrupts the in-kernel GIC models: the 32 private ones and SPIs up to the virtio slots'.
+GIC_NR_IRQS = 128
+GIC_SPI_BASE = 32                    # INTID of SPI 0
+GIC_MAINTENANCE_PPI = 9
+
+# The architected timer's PPIs, as QEMU's virt gives them (secure, non-secure, virtual, hyp).
+TIMER_PPIS = (13, 14, 11, 10)
+
+UART_BASE, UART_SPI = 0x0900_0000, 1       # PL011
+RTC_BASE, RTC_SPI = 0x0901_0000, 2         # PL031
+GPIO_BASE, GPIO_SPI = 0x0903_0000, 7       # PL061, with the power button on line 3
+PL0X1_SIZE = 0x1000
+# The boot timer (altovirt.devices.legacy.boottimer) on a page QEMU's virt leaves empty.
+BOOT_TIMER_BASE = 0x090C_0000
+
+VIRTIO_MMIO_BASE = 0x0A00_0000
+VIRTIO_MMIO_SLOT = 0x200
+VIRTIO_MMIO_SLOTS = 32
+VIRTIO_MMIO_SPI = 16
+
+RAM_START = 0x4000_0000
+MEM_MIN = 128 * MiB
+MEM_MAX = 512 * GiB
+
+# The device tree: at most 2 MiB and 8-byte aligned (Documentation/arch/arm64/booting.rst, 2).
+FDT_MAX_SIZE = 2 * MiB
+
+
+def ram_regions(size: int) -> list[Region]:
+    """RAM of ``size`` bytes, in one piece from 1 GiB."""
+    return [Region(RAM_START, size, 0)]
+
+
+def mmio_slot(index: int) -> tuple[int, int, int]:
+    """The base address, size and SPI of virtio-mmio slot ``index``; IndexError past the
+    last slot."""
+    if not 0 <= index < VIRTIO_MMIO_SLOTS:
+        raise IndexError(f"virtio-mmio slot {index}: the machine has {VIRTIO_MMIO_SLOTS}")
+    return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SLOT, VIRTIO_MMIO_SLOT, VIRTIO_MMIO_SPI + index
+
+
+def redist_regions(cpus: int, ram_end: int) -> list[tuple[int, int]]:
+    """(base, size) of the GICv3 redistributor regions for ``cpus`` vCPUs: the low region
+    QEMU's virt has, then, past 123 vCPUs, a second one above RAM (as QEMU's
+    ``VIRT_HIGH_GIC_REDIST2``), 64 KiB aligned."""
+    low_cpus = GIC_REDIST_SIZE // GIC_REDIST_STRIDE
+    regions = [(GIC_REDIST_BASE, min(cpus, low_cpus) * GIC_REDIST_STRIDE)]
+    if cpus > low_cpus:
+        high = (ram_end + GiB - 1) & ~(GiB - 1)
+        regions.append((high, (cpus - low_cpus) * GIC_REDIST_STRIDE))
+    return regions

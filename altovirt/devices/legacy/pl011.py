@@ -1,0 +1,143 @@
+"""An Arm PrimeCell PL011 UART (PL011 Technical Reference Manual, r1p5, DDI 0183G).
+
+Transmit is immediate: the transmit FIFO is empty again by the next access, so the transmit
+interrupt is raised after every byte, as QEMU's model does, until the driver masks it or
+clears it. Receive takes bytes from the host through :meth:`Pl011.enqueue`; the receive
+interrupt stands while any byte waits. The interrupt output is a level: ``irq(level)`` drives
+the line (KVM_IRQ_LINE) whenever the masked status changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+
+# Register offsets (TRM 3.2).
+UARTDR = 0x000
+UARTRSR = 0x004
+UARTFR = 0x018
+UARTILPR = 0x020
+UARTIBRD = 0x024
+UARTFBRD = 0x028
+UARTLCR_H = 0x02C
+UARTCR = 0x030
+UARTIFLS = 0x034
+UARTIMSC = 0x038
+UARTRIS = 0x03C
+UARTMIS = 0x040
+UARTICR = 0x044
+UARTDMACR = 0x048
+PERIPH_ID_BASE = 0xFE0
+# UARTPeriphID0-3 and UARTPCellID0-3 (TRM 3.3.14-3.3.15), one byte a register.
+IDS = (0x11, 0x10, 0x14, 0x00, 0x0D, 0xF0, 0x05, 0xB1)
+
+FR_RXFE, FR_TXFF, FR_RXFF, FR_TXFE = 1 << 4, 1 << 5, 1 << 6, 1 << 7
+INT_RX, INT_TX, INT_RT = 1 << 4, 1 << 5, 1 << 6
+INT_ALL = 0x7FF
+LCR_H_FEN = 1 << 4
+CR_RESET = 0x300                     # TXE | RXE
+CR_LBE = 1 << 7                      # loopback: what is sent is received
+IFLS_RESET = 0x12
+# Host input waiting for the guest; beyond this, further input is dropped.
+RX_BUFFER_LIMIT = 4096
+
+
+class Pl011:
+    """One UART. ``out`` receives guest output; ``irq(level)`` drives the interrupt line."""
+
+    def __init__(self, out: Callable[[bytes], object] | None, irq: Callable[[bool], None]) -> None:
+        self._out = out
+        self._irq = irq
+        self._lock = threading.Lock()
+        self._rx: collections.deque[int] = collections.deque()
+        self._level = False
+        self.lcr_h = 0
+        self.cr = CR_RESET
+        self.ibrd = self.fbrd = self.ilpr = self.dmacr = 0
+        self.ifls = IFLS_RESET
+        self.imsc = 0
+        self.ris = 0
+
+    # --- host side ---
+    def enqueue(self, data: bytes) -> None:
+        """Bytes typed on the host, for the guest to read."""
+        with self._lock:
+            self._rx.extend(data[:RX_BUFFER_LIMIT - len(self._rx)])
+            if self._rx:
+                self.ris |= INT_RX | INT_RT
+            level = self._update()
+        self._drive(level)
+
+    # --- guest side ---
+    def _update(self) -> bool | None:
+        """The new level of the line, or None if it does not change (under the lock)."""
+        level = bool(self.ris & self.imsc)
+        if level == self._level:
+            return None
+        self._level = level
+        return level
+
+    def _drive(self, level: bool | None) -> None:
+        if level is not None:
+            self._irq(level)
+
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            if offset == UARTDR:
+                value = self._rx.popleft() if self._rx else 0
+                if not self._rx:
+                    self.ris &= ~(INT_RX | INT_RT)
+                level = self._update()
+            else:
+                return self._register(offset)
+        self._drive(level)
+        return value
+
+    def _register(self, offset: int) -> int:
+        if offset == UARTFR:
+            return FR_TXFE | (FR_RXFE if not self._rx else 0)
+        if offset >= PERIPH_ID_BASE:
+            index = (offset - PERIPH_ID_BASE) >> 2
+            return IDS[index] if index < len(IDS) else 0
+        return {
+            UARTLCR_H: self.lcr_h, UARTCR: self.cr, UARTIBRD: self.ibrd, UARTFBRD: self.fbrd,
+            UARTILPR: self.ilpr, UARTIFLS: self.ifls, UARTIMSC: self.imsc, UARTRIS: self.ris,
+            UARTMIS: self.ris & self.imsc, UARTDMACR: self.dmacr,
+        }.get(offset, 0)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        out = None
+        with self._lock:
+            if offset == UARTDR:
+                if self.cr & CR_LBE:
+                    if len(self._rx) < RX_BUFFER_LIMIT:
+                        self._rx.append(value & 0xFF)
+                        self.ris |= INT_RX | INT_RT
+                else:
+                    out = bytes((value & 0xFF,))
+                self.ris |= INT_TX
+            elif offset == UARTICR:
+                self.ris &= ~value
+                if self._rx:            # bytes still waiting keep the receive interrupt up
+                    self.ris |= INT_RX | INT_RT
+            elif offset == UARTIMSC:
+                self.imsc = value & INT_ALL
+            elif offset == UARTLCR_H:
+                self.lcr_h = value & 0xFF
+            elif offset == UARTCR:
+                self.cr = value & 0xFFFF
+            elif offset == UARTIBRD:
+                self.ibrd = value & 0xFFFF
+            elif offset == UARTFBRD:
+                self.fbrd = value & 0x3F
+            elif offset == UARTILPR:
+                self.ilpr = value & 0xFF
+            elif offset == UARTIFLS:
+                self.ifls = value & 0x3F
+            elif offset == UARTDMACR:
+                self.dmacr = value & 0x7
+            level = self._update()
+        if out is not None and self._out is not None:
+            self._out(out)
+        self._drive(level)

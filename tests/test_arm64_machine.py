@@ -1,0 +1,154 @@
+"""The arm64 machine's parts that need no arm64 host: the device tree (read back by dtc, as
+a guest's kernel would parse it), the Image loader, and the PL011 and PL031 as a driver
+drives them. Booting on arm64 KVM is proven in the arm64 test bed."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from altovirt.arch.aarch64 import boot, layout
+from altovirt.devices.legacy import pl011, pl031
+from altovirt.memory import GuestMemory
+
+MiB = 1 << 20
+
+
+def _image(text_offset: int = 0, image_size: int = 2 * MiB, body: bytes = b"") -> bytes:
+    header = struct.pack("<IIQQQQQQII", 0x14000010, 0, text_offset, image_size, 0xA, 0, 0, 0,
+                         boot.IMAGE_MAGIC, 0)
+    return header + body
+
+
+@pytest.fixture
+def mem() -> Iterator[GuestMemory]:
+    m = GuestMemory(layout.ram_regions(256 * MiB))
+    yield m
+    m.close()
+
+
+def _dts(blob: bytes) -> str:
+    if shutil.which("dtc") is None:
+        pytest.skip("SKIPPED LOUDLY: dtc (device-tree-compiler) is missing; run ./scripts/setup")
+    return subprocess.run(["dtc", "-I", "dtb", "-O", "dts", "-q"], input=blob, capture_output=True,
+                          check=True).stdout.decode()
+
+
+def test_device_tree_describes_the_machine(mem: GuestMemory) -> None:
+    initrd = b"\x42" * 5000
+    plan = boot.prepare(mem, gzip.compress(_image(body=b"kernel")), "console=ttyAMA0 root=/dev/vda",
+                        initrd, 3, boot.Firmware(((0x0A000000, 16), (0x0A000200, 17))))
+    assert plan.entry == layout.RAM_START
+    assert mem.read(plan.entry + 64, 6) == b"kernel"
+    assert plan.fdt_addr % 8 == 0 and plan.fdt_addr + layout.FDT_MAX_SIZE == layout.RAM_START + 256 * MiB
+    assert mem.read(plan.initrd_addr, plan.initrd_size) == initrd
+    assert plan.initrd_addr + plan.initrd_size <= plan.fdt_addr
+    dts = _dts(mem.read(plan.fdt_addr, layout.FDT_MAX_SIZE))
+    assert 'bootargs = "console=ttyAMA0 root=/dev/vda";' in dts
+    assert f"linux,initrd-start = <0x00 {plan.initrd_addr:#x}>;" in dts
+    assert f"linux,initrd-end = <0x00 {plan.initrd_addr + len(initrd):#x}>;" in dts
+    assert "reg = <0x00 0x40000000 0x00 0x10000000>;" in dts          # 256 MiB at 1 GiB
+    assert dts.count('enable-method = "psci";') == 3
+    assert 'method = "hvc";' in dts
+    assert 'compatible = "arm,gic-v3";' in dts
+    assert "interrupts = <0x00 0x10 0x01>;" in dts and "virtio_mmio@a000200" in dts
+    assert 'stdout-path = "/pl011@9000000";' in dts
+
+
+def test_mpidrs_follow_kvm_clusters_of_sixteen() -> None:
+    assert [boot.mpidr(i) for i in (0, 1, 15, 16, 17, 255, 256)] == \
+        [0, 1, 15, 0x100, 0x101, 0xF0F, 0x1000]
+
+
+def test_redistributors_past_the_low_region() -> None:
+    assert layout.redist_regions(2, 0x8000_0000) == [(0x080A_0000, 0x4_0000)]
+    low, high = layout.redist_regions(254, (1 << 30) + (3 << 30) + 5)
+    assert low == (0x080A_0000, 123 * 0x2_0000)
+    assert high == (5 << 30, (254 - 123) * 0x2_0000)
+
+
+@pytest.mark.parametrize("image, message", [
+    (b"MZ" + bytes(100), "not an arm64 Image"),
+    (b"\x1f\x8b" + bytes(100), "does not decompress"),
+    (bytes(10), "too short"),
+    (_image(image_size=300 * MiB), "need about"),
+])
+def test_bad_kernels_are_refused(mem: GuestMemory, image: bytes, message: str) -> None:
+    with pytest.raises(boot.KernelError, match=message):
+        boot.prepare(mem, image, "", None, 1, boot.Firmware(()))
+
+
+def test_too_long_a_command_line_is_refused(mem: GuestMemory) -> None:
+    with pytest.raises(boot.KernelError, match="accepts at most 2047"):
+        boot.prepare(mem, _image(), "x" * 2048, None, 1, boot.Firmware(()))
+
+
+def test_legacy_image_loads_at_half_a_mib(mem: GuestMemory) -> None:
+    plan = boot.prepare(mem, _image(image_size=0), "", None, 1, boot.Firmware(()))
+    assert plan.entry == layout.RAM_START + 0x80000 and plan.initrd_size == 0
+
+
+class Line:
+    def __init__(self) -> None:
+        self.levels: list[bool] = []
+        self.out = bytearray()
+
+    def __call__(self, level: bool) -> None:
+        self.levels.append(level)
+
+
+def test_pl011_identifies_itself_and_transmits() -> None:
+    line = Line()
+    u = pl011.Pl011(line.out.extend, line)
+    ids = [u.read(0xFE0 + 4 * i, 4) for i in range(8)]
+    assert ids == [0x11, 0x10, 0x14, 0x00, 0x0D, 0xF0, 0x05, 0xB1]     # what the amba bus matches
+    assert u.read(pl011.UARTFR, 4) & pl011.FR_RXFE and u.read(pl011.UARTFR, 4) & pl011.FR_TXFE
+    u.write(pl011.UARTIMSC, 4, pl011.INT_TX)
+    for b in b"ok\n":
+        u.write(pl011.UARTDR, 4, b)
+    assert bytes(line.out) == b"ok\n"
+    assert line.levels == [True]                # transmitted: the TX interrupt stands until cleared
+    u.write(pl011.UARTICR, 4, pl011.INT_TX)
+    assert line.levels == [True, False]
+
+
+def test_pl011_receive_interrupt_follows_the_fifo() -> None:
+    line = Line()
+    u = pl011.Pl011(None, line)
+    u.write(pl011.UARTIMSC, 4, pl011.INT_RX | pl011.INT_RT)
+    u.enqueue(b"ab")
+    assert line.levels == [True]
+    assert not u.read(pl011.UARTFR, 4) & pl011.FR_RXFE
+    u.write(pl011.UARTICR, 4, pl011.INT_ALL)   # bytes still wait: the interrupt stays up
+    assert line.levels == [True]
+    assert [u.read(pl011.UARTDR, 4), u.read(pl011.UARTDR, 4)] == [ord("a"), ord("b")]
+    assert line.levels == [True, False]
+    assert u.read(pl011.UARTFR, 4) & pl011.FR_RXFE
+    u.enqueue(b"x" * (pl011.RX_BUFFER_LIMIT + 10))
+    received = 0
+    while not u.read(pl011.UARTFR, 4) & pl011.FR_RXFE:
+        u.read(pl011.UARTDR, 4)
+        received += 1
+    assert received == pl011.RX_BUFFER_LIMIT      # the rest was dropped, not queued without bound
+
+
+def test_pl011_loopback_receives_what_it_sends() -> None:
+    line = Line()
+    u = pl011.Pl011(line.out.extend, line)
+    u.write(pl011.UARTCR, 4, pl011.CR_RESET | pl011.CR_LBE)
+    u.write(pl011.UARTDR, 4, 0x55)
+    assert line.out == b"" and u.read(pl011.UARTDR, 4) == 0x55
+
+
+def test_pl031_counts_host_seconds_and_keeps_the_guest_setting() -> None:
+    rtc = pl031.Pl031()
+    assert abs(rtc.read(pl031.RTCDR, 4) - time.time()) <= 1
+    assert [rtc.read(0xFE0 + 4 * i, 4) for i in range(4)] == [0x31, 0x10, 0x14, 0x00]
+    rtc.write(pl031.RTCLR, 4, 1_000_000)
+    assert 1_000_000 <= rtc.read(pl031.RTCDR, 4) <= 1_000_001
