@@ -1,6 +1,6 @@
 """The arm64 machine's parts that need no arm64 host: the device tree (read back by dtc, as
-a guest's kernel would parse it), the Image loader, and the PL011 and PL031 as a driver
-drives them. Booting on arm64 KVM is proven in the arm64 test bed."""
+a guest's kernel would parse it), the Image loader, and the PL011, PL031 and PL061 as a
+driver drives them. Booting on arm64 KVM is proven in the arm64 test bed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from altovirt.arch.aarch64 import boot, layout
-from altovirt.devices.legacy import pl011, pl031
+from altovirt.devices.legacy import pl011, pl031, pl061
 from altovirt.memory import GuestMemory
 
 MiB = 1 << 20
@@ -59,6 +59,8 @@ def test_device_tree_describes_the_machine(mem: GuestMemory) -> None:
     assert 'compatible = "arm,gic-v3";' in dts
     assert "interrupts = <0x00 0x10 0x01>;" in dts and "virtio_mmio@a000200" in dts
     assert 'stdout-path = "/pl011@9000000";' in dts
+    # The power button: KEY_POWER on the PL061's line 3, as QEMU's virt wires it.
+    assert "linux,code = <0x74>;" in dts and "gpios = <0x03 0x03 0x00>;" in dts and "gpio-controller;" in dts
 
 
 def test_mpidrs_follow_kvm_clusters_of_sixteen() -> None:
@@ -152,3 +154,33 @@ def test_pl031_counts_host_seconds_and_keeps_the_guest_setting() -> None:
     assert [rtc.read(0xFE0 + 4 * i, 4) for i in range(4)] == [0x31, 0x10, 0x14, 0x00]
     rtc.write(pl031.RTCLR, 4, 1_000_000)
     assert 1_000_000 <= rtc.read(pl031.RTCDR, 4) <= 1_000_001
+
+
+def test_pl061_power_button_edges_reach_the_interrupt_line() -> None:
+    """As Linux's gpio-pl061 sets a gpio-keys line up: both edges, interrupt enabled."""
+    line = Line()
+    gpio = pl061.Pl061(line)
+    assert [gpio.read(0xFE0 + 4 * i, 4) for i in range(4)] == [0x61, 0x10, 0x04, 0x00]
+    gpio.write(pl061.GPIOIBE, 4, 1 << 3)
+    gpio.write(pl061.GPIOIE, 4, 1 << 3)
+    gpio.set_line(3, True)
+    assert line.levels == [True] and gpio.read(pl061.GPIOMIS, 4) == 1 << 3
+    assert gpio.read(0x3FC, 4) == 1 << 3 and gpio.read(1 << 3 << 2, 4) == 1 << 3   # GPIODATA, masked
+    gpio.write(pl061.GPIOIC, 4, 1 << 3)
+    assert line.levels == [True, False]
+    gpio.set_line(3, False)                 # the release is an edge too
+    assert line.levels == [True, False, True] and gpio.read(0x3FC, 4) == 0
+
+
+def test_pl061_level_interrupts_follow_the_line() -> None:
+    line = Line()
+    gpio = pl061.Pl061(line)
+    gpio.write(pl061.GPIOIS, 4, 1)          # line 0 level-sensitive, high (GPIOIEV)
+    gpio.write(pl061.GPIOIEV, 4, 1)
+    gpio.write(pl061.GPIOIE, 4, 1)
+    assert line.levels == []
+    gpio.set_line(0, True)
+    gpio.write(pl061.GPIOIC, 4, 1)          # clearing does not end a level that stands
+    assert line.levels == [True]
+    gpio.set_line(0, False)
+    assert line.levels == [True, False]

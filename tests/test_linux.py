@@ -1,6 +1,7 @@
-"""Linux guests on hosts whose /dev/kvm cannot boot them (PVM): tests/linux runs inside the
-nested test bed (scripts/testbed, tests/testbed/l1.py), one module per L1 boot, and every
-inner failure fails here.
+"""Linux guests on hosts whose /dev/kvm cannot boot them: tests/linux (Debian's amd64 kernel)
+runs inside the x86 nested test bed where this /dev/kvm is PVM, and tests/linux_arm64 (Debian's
+arm64 kernel) inside the arm64 test bed on any x86 host (scripts/testbed, tests/testbed/l1.py),
+one module per L1 boot, and every inner failure fails here.
 
 One module per boot, so that a lost L1 (it wedges, or its kernel crashes: TCG's SVM emulation
 has races, see tests/testbed/l1.py) costs that module's run and is retried once, not the
@@ -11,6 +12,7 @@ must never pass for a pass.  The only skips are for a missing resource, worded l
 from __future__ import annotations
 
 import compileall
+import os
 import shutil
 import sys
 import xml.etree.ElementTree as ET
@@ -19,25 +21,32 @@ from pathlib import Path
 import pytest
 
 from .conftest import HARDWARE_VIRT_PROBLEM, ROOT
-from .testbed import debian, initramfs, l1
+from .testbed import arch, debian, initramfs, l1
 
-LINUX = ROOT / "tests" / "linux"
-MODULES = sorted(path.name for path in LINUX.glob("test_*.py"))
+# (the bed's architecture, the directory of its modules, the Python that runs them in L1):
+# the x86 bed shares the host's root and so its .venv; the arm64 bed's root has Debian's python3.
+BEDS = ((arch.X86_64, "linux", sys.executable), (arch.AARCH64, "linux_arm64", "python3"))
+MODULES = [(a, f"{d}/{p.name}", python) for a, d, python in BEDS
+           for p in sorted((ROOT / "tests" / d).glob("test_*.py"))]
 # s for L1's boot and one module, on a host busy enough to give L1 a third of a core (a
 # module takes 1-5 min on a quiet host); a lost L1 is retried once, so twice that at worst.
 ATTEMPT_TIMEOUT = 1500
 # The inner pytest loads only the plugin tests/linux uses: hypothesis and schemathesis (entry
 # point plugins of the outer suite) take most of a minute to import under TCG, in every boot.
 INNER_ENV = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-INNER_PYTEST = [sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "-p", "pytest_timeout"]
+INNER_ARGS = ["-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "-p", "pytest_timeout"]
 
-pytestmark = [
-    pytest.mark.skipif(HARDWARE_VIRT_PROBLEM is None,
-                       reason="this /dev/kvm boots Linux itself: tests/linux runs directly, not nested"),
-    pytest.mark.skipif(shutil.which(l1.QEMU) is None,
-                       reason="SKIPPED LOUDLY: qemu-system-x86_64 is missing, so the nested test bed "
-                              "cannot run and no Linux guest test runs; run ./scripts/setup"),
-]
+
+def _why_not(bed: arch.Arch) -> str | None:
+    """Why the modules of ``bed`` do not run in its test bed here, or None."""
+    if bed.name == os.uname().machine and HARDWARE_VIRT_PROBLEM is None:
+        return f"this /dev/kvm boots {bed.name} Linux itself: its modules run directly, not nested"
+    if bed.name != os.uname().machine and os.uname().machine != "x86_64":
+        return f"the {bed.name} test bed runs on x86_64 hosts"
+    if shutil.which(bed.qemu) is None:
+        return (f"SKIPPED LOUDLY: {bed.qemu} is missing, so the {bed.name} test bed cannot run and no "
+                f"{bed.name} Linux guest test runs; run ./scripts/setup")
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +56,7 @@ def warm_caches() -> None:
     tmpfs that ends with it) and build the guests' default initramfs into the bed's cache."""
     for tree in ("altovirt", "tests"):
         compileall.compile_dir(ROOT / tree, quiet=1)
-    initramfs.build(debian.kernel())
+    initramfs.build(debian.kernel())        # the arm64 bed builds its guest's on every run
 
 
 def inner_figures(junit: Path) -> list[str]:
@@ -71,14 +80,19 @@ def inner_failures(junit: Path) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize(("bed", "module", "python"), MODULES, ids=[f"{a.name}-{m}" for a, m, _ in MODULES])
 @pytest.mark.timeout(2 * ATTEMPT_TIMEOUT + 300)
-def test_linux_guests_in_the_nested_test_bed(module: str, warm_caches: None, tmp_path: Path) -> None:
+def test_linux_guests_in_the_nested_test_bed(bed: arch.Arch, module: str, python: str, warm_caches: None,
+                                             tmp_path: Path) -> None:
+    why_not = _why_not(bed)
+    if why_not:
+        pytest.skip(why_not)
     out = tmp_path / "out"
     junit = out / "junit.xml"
     notes: list[str] = []
-    r = l1.run([*INNER_PYTEST, f"tests/linux/{module}", f"--junitxml={junit}"], env=INNER_ENV,
-               timeout=ATTEMPT_TIMEOUT, cwd=ROOT, out_dir=out, log=tmp_path / "l1.log", note=notes.append)
+    r = l1.run([python, *INNER_ARGS, f"tests/{module}", f"--junitxml={junit}"], env=INNER_ENV,
+               timeout=ATTEMPT_TIMEOUT, cwd=ROOT, out_dir=out, log=tmp_path / "l1.log", note=notes.append,
+               arch=bed)
     print(r.output.decode(errors="replace"))
     print("\n".join(notes), f"{module}: L1 boot {r.boot_seconds} s, {r.attempts} attempt(s), "
           f"{r.nudges.sent} nudge(s) ({r.nudges.revived} revived), {r.seconds:.0f} s in all")

@@ -10,8 +10,10 @@ KVM
     REQUIRED_CAPS                           the KVM_CAP_* names the machine relies on
 Memory layout
     BOARD                                   the board's own MMIO devices by name ("uart", "rtc",
-                                            "boot-timer"): base, size, interrupt line; a PC's
-                                            are on port I/O, and it has none
+                                            "gpio", "boot-timer"): base, size, interrupt line;
+                                            a PC's are on port I/O, and it has none
+    POWER_BUTTON_LINE                       the GPIO line of the board's power button (None: a
+                                            PC's is ACPI's)
     ram_regions(size) -> list[Region]       guest RAM of ``size`` bytes, around the MMIO holes
     mmio_slot(index) -> (base, size, gsi)   virtio-mmio slot ``index``: its window and its
                                             interrupt; IndexError past the last slot
@@ -23,6 +25,8 @@ The VM and its vCPUs
     setup_vcpus(kvm, vcpus) -> list[int]    every vCPU's CPU model and power-on registers;
                                             returns the registers the power-on state keeps
     setup_boot_regs(vcpu, plan)             the boot vCPU at the kernel's entry
+    read_clock(vm, vcpus) -> int            the guest's clock, held across a pause
+    write_clock(vm, vcpus, value)           and set back, so the guest sees no jump
 Firmware and kernel
     FirmwareDevices                         what the devices hand the firmware, each describing
                                             itself (DSDT entries and the FADT's plain data)
@@ -46,6 +50,7 @@ MACHINE = os.uname().machine
 if MACHINE == "x86_64":
     from .x86_64 import (
         BOARD,
+        POWER_BUTTON_LINE,
         REQUIRED_CAPS,
         VMGENID_ADDR,
         BootPlan,
@@ -58,15 +63,18 @@ if MACHINE == "x86_64":
         load_kernel,
         mmio_slot,
         ram_regions,
+        read_clock,
         restore_state,
         save_state,
         setup_boot_regs,
         setup_vcpus,
         snapshot_registers,
+        write_clock,
     )
 elif MACHINE == "aarch64":
     from .aarch64 import (  # type: ignore[assignment]
         BOARD,
+        POWER_BUTTON_LINE,
         REQUIRED_CAPS,
         VMGENID_ADDR,
         BootPlan,
@@ -79,16 +87,38 @@ elif MACHINE == "aarch64":
         load_kernel,
         mmio_slot,
         ram_regions,
+        read_clock,
         restore_state,
         save_state,
         setup_boot_regs,
         setup_vcpus,
         snapshot_registers,
+        write_clock,
     )
 else:
     raise ImportError(f"AltoVirt runs on x86_64 and aarch64 hosts; this one is {MACHINE}")
 
-__all__ = ["BOARD", "MACHINE", "REQUIRED_CAPS", "VMGENID_ADDR", "BootPlan", "Firmware", "FirmwareDevices",
-           "KernelError", "PowerOnState", "build_firmware", "create_irqchip", "load_kernel", "mmio_slot",
-           "ram_regions", "restore_state", "save_state", "setup_boot_regs", "setup_vcpus",
-           "snapshot_registers"]
+__all__ = [
+    "BOARD",
+    "MACHINE",
+    "POWER_BUTTON_LINE",
+    "REQUIRED_CAPS",
+    "VMGENID_ADDR",
+    "BootPlan",
+    "Firmware",
+    "FirmwareDevices",
+    "KernelError",
+    "PowerOnState",
+    "build_firmware",
+    "create_irqchip",
+    "load_kernel",
+    "mmio_slot",
+    "ram_regions",
+    "read_clock",
+    "restore_state",
+    "save_state",
+    "setup_boot_regs",
+    "setup_vcpus",
+    "snapshot_registers",
+    "write_clock",
+]

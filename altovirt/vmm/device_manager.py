@@ -24,6 +24,7 @@ from ..devices.legacy.i8042 import DATA_PORT as I8042_PORT
 from ..devices.legacy.i8042 import I8042, I8042_IRQ
 from ..devices.legacy.pl011 import Pl011
 from ..devices.legacy.pl031 import Pl031
+from ..devices.legacy.pl061 import Pl061
 from ..devices.legacy.post import POST_PORT, PostPort
 from ..devices.legacy.rtc import RTC_PORT, Rtc
 from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+POWER_BUTTON_HOLD = 0.1          # s: QEMU's gpio-key latency (hw/gpio/gpio_key.c)
+
 
 class DeviceManager:
     """Creates the devices of one VM on ``vm`` and ``mem``, and releases them."""
@@ -62,6 +65,7 @@ class DeviceManager:
         self.console: HostConsole | None = None
         self.serial: Serial | None = None
         self.pl011: Pl011 | None = None
+        self.gpio: Pl061 | None = None
         self.i8042: I8042 | None = None
         self.acpi: AcpiRegisters | None = None
         self.rtc: Rtc | None = None
@@ -116,7 +120,7 @@ class DeviceManager:
             self._add_pc_devices()
 
     def _add_arm_devices(self) -> None:
-        uart, rtc, timer = (arch.BOARD[name] for name in ("uart", "rtc", "boot-timer"))
+        uart, rtc, gpio, timer = (arch.BOARD[name] for name in ("uart", "rtc", "gpio", "boot-timer"))
         out = None
         if self.cfg.serial_stdio:
             self.console = HostConsole(self._stop)
@@ -126,6 +130,8 @@ class DeviceManager:
             self.console.attach(self.pl011.enqueue)
         self.mmio.insert(self.pl011, uart.base, uart.size)
         self.mmio.insert(Pl031(), rtc.base, rtc.size)
+        self.gpio = Pl061(lambda level: self._vm.irq_line(gpio.irq_line, int(level)))
+        self.mmio.insert(self.gpio, gpio.base, gpio.size)
         self.mmio.insert(self.boot_timer, timer.base, timer.size)
 
     def _add_pc_devices(self) -> None:
@@ -165,6 +171,14 @@ class DeviceManager:
         dsdt = (self.serial.acpi_device(), self.i8042.acpi_device(), self.rtc.acpi_device(),
                 *(s.acpi_device() for s in self.slots), self.vmgenid.acpi_device(), self.acpi.acpi_device())
         return arch.FirmwareDevices(dsdt, self.acpi.power_registers, self.i8042.boot_flags, reset)
+
+    def press_gpio_power_button(self) -> None:
+        """Press the board's power button (its GPIO line) and release it 100 ms later, as
+        QEMU's gpio-key does: Linux's gpio-keys reads the line after its debounce time."""
+        assert self.gpio is not None and arch.POWER_BUTTON_LINE is not None
+        gpio, line = self.gpio, arch.POWER_BUTTON_LINE
+        gpio.set_line(line, True)
+        self._io.call_later(POWER_BUTTON_HOLD, lambda: gpio.set_line(line, False))
 
     def reset(self) -> None:
         """Reset every virtio device, as the reset line does (device work is held still)."""

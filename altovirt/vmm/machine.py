@@ -27,7 +27,6 @@ from ..eventloop import EventLoop
 from ..kvm import Kvm
 from ..kvm import Vm as KvmVm
 from ..kvm import ioctls as K
-from ..kvm import structs as S
 from ..memory import GuestMemory
 from ..sandbox import seccomp
 from .action_queue import ActionQueue
@@ -79,7 +78,7 @@ class Machine:
         self._handle = handle
         self._loop = EventLoop("main", functools.partial(seccomp.confine, "main"))
         self._actions = ActionQueue(self._loop)
-        self.clock: S.kvm_clock_data | None = None     # the kvmclock while the guest is stopped
+        self.clock: int | None = None       # the guest's clock while it is stopped (arch.read_clock)
         self._snapshot_msrs: list[int] | None = None
         # QEMU's autostart: 'cont' while the state loads (inmigrate) runs the VM once it is in.
         self.run_once_loaded = False
@@ -162,7 +161,7 @@ class Machine:
             raise StateError(str(e)) from e
 
     def stop_guest(self) -> None:
-        """Every vCPU out of KVM_RUN, device work at rest, the kvmclock kept; StateError, the
+        """Every vCPU out of KVM_RUN, device work at rest, the guest's clock kept; StateError, the
         guest running on, if device work does not come to rest. The caller holds the
         lifecycle lock and moves the state."""
         for v in self.vcpus:
@@ -175,13 +174,13 @@ class Machine:
             for v in self.vcpus:
                 v.resume()
             raise StateError(f"cannot stop the guest: {e}") from e
-        self.clock = self.vm.get_clock()
+        self.clock = arch.read_clock(self.vm, [v.vcpu for v in self.vcpus])
 
     def start_guest(self) -> None:
         """The guest runs on from where :meth:`stop_guest` held it."""
         assert self.clock is not None
-        # The guest's kvmclock continues from where it stopped: no jump over the pause.
-        self.vm.set_clock(S.kvm_clock_data(clock=self.clock.clock))
+        # The guest's clock continues from where it stopped: no jump over the pause.
+        arch.write_clock(self.vm, [v.vcpu for v in self.vcpus], self.clock)
         self.io.resume()
         for v in self.vcpus:
             v.resume()

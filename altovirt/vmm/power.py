@@ -45,8 +45,8 @@ def reset(m: Machine) -> None:
 
 
 def powerdown(m: Machine) -> None:
-    """Ask the guest to shut down: the ACPI power button, or without ACPI
-    Ctrl-Alt-Del on the keyboard (as Firecracker does)."""
+    """Ask the guest to shut down: the ACPI power button, an Arm board's GPIO power button,
+    or without either Ctrl-Alt-Del on the keyboard (as Firecracker does)."""
     with m.lifecycle.lock:
         m.lifecycle.require(RunState.RUNNING, RunState.PAUSED)
         # Announced before the press, as QEMU does: the guest may power off at once, and
@@ -54,6 +54,8 @@ def powerdown(m: Machine) -> None:
         m.lifecycle.emit("POWERDOWN", {})
         if m.devices.acpi is not None:
             m.devices.acpi.press_power_button()
+        elif m.devices.gpio is not None:
+            m.devices.press_gpio_power_button()
         else:
             assert m.devices.i8042 is not None
             m.devices.i8042.ctrl_alt_del()

@@ -11,7 +11,6 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..kvm import structs as S
 from ..snapshot import format as snapfile
 from ..snapshot.format import Section, SnapshotError
 from .lifecycle import RunState, StateError
@@ -80,7 +79,7 @@ def save_state(m: Machine) -> tuple[dict[str, Any], list[Section]]:
     with m.lifecycle.lock:
         m.lifecycle.require(RunState.PAUSED, RunState.FINISH_MIGRATE)
         assert m.clock is not None
-        return save(m, m.snapshot_msrs(), m.clock.clock)
+        return save(m, m.snapshot_msrs(), m.clock)
 
 
 def load_state(m: Machine, state: VmState, *, resume: bool, new_generation: bool) -> None:
@@ -90,7 +89,7 @@ def load_state(m: Machine, state: VmState, *, resume: bool, new_generation: bool
     SnapshotError naming the section and the reason if it does not fit this VM."""
     with m.lifecycle.lock:
         m.lifecycle.require(RunState.INMIGRATE)
-        m.clock = S.kvm_clock_data(clock=restore(m, state))
+        m.clock = restore(m, state)
         try:
             m.take_images()
         except StateError as e:

@@ -16,7 +16,10 @@ from typing import Any
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from ..testbed import debian, guest, initramfs
+from ..testbed import arch, debian, guest, initramfs
+
+# The guests are of the machine the tests run on (in the x86_64 or the aarch64 test bed).
+ARCH = arch.get(os.uname().machine)
 
 # Link-local addresses: nothing outside the namespace the test makes can be reached.
 HOST_IP, GUEST_IP, PREFIX = "169.254.77.1", "169.254.77.2", 24
@@ -38,18 +41,23 @@ def logs_back_to_the_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.fixture(scope="session")
 def kernel() -> debian.Kernel:
-    return debian.kernel()
+    return debian.kernel(ARCH)
 
 
 @pytest.fixture(scope="session")
 def initrd(kernel: debian.Kernel) -> Path:
+    """The default initramfs: the one the host built for a foreign test bed (whose L1 has
+    neither apt nor the cross compiler), else built here."""
+    given = os.environ.get("TESTBED_INITRD")
+    if given and not ARCH.native:
+        return Path(given)
     return initramfs.build(kernel)
 
 
 def altovirt_argv(kernel: debian.Kernel, initrd: Path, *args: str, append: str = "") -> list[str]:
     """AltoVirt booting the test guest with its serial console on stdio (seccomp on)."""
     return [sys.executable, "-m", "altovirt", "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
-            "-append", f"{guest.APPEND} {append}".strip(), "-serial", "stdio", *args]
+            "-append", f"{ARCH.guest_append} {append}".strip(), "-serial", "stdio", *args]
 
 
 def qemu_argv(kernel: debian.Kernel, initrd: Path, *args: str, append: str = "", cpus: int = 1,

@@ -1,6 +1,7 @@
 """Every device, as Debian's own drivers use it, in one VM (4 vCPUs, 5 GiB, seccomp on) that
 the tests below share in file order: a boot costs about 90 s in the nested test bed. The last
-test powers it down through QMP and reads what the guest wrote back on the host."""
+test powers it down through QMP and reads what the guest wrote back on the host.
+tests/linux_arm64/test_devices.py runs the same tests on Debian's arm64 kernel."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ..testbed import debian, guest
-from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns, Qmp, altovirt_argv
+from .conftest import ARCH, GUEST_IP, HOST_IP, PREFIX, Netns, Qmp, altovirt_argv
 
 BOOT_TIMEOUT = 400
 pytestmark = pytest.mark.timeout(900)     # the first test includes the boot
@@ -66,13 +67,19 @@ def vm(kernel: debian.Kernel, initrd: Path, tmp_path_factory: pytest.TempPathFac
         ns.close()
 
 
-def test_vcpus_memory_and_acpi_devices(vm: Machine) -> None:
+def test_vcpus_memory_and_virtio_mmio_devices(vm: Machine) -> None:
+    """Linux found every slot where the machine describes it: a PC's DSDT, an Arm board's
+    device tree (a node a slot, 512 bytes apart from 0xa000000)."""
     assert vm.g.check("nproc").strip() == "4"
     mem_kib = int(vm.g.check("awk '/MemTotal/ {print $2}' /proc/meminfo"))
     assert mem_kib > 4.5 * (1 << 20)                      # the RAM above 4 GiB is there
     bound = vm.g.check("ls /sys/bus/platform/drivers/virtio-mmio").split()
-    acpi_devices = sorted(b for b in bound if b.startswith("LNRO0005:"))
-    assert acpi_devices == [f"LNRO0005:{i:02x}" for i in range(SLOTS)]
+    if ARCH.name == "x86_64":
+        assert sorted(b for b in bound if b.startswith("LNRO0005:")) == \
+            [f"LNRO0005:{i:02x}" for i in range(SLOTS)]
+    else:
+        assert sorted(b for b in bound if b.endswith(".virtio_mmio")) == \
+            sorted(f"{0xA000000 + 0x200 * i:x}.virtio_mmio" for i in range(SLOTS))
 
 
 def test_disk_read_write_serial(vm: Machine) -> None:

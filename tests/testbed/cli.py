@@ -9,10 +9,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .l1 import BED_FAILURE, DEFAULT_CPUS, DEFAULT_MEM, QEMU, TIMEOUT, Result, run
+from . import arch as arches
+from .l1 import BED_FAILURE, DEFAULT_CPUS, DEFAULT_MEM, TIMEOUT, Result, run
 from .watch import HEARTBEAT_CPU_LIMIT, HEARTBEAT_LIMIT, STALL_CPU_LIMIT
 
-USAGE = f"""usage: scripts/testbed [--timeout SECONDS] [--cpus N] [--mem SIZE] [--out DIR]
+USAGE = f"""usage: scripts/testbed [--arch ARCH] [--timeout SECONDS] [--cpus N] [--mem SIZE] [--out DIR]
                        [--keep-log FILE] [--append PARAMS] [--no-retry] -- COMMAND [ARGS...]
 
 Boot Debian's stock kernel in QEMU TCG with emulated AMD SVM (L1, a /dev/kvm with hardware
@@ -24,6 +25,15 @@ path inside and outside (--out DIR, default a fresh /tmp/altovirt-out-*; printed
 COMMAND's stdout and stderr are streamed here; L1's console goes to a log file, deleted
 unless --keep-log FILE.
 
+  --arch ARCH        x86_64 (default) or aarch64: Debian's arm64 kernel on QEMU's virt
+                     machine with EL2 (KVM built in, VHE, vGICv3).  Its root is an arm64
+                     Debian userland (busybox, python3 3.11 with pylibfdt, iproute2, socat);
+                     the current directory, this repository and the test bed cache are
+                     shared read-only (tmpfs overlays) at their own paths, and COMMAND also
+                     gets PYTHONPATH=<repository>:<its .venv's site-packages> (run python3,
+                     Debian's: the .venv is x86), PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 and
+                     PYTEST_PLUGINS=pytest_timeout (the .venv's other plugins have x86 parts
+                     or are slow to import under TCG; set them with -p).
   --timeout SECONDS  limit for one attempt, boot included (default 3600)
   --cpus N           L1's vCPUs (default {DEFAULT_CPUS})
   --mem SIZE         L1's memory (default {DEFAULT_MEM})
@@ -50,6 +60,7 @@ class _Options:
     """Parsed command line of scripts/testbed."""
 
     command: list[str]
+    arch: arches.Arch = arches.X86_64
     timeout: float = 3600.0
     cpus: int = DEFAULT_CPUS
     mem: str = DEFAULT_MEM
@@ -79,13 +90,15 @@ def parse_args(argv: Sequence[str]) -> _Options:
             opts.retry = False
             continue
         name, eq, value = arg.partition("=")
-        if name not in ("--timeout", "--cpus", "--mem", "--out", "--keep-log", "--append"):
+        if name not in ("--arch", "--timeout", "--cpus", "--mem", "--out", "--keep-log", "--append"):
             raise ValueError(f"unknown option {arg!r} (COMMAND goes after --)")
         if not eq:
             if not args:
                 raise ValueError(f"{name} needs a value")
             value = args.pop(0)
-        if name == "--timeout":
+        if name == "--arch":
+            opts.arch = arches.get(value)
+        elif name == "--timeout":
             opts.timeout = _number(name, value, float)
         elif name == "--cpus":
             opts.cpus = _number(name, value, int)
@@ -131,8 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         sys.stderr.write(f"testbed: {err}\n{USAGE}")
         return 2
-    if shutil.which(QEMU) is None:
-        _note(f"testbed: {QEMU} not found (apt-get install qemu-system-x86)")
+    if shutil.which(opts.arch.qemu) is None:
+        _note(f"testbed: {opts.arch.qemu} not found (run ./scripts/setup, or apt-get install "
+              f"{opts.arch.qemu_package})")
         return BED_FAILURE
     # A cancelled CI job sends SIGTERM: turn it into an exception so that the finally
     # clauses kill QEMU instead of leaving L1 running.
@@ -141,11 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run(opts.command, timeout=opts.timeout, out_dir=opts.out, cpus=opts.cpus, mem=opts.mem,
                      log=opts.keep_log, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
-                     retry=opts.retry, append=opts.append, note=_note)
+                     retry=opts.retry, append=opts.append, note=_note, arch=opts.arch)
     except KeyboardInterrupt as err:
         _note(f"testbed: interrupted ({err or 'SIGINT'}); L1 stopped")
         return 130
-    _summarize(result, keep_log=opts.keep_log is not None, own_out=opts.out is None)
+    _summarize(result, keep_log=opts.keep_log is not None, own_out=opts.out is None, qemu=opts.arch.qemu)
     return result.status
 
 
@@ -155,13 +169,13 @@ def _note(line: str) -> None:
     sys.stderr.flush()
 
 
-def _summarize(result: Result, *, keep_log: bool, own_out: bool) -> None:
+def _summarize(result: Result, *, keep_log: bool, own_out: bool, qemu: str = arches.X86_64.qemu) -> None:
     """Print the end of L1's console after a test bed failure and a closing status line;
     delete the log unless ``keep_log``, and the output directory if ``own_out`` (we made
     it) and it stayed empty."""
     if result.status == BED_FAILURE and result.bed_error is not None:
         lines = result.l1_log.read_bytes()[-4000:].decode(errors="replace").splitlines()
-        tail = [line for line in lines if not line.startswith(f"testbed: {QEMU}")][-25:]
+        tail = [line for line in lines if not line.startswith(f"testbed: {qemu}")][-25:]
         _note("testbed: last lines of L1's console:\n  " + "\n  ".join(tail))
     boot = f"{result.boot_seconds:.1f} s" if result.boot_seconds is not None else "-"
     out = str(result.out_dir)

@@ -2,20 +2,26 @@
 
 Nothing here is committed to the repository: the kernel, its modules and busybox come from
 Debian's archive at test time, keyed by package version so a newer kernel is fetched when
-Debian publishes one.
+Debian publishes one.  Packages of another architecture (``arch="arm64"``) need it added to
+dpkg (``dpkg --add-architecture arm64``, as scripts/setup does) and are cached apart.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import arch as arches
+
 CACHE = Path(os.environ.get("ALTOVIRT_TESTBED_CACHE", "/var/cache/altovirt-testbed"))
-# The meta-package whose dependency names the current kernel image package.
-KERNEL_META = "linux-image-amd64"
+# The meta-package whose dependency names the current amd64 kernel image package.
+KERNEL_META = arches.X86_64.kernel_meta
 
 
 class PackageError(RuntimeError):
@@ -33,68 +39,139 @@ def _run(*cmd: str, cwd: Path | None = None) -> str:
     return p.stdout
 
 
-def candidate(name: str) -> str:
+@functools.cache
+def native() -> str:
+    """dpkg's own architecture (``amd64``)."""
+    return _run("dpkg", "--print-architecture").strip()
+
+
+def qualified(name: str, arch: str | None = None) -> str:
+    """``name`` as apt names it in ``arch`` (None or the native one: ``name`` itself)."""
+    return name if arch is None or arch == native() else f"{name}:{arch}"
+
+
+def candidate(name: str, arch: str | None = None) -> str:
     """The version apt would install; runs ``apt-get update`` once if the lists lack it."""
     for attempt in range(2):
-        out = _run("apt-cache", "policy", name)
+        out = _run("apt-cache", "policy", qualified(name, arch))
         for line in out.splitlines():
             key, _, value = line.strip().partition(": ")
             if key == "Candidate" and value and value != "(none)":
                 return value
         if attempt == 0:
             _run("apt-get", "update", "-qq")
-    raise PackageError(f"{name}: no installable version in the apt lists")
+    hint = f" (is {arch} a dpkg architecture? run ./scripts/setup)" if qualified(name, arch) != name else ""
+    raise PackageError(f"{qualified(name, arch)}: no installable version in the apt lists{hint}")
 
 
-def unpack(name: str) -> Path:
-    """The root of package ``name`` unpacked (``dpkg-deb -x``), downloading it if needed."""
-    version = candidate(name)
-    root = CACHE / "pkgs" / f"{name}_{version.replace(':', '%3a')}"
-    if root.is_dir():
-        return root
+def download(packages: Iterable[tuple[str, str]], arch: str | None = None) -> tuple[Path, list[Path]]:
+    """Download ``(name, version)`` packages of ``arch`` with one ``apt-get download`` into a
+    fresh directory of their own under ``CACHE/debs``: (that directory, the .deb files in the
+    order given).  The caller removes the directory.  A private directory, so that concurrent
+    downloads (another test bed, another architecture) never take each other's files."""
+    wanted = list(packages)
     debs = CACHE / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    _run("apt-get", "download", "-qq", f"{name}={version}", cwd=debs)
-    deb = next(debs.glob(f"{name}_*.deb"), None)
-    if deb is None:
-        raise PackageError(f"{name}: apt-get download left no .deb in {debs}")
-    tmp = root.with_name(root.name + ".tmp")
-    _run("rm", "-rf", str(tmp))
-    tmp.mkdir(parents=True)
-    _run("dpkg-deb", "-x", str(deb), str(tmp))
-    tmp.rename(root)            # complete or absent: a killed run leaves only .tmp behind
-    deb.unlink()
+    tmp = Path(tempfile.mkdtemp(prefix="dl-", dir=debs))
+    try:
+        _run("apt-get", "download", "-qq", *(f"{qualified(n, arch)}={v}" for n, v in wanted), cwd=tmp)
+        files = []
+        for name, _ in wanted:
+            deb = next(tmp.glob(f"{name}_*.deb"), None)
+            if deb is None:
+                raise PackageError(f"{qualified(name, arch)}: apt-get download left no .deb")
+            files.append(deb)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp, files
+
+
+def unpack(name: str, arch: str | None = None) -> Path:
+    """The root of package ``name`` (of ``arch``, default the native one) unpacked
+    (``dpkg-deb -x``), downloading it if needed."""
+    version = candidate(name, arch)
+    suffix = "" if qualified(name, arch) == name else f"_{arch}"
+    root = CACHE / "pkgs" / f"{name}_{version.replace(':', '%3a')}{suffix}"
+    if root.is_dir():
+        return root
+    where, (deb,) = download([(name, version)], arch)
+    try:
+        tmp = root.with_name(f"{root.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _run("dpkg-deb", "-x", str(deb), str(tmp))
+        try:
+            tmp.rename(root)        # complete or absent: a killed run leaves only .tmp behind
+        except OSError:             # another process unpacked it first
+            if not root.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
     return root
+
+
+def busybox(arch: str | None = None) -> tuple[Path, list[str]]:
+    """busybox-static of ``arch``: its binary and where its applets go (``bin/ash``,
+    ``usr/sbin/chroot``, ...; ``--list-full``).  A foreign binary cannot run here, so its
+    list is the native package's, which Debian builds from the same configuration; the two
+    must then be of the same upstream version."""
+    binary = unpack("busybox-static", arch) / "bin" / "busybox"
+    lister = binary
+    if qualified("busybox-static", arch) != "busybox-static":
+        lister = unpack("busybox-static") / "bin" / "busybox"
+        ours, theirs = (candidate("busybox-static", a).split(":")[-1].split("-")[0] for a in (None, arch))
+        if ours != theirs:
+            raise PackageError(f"busybox-static {theirs} for {arch} but {ours} here: cannot list "
+                               "its applets")
+    listing = subprocess.run([str(lister), "--list-full"], capture_output=True, text=True, check=True)
+    return binary, listing.stdout.split()
 
 
 @dataclass(frozen=True)
 class Kernel:
-    """Debian's stock kernel: its release (``6.1.0-57-amd64``), image and module tree."""
+    """Debian's stock kernel: its release (``6.1.0-57-amd64``), image and module tree, and
+    its architecture (:class:`.arch.Arch` ``name``).  On arm64 the image is an uncompressed
+    ``Image`` (the EFI stub's "MZ" header, "ARMd" at 0x38), whatever its name says."""
 
     release: str
     vmlinuz: Path
     modules: Path               # .../lib/modules/<release>
+    arch: str = arches.X86_64.name
 
 
-def kernel() -> Kernel:
-    """The kernel that ``linux-image-amd64`` currently depends on, unpacked."""
-    deps = _run("apt-cache", "depends", KERNEL_META)
-    image = next((line.split(":", 1)[1].strip() for line in deps.splitlines()
-                  if line.strip().startswith("Depends: linux-image-")), None)
+def _image_package(meta: str, deb: str) -> str | None:
+    """The linux-image package the meta-package ``meta`` of ``deb`` depends on, or None."""
+    deps = _run("apt-cache", "depends", qualified(meta, deb))
+    return next((line.split(":", 1)[1].strip().removesuffix(f":{deb}") for line in deps.splitlines()
+                 if line.strip().startswith("Depends: linux-image-")), None)
+
+
+def kernel(arch: arches.Arch = arches.X86_64) -> Kernel:
+    """The kernel that ``arch``'s meta-package (``linux-image-amd64``) currently depends on,
+    unpacked.  In a foreign test bed L1, which has no apt, the one the host named in
+    ``TESTBED_KERNEL`` (tests/testbed/l1.py), if it is of ``arch``."""
+    meta, deb = arch.kernel_meta, arch.deb
+    given = os.environ.get("TESTBED_KERNEL")
+    if given and shutil.which("apt-cache") is None:
+        vmlinuz = Path(given)
+        release = vmlinuz.name.removeprefix("vmlinuz-")
+        if release.endswith(f"-{deb}"):
+            return Kernel(release, vmlinuz, vmlinuz.parent.parent / "lib" / "modules" / release, arch.name)
+    image = _image_package(meta, deb)
     if image is None:
-        candidate(KERNEL_META)          # refreshes the lists if they were missing
-        deps = _run("apt-cache", "depends", KERNEL_META)
-        image = next((line.split(":", 1)[1].strip() for line in deps.splitlines()
-                      if line.strip().startswith("Depends: linux-image-")), None)
+        candidate(meta, deb)            # refreshes the lists if they were missing
+        image = _image_package(meta, deb)
     if image is None:
-        raise PackageError(f"{KERNEL_META}: names no linux-image package")
-    root = unpack(image)
+        raise PackageError(f"{qualified(meta, deb)}: names no linux-image package")
+    root = unpack(image, deb)
     release = image.removeprefix("linux-image-")
     vmlinuz = root / "boot" / f"vmlinuz-{release}"
     modules = root / "lib" / "modules" / release
     if not vmlinuz.is_file() or not modules.is_dir():
         raise PackageError(f"{image}: no boot/vmlinuz-{release} or lib/modules/{release}")
-    return Kernel(release, vmlinuz, modules)
+    return Kernel(release, vmlinuz, modules, arch.name)
 
 
 def depmod(k: Kernel) -> Path:

@@ -38,10 +38,10 @@ from types import TracebackType
 from typing import IO
 
 from ..unixsock import read_line
+from .arch import X86_64
 
-# A command line for the guest kernel: serial console, no boot chatter, and a reset right after
-# a panic, which ends AltoVirt (and QEMU with -no-reboot); the driver fails at the panic message.
-APPEND = "console=ttyS0 quiet panic=-1"
+# The x86 guest kernel's command line (each architecture's: tests/testbed/arch.py).
+APPEND = X86_64.guest_append
 READY = b"ALTOVIRT-GUEST-READY"
 ERROR = b"ALTOVIRT-GUEST-ERROR"
 EXIT = b"ALTOVIRT-GUEST-EXIT"

@@ -5,6 +5,9 @@
 fixed, so the same inputs give the same bytes, and it is cached under ``CACHE/initramfs`` by a
 hash of everything that goes into it. The guest side lives in ``tests/linux/guest``: ``init``
 (PID 1, a busybox script) and small C programs compiled here with ``gcc -static``.
+
+The kernel's architecture (``kernel.arch``) chooses the busybox, the compiler
+(``aarch64-linux-gnu-gcc`` for arm64) and the default modules (:mod:`.arch`).
 """
 
 from __future__ import annotations
@@ -16,20 +19,15 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from . import arch as arches
 from . import cpio, debian
 
 GUEST_SRC = Path(__file__).resolve().parent.parent / "linux" / "guest"
 # Bump when the archive's layout changes in a way the content hash cannot see.
 FORMAT = 2
-# Loaded by the init in this order. The bus (virtio_mmio) first so the device drivers that
-# follow find their devices at once; evdev before button so acpid finds the power button's
-# event node; crc32c_generic for ext4's metadata checksums (a softdep busybox modprobe does not
-# follow; the SSE4.2 variant is left out as a CPU without SSE4.2 would fail to load it).
-# af_packet, unix, ipv6, hw_random, the 8250 UART and the i8042 are built into Debian's kernel.
-DEFAULT_MODULES: tuple[str, ...] = (
-    "virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
-    "vmw_vsock_virtio_transport", "crc32c_generic", "ext4", "evdev", "button",
-)
+# The x86_64 guest's modules, loaded by the init in this order (why: arch.X86_64); each
+# architecture has its own list (Arch.guest_modules).
+DEFAULT_MODULES: tuple[str, ...] = arches.X86_64.guest_modules
 
 
 class BuildError(RuntimeError):
@@ -53,24 +51,28 @@ def _module_files(kernel: debian.Kernel, paths: list[str]) -> dict[str, cpio.Ent
     return out
 
 
-def _busybox() -> dict[str, cpio.Entry]:
+def _busybox(arch: arches.Arch) -> dict[str, cpio.Entry]:
     """busybox-static at /bin/busybox and a symlink per applet where Debian's build puts it."""
-    binary = debian.unpack("busybox-static") / "bin" / "busybox"
-    listing = subprocess.run([str(binary), "--list-full"], capture_output=True, text=True, check=True)
+    binary, applets = debian.busybox(arch.deb)
     out = {"bin/busybox": cpio.file(binary.read_bytes(), 0o755)}
-    for applet in listing.stdout.split():
+    for applet in applets:
         if applet != "bin/busybox":
             out[applet] = cpio.symlink("/bin/busybox")
     return out
 
 
-def compile_programs() -> dict[str, Path]:
-    """Each ``tests/linux/guest/*.c`` built with ``gcc -static -O2``: {program name: binary}.
+def compile_programs(arch: arches.Arch = arches.X86_64) -> dict[str, Path]:
+    """Each ``tests/linux/guest/*.c`` built with ``gcc -static -O2`` (``arch.gcc``, a cross
+    compiler for arm64): {program name: binary}.
 
-    Binaries are cached under ``CACHE/guest-bin`` by a hash of the source and gcc's version, so
-    an edit rebuilds only that program. Raises BuildError with gcc's messages on failure.
+    Binaries are cached under ``CACHE/guest-bin`` by a hash of the source and gcc's version (which
+    names its target), so an edit rebuilds only that program. Raises BuildError with gcc's
+    messages on failure, or when the compiler is missing.
     """
-    gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=False).stdout
+    try:
+        gcc = subprocess.run([arch.gcc, "--version"], capture_output=True, text=True, check=False).stdout
+    except FileNotFoundError:
+        raise BuildError(f"{arch.gcc}: not installed (run ./scripts/setup)") from None
     out: dict[str, Path] = {}
     for src in sorted(GUEST_SRC.glob("*.c")):
         key = hashlib.sha256(gcc.encode() + src.read_bytes()).hexdigest()[:16]
@@ -78,11 +80,11 @@ def compile_programs() -> dict[str, Path]:
         if not binary.is_file():
             binary.parent.mkdir(parents=True, exist_ok=True)
             tmp = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
-            p = subprocess.run(["gcc", "-static", "-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra",
+            p = subprocess.run([arch.gcc, "-static", "-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra",
                                 "-Werror", "-o", str(tmp), str(src)], capture_output=True, text=True,
                                check=False)
             if p.returncode != 0:
-                raise BuildError(f"gcc {src.name}:\n{p.stderr.strip()}")
+                raise BuildError(f"{arch.gcc} {src.name}:\n{p.stderr.strip()}")
             tmp.rename(binary)          # atomic: concurrent builds of the same source agree
         out[src.stem] = binary
     return out
@@ -117,12 +119,13 @@ def _tree(kernel: debian.Kernel, modules: list[str],
     for d in ("proc", "sys", "dev", "run", "mnt", "root", "var/log", "etc"):
         files[d] = cpio.directory()
     files["tmp"] = cpio.directory(0o1777)
-    files.update(_busybox())
+    arch = arches.get(kernel.arch)
+    files.update(_busybox(arch))
     files.update(_module_files(kernel, debian.load_order(kernel, modules)))
     files["etc/guest/modules"] = cpio.file("".join(f"{m}\n" for m in modules).encode())
     files["init"] = cpio.file((GUEST_SRC / "init").read_bytes(), 0o755)
     files["etc/guest/shell"] = cpio.file((GUEST_SRC / "shell").read_bytes(), 0o755)
-    for name, binary in compile_programs().items():
+    for name, binary in compile_programs(arch).items():
         files[f"bin/{name}"] = cpio.file(binary.read_bytes(), 0o755)
     files.update(_extra_files(extra))
     return files
@@ -137,15 +140,18 @@ def _digest(kernel: debian.Kernel, files: Mapping[str, cpio.Entry]) -> str:
     return h.hexdigest()[:24]
 
 
-def build(kernel: debian.Kernel, *, modules: Iterable[str] = DEFAULT_MODULES,
+def build(kernel: debian.Kernel, *, modules: Iterable[str] | None = None,
           extra: Mapping[str, Path | bytes] | None = None) -> Path:
     """A gzip'd newc initramfs for ``kernel``, built once per distinct content and cached.
 
-    ``modules`` are loaded by the init in the given order; their dependencies from modules.dep
+    ``modules`` (default: the kernel architecture's ``guest_modules``, for x86_64
+    :data:`DEFAULT_MODULES`) are loaded by the init in the given order; their dependencies from modules.dep
     are added to the archive (and loaded by modprobe). ``extra`` maps a path inside the guest
     (``"etc/test.sh"`` or ``"/etc/test.sh"``) to a host file or directory, or to bytes. The
     returned file must not be modified; it may be shared by concurrent tests.
     """
+    if modules is None:
+        modules = arches.get(kernel.arch).guest_modules
     files = _tree(kernel, list(modules), extra or {})
     out = debian.CACHE / "initramfs" / f"initramfs-{_digest(kernel, files)}.cpio.gz"
     # mtime=0 and level 6: identical inputs give identical bytes, and fast enough to not matter

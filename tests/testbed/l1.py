@@ -1,8 +1,11 @@
-"""The nested test bed's L1: Debian's stock kernel in QEMU TCG with emulated AMD SVM.
+"""The nested test bed's L1: Debian's stock kernel in QEMU TCG with emulated AMD SVM (or ARM's EL2).
 
 The host's /dev/kvm is paravirtual (PVM) and cannot run stock kernels.  QEMU's TCG with
 ``-cpu max`` emulates SVM with nested paging, so Debian's kernel booted that way (L1) loads
 ``kvm_amd`` and offers a /dev/kvm on which AltoVirt and QEMU boot unmodified kernels (L2).
+With ``arch=AARCH64`` L1 is Debian's arm64 kernel on QEMU's virt machine with EL2, whose KVM
+(built in) runs arm64 guests; what differs is in tests/testbed/arch.py, and the differences
+in what the command sees are listed below.
 
 :func:`run` boots L1, runs one command in it and powers L1 off:
 
@@ -10,6 +13,14 @@ The host's /dev/kvm is paravirtual (PVM) and cannot run stock kernels.  QEMU's T
   command sees the same files (the repository, .venv, the test bed cache) at the same paths;
   /tmp, /run and /dev/shm are fresh tmpfs, /lib/modules/<release> is the cache's module tree.
 - ``out_dir`` is shared read-write at the same path inside and outside (``TESTBED_OUT``).
+- On arm64 the root is instead an arm64 Debian userland (tests/testbed/userland.py: busybox,
+  python3.11, pylibfdt, iproute2, socat), read-only under a tmpfs overlay too; the working
+  directory, the repository and the test bed cache are shared read-only under tmpfs overlays
+  at their own paths, the command's name is looked up in that root's PATH (busybox's ``env``
+  would run its own applet of the same name), and the command's environment has PYTHONPATH
+  (the repository and its .venv's pure-Python packages, for Debian's python3 there),
+  PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 and PYTEST_PLUGINS=pytest_timeout (the .venv's plugins
+  with compiled parts cannot load, and the rest take long to import under TCG).
 - The command's stdout and stderr come back on two virtio-serial ports, apart from L1's
   console (ttyS0), which is written to a log file.
 - A third port carries control lines from L1: ``ready``, a heartbeat every 5 s,
@@ -42,13 +53,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
-from . import cpio, debian
-from .watch import STEAL_FILE, WEDGE_QUERIES, CpuClock, Nudges, Watch, ask_monitor, prioritize
+from . import arch as arches
+from . import cpio, debian, userland
+from . import initramfs as guest_initramfs
+from .arch import X86_64, Arch
+from .watch import STEAL_FILE, CpuClock, Nudges, Watch, ask_monitor, prioritize
 
 TIMEOUT = 124                   # as timeout(1): the command did not finish in time
 BED_FAILURE = 125               # the test bed failed; the command's outcome is unknown
 
-QEMU = "qemu-system-x86_64"
+REPO = Path(__file__).resolve().parent.parent.parent    # the repository this test bed is in
+QEMU = X86_64.qemu              # the default architecture's; see tests/testbed/arch.py
 # One vCPU: with two, L1 crashed ("stack guard page was hit", "corrupted stack end") or an L2
 # triple-faulted in about 1 of 12 L2 boots whenever two L2 guests ran at the same time (6
 # failures in ~80 such boots, with vgif on or off, 5-level paging on or off), never with
@@ -57,34 +72,11 @@ QEMU = "qemu-system-x86_64"
 DEFAULT_CPUS = 1
 DEFAULT_MEM = "8G"              # room for a 5 GiB L2 guest plus a QEMU reference run
 
-# What L1 needs, loaded in dependency order (modules.dep) by stage 1: virtio-pci for the
-# devices, 9p for the host's root and the output directory, overlay for a writable root,
-# virtio_console for the stdout/stderr/control ports, qemu_fw_cfg for the run script, and
-# what the guests under test use.
-MODULES: tuple[str, ...] = ("virtio_pci", "virtio_console", "qemu_fw_cfg", "9pnet_virtio", "9p",
-                            "overlay", "tun", "kvm_amd", "vhost_net", "vhost_vsock")
-# Module parameters.  kvm_amd.vgif=0: KVM then clears and sets GIF with real CLGI/STGI around
-# VMRUN instead of leaving it to TCG's young virtual-GIF emulation.  Measured with
-# scripts/testbed-stress on two L1 vCPUs, two L2 guests booting at a time: with vgif=1, 2
-# of 20 L2 boots reset silently before printing anything (a failure nothing outside can
-# tell from a VMM bug); with vgif=0 the failures seen were mostly L1 oopses ("stack guard
-# page was hit" in an L2 vCPU thread: exc_page_fault recursing on a %gs access, as if an
-# interrupt came while L2's GS base was loaded), which end L1 and so are detected and
-# retried.  One L2 at a time, both settings booted 20 of 20.
-MODULE_PARAMS: Mapping[str, str] = {"kvm_amd": "vgif=0"}
-
-# L1's kernel command line.  Measured, none of these changes L1's boot time beyond the noise
-# (about 8-11 s to "ready" on 2 host cores either way); they are there for robustness.
-# quiet: less console output through the emulated UART; tsc=reliable/no_timer_check: no
-# clocksource watchdog and timer checks, which TCG's irregular timing on a busy host can
-# fail (falling back from the TSC to the HPET makes every clock read an emulated MMIO
-# access under QEMU's big lock); mitigations=off: speculation workarounds only cost time in
-# an emulator; panic=-1 with -no-reboot: a panic ends QEMU at once; nokaslr: the same
-# addresses in every L1 log, so oopses can be compared across runs.
-# Not here: no5lvl (L1 on 4-level paging; -cpu max offers LA57) did not stop the crashes
-# described at DEFAULT_CPUS.
-CMDLINE = ("console=ttyS0 quiet loglevel=4 panic=-1 tsc=reliable no_timer_check mitigations=off "
-           "nokaslr")
+# The x86_64 L1's modules (loaded in this order, with their dependencies), their parameters and
+# kernel command line; why each: tests/testbed/arch.py, which has every architecture's.
+MODULES: tuple[str, ...] = X86_64.l1_modules
+MODULE_PARAMS: Mapping[str, str] = X86_64.l1_module_params
+CMDLINE = X86_64.cmdline
 
 POWEROFF_LIMIT = 60.0           # s from "exit N" until QEMU must have ended
 # What to quote when L1 ends early: a panic, an oops, or stage 1 failing before it could
@@ -188,6 +180,24 @@ $bb mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 $bb mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 $bb mount -t tmpfs -o mode=1777 tmpfs /tmp
 $bb mount -t tmpfs -o mode=0755 tmpfs /run
+# Host directories shared read-only (TB_SHARES: "TAG PATH" lines), each under a tmpfs overlay
+# as the root is, at their own paths; before the module tree, which may be in one of them.
+share() {
+    ro=/.testbed/ro/$1 rw=/.testbed/rw/$1
+    $bb mkdir -p "$ro" "$rw/upper" "$rw/work" "$2" \
+        && $bb mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose "$1" "$ro" \
+        && $bb mount -t overlay -o "lowerdir=$ro,upperdir=$rw/upper,workdir=$rw/work" overlay "$2" \
+        || die "cannot mount the host's $2 (9p tag $1)"
+}
+if [ -n "$TB_SHARES" ]; then
+    $bb mkdir -p /.testbed/rw && $bb mount -t tmpfs -o mode=0755 tmpfs /.testbed/rw \
+        || die "no tmpfs for the shared directories"
+    while read -r tag path; do
+        [ -z "$tag" ] || share "$tag" "$path"
+    done <<SHARES
+$TB_SHARES
+SHARES
+fi
 rel=$($bb uname -r)
 $bb mkdir -p "/lib/modules/$rel" && $bb mount --bind "$TB_MODULES" "/lib/modules/$rel" \
     || die "cannot bind $TB_MODULES to /lib/modules/$rel"
@@ -216,16 +226,18 @@ $bb poweroff -f
 """
 
 
-def initramfs(kern: debian.Kernel) -> Path:
+def initramfs(kern: debian.Kernel, arch: Arch | None = None) -> Path:
     """L1's initramfs for ``kern``, built once and cached by release and content hash.
 
-    It holds static busybox, the two stage scripts and the modules of :data:`MODULES` with
-    their dependencies (uncompressed: TCG unpacks plain data faster than it inflates).
+    It holds static busybox, the two stage scripts and the modules of ``arch`` (default: the
+    kernel's architecture (``l1_modules``, :data:`MODULES` on x86) with their dependencies
+    (uncompressed: TCG unpacks plain data faster than it inflates).
     """
-    busybox = debian.unpack("busybox-static") / "bin" / "busybox"
-    mods = debian.load_order(kern, MODULES)
+    arch = arch or arches.get(kern.arch)
+    busybox = debian.unpack("busybox-static", None if arch.native else arch.deb) / "bin" / "busybox"
+    mods = debian.load_order(kern, arch.l1_modules)
     names = [debian.module_name(m) for m in mods]
-    order = "".join(f"{name} {MODULE_PARAMS.get(name, '')}\n" for name in names)
+    order = "".join(f"{name} {arch.l1_module_params.get(name, '')}\n" for name in names)
     key = hashlib.sha256("\0".join([STAGE1, STAGE2, order, str(busybox)]).encode()).hexdigest()[:16]
 
     def build() -> bytes:
@@ -244,44 +256,96 @@ def initramfs(kern: debian.Kernel) -> Path:
 # One boot of L1
 
 def run_script(command: Sequence[str], *, cwd: Path, out_dir: Path, modules: Path,
-               env: Mapping[str, str]) -> str:
+               env: Mapping[str, str], shares: Sequence[tuple[str, Path]] = (),
+               root: Path | None = None) -> str:
     """The shell fragment stage 2 sources: TB_* variables and ``set --`` with the command
     wrapped in ``env -i`` so that it sees exactly ``env``.  The root is the host's Debian, so
     coreutils' env is there; busybox's would run its own applets in place of the host's
-    programs (``sh``, ``ls``, ``modprobe``)."""
+    programs (``sh``, ``ls``, ``modprobe``).  With ``root`` (a foreign userland, where env is
+    busybox's) a bare command name is first looked up in that root along ``env``'s PATH, for
+    the same reason.  ``shares`` are the (9p tag, path) pairs stage 2 mounts (TB_SHARES)."""
+    command = list(command)
+    if root is not None and command and "/" not in command[0]:
+        command[0] = _which(root, command[0], env.get("PATH", "")) or command[0]
     argv = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in sorted(env.items())), *command]
-    share = "1" if hidden_in_l1(cwd, out_dir) else ""
+    share = "1" if root is None and hidden_in_l1(cwd, out_dir) else ""
+    lines = "".join(f"{tag} {path}\n" for tag, path in shares)
     return (f"TB_CWD={shlex.quote(str(cwd))}\nTB_SHARE_CWD={share}\nTB_OUT={shlex.quote(str(out_dir))}\n"
+            f"TB_SHARES={shlex.quote(lines)}\n"
             f"TB_MODULES={shlex.quote(str(modules))}\nset -- {shlex.join(argv)}\n")
 
 
-def command_env(out_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def _which(root: Path, name: str, path: str) -> str | None:
+    """Where ``name`` is along ``path`` in the tree ``root``, as a path inside it, or None."""
+    for d in path.split(":"):
+        if d.startswith("/") and os.path.lexists(root / d.lstrip("/") / name):
+            return f"{d.rstrip('/')}/{name}"
+    return None
+
+
+def shares(arch: Arch, cwd: Path, out_dir: Path) -> list[tuple[str, Path]]:
+    """The host directories a foreign L1 sees at their own paths (9p tag, path), parents
+    first: the working directory, the repository (for PYTHONPATH) and the test bed cache (the
+    kernel's modules, the guests' images); none on a native L1, which has the host's root."""
+    if arch.native:
+        return []
+    dirs: list[Path] = []
+    for d in sorted({cwd, REPO, debian.CACHE.resolve()}):
+        if d != Path("/") and not d.is_relative_to(out_dir) and not any(d.is_relative_to(p) for p in dirs):
+            dirs.append(d)
+    return [(f"share{i}", d) for i, d in enumerate(dirs)]
+
+
+def guest_assets(kern: debian.Kernel, arch: Arch) -> dict[str, str]:
+    """What the command in a foreign L1 is told of the guests' (L2) kernel, L1's own, and
+    their default initramfs (``TESTBED_KERNEL``, ``TESTBED_INITRD``), built here: that L1 has
+    neither apt nor the cross compiler to find or build them (debian.kernel reads the first)."""
+    if arch.native:
+        return {}
+    try:
+        initrd = guest_initramfs.build(kern)
+    except guest_initramfs.BuildError as err:
+        raise BedError(f"cannot build the {arch.name} guest's initramfs: {err}", retry=False) from None
+    return {"TESTBED_KERNEL": str(kern.vmlinuz), "TESTBED_INITRD": str(initrd)}
+
+
+def command_env(out_dir: Path, extra: Mapping[str, str] | None = None, arch: Arch = X86_64) -> dict[str, str]:
     """The command's environment in L1: a fixed PATH and HOME, ``CI`` and ``ALTOVIRT_*`` from
-    ours, ``ALTOVIRT_TESTBED=1``, ``TESTBED_OUT`` and then ``extra``."""
+    ours, ``ALTOVIRT_TESTBED=1``, ``TESTBED_OUT``, in a foreign L1 PYTHONPATH and pytest's
+    plugin choice (module docstring), and then ``extra``."""
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
            "LANG": "C.UTF-8", "TERM": "dumb"}
     env.update({k: v for k, v in os.environ.items() if k == "CI" or k.startswith("ALTOVIRT_")})
     env.update({"ALTOVIRT_TESTBED": "1", "TESTBED_OUT": str(out_dir),
                 "TESTBED_STEAL": str(out_dir / STEAL_FILE)})
+    if not arch.native:
+        env.update({"PYTHONPATH": ":".join(userland.python_path(REPO)),
+                    "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTEST_PLUGINS": "pytest_timeout"})
     env.update(extra or {})
     return env
 
 
 def qemu_command(*, kern: debian.Kernel, initrd: Path, sockets: Path, out_dir: Path, script: Path,
-                 cpus: int, mem: str, append: str = "", cwd: Path | None = None) -> list[str]:
-    """QEMU's command line for L1, its character devices connecting to ``sockets``/<port>;
-    ``append`` is added to L1's kernel command line :data:`CMDLINE`; ``cwd``, when L1's own
-    /tmp or /run would hide it, is shared read-only (9p tag ``cwd``)."""
+                 cpus: int, mem: str, append: str = "", cwd: Path | None = None, root: Path = Path("/"),
+                 host_dirs: Sequence[tuple[str, Path]] = (), arch: Arch | None = None) -> list[str]:
+    """QEMU's command line for L1 of ``arch`` (default: the kernel's), its character devices
+    connecting to ``sockets``/<port>; ``append`` is added to L1's kernel command line
+    (:data:`CMDLINE` on x86); ``root`` is L1's root (9p tag ``host``), ``host_dirs`` the
+    directories of :func:`shares`; ``cwd``, when L1's own /tmp or /run would hide it in the
+    host's root, is shared read-only (9p tag ``cwd``)."""
+    arch = arch or arches.get(kern.arch)
     # debug-threads=on names the vCPU threads ("CPU 0/TCG") for CpuClock.
-    cmd = [QEMU, "-name", "testbed-l1,debug-threads=on", "-accel", "tcg", "-cpu", "max", "-smp", str(cpus),
-           "-m", mem, "-M", "pc", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-           "-kernel", str(kern.vmlinuz), "-initrd", str(initrd), "-append", f"{CMDLINE} {append}".strip(),
+    cmd = [arch.qemu, "-name", "testbed-l1,debug-threads=on", *arch.machine, "-smp", str(cpus), "-m", mem,
+           "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-kernel", str(kern.vmlinuz),
+           "-initrd", str(initrd), "-append", f"{arch.cmdline} {append}".strip(),
            "-fw_cfg", f"name={RUN_FW_CFG},file={script}",
-           "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+           "-virtfs", f"local,path={root},mount_tag=host,security_model=none,readonly=on,multidevs=remap",
            "-virtfs", f"local,path={out_dir},mount_tag=out,security_model=none,multidevs=remap",
            "-device", "virtio-serial-pci,id=vser"]
-    if cwd is not None and hidden_in_l1(cwd, out_dir):
-        cmd += ["-virtfs", f"local,path={cwd},mount_tag=cwd,security_model=none,readonly=on,multidevs=remap"]
+    if cwd is not None and arch.native and hidden_in_l1(cwd, out_dir):
+        host_dirs = [("cwd", cwd)]
+    for tag, d in host_dirs:
+        cmd += ["-virtfs", f"local,path={d},mount_tag={tag},security_model=none,readonly=on,multidevs=remap"]
     for port in PORTS:
         cmd += ["-chardev", f"socket,id={port},path={sockets / port}"]
     cmd += ["-chardev", f"socket,id={MONITOR},path={sockets / MONITOR},server=on,wait=off",
@@ -314,7 +378,7 @@ def _listen(path: Path) -> socket.socket:
 def boot_once(command: Sequence[str], *, timeout: float, cwd: Path, out_dir: Path, log: Path,
               cpus: int, mem: str, env: Mapping[str, str] | None, append: str,
               stdout: BinaryIO | None, stderr: BinaryIO | None, note: Callable[[str], None] | None = None,
-              nudges: Nudges | None = None) -> tuple[int, Watch]:
+              nudges: Nudges | None = None, arch: Arch = X86_64) -> tuple[int, Watch]:
     """Boot L1 once and run ``command``; the command's status, or :data:`TIMEOUT`.
 
     Raises :class:`BedError` when the test bed fails (``retry`` set when another boot may
@@ -322,23 +386,29 @@ def boot_once(command: Sequence[str], *, timeout: float, cwd: Path, out_dir: Pat
     ``note`` gets a line for each nudge of a silent L1 and each revival, which are counted in
     ``nudges``.
     """
-    kern = debian.kernel()
-    initrd = initramfs(kern)
+    kern = debian.kernel(arch)
+    initrd = initramfs(kern, arch)
+    root = Path("/") if arch.native else userland.root(arch)
+    host_dirs = shares(arch, cwd, out_dir)
+    env = {**guest_assets(kern, arch), **(env or {})}
     with tempfile.TemporaryDirectory(prefix="altovirt-l1-") as tmp, open(log, "ab") as logf:
         sockets = Path(tmp)
         script = sockets / "run.sh"
         script.write_text(run_script(command, cwd=cwd, out_dir=out_dir, modules=kern.modules,
-                                     env=command_env(out_dir, env)))
+                                     env=command_env(out_dir, env, arch), shares=host_dirs,
+                                     root=None if arch.native else root))
         listeners = {port: _listen(sockets / port) for port in PORTS}
         cmd = qemu_command(kern=kern, initrd=initrd, sockets=sockets, out_dir=out_dir, script=script,
-                           cpus=cpus, mem=mem, append=append, cwd=cwd)
+                           cpus=cpus, mem=mem, append=append, cwd=cwd, root=root, host_dirs=host_dirs,
+                           arch=arch)
         logf.write(f"testbed: {shlex.join(cmd)}\n".encode())
         logf.flush()                    # before QEMU writes to the same file
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.PIPE)
         prioritize(proc.pid)
         boot = Watch(log=logf, stdout=stdout, stderr=stderr, clock=CpuClock(proc.pid),
                      monitor=sockets / MONITOR, steal_file=out_dir / STEAL_FILE, note=note,
-                     nudges=nudges if nudges is not None else Nudges())
+                     nudges=nudges if nudges is not None else Nudges(), queries=arch.wedge_queries,
+                     nudge_commands=arch.nudge)
         try:
             return _supervise(proc, boot, listeners, timeout), boot
         finally:
@@ -417,7 +487,7 @@ def _pump(proc: subprocess.Popen[bytes], boot: Watch, listeners: dict[str, socke
             why = boot.wedged(now)
             if why:
                 boot.log.write(f"testbed: L1 wedged ({why})\n".encode())
-                ask_monitor(boot, WEDGE_QUERIES)
+                ask_monitor(boot, boot.queries)
                 raise BedError(f"L1 wedged ({why})", retry=True)
             if boot.needs_nudge(now):
                 boot.nudge(now)
@@ -454,8 +524,9 @@ def run(command: Sequence[str], *, timeout: float, cwd: str | os.PathLike[str] |
         out_dir: str | os.PathLike[str] | None = None, cpus: int = DEFAULT_CPUS, mem: str = DEFAULT_MEM,
         env: Mapping[str, str] | None = None, log: str | os.PathLike[str] | None = None,
         stdout: BinaryIO | None = None, stderr: BinaryIO | None = None, retry: bool = True,
-        append: str = "", note: Callable[[str], None] | None = None) -> Result:
-    """Run ``command`` as root in L1 and return its outcome; never raises for L1's failures.
+        append: str = "", note: Callable[[str], None] | None = None, arch: Arch = X86_64) -> Result:
+    """Run ``command`` as root in an L1 of ``arch`` and return its outcome; never raises for
+    L1's failures.
 
     ``cwd`` (default: ours) is the command's working directory; one under /tmp or /run, which
     L1 has its own of, is shared read-only at the same path.  ``out_dir``
@@ -467,7 +538,8 @@ def run(command: Sequence[str], *, timeout: float, cwd: str | os.PathLike[str] |
     console goes to ``log`` (default: a fresh ``/tmp/altovirt-l1-*.log``, left for the
     caller).  ``append`` adds parameters to L1's kernel command line.  ``note`` receives
     one-line messages about the test bed (a nudge of a silent L1 and whether it came back, a
-    wedge and the retry, a timeout).
+    wedge and the retry, a timeout).  A foreign ``arch`` (aarch64) changes what the command
+    sees as the module docstring says.
     """
     cwd_path, out, log_path = _prepare(cwd, out_dir, log)
     result = Result(status=BED_FAILURE, output=b"", out_dir=out, l1_log=log_path)
@@ -477,7 +549,7 @@ def run(command: Sequence[str], *, timeout: float, cwd: str | os.PathLike[str] |
         try:
             status, boot = boot_once(command, timeout=timeout, cwd=cwd_path, out_dir=out, log=log_path,
                                      cpus=cpus, mem=mem, env=env, append=append, stdout=stdout,
-                                     stderr=stderr, note=note, nudges=result.nudges)
+                                     stderr=stderr, note=note, nudges=result.nudges, arch=arch)
         except (BedError, debian.PackageError, OSError) as err:
             again = isinstance(err, BedError) and err.retry and retry and attempt == 1
             result.bed_error = str(err)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from .arch import X86_64
+
 # When L1 counts as wedged.  Silence is measured in the CPU time QEMU's vCPU thread got, not in
 # wall time: on a busy host (package installs, a second QEMU, a CPU hog on every core) the
 # vCPU gets a quarter of a core or less, and L1 is then slow, not stuck.  What a wedge looks
@@ -44,14 +46,10 @@ WEDGE_PATTERNS = re.compile(rb"soft lockup|hard LOCKUP|rcu.{0,40}stall|hung_task
 # In the output directory: how long L1's vCPU waited for a host CPU so far (s), rewritten
 # every second; exported as TESTBED_STEAL (tests/testbed/guest.py stretches its waits by it).
 STEAL_FILE = ".testbed-steal"
-# Asked of the monitor when L1 wedged, into the L1 log: where the vCPU is (L1's kernel is at
-# fixed addresses with nokaslr, an L2 kernel elsewhere) and what its local APIC holds.
-WEDGE_QUERIES = ("info registers", "info lapic", "info registers", "info lapic")
-# What the monitor is told to nudge a silent L1: a key press on the PS/2 keyboard, whose
-# interrupt makes QEMU re-evaluate L1's local APIC, so that a timer interrupt it left pending
-# is delivered.  Seen once in the hog runs of issue 24: L1 silent 21 s, its vCPU spinning in
-# L2 (20.2 s of CPU), heartbeat back 2 s after the nudge and the module passed.
-NUDGE = ("sendkey shift",)
+# Asked of the monitor when an x86 L1 wedged, into the L1 log, and what it is told to nudge a
+# silent one (why: tests/testbed/arch.py); each architecture has its own (Watch.queries).
+WEDGE_QUERIES = X86_64.wedge_queries
+NUDGE = X86_64.nudge
 MONITOR_NOISE = (b"FPR", b"YMM", b"XMM", b"FCW", b"DR")     # register lines that tell nothing here
 
 
@@ -168,6 +166,8 @@ class Watch:
     nudges: Nudges = field(default_factory=Nudges)     # counted here (may be shared across boots)
     beat_cpu: CpuSample = ZERO          # the CPU time at the last heartbeat (QEMU's start before)
     stall_cpu: CpuSample | None = None  # the CPU time when the console reported a lockup
+    queries: tuple[str, ...] = WEDGE_QUERIES    # asked of the monitor when L1 wedged
+    nudge_commands: tuple[str, ...] = NUDGE     # sent to the monitor to nudge a silent L1
 
     def on_console(self, data: bytes) -> None:
         """Log console output and note the first lockup or stall report."""
@@ -237,13 +237,13 @@ class Watch:
             self.note(line)
 
     def nudge(self, now: float) -> None:
-        """Log where L1 is and nudge it (:data:`NUDGE`), once per silence."""
+        """Log where L1 is and nudge it (``nudge_commands``), once per silence."""
         sample = self.cpu()
         self.nudged = self.heartbeat
         self.nudges.sent += 1
         self._tell(f"testbed: L1 silent for {now - (self.heartbeat or self.started):.0f} s"
                    + (f", in which {sample.since(self.beat_cpu)}" if sample else "") + "; nudging it")
-        ask_monitor(self, (*WEDGE_QUERIES[:2], *NUDGE))
+        ask_monitor(self, (*self.queries[:2], *self.nudge_commands))
 
     def publish_steal(self, now: float) -> None:
         """Rewrite :data:`STEAL_FILE` with the vCPU's runqueue wait, once a second."""

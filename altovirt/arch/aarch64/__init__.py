@@ -18,14 +18,34 @@ from ..board import BoardDevice
 from . import gic, layout, regs
 from .boot import BootPlan, Firmware, KernelError, mpidr
 from .boot import prepare as load_kernel
-from .layout import mmio_slot, ram_regions
+from .layout import POWER_BUTTON_LINE, mmio_slot, ram_regions
 from .poweron import PowerOnState, snapshot_registers
 from .poweron import restore as restore_state
 from .poweron import save as save_state
 
-__all__ = ["BOARD", "REQUIRED_CAPS", "VMGENID_ADDR", "BootPlan", "Firmware", "FirmwareDevices", "KernelError",
-           "PowerOnState", "build_firmware", "create_irqchip", "load_kernel", "mmio_slot", "ram_regions",
-           "restore_state", "save_state", "setup_boot_regs", "setup_vcpus", "snapshot_registers"]
+__all__ = [
+    "BOARD",
+    "POWER_BUTTON_LINE",
+    "REQUIRED_CAPS",
+    "VMGENID_ADDR",
+    "BootPlan",
+    "Firmware",
+    "FirmwareDevices",
+    "KernelError",
+    "PowerOnState",
+    "build_firmware",
+    "create_irqchip",
+    "load_kernel",
+    "mmio_slot",
+    "ram_regions",
+    "read_clock",
+    "restore_state",
+    "save_state",
+    "setup_boot_regs",
+    "setup_vcpus",
+    "snapshot_registers",
+    "write_clock",
+]
 
 REQUIRED_CAPS = ("KVM_CAP_IRQCHIP", "KVM_CAP_USER_MEMORY", "KVM_CAP_ONE_REG", "KVM_CAP_DEVICE_CTRL",
                  "KVM_CAP_ARM_PSCI_0_2", "KVM_CAP_MP_STATE", "KVM_CAP_IRQ_ROUTING", "KVM_CAP_IRQFD",
@@ -36,6 +56,7 @@ VMGENID_ADDR = None
 BOARD = {
     "uart": BoardDevice(layout.UART_BASE, layout.PL0X1_SIZE, gic.spi_line(layout.UART_SPI)),
     "rtc": BoardDevice(layout.RTC_BASE, layout.PL0X1_SIZE),
+    "gpio": BoardDevice(layout.GPIO_BASE, layout.PL0X1_SIZE, gic.spi_line(layout.GPIO_SPI)),
     "boot-timer": BoardDevice(layout.BOOT_TIMER_BASE, 4),
 }
 
@@ -50,6 +71,18 @@ class FirmwareDevices:
 
 def build_firmware(cpus: int, devices: FirmwareDevices) -> Firmware:
     return Firmware(tuple(devices.virtio))
+
+
+def read_clock(vm: Vm, vcpus: Sequence[Vcpu]) -> int:
+    """The guest's clock (its virtual counter, CNTVCT_EL0), to hold across a pause."""
+    return vcpus[0].get_one_reg(regs.KVM_REG_ARM_TIMER_CNT)
+
+
+def write_clock(vm: Vm, vcpus: Sequence[Vcpu], value: int) -> None:
+    """The virtual counter set back to ``value`` on every vCPU, as QEMU does on resume
+    (kvm_arm_put_virtual_time): the guest sees no jump over the pause."""
+    for vcpu in vcpus:
+        vcpu.set_one_reg(regs.KVM_REG_ARM_TIMER_CNT, value)
 
 
 def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> None:

@@ -3,9 +3,9 @@
 
 What it holds follows QEMU's virt machine (hw/arm/virt.c) and the kernel's bindings
 (Documentation/devicetree/bindings/): the memory, the CPUs by MPIDR with PSCI as their
-enable method, the GICv3, the architected timer, the PL011 UART and PL031 RTC with their
-APB clock, every virtio-mmio slot in use, and ``/chosen`` with the command line, the initrd
-and seeds for the guest's RNG and KASLR.
+enable method, the GICv3, the architected timer, the PL011 UART, PL031 RTC and PL061 GPIO
+with their APB clock, the power button on a GPIO line, every virtio-mmio slot in use, and
+``/chosen`` with the command line, the initrd and seeds for the guest's RNG and KASLR.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ IRQ_TYPE_LEVEL_HIGH = 4
 # phandles the nodes refer to each other by.
 PHANDLE_GIC = 1
 PHANDLE_APB_CLOCK = 2
+PHANDLE_GPIO = 3
 APB_CLOCK_HZ = 24_000_000           # the rate QEMU's virt gives its "clk24mhz"
 
 
@@ -120,11 +121,22 @@ def build(inputs: DeviceTreeInputs) -> bytes:
     node("apb-pclk", {"compatible": "fixed-clock", "#clock-cells": 0, "clock-frequency": APB_CLOCK_HZ,
                       "clock-output-names": "clk24mhz", "phandle": PHANDLE_APB_CLOCK})
     for name, base, spi, clocks in (("pl011", layout.UART_BASE, layout.UART_SPI, ("uartclk", "apb_pclk")),
-                                    ("pl031", layout.RTC_BASE, layout.RTC_SPI, ("apb_pclk",))):
+                                    ("pl031", layout.RTC_BASE, layout.RTC_SPI, ("apb_pclk",)),
+                                    ("pl061", layout.GPIO_BASE, layout.GPIO_SPI, ("apb_pclk",))):
+        extra: dict[str, bytes | str | int] = {}
+        if name == "pl061":
+            extra = {"gpio-controller": b"", "#gpio-cells": 2, "phandle": PHANDLE_GPIO}
         node(f"{name}@{base:x}", {
             "compatible": _strings(f"arm,{name}", "arm,primecell"), "reg": _reg((base, layout.PL0X1_SIZE)),
             "interrupts": _cells(GIC_FDT_IRQ_TYPE_SPI, spi, IRQ_TYPE_LEVEL_HIGH),
-            "clocks": _cells(*(PHANDLE_APB_CLOCK for _ in clocks)), "clock-names": _strings(*clocks)})
+            "clocks": _cells(*(PHANDLE_APB_CLOCK for _ in clocks)), "clock-names": _strings(*clocks),
+            **extra})
+    # The power button: a key on the GPIO line, as QEMU's virt has it (gpio-keys.yaml).
+    fdt.begin_node("gpio-keys")
+    fdt.property_string("compatible", "gpio-keys")
+    node("poweroff", {"label": "GPIO Key Poweroff", "linux,code": layout.KEY_POWER,
+                      "gpios": _cells(PHANDLE_GPIO, layout.POWER_BUTTON_LINE, 0)})
+    fdt.end_node()
 
     # virtio-mmio interrupts are edges, as QEMU's virt and Firecracker declare them: an irqfd
     # raises one, and the driver reads InterruptStatus to learn why.

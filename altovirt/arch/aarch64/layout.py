@@ -33,7 +33,9 @@ TIMER_PPIS = (13, 14, 11, 10)
 
 UART_BASE, UART_SPI = 0x0900_0000, 1       # PL011
 RTC_BASE, RTC_SPI = 0x0901_0000, 2         # PL031
-GPIO_BASE, GPIO_SPI = 0x0903_0000, 7       # PL061, with the power button on line 3
+GPIO_BASE, GPIO_SPI = 0x0903_0000, 7       # PL061
+POWER_BUTTON_LINE = 3                      # its line the power button (gpio-keys) is on
+KEY_POWER = 116                            # <linux/input-event-codes.h>
 PL0X1_SIZE = 0x1000
 # The boot timer (altovirt.devices.legacy.boottimer) on a page QEMU's virt leaves empty.
 BOOT_TIMER_BASE = 0x090C_0000

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...acpi.tables import PowerRegisters, ResetRegister
-from ...kvm import Vm
+from ...kvm import Vcpu, Vm
+from ...kvm import structs as S
 from ..board import BoardDevice
 from . import acpi, layout
 from .boot import BootPlan, Firmware, setup_boot_regs, setup_vcpus
@@ -27,12 +28,33 @@ from .poweron import restore as restore_state
 from .poweron import save as save_state
 from .poweron import snapshot_msrs as snapshot_registers
 
-__all__ = ["BOARD", "REQUIRED_CAPS", "VMGENID_ADDR", "BootPlan", "Firmware", "FirmwareDevices", "KernelError",
-           "PowerOnState", "build_firmware", "create_irqchip", "load_kernel", "mmio_slot", "ram_regions",
-           "restore_state", "save_state", "setup_boot_regs", "setup_vcpus", "snapshot_registers"]
+__all__ = [
+    "BOARD",
+    "POWER_BUTTON_LINE",
+    "REQUIRED_CAPS",
+    "VMGENID_ADDR",
+    "BootPlan",
+    "Firmware",
+    "FirmwareDevices",
+    "KernelError",
+    "PowerOnState",
+    "build_firmware",
+    "create_irqchip",
+    "load_kernel",
+    "mmio_slot",
+    "ram_regions",
+    "read_clock",
+    "restore_state",
+    "save_state",
+    "setup_boot_regs",
+    "setup_vcpus",
+    "snapshot_registers",
+    "write_clock",
+]
 
 # A PC's own devices are on port I/O, where the devices' modules say (COM1, the i8042, ...).
 BOARD: dict[str, BoardDevice] = {}
+POWER_BUTTON_LINE: int | None = None       # the power button is ACPI's
 # The KVM capabilities this machine relies on (<linux/kvm.h> KVM_CAP_* names).
 REQUIRED_CAPS = ("KVM_CAP_IRQCHIP", "KVM_CAP_HLT", "KVM_CAP_USER_MEMORY", "KVM_CAP_EXT_CPUID",
                  "KVM_CAP_MP_STATE", "KVM_CAP_IRQ_ROUTING", "KVM_CAP_IRQFD", "KVM_CAP_PIT2",
@@ -57,6 +79,16 @@ def build_firmware(cpus: int, devices: FirmwareDevices) -> Firmware:
     tables = None if devices.power is None else acpi.build(cpus, devices.dsdt, devices.power,
                                                            devices.boot_flags)
     return Firmware(tables, devices.reset)
+
+
+def read_clock(vm: Vm, vcpus: Sequence[Vcpu]) -> int:
+    """The guest's clock (the kvmclock, in ns), to hold across a pause."""
+    return vm.get_clock().clock
+
+
+def write_clock(vm: Vm, vcpus: Sequence[Vcpu], value: int) -> None:
+    """The guest's clock set back to ``value`` (what :func:`read_clock` said): no jump."""
+    vm.set_clock(S.kvm_clock_data(clock=value))
 
 
 def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> None:
