@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +29,24 @@ class PackageError(RuntimeError):
     """A package cannot be found, downloaded or unpacked; the message is one line."""
 
 
+# apt-cache reads lists that an apt-get update elsewhere (on the host, which a native L1
+# shares) may be rewriting: it then calls them corrupted until the update is done.
+APT_CACHE_TRIES, APT_CACHE_WAIT = 6, 10.0
+
+
 def _run(*cmd: str, cwd: Path | None = None) -> str:
-    try:
-        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise PackageError(f"{cmd[0]}: not installed (run ./scripts/setup)") from None
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["no message"])[-1]
-        raise PackageError(f"{' '.join(cmd)}: {last}")
-    return p.stdout
+    for attempt in range(APT_CACHE_TRIES if cmd[0] == "apt-cache" else 1):
+        try:
+            p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            raise PackageError(f"{cmd[0]}: not installed (run ./scripts/setup)") from None
+        if p.returncode == 0:
+            return p.stdout
+        if "corrupted" not in p.stderr or attempt == APT_CACHE_TRIES - 1:
+            break
+        time.sleep(APT_CACHE_WAIT)
+    last = (p.stderr.strip().splitlines() or ["no message"])[-1]
+    raise PackageError(f"{' '.join(cmd)}: {last}")
 
 
 @functools.cache
@@ -150,11 +160,12 @@ def _image_package(meta: str, deb: str) -> str | None:
 
 def kernel(arch: arches.Arch = arches.X86_64) -> Kernel:
     """The kernel that ``arch``'s meta-package (``linux-image-amd64``) currently depends on,
-    unpacked.  In a foreign test bed L1, which has no apt, the one the host named in
-    ``TESTBED_KERNEL`` (tests/testbed/l1.py), if it is of ``arch``."""
+    unpacked.  In a test bed's L1, the one the host named in ``TESTBED_KERNEL``
+    (tests/testbed/l1.py), if it is of ``arch``: a foreign L1 has no apt, and a native one
+    must not race the host's apt for its lists."""
     meta, deb = arch.kernel_meta, arch.deb
     given = os.environ.get("TESTBED_KERNEL")
-    if given and shutil.which("apt-cache") is None:
+    if given:
         vmlinuz = Path(given)
         release = vmlinuz.name.removeprefix("vmlinuz-")
         if release.endswith(f"-{deb}"):

@@ -297,11 +297,14 @@ def shares(arch: Arch, cwd: Path, out_dir: Path) -> list[tuple[str, Path]]:
 
 
 def guest_assets(kern: debian.Kernel, arch: Arch) -> dict[str, str]:
-    """What the command in a foreign L1 is told of the guests' (L2) kernel, L1's own, and
-    their default initramfs (``TESTBED_KERNEL``, ``TESTBED_INITRD``), built here: that L1 has
-    neither apt nor the cross compiler to find or build them (debian.kernel reads the first)."""
+    """What the command in L1 is told of the guests' (L2) kernel, L1's own (``TESTBED_KERNEL``,
+    which debian.kernel reads), and in a foreign L1 their default initramfs too
+    (``TESTBED_INITRD``), built here: that L1 has neither apt nor the cross compiler to find or
+    build them. A native L1 reads the host's apt lists, which the host may be rewriting (an
+    ``apt-get update`` beside a run once made ``apt-cache`` in L1 call them corrupted): it
+    need not ask apt either."""
     if arch.native:
-        return {}
+        return {"TESTBED_KERNEL": str(kern.vmlinuz)}
     try:
         initrd = guest_initramfs.build(kern)
     except guest_initramfs.BuildError as err:
