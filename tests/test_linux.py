@@ -14,13 +14,14 @@ from __future__ import annotations
 import compileall
 import os
 import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from .conftest import HARDWARE_VIRT_PROBLEM, ROOT
+from .conftest import GUEST, HARDWARE_VIRT_PROBLEM, ROOT
 from .testbed import arch, debian, initramfs, l1
 
 # (the bed's architecture, the directory of its modules, the Python that runs them in L1):
@@ -53,9 +54,11 @@ def _why_not(bed: arch.Arch) -> str | None:
 def warm_caches() -> None:
     """Do on the host, once, what every L1 boot would otherwise redo at TCG speed: compile
     the repository's Python to bytecode (L1 reads the host's files, and its own writes go to a
-    tmpfs that ends with it) and build the guests' default initramfs into the bed's cache."""
+    tmpfs that ends with it), build the probe guests (tests/linux_arm64 boots the arm64 one)
+    and the guests' default initramfs into the bed's cache."""
     for tree in ("altovirt", "tests"):
         compileall.compile_dir(ROOT / tree, quiet=1)
+    subprocess.run(["make", "-s", "-C", str(GUEST)], check=True, capture_output=True)
     initramfs.build(debian.kernel())        # the arm64 bed builds its guest's on every run
 
 

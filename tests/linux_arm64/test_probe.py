@@ -1,0 +1,79 @@
+"""The bundled probe (guest/probe-arm64.Image) under AltoVirt on arm64 KVM: the fast proof of
+the board's exit paths, as tests/test_probe_arm64.py proves the probe itself on QEMU's virt.
+What differs from QEMU there is what a VMM must do: the boot timer and the unclaimed page are
+MMIO exits AltoVirt answers (no abort reaches the guest), and its slots are in its own order."""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from ..conftest import GUEST, ProbeReport
+from ..test_probe_arm64 import RAM_BASE, TEXT_OFFSET, blk_words, run_interactive
+
+GIC_SPI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SPI = 32, 0x0A000000, 0x200, 16
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_probe_under_altovirt(tmp_path: Path) -> None:
+    image = GUEST / "probe-arm64.Image"
+    assert image.exists(), "the host builds guest/probe-arm64.Image (make -C guest) before the bed runs"
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(os.urandom(200_000))
+    disk = tmp_path / "disk.img"
+    disk_data = os.urandom(1 << 20)
+    disk.write_bytes(disk_data)
+    console = tmp_path / "con.sock"
+    tests = "info,smp,rng,blk,console,echo"
+    cmdline = f"console=ttyAMA0 probe.run={tests}"
+    cmd = [sys.executable, "-m", "altovirt", "-kernel", str(image), "-smp", "2", "-m", "256M",
+           "-initrd", str(initrd), "-drive", f"id=d0,file={disk},serial=disk0", "-device", "virtio-rng",
+           "-chardev", f"id=c0,path={console}", "-append", cmdline, "-serial", "stdio",
+           "-D", str(tmp_path / "vmm.log")]
+    code, out, err = run_interactive(cmd, console, timeout=300)
+    r = ProbeReport.parse(out)
+    assert r.done == "ok", out + err
+    assert code == 0, err                           # PSCI SYSTEM_OFF ends the VMM with 0
+    assert r.tests == dict.fromkeys(tests.split(","), "ok")
+
+    # boot: the Image at its text_offset, what AltoVirt's device tree says
+    assert r.line("boot=") == f"boot=image load={RAM_BASE + TEXT_OFFSET:#x}"
+    assert r.values["cmdline"] == cmdline
+    assert r.line("memory ") == f"memory {RAM_BASE:#x} {256 << 20:#x}"
+    assert r.line("cpus ").startswith("cpus count=2 bsp=0x0 psci=hvc psci-version=1.")
+    assert r.line("uart") == "uart pl011 0x9000000"
+    words = dict(w.split("=") for w in r.line("initrd").split()[1:])
+    data = initrd.read_bytes()
+    assert int(words["size"]) == len(data) and int(words["crc32"], 16) == zlib.crc32(data)
+    dtb = r.line("dtb ").split()
+    assert int(dtb[1], 16) % 8 == 0 and dtb[3] == "version=17" and dtb[4] == "el=1"
+
+    # AltoVirt's slots: the disk, the console, the entropy device, in that order from the first
+    found = {}
+    for ln in r.lines:
+        if ln.startswith("probe: virtio-mmio "):
+            _, _, base, irq, dev_id = ln.split()
+            i = (int(base, 16) - VIRTIO_MMIO_BASE) // VIRTIO_MMIO_SIZE
+            assert irq == f"irq={GIC_SPI_BASE + VIRTIO_MMIO_SPI + i}"
+            found[int(dev_id.split("=")[1])] = i
+    assert found == {2: 0, 3: 1, 4: 2}
+
+    # the boot timer and the unclaimed page are MMIO exits AltoVirt answers: no abort
+    assert not [ln for ln in r.lines if ln.startswith("probe: abort ")], out
+    assert r.line("mmio-gap") == "mmio-gap read=0xffffffff"
+    assert r.line("boottimer") == "boottimer 1 2"
+    assert "boot timer" in (tmp_path / "vmm.log").read_text()
+
+    assert r.line("smp ") == "smp cpus=2 expected=2 bsp=0x0"
+    assert r.line("ap ") == "ap 1 mpidr=0x1 up"
+    assert r.line("rng irq=").startswith(f"rng irq={GIC_SPI_BASE + VIRTIO_MMIO_SPI + 2} bytes=4096 nonzero=")
+    blk = blk_words(r.line("blk0 "))
+    assert blk["read-crc32"] == f"{zlib.crc32(disk_data[:4096]):#x}" and blk["serial"] == "disk0"
+    assert {k: blk[k] for k in ("read", "write", "flush", "readback", "oob", "unknown")} == \
+        {"read": "ok", "write": "ok", "flush": "ok", "readback": "ok", "oob": "ioerr", "unknown": "unsupp"}
+    assert r.line("console rx=") == "console rx=ping from the host"
+    assert r.line("echo hello") == "echo hello from the host"
