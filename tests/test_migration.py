@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -386,6 +387,16 @@ def _other_version(state: bytes) -> bytes:
     return state[:8] + (99).to_bytes(4, "little") + state[12:]
 
 
+def _other_machine(state: bytes) -> bytes:
+    """The state as an arm64 host would have saved it: the header says so (its CRC redone)."""
+    head_len = int.from_bytes(state[12:16], "little")
+    head = json.loads(state[16:16 + head_len])
+    assert head["machine"] == "x86_64"
+    new = json.dumps({**head, "machine": "aarch64"}).encode()
+    return (state[:12] + len(new).to_bytes(4, "little") + new + zlib.crc32(new).to_bytes(4, "little")
+            + state[16 + head_len + 4:])
+
+
 BAD: list[tuple[str, Callable[[Path], object], list[str], str]] = [
     ("truncated", lambda d: (d / "state").write_bytes((d / "state").read_bytes()[:-40]), [],
      r"state: truncated in section \S+$"),
@@ -399,6 +410,8 @@ BAD: list[tuple[str, Callable[[Path], object], list[str], str]] = [
     ("ram-size", lambda d: None, ["-m", "512M"],
      r"header: 268435456 bytes of RAM saved; this VM has 536870912"),
     ("vcpus", lambda d: None, ["-smp", "1"], r"header: 2 vCPUs saved; this VM has 1 \(-smp\)$"),
+    ("machine", lambda d: (d / "state").write_bytes(_other_machine((d / "state").read_bytes())), [],
+     r"header: saved on an aarch64 host; this x86_64 host cannot run it$"),
 ]
 
 
