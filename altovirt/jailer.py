@@ -233,6 +233,9 @@ def import_everything() -> None:
             importlib.import_module(mod.name)
     for name in seccomp.LAZY_MODULES:
         importlib.import_module(name)
+    # What an arm64 VM imports only as it boots: the device tree's writer, a gzip'd kernel's.
+    for name in ("libfdt", "zlib") if os.uname().machine == "aarch64" else ():
+        importlib.import_module(name)
     seccomp.prepare()                           # the filters' cache, or their compiler
     boottimer.process_start_monotonic()         # cached: /proc is not in the jail
 
@@ -420,3 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run() -> NoReturn:
     """The console-script entry point (see errors.exit_now)."""
     exit_now(main())
+
+
+if __name__ == "__main__":          # python -m altovirt.jailer, where no console script runs
+    run()

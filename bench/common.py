@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,20 +19,28 @@ def prepare() -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "altovirt")], check=True)
 
 
+def _venv_runs() -> bool:
+    """Whether the README's .venv runs here: its interpreter is there (not in the arm64 test
+    bed, whose root is not the host's that the .venv was made on)."""
+    return (ROOT / ".venv" / "bin" / "python").resolve().exists()
+
+
 def altovirt() -> list[str]:
     """The console script from the README's setup, else the package run by this interpreter."""
     exe = ROOT / ".venv" / "bin" / "altovirt"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "altovirt"]
+    return [str(exe)] if _venv_runs() else [sys.executable, "-m", "altovirt"]
 
 
 def altovirt_python() -> list[str]:
     """The interpreter the console script runs (the README's setup), else this one."""
     exe = ROOT / ".venv" / "bin" / "python"
-    return [str(exe)] if exe.exists() else [sys.executable]
+    return [str(exe)] if _venv_runs() else [sys.executable]
 
 
 def qemu() -> str:
-    exe = shutil.which("qemu-system-x86_64")
+    """QEMU for this machine: qemu-system-x86_64 or qemu-system-aarch64."""
+    name = f"qemu-system-{os.uname().machine}"
+    exe = shutil.which(name)
     if exe is None:
-        raise SystemExit("bench: qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+        raise SystemExit(f"bench: {name} not found (./scripts/setup installs it)")
     return exe

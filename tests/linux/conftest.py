@@ -62,13 +62,18 @@ def altovirt_argv(kernel: debian.Kernel, initrd: Path, *args: str, append: str =
 
 def qemu_argv(kernel: debian.Kernel, initrd: Path, *args: str, append: str = "", cpus: int = 1,
               mem: str = "512M") -> list[str]:
-    """QEMU microvm (ACPI on, as AltoVirt) on the same KVM, for the reference runs."""
-    qemu = shutil.which("qemu-system-x86_64")
+    """QEMU on the same KVM, for the reference runs: microvm (ACPI on, as AltoVirt) on x86,
+    virt with a GICv3 (a device tree, as AltoVirt) on arm64; virtio-mmio version 2 on both."""
+    if ARCH.name == "x86_64":
+        qemu, machine = shutil.which("qemu-system-x86_64"), ["-M", "microvm"]
+    else:
+        qemu, machine = shutil.which("qemu-system-aarch64"), ["-M", "virt,gic-version=3", "-no-reboot",
+                                                               "-global", "virtio-mmio.force-legacy=false"]
     assert qemu is not None
-    return [qemu, "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", str(cpus), "-m", mem,
+    return [qemu, *machine, "-accel", "kvm", "-cpu", "host", "-smp", str(cpus), "-m", mem,
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
             "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
-            "-append", f"{guest.APPEND} {append}".strip(), *args]
+            "-append", f"{ARCH.guest_append} {append}".strip(), *args]
 
 
 class Qmp:

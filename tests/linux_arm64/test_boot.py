@@ -2,15 +2,16 @@
 tree describes the board (GICv3, PSCI, the architected timer, the PL011 and PL031), the serial
 console works both ways, a snapshot is refused cleanly (not there yet on arm64), QMP
 system_reset boots Linux again, and a guest's poweroff and reboot
-(PSCI SYSTEM_OFF and SYSTEM_RESET) end the VMM with status 0."""
+(PSCI SYSTEM_OFF and SYSTEM_RESET) end the VMM with status 0, the latter in the jailer."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from ..linux.conftest import Qmp, altovirt_argv, migration_ends
+from ..linux.conftest import ARCH, Qmp, altovirt_argv, migration_ends
 from ..testbed import debian, guest
 
 BOOT_TIMEOUT = 400               # seconds: a boot takes 20-60 s in the arm64 test bed
@@ -55,10 +56,14 @@ def test_one_vcpu_console_reset_and_poweroff(kernel: debian.Kernel, initrd: Path
         assert "reboot: Power down" in g.serial
 
 
-def test_two_vcpus_and_a_guest_reboot(kernel: debian.Kernel, initrd: Path, tmp_path: Path) -> None:
-    """The secondary vCPU comes up through PSCI CPU_ON; the guest's reboot (PSCI SYSTEM_RESET)
-    ends the VMM with 0."""
-    argv = altovirt_argv(kernel, initrd, "-smp", "2", "-m", "512M")
+def test_two_vcpus_and_a_guest_reboot_through_the_jailer(kernel: debian.Kernel, initrd: Path,
+                                                         tmp_path: Path) -> None:
+    """As uid 4242 in the jail: the secondary vCPU comes up through PSCI CPU_ON; the guest's
+    reboot (PSCI SYSTEM_RESET) ends the VMM with 0."""
+    argv = [sys.executable, "-m", "altovirt.jailer", "--id", "linux-1", "--uid", "4242", "--gid", "4242",
+            "--chroot-base-dir", str(tmp_path / "jails"), "--source", str(kernel.vmlinuz), str(initrd), "--",
+            "-kernel", kernel.vmlinuz.name, "-initrd", initrd.name, "-append", ARCH.guest_append,
+            "-smp", "2", "-m", "512M", "-serial", "stdio"]
     with guest.LinuxGuest(argv, log_path=tmp_path / "serial.log") as g:
         g.wait_ready(BOOT_TIMEOUT)
         assert g.check("nproc").strip() == "2"

@@ -75,7 +75,8 @@ def candidate(name: str, arch: str | None = None) -> str:
 
 
 def download(packages: Iterable[tuple[str, str]], arch: str | None = None) -> tuple[Path, list[Path]]:
-    """Download ``(name, version)`` packages of ``arch`` with one ``apt-get download`` into a
+    """Download ``(name, version)`` packages of ``arch`` (None: as named, ``name:arm64`` or
+    native) with one ``apt-get download`` into a
     fresh directory of their own under ``CACHE/debs``: (that directory, the .deb files in the
     order given).  The caller removes the directory.  A private directory, so that concurrent
     downloads (another test bed, another architecture) never take each other's files."""
@@ -87,7 +88,7 @@ def download(packages: Iterable[tuple[str, str]], arch: str | None = None) -> tu
         _run("apt-get", "download", "-qq", *(f"{qualified(n, arch)}={v}" for n, v in wanted), cwd=tmp)
         files = []
         for name, _ in wanted:
-            deb = next(tmp.glob(f"{name}_*.deb"), None)
+            deb = next(tmp.glob(f"{name.split(':')[0]}_*.deb"), None)
             if deb is None:
                 raise PackageError(f"{qualified(name, arch)}: apt-get download left no .deb")
             files.append(deb)

@@ -42,13 +42,15 @@ PACKAGES: tuple[str, ...] = (
     "python3-minimal", "python3-libfdt", "libfdt1", "iproute2", "socat",
     # What tests/linux's devices module uses on the host side: ext4 images, Xen's store tools.
     "e2fsprogs", "xenstore-utils",
+    # The reference VMM, QEMU's virt machine on L1's KVM (bench/linux.py --arch aarch64).
+    "qemu-system-arm",
 )
 # Dependencies left out: used by maintainer scripts (which never run here), data files Python
 # does without (mime types, inputrc, /etc/netconfig), documentation, and capabilities' tools.
 SKIP = frozenset({
     "debconf", "debconf-2.0", "cdebconf", "dpkg", "perl-base", "perl", "tar", "install-info",
     "media-types", "mime-support", "mailcap", "readline-common", "libtirpc-common", "libcap2-bin",
-    "gcc-12-base",
+    "gcc-12-base", "adduser", "passwd", "iso-codes", "libdrm-common",
 })
 # Where busybox's applets may go, in L1's PATH order: an applet is linked only when no package
 # put a program of that name in any of them.
@@ -165,8 +167,10 @@ def root(arch: arches.Arch) -> Path:
 
 def _build(tmp: Path, wanted: Mapping[str, str], applets: list[str], deb: str) -> None:
     """Fill ``tmp`` with the packages ``wanted`` ({apt name: version}) and the rest of the root."""
-    names = [(_bare(n), v) for n, v in wanted.items()]
-    where, files = debian.download(names, deb)
+    # As apt names them: "name:arm64", or a bare name for an Architecture: all package, which
+    # apt does not know as "name:arm64".
+    names = list(wanted.items())
+    where, files = debian.download(names)
     try:
         for (name, _), path in zip(names, files, strict=True):
             if not path.name.endswith((f"_{deb}.deb", "_all.deb")):
