@@ -13,6 +13,8 @@ import collections
 import threading
 from collections.abc import Callable
 
+from .level import LevelLine
+
 # Register offsets (TRM 3.2).
 UARTDR = 0x000
 UARTRSR = 0x004
@@ -48,10 +50,9 @@ class Pl011:
 
     def __init__(self, out: Callable[[bytes], object] | None, irq: Callable[[bool], None]) -> None:
         self._out = out
-        self._irq = irq
+        self._irq = LevelLine(irq)
         self._lock = threading.Lock()
         self._rx: collections.deque[int] = collections.deque()
-        self._level = False
         self.lcr_h = 0
         self.cr = CR_RESET
         self.ibrd = self.fbrd = self.ilpr = self.dmacr = 0
@@ -67,20 +68,12 @@ class Pl011:
             if self._rx:
                 self.ris |= INT_RX | INT_RT
             level = self._update()
-        self._drive(level)
+        self._irq.drive(level)
 
     # --- guest side ---
     def _update(self) -> bool | None:
         """The new level of the line, or None if it does not change (under the lock)."""
-        level = bool(self.ris & self.imsc)
-        if level == self._level:
-            return None
-        self._level = level
-        return level
-
-    def _drive(self, level: bool | None) -> None:
-        if level is not None:
-            self._irq(level)
+        return self._irq.change(bool(self.ris & self.imsc))
 
     def read(self, offset: int, size: int) -> int:
         with self._lock:
@@ -91,7 +84,7 @@ class Pl011:
                 level = self._update()
             else:
                 return self._register(offset)
-        self._drive(level)
+        self._irq.drive(level)
         return value
 
     def _register(self, offset: int) -> int:
@@ -140,4 +133,4 @@ class Pl011:
             level = self._update()
         if out is not None and self._out is not None:
             self._out(out)
-        self._drive(level)
+        self._irq.drive(level)

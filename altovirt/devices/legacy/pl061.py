@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from .level import LevelLine
+
 # Register offsets (TRM 3.2). GPIODATA spans 0x000-0x3FC: address bits 9:2 mask the access.
 GPIODATA_END = 0x400
 GPIODIR, GPIOIS, GPIOIBE, GPIOIEV, GPIOIE, GPIORIS, GPIOMIS, GPIOIC, GPIOAFSEL = range(0x400, 0x424, 4)
@@ -23,9 +25,8 @@ class Pl061:
     """Eight input lines. ``irq(level)`` drives the interrupt line."""
 
     def __init__(self, irq: Callable[[bool], None]) -> None:
-        self._irq = irq
+        self._irq = LevelLine(irq)
         self._lock = threading.Lock()
-        self._level = False
         self.inputs = 0         # the lines' levels, as driven from outside
         self.data = 0           # what the guest wrote (output lines: none are driven)
         self.dir = self.isense = self.ibe = self.iev = self.ie = self.ris = self.afsel = 0
@@ -45,7 +46,7 @@ class Pl061:
                 if self.ibe & bit or rising == bool(self.iev & bit):
                     self.ris |= bit
             level = self._update()
-        self._drive(level)
+        self._irq.drive(level)
 
     def pulse(self, line: int) -> None:
         """Press and release: the line high, then low again."""
@@ -59,15 +60,7 @@ class Pl061:
         self.ris = (self.ris & ~self.isense) | (at_level & self.isense)
 
     def _update(self) -> bool | None:
-        level = bool(self.ris & self.ie)
-        if level == self._level:
-            return None
-        self._level = level
-        return level
-
-    def _drive(self, level: bool | None) -> None:
-        if level is not None:
-            self._irq(level)
+        return self._irq.change(bool(self.ris & self.ie))
 
     def read(self, offset: int, size: int) -> int:
         with self._lock:
@@ -95,4 +88,4 @@ class Pl061:
                 setattr(self, name, value)
             self._level_lines()
             level = self._update()
-        self._drive(level)
+        self._irq.drive(level)
