@@ -6,6 +6,7 @@ MMIO exits AltoVirt answers (no abort reaches the guest), and its slots are in i
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -77,3 +78,14 @@ def test_probe_under_altovirt(tmp_path: Path) -> None:
         {"read": "ok", "write": "ok", "flush": "ok", "readback": "ok", "oob": "ioerr", "unknown": "unsupp"}
     assert r.line("console rx=") == "console rx=ping from the host"
     assert r.line("echo hello") == "echo hello from the host"
+
+
+def test_254_vcpus_past_the_low_redistributors() -> None:
+    """StratoVirt's limit: 123 vCPUs' redistributors fit below the UART, as in QEMU's virt; the
+    rest are in a second region above RAM, and PSCI CPU_ON brings every one up."""
+    p = subprocess.run([sys.executable, "-m", "altovirt", "-kernel", str(GUEST / "probe-arm64.Image"),
+                        "-smp", "254", "-m", "256M", "-append", "probe.run=smp", "-serial", "stdio"],
+                       capture_output=True, text=True, timeout=500, stdin=subprocess.DEVNULL)
+    r = ProbeReport.parse(p.stdout)
+    assert p.returncode == 0 and r.done == "ok", p.stdout[-2000:] + p.stderr
+    assert r.line("smp ") == "smp cpus=254 expected=254 bsp=0x0"
