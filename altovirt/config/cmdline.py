@@ -28,7 +28,7 @@ from .model import (
     IncomingConfig,
     VmConfig,
 )
-from .validate import check_api_channel, parse_bool, parse_int, parse_migration_uri, parse_size
+from .validate import check_api_channel, parse_acpi, parse_bool, parse_int, parse_migration_uri, parse_size
 
 USAGE = """\
 usage: altovirt -kernel PATH [-append CMDLINE] [-initrd PATH] [-smp [cpus=]N] [-m SIZE]
@@ -95,7 +95,7 @@ def _machine(cfg: VmConfig, v: str) -> None:
     if "mem-share" in kv:               # on: RAM a shared memfd, that vhost-user back ends map
         cfg.mem_share = parse_bool("-machine mem-share", kv["mem-share"])
     if "acpi" in kv:
-        cfg.acpi = parse_bool("-machine acpi", kv["acpi"])
+        cfg.acpi = parse_acpi("-machine acpi", kv["acpi"])
     if "dump-guest-core" in kv:         # off: guest RAM left out of core dumps, as -omit_vm_memory
         cfg.omit_vm_memory = not parse_bool("-machine dump-guest-core", kv["dump-guest-core"])
 

@@ -22,7 +22,16 @@ from .model import (
     VmConfig,
     VsockConfig,
 )
-from .validate import check_id, check_mac, check_tap, parse_bool, parse_int, parse_migration_uri, parse_size
+from .validate import (
+    check_id,
+    check_mac,
+    check_tap,
+    parse_acpi,
+    parse_bool,
+    parse_int,
+    parse_migration_uri,
+    parse_size,
+)
 
 SECTIONS = {"boot-source", "machine-config", "drive", "net", "console", "serial", "vsock", "rng",
             "xenstore", "incoming"}
@@ -102,7 +111,7 @@ def from_dict(doc: Any) -> VmConfig:
         if "omit_vm_memory" in mc:
             cfg.omit_vm_memory = _bool(f"{w}.omit_vm_memory", mc["omit_vm_memory"])
         if "acpi" in mc:
-            cfg.acpi = _bool(f"{w}.acpi", mc["acpi"])
+            cfg.acpi = parse_acpi(f"{w}.acpi", _bool(f"{w}.acpi", mc["acpi"]))
     for i, d in enumerate(_list("drive", top.get("drive", []))):
         w = f"drive[{i}]"
         d = _obj(w, d, {"drive_id", "path_on_host"}, {"direct", "read_only", "serial_num"})

@@ -3,9 +3,14 @@ JSON front ends, consumed by the VM builder."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ..errors import EXIT_USAGE, AltoVirtError
+
+# The host's machine, read once: a configuration may be made on a confined thread (an API
+# request), where uname is not among the allowed system calls.
+MACHINE = os.uname().machine
 
 MiB, GiB = 1 << 20, 1 << 30
 VCPUS_MIN, VCPUS_MAX = 1, 254
@@ -114,7 +119,9 @@ class VmConfig:
     mem_size: int = DEFAULT_MEM
     omit_vm_memory: bool = False
     mem_share: bool = False              # RAM a shared memfd, for vhost-user back ends
-    acpi: bool = True                    # ACPI tables; off: the MP table and the command line only
+    # ACPI tables (x86_64's; off: the MP table and the command line only); an arm64 VM has its
+    # device tree instead.
+    acpi: bool = MACHINE == "x86_64"
     drives: list[DriveConfig] = field(default_factory=list)
     nets: list[NetConfig] = field(default_factory=list)
     console: ConsoleConfig | None = None

@@ -13,6 +13,7 @@ import socket
 import stat
 
 from .model import (
+    MACHINE,
     MAX_DRIVES,
     MAX_NICS,
     MEM_MAX,
@@ -52,6 +53,16 @@ def parse_bool(where: str, text: str | bool) -> bool:
     if low in FALSE:
         return False
     raise ConfigError(f"{where}: invalid boolean {text!r}; use on/off or true/false")
+
+
+def parse_acpi(where: str, text: str | bool) -> bool:
+    """An explicit ACPI setting: on is for x86_64 VMs; an aarch64 VM describes itself in a
+    device tree (ACPI for arm64 is not there yet)."""
+    on = parse_bool(where, text)
+    if on and MACHINE != "x86_64":
+        raise ConfigError(f"{where}=on: ACPI is for x86_64 VMs; an {MACHINE} VM describes itself in a "
+                          "device tree (accepted: off)")
+    return on
 
 
 def parse_int(where: str, text: str | int, low: int, high: int) -> int:

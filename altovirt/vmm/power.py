@@ -62,8 +62,11 @@ def powerdown(m: Machine) -> None:
 
 
 def ctrl_alt_del(m: Machine) -> None:
-    """Press Ctrl-Alt-Del on the i8042 keyboard (Firecracker's SendCtrlAltDel)."""
+    """Press Ctrl-Alt-Del on the i8042 keyboard (Firecracker's SendCtrlAltDel). A board
+    without one (arm64) refuses, as Firecracker does there."""
     with m.lifecycle.lock:
         m.lifecycle.require(RunState.RUNNING)
-        assert m.devices.i8042 is not None
+        if m.devices.i8042 is None:
+            raise StateError(f"Ctrl-Alt-Del needs an i8042 keyboard, which an {arch.MACHINE} VM has not; "
+                             "use system_powerdown")
         m.devices.i8042.ctrl_alt_del()
