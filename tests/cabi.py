@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +30,30 @@ def c_values(includes: tuple[str, ...], exprs: tuple[str, ...]) -> dict[str, int
         subprocess.run(["gcc", "-w", "-o", str(exe), str(src)], check=True, capture_output=True, text=True)
         out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split()
     return dict(zip(exprs, map(int, out), strict=True))
+
+
+CROSS_AARCH64 = "aarch64-linux-gnu-gcc"
+needs_cross_gcc = pytest.mark.skipif(
+    shutil.which(CROSS_AARCH64) is None,
+    reason=f"SKIPPED LOUDLY: {CROSS_AARCH64} is missing; arm64 header cross-checks cannot run "
+           "(./scripts/setup installs it)")
+
+
+def c_mismatches(includes: tuple[str, ...], expected: dict[str, int], cc: str = CROSS_AARCH64) -> list[str]:
+    """The C expressions whose value is not the one ``expected`` gives, as ``cc`` (a cross
+    compiler: nothing runs) compiles them with ``includes``: each is a static assertion."""
+    lines = ["#include <stddef.h>", *(f"#include <{h}>" for h in includes)]
+    lines += [f"_Static_assert((unsigned long long)({e}) == {v}ULL, \"#{i}\");"
+              for i, (e, v) in enumerate(expected.items())]
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "t.c"
+        src.write_text("\n".join(lines))
+        p = subprocess.run([cc, "-w", "-c", "-o", str(Path(d) / "t.o"), str(src)], capture_output=True,
+                           text=True)
+    exprs = list(expected)
+    wrong = sorted({int(n) for n in re.findall(r'static assertion failed: "#(\d+)"', p.stderr)})
+    assert p.returncode == 0 or wrong, p.stderr
+    return [exprs[i] for i in wrong]
 
 
 def named_fields(struct: type[ctypes.Structure]) -> list[str]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes as C
+
 import pytest
 
+from altovirt.arch.aarch64 import gic, regs
 from altovirt.kvm import ioctls as K
 from altovirt.kvm import structs as S
 from altovirt.vmm import vcpu
 
-from .cabi import c_values, check_struct, needs_gcc
+from .cabi import c_mismatches, c_values, check_struct, named_fields, needs_cross_gcc, needs_gcc
 
 KVM_H = ("linux/kvm.h",)
 
@@ -100,3 +103,54 @@ def test_exit_fields_the_vcpu_loop_unpacks() -> None:
     raw = bytes(run)
     assert vcpu._MMIO.unpack_from(raw, vcpu._EXIT_AT) == (0xD0000050, bytes(range(1, 9)), 4, 1)
     assert raw[vcpu._MMIO_DATA_AT:vcpu._MMIO_DATA_AT + 8] == bytes(range(1, 9))
+
+
+# --- arm64: against arm64's <linux/kvm.h> and <asm/kvm.h>, as the cross compiler sees them ---
+
+ARM64_STRUCTS = [("struct kvm_vcpu_init", S.kvm_vcpu_init), ("struct kvm_one_reg", S.kvm_one_reg),
+                 ("struct kvm_reg_list", S.kvm_reg_list), ("struct kvm_create_device", S.kvm_create_device),
+                 ("struct kvm_device_attr", S.kvm_device_attr), ("struct kvm_irqfd", S.kvm_irqfd),
+                 ("struct kvm_ioeventfd", S.kvm_ioeventfd),
+                 ("struct kvm_userspace_memory_region", S.kvm_userspace_memory_region),
+                 ("struct kvm_run", S.kvm_run)]
+
+
+@needs_cross_gcc
+def test_arm64_abi() -> None:
+    """The structures, requests and constants the arm64 machine uses, with arm64's headers:
+    KVM_RUN's exits, the one-reg ids (core registers, MPIDR, the virtual counter), the vGIC's
+    attributes and KVM_IRQ_LINE's encoding."""
+    expected: dict[str, int] = {}
+    for c_name, struct in ARM64_STRUCTS:
+        expected[f"sizeof({c_name})"] = C.sizeof(struct)
+        for field in named_fields(struct):
+            if field not in ("u", "s", "kvm_valid_regs", "kvm_dirty_regs", "cr8", "apic_base", "if_flag"):
+                expected[f"offsetof({c_name}, {field})"] = getattr(struct, field).offset
+    expected["offsetof(struct kvm_run, mmio.is_write)"] = S.kvm_run.u.offset + S.kvm_run_mmio.is_write.offset
+    expected["offsetof(struct kvm_run, system_event.type)"] = S.kvm_run.u.offset
+    for name in ("KVM_RUN", "KVM_CREATE_VCPU", "KVM_IRQFD", "KVM_IOEVENTFD", "KVM_SET_USER_MEMORY_REGION",
+                 "KVM_GET_DIRTY_LOG", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", *ARM64_ONLY,
+                 "KVM_GET_ONE_REG", "KVM_SET_ONE_REG", "KVM_GET_REG_LIST", "KVM_CREATE_DEVICE",
+                 "KVM_SET_DEVICE_ATTR", "KVM_GET_DEVICE_ATTR", "KVM_HAS_DEVICE_ATTR", "KVM_IRQ_LINE",
+                 "KVM_EXIT_MMIO", "KVM_EXIT_SYSTEM_EVENT", "KVM_EXIT_ARM_NISV", "KVM_SYSTEM_EVENT_SHUTDOWN",
+                 "KVM_SYSTEM_EVENT_RESET", "KVM_CAP_ARM_PSCI_0_2", "KVM_CAP_ONE_REG", "KVM_CAP_DEVICE_CTRL"):
+        expected[name] = getattr(K, name)
+    core = "KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG"
+    expected |= {
+        f"{core}(regs.regs[0])": regs.X0, f"{core}(regs.pc)": regs.PC, f"{core}(regs.pstate)": regs.PSTATE,
+        "ARM64_SYS_REG(3, 0, 0, 0, 5)": regs.MPIDR_EL1,
+        "KVM_REG_ARM_TIMER_CNT": regs.KVM_REG_ARM_TIMER_CNT,
+        "KVM_ARM_VCPU_POWER_OFF": regs.KVM_ARM_VCPU_POWER_OFF,
+        "KVM_ARM_VCPU_PSCI_0_2": regs.KVM_ARM_VCPU_PSCI_0_2,
+        "KVM_DEV_TYPE_ARM_VGIC_V3": gic.KVM_DEV_TYPE_ARM_VGIC_V3,
+        "KVM_DEV_ARM_VGIC_GRP_ADDR": gic.KVM_DEV_ARM_VGIC_GRP_ADDR,
+        "KVM_DEV_ARM_VGIC_GRP_NR_IRQS": gic.KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
+        "KVM_DEV_ARM_VGIC_GRP_CTRL": gic.KVM_DEV_ARM_VGIC_GRP_CTRL,
+        "KVM_DEV_ARM_VGIC_CTRL_INIT": gic.KVM_DEV_ARM_VGIC_CTRL_INIT,
+        "KVM_VGIC_V3_ADDR_TYPE_DIST": gic.KVM_VGIC_V3_ADDR_TYPE_DIST,
+        "KVM_VGIC_V3_ADDR_TYPE_REDIST": gic.KVM_VGIC_V3_ADDR_TYPE_REDIST,
+        "KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION": gic.KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION,
+        "KVM_ARM_IRQ_TYPE_SPI": gic.KVM_ARM_IRQ_TYPE_SPI,
+        "KVM_ARM_IRQ_TYPE_SHIFT": gic.KVM_ARM_IRQ_TYPE_SHIFT,
+    }
+    assert c_mismatches(("linux/kvm.h",), expected) == []
