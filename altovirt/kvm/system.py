@@ -232,18 +232,6 @@ class Device:
         a command such as the vGIC's CTRL_INIT)."""
         self._attr(K.KVM_SET_DEVICE_ATTR, group, attr, None if value is None else C.c_uint64(value))
 
-    def get_attr(self, group: int, attr: int) -> int:
-        value = C.c_uint64()
-        self._attr(K.KVM_GET_DEVICE_ATTR, group, attr, value)
-        return value.value
-
-    def has_attr(self, group: int, attr: int) -> bool:
-        try:
-            self._attr(K.KVM_HAS_DEVICE_ATTR, group, attr, None)
-        except KvmError:
-            return False
-        return True
-
     def close(self) -> None:
         os.close(self.fd)
 
@@ -388,10 +376,6 @@ class Vcpu:
         buf = (C.c_uint8 * size)()
         ioctl(self.fd, K.KVM_GET_ONE_REG, S.kvm_one_reg(id=reg_id, addr=C.addressof(buf)))
         return bytes(buf)
-
-    def set_one_reg_bytes(self, reg_id: int, value: bytes) -> None:
-        buf = (C.c_uint8 * len(value)).from_buffer_copy(value)
-        ioctl(self.fd, K.KVM_SET_ONE_REG, S.kvm_one_reg(id=reg_id, addr=C.addressof(buf)))
 
     def reg_list(self) -> list[int]:
         """The ids of every register KVM saves and restores for this vCPU (KVM_GET_REG_LIST)."""

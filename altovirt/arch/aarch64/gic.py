@@ -1,5 +1,5 @@
-"""The in-kernel GIC (Documentation/virt/kvm/devices/arm-vgic-v3.rst, arm-vgic.rst): a GICv3
-where the host can emulate one, else a GICv2, at the addresses of :mod:`.layout`.
+"""The in-kernel GICv3 (Documentation/virt/kvm/devices/arm-vgic-v3.rst) at the addresses of
+:mod:`.layout`. A host that emulates only a GICv2 is refused: the device tree describes a v3.
 
 Made in two steps, as KVM wants: :func:`create` once guest RAM is registered (the device
 and its addresses), :func:`finalize` once every vCPU exists and is initialised
@@ -12,15 +12,12 @@ from __future__ import annotations
 from ...kvm import Device, KvmError, Vm
 from . import layout
 
-KVM_DEV_TYPE_ARM_VGIC_V2 = 5
 KVM_DEV_TYPE_ARM_VGIC_V3 = 7
 # Attribute groups and attributes (asm/kvm.h).
 KVM_DEV_ARM_VGIC_GRP_ADDR = 0
 KVM_DEV_ARM_VGIC_GRP_NR_IRQS = 3
 KVM_DEV_ARM_VGIC_GRP_CTRL = 4
 KVM_DEV_ARM_VGIC_CTRL_INIT = 0
-KVM_VGIC_V2_ADDR_TYPE_DIST = 0
-KVM_VGIC_V2_ADDR_TYPE_CPU = 1
 KVM_VGIC_V3_ADDR_TYPE_DIST = 2
 KVM_VGIC_V3_ADDR_TYPE_REDIST = 3
 KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION = 5
@@ -41,36 +38,26 @@ def _redist_region_attr(index: int, base: int, cpus: int) -> int:
 
 
 def create(vm: Vm, cpus: int, ram_end: int) -> None:
-    """The GIC for ``cpus`` vCPUs: a GICv3, or a GICv2 on a host without (it serves at most 8
-    vCPUs), one of ``vm.devices``. KvmError if KVM makes neither."""
+    """The GICv3 for ``cpus`` vCPUs, one of ``vm.devices``. KvmError if KVM cannot make one."""
     try:
         device = vm.create_device(KVM_DEV_TYPE_ARM_VGIC_V3)
-    except KvmError as v3_error:
-        if cpus > 8:
-            raise KvmError(v3_error.errno, f"no GICv3 for {cpus} vCPUs: {v3_error}") from v3_error
-        device = vm.create_device(KVM_DEV_TYPE_ARM_VGIC_V2)
-        device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V2_ADDR_TYPE_DIST, layout.GIC_DIST_BASE)
-        device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V2_ADDR_TYPE_CPU, layout.GIC_CPU_BASE)
+    except KvmError as e:
+        raise KvmError(e.errno, f"this host's KVM emulates no GICv3 ({e}); AltoVirt's arm64 board "
+                       "needs one") from e
+    device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_DIST, layout.GIC_DIST_BASE)
+    regions = layout.redist_regions(cpus, ram_end)
+    if len(regions) == 1:
+        device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_REDIST, regions[0][0])
     else:
-        device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_DIST, layout.GIC_DIST_BASE)
-        regions = layout.redist_regions(cpus, ram_end)
-        if len(regions) == 1:
-            device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_REDIST, regions[0][0])
-        else:
-            for index, (base, size) in enumerate(regions):
-                value = _redist_region_attr(index, base, size // layout.GIC_REDIST_STRIDE)
-                device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION, value)
+        for index, (base, size) in enumerate(regions):
+            value = _redist_region_attr(index, base, size // layout.GIC_REDIST_STRIDE)
+            device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION, value)
     device.set_attr(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, layout.GIC_NR_IRQS)
 
 
 def device(vm: Vm) -> Device:
     """The GIC :func:`create` made."""
-    return next(d for d in vm.devices if d.kind in (KVM_DEV_TYPE_ARM_VGIC_V2, KVM_DEV_TYPE_ARM_VGIC_V3))
-
-
-def version(vm: Vm) -> int:
-    """3 for a GICv3, 2 for a GICv2."""
-    return 3 if device(vm).kind == KVM_DEV_TYPE_ARM_VGIC_V3 else 2
+    return next(d for d in vm.devices if d.kind == KVM_DEV_TYPE_ARM_VGIC_V3)
 
 
 def finalize(vm: Vm) -> None:

@@ -20,9 +20,6 @@ GIC_DIST_SIZE = 0x1_0000
 GIC_REDIST_BASE = 0x080A_0000
 GIC_REDIST_SIZE = 0xF6_0000          # room for 123 vCPUs, up to the UART
 GIC_REDIST_STRIDE = 0x2_0000         # GICv3 architecture spec 12.10: RD_base and SGI_base frames
-# A GICv2 host's CPU interface, where QEMU's virt puts it.
-GIC_CPU_BASE = 0x0801_0000
-GIC_CPU_SIZE = 0x1_0000
 # Interrupts the in-kernel GIC models: the 32 private ones and SPIs up to the virtio slots'.
 GIC_NR_IRQS = 128
 GIC_SPI_BASE = 32                    # INTID of SPI 0
