@@ -77,6 +77,7 @@ def test_redistributors_past_the_low_region() -> None:
 
 @pytest.mark.parametrize("image, message", [
     (b"MZ" + bytes(100), "not an arm64 Image"),
+    (bytes(0x202) + b"HdrS" + bytes(100), "is an x86 bzImage .* an aarch64 host boots arm64 kernels"),
     (b"\x1f\x8b" + bytes(100), "does not decompress"),
     (bytes(10), "too short"),
     (_image(image_size=300 * MiB), "need about"),

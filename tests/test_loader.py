@@ -155,6 +155,7 @@ def test_pvh_start_info(probe: Path, mem: GuestMemory) -> None:
     (b"", "kernel image is empty"),
     (b"\x7fELF\x01\x01\x01" + bytes(60), "not a little-endian x86_64 ELF64"),
     (b"\x7fELF", "ELF image is truncated"),
+    (bytes(56) + b"ARMd" + bytes(8), "the kernel is an arm64 Image; an x86_64 host boots x86_64 kernels"),
 ])
 def test_bad_images(mem: GuestMemory, image: bytes, message: str) -> None:
     with pytest.raises(KernelError, match=message):

@@ -82,7 +82,9 @@ def prepare(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
         raise KernelError(f"the kernel is {len(kernel)} bytes: too short for an arm64 Image header")
     _, _, text_offset, image_size, _, _, _, _, magic, _ = _HEADER.unpack_from(kernel)
     if magic != IMAGE_MAGIC:
-        raise KernelError("the kernel is not an arm64 Image (no \"ARM\\x64\" magic at offset 56)")
+        kind = "an x86 bzImage" if kernel[0x202:0x206] == b"HdrS" else "not an arm64 Image"
+        raise KernelError(f"the kernel is {kind} (no \"ARM\\x64\" magic at offset 56); an aarch64 host "
+                          "boots arm64 kernels")
     if image_size == 0:
         text_offset, image_size = LEGACY_TEXT_OFFSET, len(kernel)
     image_size = max(image_size, len(kernel))

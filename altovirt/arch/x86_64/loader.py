@@ -150,9 +150,15 @@ def _load_elf(mem: GuestMemory, image: bytes) -> Kernel:
     return Kernel("elf", entry, end, hdr, hdr.cmdline_size, hdr.initrd_addr_max)
 
 
+# An arm64 Image's magic, "ARM\x64" at offset 56 (Documentation/arch/arm64/booting.rst).
+ARM64_IMAGE_MAGIC, ARM64_IMAGE_MAGIC_AT = b"ARMd", 56
+
+
 def _load_raw(mem: GuestMemory, image: bytes) -> Kernel:
     if not image:
         raise KernelError("kernel image is empty")
+    if image[ARM64_IMAGE_MAGIC_AT:ARM64_IMAGE_MAGIC_AT + 4] == ARM64_IMAGE_MAGIC:
+        raise KernelError("the kernel is an arm64 Image; an x86_64 host boots x86_64 kernels")
     load = layout.RAW_KERNEL_START
     _write(mem, load, image, "raw kernel image")
     hdr = _synth_header()
