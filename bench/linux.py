@@ -18,8 +18,11 @@ Each figure but the exits is the median of --runs, the two VMMs taking turns.
 
 It needs a /dev/kvm that boots stock kernels; on a PVM host it runs itself inside the nested
 test bed (scripts/testbed), where everything is emulated and so slow, but alike for both VMMs.
+With ``--arch aarch64`` it boots Debian's arm64 kernel on AltoVirt and on QEMU's virt (GICv3)
+in the arm64 test bed (boot, disk and the two net parts: the others are x86's for now).
 
     .venv/bin/python bench/linux.py [--runs 3] [--disk-mib 256] [--net-mib 64] [--append pci=off]
+    .venv/bin/python bench/linux.py --arch aarch64 [--runs 3]
 """
 
 from __future__ import annotations
