@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,20 @@ def guest_args(probe: Path, disk: Path, *more: str) -> list[str]:
             "-serial", "stdio", "-drive", f"id=disk0,file={disk}", *more]
 
 
+# Every QMP client a test opened, closed after it: one left to the garbage collector is closed
+# in the middle of a later test's event loop, which qemu.qmp refuses with an exception.
+_clients: list[QEMUMonitorProtocol] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    for client in _clients:
+        with contextlib.suppress(Exception):    # closed already (quit), or its VMM gone
+            client.close()
+    _clients.clear()
+
+
 class Guest:
     """A probe guest running the snapshot test, and its QMP monitor (qemu.qmp's legacy client)."""
 
@@ -58,6 +72,7 @@ class Guest:
             assert self.vm.proc.poll() is None and time.monotonic() < deadline, "the VMM did not start"
             time.sleep(0.02)
         self.qmp = QEMUMonitorProtocol(str(sock))
+        _clients.append(self.qmp)
         self.qmp.connect(negotiate=True)
         if ready:
             self.vm.wait_line("probe: snap ready")
