@@ -1,6 +1,7 @@
 """The bundled probe (guest/probe-arm64.Image) under AltoVirt on arm64 KVM: the fast proof of
 the board's exit paths, as tests/test_probe_arm64.py proves the probe itself on QEMU's virt.
-What differs from QEMU there is what a VMM must do: the boot timer and the unclaimed page are
+It adds the network (a tap in a namespace, tests/net_echo.py's responder behind it) and 254
+vCPUs. What differs from QEMU there is what a VMM must do: the boot timer and the unclaimed page are
 MMIO exits AltoVirt answers (no abort reaches the guest), and its slots are in its own order."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import GUEST, ProbeReport
+from ..netns import NetNs
 from ..test_probe_arm64 import RAM_BASE, TEXT_OFFSET, blk_words, run_interactive
 
 GIC_SPI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SPI = 32, 0x0A000000, 0x200, 16
@@ -89,3 +91,19 @@ def test_254_vcpus_past_the_low_redistributors() -> None:
     r = ProbeReport.parse(p.stdout)
     assert p.returncode == 0 and r.done == "ok", p.stdout[-2000:] + p.stderr
     assert r.line("smp ") == "smp cpus=254 expected=254 bsp=0x0"
+
+
+def test_probe_network_under_altovirt() -> None:
+    """virtio-net on arm64: frames both ways through a tap, the echo responder on its far side,
+    and a 4000-byte frame over merged receive buffers."""
+    ns = NetNs(("tap0",))
+    try:
+        p = ns.run([sys.executable, "-m", "altovirt", "-kernel", str(GUEST / "probe-arm64.Image"),
+                    "-netdev", "id=net0,netdev=tap0", "-append", "probe.run=net,net-big", "-serial", "stdio"],
+                   timeout=300)
+    finally:
+        ns.close()
+    r = ProbeReport.parse(p.stdout)
+    assert p.returncode == 0 and r.tests == {"net": "ok", "net-big": "ok"}, p.stdout[-2000:] + p.stderr
+    assert r.line("net-big") == "net-big bytes=4000 num_buffers=2 match=1"
+    assert r.line("net mac=").endswith(" link=1 tx=32 rx=32")
