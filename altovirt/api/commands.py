@@ -13,7 +13,7 @@ import stat
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from .. import __version__
+from .. import __version__, arch
 from ..backends import BackendError
 from ..config import ConfigError
 from ..config.devices import AIO_MODES
@@ -209,6 +209,12 @@ def hotplug_commands(machine: Machine, fds: dict[str, int]) -> dict[str, Command
     }
 
 
+# How QEMU names this machine's CPUs: query-cpus' "arch", query-cpus-fast's "target" and the
+# type query-hotpluggable-cpus gives a -cpu host vCPU.
+CPU_ARCH = {"x86_64": "x86", "aarch64": "arm"}[arch.MACHINE]
+CPU_TYPE = {"x86_64": "host-x86-cpu", "aarch64": "host-arm-cpu"}[arch.MACHINE]
+
+
 def build(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
     """The command table for ``machine``; ``fds`` keeps getfd's descriptors (see QmpServer)."""
 
@@ -220,7 +226,7 @@ def build(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
         return {"core-id": i, "socket-id": 0, "thread-id": 0}
 
     def query_cpus(args: dict[str, Any]) -> object:
-        return [{"CPU": c.index, "arch": "x86", "current": c.index == 0, "halted": c.halted,
+        return [{"CPU": c.index, "arch": CPU_ARCH, "current": c.index == 0, "halted": c.halted,
                  "props": props(c.index), "qom_path": f"/machine/unattached/device[{c.index}]",
                  "thread_id": c.thread_id} for c in vcpu_info()]
 
@@ -230,11 +236,11 @@ def build(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
     def query_cpus_fast(args: dict[str, Any]) -> object:
         return [{"cpu-index": v.index, "props": props(v.index),
                  "qom-path": f"/machine/unattached/device[{v.index}]", "thread-id": v.thread_id,
-                 "target": "x86_64"} for v in machine.vcpus]
+                 "target": arch.MACHINE} for v in machine.vcpus]
 
     def query_hotpluggable_cpus(args: dict[str, Any]) -> object:
         return [{"props": props(v.index), "qom-path": f"/machine/unattached/device[{v.index}]",
-                 "type": "host-x86-cpu", "vcpus-count": 1} for v in machine.vcpus]
+                 "type": CPU_TYPE, "vcpus-count": 1} for v in machine.vcpus]
 
     def query_vm_generation_id(args: dict[str, Any]) -> object:
         if machine.vmgenid is None:

@@ -34,6 +34,8 @@ def test_one_vcpu_console_reset_and_poweroff(kernel: debian.Kernel, initrd: Path
         assert abs(int(g.check("date +%s")) - int(__import__("time").time())) < 30
         qmp = Qmp(sock)
         try:
+            cpus: list[dict[str, object]] = qmp.ok("query-cpus-fast")["return"]  # type: ignore[assignment]
+            assert [(c["cpu-index"], c["target"]) for c in cpus] == [(0, "aarch64")]
             # A snapshot is refused, not half-written, and the VM runs on (arm64's GIC state
             # is not saved yet).
             qmp.ok("stop")
