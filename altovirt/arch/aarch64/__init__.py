@@ -94,7 +94,8 @@ def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> None:
 def setup_vcpus(kvm: Kvm, vcpus: Sequence[Vcpu]) -> list[int]:
     """Initialise every vCPU, then the GIC, which needs them all; returns the registers the
     power-on state keeps: none, as a reset initialises the vCPUs again."""
-    mpidrs = regs.init_vcpus(vcpus)
+    regs.init_vcpus(vcpus)
+    mpidrs = regs.mpidrs(vcpus)
     expected = [mpidr(i) for i in range(len(vcpus))]
     if mpidrs != expected:          # the device tree, written before the vCPUs existed, names these
         raise KvmError(0, f"KVM gave the vCPUs MPIDRs {mpidrs[:4]}..., not {expected[:4]}...")

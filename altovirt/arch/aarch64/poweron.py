@@ -70,5 +70,4 @@ def restore(vm: Vm, vcpus: Sequence[Vcpu], state: PowerOnState, *, reset: bool =
     _check(vcpus, state)
     if not reset:
         raise SavedStateError("arm64 snapshots cannot be restored yet: the GIC's state is not saved")
-    for v in vcpus:
-        v.arm_vcpu_init(regs.vcpu_init(vm, v.index == 0))
+    regs.init_vcpus(vcpus)

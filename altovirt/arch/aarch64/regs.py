@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ...kvm import Vcpu, Vm
+from ...kvm import Vcpu
 from ...kvm import structs as S
 
 # Register ids (<linux/kvm.h>, arch/arm64/include/uapi/asm/kvm.h).
@@ -50,21 +50,22 @@ KVM_ARM_VCPU_PSCI_0_2 = 2        # PSCI 0.2 and later, in KVM
 MPIDR_AFFINITY_MASK = 0xFF_00FF_FFFF
 
 
-def vcpu_init(vm: Vm, boot: bool) -> S.kvm_vcpu_init:
-    """What KVM_ARM_VCPU_INIT takes for one vCPU: the host's preferred target, PSCI, and,
-    but for the boot vCPU, powered off (the guest starts the others with PSCI CPU_ON)."""
-    init = vm.arm_preferred_target()
-    for i in range(len(init.features)):
-        init.features[i] = 0
-    init.features[0] = 1 << KVM_ARM_VCPU_PSCI_0_2 | (0 if boot else 1 << KVM_ARM_VCPU_POWER_OFF)
-    return init
-
-
-def init_vcpus(vcpus: Sequence[Vcpu]) -> list[int]:
-    """KVM_ARM_VCPU_INIT every vCPU (the first is the boot vCPU); returns their MPIDRs,
-    which the device tree names them by."""
+def init_vcpus(vcpus: Sequence[Vcpu]) -> None:
+    """KVM_ARM_VCPU_INIT every vCPU, at power-on and at each reset: the host's preferred
+    target, PSCI, and, but for the boot vCPU (the first), powered off (the guest starts the
+    others with PSCI CPU_ON). Their registers go back to their reset values."""
+    if not vcpus:
+        return
+    target = vcpus[0].vm.arm_preferred_target().target
     for vcpu in vcpus:
-        vcpu.arm_vcpu_init(vcpu_init(vcpu.vm, vcpu.index == 0))
+        init = S.kvm_vcpu_init(target=target)
+        off = 0 if vcpu.index == 0 else 1 << KVM_ARM_VCPU_POWER_OFF
+        init.features[0] = 1 << KVM_ARM_VCPU_PSCI_0_2 | off
+        vcpu.arm_vcpu_init(init)
+
+
+def mpidrs(vcpus: Sequence[Vcpu]) -> list[int]:
+    """The vCPUs' MPIDR affinities, which the device tree names them by."""
     return [vcpu.get_one_reg(MPIDR_EL1) & MPIDR_AFFINITY_MASK for vcpu in vcpus]
 
 
