@@ -41,6 +41,9 @@ LCR_H_FEN = 1 << 4
 CR_RESET = 0x300                     # TXE | RXE
 CR_LBE = 1 << 7                      # loopback: what is sent is received
 IFLS_RESET = 0x12
+# The registers that read back as stored, by the attribute that holds them.
+_STORED = {UARTLCR_H: "lcr_h", UARTCR: "cr", UARTIBRD: "ibrd", UARTFBRD: "fbrd", UARTILPR: "ilpr",
+           UARTIFLS: "ifls", UARTIMSC: "imsc", UARTRIS: "ris", UARTDMACR: "dmacr"}
 # Host input waiting for the guest; beyond this, further input is dropped.
 RX_BUFFER_LIMIT = 4096
 
@@ -93,11 +96,10 @@ class Pl011:
         if offset >= PERIPH_ID_BASE:
             index = (offset - PERIPH_ID_BASE) >> 2
             return IDS[index] if index < len(IDS) else 0
-        return {
-            UARTLCR_H: self.lcr_h, UARTCR: self.cr, UARTIBRD: self.ibrd, UARTFBRD: self.fbrd,
-            UARTILPR: self.ilpr, UARTIFLS: self.ifls, UARTIMSC: self.imsc, UARTRIS: self.ris,
-            UARTMIS: self.ris & self.imsc, UARTDMACR: self.dmacr,
-        }.get(offset, 0)
+        if offset == UARTMIS:
+            return self.ris & self.imsc
+        name = _STORED.get(offset)
+        return getattr(self, name) if name else 0
 
     def write(self, offset: int, size: int, value: int) -> None:
         out = None

@@ -19,6 +19,9 @@ GPIODIR, GPIOIS, GPIOIBE, GPIOIEV, GPIOIE, GPIORIS, GPIOMIS, GPIOIC, GPIOAFSEL =
 PERIPH_ID_BASE = 0xFE0
 # GPIOPeriphID0-3 and GPIOPCellID0-3 (TRM 3.3.11-3.3.12), one byte a register.
 IDS = (0x61, 0x10, 0x04, 0x00, 0x0D, 0xF0, 0x05, 0xB1)
+# The control registers the guest writes and reads back, by the attribute that holds them.
+_CONTROL = {GPIODIR: "dir", GPIOIS: "isense", GPIOIBE: "ibe", GPIOIEV: "iev", GPIOIE: "ie",
+            GPIOAFSEL: "afsel"}
 
 
 class Pl061:
@@ -70,9 +73,12 @@ class Pl061:
             if offset >= PERIPH_ID_BASE:
                 index = (offset - PERIPH_ID_BASE) >> 2
                 return IDS[index] if index < len(IDS) else 0
-            return {GPIODIR: self.dir, GPIOIS: self.isense, GPIOIBE: self.ibe, GPIOIEV: self.iev,
-                    GPIOIE: self.ie, GPIORIS: self.ris, GPIOMIS: self.ris & self.ie,
-                    GPIOAFSEL: self.afsel}.get(offset, 0)
+            if offset == GPIOMIS:
+                return self.ris & self.ie
+            if offset == GPIORIS:
+                return self.ris
+            name = _CONTROL.get(offset)
+            return getattr(self, name) if name else 0
 
     def write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
@@ -82,10 +88,8 @@ class Pl061:
                 self.data = (self.data & ~mask) | (value & mask)
             elif offset == GPIOIC:
                 self.ris &= ~value
-            elif offset in (GPIODIR, GPIOIS, GPIOIBE, GPIOIEV, GPIOIE, GPIOAFSEL):
-                name = {GPIODIR: "dir", GPIOIS: "isense", GPIOIBE: "ibe", GPIOIEV: "iev", GPIOIE: "ie",
-                        GPIOAFSEL: "afsel"}[offset]
-                setattr(self, name, value)
+            elif offset in _CONTROL:
+                setattr(self, _CONTROL[offset], value)
             self._level_lines()
             level = self._update()
         self._irq.drive(level)
