@@ -4,18 +4,25 @@ driver drives them. Booting on arm64 KVM is proven in the arm64 test bed."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import json
 import shutil
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from altovirt.arch.aarch64 import boot, layout
+from altovirt import persist
+from altovirt.arch.aarch64 import boot, gicstate, layout
 from altovirt.devices.legacy import pl011, pl031, pl061
 from altovirt.memory import GuestMemory
+from altovirt.persist import SavedStateError
 
 MiB = 1 << 20
 
@@ -185,3 +192,97 @@ def test_pl061_level_interrupts_follow_the_line() -> None:
     assert line.levels == [True]
     gpio.set_line(0, False)
     assert line.levels == [True, False]
+
+
+# --- saved state: each board device as a snapshot keeps it ---
+def uart(line: Line) -> pl011.Pl011:
+    return pl011.Pl011(None, line)
+
+
+def clock(line: Line) -> pl031.Pl031:
+    return pl031.Pl031()
+
+
+def gpio(line: Line) -> pl061.Pl061:
+    return pl061.Pl061(line)
+
+
+# The registers a guest writes, and those it reads back (not the data or time registers, whose
+# reads consume input or follow the host's clock).
+REGISTERS: dict[Callable[[Line], Any], tuple[Sequence[int], Sequence[int]]] = {
+    uart: (range(0x04, 0x4C, 4), range(0x04, 0x4C, 4)),
+    clock: (range(0x04, 0x20, 4), (pl031.RTCMR, pl031.RTCIMSC)),
+    gpio: ((0x3FC, *range(0x400, 0x424, 4)), (0x3FC, *range(0x400, 0x424, 4)))}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), typed=st.binary(max_size=64), lines=st.integers(0, 0xFF))
+@pytest.mark.parametrize("make", [uart, clock, gpio])
+def test_board_device_round_trip(make: Callable[[Line], Any], data: st.DataObject, typed: bytes,
+                                 lines: int) -> None:
+    """What a restored device reads back, and the level it drives its interrupt line to, are the
+    saved device's."""
+    writable, readable = REGISTERS[make]
+    device = make(Line())
+    if isinstance(device, pl011.Pl011):
+        device.enqueue(typed)
+    for offset, value in data.draw(st.lists(st.tuples(st.sampled_from(writable), st.integers(0, 0xFFFF)),
+                                            max_size=30)):
+        device.write(offset, 4, value)
+    if isinstance(device, pl061.Pl061):
+        for n in range(8):
+            device.set_line(n, bool(lines >> n & 1))
+    saved = device.save()
+    copy_line = Line()
+    copy = make(copy_line)
+    copy.restore(persist.from_json(type(saved), json.loads(json.dumps(persist.to_json(saved))), "state"))
+    assert copy.save() == saved
+    assert [copy.read(o, 4) for o in readable] == [device.read(o, 4) for o in readable]
+    if not isinstance(copy, pl031.Pl031):
+        masked = copy.read(pl011.UARTMIS if isinstance(copy, pl011.Pl011) else pl061.GPIOMIS, 4)
+        assert copy_line.levels == ([True] if masked else [])
+
+
+@pytest.mark.parametrize("make, change, problem", [
+    (uart, {"cr": 0x10000}, "cr must be an integer from 0 to 65535"),
+    (uart, {"rx": bytes(5000)}, "rx holds more than 4096 bytes"),
+    (clock, {"imsc": 2}, "imsc must be an integer from 0 to 1"),
+    (gpio, {"inputs": 0x100}, "inputs must be an integer from 0 to 255"),
+])
+def test_bad_board_device_state_changes_nothing(make: Callable[[Line], Any], change: dict[str, object],
+                                                problem: str) -> None:
+    line = Line()
+    device = make(line)
+    good = device.save()
+    with pytest.raises(SavedStateError, match=problem):
+        device.restore(dataclasses.replace(good, **change))
+    assert device.save() == good and line.levels == []
+
+
+def gic_state(cpus: int = 2) -> gicstate.GicState:
+    cpu = gicstate.GicCpuState((0,) * 12, (0,) * 15, 0)    # IGROUPR0 ... IPRIORITYR7; SRE ... AP1R3
+    return gicstate.GicState((0,) * gicstate._words((*gicstate.DIST_ROUTING, *gicstate.DIST_STATE)),
+                             (0,) * 3, (cpu,) * cpus)
+
+
+def test_gic_layout_covers_the_spis() -> None:
+    """The distributor's SPI words (96 SPIs): a bit each in IGROUPR, ISENABLER, ISPENDR and
+    ISACTIVER, two in ICFGR, eight in IPRIORITYR, 64 in IROUTER; and its CTLR."""
+    assert gicstate._words((*gicstate.DIST_ROUTING, *gicstate.DIST_STATE)) == 1 + 3 + 6 + 192 + 3 * 3 + 24
+    assert [b.offset for b in gicstate.DIST_ROUTING] == [0x0, 0x84, 0xC08, 0x6100]
+    assert [hex(r) for r in (gicstate.ICC_SRE_EL1, gicstate.ICC_CTLR_EL1, gicstate.ICC_AP0R[1],
+                             gicstate.ICC_AP1R[0])] == ["0xc665", "0xc664", "0xc645", "0xc648"]
+    gicstate.check_state(gic_state(), 2)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda s: dataclasses.replace(s, dist=s.dist[:-1]), "distributor has the wrong size"),
+    (lambda s: dataclasses.replace(s, spi_levels=(1 << 32, 0, 0)), "must be an integer from 0 to 4294967295"),
+    (lambda s: dataclasses.replace(s, cpus=s.cpus[:1]), "1 GIC CPU interfaces saved; this VM has 2 vCPUs"),
+    (lambda s: dataclasses.replace(s, cpus=(dataclasses.replace(s.cpus[0], icc=(-1,) * 15), s.cpus[1])),
+     "vCPU 0: a GIC CPU interface register must be an integer"),
+])
+def test_bad_gic_state_is_refused(change: Callable[[gicstate.GicState], gicstate.GicState],
+                                  problem: str) -> None:
+    with pytest.raises(SavedStateError, match=problem):
+        gicstate.check_state(change(gic_state()), 2)

@@ -33,3 +33,37 @@ class I8042State:
 class RtcState:
     index: int
     cmos: bytes             # the time registers are read from the host clock, never stored
+
+
+@dataclass(frozen=True)
+class Pl011State:
+    lcr_h: int
+    cr: int
+    ibrd: int
+    fbrd: int
+    ilpr: int
+    ifls: int
+    imsc: int
+    ris: int
+    dmacr: int
+    rx: bytes               # typed on the host, not yet read by the guest
+
+
+@dataclass(frozen=True)
+class Pl031State:
+    offset: int             # seconds the guest's clock is ahead of the host's (UTC)
+    match: int
+    imsc: int
+
+
+@dataclass(frozen=True)
+class Pl061State:
+    inputs: int             # the lines as the VMM drives them (the power button)
+    data: int
+    dir: int
+    isense: int
+    ibe: int
+    iev: int
+    ie: int
+    ris: int
+    afsel: int

@@ -12,8 +12,12 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .level import LevelLine
+
+if TYPE_CHECKING:
+    from .persist import Pl011State
 
 # Register offsets (TRM 3.2).
 UARTDR = 0x000
@@ -44,6 +48,9 @@ IFLS_RESET = 0x12
 # The registers that read back as stored, by the attribute that holds them.
 _STORED = {UARTLCR_H: "lcr_h", UARTCR: "cr", UARTIBRD: "ibrd", UARTFBRD: "fbrd", UARTILPR: "ilpr",
            UARTIFLS: "ifls", UARTIMSC: "imsc", UARTRIS: "ris", UARTDMACR: "dmacr"}
+# The bits each of those holds.
+_WIDTH = {"lcr_h": 0xFF, "cr": 0xFFFF, "ibrd": 0xFFFF, "fbrd": 0x3F, "ilpr": 0xFF, "ifls": 0x3F,
+          "imsc": INT_ALL, "ris": INT_ALL, "dmacr": 0x7}
 # Host input waiting for the guest; beyond this, further input is dropped.
 RX_BUFFER_LIMIT = 4096
 
@@ -62,6 +69,26 @@ class Pl011:
         self.ifls = IFLS_RESET
         self.imsc = 0
         self.ris = 0
+
+    def save(self) -> Pl011State:
+        from .persist import Pl011State  # only when saving: see persist's docstring
+        with self._lock:
+            return Pl011State(self.lcr_h, self.cr, self.ibrd, self.fbrd, self.ilpr, self.ifls, self.imsc,
+                              self.ris, self.dmacr, bytes(self._rx))
+
+    def restore(self, state: Pl011State) -> None:
+        """SavedStateError, the UART unchanged, for registers a guest could not have written;
+        the interrupt line is driven to the level the state gives it."""
+        from ...persist import check, check_int
+        for name, width in _WIDTH.items():
+            check_int(getattr(state, name), 0, width, name)
+        check(len(state.rx) <= RX_BUFFER_LIMIT, f"rx holds more than {RX_BUFFER_LIMIT} bytes")
+        with self._lock:
+            for name in _WIDTH:
+                setattr(self, name, getattr(state, name))
+            self._rx = collections.deque(state.rx)
+            level = self._update()
+        self._irq.drive(level)
 
     # --- host side ---
     def enqueue(self, data: bytes) -> None:
@@ -116,22 +143,9 @@ class Pl011:
                 self.ris &= ~value
                 if self._rx:            # bytes still waiting keep the receive interrupt up
                     self.ris |= INT_RX | INT_RT
-            elif offset == UARTIMSC:
-                self.imsc = value & INT_ALL
-            elif offset == UARTLCR_H:
-                self.lcr_h = value & 0xFF
-            elif offset == UARTCR:
-                self.cr = value & 0xFFFF
-            elif offset == UARTIBRD:
-                self.ibrd = value & 0xFFFF
-            elif offset == UARTFBRD:
-                self.fbrd = value & 0x3F
-            elif offset == UARTILPR:
-                self.ilpr = value & 0xFF
-            elif offset == UARTIFLS:
-                self.ifls = value & 0x3F
-            elif offset == UARTDMACR:
-                self.dmacr = value & 0x7
+            elif offset in _STORED and offset != UARTRIS:       # the raw status is read-only
+                name = _STORED[offset]
+                setattr(self, name, value & _WIDTH[name])
             level = self._update()
         if out is not None and self._out is not None:
             self._out(out)

@@ -9,6 +9,10 @@ micro-VM does not wake from).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .persist import Pl031State
 
 # Register offsets (TRM 3.2).
 RTCDR, RTCMR, RTCLR, RTCCR, RTCIMSC, RTCRIS, RTCMIS, RTCICR = range(0, 0x20, 4)
@@ -24,6 +28,19 @@ class Pl031:
         self.offset = 0             # seconds the guest's clock is ahead of the host's
         self.match = 0
         self.imsc = 0
+
+    def save(self) -> Pl031State:
+        from .persist import Pl031State  # only when saving: see persist's docstring
+        return Pl031State(self.offset, self.match, self.imsc)
+
+    def restore(self, state: Pl031State) -> None:
+        """SavedStateError, the clock unchanged, for state a guest could not have set. The
+        clock keeps its distance from UTC: it has gone on while the VM was saved."""
+        from ...persist import check_int
+        check_int(state.offset, -(1 << 32), 1 << 32, "offset")
+        check_int(state.match, 0, 0xFFFFFFFF, "match")
+        check_int(state.imsc, 0, 1, "imsc")
+        self.offset, self.match, self.imsc = state.offset, state.match, state.imsc
 
     def _now(self) -> int:
         return (int(time.time()) + self.offset) & 0xFFFFFFFF

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .level import LevelLine
+
+if TYPE_CHECKING:
+    from .persist import Pl061State
 
 # Register offsets (TRM 3.2). GPIODATA spans 0x000-0x3FC: address bits 9:2 mask the access.
 GPIODATA_END = 0x400
@@ -22,6 +26,8 @@ IDS = (0x61, 0x10, 0x04, 0x00, 0x0D, 0xF0, 0x05, 0xB1)
 # The control registers the guest writes and reads back, by the attribute that holds them.
 _CONTROL = {GPIODIR: "dir", GPIOIS: "isense", GPIOIBE: "ibe", GPIOIEV: "iev", GPIOIE: "ie",
             GPIOAFSEL: "afsel"}
+# What a snapshot keeps, in Pl061State's order: a byte each, a bit a line.
+_STATE = ("inputs", "data", "dir", "isense", "ibe", "iev", "ie", "ris", "afsel")
 
 
 class Pl061:
@@ -33,6 +39,23 @@ class Pl061:
         self.inputs = 0         # the lines' levels, as driven from outside
         self.data = 0           # what the guest wrote (output lines: none are driven)
         self.dir = self.isense = self.ibe = self.iev = self.ie = self.ris = self.afsel = 0
+
+    def save(self) -> Pl061State:
+        from .persist import Pl061State  # only when saving: see persist's docstring
+        with self._lock:
+            return Pl061State(*(getattr(self, name) for name in _STATE))
+
+    def restore(self, state: Pl061State) -> None:
+        """SavedStateError, the controller unchanged, for lines or registers past its eight
+        lines; the interrupt line is driven to the level the state gives it."""
+        from ...persist import check_int
+        for name in _STATE:
+            check_int(getattr(state, name), 0, 0xFF, name)
+        with self._lock:
+            for name in _STATE:
+                setattr(self, name, getattr(state, name))
+            level = self._update()
+        self._irq.drive(level)
 
     # --- host side ---
     def set_line(self, line: int, high: bool) -> None:
