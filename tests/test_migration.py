@@ -402,14 +402,17 @@ def _other_version(state: bytes) -> bytes:
     return state[:8] + (99).to_bytes(4, "little") + state[12:]
 
 
-def _other_machine(state: bytes) -> bytes:
-    """The state as an arm64 host would have saved it: the header says so (its CRC redone)."""
+def with_header(state: bytes, change: Callable[[dict[str, Any]], dict[str, Any]]) -> bytes:
+    """The state with its header as ``change`` makes it (its CRC redone)."""
     head_len = int.from_bytes(state[12:16], "little")
-    head = json.loads(state[16:16 + head_len])
-    assert head["machine"] == "x86_64"
-    new = json.dumps({**head, "machine": "aarch64"}).encode()
+    new = json.dumps(change(json.loads(state[16:16 + head_len]))).encode()
     return (state[:12] + len(new).to_bytes(4, "little") + new + zlib.crc32(new).to_bytes(4, "little")
             + state[16 + head_len + 4:])
+
+
+def _other_machine(state: bytes) -> bytes:
+    """The state as an arm64 host would have saved it: the header says so."""
+    return with_header(state, lambda head: {**head, "machine": "aarch64"})
 
 
 BAD: list[tuple[str, Callable[[Path], object], list[str], str]] = [

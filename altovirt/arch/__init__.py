@@ -39,6 +39,9 @@ KVM's state (a reset's power-on state, a snapshot's "kvm" section)
     save_state(vm, vcpus, registers) -> PowerOnState
     restore_state(vm, vcpus, state, *, reset=False)    SavedStateError if it does not fit
     snapshot_registers(kvm, vcpu) -> list[int]         the registers a snapshot keeps
+    host_cpu(kvm, vcpu) -> dict             the host CPU as a snapshot's header records it
+    check_cpu(saved, here)                  SavedStateError unless a guest saved on ``saved``
+                                            can run on ``here``
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ if MACHINE == "x86_64":
         KernelError,
         PowerOnState,
         build_firmware,
+        check_cpu,
         create_irqchip,
+        host_cpu,
         load_kernel,
         mmio_slot,
         ram_regions,
@@ -83,7 +88,9 @@ elif MACHINE == "aarch64":
         KernelError,
         PowerOnState,
         build_firmware,
+        check_cpu,
         create_irqchip,
+        host_cpu,
         load_kernel,
         mmio_slot,
         ram_regions,
@@ -110,7 +117,9 @@ __all__ = [
     "KernelError",
     "PowerOnState",
     "build_firmware",
+    "check_cpu",
     "create_irqchip",
+    "host_cpu",
     "load_kernel",
     "mmio_slot",
     "ram_regions",

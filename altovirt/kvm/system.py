@@ -217,7 +217,8 @@ class Vm:
 
 class Device:
     """An in-kernel device of type ``kind`` (KVM_CREATE_DEVICE): its fd, and its attributes as
-    64-bit values."""
+    64-bit values (an attribute of 32 bits is the low half: KVM reads and writes the first four
+    bytes, and the hosts KVM runs on are little-endian)."""
 
     def __init__(self, kind: int, fd: int) -> None:
         self.kind = kind
@@ -231,6 +232,11 @@ class Device:
         """Set attribute ``attr`` of ``group`` to ``value`` (None: an attribute with no value,
         a command such as the vGIC's CTRL_INIT)."""
         self._attr(K.KVM_SET_DEVICE_ATTR, group, attr, None if value is None else C.c_uint64(value))
+
+    def get_attr(self, group: int, attr: int) -> int:
+        value = C.c_uint64()
+        self._attr(K.KVM_GET_DEVICE_ATTR, group, attr, value)
+        return value.value
 
     def close(self) -> None:
         os.close(self.fd)
@@ -376,6 +382,10 @@ class Vcpu:
         buf = (C.c_uint8 * size)()
         ioctl(self.fd, K.KVM_GET_ONE_REG, S.kvm_one_reg(id=reg_id, addr=C.addressof(buf)))
         return bytes(buf)
+
+    def set_one_reg_bytes(self, reg_id: int, value: bytes) -> None:
+        buf = (C.c_uint8 * len(value)).from_buffer_copy(value)
+        ioctl(self.fd, K.KVM_SET_ONE_REG, S.kvm_one_reg(id=reg_id, addr=C.addressof(buf)))
 
     def reg_list(self) -> list[int]:
         """The ids of every register KVM saves and restores for this vCPU (KVM_GET_REG_LIST)."""

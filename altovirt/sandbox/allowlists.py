@@ -100,7 +100,8 @@ X86_VM_STATE = (K.KVM_GET_CLOCK, K.KVM_SET_CLOCK, K.KVM_GET_IRQCHIP, K.KVM_SET_I
 # raised by whichever thread writes or feeds it.
 ARM64_VCPU_STATE = (K.KVM_GET_ONE_REG, K.KVM_SET_ONE_REG, K.KVM_GET_REG_LIST, K.KVM_ARM_VCPU_INIT,
                     K.KVM_GET_MP_STATE, K.KVM_SET_MP_STATE, K.KVM_IRQ_LINE)
-ARM64_VM_STATE = (K.KVM_IRQ_LINE, K.KVM_ARM_PREFERRED_TARGET)
+# The vGIC's registers are attributes of its device fd (a snapshot's save and restore).
+ARM64_VM_STATE = (K.KVM_IRQ_LINE, K.KVM_ARM_PREFERRED_TARGET, K.KVM_GET_DEVICE_ATTR, K.KVM_SET_DEVICE_ATTR)
 KVM_VCPU_STATE = ARM64_VCPU_STATE if MACHINE == "aarch64" else X86_VCPU_STATE
 KVM_VM_STATE = ARM64_VM_STATE if MACHINE == "aarch64" else X86_VM_STATE
 SIOCGIFINDEX = 0x8933          # <linux/sockios.h>: if_nametoindex(), how a tap is found by name

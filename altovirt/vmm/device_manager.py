@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import arch
 from ..config import VmConfig
@@ -42,6 +42,7 @@ from .vcpu import GUEST_RESET, GUEST_SHUTDOWN, StopReason
 
 if TYPE_CHECKING:
     from ..devices.virtio.vsock import Vsock
+    from ..persist import Persistent
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class DeviceManager:
         self.console: HostConsole | None = None
         self.serial: Serial | None = None
         self.pl011: Pl011 | None = None
+        self.pl031: Pl031 | None = None
         self.gpio: Pl061 | None = None
         self.i8042: I8042 | None = None
         self.acpi: AcpiRegisters | None = None
@@ -129,7 +131,8 @@ class DeviceManager:
         if self.console:
             self.console.attach(self.pl011.enqueue)
         self.mmio.insert(self.pl011, uart.base, uart.size)
-        self.mmio.insert(Pl031(), rtc.base, rtc.size)
+        self.pl031 = Pl031()
+        self.mmio.insert(self.pl031, rtc.base, rtc.size)
         self.gpio = Pl061(lambda level: self._vm.irq_line(gpio.irq_line, int(level)))
         self.mmio.insert(self.gpio, gpio.base, gpio.size)
         self.mmio.insert(self.boot_timer, timer.base, timer.size)
@@ -156,6 +159,16 @@ class DeviceManager:
         self.pio.insert(self.rtc, RTC_PORT, 2)
         self.pio.insert(self.boot_timer, BOOT_TIMER_PORT, 1)
         self.pio.insert(PostPort(), POST_PORT, 1)
+
+    def board_devices(self) -> dict[str, Persistent[Any]]:
+        """The machine's own devices whose state a snapshot keeps, by their section's name
+        (after :meth:`add_legacy_devices`): a PC's UART, keyboard controller and CMOS, an Arm
+        board's UART, RTC and GPIO. The boot timer and POST port keep none."""
+        if arch.MACHINE == "aarch64":
+            assert self.pl011 is not None and self.pl031 is not None and self.gpio is not None
+            return {"pl011": self.pl011, "pl031": self.pl031, "pl061": self.gpio}
+        assert self.serial is not None and self.i8042 is not None and self.rtc is not None
+        return {"serial": self.serial, "i8042": self.i8042, "rtc": self.rtc}
 
     def firmware_devices(self) -> arch.FirmwareDevices:
         """What the devices put in the firmware, each describing itself (after

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..arch import PowerOnState
-    from ..devices.legacy.persist import I8042State, RtcState, SerialState
     from ..devices.virtio.persist import TransportState
     from ..snapshot.format import Section
 
@@ -64,7 +63,5 @@ class VmState:
     kvm: PowerOnState
     hotplug: HotplugState
     transports: tuple[TransportState, ...]      # virtio-mmio.0, .1, ...
-    serial: SerialState
-    i8042: I8042State
-    rtc: RtcState
+    board: dict[str, Any]                       # the board's own devices' states, by section name
     xenstore: Section | None                    # in its own envelope (xenstore/snapshot.py)

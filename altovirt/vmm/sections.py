@@ -4,10 +4,11 @@ One section per component, named after it, holding its saved state (see
 :mod:`altovirt.persist`) as JSON: ``config`` (the VM's machine and devices as
 a -config document, from which a Firecracker-style snapshot/load builds the
 VM; a VM started with -incoming has its own), ``kvm`` (vCPUs, interrupt controllers, PIT,
-clock), ``serial``, ``i8042``, ``rtc``, ``hotplug`` (backends and slots),
+clock), the board's own devices (a PC's ``serial``, ``i8042`` and ``rtc``, an Arm
+board's ``pl011``, ``pl031`` and ``pl061``), ``hotplug`` (backends and slots),
 ``virtio-mmio.N`` (each slot's transport and queues) and ``xenstore``. The
-header names what a VM must match to take them: vCPU count and the host CPU
-(vendor, and the features KVM offered the guest). :func:`parse` reads sections
+header names what a VM must match to take them: the architecture, vCPU count and
+the host CPU (:func:`altovirt.arch.host_cpu`). :func:`parse` reads sections
 into plain data (:class:`VmState`), :func:`restore` puts that into a VM.
 Imported only when a VM is saved or restored.
 """
@@ -23,10 +24,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import arch
 from ..config import jsonconfig
-from ..devices.legacy.persist import I8042State, RtcState, SerialState
+from ..devices.legacy.persist import I8042State, Pl011State, Pl031State, Pl061State, RtcState, SerialState
 from ..devices.virtio.persist import TransportState
-from ..kvm import Kvm, KvmError
-from ..persist import SavedStateError, SaveError, from_json, to_json
+from ..kvm import KvmError
+from ..persist import SavedStateError, from_json, to_json
 from ..snapshot.format import Section, SnapshotError
 from .persist import HotplugState, VmState
 
@@ -38,42 +39,9 @@ log = logging.getLogger(__name__)
 
 VERSION = 1                         # of every section below but xenstore's (its own envelope)
 T = TypeVar("T")
-# CPUID (leaf, subleaf) -> the registers whose bits are features a guest may have been given.
-FEATURE_LEAVES = {(1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (0xD, 0): ("eax", "edx"),
-                  (0x80000001, 0): ("ecx", "edx")}
-
-
-def host_cpu(kvm: Kvm) -> dict[str, Any]:
-    """The host CPU as the header records it: vendor and the feature bits KVM offers."""
-    leaves = {(e.function, e.index): e for e in kvm.supported_cpuid()}
-    zero = leaves[(0, 0)]
-    vendor = b"".join(r.to_bytes(4, "little") for r in (zero.ebx, zero.edx, zero.ecx))
-    features = {f"{leaf:#x}.{sub}": [getattr(leaves[(leaf, sub)], r) if (leaf, sub) in leaves else 0
-                                     for r in regs]
-                for (leaf, sub), regs in FEATURE_LEAVES.items()}
-    return {"vendor": vendor.decode(errors="replace"), "features": features}
-
-
-def _check_cpu(saved: object, here: dict[str, Any]) -> None:
-    if not isinstance(saved, dict) or not isinstance(saved.get("features"), dict):
-        raise SnapshotError("header: the host CPU is not recorded")
-    if saved.get("vendor") != here["vendor"]:
-        raise SnapshotError(f"header: saved on a {saved.get('vendor')} CPU; this host's is {here['vendor']}")
-    for leaf, regs in here["features"].items():
-        for name, had, has in zip(FEATURE_LEAVES[_leaf(leaf)], saved["features"].get(leaf, []), regs,
-                                  strict=False):
-            if not isinstance(had, int):
-                raise SnapshotError(f"header: CPUID {leaf} {name} must be an integer")
-            if had & ~has:
-                raise SnapshotError(f"header: this host's CPU lacks features the guest may use "
-                                    f"(CPUID {leaf} {name} bits {had & ~has:#x})")
-
-
-def _leaf(key: str) -> tuple[int, int]:
-    leaf, sub = key.split(".")
-    return int(leaf, 16), int(sub)
-
-
+# The board devices' sections, of either machine (DeviceManager.board_devices names a VM's).
+BOARD_STATES: dict[str, type] = {"serial": SerialState, "i8042": I8042State, "rtc": RtcState,
+                                 "pl011": Pl011State, "pl031": Pl031State, "pl061": Pl061State}
 def _section(name: str, state: object) -> Section:
     return Section(name, VERSION, json.dumps(to_json(state), separators=(",", ":")).encode())
 
@@ -98,19 +66,15 @@ def _state(sections: dict[str, Section], name: str, cls: type[T]) -> T:
 
 def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[Section]]:
     """The header and sections of ``m``, paused with its device work still; ``msrs`` are
-    the MSRs to keep and ``clock`` the kvmclock at the pause. SaveError if a device
-    cannot be saved as it stands, or on a machine whose snapshots are not there yet (arm64:
-    its GIC's state is not saved)."""
-    if arch.MACHINE != "x86_64":
-        raise SaveError(f"snapshots of {arch.MACHINE} VMs are not supported yet: the interrupt "
-                        "controller's state is not saved")
+    the registers to keep and ``clock`` the guest's clock at the pause (arch.read_clock).
+    SaveError if a device cannot be saved as it stands."""
     d = m.devices
-    assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
+    assert d.hotplug is not None
     kvm_state = arch.save_state(m.vm, [v.vcpu for v in m.vcpus], msrs)
     kvm_state = dataclasses.replace(kvm_state, vm=dataclasses.replace(kvm_state.vm, clock=clock))
     sections = [Section("config", VERSION, json.dumps(jsonconfig.to_dict(m.cfg)).encode()),
-                _section("kvm", kvm_state), _section("serial", d.serial.save()),
-                _section("i8042", d.i8042.save()), _section("rtc", d.rtc.save()),
+                _section("kvm", kvm_state),
+                *(_section(name, device.save()) for name, device in d.board_devices().items()),
                 _section("hotplug", d.hotplug.save())]
     if m.xenstore is not None:
         # Before the transports: saving vsock closes the guest's XenStore connections,
@@ -119,7 +83,7 @@ def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[
         sections.append(Section("xenstore", xs.VERSION, xs.save(m.xenstore)))
     sections += [_section(f"virtio-mmio.{i}", t.save()) for i, t in enumerate(d.transports)]
     return {"machine": arch.MACHINE, "vcpus": len(m.vcpus), "memory_size": m.mem.size,
-            "cpu": host_cpu(m.kvm)}, sections
+            "cpu": arch.host_cpu(m.kvm, m.vcpus[0].vcpu)}, sections
 
 
 def parse(header: dict[str, Any], sections: dict[str, Section]) -> VmState:
@@ -132,15 +96,16 @@ def parse(header: dict[str, Any], sections: dict[str, Section]) -> VmState:
     count = 0
     while f"virtio-mmio.{count}" in sections:
         count += 1
-    unknown = sorted(set(sections) - {"config", "kvm", "xenstore", "hotplug", "serial", "i8042", "rtc",
+    unknown = sorted(set(sections) - {"config", "kvm", "xenstore", "hotplug", *BOARD_STATES,
                                       *(f"virtio-mmio.{i}" for i in range(count))})
     if unknown:
         raise SnapshotError(f"section {unknown[0]}: unknown component")
     return VmState(header, _state(sections, "kvm", arch.PowerOnState),
                    _state(sections, "hotplug", HotplugState),
                    tuple(_state(sections, f"virtio-mmio.{i}", TransportState) for i in range(count)),
-                   _state(sections, "serial", SerialState), _state(sections, "i8042", I8042State),
-                   _state(sections, "rtc", RtcState), sections.get("xenstore"))
+                   {name: _state(sections, name, cls) for name, cls in BOARD_STATES.items()
+                    if name in sections},
+                   sections.get("xenstore"))
 
 
 def check_memory_size(header: dict[str, Any], size: int) -> None:
@@ -156,7 +121,15 @@ def _check_fits(m: Machine, state: VmState) -> None:
     if header.get("vcpus") != len(m.vcpus):
         raise SnapshotError(f"header: {header.get('vcpus')} vCPUs saved; this VM has {len(m.vcpus)} (-smp)")
     check_memory_size(header, m.mem.size)
-    _check_cpu(header.get("cpu"), host_cpu(m.kvm))
+    try:
+        arch.check_cpu(header.get("cpu"), arch.host_cpu(m.kvm, m.vcpus[0].vcpu))
+    except SavedStateError as e:
+        raise SnapshotError(f"header: {e}") from e
+    board = m.devices.board_devices()
+    differ = sorted(board.keys() ^ state.board.keys())
+    if differ:
+        name = differ[0]
+        raise SnapshotError(f"section {name}: " + ("missing" if name in board else "unknown component"))
     if len(state.transports) > slots:
         raise SnapshotError(f"section virtio-mmio.{slots}: this VM has no such component; "
                             "a VM with -api-channel has hot-plug slots")
@@ -174,16 +147,15 @@ def restore(m: Machine, state: VmState) -> int:
     that does not fit (a VM that took part of it must not run)."""
     _check_fits(m, state)
     d = m.devices
-    assert d.serial is not None and d.i8042 is not None and d.rtc is not None and d.hotplug is not None
+    assert d.hotplug is not None
     # Hot-plug first: it puts the saved devices into the slots whose transports follow.
     steps: list[tuple[str, Callable[[], None]]] = [
         ("hotplug", functools.partial(d.hotplug.restore, state.hotplug))]
     steps += [(f"virtio-mmio.{i}", functools.partial(t.restore, st))
               for i, (t, st) in enumerate(zip(d.transports, state.transports, strict=True))]
-    steps += [("serial", functools.partial(d.serial.restore, state.serial)),
-              ("i8042", functools.partial(d.i8042.restore, state.i8042)),
-              ("rtc", functools.partial(d.rtc.restore, state.rtc)),
-              ("kvm", lambda: arch.restore_state(m.vm, [v.vcpu for v in m.vcpus], state.kvm))]
+    steps += [(name, functools.partial(device.restore, state.board[name]))
+              for name, device in d.board_devices().items()]
+    steps += [("kvm", lambda: arch.restore_state(m.vm, [v.vcpu for v in m.vcpus], state.kvm))]
     if state.xenstore is not None:
         xenstore = state.xenstore
         steps.append(("xenstore", lambda: _load_xenstore(m, xenstore)))

@@ -1,12 +1,14 @@
-"""The bundled probe (guest/probe-arm64.Image) under AltoVirt on arm64 KVM: the fast proof of
-the board's exit paths, as tests/test_probe_arm64.py proves the probe itself on QEMU's virt.
-It adds the network (a tap in a namespace, tests/net_echo.py's responder behind it) and 254
-vCPUs. What differs from QEMU there is what a VMM must do: the boot timer and the unclaimed page are
-MMIO exits AltoVirt answers (no abort reaches the guest), and its slots are in its own order."""
+"""The bundled probe (guest/probe-arm64.Image) under AltoVirt on arm64 KVM: the fast proof of the
+board's exit paths, as tests/test_probe_arm64.py proves the probe itself on QEMU's virt. It adds
+the network (a tap in a namespace, tests/net_echo.py's responder behind it), 254 vCPUs, and
+snapshots and live migration (tests/test_migration.py's QMP client). What differs from QEMU
+there is what a VMM must do: the boot timer and the unclaimed page are MMIO exits AltoVirt
+answers (no abort reaches the guest), and its slots are in its own order."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zlib
@@ -14,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import GUEST, ProbeReport
+from ..conftest import GUEST, ProbeReport, Vm, vms
 from ..netns import NetNs
+from ..test_migration import Guest, migrate_live, snapshot, wait_status, with_header
 from ..test_probe_arm64 import RAM_BASE, TEXT_OFFSET, blk_words, run_interactive
 
 GIC_SPI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SPI = 32, 0x0A000000, 0x200, 16
+__all__ = ["vms"]
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -107,3 +111,55 @@ def test_probe_network_under_altovirt() -> None:
     assert p.returncode == 0 and r.tests == {"net": "ok", "net-big": "ok"}, p.stdout[-2000:] + p.stderr
     assert r.line("net-big") == "net-big bytes=4000 num_buffers=2 match=1"
     assert r.line("net mac=").endswith(" link=1 tx=32 rx=32")
+
+
+def test_probe_snapshot_restore_and_live_migration(tmp_path: Path, vms: list[Vm]) -> None:
+    """The probe counting and rewriting 4 MiB of RAM, with a disk queue in use: saved, restored
+    (the counter carries on, the queue is where the driver left it), then migrated live to
+    another process while it writes, every page arriving: the vCPU registers, the GIC and
+    the PL011 it talks through carried each time."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(1 << 20))
+
+    def args(*more: str) -> list[str]:
+        return ["-kernel", str(GUEST / "probe-arm64.Image"), "-smp", "2", "-m", "256M",
+                "-append", "console=ttyAMA0 probe.run=snapshot", "-serial", "stdio",
+                "-drive", f"id=disk0,file={disk}", *more]
+
+    source = Guest(vms, args(), tmp_path / "q1.sock")
+    source.ask("dirty 1024", "dirty")
+    before = source.count()
+    first_read = source.ask("blk", "blk")
+    snapshot(source, tmp_path / "snap")
+    source.quit()
+    # Saved on another architecture or another kind of CPU: refused in one line, nothing runs.
+    state = (tmp_path / "snap" / "state").read_bytes()
+    for change, problem in (
+            (lambda head: {**head, "machine": "x86_64"}, "header: saved on an x86_64 host; this aarch64 "
+             "host cannot run it"),
+            (lambda head: {**head, "cpu": {**head["cpu"], "midr": head["cpu"]["midr"] ^ 0xFF0_0000}},
+             "header: saved on a CPU with MIDR_EL1 ")):
+        shutil.copytree(tmp_path / "snap", tmp_path / "bad", dirs_exist_ok=True)
+        (tmp_path / "bad" / "state").write_bytes(with_header(state, change))
+        vm = Vm(*args("-incoming", f"file:{tmp_path / 'bad'}"))
+        vms.append(vm)
+        status, err = vm.finish()
+        errors = [line for line in err.splitlines() if not line.startswith("altovirt: WARNING: ")]
+        assert status == 1 and len(errors) == 1 and problem in errors[0], err      # (L1's /tmp: no O_DIRECT)
+        assert not any(line.startswith("probe: snap") for line in vm.seen)
+    restored = Guest(vms, args("-incoming", f"file:{tmp_path / 'snap'}"), tmp_path / "q2.sock", ready=False)
+    wait_status(restored, "paused", timeout=120)
+    restored.cmd("cont")
+    assert restored.count() > before
+    assert restored.ask("blk", "blk") == first_read
+    uri = f"unix:{tmp_path / 'mig.sock'}"
+    dest = Guest(vms, args("-incoming", uri), tmp_path / "q3.sock", ready=False)
+    restored.cmd("migrate-set-parameters", **{"downtime-limit": 500, "max-bandwidth": 0})
+    info = migrate_live(restored, uri)
+    assert info["status"] == "completed", info
+    wait_status(dest, "paused", timeout=120)
+    dest.cmd("cont")
+    assert dest.ask("verify", "verify").startswith("probe: snap verify=ok pages=1024")
+    assert dest.ask("blk", "blk") == first_read
+    restored.quit()
+    dest.quit()

@@ -19,7 +19,7 @@ from . import gic, layout, regs
 from .boot import BootPlan, Firmware, KernelError, mpidr
 from .boot import prepare as load_kernel
 from .layout import POWER_BUTTON_LINE, mmio_slot, ram_regions
-from .poweron import PowerOnState, snapshot_registers
+from .poweron import PowerOnState, check_cpu, host_cpu, snapshot_registers
 from .poweron import restore as restore_state
 from .poweron import save as save_state
 
@@ -34,7 +34,9 @@ __all__ = [
     "KernelError",
     "PowerOnState",
     "build_firmware",
+    "check_cpu",
     "create_irqchip",
+    "host_cpu",
     "load_kernel",
     "mmio_slot",
     "ram_regions",

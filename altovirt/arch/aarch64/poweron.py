@@ -1,18 +1,24 @@
 """The state KVM holds for an arm64 VM, as plain data: each vCPU's registers, every one
-KVM lists (KVM_GET_REG_LIST), and its power state.
+KVM lists (KVM_GET_REG_LIST), and its power state; the GIC's (:mod:`.gicstate`); the guest's
+clock.
 
 A reset is KVM_ARM_VCPU_INIT again, which puts a vCPU's registers back to their reset values
-and powers the secondaries off (api.rst, 4.82), as QEMU's and Firecracker's resets do.
+and powers the secondaries off (api.rst, 4.82), as QEMU's and Firecracker's resets do. A
+snapshot's restore goes into vCPUs just initialised and a GIC just made: the registers in
+KVM's list order (the ID registers before those they govern), the MP state, then the GIC,
+whose redistributors are found by the vCPUs' MPIDRs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ...kvm import Vcpu, Vm
 from ...persist import SavedStateError, check, check_int
-from . import regs
+from . import gic, gicstate, regs
+from .gicstate import GicState
 
 # A register id's size field (<linux/kvm.h> KVM_REG_SIZE_MASK): the value is 2**n bytes.
 KVM_REG_SIZE_SHIFT = 52
@@ -35,8 +41,17 @@ class VcpuState:
 
 
 @dataclass(frozen=True)
+class VmState:
+    """The GIC and the guest's clock (its virtual counter at the pause)."""
+
+    gic: GicState
+    clock: int
+
+
+@dataclass(frozen=True)
 class PowerOnState:
     vcpus: tuple[VcpuState, ...]
+    vm: VmState
 
 
 def snapshot_registers(kvm: object, vcpu: Vcpu) -> list[int]:
@@ -44,13 +59,33 @@ def snapshot_registers(kvm: object, vcpu: Vcpu) -> list[int]:
     return vcpu.reg_list()
 
 
+def host_cpu(kvm: object, vcpu: Vcpu) -> dict[str, Any]:
+    """The host CPU as a snapshot's header records it: KVM's vCPU target and the MIDR_EL1 the
+    guest reads (which KVM will not let another CPU's VM take)."""
+    return {"target": vcpu.vm.arm_preferred_target().target, "midr": vcpu.get_one_reg(regs.MIDR_EL1)}
+
+
+def check_cpu(saved: object, here: dict[str, Any]) -> None:
+    """SavedStateError unless the guest was saved on this kind of CPU: KVM's target and the
+    MIDR (implementer, variant, part, revision) the same."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("midr"), int):
+        raise SavedStateError("the host CPU is not recorded")
+    if saved != here:
+        raise SavedStateError(f"saved on a CPU with MIDR_EL1 {saved['midr']:#x} (KVM target "
+                              f"{saved.get('target')}); this host's is {here['midr']:#x} "
+                              f"(target {here['target']})")
+
+
 def save(vm: Vm, vcpus: Sequence[Vcpu], reg_ids: Sequence[int]) -> PowerOnState:
-    """Every vCPU's registers ``reg_ids`` and MP state (every vCPU outside KVM_RUN)."""
+    """Every vCPU's registers ``reg_ids`` and MP state, and, for a snapshot (``reg_ids``
+    given), the GIC's state and the clock (every vCPU outside KVM_RUN)."""
     def one(v: Vcpu) -> VcpuState:
         return VcpuState(tuple(reg_ids), tuple(v.get_one_reg_bytes(r, reg_size(r)) for r in reg_ids),
                          v.get_mp_state())
 
-    return PowerOnState(tuple(one(v) for v in vcpus))
+    state = gicstate.save(gic.device(vm), vcpus) if reg_ids else gicstate.EMPTY
+    clock = vcpus[0].get_one_reg(regs.KVM_REG_ARM_TIMER_CNT) if reg_ids else 0
+    return PowerOnState(tuple(one(v) for v in vcpus), VmState(state, clock))
 
 
 def _check(vcpus: Sequence[Vcpu], state: PowerOnState) -> None:
@@ -61,13 +96,20 @@ def _check(vcpus: Sequence[Vcpu], state: PowerOnState) -> None:
             check_int(reg_id, 0, (1 << 64) - 1, f"vCPU {i} register id")
             check(len(value) == reg_size(reg_id), f"vCPU {i} register {reg_id:#x} has the wrong size")
         check_int(s.mp_state, 0, MP_STATE_MAX, f"vCPU {i} mp_state")
+    check_int(state.vm.clock, 0, (1 << 64) - 1, "the clock")
 
 
 def restore(vm: Vm, vcpus: Sequence[Vcpu], state: PowerOnState, *, reset: bool = False) -> None:
-    """A power-on reset (``reset``): every vCPU initialised again. Otherwise SavedStateError:
-    an arm64 VM's interrupt controller state is not saved yet, so a snapshot cannot be
-    restored."""
+    """A power-on reset (``reset``): every vCPU initialised again. Otherwise a snapshot's
+    state, into vCPUs and a GIC that never ran. SavedStateError, with nothing set, for state
+    that does not fit; KvmError for a register KVM refuses (from another kind of host)."""
     _check(vcpus, state)
-    if not reset:
-        raise SavedStateError("arm64 snapshots cannot be restored yet: the GIC's state is not saved")
-    regs.init_vcpus(vcpus)
+    if reset:
+        regs.init_vcpus(vcpus)
+        return
+    gicstate.check_state(state.vm.gic, len(vcpus))
+    for v, s in zip(vcpus, state.vcpus, strict=True):
+        for reg_id, value in zip(s.reg_ids, s.reg_values, strict=True):
+            v.set_one_reg_bytes(reg_id, value)
+        v.set_mp_state(s.mp_state)
+    gicstate.restore(gic.device(vm), vcpus, state.vm.gic)

@@ -32,6 +32,7 @@ def sys_reg(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
 X0, X1, X2, X3 = (core_reg(8 * i) for i in range(4))
 PC = core_reg(8 * 32)
 PSTATE = core_reg(8 * 33)
+MIDR_EL1 = sys_reg(3, 0, 0, 0, 0)
 MPIDR_EL1 = sys_reg(3, 0, 0, 0, 5)
 # The virtual counter, as KVM names it (asm/kvm.h KVM_REG_ARM_TIMER_CNT: the encoding is not
 # CNTVCT_EL0's, by a historical accident KVM keeps).

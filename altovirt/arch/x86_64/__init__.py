@@ -21,6 +21,7 @@ from ..board import BoardDevice
 from . import acpi, layout
 from .boot import BootPlan, Firmware, setup_boot_regs, setup_vcpus
 from .boot import prepare as load_kernel
+from .cpuid import check_cpu, host_cpu
 from .layout import VMGENID_ADDR, mmio_slot, ram_regions
 from .loader import KernelError
 from .poweron import PowerOnState
@@ -39,7 +40,9 @@ __all__ = [
     "KernelError",
     "PowerOnState",
     "build_firmware",
+    "check_cpu",
     "create_irqchip",
+    "host_cpu",
     "load_kernel",
     "mmio_slot",
     "ram_regions",

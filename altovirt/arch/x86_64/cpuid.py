@@ -1,4 +1,4 @@
-"""Per-vCPU CPUID from KVM_GET_SUPPORTED_CPUID.
+"""Per-vCPU CPUID from KVM_GET_SUPPORTED_CPUID, and the host CPU as a snapshot records it.
 
 Each vCPU gets its own APIC ID (its index) and a topology of one socket with
 ``n`` cores of one thread, on both the Intel (leaves 1, 4, 0xB, 0x1F) and AMD
@@ -8,13 +8,20 @@ kept as KVM reports them: PVM guests find their hypervisor through them.
 
 from __future__ import annotations
 
+from typing import Any
+
+from ...kvm import Kvm, Vcpu
 from ...kvm import structs as S
+from ...persist import SavedStateError
 
 CPUID_1_ECX_HYPERVISOR = 1 << 31
 CPUID_1_EDX_HTT = 1 << 28
 # CPUID.0BH/1FH level types (SDM vol. 2A, CPUID)
 LEVEL_SMT = 1
 LEVEL_CORE = 2
+# CPUID (leaf, subleaf) -> the registers whose bits are features a guest may have been given.
+FEATURE_LEAVES = {(1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (0xD, 0): ("eax", "edx"),
+                  (0x80000001, 0): ("ecx", "edx")}
 
 
 def _bits_for(n: int) -> int:
@@ -51,3 +58,36 @@ def vcpu_cpuid(supported: list[S.kvm_cpuid_entry2], index: int, count: int) -> l
             e.eax, e.ebx, e.ecx = index, index & 0xFF, 0
         out.append(e)
     return out
+
+
+def host_cpu(kvm: Kvm, vcpu: Vcpu) -> dict[str, Any]:
+    """The host CPU as a snapshot's header records it: vendor and the feature bits KVM offers."""
+    leaves = {(e.function, e.index): e for e in kvm.supported_cpuid()}
+    zero = leaves[(0, 0)]
+    vendor = b"".join(r.to_bytes(4, "little") for r in (zero.ebx, zero.edx, zero.ecx))
+    features = {f"{leaf:#x}.{sub}": [getattr(leaves[(leaf, sub)], r) if (leaf, sub) in leaves else 0
+                                     for r in regs]
+                for (leaf, sub), regs in FEATURE_LEAVES.items()}
+    return {"vendor": vendor.decode(errors="replace"), "features": features}
+
+
+def check_cpu(saved: object, here: dict[str, Any]) -> None:
+    """SavedStateError unless a guest saved on the CPU ``saved`` describes can run on ``here``:
+    the same vendor, and every feature it may have used."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("features"), dict):
+        raise SavedStateError("the host CPU is not recorded")
+    if saved.get("vendor") != here["vendor"]:
+        raise SavedStateError(f"saved on a {saved.get('vendor')} CPU; this host's is {here['vendor']}")
+    for leaf, regs in here["features"].items():
+        for name, had, has in zip(FEATURE_LEAVES[_leaf(leaf)], saved["features"].get(leaf, []), regs,
+                                  strict=False):
+            if not isinstance(had, int):
+                raise SavedStateError(f"CPUID {leaf} {name} must be an integer")
+            if had & ~has:
+                raise SavedStateError(f"this host's CPU lacks features the guest may use "
+                                      f"(CPUID {leaf} {name} bits {had & ~has:#x})")
+
+
+def _leaf(key: str) -> tuple[int, int]:
+    leaf, sub = key.split(".")
+    return int(leaf, 16), int(sub)
