@@ -17,6 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST = ROOT / "guest"
+# The probe image for this host's architecture, in GUEST.
+PROBE_KERNEL = "probe-arm64.Image" if os.uname().machine == "aarch64" else "probe.elf"
 QEMU = shutil.which("qemu-system-x86_64")
 
 

@@ -19,7 +19,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from altovirt.backends import BackendError
 from altovirt.backends.blockfile import BlockFile
 
-from .conftest import Vm, needs_kvm
+from .conftest import PROBE_KERNEL, Vm, needs_kvm
 from .netns import NetNs, needs_netns
 
 pytestmark = needs_kvm
@@ -76,7 +76,7 @@ class Session:
 def disks(probe: Path, tmp_path: Path, vms: list[Vm]) -> Iterator[tuple[Session, Path]]:
     sock = tmp_path / "qmp.sock"
     root = image(tmp_path / "root.img", MiB, 0)
-    vm = Vm("-kernel", str(probe / "probe.elf"), "-drive", f"id=rootfs,file={root}",
+    vm = Vm("-kernel", str(probe / PROBE_KERNEL), "-drive", f"id=rootfs,file={root}",
             "-append", "probe.run=hotplug", "-serial", "stdio", "-api-channel", f"unix:{sock}")
     vms.append(vm)
     s = Session(vm, sock)
@@ -199,7 +199,7 @@ def test_nic_plugged_by_name_and_by_fd(probe: Path, tmp_path: Path, vms: list[Vm
     ns = NetNs(("tap0", "tap1"))
     try:
         sock = tmp_path / "qmp.sock"
-        vm = Vm("-kernel", str(probe / "probe.elf"), "-append", "probe.run=hotplug", "-serial", "stdio",
+        vm = Vm("-kernel", str(probe / PROBE_KERNEL), "-append", "probe.run=hotplug", "-serial", "stdio",
                 "-api-channel", f"unix:{sock}", prefix=tuple(ns.cmd()))
         vms.append(vm)
         s = Session(vm, sock)

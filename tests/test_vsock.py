@@ -27,7 +27,7 @@ from altovirt.eventloop import EventLoop
 from altovirt.memory import GuestMemory
 
 from .cabi import c_values, needs_gcc
-from .conftest import Vm, needs_kvm
+from .conftest import PROBE_KERNEL, Vm, needs_kvm
 from .unixsock import read_line
 from .virtq import DriverQueue
 
@@ -64,7 +64,7 @@ def test_streams_both_ways(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
-    vm = Vm("-kernel", str(probe / "probe.elf"), "-device", f"vsock,id=vsock0,guest-cid=3,uds-path={uds}",
+    vm = Vm("-kernel", str(probe / PROBE_KERNEL), "-device", f"vsock,id=vsock0,guest-cid=3,uds-path={uds}",
             "-append", "probe.run=vsock", "-serial", "stdio")
     vms.append(vm)
     vm.wait_line("probe: vsock cid=3 ready")
