@@ -19,12 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from altovirt import persist
-from altovirt.arch.aarch64 import boot, gicstate, layout
+from altovirt.arch.aarch64 import boot, gic, gicstate, layout, poweron
 from altovirt.devices.legacy import pl011, pl031, pl061
 from altovirt.memory import GuestMemory
 from altovirt.persist import SavedStateError
 
 MiB = 1 << 20
+GICV3 = gic.Gic(3, ((0x080A_0000, 0x6_0000),))                   # 3 vCPUs' redistributors
+GICV2 = gic.Gic(2, ((layout.GIC_CPU_BASE, layout.GIC_CPU_SIZE),))
 
 
 def _image(text_offset: int = 0, image_size: int = 2 * MiB, body: bytes = b"") -> bytes:
@@ -50,7 +52,7 @@ def _dts(blob: bytes) -> str:
 def test_device_tree_describes_the_machine(mem: GuestMemory) -> None:
     initrd = b"\x42" * 5000
     plan = boot.prepare(mem, gzip.compress(_image(body=b"kernel")), "console=ttyAMA0 root=/dev/vda",
-                        initrd, 3, boot.Firmware(((0x0A000000, 16), (0x0A000200, 17))))
+                        initrd, 3, boot.Firmware(((0x0A000000, 16), (0x0A000200, 17)), GICV3))
     assert plan.entry == layout.RAM_START
     assert mem.read(plan.entry + 64, 6) == b"kernel"
     assert plan.fdt_addr % 8 == 0 and plan.fdt_addr + layout.FDT_MAX_SIZE == layout.RAM_START + 256 * MiB
@@ -68,6 +70,16 @@ def test_device_tree_describes_the_machine(mem: GuestMemory) -> None:
     assert 'stdout-path = "/pl011@9000000";' in dts
     # The power button: KEY_POWER on the PL061's line 3, as QEMU's virt wires it.
     assert "linux,code = <0x74>;" in dts and "gpios = <0x03 0x03 0x00>;" in dts and "gpio-controller;" in dts
+
+
+def test_device_tree_of_a_gicv2_host(mem: GuestMemory) -> None:
+    """Where the host's GIC is a v2: its distributor and CPU interface, and the timer's PPIs
+    going to every vCPU (QEMU virt's for gic-version=2)."""
+    plan = boot.prepare(mem, _image(), "", None, 2, boot.Firmware((), GICV2))
+    dts = _dts(mem.read(plan.fdt_addr, layout.FDT_MAX_SIZE))
+    assert 'compatible = "arm,cortex-a15-gic";' in dts and "gic-v3" not in dts
+    assert "reg = <0x00 0x8000000 0x00 0x10000 0x00 0x8010000 0x00 0x10000>;" in dts
+    assert "interrupts = <0x01 0x0d 0x304 0x01 0x0e 0x304 0x01 0x0b 0x304 0x01 0x0a 0x304>;" in dts
 
 
 def test_mpidrs_follow_kvm_clusters_of_sixteen() -> None:
@@ -91,16 +103,16 @@ def test_redistributors_past_the_low_region() -> None:
 ])
 def test_bad_kernels_are_refused(mem: GuestMemory, image: bytes, message: str) -> None:
     with pytest.raises(boot.KernelError, match=message):
-        boot.prepare(mem, image, "", None, 1, boot.Firmware(()))
+        boot.prepare(mem, image, "", None, 1, boot.Firmware((), GICV3))
 
 
 def test_too_long_a_command_line_is_refused(mem: GuestMemory) -> None:
     with pytest.raises(boot.KernelError, match="accepts at most 2047"):
-        boot.prepare(mem, _image(), "x" * 2048, None, 1, boot.Firmware(()))
+        boot.prepare(mem, _image(), "x" * 2048, None, 1, boot.Firmware((), GICV3))
 
 
 def test_legacy_image_loads_at_half_a_mib(mem: GuestMemory) -> None:
-    plan = boot.prepare(mem, _image(image_size=0), "", None, 1, boot.Firmware(()))
+    plan = boot.prepare(mem, _image(image_size=0), "", None, 1, boot.Firmware((), GICV3))
     assert plan.entry == layout.RAM_START + 0x80000 and plan.initrd_size == 0
 
 
@@ -286,3 +298,17 @@ def test_bad_gic_state_is_refused(change: Callable[[gicstate.GicState], gicstate
                                   problem: str) -> None:
     with pytest.raises(SavedStateError, match=problem):
         gicstate.check_state(change(gic_state()), 2)
+
+
+@pytest.mark.parametrize("saved, problem", [
+    ({"target": 5, "midr": 0x410FD034, "gic": 2}, "saved with a GICv2; this host's is a GICv3"),
+    ({"target": 5, "midr": 0x410FD083, "gic": 3}, "saved on a CPU with MIDR_EL1 0x410fd083 .KVM target 5.; "
+     "this host's is 0x410fd034 .target 5."),
+    ({"target": 5}, "the host CPU is not recorded"),
+    (None, "the host CPU is not recorded"),
+])
+def test_snapshot_from_another_kind_of_host_is_refused(saved: object, problem: str) -> None:
+    here = {"target": 5, "midr": 0x410FD034, "gic": 3}
+    poweron.check_cpu(dict(here), here)
+    with pytest.raises(SavedStateError, match=problem):
+        poweron.check_cpu(saved, here)

@@ -26,7 +26,8 @@ from .testbed import arch, debian, initramfs, l1
 
 # (the bed's architecture, the directory of its modules, the Python that runs them in L1):
 # the x86 bed shares the host's root and so its .venv; the arm64 bed's root has Debian's python3.
-BEDS = ((arch.X86_64, "linux", sys.executable), (arch.AARCH64, "linux_arm64", "python3"))
+BEDS = ((arch.X86_64, "linux", sys.executable), (arch.AARCH64, "linux_arm64", "python3"),
+        (arch.AARCH64_GICV2, "linux_arm64_gicv2", "python3"))
 MODULES = [(a, f"{d}/{p.name}", python) for a, d, python in BEDS
            for p in sorted((ROOT / "tests" / d).glob("test_*.py"))]
 # s for L1's boot and one module, on a host busy enough to give L1 a third of a core (a
@@ -83,7 +84,7 @@ def inner_failures(junit: Path) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize(("bed", "module", "python"), MODULES, ids=[f"{a.name}-{m}" for a, m, _ in MODULES])
+@pytest.mark.parametrize(("bed", "module", "python"), MODULES, ids=[f"{a.key}-{m}" for a, m, _ in MODULES])
 @pytest.mark.timeout(2 * ATTEMPT_TIMEOUT + 300)
 def test_linux_guests_in_the_nested_test_bed(bed: arch.Arch, module: str, python: str, warm_caches: None,
                                              tmp_path: Path) -> None:

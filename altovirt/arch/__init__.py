@@ -20,8 +20,11 @@ Memory layout
     VMGENID_ADDR                            the VM generation ID's reserved page (None: the
                                             machine has none)
 The VM and its vCPUs
-    create_irqchip(vm, cpus, ram_end)       the in-kernel interrupt controllers: after guest RAM
-                                            is registered, before any vCPU; KvmError
+    create_irqchip(vm, cpus, ram_end) -> irqchip
+                                            the in-kernel interrupt controllers: after guest RAM
+                                            is registered, before any vCPU; KvmError. Returns
+                                            what the firmware describes of them (an arm64
+                                            board's GIC version and regions; None on a PC)
     setup_vcpus(kvm, vcpus) -> list[int]    every vCPU's CPU model and power-on registers;
                                             returns the registers the power-on state keeps
     setup_boot_regs(vcpu, plan)             the boot vCPU at the kernel's entry
@@ -30,7 +33,7 @@ The VM and its vCPUs
 Firmware and kernel
     FirmwareDevices                         what the devices hand the firmware, each describing
                                             itself (DSDT entries and the FADT's plain data)
-    build_firmware(cpus, devices) -> Firmware
+    build_firmware(cpus, devices, irqchip) -> Firmware
     load_kernel(mem, image, cmdline, initrd, cpus, firmware) -> BootPlan
                                             the kernel, initrd, command line, firmware and boot
                                             structures in guest RAM; KernelError if it cannot boot

@@ -80,12 +80,12 @@ def _read_file(what: str, path: str) -> bytes:
         raise VmmError(f"{what}: {path}: {e.strerror}") from e
 
 
-def _boot_inputs(cfg: VmConfig, cmdline: str, devices: DeviceManager) -> BootInputs:
+def _boot_inputs(cfg: VmConfig, cmdline: str, devices: DeviceManager, irqchip: object) -> BootInputs:
     """What arch.load_kernel needs: the kernel and initrd read, the command line, and the
-    firmware built from what the devices say of themselves."""
+    firmware built from what the devices say of themselves and the interrupt controllers."""
     image = _read_file("-kernel", cfg.kernel or "")
     initrd = _read_file("-initrd", cfg.initrd) if cfg.initrd else None
-    firmware = arch.build_firmware(cfg.vcpus, devices.firmware_devices())
+    firmware = arch.build_firmware(cfg.vcpus, devices.firmware_devices(), irqchip)
     return (image, cmdline, initrd, cfg.vcpus, firmware)
 
 
@@ -123,7 +123,7 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
         for slot, region in enumerate(mem.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
         try:
-            arch.create_irqchip(vm, cfg.vcpus, mem.regions[-1].end)
+            irqchip = arch.create_irqchip(vm, cfg.vcpus, mem.regions[-1].end)
         except KvmError as e:
             raise VmmError(f"cannot set up the VM's interrupt controllers: {e}") from e
         lost_ticks = LostTicks(vm)
@@ -153,7 +153,7 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
                                            functools.partial(device_deleted, lifecycle))
         devices.add_legacy_devices()        # before the firmware, which they describe
         boot = Boot(cfg.kernel or "", functools.partial(_boot_inputs, cfg, guest_cmdline(cfg.cmdline, slots),
-                                                        devices))
+                                                        devices, irqchip))
         # A VM loaded from a snapshot or a migration boots nothing (it reads its kernel to reboot).
         plan = boot.load(mem) if cfg.incoming is None and saved is None else None
         if devices.vmgenid is not None:

@@ -34,6 +34,7 @@ unless --keep-log FILE.
                      Debian's: the .venv is x86), PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 and
                      PYTEST_PLUGINS=pytest_timeout (the .venv's other plugins have x86 parts
                      or are slow to import under TCG; set them with -p).
+                     aarch64-gicv2: the same on a virt machine whose GIC is a v2.
   --timeout SECONDS  limit for one attempt, boot included (default 3600)
   --cpus N           L1's vCPUs (default {DEFAULT_CPUS})
   --mem SIZE         L1's memory (default {DEFAULT_MEM})

@@ -71,8 +71,8 @@ class FirmwareDevices:
     virtio: Sequence[tuple[int, int]]
 
 
-def build_firmware(cpus: int, devices: FirmwareDevices) -> Firmware:
-    return Firmware(tuple(devices.virtio))
+def build_firmware(cpus: int, devices: FirmwareDevices, irqchip: gic.Gic) -> Firmware:
+    return Firmware(tuple(devices.virtio), irqchip)
 
 
 def read_clock(vm: Vm, vcpus: Sequence[Vcpu]) -> int:
@@ -87,10 +87,11 @@ def write_clock(vm: Vm, vcpus: Sequence[Vcpu], value: int) -> None:
         vcpu.set_one_reg(regs.KVM_REG_ARM_TIMER_CNT, value)
 
 
-def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> None:
-    """The in-kernel GICv3 for ``cpus`` vCPUs (the architected timer needs nothing):
-    after guest RAM is registered, before any vCPU. KvmError if KVM refuses."""
-    gic.create(vm, cpus, ram_end)
+def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> gic.Gic:
+    """The in-kernel GIC for ``cpus`` vCPUs (the architected timer needs nothing): after
+    guest RAM is registered, before any vCPU; returns what the device tree will describe.
+    KvmError if KVM refuses."""
+    return gic.create(vm, cpus, ram_end)
 
 
 def setup_vcpus(kvm: Kvm, vcpus: Sequence[Vcpu]) -> list[int]:
@@ -100,7 +101,7 @@ def setup_vcpus(kvm: Kvm, vcpus: Sequence[Vcpu]) -> list[int]:
     mpidrs = regs.mpidrs(vcpus)
     expected = [mpidr(i) for i in range(len(vcpus))]
     if mpidrs != expected:          # the device tree, written before the vCPUs existed, names these
-        raise KvmError(0, f"KVM gave the vCPUs MPIDRs {mpidrs[:4]}..., not {expected[:4]}...")
+        raise KvmError(f"KVM gave the vCPUs MPIDRs {mpidrs[:4]}..., not {expected[:4]}...")
     if vcpus:
         gic.finalize(vcpus[0].vm)
     return []

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ...errors import AltoVirtError
 from ...memory import GuestMemory
 from . import fdt, layout
+from .gic import Gic
 
 # The Image header (booting.rst, 3): code0, code1, text_offset, image_size, flags, res2-4,
 # magic, res5.
@@ -33,10 +34,11 @@ class KernelError(AltoVirtError, ValueError):
 
 @dataclass(frozen=True)
 class Firmware:
-    """What the machine describes to the guest: its virtio-mmio slots in use (base, SPI);
-    the device tree is written at load, when the initrd's place is known."""
+    """What the machine describes to the guest: its virtio-mmio slots in use (base, SPI) and
+    its GIC; the device tree is written at load, when the initrd's place is known."""
 
     virtio: tuple[tuple[int, int], ...]
+    gic: Gic
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,6 @@ def prepare(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
     blob = fdt.build(fdt.DeviceTreeInputs(
         memory=mem.regions, mpidrs=[mpidr(i) for i in range(cpus)], cmdline=cmdline,
         initrd=(initrd_addr, len(initrd)) if initrd else None, virtio=firmware.virtio,
-        redist=layout.redist_regions(cpus, ram.end)))
+        gic=firmware.gic))
     mem.write(fdt_addr, blob)
     return BootPlan("image", entry, fdt_addr, initrd_addr, len(initrd) if initrd else 0)

@@ -3,7 +3,7 @@
 
 What it holds follows QEMU's virt machine (hw/arm/virt.c) and the kernel's bindings
 (Documentation/devicetree/bindings/): the memory, the CPUs by MPIDR with PSCI as their
-enable method, the GICv3, the architected timer, the PL011 UART, PL031 RTC and PL061 GPIO
+enable method, the GIC (v3, or v2), the architected timer, the PL011 UART, PL031 RTC and PL061 GPIO
 with their APB clock, the power button on a GPIO line, every virtio-mmio slot in use, and
 ``/chosen`` with the command line, the initrd and seeds for the guest's RNG and KASLR.
 """
@@ -16,12 +16,15 @@ from dataclasses import dataclass
 
 from ...memory import Region
 from . import layout
+from .gic import Gic
 
-# Interrupt specifier cells for the GIC binding (arm,gic-v3.yaml): type, number, flags.
+# Interrupt specifier cells for the GIC bindings (arm,gic-v3.yaml, arm,gic.yaml): type,
+# number, flags; a GICv2's PPI flags name the CPUs it goes to in bits 8-15.
 GIC_FDT_IRQ_TYPE_SPI = 0
 GIC_FDT_IRQ_TYPE_PPI = 1
 IRQ_TYPE_EDGE_RISING = 1
 IRQ_TYPE_LEVEL_HIGH = 4
+GIC_FDT_IRQ_PPI_CPU_SHIFT = 8
 
 # phandles the nodes refer to each other by.
 PHANDLE_GIC = 1
@@ -39,7 +42,7 @@ class DeviceTreeInputs:
     cmdline: str
     initrd: tuple[int, int] | None              # (address, size)
     virtio: Sequence[tuple[int, int]]           # (base, SPI) of each virtio-mmio slot in use
-    redist: Sequence[tuple[int, int]]           # the GICv3 redistributor regions (base, size)
+    gic: Gic
 
 
 def _cells(*values: int) -> bytes:
@@ -105,16 +108,23 @@ def build(inputs: DeviceTreeInputs) -> bytes:
     # PSCI through HVC: KVM implements it (KVM_ARM_VCPU_PSCI_0_2).
     node("psci", {"compatible": _strings("arm,psci-1.0", "arm,psci-0.2"), "method": "hvc"})
 
-    gic_regs = [(layout.GIC_DIST_BASE, layout.GIC_DIST_SIZE), *inputs.redist]
-    node(f"intc@{layout.GIC_DIST_BASE:x}", {
-        "compatible": "arm,gic-v3", "#interrupt-cells": 3, "interrupt-controller": b"",
-        "#address-cells": 2, "#size-cells": 2, "ranges": b"",
-        "#redistributor-regions": len(inputs.redist), "reg": _reg(*gic_regs),
-        "interrupts": _cells(GIC_FDT_IRQ_TYPE_PPI, layout.GIC_MAINTENANCE_PPI, IRQ_TYPE_LEVEL_HIGH),
-        "phandle": PHANDLE_GIC})
+    gic_regs = [(layout.GIC_DIST_BASE, layout.GIC_DIST_SIZE), *inputs.gic.regions]
+    ppi_flags = IRQ_TYPE_LEVEL_HIGH
+    if inputs.gic.version == 3:
+        node(f"intc@{layout.GIC_DIST_BASE:x}", {
+            "compatible": "arm,gic-v3", "#interrupt-cells": 3, "interrupt-controller": b"",
+            "#address-cells": 2, "#size-cells": 2, "ranges": b"",
+            "#redistributor-regions": len(inputs.gic.regions), "reg": _reg(*gic_regs),
+            "interrupts": _cells(GIC_FDT_IRQ_TYPE_PPI, layout.GIC_MAINTENANCE_PPI, IRQ_TYPE_LEVEL_HIGH),
+            "phandle": PHANDLE_GIC})
+    else:
+        ppi_flags |= ((1 << len(inputs.mpidrs)) - 1) << GIC_FDT_IRQ_PPI_CPU_SHIFT
+        node(f"intc@{layout.GIC_DIST_BASE:x}", {
+            "compatible": "arm,cortex-a15-gic", "#interrupt-cells": 3, "interrupt-controller": b"",
+            "reg": _reg(*gic_regs), "phandle": PHANDLE_GIC})
 
     node("timer", {"compatible": _strings("arm,armv8-timer", "arm,armv7-timer"), "always-on": b"",
-                   "interrupts": b"".join(_cells(GIC_FDT_IRQ_TYPE_PPI, ppi, IRQ_TYPE_LEVEL_HIGH)
+                   "interrupts": b"".join(_cells(GIC_FDT_IRQ_TYPE_PPI, ppi, ppi_flags)
                                           for ppi in layout.TIMER_PPIS)})
 
     # The AMBA devices' bus clock: Linux's amba bus enables "apb_pclk" before probing them.

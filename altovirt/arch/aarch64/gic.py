@@ -1,26 +1,46 @@
-"""The in-kernel GICv3 (Documentation/virt/kvm/devices/arm-vgic-v3.rst) at the addresses of
-:mod:`.layout`. A host that emulates only a GICv2 is refused: the device tree describes a v3.
+"""The in-kernel GIC at the addresses of :mod:`.layout`: a GICv3
+(Documentation/virt/kvm/devices/arm-vgic-v3.rst), or, on a host whose GIC is a v2 (whose KVM
+has no GICv3 to emulate), a GICv2 (arm-vgic.rst) for up to 8 vCPUs, as Firecracker and QEMU
+fall back to one.
 
 Made in two steps, as KVM wants: :func:`create` once guest RAM is registered (the device
 and its addresses), :func:`finalize` once every vCPU exists and is initialised
 (``KVM_DEV_ARM_VGIC_CTRL_INIT``, which sizes the redistributors by the vCPUs). The GIC's
-fd is one of the VM's devices (``Vm.devices``), closed with it.
+fd is one of the VM's devices (``Vm.devices``), closed with it. What :func:`create` made
+(:class:`Gic`) is what the device tree describes.
 """
 
 from __future__ import annotations
 
+import errno
+from dataclasses import dataclass
+
 from ...kvm import Device, KvmError, Vm
 from . import layout
 
+KVM_DEV_TYPE_ARM_VGIC_V2 = 5
 KVM_DEV_TYPE_ARM_VGIC_V3 = 7
 # Attribute groups and attributes (asm/kvm.h).
 KVM_DEV_ARM_VGIC_GRP_ADDR = 0
 KVM_DEV_ARM_VGIC_GRP_NR_IRQS = 3
 KVM_DEV_ARM_VGIC_GRP_CTRL = 4
 KVM_DEV_ARM_VGIC_CTRL_INIT = 0
+KVM_VGIC_V2_ADDR_TYPE_DIST = 0
+KVM_VGIC_V2_ADDR_TYPE_CPU = 1
 KVM_VGIC_V3_ADDR_TYPE_DIST = 2
 KVM_VGIC_V3_ADDR_TYPE_REDIST = 3
 KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION = 5
+GICV2_MAX_CPUS = 8                  # GICv2 architecture spec, 1.3: CPU interfaces 0-7
+VERSIONS = {KVM_DEV_TYPE_ARM_VGIC_V3: 3, KVM_DEV_TYPE_ARM_VGIC_V2: 2}
+
+
+@dataclass(frozen=True)
+class Gic:
+    """A GIC as made: its version (3 or 2) and its per-CPU regions, (base, size) each: a
+    GICv3's redistributor regions, a GICv2's CPU interface."""
+
+    version: int
+    regions: tuple[tuple[int, int], ...]
 
 # KVM_IRQ_LINE's irq field on arm64 (api.rst, 4.25): type, vCPU, INTID.
 KVM_ARM_IRQ_TYPE_SHIFT = 24
@@ -37,13 +57,15 @@ def _redist_region_attr(index: int, base: int, cpus: int) -> int:
     return cpus << 52 | base | index
 
 
-def create(vm: Vm, cpus: int, ram_end: int) -> None:
-    """The GICv3 for ``cpus`` vCPUs, one of ``vm.devices``. KvmError if KVM cannot make one."""
+def create(vm: Vm, cpus: int, ram_end: int) -> Gic:
+    """The GIC for ``cpus`` vCPUs, one of ``vm.devices``: a GICv3, else a GICv2. KvmError if
+    KVM can make neither, or only a GICv2 and ``cpus`` is more than it serves."""
     try:
         device = vm.create_device(KVM_DEV_TYPE_ARM_VGIC_V3)
     except KvmError as e:
-        raise KvmError(e.errno, f"this host's KVM emulates no GICv3 ({e}); AltoVirt's arm64 board "
-                       "needs one") from e
+        if e.errno != errno.ENODEV:
+            raise
+        return _create_v2(vm, cpus)
     device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_DIST, layout.GIC_DIST_BASE)
     regions = layout.redist_regions(cpus, ram_end)
     if len(regions) == 1:
@@ -53,11 +75,32 @@ def create(vm: Vm, cpus: int, ram_end: int) -> None:
             value = _redist_region_attr(index, base, size // layout.GIC_REDIST_STRIDE)
             device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION, value)
     device.set_attr(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, layout.GIC_NR_IRQS)
+    return Gic(3, tuple(regions))
+
+
+def _create_v2(vm: Vm, cpus: int) -> Gic:
+    if cpus > GICV2_MAX_CPUS:
+        raise KvmError(f"this host's GIC is a GICv2, which serves at most {GICV2_MAX_CPUS} "
+                       f"vCPUs; the VM has {cpus}")
+    try:
+        device = vm.create_device(KVM_DEV_TYPE_ARM_VGIC_V2)
+    except KvmError as e:
+        raise KvmError(e.errno, f"this host's KVM emulates neither a GICv3 nor a GICv2 ({e}); AltoVirt's "
+                       "arm64 board needs one") from e
+    device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V2_ADDR_TYPE_DIST, layout.GIC_DIST_BASE)
+    device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V2_ADDR_TYPE_CPU, layout.GIC_CPU_BASE)
+    device.set_attr(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, layout.GIC_NR_IRQS)
+    return Gic(2, ((layout.GIC_CPU_BASE, layout.GIC_CPU_SIZE),))
 
 
 def device(vm: Vm) -> Device:
     """The GIC :func:`create` made."""
-    return next(d for d in vm.devices if d.kind == KVM_DEV_TYPE_ARM_VGIC_V3)
+    return next(d for d in vm.devices if d.kind in VERSIONS)
+
+
+def version(vm: Vm) -> int:
+    """The version of the GIC :func:`create` made: 3 or 2."""
+    return VERSIONS[device(vm).kind]
 
 
 def finalize(vm: Vm) -> None:

@@ -14,12 +14,15 @@ from ...memory import Region
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
-# The GICv3: one 64 KiB distributor, a redistributor (two 64 KiB frames) per vCPU.
+# The GIC: one 64 KiB distributor; a GICv3's redistributors (two 64 KiB frames a vCPU).
 GIC_DIST_BASE = 0x0800_0000
 GIC_DIST_SIZE = 0x1_0000
 GIC_REDIST_BASE = 0x080A_0000
 GIC_REDIST_SIZE = 0xF6_0000          # room for 123 vCPUs, up to the UART
 GIC_REDIST_STRIDE = 0x2_0000         # GICv3 architecture spec 12.10: RD_base and SGI_base frames
+# A GICv2's CPU interface, where a host has no GICv3 (QEMU virt's VIRT_GIC_CPU).
+GIC_CPU_BASE = 0x0801_0000
+GIC_CPU_SIZE = 0x1_0000
 # Interrupts the in-kernel GIC models: the 32 private ones and SPIs up to the virtio slots'.
 GIC_NR_IRQS = 128
 GIC_SPI_BASE = 32                    # INTID of SPI 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...kvm import Vcpu, Vm
-from ...persist import SavedStateError, check, check_int
+from ...persist import SavedStateError, SaveError, check, check_int
 from . import gic, gicstate, regs
 from .gicstate import GicState
 
@@ -60,16 +60,19 @@ def snapshot_registers(kvm: object, vcpu: Vcpu) -> list[int]:
 
 
 def host_cpu(kvm: object, vcpu: Vcpu) -> dict[str, Any]:
-    """The host CPU as a snapshot's header records it: KVM's vCPU target and the MIDR_EL1 the
-    guest reads (which KVM will not let another CPU's VM take)."""
-    return {"target": vcpu.vm.arm_preferred_target().target, "midr": vcpu.get_one_reg(regs.MIDR_EL1)}
+    """The host CPU as a snapshot's header records it: KVM's vCPU target, the MIDR_EL1 the
+    guest reads (which KVM will not let another CPU's VM take) and the GIC's version."""
+    return {"target": vcpu.vm.arm_preferred_target().target, "midr": vcpu.get_one_reg(regs.MIDR_EL1),
+            "gic": gic.version(vcpu.vm)}
 
 
 def check_cpu(saved: object, here: dict[str, Any]) -> None:
-    """SavedStateError unless the guest was saved on this kind of CPU: KVM's target and the
-    MIDR (implementer, variant, part, revision) the same."""
+    """SavedStateError unless the guest was saved on this kind of CPU: KVM's target, the MIDR
+    (implementer, variant, part, revision) and the GIC the same."""
     if not isinstance(saved, dict) or not isinstance(saved.get("midr"), int):
         raise SavedStateError("the host CPU is not recorded")
+    if saved.get("gic") != here["gic"]:
+        raise SavedStateError(f"saved with a GICv{saved.get('gic')}; this host's is a GICv{here['gic']}")
     if saved != here:
         raise SavedStateError(f"saved on a CPU with MIDR_EL1 {saved['midr']:#x} (KVM target "
                               f"{saved.get('target')}); this host's is {here['midr']:#x} "
@@ -78,7 +81,11 @@ def check_cpu(saved: object, here: dict[str, Any]) -> None:
 
 def save(vm: Vm, vcpus: Sequence[Vcpu], reg_ids: Sequence[int]) -> PowerOnState:
     """Every vCPU's registers ``reg_ids`` and MP state, and, for a snapshot (``reg_ids``
-    given), the GIC's state and the clock (every vCPU outside KVM_RUN)."""
+    given), the GIC's state and the clock (every vCPU outside KVM_RUN). SaveError for a
+    snapshot of a VM with a GICv2, whose state is not saved."""
+    if reg_ids and gic.version(vm) != 3:
+        raise SaveError("a snapshot of a VM with a GICv2 (this host's GIC) is not supported: its "
+                        "state is not saved; a GICv3 host's VMs can be")
     def one(v: Vcpu) -> VcpuState:
         return VcpuState(tuple(reg_ids), tuple(v.get_one_reg_bytes(r, reg_size(r)) for r in reg_ids),
                          v.get_mp_state())

@@ -75,8 +75,9 @@ class FirmwareDevices:
     reset: ResetRegister            # how the reset vector's stub resets (the i8042's reset line)
 
 
-def build_firmware(cpus: int, devices: FirmwareDevices) -> Firmware:
-    """The firmware for ``cpus`` vCPUs and ``devices``: built only to boot (a VM that loads
+def build_firmware(cpus: int, devices: FirmwareDevices, irqchip: object = None) -> Firmware:
+    """The firmware for ``cpus`` vCPUs and ``devices`` (the MADT names the interrupt controllers
+    there always are: ``irqchip`` says nothing more): built only to boot (a VM that loads
     its state from a snapshot needs none until it resets). ValueError if the ACPI tables
     outgrow their area."""
     tables = None if devices.power is None else acpi.build(cpus, devices.dsdt, devices.power,
@@ -94,11 +95,12 @@ def write_clock(vm: Vm, vcpus: Sequence[Vcpu], value: int) -> None:
     vm.set_clock(S.kvm_clock_data(clock=value))
 
 
-def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> None:
+def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> object:
     """The in-kernel PIC, IOAPIC and PIT (the LAPICs come with the vCPUs), and first the pages
     VMX needs for real mode: after guest RAM is registered, before any vCPU. KvmError if KVM
-    refuses."""
+    refuses. Returns None: a PC's are always these, which the firmware knows."""
     vm.set_tss_addr(layout.TSS_ADDR)
     vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
     vm.create_irqchip()
     vm.create_pit2()
+    return None
