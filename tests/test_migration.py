@@ -601,6 +601,9 @@ def test_lost_destination_leaves_the_source_running(probe: Path, disk: Path, tmp
                                                      vms: list[Vm]) -> None:
     uri = f"tcp:127.0.0.1:{free_port()}"
     source = Guest(vms, guest_args(probe, disk), tmp_path / "q1.sock")
+    # 16 MiB rewritten all the while, 4 MiB/s allowed: the copy cannot end before the kill,
+    # however late a busy host runs it.
+    source.ask("dirty 4096", "dirty")
     dest = Guest(vms, guest_args(probe, disk, "-incoming", uri), tmp_path / "q2.sock", ready=False)
     source.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
     source.cmd("migrate", uri=uri)

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import ctypes as C
 import struct
-import threading
 from typing import TYPE_CHECKING
 
 from ...errors import AltoVirtError
 from ...memory import GuestMemory, GuestMemoryError
+from .barrier import mb, rmb, wmb
 
 if TYPE_CHECKING:
     from .persist import QueueState
@@ -46,9 +46,6 @@ _U16 = struct.Struct("<H")
 # used idx in between saw 0, and a Linux guest took an old element for a new one ("id N is
 # not a head!"). Native order is virtio's little-endian on every host we run on.
 _USED_ELEM = C.c_uint64         # 2.7.8: le32 id, le32 len
-# Taking and releasing a lock are locked instructions (glibc's semaphores), which on x86 order
-# a store before a later load: the barrier QEMU issues with smp_mb() at the same place.
-_FENCE = threading.Lock()
 
 
 def _ring_ranges(size: int, desc: int, avail: int, used: int) -> tuple[tuple[int, int], ...]:
@@ -217,6 +214,7 @@ class Queue:
             return None
         if (avail - next_avail) & 0xFFFF > size:
             raise QueueError(f"avail idx {avail} is more than {size} ahead of {next_avail}")
+        rmb()           # the ring entry and descriptors as the driver wrote them before the index
         head = _U16.unpack_from(self._avail, 4 + 2 * (next_avail % size))[0]
         self.next_avail = next_avail = (next_avail + 1) & 0xFFFF
         if self.event_idx and self._notify:
@@ -293,8 +291,7 @@ class Queue:
         if enable:
             # The driver stores avail idx then loads our field; we store our field then load
             # avail idx. Without a barrier both could miss the other's store: a lost notification.
-            with _FENCE:
-                pass
+            mb()
 
     def undo_pop(self, count: int = 1) -> None:
         """Give the last ``count`` popped chains back (the device could not take them yet)."""
@@ -311,14 +308,18 @@ class Queue:
         self._used_ring[self.next_used % self.size] = chain.head | length << 32
         self.next_used = (self.next_used + 1) & 0xFFFF
         if publish:
-            # x86 keeps stores in order, so the element is visible before the index.
+            wmb()       # the buffers' contents and the element before the index
             self._used_idx.value = self.next_used
 
     def publish_used(self) -> None:
+        wmb()
         self._used_idx.value = self.next_used
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was used since the last one."""
+        # The used index stored, then the driver's wish loaded, while the driver stores its wish
+        # and then loads the index: without a barrier both can miss the other's (a lost interrupt).
+        mb()
         if not self.event_idx:
             flags = _U16.unpack_from(self._avail, 0)[0]
             return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
