@@ -177,6 +177,25 @@ def test_event_idx(mem: GuestMemory) -> None:
     assert drv.avail_event() == 3                       # the device asks for the next new buffer
 
 
+def test_pop_many_is_pop_that_many_times(mem: GuestMemory) -> None:
+    """In order, up to the limit, avail_event asking for the next new buffer; a malformed
+    chain raises, those before it popped (as one pop at a time)."""
+    q, drv = make(mem, features=FEATURES | 1 << VIRTIO_F_EVENT_IDX)
+    heads = [drv.chain([(BUF + 0x1000 * i, 0x1000, True)]) for i in range(5)]
+    for head in heads:
+        drv.publish(head)
+    chains = q.pop_many(3)
+    assert [c.head for c in chains] == heads[:3] and drv.avail_event() == 3
+    assert all(c.writable_len == 0x1000 and c.spans for c in chains)
+    assert [c.head for c in q.pop_many(16)] == heads[3:] and q.pop_many(16) == [] and drv.avail_event() == 5
+    drv.publish(drv.chain([(BUF, 16, True)]))
+    drv.write_desc(drv.next_desc, 1 << 40, 16, 2)     # the next one's buffer is not RAM
+    drv.publish(drv.next_desc)
+    with pytest.raises(QueueError, match="buffer outside guest RAM"):
+        q.pop_many(4)
+    assert q.next_avail == 7
+
+
 @pytest.mark.parametrize("event_idx", [True, False])
 def test_device_turns_notifications_off_while_busy(mem: GuestMemory, event_idx: bool) -> None:
     """What a driver checks before notifying (2.7.10 avail_event, or 2.7.7 the used ring's

@@ -220,7 +220,32 @@ class Queue:
         if self.event_idx and self._notify:
             # avail_event: tell the driver to notify us for the next new buffer (2.7.10)
             self._avail_event.value = next_avail
-        if head < size:
+        return self._chain(head)
+
+    def pop_many(self, limit: int) -> list[DescriptorChain]:
+        """Up to ``limit`` available chains, in order: :meth:`pop` called that many times, with
+        the index, its barrier and avail_event once (a device that takes buffers by the dozen,
+        as virtio-net's receive does). QueueError if one is malformed: those before it stay
+        popped, as one by one."""
+        next_avail, size = self.next_avail, self.size
+        count = (_U16.unpack_from(self._avail, 2)[0] - next_avail) & 0xFFFF
+        if count > size:
+            raise QueueError(f"avail idx {(next_avail + count) & 0xFFFF} is more than {size} ahead of "
+                             f"{next_avail}")
+        rmb()
+        chains = []
+        avail, chain = self._avail, self._chain
+        for _ in range(min(count, limit)):
+            head = _U16.unpack_from(avail, 4 + 2 * (next_avail % size))[0]
+            self.next_avail = next_avail = (next_avail + 1) & 0xFFFF
+            chains.append(chain(head))
+        if chains and self.event_idx and self._notify:
+            self._avail_event.value = next_avail
+        return chains
+
+    def _chain(self, head: int) -> DescriptorChain:
+        """The chain from descriptor ``head``; QueueError if it is malformed."""
+        if head < self.size:
             addr, length, flags, _ = _DESC.unpack_from(self._desc, DESC_SIZE * head)
             if not flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
                 # A single buffer (receive buffers, entropy requests): nothing more to check.
