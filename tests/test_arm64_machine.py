@@ -273,31 +273,35 @@ def test_bad_board_device_state_changes_nothing(make: Callable[[Line], Any], cha
 
 def gic_state(cpus: int = 2) -> gicstate.GicState:
     cpu = gicstate.GicCpuState((0,) * 12, (0,) * 15, 0)    # IGROUPR0 ... IPRIORITYR7; SRE ... AP1R3
-    return gicstate.GicState((0,) * gicstate._words((*gicstate.DIST_ROUTING, *gicstate.DIST_STATE)),
-                             (0,) * 3, (cpu,) * cpus)
+    return gicstate.GicState(3, (0,) * gicstate.LAYOUTS[3].dist_words, (0,) * 3, (cpu,) * cpus)
 
 
 def test_gic_layout_covers_the_spis() -> None:
     """The distributor's SPI words (96 SPIs): a bit each in IGROUPR, ISENABLER, ISPENDR and
     ISACTIVER, two in ICFGR, eight in IPRIORITYR, 64 in IROUTER; and its CTLR."""
-    assert gicstate._words((*gicstate.DIST_ROUTING, *gicstate.DIST_STATE)) == 1 + 3 + 6 + 192 + 3 * 3 + 24
-    assert [b.offset for b in gicstate.DIST_ROUTING] == [0x0, 0x84, 0xC08, 0x6100]
+    v3, v2 = gicstate.LAYOUTS[3], gicstate.LAYOUTS[2]
+    assert v3.dist_words == 1 + 3 + 6 + 192 + 3 * 3 + 24
+    assert [b.offset for b in v3.dist_routing] == [0x0, 0x84, 0xC08, 0x6100]
+    # A GICv2's targets: a byte an SPI (ITARGETSR), its SGIs' pending bits by source.
+    assert v2.dist_words == 1 + 3 + 6 + 24 + 3 * 3 + 24 and v2.dist_routing[3].offset == 0x820
+    assert v2.cpu_words == 1 + 3 + 8 + 4 and v2.cpu_state[-1].clear == -0x10
     assert [hex(r) for r in (gicstate.ICC_SRE_EL1, gicstate.ICC_CTLR_EL1, gicstate.ICC_AP0R[1],
                              gicstate.ICC_AP1R[0])] == ["0xc665", "0xc664", "0xc645", "0xc648"]
-    gicstate.check_state(gic_state(), 2)
+    gicstate.check_state(gic_state(), 3, 2)
 
 
 @pytest.mark.parametrize("change, problem", [
     (lambda s: dataclasses.replace(s, dist=s.dist[:-1]), "distributor has the wrong size"),
     (lambda s: dataclasses.replace(s, spi_levels=(1 << 32, 0, 0)), "must be an integer from 0 to 4294967295"),
     (lambda s: dataclasses.replace(s, cpus=s.cpus[:1]), "1 GIC CPU interfaces saved; this VM has 2 vCPUs"),
+    (lambda s: dataclasses.replace(s, version=2), "a GICv2 saved; this VM's is a GICv3"),
     (lambda s: dataclasses.replace(s, cpus=(dataclasses.replace(s.cpus[0], icc=(-1,) * 15), s.cpus[1])),
      "vCPU 0: a GIC CPU interface register must be an integer"),
 ])
 def test_bad_gic_state_is_refused(change: Callable[[gicstate.GicState], gicstate.GicState],
                                   problem: str) -> None:
     with pytest.raises(SavedStateError, match=problem):
-        gicstate.check_state(change(gic_state()), 2)
+        gicstate.check_state(change(gic_state()), 3, 2)
 
 
 @pytest.mark.parametrize("saved, problem", [

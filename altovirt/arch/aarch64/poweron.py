@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...kvm import Vcpu, Vm
-from ...persist import SavedStateError, SaveError, check, check_int
+from ...persist import SavedStateError, check, check_int
 from . import gic, gicstate, regs
 from .gicstate import GicState
 
@@ -81,16 +81,12 @@ def check_cpu(saved: object, here: dict[str, Any]) -> None:
 
 def save(vm: Vm, vcpus: Sequence[Vcpu], reg_ids: Sequence[int]) -> PowerOnState:
     """Every vCPU's registers ``reg_ids`` and MP state, and, for a snapshot (``reg_ids``
-    given), the GIC's state and the clock (every vCPU outside KVM_RUN). SaveError for a
-    snapshot of a VM with a GICv2, whose state is not saved."""
-    if reg_ids and gic.version(vm) != 3:
-        raise SaveError("a snapshot of a VM with a GICv2 (this host's GIC) is not supported: its "
-                        "state is not saved; a GICv3 host's VMs can be")
+    given), the GIC's state and the clock (every vCPU outside KVM_RUN)."""
     def one(v: Vcpu) -> VcpuState:
         return VcpuState(tuple(reg_ids), tuple(v.get_one_reg_bytes(r, reg_size(r)) for r in reg_ids),
                          v.get_mp_state())
 
-    state = gicstate.save(gic.device(vm), vcpus) if reg_ids else gicstate.EMPTY
+    state = gicstate.save(gic.device(vm), vcpus, gic.version(vm)) if reg_ids else gicstate.EMPTY
     clock = vcpus[0].get_one_reg(regs.KVM_REG_ARM_TIMER_CNT) if reg_ids else 0
     return PowerOnState(tuple(one(v) for v in vcpus), VmState(state, clock))
 
@@ -114,7 +110,7 @@ def restore(vm: Vm, vcpus: Sequence[Vcpu], state: PowerOnState, *, reset: bool =
     if reset:
         regs.init_vcpus(vcpus)
         return
-    gicstate.check_state(state.vm.gic, len(vcpus))
+    gicstate.check_state(state.vm.gic, gic.version(vm), len(vcpus))
     for v, s in zip(vcpus, state.vcpus, strict=True):
         for reg_id, value in zip(s.reg_ids, s.reg_values, strict=True):
             v.set_one_reg_bytes(reg_id, value)
