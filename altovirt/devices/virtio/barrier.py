@@ -67,7 +67,9 @@ def _map(routines: tuple[bytes | None, ...]) -> list[Callable[[], None]]:
     # cache in line with the page as it maps it executable (arm64's set_pte_at).
     if libc.mprotect(page, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
         raise OSError(C.get_errno(), "mprotect")
-    fn = C.CFUNCTYPE(None)
+    # PYFUNCTYPE: called with the GIL held. A barrier is one instruction; letting the GIL go
+    # around it would hand the interpreter to another thread at every barrier.
+    fn = C.PYFUNCTYPE(None)
     return [_nothing if code is None else fn(page + i * _ROUTINE_SIZE) for i, code in enumerate(routines)]
 
 
