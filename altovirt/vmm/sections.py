@@ -42,6 +42,8 @@ T = TypeVar("T")
 # The board devices' sections, of either machine (DeviceManager.board_devices names a VM's).
 BOARD_STATES: dict[str, type] = {"serial": SerialState, "i8042": I8042State, "rtc": RtcState,
                                  "pl011": Pl011State, "pl031": Pl031State, "pl061": Pl061State}
+
+
 def _section(name: str, state: object) -> Section:
     return Section(name, VERSION, json.dumps(to_json(state), separators=(",", ":")).encode())
 
