@@ -9,11 +9,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from altovirt.arch.x86_64 import layout
 from altovirt.devices.virtio import barrier
 from altovirt.devices.virtio.queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, Queue, QueueError
-from altovirt.memory import GuestMemory
+from altovirt.memory import GuestMemory, GuestMemoryError, Region
 
 from .virtq import F_INDIRECT, F_NEXT, F_WRITE, DriverQueue
 
@@ -85,6 +87,85 @@ def test_indirect_chain(mem: GuestMemory) -> None:
     drv.publish(0)
     chain = q.pop()
     assert chain is not None and [len(v) for v in chain.readable + chain.writable] == [3, 5]
+
+
+# Two regions with a hole between them, for tables whose buffers straddle it.
+HOLED = [Region(0, 16 << 20, 0), Region(32 << 20, 16 << 20, 16 << 20)]
+TABLE = 0x300000
+_ADDRS = st.one_of(st.integers(0, 48 << 20), st.sampled_from([BUF, (16 << 20) - 4096, 32 << 20,
+                                                              (48 << 20) - 4096, 1 << 63]))
+_LENGTHS = st.sampled_from([0, 1, 16, 4096, 4097, 1 << 20, 0xFFFFFFFF])
+
+
+@st.composite
+def _tables(draw: st.DrawFn) -> list[tuple[int, int, int, int]]:
+    """Indirect tables: mostly as Linux writes them (in order, readable first), the rest anything."""
+    n = draw(st.integers(1, 12))
+    if draw(st.booleans()):
+        writable = draw(st.integers(0, n))
+        flags = [(F_WRITE if i >= n - writable else 0) | F_NEXT for i in range(n)]
+        flags[-1] &= ~F_NEXT
+        return [(draw(_ADDRS), draw(_LENGTHS), f, i + 1) for i, f in enumerate(flags)]
+    return [(draw(_ADDRS), draw(_LENGTHS), draw(st.sampled_from([0, F_NEXT, F_WRITE, F_NEXT | F_WRITE,
+                                                                 F_INDIRECT, 0xFFFF])),
+             draw(st.integers(0, n))) for _ in range(n)]
+
+
+def _expected(mem: GuestMemory, table: list[tuple[int, int, int, int]]) -> tuple[list, list] | str:
+    """The chain an indirect table makes by 2.7.5.3 and 2.7.4.2, as (addr, len) lists; or what is wrong."""
+    readable: list[tuple[int, int]] = []
+    writable: list[tuple[int, int]] = []
+    i = 0
+    for _ in table:
+        addr, length, flags, nxt = table[i]
+        if flags & F_INDIRECT:
+            return "inside an indirect table"
+        try:
+            mem.view(addr, length)
+        except GuestMemoryError:
+            return "outside guest RAM"
+        if flags & F_WRITE:
+            writable.append((addr, length))
+        elif writable:
+            return "device-readable descriptor after a device-writable one"
+        else:
+            readable.append((addr, length))
+        if not flags & F_NEXT:
+            return readable, writable
+        if nxt >= len(table):
+            return "out of range"
+        i = nxt
+    return "loops"
+
+
+@settings(max_examples=400, deadline=None)
+@given(_tables())
+def test_indirect_tables_by_the_rules(table: list[tuple[int, int, int, int]]) -> None:
+    """Whatever a table holds, the chain is what the rules make of it (Linux's tables are
+    taken in bulk, any other one descriptor by descriptor: both must agree), or refused."""
+    mem = GuestMemory(HOLED)
+    try:
+        q, drv = make(mem, size=16)
+        for i, (addr, length, flags, nxt) in enumerate(table):
+            drv.write_desc(i, addr, length, flags, nxt, table=TABLE)
+        drv.write_desc(0, TABLE, 16 * len(table), F_INDIRECT)
+        drv.publish(0)
+        expected = _expected(mem, table)
+        if isinstance(expected, str):
+            with pytest.raises(QueueError, match=expected):
+                q.pop()
+            return
+        chain = q.pop()
+        assert chain is not None
+        for views, spans in ((chain.readable, expected[0]), (chain.writable, expected[1])):
+            assert [len(v) for v in views] == [length for _, length in spans]
+            for v, (addr, length) in zip(views, spans, strict=True):
+                if length:      # the very bytes of guest RAM at addr
+                    v[0] ^= 0xFF
+                    assert mem.read(addr, 1) == bytes([v[0]])
+        assert chain.spans == expected[1]
+    finally:
+        mem.close()
 
 
 def test_ring_wraps_past_65535(mem: GuestMemory) -> None:

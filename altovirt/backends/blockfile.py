@@ -133,43 +133,45 @@ class BlockFile:
                 f"which holds or forbids the {what} permission")
 
     # --- I/O (the device's I/O thread) ---
-    def _aligned(self, views: Sequence[memoryview], offset: int) -> bool:
-        if offset % DIRECT_ALIGN:
-            return False
-        for v in views:
-            if len(v) % DIRECT_ALIGN or ctypes.addressof(ctypes.c_char.from_buffer(v)) % DIRECT_ALIGN:
-                return False
-        return True
-
     def _bounce_buffer(self, size: int) -> mmap.mmap:
         buf: mmap.mmap | None = getattr(self._local, "bounce", None)
         if buf is None or len(buf) < _round_up(size):
             buf = self._local.bounce = mmap.mmap(-1, max(_round_up(size), 1 << 20))  # page-aligned
         return buf
 
+    # O_DIRECT wants buffers aligned to the device's logical block, and Linux says EINVAL,
+    # before it moves a byte, where they are not: only then do they go through the bounce
+    # buffer. (Asking the kernel costs nothing; checking each buffer's address here cost
+    # 70 us for a 1 MiB request of 4 KiB pages. A write that is redone rewrites the same data.)
     def read(self, offset: int, views: Sequence[memoryview]) -> None:
-        total = sum(len(v) for v in views)
-        if self.direct and not self._aligned(views, offset):
-            buf = self._bounce_buffer(total)
-            self._full(os.preadv, [memoryview(buf)[:_round_up(total)]], offset, total)
-            pos = 0
-            for v in views:
-                v[:] = buf[pos:pos + len(v)]
-                pos += len(v)
+        total = sum(map(len, views))
+        try:
+            self._full(os.preadv, list(views), offset, total)
             return
-        self._full(os.preadv, list(views), offset, total)
+        except OSError as e:
+            if not (self.direct and e.errno == errno.EINVAL):
+                raise
+        buf = self._bounce_buffer(total)
+        self._full(os.preadv, [memoryview(buf)[:_round_up(total)]], offset, total)
+        pos = 0
+        for v in views:
+            v[:] = buf[pos:pos + len(v)]
+            pos += len(v)
 
     def write(self, offset: int, views: Sequence[memoryview]) -> None:
-        total = sum(len(v) for v in views)
-        if self.direct and not self._aligned(views, offset):
-            buf = self._bounce_buffer(total)
-            pos = 0
-            for v in views:
-                buf[pos:pos + len(v)] = v
-                pos += len(v)
-            self._full(os.pwritev, [memoryview(buf)[:total]], offset, total)
+        total = sum(map(len, views))
+        try:
+            self._full(os.pwritev, list(views), offset, total)
             return
-        self._full(os.pwritev, list(views), offset, total)
+        except OSError as e:
+            if not (self.direct and e.errno == errno.EINVAL):
+                raise
+        buf = self._bounce_buffer(total)
+        pos = 0
+        for v in views:
+            buf[pos:pos + len(v)] = v
+            pos += len(v)
+        self._full(os.pwritev, [memoryview(buf)[:total]], offset, total)
 
     def _full(self, op: object, views: list[memoryview], offset: int, total: int) -> None:
         done = op(self.fd, views, offset)  # type: ignore[operator]

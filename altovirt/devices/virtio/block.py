@@ -334,7 +334,7 @@ def _merge(requests: list[Request]) -> list[list[Request]]:
 
 
 def _total(views: list[memoryview]) -> int:
-    return sum(len(v) for v in views)
+    return sum(map(len, views))
 
 
 def _take(views: list[memoryview], n: int) -> list[memoryview]:
@@ -353,7 +353,7 @@ def _take(views: list[memoryview], n: int) -> list[memoryview]:
 
 
 def _drop_last_byte(views: list[memoryview]) -> list[memoryview]:
-    out = [v for v in views[:-1] if len(v)]
+    out = views[:-1]
     if len(views[-1]) > 1:
         out.append(views[-1][:-1])
     return out
