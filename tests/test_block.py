@@ -3,7 +3,6 @@ and the virtio-abuse test."""
 
 from __future__ import annotations
 
-import mmap
 import os
 import subprocess
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from altovirt.arch.x86_64 import layout
+from altovirt.backends import blockfile
 from altovirt.backends.blockfile import BlockFile
 from altovirt.devices.virtio import block as vblk
 from altovirt.devices.virtio.device import Interrupt
@@ -259,13 +259,7 @@ def test_contiguous_requests_are_merged(tmp_path: Path, monkeypatch: pytest.Monk
     data = os.urandom(1 << 20)
     img.write_bytes(data)
     h = Harness(img)
-    preadv_calls: list[int] = []
-    real = os.preadv
-    def counting_preadv(fd: int, bufs: list[memoryview], off: int) -> int:
-        preadv_calls.append(len(bufs))
-        return real(fd, bufs, off)
-
-    monkeypatch.setattr(os, "preadv", counting_preadv)
+    preadv_calls = counted_preadv(monkeypatch)
     try:
         reads = [h.post_read(8 * i, 4096) for i in (2, 0, 1)]     # posted out of order, contiguous
         h.run(3)
@@ -295,14 +289,14 @@ def test_a_read_that_completes_during_a_live_migration_reaches_the_destination(
     h = Harness(img)
     copy = LiveCopy(h.mem)
     reading, go_on = threading.Event(), threading.Event()
-    real = os.preadv
+    real = blockfile._preadv
 
-    def held_preadv(fd: int, bufs: list[memoryview], off: int) -> int:
+    def held_preadv(fd: int, iov: int, count: int, offset: int) -> int:
         reading.set()
         assert go_on.wait(10)
-        return real(fd, bufs, off)
+        return int(real(fd, iov, count, offset))
 
-    monkeypatch.setattr(os, "preadv", held_preadv)
+    monkeypatch.setattr(blockfile, "_preadv", held_preadv)
     try:
         copy.first_pass()
         buf, status = h.post_read(8, 8192)
@@ -334,8 +328,8 @@ def test_quiesce_says_when_requests_stay_in_flight(tmp_path: Path, monkeypatch: 
     h = Harness(img)
     monkeypatch.setattr(vblk, "QUIESCE_TIMEOUT", 0.2)
     go_on = threading.Event()
-    real = os.preadv
-    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: go_on.wait(10) and real(fd, bufs, off))
+    real = blockfile._preadv
+    monkeypatch.setattr(blockfile, "_preadv", lambda *args: go_on.wait(10) and real(*args))
     try:
         h.post_read(0, 4096)
         h.dev.queue_notify(0)
@@ -351,6 +345,18 @@ def test_quiesce_says_when_requests_stay_in_flight(tmp_path: Path, monkeypatch: 
         h.close()
 
 
+def counted_preadv(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The buffer count of each preadv the disk backend makes from now on."""
+    calls: list[int] = []
+    real = blockfile._preadv
+
+    def preadv(fd: int, iov: int, count: int, offset: int) -> int:
+        calls.append(count)
+        return int(real(fd, iov, count, offset))
+    monkeypatch.setattr(blockfile, "_preadv", preadv)
+    return calls
+
+
 def test_direct_io_with_buffers_of_any_alignment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With O_DIRECT, block-aligned guest buffers go straight to the file in one call; buffers
     a driver placed anywhere else still read and write the right bytes (bounced)."""
@@ -358,28 +364,23 @@ def test_direct_io_with_buffers_of_any_alignment(tmp_path: Path, monkeypatch: py
     data = os.urandom(64 << 10)
     img.write_bytes(data)
     f = BlockFile(str(img), read_only=False, direct=True)
+    mem = GuestMemory(layout.ram_regions(1 << 20))
     try:
         if not f.direct:
             pytest.skip(f"SKIPPED: the file system under {tmp_path} refuses O_DIRECT")
-        calls: list[int] = []
-        real = os.preadv
-
-        def preadv(fd: int, bufs: list[memoryview], offset: int) -> int:
-            calls.append(len(bufs))
-            return real(fd, bufs, offset)
-        monkeypatch.setattr(os, "preadv", preadv)
-        ram = memoryview(mmap.mmap(-1, 1 << 20))
-        f.read(0, [ram[4096:8192], ram[16384:20480]])
-        assert calls == [2] and bytes(ram[4096:8192]) + bytes(ram[16384:20480]) == data[:8192]
-        odd = [ram[100:612], ram[5000:12680]]
+        calls = counted_preadv(monkeypatch)
+        f.read(0, mem.iovec([4096, 16384], [4096, 4096]))
+        assert calls == [2] and mem.read(4096, 4096) + mem.read(16384, 4096) == data[:8192]
+        odd = mem.iovec([100, 5000], [512, 7680])
         f.read(4096, odd)
-        assert b"".join(map(bytes, odd)) == data[4096:12288] and calls == [2, 2, 1]  # refused, bounced
+        assert odd.tobytes() == data[4096:12288] and calls == [2, 2, 1]    # refused, then bounced
         new = os.urandom(8192)
-        odd[0][:], odd[1][:] = new[:512], new[512:]
+        odd.fill(new)
         f.write(8192, odd)
         assert img.read_bytes() == data[:8192] + new + data[16384:]
     finally:
         f.close()
+        mem.close()
 
 
 def test_io_error_becomes_ioerr(tmp_path: Path) -> None:

@@ -168,6 +168,16 @@ def test_indirect_tables_by_the_rules(table: list[tuple[int, int, int, int]]) ->
         mem.close()
 
 
+def test_an_iovec_keeps_guest_ram_mapped() -> None:
+    """Buffers handed to the kernel by address keep RAM mapped until they are dropped, as
+    views do: a request still in flight when the VM closes cannot touch unmapped memory."""
+    mem = GuestMemory(layout.ram_regions(16 << 20))
+    mem.write(BUF, b"kept")
+    iov = mem.iovec([BUF], [4])
+    mem.close()
+    assert iov.tobytes() == b"kept"
+
+
 def test_ring_wraps_past_65535(mem: GuestMemory) -> None:
     q, drv = make(mem, size=4)
     for _ in range(70000):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import subprocess
 import threading
@@ -13,6 +12,7 @@ from typing import Any, cast
 
 import pytest
 
+from altovirt.backends import blockfile
 from altovirt.config import load_config
 from altovirt.devices.virtio import block as vblk
 from altovirt.vmm import builder
@@ -102,14 +102,14 @@ def test_a_pause_that_a_stuck_disk_holds_up_fails_and_the_guest_runs_on(
     disk.write_bytes(bytes(8 << 20))
     monkeypatch.setattr(vblk, "QUIESCE_TIMEOUT", 0.3)
     writing, go_on = threading.Event(), threading.Event()
-    real = os.pwritev
+    real = blockfile._pwritev
 
-    def stuck_pwritev(fd: int, bufs: list[memoryview], off: int) -> int:
+    def stuck_pwritev(fd: int, iov: int, count: int, offset: int) -> int:
         writing.set()
         go_on.wait(30)
-        return real(fd, bufs, off)
+        return int(real(fd, iov, count, offset))
 
-    monkeypatch.setattr(os, "pwritev", stuck_pwritev)
+    monkeypatch.setattr(blockfile, "_pwritev", stuck_pwritev)
     m = builder.build(load_config(["-kernel", str(probe / "probe.elf"), "-drive", f"id=d0,file={disk}",
                                    "-append", "probe.run=blkbench"]))
     events: list[str] = []

@@ -10,6 +10,7 @@ AltoVirt and QEMU refuse each other's images just as two QEMUs do.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import fcntl
@@ -19,8 +20,9 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable
 
+from ..memory import IoVec
 from . import BackendError
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,10 @@ _FLOCK = struct.Struct("hhqqi4x")   # struct flock on x86_64
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_preadv, _pwritev = _libc.preadv, _libc.pwritev
+for _f in (_preadv, _pwritev):
+    _f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    _f.restype = ctypes.c_ssize_t
 
 
 def _lock(fd: int, cmd: int, kind: int, byte: int) -> bytes:
@@ -143,38 +149,48 @@ class BlockFile:
     # before it moves a byte, where they are not: only then do they go through the bounce
     # buffer. (Asking the kernel costs nothing; checking each buffer's address here cost
     # 70 us for a 1 MiB request of 4 KiB pages. A write that is redone rewrites the same data.)
-    def read(self, offset: int, views: Sequence[memoryview]) -> None:
-        total = sum(map(len, views))
+    def read(self, offset: int, iov: IoVec) -> None:
+        """Fill the buffers of ``iov`` from the image at ``offset``; OSError if it cannot."""
         try:
-            self._full(os.preadv, list(views), offset, total)
+            self._full(_preadv, iov.address, iov.count, offset, iov.total)
             return
         except OSError as e:
             if not (self.direct and e.errno == errno.EINVAL):
                 raise
-        buf = self._bounce_buffer(total)
-        self._full(os.preadv, [memoryview(buf)[:_round_up(total)]], offset, total)
-        pos = 0
-        for v in views:
-            v[:] = buf[pos:pos + len(v)]
-            pos += len(v)
+        buf = self._bounce_buffer(iov.total)
+        at = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        bounce = (ctypes.c_uint64 * 2)(at, _round_up(iov.total))
+        self._full(_preadv, ctypes.addressof(bounce), 1, offset, iov.total)
+        for address, length in iov.buffers():
+            ctypes.memmove(address, at, length)
+            at += length
 
-    def write(self, offset: int, views: Sequence[memoryview]) -> None:
-        total = sum(map(len, views))
+    def write(self, offset: int, iov: IoVec) -> None:
+        """Write the buffers of ``iov`` to the image at ``offset``; OSError if it cannot."""
         try:
-            self._full(os.pwritev, list(views), offset, total)
+            self._full(_pwritev, iov.address, iov.count, offset, iov.total)
             return
         except OSError as e:
             if not (self.direct and e.errno == errno.EINVAL):
                 raise
-        buf = self._bounce_buffer(total)
-        pos = 0
-        for v in views:
-            buf[pos:pos + len(v)] = v
-            pos += len(v)
-        self._full(os.pwritev, [memoryview(buf)[:total]], offset, total)
+        buf = self._bounce_buffer(iov.total)
+        at = start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        for address, length in iov.buffers():
+            ctypes.memmove(at, address, length)
+            at += length
+        bounce = (ctypes.c_uint64 * 2)(start, iov.total)
+        self._full(_pwritev, ctypes.addressof(bounce), 1, offset, iov.total)
 
-    def _full(self, op: object, views: list[memoryview], offset: int, total: int) -> None:
-        done = op(self.fd, views, offset)  # type: ignore[operator]
+    def _full(self, op: Callable[..., int], iov: int, count: int, offset: int, total: int) -> None:
+        """``op`` (preadv or pwritev through ctypes: the GIL let go, no object per buffer);
+        OSError unless it moved all ``total`` bytes (or all the file has from ``offset``)."""
+        while True:
+            done = op(self.fd, iov, count, offset)
+            if done >= 0:
+                break
+            err = ctypes.get_errno()
+            if err != errno.EINTR:
+                raise OSError(err, os.strerror(err))
         if done < min(total, max(0, self.size - offset)):
             raise OSError(errno.EIO, f"short transfer ({done} of {total} bytes)")
 
@@ -191,10 +207,11 @@ class BlockFile:
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENODEV):
                 raise
-            zeros = memoryview(bytes(min(length, 1 << 20)))
+            zeros = mmap.mmap(-1, min(length, 1 << 20))      # page-aligned, for O_DIRECT
+            at = ctypes.addressof(ctypes.c_char.from_buffer(zeros))
             for pos in range(offset, offset + length, len(zeros)):
                 n = min(len(zeros), offset + length - pos)
-                self._full(os.pwritev, [zeros[:n]], pos, n)
+                self.write(pos, IoVec(array.array("Q", (at, n)), zeros))
 
     def _fallocate(self, mode: int, offset: int, length: int) -> None:
         if _fallocate(self.fd, mode, offset, length) != 0:

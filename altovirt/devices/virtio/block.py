@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ...backends.blockfile import SECTOR_SIZE, BlockFile
 from ...errors import AltoVirtError
+from ...memory import GuestMemory, IoVec
 from .device import COMMON_FEATURES, VIRTIO_ID_BLOCK, DeviceBusyError, VirtioDevice
 from .queue import DescriptorChain, QueueError
 
@@ -62,6 +63,7 @@ _HEADER = struct.Struct("<IIQ")
 _SEGMENT = struct.Struct("<QII")     # sector, num_sectors, flags
 # struct virtio_blk_config, up to write_zeroes_may_unmap (5.2.4)
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+Buffers = tuple[list[int], list[int]]   # guest addresses, lengths
 
 
 @dataclass
@@ -71,8 +73,8 @@ class Request:
     chain: DescriptorChain          # given back, once done, to the used ring
     kind: int
     sector: int
-    data_out: list[memoryview]      # device-readable data, after the header
-    data_in: list[memoryview]       # device-writable data, before the status byte
+    data_out: IoVec                 # device-readable data, after the header
+    data_in: IoVec                  # device-writable data, before the status byte
     status: memoryview
 
 
@@ -158,9 +160,10 @@ class Block(VirtioDevice):
         so that this thread is free to take the driver's next notification at once."""
         requests = []
         assert self.active is not None
+        mem = self.active.mem
         try:
             for chain in self.chains(self.active.queues[0]):
-                requests.append(self._parse(chain))
+                requests.append(_parse(chain, mem))
         except QueueError as e:
             self.fail(str(e))
         if not requests:
@@ -189,20 +192,20 @@ class Block(VirtioDevice):
     def _execute_merged(self, run: list[Request]) -> list[int] | None:
         """One preadv/pwritev for contiguous requests; None to fall back to one by one."""
         first, kind = run[0], run[0].kind
-        views = [v for r in run for v in (r.data_in if kind == VIRTIO_BLK_T_IN else r.data_out)]
+        iov = IoVec.join([r.data_in if kind == VIRTIO_BLK_T_IN else r.data_out for r in run])
         try:
-            self._check_range(first.sector, _total(views))
+            self._check_range(first.sector, iov.total)
             if kind == VIRTIO_BLK_T_IN:
-                self._image().read(first.sector * SECTOR_SIZE, views)
+                self._image().read(first.sector * SECTOR_SIZE, iov)
             elif self.read_only:
                 return None
             else:
-                self._image().write(first.sector * SECTOR_SIZE, views)
+                self._image().write(first.sector * SECTOR_SIZE, iov)
         except (RequestError, OSError):
             return None             # let each request find and report its own error
         for r in run:
             r.status[0] = VIRTIO_BLK_S_OK
-        return [1 + (_total(r.data_in) if kind == VIRTIO_BLK_T_IN else 0) for r in run]
+        return [1 + (r.data_in.total if kind == VIRTIO_BLK_T_IN else 0) for r in run]
 
     def _wait_idle(self) -> int:
         """Wait for the requests in flight, QUIESCE_TIMEOUT at most; how many are left."""
@@ -229,41 +232,25 @@ class Block(VirtioDevice):
         self._wait_idle()
         super().reset()
 
-    def _parse(self, chain: DescriptorChain) -> Request:
-        """Check the request's shape; QueueError if it breaks the rules (5.2.6)."""
-        if not chain.writable or len(chain.writable[-1]) < 1:
-            raise QueueError("block request without a writable status byte (5.2.6)")
-        readable = [v for v in chain.readable if len(v)]
-        header = b"".join(bytes(v) for v in _take(readable, _HEADER.size))
-        if len(header) < _HEADER.size:
-            raise QueueError("block request header shorter than 16 bytes")
-        kind, _, sector = _HEADER.unpack(header)
-        data_in = _drop_last_byte(chain.writable)      # buffers the device fills
-        if kind == VIRTIO_BLK_T_IN and readable:
-            raise QueueError("read request with device-readable data buffers")
-        if kind == VIRTIO_BLK_T_OUT and data_in:
-            raise QueueError("write request with device-writable data buffers")
-        return Request(chain, kind, sector, readable, data_in, chain.writable[-1][-1:])
-
     def _execute(self, r: Request) -> int:
         """Carry out one request; returns the bytes written to the driver's buffers."""
         written = 1
         try:
             if r.kind == VIRTIO_BLK_T_IN:
-                self._check_range(r.sector, _total(r.data_in))
+                self._check_range(r.sector, r.data_in.total)
                 self._image().read(r.sector * SECTOR_SIZE, r.data_in)
-                written += _total(r.data_in)
+                written += r.data_in.total
             elif r.kind == VIRTIO_BLK_T_OUT:
                 if self.read_only:
                     raise RequestError(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
-                self._check_range(r.sector, _total(r.data_out))
+                self._check_range(r.sector, r.data_out.total)
                 self._image().write(r.sector * SECTOR_SIZE, r.data_out)
             elif r.kind == VIRTIO_BLK_T_FLUSH:
                 self._image().flush()
             elif r.kind == VIRTIO_BLK_T_GET_ID:
-                written += _fill(r.data_in, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0"))
+                written += r.data_in.fill(self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0"))
             elif r.kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-                self._ranges(r.kind, b"".join(bytes(v) for v in r.data_out))
+                self._ranges(r.kind, r.data_out.tobytes())
             else:
                 raise RequestError(VIRTIO_BLK_S_UNSUPP, f"request type {r.kind}")
             status = VIRTIO_BLK_S_OK
@@ -308,6 +295,50 @@ class Block(VirtioDevice):
             self.image.close()
 
 
+def _parse(chain: DescriptorChain, mem: GuestMemory) -> Request:
+    """Check the request's shape; QueueError if it breaks the rules (5.2.6). The header,
+    data and status byte may be split across descriptors in any way (virtio 1.2, 2.6.4)."""
+    addrs, lengths, readable = chain.addrs, chain.lengths, chain.readable_count
+    if readable == len(addrs) or lengths[-1] < 1:
+        raise QueueError("block request without a writable status byte (5.2.6)")
+    if readable and lengths[0] == _HEADER.size:       # as Linux writes it: the header alone
+        header, data_out = mem.read(addrs[0], _HEADER.size), chain.iovec.part(1, readable)
+    else:
+        parts, out_addrs, out_lengths = _split(addrs[:readable], lengths[:readable], _HEADER.size)
+        header, data_out = b"".join(mem.views(*parts)), mem.iovec(out_addrs, out_lengths)
+    if len(header) < _HEADER.size:
+        raise QueueError("block request header shorter than 16 bytes")
+    kind, _, sector = _HEADER.unpack(header)
+    status = mem.view(addrs[-1] + lengths[-1] - 1, 1)
+    writable = chain.iovec.part(readable)
+    pairs = writable.pairs
+    if pairs[-1] == 1:                  # the status byte is not data
+        del pairs[-2:]
+    else:
+        pairs[-1] -= 1
+    data_in = IoVec(pairs, writable.owner)
+    if kind == VIRTIO_BLK_T_IN and data_out.total:
+        raise QueueError("read request with device-readable data buffers")
+    if kind == VIRTIO_BLK_T_OUT and data_in.total:
+        raise QueueError("write request with device-writable data buffers")
+    return Request(chain, kind, sector, data_out, data_in, status)
+
+
+def _split(addrs: list[int], lengths: list[int], n: int) -> tuple[Buffers, list[int], list[int]]:
+    """The first ``n`` bytes of the buffers (fewer if they hold less), and the buffers after."""
+    i = 0
+    head: Buffers = ([], [])
+    while n and i < len(addrs):
+        take = min(n, lengths[i])
+        head[0].append(addrs[i])
+        head[1].append(take)
+        n -= take
+        if take < lengths[i]:           # the rest of this buffer comes after
+            return head, [addrs[i] + take, *addrs[i + 1:]], [lengths[i] - take, *lengths[i + 1:]]
+        i += 1
+    return head, addrs[i:], lengths[i:]
+
+
 def _merge(requests: list[Request]) -> list[list[Request]]:
     """Runs of reads or writes that are contiguous on disk, as QEMU's virtio-blk
     merges them (virtio_blk_submit_multireq); everything else runs alone."""
@@ -316,55 +347,18 @@ def _merge(requests: list[Request]) -> list[list[Request]]:
     runs: list[list[Request]] = []
     for kind, data in ((VIRTIO_BLK_T_IN, "data_in"), (VIRTIO_BLK_T_OUT, "data_out")):
         run: list[Request] = []
-        iovs = size = 0
+        count = size = 0
         for r in sorted((r for r in requests if r.kind == kind), key=lambda r: r.sector):
-            views = getattr(r, data)
-            n = _total(views)
-            if run and (r.sector * SECTOR_SIZE != run[0].sector * SECTOR_SIZE + size or n % SECTOR_SIZE
-                        or iovs + len(views) > IOV_MAX or size + n > MAX_MERGE_BYTES):
+            iov: IoVec = getattr(r, data)
+            start = r.sector * SECTOR_SIZE
+            if run and (start != run[0].sector * SECTOR_SIZE + size or iov.total % SECTOR_SIZE
+                        or count + iov.count > IOV_MAX or size + iov.total > MAX_MERGE_BYTES):
                 runs.append(run)
-                run, iovs, size = [], 0, 0
+                run, count, size = [], 0, 0
             run.append(r)
-            iovs += len(views)
-            size += n
+            count += iov.count
+            size += iov.total
         if run:
             runs.append(run)
     runs += [[r] for r in requests if r.kind not in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT)]
     return runs
-
-
-def _total(views: list[memoryview]) -> int:
-    return sum(map(len, views))
-
-
-def _take(views: list[memoryview], n: int) -> list[memoryview]:
-    """Remove and return the first ``n`` bytes of ``views`` (in place)."""
-    taken = []
-    while n and views:
-        v = views[0]
-        if len(v) <= n:
-            taken.append(views.pop(0))
-            n -= len(v)
-        else:
-            taken.append(v[:n])
-            views[0] = v[n:]
-            n = 0
-    return taken
-
-
-def _drop_last_byte(views: list[memoryview]) -> list[memoryview]:
-    out = views[:-1]
-    if len(views[-1]) > 1:
-        out.append(views[-1][:-1])
-    return out
-
-
-def _fill(views: list[memoryview], data: bytes) -> int:
-    pos = 0
-    for v in views:
-        n = min(len(v), len(data) - pos)
-        v[:n] = data[pos:pos + n]
-        pos += n
-        if pos == len(data):
-            break
-    return pos

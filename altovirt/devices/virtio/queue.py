@@ -20,7 +20,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from ...errors import AltoVirtError
-from ...memory import GuestMemory, GuestMemoryError
+from ...memory import GuestMemory, GuestMemoryError, IoVec
 from .barrier import mb, rmb, wmb
 
 if TYPE_CHECKING:
@@ -59,23 +59,53 @@ class QueueError(AltoVirtError):
 
 
 class DescriptorChain:
-    """One request: its head index and its buffers as views of guest RAM; ``spans``, the
-    guest addresses and lengths of the device-writable ones."""
+    """One request: its head index and its buffers, the device-readable ones first, as guest
+    addresses and lengths (each checked to be RAM when the chain was taken). Views of them
+    are made when first asked for: a disk request's data goes to the kernel by address
+    (:meth:`GuestMemory.iovec`) and never needs one."""
 
-    __slots__ = ("head", "readable", "spans", "writable")
+    __slots__ = ("_iovec", "_mem", "_views", "addrs", "head", "lengths", "readable_count")
 
-    def __init__(self, head: int) -> None:
+    def __init__(self, head: int, mem: GuestMemory, addrs: list[int], lengths: list[int],
+                 readable_count: int, views: list[memoryview] | None = None,
+                 iovec: IoVec | None = None) -> None:
         self.head = head
-        self.readable: list[memoryview] = []
-        self.writable: list[memoryview] = []
-        self.spans: list[tuple[int, int]] = []
+        self.addrs, self.lengths, self.readable_count = addrs, lengths, readable_count
+        self._mem, self._views, self._iovec = mem, views, iovec
+
+    @property
+    def views(self) -> list[memoryview]:
+        if self._views is None:
+            self._views = self._mem.views(self.addrs, self.lengths)
+        return self._views
+
+    @property
+    def iovec(self) -> IoVec:
+        """The buffers as the kernel takes them (:meth:`GuestMemory.iovec`)."""
+        if self._iovec is None:
+            self._iovec = self._mem.iovec(self.addrs, self.lengths)
+        return self._iovec
+
+    @property
+    def readable(self) -> list[memoryview]:
+        return self.views[:self.readable_count]
+
+    @property
+    def writable(self) -> list[memoryview]:
+        return self.views[self.readable_count:]
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """The device-writable buffers' guest addresses and lengths."""
+        rc = self.readable_count
+        return list(zip(self.addrs[rc:], self.lengths[rc:], strict=True))
 
     def read_all(self) -> bytes:
         return b"".join(self.readable)
 
     @property
     def writable_len(self) -> int:
-        return sum(map(len, self.writable))
+        return sum(self.lengths[self.readable_count:])
 
 
 def write_at(views: list[memoryview], offset: int, data: bytes) -> None:
@@ -250,13 +280,9 @@ class Queue:
             addr, length, flags, _ = _DESC.unpack_from(self._desc, DESC_SIZE * head)
             if not flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
                 # A single buffer (receive buffers, entropy requests): nothing more to check.
-                chain = DescriptorChain(head)
-                if flags & VIRTQ_DESC_F_WRITE:
-                    chain.writable.append(self._buffer(addr, length))
-                    chain.spans.append((addr, length))
-                else:
-                    chain.readable.append(self._buffer(addr, length))
-                return chain
+                view = self._buffer(addr, length)
+                readable = 0 if flags & VIRTQ_DESC_F_WRITE else 1
+                return DescriptorChain(head, self.mem, [addr], [length], readable, [view])
         return self._walk(head)
 
     def _buffer(self, addr: int, length: int) -> memoryview:
@@ -267,7 +293,10 @@ class Queue:
 
     def _walk(self, head: int) -> DescriptorChain:
         mem = self.mem
-        chain = DescriptorChain(head)
+        addrs: list[int] = []
+        lengths: list[int] = []
+        views: list[memoryview] = []
+        readable = 0
         table, n, index = self._desc, self.size, head
         seen = 0
         in_indirect = False
@@ -290,30 +319,29 @@ class Queue:
                     table = mem.view(addr, length)
                 except GuestMemoryError as e:
                     raise QueueError(f"indirect table outside guest RAM: {e}") from e
-                if not chain.readable and not chain.writable and self._take_table(chain, table):
+                if not addrs and (chain := self._take_table(head, table)) is not None:
                     return chain
                 n, index, seen, in_indirect = length // DESC_SIZE, 0, 0, True
                 continue
-            view = self._buffer(addr, length)
-            if flags & VIRTQ_DESC_F_WRITE:
-                chain.writable.append(view)
-                chain.spans.append((addr, length))
-            elif chain.writable:
-                raise QueueError("device-readable descriptor after a device-writable one (2.7.4.2)")
-            else:
-                chain.readable.append(view)
+            views.append(self._buffer(addr, length))
+            addrs.append(addr)
+            lengths.append(length)
+            if not flags & VIRTQ_DESC_F_WRITE:
+                if readable < len(views) - 1:
+                    raise QueueError("device-readable descriptor after a device-writable one (2.7.4.2)")
+                readable += 1
             if not flags & VIRTQ_DESC_F_NEXT:
-                return chain
+                return DescriptorChain(head, mem, addrs, lengths, readable, views)
             index = nxt
 
-    def _take_table(self, chain: DescriptorChain, table: memoryview) -> bool:
-        """Fill ``chain`` from an indirect ``table`` laid out as Linux writes one (each
-        descriptor's next is the one after it, device-readable buffers first), in a few bulk
-        operations rather than a step a descriptor (a 1 MiB disk request has 256 of them); False
+    def _take_table(self, head: int, table: memoryview) -> DescriptorChain | None:
+        """The chain in an indirect ``table`` laid out as Linux writes one (each descriptor's
+        next is the one after it, device-readable buffers first), taken in a few bulk
+        operations rather than a step a descriptor (a 1 MiB disk request has 256 of them); None
         for any other table, which :meth:`_walk` checks one by one."""
         n = len(table) // DESC_SIZE
         if n > self.size:               # 2.7.5.3.1: not longer than the queue; let _walk judge
-            return False
+            return None
         raw = memoryview(bytes(table))  # one read: the driver cannot change it between checks
         halves = raw.cast("H")
         flags, nexts = halves[6::8].tolist(), halves[7::8].tolist()
@@ -322,19 +350,17 @@ class Queue:
         if (nexts[:-1] != _IN_ORDER[:n - 1] or last & ~VIRTQ_DESC_F_WRITE
                 or readable + flags.count(VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE) != n - 1
                 or VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE in flags[:readable]):
-            return False
+            return None
         if not last:                    # the last one is device-readable: so must all be
             if readable != n - 1:
-                return False
+                return None
             readable = n
         addrs, lengths = raw.cast("Q")[0::2].tolist(), raw.cast("I")[2::4].tolist()
         try:
-            views = self.mem.views(addrs, lengths)
+            iovec = self.mem.iovec(addrs, lengths)      # checks them all, and is wanted anyway
         except GuestMemoryError as e:
             raise QueueError(f"buffer outside guest RAM: {e}") from e
-        chain.readable, chain.writable = views[:readable], views[readable:]
-        chain.spans = list(zip(addrs[readable:], lengths[readable:], strict=True))
-        return True
+        return DescriptorChain(head, self.mem, addrs, lengths, readable, iovec=iovec)
 
     def notifications(self, enable: bool) -> None:
         """Ask the driver to notify us of new buffers, or not to (2.7.7, 2.7.10). A device busy
@@ -361,7 +387,7 @@ class Queue:
         buffers, all of which are noted as written (the device writes nothing into a chain it
         has returned). With ``publish`` False the driver sees it only at the next
         :meth:`publish_used` (to finish writing what the elements refer to)."""
-        if chain.spans:
+        if self.mem.tracking_writes:
             self.mem.mark_spans(chain.spans)
         self._used_ring[self.next_used % self.size] = chain.head | length << 32
         self.next_used = (self.next_used + 1) & 0xFFFF
