@@ -58,12 +58,18 @@ class IoVec:
     ``owner`` keeps the memory they are in mapped while the IoVec lives (a view of it: the
     mapping cannot be closed while one is exported)."""
 
-    __slots__ = ("count", "owner", "pairs", "total")
+    __slots__ = ("_total", "count", "owner", "pairs")
 
     def __init__(self, pairs: array.array[int], owner: object) -> None:
         self.pairs, self.owner = pairs, owner
         self.count = len(pairs) // 2
-        self.total = sum(pairs[1::2])
+        self._total: int | None = None
+
+    @property
+    def total(self) -> int:
+        if self._total is None:         # worked out when wanted: most IoVecs are cut up first
+            self._total = sum(self.pairs[1::2])
+        return self._total
 
     @property
     def address(self) -> int:
