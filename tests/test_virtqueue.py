@@ -100,7 +100,7 @@ _LENGTHS = st.sampled_from([0, 1, 16, 4096, 4097, 1 << 20, 0xFFFFFFFF])
 @st.composite
 def _tables(draw: st.DrawFn) -> list[tuple[int, int, int, int]]:
     """Indirect tables: mostly as Linux writes them (in order, readable first), the rest anything."""
-    n = draw(st.integers(1, 12))
+    n = draw(st.integers(1, 20))          # either side of BULK_TABLE
     if draw(st.booleans()):
         writable = draw(st.integers(0, n))
         flags = [(F_WRITE if i >= n - writable else 0) | F_NEXT for i in range(n)]
@@ -145,7 +145,7 @@ def test_indirect_tables_by_the_rules(table: list[tuple[int, int, int, int]]) ->
     taken in bulk, any other one descriptor by descriptor: both must agree), or refused."""
     mem = GuestMemory(HOLED)
     try:
-        q, drv = make(mem, size=16)
+        q, drv = make(mem, size=32)
         for i, (addr, length, flags, nxt) in enumerate(table):
             drv.write_desc(i, addr, length, flags, nxt, table=TABLE)
         drv.write_desc(0, TABLE, 16 * len(table), F_INDIRECT)
