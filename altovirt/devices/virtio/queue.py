@@ -6,8 +6,9 @@ every descriptor chain is walked with its index, length, address, nesting and
 ordering checked. Any violation raises :class:`QueueError`, which the
 transport turns into DEVICE_NEEDS_RESET for that one device.
 
-Buffers are handed to devices as memoryviews of guest RAM (no copies), split
-into the device-readable part and the device-writable part of the chain. A
+Buffers are handed to devices with no copies, split into the device-readable
+part and the device-writable part of the chain: as memoryviews of guest RAM,
+or by address for the kernel to read or fill (an IoVec, see memory.py). A
 device returns a chain with :meth:`Queue.add_used` once it has written what it
 will: that is where the chain's device-writable buffers are noted as written by
 the VMM (for a live migration; see memory.py), never before the data is in.
