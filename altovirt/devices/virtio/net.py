@@ -243,13 +243,13 @@ class Net(VirtioDevice):
                     if not chains:
                         break
                     for chain in chains:
-                        size = sum(map(len, chain.writable))    # writable_len, inlined: a hot path
-                        if chain.readable or size < VNET_HDR_SIZE:
+                        size = sum(chain.lengths)
+                        if chain.readable_count or size < VNET_HDR_SIZE:
                             # 5.1.6.3.1: every receive buffer holds at least the header
                             raise QueueError("receive buffer is not device-writable or smaller than "
                                              "the virtio-net header")
-                        held.append((chain, len(chain.writable), size))
-                        views += chain.writable
+                        held.append((chain, len(chain.lengths), size))
+                        views += chain.views
                         self._rx_room += size
                 if not held:
                     break
