@@ -196,12 +196,12 @@ class Net(VirtioDevice):
         while True:
             stalled = False
             for chain in self.chains(queue):
-                if chain.writable:
+                if chain.readable_count != len(chain.lengths):
                     self.fail("transmit chain with device-writable buffers")
                     break
                 try:
                     if self.tap is not None:    # no tap: the cable is out, the frame is lost
-                        os.writev(self.tap.fd, chain.readable)
+                        os.writev(self.tap.fd, chain.views)
                 except BlockingIOError:
                     queue.undo_pop()        # the tap is full: try again on the next notify
                     stalled = True
