@@ -2,10 +2,12 @@
 
 :func:`enable` is called once the VM is built (every module the VMM will use
 is imported by then); each long-lived thread then calls :func:`confine` with
-its role as it starts. A forbidden call traps: faulthandler writes every
-thread's Python stack, the offending one first as "Current thread", to the
-log, and the signal's default action ends the process at once (status 159,
-128 + SIGSYS). The kernel logs the call's number as well (``dmesg``:
+its role as it starts. A forbidden call traps: faulthandler writes the
+offending thread's Python stack to the log, and the signal's default action
+ends the process at once (status 159, 128 + SIGSYS). Only that thread's: the
+call was made with the GIL let go (every system call is), so the other threads
+run on while the handler works, and walking their frames then could crash the
+VMM instead (a suite run saw it end with SIGSEGV). The kernel logs the call's number as well (``dmesg``:
 ``type=1326 ... syscall=N``).
 
 The compiled programs are kept in the package's ``__pycache__``, as Python keeps
@@ -109,7 +111,7 @@ def enable(report: TextIO) -> None:
     # A module imported on a confined thread is compiled in memory: writing its bytecode
     # cache (mkdir, a new file) is outside every role, and would end the VMM.
     sys.dont_write_bytecode = True
-    faulthandler.register(signal.SIGSYS, file=report, all_threads=True, chain=True)
+    faulthandler.register(signal.SIGSYS, file=report, all_threads=False, chain=True)
     _programs = prepare()
     _enabled = True
 
