@@ -383,6 +383,31 @@ def test_direct_io_with_buffers_of_any_alignment(tmp_path: Path, monkeypatch: py
         mem.close()
 
 
+def test_header_data_and_status_split_anywhere(tmp_path: Path) -> None:
+    """virtio 1.2, 2.6.4: no framing is assumed. A write whose header and first data share a
+    buffer, and a read whose data and status byte share one, do what they say."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    h = Harness(img)
+    try:
+        data = os.urandom(1024)
+        base = 0x200000
+        h.mem.write(base, vblk._HEADER.pack(vblk.VIRTIO_BLK_T_OUT, 0, 2) + data[:100])
+        h.mem.write(base + 0x1000, data[100:])
+        h.drv.publish(h.drv.chain([(base, 16 + 100, False), (base + 0x1000, 924, False),
+                                   (base + 0x2000, 1, True)]))
+        h.run(1)
+        assert h.mem.read(base + 0x2000, 1)[0] == vblk.VIRTIO_BLK_S_OK
+        assert img.read_bytes()[1024:2048] == data
+        h.mem.write(base + 0x3000, vblk._HEADER.pack(vblk.VIRTIO_BLK_T_IN, 0, 2))
+        h.drv.publish(h.drv.chain([(base + 0x3000, 16, False), (base + 0x4000, 1025, True)]))
+        h.run(2)
+        assert h.mem.read(base + 0x4000, 1025) == data + bytes([vblk.VIRTIO_BLK_S_OK])
+        assert h.drv.used_elem(1)[1] == 1025 and not h.resets
+    finally:
+        h.close()
+
+
 def test_io_error_becomes_ioerr(tmp_path: Path) -> None:
     """A disk that shrinks under the VM: reads past the new end complete with IOERR."""
     img = tmp_path / "shrinks.img"

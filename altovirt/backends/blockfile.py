@@ -3,8 +3,8 @@
 Reads and writes go straight between the file and guest RAM: preadv/pwritev
 on the guest buffers' addresses (an IoVec, see memory.py). With O_DIRECT,
 buffers that are not aligned to the device's logical block go through one
-aligned bounce buffer instead. Images are locked with OFD byte-range locks laid out
-exactly as QEMU's file driver lays them out (block/file-posix.c), so
+aligned bounce buffer instead. Images are locked with OFD byte-range locks
+laid out exactly as QEMU's file driver lays them out (block/file-posix.c), so
 AltoVirt and QEMU refuse each other's images just as two QEMUs do.
 """
 
