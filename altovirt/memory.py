@@ -96,6 +96,11 @@ class IoVec:
         return done
 
     @staticmethod
+    def of(buffer: mmap.mmap, length: int) -> IoVec:
+        """The first ``length`` bytes of ``buffer``, memory of this process's own."""
+        return IoVec(array.array("Q", (C.addressof(C.c_char.from_buffer(buffer)), length)), buffer)
+
+    @staticmethod
     def join(iovs: Sequence[IoVec]) -> IoVec:
         pairs = array.array("Q")
         for iov in iovs:
@@ -265,7 +270,7 @@ class GuestMemory:
         delta = self._delta(addrs, lengths)
         pairs = [0] * (2 * len(addrs))
         if delta is None:
-            pairs[0::2] = [self._base + self._offset(a, n) for a, n in zip(addrs, lengths, strict=True)]
+            pairs[0::2] = map(self.host_address_of, addrs, lengths)
         else:
             pairs[0::2] = map(operator.add, addrs, itertools.repeat(self._base + delta))
         pairs[1::2] = lengths

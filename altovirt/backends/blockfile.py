@@ -10,7 +10,6 @@ AltoVirt and QEMU refuse each other's images just as two QEMUs do.
 
 from __future__ import annotations
 
-import array
 import ctypes
 import errno
 import fcntl
@@ -152,15 +151,14 @@ class BlockFile:
     def read(self, offset: int, iov: IoVec) -> None:
         """Fill the buffers of ``iov`` from the image at ``offset``; OSError if it cannot."""
         try:
-            self._full(_preadv, iov.address, iov.count, offset, iov.total)
+            self._full(_preadv, iov, offset, iov.total)
             return
         except OSError as e:
             if not (self.direct and e.errno == errno.EINVAL):
                 raise
-        buf = self._bounce_buffer(iov.total)
-        at = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        bounce = (ctypes.c_uint64 * 2)(at, _round_up(iov.total))
-        self._full(_preadv, ctypes.addressof(bounce), 1, offset, iov.total)
+        bounce = IoVec.of(self._bounce_buffer(iov.total), _round_up(iov.total))
+        self._full(_preadv, bounce, offset, iov.total)
+        at = bounce.pairs[0]
         for address, length in iov.buffers():
             ctypes.memmove(address, at, length)
             at += length
@@ -168,24 +166,23 @@ class BlockFile:
     def write(self, offset: int, iov: IoVec) -> None:
         """Write the buffers of ``iov`` to the image at ``offset``; OSError if it cannot."""
         try:
-            self._full(_pwritev, iov.address, iov.count, offset, iov.total)
+            self._full(_pwritev, iov, offset, iov.total)
             return
         except OSError as e:
             if not (self.direct and e.errno == errno.EINVAL):
                 raise
-        buf = self._bounce_buffer(iov.total)
-        at = start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        bounce = IoVec.of(self._bounce_buffer(iov.total), iov.total)
+        at = bounce.pairs[0]
         for address, length in iov.buffers():
             ctypes.memmove(at, address, length)
             at += length
-        bounce = (ctypes.c_uint64 * 2)(start, iov.total)
-        self._full(_pwritev, ctypes.addressof(bounce), 1, offset, iov.total)
+        self._full(_pwritev, bounce, offset, iov.total)
 
-    def _full(self, op: Callable[..., int], iov: int, count: int, offset: int, total: int) -> None:
+    def _full(self, op: Callable[..., int], iov: IoVec, offset: int, total: int) -> None:
         """``op`` (preadv or pwritev through ctypes: the GIL let go, no object per buffer);
         OSError unless it moved all ``total`` bytes (or all the file has from ``offset``)."""
         while True:
-            done = op(self.fd, iov, count, offset)
+            done = op(self.fd, iov.address, iov.count, offset)
             if done >= 0:
                 break
             err = ctypes.get_errno()
@@ -208,10 +205,8 @@ class BlockFile:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENODEV):
                 raise
             zeros = mmap.mmap(-1, min(length, 1 << 20))      # page-aligned, for O_DIRECT
-            at = ctypes.addressof(ctypes.c_char.from_buffer(zeros))
             for pos in range(offset, offset + length, len(zeros)):
-                n = min(len(zeros), offset + length - pos)
-                self.write(pos, IoVec(array.array("Q", (at, n)), zeros))
+                self.write(pos, IoVec.of(zeros, min(len(zeros), offset + length - pos)))
 
     def _fallocate(self, mode: int, offset: int, length: int) -> None:
         if _fallocate(self.fd, mode, offset, length) != 0:
