@@ -53,13 +53,14 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "--start-time-us": ("US", "accepted (the jailer's timing hint)"),
     "--start-time-cpu-us": ("US", "accepted (the jailer's timing hint)"),
     "--parent-cpu-time-us": ("US", "accepted (the jailer's timing hint)"),
+    "--enable-pci": (None, "accepted: the devices are virtio-mmio (AltoVirt has no PCI yet; logged)"),
     "--qmp": ("PATH", "serve QMP on this unix socket too (AltoVirt's)"),
     "--version": (None, "print the version and exit"),
     "--help": (None, "print this help and exit"),
 }
 # Firecracker's flags for what AltoVirt does not have: refused, saying so.
 UNSUPPORTED_FLAGS = {"--seccomp-filter": "custom seccomp filters (AltoVirt's are built in; see --no-seccomp)",
-                     "--metadata": "MMDS (the metadata service)", "--enable-pci": "PCI devices",
+                     "--metadata": "MMDS (the metadata service)",
                      "--describe-snapshot": "Firecracker's snapshot format (AltoVirt writes its own)",
                      "--snapshot-version": "Firecracker's snapshot format (AltoVirt writes its own)"}
 DEFAULT_API_SOCK = "/run/firecracker.socket"
@@ -83,6 +84,7 @@ class Options:
         self.seccomp = "--no-seccomp" not in values
         self.max_payload = _count("--http-api-max-payload-size",
                                   values.get("--http-api-max-payload-size") or "51200")
+        self.enable_pci = "--enable-pci" in values
         self.qmp = values.get("--qmp")
         self.version = "--version" in values
         self.help = "--help" in values

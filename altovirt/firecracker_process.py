@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Protocol
 
@@ -39,6 +40,12 @@ from .vmm.run import enable_seccomp, log_to, run_vm
 log = logging.getLogger("altovirt")
 
 
+# Firecracker's thread names (src/firecracker/src/api_server_adapter.rs, src/vmm/src/vstate/vcpu.rs);
+# the main thread keeps the process's name, and Rust's name for it, "main", in the log.
+API_THREAD_NAME = "fc_api"
+VCPU_THREAD_NAME = "fc_vcpu {}"
+MAIN_THREAD_NAME = "main"
+
 _PY_LEVELS = {"Error": logging.ERROR, "Warning": logging.WARNING, "Info": logging.INFO,
               "Debug": logging.DEBUG, "Trace": logging.DEBUG, "Off": logging.CRITICAL + 1}
 
@@ -59,6 +66,7 @@ class Flags(Protocol):
     boot_timer: bool
     seccomp: bool
     max_payload: int
+    enable_pci: bool
     qmp: str | None
 
 
@@ -94,7 +102,8 @@ class Process:
         handler = FirecrackerApi(self.instance, self.metrics,
                                  functools.partial(setup_logging, self.instance.id))
         try:
-            self.api = HttpServer(self.opts.api_sock, handler, max_payload=self.opts.max_payload,
+            self.api = HttpServer(self.opts.api_sock, handler, name=API_THREAD_NAME,
+                                  max_payload=self.opts.max_payload,
                                   on_start=functools.partial(seccomp.confine, "api"), sock=sock)
         except BackendError as e:
             raise UsageError(f"--api-sock: {e.strerror}") from e
@@ -128,6 +137,7 @@ class Process:
 
     def _run(self, launch: Launch) -> int:
         cfg = launch.cfg
+        cfg.vcpu_thread_name = VCPU_THREAD_NAME
         if self.opts.qmp:
             cfg.api_channel = f"unix:{self.opts.qmp}"
         launched_at = time.monotonic()
@@ -178,6 +188,7 @@ def serve(opts: Flags, sock: socket.socket | None) -> int:
     """Run the process whose API socket (if any) ``sock`` already listens; the exit status.
     What stops it early is logged and raised for the caller to say: AltoVirtError (bad
     flags, a configuration file or a VM that cannot start) or any other (a bug)."""
+    threading.main_thread().name = MAIN_THREAD_NAME
     instance = Instance(opts.instance_id)
     process = Process(opts, instance)
     try:
@@ -186,6 +197,8 @@ def serve(opts: Flags, sock: socket.socket | None) -> int:
             raise UsageError(f"--level: {opts.level!r}; accepted: {', '.join(LOG_LEVELS)}")
         setup_logging(opts.instance_id, LoggerConfig(opts.log_path, level, opts.show_level,
                                                      opts.show_log_origin))
+        if opts.enable_pci:
+            log.warning("--enable-pci: AltoVirt has no PCI yet; the devices are on virtio-mmio")
         if opts.metrics_path:
             process.metrics.open(instance.config.put_metrics({"metrics_path": opts.metrics_path}))
         first = Launch(_from_file(instance, opts.config_file)) if opts.config_file else None

@@ -31,9 +31,10 @@ class Firecracker:
     """An ``altovirt-firecracker --api-sock SOCK ...`` process, its stdout (the serial
     console) and stdin, and its API."""
 
-    def __init__(self, vms: list[Vm], sock: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(self, vms: list[Vm], sock: Path, *args: str, prefix: tuple[str, ...] = (),
+                 launcher: list[str] = FIRECRACKER) -> None:
         self.sock = sock
-        self.vm = Vm("--api-sock", str(sock), *args, prefix=prefix, launcher=FIRECRACKER)
+        self.vm = Vm("--api-sock", str(sock), *args, prefix=prefix, launcher=launcher)
         vms.append(self.vm)
         deadline = time.monotonic() + 20
         while not sock.exists():

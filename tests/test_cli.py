@@ -277,7 +277,8 @@ def test_altovirt_surfaces_share_one_wording(tmp_path: Path) -> None:
     assert error(["-kernel", KERNEL, "-incoming", "resume=on"]) == "-incoming: missing key 'uri'"
     doc = {"boot-source": {"kernel_image_path": KERNEL}, "drive": [{"drive_id": "d0", "zz": 1, "aa": 2}]}
     assert error(["-config", write_json(tmp_path, doc)]) == \
-        "drive[0]: unknown key 'zz'; accepted: direct, drive_id, path_on_host, read_only, serial_num"
+        ("drive[0]: unknown key 'zz'; accepted: direct, drive_id, io_engine, path_on_host, read_only, "
+         "serial_num")
     doc = {"boot-source": {"kernel_image_path": KERNEL}, "drive": [{"drive_id": "d0"}]}
     assert error(["-config", write_json(tmp_path, doc)]) == "drive[0]: missing key 'path_on_host'"
     # Required keys are sets without an order: the first missing one in sorted order.

@@ -108,7 +108,7 @@ curl -X PUT --unix-socket "${API_SOCKET}" \
         status, err = fc.vm.finish()
         assert status == 0, err
         log = (tmp_path / "firecracker.log").read_text()
-        assert "[anonymous-instance:MainThread] INFO " in log
+        assert "[anonymous-instance:main] INFO " in log
         assert "VM anonymous-instance: 1 vCPU(s), 128 MiB" in log
     finally:
         net.close()
@@ -147,8 +147,11 @@ def test_config_file_vm_that_cannot_be_built(probe: Path, tmp_path: Path) -> Non
     finally:
         net.close()
     assert done.returncode == 2, done.stderr
-    assert done.stderr == ("altovirt-firecracker: error: Start microvm error: -netdev id=eth0: tap tap9 does "
-                           "not exist; create it first (ip tuntap add dev tap9 mode tap)\n")
+    assert done.stderr == (
+        f"altovirt-firecracker: error: --config-file: {config}: Network config error: Could not create the "
+        "network device: Open tap device failed: Error while creating ifreq structure: No such device (os "
+        "error 19). Invalid TUN/TAP Backend provided by tap9. Create it first (ip tuntap add dev tap9 mode "
+        "tap).\n")
     assert not (tmp_path / "s").exists()
 
 
@@ -157,7 +160,6 @@ def test_config_file_vm_that_cannot_be_built(probe: Path, tmp_path: Path) -> Non
     (["--level", "Loud"], "--level: 'Loud'; accepted: Error, Warning, Info, Debug, Trace, Off"),
     (["--id", "no/slash"], "--id: 'no/slash' may hold only letters, digits and '-'"),
     (["--metadata", "m.json"], "--metadata: AltoVirt does not support MMDS"),
-    (["--enable-pci"], "--enable-pci: AltoVirt does not support PCI devices"),
     (["--bogus"], "unknown argument '--bogus'; run with --help for the flags"),
     (["--log-path"], "--log-path needs a value (PATH)"),
     (["--boot-timer=1"], "--boot-timer takes no value"),
@@ -199,7 +201,8 @@ def test_front_end_imports() -> None:
 
 def test_bad_config_file(tmp_path: Path) -> None:
     config = tmp_path / "vm.json"
-    config.write_text(json.dumps({"boot-source": {"kernel_image_path": "/nonexistent"},
+    (tmp_path / "vmlinux").write_bytes(b"")
+    config.write_text(json.dumps({"boot-source": {"kernel_image_path": str(tmp_path / "vmlinux")},
                                   "balloon": {"amount_mib": 10, "deflate_on_oom": False}}))
     done = subprocess.run([*FIRECRACKER, "--no-api", "--config-file", str(config)], capture_output=True,
                           text=True, timeout=30, cwd=ROOT)
@@ -239,8 +242,8 @@ def test_api_errors_and_phases(probe: Path, tmp_path: Path, vms: list[Vm]) -> No
     assert isinstance(version, dict) and version["firecracker_version"].startswith("1.")
     assert fc.ok("GET", "/machine-config") == {"vcpu_count": 1, "mem_size_mib": 128, "smt": False,
                                                "track_dirty_pages": False, "huge_pages": "None"}
-    assert fc.fault("GET", "/nowhere") == "Invalid request method and/or path: GET /nowhere."
-    assert fc.fault("DELETE", "/drives/x") == "Invalid request method and/or path: DELETE /drives/x."
+    assert fc.fault("GET", "/nowhere") == "Invalid request method and/or path: GET nowhere."
+    assert "before starting" in fc.fault("DELETE", "/drives/x")
     assert "deserializing" in fc.fault("PUT", "/machine-config", {"vcpu_count": "two", "mem_size_mib": 128})
     assert "unknown field `vcpus`" in fc.fault("PUT", "/machine-config", {"vcpus": 2, "mem_size_mib": 128})
     assert "missing field `mem_size_mib`" in fc.fault("PUT", "/machine-config", {"vcpu_count": 2})
@@ -265,8 +268,18 @@ def test_api_errors_and_phases(probe: Path, tmp_path: Path, vms: list[Vm]) -> No
     assert "must be a JSON object" in fc.fault("PUT", "/boot-source", "not an object")
     # Starting without a kernel fails and leaves the instance to be configured again.
     assert "without kernel configuration" in fc.fault("PUT", "/actions", {"action_type": "InstanceStart"})
-    fc.ok("PUT", "/boot-source", {"kernel_image_path": str(tmp_path / "missing")})
-    assert "missing: no such file" in fc.fault("PUT", "/actions", {"action_type": "InstanceStart"})
+    assert fc.fault("PUT", "/boot-source", {"kernel_image_path": str(tmp_path / "missing")}) == \
+        "Boot source error: The kernel file cannot be opened: No such file or directory (os error 2)"
+    missing = {"drive_id": "d", "path_on_host": str(tmp_path / "missing"), "is_root_device": False}
+    assert fc.fault("PUT", "/drives/d", missing) == (
+        "Drive config error: Unable to create the virtio block device: Virtio backend error: Error "
+        f"manipulating the backing file: No such file or directory (os error 2) {tmp_path / 'missing'}")
+    (tmp_path / "taken").write_bytes(b"")
+    assert fc.fault("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "taken")}) == (
+        "Vsock config error: Cannot create backend for vsock device: Error binding to the host-side Unix "
+        "socket: Address already in use (os error 98)")
+    config = fc.ok("GET", "/vm/config")
+    assert isinstance(config, dict) and config["drives"] == [] and config["vsock"] is None
     assert fc.state() == "Not started"
     start(fc, probe, "snapshot", vcpus=2)
     fc.vm.wait_line("probe: snap ready")
@@ -274,6 +287,10 @@ def test_api_errors_and_phases(probe: Path, tmp_path: Path, vms: list[Vm]) -> No
     assert "not supported after starting" in fc.fault("PUT", "/machine-config", {"vcpu_count": 1,
                                                                                  "mem_size_mib": 128})
     assert "not supported after starting" in fc.fault("PUT", "/actions", {"action_type": "InstanceStart"})
+    # Firecracker hot-plugs (PUT and DELETE after the start) on PCI alone.
+    assert fc.fault("PUT", "/drives/late", {"drive_id": "late", "path_on_host": str(probe / "probe.elf"),
+                                            "is_root_device": False}) == "PCI is not enabled"
+    assert fc.fault("DELETE", "/network-interfaces/eth0") == "PCI is not enabled"
     assert "must be paused" in fc.fault("PUT", "/snapshot/create", {"snapshot_path": str(tmp_path / "s"),
                                                                     "mem_file_path": str(tmp_path / "m")})
     fc.ok("PATCH", "/vm", {"state": "Paused"})
@@ -292,8 +309,11 @@ def test_snapshot_create_and_load(probe: Path, disk: Path, tmp_path: Path, vms: 
     """Pause, snapshot/create, and snapshot/load in a fresh process with resume_vm: the guest's
     counter carries on and its disk still reads."""
     fc = Firecracker(vms, tmp_path / "one.sock")
-    fc.ok("PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False})
+    fc.ok("PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(disk), "is_root_device": True,
+                                  "partuuid": "0eb5a0a3-01", "io_engine": "Async"})
     start(fc, probe, "snapshot", vcpus=2, mem=256)
+    configured = fc.ok("GET", "/vm/config")
+    assert isinstance(configured, dict)
     fc.vm.wait_line("probe: snap ready blk=1")
     fc.vm.type("blk")
     crc = fc.vm.line("probe: snap blk read=ok")
@@ -343,7 +363,8 @@ def test_snapshot_create_and_load(probe: Path, disk: Path, tmp_path: Path, vms: 
     assert fc3.vm.line("probe: snap blk read=ok") == crc
     config = fc3.ok("GET", "/vm/config")
     assert isinstance(config, dict) and "boot-source" not in config
-    assert config["drives"][0]["path_on_host"] == str(disk) and config["machine-config"]["vcpu_count"] == 2
+    assert config["drives"] == configured["drives"] and config["machine-config"]["vcpu_count"] == 2
+    assert config["drives"][0]["is_root_device"] and config["drives"][0]["io_engine"] == "Async"
     assert "not supported after starting" in fc3.fault(
         "PUT", "/snapshot/load", {"snapshot_path": str(state), "mem_file_path": str(memory)})
     fc3.vm.type("quit")

@@ -28,13 +28,15 @@ from .conftest import ROOT, Vm, needs_kvm
 
 def thread_table(pid: int) -> dict[str, str]:
     """comm -> the Seccomp field of /proc/<pid>/task/<tid>/status, for the VMM's own threads
-    (not KVM's kernel workers, such as kvm-nx-lpage-recovery, that join the process)."""
+    (not KVM's kernel workers, such as kvm-nx-lpage-recovery, that join the process); the main
+    thread, which keeps the process's name, as "(main)"."""
     table = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/status") as f:
             fields = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
-        if not fields["Name"].startswith("kvm-"):
-            table[fields["Name"].strip()] = fields["Seccomp"].strip()
+        name = "(main)" if int(tid) == pid else fields["Name"].strip()
+        if not name.startswith("kvm-"):
+            table[name] = fields["Seccomp"].strip()
     return table
 
 
@@ -51,7 +53,7 @@ def test_every_thread_is_confined(probe: Path, tmp_path: Path, vms: list[Vm], di
     vm.wait_line("probe: waiting")
     threads = thread_table(vm.proc.pid)
     # vCPUs, the device I/O thread, the block worker pool, QMP, and the main loop.
-    assert {"MainThread", "vcpu0", "vcpu1", "io", "qmp", "migration",
+    assert {"(main)", "vcpu0", "vcpu1", "io", "qmp", "migration",
             *(f"blk{i}" for i in range(8))} == set(threads)
     assert set(threads.values()) == ({"0"} if disable else {"2"})        # 2: SECCOMP_MODE_FILTER
     mon = QEMUMonitorProtocol(str(sock))

@@ -34,13 +34,17 @@ from ..vmm.hotplug import HotplugError
 from ..vmm.instance import Instance, Launch
 from ..vmm.lifecycle import RunState
 from ..vmm.metrics import Metrics
+from .firecracker_routes import Route, route, segments
 from .http import Request, Response, fault
 
 APP_NAME = "AltoVirt"
 VERSION = {"firecracker_version": FIRECRACKER_API_VERSION}
-# Firecracker's endpoints for what AltoVirt does not have.
-UNSUPPORTED_ENDPOINTS = {"mmds": UNSUPPORTED["mmds-config"], "hotplug": UNSUPPORTED["memory-hotplug"],
+# What AltoVirt does not have, by resource (a path's first segment).
+UNSUPPORTED_RESOURCES = {"mmds": UNSUPPORTED["mmds-config"], "hotplug": UNSUPPORTED["memory-hotplug"],
                          **{k: UNSUPPORTED[k] for k in ("balloon", "cpu-config", "pmem", "serial")}}
+# Firecracker hot-plugs drives and NICs (PUT and DELETE after the start) on PCI only
+# (device_manager/mod.rs); AltoVirt's are virtio-mmio, hot-plugged through QMP (--qmp).
+PCI_NOT_ENABLED = "PCI is not enabled"
 
 
 def _json(request: Request) -> object:
@@ -52,7 +56,7 @@ def _json(request: Request) -> object:
 
 
 class FirecrackerApi:
-    """The routes: (method, first path segment) -> handler(request, rest of the path).
+    """The operations (see :mod:`.firecracker_routes`) -> handler(request, route).
     ``on_logger`` applies a PUT /logger; ``metrics`` takes PUT /metrics and FlushMetrics."""
 
     def __init__(self, instance: Instance, metrics: Metrics,
@@ -60,67 +64,78 @@ class FirecrackerApi:
         self.instance = instance
         self.metrics = metrics
         cfg = self._configure
-        self.routes: dict[tuple[str, str], Callable[[Request, str | None], Response]] = {
-            ("GET", ""): lambda r, rest: Response(200, self._info()),
-            ("GET", "version"): lambda r, rest: Response(200, VERSION),
-            ("GET", "machine-config"): lambda r, rest: Response(200, self._export()["machine-config"]),
-            ("GET", "vm"): self._get_vm,
-            ("PUT", "boot-source"): cfg(lambda c, b, rest: c.put_boot_source(b)),
-            ("PUT", "machine-config"): cfg(lambda c, b, rest: c.put_machine_config(b)),
-            ("PATCH", "machine-config"): cfg(lambda c, b, rest: c.put_machine_config(b, partial=True)),
-            ("PUT", "drives"): cfg(lambda c, b, rest: c.put_drive(_id(rest), b)),
-            ("PUT", "network-interfaces"): cfg(lambda c, b, rest: c.put_network_interface(_id(rest), b)),
-            ("PUT", "vsock"): cfg(lambda c, b, rest: c.put_vsock(b)),
-            ("PUT", "entropy"): cfg(lambda c, b, rest: c.put_entropy(b)),
-            ("PUT", "logger"): cfg(lambda c, b, rest: on_logger(c.put_logger(b))),
-            ("PUT", "metrics"): cfg(lambda c, b, rest: metrics.open(c.put_metrics(b))),
-            ("PUT", "actions"): self._action,
-            ("PATCH", "vm"): self._patch_vm,
-            ("PATCH", "drives"): self._patch_drive,
-            ("PATCH", "network-interfaces"): self._patch_net,
-            ("PUT", "snapshot"): self._snapshot,
+        self.handlers: dict[str, Callable[[Request, Route], Response]] = {
+            "get_info": lambda r, route: Response(200, self._info()),
+            "get_version": lambda r, route: Response(200, VERSION),
+            "get_machine_config": lambda r, route: Response(200, self._export()["machine-config"]),
+            "get_vm_config": lambda r, route: Response(200, self._export()),
+            "put_boot_source": cfg(lambda c, b, route: c.put_boot_source(b)),
+            "put_machine_config": cfg(lambda c, b, route: c.put_machine_config(b)),
+            "patch_machine_config": cfg(lambda c, b, route: c.put_machine_config(b, partial=True)),
+            "put_drive": self._put_device(lambda c, b, route: c.put_drive(route.id, b)),
+            "put_network_interface": self._put_device(
+                lambda c, b, route: c.put_network_interface(route.id, b)),
+            "put_vsock": cfg(lambda c, b, route: c.put_vsock(b)),
+            "put_entropy": cfg(lambda c, b, route: c.put_entropy(b)),
+            "put_logger": cfg(lambda c, b, route: on_logger(c.put_logger(b))),
+            "put_metrics": cfg(lambda c, b, route: metrics.open(c.put_metrics(b))),
+            "put_actions": self._action,
+            "patch_vm": self._patch_vm,
+            "patch_drive": self._patch_drive,
+            "patch_network_interface": self._patch_net,
+            "delete_drive": self._unplug,
+            "delete_network_interface": self._unplug,
+            "put_snapshot_create": lambda r, route: self._create_snapshot(_json(r)),
+            "put_snapshot_load": lambda r, route: self._load_snapshot(_json(r)),
         }
 
     def __call__(self, request: Request) -> Response:
-        segments = request.path.strip("/").split("/", 1)
-        first, rest = segments[0], (segments[1] if len(segments) > 1 else None)
+        first = (segments(request.path) or [""])[0]
         self.metrics.count(request.method, first)
-        response = self._route(request, first, rest)
+        response = self._call(request)
         if response.status >= 400:
             self.metrics.failed(request.method, first)
         return response
 
-    def _route(self, request: Request, first: str, rest: str | None) -> Response:
-        route = self.routes.get((request.method, first))
-        invalid = f"Invalid request method and/or path: {request.method} {request.path}."
-        if route is None:
-            if first in UNSUPPORTED_ENDPOINTS:
-                return fault(400, str(not_supported(UNSUPPORTED_ENDPOINTS[first])))
-            return fault(400, invalid)
-        if request.method == "GET" and request.body is not None:
-            return fault(400, "GET request cannot have a body.")
-        if request.method != "GET" and request.body is None:
-            return fault(400, f"Empty {request.method} request.")
-        if rest is not None and first not in ("drives", "network-interfaces", "snapshot", "vm"):
-            return fault(400, invalid)
+    def _call(self, request: Request) -> Response:
         try:
-            return route(request, rest)
+            found = route(request.method, request.path, request.body is not None)
+            handler = self.handlers.get(found.operation)
+            if handler is None:
+                raise not_supported(UNSUPPORTED_RESOURCES[found.resource])
+            return handler(request, found)
         except AltoVirtError as e:
             return fault(400, str(e))
 
     # --- before the start ---
-    def _configure(self, change: Callable[[FirecrackerConfig, object, str | None], object]
-                   ) -> Callable[[Request, str | None], Response]:
-        def handler(request: Request, rest: str | None) -> Response:
+    def _configure(self, change: Callable[[FirecrackerConfig, object, Route], object]
+                   ) -> Callable[[Request, Route], Response]:
+        def handler(request: Request, found: Route) -> Response:
             body = _json(request)
-            self.instance.configure(lambda c: change(c, body, rest))
+            self.instance.configure(lambda c: change(c, body, found))
             return Response(204)
         return handler
+
+    def _put_device(self, change: Callable[[FirecrackerConfig, object, Route], object]
+                    ) -> Callable[[Request, Route], Response]:
+        """A PUT of a drive or NIC: before the start, configuration; after it, a hot-plug, which
+        Firecracker does on PCI alone."""
+        configure = self._configure(change)
+
+        def handler(request: Request, found: Route) -> Response:
+            if self.instance.machine is not None:
+                raise FirecrackerError(PCI_NOT_ENABLED)
+            return configure(request, found)
+        return handler
+
+    def _unplug(self, request: Request, found: Route) -> Response:
+        self.instance.running()
+        raise FirecrackerError(PCI_NOT_ENABLED)
 
     def _start(self) -> None:
         self.instance.launch(lambda c: Launch(c.vm_config(self.instance.id)))
 
-    def _load_snapshot(self, body: object) -> None:
+    def _load_snapshot(self, body: object) -> Response:
         p = fields("snapshot load", body, {"snapshot_path": str},
                    {"mem_file_path": str, "mem_backend": dict, "resume_vm": bool,
                     "enable_diff_snapshots": bool, "track_dirty_pages": bool, "network_overrides": list,
@@ -173,6 +188,7 @@ class FirecrackerApi:
             c.restored_from(cfg)
             return Launch(cfg, snapshot.SavedVm(state, files, resume=p.get("resume_vm", False)))
         self.instance.launch(make)
+        return Response(204)
 
     # --- after the start ---
     def _info(self) -> dict[str, Any]:
@@ -185,12 +201,7 @@ class FirecrackerApi:
             out.pop("boot-source", None)
         return out
 
-    def _get_vm(self, request: Request, rest: str | None) -> Response:
-        if rest != "config":
-            return fault(400, f"Invalid request method and/or path: GET {request.path}.")
-        return Response(200, self._export())
-
-    def _action(self, request: Request, rest: str | None) -> Response:
+    def _action(self, request: Request, found: Route) -> Response:
         a = fields("action", _json(request), {"action_type": str}, {})
         kind = a["action_type"]
         if kind == "InstanceStart":
@@ -204,9 +215,7 @@ class FirecrackerApi:
                                    "`FlushMetrics`, `InstanceStart`, `SendCtrlAltDel`.")
         return Response(204)
 
-    def _patch_vm(self, request: Request, rest: str | None) -> Response:
-        if rest is not None:
-            return fault(400, f"Invalid request method and/or path: PATCH {request.path}.")
+    def _patch_vm(self, request: Request, found: Route) -> Response:
         v = fields("vm", _json(request), {"state": str}, {})
         actions: dict[str, Pause | Resume] = {"Paused": Pause(), "Resumed": Resume()}
         if v["state"] not in actions:
@@ -219,9 +228,9 @@ class FirecrackerApi:
             raise FirecrackerError(f"{'Pause' if v['state'] == 'Paused' else 'Resume'} error: {e}") from e
         return Response(204)
 
-    def _patch_drive(self, request: Request, rest: str | None) -> Response:
+    def _patch_drive(self, request: Request, found: Route) -> Response:
         d = fields("drive", _json(request), {"drive_id": str}, {"path_on_host": str, "rate_limiter": dict})
-        drive_id = _id(rest)
+        drive_id = found.id
         if d["drive_id"] != drive_id:
             raise FirecrackerError("The id from the path does not match the id from the body!")
         if d.get("rate_limiter"):
@@ -234,12 +243,13 @@ class FirecrackerApi:
                 raise FirecrackerError(f"Drive config error: {e}") from e
         return Response(204)
 
-    def _patch_net(self, request: Request, rest: str | None) -> Response:
+    def _patch_net(self, request: Request, found: Route) -> Response:
         n = fields("network-interface", _json(request), {"iface_id": str},
                    {"rx_rate_limiter": dict, "tx_rate_limiter": dict})
-        iface_id = _id(rest)
+        iface_id = found.id
         if n["iface_id"] != iface_id:
-            raise FirecrackerError("The id from the path does not match the id from the body!")
+            raise FirecrackerError(f"The id from the path [{iface_id}] does not match the id from the body "
+                                   f"[{n['iface_id']}]!")
         if n.get("rx_rate_limiter") or n.get("tx_rate_limiter"):
             raise not_supported("I/O rate limiters (rx_rate_limiter, tx_rate_limiter)")
         self.instance.running()
@@ -247,17 +257,7 @@ class FirecrackerApi:
             raise FirecrackerError(f"Invalid interface ID - not found: {iface_id}.")
         return Response(204)
 
-    def _snapshot(self, request: Request, rest: str | None) -> Response:
-        body = _json(request)
-        if rest == "create":
-            self._create_snapshot(body)
-        elif rest == "load":
-            self._load_snapshot(body)
-        else:
-            return fault(400, f"Invalid request method and/or path: PUT {request.path}.")
-        return Response(204)
-
-    def _create_snapshot(self, body: object) -> None:
+    def _create_snapshot(self, body: object) -> Response:
         p = fields("snapshot create", body, {"snapshot_path": str, "mem_file_path": str},
                    {"snapshot_type": str, "version": str})
         if p.get("snapshot_type", "Full") == "Diff":
@@ -279,9 +279,5 @@ class FirecrackerApi:
         info = cast(dict[str, Any], machine.request(QueryMigration()))
         if info["status"] != "completed":
             raise FirecrackerError(f"Create snapshot error: {info.get('error-desc', info['status'])}")
+        return Response(204)
 
-
-def _id(rest: str | None) -> str:
-    if not rest:
-        raise FirecrackerError("The ID cannot be empty.")
-    return rest

@@ -118,10 +118,12 @@ def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
 class HttpServer(SocketServer[Connection]):
     """Serves ``handler`` on a unix socket at ``path`` (which must not exist), on its own thread."""
 
-    def __init__(self, path: str, handler: Handler, *, max_payload: int = DEFAULT_MAX_PAYLOAD,
-                 on_start: Callable[[], None] | None = None, sock: socket.socket | None = None) -> None:
-        """``sock``: the socket already listening at ``path`` (see backends.listen)."""
-        super().__init__(path, "api", max_output=MAX_OUTPUT, backlog=MAX_CONNECTIONS, on_start=on_start,
+    def __init__(self, path: str, handler: Handler, *, name: str = "api",
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, on_start: Callable[[], None] | None = None,
+                 sock: socket.socket | None = None) -> None:
+        """``name``: the server thread's; ``sock``: the socket already listening at ``path``
+        (see backends.listen)."""
+        super().__init__(path, name, max_output=MAX_OUTPUT, backlog=MAX_CONNECTIONS, on_start=on_start,
                          sock=sock)
         self.handler = handler
         self.max_payload = max_payload

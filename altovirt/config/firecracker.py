@@ -13,13 +13,17 @@ turns them into a :class:`VmConfig`.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .keys import KeyProblem, Problem, Types, find_key_problem
 from .model import (
+    IO_ENGINES,
     MAX_DRIVES,
     MAX_NICS,
     MEM_MIN,
@@ -49,6 +53,46 @@ UNSUPPORTED = {
 
 class FirecrackerError(ConfigError):
     """A body or setting Firecracker's API answers with 400; the message is its fault_message."""
+
+
+# What Firecracker's VmmActionError puts before a device's errors (src/vmm/src/rpc_interface.rs).
+DRIVE_ERROR = "Drive config error: "
+NET_ERROR = "Network config error: "
+VSOCK_ERROR = "Vsock config error: "
+
+
+def os_error(e: OSError) -> str:
+    """An OS error as Rust's std::io::Error prints it, which clients match: "No such file or
+    directory (os error 2)"."""
+    if e.errno is None:
+        return str(e)
+    return f"{os.strerror(e.errno)} (os error {e.errno})"
+
+
+def _opens(path: str, flags: int, message: str) -> None:
+    """Firecracker opens a drive's, kernel's or initrd's file when it is configured: so does this
+    (and closes it: the VM opens its own at the start). FirecrackerError, ``message`` with the
+    OS error in its ``{}``, if it cannot be opened."""
+    try:
+        os.close(os.open(path, flags | os.O_CLOEXEC))
+    except OSError as e:
+        raise FirecrackerError(message.format(os_error(e))) from e
+
+
+def _can_bind(path: str) -> None:
+    """Firecracker binds a vsock's unix socket when it is configured, so a path that exists or
+    whose directory does not fails then: checked here (the VM binds it at the start)."""
+    problem = None
+    if os.path.lexists(path):
+        problem = OSError(errno.EADDRINUSE, "")
+    else:
+        try:
+            os.stat(os.path.dirname(path) or ".")
+        except OSError as e:
+            problem = e
+    if problem is not None:
+        raise FirecrackerError(f"{VSOCK_ERROR}Cannot create backend for vsock device: Error binding to "
+                               f"the host-side Unix socket: {os_error(problem)}")
 
 
 def not_supported(what: str) -> FirecrackerError:
@@ -108,7 +152,6 @@ class FcDrive:
     is_root_device: bool = False
     partuuid: str | None = None
     cache_type: str = "Unsafe"
-    io_engine: str = "Sync"
 
 
 @dataclass
@@ -154,6 +197,11 @@ class FirecrackerConfig:
     # --- the API's bodies ---
     def put_boot_source(self, body: object) -> None:
         b = fields("boot-source", body, {"kernel_image_path": str}, {"boot_args": str, "initrd_path": str})
+        _opens(b["kernel_image_path"], os.O_RDONLY,
+               "Boot source error: The kernel file cannot be opened: {}")
+        if "initrd_path" in b:
+            _opens(b["initrd_path"], os.O_RDONLY, "Boot source error: The initrd file cannot be opened "
+                   "due to invalid path or invalid permissions. {}")
         self.kernel = b["kernel_image_path"]
         self.boot_args, self.initrd = b.get("boot_args"), b.get("initrd_path")
 
@@ -183,7 +231,9 @@ class FirecrackerConfig:
         d = fields("drive", body, {"drive_id": str, "is_root_device": bool},
                    {"path_on_host": str, "is_read_only": bool, "partuuid": str, "cache_type": str,
                     "io_engine": str, "rate_limiter": dict, "socket": str})
-        drive_id = _same_id(path_id, d["drive_id"])
+        drive_id = d["drive_id"]
+        if drive_id != path_id:
+            raise FirecrackerError("The id from the path does not match the id from the body!")
         if "socket" in d:
             raise not_supported("vhost-user block devices")
         if "path_on_host" not in d:
@@ -191,22 +241,31 @@ class FirecrackerConfig:
         if d.get("cache_type", "Unsafe") not in ("Unsafe", "Writeback"):
             raise FirecrackerError(f"{DESERIALIZE}: unknown cache_type {d['cache_type']!r}, "
                                    "expected `Unsafe` or `Writeback`.")
-        if d.get("io_engine", "Sync") not in ("Sync", "Async"):
+        if d.get("io_engine", "Sync") not in IO_ENGINES:
             raise FirecrackerError(f"{DESERIALIZE}: unknown io_engine {d['io_engine']!r}, expected `Sync` or "
                                    "`Async`.")
         _no_rate_limiter("rate_limiter", d.get("rate_limiter"))
         if d["is_root_device"] and any(x.is_root_device for k, x in self.drives.items() if k != drive_id):
-            raise FirecrackerError("A root block device already exists!")
+            raise FirecrackerError(f"{DRIVE_ERROR}A root block device already exists!")
         if drive_id not in self.drives and len(self.drives) >= MAX_DRIVES:
-            raise FirecrackerError(f"Unable to add drive {drive_id}: AltoVirt attaches at most {MAX_DRIVES}.")
+            raise FirecrackerError(f"{DRIVE_ERROR}Unable to add drive {drive_id}: AltoVirt attaches at most "
+                                   f"{MAX_DRIVES}.")
+        path = d["path_on_host"]
+        _opens(path, os.O_RDONLY if d.get("is_read_only") else os.O_RDWR,
+               f"{DRIVE_ERROR}Unable to create the virtio block device: Virtio backend error: Error "
+               f"manipulating the backing file: {{}} {path}")
         self.drives[drive_id] = FcDrive(
-            DriveConfig(drive_id, d["path_on_host"], read_only=d.get("is_read_only", False), direct=False),
-            d["is_root_device"], d.get("partuuid"), d.get("cache_type", "Unsafe"), d.get("io_engine", "Sync"))
+            DriveConfig(drive_id, path, read_only=d.get("is_read_only", False), direct=False,
+                        io_engine=d.get("io_engine", "Sync")),
+            d["is_root_device"], d.get("partuuid"), d.get("cache_type", "Unsafe"))
 
     def put_network_interface(self, path_id: str, body: object) -> None:
         n = fields("network-interface", body, {"iface_id": str, "host_dev_name": str},
                    {"guest_mac": str, "mtu": int, "rx_rate_limiter": dict, "tx_rate_limiter": dict})
-        iface_id = _same_id(path_id, n["iface_id"])
+        iface_id = n["iface_id"]
+        if iface_id != path_id:     # request/net.rs's words, not drive.rs's
+            raise FirecrackerError(f"The id from the path [{path_id}] does not match the id from the body "
+                                   f"[{iface_id}]!")
         if "mtu" in n:
             raise not_supported("MTU advertisement (VIRTIO_NET_F_MTU)")
         _no_rate_limiter("rx_rate_limiter", n.get("rx_rate_limiter"))
@@ -215,12 +274,22 @@ class FirecrackerConfig:
         mac = check_mac("guest_mac", n["guest_mac"]) if "guest_mac" in n else None
         for other_id, other in self.nets.items():
             if other_id != iface_id and other.tap == tap:
-                raise FirecrackerError(f"The host device name {tap} is already in use by {other_id}.")
+                raise FirecrackerError(f"{NET_ERROR}The host device name {tap} is already in use by "
+                                       f"{other_id}.")
             if other_id != iface_id and mac and other.mac == mac:
-                raise FirecrackerError(f"The MAC address {mac} is already in use by {other_id}.")
+                raise FirecrackerError(f"{NET_ERROR}The MAC address is already in use: {mac}")
         if iface_id not in self.nets and len(self.nets) >= MAX_NICS:
-            raise FirecrackerError(f"Unable to add network interface {iface_id}: AltoVirt attaches at most "
-                                   f"{MAX_NICS}.")
+            raise FirecrackerError(f"{NET_ERROR}Unable to add network interface {iface_id}: AltoVirt "
+                                   f"attaches at most {MAX_NICS}.")
+        try:
+            socket.if_nametoindex(tap)
+        except OSError as e:
+            # Firecracker (as root) would make a tap that joins nothing; AltoVirt uses existing ones.
+            why = os_error(OSError(errno.ENODEV, ""))
+            raise FirecrackerError(f"{NET_ERROR}Could not create the network device: Open tap device failed: "
+                                   f"Error while creating ifreq structure: {why}. Invalid TUN/TAP "
+                                   f"Backend provided by {tap}. Create it first (ip tuntap add dev {tap} "
+                                   "mode tap).") from e
         self.nets[iface_id] = NetConfig(iface_id, tap, mac)
 
     def put_vsock(self, body: object) -> None:
@@ -228,8 +297,9 @@ class FirecrackerConfig:
         if not VSOCK_MIN_CID <= v["guest_cid"] <= VSOCK_MAX_CID:
             raise FirecrackerError(f"Invalid guest CID {v['guest_cid']}; accepted range "
                                    f"[{VSOCK_MIN_CID}, {VSOCK_MAX_CID}].")
-        self.vsock = VsockConfig(check_fc_id("vsock_id", v.get("vsock_id", "vsock")), v["guest_cid"],
-                                 v["uds_path"])
+        vsock_id = check_fc_id("vsock_id", v.get("vsock_id", "vsock"))
+        _can_bind(v["uds_path"])
+        self.vsock = VsockConfig(vsock_id, v["guest_cid"], v["uds_path"])
 
     def put_entropy(self, body: object) -> None:
         e = fields("entropy", body, {}, {"rate_limiter": dict})
@@ -265,6 +335,11 @@ class FirecrackerConfig:
         self.kernel, self.boot_args, self.initrd = cfg.kernel, cfg.cmdline, cfg.initrd
         self.vcpu_count, self.mem_size_mib = cfg.vcpus, cfg.mem_size // MiB
         self.drives = {d.id: FcDrive(d) for d in cfg.drives}
+        # The root drive is the first, named on the command line as vm_config names it.
+        root = re.search(r"(?:^| )root=(/dev/vda|PARTUUID=(\S+)) ", f"{cfg.cmdline} ")
+        if root is not None and cfg.drives:
+            first = self.drives[cfg.drives[0].id]
+            first.is_root_device, first.partuuid = True, root.group(2)
         self.nets = {n.id: n for n in cfg.nets}
         self.vsock = cfg.vsock
         self.entropy = cfg.rng is not None
@@ -305,7 +380,7 @@ class FirecrackerConfig:
                                "track_dirty_pages": self.track_dirty_pages, "huge_pages": "None"},
             "drives": [{"drive_id": k, "partuuid": d.partuuid, "is_root_device": d.is_root_device,
                         "cache_type": d.cache_type, "is_read_only": d.drive.read_only,
-                        "path_on_host": d.drive.path, "rate_limiter": None, "io_engine": d.io_engine,
+                        "path_on_host": d.drive.path, "rate_limiter": None, "io_engine": d.drive.io_engine,
                         "socket": None} for k, d in self.drives.items()],
             "network-interfaces": [{"iface_id": k, "host_dev_name": n.tap, "guest_mac": n.mac,
                                     "rx_rate_limiter": None, "tx_rate_limiter": None}
@@ -346,9 +421,3 @@ class FirecrackerConfig:
 DEFAULT_BOOT_ARGS = ("reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd "
                      "swiotlb=noforce")
 
-
-def _same_id(path_id: str, body_id: str) -> str:
-    check_fc_id("path", path_id)
-    if body_id != path_id:
-        raise FirecrackerError("The id from the path does not match the id from the body!")
-    return path_id

@@ -7,6 +7,7 @@ from typing import Any
 
 from .keys import check_keys
 from .model import (
+    IO_ENGINES,
     VCPUS_MAX,
     VCPUS_MIN,
     VSOCK_MAX_CID,
@@ -63,6 +64,12 @@ def _list(where: str, value: Any) -> list[Any]:
     return value
 
 
+def _engine(where: str, value: Any) -> str:
+    if value not in IO_ENGINES:
+        raise ConfigError(f"{where}: expected one of {', '.join(IO_ENGINES)}")
+    return str(value)
+
+
 def _bool(where: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false")
@@ -114,13 +121,14 @@ def from_dict(doc: Any) -> VmConfig:
             cfg.acpi = parse_acpi(f"{w}.acpi", _bool(f"{w}.acpi", mc["acpi"]))
     for i, d in enumerate(_list("drive", top.get("drive", []))):
         w = f"drive[{i}]"
-        d = _obj(w, d, {"drive_id", "path_on_host"}, {"direct", "read_only", "serial_num"})
+        d = _obj(w, d, {"drive_id", "path_on_host"}, {"direct", "read_only", "serial_num", "io_engine"})
         cfg.drives.append(DriveConfig(
             id=check_id(f"{w}.drive_id", _str(f"{w}.drive_id", d["drive_id"])),
             path=_str(f"{w}.path_on_host", d["path_on_host"]),
             read_only=_bool(f"{w}.read_only", d.get("read_only", False)),
             direct=_bool(f"{w}.direct", d.get("direct", True)),
-            serial=_str(f"{w}.serial_num", d["serial_num"]) if "serial_num" in d else None))
+            serial=_str(f"{w}.serial_num", d["serial_num"]) if "serial_num" in d else None,
+            io_engine=_engine(f"{w}.io_engine", d.get("io_engine", "Sync"))))
     for i, n in enumerate(_list("net", top.get("net", []))):
         w = f"net[{i}]"
         n = _obj(w, n, {"iface_id", "host_dev_name"}, {"mac", "vhost"})
@@ -172,7 +180,8 @@ def to_dict(cfg: VmConfig) -> dict[str, Any]:
         "machine-config": {"name": cfg.name, "vcpu_count": cfg.vcpus, "mem_size": cfg.mem_size,
                            "omit_vm_memory": cfg.omit_vm_memory, "acpi": cfg.acpi},
         "drive": [{"drive_id": d.id, "path_on_host": d.path, "read_only": d.read_only, "direct": d.direct,
-                   **({"serial_num": d.serial} if d.serial else {})} for d in cfg.drives],
+                   **({"serial_num": d.serial} if d.serial else {}),
+                   **({"io_engine": d.io_engine} if d.io_engine != "Sync" else {})} for d in cfg.drives],
         "net": [{"iface_id": n.id, "host_dev_name": n.tap, "vhost": n.vhost,
                  **({"mac": n.mac} if n.mac else {})} for n in cfg.nets],
         "serial": {"stdio": cfg.serial_stdio},

@@ -30,6 +30,9 @@ class ConfigError(AltoVirtError, ValueError):
     exit_status = EXIT_USAGE
 
 
+IO_ENGINES = ("Sync", "Async")    # Firecracker's names for a drive's I/O engine
+
+
 @dataclass
 class DriveConfig:
     id: str
@@ -37,6 +40,7 @@ class DriveConfig:
     read_only: bool = False
     direct: bool = True
     serial: str | None = None
+    io_engine: str = "Sync"     # Firecracker's: Sync (the worker pool) or Async
 
 
 @dataclass
@@ -130,6 +134,7 @@ class VmConfig:
     fs: FsConfig | None = None
     serial_stdio: bool = False
     api_channel: str | None = None
+    vcpu_thread_name: str = "vcpu{}"     # {}: the index (Firecracker's front end names them its way)
     xenstore: str | None = None          # the host's XenStore socket
     xen_domid: int = 1                   # the guest's XenStore domain id
     incoming: IncomingConfig | None = None

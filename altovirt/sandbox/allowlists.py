@@ -112,7 +112,8 @@ IOCTLS: dict[str, tuple[int, ...]] = {
     "vcpu": (*FILE_IOCTLS, K.KVM_RUN, *KVM_VCPU_STATE, TUNSETOFFLOAD, *VHOST_IOCTLS),
     "io": (*FILE_IOCTLS, TUNSETOFFLOAD, *((K.KVM_IRQ_LINE,) if MACHINE == "aarch64" else ())),
     # No KVM, no taps: the API asks the main thread for what touches the VM (vmm/actions.py).
-    "api": FILE_IOCTLS,
+    # Firecracker's PUT /network-interfaces looks its tap up by name.
+    "api": (*FILE_IOCTLS, SIOCGIFINDEX),
     # Hot-plug opens taps; a restore puts a NIC with its saved MAC on its tap (offloads set).
     # What a snapshot asks of /dev/kvm (the host's CPUID, the MSR list) is read before the
     # filters go on.

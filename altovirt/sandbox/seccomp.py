@@ -206,9 +206,11 @@ def _action_available(action: str) -> bool:
 
 def confine(role: str) -> None:
     """Name the calling thread after its Python name (for ps and the kernel log) and,
-    when filtering is on, load ``role``'s filter on it."""
-    name = threading.current_thread().name.encode()[:15]
-    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    when filtering is on, load ``role``'s filter on it. The main thread keeps its name:
+    it is the process's (what ps, pgrep and psutil's name() show), as in QEMU and Firecracker."""
+    thread = threading.current_thread()
+    if thread is not threading.main_thread():
+        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(thread.name.encode()[:15]), 0, 0, 0)
     if _enabled:
         _load(_programs[role])
 

@@ -143,8 +143,8 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
         undo.callback(devices.close)
         # The vCPUs before the devices: an arm64 GIC is ready for the devices' irqfds only
         # once every vCPU is (KVM_IRQFD fails with EAGAIN before).
-        vcpus = [VcpuThread(vm.create_vcpu(i), devices.pio, devices.mmio, lifecycle.request_stop)
-                 for i in range(cfg.vcpus)]
+        vcpus = [VcpuThread(vm.create_vcpu(i), devices.pio, devices.mmio, lifecycle.request_stop,
+                            cfg.vcpu_thread_name) for i in range(cfg.vcpus)]
         for v in vcpus:
             undo.callback(v.vcpu.close)
         registers = arch.setup_vcpus(kvm, [v.vcpu for v in vcpus])

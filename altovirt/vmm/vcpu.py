@@ -73,7 +73,9 @@ def register_dump(vcpu: Vcpu) -> str:
 class VcpuThread:
     """Runs one vCPU. ``stop(reason)`` is called when this vCPU ends the VM."""
 
-    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, stop: Callable[[StopReason], None]) -> None:
+    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, stop: Callable[[StopReason], None],
+                 name: str = "vcpu{}") -> None:
+        """``name``: the thread's, ``{}`` standing for the vCPU's index."""
         self.vcpu = vcpu
         self.index = vcpu.index
         self._pio = pio
@@ -84,7 +86,8 @@ class VcpuThread:
         self._exit_requested = False
         self.paused = False
         self.thread_id = 0          # native thread id, for query-cpus
-        self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=name.format(self.index),
+                                        daemon=True)
 
     # --- control, from other threads ---
     def start(self) -> None:
