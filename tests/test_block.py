@@ -16,9 +16,11 @@ import pytest
 from altovirt.arch.x86_64 import layout
 from altovirt.backends import blockfile
 from altovirt.backends.blockfile import BlockFile
+from altovirt.config.model import RateLimiterConfig
 from altovirt.devices.virtio import block as vblk
 from altovirt.devices.virtio.device import Interrupt
 from altovirt.devices.virtio.queue import Queue
+from altovirt.eventloop import EventLoop
 from altovirt.memory import GuestMemory
 
 from .cabi import c_values, needs_gcc
@@ -217,18 +219,21 @@ def test_virtio_abuse_agrees_with_qemu(probe: Path, images: list[tuple[Path, byt
 class Harness:
     """A Block device on a real image, driven in-process through a DriverQueue."""
 
-    def __init__(self, img: Path) -> None:
+    def __init__(self, img: Path, rate_limiter: RateLimiterConfig | None = None,
+                 io: EventLoop | None = None) -> None:
+        """``io``: the loop the device's rate limiter times itself on."""
         self.mem = GuestMemory(layout.ram_regions(128 << 20))
         self.pool = vblk.WorkerPool()
         self.pool.start()
-        self.dev = vblk.Block("d0", BlockFile(str(img), read_only=False, direct=False), self.pool)
+        self.dev = vblk.Block("d0", BlockFile(str(img), read_only=False, direct=False), self.pool,
+                              rate_limiter=rate_limiter)
         self.irqfd = os.eventfd(0, os.EFD_NONBLOCK)
         self.resets: list[str] = []
         self.drv = DriverQueue(self.mem, 0x100000, 64)
         q = Queue(256, self.mem)
         q.size, q.desc_addr, q.avail_addr, q.used_addr = 64, self.drv.desc, self.drv.avail, self.drv.used
         q.activate(0)
-        self.dev.activate(self.mem, [q], Interrupt(self.irqfd, self.resets.append), None)  # type: ignore[arg-type]
+        self.dev.activate(self.mem, [q], Interrupt(self.irqfd, self.resets.append), io)  # type: ignore[arg-type]
         self.slot = 0
 
     def post_read(self, sector: int, length: int) -> tuple[int, int]:

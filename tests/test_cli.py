@@ -272,13 +272,14 @@ def test_altovirt_surfaces_share_one_wording(tmp_path: Path) -> None:
         return str(e.value)
 
     assert error(["-kernel", KERNEL, "-drive", "id=d0,zz=1,aa=2"]) == \
-        "-drive: unknown key 'zz'; accepted: aio, direct, file, format, id, if, readonly, serial"
+        ("-drive: unknown key 'zz'; accepted: aio, direct, file, format, id, if, readonly, serial, "
+         "throttling.iops-total")
     assert error(["-kernel", KERNEL, "-drive", "id=d0"]) == "-drive: missing key 'file'"
     assert error(["-kernel", KERNEL, "-incoming", "resume=on"]) == "-incoming: missing key 'uri'"
     doc = {"boot-source": {"kernel_image_path": KERNEL}, "drive": [{"drive_id": "d0", "zz": 1, "aa": 2}]}
     assert error(["-config", write_json(tmp_path, doc)]) == \
-        ("drive[0]: unknown key 'zz'; accepted: direct, drive_id, io_engine, path_on_host, read_only, "
-         "serial_num")
+        ("drive[0]: unknown key 'zz'; accepted: direct, drive_id, io_engine, path_on_host, rate_limiter, "
+         "read_only, serial_num")
     doc = {"boot-source": {"kernel_image_path": KERNEL}, "drive": [{"drive_id": "d0"}]}
     assert error(["-config", write_json(tmp_path, doc)]) == "drive[0]: missing key 'path_on_host'"
     # Required keys are sets without an order: the first missing one in sorted order.

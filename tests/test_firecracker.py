@@ -250,9 +250,13 @@ def test_api_errors_and_phases(probe: Path, tmp_path: Path, vms: list[Vm]) -> No
     assert "vCPU number is invalid" in fc.fault("PUT", "/machine-config", {"vcpu_count": 33,
                                                                            "mem_size_mib": 128})
     assert "huge pages" in fc.fault("PATCH", "/machine-config", {"huge_pages": "2M"})
-    limiter = {"bandwidth": {"size": 1, "refill_time": 1}}
-    assert "rate limiters" in fc.fault("PUT", "/drives/d", {"drive_id": "d", "path_on_host": "/x",
-                                                            "is_root_device": False, "rate_limiter": limiter})
+    limiter = {"bandwidth": {"size": -1, "refill_time": 1}}
+    assert "invalid value: integer `-1`, expected u64" in fc.fault(
+        "PUT", "/drives/d", {"drive_id": "d", "path_on_host": "/x", "is_root_device": False,
+                             "rate_limiter": limiter})
+    assert "unknown field `iops`" in fc.fault(
+        "PUT", "/drives/d", {"drive_id": "d", "path_on_host": "/x", "is_root_device": False,
+                             "rate_limiter": {"iops": {"size": 1, "refill_time": 1}}})
     assert fc.fault("PUT", "/drives/a", {"drive_id": "b", "path_on_host": "/x", "is_root_device": False}) == \
         "The id from the path does not match the id from the body!"
     assert "alphanumeric" in fc.fault("PUT", "/drives/a-b", {"drive_id": "a-b", "path_on_host": "/x",
@@ -309,11 +313,17 @@ def test_snapshot_create_and_load(probe: Path, disk: Path, tmp_path: Path, vms: 
     """Pause, snapshot/create, and snapshot/load in a fresh process with resume_vm: the guest's
     counter carries on and its disk still reads."""
     fc = Firecracker(vms, tmp_path / "one.sock")
+    bandwidth = {"size": 64 << 20, "one_time_burst": None, "refill_time": 100}
+    ops = {"size": 10000, "one_time_burst": 100, "refill_time": 1000}
     fc.ok("PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(disk), "is_root_device": True,
-                                  "partuuid": "0eb5a0a3-01", "io_engine": "Async"})
+                                  "partuuid": "0eb5a0a3-01", "io_engine": "Async",
+                                  "rate_limiter": {"bandwidth": bandwidth}})
     start(fc, probe, "snapshot", vcpus=2, mem=256)
+    # A limiter changed at runtime (its other bucket kept), and the snapshot keeps both.
+    fc.ok("PATCH", "/drives/data", {"drive_id": "data", "rate_limiter": {"ops": ops}})
     configured = fc.ok("GET", "/vm/config")
     assert isinstance(configured, dict)
+    assert configured["drives"][0]["rate_limiter"] == {"bandwidth": bandwidth, "ops": ops}
     fc.vm.wait_line("probe: snap ready blk=1")
     fc.vm.type("blk")
     crc = fc.vm.line("probe: snap blk read=ok")
@@ -386,7 +396,7 @@ def test_patch_drive_swaps_the_image(probe: Path, disk: Path, tmp_path: Path, vm
     missing = str(tmp_path / "none")
     assert "no such file" in fc.fault("PATCH", "/drives/data", {"drive_id": "data",
                                                                 "path_on_host": missing}).lower()
-    assert "no disk named 'nope'" in fc.fault("PATCH", "/drives/nope", {"drive_id": "nope",
+    assert "there is no drive nope" in fc.fault("PATCH", "/drives/nope", {"drive_id": "nope",
                                                                         "path_on_host": str(other)})
     fc.vm.type("blk")
     assert fc.vm.line("probe: snap blk read=ok") == first      # a failed swap changed nothing

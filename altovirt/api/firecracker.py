@@ -10,6 +10,7 @@ points.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Callable
@@ -18,18 +19,20 @@ from typing import Any, cast
 from .. import FIRECRACKER_API_VERSION, __version__
 from ..config.firecracker import (
     DESERIALIZE,
+    DRIVE_ERROR,
     UNSUPPORTED,
     FirecrackerConfig,
     FirecrackerError,
     LoggerConfig,
     fields,
     not_supported,
+    rate_limiter_patch,
 )
-from ..config.model import MigrationUri
+from ..config.model import MigrationUri, RateLimiterConfig
 from ..errors import AltoVirtError
 from ..snapshot import format as snapfile
 from ..vmm import snapshot
-from ..vmm.actions import ChangeImage, CtrlAltDel, Migrate, Pause, QueryMigration, Resume
+from ..vmm.actions import ChangeImage, CtrlAltDel, Migrate, Pause, QueryMigration, Resume, SetRateLimiter
 from ..vmm.hotplug import HotplugError
 from ..vmm.instance import Instance, Launch
 from ..vmm.lifecycle import RunState
@@ -233,14 +236,20 @@ class FirecrackerApi:
         drive_id = found.id
         if d["drive_id"] != drive_id:
             raise FirecrackerError("The id from the path does not match the id from the body!")
-        if d.get("rate_limiter"):
-            raise not_supported("I/O rate limiters (rate_limiter)")
+        patch = rate_limiter_patch("rate_limiter", d["rate_limiter"]) if "rate_limiter" in d else None
         machine = self.instance.running()
+        drive = self.instance.config.drives.get(drive_id)
+        if drive is None:
+            raise FirecrackerError(f"{DRIVE_ERROR}Unable to patch the block device: there is no drive "
+                                   f"{drive_id}. Please verify the request arguments.")
         if "path_on_host" in d:
             try:
                 machine.request(ChangeImage(drive_id, d["path_on_host"]))
             except HotplugError as e:
-                raise FirecrackerError(f"Drive config error: {e}") from e
+                raise FirecrackerError(f"{DRIVE_ERROR}{e}") from e
+        if patch:
+            settings = dataclasses.replace(drive.drive.rate_limiter or RateLimiterConfig(), **patch)
+            machine.request(SetRateLimiter(drive_id, "rate_limiter", settings))
         return Response(204)
 
     def _patch_net(self, request: Request, found: Route) -> Response:
@@ -250,11 +259,16 @@ class FirecrackerApi:
         if n["iface_id"] != iface_id:
             raise FirecrackerError(f"The id from the path [{iface_id}] does not match the id from the body "
                                    f"[{n['iface_id']}]!")
-        if n.get("rx_rate_limiter") or n.get("tx_rate_limiter"):
-            raise not_supported("I/O rate limiters (rx_rate_limiter, tx_rate_limiter)")
-        self.instance.running()
-        if iface_id not in self.instance.config.nets:
+        patches = {key: rate_limiter_patch(key, n[key]) for key in ("rx_rate_limiter", "tx_rate_limiter")
+                   if key in n}
+        machine = self.instance.running()
+        net = self.instance.config.nets.get(iface_id)
+        if net is None:
             raise FirecrackerError(f"Invalid interface ID - not found: {iface_id}.")
+        for key, patch in patches.items():
+            if patch:
+                settings = dataclasses.replace(getattr(net, key) or RateLimiterConfig(), **patch)
+                machine.request(SetRateLimiter(iface_id, key, settings))
         return Response(204)
 
     def _create_snapshot(self, body: object) -> Response:

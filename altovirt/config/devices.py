@@ -25,7 +25,9 @@ from .model import (
     DriveConfig,
     FsConfig,
     NetConfig,
+    RateLimiterConfig,
     RngConfig,
+    TokenBucketConfig,
     VmConfig,
     VsockConfig,
 )
@@ -106,7 +108,8 @@ class Devices:
     # --- collecting, option by option ---
     def drive(self, v: str) -> None:
         kv = split_kv("-drive", v, flags=frozenset({"readonly", "direct"}))
-        check_keys("-drive", kv, {"id", "file"}, {"readonly", "direct", "serial", "if", "format", "aio"})
+        check_keys("-drive", kv, {"id", "file"},
+                   {"readonly", "direct", "serial", "if", "format", "aio", "throttling.iops-total"})
         where = f"-drive id={kv['id']}"
         check_id("-drive id", kv["id"])
         if not kv["file"]:
@@ -299,9 +302,15 @@ class Devices:
 
 def _drive_config(name: str, d: dict[str, str], serial: str | None) -> DriveConfig:
     where = f"-drive id={d['id']}"
+    limiter = None
+    if "throttling.iops-total" in d:
+        # StratoVirt 2.x's limit of requests per second, as a bucket of that many refilled each second.
+        iops = parse_int(f"{where} throttling.iops-total", d["throttling.iops-total"], 1, 1 << 32)
+        limiter = RateLimiterConfig(ops=TokenBucketConfig(iops, 1000))
     return DriveConfig(id=name, path=d["file"],
                        read_only=parse_bool(f"{where} readonly", d.get("readonly", "off")),
-                       direct=parse_bool(f"{where} direct", d.get("direct", "on")), serial=serial or None)
+                       direct=parse_bool(f"{where} direct", d.get("direct", "on")), serial=serial or None,
+                       rate_limiter=limiter)
 
 
 def _console(cfg: VmConfig, where: str, console_id: str, path: str) -> None:

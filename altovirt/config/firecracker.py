@@ -3,9 +3,9 @@
 The shapes and rules are those of Firecracker's OpenAPI description
 (``src/firecracker/swagger/firecracker.yaml``): unknown keys are refused,
 ``null`` stands for an absent optional value, resource ids hold letters,
-digits and ``_``. What AltoVirt does not have (rate limiters, MTU, SMT, CPU
-templates, huge pages, MMDS, balloon, pmem, memory hot-plug, a serial
-output file) is refused with a message that says so, never ignored.
+digits and ``_``. What AltoVirt does not have (MTU, SMT, CPU templates, huge pages, MMDS,
+balloon, pmem, memory hot-plug, a serial output file) is refused with a
+message that says so, never ignored.
 :class:`FirecrackerConfig` collects a VM's settings before it starts and
 turns them into a :class:`VmConfig`.
 """
@@ -33,7 +33,9 @@ from .model import (
     DriveConfig,
     MiB,
     NetConfig,
+    RateLimiterConfig,
     RngConfig,
+    TokenBucketConfig,
     VmConfig,
     VsockConfig,
 )
@@ -137,13 +139,39 @@ def check_fc_id(where: str, value: str) -> str:
     return value
 
 
-def _no_rate_limiter(where: str, value: object) -> None:
-    """A rate limiter: absent, null or without buckets, since AltoVirt has none."""
-    if value is None:
-        return
+def rate_limiter_patch(where: str, value: object) -> dict[str, TokenBucketConfig | None]:
+    """A rate limiter's body (firecracker.yaml's RateLimiter): the buckets it names, each
+    None where its size or refill_time is 0 (Firecracker turns that bucket off)."""
     limiter = fields(where, value, {}, {"bandwidth": dict, "ops": dict})
-    if limiter:
-        raise not_supported(f"I/O rate limiters ({where})")
+    patch: dict[str, TokenBucketConfig | None] = {}
+    for kind, bucket in limiter.items():
+        # TokenBucket takes unknown keys (serde's default for it, unlike RateLimiter).
+        known = {k: v for k, v in bucket.items() if k in ("size", "refill_time", "one_time_burst")}
+        b = fields(f"{where}.{kind}", known, {"size": int, "refill_time": int}, {"one_time_burst": int})
+        for key, number in b.items():
+            if isinstance(number, bool) or not 0 <= number < 1 << 64:
+                raise FirecrackerError(f"{DESERIALIZE}: invalid value: integer `{number}`, expected u64 "
+                                       f"({where}.{kind}.{key}).")
+        patch[kind] = TokenBucketConfig(b["size"], b["refill_time"], b.get("one_time_burst", 0)) \
+            if b["size"] and b["refill_time"] else None
+    return patch
+
+
+def rate_limiter(where: str, value: object) -> RateLimiterConfig | None:
+    """A rate limiter's body as configured at a PUT; None for none (absent, null, no buckets)."""
+    if value is None:
+        return None
+    cfg = RateLimiterConfig(**rate_limiter_patch(where, value))
+    return cfg if cfg.bandwidth or cfg.ops else None
+
+
+def export_rate_limiter(cfg: RateLimiterConfig | None) -> dict[str, Any] | None:
+    """GET /vm/config's form of a rate limiter (null for none, as Firecracker's)."""
+    if cfg is None or not (cfg.bandwidth or cfg.ops):
+        return None
+    return {kind: None if b is None else {"size": b.size, "one_time_burst": b.one_time_burst or None,
+                                          "refill_time": b.refill_time}
+            for kind, b in (("bandwidth", cfg.bandwidth), ("ops", cfg.ops))}
 
 
 @dataclass
@@ -190,7 +218,7 @@ class FirecrackerConfig:
     drives: dict[str, FcDrive] = field(default_factory=dict)
     nets: dict[str, NetConfig] = field(default_factory=dict)
     vsock: VsockConfig | None = None
-    entropy: bool = False
+    entropy: RngConfig | None = None
     logger: LoggerConfig | None = None
     metrics: MetricsConfig | None = None
 
@@ -244,7 +272,7 @@ class FirecrackerConfig:
         if d.get("io_engine", "Sync") not in IO_ENGINES:
             raise FirecrackerError(f"{DESERIALIZE}: unknown io_engine {d['io_engine']!r}, expected `Sync` or "
                                    "`Async`.")
-        _no_rate_limiter("rate_limiter", d.get("rate_limiter"))
+        limiter = rate_limiter("rate_limiter", d.get("rate_limiter"))
         if d["is_root_device"] and any(x.is_root_device for k, x in self.drives.items() if k != drive_id):
             raise FirecrackerError(f"{DRIVE_ERROR}A root block device already exists!")
         if drive_id not in self.drives and len(self.drives) >= MAX_DRIVES:
@@ -256,7 +284,7 @@ class FirecrackerConfig:
                f"manipulating the backing file: {{}} {path}")
         self.drives[drive_id] = FcDrive(
             DriveConfig(drive_id, path, read_only=d.get("is_read_only", False), direct=False,
-                        io_engine=d.get("io_engine", "Sync")),
+                        io_engine=d.get("io_engine", "Sync"), rate_limiter=limiter),
             d["is_root_device"], d.get("partuuid"), d.get("cache_type", "Unsafe"))
 
     def put_network_interface(self, path_id: str, body: object) -> None:
@@ -268,8 +296,8 @@ class FirecrackerConfig:
                                    f"[{iface_id}]!")
         if "mtu" in n:
             raise not_supported("MTU advertisement (VIRTIO_NET_F_MTU)")
-        _no_rate_limiter("rx_rate_limiter", n.get("rx_rate_limiter"))
-        _no_rate_limiter("tx_rate_limiter", n.get("tx_rate_limiter"))
+        rx = rate_limiter("rx_rate_limiter", n.get("rx_rate_limiter"))
+        tx = rate_limiter("tx_rate_limiter", n.get("tx_rate_limiter"))
         tap = check_tap("host_dev_name", n["host_dev_name"])
         mac = check_mac("guest_mac", n["guest_mac"]) if "guest_mac" in n else None
         for other_id, other in self.nets.items():
@@ -290,7 +318,7 @@ class FirecrackerConfig:
                                    f"Error while creating ifreq structure: {why}. Invalid TUN/TAP "
                                    f"Backend provided by {tap}. Create it first (ip tuntap add dev {tap} "
                                    "mode tap).") from e
-        self.nets[iface_id] = NetConfig(iface_id, tap, mac)
+        self.nets[iface_id] = NetConfig(iface_id, tap, mac, rx_rate_limiter=rx, tx_rate_limiter=tx)
 
     def put_vsock(self, body: object) -> None:
         v = fields("vsock", body, {"guest_cid": int, "uds_path": str}, {"vsock_id": str})
@@ -303,8 +331,7 @@ class FirecrackerConfig:
 
     def put_entropy(self, body: object) -> None:
         e = fields("entropy", body, {}, {"rate_limiter": dict})
-        _no_rate_limiter("rate_limiter", e.get("rate_limiter"))
-        self.entropy = True
+        self.entropy = RngConfig("entropy", rate_limiter=rate_limiter("rate_limiter", e.get("rate_limiter")))
 
     def put_logger(self, body: object) -> LoggerConfig:
         lg = fields("logger", body, {}, {"log_path": str, "level": str, "show_level": bool,
@@ -342,7 +369,7 @@ class FirecrackerConfig:
             first.is_root_device, first.partuuid = True, root.group(2)
         self.nets = {n.id: n for n in cfg.nets}
         self.vsock = cfg.vsock
-        self.entropy = cfg.rng is not None
+        self.entropy = cfg.rng
 
     # --- whole documents ---
     def load_document(self, doc: object) -> None:
@@ -380,12 +407,15 @@ class FirecrackerConfig:
                                "track_dirty_pages": self.track_dirty_pages, "huge_pages": "None"},
             "drives": [{"drive_id": k, "partuuid": d.partuuid, "is_root_device": d.is_root_device,
                         "cache_type": d.cache_type, "is_read_only": d.drive.read_only,
-                        "path_on_host": d.drive.path, "rate_limiter": None, "io_engine": d.drive.io_engine,
+                        "path_on_host": d.drive.path, "io_engine": d.drive.io_engine,
+                        "rate_limiter": export_rate_limiter(d.drive.rate_limiter),
                         "socket": None} for k, d in self.drives.items()],
             "network-interfaces": [{"iface_id": k, "host_dev_name": n.tap, "guest_mac": n.mac,
-                                    "rx_rate_limiter": None, "tx_rate_limiter": None}
+                                    "rx_rate_limiter": export_rate_limiter(n.rx_rate_limiter),
+                                    "tx_rate_limiter": export_rate_limiter(n.tx_rate_limiter)}
                                    for k, n in self.nets.items()],
-            "balloon": None, "vsock": None, "entropy": {"rate_limiter": None} if self.entropy else None,
+            "balloon": None, "vsock": None, "entropy": None if self.entropy is None else
+            {"rate_limiter": export_rate_limiter(self.entropy.rate_limiter)},
             "logger": None, "metrics": None, "mmds-config": None,
         }
         if self.kernel is not None:
@@ -414,7 +444,7 @@ class FirecrackerConfig:
         return VmConfig(kernel=self.kernel, cmdline=cmdline, initrd=self.initrd, name=name,
                         vcpus=self.vcpu_count, mem_size=self.mem_size_mib * MiB,
                         drives=[d.drive for d in drives], nets=list(self.nets.values()), vsock=self.vsock,
-                        rng=RngConfig("entropy") if self.entropy else None, serial_stdio=True)
+                        rng=self.entropy, serial_stdio=True)
 
 
 # Firecracker's default kernel command line (src/vmm/src/vmm_config/boot_source.rs).

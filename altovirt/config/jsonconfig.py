@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .firecracker import export_rate_limiter, rate_limiter
 from .keys import check_keys
 from .model import (
     IO_ENGINES,
@@ -19,6 +20,7 @@ from .model import (
     DriveConfig,
     IncomingConfig,
     NetConfig,
+    RateLimiterConfig,
     RngConfig,
     VmConfig,
     VsockConfig,
@@ -121,22 +123,26 @@ def from_dict(doc: Any) -> VmConfig:
             cfg.acpi = parse_acpi(f"{w}.acpi", _bool(f"{w}.acpi", mc["acpi"]))
     for i, d in enumerate(_list("drive", top.get("drive", []))):
         w = f"drive[{i}]"
-        d = _obj(w, d, {"drive_id", "path_on_host"}, {"direct", "read_only", "serial_num", "io_engine"})
+        d = _obj(w, d, {"drive_id", "path_on_host"},
+                 {"direct", "read_only", "serial_num", "io_engine", "rate_limiter"})
         cfg.drives.append(DriveConfig(
             id=check_id(f"{w}.drive_id", _str(f"{w}.drive_id", d["drive_id"])),
             path=_str(f"{w}.path_on_host", d["path_on_host"]),
             read_only=_bool(f"{w}.read_only", d.get("read_only", False)),
             direct=_bool(f"{w}.direct", d.get("direct", True)),
             serial=_str(f"{w}.serial_num", d["serial_num"]) if "serial_num" in d else None,
-            io_engine=_engine(f"{w}.io_engine", d.get("io_engine", "Sync"))))
+            io_engine=_engine(f"{w}.io_engine", d.get("io_engine", "Sync")),
+            rate_limiter=rate_limiter(f"{w}.rate_limiter", d.get("rate_limiter"))))
     for i, n in enumerate(_list("net", top.get("net", []))):
         w = f"net[{i}]"
-        n = _obj(w, n, {"iface_id", "host_dev_name"}, {"mac", "vhost"})
+        n = _obj(w, n, {"iface_id", "host_dev_name"}, {"mac", "vhost", "rx_rate_limiter", "tx_rate_limiter"})
         cfg.nets.append(NetConfig(
             id=check_id(f"{w}.iface_id", _str(f"{w}.iface_id", n["iface_id"])),
             tap=check_tap(f"{w}.host_dev_name", _str(f"{w}.host_dev_name", n["host_dev_name"])),
             mac=check_mac(f"{w}.mac", _str(f"{w}.mac", n["mac"])) if "mac" in n else None,
-            vhost=_bool(f"{w}.vhost", n.get("vhost", False))))
+            vhost=_bool(f"{w}.vhost", n.get("vhost", False)),
+            rx_rate_limiter=rate_limiter(f"{w}.rx_rate_limiter", n.get("rx_rate_limiter")),
+            tx_rate_limiter=rate_limiter(f"{w}.tx_rate_limiter", n.get("tx_rate_limiter"))))
     if "console" in top:
         c = _obj("console", top["console"], {"console_id", "socket_path"}, set())
         console_id = _str("console.console_id", c["console_id"])
@@ -151,11 +157,12 @@ def from_dict(doc: Any) -> VmConfig:
                                 _int("vsock.guest_cid", v["guest_cid"], VSOCK_MIN_CID, VSOCK_MAX_CID),
                                 _str("vsock.uds_path", v["uds_path"]) if "uds_path" in v else None)
     if "rng" in top:
-        r = _obj("rng", top["rng"], {"rng_id"}, {"max_bytes", "period_ms"})
+        r = _obj("rng", top["rng"], {"rng_id"}, {"max_bytes", "period_ms", "rate_limiter"})
         cfg.rng = RngConfig(
             check_id("rng.rng_id", _str("rng.rng_id", r["rng_id"])),
             _int("rng.max_bytes", r["max_bytes"], 1, 1 << 31) if "max_bytes" in r else None,
-            _int("rng.period_ms", r.get("period_ms", 1000), 1, 3_600_000))
+            _int("rng.period_ms", r.get("period_ms", 1000), 1, 3_600_000),
+            rate_limiter("rng.rate_limiter", r.get("rate_limiter")))
     if "xenstore" in top:
         x = _obj("xenstore", top["xenstore"], {"socket_path"}, {"domid"})
         cfg.xenstore = _str("xenstore.socket_path", x["socket_path"])
@@ -181,9 +188,12 @@ def to_dict(cfg: VmConfig) -> dict[str, Any]:
                            "omit_vm_memory": cfg.omit_vm_memory, "acpi": cfg.acpi},
         "drive": [{"drive_id": d.id, "path_on_host": d.path, "read_only": d.read_only, "direct": d.direct,
                    **({"serial_num": d.serial} if d.serial else {}),
-                   **({"io_engine": d.io_engine} if d.io_engine != "Sync" else {})} for d in cfg.drives],
+                   **({"io_engine": d.io_engine} if d.io_engine != "Sync" else {}),
+                   **_limiters(rate_limiter=d.rate_limiter)} for d in cfg.drives],
         "net": [{"iface_id": n.id, "host_dev_name": n.tap, "vhost": n.vhost,
-                 **({"mac": n.mac} if n.mac else {})} for n in cfg.nets],
+                 **({"mac": n.mac} if n.mac else {}),
+                 **_limiters(rx_rate_limiter=n.rx_rate_limiter, tx_rate_limiter=n.tx_rate_limiter)}
+                for n in cfg.nets],
         "serial": {"stdio": cfg.serial_stdio},
     }
     if cfg.kernel:
@@ -196,7 +206,13 @@ def to_dict(cfg: VmConfig) -> dict[str, Any]:
                         **({"uds_path": cfg.vsock.uds_path} if cfg.vsock.uds_path else {})}
     if cfg.rng:
         doc["rng"] = {"rng_id": cfg.rng.id, "period_ms": cfg.rng.period_ms,
-                      **({"max_bytes": cfg.rng.max_bytes} if cfg.rng.max_bytes is not None else {})}
+                      **({"max_bytes": cfg.rng.max_bytes} if cfg.rng.max_bytes is not None else {}),
+                      **_limiters(rate_limiter=cfg.rng.rate_limiter)}
     if cfg.xenstore:
         doc["xenstore"] = {"socket_path": cfg.xenstore, "domid": cfg.xen_domid}
     return doc
+
+
+def _limiters(**limiters: RateLimiterConfig | None) -> dict[str, Any]:
+    """The rate limiters set, in Firecracker's form (its RateLimiter object)."""
+    return {key: export_rate_limiter(cfg) for key, cfg in limiters.items() if cfg is not None}

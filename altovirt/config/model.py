@@ -33,6 +33,25 @@ class ConfigError(AltoVirtError, ValueError):
 IO_ENGINES = ("Sync", "Async")    # Firecracker's names for a drive's I/O engine
 
 
+@dataclass(frozen=True)
+class TokenBucketConfig:
+    """Firecracker's token bucket (src/vmm/src/rate_limiter): ``size`` tokens (bytes or
+    operations), refilled from empty to full in ``refill_time`` ms, and ``one_time_burst``
+    tokens more at the start that are never refilled."""
+
+    size: int
+    refill_time: int
+    one_time_burst: int = 0
+
+
+@dataclass(frozen=True)
+class RateLimiterConfig:
+    """A device's rate limiter: a bucket of bytes, one of operations, or both."""
+
+    bandwidth: TokenBucketConfig | None = None
+    ops: TokenBucketConfig | None = None
+
+
 @dataclass
 class DriveConfig:
     id: str
@@ -41,6 +60,7 @@ class DriveConfig:
     direct: bool = True
     serial: str | None = None
     io_engine: str = "Sync"     # Firecracker's: Sync (the worker pool) or Async
+    rate_limiter: RateLimiterConfig | None = None
 
 
 @dataclass
@@ -51,6 +71,8 @@ class NetConfig:
     vhost: bool = False         # the host kernel serves the queues (vhost-net)
     fd: int | None = None       # a tap the caller opened and passed, by descriptor number
     vhost_fd: int | None = None     # /dev/vhost-net, opened and passed by the caller
+    rx_rate_limiter: RateLimiterConfig | None = None    # frames to the guest
+    tx_rate_limiter: RateLimiterConfig | None = None    # frames from the guest
 
 
 @dataclass
@@ -85,6 +107,7 @@ class RngConfig:
     id: str
     max_bytes: int | None = None    # at most this many bytes per period (QEMU's max-bytes)
     period_ms: int = 1000
+    rate_limiter: RateLimiterConfig | None = None       # Firecracker's, for its entropy device
 
 
 @dataclass(frozen=True)

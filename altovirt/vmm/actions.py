@@ -23,7 +23,7 @@ from .lifecycle import RunState
 if TYPE_CHECKING:
     import socket
 
-    from ..config.model import IncomingConfig, MigrationUri
+    from ..config.model import IncomingConfig, MigrationUri, RateLimiterConfig
     from .persist import VmState
 
 
@@ -103,6 +103,16 @@ class ChangeImage(NamedTuple):
     path: str
 
 
+class SetRateLimiter(NamedTuple):
+    """Give device ``device``'s rate limiter ``limiter`` new settings (Firecracker's PATCH of
+    a drive or NIC): ``limiter`` names it, "rate_limiter" (a disk's, the entropy device's),
+    "rx_rate_limiter" or "tx_rate_limiter" (a NIC's)."""
+
+    device: str
+    limiter: str
+    settings: RateLimiterConfig
+
+
 # --- migration (QMP migrate ...; Firecracker's snapshot/create) ---
 class Migrate(NamedTuple):
     """Start sending the VM to ``uri``; ``on_done`` hears when it has ended, either way."""
@@ -155,8 +165,8 @@ class LoadState(NamedTuple):
 
 
 Action = (Pause | Resume | Reset | Powerdown | CtrlAltDel | QueryVcpus | AddBlockdev | DelBlockdev
-          | AddNetdev | DelNetdev | AddDisk | AddNic | DelDevice | ChangeImage | Migrate | Incoming
-          | CancelMigration | SetMigrationParameters | QueryMigration | QueryMigrationParameters
+          | AddNetdev | DelNetdev | AddDisk | AddNic | DelDevice | ChangeImage | SetRateLimiter | Migrate
+          | Incoming | CancelMigration | SetMigrationParameters | QueryMigration | QueryMigrationParameters
           | SaveState | StopForMigration | EndMigration | LoadState)
 
 

@@ -7,10 +7,13 @@ raises the asker's error (StateError, HotplugError, MigrationError, ...).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, assert_never
 
 from ..backends.tap import Tap
+from ..config.model import DriveConfig, NetConfig, RateLimiterConfig, RngConfig
+from ..devices.rate_limiter import RateLimiter
 from . import power
 from .actions import (
     Action,
@@ -37,6 +40,7 @@ from .actions import (
     Resume,
     SaveState,
     SetMigrationParameters,
+    SetRateLimiter,
     StopForMigration,
 )
 from .hotplug import Hotplug, HotplugError
@@ -81,6 +85,8 @@ def handle(m: Machine, action: Action) -> object:
             for saved in m.cfg.drives:      # the configuration a snapshot keeps names it too
                 if saved.id == drive:
                     saved.path = path
+        case SetRateLimiter(device, limiter, settings):
+            _set_rate_limiter(m, device, limiter, settings)
         case Migrate(uri, on_done):
             _migration(m).migrate(uri, on_done)
         case Incoming(config):
@@ -120,6 +126,22 @@ def _migration(m: Machine) -> Migrations:
     if m.migration is None:
         raise StateError("this VM cannot migrate (it has no QMP channel, API or -incoming)")
     return m.migration
+
+
+def _set_rate_limiter(m: Machine, name: str, which: str, settings: RateLimiterConfig) -> None:
+    """The device's limiter takes the settings on the I/O thread, which its work runs on; the
+    configuration a snapshot keeps takes them too."""
+    device = next((t.device for t in m.devices.transports if t.device.name == name), None)
+    limiter = getattr(device, which, None)
+    if not isinstance(limiter, RateLimiter):
+        raise HotplugError(f"no device {name!r} with a {which}")
+    m.io.call_later(0, functools.partial(limiter.update, settings))
+    entries: list[DriveConfig | NetConfig | RngConfig] = [*m.cfg.drives, *m.cfg.nets]
+    if m.cfg.rng is not None:
+        entries.append(m.cfg.rng)
+    for entry in entries:
+        if entry.id == name:
+            setattr(entry, which, settings)
 
 
 def _tap_opener(ifname: str | None, fd: int | None) -> Callable[[], Tap]:

@@ -118,7 +118,7 @@ class Hotplug:
                 image = BlockFile(path, read_only=old.image.read_only, direct=old.image.direct)
             except BackendError as e:
                 raise HotplugError(e.strerror or str(e)) from e
-            self._plug(self.disks[index], Block(name, image, self._pool, old.serial))
+            self._plug(self.disks[index], Block(name, image, self._pool, old.serial, old.rate_limiter.cfg))
             self.backends.blockdevs[name] = image
             old.image.close()
         log.info("disk %s: now backed by %s", name, path)

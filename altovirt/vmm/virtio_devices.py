@@ -74,7 +74,7 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
             where = f"-drive id={d.id}"
             # A VM that waits for a migration takes its images' locks once the source lets go.
             image = BlockFile(d.path, read_only=d.read_only, direct=d.direct, lock=cfg.incoming is None)
-            devices.disks.append(Block(d.id, image, pool, (d.serial or "").encode()))
+            devices.disks.append(Block(d.id, image, pool, (d.serial or "").encode(), d.rate_limiter))
         for n in cfg.nets:
             where = f"-netdev id={n.id}"
             devices.nets.append(_nic(n, io))
@@ -98,7 +98,7 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
             dev.close()
         raise DeviceError(f"{where}: {e.strerror}") from e
     if cfg.rng is not None:
-        devices.others.append(Rng(cfg.rng.id, cfg.rng.max_bytes, cfg.rng.period_ms))
+        devices.others.append(Rng(cfg.rng.id, cfg.rng.max_bytes, cfg.rng.period_ms, cfg.rng.rate_limiter))
     if hotplug:
         devices.disks += [empty_disk(i, pool) for i in range(len(devices.disks), MAX_DRIVES)]
         devices.nets += [empty_nic(i, io) for i in range(len(devices.nets), MAX_NICS)]
@@ -108,7 +108,7 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
 def _nic(n: NetConfig, io: EventLoop) -> Net:
     tap = Tap.from_fd(n.fd) if n.fd is not None else Tap(n.tap)
     if not n.vhost:
-        return Net(n.id, tap, n.mac or random_mac(), io)
+        return Net(n.id, tap, n.mac or random_mac(), io, n.rx_rate_limiter, n.tx_rate_limiter)
     from ..backends.vhost import Vhost  # only for a VM that uses it
     from ..devices.virtio.vhost_net import VhostNet
     try:

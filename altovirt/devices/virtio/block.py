@@ -22,10 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...backends.blockfile import SECTOR_SIZE, BlockFile
+from ...config.model import RateLimiterConfig
 from ...errors import AltoVirtError
+from ...eventloop import EventLoop
 from ...memory import GuestMemory, IoVec
-from .device import COMMON_FEATURES, VIRTIO_ID_BLOCK, DeviceBusyError, VirtioDevice
-from .queue import DescriptorChain, QueueError
+from ..rate_limiter import RateLimiter
+from .device import COMMON_FEATURES, VIRTIO_ID_BLOCK, DeviceBusyError, Interrupt, VirtioDevice
+from .queue import DescriptorChain, Queue, QueueError
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +127,14 @@ class Block(VirtioDevice):
     queue_sizes = (QUEUE_SIZE,)
 
     def __init__(self, name: str, image: BlockFile | None, pool: WorkerPool,
-                 serial: bytes = b"") -> None:
+                 serial: bytes = b"", rate_limiter: RateLimiterConfig | None = None) -> None:
         """``image`` None is an empty hot-plug slot: a disk of no sectors, every I/O an IOERR.
-        ``serial``: what VIRTIO_BLK_T_GET_ID answers, cut to its 20 bytes."""
+        ``serial``: what VIRTIO_BLK_T_GET_ID answers, cut to its 20 bytes. ``rate_limiter``:
+        each request takes an operation and its data's bytes (Firecracker's rule)."""
         super().__init__(name)
         self.image = image
         self.serial = serial[:VIRTIO_BLK_ID_BYTES]
+        self.rate_limiter = RateLimiter(rate_limiter, self._unthrottled)
         self._pool = pool
         self._used_lock = threading.Lock()
         self._idle = threading.Condition()
@@ -155,15 +160,25 @@ class Block(VirtioDevice):
     def read_only(self) -> bool:
         return self.image is not None and self.image.read_only
 
+    def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
+                 io: EventLoop) -> None:
+        super().activate(mem, queues, interrupt, io)
+        self.rate_limiter.attach(io)
+
     def queue_notify(self, index: int) -> None:
         """Validate what the driver posted (I/O thread); hand the I/O to the workers,
-        so that this thread is free to take the driver's next notification at once."""
+        so that this thread is free to take the driver's next notification at once. A
+        request the rate limiter holds back goes back to the ring, for its timer."""
         requests = []
         assert self.active is not None
-        mem = self.active.mem
+        mem, queue, limiter = self.active.mem, self.active.queues[0], self.rate_limiter
         try:
-            for chain in self.chains(self.active.queues[0]):
-                requests.append(_parse(chain, mem))
+            for chain in self.chains(queue):
+                request = _parse(chain, mem)
+                if limiter.active and not limiter.consume(_data_bytes(request)):
+                    queue.undo_pop()
+                    break
+                requests.append(request)
         except QueueError as e:
             self.fail(str(e))
         if not requests:
@@ -227,9 +242,14 @@ class Block(VirtioDevice):
         except DeviceBusyError as e:
             raise SaveError(str(e)) from e
 
+    def _unthrottled(self) -> None:
+        if self.active is not None and not self.broken:
+            self.queue_notify(0)
+
     def reset(self) -> None:
         """Requests already handed out finish first (4.2.2.1: reset waits for them)."""
         self._wait_idle()
+        self.rate_limiter.reset()
         super().reset()
 
     def _execute(self, r: Request) -> int:
@@ -293,6 +313,13 @@ class Block(VirtioDevice):
         self._wait_idle()
         if self.image is not None:
             self.image.close()
+
+
+def _data_bytes(r: Request) -> int:
+    """The bytes a request moves, for the rate limiter: a read's or a write's data, else 0."""
+    if r.kind == VIRTIO_BLK_T_IN:
+        return r.data_in.total
+    return r.data_out.total if r.kind == VIRTIO_BLK_T_OUT else 0
 
 
 def _parse(chain: DescriptorChain, mem: GuestMemory) -> Request:

@@ -26,10 +26,12 @@ import threading
 from collections import deque
 
 from ...backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_SIZE, Tap
+from ...config.model import RateLimiterConfig
 from ...eventloop import EventLoop
 from ...memory import GuestMemory
+from ..rate_limiter import RateLimiter
 from .device import COMMON_FEATURES, VIRTIO_ID_NET, Interrupt, VirtioDevice
-from .queue import DescriptorChain, Queue, QueueError, write_at
+from .queue import DescriptorChain, Queue, QueueError, read_at, write_at
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +90,20 @@ class Net(VirtioDevice):
     device_id = VIRTIO_ID_NET
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, name: str, tap: Tap | None, mac: str, io: EventLoop) -> None:
-        """``tap`` None is an empty hot-plug slot: the link is down and frames sent are dropped."""
+    def __init__(self, name: str, tap: Tap | None, mac: str, io: EventLoop,
+                 rx_rate_limiter: RateLimiterConfig | None = None,
+                 tx_rate_limiter: RateLimiterConfig | None = None) -> None:
+        """``tap`` None is an empty hot-plug slot: the link is down and frames sent are dropped.
+        The rate limiters take an operation and the frame's bytes for each frame received
+        (``rx``) or sent (``tx``), as Firecracker's."""
         super().__init__(name)
         self.tap = tap
         self.mac = mac
         self.io = io
+        self.rx_rate_limiter = RateLimiter(rx_rate_limiter, self._rx_unthrottled)
+        self.tx_rate_limiter = RateLimiter(tx_rate_limiter, self._tx_unthrottled)
+        self.rx_rate_limiter.attach(io)
+        self.tx_rate_limiter.attach(io)
         status = VIRTIO_NET_S_LINK_UP if tap else 0
         self.config = bytearray(_CONFIG.pack(parse_mac(mac), status, 1, 0))
         self._lock = threading.Lock()
@@ -141,8 +151,18 @@ class Net(VirtioDevice):
     def reset(self) -> None:
         with self._lock:
             super().reset()
+            self.rx_rate_limiter.reset()
+            self.tx_rate_limiter.reset()
             self._release_held()
             self._watch_tap()
+
+    def _rx_unthrottled(self) -> None:
+        self._tap_readable()
+
+    def _tx_unthrottled(self) -> None:
+        with self._lock:
+            if self.active is not None and not self.broken:
+                self._transmit()
 
     def prepare_save(self) -> None:
         """The receive buffers held are given back: they are the last ones taken, untouched.
@@ -165,8 +185,9 @@ class Net(VirtioDevice):
         """Read the tap only while the guest has receive buffers (it paces reception)."""
         if self.tap is None:
             return
-        want = self.active is not None and not self.broken and self._rx_deferred is None and (
-            bool(self._rx_held) or self.active.queues[RXQ].has_available())
+        want = self.active is not None and not self.broken and self._rx_deferred is None \
+            and not self.rx_rate_limiter.blocked \
+            and (bool(self._rx_held) or self.active.queues[RXQ].has_available())
         if want == self._reading and self._registered:
             return
         self._reading = want
@@ -198,6 +219,10 @@ class Net(VirtioDevice):
             for chain in self.chains(queue):
                 if chain.readable_count != len(chain.lengths):
                     self.fail("transmit chain with device-writable buffers")
+                    break
+                if self.tx_rate_limiter.active and not self.tx_rate_limiter.consume(sum(chain.lengths)):
+                    queue.undo_pop()        # sent when the limiter's timer says so
+                    stalled = True
                     break
                 try:
                     if self.tap is not None:    # no tap: the cable is out, the frame is lost
@@ -251,7 +276,7 @@ class Net(VirtioDevice):
                         held.append((chain, len(chain.lengths), size))
                         views += chain.views
                         self._rx_room += size
-                if not held:
+                if not held or self.rx_rate_limiter.blocked:
                     break
                 frame = self._rx_deferred
                 n = 0
@@ -274,8 +299,13 @@ class Net(VirtioDevice):
                         log.debug("%s: a frame of %d bytes is larger than the whole receive "
                                   "queue (%d bytes); dropped", self.name, len(frame), self._rx_room)
                         continue
-                    write_at(views, 0, frame)
                     n = len(frame)
+                if self.rx_rate_limiter.active and not self.rx_rate_limiter.consume(n):
+                    # Not the guest's yet: the frame waits, aside, for the limiter's timer.
+                    self._rx_deferred = frame if frame is not None else read_at(views, n)
+                    break
+                if frame is not None:
+                    write_at(views, 0, frame)
                 self._use_held(queue, n)
                 delivered = True
         except QueueError as e:

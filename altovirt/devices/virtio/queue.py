@@ -129,6 +129,16 @@ def write_at(views: list[memoryview], offset: int, data: bytes) -> None:
             offset -= len(v)
 
 
+def read_at(views: list[memoryview], length: int) -> bytes:
+    """The first ``length`` bytes of a buffer split across ``views``."""
+    out = bytearray()
+    for v in views:
+        out += v[:length - len(out)]
+        if len(out) == length:
+            break
+    return bytes(out)
+
+
 def views_from(views: list[memoryview], offset: int) -> list[memoryview]:
     """The part of a split buffer that starts at ``offset``."""
     out = []

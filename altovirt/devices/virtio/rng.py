@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import time
 
+from ...config.model import RateLimiterConfig
 from ...eventloop import EventLoop
 from ...memory import GuestMemory
+from ..rate_limiter import RateLimiter
 from .device import VIRTIO_ID_RNG, Interrupt, VirtioDevice
 from .queue import Queue
 
@@ -22,8 +24,12 @@ class Rng(VirtioDevice):
     device_id = VIRTIO_ID_RNG
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, name: str, max_bytes: int | None = None, period_ms: int = 1000) -> None:
+    def __init__(self, name: str, max_bytes: int | None = None, period_ms: int = 1000,
+                 rate_limiter: RateLimiterConfig | None = None) -> None:
+        """``rate_limiter``: Firecracker's, each request taking an operation and its buffer's
+        bytes (besides, or instead of, QEMU's ``max_bytes`` per period)."""
         super().__init__(name)
+        self.rate_limiter = RateLimiter(rate_limiter, self._next_period)
         self.max_bytes = max_bytes
         self.period = period_ms / 1000
         self._window_start = 0.0
@@ -35,6 +41,7 @@ class Rng(VirtioDevice):
                  io: EventLoop) -> None:
         super().activate(mem, queues, interrupt, io)
         self._io = io
+        self.rate_limiter.attach(io)
 
     def _allowance(self, want: int) -> int:
         if self.max_bytes is None:
@@ -63,6 +70,9 @@ class Rng(VirtioDevice):
                 self.fail("request without a device-writable buffer (5.4.6.1)")
                 return
             room = chain.writable_len
+            if self.rate_limiter.active and not self.rate_limiter.consume(room):
+                queue.undo_pop()
+                break
             give = self._allowance(room)
             if not give:
                 queue.undo_pop()
@@ -82,4 +92,5 @@ class Rng(VirtioDevice):
 
     def reset(self) -> None:
         self._waiting = False
+        self.rate_limiter.reset()
         super().reset()
