@@ -12,7 +12,7 @@ import pytest
 from altovirt.config import ConfigError, load_config
 from altovirt.config.cmdline import parse
 from altovirt.config.keys import KeyProblem, Problem, check_keys, find_key_problem
-from altovirt.config.model import MiB
+from altovirt.config.model import MiB, RateLimiterConfig, TokenBucketConfig
 
 from .conftest import ROOT, altovirt_cmd
 
@@ -90,6 +90,10 @@ def usage_error(*args: str) -> str:
     (["-kernel", KERNEL, "-machine", "microvm,pic=off"],
      "-machine: unknown key 'pic'; accepted: accel, acpi, dump-guest-core, mem-share, type"),
     (["-config", "/nonexistent.json"], "-config: /nonexistent.json: no such file"),
+    (["-kernel", KERNEL, "-drive", f"id=d0,file={KERNEL},throttling.iops-total=0"],
+     "-drive id=d0 throttling.iops-total: 0 is out of range"),
+    (["-kernel", KERNEL, "-drive", f"id=d0,file={KERNEL},throttling.iops-total=lots"],
+     "-drive id=d0 throttling.iops-total: invalid integer 'lots'"),
 ])
 def test_usage_errors(args: list[str], expected: str) -> None:
     assert expected in usage_error(*args)
@@ -235,6 +239,13 @@ def test_comma_escape_in_values(tmp_path: Path) -> None:
     img.write_bytes(b"x")
     cfg = parse(["-kernel", KERNEL, "-drive", f"id=d0,file={tmp_path}/a,,b.img"])
     assert cfg.drives[0].path == str(img)
+
+
+def test_stratovirts_iops_throttling() -> None:
+    """-drive ...,throttling.iops-total=N (StratoVirt 2.x): N requests a second, as a bucket of N
+    operations refilled each second."""
+    cfg = parse(["-kernel", KERNEL, "-drive", f"id=d0,file={KERNEL},throttling.iops-total=200"])
+    assert cfg.drives[0].rate_limiter == RateLimiterConfig(ops=TokenBucketConfig(200, 1000))
 
 
 def test_help_and_version_exit_zero() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -172,3 +173,25 @@ class Netns:
     def close(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
+
+# --- altovirt-firecracker, driven with curl as Firecracker's users drive it ---
+FIRECRACKER = [sys.executable, "-m", "altovirt.firecracker"]
+
+
+def curl(sock: Path, method: str, path: str, body: object = None) -> object:
+    """One request with curl; its JSON answer (None for 204). AssertionError unless 2xx."""
+    cmd = ["curl", "-sS", "-X", method, "--unix-socket", str(sock), "-w", "\n%{http_code}"]
+    if body is not None:
+        cmd += ["--data", json.dumps(body)]
+    done = subprocess.run([*cmd, f"http://localhost{path}"], capture_output=True, text=True, timeout=120)
+    text, _, code = done.stdout.rpartition("\n")
+    assert code in ("200", "204"), f"{method} {path}: {code} {text} {done.stderr}"
+    return json.loads(text) if text else None
+
+
+def wait_socket(g: guest.LinuxGuest, sock: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not sock.exists():
+        if time.monotonic() > deadline or g.proc.poll() is not None:
+            raise g.fail("the VMM did not open its API socket")
+        time.sleep(0.05)

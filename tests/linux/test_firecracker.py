@@ -5,41 +5,18 @@ socket, where the same shell carries on. One boot (about 90 s in the nested test
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from ..testbed import debian, guest
-from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns
+from .conftest import FIRECRACKER, GUEST_IP, HOST_IP, PREFIX, Netns, curl, wait_socket
 
 BOOT_TIMEOUT = 400
 pytestmark = pytest.mark.timeout(900)
-FIRECRACKER = [sys.executable, "-m", "altovirt.firecracker"]
 HOST_MAC = "02:00:00:a1:70:02"
-
-
-def curl(sock: Path, method: str, path: str, body: object = None) -> object:
-    """One request with curl; its JSON answer (None for 204). AssertionError unless 2xx."""
-    cmd = ["curl", "-sS", "-X", method, "--unix-socket", str(sock), "-w", "\n%{http_code}"]
-    if body is not None:
-        cmd += ["--data", json.dumps(body)]
-    done = subprocess.run([*cmd, f"http://localhost{path}"], capture_output=True, text=True, timeout=120)
-    text, _, code = done.stdout.rpartition("\n")
-    assert code in ("200", "204"), f"{method} {path}: {code} {text} {done.stderr}"
-    return json.loads(text) if text else None
-
-
-def wait_socket(g: guest.LinuxGuest, sock: Path) -> None:
-    deadline = time.monotonic() + 120
-    while not sock.exists():
-        if time.monotonic() > deadline or g.proc.poll() is not None:
-            raise g.fail("the VMM did not open its API socket")
-        time.sleep(0.05)
 
 
 def vsock_to_host(g: guest.LinuxGuest, uds_path: Path, port: int) -> None:

@@ -1,0 +1,122 @@
+"""Firecracker's rate limiters under Debian's kernel, set through altovirt-firecracker's API
+with curl: a disk's bandwidth with its one-time burst, its operations per second after a
+PATCH, both directions of a NIC (TCP, changed at runtime) and the entropy device. Each rate
+is timed in the guest (/proc/uptime) and must be within 10 % of the limit. One boot."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ..testbed import debian, guest
+from .conftest import FIRECRACKER, GUEST_IP, HOST_IP, PREFIX, Netns, curl, wait_socket
+
+BOOT_TIMEOUT = 400
+pytestmark = pytest.mark.timeout(900)
+MiB = 1 << 20
+TOLERANCE = 0.10
+
+
+def timed(g: guest.LinuxGuest, *commands: str) -> list[float]:
+    """Run ``commands`` one after the other in one shell line (no round trip between them);
+    the seconds each took, by the guest's clock."""
+    script = "; ".join(f"{{ {c}; }} > /dev/null 2>&1; cut -d' ' -f1 /proc/uptime" for c in commands)
+    stamps = [float(x) for x in g.check(f"cut -d' ' -f1 /proc/uptime; {script}", timeout=300).split()]
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def within(measured: float, limit: float, what: str) -> None:
+    assert abs(measured - limit) <= TOLERANCE * limit, \
+        f"{what}: {measured:.3g} against a limit of {limit:.3g}"
+
+
+def bucket(size: int, refill_ms: int = 1000, burst: int | None = None) -> dict[str, int | None]:
+    return {"size": size, "one_time_burst": burst, "refill_time": refill_ms}
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="SKIPPED LOUDLY: curl (Debian's curl) is missing")
+def test_rates_under_linux(kernel: debian.Kernel, initrd: Path, tmp_path: Path,
+                           record_property: Callable[[str, object], None]) -> None:
+    d = tmp_path
+    disk = d / "data.img"
+    with open(disk, "wb") as f:
+        f.truncate(128 * MiB)
+    ns = Netns("tap0")
+    ns.address("tap0", f"{HOST_IP}/{PREFIX}")
+    sock = d / "api.sock"
+    g = guest.LinuxGuest([*ns.prefix, *FIRECRACKER, "--api-sock", str(sock),
+                          "--log-path", str(d / "vmm.log")], log_path=d / "serial.log")
+    try:
+        wait_socket(g, sock)
+        curl(sock, "PUT", "/boot-source", {"kernel_image_path": str(kernel.vmlinuz),
+                                           "initrd_path": str(initrd),
+                                           "boot_args": f"{guest.APPEND} guest.ip={GUEST_IP}/{PREFIX}"})
+        curl(sock, "PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 512})
+        # 4 MiB/s with 8 MiB of one-time burst: 12 MiB at once (the burst and the full bucket).
+        curl(sock, "PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(disk),
+                                           "is_root_device": False,
+                                           "rate_limiter": {"bandwidth": bucket(4 * MiB, burst=8 * MiB)}})
+        tx_limit = {"bandwidth": bucket(MiB // 2, 250)}
+        curl(sock, "PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": "tap0",
+                                                       "tx_rate_limiter": tx_limit})
+        curl(sock, "PUT", "/entropy", {"rate_limiter": {"bandwidth": bucket(1024, 250)}})
+        curl(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
+        g.wait_ready(BOOT_TIMEOUT)
+
+        # The disk: the burst at once, then 24 MiB at 4 MiB/s.
+        burst, steady = timed(g, "dd if=/dev/vda of=/dev/null bs=1M count=12 iflag=direct",
+                              "dd if=/dev/vda of=/dev/null bs=1M count=24 skip=12 iflag=direct")
+        record_property("disk_burst_s", round(burst, 2))
+        record_property("disk_mib_s", round(24 / steady, 2))
+        assert burst < 1.0, f"12 MiB took {burst:.2f} s: the burst was not given"
+        within(24 / steady, 4, "disk MiB/s")
+
+        # Operations per second instead, changed at runtime: 50 a second. Each bucket below holds
+        # what its rate gives in 200 to 250 ms, so that the limiter's 100 ms wait never finds it
+        # full; it starts full, and what it holds then is not counted in the rate.
+        curl(sock, "PATCH", "/drives/data", {"drive_id": "data", "rate_limiter": {
+            "bandwidth": bucket(0, 0), "ops": bucket(10, 200)}})
+        config = curl(sock, "GET", "/vm/config")
+        assert isinstance(config, dict)
+        assert config["drives"][0]["rate_limiter"] == {"bandwidth": None, "ops": bucket(10, 200)}
+        (ops,) = timed(g, "dd if=/dev/vda of=/dev/null bs=4k count=210 iflag=direct")
+        record_property("disk_iops", round(200 / ops))
+        within(200 / ops, 50, "disk IOPS")
+
+        # The NIC, guest to host at 2 MiB/s.
+        sink = ns.receiver(5001, 12 * MiB)
+        (tx,) = timed(g, f"tcp send {HOST_IP} 5001 {12 * MiB}")
+        assert sink.communicate(timeout=60)[0].split()[0] == str(12 * MiB)
+        record_property("tx_mib_s", round(11.5 / tx, 2))
+        within(11.5 / tx, 2, "guest to host MiB/s")
+
+        # Host to guest, limited at runtime to 1 MiB/s.
+        rx_limit = {"bandwidth": bucket(MiB // 4, 250)}
+        curl(sock, "PATCH", "/network-interfaces/eth0", {"iface_id": "eth0", "rx_rate_limiter": rx_limit})
+        sender = subprocess.Popen([*ns.prefix, "socat", "-u", f"OPEN:/dev/zero,readbytes={6 * MiB}",
+                                   f"TCP:{GUEST_IP}:5002,retry=1000,interval=0.02"])
+        try:
+            (rx,) = timed(g, "tcp recv 5002 > /tmp/received")
+            assert sender.wait(timeout=60) == 0
+        finally:
+            sender.kill()
+        assert g.check("cat /tmp/received").strip() == str(6 * MiB)
+        record_property("rx_mib_s", round(5.75 / rx, 2))
+        within(5.75 / rx, 1, "host to guest MiB/s")
+
+        # The entropy device at 4 KiB/s, the kernel's own reader (hwrng's fill thread) stopped.
+        g.check("echo 0 > /sys/class/misc/hw_random/rng_quality; sleep 1")
+        (rng,) = timed(g, "dd if=/dev/hwrng of=/dev/null bs=4096 count=4 iflag=fullblock")
+        record_property("rng_bytes_s", round((4 * 4096 - 1024) / rng))
+        within((4 * 4096 - 1024) / rng, 4096, "entropy bytes/s")
+        assert g.poweroff(120) == 0
+    except subprocess.TimeoutExpired as e:
+        raise g.fail(f"timed out: {e}") from e
+    finally:
+        g.close()
+        ns.close()
