@@ -49,18 +49,19 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "--boot-timer": (None, "log the guest's boot-timer writes as time since InstanceStart"),
     "--no-seccomp": (None, "run without seccomp filters (not recommended)"),
     "--http-api-max-payload-size": ("BYTES", "the largest request body (default 51200)"),
-    "--mmds-size-limit": ("BYTES", "accepted; AltoVirt has no MMDS"),
+    "--metadata": ("FILE", "a JSON document for MMDS to hold from the start"),
+    "--mmds-size-limit": ("BYTES", "the MMDS document's largest size (default: the largest request body)"),
     "--start-time-us": ("US", "accepted (the jailer's timing hint)"),
     "--start-time-cpu-us": ("US", "accepted (the jailer's timing hint)"),
     "--parent-cpu-time-us": ("US", "accepted (the jailer's timing hint)"),
     "--enable-pci": (None, "accepted: the devices are virtio-mmio (AltoVirt has no PCI yet; logged)"),
     "--qmp": ("PATH", "serve QMP on this unix socket too (AltoVirt's)"),
+    "--xenstore": ("PATH", "serve the VM's XenStore here too (AltoVirt's; MMDS's document is in it)"),
     "--version": (None, "print the version and exit"),
     "--help": (None, "print this help and exit"),
 }
 # Firecracker's flags for what AltoVirt does not have: refused, saying so.
 UNSUPPORTED_FLAGS = {"--seccomp-filter": "custom seccomp filters (AltoVirt's are built in; see --no-seccomp)",
-                     "--metadata": "MMDS (the metadata service)",
                      "--describe-snapshot": "Firecracker's snapshot format (AltoVirt writes its own)",
                      "--snapshot-version": "Firecracker's snapshot format (AltoVirt writes its own)"}
 DEFAULT_API_SOCK = "/run/firecracker.socket"
@@ -84,8 +85,12 @@ class Options:
         self.seccomp = "--no-seccomp" not in values
         self.max_payload = _count("--http-api-max-payload-size",
                                   values.get("--http-api-max-payload-size") or "51200")
+        self.metadata = values.get("--metadata")
+        self.mmds_size_limit = _count("--mmds-size-limit", values.get("--mmds-size-limit")
+                                      or str(self.max_payload))
         self.enable_pci = "--enable-pci" in values
         self.qmp = values.get("--qmp")
+        self.xenstore = values.get("--xenstore")
         self.version = "--version" in values
         self.help = "--help" in values
 

@@ -66,8 +66,11 @@ class Flags(Protocol):
     boot_timer: bool
     seccomp: bool
     max_payload: int
+    metadata: str | None
+    mmds_size_limit: int
     enable_pci: bool
     qmp: str | None
+    xenstore: str | None
 
 
 def setup_logging(instance_id: str, cfg: LoggerConfig) -> None:
@@ -140,6 +143,8 @@ class Process:
         cfg.vcpu_thread_name = VCPU_THREAD_NAME
         if self.opts.qmp:
             cfg.api_channel = f"unix:{self.opts.qmp}"
+        if self.opts.xenstore:
+            cfg.xenstore = self.opts.xenstore
         launched_at = time.monotonic()
 
         def built(machine: Machine) -> None:
@@ -184,6 +189,21 @@ def _from_file(instance: Instance, path: str) -> VmConfig:
         raise UsageError(f"--config-file: {path}: {e}") from e
 
 
+def _metadata(instance: Instance, path: str) -> None:
+    """MMDS's first document, from ``--metadata`` (UsageError naming what is wrong)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise UsageError(f"--metadata: {path}: {e.strerror}") from e
+    except (ValueError, RecursionError) as e:
+        raise UsageError(f"--metadata: {path}: not valid JSON ({e})") from e
+    try:
+        instance.config.put_mmds(data)
+    except AltoVirtError as e:
+        raise UsageError(f"--metadata: {path}: {e}") from e
+
+
 def serve(opts: Flags, sock: socket.socket | None) -> int:
     """Run the process whose API socket (if any) ``sock`` already listens; the exit status.
     What stops it early is logged and raised for the caller to say: AltoVirtError (bad
@@ -201,6 +221,9 @@ def serve(opts: Flags, sock: socket.socket | None) -> int:
             log.warning("--enable-pci: AltoVirt has no PCI yet; the devices are on virtio-mmio")
         if opts.metrics_path:
             process.metrics.open(instance.config.put_metrics({"metrics_path": opts.metrics_path}))
+        instance.config.mmds_size_limit = opts.mmds_size_limit
+        if opts.metadata:
+            _metadata(instance, opts.metadata)
         first = Launch(_from_file(instance, opts.config_file)) if opts.config_file else None
         if opts.seccomp:
             # Every filter read (or compiled) now, before the API answers: none on the way to the guest.

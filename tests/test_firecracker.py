@@ -159,7 +159,8 @@ def test_config_file_vm_that_cannot_be_built(probe: Path, tmp_path: Path) -> Non
     (["--no-api"], "--no-api needs --config-file"),
     (["--level", "Loud"], "--level: 'Loud'; accepted: Error, Warning, Info, Debug, Trace, Off"),
     (["--id", "no/slash"], "--id: 'no/slash' may hold only letters, digits and '-'"),
-    (["--metadata", "m.json"], "--metadata: AltoVirt does not support MMDS"),
+    (["--metadata", "m.json"], "--metadata: m.json: No such file or directory"),
+    (["--mmds-size-limit", "0"], "--mmds-size-limit: '0' is not a positive number"),
     (["--bogus"], "unknown argument '--bogus'; run with --help for the flags"),
     (["--log-path"], "--log-path needs a value (PATH)"),
     (["--boot-timer=1"], "--boot-timer takes no value"),
@@ -263,7 +264,8 @@ def test_api_errors_and_phases(probe: Path, tmp_path: Path, vms: list[Vm]) -> No
                                                              "is_root_device": False})
     assert "does not support the balloon device" in fc.fault("PUT", "/balloon", {"amount_mib": 1,
                                                                                  "deflate_on_oom": False})
-    assert "MMDS" in fc.fault("PUT", "/mmds", {"a": 1})
+    assert fc.ok("GET", "/mmds") == {}
+    assert fc.fault("PATCH", "/mmds", {"a": 1}) == "MMDS error: The MMDS data store is not initialized."
     assert "not supported before starting" in fc.fault("PATCH", "/vm", {"state": "Paused"})
     assert "not supported before starting" in fc.fault("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
     assert "unknown variant `Reboot`" in fc.fault("PUT", "/actions", {"action_type": "Reboot"})

@@ -24,15 +24,27 @@ from ..config.firecracker import (
     FirecrackerConfig,
     FirecrackerError,
     LoggerConfig,
+    MmdsLimitExceeded,
     fields,
     not_supported,
     rate_limiter_patch,
 )
 from ..config.model import MigrationUri, RateLimiterConfig
 from ..errors import AltoVirtError
+from ..mmds.store import LimitExceeded, StoreError
 from ..snapshot import format as snapfile
 from ..vmm import snapshot
-from ..vmm.actions import ChangeImage, CtrlAltDel, Migrate, Pause, QueryMigration, Resume, SetRateLimiter
+from ..vmm.actions import (
+    ChangeImage,
+    CtrlAltDel,
+    Migrate,
+    Pause,
+    PutMetadata,
+    QueryMetadata,
+    QueryMigration,
+    Resume,
+    SetRateLimiter,
+)
 from ..vmm.hotplug import HotplugError
 from ..vmm.instance import Instance, Launch
 from ..vmm.lifecycle import RunState
@@ -43,7 +55,7 @@ from .http import Request, Response, fault
 APP_NAME = "AltoVirt"
 VERSION = {"firecracker_version": FIRECRACKER_API_VERSION}
 # What AltoVirt does not have, by resource (a path's first segment).
-UNSUPPORTED_RESOURCES = {"mmds": UNSUPPORTED["mmds-config"], "hotplug": UNSUPPORTED["memory-hotplug"],
+UNSUPPORTED_RESOURCES = {"hotplug": UNSUPPORTED["memory-hotplug"],
                          **{k: UNSUPPORTED[k] for k in ("balloon", "cpu-config", "pmem", "serial")}}
 # Firecracker hot-plugs drives and NICs (PUT and DELETE after the start) on PCI only
 # (device_manager/mod.rs); AltoVirt's are virtio-mmio, hot-plugged through QMP (--qmp).
@@ -88,6 +100,10 @@ class FirecrackerApi:
             "patch_network_interface": self._patch_net,
             "delete_drive": self._unplug,
             "delete_network_interface": self._unplug,
+            "put_mmds_config": cfg(lambda c, b, route: c.put_mmds_config(b)),
+            "put_mmds": self._metadata,
+            "patch_mmds": self._metadata,
+            "get_mmds": self._metadata,
             "put_snapshot_create": lambda r, route: self._create_snapshot(_json(r)),
             "put_snapshot_load": lambda r, route: self._load_snapshot(_json(r)),
         }
@@ -107,6 +123,8 @@ class FirecrackerApi:
             if handler is None:
                 raise not_supported(UNSUPPORTED_RESOURCES[found.resource])
             return handler(request, found)
+        except MmdsLimitExceeded as e:
+            return fault(413, str(e))
         except AltoVirtError as e:
             return fault(400, str(e))
 
@@ -130,6 +148,25 @@ class FirecrackerApi:
                 raise FirecrackerError(PCI_NOT_ENABLED)
             return configure(request, found)
         return handler
+
+    def _metadata(self, request: Request, found: Route) -> Response:
+        """PUT, PATCH and GET /mmds: on the configuration before the start, on the running VM's
+        store after it (as Firecracker, where both hold the one store)."""
+        body = None if request.method == "GET" else _json(request)
+        patch = request.method == "PATCH"
+        if self.instance.machine is None:
+            return self.instance.configure(lambda c: _metadata_before(c, request.method, body))
+        machine = self.instance.running()
+        try:
+            if request.method == "GET":
+                data = machine.request(QueryMetadata())
+                return Response(200, data if data is not None else {})
+            machine.request(PutMetadata(body, patch))
+        except LimitExceeded as e:
+            raise MmdsLimitExceeded() from e
+        except StoreError as e:
+            raise FirecrackerError(f"MMDS error: {e}") from e
+        return Response(204)
 
     def _unplug(self, request: Request, found: Route) -> Response:
         self.instance.running()
@@ -295,3 +332,11 @@ class FirecrackerApi:
             raise FirecrackerError(f"Create snapshot error: {info.get('error-desc', info['status'])}")
         return Response(204)
 
+
+def _metadata_before(c: FirecrackerConfig, method: str, body: object) -> Response:
+    """An MMDS request before the start, on the configuration's document."""
+    if method == "GET":
+        data = c.mmds.data if c.mmds is not None else None
+        return Response(200, data if data is not None else {})
+    (c.patch_mmds if method == "PATCH" else c.put_mmds)(body)
+    return Response(204)

@@ -27,11 +27,14 @@ from .model import (
     MAX_DRIVES,
     MAX_NICS,
     MEM_MIN,
+    MMDS_ADDRESS,
+    MMDS_SIZE_LIMIT,
     VSOCK_MAX_CID,
     VSOCK_MIN_CID,
     ConfigError,
     DriveConfig,
     MiB,
+    MmdsConfig,
     NetConfig,
     RateLimiterConfig,
     RngConfig,
@@ -47,7 +50,7 @@ _FC_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 DESERIALIZE = "An error occurred when deserializing the json body of a request"
 # Sections of Firecracker's configuration that AltoVirt does not have, and how it says so.
 UNSUPPORTED = {
-    "balloon": "the balloon device", "mmds-config": "MMDS (the metadata service)",
+    "balloon": "the balloon device",
     "cpu-config": "custom CPU templates", "pmem": "virtio-pmem", "memory-hotplug": "memory hot-plug",
     "serial": "a serial output file (the serial console is the process's standard output)",
 }
@@ -57,10 +60,18 @@ class FirecrackerError(ConfigError):
     """A body or setting Firecracker's API answers with 400; the message is its fault_message."""
 
 
+class MmdsLimitExceeded(FirecrackerError):
+    """A document past the MMDS store's limit: Firecracker answers 413."""
+
+    def __init__(self) -> None:
+        super().__init__("MMDS limit exceeded error: The MMDS patch request doesn't fit.")
+
+
 # What Firecracker's VmmActionError puts before a device's errors (src/vmm/src/rpc_interface.rs).
 DRIVE_ERROR = "Drive config error: "
 NET_ERROR = "Network config error: "
 VSOCK_ERROR = "Vsock config error: "
+MMDS_CONFIG_ERROR = "MMMDS config error: "          # sic: Firecracker's own spelling
 
 
 def os_error(e: OSError) -> str:
@@ -221,6 +232,8 @@ class FirecrackerConfig:
     entropy: RngConfig | None = None
     logger: LoggerConfig | None = None
     metrics: MetricsConfig | None = None
+    mmds: MmdsConfig | None = None
+    mmds_size_limit: int = MMDS_SIZE_LIMIT          # --mmds-size-limit
 
     # --- the API's bodies ---
     def put_boot_source(self, body: object) -> None:
@@ -353,9 +366,61 @@ class FirecrackerConfig:
         self.metrics = MetricsConfig(mt["metrics_path"], mt.get("emit_id", False), props)
         return self.metrics
 
+    def put_mmds_config(self, body: object) -> None:
+        from ..mmds.stack import link_local  # only for a VM with MMDS (start-up)
+        from ..mmds.store import VERSIONS
+        m = fields("mmds-config", body, {"network_interfaces": list},
+                   {"version": str, "ipv4_address": str, "imds_compat": bool})
+        if m.get("version", "V1") not in VERSIONS:
+            raise FirecrackerError(f"{DESERIALIZE}: unknown variant `{m['version']}`, expected `V1` or `V2`.")
+        address = m.get("ipv4_address", MMDS_ADDRESS)
+        try:
+            valid = link_local(address)
+        except ValueError as e:
+            raise FirecrackerError(f"{DESERIALIZE}: invalid IPv4 address syntax.") from e
+        if not valid:
+            raise FirecrackerError(f"{MMDS_CONFIG_ERROR}The MMDS IPv4 address is not link local.")
+        nics = m["network_interfaces"]
+        if not all(isinstance(n, str) for n in nics):
+            raise FirecrackerError(f"{DESERIALIZE}: mmds-config.network_interfaces must be an array of "
+                                   "strings.")
+        if not nics:
+            raise FirecrackerError(f"{MMDS_CONFIG_ERROR}The list of network interface IDs that allow "
+                                   "forwarding MMDS requests is empty.")
+        if not all(n in self.nets for n in nics):
+            raise FirecrackerError(f"{MMDS_CONFIG_ERROR}The list of network interface IDs provided contains "
+                                   "at least one ID that does not correspond to any existing network "
+                                   "interface.")
+        data = self.mmds.data if self.mmds is not None else None
+        self.mmds = MmdsConfig(list(nics), m.get("version", "V1"), address, m.get("imds_compat", False),
+                               self.mmds_size_limit, data)
+
+    def _mmds_store(self) -> MmdsConfig:
+        if self.mmds is None:
+            self.mmds = MmdsConfig(size_limit=self.mmds_size_limit)
+        return self.mmds
+
+    def put_mmds(self, data: object) -> None:
+        """PUT /mmds before the start (MmdsLimitExceeded past the store's limit)."""
+        from ..mmds.store import dumps
+        mmds = self._mmds_store()
+        if len(dumps(data).encode()) > mmds.size_limit:
+            raise MmdsLimitExceeded()
+        mmds.data = data
+
+    def patch_mmds(self, patch: object) -> None:
+        from ..mmds.store import dumps, merge_patch
+        if self.mmds is None or self.mmds.data is None:
+            raise FirecrackerError("MMDS error: The MMDS data store is not initialized.")
+        merged = merge_patch(self.mmds.data, patch)
+        if len(dumps(merged).encode()) > self.mmds.size_limit:
+            raise MmdsLimitExceeded()
+        self.mmds.data = merged
+
     def is_fresh(self) -> bool:
-        """Nothing but the logger and metrics is configured (what snapshot/load requires)."""
-        return dataclasses.replace(self, logger=None, metrics=None) == FirecrackerConfig()
+        """Nothing but the logger, metrics and MMDS is configured (what snapshot/load requires)."""
+        return dataclasses.replace(self, logger=None, metrics=None, mmds=None,
+                                   mmds_size_limit=MMDS_SIZE_LIMIT) == FirecrackerConfig()
 
     def restored_from(self, cfg: VmConfig) -> None:
         """Take the machine and devices of a VM loaded from a snapshot (for GET /vm/config)."""
@@ -370,20 +435,22 @@ class FirecrackerConfig:
         self.nets = {n.id: n for n in cfg.nets}
         self.vsock = cfg.vsock
         self.entropy = cfg.rng
+        self.mmds = cfg.mmds
 
     # --- whole documents ---
     def load_document(self, doc: object) -> None:
         """Firecracker's ``--config-file`` document."""
         if not isinstance(doc, dict):
             raise FirecrackerError("the configuration file must hold a JSON object")
-        for key, value in doc.items():
+        # MMDS's section names NICs: it goes after theirs, wherever it is in the document.
+        for key, value in sorted(doc.items(), key=lambda item: item[0] == "mmds-config"):
             if value is None:
                 continue
             if key in UNSUPPORTED:
                 raise not_supported(UNSUPPORTED[key])
             put = {"boot-source": self.put_boot_source, "machine-config": self.put_machine_config,
                    "vsock": self.put_vsock, "entropy": self.put_entropy, "logger": self.put_logger,
-                   "metrics": self.put_metrics}.get(key)
+                   "metrics": self.put_metrics, "mmds-config": self.put_mmds_config}.get(key)
             if put is not None:
                 put(value)
             elif key in ("drives", "network-interfaces"):
@@ -397,7 +464,8 @@ class FirecrackerConfig:
                     (self.put_drive if key == "drives" else self.put_network_interface)(ident, item)
             else:
                 accepted = ", ".join(sorted({"boot-source", "machine-config", "drives", "network-interfaces",
-                                             "vsock", "entropy", "logger", "metrics", *UNSUPPORTED}))
+                                             "vsock", "entropy", "logger", "metrics", "mmds-config",
+                                             *UNSUPPORTED}))
                 raise FirecrackerError(f"unknown configuration section {key!r}; accepted: {accepted}")
 
     def export(self) -> dict[str, Any]:
@@ -418,6 +486,10 @@ class FirecrackerConfig:
             {"rate_limiter": export_rate_limiter(self.entropy.rate_limiter)},
             "logger": None, "metrics": None, "mmds-config": None,
         }
+        if self.mmds is not None and self.mmds.network_interfaces:
+            m = self.mmds
+            out["mmds-config"] = {"version": m.version, "network_interfaces": m.network_interfaces,
+                                  "ipv4_address": m.ipv4_address, "imds_compat": m.imds_compat}
         if self.kernel is not None:
             out["boot-source"] = {"kernel_image_path": self.kernel, "boot_args": self.boot_args,
                                   "initrd_path": self.initrd}
@@ -444,7 +516,7 @@ class FirecrackerConfig:
         return VmConfig(kernel=self.kernel, cmdline=cmdline, initrd=self.initrd, name=name,
                         vcpus=self.vcpu_count, mem_size=self.mem_size_mib * MiB,
                         drives=[d.drive for d in drives], nets=list(self.nets.values()), vsock=self.vsock,
-                        rng=self.entropy, serial_stdio=True)
+                        rng=self.entropy, mmds=self.mmds, serial_stdio=True)
 
 
 # Firecracker's default kernel command line (src/vmm/src/vmm_config/boot_source.rs).

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .firecracker import export_rate_limiter, rate_limiter
 from .keys import check_keys
 from .model import (
     IO_ENGINES,
+    MMDS_ADDRESS,
+    MMDS_SIZE_LIMIT,
     VCPUS_MAX,
     VCPUS_MIN,
     VSOCK_MAX_CID,
@@ -19,6 +20,7 @@ from .model import (
     ConsoleConfig,
     DriveConfig,
     IncomingConfig,
+    MmdsConfig,
     NetConfig,
     RateLimiterConfig,
     RngConfig,
@@ -37,7 +39,7 @@ from .validate import (
 )
 
 SECTIONS = {"boot-source", "machine-config", "drive", "net", "console", "serial", "vsock", "rng",
-            "xenstore", "incoming"}
+            "xenstore", "incoming", "mmds"}
 
 
 def _obj(where: str, value: Any, required: set[str], optional: set[str]) -> dict[str, Any]:
@@ -132,7 +134,7 @@ def from_dict(doc: Any) -> VmConfig:
             direct=_bool(f"{w}.direct", d.get("direct", True)),
             serial=_str(f"{w}.serial_num", d["serial_num"]) if "serial_num" in d else None,
             io_engine=_engine(f"{w}.io_engine", d.get("io_engine", "Sync")),
-            rate_limiter=rate_limiter(f"{w}.rate_limiter", d.get("rate_limiter"))))
+            rate_limiter=_limiter(f"{w}.rate_limiter", d.get("rate_limiter"))))
     for i, n in enumerate(_list("net", top.get("net", []))):
         w = f"net[{i}]"
         n = _obj(w, n, {"iface_id", "host_dev_name"}, {"mac", "vhost", "rx_rate_limiter", "tx_rate_limiter"})
@@ -141,8 +143,8 @@ def from_dict(doc: Any) -> VmConfig:
             tap=check_tap(f"{w}.host_dev_name", _str(f"{w}.host_dev_name", n["host_dev_name"])),
             mac=check_mac(f"{w}.mac", _str(f"{w}.mac", n["mac"])) if "mac" in n else None,
             vhost=_bool(f"{w}.vhost", n.get("vhost", False)),
-            rx_rate_limiter=rate_limiter(f"{w}.rx_rate_limiter", n.get("rx_rate_limiter")),
-            tx_rate_limiter=rate_limiter(f"{w}.tx_rate_limiter", n.get("tx_rate_limiter"))))
+            rx_rate_limiter=_limiter(f"{w}.rx_rate_limiter", n.get("rx_rate_limiter")),
+            tx_rate_limiter=_limiter(f"{w}.tx_rate_limiter", n.get("tx_rate_limiter"))))
     if "console" in top:
         c = _obj("console", top["console"], {"console_id", "socket_path"}, set())
         console_id = _str("console.console_id", c["console_id"])
@@ -162,7 +164,19 @@ def from_dict(doc: Any) -> VmConfig:
             check_id("rng.rng_id", _str("rng.rng_id", r["rng_id"])),
             _int("rng.max_bytes", r["max_bytes"], 1, 1 << 31) if "max_bytes" in r else None,
             _int("rng.period_ms", r.get("period_ms", 1000), 1, 3_600_000),
-            rate_limiter("rng.rate_limiter", r.get("rate_limiter")))
+            _limiter("rng.rate_limiter", r.get("rate_limiter")))
+    if "mmds" in top:
+        m = _obj("mmds", top["mmds"], {"network_interfaces"},
+                 {"version", "ipv4_address", "imds_compat", "size_limit", "data"})
+        nics = [_str("mmds.network_interfaces[]", n) for n in _list("mmds.network_interfaces",
+                                                                     m["network_interfaces"])]
+        if m.get("version", "V1") not in ("V1", "V2"):
+            raise ConfigError("mmds.version: expected V1 or V2")
+        address = _str("mmds.ipv4_address", m.get("ipv4_address", MMDS_ADDRESS))
+        cfg.mmds = MmdsConfig(nics, m.get("version", "V1"), address,
+                              _bool("mmds.imds_compat", m.get("imds_compat", False)),
+                              _int("mmds.size_limit", m.get("size_limit", MMDS_SIZE_LIMIT), 1, 1 << 31),
+                              m.get("data"))
     if "xenstore" in top:
         x = _obj("xenstore", top["xenstore"], {"socket_path"}, {"domid"})
         cfg.xenstore = _str("xenstore.socket_path", x["socket_path"])
@@ -208,11 +222,28 @@ def to_dict(cfg: VmConfig) -> dict[str, Any]:
         doc["rng"] = {"rng_id": cfg.rng.id, "period_ms": cfg.rng.period_ms,
                       **({"max_bytes": cfg.rng.max_bytes} if cfg.rng.max_bytes is not None else {}),
                       **_limiters(rate_limiter=cfg.rng.rate_limiter)}
+    if cfg.mmds:
+        m = cfg.mmds
+        doc["mmds"] = {"network_interfaces": m.network_interfaces, "version": m.version,
+                       "ipv4_address": m.ipv4_address, "imds_compat": m.imds_compat,
+                       "size_limit": m.size_limit, **({"data": m.data} if m.data is not None else {})}
     if cfg.xenstore:
         doc["xenstore"] = {"socket_path": cfg.xenstore, "domid": cfg.xen_domid}
     return doc
 
 
+def _limiter(where: str, value: Any) -> RateLimiterConfig | None:
+    """A rate limiter in Firecracker's form (its RateLimiter object), or None."""
+    if value is None:
+        return None
+    from .firecracker import rate_limiter  # only for a VM that has one (start-up)
+    return rate_limiter(where, value)
+
+
 def _limiters(**limiters: RateLimiterConfig | None) -> dict[str, Any]:
-    """The rate limiters set, in Firecracker's form (its RateLimiter object)."""
-    return {key: export_rate_limiter(cfg) for key, cfg in limiters.items() if cfg is not None}
+    """The rate limiters set, in Firecracker's form."""
+    set_ = {key: cfg for key, cfg in limiters.items() if cfg is not None}
+    if not set_:
+        return {}
+    from .firecracker import export_rate_limiter
+    return {key: export_rate_limiter(cfg) for key, cfg in set_.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import EXIT_USAGE, AltoVirtError
 
@@ -110,6 +111,24 @@ class RngConfig:
     rate_limiter: RateLimiterConfig | None = None       # Firecracker's, for its entropy device
 
 
+MMDS_ADDRESS = "169.254.169.254"       # Firecracker's default (mmds/ns.rs)
+MMDS_SIZE_LIMIT = 51200                 # bytes: the API's largest body, Firecracker's default
+
+
+@dataclass
+class MmdsConfig:
+    """The metadata service (Firecracker's MMDS): its version, the NICs the guest reaches it
+    on, at which address, and its document (None before any is put; the running VM's store
+    keeps this up to date, so a snapshot holds the document of its moment)."""
+
+    network_interfaces: list[str] = field(default_factory=list)
+    version: str = "V1"
+    ipv4_address: str = MMDS_ADDRESS
+    imds_compat: bool = False
+    size_limit: int = MMDS_SIZE_LIMIT
+    data: Any = None
+
+
 @dataclass(frozen=True)
 class MigrationUri:
     """Where a migration goes or comes from: ``file`` (a snapshot directory, or with
@@ -154,6 +173,7 @@ class VmConfig:
     console: ConsoleConfig | None = None
     vsock: VsockConfig | None = None
     rng: RngConfig | None = None
+    mmds: MmdsConfig | None = None
     fs: FsConfig | None = None
     serial_stdio: bool = False
     api_channel: str | None = None

@@ -113,6 +113,18 @@ class SetRateLimiter(NamedTuple):
     settings: RateLimiterConfig
 
 
+class PutMetadata(NamedTuple):
+    """Replace the metadata service's document (Firecracker's PUT /mmds), or merge ``patch``
+    into it (PATCH /mmds, RFC 7396). StoreError (mmds/store.py) if it may not."""
+
+    data: object
+    patch: bool = False
+
+
+class QueryMetadata(NamedTuple):
+    """The metadata service's document (GET /mmds)."""
+
+
 # --- migration (QMP migrate ...; Firecracker's snapshot/create) ---
 class Migrate(NamedTuple):
     """Start sending the VM to ``uri``; ``on_done`` hears when it has ended, either way."""
@@ -165,9 +177,9 @@ class LoadState(NamedTuple):
 
 
 Action = (Pause | Resume | Reset | Powerdown | CtrlAltDel | QueryVcpus | AddBlockdev | DelBlockdev
-          | AddNetdev | DelNetdev | AddDisk | AddNic | DelDevice | ChangeImage | SetRateLimiter | Migrate
-          | Incoming | CancelMigration | SetMigrationParameters | QueryMigration | QueryMigrationParameters
-          | SaveState | StopForMigration | EndMigration | LoadState)
+          | AddNetdev | DelNetdev | AddDisk | AddNic | DelDevice | ChangeImage | SetRateLimiter | PutMetadata
+          | QueryMetadata | Migrate | Incoming | CancelMigration | SetMigrationParameters | QueryMigration
+          | QueryMigrationParameters | SaveState | StopForMigration | EndMigration | LoadState)
 
 
 class Migrations(Protocol):

@@ -151,6 +151,9 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
 
         slots = devices.add_virtio_devices(functools.partial(devices_still, lifecycle, io),
                                            functools.partial(device_deleted, lifecycle))
+        if xenstore is not None and devices.mmds is not None:
+            from ..xenstore.mmds import mirror  # only a VM with both
+            mirror(xenstore, devices.mmds)
         devices.add_legacy_devices()        # before the firmware, which they describe
         boot = Boot(cfg.kernel or "", functools.partial(_boot_inputs, cfg, guest_cmdline(cfg.cmdline, slots),
                                                         devices, irqchip))

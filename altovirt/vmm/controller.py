@@ -33,6 +33,8 @@ from .actions import (
     Migrate,
     Pause,
     Powerdown,
+    PutMetadata,
+    QueryMetadata,
     QueryMigration,
     QueryMigrationParameters,
     QueryVcpus,
@@ -47,6 +49,7 @@ from .hotplug import Hotplug, HotplugError
 from .lifecycle import StateError
 
 if TYPE_CHECKING:
+    from ..mmds.store import Mmds
     from .actions import Migrations
     from .machine import Machine
 
@@ -87,6 +90,11 @@ def handle(m: Machine, action: Action) -> object:
                     saved.path = path
         case SetRateLimiter(device, limiter, settings):
             _set_rate_limiter(m, device, limiter, settings)
+        case PutMetadata(data, patch):
+            store = _mmds(m)
+            (store.patch if patch else store.put)(data)
+        case QueryMetadata():
+            return _mmds(m).value()
         case Migrate(uri, on_done):
             _migration(m).migrate(uri, on_done)
         case Incoming(config):
@@ -120,6 +128,13 @@ def _hotplug(m: Machine) -> Hotplug:
     if m.hotplug is None:
         raise HotplugError("this VM has no hot-plug slots")
     return m.hotplug
+
+
+def _mmds(m: Machine) -> Mmds:
+    if m.devices.mmds is None:
+        from ..mmds.store import NotInitialized
+        raise NotInitialized()
+    return m.devices.mmds
 
 
 def _migration(m: Machine) -> Migrations:

@@ -42,6 +42,7 @@ from .vcpu import GUEST_RESET, GUEST_SHUTDOWN, StopReason
 
 if TYPE_CHECKING:
     from ..devices.virtio.vsock import Vsock
+    from ..mmds.store import Mmds
     from ..persist import Persistent
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class DeviceManager:
         self.vmgenid: VmGenId | None = None
         self.hotplug: Hotplug | None = None
         self.vsock: Vsock | None = None
+        self.mmds: Mmds | None = None
 
     def _irqfd(self, gsi: int) -> int:
         """An eventfd that raises an edge on ``gsi`` when written (KVM_IRQFD)."""
@@ -109,6 +111,7 @@ class DeviceManager:
             self.slots.append(slot)
             log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)
         self.vsock = devices.vsock
+        self.mmds = devices.mmds
         n_disks, n_nics = len(devices.disks), len(devices.nets)
         self.hotplug = Hotplug(self.transports[:n_disks], self.transports[n_disks:n_disks + n_nics],
                                self._io, self._pool, quiet, on_deleted)

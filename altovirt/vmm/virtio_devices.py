@@ -23,7 +23,7 @@ from ..backends.blockfile import BlockFile
 from ..backends.tap import Tap
 from ..backends.unix import UnixListener
 from ..config import VmConfig
-from ..config.model import MAX_DRIVES, MAX_NICS, FsConfig, NetConfig, VsockConfig
+from ..config.model import MAX_DRIVES, MAX_NICS, FsConfig, MmdsConfig, NetConfig, VsockConfig
 from ..devices.virtio.block import Block, WorkerPool
 from ..devices.virtio.console import Console
 from ..devices.virtio.device import VirtioDevice
@@ -34,6 +34,8 @@ from ..eventloop import EventLoop
 
 if TYPE_CHECKING:
     from ..devices.virtio.vsock import Vsock
+    from ..mmds.stack import MmdsStack
+    from ..mmds.store import Mmds
 
 VIRTIO_MMIO_HID = "LNRO0005"         # what drivers/virtio/virtio_mmio.c matches in ACPI
 
@@ -51,6 +53,7 @@ class DeviceSet:
     nets: list[Net]
     others: list[VirtioDevice]
     vsock: Vsock | None = None      # the userspace vsock device, also among the others
+    mmds: Mmds | None = None        # the metadata store the NICs named in cfg.mmds answer from
 
     def in_slot_order(self) -> list[VirtioDevice]:
         """Disks first (vda, vdb...), then NICs (eth0, eth1), then the others."""
@@ -68,6 +71,8 @@ def empty_nic(slot: int, io: EventLoop, mac: str | None = None) -> Net:
 def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -> DeviceSet:
     """The configured devices, with the empty hot-plug slots if ``hotplug``."""
     devices = DeviceSet([], [], [])
+    if cfg.mmds is not None:
+        devices.mmds = _mmds(cfg.mmds)
     where = ""
     try:
         for d in cfg.drives:
@@ -77,7 +82,11 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
             devices.disks.append(Block(d.id, image, pool, (d.serial or "").encode(), d.rate_limiter))
         for n in cfg.nets:
             where = f"-netdev id={n.id}"
-            devices.nets.append(_nic(n, io))
+            stack = None
+            if devices.mmds is not None and cfg.mmds is not None and n.id in cfg.mmds.network_interfaces:
+                from ..mmds.stack import MmdsStack
+                stack = MmdsStack(devices.mmds, cfg.mmds.ipv4_address)
+            devices.nets.append(_nic(n, io, stack))
         if cfg.console is not None:
             where = f"-chardev id={cfg.console.id}"
             devices.others.append(Console(cfg.console.id, UnixListener(cfg.console.socket_path), io))
@@ -105,10 +114,21 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
     return devices
 
 
-def _nic(n: NetConfig, io: EventLoop) -> Net:
+def _mmds(cfg: MmdsConfig) -> Mmds:
+    """The metadata store, holding the configured document, which it keeps in ``cfg``."""
+    from ..mmds.store import Mmds  # only for a VM that has one (start-up)
+    store = Mmds(cfg.size_limit)
+    store.version, store.imds_compat = cfg.version, cfg.imds_compat
+    if cfg.data is not None:
+        store.put(cfg.data)
+    store.watch(lambda data: setattr(cfg, "data", data))
+    return store
+
+
+def _nic(n: NetConfig, io: EventLoop, mmds: MmdsStack | None) -> Net:
     tap = Tap.from_fd(n.fd) if n.fd is not None else Tap(n.tap)
     if not n.vhost:
-        return Net(n.id, tap, n.mac or random_mac(), io, n.rx_rate_limiter, n.tx_rate_limiter)
+        return Net(n.id, tap, n.mac or random_mac(), io, n.rx_rate_limiter, n.tx_rate_limiter, mmds)
     from ..backends.vhost import Vhost  # only for a VM that uses it
     from ..devices.virtio.vhost_net import VhostNet
     try:

@@ -24,6 +24,7 @@ import select
 import struct
 import threading
 from collections import deque
+from typing import TYPE_CHECKING
 
 from ...backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_SIZE, Tap
 from ...config.model import RateLimiterConfig
@@ -32,6 +33,9 @@ from ...memory import GuestMemory
 from ..rate_limiter import RateLimiter
 from .device import COMMON_FEATURES, VIRTIO_ID_NET, Interrupt, VirtioDevice
 from .queue import DescriptorChain, Queue, QueueError, read_at, write_at
+
+if TYPE_CHECKING:
+    from ...mmds.stack import MmdsStack
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ MAX_FRAME = 65562               # a 64 KiB GSO frame, its Ethernet header and th
 # Receive buffers taken at a time: about what a 64 KiB frame fills of the page-sized buffers
 # Linux posts under such traffic (drivers/net/virtio_net.c, get_mergeable_buf_len).
 RX_BATCH = 16
+MMDS_HEAD = 42                  # bytes of a frame that say whether it is for MMDS (mmds/stack.py)
 NUM_BUFFERS_OFFSET = 10         # in struct virtio_net_hdr_v1
 _CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
 _NUM_BUFFERS = struct.Struct("<H")
@@ -92,11 +97,13 @@ class Net(VirtioDevice):
 
     def __init__(self, name: str, tap: Tap | None, mac: str, io: EventLoop,
                  rx_rate_limiter: RateLimiterConfig | None = None,
-                 tx_rate_limiter: RateLimiterConfig | None = None) -> None:
+                 tx_rate_limiter: RateLimiterConfig | None = None, mmds: MmdsStack | None = None) -> None:
         """``tap`` None is an empty hot-plug slot: the link is down and frames sent are dropped.
         The rate limiters take an operation and the frame's bytes for each frame received
-        (``rx``) or sent (``tx``), as Firecracker's."""
+        (``rx``) or sent (``tx``), as Firecracker's. With ``mmds``, frames the guest sends to
+        the metadata service go to it, not the tap, and its answers come first to the guest."""
         super().__init__(name)
+        self.mmds = mmds
         self.tap = tap
         self.mac = mac
         self.io = io
@@ -203,8 +210,8 @@ class Net(VirtioDevice):
         with self._lock:
             if index == TXQ:
                 self._transmit()
-            elif self._rx_deferred is not None and self.active is not None and not self.broken:
-                self._receive()             # new buffers: perhaps room for the frame waiting
+            if self._frame_waiting() and self.active is not None and not self.broken:
+                self._receive()             # new buffers, or MMDS's answers
             self._watch_tap()
 
     def _transmit(self) -> None:
@@ -224,6 +231,10 @@ class Net(VirtioDevice):
                     queue.undo_pop()        # sent when the limiter's timer says so
                     stalled = True
                     break
+                if self.mmds is not None and self._to_mmds(chain.views):
+                    queue.add_used(chain, 0)
+                    sent = True
+                    continue
                 try:
                     if self.tap is not None:    # no tap: the cable is out, the frame is lost
                         os.writev(self.tap.fd, chain.views)
@@ -241,6 +252,18 @@ class Net(VirtioDevice):
             queue.notifications(False)
         if sent:
             interrupt.signal_used(queue)
+
+    def _frame_waiting(self) -> bool:
+        """A frame for the guest that is not on the tap: one read aside, or MMDS's."""
+        return self._rx_deferred is not None or (self.mmds is not None and bool(self.mmds.outgoing))
+
+    def _to_mmds(self, views: list[memoryview]) -> bool:
+        """Give the frame in ``views`` (after its virtio-net header) to MMDS if it is for it."""
+        assert self.mmds is not None
+        if not self.mmds.is_mmds_frame(read_at(views, VNET_HDR_SIZE + MMDS_HEAD)[VNET_HDR_SIZE:]):
+            return False
+        self.mmds.receive(read_at(views, sum(len(v) for v in views))[VNET_HDR_SIZE:])
+        return True
 
     def _tap_readable(self) -> None:
         with self._lock:
@@ -279,6 +302,8 @@ class Net(VirtioDevice):
                 if not held or self.rx_rate_limiter.blocked:
                     break
                 frame = self._rx_deferred
+                if frame is None and self.mmds is not None and self.mmds.outgoing:
+                    frame = bytes(VNET_HDR_SIZE) + self.mmds.outgoing.popleft()
                 n = 0
                 if frame is None:
                     try:
