@@ -39,6 +39,7 @@ MAP_FIXED = 0x10                # <sys/mman.h>: replace what is mapped at the ad
 HUGE_PAGE = 2 << 20             # x86-64's 2 MiB page
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+PAGE_MASK = PAGE_SIZE - 1
 
 # pagemap's last byte of an entry -> 1 if neither present (bit 7) nor swapped (bit 6)
 _UNTOUCHED = bytes(int(not b & 0xC0) for b in range(256))
@@ -323,6 +324,16 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
         self.mark_written(gpa, len(data))
+
+    def discard_range(self, gpa: int, length: int) -> None:
+        """Give the pages of [gpa, gpa+length) back to the host (a balloon's, or pages the guest
+        reports free): the process's memory shrinks by them, and the guest finds them zero (or,
+        mapped from a snapshot's file, as the file has them) if it uses them again.
+        GuestMemoryError unless the range is page-aligned RAM."""
+        if (gpa | length) & PAGE_MASK:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not page-aligned")
+        offset = self._pad + self._offset(gpa, length)
+        self._map.madvise(mmap.MADV_REMOVE if self.fd is not None else mmap.MADV_DONTNEED, offset, length)
 
     def discard(self) -> None:
         """Zero all of guest RAM by handing its pages back to the host (a cold reset).

@@ -165,7 +165,7 @@ def device_firmware(slots: int, acpi_on: bool = True) -> arch.FirmwareDevices:
     virtio-mmio slots, made without KVM."""
     mem = GuestMemory(layout.ram_regions(128 << 20))
     dm = DeviceManager(VmConfig(acpi=acpi_on), cast(KvmVm, NoKvm()), mem, cast(EventLoop, None),
-                       cast(WorkerPool, None), lambda reason: None)
+                       cast(WorkerPool, None), lambda reason: None, lambda event, data: None)
     try:
         dm.add_legacy_devices()
         dm.slots = [virtio_devices.slot(i) for i in range(slots)]

@@ -204,11 +204,11 @@ def test_bad_config_file(tmp_path: Path) -> None:
     config = tmp_path / "vm.json"
     (tmp_path / "vmlinux").write_bytes(b"")
     config.write_text(json.dumps({"boot-source": {"kernel_image_path": str(tmp_path / "vmlinux")},
-                                  "balloon": {"amount_mib": 10, "deflate_on_oom": False}}))
+                                  "memory-hotplug": {"total_size_mib": 1024}}))
     done = subprocess.run([*FIRECRACKER, "--no-api", "--config-file", str(config)], capture_output=True,
                           text=True, timeout=30, cwd=ROOT)
     assert done.returncode == 2
-    assert "not supported: AltoVirt does not support the balloon device" in done.stderr
+    assert "not supported: AltoVirt does not support memory hot-plug" in done.stderr
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -262,8 +262,9 @@ def test_api_errors_and_phases(probe: Path, tmp_path: Path, vms: list[Vm]) -> No
         "The id from the path does not match the id from the body!"
     assert "alphanumeric" in fc.fault("PUT", "/drives/a-b", {"drive_id": "a-b", "path_on_host": "/x",
                                                              "is_root_device": False})
-    assert "does not support the balloon device" in fc.fault("PUT", "/balloon", {"amount_mib": 1,
-                                                                                 "deflate_on_oom": False})
+    assert fc.fault("PUT", "/balloon", {"amount_mib": 129, "deflate_on_oom": False}) == \
+        "Balloon config error: Amount of pages requested is too large."
+    assert fc.fault("GET", "/balloon") == "Balloon config error: No balloon device found."
     assert fc.ok("GET", "/mmds") == {}
     assert fc.fault("PATCH", "/mmds", {"a": 1}) == "MMDS error: The MMDS data store is not initialized."
     assert "not supported before starting" in fc.fault("PATCH", "/vm", {"state": "Paused"})

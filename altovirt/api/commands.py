@@ -21,6 +21,7 @@ from ..config.keys import KeyProblem, Problem
 from ..config.validate import check_id, check_mac, check_tap
 from ..devices.legacy.vmgenid import guid_string
 from ..errors import EXIT_USAGE
+from ..memory import PAGE_SHIFT
 from ..sandbox import seccomp
 from ..vmm.actions import (
     Action,
@@ -33,9 +34,11 @@ from ..vmm.actions import (
     DelNetdev,
     Pause,
     Powerdown,
+    QueryBalloon,
     QueryVcpus,
     Reset,
     Resume,
+    SetBalloon,
 )
 from ..vmm.hotplug import HotplugError, NoSuchDevice
 from ..vmm.lifecycle import StateError
@@ -247,6 +250,24 @@ def build(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
             raise QmpError("GenericError", "VM Generation ID device not found (the VM has no ACPI)")
         return {"guid": guid_string(machine.vmgenid.id)}
 
+    def balloon_device() -> None:
+        if machine.devices.balloon is None:
+            raise QmpError("DeviceNotActive", "No balloon device has been activated")
+
+    def balloon(args: dict[str, Any]) -> object:
+        """QEMU's: the guest's memory to become ``value`` bytes (the balloon takes the rest)."""
+        balloon_device()
+        if args["value"] <= 0:
+            raise QmpError("GenericError", "Parameter 'target' expects a size")
+        size = machine.cfg.mem_size
+        return _checked(lambda: machine.request(SetBalloon((size - min(args["value"], size)) >> PAGE_SHIFT)))
+
+    def query_balloon(args: dict[str, Any]) -> object:
+        balloon_device()
+        info = _answer(lambda: machine.request(QueryBalloon()))
+        assert isinstance(info, dict)
+        return {"actual": machine.cfg.mem_size - (info["actual_pages"] << PAGE_SHIFT)}
+
     def quit_(args: dict[str, Any]) -> object:
         machine.request_stop(HOST_QMP_QUIT)      # SHUTDOWN goes out before this reply
         return {}
@@ -266,6 +287,8 @@ def build(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
         "query-name": Command(lambda a: {"name": machine.cfg.name}),
         "query-uuid": Command(lambda a: {"UUID": machine.cfg.uuid or NO_UUID}),
         "query-vm-generation-id": Command(query_vm_generation_id),
+        "balloon": Command(balloon, {"value": (int, True)}),
+        "query-balloon": Command(query_balloon),
     }
     if machine.hotplug is not None:
         table.update(hotplug_commands(machine, fds))

@@ -25,11 +25,12 @@ from ..config.firecracker import (
     FirecrackerError,
     LoggerConfig,
     MmdsLimitExceeded,
+    export_balloon,
     fields,
     not_supported,
     rate_limiter_patch,
 )
-from ..config.model import MigrationUri, RateLimiterConfig
+from ..config.model import PAGES_PER_MIB, MigrationUri, RateLimiterConfig
 from ..errors import AltoVirtError
 from ..mmds.store import LimitExceeded, StoreError
 from ..snapshot import format as snapfile
@@ -40,9 +41,12 @@ from ..vmm.actions import (
     Migrate,
     Pause,
     PutMetadata,
+    QueryBalloon,
     QueryMetadata,
     QueryMigration,
     Resume,
+    SetBalloon,
+    SetBalloonStats,
     SetRateLimiter,
 )
 from ..vmm.hotplug import HotplugError
@@ -56,7 +60,8 @@ APP_NAME = "AltoVirt"
 VERSION = {"firecracker_version": FIRECRACKER_API_VERSION}
 # What AltoVirt does not have, by resource (a path's first segment).
 UNSUPPORTED_RESOURCES = {"hotplug": UNSUPPORTED["memory-hotplug"],
-                         **{k: UNSUPPORTED[k] for k in ("balloon", "cpu-config", "pmem", "serial")}}
+                         **{k: UNSUPPORTED[k] for k in ("cpu-config", "pmem", "serial")}}
+NO_BALLOON = "Balloon config error: No balloon device found."
 # Firecracker hot-plugs drives and NICs (PUT and DELETE after the start) on PCI only
 # (device_manager/mod.rs); AltoVirt's are virtio-mmio, hot-plugged through QMP (--qmp).
 PCI_NOT_ENABLED = "PCI is not enabled"
@@ -100,6 +105,13 @@ class FirecrackerApi:
             "patch_network_interface": self._patch_net,
             "delete_drive": self._unplug,
             "delete_network_interface": self._unplug,
+            "put_balloon": cfg(lambda c, b, route: c.put_balloon(b)),
+            "get_balloon": self._get_balloon,
+            "patch_balloon": self._patch_balloon,
+            "get_balloon_statistics": self._balloon_statistics,
+            "patch_balloon_statistics": self._patch_balloon,
+            **dict.fromkeys(("get_balloon_hinting_status", "patch_balloon_hinting_start",
+                             "patch_balloon_hinting_stop"), _refuse("free page hinting")),
             "put_mmds_config": cfg(lambda c, b, route: c.put_mmds_config(b)),
             "put_mmds": self._metadata,
             "patch_mmds": self._metadata,
@@ -167,6 +179,40 @@ class FirecrackerApi:
         except StoreError as e:
             raise FirecrackerError(f"MMDS error: {e}") from e
         return Response(204)
+
+    def _get_balloon(self, request: Request, found: Route) -> Response:
+        """The balloon's settings (its target as last set), before or after the start."""
+        balloon = self.instance.config.balloon
+        if balloon is None:
+            raise FirecrackerError(NO_BALLOON)
+        return Response(200, export_balloon(balloon))
+
+    def _patch_balloon(self, request: Request, found: Route) -> Response:
+        """A running balloon's new target, or statistics polling interval."""
+        if found.operation == "patch_balloon":
+            b = fields("balloon", _json(request), {"amount_mib": int}, {})
+            action: SetBalloon | SetBalloonStats = SetBalloon(_u32(b["amount_mib"]) * PAGES_PER_MIB)
+        else:
+            b = fields("balloon statistics", _json(request), {"stats_polling_interval_s": int}, {})
+            action = SetBalloonStats(b["stats_polling_interval_s"])
+        machine = self.instance.running()
+        if self.instance.config.balloon is None:
+            raise FirecrackerError(NO_BALLOON)
+        try:
+            machine.request(action)
+        except AltoVirtError as e:
+            raise FirecrackerError(f"Balloon update error: {e}") from e
+        return Response(204)
+
+    def _balloon_statistics(self, request: Request, found: Route) -> Response:
+        machine = self.instance.running()
+        balloon = self.instance.config.balloon
+        if balloon is None:
+            raise FirecrackerError(NO_BALLOON)
+        if not balloon.stats_polling_interval_s:
+            raise FirecrackerError("Internal VMM error: Balloon: Received stats query when stats are "
+                                   "disabled.")
+        return Response(200, machine.request(QueryBalloon()))
 
     def _unplug(self, request: Request, found: Route) -> Response:
         self.instance.running()
@@ -340,3 +386,15 @@ def _metadata_before(c: FirecrackerConfig, method: str, body: object) -> Respons
         return Response(200, data if data is not None else {})
     (c.patch_mmds if method == "PATCH" else c.put_mmds)(body)
     return Response(204)
+
+
+def _u32(value: int) -> int:
+    if not 0 <= value < 1 << 32:
+        raise FirecrackerError(f"{DESERIALIZE}: invalid value: integer `{value}`, expected u32.")
+    return value
+
+
+def _refuse(what: str) -> Callable[[Request, Route], Response]:
+    def handler(request: Request, found: Route) -> Response:
+        raise not_supported(what)
+    return handler

@@ -20,6 +20,7 @@ from .keys import check_keys
 from .model import (
     VSOCK_MAX_CID,
     VSOCK_MIN_CID,
+    BalloonConfig,
     ConfigError,
     ConsoleConfig,
     DriveConfig,
@@ -273,6 +274,16 @@ class Devices:
         period = parse_int(f"{where} period", kv.get("period", "1000"), 1, 3_600_000)
         cfg.rng = RngConfig(rng_id, max_bytes, period)
 
+    def _balloon(self, cfg: VmConfig, kv: dict[str, str]) -> None:
+        """StratoVirt 2.x's virtio-balloon-device: empty at start, set with QMP's ``balloon``."""
+        where = "-device virtio-balloon-device"
+        check_keys(where, kv, {"driver"}, {"id", "deflate-on-oom", "free-page-reporting"})
+        if cfg.balloon is not None:
+            raise ConfigError(f"{where}: only one balloon is supported")
+        deflate = parse_bool(f"{where} deflate-on-oom", kv.get("deflate-on-oom", "off"))
+        reporting = parse_bool(f"{where} free-page-reporting", kv.get("free-page-reporting", "off"))
+        cfg.balloon = BalloonConfig(deflate_on_oom=deflate, free_page_reporting=reporting)
+
     def _vsock(self, cfg: VmConfig, kv: dict[str, str]) -> None:
         vhost = kv["driver"] == "vhost-vsock-device"
         where = f"-device {kv['driver']}"
@@ -329,4 +340,5 @@ DEVICES: dict[str, Callable[[Devices, VmConfig, dict[str, str]], None]] = {
     "vsock": Devices._vsock,
     "vhost-vsock-device": Devices._vsock,
     "vhost-user-fs-device": Devices._fs,
+    "virtio-balloon-device": Devices._balloon,
 }

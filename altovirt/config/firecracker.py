@@ -31,6 +31,7 @@ from .model import (
     MMDS_SIZE_LIMIT,
     VSOCK_MAX_CID,
     VSOCK_MIN_CID,
+    BalloonConfig,
     ConfigError,
     DriveConfig,
     MiB,
@@ -50,7 +51,6 @@ _FC_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 DESERIALIZE = "An error occurred when deserializing the json body of a request"
 # Sections of Firecracker's configuration that AltoVirt does not have, and how it says so.
 UNSUPPORTED = {
-    "balloon": "the balloon device",
     "cpu-config": "custom CPU templates", "pmem": "virtio-pmem", "memory-hotplug": "memory hot-plug",
     "serial": "a serial output file (the serial console is the process's standard output)",
 }
@@ -234,6 +234,7 @@ class FirecrackerConfig:
     metrics: MetricsConfig | None = None
     mmds: MmdsConfig | None = None
     mmds_size_limit: int = MMDS_SIZE_LIMIT          # --mmds-size-limit
+    balloon: BalloonConfig | None = None
 
     # --- the API's bodies ---
     def put_boot_source(self, body: object) -> None:
@@ -366,6 +367,22 @@ class FirecrackerConfig:
         self.metrics = MetricsConfig(mt["metrics_path"], mt.get("emit_id", False), props)
         return self.metrics
 
+    def put_balloon(self, body: object) -> None:
+        b = fields("balloon", body, {"amount_mib": int, "deflate_on_oom": bool},
+                   {"stats_polling_interval_s": int, "free_page_hinting": bool, "free_page_reporting": bool})
+        for key, top in (("amount_mib", 1 << 32), ("stats_polling_interval_s", 1 << 16)):
+            if key in b and not 0 <= b[key] < top:
+                raise FirecrackerError(f"{DESERIALIZE}: invalid value: integer `{b[key]}`, expected "
+                                       f"u{top.bit_length() - 1}.")
+        if b.get("free_page_hinting"):
+            raise not_supported("free page hinting (free_page_hinting); free_page_reporting gives the "
+                                "guest's free pages back")
+        if b["amount_mib"] > self.mem_size_mib:
+            raise FirecrackerError("Balloon config error: Amount of pages requested is too large.")
+        self.balloon = BalloonConfig(b["amount_mib"], b["deflate_on_oom"],
+                                     stats_polling_interval_s=b.get("stats_polling_interval_s", 0),
+                                     free_page_reporting=b.get("free_page_reporting", False))
+
     def put_mmds_config(self, body: object) -> None:
         from ..mmds.stack import link_local  # only for a VM with MMDS (start-up)
         from ..mmds.store import VERSIONS
@@ -436,6 +453,7 @@ class FirecrackerConfig:
         self.vsock = cfg.vsock
         self.entropy = cfg.rng
         self.mmds = cfg.mmds
+        self.balloon = cfg.balloon
 
     # --- whole documents ---
     def load_document(self, doc: object) -> None:
@@ -450,7 +468,8 @@ class FirecrackerConfig:
                 raise not_supported(UNSUPPORTED[key])
             put = {"boot-source": self.put_boot_source, "machine-config": self.put_machine_config,
                    "vsock": self.put_vsock, "entropy": self.put_entropy, "logger": self.put_logger,
-                   "metrics": self.put_metrics, "mmds-config": self.put_mmds_config}.get(key)
+                   "metrics": self.put_metrics, "mmds-config": self.put_mmds_config,
+                   "balloon": self.put_balloon}.get(key)
             if put is not None:
                 put(value)
             elif key in ("drives", "network-interfaces"):
@@ -465,7 +484,7 @@ class FirecrackerConfig:
             else:
                 accepted = ", ".join(sorted({"boot-source", "machine-config", "drives", "network-interfaces",
                                              "vsock", "entropy", "logger", "metrics", "mmds-config",
-                                             *UNSUPPORTED}))
+                                             "balloon", *UNSUPPORTED}))
                 raise FirecrackerError(f"unknown configuration section {key!r}; accepted: {accepted}")
 
     def export(self) -> dict[str, Any]:
@@ -482,7 +501,8 @@ class FirecrackerConfig:
                                     "rx_rate_limiter": export_rate_limiter(n.rx_rate_limiter),
                                     "tx_rate_limiter": export_rate_limiter(n.tx_rate_limiter)}
                                    for k, n in self.nets.items()],
-            "balloon": None, "vsock": None, "entropy": None if self.entropy is None else
+            "balloon": None if self.balloon is None else export_balloon(self.balloon), "vsock": None,
+            "entropy": None if self.entropy is None else
             {"rate_limiter": export_rate_limiter(self.entropy.rate_limiter)},
             "logger": None, "metrics": None, "mmds-config": None,
         }
@@ -516,7 +536,14 @@ class FirecrackerConfig:
         return VmConfig(kernel=self.kernel, cmdline=cmdline, initrd=self.initrd, name=name,
                         vcpus=self.vcpu_count, mem_size=self.mem_size_mib * MiB,
                         drives=[d.drive for d in drives], nets=list(self.nets.values()), vsock=self.vsock,
-                        rng=self.entropy, mmds=self.mmds, serial_stdio=True)
+                        rng=self.entropy, mmds=self.mmds, balloon=self.balloon, serial_stdio=True)
+
+
+def export_balloon(b: BalloonConfig) -> dict[str, Any]:
+    """GET /balloon's (and /vm/config's) form of the balloon's settings."""
+    return {"amount_mib": b.amount_mib, "deflate_on_oom": b.deflate_on_oom,
+            "stats_polling_interval_s": b.stats_polling_interval_s, "free_page_hinting": False,
+            "free_page_reporting": b.free_page_reporting}
 
 
 # Firecracker's default kernel command line (src/vmm/src/vmm_config/boot_source.rs).

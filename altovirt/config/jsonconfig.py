@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -16,6 +17,7 @@ from .model import (
     VSOCK_MIN_CID,
     XEN_DOMID_MAX,
     XEN_DOMID_MIN,
+    BalloonConfig,
     ConfigError,
     ConsoleConfig,
     DriveConfig,
@@ -39,7 +41,7 @@ from .validate import (
 )
 
 SECTIONS = {"boot-source", "machine-config", "drive", "net", "console", "serial", "vsock", "rng",
-            "xenstore", "incoming", "mmds"}
+            "xenstore", "incoming", "mmds", "balloon"}
 
 
 def _obj(where: str, value: Any, required: set[str], optional: set[str]) -> dict[str, Any]:
@@ -165,6 +167,15 @@ def from_dict(doc: Any) -> VmConfig:
             _int("rng.max_bytes", r["max_bytes"], 1, 1 << 31) if "max_bytes" in r else None,
             _int("rng.period_ms", r.get("period_ms", 1000), 1, 3_600_000),
             _limiter("rng.rate_limiter", r.get("rate_limiter")))
+    if "balloon" in top:
+        b = _obj("balloon", top["balloon"], set(),
+                 {"amount_mib", "deflate_on_oom", "stats_polling_interval_s", "free_page_reporting"})
+        w = "balloon"
+        cfg.balloon = BalloonConfig(
+            _int(f"{w}.amount_mib", b.get("amount_mib", 0), 0, cfg.mem_size >> 20),
+            _bool(f"{w}.deflate_on_oom", b.get("deflate_on_oom", False)),
+            _int(f"{w}.stats_polling_interval_s", b.get("stats_polling_interval_s", 0), 0, 0xFFFF),
+            _bool(f"{w}.free_page_reporting", b.get("free_page_reporting", False)))
     if "mmds" in top:
         m = _obj("mmds", top["mmds"], {"network_interfaces"},
                  {"version", "ipv4_address", "imds_compat", "size_limit", "data"})
@@ -222,6 +233,8 @@ def to_dict(cfg: VmConfig) -> dict[str, Any]:
         doc["rng"] = {"rng_id": cfg.rng.id, "period_ms": cfg.rng.period_ms,
                       **({"max_bytes": cfg.rng.max_bytes} if cfg.rng.max_bytes is not None else {}),
                       **_limiters(rate_limiter=cfg.rng.rate_limiter)}
+    if cfg.balloon:
+        doc["balloon"] = dataclasses.asdict(cfg.balloon)
     if cfg.mmds:
         m = cfg.mmds
         doc["mmds"] = {"network_interfaces": m.network_interfaces, "version": m.version,

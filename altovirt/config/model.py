@@ -111,6 +111,21 @@ class RngConfig:
     rate_limiter: RateLimiterConfig | None = None       # Firecracker's, for its entropy device
 
 
+PAGES_PER_MIB = 256                     # a balloon counts 4 KiB pages (virtio 1.2, 5.5.6)
+
+
+@dataclass
+class BalloonConfig:
+    """A virtio-balloon (Firecracker's /balloon): its target, in MiB, whether the guest may take
+    pages back when it runs out of memory, how often (s) it reports statistics (0: never), and
+    whether it reports free pages (VIRTIO_BALLOON_F_REPORTING)."""
+
+    amount_mib: int = 0
+    deflate_on_oom: bool = False
+    stats_polling_interval_s: int = 0
+    free_page_reporting: bool = False
+
+
 MMDS_ADDRESS = "169.254.169.254"       # Firecracker's default (mmds/ns.rs)
 MMDS_SIZE_LIMIT = 51200                 # bytes: the API's largest body, Firecracker's default
 
@@ -174,6 +189,7 @@ class VmConfig:
     vsock: VsockConfig | None = None
     rng: RngConfig | None = None
     mmds: MmdsConfig | None = None
+    balloon: BalloonConfig | None = None
     fs: FsConfig | None = None
     serial_stdio: bool = False
     api_channel: str | None = None

@@ -125,6 +125,22 @@ class QueryMetadata(NamedTuple):
     """The metadata service's document (GET /mmds)."""
 
 
+class SetBalloon(NamedTuple):
+    """Ask the guest for a balloon of ``pages`` 4 KiB pages (PATCH /balloon, QMP balloon)."""
+
+    pages: int
+
+
+class SetBalloonStats(NamedTuple):
+    """Poll the balloon's statistics every ``seconds`` (PATCH /balloon/statistics)."""
+
+    seconds: int
+
+
+class QueryBalloon(NamedTuple):
+    """The balloon: its settings, target and actual pages, and the guest's last statistics."""
+
+
 # --- migration (QMP migrate ...; Firecracker's snapshot/create) ---
 class Migrate(NamedTuple):
     """Start sending the VM to ``uri``; ``on_done`` hears when it has ended, either way."""
@@ -177,8 +193,9 @@ class LoadState(NamedTuple):
 
 
 Action = (Pause | Resume | Reset | Powerdown | CtrlAltDel | QueryVcpus | AddBlockdev | DelBlockdev
-          | AddNetdev | DelNetdev | AddDisk | AddNic | DelDevice | ChangeImage | SetRateLimiter | PutMetadata
-          | QueryMetadata | Migrate | Incoming | CancelMigration | SetMigrationParameters | QueryMigration
+          | AddNetdev | DelNetdev | AddDisk | AddNic | DelDevice | ChangeImage | SetRateLimiter
+          | PutMetadata | QueryMetadata | SetBalloon | SetBalloonStats | QueryBalloon | Migrate
+          | Incoming | CancelMigration | SetMigrationParameters | QueryMigration
           | QueryMigrationParameters | SaveState | StopForMigration | EndMigration | LoadState)
 
 

@@ -139,7 +139,7 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
             from ..xenstore.store import Store  # only a VM with a XenStore imports it
             xenstore = Store(cfg.xen_domid)
 
-        devices = DeviceManager(cfg, vm, mem, io, block_pool, lifecycle.request_stop)
+        devices = DeviceManager(cfg, vm, mem, io, block_pool, lifecycle.request_stop, lifecycle.emit)
         undo.callback(devices.close)
         # The vCPUs before the devices: an arm64 GIC is ready for the devices' irqfds only
         # once every vCPU is (KVM_IRQFD fails with EAGAIN before).

@@ -34,6 +34,7 @@ from .actions import (
     Pause,
     Powerdown,
     PutMetadata,
+    QueryBalloon,
     QueryMetadata,
     QueryMigration,
     QueryMigrationParameters,
@@ -41,6 +42,8 @@ from .actions import (
     Reset,
     Resume,
     SaveState,
+    SetBalloon,
+    SetBalloonStats,
     SetMigrationParameters,
     SetRateLimiter,
     StopForMigration,
@@ -49,6 +52,7 @@ from .hotplug import Hotplug, HotplugError
 from .lifecycle import StateError
 
 if TYPE_CHECKING:
+    from ..devices.virtio.balloon import Balloon
     from ..mmds.store import Mmds
     from .actions import Migrations
     from .machine import Machine
@@ -95,6 +99,12 @@ def handle(m: Machine, action: Action) -> object:
             (store.patch if patch else store.put)(data)
         case QueryMetadata():
             return _mmds(m).value()
+        case SetBalloon(pages):
+            _balloon(m).set_target(pages)
+        case SetBalloonStats(seconds):
+            _balloon(m).set_stats_interval(seconds)
+        case QueryBalloon():
+            return _balloon(m).info()
         case Migrate(uri, on_done):
             _migration(m).migrate(uri, on_done)
         case Incoming(config):
@@ -135,6 +145,13 @@ def _mmds(m: Machine) -> Mmds:
         from ..mmds.store import NotInitialized
         raise NotInitialized()
     return m.devices.mmds
+
+
+def _balloon(m: Machine) -> Balloon:
+    if m.devices.balloon is None:
+        from ..devices.virtio.balloon import BalloonError
+        raise BalloonError("No balloon device found.")
+    return m.devices.balloon
 
 
 def _migration(m: Machine) -> Migrations:

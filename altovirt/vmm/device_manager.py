@@ -41,6 +41,7 @@ from .hotplug import Hotplug
 from .vcpu import GUEST_RESET, GUEST_SHUTDOWN, StopReason
 
 if TYPE_CHECKING:
+    from ..devices.virtio.balloon import Balloon
     from ..devices.virtio.vsock import Vsock
     from ..mmds.store import Mmds
     from ..persist import Persistent
@@ -54,10 +55,12 @@ class DeviceManager:
     """Creates the devices of one VM on ``vm`` and ``mem``, and releases them."""
 
     def __init__(self, cfg: VmConfig, vm: Vm, mem: GuestMemory, io: EventLoop, pool: WorkerPool,
-                 stop: Callable[[StopReason], None]) -> None:
-        """``stop(reason)`` is how a device ends the VM (ACPI S5, the i8042's reset line)."""
+                 stop: Callable[[StopReason], None], emit: Callable[[str, dict[str, object]], None]) -> None:
+        """``stop(reason)`` is how a device ends the VM (ACPI S5, the i8042's reset line);
+        ``emit(event, data)`` how it tells the VMM's listeners (QMP's events)."""
         self.cfg, self._vm, self._mem, self._io, self._pool = cfg, vm, mem, io, pool
         self._stop = stop
+        self._emit = emit
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self._fds: list[int] = []
@@ -76,6 +79,7 @@ class DeviceManager:
         self.hotplug: Hotplug | None = None
         self.vsock: Vsock | None = None
         self.mmds: Mmds | None = None
+        self.balloon: Balloon | None = None
 
     def _irqfd(self, gsi: int) -> int:
         """An eventfd that raises an edge on ``gsi`` when written (KVM_IRQFD)."""
@@ -94,7 +98,7 @@ class DeviceManager:
         has a QMP channel to fill them; returns the slots. ``quiet`` and ``on_deleted``
         are the hot-plug's (see :class:`Hotplug`)."""
         devices = virtio_devices.devices_for(self.cfg, self._io, self._pool,
-                                             hotplug=bool(self.cfg.api_channel))
+                                             hotplug=bool(self.cfg.api_channel), emit=self._emit)
         for index, device in enumerate(devices.in_slot_order()):
             slot = virtio_devices.slot(index)
             base, irq = slot.base, slot.irq
@@ -112,6 +116,7 @@ class DeviceManager:
             log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)
         self.vsock = devices.vsock
         self.mmds = devices.mmds
+        self.balloon = devices.balloon
         n_disks, n_nics = len(devices.disks), len(devices.nets)
         self.hotplug = Hotplug(self.transports[:n_disks], self.transports[n_disks:n_disks + n_nics],
                                self._io, self._pool, quiet, on_deleted)

@@ -13,6 +13,7 @@ sectors, a NIC with its link down) in the rest, ready to take a backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,8 +32,10 @@ from ..devices.virtio.net import Net, random_mac
 from ..devices.virtio.rng import Rng
 from ..errors import EXIT_USAGE, AltoVirtError
 from ..eventloop import EventLoop
+from ..memory import PAGE_SHIFT
 
 if TYPE_CHECKING:
+    from ..devices.virtio.balloon import Balloon
     from ..devices.virtio.vsock import Vsock
     from ..mmds.stack import MmdsStack
     from ..mmds.store import Mmds
@@ -53,6 +56,7 @@ class DeviceSet:
     nets: list[Net]
     others: list[VirtioDevice]
     vsock: Vsock | None = None      # the userspace vsock device, also among the others
+    balloon: Balloon | None = None  # also among the others
     mmds: Mmds | None = None        # the metadata store the NICs named in cfg.mmds answer from
 
     def in_slot_order(self) -> list[VirtioDevice]:
@@ -68,8 +72,10 @@ def empty_nic(slot: int, io: EventLoop, mac: str | None = None) -> Net:
     return Net(f"nic-slot{slot}", None, mac or random_mac(), io)
 
 
-def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -> DeviceSet:
-    """The configured devices, with the empty hot-plug slots if ``hotplug``."""
+def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool,
+                emit: Callable[[str, dict[str, object]], None]) -> DeviceSet:
+    """The configured devices, with the empty hot-plug slots if ``hotplug``; ``emit`` sends
+    the events devices raise (the balloon's BALLOON_CHANGE)."""
     devices = DeviceSet([], [], [])
     if cfg.mmds is not None:
         devices.mmds = _mmds(cfg.mmds)
@@ -106,6 +112,14 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool) -
         for dev in devices.in_slot_order():
             dev.close()
         raise DeviceError(f"{where}: {e.strerror}") from e
+    if cfg.balloon is not None:
+        from ..devices.virtio.balloon import Balloon  # only for a VM that has one
+
+        def balloon_changed(pages: int) -> None:        # QEMU's BALLOON_CHANGE: the guest's memory
+            emit("BALLOON_CHANGE", {"actual": cfg.mem_size - (pages << PAGE_SHIFT)})
+
+        devices.balloon = Balloon("balloon", cfg.balloon, balloon_changed)
+        devices.others.append(devices.balloon)
     if cfg.rng is not None:
         devices.others.append(Rng(cfg.rng.id, cfg.rng.max_bytes, cfg.rng.period_ms, cfg.rng.rate_limiter))
     if hotplug:
