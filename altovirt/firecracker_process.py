@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Protocol
+from typing import Protocol, cast
 
 from .api import serve_qmp
 from .api.firecracker import FirecrackerApi
@@ -31,6 +31,7 @@ from .config.validate import check_vm
 from .devices.legacy.boottimer import process_start_monotonic
 from .errors import AltoVirtError, UsageError
 from .sandbox import seccomp
+from .vmm.actions import QueryCounters
 from .vmm.daemon import Daemon
 from .vmm.instance import Instance, Launch
 from .vmm.machine import Machine
@@ -95,10 +96,21 @@ class Process:
         self.opts = opts
         self.instance = instance
         started = process_start_monotonic()
-        self.metrics = Metrics(instance.id, int((time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1e6))
+        self.metrics = Metrics(instance.id, int((time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1e6),
+                               self._device_counters)
         self.api: HttpServer | None = None
         self.daemon = Daemon(None)
         self.signalled = 0
+
+    def _device_counters(self) -> dict[str, dict[str, int]] | None:
+        """The running VM's counters for the metrics (None before the start, or once it stops)."""
+        machine = self.instance.machine
+        if machine is None:
+            return None
+        try:
+            return cast(dict[str, dict[str, int]], machine.request(QueryCounters()))
+        except AltoVirtError:
+            return None
 
     def start_api(self, sock: socket.socket) -> None:
         assert self.opts.api_sock is not None

@@ -594,3 +594,51 @@ def test_http_pipelining_slow_clients_and_expect(tmp_path: Path, vms: list[Vm]) 
     fc.vm.proc.terminate()
     assert fc.vm.finish()[0] == 128 + 15
     assert not fc.sock.exists()                 # the API socket goes with the process
+
+
+def test_serial_output_to_a_file(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """PUT /serial: the guest's console goes to the file (appended to), not to stdout; the
+    process's stdin still feeds it."""
+    out = tmp_path / "serial.out"
+    out.write_text("kept\n")
+    fc = Firecracker(vms, tmp_path / "api.sock")
+    assert "rate limiter" in fc.fault("PUT", "/serial", {"serial_out_path": str(out),
+                                                         "rate_limiter": {"size": 1, "refill_time": 1}})
+    fc.ok("PUT", "/serial", {"serial_out_path": str(out)})
+    start(fc, probe, "snapshot")
+    deadline = time.monotonic() + 30
+    while "probe: snap ready" not in out.read_text():
+        assert time.monotonic() < deadline, out.read_text()
+        time.sleep(0.05)
+    fc.vm.type("quit")
+    code, _ = fc.vm.finish()
+    assert code == 0
+    text = out.read_text()
+    assert text.startswith("kept\n") and "probe: done" in text
+    assert not any("probe:" in line for line in fc.vm.seen)
+
+
+def test_device_metrics(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """FlushMetrics after the start: Firecracker's device groups, counting since the last line."""
+    metrics = tmp_path / "metrics.json"
+    fc = Firecracker(vms, tmp_path / "api.sock")
+    fc.ok("PUT", "/metrics", {"metrics_path": str(metrics)})
+    fc.ok("PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False})
+    fc.ok("PUT", "/entropy", {})
+    start(fc, probe, "snapshot")
+    fc.vm.wait_line("probe: snap ready blk=1")
+    fc.vm.type("blk")
+    fc.vm.wait_line("probe: snap blk read=ok")
+    fc.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
+    fc.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
+    first, second = (json.loads(line) for line in metrics.read_text().splitlines()[-2:])
+    assert first["block_data"]["read_count"] >= 1 and first["block_data"]["read_bytes"] >= 512
+    assert first["block"]["read_count"] == first["block_data"]["read_count"]
+    assert first["block_data"]["queue_event_count"] >= 1
+    assert first["uart"]["write_count"] > 100                      # the probe's lines
+    assert first["vcpu"]["exit_mmio_write"] > 0 and first["vcpu"]["exit_io_out"] > 0
+    assert set(first["net"]) >= {"rx_bytes_count", "tx_packets_count"} and first["mmds"]["rx_count"] == 0
+    assert second["block_data"]["read_count"] == 0                 # since the line before
+    assert second["vcpu"]["exit_io_out"] < first["vcpu"]["exit_io_out"]
+    fc.vm.type("quit")
+    assert fc.vm.finish()[0] == 0

@@ -60,7 +60,7 @@ APP_NAME = "AltoVirt"
 VERSION = {"firecracker_version": FIRECRACKER_API_VERSION}
 # What AltoVirt does not have, by resource (a path's first segment).
 UNSUPPORTED_RESOURCES = {"hotplug": UNSUPPORTED["memory-hotplug"],
-                         **{k: UNSUPPORTED[k] for k in ("cpu-config", "pmem", "serial")}}
+                         **{k: UNSUPPORTED[k] for k in ("cpu-config", "pmem")}}
 NO_BALLOON = "Balloon config error: No balloon device found."
 # Firecracker hot-plugs drives and NICs (PUT and DELETE after the start) on PCI only
 # (device_manager/mod.rs); AltoVirt's are virtio-mmio, hot-plugged through QMP (--qmp).
@@ -106,6 +106,7 @@ class FirecrackerApi:
             "delete_drive": self._unplug,
             "delete_network_interface": self._unplug,
             "put_balloon": cfg(lambda c, b, route: c.put_balloon(b)),
+            "put_serial": cfg(lambda c, b, route: c.put_serial(b)),
             "get_balloon": self._get_balloon,
             "patch_balloon": self._patch_balloon,
             "get_balloon_statistics": self._balloon_statistics,
@@ -270,7 +271,7 @@ class FirecrackerApi:
                     raise FirecrackerError("Load snapshot error: vsock override: the snapshot has no vsock "
                                            "device.")
                 cfg.vsock.uds_path = vsock_path
-            cfg.name, cfg.serial_stdio = self.instance.id, True
+            cfg.name, cfg.serial_stdio, cfg.serial_out_path = self.instance.id, True, c.serial_out_path
             c.restored_from(cfg)
             return Launch(cfg, snapshot.SavedVm(state, files, resume=p.get("resume_vm", False)))
         self.instance.launch(make)

@@ -52,7 +52,6 @@ DESERIALIZE = "An error occurred when deserializing the json body of a request"
 # Sections of Firecracker's configuration that AltoVirt does not have, and how it says so.
 UNSUPPORTED = {
     "cpu-config": "custom CPU templates", "pmem": "virtio-pmem", "memory-hotplug": "memory hot-plug",
-    "serial": "a serial output file (the serial console is the process's standard output)",
 }
 
 
@@ -74,9 +73,15 @@ VSOCK_ERROR = "Vsock config error: "
 MMDS_CONFIG_ERROR = "MMMDS config error: "          # sic: Firecracker's own spelling
 
 
-def os_error(e: OSError) -> str:
+# What Rust's std says of a path with a NUL in it (an io::Error of kind InvalidInput).
+NUL_IN_PATH = "file name contained an unexpected NUL byte"
+
+
+def os_error(e: OSError | ValueError) -> str:
     """An OS error as Rust's std::io::Error prints it, which clients match: "No such file or
-    directory (os error 2)"."""
+    directory (os error 2)"; a path Python refuses (a NUL in it) as Rust's words for it."""
+    if isinstance(e, ValueError):
+        return NUL_IN_PATH
     if e.errno is None:
         return str(e)
     return f"{os.strerror(e.errno)} (os error {e.errno})"
@@ -88,20 +93,20 @@ def _opens(path: str, flags: int, message: str) -> None:
     OS error in its ``{}``, if it cannot be opened."""
     try:
         os.close(os.open(path, flags | os.O_CLOEXEC))
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise FirecrackerError(message.format(os_error(e))) from e
 
 
 def _can_bind(path: str) -> None:
     """Firecracker binds a vsock's unix socket when it is configured, so a path that exists or
     whose directory does not fails then: checked here (the VM binds it at the start)."""
-    problem = None
+    problem: OSError | ValueError | None = None
     if os.path.lexists(path):
         problem = OSError(errno.EADDRINUSE, "")
     else:
         try:
             os.stat(os.path.dirname(path) or ".")
-        except OSError as e:
+        except (OSError, ValueError) as e:
             problem = e
     if problem is not None:
         raise FirecrackerError(f"{VSOCK_ERROR}Cannot create backend for vsock device: Error binding to "
@@ -235,6 +240,7 @@ class FirecrackerConfig:
     mmds: MmdsConfig | None = None
     mmds_size_limit: int = MMDS_SIZE_LIMIT          # --mmds-size-limit
     balloon: BalloonConfig | None = None
+    serial_out_path: str | None = None
 
     # --- the API's bodies ---
     def put_boot_source(self, body: object) -> None:
@@ -367,6 +373,13 @@ class FirecrackerConfig:
         self.metrics = MetricsConfig(mt["metrics_path"], mt.get("emit_id", False), props)
         return self.metrics
 
+    def put_serial(self, body: object) -> None:
+        """Where the serial console's output goes (a file or named pipe) instead of stdout."""
+        sc = fields("serial", body, {}, {"serial_out_path": str, "rate_limiter": dict})
+        if sc.get("rate_limiter"):
+            raise not_supported("a rate limiter on the serial console's output")
+        self.serial_out_path = sc.get("serial_out_path")
+
     def put_balloon(self, body: object) -> None:
         b = fields("balloon", body, {"amount_mib": int, "deflate_on_oom": bool},
                    {"stats_polling_interval_s": int, "free_page_hinting": bool, "free_page_reporting": bool})
@@ -436,7 +449,7 @@ class FirecrackerConfig:
 
     def is_fresh(self) -> bool:
         """Nothing but the logger, metrics and MMDS is configured (what snapshot/load requires)."""
-        return dataclasses.replace(self, logger=None, metrics=None, mmds=None,
+        return dataclasses.replace(self, logger=None, metrics=None, mmds=None, serial_out_path=None,
                                    mmds_size_limit=MMDS_SIZE_LIMIT) == FirecrackerConfig()
 
     def restored_from(self, cfg: VmConfig) -> None:
@@ -469,7 +482,7 @@ class FirecrackerConfig:
             put = {"boot-source": self.put_boot_source, "machine-config": self.put_machine_config,
                    "vsock": self.put_vsock, "entropy": self.put_entropy, "logger": self.put_logger,
                    "metrics": self.put_metrics, "mmds-config": self.put_mmds_config,
-                   "balloon": self.put_balloon}.get(key)
+                   "balloon": self.put_balloon, "serial": self.put_serial}.get(key)
             if put is not None:
                 put(value)
             elif key in ("drives", "network-interfaces"):
@@ -484,7 +497,7 @@ class FirecrackerConfig:
             else:
                 accepted = ", ".join(sorted({"boot-source", "machine-config", "drives", "network-interfaces",
                                              "vsock", "entropy", "logger", "metrics", "mmds-config",
-                                             "balloon", *UNSUPPORTED}))
+                                             "balloon", "serial", *UNSUPPORTED}))
                 raise FirecrackerError(f"unknown configuration section {key!r}; accepted: {accepted}")
 
     def export(self) -> dict[str, Any]:
@@ -536,7 +549,8 @@ class FirecrackerConfig:
         return VmConfig(kernel=self.kernel, cmdline=cmdline, initrd=self.initrd, name=name,
                         vcpus=self.vcpu_count, mem_size=self.mem_size_mib * MiB,
                         drives=[d.drive for d in drives], nets=list(self.nets.values()), vsock=self.vsock,
-                        rng=self.entropy, mmds=self.mmds, balloon=self.balloon, serial_stdio=True)
+                        rng=self.entropy, mmds=self.mmds, balloon=self.balloon, serial_stdio=True,
+                        serial_out_path=self.serial_out_path)
 
 
 def export_balloon(b: BalloonConfig) -> dict[str, Any]:

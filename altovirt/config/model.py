@@ -192,6 +192,7 @@ class VmConfig:
     balloon: BalloonConfig | None = None
     fs: FsConfig | None = None
     serial_stdio: bool = False
+    serial_out_path: str | None = None   # with serial_stdio: output here, not to stdout (Firecracker's)
     api_channel: str | None = None
     vcpu_thread_name: str = "vcpu{}"     # {}: the index (Firecracker's front end names them its way)
     xenstore: str | None = None          # the host's XenStore socket

@@ -12,6 +12,7 @@ other ports) is dropped, as in Firecracker. Checksums of what the guest sends ar
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import os
 import struct
@@ -72,6 +73,7 @@ class MmdsStack:
         self.ip = ipaddress.IPv4Address(address).packed
         self.guest_mac = b"\xff" * 6
         self.outgoing: deque[bytes] = deque()     # Ethernet frames for the guest
+        self.counters: collections.Counter[str] = collections.Counter()     # Firecracker's "mmds" metrics
         self._connections: OrderedDict[tuple[bytes, int], _Connection] = OrderedDict()
 
     # --- from the guest ---
@@ -86,6 +88,7 @@ class MmdsStack:
 
     def receive(self, frame: bytes) -> None:
         """Take a frame :meth:`is_mmds_frame` said is for MMDS; what is malformed is dropped."""
+        self.counters["rx_accepted"] += 1
         src, kind = frame[6:12], struct.unpack_from("!H", frame, 12)[0]
         if kind == ETH_ARP:
             self._arp(frame[_ETH.size:])
@@ -159,6 +162,7 @@ class MmdsStack:
         isn = int.from_bytes(os.urandom(4), "big")
         conn = _Connection(key, (seq + 1) & 0xFFFFFFFF, isn, mss)
         self._connections[key] = conn
+        self.counters["connections_created"] += 1
         self._segment(conn, SYN | ACK, options=struct.pack("!BBH", 2, 4, 1460))
         conn.snd_nxt = (isn + 1) & 0xFFFFFFFF
 
@@ -168,6 +172,7 @@ class MmdsStack:
         while (end := _head_end(conn.received)) is not None:
             head, conn.received = bytes(conn.received[:end]), conn.received[end:]
             response = http.respond(self.mmds, head)
+            self.counters["rx_count"] += 1
             for at in range(0, len(response), conn.mss):
                 self._segment(conn, ACK | PSH, response[at:at + conn.mss])
             answered = True
@@ -204,6 +209,10 @@ class MmdsStack:
     def _queue(self, frame: bytes) -> None:
         if len(self.outgoing) < MAX_QUEUED:     # a guest that takes nothing loses what is past
             self.outgoing.append(frame)
+            self.counters["tx_frames"] += 1
+            self.counters["tx_bytes"] += len(frame)
+        else:
+            self.counters["tx_errors"] += 1
 
 
 def _mss(options: bytes) -> int:

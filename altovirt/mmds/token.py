@@ -17,6 +17,8 @@ import os
 import struct
 import time
 
+from ..errors import AltoVirtError
+
 MIN_TTL = 1                 # s (token.rs: MIN_TOKEN_TTL_SECONDS)
 MAX_TTL = 21600             # s (MAX_TOKEN_TTL_SECONDS)
 TOKEN_LENGTH_LIMIT = 70     # longer strings are refused unread (TOKEN_LENGTH_LIMIT)
@@ -24,7 +26,7 @@ _EXPIRY = struct.Struct("<Q")
 _TAG_LEN = 24
 
 
-class TokenError(ValueError):
+class TokenError(AltoVirtError):
     """A time to live out of range."""
 
 

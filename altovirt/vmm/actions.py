@@ -137,6 +137,11 @@ class SetBalloonStats(NamedTuple):
     seconds: int
 
 
+class QueryCounters(NamedTuple):
+    """The devices' counters since the last query, by Firecracker's metrics groups, and the
+    vCPUs' exits since the start (FlushMetrics)."""
+
+
 class QueryBalloon(NamedTuple):
     """The balloon: its settings, target and actual pages, and the guest's last statistics."""
 
@@ -194,8 +199,8 @@ class LoadState(NamedTuple):
 
 Action = (Pause | Resume | Reset | Powerdown | CtrlAltDel | QueryVcpus | AddBlockdev | DelBlockdev
           | AddNetdev | DelNetdev | AddDisk | AddNic | DelDevice | ChangeImage | SetRateLimiter
-          | PutMetadata | QueryMetadata | SetBalloon | SetBalloonStats | QueryBalloon | Migrate
-          | Incoming | CancelMigration | SetMigrationParameters | QueryMigration
+          | PutMetadata | QueryMetadata | SetBalloon | SetBalloonStats | QueryBalloon
+          | QueryCounters | Migrate | Incoming | CancelMigration | SetMigrationParameters | QueryMigration
           | QueryMigrationParameters | SaveState | StopForMigration | EndMigration | LoadState)
 
 

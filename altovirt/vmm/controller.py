@@ -35,6 +35,7 @@ from .actions import (
     Powerdown,
     PutMetadata,
     QueryBalloon,
+    QueryCounters,
     QueryMetadata,
     QueryMigration,
     QueryMigrationParameters,
@@ -50,6 +51,7 @@ from .actions import (
 )
 from .hotplug import Hotplug, HotplugError
 from .lifecycle import StateError
+from .vcpu import EXIT_NAMES
 
 if TYPE_CHECKING:
     from ..devices.virtio.balloon import Balloon
@@ -105,6 +107,10 @@ def handle(m: Machine, action: Action) -> object:
             _balloon(m).set_stats_interval(seconds)
         case QueryBalloon():
             return _balloon(m).info()
+        case QueryCounters():
+            groups: dict[str, dict[str, int]] = {k: dict(v) for k, v in m.devices.take_counters().items()}
+            groups["vcpu"] = {name: sum(v.exits[i] for v in m.vcpus) for i, name in enumerate(EXIT_NAMES)}
+            return groups
         case Migrate(uri, on_done):
             _migration(m).migrate(uri, on_done)
         case Incoming(config):

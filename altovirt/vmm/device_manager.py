@@ -9,6 +9,7 @@ firmware; :meth:`DeviceManager.firmware_devices` gathers what they say.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from collections.abc import Callable
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POWER_BUTTON_HOLD = 0.1          # s: QEMU's gpio-key latency (hw/gpio/gpio_key.c)
+
+
+# Firecracker's metrics group of each kind of virtio device (by device ID), "{}" its name.
+_METRIC_GROUPS = {1: "net_{}", 2: "block_{}", 4: "entropy", 5: "balloon", 19: "vsock"}
 
 
 class DeviceManager:
@@ -129,12 +134,25 @@ class DeviceManager:
         else:
             self._add_pc_devices()
 
+    def _host_console(self) -> Callable[[bytes], None] | None:
+        """Where the serial port's output goes: stdout (``-serial stdio``), or Firecracker's
+        ``serial_out_path`` (a file or named pipe, opened for appending), stdin feeding it
+        either way; None for nowhere."""
+        if not self.cfg.serial_stdio:
+            return None
+        out, path = 1, self.cfg.serial_out_path
+        if path is not None:
+            try:
+                out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            except (OSError, ValueError) as e:     # ValueError: a NUL in the path
+                raise virtio_devices.DeviceError(f"serial output {path}: {getattr(e, 'strerror', e)}") from e
+            self._fds.append(out)
+        self.console = HostConsole(self._stop, out_fd=out)
+        return self.console.write
+
     def _add_arm_devices(self) -> None:
         uart, rtc, gpio, timer = (arch.BOARD[name] for name in ("uart", "rtc", "gpio", "boot-timer"))
-        out = None
-        if self.cfg.serial_stdio:
-            self.console = HostConsole(self._stop)
-            out = self.console.write
+        out = self._host_console()
         self.pl011 = Pl011(out, lambda level: self._vm.irq_line(uart.irq_line, int(level)))
         if self.console:
             self.console.attach(self.pl011.enqueue)
@@ -146,10 +164,7 @@ class DeviceManager:
         self.mmio.insert(self.boot_timer, timer.base, timer.size)
 
     def _add_pc_devices(self) -> None:
-        out = None
-        if self.cfg.serial_stdio:
-            self.console = HostConsole(self._stop)
-            out = self.console.write
+        out = self._host_console()
         self.serial = Serial(out, self._irq_line(COM1_IRQ))
         if self.console:
             self.console.attach(self.serial.enqueue)
@@ -211,6 +226,27 @@ class DeviceManager:
         for t in self.transports:
             if isinstance(t.device, Net):
                 t.device.announce()
+
+    def take_counters(self) -> dict[str, collections.Counter[str]]:
+        """The devices' counters since the last call, by the name Firecracker's metrics give
+        each: block_ID, net_ID, entropy, balloon, vsock, mmds (all NICs'), uart."""
+        groups: dict[str, collections.Counter[str]] = {}
+
+        def take(group: str, owner: Any) -> None:
+            counters, owner.counters = owner.counters, collections.Counter()
+            groups.setdefault(group, collections.Counter()).update(counters)
+
+        for t in self.transports:
+            device = t.device
+            group = _METRIC_GROUPS.get(device.device_id)
+            if group is None or device.name.startswith(("disk-slot", "nic-slot")):
+                continue
+            take(group.format(device.name), device)
+            if isinstance(device, Net) and device.mmds is not None:
+                take("mmds", device.mmds)
+        if self.serial is not None:
+            take("uart", self.serial)
+        return groups
 
     def quiesce(self) -> None:
         for t in self.transports:

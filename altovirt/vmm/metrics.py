@@ -2,8 +2,11 @@
 
 A line is written on ``FlushMetrics`` and every :data:`PERIOD` seconds once
 metrics are configured. Like Firecracker's, counters count since the previous
-line; what AltoVirt keeps is the API's requests (per method and resource, and
-the failures), the VM's state and the process's start-up time.
+line: the API's requests (per method and resource, and the failures), and once
+the VM runs its devices' (Firecracker's groups and field names: ``block`` and
+``block_ID``, ``net`` and ``net_ID``, ``mmds``, ``balloon``, ``entropy``,
+``vsock``, ``uart``, ``vcpu``; a field AltoVirt does not count stays 0), with
+the VM's state and the process's start-up time. Latency aggregates are left out.
 """
 
 from __future__ import annotations
@@ -14,17 +17,45 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..config.firecracker import FirecrackerError, MetricsConfig
 
 PERIOD = 60.0                           # seconds, as Firecracker
+# Firecracker's fields of each group (src/vmm/src/devices/virtio/*/metrics.rs, logger/metrics.rs).
+FIELDS: dict[str, tuple[str, ...]] = {k: tuple(v.split()) for k, v in {
+    "block": "activate_fails cfg_fails no_avail_buffer event_fails execute_fails invalid_reqs_count "
+        "flush_count queue_event_count rate_limiter_event_count update_count update_fails read_bytes "
+        "write_bytes read_count write_count rate_limiter_throttled_events io_engine_throttled_events "
+        "remaining_reqs_count",
+    "net": "activate_fails cfg_fails mac_address_updates no_rx_avail_buffer no_tx_avail_buffer event_fails "
+        "rx_queue_event_count rx_event_rate_limiter_count rx_rate_limiter_throttled rx_tap_event_count "
+        "rx_bytes_count rx_packets_count rx_fails rx_count tap_read_fails tap_write_fails tx_bytes_count "
+        "tx_malformed_frames tx_fails tx_count tx_packets_count tx_queue_event_count "
+        "tx_rate_limiter_event_count tx_rate_limiter_throttled tx_spoofed_mac_count "
+        "tx_remaining_reqs_count",
+    "mmds": "rx_accepted rx_accepted_err rx_accepted_unusual rx_bad_eth rx_invalid_token rx_no_token "
+        "rx_count tx_bytes tx_count tx_errors tx_frames connections_created connections_destroyed",
+    "balloon": "activate_fails inflate_count stats_updates_count stats_update_fails deflate_count "
+        "event_fails free_page_report_count free_page_report_freed free_page_report_fails "
+        "free_page_hint_count free_page_hint_freed free_page_hint_fails",
+    "entropy": "activate_fails entropy_event_fails entropy_event_count entropy_bytes host_rng_fails "
+        "entropy_rate_limiter_throttled rate_limiter_event_count",
+    "uart": "error_count flush_count missed_read_count missed_write_count read_count write_count "
+        "rate_limiter_dropped_bytes",
+    "vcpu": "exit_io_in exit_io_out exit_mmio_read exit_mmio_write failures kvmclock_ctrl_fails",
+}.items()}
 
 
 class Metrics:
-    def __init__(self, instance_id: str, startup_us: int) -> None:
+    def __init__(self, instance_id: str, startup_us: int,
+                 devices: Callable[[], dict[str, dict[str, int]] | None] = lambda: None) -> None:
+        """``devices()``: the running VM's counters (vmm/actions.QueryCounters), or None."""
         self.instance_id = instance_id
         self.startup_us = startup_us
+        self._devices = devices
+        self._vcpu_before: dict[str, int] = {}
         self._lock = threading.Lock()
         self._fd = -1
         self._cfg: MetricsConfig | None = None
@@ -65,6 +96,7 @@ class Metrics:
 
     def flush(self, state: str) -> None:
         """Write a line of the counters since the last one; FirecrackerError before PUT /metrics."""
+        devices = self._devices() if self.configured else None
         with self._lock:
             if self._fd < 0 or self._cfg is None:
                 raise FirecrackerError("Metrics system not initialized: PUT /metrics first.")
@@ -77,6 +109,8 @@ class Metrics:
                 "api_request_failures": dict(self._failures),
                 "vmm": {"state": state},
             }
+            if devices is not None:
+                line.update(self._device_groups(devices))
             if self._cfg.emit_id:
                 line["id"] = self.instance_id
             if self._cfg.properties:
@@ -89,6 +123,27 @@ class Metrics:
                 pass                    # a full pipe nobody reads: this line is lost, as in Firecracker
             except OSError as e:
                 raise FirecrackerError(f"Cannot write metrics: {e.strerror}.") from e
+
+
+    def _device_groups(self, devices: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        """Firecracker's device groups: each device's own, and the sums of the disks' and NICs'."""
+        vcpu = devices.pop("vcpu", {})
+        out: dict[str, dict[str, int]] = {"vcpu": {k: _count(vcpu, k) - self._vcpu_before.get(k, 0)
+                                                   for k in FIELDS["vcpu"]}}
+        self._vcpu_before = vcpu
+        for total in ("block", "net"):
+            own = {g: c for g, c in devices.items() if g.startswith(f"{total}_")}
+            out[total] = {k: sum(c.get(k, 0) for c in own.values()) for k in FIELDS[total]}
+            out.update({g: {k: c.get(k, 0) for k in FIELDS[total]} for g, c in own.items()})
+        for group in ("mmds", "balloon", "entropy", "uart"):
+            out[group] = {k: _count(devices.get(group, {}), k) for k in FIELDS[group]}
+        if "vsock" in devices:
+            out["vsock"] = dict(devices["vsock"])
+        return out
+
+
+def _count(counters: dict[str, int], key: str) -> int:
+    return counters.get(key, 0)
 
 
 def _key(method: str, resource: str) -> str:

@@ -42,6 +42,7 @@ class Serial:
     def __init__(self, out: Callable[[bytes], object] | None, irq: Callable[[], None]) -> None:
         self._out = out
         self._irq = irq
+        self.counters: collections.Counter[str] = collections.Counter()     # Firecracker's "uart" metrics
         self._lock = threading.Lock()
         self._rx: collections.deque[int] = collections.deque()
         self.ier = 0
@@ -112,6 +113,7 @@ class Serial:
                 if self.lcr & LCR_DLAB:
                     return self.dll
                 value = self._rx.popleft() if self._rx else 0
+                self.counters["read_count"] += 1
                 return value
             if offset == IER:
                 return self.dlm if self.lcr & LCR_DLAB else self.ier
@@ -167,6 +169,7 @@ class Serial:
             elif offset == SCR:
                 self.scr = value
         if out is not None and self._out is not None:
+            self.counters["write_count"] += len(out)
             self._out(out)
         if fire:
             self._irq()

@@ -160,9 +160,14 @@ class Balloon(VirtioDevice):
         used = False
         for chain in self.chains(queue):
             if index == 0:
+                self.counters["inflate_count"] += 1
                 self._inflate(chain, mem)
             elif index == self.reporting_queue:
+                self.counters["free_page_report_count"] += 1
+                self.counters["free_page_report_freed"] += sum(chain.lengths)
                 self._report(chain, mem)
+            else:
+                self.counters["deflate_count"] += 1
             queue.add_used(chain, 0)        # deflate: the guest takes its pages back as they are
             used = True
         if used:
@@ -202,6 +207,7 @@ class Balloon(VirtioDevice):
                 tag, value = _STAT.unpack_from(data, at)
                 if tag < len(STAT_NAMES):
                     stats[STAT_NAMES[tag]] = value
+            self.counters["stats_updates_count"] += 1
             with self._lock:
                 previous, self._stats_chain = self._stats_chain, chain
                 self.state.stats = stats

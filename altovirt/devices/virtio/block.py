@@ -172,13 +172,22 @@ class Block(VirtioDevice):
         requests = []
         assert self.active is not None
         mem, queue, limiter = self.active.mem, self.active.queues[0], self.rate_limiter
+        counters = self.counters
+        counters["queue_event_count"] += 1
         try:
             for chain in self.chains(queue):
                 request = _parse(chain, mem)
-                if limiter.active and not limiter.consume(_data_bytes(request)):
+                size = _data_bytes(request)
+                if limiter.active and not limiter.consume(size):
                     queue.undo_pop()
+                    counters["rate_limiter_throttled_events"] += 1
                     break
                 requests.append(request)
+                kind = _COUNTED.get(request.kind)
+                if kind is not None:
+                    counters[f"{kind}_count"] += 1
+                    if kind != "flush":
+                        counters[f"{kind}_bytes"] += size
         except QueueError as e:
             self.fail(str(e))
         if not requests:
@@ -313,6 +322,9 @@ class Block(VirtioDevice):
         self._wait_idle()
         if self.image is not None:
             self.image.close()
+
+
+_COUNTED = {VIRTIO_BLK_T_IN: "read", VIRTIO_BLK_T_OUT: "write", VIRTIO_BLK_T_FLUSH: "flush"}
 
 
 def _data_bytes(r: Request) -> int:

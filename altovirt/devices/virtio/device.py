@@ -8,6 +8,7 @@ runs on the I/O thread; a device that finds a queue malformed calls
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -153,6 +154,9 @@ class VirtioDevice:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # Firecracker's metrics counters for this device, by name; whoever reports them swaps
+        # in a new Counter (see vmm/metrics.py), so a count is in one report.
+        self.counters: collections.Counter[str] = collections.Counter()
         self.config = bytearray()
         self.features = 0               # what the driver accepted
         self.active: Active | None = None

@@ -227,10 +227,14 @@ class Net(VirtioDevice):
                 if chain.readable_count != len(chain.lengths):
                     self.fail("transmit chain with device-writable buffers")
                     break
-                if self.tx_rate_limiter.active and not self.tx_rate_limiter.consume(sum(chain.lengths)):
+                size = sum(chain.lengths)
+                if self.tx_rate_limiter.active and not self.tx_rate_limiter.consume(size):
                     queue.undo_pop()        # sent when the limiter's timer says so
+                    self.counters["tx_rate_limiter_throttled"] += 1
                     stalled = True
                     break
+                self.counters["tx_packets_count"] += 1
+                self.counters["tx_bytes_count"] += size - VNET_HDR_SIZE
                 if self.mmds is not None and self._to_mmds(chain.views):
                     queue.add_used(chain, 0)
                     sent = True
@@ -327,11 +331,14 @@ class Net(VirtioDevice):
                     n = len(frame)
                 if self.rx_rate_limiter.active and not self.rx_rate_limiter.consume(n):
                     # Not the guest's yet: the frame waits, aside, for the limiter's timer.
+                    self.counters["rx_rate_limiter_throttled"] += 1
                     self._rx_deferred = frame if frame is not None else read_at(views, n)
                     break
                 if frame is not None:
                     write_at(views, 0, frame)
                 self._use_held(queue, n)
+                self.counters["rx_packets_count"] += 1
+                self.counters["rx_bytes_count"] += n - VNET_HDR_SIZE
                 delivered = True
         except QueueError as e:
             self.fail(str(e))

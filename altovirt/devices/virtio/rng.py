@@ -72,6 +72,7 @@ class Rng(VirtioDevice):
             room = chain.writable_len
             if self.rate_limiter.active and not self.rate_limiter.consume(room):
                 queue.undo_pop()
+                self.counters["entropy_rate_limiter_throttled"] += 1
                 break
             give = self._allowance(room)
             if not give:
@@ -86,6 +87,8 @@ class Rng(VirtioDevice):
                 if written == give:
                     break
             queue.add_used(chain, give)
+            self.counters["entropy_event_count"] += 1
+            self.counters["entropy_bytes"] += give
             used = True
         if used:
             interrupt.signal_used(queue)
