@@ -22,7 +22,7 @@ import time
 from typing import Protocol, cast
 
 from .api import serve_qmp
-from .api.firecracker import FirecrackerApi
+from .api.firecracker import FirecrackerApi, put_metadata
 from .api.http import HttpServer
 from .backends import BackendError
 from .config.firecracker import LOG_LEVELS, FirecrackerError, LoggerConfig, log_level
@@ -211,7 +211,7 @@ def _metadata(instance: Instance, path: str) -> None:
     except (ValueError, RecursionError) as e:
         raise UsageError(f"--metadata: {path}: not valid JSON ({e})") from e
     try:
-        instance.config.put_mmds(data)
+        put_metadata(instance.config, data)
     except AltoVirtError as e:
         raise UsageError(f"--metadata: {path}: {e}") from e
 

@@ -32,7 +32,7 @@ from ..config.firecracker import (
 )
 from ..config.model import PAGES_PER_MIB, MigrationUri, RateLimiterConfig
 from ..errors import AltoVirtError
-from ..mmds.store import LimitExceeded, StoreError
+from ..mmds.store import LimitExceeded, NotInitialized, StoreError, dumps, merge_patch
 from ..snapshot import format as snapfile
 from ..vmm import snapshot
 from ..vmm.actions import (
@@ -385,8 +385,21 @@ def _metadata_before(c: FirecrackerConfig, method: str, body: object) -> Respons
     if method == "GET":
         data = c.mmds.data if c.mmds is not None else None
         return Response(200, data if data is not None else {})
-    (c.patch_mmds if method == "PATCH" else c.put_mmds)(body)
+    put_metadata(c, body, patch=method == "PATCH")
     return Response(204)
+
+
+def put_metadata(c: FirecrackerConfig, data: object, *, patch: bool = False) -> None:
+    """MMDS's document before the start: ``data`` in place of it, or merged into it (RFC 7396);
+    MmdsLimitExceeded past its limit, FirecrackerError for a PATCH before any PUT."""
+    mmds = c.mmds_config()
+    if patch:
+        if mmds.data is None:
+            raise FirecrackerError(f"MMDS error: {NotInitialized()}")
+        data = merge_patch(mmds.data, data)
+    if len(dumps(data).encode()) > mmds.size_limit:
+        raise MmdsLimitExceeded()
+    mmds.data = data
 
 
 def _u32(value: int) -> int:

@@ -29,6 +29,7 @@ from .model import (
     MEM_MIN,
     MMDS_ADDRESS,
     MMDS_SIZE_LIMIT,
+    MMDS_VERSIONS,
     VSOCK_MAX_CID,
     VSOCK_MIN_CID,
     BalloonConfig,
@@ -43,7 +44,7 @@ from .model import (
     VmConfig,
     VsockConfig,
 )
-from .validate import check_mac, check_tap
+from .validate import check_mac, check_tap, link_local
 
 FC_VCPUS_MAX = 32                       # firecracker.yaml, MachineConfiguration.vcpu_count
 DEFAULT_MEM_MIB = 128                   # Firecracker's default machine
@@ -397,16 +398,14 @@ class FirecrackerConfig:
                                      free_page_reporting=b.get("free_page_reporting", False))
 
     def put_mmds_config(self, body: object) -> None:
-        from ..mmds.stack import link_local  # only for a VM with MMDS (start-up)
-        from ..mmds.store import VERSIONS
         m = fields("mmds-config", body, {"network_interfaces": list},
                    {"version": str, "ipv4_address": str, "imds_compat": bool})
-        if m.get("version", "V1") not in VERSIONS:
+        if m.get("version", "V1") not in MMDS_VERSIONS:
             raise FirecrackerError(f"{DESERIALIZE}: unknown variant `{m['version']}`, expected `V1` or `V2`.")
         address = m.get("ipv4_address", MMDS_ADDRESS)
         try:
             valid = link_local(address)
-        except ValueError as e:
+        except ConfigError as e:
             raise FirecrackerError(f"{DESERIALIZE}: invalid IPv4 address syntax.") from e
         if not valid:
             raise FirecrackerError(f"{MMDS_CONFIG_ERROR}The MMDS IPv4 address is not link local.")
@@ -425,27 +424,11 @@ class FirecrackerConfig:
         self.mmds = MmdsConfig(list(nics), m.get("version", "V1"), address, m.get("imds_compat", False),
                                self.mmds_size_limit, data)
 
-    def _mmds_store(self) -> MmdsConfig:
+    def mmds_config(self) -> MmdsConfig:
+        """MMDS's settings and document, made on first use (a PUT /mmds before any config)."""
         if self.mmds is None:
             self.mmds = MmdsConfig(size_limit=self.mmds_size_limit)
         return self.mmds
-
-    def put_mmds(self, data: object) -> None:
-        """PUT /mmds before the start (MmdsLimitExceeded past the store's limit)."""
-        from ..mmds.store import dumps
-        mmds = self._mmds_store()
-        if len(dumps(data).encode()) > mmds.size_limit:
-            raise MmdsLimitExceeded()
-        mmds.data = data
-
-    def patch_mmds(self, patch: object) -> None:
-        from ..mmds.store import dumps, merge_patch
-        if self.mmds is None or self.mmds.data is None:
-            raise FirecrackerError("MMDS error: The MMDS data store is not initialized.")
-        merged = merge_patch(self.mmds.data, patch)
-        if len(dumps(merged).encode()) > self.mmds.size_limit:
-            raise MmdsLimitExceeded()
-        self.mmds.data = merged
 
     def is_fresh(self) -> bool:
         """Nothing but the logger, metrics and MMDS is configured (what snapshot/load requires)."""

@@ -33,6 +33,7 @@ from .validate import (
     check_id,
     check_mac,
     check_tap,
+    link_local,
     parse_acpi,
     parse_bool,
     parse_int,
@@ -184,6 +185,8 @@ def from_dict(doc: Any) -> VmConfig:
         if m.get("version", "V1") not in ("V1", "V2"):
             raise ConfigError("mmds.version: expected V1 or V2")
         address = _str("mmds.ipv4_address", m.get("ipv4_address", MMDS_ADDRESS))
+        if not link_local(address):
+            raise ConfigError(f"mmds.ipv4_address: {address} is not in 169.254.1.0 to 169.254.254.255")
         cfg.mmds = MmdsConfig(nics, m.get("version", "V1"), address,
                               _bool("mmds.imds_compat", m.get("imds_compat", False)),
                               _int("mmds.size_limit", m.get("size_limit", MMDS_SIZE_LIMIT), 1, 1 << 31),

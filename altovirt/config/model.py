@@ -128,6 +128,7 @@ class BalloonConfig:
 
 MMDS_ADDRESS = "169.254.169.254"       # Firecracker's default (mmds/ns.rs)
 MMDS_SIZE_LIMIT = 51200                 # bytes: the API's largest body, Firecracker's default
+MMDS_VERSIONS = ("V1", "V2")
 
 
 @dataclass

@@ -92,6 +92,15 @@ def check_mac(where: str, value: str) -> str:
     return value.lower()
 
 
+def link_local(address: str) -> bool:
+    """Firecracker's rule for the MMDS address (utils/net/ipv4addr.rs): in 169.254.0.0/16 but
+    not its first or last /24. ConfigError if ``address`` is no dotted IPv4 address."""
+    parts = address.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts):
+        raise ConfigError(f"{address!r} is not an IPv4 address")
+    return parts[:2] == ["169", "254"] and int(parts[2]) not in (0, 255)
+
+
 def check_tap(where: str, value: str) -> str:
     if not _TAP.match(value):
         raise ConfigError(f"{where}: invalid tap name {value!r}; 1-15 characters, no '/' or spaces")

@@ -13,8 +13,8 @@ other ports) is dropped, as in Firecracker. Checksums of what the guest sends ar
 from __future__ import annotations
 
 import collections
-import ipaddress
 import os
+import socket
 import struct
 import time
 from collections import OrderedDict, deque
@@ -36,12 +36,6 @@ _ETH = struct.Struct("!6s6sH")
 _ARP = struct.Struct("!HHBBH6s4s6s4s")
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBBHHH")
-
-
-def link_local(address: str) -> bool:
-    """Firecracker's rule for the MMDS address: 169.254.0.0/16 but its first and last /24."""
-    ip = ipaddress.IPv4Address(address)
-    return ip in ipaddress.IPv4Network("169.254.0.0/16") and ip.packed[2] not in (0, 255)
 
 
 def _checksum(data: bytes) -> int:
@@ -70,7 +64,7 @@ class MmdsStack:
 
     def __init__(self, mmds: Mmds, address: str = MMDS_ADDRESS) -> None:
         self.mmds = mmds
-        self.ip = ipaddress.IPv4Address(address).packed
+        self.ip = socket.inet_aton(address)
         self.guest_mac = b"\xff" * 6
         self.outgoing: deque[bytes] = deque()     # Ethernet frames for the guest
         self.counters: collections.Counter[str] = collections.Counter()     # Firecracker's "mmds" metrics

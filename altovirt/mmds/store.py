@@ -18,8 +18,6 @@ from ..config.model import MMDS_SIZE_LIMIT
 from ..errors import AltoVirtError
 from .token import TokenAuthority
 
-VERSIONS = ("V1", "V2")
-
 
 class StoreError(AltoVirtError):
     """What the store says of a request it cannot do; the message is Firecracker's."""
