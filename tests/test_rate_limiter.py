@@ -167,8 +167,10 @@ def test_a_throttled_disk_resumes_on_its_timer(tmp_path: Path, io: EventLoop) ->
             assert time.monotonic() < deadline, f"{h.drv.used_idx()} of 20 done"
             time.sleep(0.001)
         took = time.monotonic() - start
-        assert first < 0.2
-        assert 1.5 - REFILL_TIMER <= took <= 1.5 + 2 * REFILL_TIMER, took
+        # The limit holds (never faster); the timer, not a notification, brought the rest in
+        # (without it they would wait for ever). The upper bounds leave room for a busy host.
+        assert first < 1.0, first
+        assert 1.5 - REFILL_TIMER <= took < 4, took
         assert h.dev.rate_limiter.throttled > 0 and not h.resets
     finally:
         h.close()
