@@ -321,7 +321,9 @@ def test_snapshot_create_and_load(probe: Path, disk: Path, tmp_path: Path, vms: 
     fc.ok("PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(disk), "is_root_device": True,
                                   "partuuid": "0eb5a0a3-01", "io_engine": "Async",
                                   "rate_limiter": {"bandwidth": bandwidth}})
+    fc.ok("PUT", "/balloon", {"amount_mib": 0, "deflate_on_oom": True, "stats_polling_interval_s": 1})
     start(fc, probe, "snapshot", vcpus=2, mem=256)
+    fc.ok("PATCH", "/balloon", {"amount_mib": 64})
     # A limiter changed at runtime (its other bucket kept), and the snapshot keeps both.
     fc.ok("PATCH", "/drives/data", {"drive_id": "data", "rate_limiter": {"ops": ops}})
     configured = fc.ok("GET", "/vm/config")
@@ -377,6 +379,9 @@ def test_snapshot_create_and_load(probe: Path, disk: Path, tmp_path: Path, vms: 
     config = fc3.ok("GET", "/vm/config")
     assert isinstance(config, dict) and "boot-source" not in config
     assert config["drives"] == configured["drives"] and config["machine-config"]["vcpu_count"] == 2
+    assert config["balloon"] == configured["balloon"] and config["balloon"]["amount_mib"] == 64    # kept
+    balloon = fc3.ok("GET", "/balloon/statistics")
+    assert isinstance(balloon, dict) and balloon["target_mib"] == 64        # the device's own state too
     assert config["drives"][0]["is_root_device"] and config["drives"][0]["io_engine"] == "Async"
     assert "not supported after starting" in fc3.fault(
         "PUT", "/snapshot/load", {"snapshot_path": str(state), "mem_file_path": str(memory)})
