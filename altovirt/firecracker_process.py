@@ -185,15 +185,20 @@ class Process:
             self.api.close(flush_timeout=1.0)
 
 
-def _from_file(instance: Instance, path: str) -> VmConfig:
-    """The VM of a ``--config-file``, checked (UsageError naming what is wrong)."""
+def _read_json(flag: str, path: str) -> object:
+    """The JSON document in the file a flag names (UsageError naming what is wrong)."""
     try:
         with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+            return json.load(f)
     except OSError as e:
-        raise UsageError(f"--config-file: {path}: {e.strerror}") from e
+        raise UsageError(f"{flag}: {path}: {e.strerror}") from e
     except (ValueError, RecursionError) as e:
-        raise UsageError(f"--config-file: {path}: not valid JSON ({e})") from e
+        raise UsageError(f"{flag}: {path}: not valid JSON ({e})") from e
+
+
+def _from_file(instance: Instance, path: str) -> VmConfig:
+    """The VM of a ``--config-file``, checked (UsageError naming what is wrong)."""
+    doc = _read_json("--config-file", path)
     try:
         instance.config.load_document(doc)
         return check_vm(instance.config.vm_config(instance.id))
@@ -203,13 +208,7 @@ def _from_file(instance: Instance, path: str) -> VmConfig:
 
 def _metadata(instance: Instance, path: str) -> None:
     """MMDS's first document, from ``--metadata`` (UsageError naming what is wrong)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise UsageError(f"--metadata: {path}: {e.strerror}") from e
-    except (ValueError, RecursionError) as e:
-        raise UsageError(f"--metadata: {path}: not valid JSON ({e})") from e
+    data = _read_json("--metadata", path)
     try:
         put_metadata(instance.config, data)
     except AltoVirtError as e:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from altovirt.eventloop import EventLoop
+
 ROOT = Path(__file__).resolve().parent.parent
 GUEST = ROOT / "guest"
 # The probe image for this host's architecture, in GUEST.
@@ -218,6 +220,15 @@ class Vm:
         while not self.lines.empty():
             self.seen.append(self.lines.get()[1])
         return self.proc.returncode, err.decode()
+
+
+@pytest.fixture
+def io() -> Iterator[EventLoop]:
+    """A running I/O event loop, as a device's (its timers, the rate limiter's and the balloon's)."""
+    loop = EventLoop("io")
+    loop.start()
+    yield loop
+    loop.stop()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,14 +80,6 @@ class Guest:
         self.dev.reset()
         os.close(self.irqfd)
         self.mem.close()
-
-
-@pytest.fixture
-def io() -> Iterator[EventLoop]:
-    loop = EventLoop("io")
-    loop.start()
-    yield loop
-    loop.stop()
 
 
 def test_inflated_pages_go_back_to_the_host(io: EventLoop) -> None:
@@ -178,6 +169,8 @@ def test_firecrackers_balloon_api(probe: Path, tmp_path: Path, vms: list[Vm]) ->
     assert "stats are disabled" in fc.fault("GET", "/balloon/statistics")
     assert "cannot be enabled/disabled" in fc.fault("PATCH", "/balloon/statistics",
                                                     {"stats_polling_interval_s": 5})
+    assert "invalid value: integer `-1`, expected u16" in fc.fault("PATCH", "/balloon/statistics",
+                                                                   {"stats_polling_interval_s": -1})
     assert "not supported after starting" in fc.fault("PUT", "/balloon",
                                                       {"amount_mib": 1, "deflate_on_oom": False})
     assert "AltoVirt does not support" in fc.fault("PATCH", "/balloon/hinting/start")

@@ -29,6 +29,7 @@ from ..config.firecracker import (
     fields,
     not_supported,
     rate_limiter_patch,
+    unsigned,
 )
 from ..config.model import PAGES_PER_MIB, MigrationUri, RateLimiterConfig
 from ..errors import AltoVirtError
@@ -192,10 +193,10 @@ class FirecrackerApi:
         """A running balloon's new target, or statistics polling interval."""
         if found.operation == "patch_balloon":
             b = fields("balloon", _json(request), {"amount_mib": int}, {})
-            action: SetBalloon | SetBalloonStats = SetBalloon(_u32(b["amount_mib"]) * PAGES_PER_MIB)
+            action: SetBalloon | SetBalloonStats = SetBalloon(unsigned(b["amount_mib"], 32) * PAGES_PER_MIB)
         else:
             b = fields("balloon statistics", _json(request), {"stats_polling_interval_s": int}, {})
-            action = SetBalloonStats(b["stats_polling_interval_s"])
+            action = SetBalloonStats(unsigned(b["stats_polling_interval_s"], 16))
         machine = self.instance.running()
         if self.instance.config.balloon is None:
             raise FirecrackerError(NO_BALLOON)
@@ -400,12 +401,6 @@ def put_metadata(c: FirecrackerConfig, data: object, *, patch: bool = False) -> 
     if len(dumps(data).encode()) > mmds.size_limit:
         raise MmdsLimitExceeded()
     mmds.data = data
-
-
-def _u32(value: int) -> int:
-    if not 0 <= value < 1 << 32:
-        raise FirecrackerError(f"{DESERIALIZE}: invalid value: integer `{value}`, expected u32.")
-    return value
 
 
 def _refuse(what: str) -> Callable[[Request, Route], Response]:

@@ -149,6 +149,14 @@ def fields(where: str, body: object, required: Mapping[str, Types],
     return out
 
 
+def unsigned(value: int, bits: int, where: str = "") -> int:
+    """``value`` if it fits Rust's u``bits``; else serde's words for it (``where`` after them)."""
+    if not 0 <= value < 1 << bits:
+        raise FirecrackerError(f"{DESERIALIZE}: invalid value: integer `{value}`, expected u{bits}"
+                               f"{f' ({where})' if where else ''}.")
+    return value
+
+
 def check_fc_id(where: str, value: str) -> str:
     if not _FC_ID.match(value):
         raise FirecrackerError(f"{where}: API Resource IDs can only contain alphanumeric characters and "
@@ -166,9 +174,7 @@ def rate_limiter_patch(where: str, value: object) -> dict[str, TokenBucketConfig
         known = {k: v for k, v in bucket.items() if k in ("size", "refill_time", "one_time_burst")}
         b = fields(f"{where}.{kind}", known, {"size": int, "refill_time": int}, {"one_time_burst": int})
         for key, number in b.items():
-            if isinstance(number, bool) or not 0 <= number < 1 << 64:
-                raise FirecrackerError(f"{DESERIALIZE}: invalid value: integer `{number}`, expected u64 "
-                                       f"({where}.{kind}.{key}).")
+            unsigned(number, 64, f"{where}.{kind}.{key}")
         patch[kind] = TokenBucketConfig(b["size"], b["refill_time"], b.get("one_time_burst", 0)) \
             if b["size"] and b["refill_time"] else None
     return patch
@@ -384,10 +390,8 @@ class FirecrackerConfig:
     def put_balloon(self, body: object) -> None:
         b = fields("balloon", body, {"amount_mib": int, "deflate_on_oom": bool},
                    {"stats_polling_interval_s": int, "free_page_hinting": bool, "free_page_reporting": bool})
-        for key, top in (("amount_mib", 1 << 32), ("stats_polling_interval_s", 1 << 16)):
-            if key in b and not 0 <= b[key] < top:
-                raise FirecrackerError(f"{DESERIALIZE}: invalid value: integer `{b[key]}`, expected "
-                                       f"u{top.bit_length() - 1}.")
+        unsigned(b["amount_mib"], 32)
+        unsigned(b.get("stats_polling_interval_s", 0), 16)
         if b.get("free_page_hinting"):
             raise not_supported("free page hinting (free_page_hinting); free_page_reporting gives the "
                                 "guest's free pages back")

@@ -11,6 +11,7 @@ from .model import (
     IO_ENGINES,
     MMDS_ADDRESS,
     MMDS_SIZE_LIMIT,
+    MMDS_VERSIONS,
     VCPUS_MAX,
     VCPUS_MIN,
     VSOCK_MAX_CID,
@@ -182,8 +183,8 @@ def from_dict(doc: Any) -> VmConfig:
                  {"version", "ipv4_address", "imds_compat", "size_limit", "data"})
         nics = [_str("mmds.network_interfaces[]", n) for n in _list("mmds.network_interfaces",
                                                                      m["network_interfaces"])]
-        if m.get("version", "V1") not in ("V1", "V2"):
-            raise ConfigError("mmds.version: expected V1 or V2")
+        if m.get("version", "V1") not in MMDS_VERSIONS:
+            raise ConfigError(f"mmds.version: expected one of {', '.join(MMDS_VERSIONS)}")
         address = _str("mmds.ipv4_address", m.get("ipv4_address", MMDS_ADDRESS))
         if not link_local(address):
             raise ConfigError(f"mmds.ipv4_address: {address} is not in 169.254.1.0 to 169.254.254.255")

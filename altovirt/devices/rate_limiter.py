@@ -90,7 +90,6 @@ class RateLimiter:
         self.bandwidth: TokenBucket | None = None
         self.ops: TokenBucket | None = None
         self.blocked = False
-        self.throttled = 0                  # takes refused (Firecracker's rate_limiter_throttled_events)
         self._on_unblocked = on_unblocked
         self._io: EventLoop | None = None
         self._timer = 0                     # the current block's number: older timers do nothing
@@ -116,7 +115,6 @@ class RateLimiter:
         """Take ``ops`` operations and ``nbytes`` bytes, both or neither; False (and blocked
         until the timer) if the buckets cannot give them now."""
         if self.blocked:
-            self.throttled += 1
             return False
         wait = 0.0
         if self.ops is not None:
@@ -136,7 +134,6 @@ class RateLimiter:
         return True
 
     def _refuse(self, delay: float) -> bool:
-        self.throttled += 1
         self._block(delay)
         return False
 

@@ -128,7 +128,7 @@ class Metrics:
     def _device_groups(self, devices: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
         """Firecracker's device groups: each device's own, and the sums of the disks' and NICs'."""
         vcpu = devices.pop("vcpu", {})
-        out: dict[str, dict[str, int]] = {"vcpu": {k: _count(vcpu, k) - self._vcpu_before.get(k, 0)
+        out: dict[str, dict[str, int]] = {"vcpu": {k: vcpu.get(k, 0) - self._vcpu_before.get(k, 0)
                                                    for k in FIELDS["vcpu"]}}
         self._vcpu_before = vcpu
         for total in ("block", "net"):
@@ -136,14 +136,10 @@ class Metrics:
             out[total] = {k: sum(c.get(k, 0) for c in own.values()) for k in FIELDS[total]}
             out.update({g: {k: c.get(k, 0) for k in FIELDS[total]} for g, c in own.items()})
         for group in ("mmds", "balloon", "entropy", "uart"):
-            out[group] = {k: _count(devices.get(group, {}), k) for k in FIELDS[group]}
+            out[group] = {k: devices.get(group, {}).get(k, 0) for k in FIELDS[group]}
         if "vsock" in devices:
             out["vsock"] = dict(devices["vsock"])
         return out
-
-
-def _count(counters: dict[str, int], key: str) -> int:
-    return counters.get(key, 0)
 
 
 def _key(method: str, resource: str) -> str:

@@ -15,7 +15,6 @@ import logging
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ...config.model import PAGES_PER_MIB, BalloonConfig
 from ...errors import AltoVirtError
@@ -45,13 +44,6 @@ class BalloonError(AltoVirtError):
     """A change the balloon cannot take."""
 
 
-@dataclass
-class BalloonState:
-    """The guest's last statistics (what it holds is in the configuration space, ``actual``)."""
-
-    stats: dict[str, int] = field(default_factory=dict)
-
-
 class Balloon(VirtioDevice):
     device_id = VIRTIO_ID_BALLOON
 
@@ -59,7 +51,7 @@ class Balloon(VirtioDevice):
         """``on_actual(pages)``: the guest says it holds this many pages now (QMP's BALLOON_CHANGE)."""
         super().__init__(name)
         self.cfg = cfg
-        self.state = BalloonState()
+        self._stats: dict[str, int] = {}        # the guest's last (what it holds is in config)
         self._on_actual = on_actual
         queues = 2 + (1 if cfg.stats_polling_interval_s else 0) + (1 if cfg.free_page_reporting else 0)
         self.queue_sizes = (QUEUE_SIZE,) * queues
@@ -122,7 +114,7 @@ class Balloon(VirtioDevice):
         """Firecracker's statistics (target and actual, in pages and MiB, then the guest's
         figures), and the settings."""
         with self._lock:
-            stats = dict(self.state.stats)
+            stats = dict(self._stats)
         target, actual = self.target_pages, self.actual_pages
         return {"target_pages": target, "actual_pages": actual, "target_mib": target // PAGES_PER_MIB,
                 "actual_mib": actual // PAGES_PER_MIB, **stats}
@@ -210,7 +202,7 @@ class Balloon(VirtioDevice):
             self.counters["stats_updates_count"] += 1
             with self._lock:
                 previous, self._stats_chain = self._stats_chain, chain
-                self.state.stats = stats
+                self._stats = stats
             if previous is not None:    # a driver that posts two: the older goes back (5.5.6.3)
                 queue.add_used(previous, 0)
                 assert self.active is not None

@@ -29,7 +29,7 @@ class Rng(VirtioDevice):
         """``rate_limiter``: Firecracker's, each request taking an operation and its buffer's
         bytes (besides, or instead of, QEMU's ``max_bytes`` per period)."""
         super().__init__(name)
-        self.rate_limiter = RateLimiter(rate_limiter, self._next_period)
+        self.rate_limiter = RateLimiter(rate_limiter, self._unthrottled)
         self.max_bytes = max_bytes
         self.period = period_ms / 1000
         self._window_start = 0.0
@@ -58,6 +58,9 @@ class Rng(VirtioDevice):
 
     def _next_period(self) -> None:
         self._waiting = False
+        self._unthrottled()
+
+    def _unthrottled(self) -> None:
         if self.active is not None and not self.broken:
             self.queue_notify(0)
 
