@@ -60,8 +60,7 @@ from .http import Request, Response, fault
 APP_NAME = "AltoVirt"
 VERSION = {"firecracker_version": FIRECRACKER_API_VERSION}
 # What AltoVirt does not have, by resource (a path's first segment).
-UNSUPPORTED_RESOURCES = {"hotplug": UNSUPPORTED["memory-hotplug"],
-                         **{k: UNSUPPORTED[k] for k in ("cpu-config", "pmem")}}
+UNSUPPORTED_RESOURCES = {"hotplug": UNSUPPORTED["memory-hotplug"], "pmem": UNSUPPORTED["pmem"]}
 NO_BALLOON = "Balloon config error: No balloon device found."
 # Firecracker hot-plugs drives and NICs (PUT and DELETE after the start) on PCI only
 # (device_manager/mod.rs); AltoVirt's are virtio-mmio, hot-plugged through QMP (--qmp).
@@ -92,6 +91,7 @@ class FirecrackerApi:
             "get_vm_config": lambda r, route: Response(200, self._export()),
             "put_boot_source": cfg(lambda c, b, route: c.put_boot_source(b)),
             "put_machine_config": cfg(lambda c, b, route: c.put_machine_config(b)),
+            "put_cpu_config": cfg(lambda c, b, route: c.put_cpu_config(b)),
             "patch_machine_config": cfg(lambda c, b, route: c.put_machine_config(b, partial=True)),
             "put_drive": self._put_device(lambda c, b, route: c.put_drive(route.id, b)),
             "put_network_interface": self._put_device(

@@ -25,8 +25,14 @@ The VM and its vCPUs
                                             is registered, before any vCPU; KvmError. Returns
                                             what the firmware describes of them (an arm64
                                             board's GIC version and regions; None on a PC)
-    setup_vcpus(kvm, vcpus) -> list[int]    every vCPU's CPU model and power-on registers;
-                                            returns the registers the power-on state keeps
+    cpu_template(spec, kvm) -> CpuTemplate  the CPU template a VM starts with: a static one's
+                                            modifiers, once it is known to suit the host's CPU;
+                                            VmmError in Firecracker's words if it does not
+    setup_vcpus(kvm, vcpus, template) -> list[int]
+                                            every vCPU's CPU model (``template`` applied) and
+                                            power-on registers; returns the registers the
+                                            power-on state keeps; VmmError if KVM lacks what
+                                            the template changes
     setup_boot_regs(vcpu, plan)             the boot vCPU at the kernel's entry
     read_clock(vm, vcpus) -> int            the guest's clock, held across a pause
     write_clock(vm, vcpus, value)           and set back, so the guest sees no jump
@@ -42,7 +48,8 @@ KVM's state (a reset's power-on state, a snapshot's "kvm" section)
     save_state(vm, vcpus, registers) -> PowerOnState
     restore_state(vm, vcpus, state, *, reset=False)    SavedStateError if it does not fit
     snapshot_registers(kvm, vcpu) -> list[int]         the registers a snapshot keeps
-    host_cpu(kvm, vcpu) -> dict             the host CPU as a snapshot's header records it
+    host_cpu(kvm, vcpu, template) -> dict   the host CPU as a snapshot's header records it: what
+                                            it gives a guest through ``template``
     check_cpu(saved, here)                  SavedStateError unless a guest saved on ``saved``
                                             can run on ``here``
 """
@@ -66,6 +73,7 @@ if MACHINE == "x86_64":
         PowerOnState,
         build_firmware,
         check_cpu,
+        cpu_template,
         create_irqchip,
         host_cpu,
         load_kernel,
@@ -92,6 +100,7 @@ elif MACHINE == "aarch64":
         PowerOnState,
         build_firmware,
         check_cpu,
+        cpu_template,
         create_irqchip,
         host_cpu,
         load_kernel,
@@ -121,6 +130,7 @@ __all__ = [
     "PowerOnState",
     "build_firmware",
     "check_cpu",
+    "cpu_template",
     "create_irqchip",
     "host_cpu",
     "load_kernel",

@@ -3,9 +3,8 @@
 The shapes and rules are those of Firecracker's OpenAPI description
 (``src/firecracker/swagger/firecracker.yaml``): unknown keys are refused,
 ``null`` stands for an absent optional value, resource ids hold letters,
-digits and ``_``. What AltoVirt does not have (MTU, SMT, CPU templates, huge pages, MMDS,
-balloon, pmem, memory hot-plug, a serial output file) is refused with a
-message that says so, never ignored.
+digits and ``_``. What AltoVirt does not have (SMT, huge pages, pmem, memory
+hot-plug) is refused with a message that says so, never ignored.
 :class:`FirecrackerConfig` collects a VM's settings before it starts and
 turns them into a :class:`VmConfig`.
 """
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import re
 import socket
@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import cpu_template
+from .cpu_template import CpuTemplateSpec
 from .keys import KeyProblem, Problem, Types, find_key_problem
 from .model import (
     IO_ENGINES,
@@ -51,9 +53,7 @@ DEFAULT_MEM_MIB = 128                   # Firecracker's default machine
 _FC_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 DESERIALIZE = "An error occurred when deserializing the json body of a request"
 # Sections of Firecracker's configuration that AltoVirt does not have, and how it says so.
-UNSUPPORTED = {
-    "cpu-config": "custom CPU templates", "pmem": "virtio-pmem", "memory-hotplug": "memory hot-plug",
-}
+UNSUPPORTED = {"pmem": "virtio-pmem", "memory-hotplug": "memory hot-plug"}
 
 
 class FirecrackerError(ConfigError):
@@ -248,6 +248,7 @@ class FirecrackerConfig:
     mmds_size_limit: int = MMDS_SIZE_LIMIT          # --mmds-size-limit
     balloon: BalloonConfig | None = None
     serial_out_path: str | None = None
+    cpu_template: CpuTemplateSpec = None
 
     # --- the API's bodies ---
     def put_boot_source(self, body: object) -> None:
@@ -275,12 +276,23 @@ class FirecrackerConfig:
                                    f"{MEM_MIN // MiB} MiB.")
         if m.get("smt"):
             raise not_supported("SMT (simultaneous multithreading) in its CPU topology")
-        if m.get("cpu_template", "None") != "None":
-            raise not_supported(f"CPU templates (cpu_template {m['cpu_template']!r})")
+        if "cpu_template" in m:
+            try:
+                # The last of a static template and a custom one configured is the VM's.
+                self.cpu_template = cpu_template.parse_static(m["cpu_template"])
+            except ConfigError as e:
+                raise FirecrackerError(f"{DESERIALIZE}: {e}.") from e
         if m.get("huge_pages", "None") != "None":
             raise not_supported(f"huge pages (huge_pages {m['huge_pages']!r})")
         self.vcpu_count, self.mem_size_mib = vcpus, mem
         self.track_dirty_pages = m.get("track_dirty_pages", False if not partial else self.track_dirty_pages)
+
+    def put_cpu_config(self, body: object) -> None:
+        """A custom CPU template (Firecracker's CustomCpuTemplate), in place of any other."""
+        try:
+            self.cpu_template = cpu_template.parse(body)
+        except ConfigError as e:
+            raise FirecrackerError(f"{DESERIALIZE}: {e}.") from e
 
     def put_drive(self, path_id: str, body: object) -> None:
         d = fields("drive", body, {"drive_id": str, "is_root_device": bool},
@@ -454,6 +466,7 @@ class FirecrackerConfig:
         self.entropy = cfg.rng
         self.mmds = cfg.mmds
         self.balloon = cfg.balloon
+        self.cpu_template = cfg.cpu_template
 
     # --- whole documents ---
     def load_document(self, doc: object) -> None:
@@ -469,7 +482,8 @@ class FirecrackerConfig:
             put = {"boot-source": self.put_boot_source, "machine-config": self.put_machine_config,
                    "vsock": self.put_vsock, "entropy": self.put_entropy, "logger": self.put_logger,
                    "metrics": self.put_metrics, "mmds-config": self.put_mmds_config,
-                   "balloon": self.put_balloon, "serial": self.put_serial}.get(key)
+                   "balloon": self.put_balloon, "serial": self.put_serial,
+                   "cpu-config": self._cpu_config_section}.get(key)
             if put is not None:
                 put(value)
             elif key in ("drives", "network-interfaces"):
@@ -484,14 +498,27 @@ class FirecrackerConfig:
             else:
                 accepted = ", ".join(sorted({"boot-source", "machine-config", "drives", "network-interfaces",
                                              "vsock", "entropy", "logger", "metrics", "mmds-config",
-                                             "balloon", "serial", *UNSUPPORTED}))
+                                             "balloon", "serial", "cpu-config", *UNSUPPORTED}))
                 raise FirecrackerError(f"unknown configuration section {key!r}; accepted: {accepted}")
+
+    def _cpu_config_section(self, value: object) -> None:
+        """``cpu-config``: a custom CPU template, or the path of a file that holds one."""
+        if isinstance(value, str):
+            try:
+                with open(value, encoding="utf-8") as f:
+                    value = json.load(f)
+            except (OSError, ValueError, RecursionError) as e:
+                why = os_error(e) if isinstance(e, OSError) else f"not valid JSON ({e})"
+                raise FirecrackerError(f"cpu-config: {value}: {why}") from e
+        self.put_cpu_config(value)
 
     def export(self) -> dict[str, Any]:
         """GET /vm/config's FullVmConfiguration."""
         out: dict[str, Any] = {
             "machine-config": {"vcpu_count": self.vcpu_count, "mem_size_mib": self.mem_size_mib, "smt": False,
-                               "track_dirty_pages": self.track_dirty_pages, "huge_pages": "None"},
+                               "track_dirty_pages": self.track_dirty_pages, "huge_pages": "None",
+                               **({"cpu_template": self.cpu_template}
+                                  if isinstance(self.cpu_template, str) else {})},
             "drives": [{"drive_id": k, "partuuid": d.partuuid, "is_root_device": d.is_root_device,
                         "cache_type": d.cache_type, "is_read_only": d.drive.read_only,
                         "path_on_host": d.drive.path, "io_engine": d.drive.io_engine,
@@ -537,7 +564,7 @@ class FirecrackerConfig:
                         vcpus=self.vcpu_count, mem_size=self.mem_size_mib * MiB,
                         drives=[d.drive for d in drives], nets=list(self.nets.values()), vsock=self.vsock,
                         rng=self.entropy, mmds=self.mmds, balloon=self.balloon, serial_stdio=True,
-                        serial_out_path=self.serial_out_path)
+                        serial_out_path=self.serial_out_path, cpu_template=self.cpu_template)
 
 
 def export_balloon(b: BalloonConfig) -> dict[str, Any]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
 
+from . import cpu_template
+from .cpu_template import CpuTemplateSpec
 from .keys import check_keys
 from .model import (
     IO_ENGINES,
@@ -43,7 +46,7 @@ from .validate import (
 )
 
 SECTIONS = {"boot-source", "machine-config", "drive", "net", "console", "serial", "vsock", "rng",
-            "xenstore", "incoming", "mmds", "balloon"}
+            "xenstore", "incoming", "mmds", "balloon", "cpu-config"}
 
 
 def _obj(where: str, value: Any, required: set[str], optional: set[str]) -> dict[str, Any]:
@@ -84,6 +87,13 @@ def _bool(where: str, value: Any) -> bool:
     return parse_bool(where, value)
 
 
+def _cpu_template(where: str, parse: Callable[[Any], CpuTemplateSpec], value: Any) -> CpuTemplateSpec:
+    try:
+        return parse(value)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
 def load(path: str) -> VmConfig:
     """Parse the file at ``path`` into a VmConfig (not yet cross-checked)."""
     try:
@@ -113,7 +123,8 @@ def from_dict(doc: Any) -> VmConfig:
             cfg.initrd = _str(f"{w}.initrd_fs_path", bs["initrd_fs_path"])
     if "machine-config" in top:
         w = "machine-config"
-        mc = _obj(w, top[w], set(), {"name", "vcpu_count", "mem_size", "omit_vm_memory", "acpi"})
+        mc = _obj(w, top[w], set(),
+                  {"name", "vcpu_count", "mem_size", "omit_vm_memory", "acpi", "cpu_template"})
         if "name" in mc:
             cfg.name = _str(f"{w}.name", mc["name"])
         if "vcpu_count" in mc:
@@ -127,6 +138,14 @@ def from_dict(doc: Any) -> VmConfig:
             cfg.omit_vm_memory = _bool(f"{w}.omit_vm_memory", mc["omit_vm_memory"])
         if "acpi" in mc:
             cfg.acpi = parse_acpi(f"{w}.acpi", _bool(f"{w}.acpi", mc["acpi"]))
+        if "cpu_template" in mc:
+            cfg.cpu_template = _cpu_template(f"{w}.cpu_template", cpu_template.parse_static,
+                                             mc["cpu_template"])
+    if "cpu-config" in top:
+        if isinstance(cfg.cpu_template, str):
+            raise ConfigError("cpu-config: a custom CPU template and machine-config.cpu_template exclude "
+                              "each other")
+        cfg.cpu_template = _cpu_template("cpu-config", cpu_template.parse, top["cpu-config"])
     for i, d in enumerate(_list("drive", top.get("drive", []))):
         w = f"drive[{i}]"
         d = _obj(w, d, {"drive_id", "path_on_host"},
@@ -214,7 +233,9 @@ def to_dict(cfg: VmConfig) -> dict[str, Any]:
     what only concerns the process (API sockets, logging, -incoming) is left out."""
     doc: dict[str, Any] = {
         "machine-config": {"name": cfg.name, "vcpu_count": cfg.vcpus, "mem_size": cfg.mem_size,
-                           "omit_vm_memory": cfg.omit_vm_memory, "acpi": cfg.acpi},
+                           "omit_vm_memory": cfg.omit_vm_memory, "acpi": cfg.acpi,
+                           **({"cpu_template": cfg.cpu_template}
+                              if isinstance(cfg.cpu_template, str) else {})},
         "drive": [{"drive_id": d.id, "path_on_host": d.path, "read_only": d.read_only, "direct": d.direct,
                    **({"serial_num": d.serial} if d.serial else {}),
                    **({"io_engine": d.io_engine} if d.io_engine != "Sync" else {}),
@@ -246,6 +267,8 @@ def to_dict(cfg: VmConfig) -> dict[str, Any]:
                        "size_limit": m.size_limit, **({"data": m.data} if m.data is not None else {})}
     if cfg.xenstore:
         doc["xenstore"] = {"socket_path": cfg.xenstore, "domid": cfg.xen_domid}
+    if isinstance(cfg.cpu_template, cpu_template.CpuTemplate):
+        doc["cpu-config"] = cpu_template.export(cfg.cpu_template)
     return doc
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import EXIT_USAGE, AltoVirtError
+
+if TYPE_CHECKING:
+    from .cpu_template import CpuTemplateSpec
 
 # The host's machine, read once: a configuration may be made on a confined thread (an API
 # request), where uname is not among the allowed system calls.
@@ -192,6 +195,7 @@ class VmConfig:
     mmds: MmdsConfig | None = None
     balloon: BalloonConfig | None = None
     fs: FsConfig | None = None
+    cpu_template: CpuTemplateSpec = None  # a static template's name, or a custom one
     serial_stdio: bool = False
     serial_out_path: str | None = None   # with serial_stdio: output here, not to stdout (Firecracker's)
     api_channel: str | None = None

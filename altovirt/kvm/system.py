@@ -252,6 +252,7 @@ class Vcpu:
         self.run_map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
         self.run = S.kvm_run.from_buffer(self.run_map)
+        self.arm_features: list[int] = []     # arm64: KVM_ARM_VCPU_INIT's, the same at every re-init
 
     def _get(self, request: int, t: type) -> object:
         obj = t()

@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .. import arch
 from ..config import VmConfig
+from ..config.cpu_template import CpuTemplate
 from ..devices.virtio.block import WorkerPool
 from ..errors import VmmError
 from ..eventloop import EventLoop
 from ..kvm import Kvm, KvmError
+from ..kvm import ioctls as K
 from ..memory import GuestMemory
 from ..sandbox import seccomp
 from .boot import Boot, BootInputs
@@ -36,7 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def open_kvm(path: str = "/dev/kvm") -> Kvm:
+def open_kvm(path: str = "/dev/kvm", capabilities: Sequence[int] = ()) -> Kvm:
+    """KVM, with every capability the machine relies on; ``capabilities``: a CPU template's
+    changes to those (KVM_CAP_* numbers to need as well, and ``~cap`` to do without)."""
     try:
         kvm = Kvm(path)
     except FileNotFoundError as e:
@@ -45,9 +50,14 @@ def open_kvm(path: str = "/dev/kvm") -> Kvm:
         raise VmmError(f"{path}: permission denied; run as root or join the kvm group") from e
     except OSError as e:
         raise VmmError(f"{path}: {e.strerror or e}") from e
-    missing = kvm.missing_caps(arch.REQUIRED_CAPS)
-    if missing:
+    dropped = {~c for c in capabilities if c < 0}
+    missing = [name for name in arch.REQUIRED_CAPS if getattr(K, name) not in dropped]
+    missing = kvm.missing_caps(missing)
+    extra = [c for c in capabilities if c >= 0 and kvm.check_extension(c) <= 0]
+    if missing or extra:
         kvm.close()
+        if not missing:         # the template's own: Firecracker's words
+            raise VmmError(f"Kvm error: Missing KVM capabilities: {extra[0]:#x}")
         raise VmmError(f"KVM lacks capability {missing[0]}, which AltoVirt needs"
                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return kvm
@@ -108,8 +118,10 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
     snapshot holds (``cfg`` is its configuration), paused, not booted; SnapshotError if
     the snapshot does not fit."""
     with contextlib.ExitStack() as undo:
-        kvm = open_kvm()
+        spec = cfg.cpu_template
+        kvm = open_kvm(capabilities=spec.kvm_capabilities if isinstance(spec, CpuTemplate) else ())
         undo.callback(kvm.close)
+        template = arch.cpu_template(spec, kvm)
         vm = kvm.create_vm()
         undo.callback(vm.close)
         try:
@@ -147,7 +159,7 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
                             cfg.vcpu_thread_name) for i in range(cfg.vcpus)]
         for v in vcpus:
             undo.callback(v.vcpu.close)
-        registers = arch.setup_vcpus(kvm, [v.vcpu for v in vcpus])
+        registers = arch.setup_vcpus(kvm, [v.vcpu for v in vcpus], template)
 
         slots = devices.add_virtio_devices(functools.partial(devices_still, lifecycle, io),
                                            functools.partial(device_deleted, lifecycle))

@@ -85,7 +85,7 @@ def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[
         sections.append(Section("xenstore", xs.VERSION, xs.save(m.xenstore)))
     sections += [_section(f"virtio-mmio.{i}", t.save()) for i, t in enumerate(d.transports)]
     return {"machine": arch.MACHINE, "vcpus": len(m.vcpus), "memory_size": m.mem.size,
-            "cpu": arch.host_cpu(m.kvm, m.vcpus[0].vcpu)}, sections
+            "cpu": _host_cpu(m)}, sections
 
 
 def parse(header: dict[str, Any], sections: dict[str, Section]) -> VmState:
@@ -110,6 +110,11 @@ def parse(header: dict[str, Any], sections: dict[str, Section]) -> VmState:
                    sections.get("xenstore"))
 
 
+def _host_cpu(m: Machine) -> dict[str, Any]:
+    """What ``m``'s host CPU gives its guest (through the VM's CPU template)."""
+    return arch.host_cpu(m.kvm, m.vcpus[0].vcpu, arch.cpu_template(m.cfg.cpu_template, m.kvm))
+
+
 def check_memory_size(header: dict[str, Any], size: int) -> None:
     """SnapshotError unless the snapshot's RAM is ``size`` bytes, as this VM's is."""
     if header.get("memory_size") != size:
@@ -124,7 +129,7 @@ def _check_fits(m: Machine, state: VmState) -> None:
         raise SnapshotError(f"header: {header.get('vcpus')} vCPUs saved; this VM has {len(m.vcpus)} (-smp)")
     check_memory_size(header, m.mem.size)
     try:
-        arch.check_cpu(header.get("cpu"), arch.host_cpu(m.kvm, m.vcpus[0].vcpu))
+        arch.check_cpu(header.get("cpu"), _host_cpu(m))
     except SavedStateError as e:
         raise SnapshotError(f"header: {e}") from e
     board = m.devices.board_devices()

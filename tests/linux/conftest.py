@@ -178,15 +178,54 @@ class Netns:
 FIRECRACKER = [sys.executable, "-m", "altovirt.firecracker"]
 
 
-def curl(sock: Path, method: str, path: str, body: object = None) -> object:
-    """One request with curl; its JSON answer (None for 204). AssertionError unless 2xx."""
+def curl_status(sock: Path, method: str, path: str, body: object = None) -> tuple[int, object]:
+    """One request with curl: its status and JSON answer (None if empty)."""
     cmd = ["curl", "-sS", "-X", method, "--unix-socket", str(sock), "-w", "\n%{http_code}"]
     if body is not None:
         cmd += ["--data", json.dumps(body)]
     done = subprocess.run([*cmd, f"http://localhost{path}"], capture_output=True, text=True, timeout=120)
     text, _, code = done.stdout.rpartition("\n")
-    assert code in ("200", "204"), f"{method} {path}: {code} {text} {done.stderr}"
-    return json.loads(text) if text else None
+    assert code.isdigit(), f"{method} {path}: no answer: {done.stderr}"
+    return int(code), json.loads(text) if text else None
+
+
+def curl(sock: Path, method: str, path: str, body: object = None) -> object:
+    """One request with curl; its JSON answer (None for 204). AssertionError unless 2xx."""
+    code, answer = curl_status(sock, method, path, body)
+    assert code in (200, 204), f"{method} {path}: {code} {answer}"
+    return answer
+
+
+def firecracker_guest(d: Path, *args: str) -> tuple[guest.LinuxGuest, Path]:
+    """``altovirt-firecracker`` with its API at ``d``/api.sock and its log and serial console in
+    ``d``, once the socket is there."""
+    sock = d / "api.sock"
+    g = guest.LinuxGuest([*FIRECRACKER, "--api-sock", str(sock), "--log-path", str(d / "vmm.log"), *args],
+                         log_path=d / "serial.log")
+    try:
+        wait_socket(g, sock)
+    except BaseException:
+        g.close()
+        raise
+    return g, sock
+
+
+def start_firecracker_guest(g: guest.LinuxGuest, sock: Path, kernel: debian.Kernel, initrd: Path,
+                            *puts: tuple[str, object], vcpus: int = 2, mem_mib: int = 512,
+                            timeout: float = 400) -> None:
+    """Configure the guest (its boot source and machine, then each ``PUT`` path and body) with
+    curl, start it and wait for its shell; the guest closed if that fails."""
+    try:
+        curl(sock, "PUT", "/boot-source", {"kernel_image_path": str(kernel.vmlinuz),
+                                           "initrd_path": str(initrd), "boot_args": guest.APPEND})
+        curl(sock, "PUT", "/machine-config", {"vcpu_count": vcpus, "mem_size_mib": mem_mib})
+        for path, body in puts:
+            curl(sock, "PUT", path, body)
+        curl(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
+        g.wait_ready(timeout)
+    except BaseException:
+        g.close()
+        raise
 
 
 def wait_socket(g: guest.LinuxGuest, sock: Path) -> None:

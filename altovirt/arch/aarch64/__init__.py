@@ -3,8 +3,8 @@ map, KVM's in-kernel GICv3, architected timer and PSCI, booted as Linux's arm64 
 with a flattened device tree.
 
 The modules do the work: ``layout`` (the memory map, the virtio-mmio slots), ``boot`` (the
-kernel, initrd and device tree in RAM), ``fdt`` (the device tree), ``gic`` and ``regs``
-(the interrupt controller and the vCPUs), ``poweron`` (KVM's state). Here are the names the
+kernel, initrd and device tree in RAM), ``fdt`` (the device tree), ``gic``, ``regs`` and
+``cpu_templates`` (the interrupt controller and the vCPUs), ``poweron`` (KVM's state). Here are the names the
 interface exports, and the steps that only tie those modules together.
 """
 
@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ...config.cpu_template import CpuTemplate, CpuTemplateSpec
 from ...kvm import Kvm, KvmError, Vcpu, Vm
 from ..board import BoardDevice
-from . import gic, layout, regs
+from . import cpu_templates, gic, layout, regs
 from .boot import BootPlan, Firmware, KernelError, mpidr
 from .boot import prepare as load_kernel
 from .layout import POWER_BUTTON_LINE, mmio_slot, ram_regions
@@ -35,6 +36,7 @@ __all__ = [
     "PowerOnState",
     "build_firmware",
     "check_cpu",
+    "cpu_template",
     "create_irqchip",
     "host_cpu",
     "load_kernel",
@@ -94,10 +96,17 @@ def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> gic.Gic:
     return gic.create(vm, cpus, ram_end)
 
 
-def setup_vcpus(kvm: Kvm, vcpus: Sequence[Vcpu]) -> list[int]:
-    """Initialise every vCPU, then the GIC, which needs them all; returns the registers the
-    power-on state keeps: none, as a reset initialises the vCPUs again."""
-    regs.init_vcpus(vcpus)
+def cpu_template(spec: CpuTemplateSpec, kvm: Kvm) -> CpuTemplate:
+    """The template a VM starts with (see :func:`.cpu_templates.resolve`)."""
+    return cpu_templates.resolve(spec)
+
+
+def setup_vcpus(kvm: Kvm, vcpus: Sequence[Vcpu], template: CpuTemplate) -> list[int]:
+    """Initialise every vCPU (with ``template``'s features and registers), then the GIC, which
+    needs them all; returns the registers the power-on state keeps: none, as a reset
+    initialises the vCPUs again."""
+    regs.init_vcpus(vcpus, template.vcpu_features)
+    cpu_templates.apply_registers(vcpus, template)
     mpidrs = regs.mpidrs(vcpus)
     expected = [mpidr(i) for i in range(len(vcpus))]
     if mpidrs != expected:          # the device tree, written before the vCPUs existed, names these

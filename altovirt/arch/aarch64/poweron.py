@@ -59,9 +59,10 @@ def snapshot_registers(kvm: object, vcpu: Vcpu) -> list[int]:
     return vcpu.reg_list()
 
 
-def host_cpu(kvm: object, vcpu: Vcpu) -> dict[str, Any]:
+def host_cpu(kvm: object, vcpu: Vcpu, template: object) -> dict[str, Any]:
     """The host CPU as a snapshot's header records it: KVM's vCPU target, the MIDR_EL1 the
-    guest reads (which KVM will not let another CPU's VM take) and the GIC's version."""
+    guest reads (which KVM will not let another CPU's VM take, whatever the template) and
+    the GIC's version."""
     return {"target": vcpu.vm.arm_preferred_target().target, "midr": vcpu.get_one_reg(regs.MIDR_EL1),
             "gic": gic.version(vcpu.vm)}
 

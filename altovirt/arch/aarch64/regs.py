@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ...config.cpu_template import VCPU_INIT_WORDS, VcpuFeatures
 from ...kvm import Vcpu
 from ...kvm import structs as S
 
@@ -51,17 +52,27 @@ KVM_ARM_VCPU_PSCI_0_2 = 2        # PSCI 0.2 and later, in KVM
 MPIDR_AFFINITY_MASK = 0xFF_00FF_FFFF
 
 
-def init_vcpus(vcpus: Sequence[Vcpu]) -> None:
+def init_vcpus(vcpus: Sequence[Vcpu], features: Sequence[VcpuFeatures] | None = None) -> None:
     """KVM_ARM_VCPU_INIT every vCPU, at power-on and at each reset: the host's preferred
     target, PSCI, and, but for the boot vCPU (the first), powered off (the guest starts the
-    others with PSCI CPU_ON). Their registers go back to their reset values."""
+    others with PSCI CPU_ON); a CPU template's ``features`` filter those words (None: the
+    ones the vCPU was first initialised with, as KVM wants at a reset). Their registers go
+    back to their reset values."""
     if not vcpus:
         return
     target = vcpus[0].vm.arm_preferred_target().target
     for vcpu in vcpus:
+        if features is not None or not vcpu.arm_features:
+            words = [0] * VCPU_INIT_WORDS
+            words[0] = 1 << KVM_ARM_VCPU_PSCI_0_2
+            for f in features or ():
+                words[f.index] = f.bitmap.apply(words[f.index])
+            vcpu.arm_features = words
         init = S.kvm_vcpu_init(target=target)
-        off = 0 if vcpu.index == 0 else 1 << KVM_ARM_VCPU_POWER_OFF
-        init.features[0] = 1 << KVM_ARM_VCPU_PSCI_0_2 | off
+        for i, word in enumerate(vcpu.arm_features):
+            init.features[i] = word
+        if vcpu.index:
+            init.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF
         vcpu.arm_vcpu_init(init)
 
 

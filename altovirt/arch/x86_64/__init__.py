@@ -4,7 +4,7 @@ micro-VM with KVM's in-kernel PIC, IOAPIC, LAPICs and PIT, booted through Linux'
 
 The modules do the work: ``layout`` (the memory map, the virtio-mmio slots),
 ``loader`` and ``boot`` (the kernel and its boot structures), ``acpi`` and
-``mptable`` (the firmware tables), ``cpuid`` and ``regs`` (the vCPUs), ``poweron``
+``mptable`` (the firmware tables), ``cpuid``, ``cpu_templates`` and ``regs`` (the vCPUs), ``poweron``
 (KVM's state). Here are the names the interface exports, and the steps that only
 tie those modules together.
 """
@@ -15,12 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...acpi.tables import PowerRegisters, ResetRegister
-from ...kvm import Vcpu, Vm
+from ...config.cpu_template import CpuTemplate, CpuTemplateSpec
+from ...kvm import Kvm, Vcpu, Vm
 from ...kvm import structs as S
 from ..board import BoardDevice
 from . import acpi, layout
 from .boot import BootPlan, Firmware, setup_boot_regs, setup_vcpus
 from .boot import prepare as load_kernel
+from .cpu_templates import resolve as _resolve_template
 from .cpuid import check_cpu, host_cpu
 from .layout import VMGENID_ADDR, mmio_slot, ram_regions
 from .loader import KernelError
@@ -41,6 +43,7 @@ __all__ = [
     "PowerOnState",
     "build_firmware",
     "check_cpu",
+    "cpu_template",
     "create_irqchip",
     "host_cpu",
     "load_kernel",
@@ -83,6 +86,11 @@ def build_firmware(cpus: int, devices: FirmwareDevices, irqchip: object = None) 
     tables = None if devices.power is None else acpi.build(cpus, devices.dsdt, devices.power,
                                                            devices.boot_flags)
     return Firmware(tables, devices.reset)
+
+
+def cpu_template(spec: CpuTemplateSpec, kvm: Kvm) -> CpuTemplate:
+    """The template a VM starts with (see :func:`.cpu_templates.resolve`)."""
+    return _resolve_template(spec, kvm.supported_cpuid())
 
 
 def read_clock(vm: Vm, vcpus: Sequence[Vcpu]) -> int:

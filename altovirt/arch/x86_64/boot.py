@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...acpi.tables import ResetRegister
+from ...config.cpu_template import CpuTemplate
 from ...kvm import Kvm, Vcpu
 from ...kvm import structs as S
 from ...memory import GuestMemory
@@ -136,14 +137,17 @@ def setup_vcpu(vcpu: Vcpu, supported: list[S.kvm_cpuid_entry2], count: int, msrs
     regs.setup_lapic(vcpu)
 
 
-def setup_vcpus(kvm: Kvm, vcpus: Sequence[Vcpu]) -> list[int]:
-    """Every vCPU's CPUID, boot MSRs, FPU and LAPIC; returns the MSRs the power-on state must
-    keep (the boot MSRs the host accepted)."""
-    supported = kvm.supported_cpuid()
+def setup_vcpus(kvm: Kvm, vcpus: Sequence[Vcpu], template: CpuTemplate) -> list[int]:
+    """Every vCPU's CPUID (``template`` applied), boot MSRs (and the template's), FPU and LAPIC;
+    returns the MSRs the power-on state must keep (the boot MSRs the host accepted, and the
+    template's). VmmError if the template asks for what KVM does not have."""
+    supported = cpuid.apply_template(kvm.supported_cpuid(), template)
     msrs: dict[int, int] = {}
     for vcpu in vcpus:
         msrs = regs.set_boot_msrs(vcpu)
         setup_vcpu(vcpu, supported, len(vcpus), msrs)
+    if template.msr_modifiers and vcpus:
+        msrs = {**msrs, **cpuid.set_template_msrs(vcpus, template)}
     return list(msrs)
 
 

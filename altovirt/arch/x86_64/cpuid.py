@@ -8,9 +8,12 @@ kept as KVM reports them: PVM guests find their hypervisor through them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from ...kvm import Kvm, Vcpu
+from ...config.cpu_template import CpuTemplate
+from ...errors import VmmError
+from ...kvm import Kvm, KvmError, Vcpu
 from ...kvm import structs as S
 from ...persist import SavedStateError
 
@@ -27,6 +30,43 @@ FEATURE_LEAVES = {(1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (0xD, 0
 def _bits_for(n: int) -> int:
     """Width of an APIC ID field that numbers ``n`` items."""
     return max(0, (n - 1).bit_length())
+
+
+def apply_template(supported: list[S.kvm_cpuid_entry2], template: CpuTemplate) -> list[S.kvm_cpuid_entry2]:
+    """KVM's CPUID with ``template``'s modifiers applied (before each vCPU's own topology, as
+    Firecracker applies them); VmmError, in Firecracker's words, for a leaf KVM does not have."""
+    if not template.cpuid_modifiers:
+        return supported
+    out = [S.kvm_cpuid_entry2.from_buffer_copy(e) for e in supported]
+    leaves = {(e.function, e.index): e for e in out}
+    for m in template.cpuid_modifiers:
+        entry = leaves.get((m.leaf, m.subleaf))
+        if entry is None:
+            raise VmmError(f"System configuration error: Failed to create guest config: Template changes a "
+                           f"CPUID entry not supported by KVM: Leaf: {m.leaf:x}, Subleaf: {m.subleaf:x}")
+        entry.flags = m.flags
+        for register, bits in m.registers:
+            setattr(entry, register, bits.apply(getattr(entry, register)))
+    return out
+
+
+def set_template_msrs(vcpus: Sequence[Vcpu], template: CpuTemplate) -> dict[int, int]:
+    """Set the MSRs ``template`` changes, made from the first vCPU's, on every vCPU; returns
+    them. VmmError, in Firecracker's words, for one KVM does not have or will not take."""
+    where = "System configuration error: Failed to create guest config"
+    try:
+        have = vcpus[0].get_msrs([m.addr for m in template.msr_modifiers])
+        out = {}
+        for m in template.msr_modifiers:
+            if m.addr not in have:
+                raise VmmError(f"{where}: Template changes an MSR entry not supported by KVM: "
+                               f"Register Address: {m.addr:x}")
+            out[m.addr] = m.bitmap.apply(have[m.addr])
+        for vcpu in vcpus:
+            vcpu.set_msrs(out)
+    except KvmError as e:
+        raise VmmError(f"{where}: KVM vcpu ioctl failed: {e}") from e
+    return out
 
 
 def vcpu_cpuid(supported: list[S.kvm_cpuid_entry2], index: int, count: int) -> list[S.kvm_cpuid_entry2]:
@@ -60,9 +100,11 @@ def vcpu_cpuid(supported: list[S.kvm_cpuid_entry2], index: int, count: int) -> l
     return out
 
 
-def host_cpu(kvm: Kvm, vcpu: Vcpu) -> dict[str, Any]:
-    """The host CPU as a snapshot's header records it: vendor and the feature bits KVM offers."""
-    leaves = {(e.function, e.index): e for e in kvm.supported_cpuid()}
+def host_cpu(kvm: Kvm, vcpu: Vcpu, template: CpuTemplate) -> dict[str, Any]:
+    """The host CPU as a snapshot's header records it: vendor and the feature bits KVM offers
+    the guest through ``template`` (so a guest whose template hid a feature can move to a host
+    without it)."""
+    leaves = {(e.function, e.index): e for e in apply_template(kvm.supported_cpuid(), template)}
     zero = leaves[(0, 0)]
     vendor = b"".join(r.to_bytes(4, "little") for r in (zero.ebx, zero.edx, zero.ecx))
     features = {f"{leaf:#x}.{sub}": [getattr(leaves[(leaf, sub)], r) if (leaf, sub) in leaves else 0
