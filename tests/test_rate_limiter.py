@@ -5,6 +5,7 @@ in the nested test bed (tests/linux/test_rate_limiter.py)."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from altovirt.config import jsonconfig
 from altovirt.config.firecracker import FirecrackerConfig, FirecrackerError, export_rate_limiter, rate_limiter
-from altovirt.config.model import RateLimiterConfig, TokenBucketConfig
+from altovirt.config.model import ConfigError, RateLimiterConfig, TokenBucketConfig
+from altovirt.config.validate import check_vm
 from altovirt.devices.rate_limiter import REFILL_TIMER, RateLimiter, TokenBucket
 from altovirt.eventloop import EventLoop
 
@@ -165,3 +168,21 @@ def test_a_throttled_disk_resumes_on_its_timer(tmp_path: Path, io: EventLoop) ->
         assert h.dev.counters["rate_limiter_throttled_events"] > 0 and not h.resets
     finally:
         h.close()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"net": [{"iface_id": "n0", "host_dev_name": "tap9", "vhost": True,
+               "tx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}]},
+     "-netdev id=n0: vhost=on takes no rate limiter"),
+    ({"net": [{"iface_id": "n0", "host_dev_name": "tap9", "vhost": True}],
+      "mmds": {"network_interfaces": ["n0"]}}, "-netdev id=n0: vhost=on cannot carry MMDS"),
+])
+def test_a_vhost_nic_refuses_what_the_vmm_never_sees(extra: dict[str, object], message: str,
+                                                     tmp_path: Path) -> None:
+    """The host kernel moves a vhost NIC's frames, so a limiter or MMDS on it would do nothing:
+    refused, not ignored."""
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\0" * 64)
+    cfg = jsonconfig.from_dict({"boot-source": {"kernel_image_path": str(kernel)}, **extra})
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        check_vm(cfg)

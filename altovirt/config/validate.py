@@ -241,6 +241,14 @@ def check_vm(cfg: VmConfig) -> VmConfig:
     macs = [n.mac for n in cfg.nets if n.mac]
     if len(set(macs)) != len(macs):
         raise ConfigError("-netdev: the same MAC address is given twice")
+    for n in cfg.nets:
+        # The host kernel moves a vhost NIC's frames: the VMM never sees them to limit or answer.
+        if n.vhost and (n.rx_rate_limiter or n.tx_rate_limiter):
+            raise ConfigError(f"-netdev id={n.id}: vhost=on takes no rate limiter (the host kernel moves "
+                              "its frames); drop one or the other")
+        if n.vhost and cfg.mmds is not None and n.id in cfg.mmds.network_interfaces:
+            raise ConfigError(f"-netdev id={n.id}: vhost=on cannot carry MMDS (the host kernel moves its "
+                              "frames); name another NIC in mmds.network_interfaces")
     if cfg.console:
         check_new_path(f"-chardev id={cfg.console.id}", cfg.console.socket_path)
     if cfg.fs and not cfg.mem_share:
