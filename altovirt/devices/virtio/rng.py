@@ -73,13 +73,15 @@ class Rng(VirtioDevice):
                 self.fail("request without a device-writable buffer (5.4.6.1)")
                 return
             room = chain.writable_len
-            if self.rate_limiter.active and not self.rate_limiter.consume(room):
-                queue.undo_pop()
-                self.counters["entropy_rate_limiter_throttled"] += 1
-                break
             give = self._allowance(room)
             if not give:
                 queue.undo_pop()
+                break
+            # The window first: a request it holds back has taken no tokens from the limiter.
+            if self.rate_limiter.active and not self.rate_limiter.consume(room):
+                self._budget += give            # nor, held back here, bytes from the window
+                queue.undo_pop()
+                self.counters["entropy_rate_limiter_throttled"] += 1
                 break
             data = os.getrandom(give)
             written = 0
