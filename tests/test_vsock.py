@@ -323,3 +323,15 @@ def test_a_host_service_with_a_full_backlog_refuses_instead_of_stalling(bench: V
     assert _ops(replies, vvsock.OP_RESPONSE) == [5000, 5001]     # the backlog of 1 (Linux: one more)
     assert _ops(replies, vvsock.OP_RST) == [5002, 5003]
     server.close()
+
+
+def test_the_devices_counters_for_firecrackers_metrics(bench: VsockBench) -> None:
+    """Packets and bytes each way and the queues' notifications, as Firecracker's vsock metrics
+    name them: three requests to ports nobody serves, each answered with a reset."""
+    bench.send([(1000 + i, 7000, vvsock.OP_REQUEST, b"") for i in range(3)])
+    bench.send([(1003, 7000, vvsock.OP_RW, b"x" * 100)])      # to no connection: reset too
+    assert sorted(_ops(bench.drain(), vvsock.OP_RST)) == [1000, 1001, 1002, 1003]
+    counters = bench.dev.counters
+    sent, received = (counters["tx_packets_count"], counters["tx_bytes_count"]), counters["rx_packets_count"]
+    assert (sent, received) == ((4, 100), 4)
+    assert counters["tx_queue_event_count"] == 2 and counters["rx_queue_event_count"] >= 1

@@ -42,6 +42,10 @@ FIELDS: dict[str, tuple[str, ...]] = {k: tuple(v.split()) for k, v in {
         "free_page_hint_count free_page_hint_freed free_page_hint_fails",
     "entropy": "activate_fails entropy_event_fails entropy_event_count entropy_bytes host_rng_fails "
         "entropy_rate_limiter_throttled rate_limiter_event_count",
+    "vsock": "activate_fails cfg_fails rx_queue_event_fails tx_queue_event_fails ev_queue_event_fails "
+        "muxer_event_fails conn_event_fails rx_queue_event_count tx_queue_event_count rx_bytes_count "
+        "tx_bytes_count rx_packets_count tx_packets_count conns_added conns_killed conns_removed "
+        "killq_resync tx_flush_fails tx_write_fails rx_read_fails",
     "uart": "error_count flush_count missed_read_count missed_write_count read_count write_count "
         "rate_limiter_dropped_bytes",
     "vcpu": "exit_io_in exit_io_out exit_mmio_read exit_mmio_write failures kvmclock_ctrl_fails",

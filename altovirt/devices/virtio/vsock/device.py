@@ -64,7 +64,10 @@ class Vsock(VirtioDevice):
     def queue_notify(self, index: int) -> None:
         with self.muxer.lock:
             if index == TXQ:
+                self.counters["tx_queue_event_count"] += 1
                 self._transmit()
+            elif index == RXQ:
+                self.counters["rx_queue_event_count"] += 1
             self._deliver()
 
     def _deliver(self) -> None:
@@ -81,6 +84,7 @@ class Vsock(VirtioDevice):
             self.fail(str(e))
             return
         if queue.next_used != used:
+            self.counters["rx_packets_count"] += (queue.next_used - used) & 0xFFFF
             active.interrupt.signal_used(queue)
 
     def _transmit(self) -> None:
@@ -92,8 +96,11 @@ class Vsock(VirtioDevice):
             if chain.writable or len(header) < HDR_SIZE:
                 self.fail("vsock transmit chain is not a device-readable header and payload")
                 return
-            packet(HDR.unpack(header), views_from(chain.readable, HDR_SIZE))
+            payload = views_from(chain.readable, HDR_SIZE)
+            packet(HDR.unpack(header), payload)
             queue.add_used(chain, 0)
+            self.counters["tx_packets_count"] += 1
+            self.counters["tx_bytes_count"] += sum(len(v) for v in payload)
             used = True
         if used:
             interrupt.signal_used(queue)
