@@ -16,6 +16,7 @@ import pytest
 from altovirt.arch.x86_64 import layout
 from altovirt.backends import blockfile
 from altovirt.backends.blockfile import BlockFile
+from altovirt.backends.uring import Ring, unavailable
 from altovirt.config.model import RateLimiterConfig
 from altovirt.devices.virtio import block as vblk
 from altovirt.devices.virtio.device import Interrupt
@@ -87,11 +88,12 @@ def test_config_layout_and_constants() -> None:
 
 @needs_kvm
 @pytest.mark.parametrize("direct", ["on", "off"])
-def test_blk_read_write_flush(probe: Path, images: list[tuple[Path, bytes]], direct: str) -> None:
+@pytest.mark.parametrize("aio", ["threads", "io_uring"])
+def test_blk_read_write_flush(probe: Path, images: list[tuple[Path, bytes]], direct: str, aio: str) -> None:
     (p0, d0), (p1, d1), _ = images
     run = run_altovirt("-kernel", str(probe / "probe.elf"),
-                       "-drive", f"id=d0,file={p0},serial=SERIAL-0,direct={direct}",
-                       "-drive", f"id=d1,file={p1},readonly=on,direct={direct}",
+                       "-drive", f"id=d0,file={p0},serial=SERIAL-0,direct={direct},aio={aio}",
+                       "-drive", f"id=d1,file={p1},readonly=on,direct={direct},aio={aio}",
                        "-append", "probe.run=blk", "-serial", "stdio")
     assert run.returncode == 0, run.stderr
     assert run.report.tests == {"blk": "ok"} and run.report.line("blk disks") == "blk disks=2"
@@ -220,13 +222,14 @@ class Harness:
     """A Block device on a real image, driven in-process through a DriverQueue."""
 
     def __init__(self, img: Path, rate_limiter: RateLimiterConfig | None = None,
-                 io: EventLoop | None = None) -> None:
-        """``io``: the loop the device's rate limiter times itself on."""
+                 io: EventLoop | None = None, ring: Ring | None = None, direct: bool = False) -> None:
+        """``io``: the loop the device's rate limiter times itself on, and ``ring`` (io_engine
+        Async) reaps its completions on."""
         self.mem = GuestMemory(layout.ram_regions(128 << 20))
         self.pool = vblk.WorkerPool()
         self.pool.start()
-        self.dev = vblk.Block("d0", BlockFile(str(img), read_only=False, direct=False), self.pool,
-                              rate_limiter=rate_limiter)
+        self.dev = vblk.Block("d0", BlockFile(str(img), read_only=False, direct=direct), self.pool,
+                              rate_limiter=rate_limiter, ring=ring)
         self.irqfd = os.eventfd(0, os.EFD_NONBLOCK)
         self.resets: list[str] = []
         self.drv = DriverQueue(self.mem, 0x100000, 64)
@@ -236,14 +239,21 @@ class Harness:
         self.dev.activate(self.mem, [q], Interrupt(self.irqfd, self.resets.append), io)  # type: ignore[arg-type]
         self.slot = 0
 
-    def post_read(self, sector: int, length: int) -> tuple[int, int]:
-        """Queue a read (not yet notified); returns (data address, status address)."""
+    def post_read(self, sector: int, length: int, skew: int = 0) -> tuple[int, int]:
+        """Queue a read (not yet notified), its buffer ``skew`` bytes past a page; returns
+        (data address, status address)."""
+        return self.post(vblk.VIRTIO_BLK_T_IN, sector, length, skew)
+
+    def post(self, kind: int, sector: int, length: int, skew: int = 0) -> tuple[int, int]:
+        """Queue a request of ``kind`` (its data, for a write, to be put at the data address)."""
         base = 0x200000 + self.slot * 0x10000
         self.slot += 1
-        self.mem.write(base, vblk._HEADER.pack(vblk.VIRTIO_BLK_T_IN, 0, sector))
-        self.drv.publish(self.drv.chain([(base, 16, False), (base + 0x1000, length, True),
-                                         (base + 0x1000 + length, 1, True)]))
-        return base + 0x1000, base + 0x1000 + length
+        self.mem.write(base, vblk._HEADER.pack(kind, 0, sector))
+        data = base + 0x1000 + skew
+        writable = kind != vblk.VIRTIO_BLK_T_OUT
+        parts = [(base, 16, False), (data, length, writable)] if length else [(base, 16, False)]
+        self.drv.publish(self.drv.chain([*parts, (data + length, 1, True)]))
+        return data, data + length
 
     def run(self, expect_used: int) -> None:
         self.dev.queue_notify(0)
@@ -429,6 +439,58 @@ def test_io_error_becomes_ioerr(tmp_path: Path) -> None:
         assert not h.resets and os.eventfd_read(h.irqfd) >= 1
     finally:
         h.close()
+
+
+needs_uring = pytest.mark.skipif(unavailable() is not None,
+                                 reason=f"SKIPPED LOUDLY: no io_uring on this host: {unavailable()}")
+
+
+@needs_uring
+def test_async_engine_reads_writes_and_flushes_through_its_ring(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """io_engine Async: reads (merged), writes and flushes go through the disk's io_uring from
+    the I/O thread, no worker touching them; what the kernel fails (a read past a shrunken
+    end, O_DIRECT on buffers it refuses) the workers do again and report. A pause of the I/O
+    thread does not strand a completion: quiesce takes it."""
+    img = tmp_path / "disk.img"
+    data = os.urandom(1 << 20)
+    img.write_bytes(data)
+    io = EventLoop("io")
+    io.start()
+    h = Harness(img, io=io, ring=Ring(vblk.QUEUE_SIZE), direct=True)
+    worker_reads = counted_preadv(monkeypatch)
+    try:
+        reads = [h.post_read(8 * i, 4096) for i in (2, 0, 1)]
+        h.run(3)
+        assert [h.mem.read(st, 1)[0] for _, st in reads] == [vblk.VIRTIO_BLK_S_OK] * 3
+        assert [h.mem.read(buf, 4096) for buf, _ in reads] == [data[4096 * i:4096 * (i + 1)]
+                                                               for i in (2, 0, 1)]
+        new = os.urandom(8192)
+        buf, status = h.post(vblk.VIRTIO_BLK_T_OUT, 16, 8192)
+        h.mem.write(buf, new)
+        _, flushed = h.post(vblk.VIRTIO_BLK_T_FLUSH, 0, 0)
+        h.run(5)
+        assert h.mem.read(status, 1)[0] == h.mem.read(flushed, 1)[0] == vblk.VIRTIO_BLK_S_OK
+        assert img.read_bytes()[8192:16384] == new
+        assert worker_reads == []                       # the ring did all of that
+        if h.dev.image is not None and h.dev.image.direct:
+            odd, odd_status = h.post_read(32, 4096, skew=100)   # O_DIRECT refuses it: bounced by a worker
+            h.run(6)
+            assert h.mem.read(odd_status, 1)[0] == vblk.VIRTIO_BLK_S_OK
+            assert h.mem.read(odd, 4096) == data[16384:20480] and worker_reads == [1, 1]
+        os.truncate(img, 4096)
+        _, bad = h.post_read(1024, 4096)
+        h.run(h.drv.used_idx() + 1)
+        assert h.mem.read(bad, 1)[0] == vblk.VIRTIO_BLK_S_IOERR and not h.resets
+        io.pause()
+        late, late_status = h.post_read(0, 4096)
+        h.dev.queue_notify(0)                           # submitted with the I/O thread parked
+        h.dev.quiesce()
+        assert h.mem.read(late_status, 1)[0] == vblk.VIRTIO_BLK_S_OK and h.mem.read(late, 4096) == data[:4096]
+        io.resume()
+    finally:
+        h.close()
+        io.stop()
 
 
 @needs_kvm

@@ -37,8 +37,10 @@ from .validate import check_id, check_mac, check_tap, parse_bool, parse_int
 # Entropy files served by getrandom(2), which reads the same pool (Linux >= 5.6).
 RNG_FILES = ("/dev/urandom", "/dev/random")
 TAG_MAX = 36                    # virtio-fs: the tag's bytes in the configuration space (virtio 1.2, 5.11.4)
-# What an aio= may say: every mode is served by AltoVirt's block workers alike.
+# What an aio= may say: io_uring (QEMU's name) or iouring (StratoVirt's) is a disk's own ring
+# (io_engine Async); the others are served by AltoVirt's block workers alike.
 AIO_MODES = ("native", "io_uring", "iouring", "threads", "off")
+AIO_RING = ("io_uring", "iouring")
 
 
 def split_kv(where: str, text: str, positional: str | None = None,
@@ -321,7 +323,7 @@ def _drive_config(name: str, d: dict[str, str], serial: str | None) -> DriveConf
     return DriveConfig(id=name, path=d["file"],
                        read_only=parse_bool(f"{where} readonly", d.get("readonly", "off")),
                        direct=parse_bool(f"{where} direct", d.get("direct", "on")), serial=serial or None,
-                       rate_limiter=limiter)
+                       rate_limiter=limiter, io_engine="Async" if d.get("aio") in AIO_RING else "Sync")
 
 
 def _console(cfg: VmConfig, where: str, console_id: str, path: str) -> None:

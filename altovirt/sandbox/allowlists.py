@@ -68,7 +68,8 @@ ROLES: dict[str, tuple[str, ...]] = {
     "vcpu": (*PYTHON, "ioctl", "tgkill", "epoll_ctl", "sendto", "sendmsg", "recvfrom"),
     "io": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
            "ioctl", "preadv", "pwritev", "preadv2", "pwritev2", "fdatasync", "fsync", "fallocate", "openat",
-           "unlink", "tgkill", "socketpair"),       # socketpair: a guest's XenStore connection
+           "unlink", "tgkill", "socketpair",        # socketpair: a guest's XenStore connection
+           "io_uring_enter"),                       # a disk with io_engine Async (its ring made before)
     # openat: glibc's malloc reads /proc/sys/vm/overcommit_memory as it first shrinks a
     # thread's heap (after a large request, say).
     "api": (*PYTHON, *EPOLL, *UNIX_SOCKETS, "ioctl", "unlink", "openat"),

@@ -13,6 +13,7 @@ sectors, a NIC with its link down) in the rest, ready to take a backend.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from ..backends.tap import Tap
 from ..backends.unix import UnixListener
 from ..config import VmConfig
 from ..config.model import MAX_DRIVES, MAX_NICS, FsConfig, MmdsConfig, NetConfig, VsockConfig
-from ..devices.virtio.block import Block, WorkerPool
+from ..devices.virtio.block import QUEUE_SIZE, Block, WorkerPool
 from ..devices.virtio.console import Console
 from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.net import Net, random_mac
@@ -35,11 +36,13 @@ from ..eventloop import EventLoop
 from ..memory import PAGE_SHIFT
 
 if TYPE_CHECKING:
+    from ..backends.uring import Ring
     from ..devices.virtio.balloon import Balloon
     from ..devices.virtio.vsock import Vsock
     from ..mmds.stack import MmdsStack
     from ..mmds.store import Mmds
 
+log = logging.getLogger(__name__)
 VIRTIO_MMIO_HID = "LNRO0005"         # what drivers/virtio/virtio_mmio.c matches in ACPI
 
 
@@ -72,6 +75,18 @@ def empty_nic(slot: int, io: EventLoop, mac: str | None = None) -> Net:
     return Net(f"nic-slot{slot}", None, mac or random_mac(), io)
 
 
+def _ring(drive: str) -> Ring | None:
+    """An io_uring for a disk with io_engine Async; None, said in the log, where the kernel
+    gives none (the workers serve the disk, as io_engine Sync)."""
+    from ..backends.uring import Ring, UringError  # only a VM with such a disk
+    try:
+        return Ring(QUEUE_SIZE)
+    except UringError as e:
+        log.warning("-drive id=%s: io_engine Async without io_uring (%s): the thread pool serves it",
+                    drive, e.strerror)
+        return None
+
+
 def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool,
                 emit: Callable[[str, dict[str, object]], None]) -> DeviceSet:
     """The configured devices, with the empty hot-plug slots if ``hotplug``; ``emit`` sends
@@ -85,7 +100,8 @@ def devices_for(cfg: VmConfig, io: EventLoop, pool: WorkerPool, hotplug: bool,
             where = f"-drive id={d.id}"
             # A VM that waits for a migration takes its images' locks once the source lets go.
             image = BlockFile(d.path, read_only=d.read_only, direct=d.direct, lock=cfg.incoming is None)
-            devices.disks.append(Block(d.id, image, pool, (d.serial or "").encode(), d.rate_limiter))
+            devices.disks.append(Block(d.id, image, pool, (d.serial or "").encode(), d.rate_limiter,
+                                       _ring(d.id) if d.io_engine == "Async" else None))
         for n in cfg.nets:
             where = f"-netdev id={n.id}"
             stack = None

@@ -9,17 +9,23 @@ device-readable buffer) puts the device in DEVICE_NEEDS_RESET.
 
 The I/O thread validates requests and a pool of workers, shared by every
 disk of the VM, carries them out; they complete in any order, as virtio
-allows.
+allows. A disk with io_engine "Async" has its own io_uring instead, which
+the I/O thread feeds reads, writes and flushes and reaps on its eventfd: no
+thread hand-off per request (the workers keep the rest, and redo what the
+kernel fails, to report it).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ...backends.blockfile import SECTOR_SIZE, BlockFile
 from ...config.model import RateLimiterConfig
@@ -29,6 +35,9 @@ from ...memory import GuestMemory, IoVec
 from ..rate_limiter import RateLimiter
 from .device import COMMON_FEATURES, VIRTIO_ID_BLOCK, DeviceBusyError, Interrupt, VirtioDevice
 from .queue import DescriptorChain, Queue, QueueError
+
+if TYPE_CHECKING:
+    from ...backends.uring import Ring
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +136,19 @@ class Block(VirtioDevice):
     queue_sizes = (QUEUE_SIZE,)
 
     def __init__(self, name: str, image: BlockFile | None, pool: WorkerPool,
-                 serial: bytes = b"", rate_limiter: RateLimiterConfig | None = None) -> None:
+                 serial: bytes = b"", rate_limiter: RateLimiterConfig | None = None,
+                 ring: Ring | None = None) -> None:
         """``image`` None is an empty hot-plug slot: a disk of no sectors, every I/O an IOERR.
         ``serial``: what VIRTIO_BLK_T_GET_ID answers, cut to its 20 bytes. ``rate_limiter``:
-        each request takes an operation and its data's bytes (Firecracker's rule)."""
+        each request takes an operation and its data's bytes (Firecracker's rule). ``ring``
+        (io_engine Async): reads, writes and flushes go through this io_uring, the device's
+        own, from the I/O thread; the rest, and any the kernel fails, to the workers."""
         super().__init__(name)
+        self._ring = ring
+        self._ring_lock = threading.Lock()
+        self._ring_runs: dict[int, tuple[list[Request], IoVec | None]] = {}
+        self._ring_tags = itertools.count()
+        self._ring_watched = False
         self.image = image
         self.serial = serial[:VIRTIO_BLK_ID_BYTES]
         self.rate_limiter = RateLimiter(rate_limiter, self._unthrottled)
@@ -164,6 +181,9 @@ class Block(VirtioDevice):
                  io: EventLoop) -> None:
         super().activate(mem, queues, interrupt, io)
         self.rate_limiter.attach(io)
+        if self._ring is not None and not self._ring_watched:
+            io.add(self._ring.eventfd, self._ring_done)
+            self._ring_watched = True
 
     def queue_notify(self, index: int) -> None:
         """Validate what the driver posted (I/O thread); hand the I/O to the workers,
@@ -194,14 +214,75 @@ class Block(VirtioDevice):
             return
         with self._idle:
             self._in_flight += len(requests)
-        for run in _merge(requests):
+        runs = _merge(requests)
+        if self._ring is not None:
+            runs = self._to_ring(runs)
+        for run in runs:
             self._pool.submit(self._complete, run)
+
+    def _to_ring(self, runs: list[list[Request]]) -> list[list[Request]]:
+        """Queue and submit the runs the ring takes (reads and writes sure to be valid, and
+        flushes); returns the others, for the workers, which also report the errors."""
+        ring, image, rest = self._ring, self.image, []
+        assert ring is not None
+        with self._ring_lock:
+            for run in runs:
+                first, tag = run[0], next(self._ring_tags)
+                iov = None
+                if image is None:
+                    queued = False
+                elif first.kind == VIRTIO_BLK_T_FLUSH:
+                    queued = ring.fsync(image.fd, tag)
+                elif first.kind in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
+                    reading = first.kind == VIRTIO_BLK_T_IN
+                    iov = IoVec.join([r.data_in if reading else r.data_out for r in run]) if len(run) > 1 \
+                        else first.data_in if reading else first.data_out
+                    total = iov.total
+                    if total % SECTOR_SIZE or first.sector + total // SECTOR_SIZE > self.capacity \
+                            or (not reading and image.read_only):
+                        queued = False
+                    else:
+                        op = ring.readv if reading else ring.writev
+                        queued = op(image.fd, iov.address, iov.count, first.sector * SECTOR_SIZE, tag)
+                        if not queued:
+                            self.counters["io_engine_throttled_events"] += 1
+                else:
+                    queued = False
+                if queued:
+                    self._ring_runs[tag] = (run, iov)
+                else:
+                    rest.append(run)
+            try:
+                ring.submit()
+            except OSError as e:
+                self.fail(f"io_uring: {e.strerror}")
+        return rest
+
+    def _ring_done(self) -> None:
+        """Complete what the ring has done (the I/O thread, or a thread waiting for the disk to
+        be idle); a request the kernel failed, or did in part, goes to the workers, which do it
+        again and report what is wrong."""
+        assert self._ring is not None
+        with self._ring_lock:
+            for tag, res in self._ring.reap():
+                run, iov = self._ring_runs.pop(tag)
+                if res != (0 if iov is None else iov.total):
+                    self._pool.submit(self._complete, run)
+                    continue
+                reading = run[0].kind == VIRTIO_BLK_T_IN
+                for r in run:
+                    r.status[0] = VIRTIO_BLK_S_OK
+                self._finish(run, [1 + (r.data_in.total if reading else 0) for r in run])
 
     def _complete(self, run: list[Request]) -> None:
         """Carry out ``run`` and put its requests on the used ring (a pool thread)."""
         written = self._execute_merged(run) if len(run) > 1 else None
         if written is None:
             written = [self._execute(r) for r in run]
+        self._finish(run, written)
+
+    def _finish(self, run: list[Request], written: list[int]) -> None:
+        """Put ``run``'s requests, done, on the used ring and tell the driver."""
         with self._used_lock:
             active = self.active
             if not self.broken and active is not None:
@@ -232,10 +313,17 @@ class Block(VirtioDevice):
         return [1 + (r.data_in.total if kind == VIRTIO_BLK_T_IN else 0) for r in run]
 
     def _wait_idle(self) -> int:
-        """Wait for the requests in flight, QUIESCE_TIMEOUT at most; how many are left."""
-        with self._idle:
-            self._idle.wait_for(lambda: not self._in_flight, timeout=QUIESCE_TIMEOUT)
-            return self._in_flight
+        """Wait for the requests in flight, QUIESCE_TIMEOUT at most; how many are left. The
+        ring's completions are taken here too, as the I/O thread may be paused."""
+        deadline = time.monotonic() + QUIESCE_TIMEOUT
+        while True:
+            if self._ring is not None:
+                self._ring_done()
+            with self._idle:
+                left = deadline - time.monotonic()
+                if not self._in_flight or left <= 0:
+                    return self._in_flight
+                self._idle.wait(min(left, 0.01) if self._ring_runs else left)
 
     def quiesce(self) -> None:
         if left := self._wait_idle():
@@ -320,6 +408,8 @@ class Block(VirtioDevice):
 
     def close(self) -> None:
         self._wait_idle()
+        if self._ring is not None:
+            self._ring.close()
         if self.image is not None:
             self.image.close()
 
