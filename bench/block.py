@@ -12,7 +12,7 @@ the rounds then alternate between the VMMs and the medians are compared.
 Both VMMs back guest RAM with anonymous memory advised for transparent huge
 pages, so direct I/O lands in memory alike.
 
-    .venv/bin/python bench/block.py [--rounds 5] [--image /var/tmp/altovirt-bench.img]
+    .venv/bin/python bench/block.py [--rounds 5] [--image /var/tmp/altovirt-bench.img] [--aio io_uring]
 """
 
 from __future__ import annotations
@@ -50,18 +50,19 @@ def parse(out: str, who: str) -> dict[str, int]:
     return {k: int(v) for k, v in (w.split("=") for w in m.group(1).split())}
 
 
-def altovirt(image: Path) -> dict[str, int]:
-    cmd = [*common.altovirt(), "-kernel", str(PROBE), "-m", "256M", "-drive", f"id=d0,file={image},direct=on",
+def altovirt(image: Path, aio: str) -> dict[str, int]:
+    cmd = [*common.altovirt(), "-kernel", str(PROBE), "-m", "256M",
+           "-drive", f"id=d0,file={image},direct=on,aio={aio}",
             "-append", "probe.run=blkbench", "-serial", "stdio"]
     return parse(subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout, "AltoVirt")
 
 
-def qemu(image: Path) -> dict[str, int]:
+def qemu(image: Path, aio: str) -> dict[str, int]:
     cmd = [common.qemu(), "-M", "microvm,acpi=off,auto-kernel-cmdline=on",
            "-global", "virtio-mmio.force-legacy=false",
            "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", "256M", "-nodefaults", "-no-user-config",
            "-nographic", "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4",
-           "-drive", f"file={image},if=none,id=d0,format=raw,cache.direct=on",
+           "-drive", f"file={image},if=none,id=d0,format=raw,cache.direct=on,aio={aio}",
            "-device", "virtio-blk-device,drive=d0", "-kernel", str(PROBE), "-append", "probe.run=blkbench"]
     return parse(subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout, "QEMU")
 
@@ -70,10 +71,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--image", type=Path, default=Path("/var/tmp/altovirt-bench.img"))
+    ap.add_argument("--aio", choices=("threads", "io_uring"), default="threads",
+                    help="both VMMs' engine: their thread pools, or io_uring (AltoVirt's io_engine Async)")
     args = ap.parse_args()
     common.prepare()
     make_image(args.image, 1 << 30)
-    runs = {"AltoVirt": lambda: altovirt(args.image), "QEMU": lambda: qemu(args.image)}
+    runs = {"AltoVirt": lambda: altovirt(args.image, args.aio), "QEMU": lambda: qemu(args.image, args.aio)}
     results: dict[str, list[dict[str, int]]] = {name: [] for name in runs}
     order = list(runs)
     for i in range(args.rounds + 1):
@@ -81,8 +84,8 @@ def main() -> None:
             r = runs[name]()
             if i:
                 results[name].append(r)
-    print(f"probe blkbench, 1 GiB image, O_DIRECT, median of {args.rounds} alternating rounds "
-          "(after a warm-up)")
+    print(f"probe blkbench, 1 GiB image, O_DIRECT, aio={args.aio}, median of {args.rounds} alternating "
+          "rounds (after a warm-up)")
     print(f"{'':30}{'AltoVirt':>9}{'QEMU':>9}{'ratio':>7}  target")
     for key, label, target in METRICS:
         a, q = (statistics.median(r[key] for r in results[n]) for n in order)

@@ -4,6 +4,8 @@ microvm (ACPI on for both), on the same KVM, with the same devices:
 
   * boot to init (VMM start to the init's first command) and boot to power-off,
   * sequential disk write and read of --disk-mib MiB with O_DIRECT (dd, 1 MiB blocks),
+  * (--parts disk-engines) the same, and 4 KiB reads one and four at a time, with each VMM's
+    thread pool and its io_uring (AltoVirt's io_engine Async),
   * TCP throughput of --net-mib MiB each way over a tap in a private network namespace, in 64 KiB
     writes (the guest's tcp tool), and of --small-mib MiB from the guest in busybox nc's 1 KiB writes,
     with the VMM serving the NIC and again with the host kernel serving it (vhost=on on both),
@@ -57,17 +59,18 @@ EXTRA_APPEND: list[str] = []    # --append: kernel parameters for both VMMs
 
 def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path | None,
              tap: str | None, vhost: bool = False, cpus: int = 1, qmp: Path | None = None,
-             fs: Path | None = None) -> list[str]:
-    """The same machine on both VMMs: ``cpus`` vCPUs, 512 MiB, serial on stdio, optional disk,
-    NIC (served by the host kernel if ``vhost``), QMP socket, and virtio-fs (tag ``bench``) from
-    the virtiofsd listening on ``fs``, with guest RAM in a shared memfd."""
+             fs: Path | None = None, aio: str = "threads") -> list[str]:
+    """The same machine on both VMMs: ``cpus`` vCPUs, 512 MiB, serial on stdio, optional disk
+    (served with ``aio``: threads or io_uring), NIC (served by the host kernel if ``vhost``),
+    QMP socket, and virtio-fs (tag ``bench``) from the virtiofsd listening on ``fs``, with
+    guest RAM in a shared memfd."""
     on = ",vhost=on" if vhost else ""
     cmdline = " ".join([ARCH.guest_append, *EXTRA_APPEND, append]).strip()
     if vmm == "altovirt":
         argv = [*common.altovirt(), "-kernel", str(k.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
                 "-smp", str(cpus), "-m", "512M", "-serial", "stdio"]
         if disk:
-            argv += ["-drive", f"id=d0,file={disk}"]
+            argv += ["-drive", f"id=d0,file={disk},aio={aio}"]
         if tap:
             argv += ["-netdev", f"id=n0,netdev={tap}{on}"]
         if qmp:
@@ -94,7 +97,7 @@ def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path |
         argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     if disk:
         # The page cache on both: AltoVirt falls back to it where O_DIRECT is refused (tmpfs).
-        argv += ["-drive", f"id=d0,file={disk},format=raw,if=none",
+        argv += ["-drive", f"id=d0,file={disk},format=raw,if=none,aio={aio}",
                  "-device", "virtio-blk-device,drive=d0"]
     if tap:
         argv += ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no{on}",
@@ -327,6 +330,48 @@ def snapshot_figures(vmm: str, k: debian.Kernel, initrd: Path, tmp: Path) -> tup
             save_s, _on_disk(snap) / (1 << 20), restore_ms)
 
 
+# 4 KiB O_DIRECT reads: one dd (one request at a time), and four at once (four in flight).
+SMALL_READS = "dd if=/dev/vda of=/dev/null bs=4k count={n} skip={skip} iflag=direct"
+
+
+def disk_engine_figures(vmm: str, aio: str, k: debian.Kernel, initrd: Path, tmp: Path,
+                        mib: int, reads: int) -> tuple[float, ...]:
+    """With the disk served by ``aio``: sequential write and read (MiB/s, 1 MiB O_DIRECT), and
+    4 KiB O_DIRECT reads a second, one at a time and four at a time."""
+    image = tmp / f"{vmm}-{aio}.img"
+    with open(image, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, (mib + 16) << 20)
+    with guest.LinuxGuest(argv_for(vmm, k, initrd, "", image, None, aio=aio),
+                          log_path=tmp / f"{vmm}-{aio}.log") as g:
+        g.wait_ready(600)
+        write = seconds_in_guest(g, f"dd if=/dev/zero of=/dev/vda bs=1M count={mib} oflag=direct")
+        read = seconds_in_guest(g, f"dd if=/dev/vda of=/dev/null bs=1M count={mib} iflag=direct")
+        one = seconds_in_guest(g, SMALL_READS.format(n=reads, skip=0))
+        # In a subshell, whose jobs the interactive shell does not report.
+        four = seconds_in_guest(g, "(" + " & ".join(SMALL_READS.format(n=reads, skip=i * reads)
+                                                   for i in range(4)) + " & wait)")
+    image.unlink()
+    return mib / write, mib / read, reads / one, 4 * reads / four
+
+
+def engines(runs: int, measure: Callable[[str, str], tuple[float, ...]]) -> None:
+    """Each VMM with each engine, ``runs`` times in turn; medians, and the ratios that matter."""
+    configs = [(v, aio) for v in VMMS for aio in ("threads", "io_uring")]
+    results: dict[tuple[str, str], list[tuple[float, ...]]] = {c: [] for c in configs}
+    for _ in range(runs):
+        for c in configs:
+            results[c].append(measure(*c))
+    names = ("write MiB/s", "read MiB/s", "4k reads/s QD1", "4k reads/s QD4")
+    med = {c: [statistics.median(r[i] for r in results[c]) for i in range(len(names))] for c in configs}
+    print("\ndisk engines (threads: the worker pool; io_uring: AltoVirt's io_engine Async, "
+          "QEMU's aio=io_uring)")
+    for i, name in enumerate(names):
+        row = "   ".join(f"{v} {aio} {med[(v, aio)][i]:9.1f}" for v, aio in configs)
+        ring = med[("altovirt", "io_uring")][i]
+        print(f"  {name:<16} {row}   AltoVirt io_uring/threads {ring / med[('altovirt', 'threads')][i]:4.2f}"
+              f"   AltoVirt/QEMU io_uring {ring / med[('qemu', 'io_uring')][i]:4.2f}")
+
+
 Pairs = dict[str, list[tuple[float, ...]]]
 
 
@@ -355,11 +400,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--disk-mib", type=int, default=256)
     ap.add_argument("--net-mib", type=int, default=64)
+    ap.add_argument("--small-reads", type=int, default=2000, help="4 KiB reads per dd (disk-engines)")
     ap.add_argument("--small-mib", type=int, default=4, help="MiB sent in busybox nc's 1 KiB writes")
     ap.add_argument("--fs-mib", type=int, default=64, help="MiB streamed to and from each file system")
     ap.add_argument("--files", type=int, default=500, help="small files created, read and deleted")
     ap.add_argument("--parts", default=None, help="which measurements, comma-separated (default: "
-                    "boot,disk,net,net-vhost,fs,exits,snapshot; on aarch64 boot,disk,net,net-vhost,snapshot)")
+                    "boot,disk,net,net-vhost,fs,exits,snapshot; disk-engines on request; on aarch64 "
+                    "boot,disk,net,net-vhost,snapshot)")
     ap.add_argument("--arch", default=os.uname().machine, choices=tuple(arch.ARCHES),
                     help="the guests' and VMMs' machine: aarch64 on an x86 host runs in the arm64 test bed")
     ap.add_argument("--append", default="", help="kernel parameters for both VMMs, e.g. pci=off "
@@ -395,6 +442,9 @@ def main() -> None:
         report(f"disk ({args.disk_mib} MiB sequential, 1 MiB O_DIRECT blocks in the guest)", "MiB/s",
                alternate(args.runs, lambda v: disk_mbps(v, k, initrd, tmp, args.disk_mib)),
                ("write", "read"), False)
+    if "disk-engines" in parts:
+        engines(args.runs, lambda v, aio: disk_engine_figures(v, aio, k, initrd, tmp, args.disk_mib,
+                                                               args.small_reads))
     if "net" in parts:
         report(f"net (one TCP stream: {args.net_mib} MiB in 64 KiB writes, {args.small_mib} MiB in 1 KiB)",
                "MiB/s",
