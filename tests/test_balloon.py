@@ -128,6 +128,44 @@ def test_reported_free_pages_go_back_to_the_host(io: EventLoop) -> None:
         g.close()
 
 
+def test_free_page_hinting_runs(io: EventLoop) -> None:
+    """Hinting (5.5.6.6): a run's id in free_page_hint_cmd_id, told with a configuration change;
+    the pages the guest hints under it go back to the host, those under another id do not; the
+    guest's STOP ends the run (DONE), or, with acknowledge_on_stop off, the host's stop does."""
+    g = Guest(BalloonConfig(stats_polling_interval_s=1, free_page_hinting=True, free_page_reporting=True), io)
+    try:
+        assert (g.dev.hinting_queue, g.dev.reporting_queue, len(g.dev.queue_sizes)) == (3, 4, 5)
+        assert g.dev.hinting_status() == {"host_cmd": 0, "guest_cmd": None}
+        g.mem.write(16 * MiB, b"\x55" * (8 * MiB))
+        g.dev.start_hinting()
+        assert g.interrupt.read() & VIRTIO_MMIO_INT_CONFIG
+        assert struct.unpack_from("<I", g.dev.config, 8)[0] == 2
+        stale, run = g.buffer(struct.pack("<I", 7)), g.buffer(struct.pack("<I", 2))
+        g.post(3, [(stale, 4, False), (16 * MiB, 4 * MiB, True)])      # another run's: kept
+        g.post(3, [(run, 4, False), (20 * MiB, 4 * MiB, True)])        # this run's: given back
+        g.wait_used(3, 2)
+        assert (g.resident(16 * MiB, 4 * MiB), g.resident(20 * MiB, 4 * MiB)) == (1024, 0)
+        assert g.dev.hinting_status() == {"host_cmd": 2, "guest_cmd": 2}
+        g.post(3, [(g.buffer(struct.pack("<I", 0)), 4, False)])         # the guest's STOP
+        deadline = time.monotonic() + 5                                   # DONE: pages back to it
+        while g.dev.hinting_status() != {"host_cmd": 1, "guest_cmd": 0}:
+            assert time.monotonic() < deadline, g.dev.hinting_status()
+            time.sleep(0.005)
+        g.dev.start_hinting(acknowledge_on_stop=False)
+        g.post(3, [(g.buffer(struct.pack("<I", 0)), 4, False)])
+        g.wait_used(3, 4)
+        assert g.dev.hinting_status() == {"host_cmd": 3, "guest_cmd": 0}   # waits for the host
+        g.dev.stop_hinting()
+        assert g.dev.hinting_status()["host_cmd"] == 1
+        g.post(3, [(RAM * 4, 4, False)])                                  # a command id outside RAM
+        deadline = time.monotonic() + 5
+        while not g.dev.broken:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        g.close()
+
+
 def test_statistics_are_taken_and_handed_back(io: EventLoop) -> None:
     g = Guest(BalloonConfig(stats_polling_interval_s=1), io)
     try:
@@ -152,8 +190,6 @@ def test_statistics_are_taken_and_handed_back(io: EventLoop) -> None:
 @needs_kvm
 def test_firecrackers_balloon_api(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
     fc = Firecracker(vms, tmp_path / "api.sock")
-    assert "free page hinting" in fc.fault("PUT", "/balloon", {"amount_mib": 0, "deflate_on_oom": True,
-                                                                "free_page_hinting": True})
     fc.ok("PUT", "/balloon", {"amount_mib": 16, "deflate_on_oom": True, "stats_polling_interval_s": 0})
     settings = {"amount_mib": 16, "deflate_on_oom": True, "stats_polling_interval_s": 0,
                 "free_page_hinting": False, "free_page_reporting": False}
@@ -173,7 +209,9 @@ def test_firecrackers_balloon_api(probe: Path, tmp_path: Path, vms: list[Vm]) ->
                                                                    {"stats_polling_interval_s": -1})
     assert "not supported after starting" in fc.fault("PUT", "/balloon",
                                                       {"amount_mib": 1, "deflate_on_oom": False})
-    assert "AltoVirt does not support" in fc.fault("PATCH", "/balloon/hinting/start")
+    assert fc.fault("PATCH", "/balloon/hinting/start") == \
+        "Balloon update error: Attempting to use hinting when not enabled"
+    assert "hinting when not enabled" in fc.fault("GET", "/balloon/hinting/status")
     fc.vm.type("quit")
     assert fc.vm.finish()[0] == 0
 

@@ -39,6 +39,7 @@ from ..vmm import snapshot
 from ..vmm.actions import (
     ChangeImage,
     CtrlAltDel,
+    FreePageHinting,
     Migrate,
     Pause,
     PutMetadata,
@@ -113,7 +114,7 @@ class FirecrackerApi:
             "get_balloon_statistics": self._balloon_statistics,
             "patch_balloon_statistics": self._patch_balloon,
             **dict.fromkeys(("get_balloon_hinting_status", "patch_balloon_hinting_start",
-                             "patch_balloon_hinting_stop"), _refuse("free page hinting")),
+                             "patch_balloon_hinting_stop"), self._hinting),
             "put_mmds_config": cfg(lambda c, b, route: c.put_mmds_config(b)),
             "put_mmds": self._metadata,
             "patch_mmds": self._metadata,
@@ -205,6 +206,23 @@ class FirecrackerApi:
         except AltoVirtError as e:
             raise FirecrackerError(f"Balloon update error: {e}") from e
         return Response(204)
+
+    def _hinting(self, request: Request, found: Route) -> Response:
+        """Free page hinting: start a run (``acknowledge_on_stop``, true if not said), stop it,
+        or its status."""
+        command = found.operation.rsplit("_", 1)[1]
+        acknowledge = True
+        if command == "start" and request.body:
+            b = fields("hinting", _json(request), {}, {"acknowledge_on_stop": bool})
+            acknowledge = b.get("acknowledge_on_stop", True)
+        machine = self.instance.running()
+        if self.instance.config.balloon is None:
+            raise FirecrackerError(NO_BALLOON)
+        try:
+            answer = machine.request(FreePageHinting(command, acknowledge))
+        except AltoVirtError as e:
+            raise FirecrackerError(f"Balloon update error: {e}") from e
+        return Response(200, answer) if command == "status" else Response(204)
 
     def _balloon_statistics(self, request: Request, found: Route) -> Response:
         machine = self.instance.running()
@@ -402,8 +420,3 @@ def put_metadata(c: FirecrackerConfig, data: object, *, patch: bool = False) -> 
         raise MmdsLimitExceeded()
     mmds.data = data
 
-
-def _refuse(what: str) -> Callable[[Request, Route], Response]:
-    def handler(request: Request, found: Route) -> Response:
-        raise not_supported(what)
-    return handler

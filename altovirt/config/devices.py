@@ -279,12 +279,14 @@ class Devices:
     def _balloon(self, cfg: VmConfig, kv: dict[str, str]) -> None:
         """StratoVirt 2.x's virtio-balloon-device: empty at start, set with QMP's ``balloon``."""
         where = "-device virtio-balloon-device"
-        check_keys(where, kv, {"driver"}, {"id", "deflate-on-oom", "free-page-reporting"})
+        check_keys(where, kv, {"driver"}, {"id", "deflate-on-oom", "free-page-reporting", "free-page-hint"})
         if cfg.balloon is not None:
             raise ConfigError(f"{where}: only one balloon is supported")
         deflate = parse_bool(f"{where} deflate-on-oom", kv.get("deflate-on-oom", "off"))
         reporting = parse_bool(f"{where} free-page-reporting", kv.get("free-page-reporting", "off"))
-        cfg.balloon = BalloonConfig(deflate_on_oom=deflate, free_page_reporting=reporting)
+        hinting = parse_bool(f"{where} free-page-hint", kv.get("free-page-hint", "off"))      # QEMU's name
+        cfg.balloon = BalloonConfig(deflate_on_oom=deflate, free_page_reporting=reporting,
+                                    free_page_hinting=hinting)
 
     def _vsock(self, cfg: VmConfig, kv: dict[str, str]) -> None:
         vhost = kv["driver"] == "vhost-vsock-device"

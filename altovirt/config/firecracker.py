@@ -404,14 +404,12 @@ class FirecrackerConfig:
                    {"stats_polling_interval_s": int, "free_page_hinting": bool, "free_page_reporting": bool})
         unsigned(b["amount_mib"], 32)
         unsigned(b.get("stats_polling_interval_s", 0), 16)
-        if b.get("free_page_hinting"):
-            raise not_supported("free page hinting (free_page_hinting); free_page_reporting gives the "
-                                "guest's free pages back")
         if b["amount_mib"] > self.mem_size_mib:
             raise FirecrackerError("Balloon config error: Amount of pages requested is too large.")
         self.balloon = BalloonConfig(b["amount_mib"], b["deflate_on_oom"],
                                      stats_polling_interval_s=b.get("stats_polling_interval_s", 0),
-                                     free_page_reporting=b.get("free_page_reporting", False))
+                                     free_page_reporting=b.get("free_page_reporting", False),
+                                     free_page_hinting=b.get("free_page_hinting", False))
 
     def put_mmds_config(self, body: object) -> None:
         m = fields("mmds-config", body, {"network_interfaces": list},
@@ -570,7 +568,7 @@ class FirecrackerConfig:
 def export_balloon(b: BalloonConfig) -> dict[str, Any]:
     """GET /balloon's (and /vm/config's) form of the balloon's settings."""
     return {"amount_mib": b.amount_mib, "deflate_on_oom": b.deflate_on_oom,
-            "stats_polling_interval_s": b.stats_polling_interval_s, "free_page_hinting": False,
+            "stats_polling_interval_s": b.stats_polling_interval_s, "free_page_hinting": b.free_page_hinting,
             "free_page_reporting": b.free_page_reporting}
 
 

@@ -190,13 +190,15 @@ def from_dict(doc: Any) -> VmConfig:
             _limiter("rng.rate_limiter", r.get("rate_limiter")))
     if "balloon" in top:
         b = _obj("balloon", top["balloon"], set(),
-                 {"amount_mib", "deflate_on_oom", "stats_polling_interval_s", "free_page_reporting"})
+                 {"amount_mib", "deflate_on_oom", "stats_polling_interval_s", "free_page_reporting",
+                  "free_page_hinting"})
         w = "balloon"
         cfg.balloon = BalloonConfig(
             _int(f"{w}.amount_mib", b.get("amount_mib", 0), 0, cfg.mem_size >> 20),
             _bool(f"{w}.deflate_on_oom", b.get("deflate_on_oom", False)),
             _int(f"{w}.stats_polling_interval_s", b.get("stats_polling_interval_s", 0), 0, 0xFFFF),
-            _bool(f"{w}.free_page_reporting", b.get("free_page_reporting", False)))
+            _bool(f"{w}.free_page_reporting", b.get("free_page_reporting", False)),
+            _bool(f"{w}.free_page_hinting", b.get("free_page_hinting", False)))
     if "mmds" in top:
         m = _obj("mmds", top["mmds"], {"network_interfaces"},
                  {"version", "ipv4_address", "imds_compat", "size_limit", "data"})

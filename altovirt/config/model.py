@@ -120,13 +120,15 @@ PAGES_PER_MIB = 256                     # a balloon counts 4 KiB pages (virtio 1
 @dataclass
 class BalloonConfig:
     """A virtio-balloon (Firecracker's /balloon): its target, in MiB, whether the guest may take
-    pages back when it runs out of memory, how often (s) it reports statistics (0: never), and
-    whether it reports free pages (VIRTIO_BALLOON_F_REPORTING)."""
+    pages back when it runs out of memory, how often (s) it reports statistics (0: never),
+    whether it reports free pages (VIRTIO_BALLOON_F_REPORTING) and whether it hints them when
+    asked (VIRTIO_BALLOON_F_FREE_PAGE_HINT)."""
 
     amount_mib: int = 0
     deflate_on_oom: bool = False
     stats_polling_interval_s: int = 0
     free_page_reporting: bool = False
+    free_page_hinting: bool = False
 
 
 MMDS_ADDRESS = "169.254.169.254"       # Firecracker's default (mmds/ns.rs)

@@ -137,6 +137,14 @@ class SetBalloonStats(NamedTuple):
     seconds: int
 
 
+class FreePageHinting(NamedTuple):
+    """The balloon's free page hinting: ``command`` "start" (``acknowledge_on_stop``: the
+    guest's STOP ends the run), "stop", or "status" (PATCH /balloon/hinting/..., GET .../status)."""
+
+    command: str
+    acknowledge_on_stop: bool = True
+
+
 class QueryCounters(NamedTuple):
     """The devices' counters since the last query, by Firecracker's metrics groups, and the
     vCPUs' exits since the start (FlushMetrics)."""
@@ -199,7 +207,7 @@ class LoadState(NamedTuple):
 
 Action = (Pause | Resume | Reset | Powerdown | CtrlAltDel | QueryVcpus | AddBlockdev | DelBlockdev
           | AddNetdev | DelNetdev | AddDisk | AddNic | DelDevice | ChangeImage | SetRateLimiter
-          | PutMetadata | QueryMetadata | SetBalloon | SetBalloonStats | QueryBalloon
+          | PutMetadata | QueryMetadata | SetBalloon | SetBalloonStats | QueryBalloon | FreePageHinting
           | QueryCounters | Migrate | Incoming | CancelMigration | SetMigrationParameters | QueryMigration
           | QueryMigrationParameters | SaveState | StopForMigration | EndMigration | LoadState)
 

@@ -28,6 +28,7 @@ from .actions import (
     DelDevice,
     DelNetdev,
     EndMigration,
+    FreePageHinting,
     Incoming,
     LoadState,
     Migrate,
@@ -107,6 +108,12 @@ def handle(m: Machine, action: Action) -> object:
             _balloon(m).set_stats_interval(seconds)
         case QueryBalloon():
             return _balloon(m).info()
+        case FreePageHinting("start", acknowledge):
+            _balloon(m).start_hinting(acknowledge)
+        case FreePageHinting("stop"):
+            _balloon(m).stop_hinting()
+        case FreePageHinting():             # "status"
+            return _balloon(m).hinting_status()
         case QueryCounters():
             groups: dict[str, dict[str, int]] = {k: dict(v) for k, v in m.devices.take_counters().items()}
             groups["vcpu"] = {name: sum(v.exits[i] for v in m.vcpus) for i, name in enumerate(EXIT_NAMES)}

@@ -1,7 +1,8 @@
 """virtio-balloon under Debian's driver, set through altovirt-firecracker's API: inflating by N
 MiB takes N MiB from the guest's MemTotal and about as much from the VMM's resident memory,
-statistics arrive, QMP hears BALLOON_CHANGE; with deflate_on_oom the guest takes pages back
-when it needs them, and free page reporting gives freed memory back to the host. Two boots."""
+statistics arrive, QMP hears BALLOON_CHANGE, and a free page hinting run gives free memory
+back; with deflate_on_oom the guest takes pages back when it needs them, and free page
+reporting gives freed memory back to the host. Two boots."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def actual_mib(sock: Path, target: int, seconds: float = 120) -> int:
 def test_inflate_deflate_and_statistics(kernel: debian.Kernel, initrd: Path, tmp_path: Path,
                                         record_property: Callable[[str, object], None]) -> None:
     g, sock = boot(kernel, initrd, tmp_path, {"amount_mib": 0, "deflate_on_oom": False,
-                                              "stats_polling_interval_s": 1})
+                                              "stats_polling_interval_s": 1, "free_page_hinting": True})
     qmp = QEMUMonitorProtocol(str(tmp_path / "qmp.sock"))
     try:
         qmp.connect()
@@ -99,6 +100,18 @@ def test_inflate_deflate_and_statistics(kernel: debian.Kernel, initrd: Path, tmp
         curl(sock, "PATCH", "/balloon", {"amount_mib": 0})
         assert actual_mib(sock, 0) == 0
         assert abs(mem_total_mib(g) - total) < 1
+        # Free page hinting: a run takes the guest's free memory, touched before, from the host;
+        # the guest's STOP ends it, and it has its pages back.
+        g.check("dd if=/dev/zero of=/dev/null bs=360M count=1", timeout=300)
+        touched = rss_mib(g)
+        curl(sock, "PATCH", "/balloon/hinting/start", {})
+        deadline = time.monotonic() + 120
+        while (status := curl(sock, "GET", "/balloon/hinting/status")) != {"host_cmd": 1, "guest_cmd": 0}:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        record_property("hinted_mib", round(touched - rss_mib(g)))
+        assert touched - rss_mib(g) > 200, (touched, rss_mib(g))
+        g.check("dd if=/dev/zero of=/dev/null bs=360M count=1", timeout=300)     # usable again
         assert g.poweroff(120) == 0
     finally:
         qmp.close()

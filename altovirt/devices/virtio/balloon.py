@@ -4,9 +4,14 @@ pages; pages given or reported free go back to the host (madvise), so the VMM's 
 shrinks by them.
 
 Queues, in order, those the features offer: inflateq, deflateq, statsq (with
-``stats_polling_interval_s``), reporting_vq (with ``free_page_reporting``). The guest keeps one
-stats buffer with the device, which hands it back each polling interval to have it filled
-again (5.5.6.3). Free page hinting is not offered.
+``stats_polling_interval_s``), free_page_vq (with ``free_page_hinting``), reporting_vq (with
+``free_page_reporting``). The guest keeps one stats buffer with the device, which hands it
+back each polling interval to have it filled again (5.5.6.3).
+
+Free page hinting (5.5.6.6), as Firecracker's: the host starts a run by writing a new command
+id to ``free_page_hint_cmd_id``; the guest sends that id, then its free pages, then STOP; the
+pages of the current run go back to the host, and the host writes DONE (at the guest's STOP,
+or when asked) for the guest to take them back.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ...config.model import PAGES_PER_MIB, BalloonConfig
 from ...errors import AltoVirtError
@@ -29,7 +35,12 @@ VIRTIO_ID_BALLOON = 5
 # Feature bits (5.5.3)
 VIRTIO_BALLOON_F_STATS_VQ = 1
 VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 2
+VIRTIO_BALLOON_F_FREE_PAGE_HINT = 3
 VIRTIO_BALLOON_F_REPORTING = 5
+# free_page_hint_cmd_id's own values (Linux's VIRTIO_BALLOON_CMD_ID_STOP and _DONE); a run's are 2 on.
+CMD_ID_STOP = 0
+CMD_ID_DONE = 1
+CMD_ID_LEN = 4                          # a hint buffer of this length is a command id, not pages
 QUEUE_SIZE = 256
 MAX_PFNS_IN_CHAIN = 256                 # Linux's VIRTIO_BALLOON_ARRAY_PFNS_MAX; more is malformed
 _CONFIG = struct.Struct("<III")         # num_pages, actual, free_page_hint_cmd_id (5.5.4)
@@ -44,6 +55,17 @@ class BalloonError(AltoVirtError):
     """A change the balloon cannot take."""
 
 
+@dataclass
+class HintingState:
+    """A free page hinting run: the id the host asked for, the last it made, the last the guest
+    sent (None: none yet), and whether the guest's STOP ends the run (DONE) at once."""
+
+    host_cmd: int = CMD_ID_STOP
+    last_cmd_id: int = CMD_ID_STOP
+    guest_cmd: int | None = None
+    acknowledge_on_stop: bool = True
+
+
 class Balloon(VirtioDevice):
     device_id = VIRTIO_ID_BALLOON
 
@@ -53,17 +75,23 @@ class Balloon(VirtioDevice):
         self.cfg = cfg
         self._stats: dict[str, int] = {}        # the guest's last (what it holds is in config)
         self._on_actual = on_actual
-        queues = 2 + (1 if cfg.stats_polling_interval_s else 0) + (1 if cfg.free_page_reporting else 0)
+        queues = 2 + sum(map(bool, (cfg.stats_polling_interval_s, cfg.free_page_hinting,
+                                    cfg.free_page_reporting)))
         self.queue_sizes = (QUEUE_SIZE,) * queues
         self.config = bytearray(_CONFIG.pack(cfg.amount_mib * PAGES_PER_MIB, 0, 0))
         self._lock = threading.Lock()
         self._stats_chain: DescriptorChain | None = None     # the guest's stats buffer, held
         self._io: EventLoop | None = None
         self._timer = 0
+        self.hinting = HintingState()
 
     @property
     def stats_queue(self) -> int | None:
         return 2 if self.cfg.stats_polling_interval_s else None
+
+    @property
+    def hinting_queue(self) -> int | None:
+        return 2 + bool(self.cfg.stats_polling_interval_s) if self.cfg.free_page_hinting else None
 
     @property
     def reporting_queue(self) -> int | None:
@@ -77,6 +105,8 @@ class Balloon(VirtioDevice):
             f |= 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM
         if self.cfg.free_page_reporting:
             f |= 1 << VIRTIO_BALLOON_F_REPORTING
+        if self.cfg.free_page_hinting:
+            f |= 1 << VIRTIO_BALLOON_F_FREE_PAGE_HINT
         return f
 
     # --- the host ---
@@ -101,6 +131,41 @@ class Balloon(VirtioDevice):
             timer = self._timer
         if self._io is not None:
             self._io.call_later(0, lambda: self._schedule_stats(timer))
+
+    def start_hinting(self, acknowledge_on_stop: bool = True) -> None:
+        """Start a run of free page hinting: a new command id for the guest (2 on, wrapping)."""
+        with self._lock:
+            self._can_hint()
+            cmd = (self.hinting.last_cmd_id + 1) & 0xFFFFFFFF
+            self.hinting.last_cmd_id = cmd if cmd > CMD_ID_DONE else CMD_ID_DONE + 1
+            self.hinting.acknowledge_on_stop = acknowledge_on_stop
+        self._set_hint_cmd(self.hinting.last_cmd_id)
+
+    def stop_hinting(self) -> None:
+        """End the run: DONE, and the guest takes the pages it hinted back."""
+        with self._lock:
+            self._can_hint()
+        self._set_hint_cmd(CMD_ID_DONE)
+
+    def hinting_status(self) -> dict[str, int | None]:
+        """Firecracker's: the id the host asked for, the one the guest sent last."""
+        with self._lock:
+            self._can_hint(active=False)
+            return {"host_cmd": self.hinting.host_cmd, "guest_cmd": self.hinting.guest_cmd}
+
+    def _can_hint(self, active: bool = True) -> None:
+        if not self.cfg.free_page_hinting:
+            raise BalloonError("Attempting to use hinting when not enabled")
+        if active and self.active is None:
+            raise BalloonError("Device not activated yet.")
+
+    def _set_hint_cmd(self, cmd: int) -> None:
+        with self._lock:
+            self.hinting.host_cmd = cmd
+            struct.pack_into("<I", self.config, 8, cmd)
+            active = self.active
+        if active is not None:
+            active.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG)
 
     @property
     def target_pages(self) -> int:
@@ -149,6 +214,9 @@ class Balloon(VirtioDevice):
         if index == self.stats_queue:
             self._take_stats(queue, mem)
             return
+        if index == self.hinting_queue:
+            self._take_hints(queue, mem)
+            return
         used = False
         for chain in self.chains(queue):
             if index == 0:
@@ -180,6 +248,33 @@ class Balloon(VirtioDevice):
             if start is not None and previous is not None:
                 self._discard(start << PAGE_SHIFT, (previous - start + 1) << PAGE_SHIFT, mem)
             start = previous = pfn
+
+    def _take_hints(self, queue: Queue, mem: GuestMemory) -> None:
+        """A buffer of 4 bytes is the guest's command id (the run it hints for, or STOP); the
+        others are free pages, given back if they are of the run the host asked for."""
+        done, used = False, False
+        for chain in self.chains(queue):
+            for gpa, length in zip(chain.addrs, chain.lengths, strict=True):
+                if length == CMD_ID_LEN:
+                    try:
+                        cmd = int.from_bytes(mem.read(gpa, CMD_ID_LEN), "little")
+                    except GuestMemoryError as e:
+                        self.fail(f"free page hint command id: {e}")
+                        return
+                    with self._lock:
+                        self.hinting.guest_cmd = cmd
+                    done = cmd in (CMD_ID_STOP, CMD_ID_DONE)
+                elif self.hinting.host_cmd > CMD_ID_DONE and self.hinting.guest_cmd == self.hinting.host_cmd:
+                    self.counters["free_page_hint_count"] += 1
+                    self.counters["free_page_hint_freed"] += length
+                    self._discard(gpa, length, mem)
+            queue.add_used(chain, 0)
+            used = True
+        if used:
+            assert self.active is not None
+            self.active.interrupt.signal_used(queue)
+        if done and self.hinting.acknowledge_on_stop and self.hinting.host_cmd > CMD_ID_DONE:
+            self._set_hint_cmd(CMD_ID_DONE)
 
     def _report(self, chain: DescriptorChain, mem: GuestMemory) -> None:
         for gpa, length in zip(chain.addrs, chain.lengths, strict=True):
