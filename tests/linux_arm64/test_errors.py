@@ -52,3 +52,23 @@ def test_ctrl_alt_del_is_refused_and_the_vm_runs_on(tmp_path: Path, vms: list[Vm
         "Ctrl-Alt-Del needs an i8042 keyboard, which an aarch64 VM has not; use system_powerdown"
     assert fc.state() == "Running"
     fc.close()
+
+
+def test_cpu_templates_kvm_cannot_take_fail_the_start(tmp_path: Path, vms: list[Vm]) -> None:
+    """A template whose register KVM will not take (an ID register's field it does not let
+    userspace change, on this host's kernel) fails InstanceStart in one line, the process
+    alive; the VM then starts with one KVM takes (vCPU features kept as they are)."""
+    fc = Firecracker(vms, tmp_path / "api.sock")
+    fc.ok("PUT", "/boot-source", {"kernel_image_path": PROBE, "boot_args": "probe.run=info"})
+    fc.ok("PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 128})
+    assert "unknown field `cpuid_modifiers`" in fc.fault("PUT", "/cpu-config", {"cpuid_modifiers": []})
+    fc.ok("PUT", "/cpu-config", {"reg_modifiers": [{"addr": "0x603000000013c020", "bitmap": "0b1111"}]})
+    fault = fc.fault("PUT", "/actions", {"action_type": "InstanceStart"})
+    assert fault.startswith("Start microvm error: System configuration error: Failed to create guest config: "
+                            "register 0x603000000013c020: "), fault
+    assert fc.state() == "Not started"
+    psci_0_2 = {"index": 0, "bitmap": "0bx1xx"}        # set, as AltoVirt sets it anyway
+    fc.ok("PUT", "/cpu-config", {"kvm_capabilities": ["!70"], "vcpu_features": [psci_0_2]})
+    fc.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+    fc.vm.wait_line("probe: done ok", 120)
+    fc.close()
