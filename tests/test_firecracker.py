@@ -607,8 +607,6 @@ def test_serial_output_to_a_file(probe: Path, tmp_path: Path, vms: list[Vm]) -> 
     out = tmp_path / "serial.out"
     out.write_text("kept\n")
     fc = Firecracker(vms, tmp_path / "api.sock")
-    assert "rate limiter" in fc.fault("PUT", "/serial", {"serial_out_path": str(out),
-                                                         "rate_limiter": {"size": 1, "refill_time": 1}})
     fc.ok("PUT", "/serial", {"serial_out_path": str(out)})
     start(fc, probe, "snapshot")
     deadline = time.monotonic() + 30
@@ -621,6 +619,30 @@ def test_serial_output_to_a_file(probe: Path, tmp_path: Path, vms: list[Vm]) -> 
     text = out.read_text()
     assert text.startswith("kept\n") and "probe: done" in text
     assert not any("probe:" in line for line in fc.vm.seen)
+
+
+def test_serial_output_rate_limiter(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """PUT /serial's rate_limiter (a token bucket of bytes): output past it is dropped, as
+    Firecracker drops it, and counted in the uart metrics."""
+    out, metrics = tmp_path / "serial.out", tmp_path / "metrics.json"
+    fc = Firecracker(vms, tmp_path / "api.sock")
+    assert "missing field `refill_time`" in fc.fault("PUT", "/serial", {"rate_limiter": {"size": 1}})
+    fc.ok("PUT", "/metrics", {"metrics_path": str(metrics)})
+    fc.ok("PUT", "/serial", {"serial_out_path": str(out),
+                             "rate_limiter": {"size": 300, "refill_time": 600_000}})    # 300 B, then 0.5 B/s
+    start(fc, probe, "snapshot")
+    deadline = time.monotonic() + 30
+    while "probe:" not in out.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1)                                   # the probe has written its lines by now
+    fc.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
+    uart = json.loads(metrics.read_text().splitlines()[-1])["uart"]
+    written = len(out.read_bytes())
+    assert written <= 300 + 30 and uart["write_count"] > 400, (written, uart)
+    assert uart["rate_limiter_dropped_bytes"] == uart["write_count"] - written
+    fc.vm.type("quit")
+    assert fc.vm.finish()[0] == 0
 
 
 def test_device_metrics(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:

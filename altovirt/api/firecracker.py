@@ -291,6 +291,7 @@ class FirecrackerApi:
                                            "device.")
                 cfg.vsock.uds_path = vsock_path
             cfg.name, cfg.serial_stdio, cfg.serial_out_path = self.instance.id, True, c.serial_out_path
+            cfg.serial_rate_limiter = c.serial_rate_limiter
             c.restored_from(cfg)
             return Launch(cfg, snapshot.SavedVm(state, files, resume=p.get("resume_vm", False)))
         self.instance.launch(make)

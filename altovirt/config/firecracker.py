@@ -168,16 +168,18 @@ def rate_limiter_patch(where: str, value: object) -> dict[str, TokenBucketConfig
     """A rate limiter's body (firecracker.yaml's RateLimiter): the buckets it names, each
     None where its size or refill_time is 0 (Firecracker turns that bucket off)."""
     limiter = fields(where, value, {}, {"bandwidth": dict, "ops": dict})
-    patch: dict[str, TokenBucketConfig | None] = {}
-    for kind, bucket in limiter.items():
-        # TokenBucket takes unknown keys (serde's default for it, unlike RateLimiter).
-        known = {k: v for k, v in bucket.items() if k in ("size", "refill_time", "one_time_burst")}
-        b = fields(f"{where}.{kind}", known, {"size": int, "refill_time": int}, {"one_time_burst": int})
-        for key, number in b.items():
-            unsigned(number, 64, f"{where}.{kind}.{key}")
-        patch[kind] = TokenBucketConfig(b["size"], b["refill_time"], b.get("one_time_burst", 0)) \
-            if b["size"] and b["refill_time"] else None
-    return patch
+    return {kind: token_bucket(f"{where}.{kind}", bucket) for kind, bucket in limiter.items()}
+
+
+def token_bucket(where: str, bucket: dict[str, Any]) -> TokenBucketConfig | None:
+    """A TokenBucket's body; None where its size or refill_time is 0 (no bucket)."""
+    # TokenBucket takes unknown keys (serde's default for it, unlike RateLimiter).
+    known = {k: v for k, v in bucket.items() if k in ("size", "refill_time", "one_time_burst")}
+    b = fields(where, known, {"size": int, "refill_time": int}, {"one_time_burst": int})
+    for key, number in b.items():
+        unsigned(number, 64, f"{where}.{key}")
+    return TokenBucketConfig(b["size"], b["refill_time"], b.get("one_time_burst", 0)) \
+        if b["size"] and b["refill_time"] else None
 
 
 def rate_limiter(where: str, value: object) -> RateLimiterConfig | None:
@@ -248,6 +250,7 @@ class FirecrackerConfig:
     mmds_size_limit: int = MMDS_SIZE_LIMIT          # --mmds-size-limit
     balloon: BalloonConfig | None = None
     serial_out_path: str | None = None
+    serial_rate_limiter: TokenBucketConfig | None = None
     cpu_template: CpuTemplateSpec = None
 
     # --- the API's bodies ---
@@ -395,9 +398,9 @@ class FirecrackerConfig:
     def put_serial(self, body: object) -> None:
         """Where the serial console's output goes (a file or named pipe) instead of stdout."""
         sc = fields("serial", body, {}, {"serial_out_path": str, "rate_limiter": dict})
-        if sc.get("rate_limiter"):
-            raise not_supported("a rate limiter on the serial console's output")
         self.serial_out_path = sc.get("serial_out_path")
+        self.serial_rate_limiter = token_bucket("serial.rate_limiter", sc["rate_limiter"]) \
+            if "rate_limiter" in sc else None
 
     def put_balloon(self, body: object) -> None:
         b = fields("balloon", body, {"amount_mib": int, "deflate_on_oom": bool},
@@ -447,7 +450,8 @@ class FirecrackerConfig:
     def is_fresh(self) -> bool:
         """Nothing but the logger, metrics and MMDS is configured (what snapshot/load requires)."""
         return dataclasses.replace(self, logger=None, metrics=None, mmds=None, serial_out_path=None,
-                                   mmds_size_limit=MMDS_SIZE_LIMIT) == FirecrackerConfig()
+                                   serial_rate_limiter=None, mmds_size_limit=MMDS_SIZE_LIMIT) \
+            == FirecrackerConfig()
 
     def restored_from(self, cfg: VmConfig) -> None:
         """Take the machine and devices of a VM loaded from a snapshot (for GET /vm/config)."""
@@ -562,7 +566,8 @@ class FirecrackerConfig:
                         vcpus=self.vcpu_count, mem_size=self.mem_size_mib * MiB,
                         drives=[d.drive for d in drives], nets=list(self.nets.values()), vsock=self.vsock,
                         rng=self.entropy, mmds=self.mmds, balloon=self.balloon, serial_stdio=True,
-                        serial_out_path=self.serial_out_path, cpu_template=self.cpu_template)
+                        serial_out_path=self.serial_out_path, serial_rate_limiter=self.serial_rate_limiter,
+                        cpu_template=self.cpu_template)
 
 
 def export_balloon(b: BalloonConfig) -> dict[str, Any]:

@@ -200,6 +200,7 @@ class VmConfig:
     cpu_template: CpuTemplateSpec = None  # a static template's name, or a custom one
     serial_stdio: bool = False
     serial_out_path: str | None = None   # with serial_stdio: output here, not to stdout (Firecracker's)
+    serial_rate_limiter: TokenBucketConfig | None = None    # bytes of output; past it dropped
     api_channel: str | None = None
     vcpu_thread_name: str = "vcpu{}"     # {}: the index (Firecracker's front end names them its way)
     xenstore: str | None = None          # the host's XenStore socket

@@ -30,6 +30,7 @@ from ..devices.legacy.post import POST_PORT, PostPort
 from ..devices.legacy.rtc import RTC_PORT, Rtc
 from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
 from ..devices.legacy.vmgenid import VmGenId
+from ..devices.rate_limiter import TokenBucket
 from ..devices.virtio.block import WorkerPool
 from ..devices.virtio.mmio import INTERRUPT_ACK, QUEUE_NOTIFY, MmioTransport
 from ..devices.virtio.net import Net
@@ -148,7 +149,17 @@ class DeviceManager:
                 raise virtio_devices.DeviceError(f"serial output {path}: {getattr(e, 'strerror', e)}") from e
             self._fds.append(out)
         self.console = HostConsole(self._stop, out_fd=out)
-        return self.console.write
+        if self.cfg.serial_rate_limiter is None:
+            return self.console.write
+        write, bucket = self.console.write, TokenBucket(self.cfg.serial_rate_limiter)
+
+        def limited(data: bytes) -> None:
+            """Firecracker's: output the bucket has no room for is dropped, and counted."""
+            if bucket.reduce(len(data)) == 0.0:
+                write(data)
+            elif self.serial is not None:
+                self.serial.counters["rate_limiter_dropped_bytes"] += len(data)
+        return limited
 
     def _add_arm_devices(self) -> None:
         uart, rtc, gpio, timer = (arch.BOARD[name] for name in ("uart", "rtc", "gpio", "boot-timer"))
