@@ -16,11 +16,19 @@ are serde's and Firecracker's words, which clients show.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from .keys import Problem, find_key_problem
-from .model import MACHINE, ConfigError
+from .model import (
+    MACHINE,
+    VCPU_INIT_WORDS,
+    BitFilter,
+    ConfigError,
+    CpuidModifier,
+    CpuTemplate,
+    RegisterModifier,
+    VcpuFeatures,
+)
 
 # Firecracker's static templates, by architecture (StaticCpuTemplate); "None" is no template.
 STATIC_TEMPLATES = {"x86_64": ("C3", "T2", "T2S", "None", "T2CL", "T2A"), "aarch64": ("V1N1", "None")}
@@ -28,65 +36,6 @@ STATIC_TEMPLATES = {"x86_64": ("C3", "T2", "T2S", "None", "T2CL", "T2A"), "aarch
 TEMPLATE_FIELDS = {"x86_64": ("kvm_capabilities", "cpuid_modifiers", "msr_modifiers"),
                    "aarch64": ("kvm_capabilities", "vcpu_features", "reg_modifiers")}
 CPUID_REGISTERS = ("eax", "ebx", "ecx", "edx")
-VCPU_INIT_WORDS = 7                 # struct kvm_vcpu_init's features[7] (arm64 asm/kvm.h)
-
-
-@dataclass(frozen=True)
-class BitFilter:
-    """Bits to set (``filter``, 1 where the template decides) to ``value``; the rest kept."""
-
-    filter: int
-    value: int
-
-    def apply(self, old: int) -> int:
-        return (old & ~self.filter) | self.value
-
-    def bitmap(self, bits: int) -> str:
-        """Firecracker's form: every bit written out, ``x`` where the template leaves it."""
-        return "0b" + "".join("x" if not self.filter >> i & 1 else str(self.value >> i & 1)
-                              for i in reversed(range(bits)))
-
-
-@dataclass(frozen=True)
-class CpuidModifier:
-    """x86_64: CPUID ``leaf``/``subleaf``'s registers filtered; its KVM flags become ``flags``."""
-
-    leaf: int
-    subleaf: int
-    flags: int
-    registers: tuple[tuple[str, BitFilter], ...]
-
-
-@dataclass(frozen=True)
-class RegisterModifier:
-    """An MSR's index (x86_64) or a ``KVM_REG_*`` id (arm64), and its filter."""
-
-    addr: int
-    bitmap: BitFilter
-
-
-@dataclass(frozen=True)
-class VcpuFeatures:
-    """arm64: word ``index`` of KVM_ARM_VCPU_INIT's features, filtered."""
-
-    index: int
-    bitmap: BitFilter
-
-
-@dataclass(frozen=True)
-class CpuTemplate:
-    """A custom template, parsed. ``kvm_capabilities``: KVM_CAP_* numbers the VM also needs,
-    and (negated, ``~cap``) those it can do without."""
-
-    kvm_capabilities: tuple[int, ...] = ()
-    cpuid_modifiers: tuple[CpuidModifier, ...] = ()
-    msr_modifiers: tuple[RegisterModifier, ...] = ()
-    vcpu_features: tuple[VcpuFeatures, ...] = ()
-    reg_modifiers: tuple[RegisterModifier, ...] = ()
-
-
-# A machine's template: a static one's name, a custom one, or None.
-CpuTemplateSpec = str | CpuTemplate | None
 
 
 def parse_bitmap(text: object, bits: int) -> BitFilter:

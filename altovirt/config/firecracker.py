@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import cpu_template
-from .cpu_template import CpuTemplateSpec
 from .keys import KeyProblem, Problem, Types, find_key_problem
 from .model import (
     IO_ENGINES,
@@ -36,6 +35,7 @@ from .model import (
     VSOCK_MIN_CID,
     BalloonConfig,
     ConfigError,
+    CpuTemplateSpec,
     DriveConfig,
     MiB,
     MmdsConfig,

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 from . import cpu_template
-from .cpu_template import CpuTemplateSpec
 from .keys import check_keys
 from .model import (
     IO_ENGINES,
@@ -24,6 +23,8 @@ from .model import (
     BalloonConfig,
     ConfigError,
     ConsoleConfig,
+    CpuTemplate,
+    CpuTemplateSpec,
     DriveConfig,
     IncomingConfig,
     MmdsConfig,
@@ -269,7 +270,7 @@ def to_dict(cfg: VmConfig) -> dict[str, Any]:
                        "size_limit": m.size_limit, **({"data": m.data} if m.data is not None else {})}
     if cfg.xenstore:
         doc["xenstore"] = {"socket_path": cfg.xenstore, "domid": cfg.xen_domid}
-    if isinstance(cfg.cpu_template, cpu_template.CpuTemplate):
+    if isinstance(cfg.cpu_template, CpuTemplate):
         doc["cpu-config"] = cpu_template.export(cfg.cpu_template)
     return doc
 

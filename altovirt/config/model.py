@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import EXIT_USAGE, AltoVirtError
-
-if TYPE_CHECKING:
-    from .cpu_template import CpuTemplateSpec
 
 # The host's machine, read once: a configuration may be made on a confined thread (an API
 # request), where uname is not among the allowed system calls.
@@ -173,6 +170,68 @@ class IncomingConfig:
     uri: MigrationUri | None
     resume: bool = False            # run once loaded, instead of waiting paused for 'cont'
     map_memory: bool = True         # a snapshot's memory mapped copy-on-write, not read in
+
+
+# CPU templates (Firecracker's; read by cpu_template.py, applied by the architecture)
+@dataclass(frozen=True)
+class BitFilter:
+    """Bits to set (``filter``, 1 where the template decides) to ``value``; the rest kept."""
+
+    filter: int
+    value: int
+
+    def apply(self, old: int) -> int:
+        return (old & ~self.filter) | self.value
+
+    def bitmap(self, bits: int) -> str:
+        """Firecracker's form: every bit written out, ``x`` where the template leaves it."""
+        return "0b" + "".join("x" if not self.filter >> i & 1 else str(self.value >> i & 1)
+                              for i in reversed(range(bits)))
+
+
+@dataclass(frozen=True)
+class CpuidModifier:
+    """x86_64: CPUID ``leaf``/``subleaf``'s registers filtered; its KVM flags become ``flags``."""
+
+    leaf: int
+    subleaf: int
+    flags: int
+    registers: tuple[tuple[str, BitFilter], ...]
+
+
+@dataclass(frozen=True)
+class RegisterModifier:
+    """An MSR's index (x86_64) or a ``KVM_REG_*`` id (arm64), and its filter."""
+
+    addr: int
+    bitmap: BitFilter
+
+
+VCPU_INIT_WORDS = 7                 # struct kvm_vcpu_init's features[7] (arm64 asm/kvm.h)
+
+
+@dataclass(frozen=True)
+class VcpuFeatures:
+    """arm64: word ``index`` of KVM_ARM_VCPU_INIT's features, filtered."""
+
+    index: int
+    bitmap: BitFilter
+
+
+@dataclass(frozen=True)
+class CpuTemplate:
+    """A custom template, parsed. ``kvm_capabilities``: KVM_CAP_* numbers the VM also needs,
+    and (negated, ``~cap``) those it can do without."""
+
+    kvm_capabilities: tuple[int, ...] = ()
+    cpuid_modifiers: tuple[CpuidModifier, ...] = ()
+    msr_modifiers: tuple[RegisterModifier, ...] = ()
+    vcpu_features: tuple[VcpuFeatures, ...] = ()
+    reg_modifiers: tuple[RegisterModifier, ...] = ()
+
+
+# A machine's template: a static one's name, a custom one, or None.
+CpuTemplateSpec = str | CpuTemplate | None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .. import arch
 from ..config import VmConfig
-from ..config.cpu_template import CpuTemplate
+from ..config.model import CpuTemplate
 from ..devices.virtio.block import WorkerPool
 from ..errors import VmmError
 from ..eventloop import EventLoop

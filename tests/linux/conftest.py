@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,12 +196,12 @@ def curl(sock: Path, method: str, path: str, body: object = None) -> object:
     return answer
 
 
-def firecracker_guest(d: Path, *args: str) -> tuple[guest.LinuxGuest, Path]:
-    """``altovirt-firecracker`` with its API at ``d``/api.sock and its log and serial console in
-    ``d``, once the socket is there."""
+def firecracker_guest(d: Path, *args: str, prefix: Sequence[str] = ()) -> tuple[guest.LinuxGuest, Path]:
+    """``altovirt-firecracker`` (after ``prefix``: a network namespace's, say) with its API at
+    ``d``/api.sock and its log and serial console in ``d``, once the socket is there."""
     sock = d / "api.sock"
-    g = guest.LinuxGuest([*FIRECRACKER, "--api-sock", str(sock), "--log-path", str(d / "vmm.log"), *args],
-                         log_path=d / "serial.log")
+    g = guest.LinuxGuest([*prefix, *FIRECRACKER, "--api-sock", str(sock), "--log-path", str(d / "vmm.log"),
+                          *args], log_path=d / "serial.log")
     try:
         wait_socket(g, sock)
     except BaseException:
@@ -211,13 +211,15 @@ def firecracker_guest(d: Path, *args: str) -> tuple[guest.LinuxGuest, Path]:
 
 
 def start_firecracker_guest(g: guest.LinuxGuest, sock: Path, kernel: debian.Kernel, initrd: Path,
-                            *puts: tuple[str, object], vcpus: int = 2, mem_mib: int = 512,
+                            *puts: tuple[str, object], append: str = "", vcpus: int = 2, mem_mib: int = 512,
                             timeout: float = 400) -> None:
-    """Configure the guest (its boot source and machine, then each ``PUT`` path and body) with
-    curl, start it and wait for its shell; the guest closed if that fails."""
+    """Configure the guest (its boot source, ``append`` added to the test guest's command
+    line, and machine, then each ``PUT`` path and body) with curl, start it and wait for its
+    shell; the guest closed if that fails."""
     try:
         curl(sock, "PUT", "/boot-source", {"kernel_image_path": str(kernel.vmlinuz),
-                                           "initrd_path": str(initrd), "boot_args": guest.APPEND})
+                                           "initrd_path": str(initrd),
+                                           "boot_args": f"{guest.APPEND} {append}".strip()})
         curl(sock, "PUT", "/machine-config", {"vcpu_count": vcpus, "mem_size_mib": mem_mib})
         for path, body in puts:
             curl(sock, "PUT", path, body)

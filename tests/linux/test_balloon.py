@@ -15,7 +15,7 @@ import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..testbed import debian, guest, initramfs
-from .conftest import FIRECRACKER, curl, wait_socket
+from .conftest import curl, firecracker_guest, start_firecracker_guest
 
 BOOT_TIMEOUT = 400
 pytestmark = pytest.mark.timeout(900)
@@ -29,20 +29,9 @@ def initrd(kernel: debian.Kernel) -> Path:
 
 def boot(kernel: debian.Kernel, initrd: Path, d: Path,
          balloon: dict[str, object]) -> tuple[guest.LinuxGuest, Path]:
-    sock = d / "api.sock"
-    g = guest.LinuxGuest([*FIRECRACKER, "--api-sock", str(sock), "--qmp", str(d / "qmp.sock"),
-                          "--log-path", str(d / "vmm.log")], log_path=d / "serial.log")
-    try:
-        wait_socket(g, sock)
-        curl(sock, "PUT", "/boot-source", {"kernel_image_path": str(kernel.vmlinuz),
-                                           "initrd_path": str(initrd), "boot_args": guest.APPEND})
-        curl(sock, "PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": MEM_MIB})
-        curl(sock, "PUT", "/balloon", balloon)
-        curl(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
-        g.wait_ready(BOOT_TIMEOUT)
-    except BaseException:
-        g.close()
-        raise
+    g, sock = firecracker_guest(d, "--qmp", str(d / "qmp.sock"))
+    start_firecracker_guest(g, sock, kernel, initrd, ("/balloon", balloon), mem_mib=MEM_MIB,
+                            timeout=BOOT_TIMEOUT)
     return g, sock
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ..testbed import debian, guest
-from .conftest import FIRECRACKER, GUEST_IP, HOST_IP, PREFIX, Netns, curl, wait_socket
+from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns, curl, firecracker_guest, start_firecracker_guest
 
 BOOT_TIMEOUT = 400
 pytestmark = [pytest.mark.timeout(900),
@@ -30,22 +30,16 @@ def boot(kernel: debian.Kernel, initrd: Path, d: Path, version: str) -> tuple[gu
     (d / "meta.json").write_text(json.dumps(DOC))
     ns = Netns("tap0")
     ns.address("tap0", f"{HOST_IP}/{PREFIX}")
-    sock = d / "api.sock"
-    argv = [*ns.prefix, *FIRECRACKER, "--api-sock", str(sock), "--metadata", str(d / "meta.json"),
-            "--mmds-size-limit", "1024", "--log-path", str(d / "vmm.log")]
-    g = guest.LinuxGuest(argv, log_path=d / "serial.log")
     try:
-        wait_socket(g, sock)
-        curl(sock, "PUT", "/boot-source", {"kernel_image_path": str(kernel.vmlinuz),
-                                           "initrd_path": str(initrd),
-                                           "boot_args": f"{guest.APPEND} guest.ip={GUEST_IP}/{PREFIX}"})
-        curl(sock, "PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": "tap0"})
-        curl(sock, "PUT", "/mmds/config", {"network_interfaces": ["eth0"], "version": version})
-        curl(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
-        g.wait_ready(BOOT_TIMEOUT)
+        g, sock = firecracker_guest(d, "--metadata", str(d / "meta.json"), "--mmds-size-limit", "1024",
+                                    prefix=ns.prefix)
+        start_firecracker_guest(g, sock, kernel, initrd,
+                                ("/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": "tap0"}),
+                                ("/mmds/config", {"network_interfaces": ["eth0"], "version": version}),
+                                append=f"guest.ip={GUEST_IP}/{PREFIX}", vcpus=1, mem_mib=128,
+                                timeout=BOOT_TIMEOUT)
         g.check(f"ip route add {MMDS} dev eth0")
     except BaseException:
-        g.close()
         ns.close()
         raise
     return g, ns, sock

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ..testbed import debian, guest
-from .conftest import FIRECRACKER, GUEST_IP, HOST_IP, PREFIX, Netns, curl, wait_socket
+from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns, curl, firecracker_guest, start_firecracker_guest
 
 BOOT_TIMEOUT = 400
 pytestmark = pytest.mark.timeout(900)
@@ -48,25 +48,21 @@ def test_rates_under_linux(kernel: debian.Kernel, initrd: Path, tmp_path: Path,
         f.truncate(128 * MiB)
     ns = Netns("tap0")
     ns.address("tap0", f"{HOST_IP}/{PREFIX}")
-    sock = d / "api.sock"
-    g = guest.LinuxGuest([*ns.prefix, *FIRECRACKER, "--api-sock", str(sock),
-                          "--log-path", str(d / "vmm.log")], log_path=d / "serial.log")
     try:
-        wait_socket(g, sock)
-        curl(sock, "PUT", "/boot-source", {"kernel_image_path": str(kernel.vmlinuz),
-                                           "initrd_path": str(initrd),
-                                           "boot_args": f"{guest.APPEND} guest.ip={GUEST_IP}/{PREFIX}"})
-        curl(sock, "PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 512})
+        g, sock = firecracker_guest(d, prefix=ns.prefix)
+    except BaseException:
+        ns.close()
+        raise
+    try:
         # 4 MiB/s with 8 MiB of one-time burst: 12 MiB at once (the burst and the full bucket).
-        curl(sock, "PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(disk),
-                                           "is_root_device": False,
-                                           "rate_limiter": {"bandwidth": bucket(4 * MiB, burst=8 * MiB)}})
-        tx_limit = {"bandwidth": bucket(MiB // 2, 250)}
-        curl(sock, "PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": "tap0",
-                                                       "tx_rate_limiter": tx_limit})
-        curl(sock, "PUT", "/entropy", {"rate_limiter": {"bandwidth": bucket(1024, 250)}})
-        curl(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
-        g.wait_ready(BOOT_TIMEOUT)
+        drive = {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False,
+                 "rate_limiter": {"bandwidth": bucket(4 * MiB, burst=8 * MiB)}}
+        nic = {"iface_id": "eth0", "host_dev_name": "tap0",
+               "tx_rate_limiter": {"bandwidth": bucket(MiB // 2, 250)}}
+        start_firecracker_guest(g, sock, kernel, initrd, ("/drives/data", drive),
+                                ("/network-interfaces/eth0", nic),
+                                ("/entropy", {"rate_limiter": {"bandwidth": bucket(1024, 250)}}),
+                                append=f"guest.ip={GUEST_IP}/{PREFIX}", timeout=BOOT_TIMEOUT)
 
         # The disk: the burst at once, then 24 MiB at 4 MiB/s.
         burst, steady = timed(g, "dd if=/dev/vda of=/dev/null bs=1M count=12 iflag=direct",

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...config.cpu_template import CpuTemplate, CpuTemplateSpec
+from ...config.model import CpuTemplate, CpuTemplateSpec
 from ...kvm import Kvm, KvmError, Vcpu, Vm
 from ..board import BoardDevice
 from . import cpu_templates, gic, layout, regs

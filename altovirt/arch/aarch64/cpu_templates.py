@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ...config.cpu_template import BitFilter, CpuTemplate, CpuTemplateSpec, RegisterModifier
+from ...config.model import BitFilter, CpuTemplate, CpuTemplateSpec, RegisterModifier
 from ...errors import VmmError
 from ...kvm import KvmError, Vcpu
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ...config.cpu_template import VCPU_INIT_WORDS, VcpuFeatures
+from ...config.model import VCPU_INIT_WORDS, VcpuFeatures
 from ...kvm import Vcpu
 from ...kvm import structs as S
 

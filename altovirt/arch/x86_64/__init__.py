@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...acpi.tables import PowerRegisters, ResetRegister
-from ...config.cpu_template import CpuTemplate, CpuTemplateSpec
+from ...config.model import CpuTemplate, CpuTemplateSpec
 from ...kvm import Kvm, Vcpu, Vm
 from ...kvm import structs as S
 from ..board import BoardDevice

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...acpi.tables import ResetRegister
-from ...config.cpu_template import CpuTemplate
+from ...config.model import CpuTemplate
 from ...kvm import Kvm, Vcpu
 from ...kvm import structs as S
 from ...memory import GuestMemory

@@ -11,7 +11,7 @@ CPU of the vendor.
 
 from __future__ import annotations
 
-from ...config.cpu_template import BitFilter, CpuidModifier, CpuTemplate, CpuTemplateSpec, RegisterModifier
+from ...config.model import BitFilter, CpuidModifier, CpuTemplate, CpuTemplateSpec, RegisterModifier
 from ...errors import VmmError
 from ...kvm import structs as S
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ...config.cpu_template import CpuTemplate
+from ...config.model import CpuTemplate
 from ...errors import VmmError
 from ...kvm import Kvm, KvmError, Vcpu
 from ...kvm import structs as S
