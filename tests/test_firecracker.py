@@ -667,5 +667,13 @@ def test_device_metrics(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) 
     assert set(first["net"]) >= {"rx_bytes_count", "tx_packets_count"} and first["mmds"]["rx_count"] == 0
     assert second["block_data"]["read_count"] == 0                 # since the line before
     assert second["vcpu"]["exit_io_out"] < first["vcpu"]["exit_io_out"]
+    assert set(second["latencies_us"].values()) == {0}            # nothing timed yet
+    fc.ok("PATCH", "/vm", {"state": "Paused"})
+    fc.ok("PATCH", "/vm", {"state": "Resumed"})
+    fc.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
+    took = json.loads(metrics.read_text().splitlines()[-1])["latencies_us"]
+    for op in ("pause_vm", "resume_vm"):
+        assert 0 < took[f"vmm_{op}"] <= took[op] < 5_000_000, took
+    assert took["full_create_snapshot"] == took["load_snapshot"] == 0
     fc.vm.type("quit")
     assert fc.vm.finish()[0] == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -84,6 +85,7 @@ class FirecrackerApi:
                  on_logger: Callable[[LoggerConfig], None]) -> None:
         self.instance = instance
         self.metrics = metrics
+        self._timed: str | None = None      # the timed operation the request in hand did
         cfg = self._configure
         self.handlers: dict[str, Callable[[Request, Route], Response]] = {
             "get_info": lambda r, route: Response(200, self._info()),
@@ -126,10 +128,18 @@ class FirecrackerApi:
     def __call__(self, request: Request) -> Response:
         first = (segments(request.path) or [""])[0]
         self.metrics.count(request.method, first)
+        began, self._timed = time.monotonic(), None
         response = self._call(request)
         if response.status >= 400:
             self.metrics.failed(request.method, first)
+        elif self._timed is not None:       # the whole request's time, beside the VMM's part
+            self.metrics.latency(self._timed, time.monotonic() - began)
         return response
+
+    def _vmm_took(self, operation: str, began: float) -> None:
+        """``operation`` (of metrics.LATENCIES) went through, the VMM's part from ``began``."""
+        self.metrics.latency(f"vmm_{operation}", time.monotonic() - began)
+        self._timed = operation
 
     def _call(self, request: Request) -> Response:
         try:
@@ -294,7 +304,9 @@ class FirecrackerApi:
             cfg.serial_rate_limiter = c.serial_rate_limiter
             c.restored_from(cfg)
             return Launch(cfg, snapshot.SavedVm(state, files, resume=p.get("resume_vm", False)))
+        began = time.monotonic()
         self.instance.launch(make)
+        self._vmm_took("load_snapshot", began)
         return Response(204)
 
     # --- after the start ---
@@ -329,10 +341,12 @@ class FirecrackerApi:
             raise FirecrackerError(f"{DESERIALIZE}: unknown variant `{v['state']}`, expected `Paused` or "
                                    "`Resumed`.")
         machine = self.instance.running()
+        began = time.monotonic()
         try:
             machine.request(actions[v["state"]])
         except AltoVirtError as e:
             raise FirecrackerError(f"{'Pause' if v['state'] == 'Paused' else 'Resume'} error: {e}") from e
+        self._vmm_took("pause_vm" if v["state"] == "Paused" else "resume_vm", began)
         return Response(204)
 
     def _patch_drive(self, request: Request, found: Route) -> Response:
@@ -387,7 +401,7 @@ class FirecrackerApi:
         if machine.state != RunState.PAUSED:
             raise FirecrackerError("Create snapshot error: the microVM must be paused first "
                                    "(PATCH /vm Paused).")
-        done = threading.Event()
+        done, began = threading.Event(), time.monotonic()
         try:
             machine.request(Migrate(MigrationUri("file", path=p["snapshot_path"], memory=p["mem_file_path"]),
                                     done.set))
@@ -397,6 +411,7 @@ class FirecrackerApi:
         info = cast(dict[str, Any], machine.request(QueryMigration()))
         if info["status"] != "completed":
             raise FirecrackerError(f"Create snapshot error: {info.get('error-desc', info['status'])}")
+        self._vmm_took("full_create_snapshot", began)
         return Response(204)
 
 

@@ -6,7 +6,8 @@ line: the API's requests (per method and resource, and the failures), and once
 the VM runs its devices' (Firecracker's groups and field names: ``block`` and
 ``block_ID``, ``net`` and ``net_ID``, ``mmds``, ``balloon``, ``entropy``,
 ``vsock``, ``uart``, ``vcpu``; a field AltoVirt does not count stays 0), with
-the VM's state and the process's start-up time. Latency aggregates are left out.
+the VM's state, the process's start-up time, and how long the last pause, resume, snapshot
+and load took (``latencies_us``). The devices' latency aggregates are left out.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ FIELDS: dict[str, tuple[str, ...]] = {k: tuple(v.split()) for k, v in {
         "rate_limiter_dropped_bytes",
     "vcpu": "exit_io_in exit_io_out exit_mmio_read exit_mmio_write failures kvmclock_ctrl_fails",
 }.items()}
+# The API's operations' durations, µs, the last of each (Firecracker's PerformanceMetrics): at the
+# API (the whole request) and, with "vmm_", the VMM's part of it.
+LATENCIES = tuple(f"{level}{op}" for level in ("", "vmm_") for op in
+                  ("full_create_snapshot", "diff_create_snapshot", "load_snapshot", "pause_vm", "resume_vm"))
 
 
 class Metrics:
@@ -65,6 +70,7 @@ class Metrics:
         self._cfg: MetricsConfig | None = None
         self._requests: collections.Counter[str] = collections.Counter()
         self._failures: collections.Counter[str] = collections.Counter()
+        self._latencies = dict.fromkeys(LATENCIES, 0)
 
     @property
     def configured(self) -> bool:
@@ -98,6 +104,11 @@ class Metrics:
         with self._lock:
             self._failures[_key(method, resource)] += 1
 
+    def latency(self, name: str, seconds: float) -> None:
+        """An operation of :data:`LATENCIES` took ``seconds``; kept until the next one."""
+        with self._lock:
+            self._latencies[name] = round(seconds * 1e6)
+
     def flush(self, state: str) -> None:
         """Write a line of the counters since the last one; FirecrackerError before PUT /metrics."""
         devices = self._devices() if self.configured else None
@@ -112,6 +123,7 @@ class Metrics:
                 "patch_api_requests": _only(self._requests, "_patch"),
                 "api_request_failures": dict(self._failures),
                 "vmm": {"state": state},
+                "latencies_us": dict(self._latencies),
             }
             if devices is not None:
                 line.update(self._device_groups(devices))
