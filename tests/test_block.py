@@ -3,6 +3,7 @@ and the virtio-abuse test."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import threading
@@ -488,6 +489,33 @@ def test_async_engine_reads_writes_and_flushes_through_its_ring(tmp_path: Path,
         h.dev.quiesce()
         assert h.mem.read(late_status, 1)[0] == vblk.VIRTIO_BLK_S_OK and h.mem.read(late, 4096) == data[:4096]
         io.resume()
+    finally:
+        h.close()
+        io.stop()
+
+
+@needs_uring
+def test_a_ring_the_kernel_refuses_breaks_the_device_not_the_vmm(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A submission the kernel refuses for good (not EINTR or EAGAIN): the device needs a reset,
+    and its requests end at once rather than keeping a pause or a reset waiting."""
+    img = tmp_path / "disk.img"
+    data = os.urandom(1 << 20)
+    img.write_bytes(data)
+    io = EventLoop("io")
+    io.start()
+    ring = Ring(vblk.QUEUE_SIZE)
+    h = Harness(img, io=io, ring=ring)
+    try:
+        def refused() -> int:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        monkeypatch.setattr(ring, "submit", refused)
+        h.post_read(0, 4096)
+        h.dev.queue_notify(0)
+        assert h.dev.broken and h.resets
+        began = time.monotonic()
+        h.dev.quiesce()
+        assert time.monotonic() - began < 1
     finally:
         h.close()
         io.stop()

@@ -149,6 +149,7 @@ class Block(VirtioDevice):
         self._ring_runs: dict[int, tuple[list[Request], IoVec | None]] = {}
         self._ring_tags = itertools.count()
         self._ring_watched = False
+        self._ring_broken = False       # the kernel refused a submission: the workers take all
         self.image = image
         self.serial = serial[:VIRTIO_BLK_ID_BYTES]
         self.rate_limiter = RateLimiter(rate_limiter, self._unthrottled)
@@ -219,7 +220,7 @@ class Block(VirtioDevice):
             runs = self._to_ring(runs)
         for run in runs:
             self._pool.submit(self._complete, run)
-        if self._ring is not None:
+        if self._ring is not None and self._ring.in_flight:
             # Reads from the page cache are done within the submission: taken now, not after
             # a round through the event loop for their eventfd.
             self._ring_done()
@@ -229,6 +230,8 @@ class Block(VirtioDevice):
         flushes); returns the others, for the workers, which also report the errors."""
         ring, image, rest = self._ring, self.image, []
         assert ring is not None
+        if self._ring_broken:
+            return runs
         with self._ring_lock:
             for run in runs:
                 first, tag = run[0], next(self._ring_tags)
@@ -259,6 +262,8 @@ class Block(VirtioDevice):
             try:
                 ring.submit()
             except OSError as e:
+                # Not EINTR or EAGAIN (submit retries those): the ring is of no more use.
+                self._ring_broken = True
                 self.fail(f"io_uring: {e.strerror}")
         return rest
 
@@ -269,7 +274,9 @@ class Block(VirtioDevice):
         assert self._ring is not None
         with self._ring_lock:
             for tag, res in self._ring.reap():
-                run, iov = self._ring_runs.pop(tag)
+                run, iov = self._ring_runs.pop(tag, (None, None))
+                if run is None:         # given up on (the ring broke)
+                    continue
                 if res != (0 if iov is None else iov.total):
                     self._pool.submit(self._complete, run)
                     continue
@@ -323,11 +330,23 @@ class Block(VirtioDevice):
         while True:
             if self._ring is not None:
                 self._ring_done()
+                if self._ring_broken:
+                    self._give_up_ring()
             with self._idle:
                 left = deadline - time.monotonic()
                 if not self._in_flight or left <= 0:
                     return self._in_flight
                 self._idle.wait(min(left, 0.01) if self._ring_runs else left)
+
+    def _give_up_ring(self) -> None:
+        """A broken ring's requests will never be reaped: they end as I/O errors (the device
+        is broken: their chains are not given back)."""
+        with self._ring_lock:
+            runs, self._ring_runs = list(self._ring_runs.values()), {}
+        for run, _ in runs:
+            for r in run:
+                r.status[0] = VIRTIO_BLK_S_IOERR
+            self._finish(run, [1] * len(run))
 
     def quiesce(self) -> None:
         if left := self._wait_idle():
