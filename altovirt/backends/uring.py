@@ -17,6 +17,8 @@ import mmap
 import os
 import struct
 
+from . import BackendError
+
 # arm64 takes include/uapi/asm-generic/unistd.h; x86_64's syscall_64.tbl has the same numbers.
 SYS_io_uring_setup = 425
 SYS_io_uring_enter = 426
@@ -72,7 +74,7 @@ _syscall.argtypes = [ctypes.c_long] * 7
 _syscall.restype = ctypes.c_long
 
 
-class UringError(OSError):
+class UringError(BackendError):
     """io_uring cannot be set up or refused a call; ``errno`` is the kernel's."""
 
 
