@@ -14,6 +14,7 @@ from __future__ import annotations
 from ...config.model import BitFilter, CpuidModifier, CpuTemplate, CpuTemplateSpec, RegisterModifier
 from ...errors import VmmError
 from ...kvm import structs as S
+from . import cpuid
 
 VENDOR_INTEL = "GenuineIntel"
 VENDOR_AMD = "AuthenticAMD"
@@ -107,12 +108,10 @@ def resolve(spec: CpuTemplateSpec, supported: list[S.kvm_cpuid_entry2]) -> CpuTe
         return spec
     vendor, models, _, _ = STATIC[spec]
     leaves = {(e.function, e.index): e for e in supported}
-    zero, one = leaves[(0, 0)], leaves[(1, 0)]
-    host = b"".join(r.to_bytes(4, "little") for r in (zero.ebx, zero.edx, zero.ecx)).decode(errors="replace")
-    if host != vendor:
+    if cpuid.vendor(leaves[(0, 0)]) != vendor:
         raise CpuTemplateError("Failed to get CPU template: CPU vendor mismatched between actual CPU "
                                "and CPU template.")
-    if one.eax & FMS_MASK not in models:
+    if leaves[(1, 0)].eax & FMS_MASK not in models:
         raise CpuTemplateError("Failed to get CPU template: The current CPU model is not permitted to "
                                "apply the CPU template.")
     return static_template(spec)

@@ -100,17 +100,21 @@ def vcpu_cpuid(supported: list[S.kvm_cpuid_entry2], index: int, count: int) -> l
     return out
 
 
+def vendor(leaf_0: S.kvm_cpuid_entry2) -> str:
+    """The CPU's vendor string, as CPUID leaf 0 spells it in EBX, EDX, ECX ("AuthenticAMD")."""
+    return b"".join(r.to_bytes(4, "little") for r in (leaf_0.ebx, leaf_0.edx, leaf_0.ecx)).decode(
+        errors="replace")
+
+
 def host_cpu(kvm: Kvm, vcpu: Vcpu, template: CpuTemplate) -> dict[str, Any]:
     """The host CPU as a snapshot's header records it: vendor and the feature bits KVM offers
     the guest through ``template`` (so a guest whose template hid a feature can move to a host
     without it)."""
     leaves = {(e.function, e.index): e for e in apply_template(kvm.supported_cpuid(), template)}
-    zero = leaves[(0, 0)]
-    vendor = b"".join(r.to_bytes(4, "little") for r in (zero.ebx, zero.edx, zero.ecx))
     features = {f"{leaf:#x}.{sub}": [getattr(leaves[(leaf, sub)], r) if (leaf, sub) in leaves else 0
                                      for r in regs]
                 for (leaf, sub), regs in FEATURE_LEAVES.items()}
-    return {"vendor": vendor.decode(errors="replace"), "features": features}
+    return {"vendor": vendor(leaves[(0, 0)]), "features": features}
 
 
 def check_cpu(saved: object, here: dict[str, Any]) -> None:
