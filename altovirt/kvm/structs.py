@@ -199,6 +199,27 @@ class kvm_irqfd(_Struct):
                 ("pad", u8 * 16)]
 
 
+class kvm_irq_routing_irqchip(_Struct):
+    _fields_ = [("irqchip", u32), ("pin", u32)]
+
+
+class kvm_irq_routing_msi(_Struct):
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("devid", u32)]
+
+
+class kvm_irq_routing_entry_u(C.Union):
+    _fields_ = [("irqchip", kvm_irq_routing_irqchip), ("msi", kvm_irq_routing_msi), ("pad", u32 * 8)]
+
+
+class kvm_irq_routing_entry(_Struct):
+    _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32), ("u", kvm_irq_routing_entry_u)]
+
+
+class kvm_irq_routing(_Struct):
+    """The header; KVM_SET_GSI_ROUTING reads ``nr`` entries right after it."""
+    _fields_ = [("nr", u32), ("flags", u32)]
+
+
 class kvm_ioeventfd(_Struct):
     _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", s32),
                 ("flags", u32), ("pad", u8 * 36)]

@@ -153,9 +153,22 @@ class Vm:
         flags = K.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
         ioctl(self.fd, K.KVM_IRQFD, S.kvm_irqfd(fd=fd, gsi=gsi, flags=flags))
 
+    def set_gsi_routing(self, entries: list[S.kvm_irq_routing_entry]) -> None:
+        """Replace the whole GSI routing table with ``entries`` (KVM_SET_GSI_ROUTING)."""
+        head = C.sizeof(S.kvm_irq_routing)
+        table = (C.c_uint8 * (head + len(entries) * C.sizeof(S.kvm_irq_routing_entry)))()
+        S.kvm_irq_routing.from_buffer(table).nr = len(entries)
+        array = (S.kvm_irq_routing_entry * len(entries)).from_buffer(table, head)
+        array[:] = entries
+        ioctl(self.fd, K.KVM_SET_GSI_ROUTING, table)
+
     def ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool = False,
-                  datamatch: int | None = None) -> None:
+                  datamatch: int | None = None, deassign: bool = False) -> None:
+        """Have KVM signal ``fd`` on a guest write at ``addr`` (``length`` bytes, 0 for any
+        length, MMIO only; with ``datamatch``, only of that value) instead of exiting."""
         flags = K.KVM_IOEVENTFD_FLAG_PIO if pio else 0
+        if deassign:
+            flags |= K.KVM_IOEVENTFD_FLAG_DEASSIGN
         if datamatch is not None:
             flags |= K.KVM_IOEVENTFD_FLAG_DATAMATCH
         ioctl(self.fd, K.KVM_IOEVENTFD, S.kvm_ioeventfd(

@@ -96,6 +96,11 @@ class Interrupt:
     def needs_reset(self, reason: str) -> None:
         self._on_needs_reset(reason)
 
+    def queue_fd(self, index: int) -> int:
+        """The eventfd that raises queue ``index``'s interrupt, for a back end in the host
+        kernel or another process to signal itself (vhost's call descriptor)."""
+        return self.fd
+
 
 @dataclass(frozen=True)
 class Active:

@@ -216,7 +216,8 @@ def _hand_over(backend: Backend, active: Active, io: EventLoop, indices: Iterabl
         q = active.queues[i]
         io.modify(q.notifier, 0)            # the back end's from now on
         desc, avail, used = (mem.host_address_of(addr, n) for addr, n in q.ring_ranges())
-        backend.start_vring(i, q.size, q.next_avail, (desc, avail, used), q.notifier, active.interrupt.fd)
+        backend.start_vring(i, q.size, q.next_avail, (desc, avail, used), q.notifier,
+                            active.interrupt.queue_fd(i))
 
 
 def _take_back(backend: Backend | None, active: Active, io: EventLoop, indices: Iterable[int],
