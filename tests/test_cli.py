@@ -86,7 +86,7 @@ def usage_error(*args: str) -> str:
     (["-kernel", KERNEL, "-D", "/nonexistent/dir/log"], "-D: directory /nonexistent/dir does not exist"),
     (["-kernel", KERNEL, "-debug=1"], "-debug: takes no value"),
     (["-kernel", KERNEL, "-machine", "acpi=maybe"], "-machine acpi: invalid boolean 'maybe'; use on/off"),
-    (["-kernel", KERNEL, "-machine", "q35"], "-machine: unknown machine type 'q35'; accepted: microvm"),
+    (["-kernel", KERNEL, "-machine", "pc"], "-machine: unknown machine type 'pc'; accepted: microvm, q35"),
     (["-kernel", KERNEL, "-machine", "microvm,pic=off"],
      "-machine: unknown key 'pic'; accepted: accel, acpi, dump-guest-core, mem-share, type"),
     (["-config", "/nonexistent.json"], "-config: /nonexistent.json: no such file"),

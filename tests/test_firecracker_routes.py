@@ -112,7 +112,7 @@ def _thread_names(pid: int) -> dict[int, str]:
 def test_process_keeps_firecrackers_name(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
     """Run as ``firecracker`` (a link, as clients install it), the process keeps that name for
     its life (psutil's name() and pgrep read it), its threads are named as Firecracker's, a
-    PUT /vsock/vsock0 is a PUT /vsock, and --enable-pci is accepted and said in the log."""
+    PUT /vsock/vsock0 is a PUT /vsock, and --enable-pci puts the device on PCI."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "firecracker").symlink_to(Path(sys.executable).parent / "altovirt-firecracker")
@@ -136,4 +136,4 @@ def test_process_keeps_firecrackers_name(probe: Path, tmp_path: Path, vms: list[
     fc.vm.type("quit")
     assert fc.vm.finish()[0] == 0
     text = log.read_text()
-    assert "[anonymous-instance:main]" in text and "--enable-pci: AltoVirt has no PCI yet" in text
+    assert "[anonymous-instance:main]" in text and "vsock: virtio device 19 at PCI 00:01.0" in text

@@ -192,6 +192,12 @@ IO_PORT_TAG = 0x47              # 6.4.2.5
 IRQ_NO_FLAGS_TAG = 0x22         # 6.4.2.1, two-byte form
 MEMORY32_FIXED_TAG = 0x86       # 6.4.3.4
 EXTENDED_IRQ_TAG = 0x89         # 6.4.3.6
+DWORD_ADDRESS_TAG, WORD_ADDRESS_TAG, QWORD_ADDRESS_TAG = 0x87, 0x88, 0x8A    # 6.4.3.5.1-3
+# Address space descriptors: resource types and flags (6.4.3.5, table 6.50 and 6.51)
+MEMORY_RANGE, IO_RANGE, BUS_NUMBER_RANGE = 0, 1, 2
+PRODUCER_FIXED = 0x0C           # a bridge's window: producer, positive decode, min and max fixed
+IO_ENTIRE_RANGE = 0x03          # ISA and non-ISA ports
+MEMORY_READ_WRITE, MEMORY_CACHEABLE, MEMORY_PREFETCHABLE = 0x01, 0x02, 0x06
 
 
 def io_port(base: int, length: int) -> bytes:
@@ -214,6 +220,36 @@ def interrupt(gsi: int, *, edge: bool = True, active_low: bool = False) -> bytes
     """Interrupt (ResourceConsumer, Edge|Level, ActiveHigh|ActiveLow, Exclusive) {gsi}."""
     flags = 0x01 | (0x02 if edge else 0) | (0x04 if active_low else 0)
     return struct.pack("<BHBBI", EXTENDED_IRQ_TAG, 6, flags, 1, gsi)
+
+
+def _address_space(tag: int, fmt: str, kind: int, type_flags: int, base: int, length: int) -> bytes:
+    """A bridge's window of ``length`` at ``base`` (granularity 0, no translation)."""
+    end = base + length - 1
+    if length <= 0 or end >= 1 << (8 * struct.calcsize(fmt)):
+        raise AmlError(f"window {base:#x}+{length:#x} does not fit the descriptor")
+    body = struct.pack(f"<BBB5{fmt}", kind, PRODUCER_FIXED, type_flags, 0, base, end, 0, length)
+    return struct.pack("<BH", tag, len(body)) + body
+
+
+def word_bus_number(first: int, last: int) -> bytes:
+    """WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, first, last, 0, n)."""
+    return _address_space(WORD_ADDRESS_TAG, "H", BUS_NUMBER_RANGE, 0, first, last - first + 1)
+
+
+def word_io(base: int, length: int) -> bytes:
+    """WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, ...)."""
+    return _address_space(WORD_ADDRESS_TAG, "H", IO_RANGE, IO_ENTIRE_RANGE, base, length)
+
+
+def dword_memory(base: int, length: int) -> bytes:
+    """DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, ...)."""
+    return _address_space(DWORD_ADDRESS_TAG, "I", MEMORY_RANGE, MEMORY_READ_WRITE, base, length)
+
+
+def qword_memory(base: int, length: int) -> bytes:
+    """QWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, Prefetchable, ReadWrite, ...)."""
+    return _address_space(QWORD_ADDRESS_TAG, "Q", MEMORY_RANGE, MEMORY_PREFETCHABLE | MEMORY_READ_WRITE,
+                          base, length)
 
 
 def resource_template(*descriptors: bytes) -> bytes:

@@ -7,6 +7,7 @@ make a guest accept them; and, as plain data, what a device hands the FADT
 from __future__ import annotations
 
 import ctypes as C
+import struct
 from dataclasses import dataclass
 
 u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
@@ -42,6 +43,7 @@ MADT_ALL_PROCESSORS = 0xFF           # a Local APIC NMI for every processor
 RSDP_REVISION = 2                    # ACPI 2.0+: has the XSDT address
 XSDT_REVISION = 1
 DSDT_REVISION = 2                    # 2 and later: integers are 64 bits wide
+MCFG_REVISION = 1                    # PCI Firmware 3.2, 4.1.2
 
 
 class acpi_table_header(C.LittleEndianStructure):
@@ -154,6 +156,13 @@ def rsdp(xsdt_addr: int) -> bytes:
     r.checksum = checksum(bytes(r)[:20])
     r.extended_checksum = checksum(bytes(r))
     return bytes(r)
+
+
+def mcfg(ecam: int, first_bus: int, last_bus: int) -> bytes:
+    """The PCI Memory Mapped Configuration table (PCI Firmware 3.2, 4.1.2): segment 0's ECAM
+    at ``ecam``, for buses ``first_bus`` to ``last_bus``."""
+    entry = struct.pack("<QHBBI", ecam, 0, first_bus, last_bus, 0)
+    return sdt(header(b"MCFG", MCFG_REVISION), bytes(8) + entry)
 
 
 @dataclass(frozen=True)

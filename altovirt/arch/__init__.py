@@ -19,6 +19,8 @@ Memory layout
                                             interrupt; IndexError past the last slot
     VMGENID_ADDR                            the VM generation ID's reserved page (None: the
                                             machine has none)
+    pci_layout(regions) -> PciLayout | None where a PCIe host bridge's ECAM and BAR windows go
+                                            around RAM ``regions`` (None: the machine has none)
 The VM and its vCPUs
     create_irqchip(vm, cpus, ram_end) -> irqchip
                                             the in-kernel interrupt controllers: after guest RAM
@@ -78,6 +80,7 @@ if MACHINE == "x86_64":
         host_cpu,
         load_kernel,
         mmio_slot,
+        pci_layout,
         ram_regions,
         read_clock,
         restore_state,
@@ -105,6 +108,7 @@ elif MACHINE == "aarch64":
         host_cpu,
         load_kernel,
         mmio_slot,
+        pci_layout,
         ram_regions,
         read_clock,
         restore_state,
@@ -135,6 +139,7 @@ __all__ = [
     "host_cpu",
     "load_kernel",
     "mmio_slot",
+    "pci_layout",
     "ram_regions",
     "read_clock",
     "restore_state",

@@ -38,7 +38,7 @@ usage: altovirt -kernel PATH [-append CMDLINE] [-initrd PATH] [-smp [cpus=]N] [-
                 [-device virtio-rng[,id=ID,max-bytes=N,period=MS]]
                 [-api-channel unix:PATH | -qmp unix:PATH,server,nowait] [-serial stdio]
                 [-xenstore SOCKET [-xen-domid N]]
-                [-machine [type=]microvm[,acpi=on|off][,dump-guest-core=on|off][,mem-share=on|off]]
+                [-machine [type=]microvm|q35[,acpi=on|off][,dump-guest-core=on|off][,mem-share=on|off]]
                 [-name NAME] [-uuid UUID] [-D [LOGFILE]] [-daemonize [-pidfile PATH]]
                 [-disable-seccomp] [-omit_vm_memory] [-config FILE.json] [-debug] [-version]
                 [-incoming file:DIR|tcp:HOST:PORT|unix:PATH|defer[,resume=on][,mem=map|copy]]
@@ -54,6 +54,9 @@ StratoVirt 2.x's devices (a backend, and a -device that uses it):
                 [-chardev socket,id=ID,path=SOCKET -device vhost-user-fs-device,chardev=ID,tag=TAG,id=DEV
                  (with -machine mem-share=on)]
                 [-chardev socket,id=ID,path=SOCKET,server,nowait -mon chardev=ID,id=MON,mode=control]
+                With -machine q35 (x86_64), each on PCI as virtio-blk-pci, virtio-net-pci,
+                virtio-serial-pci, virtio-rng-pci, vhost-vsock-pci, vhost-user-fs-pci and
+                virtio-balloon-pci, each with [,bus=pcie.0][,addr=SLOT[.FUNCTION]]
 
 Boots a micro-VM on KVM. Sizes take bytes or a K/M/G suffix (a bare number
 below 128M is MiB: -m 2048); -smp in [1, 254], -m in [128M, 512G]. Exit
@@ -83,13 +86,18 @@ def _smp(cfg: VmConfig, v: str) -> None:
     cfg.vcpus = parse_int("-smp", kv["cpus"], VCPUS_MIN, VCPUS_MAX)
 
 
+MACHINE_TYPES = ("microvm", "q35")
+
+
 def _machine(cfg: VmConfig, v: str) -> None:
-    """-machine [type=]microvm[,acpi=on|off][,dump-guest-core=on|off][,mem-share=on|off][,accel=kvm]
-    (QEMU's and StratoVirt 2.x's spelling; microvm is the only type)."""
+    """-machine [type=]microvm|q35[,acpi=on|off][,dump-guest-core=on|off][,mem-share=on|off][,accel=kvm]
+    (QEMU's and StratoVirt 2.x's spelling): q35 puts the virtio devices on a PCIe host bridge."""
     kv = split_kv("-machine", v, positional="type")
     check_keys("-machine", kv, set(), {"type", "acpi", "dump-guest-core", "mem-share", "accel"})
-    if kv.get("type", "microvm") != "microvm":
-        raise ConfigError(f"-machine: unknown machine type {kv['type']!r}; accepted: microvm")
+    kind = kv.get("type", "microvm")
+    if kind not in MACHINE_TYPES:
+        raise ConfigError(f"-machine: unknown machine type {kind!r}; accepted: {', '.join(MACHINE_TYPES)}")
+    cfg.pci = kind == "q35"
     if kv.get("accel", "kvm") != "kvm":
         raise ConfigError(f"-machine: accel={kv['accel']!r}; accepted: kvm")
     if "mem-share" in kv:               # on: RAM a shared memfd, that vhost-user back ends map

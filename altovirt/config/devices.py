@@ -169,6 +169,27 @@ class Devices:
     def device(self, v: str) -> None:
         self.devices.append(split_kv("-device", v, positional="driver"))
 
+    @staticmethod
+    def _placement(cfg: VmConfig, kv: dict[str, str]) -> int | None:
+        """Take a PCI device's ``bus=`` and ``addr=`` from ``kv`` and make it the virtio-mmio
+        device it stands for (``virtio-blk-pci`` -> ``virtio-blk-device``); returns its devfn
+        (None: the next free slot). A virtio-mmio device on a PCI machine, or the other way
+        round, is an error."""
+        driver = kv.get("driver", "")
+        if driver not in PCI_DEVICES:
+            pci = next((k for k, v in PCI_DEVICES.items() if v == driver), None)
+            if cfg.pci and pci is not None:
+                raise ConfigError(f"-device {driver}: a virtio-mmio device; -machine q35 takes {pci}")
+            return None
+        if not cfg.pci:
+            raise ConfigError(f"-device {driver}: a PCI device; it needs -machine q35")
+        bus = kv.pop("bus", "pcie.0")
+        if bus != "pcie.0":
+            raise ConfigError(f"-device {driver}: bus={bus!r}; accepted: pcie.0")
+        kv.pop("multifunction", None)       # functions 1-7 of a slot make function 0 multi-function
+        kv["driver"] = PCI_DEVICES[driver]
+        return parse_pci_addr(f"-device {driver} addr", kv.pop("addr")) if "addr" in kv else None
+
     def monitor(self, v: str) -> None:
         kv = split_kv("-mon", v)
         check_keys("-mon", kv, {"chardev"}, {"id", "mode"})
@@ -186,6 +207,8 @@ class Devices:
     def apply(self, cfg: VmConfig) -> None:
         for legacy in self._legacy:
             legacy(cfg)
+        # (the driver as given, the device's devfn or None): the -pci drivers are the others' now.
+        given = [(kv.get("driver"), self._placement(cfg, kv)) for kv in self.devices]
         serial = [kv for kv in self.devices if kv.get("driver") == "virtio-serial-device"]
         consoles = [kv for kv in self.devices if kv.get("driver") == "virtconsole"]
         if len(serial) > 1:
@@ -195,12 +218,24 @@ class Devices:
         if serial and not consoles:
             raise ConfigError("-device virtio-serial-device: has no port; add -device virtconsole,"
                               "chardev=ID,id=ID,nr=0")
-        for kv in self.devices:
-            driver = kv.get("driver")
-            handler = DEVICES.get(driver or "")
+        for kv, (driver, at) in zip(self.devices, given, strict=True):
+            handler = DEVICES.get(kv.get("driver") or "")
             if handler is None:
-                raise ConfigError(f"-device: unknown device {driver!r}; accepted: {', '.join(DEVICES)}")
+                accepted = [*DEVICES, *PCI_DEVICES] if cfg.pci else DEVICES
+                raise ConfigError(f"-device: unknown device {driver!r}; accepted: {', '.join(accepted)}")
             handler(self, cfg, kv)
+            if at is not None:
+                # The console's PCI function is its virtio-serial-pci; the console's id is its port's.
+                name = "" if kv["driver"] == "virtio-serial-device" else _device_id(cfg, kv)
+                _place(cfg, name, at, driver or "")
+        if "" in cfg.pci_slots:
+            at = cfg.pci_slots.pop("")
+            if cfg.console is not None:
+                cfg.pci_slots[cfg.console.id] = at
+        for name, at in cfg.pci_slots.items():
+            if at & 7 and at & ~7 not in cfg.pci_slots.values():
+                raise ConfigError(f"-device {name}: addr {at >> 3:#x}.{at & 7}: slot {at >> 3:#x} has no "
+                                  "function 0 (software looks for the other functions only there)")
         for mon in self.monitors:
             path = self._socket("-mon", mon["chardev"], server=True)
             cfg.api_channel = f"unix:{path}"
@@ -315,6 +350,36 @@ class Devices:
         cfg.fs = FsConfig(check_id(f"{where} id", kv["id"]), kv["tag"], path)
 
 
+def parse_pci_addr(where: str, text: str) -> int:
+    """``SLOT[.FUNCTION]``, hexadecimal with or without 0x (QEMU's addr=), as a devfn on bus 0:
+    slot 1 to 31 (0 is the host bridge's), function 0 to 7."""
+    slot, dot, function = text.partition(".")
+    try:
+        s, f = int(slot, 16), int(function, 16) if dot else 0
+    except ValueError:
+        s = f = -1
+    if not (1 <= s < 32 and 0 <= f < 8):
+        raise ConfigError(f"{where}: {text!r} is not a PCI address; accepted: SLOT[.FUNCTION], slot 0x1 "
+                          "to 0x1f (0 is the host bridge), function 0 to 7")
+    return s << 3 | f
+
+
+def _device_id(cfg: VmConfig, kv: dict[str, str]) -> str:
+    """The id the configuration knows a device by, once its handler has run."""
+    if kv["driver"] == "virtio-rng-device":
+        assert cfg.rng is not None
+        return cfg.rng.id
+    return kv["id"]
+
+
+def _place(cfg: VmConfig, name: str, at: int, driver: str) -> None:
+    for other, taken in cfg.pci_slots.items():
+        if taken == at:
+            raise ConfigError(f"-device {driver}: addr {at >> 3:#x}.{at & 7} is taken by "
+                              f"{other or 'the console'}")
+    cfg.pci_slots[name] = at
+
+
 def _drive_config(name: str, d: dict[str, str], serial: str | None) -> DriveConfig:
     where = f"-drive id={d['id']}"
     limiter = None
@@ -345,4 +410,14 @@ DEVICES: dict[str, Callable[[Devices, VmConfig, dict[str, str]], None]] = {
     "vhost-vsock-device": Devices._vsock,
     "vhost-user-fs-device": Devices._fs,
     "virtio-balloon-device": Devices._balloon,
+}
+# StratoVirt 2.x's (and QEMU's) PCI devices, by the virtio-mmio device each stands for.
+PCI_DEVICES = {
+    "virtio-blk-pci": "virtio-blk-device",
+    "virtio-net-pci": "virtio-net-device",
+    "virtio-serial-pci": "virtio-serial-device",
+    "virtio-rng-pci": "virtio-rng-device",
+    "vhost-vsock-pci": "vhost-vsock-device",
+    "vhost-user-fs-pci": "vhost-user-fs-device",
+    "virtio-balloon-pci": "virtio-balloon-device",
 }

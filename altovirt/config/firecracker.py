@@ -248,6 +248,7 @@ class FirecrackerConfig:
     metrics: MetricsConfig | None = None
     mmds: MmdsConfig | None = None
     mmds_size_limit: int = MMDS_SIZE_LIMIT          # --mmds-size-limit
+    enable_pci: bool = False                        # --enable-pci: the devices on PCI
     balloon: BalloonConfig | None = None
     serial_out_path: str | None = None
     serial_rate_limiter: TokenBucketConfig | None = None
@@ -567,7 +568,7 @@ class FirecrackerConfig:
                         drives=[d.drive for d in drives], nets=list(self.nets.values()), vsock=self.vsock,
                         rng=self.entropy, mmds=self.mmds, balloon=self.balloon, serial_stdio=True,
                         serial_out_path=self.serial_out_path, serial_rate_limiter=self.serial_rate_limiter,
-                        cpu_template=self.cpu_template)
+                        cpu_template=self.cpu_template, pci=self.enable_pci)
 
 
 def export_balloon(b: BalloonConfig) -> dict[str, Any]:

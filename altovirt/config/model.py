@@ -248,6 +248,10 @@ class VmConfig:
     # ACPI tables (x86_64's; off: the MP table and the command line only); an arm64 VM has its
     # device tree instead.
     acpi: bool = MACHINE == "x86_64"
+    # The virtio devices on a PCIe host bridge (-machine q35, Firecracker's --enable-pci), not
+    # virtio-mmio; pci_slots: where the command line put them, device id -> devfn on bus 0.
+    pci: bool = False
+    pci_slots: dict[str, int] = field(default_factory=dict)
     drives: list[DriveConfig] = field(default_factory=list)
     nets: list[NetConfig] = field(default_factory=list)
     console: ConsoleConfig | None = None

@@ -46,6 +46,13 @@ class Bus:
             self._starts = [*self._starts[:i], base, *self._starts[i:]]
             self._ranges = [*self._ranges[:i], (base, base + length, device), *self._ranges[i:]]
 
+    def remove(self, base: int) -> None:
+        """Unmap the device whose range starts at ``base``."""
+        with self._lock:
+            i = self._starts.index(base)
+            self._starts = [*self._starts[:i], *self._starts[i + 1:]]
+            self._ranges = [*self._ranges[:i], *self._ranges[i + 1:]]
+
     def find(self, addr: int) -> tuple[BusDevice, int] | None:
         ranges = self._ranges
         i = bisect.bisect_right(self._starts, addr) - 1

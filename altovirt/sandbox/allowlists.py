@@ -106,11 +106,14 @@ ARM64_VM_STATE = (K.KVM_IRQ_LINE, K.KVM_ARM_PREFERRED_TARGET, K.KVM_GET_DEVICE_A
 KVM_VCPU_STATE = ARM64_VCPU_STATE if MACHINE == "aarch64" else X86_VCPU_STATE
 KVM_VM_STATE = ARM64_VM_STATE if MACHINE == "aarch64" else X86_VM_STATE
 SIOCGIFINDEX = 0x8933          # <linux/sockios.h>: if_nametoindex(), how a tap is found by name
+# A PCI function's configuration and MSI-X writes (vCPU threads) move its notification
+# ioeventfds with its BAR and route its vectors; a reset or the teardown (main) unroutes them.
+PCI_IOCTLS = (K.KVM_IOEVENTFD, K.KVM_IRQFD, K.KVM_SET_GSI_ROUTING)
 # ioctl request numbers per role (argument 1).
 # vhost-net is started and stopped where a device is activated (vcpu) and reset (vcpu, main,
 # which unplugs it too).
 IOCTLS: dict[str, tuple[int, ...]] = {
-    "vcpu": (*FILE_IOCTLS, K.KVM_RUN, *KVM_VCPU_STATE, TUNSETOFFLOAD, *VHOST_IOCTLS),
+    "vcpu": (*FILE_IOCTLS, K.KVM_RUN, *KVM_VCPU_STATE, TUNSETOFFLOAD, *VHOST_IOCTLS, *PCI_IOCTLS),
     "io": (*FILE_IOCTLS, TUNSETOFFLOAD, *((K.KVM_IRQ_LINE,) if MACHINE == "aarch64" else ())),
     # No KVM, no taps: the API asks the main thread for what touches the VM (vmm/actions.py).
     # Firecracker's PUT /network-interfaces looks its tap up by name.
@@ -119,6 +122,6 @@ IOCTLS: dict[str, tuple[int, ...]] = {
     # What a snapshot asks of /dev/kvm (the host's CPUID, the MSR list) is read before the
     # filters go on.
     "main": (*FILE_IOCTLS, *KVM_VCPU_STATE, *KVM_VM_STATE, TCSETS, TCSETSW, *VHOST_IOCTLS,
-             TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFINDEX),
+             TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFINDEX, *PCI_IOCTLS),
     "migration": (*FILE_IOCTLS, K.KVM_GET_DIRTY_LOG, K.KVM_SET_USER_MEMORY_REGION),
 }

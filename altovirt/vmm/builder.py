@@ -63,10 +63,11 @@ def open_kvm(path: str = "/dev/kvm", capabilities: Sequence[int] = ()) -> Kvm:
     return kvm
 
 
-def guest_cmdline(user: str, slots: list[MmioSlot]) -> str:
+def guest_cmdline(user: str, slots: list[MmioSlot], pci: bool = False) -> str:
     """The user's kernel command line, then what the machine adds to it.
 
-    ``pci=off`` unless the user chose a ``pci=`` setting: there is no PCI bus, yet
+    Unless the VM has PCI (``pci``), ``pci=off`` unless the user chose a ``pci=`` setting:
+    there is no PCI bus, yet
     Linux reads config space through ports 0xCF8/0xCFC (on AMD its GART aperture
     check walks all 256 buses, twice), some 33,000 exits to the VMM a boot.
     Firecracker adds it too. Then a ``virtio_mmio.device=`` entry per slot: minimal
@@ -76,7 +77,7 @@ def guest_cmdline(user: str, slots: list[MmioSlot]) -> str:
     if arch.MACHINE == "aarch64":
         return user
     words = [user] if user else []
-    if not any(w.startswith("pci=") for w in user.split()):
+    if not pci and not any(w.startswith("pci=") for w in user.split()):
         words.append("pci=off")
     words += (s.cmdline_entry() for s in slots)
     return " ".join(words)
@@ -167,8 +168,8 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
             from ..xenstore.mmds import mirror  # only a VM with both
             mirror(xenstore, devices.mmds)
         devices.add_legacy_devices()        # before the firmware, which they describe
-        boot = Boot(cfg.kernel or "", functools.partial(_boot_inputs, cfg, guest_cmdline(cfg.cmdline, slots),
-                                                        devices, irqchip))
+        cmdline = guest_cmdline(cfg.cmdline, slots, cfg.pci)
+        boot = Boot(cfg.kernel or "", functools.partial(_boot_inputs, cfg, cmdline, devices, irqchip))
         # A VM loaded from a snapshot or a migration boots nothing (it reads its kernel to reboot).
         plan = boot.load(mem) if cfg.incoming is None and saved is None else None
         if devices.vmgenid is not None:

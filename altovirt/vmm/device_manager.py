@@ -1,5 +1,6 @@
-"""The VM's devices: the two buses, the legacy devices on port I/O, the virtio-mmio
-slots, and the interrupt and notification eventfds that tie them to KVM.
+"""The VM's devices: the two buses, the legacy devices on port I/O, the virtio devices in
+virtio-mmio slots or on a PCIe host bridge, and the interrupt and notification eventfds
+that tie them to KVM.
 
 Interrupts are irqfds (KVM_IRQFD), queue notifications ioeventfds
 (KVM_IOEVENTFD with the queue index as datamatch), so neither needs a vCPU
@@ -14,9 +15,10 @@ import logging
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import arch
+from ..acpi.tables import BOOT_NO_MSI, mcfg
 from ..config import VmConfig
 from ..devices.bus import Bus
 from ..devices.legacy.acpi import ACPI_PORT_BASE, ACPI_PORT_COUNT, GED_IRQ, AcpiRegisters
@@ -32,8 +34,10 @@ from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
 from ..devices.legacy.vmgenid import VmGenId
 from ..devices.rate_limiter import TokenBucket
 from ..devices.virtio.block import WorkerPool
+from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.mmio import INTERRUPT_ACK, QUEUE_NOTIFY, MmioTransport
 from ..devices.virtio.net import Net
+from ..devices.virtio.transport import VirtioTransport
 from ..eventloop import EventLoop
 from ..kvm import Vm
 from ..memory import GuestMemory
@@ -43,6 +47,7 @@ from .hotplug import Hotplug
 from .vcpu import GUEST_RESET, GUEST_SHUTDOWN, StopReason
 
 if TYPE_CHECKING:
+    from ..devices.pci.root import PciRoot
     from ..devices.virtio.balloon import Balloon
     from ..devices.virtio.vsock import Vsock
     from ..mmds.store import Mmds
@@ -70,8 +75,10 @@ class DeviceManager:
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self._fds: list[int] = []
-        self.transports: list[MmioTransport] = []
+        self.transports: list[VirtioTransport] = []
         self.slots: list[virtio_devices.MmioSlot] = []
+        self.pci: PciRoot | None = None
+        self._closers: list[Callable[[], None]] = []
         self.boot_timer = BootTimer()
         self.console: HostConsole | None = None
         self.serial: Serial | None = None
@@ -104,7 +111,15 @@ class DeviceManager:
         has a QMP channel to fill them; returns the slots. ``quiet`` and ``on_deleted``
         are the hot-plug's (see :class:`Hotplug`)."""
         devices = virtio_devices.devices_for(self.cfg, self._io, self._pool,
-                                             hotplug=bool(self.cfg.api_channel), emit=self._emit)
+                                             hotplug=bool(self.cfg.api_channel) and not self.cfg.pci,
+                                             emit=self._emit)
+        self.vsock = devices.vsock
+        self.mmds = devices.mmds
+        self.balloon = devices.balloon
+        if self.cfg.pci:
+            self._add_pci_devices(devices.in_slot_order())
+            self.hotplug = Hotplug([], [], self._io, self._pool, quiet, on_deleted)
+            return self.slots
         for index, device in enumerate(devices.in_slot_order()):
             slot = virtio_devices.slot(index)
             base, irq = slot.base, slot.irq
@@ -120,13 +135,43 @@ class DeviceManager:
             self.mmio.insert(transport, base, slot.size)
             self.slots.append(slot)
             log.info("%s: virtio device %d at %#x, IRQ %d", device.name, device.device_id, base, irq)
-        self.vsock = devices.vsock
-        self.mmds = devices.mmds
-        self.balloon = devices.balloon
         n_disks, n_nics = len(devices.disks), len(devices.nets)
-        self.hotplug = Hotplug(self.transports[:n_disks], self.transports[n_disks:n_disks + n_nics],
-                               self._io, self._pool, quiet, on_deleted)
+        mmio = cast(list[MmioTransport], self.transports)
+        self.hotplug = Hotplug(mmio[:n_disks], mmio[n_disks:n_disks + n_nics], self._io, self._pool, quiet,
+                               on_deleted)
         return self.slots
+
+    def _add_pci_devices(self, devices: list[VirtioDevice]) -> None:
+        """A PCIe host bridge, and each device a function on it: where the command line put
+        it, or in the next free slot. Its MSI-X vectors (one a queue, one for configuration
+        changes) are GSIs routed as MSI."""
+        from ..devices.pci.root import ConfigPorts, Ecam, PciRoot, devfn  # only for a PCI machine
+        from ..devices.virtio.pci import PciTransport
+        from .msi import GsiRoutes, Vectors
+        layout = arch.pci_layout(self._mem.regions)
+        assert layout is not None       # the configuration allows PCI only where there is some
+        self.pci = root = PciRoot(self.mmio, layout.mmio32, layout.mmio64,
+                                  [(r.gpa, r.end) for r in self._mem.regions])
+        self.mmio.insert(Ecam(root), *layout.ecam)
+        self.pio.insert(ConfigPorts(root), 0xCF8, 8)
+        routes = GsiRoutes(self._vm)
+        placed = {d.name: self.cfg.pci_slots[d.name] for d in devices if d.name in self.cfg.pci_slots}
+        for device in devices:
+            at = placed.get(device.name)
+            if at is None:
+                at = placed[device.name] = devfn(root.free_slot(placed.values()))
+            vectors = Vectors(routes, len(device.queue_sizes) + 1)
+            self._closers.append(vectors.close)
+            transport = PciTransport(device, self._mem, self._io, vectors, self._notifier)
+            self.transports.append(transport)
+            root.add(transport, at)
+            log.info("%s: virtio device %d at PCI 00:%02x.%d, %d MSI-X vectors", device.name,
+                     device.device_id, at >> 3, at & 7, len(vectors.fds))
+        root.mark_multi_function()
+
+    def _notifier(self, fd: int, addr: int, assign: bool) -> None:
+        """A queue's notification address (any width) signals ``fd`` in KVM."""
+        self._vm.ioeventfd(fd, addr, 0, deassign=not assign)
 
     def add_legacy_devices(self) -> None:
         """The machine's own devices: a PC's on port I/O, or an Arm board's on MMIO."""
@@ -212,12 +257,19 @@ class DeviceManager:
         if arch.MACHINE == "aarch64":
             return arch.FirmwareDevices([(s.base, s.irq) for s in self.slots])  # type: ignore[call-arg, misc]
         assert self.serial is not None and self.i8042 is not None and self.rtc is not None
-        reset = self.i8042.reset_register
+        reset, pci = self.i8042.reset_register, self.pci is not None
         if self.acpi is None or self.vmgenid is None:
-            return arch.FirmwareDevices((), None, 0, reset)
+            return arch.FirmwareDevices((), None, 0, reset, pci)
+        slots: tuple[bytes, ...] = tuple(s.acpi_device() for s in self.slots)
+        flags, tables = self.i8042.boot_flags | BOOT_NO_MSI, {}
+        if self.pci is not None:
+            layout = arch.pci_layout(self._mem.regions)
+            assert layout is not None
+            slots, flags = self.pci.acpi_devices(layout.ecam), self.i8042.boot_flags
+            tables = {"MCFG": mcfg(layout.ecam[0], 0, (layout.ecam[1] >> 20) - 1)}
         dsdt = (self.serial.acpi_device(), self.i8042.acpi_device(), self.rtc.acpi_device(),
-                *(s.acpi_device() for s in self.slots), self.vmgenid.acpi_device(), self.acpi.acpi_device())
-        return arch.FirmwareDevices(dsdt, self.acpi.power_registers, self.i8042.boot_flags, reset)
+                *slots, self.vmgenid.acpi_device(), self.acpi.acpi_device())
+        return arch.FirmwareDevices(dsdt, self.acpi.power_registers, flags, reset, pci, tables)
 
     def press_gpio_power_button(self) -> None:
         """Press the board's power button (its GPIO line) and release it 100 ms later, as
@@ -267,6 +319,9 @@ class DeviceManager:
         for t in self.transports:
             t.close()
         self.transports.clear()
+        for close in self._closers:
+            close()
+        self._closers.clear()
         if self.hotplug is not None:
             self.hotplug.close()
         for fd in self._fds:

@@ -21,7 +21,7 @@ from .. import arch
 from ..config import VmConfig
 from ..devices.legacy.vmgenid import VmGenId
 from ..devices.virtio.block import WorkerPool
-from ..devices.virtio.device import DeviceBusyError
+from ..devices.virtio.device import VIRTIO_ID_BLOCK, DeviceBusyError
 from ..errors import VmmError
 from ..eventloop import EventLoop
 from ..kvm import Kvm
@@ -255,8 +255,8 @@ class Machine:
             if console:
                 console.start(loop)
             self.io.start()
-            if self.hotplug is not None and self.hotplug.disks:
-                self.block_pool.start()         # only a VM with disk slots needs it
+            if any(t.device.device_id == VIRTIO_ID_BLOCK for t in self.devices.transports):
+                self.block_pool.start()         # only a VM with disks (or empty disk slots) needs it
             for v in self.vcpus:
                 v.start()
             with self.lifecycle.lock:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 from ..backends.unix import listen_unix
 from ..config.model import MigrationUri
-from ..devices.virtio.mmio import MmioTransport
+from ..devices.virtio.transport import VirtioTransport
 from ..errors import AltoVirtError
 from ..kvm import Vm
 from ..kvm import ioctls as K
@@ -110,7 +110,7 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
 class DirtyLog:
     """The pages of guest RAM written since the last :meth:`collect`, while started."""
 
-    def __init__(self, vm: Vm, mem: GuestMemory, transports: Sequence[MmioTransport]) -> None:
+    def __init__(self, vm: Vm, mem: GuestMemory, transports: Sequence[VirtioTransport]) -> None:
         self._vm, self._mem, self._transports = vm, mem, transports
 
     def _log(self, on: bool) -> None:

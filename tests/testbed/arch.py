@@ -78,13 +78,13 @@ X86_64 = Arch(
     # offers LA57) did not stop the crashes described at l1.DEFAULT_CPUS.
     cmdline=("console=ttyS0 quiet loglevel=4 panic=-1 tsc=reliable no_timer_check mitigations=off "
              "nokaslr"),
-    # Loaded by the L2 init in this order.  The bus (virtio_mmio) first so the device drivers
+    # Loaded by the L2 init in this order.  The buses (virtio_mmio, virtio_pci) first so the device drivers
     # that follow find their devices at once; evdev before button so acpid finds the power
     # button's event node; crc32c_generic for ext4's metadata checksums (a softdep busybox
     # modprobe does not follow; the SSE4.2 variant is left out as a CPU without SSE4.2 would
     # fail to load it).  af_packet, unix, ipv6, hw_random, the 8250 UART and the i8042 are
     # built into Debian's kernel.
-    guest_modules=("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
+    guest_modules=("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
                    "vmw_vsock_virtio_transport", "crc32c_generic", "ext4", "evdev", "button"),
     gcc="gcc",
     # A serial console, no boot chatter, and a reset right after a panic, which ends AltoVirt

@@ -41,6 +41,7 @@ __all__ = [
     "host_cpu",
     "load_kernel",
     "mmio_slot",
+    "pci_layout",
     "ram_regions",
     "read_clock",
     "restore_state",
@@ -119,3 +120,8 @@ def setup_vcpus(kvm: Kvm, vcpus: Sequence[Vcpu], template: CpuTemplate) -> list[
 def setup_boot_regs(vcpu: Vcpu, plan: BootPlan) -> None:
     """The boot vCPU at the kernel's entry (the others wait, powered off, for PSCI CPU_ON)."""
     regs.setup_boot_regs(vcpu, plan.entry, plan.fdt_addr)
+
+
+def pci_layout(regions: Sequence[object]) -> None:
+    """The board has no PCIe host bridge yet (its devices are virtio-mmio)."""
+    return None

@@ -11,8 +11,8 @@ tie those modules together.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from ...acpi.tables import PowerRegisters, ResetRegister
 from ...config.model import CpuTemplate, CpuTemplateSpec
@@ -24,7 +24,7 @@ from .boot import BootPlan, Firmware, setup_boot_regs, setup_vcpus
 from .boot import prepare as load_kernel
 from .cpu_templates import resolve as _resolve_template
 from .cpuid import check_cpu, host_cpu
-from .layout import VMGENID_ADDR, mmio_slot, ram_regions
+from .layout import VMGENID_ADDR, mmio_slot, pci_layout, ram_regions
 from .loader import KernelError
 from .poweron import PowerOnState
 from .poweron import restore as restore_state
@@ -48,6 +48,7 @@ __all__ = [
     "host_cpu",
     "load_kernel",
     "mmio_slot",
+    "pci_layout",
     "ram_regions",
     "read_clock",
     "restore_state",
@@ -76,6 +77,8 @@ class FirmwareDevices:
     power: PowerRegisters | None    # the ACPI registers; None: no ACPI tables (-machine acpi=off)
     boot_flags: int                 # the IA-PC boot flags they ask the FADT for (ACPI 6.4, 5.2.9.3)
     reset: ResetRegister            # how the reset vector's stub resets (the i8042's reset line)
+    pci: bool = False               # a PCIe host bridge is there (layout's PCI windows and ECAM)
+    tables: Mapping[str, bytes] = field(default_factory=dict)   # more ACPI tables by signature (MCFG)
 
 
 def build_firmware(cpus: int, devices: FirmwareDevices, irqchip: object = None) -> Firmware:
@@ -84,8 +87,8 @@ def build_firmware(cpus: int, devices: FirmwareDevices, irqchip: object = None) 
     its state from a snapshot needs none until it resets). ValueError if the ACPI tables
     outgrow their area."""
     tables = None if devices.power is None else acpi.build(cpus, devices.dsdt, devices.power,
-                                                           devices.boot_flags)
-    return Firmware(tables, devices.reset)
+                                                           devices.boot_flags, devices.tables)
+    return Firmware(tables, devices.reset, devices.pci)
 
 
 def cpu_template(spec: CpuTemplateSpec, kvm: Kvm) -> CpuTemplate:

@@ -10,14 +10,15 @@ Hardware-reduced ACPI (ACPI 6.4, 4.1), as QEMU's microvm and Firecracker use:
 - MADT: a Local APIC per vCPU, the IOAPIC, LINT1 as NMI. ISA IRQs are
   identity-mapped, as the MP table says, so there are no source overrides;
 - DSDT: a processor device per vCPU, then the Device terms it is handed, in
-  their order, in ``\\_SB``, and ``_S5_``.
+  their order, in ``\\_SB``, and ``_S5_``;
+- and the tables the devices add (a PCIe host bridge's MCFG).
 """
 
 from __future__ import annotations
 
 import ctypes as C
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ...acpi import aml
@@ -69,13 +70,13 @@ def madt(cpus: int) -> bytes:
 
 def fadt(dsdt_addr: int, power: T.PowerRegisters, boot_flags: int) -> bytes:
     """The Fixed ACPI Description Table (5.2.9) of a hardware-reduced platform, with the
-    ``power`` registers and the devices' IA-PC ``boot_flags`` (5.2.9.3). There is no VGA, and
-    no MSI without PCI."""
+    ``power`` registers and the devices' IA-PC ``boot_flags`` (5.2.9.3, which say whether
+    there is MSI). There is no VGA."""
     f = T.acpi_table_fadt(
         dsdt=dsdt_addr, Xdsdt=dsdt_addr,
         flags=(T.FADT_F_HW_REDUCED | T.FADT_F_RESET_REGISTER | T.FADT_F_POWER_BUTTON
                | T.FADT_F_SLEEP_BUTTON),
-        boot_flags=boot_flags | T.BOOT_NO_VGA | T.BOOT_NO_MSI,
+        boot_flags=boot_flags | T.BOOT_NO_VGA,
         reset_register=T.gas_io(power.reset.port), reset_value=power.reset.value,
         minor_revision=T.FADT_MINOR_REVISION,
         sleep_control=T.gas_io(power.sleep_control_port), sleep_status=T.gas_io(power.sleep_status_port),
@@ -87,24 +88,27 @@ def _align(n: int) -> int:
     return (n + TABLE_ALIGN - 1) & ~(TABLE_ALIGN - 1)
 
 
-def build(cpus: int, devices: Sequence[bytes], power: T.PowerRegisters, boot_flags: int) -> AcpiTables:
+def build(cpus: int, devices: Sequence[bytes], power: T.PowerRegisters, boot_flags: int,
+          more: Mapping[str, bytes] = {}) -> AcpiTables:
     """Every table, placed one after another from layout.ACPI_START: ``devices`` are the
-    DSDT's Device terms, ``power`` and ``boot_flags`` what the FADT takes from the devices.
-    ValueError if they do not fit the area."""
-    tables = {"DSDT": dsdt(cpus, devices, power), "APIC": madt(cpus)}
-    xsdt_len = C.sizeof(T.acpi_table_header) + 8 * 2           # FADT and MADT
+    DSDT's Device terms, ``power`` and ``boot_flags`` what the FADT takes from the devices,
+    ``more`` the tables they add, by signature. ValueError if they do not fit the area."""
+    tables = {"DSDT": dsdt(cpus, devices, power), "APIC": madt(cpus), **more}
+    listed = ["FACP", "APIC", *more]                            # what the XSDT points at
+    xsdt_len = C.sizeof(T.acpi_table_header) + 8 * len(listed)
     addr = {"RSDP": layout.ACPI_START}
     addr["XSDT"] = _align(addr["RSDP"] + C.sizeof(T.acpi_table_rsdp))
     addr["FACP"] = _align(addr["XSDT"] + xsdt_len)
-    addr["APIC"] = _align(addr["FACP"] + C.sizeof(T.acpi_table_fadt))
-    addr["DSDT"] = _align(addr["APIC"] + len(tables["APIC"]))
-    end = addr["DSDT"] + len(tables["DSDT"])
+    end = addr["FACP"] + C.sizeof(T.acpi_table_fadt)
+    for sig in ("APIC", "DSDT", *more):
+        addr[sig] = _align(end)
+        end = addr[sig] + len(tables[sig])
     if end > layout.ACPI_START + layout.ACPI_SIZE:
         raise ValueError(f"ACPI tables need {end - layout.ACPI_START} bytes; "
                          f"the area holds {layout.ACPI_SIZE}")
     tables["FACP"] = fadt(addr["DSDT"], power, boot_flags)
     tables["XSDT"] = T.sdt(T.header(b"XSDT", T.XSDT_REVISION),
-                           struct.pack("<QQ", addr["FACP"], addr["APIC"]))
+                           struct.pack(f"<{len(listed)}Q", *(addr[sig] for sig in listed)))
     tables["RSDP"] = T.rsdp(addr["XSDT"])
     image = bytearray(end - layout.ACPI_START)
     for sig, data in tables.items():

@@ -35,6 +35,7 @@ class Firmware:
 
     acpi: AcpiTables | None
     reset: ResetRegister
+    pci: bool = False           # the e820 map leaves the PCI windows free
 
 
 def reset_stub(reset: ResetRegister) -> bytes:
@@ -109,7 +110,7 @@ def prepare(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
                           f"adds to -append; this kernel accepts at most {limit}")
     mem.write(layout.CMDLINE_START, raw_cmdline + b"\0")
     initrd_loc = (load_initrd(mem, kernel, initrd), len(initrd)) if initrd else (0, 0)
-    e820 = layout.e820_map(mem.regions)
+    e820 = layout.e820_map(mem.regions, firmware.pci)
     mptable.write(mem, cpus)
     mem.write(layout.RESET_VECTOR, reset_stub(firmware.reset))
     rsdp_addr = 0

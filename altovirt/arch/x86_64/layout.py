@@ -8,6 +8,8 @@ VMMs find nothing surprising.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from ...memory import Region
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -43,6 +45,14 @@ VIRTIO_MMIO_SLOT = 0x1000
 # Their interrupts: IOAPIC pins the legacy devices leave free (1 i8042, 4 COM1, 8 the RTC,
 # 23 the GED), one a slot, ISA lines first.
 VIRTIO_MMIO_IRQS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17)
+# With PCI (-machine q35): the host bridge's 32-bit window for BARs, then its ECAM, 1 MiB a
+# bus for all 256 (PCI Express Base 4.0, 7.2.2); its 64-bit window starts at the first GiB
+# past RAM. The virtio-mmio slots stay unused there.
+PCI_MMIO32_START = 0xC0000000
+PCI_MMIO32_SIZE = 256 * MiB
+PCI_ECAM_START = 0xE0000000
+PCI_ECAM_SIZE = 256 * MiB
+PCI_MMIO64_SIZE = 64 * GiB
 IOAPIC_ADDR = 0xFEC00000
 APIC_ADDR = 0xFEE00000
 # Where VMX keeps its real-mode TSS and identity map: the top of the 32-bit space,
@@ -75,15 +85,36 @@ def mmio_slot(index: int) -> tuple[int, int, int]:
     return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SLOT, VIRTIO_MMIO_SLOT, VIRTIO_MMIO_IRQS[index]
 
 
-def e820_map(regions: list[Region]) -> list[tuple[int, int, int]]:
-    """(addr, size, type) entries, sorted: low RAM, the BIOS holes, the MMIO gap."""
+class PciLayout(NamedTuple):
+    """A PCIe host bridge's ECAM and BAR windows, (base, size) each."""
+
+    ecam: tuple[int, int]
+    mmio32: tuple[int, int]
+    mmio64: tuple[int, int]
+
+
+def pci_layout(regions: list[Region]) -> PciLayout:
+    """The host bridge's ranges around RAM ``regions``: its 64-bit window from the first GiB
+    boundary past RAM."""
+    mmio64 = max(MMIO_GAP_END, (regions[-1].end + GiB - 1) & ~(GiB - 1))
+    return PciLayout((PCI_ECAM_START, PCI_ECAM_SIZE), (PCI_MMIO32_START, PCI_MMIO32_SIZE),
+                     (mmio64, PCI_MMIO64_SIZE))
+
+
+def e820_map(regions: list[Region], pci: bool = False) -> list[tuple[int, int, int]]:
+    """(addr, size, type) entries, sorted: low RAM, the BIOS holes, the MMIO gap. With ``pci``
+    the gap is reserved only where the ECAM and the APICs are: Linux clips a host bridge's
+    windows to what the e820 map leaves free, and wants the ECAM reserved there."""
     low = regions[0]
+    gap = [(MMIO_GAP_START, MMIO_GAP_END - MMIO_GAP_START, E820_RESERVED)] if not pci else [
+        (PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED),
+        (IOAPIC_ADDR, MMIO_GAP_END - IOAPIC_ADDR, E820_RESERVED)]
     entries = [
         (0, EBDA_START, E820_RAM),
         (EBDA_START, 0xA0000 - EBDA_START, E820_RESERVED),
         (ACPI_START, HIMEM_START - ACPI_START, E820_RESERVED),
         (HIMEM_START, low.end - HIMEM_START, E820_RAM),
-        (MMIO_GAP_START, MMIO_GAP_END - MMIO_GAP_START, E820_RESERVED),
+        *gap,
     ]
     entries += [(r.gpa, r.size, E820_RAM) for r in regions[1:]]
     return entries

@@ -35,8 +35,8 @@ QUEUE_ADDRESSES = ("desc_addr", "avail_addr", "used_addr")
 
 
 class VirtioTransport:
-    """A virtio device behind some registers. Subclasses build ``interrupt`` before calling
-    this constructor and decode their registers into the methods below, under ``lock``."""
+    """A virtio device behind some registers. Subclasses build ``interrupt`` and decode their
+    registers into the methods below, under ``lock``."""
 
     interrupt: Interrupt
 

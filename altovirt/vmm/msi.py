@@ -1,0 +1,104 @@
+"""Message-signalled interrupts through KVM: one GSI a vector, routed as MSI, raised by an
+irqfd (KVM_SET_GSI_ROUTING, KVM_IRQFD).
+
+KVM's routing table is set whole, so :class:`GsiRoutes` keeps it: the routes KVM sets up
+with its in-kernel PIC and IOAPIC (which the first KVM_SET_GSI_ROUTING would otherwise drop),
+then the vectors' MSI routes. A vector without a route (masked, or MSI-X off) has its irqfd
+unbound; KVM looks at the eventfd when it is bound again and delivers what waited.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..devices.pci.msix import MsiMessage
+from ..kvm import Vm
+from ..kvm import ioctls as K
+from ..kvm import structs as S
+
+log = logging.getLogger(__name__)
+
+IOAPIC_PINS, PIC_PINS = 24, 16      # what KVM routes by default (virt/kvm/irqchip.c, x86's irq_comm.c)
+MAX_ROUTES = 4096                   # KVM_MAX_IRQ_ROUTES
+
+
+class GsiRoutes:
+    """The VM's GSI routing table (x86: the PIC's and IOAPIC's pins, then MSI routes)."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self._msi: dict[int, MsiMessage] = {}
+        self._free = list(range(MAX_ROUTES - 1, IOAPIC_PINS - 1, -1))
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise ValueError(f"no GSI left for MSI (KVM routes {MAX_ROUTES})")
+        return self._free.pop()
+
+    def release(self, gsi: int) -> None:
+        self._msi.pop(gsi, None)
+        self._free.append(gsi)
+
+    def set(self, gsi: int, message: MsiMessage) -> None:
+        self._msi[gsi] = message
+        self.vm.set_gsi_routing(self._table())
+
+    def _table(self) -> list[S.kvm_irq_routing_entry]:
+        table = []
+        for gsi in range(IOAPIC_PINS):
+            table.append(_irqchip(gsi, K.KVM_IRQCHIP_IOAPIC, gsi))
+            if gsi < PIC_PINS:
+                table.append(_irqchip(gsi, K.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else K.KVM_IRQCHIP_PIC_SLAVE,
+                                      gsi % 8))
+        for gsi, m in sorted(self._msi.items()):
+            entry = S.kvm_irq_routing_entry(gsi=gsi, type=K.KVM_IRQ_ROUTING_MSI)
+            entry.u.msi.address_lo, entry.u.msi.address_hi, entry.u.msi.data = m
+            table.append(entry)
+        return table
+
+
+def _irqchip(gsi: int, chip: int, pin: int) -> S.kvm_irq_routing_entry:
+    entry = S.kvm_irq_routing_entry(gsi=gsi, type=K.KVM_IRQ_ROUTING_IRQCHIP)
+    entry.u.irqchip.irqchip, entry.u.irqchip.pin = chip, pin
+    return entry
+
+
+class Vectors:
+    """A function's ``count`` MSI-X vectors (:class:`altovirt.devices.pci.msix.MsiVectors`):
+    an eventfd and a GSI each."""
+
+    def __init__(self, routes: GsiRoutes, count: int) -> None:
+        self.routes = routes
+        self.fds: list[int] = []
+        self.gsis: list[int] = []
+        self._bound: list[bool] = []
+        try:
+            for _ in range(count):
+                self.gsis.append(routes.allocate())
+                self.fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+                self._bound.append(False)
+        except Exception:
+            self.close()
+            raise
+
+    def route(self, vector: int, message: MsiMessage | None) -> None:
+        fd, gsi = self.fds[vector], self.gsis[vector]
+        if message is None:
+            if self._bound[vector]:
+                self.routes.vm.irqfd(fd, gsi, deassign=True)
+                self._bound[vector] = False
+            return
+        self.routes.set(gsi, message)       # before binding: KVM delivers what waits at once
+        if not self._bound[vector]:
+            self.routes.vm.irqfd(fd, gsi)
+            self._bound[vector] = True
+
+    def close(self) -> None:
+        for vector in range(len(self.fds)):
+            self.route(vector, None)
+            os.close(self.fds[vector])
+        for gsi in self.gsis:
+            self.routes.release(gsi)
+        self.fds.clear()
+        self.gsis.clear()

@@ -1,0 +1,125 @@
+"""Every device on PCI (-machine q35): Debian's kernel finds the host bridge in the DSDT
+and MCFG, enumerates bus 0 by itself, binds virtio-pci to each function and gives each
+queue its own MSI-X vector. The tests share one VM (2 vCPUs) in file order; the last
+powers it down and reads back on the host what the guest wrote."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..testbed import debian, guest
+from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns, Qmp, altovirt_argv
+from .test_devices import Machine, ping_and_tcp_both_ways
+
+BOOT_TIMEOUT = 400
+pytestmark = pytest.mark.timeout(900)     # the first test includes the boot
+KNOWN = "known content from the host\n"
+# What sits where on bus 0: (slot.function, PCI device ID, MSI-X vectors: queues + config).
+FUNCTIONS = {
+    "00:00.0": (0x0008, 0),        # the host bridge
+    "00:03.0": (0x1042, 2),        # virtio-blk-pci, addr=0x3
+    "00:04.0": (0x1041, 3),        # virtio-net-pci, addr=0x4
+    "00:05.0": (0x1043, 3),        # virtio-serial-pci (the console), addr=0x5
+    "00:05.1": (0x1044, 2),        # virtio-rng-pci, addr=0x5.0x1
+    "00:01.0": (0x1053, 4),        # vsock, in the first free slot
+}
+
+
+@pytest.fixture(scope="module")
+def vm(kernel: debian.Kernel, initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+    d = tmp_path_factory.mktemp("pci")
+    (d / "src").mkdir()
+    (d / "src" / "hello.txt").write_text(KNOWN)
+    guest.make_ext4(d / "rw.img", "64M", d / "src")
+    ns = Netns("tap0")
+    ns.address("tap0", f"{HOST_IP}/{PREFIX}")
+    argv = altovirt_argv(
+        kernel, initrd, "-machine", "q35", "-smp", "2", "-m", "1G",
+        "-drive", f"id=d0,file={d / 'rw.img'},if=none",
+        "-device", "virtio-blk-pci,drive=d0,id=rw,serial=disk-rw-0,bus=pcie.0,addr=0x3",
+        "-netdev", "tap,id=n0,ifname=tap0", "-device", "virtio-net-pci,netdev=n0,id=net0,bus=pcie.0,addr=0x4",
+        "-chardev", f"socket,id=c0,path={d / 'con.sock'},server,nowait",
+        "-device", "virtio-serial-pci,id=ser0,bus=pcie.0,addr=0x5,multifunction=on",
+        "-device", "virtconsole,chardev=c0,id=con0,nr=0",
+        "-object", "rng-random,id=r0,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=r0,id=rng0,addr=5.1",
+        "-device", f"vsock,id=v0,guest-cid=3,uds-path={d / 'v.sock'}",
+        "-api-channel", f"unix:{d / 'qmp.sock'}", "-D", str(d / "vmm.log"),
+        append=f"guest.ip={GUEST_IP}/{PREFIX}")
+    g = guest.LinuxGuest([*ns.prefix, *argv], log_path=d / "serial.log")
+    try:
+        g.wait_ready(BOOT_TIMEOUT)
+        qmp = Qmp(d / "qmp.sock")
+        yield Machine(g, qmp, ns, d)
+        with contextlib.suppress(Exception):       # the last test may have closed it already
+            qmp.close()
+    finally:
+        g.close()
+        ns.close()
+
+
+def test_linux_enumerates_bus_0_and_enables_msix(vm: Machine) -> None:
+    """Each function is where the command line put it, driven by virtio-pci, with MSI-X on:
+    one vector a queue and one for configuration changes, and no INTx."""
+    dmesg = vm.g.check("dmesg")
+    assert "PCI: MMCONFIG at [mem 0xe0000000-0xefffffff]" in dmesg, dmesg
+    assert "PCI host bridge to bus 0000:00" in dmesg, dmesg
+    found = vm.g.check("ls /sys/bus/pci/devices").split()
+    assert sorted(found) == sorted(f"0000:{f}" for f in FUNCTIONS), dmesg
+    for function, (device_id, vectors) in FUNCTIONS.items():
+        sysfs = f"/sys/bus/pci/devices/0000:{function}"
+        assert int(vm.g.check(f"cat {sysfs}/device"), 16) == device_id
+        if not vectors:
+            continue
+        assert vm.g.check(f"basename $(readlink {sysfs}/driver)").strip() == "virtio-pci"
+        assert len(vm.g.check(f"ls {sysfs}/msi_irqs").split()) == vectors, function
+        assert vm.g.check(f"cat {sysfs}/irq").strip() == "0" or vectors      # no INTx pin
+    interrupts = vm.g.check("cat /proc/interrupts")
+    assert "PCI-MSI" in interrupts and "virtio0-config" in interrupts, interrupts
+
+
+def test_disk_read_write_serial(vm: Machine) -> None:
+    assert vm.g.check("cat /sys/block/vda/serial").strip() == "disk-rw-0"
+    assert vm.g.check("mkdir -p /mnt && mount /dev/vda /mnt && cat /mnt/hello.txt") == KNOWN
+    digest = vm.g.check("dd if=/dev/urandom of=/mnt/blob bs=64k count=64 2>/dev/null && sync && "
+                        "md5sum < /mnt/blob && umount /mnt", timeout=120).split()[0]
+    (vm.dir / "blob.md5").write_text(digest)
+
+
+def test_net_ping_and_tcp_both_ways(vm: Machine) -> None:
+    ping_and_tcp_both_ways(vm, HOST_IP, GUEST_IP, 5001)
+
+
+def test_console_shell(vm: Machine) -> None:
+    got = guest.console_shell(vm.dir / "con.sock", "echo hvc0-says-$((6 * 7)) on $(tty)", b"hvc0-says-42")
+    assert b"hvc0-says-42 on /dev/hvc0" in got
+
+
+def test_vsock_guest_to_host(vm: Machine) -> None:
+    with guest.vsock_listen(vm.dir / "v.sock", 5100) as srv:
+        srv.settimeout(60)
+        vm.g.check("(echo ping from the guest | vsock connect 2 5100 > /tmp/vsock-reply &) ; true")
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(30)
+            assert conn.recv(100) == b"ping from the guest\n"
+            conn.sendall(b"pong from the host\n")
+    vm.g.wait_until("grep -q 'pong from the host' /tmp/vsock-reply", "the host's reply")
+
+
+def test_rng(vm: Machine) -> None:
+    assert vm.g.check("cat /sys/class/misc/hw_random/rng_current").strip().startswith("virtio_rng")
+    assert vm.g.check("dd if=/dev/hwrng bs=32 count=1 2>/dev/null | wc -c").strip() == "32"
+
+
+def test_powerdown_and_the_data_on_the_host(vm: Machine) -> None:
+    vm.qmp.ok("system_powerdown")
+    assert vm.qmp.event("SHUTDOWN", BOOT_TIMEOUT)["data"] == {"guest": True, "reason": "guest-shutdown"}
+    assert vm.g.wait_exit(60) == 0
+    blob = guest.read_ext4(vm.dir / "rw.img", "/blob")
+    assert hashlib.md5(blob).hexdigest() == (vm.dir / "blob.md5").read_text()
