@@ -1,18 +1,26 @@
 """Every device on PCI (-machine q35): Debian's kernel finds the host bridge in the DSDT
 and MCFG, enumerates bus 0 by itself, binds virtio-pci to each function and gives each
-queue its own MSI-X vector. The tests share one VM (2 vCPUs) in file order; the last
-powers it down and reads back on the host what the guest wrote."""
+queue its own MSI-X vector, as Debian's own lspci -vv shows. Two VMs (2 vCPUs each), one
+after the other, share the tests in file order: the first has the devices AltoVirt serves
+itself and is powered down to read back on the host what the guest wrote; the second has
+those the host kernel or another process serves (vhost-net, vhost-vsock, virtio-fs) and the
+balloon, their interrupts raised by the kernel straight into the MSI-X vectors."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import re
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..testbed import debian, guest
+from ..testbed import debian, guest, initramfs
 from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns, Qmp, altovirt_argv
 from .test_devices import Machine, ping_and_tcp_both_ways
 
@@ -28,6 +36,41 @@ FUNCTIONS = {
     "00:05.1": (0x1044, 2),        # virtio-rng-pci, addr=0x5.0x1
     "00:01.0": (0x1053, 4),        # vsock, in the first free slot
 }
+
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+CID = 1000 + os.getpid() % 50000          # unique on this host while the test runs
+
+
+def lspci_files() -> dict[str, Path]:
+    """Debian's lspci and what it links, for the guest: the program and libpci from their
+    packages, the other libraries from this machine's (the same Debian release)."""
+    lspci = debian.unpack("pciutils") / "usr/bin/lspci"
+    libpci = debian.unpack("libpci3") / "usr/lib/x86_64-linux-gnu"
+    out = subprocess.run(["ldd", str(lspci)], env={"LD_LIBRARY_PATH": str(libpci)}, capture_output=True,
+                         text=True, check=True).stdout
+    assert "not found" not in out, out
+    files = {"usr/bin/lspci": lspci}
+    for name, path in re.findall(r"^\s*(\S+) => (/\S+)", out, re.M):
+        files[f"lib/x86_64-linux-gnu/{name}"] = Path(path).resolve()
+    loader = re.search(r"^\s*(/lib64/ld-linux\S+)", out, re.M)
+    assert loader is not None, out
+    files[loader[1].lstrip("/")] = Path(loader[1]).resolve()
+    return files
+
+
+@pytest.fixture(scope="module")
+def initrd(kernel: debian.Kernel) -> Path:
+    return initramfs.build(kernel, modules=(*initramfs.DEFAULT_MODULES, "virtio_balloon", "virtiofs"),
+                           extra=lspci_files())
+
+
+def msix_enabled(g: guest.LinuxGuest, function: str) -> str:
+    """lspci -vv's MSI-X line for ``function``."""
+    out = g.check(f"lspci -vv -s {function}")
+    line = next((ln.strip() for ln in out.splitlines() if "MSI-X:" in ln), "")
+    assert line.startswith("Capabilities:") and "Enable+" in line, out
+    return line
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +124,8 @@ def test_linux_enumerates_bus_0_and_enables_msix(vm: Machine) -> None:
         assert vm.g.check(f"cat {sysfs}/irq").strip() == "0" or vectors      # no INTx pin
     interrupts = vm.g.check("cat /proc/interrupts")
     assert "PCI-MSI" in interrupts and "virtio0-config" in interrupts, interrupts
+    assert "MSI-X: Enable+ Count=3 Masked-" in msix_enabled(vm.g, "00:04.0")     # Debian's lspci
+    assert "Kernel driver in use: virtio-pci" in vm.g.check("lspci -vv -s 00:03.0")
 
 
 def test_disk_read_write_serial(vm: Machine) -> None:
@@ -123,3 +168,101 @@ def test_powerdown_and_the_data_on_the_host(vm: Machine) -> None:
     assert vm.g.wait_exit(60) == 0
     blob = guest.read_ext4(vm.dir / "rw.img", "/blob")
     assert hashlib.md5(blob).hexdigest() == (vm.dir / "blob.md5").read_text()
+
+
+# --- the second VM: what the host kernel and other processes serve, and the balloon ---
+
+@pytest.fixture(scope="module")
+def offload(kernel: debian.Kernel, initrd: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+    d = tmp_path_factory.mktemp("pci-offload")
+    (d / "shared").mkdir()
+    (d / "shared" / "from-host.txt").write_text("written on the host\n")
+    sock = d / "fs.sock"
+    virtiofsd = subprocess.Popen([VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={d / 'shared'}",
+                                  "-o", "cache=none"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert virtiofsd.poll() is None and time.monotonic() < deadline, "virtiofsd did not start"
+        time.sleep(0.05)
+    ns = Netns("tap0")
+    ns.address("tap0", f"{HOST_IP}/{PREFIX}")
+    argv = altovirt_argv(
+        kernel, initrd, "-machine", "q35,mem-share=on", "-smp", "2", "-m", "1G",
+        "-netdev", "tap,id=n0,ifname=tap0,vhost=on", "-device", "virtio-net-pci,netdev=n0,id=net0",
+        "-device", f"vhost-vsock-pci,id=vv,guest-cid={CID}",
+        "-chardev", f"socket,id=fs,path={sock}", "-device", "vhost-user-fs-pci,chardev=fs,tag=shared,id=fs0",
+        "-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=on",
+        "-api-channel", f"unix:{d / 'qmp.sock'}", "-D", str(d / "vmm.log"),
+        append=f"guest.ip={GUEST_IP}/{PREFIX}")
+    g = guest.LinuxGuest([*ns.prefix, *argv], log_path=d / "serial.log")
+    try:
+        g.wait_ready(BOOT_TIMEOUT)
+        qmp = Qmp(d / "qmp.sock")
+        yield Machine(g, qmp, ns, d)
+        with contextlib.suppress(Exception):
+            qmp.close()
+    finally:
+        g.close()
+        ns.close()
+        virtiofsd.kill()
+        virtiofsd.wait()
+
+
+def test_offloaded_devices_have_their_vectors(offload: Machine) -> None:
+    drivers = offload.g.check("for d in /sys/bus/virtio/devices/*; do basename $(readlink $d/driver); done")
+    assert sorted(drivers.split()) == sorted(["virtio_net", "vmw_vsock_virtio_transport", "virtiofs",
+                                              "virtio_balloon"])
+    for function in offload.g.check("ls /sys/bus/pci/devices").split()[1:]:
+        msix_enabled(offload.g, function.removeprefix("0000:"))
+    assert "vhost-net serves the queues" in (offload.dir / "vmm.log").read_text()
+
+
+def test_vhost_net_ping_and_tcp_both_ways(offload: Machine) -> None:
+    ping_and_tcp_both_ways(offload, HOST_IP, GUEST_IP, 5021)
+
+
+def test_vhost_vsock_both_ways(offload: Machine) -> None:
+    offload.g.check("vsock listen -b -e 5400")
+    deadline = time.monotonic() + 30
+    while True:                             # the listener may still be starting
+        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        s.settimeout(30)
+        try:
+            s.connect((CID, 5400))
+            break
+        except (ConnectionResetError, ConnectionRefusedError):
+            s.close()
+            assert time.monotonic() < deadline, "the guest's listener never answered"
+            time.sleep(0.2)
+    with s:
+        s.sendall(b"over vhost-vsock on PCI\n")
+        assert s.recv(100) == b"over vhost-vsock on PCI\n"
+    with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as srv:
+        srv.bind((socket.VMADDR_CID_ANY, 5401))
+        srv.listen(1)
+        srv.settimeout(60)
+        offload.g.check("(echo ping from the guest | vsock connect 2 5401 > /tmp/vv-reply &) ; true")
+        conn, (peer, _) = srv.accept()
+        with conn:
+            conn.settimeout(30)
+            assert peer == CID and conn.recv(100) == b"ping from the guest\n"
+            conn.sendall(b"pong\n")
+    offload.g.wait_until("grep -q pong /tmp/vv-reply", "the host's reply")
+
+
+def test_virtiofs_data_both_ways(offload: Machine) -> None:
+    offload.g.check("mkdir -p /shared && mount -t virtiofs shared /shared")
+    assert offload.g.check("cat /shared/from-host.txt") == "written on the host\n"
+    digest = offload.g.check("dd if=/dev/urandom of=/shared/blob bs=64k count=32 2>/dev/null && "
+                             "md5sum /shared/blob").split()[0]
+    assert hashlib.md5((offload.dir / "shared" / "blob").read_bytes()).hexdigest() == digest
+
+
+def test_balloon_takes_memory_from_the_guest(offload: Machine) -> None:
+    total = int(offload.g.check("awk '/MemTotal/ {print $2}' /proc/meminfo"))
+    offload.qmp.ok("balloon", value=(1 << 30) - (200 << 20))
+    offload.qmp.event("BALLOON_CHANGE", 120)          # the first pages went
+    offload.g.wait_until(f"[ $(awk '/MemTotal/ {{print $2}}' /proc/meminfo) -lt {total - 190 * 1024} ]",
+                         "MemTotal to drop by the balloon", 120)
+    assert offload.qmp.ok("query-balloon")["return"] == {"actual": (1 << 30) - (200 << 20)}
