@@ -16,7 +16,10 @@ microvm (ACPI on for both), on the same KVM, with the same devices:
   * live migration (total time, downtime, MiB sent) of a 2-vCPU, 512 MiB guest that keeps
     writing memory, a snapshot of it (save time, size) and its restore to running.
 
-Each figure but the exits is the median of --runs, the two VMMs taking turns.
+Each figure but the exits is the median of --runs, the VMMs taking turns. With
+``--transport pci`` (x86_64) the devices are on PCI on both (AltoVirt's -machine q35, QEMU's
+microvm with pcie=on), and AltoVirt with its virtio-mmio devices runs too, for the ratio
+PCI/MMIO.
 
 It needs a /dev/kvm that boots stock kernels; on a PVM host it runs itself inside the nested
 test bed (scripts/testbed), where everything is emulated and so slow, but alike for both VMMs.
@@ -24,6 +27,7 @@ With ``--arch aarch64`` it boots Debian's arm64 kernel on AltoVirt and on QEMU's
 in the arm64 test bed (boot, disk, the two net parts and snapshots: the others are x86's for now).
 
     .venv/bin/python bench/linux.py [--runs 3] [--disk-mib 256] [--net-mib 64] [--append pci=off]
+    .venv/bin/python bench/linux.py --transport pci --parts boot,disk,net,fs
     .venv/bin/python bench/linux.py --arch aarch64 [--runs 3]
 """
 
@@ -53,7 +57,8 @@ from tests.testbed import arch, debian, guest, initramfs, l1
 
 TRACING = Path("/sys/kernel/tracing")
 TRACE_EVENTS = {"kvm_userspace_exit": "reason", "kvm_pio": "port", "kvm_mmio": "gpa"}
-VMMS = ("altovirt", "qemu")
+# The VMMs compared, in turn: "altovirt" and "qemu" with virtio-mmio devices, "-pci" with PCI.
+VMMS = ["altovirt", "qemu"]
 EXTRA_APPEND: list[str] = []    # --append: kernel parameters for both VMMs
 
 
@@ -66,20 +71,28 @@ def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path |
     guest RAM in a shared memfd."""
     on = ",vhost=on" if vhost else ""
     cmdline = " ".join([ARCH.guest_append, *EXTRA_APPEND, append]).strip()
-    if vmm == "altovirt":
+    pci = vmm.endswith("-pci")
+    bus = "pci" if pci else "device"
+    if vmm.startswith("altovirt"):
         argv = [*common.altovirt(), "-kernel", str(k.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
                 "-smp", str(cpus), "-m", "512M", "-serial", "stdio"]
+        if pci or fs:
+            argv += ["-machine", ",".join(["q35" if pci else "microvm", *(["mem-share=on"] if fs else [])])]
         if disk:
-            argv += ["-drive", f"id=d0,file={disk},aio={aio}"]
+            argv += ["-drive", f"id=d0,file={disk},aio={aio},if=none",
+                     "-device", f"virtio-blk-{bus},drive=d0,id=vda"]
         if tap:
-            argv += ["-netdev", f"id=n0,netdev={tap}{on}"]
+            argv += ["-netdev", f"tap,id=n0,ifname={tap}{on}",
+                     "-device", f"virtio-net-{bus},netdev=n0,id=net0"]
         if qmp:
             argv += ["-api-channel", f"unix:{qmp}"]
         if fs:
-            argv += ["-machine", "mem-share=on", "-chardev", f"socket,id=fs,path={fs}",
-                     "-device", "vhost-user-fs-device,chardev=fs,tag=bench,id=fs0"]
+            argv += ["-chardev", f"socket,id=fs,path={fs}",
+                     "-device", f"vhost-user-fs-{bus},chardev=fs,tag=bench,id=fs0"]
         return argv
     machine = "microvm,memory-backend=mem" if fs else "microvm"
+    if pci:
+        machine += ",pcie=on"
     if ARCH.name == "aarch64":      # virt with a GICv3 and modern virtio-mmio, as AltoVirt's board
         machine = "virt,gic-version=3,memory-backend=mem" if fs else "virt,gic-version=3"
     argv = [common.qemu(), "-M", machine, "-accel", "kvm", "-cpu", "host", "-smp", str(cpus), "-m", "512M",
@@ -92,16 +105,16 @@ def argv_for(vmm: str, k: debian.Kernel, initrd: Path, append: str, disk: Path |
         argv += ["-global", "virtio-mmio.force-legacy=false",
                  "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
                  "-chardev", f"socket,id=fs,path={fs}",
-                 "-device", "vhost-user-fs-device,chardev=fs,tag=bench"]
+                 "-device", f"vhost-user-fs-{bus},chardev=fs,tag=bench"]
     if qmp:
         argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     if disk:
         # The page cache on both: AltoVirt falls back to it where O_DIRECT is refused (tmpfs).
         argv += ["-drive", f"id=d0,file={disk},format=raw,if=none,aio={aio}",
-                 "-device", "virtio-blk-device,drive=d0"]
+                 "-device", f"virtio-blk-{bus},drive=d0"]
     if tap:
         argv += ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no{on}",
-                 "-device", "virtio-net-device,netdev=n0"]
+                 "-device", f"virtio-net-{bus},netdev=n0"]
     return argv
 
 
@@ -356,7 +369,7 @@ def disk_engine_figures(vmm: str, aio: str, k: debian.Kernel, initrd: Path, tmp:
 
 def engines(runs: int, measure: Callable[[str, str], tuple[float, ...]]) -> None:
     """Each VMM with each engine, ``runs`` times in turn; medians, and the ratios that matter."""
-    configs = [(v, aio) for v in VMMS for aio in ("threads", "io_uring")]
+    configs = [(v, aio) for v in ("altovirt", "qemu") for aio in ("threads", "io_uring")]
     results: dict[tuple[str, str], list[tuple[float, ...]]] = {c: [] for c in configs}
     for _ in range(runs):
         for c in configs:
@@ -386,13 +399,18 @@ def alternate(runs: int, measure: Callable[[str], tuple[float, ...]]) -> Pairs:
 
 def report(title: str, unit: str, results: Pairs,
            names: tuple[str, ...], lower_is_better: bool) -> None:
+    """Each VMM's medians; the ratio of the first to the last (AltoVirt to QEMU) and, with three,
+    of the first to the second (AltoVirt's PCI to its virtio-mmio)."""
     print(f"\n{title}")
     width = max(22, *(len(n) for n in names))
+    better = "lower is better" if lower_is_better else "higher is better"
     for i, name in enumerate(names):
-        a, q = (statistics.median(r[i] for r in results[v]) for v in VMMS)
-        better = "lower is better" if lower_is_better else "higher is better"
-        print(f"  {name:<{width}} AltoVirt {a:9.2f} {unit}   QEMU {q:9.2f} {unit}   "
-              f"ratio {a / q:5.2f} ({better})")
+        med = [statistics.median(r[i] for r in results[v]) for v in VMMS]
+        figures = "   ".join(f"{v} {m:9.2f} {unit}" for v, m in zip(VMMS, med, strict=True))
+        ratios = f"ratio to {VMMS[-1]} {med[0] / med[-1]:5.2f}"
+        if len(VMMS) == 3:
+            ratios += f", to {VMMS[1]} {med[0] / med[1]:5.2f}"
+        print(f"  {name:<{width}} {figures}   {ratios} ({better})")
 
 
 def main() -> None:
@@ -409,10 +427,14 @@ def main() -> None:
                     "boot,disk,net,net-vhost,snapshot)")
     ap.add_argument("--arch", default=os.uname().machine, choices=tuple(arch.ARCHES),
                     help="the guests' and VMMs' machine: aarch64 on an x86 host runs in the arm64 test bed")
+    ap.add_argument("--transport", default="mmio", choices=("mmio", "pci"),
+                    help="the virtio transport; pci also runs AltoVirt on virtio-mmio (x86_64)")
     ap.add_argument("--append", default="", help="kernel parameters for both VMMs, e.g. pci=off "
                     "(which AltoVirt adds on its own) to give QEMU the same command line")
     args = ap.parse_args()
     EXTRA_APPEND.extend(args.append.split())
+    if args.transport == "pci":
+        VMMS[:] = ["altovirt-pci", "altovirt", "qemu-pci"]
     bed = arch.get(args.arch)
     if bed.name != ARCH.name or HARDWARE_VIRT_PROBLEM:
         why = HARDWARE_VIRT_PROBLEM.split(";")[0] if HARDWARE_VIRT_PROBLEM and bed is ARCH \
