@@ -644,3 +644,23 @@ def test_snapshot_format_of_a_real_vm(probe: Path, disk: Path, tmp_path: Path, v
     assert header["cpu"]["vendor"] in ("GenuineIntel", "AuthenticAMD")
     assert {"kvm", "serial", "i8042", "rtc", "hotplug", "virtio-mmio.0"} <= set(sections)
     assert all(s.version == 1 for s in sections.values())
+
+
+def test_pci_machine_snapshot_and_restore(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    """A -machine q35 VM's functions are sections of their own (virtio-pci.N); it restores on a
+    PCI machine, and a virtio-mmio machine refuses its snapshot in one line."""
+    source = Guest(vms, guest_args(probe, disk, "-machine", "q35"), tmp_path / "q1.sock")
+    before = source.count()
+    snapshot(source, tmp_path / "snap")
+    source.quit()
+    refused = Vm(*guest_args(probe, disk, "-incoming", f"file:{tmp_path / 'snap'}"))
+    vms.append(refused)
+    status, err = refused.finish()
+    assert status == 1 and "section virtio-pci.0: saved from a VM whose devices are virtio-pci; this VM's " \
+        "are virtio-mmio (-machine microvm)" in err, err
+    incoming = ("-incoming", f"file:{tmp_path / 'snap'},resume=on")
+    restored = Guest(vms, guest_args(probe, disk, "-machine", "q35", *incoming), tmp_path / "q2.sock",
+                     ready=False)
+    wait_status(restored, "running")
+    assert restored.count() > before
+    restored.quit()

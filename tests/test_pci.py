@@ -5,6 +5,8 @@ the interrupts routed by real KVM (the guest-visible proof is tests/linux/test_p
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
 import subprocess
@@ -31,6 +33,7 @@ from altovirt.devices.virtio.transport import ACKNOWLEDGE, DRIVER, DRIVER_OK, FE
 from altovirt.eventloop import EventLoop
 from altovirt.kvm import Kvm
 from altovirt.memory import GuestMemory
+from altovirt.persist import SavedStateError
 from altovirt.vmm import builder
 from altovirt.vmm.msi import GsiRoutes, Vectors
 
@@ -57,8 +60,14 @@ class Machine:
 
 @pytest.fixture
 def machine(tmp_path: Path) -> Iterator[Machine]:
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(range(256)) * 4096)
+    with made(tmp_path / "disk.img") as m:
+        yield m
+
+
+@contextlib.contextmanager
+def made(image: Path) -> Iterator[Machine]:
+    if not image.exists():
+        image.write_bytes(bytes(range(256)) * 4096)
     kvm = Kvm()
     vm = kvm.create_vm()
     vm.create_irqchip()
@@ -378,3 +387,35 @@ def test_bad_placements_are_usage_errors(probe: Path, tmp_path: Path, args: list
     run = run_altovirt("-kernel", str(probe / "probe.elf"), "-drive", f"id=d0,file={disk},if=none", *args)
     assert run.returncode == 2 and message in run.stderr, run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_a_function_saved_and_restored_carries_on(machine: Machine, tmp_path: Path) -> None:
+    """The function's state (configuration space with a moved BAR, MSI-X table and routes, the
+    vectors, the queue where the driver left it) goes into a new machine, which serves the
+    driver's next request where the first left off; a state of another kind of function is
+    refused, the function unchanged."""
+    m = machine
+    q = DriverQueue(m.mem, 0x100000, 256)
+    driver_setup(m, q)
+    assert read_sector(m, q, 1) == bytes(range(256)) * 2
+    at = devfn(3)
+    cfg_write(m, at, C.COMMAND, 2, 0)
+    cfg_write(m, at, C.BAR0, 4, layout.PCI_MMIO32_START + 0x10000)
+    cfg_write(m, at, C.BAR0 + 4, 4, 0)
+    cfg_write(m, at, C.COMMAND, 2, C.COMMAND_MEMORY | C.COMMAND_MASTER)
+    state = m.transport.save()
+    (tmp_path / "copy.img").write_bytes((tmp_path / "disk.img").read_bytes())
+    with made(tmp_path / "copy.img") as copy:
+        copy.mem.write(0x100000, m.mem.read(0x100000, 0x10000))        # the rings, as RAM is restored
+        bad = dataclasses.replace(state, config=bytes(4096))
+        with pytest.raises(SavedStateError, match="another"):
+            copy.transport.restore(bad)
+        assert copy.transport.status == 0
+        copy.transport.restore(state)
+        copy.root.refresh()
+        assert bar0(copy) == layout.PCI_MMIO32_START + 0x10000
+        assert copy.mmio.read(bar0(copy) + vpci.COMMON_OFFSET + vpci.DEVICE_STATUS, 1) & DRIVER_OK
+        assert copy.vectors.routes._msi == {copy.vectors.gsis[0]: MsiMessage(MSI_ADDRESS, 0, 0x30),
+                                            copy.vectors.gsis[1]: MsiMessage(MSI_ADDRESS, 0, 0x31)}
+        q.mem = copy.mem
+        assert read_sector(copy, q, 2) == bytes(range(256)) * 2

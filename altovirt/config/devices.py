@@ -32,7 +32,7 @@ from .model import (
     VmConfig,
     VsockConfig,
 )
-from .validate import check_id, check_mac, check_tap, parse_bool, parse_int
+from .validate import check_id, check_mac, check_tap, parse_bool, parse_int, parse_pci_addr
 
 # Entropy files served by getrandom(2), which reads the same pool (Linux >= 5.6).
 RNG_FILES = ("/dev/urandom", "/dev/random")
@@ -348,20 +348,6 @@ class Devices:
         # The back end (virtiofsd) listens; AltoVirt connects, whatever server says (as StratoVirt).
         path = self._socket(f"{where} {kv['id']}", kv["chardev"], server=False)
         cfg.fs = FsConfig(check_id(f"{where} id", kv["id"]), kv["tag"], path)
-
-
-def parse_pci_addr(where: str, text: str) -> int:
-    """``SLOT[.FUNCTION]``, hexadecimal with or without 0x (QEMU's addr=), as a devfn on bus 0:
-    slot 1 to 31 (0 is the host bridge's), function 0 to 7."""
-    slot, dot, function = text.partition(".")
-    try:
-        s, f = int(slot, 16), int(function, 16) if dot else 0
-    except ValueError:
-        s = f = -1
-    if not (1 <= s < 32 and 0 <= f < 8):
-        raise ConfigError(f"{where}: {text!r} is not a PCI address; accepted: SLOT[.FUNCTION], slot 0x1 "
-                          "to 0x1f (0 is the host bridge), function 0 to 7")
-    return s << 3 | f
 
 
 def _device_id(cfg: VmConfig, kv: dict[str, str]) -> str:

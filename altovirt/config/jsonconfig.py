@@ -43,6 +43,7 @@ from .validate import (
     parse_bool,
     parse_int,
     parse_migration_uri,
+    parse_pci_addr,
     parse_size,
 )
 
@@ -125,7 +126,8 @@ def from_dict(doc: Any) -> VmConfig:
     if "machine-config" in top:
         w = "machine-config"
         mc = _obj(w, top[w], set(),
-                  {"name", "vcpu_count", "mem_size", "omit_vm_memory", "acpi", "cpu_template"})
+                  {"name", "vcpu_count", "mem_size", "omit_vm_memory", "acpi", "cpu_template", "machine_type",
+                   "pci_slots"})
         if "name" in mc:
             cfg.name = _str(f"{w}.name", mc["name"])
         if "vcpu_count" in mc:
@@ -139,6 +141,18 @@ def from_dict(doc: Any) -> VmConfig:
             cfg.omit_vm_memory = _bool(f"{w}.omit_vm_memory", mc["omit_vm_memory"])
         if "acpi" in mc:
             cfg.acpi = parse_acpi(f"{w}.acpi", _bool(f"{w}.acpi", mc["acpi"]))
+        if "machine_type" in mc:
+            kind = mc["machine_type"]
+            if kind not in ("microvm", "q35"):
+                raise ConfigError(f"{w}.machine_type: {kind!r}; accepted: microvm, q35 (PCI)")
+            cfg.pci = kind == "q35"
+        if "pci_slots" in mc:
+            if not cfg.pci or not isinstance(mc["pci_slots"], dict):
+                raise ConfigError(f"{w}.pci_slots: an object of device id -> \"SLOT[.FUNCTION]\", with "
+                                  "machine_type q35")
+            cfg.pci_slots = {check_id(f"{w}.pci_slots", name):
+                             parse_pci_addr(f"{w}.pci_slots.{name}", _str(f"{w}.pci_slots.{name}", at))
+                             for name, at in mc["pci_slots"].items()}
         if "cpu_template" in mc:
             cfg.cpu_template = _cpu_template(f"{w}.cpu_template", cpu_template.parse_static,
                                              mc["cpu_template"])
@@ -237,6 +251,9 @@ def to_dict(cfg: VmConfig) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "machine-config": {"name": cfg.name, "vcpu_count": cfg.vcpus, "mem_size": cfg.mem_size,
                            "omit_vm_memory": cfg.omit_vm_memory, "acpi": cfg.acpi,
+                           **({"machine_type": "q35", "pci_slots": {
+                               name: f"{at >> 3:#x}.{at & 7}" for name, at in cfg.pci_slots.items()}}
+                              if cfg.pci else {}),
                            **({"cpu_template": cfg.cpu_template}
                               if isinstance(cfg.cpu_template, str) else {})},
         "drive": [{"drive_id": d.id, "path_on_host": d.path, "read_only": d.read_only, "direct": d.direct,

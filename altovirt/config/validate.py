@@ -77,6 +77,20 @@ def parse_int(where: str, text: str | int, low: int, high: int) -> int:
     return value
 
 
+def parse_pci_addr(where: str, text: str) -> int:
+    """``SLOT[.FUNCTION]``, hexadecimal with or without 0x (QEMU's addr=), as a devfn on bus 0:
+    slot 1 to 31 (0 is the host bridge's), function 0 to 7."""
+    slot, dot, function = text.partition(".")
+    try:
+        s, f = int(slot, 16), int(function, 16) if dot else 0
+    except ValueError:
+        s = f = -1
+    if not (1 <= s < 32 and 0 <= f < 8):
+        raise ConfigError(f"{where}: {text!r} is not a PCI address; accepted: SLOT[.FUNCTION], slot 0x1 "
+                          "to 0x1f (0 is the host bridge), function 0 to 7")
+    return s << 3 | f
+
+
 def check_id(where: str, value: str) -> str:
     if not _ID.match(value):
         raise ConfigError(f"{where}: invalid id {value!r}; use 1-64 letters, digits, '_', '-' or '.'")

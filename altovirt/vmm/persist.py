@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..arch import PowerOnState
-    from ..devices.virtio.persist import TransportState
+    from ..devices.virtio.persist import PciFunctionState, TransportState
     from ..snapshot.format import Section
 
 
@@ -62,6 +62,7 @@ class VmState:
     header: dict[str, Any]
     kvm: PowerOnState
     hotplug: HotplugState
-    transports: tuple[TransportState, ...]      # virtio-mmio.0, .1, ...
+    # virtio-mmio.0, .1, ... or virtio-pci.0, .1, ...
+    transports: tuple[TransportState, ...] | tuple[PciFunctionState, ...]
     board: dict[str, Any]                       # the board's own devices' states, by section name
     xenstore: Section | None                    # in its own envelope (xenstore/snapshot.py)

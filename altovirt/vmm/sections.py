@@ -6,7 +6,8 @@ a -config document, from which a Firecracker-style snapshot/load builds the
 VM; a VM started with -incoming has its own), ``kvm`` (vCPUs, interrupt controllers, PIT,
 clock), the board's own devices (a PC's ``serial``, ``i8042`` and ``rtc``, an Arm
 board's ``pl011``, ``pl031`` and ``pl061``), ``hotplug`` (backends and slots),
-``virtio-mmio.N`` (each slot's transport and queues) and ``xenstore``. The
+``virtio-mmio.N`` (each slot's transport and queues) or, on a PCI machine, ``virtio-pci.N``
+(each function's, with its configuration space and MSI-X state) and ``xenstore``. The
 header names what a VM must match to take them: the architecture, vCPU count and
 the host CPU (:func:`altovirt.arch.host_cpu`). :func:`parse` reads sections
 into plain data (:class:`VmState`), :func:`restore` puts that into a VM.
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .. import arch
 from ..config import jsonconfig
 from ..devices.legacy.persist import I8042State, Pl011State, Pl031State, Pl061State, RtcState, SerialState
-from ..devices.virtio.persist import TransportState
+from ..devices.virtio.persist import PciFunctionState, TransportState
 from ..kvm import KvmError
 from ..persist import SavedStateError, from_json, to_json
 from ..snapshot.format import Section, SnapshotError
@@ -83,7 +84,8 @@ def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[
         # whose sessions the snapshot keeps for the guest to take up again.
         from ..xenstore import snapshot as xs
         sections.append(Section("xenstore", xs.VERSION, xs.save(m.xenstore)))
-    sections += [_section(f"virtio-mmio.{i}", t.save()) for i, t in enumerate(d.transports)]
+    kind = _transports(m)
+    sections += [_section(f"{kind}.{i}", t.save()) for i, t in enumerate(d.transports)]
     return {"machine": arch.MACHINE, "vcpus": len(m.vcpus), "memory_size": m.mem.size,
             "cpu": _host_cpu(m)}, sections
 
@@ -95,19 +97,28 @@ def parse(header: dict[str, Any], sections: dict[str, Section]) -> VmState:
     machine = header.get("machine", "x86_64")       # snapshots from before arm64 did not say
     if machine != arch.MACHINE:
         raise SnapshotError(f"header: saved on an {machine} host; this {arch.MACHINE} host cannot run it")
+    kind = "virtio-pci" if "virtio-pci.0" in sections else "virtio-mmio"
     count = 0
-    while f"virtio-mmio.{count}" in sections:
+    while f"{kind}.{count}" in sections:
         count += 1
     unknown = sorted(set(sections) - {"config", "kvm", "xenstore", "hotplug", *BOARD_STATES,
-                                      *(f"virtio-mmio.{i}" for i in range(count))})
+                                      *(f"{kind}.{i}" for i in range(count))})
     if unknown:
         raise SnapshotError(f"section {unknown[0]}: unknown component")
+    names = [f"{kind}.{i}" for i in range(count)]
+    transports: tuple[TransportState, ...] | tuple[PciFunctionState, ...] = \
+        tuple(_state(sections, n, PciFunctionState) for n in names) if kind == "virtio-pci" \
+        else tuple(_state(sections, n, TransportState) for n in names)
     return VmState(header, _state(sections, "kvm", arch.PowerOnState),
-                   _state(sections, "hotplug", HotplugState),
-                   tuple(_state(sections, f"virtio-mmio.{i}", TransportState) for i in range(count)),
+                   _state(sections, "hotplug", HotplugState), transports,
                    {name: _state(sections, name, cls) for name, cls in BOARD_STATES.items()
                     if name in sections},
                    sections.get("xenstore"))
+
+
+def _transports(m: Machine) -> str:
+    """What the VM's virtio devices' sections are named after."""
+    return "virtio-mmio" if m.devices.pci is None else "virtio-pci"
 
 
 def _host_cpu(m: Machine) -> dict[str, Any]:
@@ -137,11 +148,16 @@ def _check_fits(m: Machine, state: VmState) -> None:
     if differ:
         name = differ[0]
         raise SnapshotError(f"section {name}: " + ("missing" if name in board else "unknown component"))
+    kind = _transports(m)
+    saved = "virtio-pci" if any(isinstance(t, PciFunctionState) for t in state.transports) else "virtio-mmio"
+    if state.transports and saved != kind:
+        raise SnapshotError(f"section {saved}.0: saved from a VM whose devices are {saved}; this VM's are "
+                            f"{kind} (-machine {'q35' if kind == 'virtio-pci' else 'microvm'})")
     if len(state.transports) > slots:
-        raise SnapshotError(f"section virtio-mmio.{slots}: this VM has no such component; "
+        raise SnapshotError(f"section {kind}.{slots}: this VM has no such component; "
                             "a VM with -api-channel has hot-plug slots")
     if len(state.transports) < slots:
-        raise SnapshotError(f"section virtio-mmio.{len(state.transports)}: missing")
+        raise SnapshotError(f"section {kind}.{len(state.transports)}: missing")
     if state.xenstore is not None and m.xenstore is None:
         raise SnapshotError("section xenstore: saved, but this VM has no -xenstore")
     if state.xenstore is None and m.xenstore is not None:
@@ -158,8 +174,11 @@ def restore(m: Machine, state: VmState) -> int:
     # Hot-plug first: it puts the saved devices into the slots whose transports follow.
     steps: list[tuple[str, Callable[[], None]]] = [
         ("hotplug", functools.partial(d.hotplug.restore, state.hotplug))]
-    steps += [(f"virtio-mmio.{i}", functools.partial(t.restore, st))
+    kind = _transports(m)
+    steps += [(f"{kind}.{i}", functools.partial(t.restore, st))  # type: ignore[arg-type]
               for i, (t, st) in enumerate(zip(d.transports, state.transports, strict=True))]
+    if d.pci is not None:
+        steps.append((f"{kind}.*", d.pci.refresh))       # the BARs, where the functions had them
     steps += [(name, functools.partial(device.restore, state.board[name]))
               for name, device in d.board_devices().items()]
     steps += [("kvm", lambda: arch.restore_state(m.vm, [v.vcpu for v in m.vcpus], state.kvm))]

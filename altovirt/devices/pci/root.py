@@ -136,6 +136,11 @@ class PciRoot:
         self._remap(function)           # off the bus: every BAR unmapped
         return function
 
+    def refresh(self) -> None:
+        """Map every function's BARs where its registers say (after a restore put them)."""
+        for function in self.functions.values():
+            self._remap(function)
+
     def _place(self, bar: Bar) -> int:
         base, size = self.windows[bar.mem64]
         addr = (self._next[bar.mem64] + bar.size - 1) & ~(bar.size - 1)

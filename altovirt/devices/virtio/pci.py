@@ -25,7 +25,7 @@ from .queue import Queue
 from .transport import VirtioTransport
 
 if TYPE_CHECKING:
-    from .persist import TransportState
+    from .persist import PciFunctionState
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,10 @@ class PciInterrupt(Interrupt):
     """A virtio-pci function's interrupts: each queue's and the configuration change's
     MSI-X vector, chosen by the driver; the ISR keeps its bits for a driver that reads it."""
 
-    def __init__(self, vectors: MsiVectors, queues: list[Queue],
+    def __init__(self, vectors: MsiVectors, queues: list[Queue], msix_enabled: Callable[[], bool],
                  on_needs_reset: Callable[[str], None]) -> None:
         super().__init__(-1, on_needs_reset)
+        self.msix_enabled = msix_enabled
         self.vectors = vectors
         self.queues = queues            # the transport's list, which a restore refills in place
         self.config_vector = NO_VECTOR
@@ -79,9 +80,14 @@ class PciInterrupt(Interrupt):
         if vector < len(self.vectors.fds):
             os.eventfd_write(self.vectors.fds[vector], 1)
 
+    def _isr(self, bits: int) -> None:
+        """The ISR's bits, kept only for a driver without MSI-X (4.1.4.5: it reads them then)."""
+        if not self.msix_enabled():
+            with self._lock:
+                self.status |= bits
+
     def trigger(self, bits: int = VIRTIO_MMIO_INT_VRING) -> None:
-        with self._lock:
-            self.status |= bits
+        self._isr(bits)
         if bits & VIRTIO_MMIO_INT_CONFIG:
             self._raise(self.config_vector)
         if bits & VIRTIO_MMIO_INT_VRING:
@@ -90,8 +96,7 @@ class PciInterrupt(Interrupt):
 
     def signal_used(self, queue: Queue) -> None:
         if queue.needs_interrupt():
-            with self._lock:
-                self.status |= VIRTIO_MMIO_INT_VRING
+            self._isr(VIRTIO_MMIO_INT_VRING)
             for i, q in enumerate(self.queues):
                 if q is queue:
                     self._raise(self.queue_vectors[i])
@@ -101,8 +106,9 @@ class PciInterrupt(Interrupt):
         return self.vectors.fds[vector] if vector < len(self.vectors.fds) else -1
 
     def raise_pending(self) -> None:
-        if self.status:
-            self.trigger(self.status)
+        """After a restore: every queue's vector once, since what a vector owed is not kept
+        (a look at a queue with nothing new costs the driver little)."""
+        self.trigger(VIRTIO_MMIO_INT_VRING | self.status)
 
     def reset_vectors(self) -> None:
         self.config_vector = NO_VECTOR
@@ -127,7 +133,7 @@ class PciTransport(VirtioTransport, PciFunction):
         if NOTIFY_OFFSET + NOTIFY_MULTIPLIER * n > TABLE_OFFSET or len(vectors.fds) > 0x800 // 16:
             raise ValueError(f"{device.name}: {n} queues do not fit virtio-pci's BAR")
         VirtioTransport.__init__(self, device, mem, io)
-        self.interrupt = PciInterrupt(vectors, self.queues, self._needs_reset)
+        self.interrupt = PciInterrupt(vectors, self.queues, lambda: self.msix.enabled, self._needs_reset)
         self._ioeventfd = ioeventfd
         for cfg_type, offset, length in ((COMMON_CFG, COMMON_OFFSET, COMMON_SIZE),
                                          (ISR_CFG, ISR_OFFSET, ISR_SIZE),
@@ -144,10 +150,35 @@ class PciTransport(VirtioTransport, PciFunction):
         self.bar_mapped(BAR_INDEX, None)
         super().close()
 
-    def save(self) -> TransportState:
-        from ...persist import SaveError  # only when saving
-        raise SaveError(f"{self.device.name}: a snapshot of a PCI device is not supported yet "
-                        "(its configuration space and MSI-X state are not saved)")
+    def save(self) -> PciFunctionState:  # type: ignore[override]
+        from .persist import PciFunctionState  # only when saving: see persist's docstring
+        with self.lock:
+            return PciFunctionState(super().save(), bytes(self.config.data), bytes(self.msix.table),
+                                    self.interrupt.config_vector, tuple(self.interrupt.queue_vectors))
+
+    def restore(self, state: PciFunctionState) -> None:  # type: ignore[override]
+        """Take ``state``: the transport's, then the configuration space, the MSI-X table and
+        the vectors, routed again. SavedStateError, the function unchanged, if the state is
+        not of a function like this one. The root maps the BARs where they were saved
+        (:meth:`altovirt.devices.pci.root.PciRoot.refresh`)."""
+        from ...persist import check
+        config = self.config
+        check(len(state.config) == len(config.data) and len(state.msix_table) == len(self.msix.table),
+              f"{self.device.name}: the saved configuration space or MSI-X table is not this function's size")
+        fixed = [i for i, mask in enumerate(config.wmask) if not mask and not config.w1cmask[i]]
+        check(all(state.config[i] == config.data[i] for i in fixed),
+              f"{self.device.name}: the saved function is another (its IDs, BARs or capabilities differ)")
+        check(len(state.queue_vectors) == len(self.queues), f"{self.device.name}: "
+              f"{len(state.queue_vectors)} queue vectors saved for {len(self.queues)} queues")
+        check(all(v < self.msix.count or v == NO_VECTOR for v in (state.config_vector, *state.queue_vectors)),
+              f"{self.device.name}: a saved vector is past its {self.msix.count}")
+        super().restore(state.transport)
+        with self.lock:
+            config.data[:] = state.config
+            self.msix.table[:] = state.msix_table
+            self.interrupt.config_vector = state.config_vector
+            self.interrupt.queue_vectors[:] = state.queue_vectors
+        self.msix.update()
 
     # --- configuration space ---
     def config_read(self, offset: int, size: int) -> int:

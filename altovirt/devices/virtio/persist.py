@@ -1,4 +1,4 @@
-"""The saved state of virtqueues and the virtio-mmio transport (see :mod:`altovirt.persist`).
+"""The saved state of virtqueues and the virtio transports (see :mod:`altovirt.persist`).
 
 Apart from the components, as Firecracker keeps its persist modules, and imported only
 when state is saved or restored: a VM that never snapshots does not load it.
@@ -44,3 +44,15 @@ class TransportState:
     interrupt_status: int
     broken: bool
     queues: tuple[QueueState, ...]
+
+
+@dataclass(frozen=True)
+class PciFunctionState:
+    """A virtio-pci function: the transport's state, its configuration space as the driver
+    left it (command, BARs, MSI-X control), its MSI-X table and the vectors it chose."""
+
+    transport: TransportState
+    config: bytes
+    msix_table: bytes
+    config_vector: int
+    queue_vectors: tuple[int, ...]
