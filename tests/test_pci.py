@@ -19,6 +19,7 @@ from typing import cast
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from altovirt.arch.x86_64 import layout
 from altovirt.backends.blockfile import BlockFile
@@ -37,7 +38,7 @@ from altovirt.persist import SavedStateError
 from altovirt.vmm import builder
 from altovirt.vmm.msi import GsiRoutes, Vectors
 
-from .conftest import needs_kvm, run_altovirt
+from .conftest import Vm, needs_kvm, run_altovirt
 from .test_acpi import IASL, iasl, needs_iasl, tables_in_ram
 from .virtq import DriverQueue
 
@@ -419,3 +420,26 @@ def test_a_function_saved_and_restored_carries_on(machine: Machine, tmp_path: Pa
                                             copy.vectors.gsis[1]: MsiMessage(MSI_ADDRESS, 0, 0x31)}
         q.mem = copy.mem
         assert read_sector(copy, q, 2) == bytes(range(256)) * 2
+
+
+@needs_kvm
+def test_hot_plug_on_a_pci_machine_says_it_is_not_there_yet(probe: Path, tmp_path: Path,
+                                                            vms: list[Vm]) -> None:
+    """device_add on -machine q35 answers with an error that says why, and the VM runs on."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    sock = tmp_path / "qmp.sock"
+    vm = Vm("-kernel", str(probe / "probe.elf"), "-append", "probe.run=snapshot", "-serial", "stdio",
+            "-machine", "q35", "-api-channel", f"unix:{sock}")
+    vms.append(vm)
+    vm.wait_line("probe: snap ready")
+    qmp = QEMUMonitorProtocol(str(sock))
+    qmp.connect(negotiate=True)
+    try:
+        node = {"node-name": "d1", "driver": "raw", "file": {"driver": "file", "filename": str(disk)}}
+        assert qmp.cmd_obj({"execute": "blockdev-add", "arguments": node}) == {"return": {}}
+        reply = qmp.cmd_obj({"execute": "device_add", "arguments": {"driver": "virtio-blk-mmio", "id": "d1"}})
+        assert "pcie-root-port) is not supported yet" in reply["error"]["desc"], reply
+        assert qmp.cmd_obj({"execute": "query-status"})["return"]["status"] == "running"
+    finally:
+        qmp.close()

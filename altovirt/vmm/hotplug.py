@@ -233,6 +233,9 @@ class Hotplug:
     def _free_slot(self, slots: list[MmioTransport], name: str, slot: int | None, what: str) -> int:
         if self._slot_of(self.disks, name) is not None or self._slot_of(self.nics, name) is not None:
             raise HotplugError(f"Duplicate device ID {name!r}")
+        if not slots:
+            raise HotplugError(f"this VM has no {what} slots: hot-plug on a PCI machine (into a "
+                               "pcie-root-port) is not supported yet")
         if slot is None:
             free = [i for i, t in enumerate(slots) if not self._occupied(t)]
             if not free:

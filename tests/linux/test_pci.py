@@ -2,7 +2,8 @@
 and MCFG, enumerates bus 0 by itself, binds virtio-pci to each function and gives each
 queue its own MSI-X vector, as Debian's own lspci -vv shows. Two VMs (2 vCPUs each), one
 after the other, share the tests in file order: the first has the devices AltoVirt serves
-itself and is powered down to read back on the host what the guest wrote; the second has
+itself, is saved to a snapshot, restored in a new process, migrated live to a third, and
+powered down there to read back on the host what the guest wrote; the second has
 those the host kernel or another process serves (vhost-net, vhost-vsock, virtio-fs) and the
 balloon, their interrupts raised by the kernel straight into the MSI-X vectors."""
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from ..testbed import debian, guest, initramfs
-from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns, Qmp, altovirt_argv
+from .conftest import GUEST_IP, HOST_IP, PREFIX, Netns, Qmp, altovirt_argv, migration_ends, wait_for_qmp
 from .test_devices import Machine, ping_and_tcp_both_ways
 
 BOOT_TIMEOUT = 400
@@ -40,6 +41,7 @@ FUNCTIONS = {
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 CID = 1000 + os.getpid() % 50000          # unique on this host while the test runs
+ARGV: dict[Path, list[str]] = {}          # each VM's command line, by its directory
 
 
 def lspci_files() -> dict[str, Path]:
@@ -94,16 +96,18 @@ def vm(kernel: debian.Kernel, initrd: Path, tmp_path_factory: pytest.TempPathFac
         "-device", f"vsock,id=v0,guest-cid=3,uds-path={d / 'v.sock'}",
         "-api-channel", f"unix:{d / 'qmp.sock'}", "-D", str(d / "vmm.log"),
         append=f"guest.ip={GUEST_IP}/{PREFIX}")
+    ARGV[d] = argv
     g = guest.LinuxGuest([*ns.prefix, *argv], log_path=d / "serial.log")
+    m = None
     try:
         g.wait_ready(BOOT_TIMEOUT)
-        qmp = Qmp(d / "qmp.sock")
-        yield Machine(g, qmp, ns, d)
+        m = Machine(g, Qmp(d / "qmp.sock"), ns, d)
+        yield m
         with contextlib.suppress(Exception):       # the last test may have closed it already
-            qmp.close()
+            m.qmp.close()
     finally:
-        g.close()
-        ns.close()
+        (m.g if m else g).close()                  # the VM's last process and namespace
+        (m.ns if m else ns).close()
 
 
 def test_linux_enumerates_bus_0_and_enables_msix(vm: Machine) -> None:
@@ -162,12 +166,70 @@ def test_rng(vm: Machine) -> None:
     assert vm.g.check("dd if=/dev/hwrng bs=32 count=1 2>/dev/null | wc -c").strip() == "32"
 
 
+def restart(vm: Machine, name: str, incoming: str, ns: Netns | None = None) -> None:
+    """The VM's next process (``name``), taking the guest in with ``-incoming``, in ``ns`` (a
+    new network namespace) or the VM's own; ``vm`` then stands for it."""
+    d, ns = vm.dir, ns or vm.ns
+    argv = [a.replace("qmp.sock", f"{name}.qmp") for a in ARGV[d]]
+    g = guest.LinuxGuest([*ns.prefix, *argv, "-incoming", incoming], log_path=d / f"{name}.serial.log")
+    try:
+        qmp = wait_for_qmp(g, d / f"{name}.qmp")
+    except BaseException:
+        g.close()
+        raise
+    vm.g, vm.qmp = g, qmp
+    if ns is not vm.ns:
+        vm.ns.close()
+        vm.ns = ns
+
+
+def wait_paused(qmp: Qmp) -> None:
+    deadline = time.monotonic() + 300
+    while qmp.ok("query-status")["return"] != {"running": False, "singlestep": False, "status": "paused"}:
+        assert time.monotonic() < deadline, "the incoming VM never got paused"
+        time.sleep(0.2)
+
+
+def test_snapshot_restore_and_live_migration(vm: Machine) -> None:
+    """The functions' configuration space, BARs, MSI-X vectors and queues survive a snapshot
+    and its restore in a new process, then a live migration to a third: the guest goes on
+    with its disk, NIC and vectors as they were."""
+    vm.g.check("mount /dev/vda /mnt && echo before the snapshot > /mnt/snap.txt && sync")
+    vm.qmp.ok("stop")
+    vm.qmp.ok("migrate", uri=f"file:{vm.dir / 'snap'}")
+    assert migration_ends(vm.qmp)["status"] == "completed"
+    vm.qmp.ok("quit")
+    assert vm.g.wait_exit(120) == 0
+    vm.g.close()
+    restart(vm, "restored", f"file:{vm.dir / 'snap'}")
+    wait_paused(vm.qmp)
+    vm.qmp.ok("cont")
+    assert vm.g.check("cat /mnt/snap.txt") == "before the snapshot\n"
+    vm.g.check(f"ping -c 2 -W 5 {HOST_IP}", timeout=120)
+    assert "MSI-X: Enable+ Count=3 Masked-" in msix_enabled(vm.g, "00:04.0")
+    source = vm.qmp
+    ns = Netns("tap0")
+    ns.address("tap0", f"{HOST_IP}/{PREFIX}")
+    old = vm.g
+    restart(vm, "migrated", f"unix:{vm.dir / 'mig.sock'}", ns)
+    source.ok("migrate", uri=f"unix:{vm.dir / 'mig.sock'}")
+    assert migration_ends(source)["status"] == "completed"
+    source.ok("quit")
+    assert old.wait_exit(120) == 0
+    old.close()
+    wait_paused(vm.qmp)
+    vm.qmp.ok("cont")
+    vm.g.check("echo after the migration >> /mnt/snap.txt && sync && umount /mnt")
+    ping_and_tcp_both_ways(vm, HOST_IP, GUEST_IP, 5031)
+
+
 def test_powerdown_and_the_data_on_the_host(vm: Machine) -> None:
     vm.qmp.ok("system_powerdown")
     assert vm.qmp.event("SHUTDOWN", BOOT_TIMEOUT)["data"] == {"guest": True, "reason": "guest-shutdown"}
     assert vm.g.wait_exit(60) == 0
     blob = guest.read_ext4(vm.dir / "rw.img", "/blob")
     assert hashlib.md5(blob).hexdigest() == (vm.dir / "blob.md5").read_text()
+    assert guest.read_ext4(vm.dir / "rw.img", "/snap.txt") == b"before the snapshot\nafter the migration\n"
 
 
 # --- the second VM: what the host kernel and other processes serve, and the balloon ---
