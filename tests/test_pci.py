@@ -443,3 +443,23 @@ def test_hot_plug_on_a_pci_machine_says_it_is_not_there_yet(probe: Path, tmp_pat
         assert qmp.cmd_obj({"execute": "query-status"})["return"]["status"] == "running"
     finally:
         qmp.close()
+
+
+def test_a_machine_reset_puts_every_function_back(machine: Machine) -> None:
+    """system_reset: the device reset, MSI-X off and unrouted, the BAR where the VMM placed it."""
+    m = machine
+    placed = bar0(m)
+    q = DriverQueue(m.mem, 0x100000, 256)
+    driver_setup(m, q)
+    cfg_write(m, devfn(3), C.COMMAND, 2, 0)
+    cfg_write(m, devfn(3), C.BAR0, 4, layout.PCI_MMIO32_START)
+    cfg_write(m, devfn(3), C.BAR0 + 4, 4, 0)
+    cfg_write(m, devfn(3), C.COMMAND, 2, C.COMMAND_MEMORY)
+    m.root.reset()
+    assert bar0(m) == placed and m.ioeventfds == {placed + vpci.NOTIFY_OFFSET: m.transport.notify_fds[0]}
+    assert m.transport.status == 0 and not m.transport.msix.enabled and not any(m.vectors._bound)
+    assert m.mmio.read(placed + vpci.COMMON_OFFSET + vpci.CONFIG_MSIX_VECTOR, 2) == vpci.NO_VECTOR
+    driver_setup(m, q)                                                  # the driver starts again
+    q.avail_idx = q.next_desc = 0
+    m.mem.write(q.desc, bytes(q.used + 6 + 8 * q.size - q.desc))
+    assert read_sector(m, q, 4) == bytes(range(256)) * 2

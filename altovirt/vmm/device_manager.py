@@ -280,7 +280,11 @@ class DeviceManager:
         self._io.call_later(POWER_BUTTON_HOLD, lambda: gpio.set_line(line, False))
 
     def reset(self) -> None:
-        """Reset every virtio device, as the reset line does (device work is held still)."""
+        """Reset every virtio device, as the reset line does (device work is held still); on
+        PCI, every function, configuration space included."""
+        if self.pci is not None:
+            self.pci.reset()
+            return
         for t in self.transports:
             t.reset()
 

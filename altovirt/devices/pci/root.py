@@ -49,6 +49,11 @@ class PciFunction:
         self.name = name
         self.config = config
         self.mapped: dict[int, int | None] = {}
+        self.power_on = b""             # the configuration space as the VMM left it at start
+
+    def reset(self) -> None:
+        """The function's own state back to power-on (its configuration space is put back
+        by the root)."""
 
     def config_read(self, offset: int, size: int) -> int:
         return self.config.read(offset, size)
@@ -128,6 +133,7 @@ class PciRoot:
                 function.config.add_bar(bar)
         if any(function.config.bars):
             function.config.write(COMMAND, 2, function.config.get(COMMAND, 2) | COMMAND_MEMORY)
+        function.power_on = bytes(function.config.data)
         self.functions[at] = function
         self._remap(function)
 
@@ -135,6 +141,13 @@ class PciRoot:
         function = self.functions.pop(at)
         self._remap(function)           # off the bus: every BAR unmapped
         return function
+
+    def reset(self) -> None:
+        """Every function as at power-on, BARs where the VMM placed them (the machine resets)."""
+        for function in self.functions.values():
+            function.config.data[:] = function.power_on
+            function.reset()
+        self.refresh()
 
     def refresh(self) -> None:
         """Map every function's BARs where its registers say (after a restore put them)."""

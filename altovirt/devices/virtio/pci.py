@@ -135,6 +135,7 @@ class PciTransport(VirtioTransport, PciFunction):
         VirtioTransport.__init__(self, device, mem, io)
         self.interrupt = PciInterrupt(vectors, self.queues, lambda: self.msix.enabled, self._needs_reset)
         self._ioeventfd = ioeventfd
+        self._notify_base: int | None = None        # where the notification addresses are now
         for cfg_type, offset, length in ((COMMON_CFG, COMMON_OFFSET, COMMON_SIZE),
                                          (ISR_CFG, ISR_OFFSET, ISR_SIZE),
                                          (DEVICE_CFG, DEVICE_OFFSET, DEVICE_SIZE)):
@@ -149,6 +150,12 @@ class PciTransport(VirtioTransport, PciFunction):
     def close(self) -> None:
         self.bar_mapped(BAR_INDEX, None)
         super().close()
+
+    def reset(self) -> None:
+        """The machine resets: the device as the driver's reset leaves it, and MSI-X off
+        (the root puts the configuration space back)."""
+        super().reset()
+        self.msix.reset()
 
     def save(self) -> PciFunctionState:  # type: ignore[override]
         from .persist import PciFunctionState  # only when saving: see persist's docstring
@@ -209,7 +216,7 @@ class PciTransport(VirtioTransport, PciFunction):
 
     def bar_mapped(self, index: int, addr: int | None) -> None:
         """Move the queues' ioeventfds with the BAR."""
-        old = getattr(self, "_notify_base", None)
+        old = self._notify_base
         for q, fd in enumerate(self.notify_fds):
             if old is not None:
                 self._ioeventfd(fd, old + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * q, False)
