@@ -66,19 +66,20 @@ def open_kvm(path: str = "/dev/kvm", capabilities: Sequence[int] = ()) -> Kvm:
 def guest_cmdline(user: str, slots: list[MmioSlot], pci: bool = False) -> str:
     """The user's kernel command line, then what the machine adds to it.
 
-    Unless the VM has PCI (``pci``), ``pci=off`` unless the user chose a ``pci=`` setting:
-    there is no PCI bus, yet
-    Linux reads config space through ports 0xCF8/0xCFC (on AMD its GART aperture
-    check walks all 256 buses, twice), some 33,000 exits to the VMM a boot.
-    Firecracker adds it too. Then a ``virtio_mmio.device=`` entry per slot: minimal
-    kernels find the devices there, distro kernels in the DSDT, so both ways stay.
-    An arm64 guest finds everything in its device tree: its command line is the user's.
+    Unless the user chose a ``pci=`` setting: ``pci=off`` on a machine without PCI, where
+    Linux would still read configuration space through ports 0xCF8/0xCFC (on AMD its GART
+    aperture check walks all 256 buses, twice), some 33,000 exits to the VMM a boot, as
+    Firecracker adds it too; and ``pci=noearly`` on a PCI machine, which spares the same
+    early walk (it looks for physical chipsets' quirks) and leaves the ACPI-described bus
+    to the PCI core. Then a ``virtio_mmio.device=`` entry per slot: minimal kernels find the
+    devices there, distro kernels in the DSDT, so both ways stay. An arm64 guest finds
+    everything in its device tree: its command line is the user's.
     """
     if arch.MACHINE == "aarch64":
         return user
     words = [user] if user else []
-    if not pci and not any(w.startswith("pci=") for w in user.split()):
-        words.append("pci=off")
+    if not any(w.startswith("pci=") for w in user.split()):
+        words.append("pci=noearly" if pci else "pci=off")
     words += (s.cmdline_entry() for s in slots)
     return " ".join(words)
 
