@@ -158,7 +158,7 @@ def _mmds(cfg: MmdsConfig) -> Mmds:
 def _nic(n: NetConfig, io: EventLoop, mmds: MmdsStack | None) -> Net:
     tap = Tap.from_fd(n.fd) if n.fd is not None else Tap(n.tap)
     if not n.vhost:
-        return Net(n.id, tap, n.mac or random_mac(), io, n.rx_rate_limiter, n.tx_rate_limiter, mmds)
+        return Net(n.id, tap, n.mac, io, n.rx_rate_limiter, n.tx_rate_limiter, mmds)
     from ..backends.vhost import Vhost  # only for a VM that uses it
     from ..devices.virtio.vhost_net import VhostNet
     try:
@@ -166,7 +166,7 @@ def _nic(n: NetConfig, io: EventLoop, mmds: MmdsStack | None) -> Net:
     except BackendError:
         tap.close()
         raise
-    return VhostNet(n.id, tap, n.mac or random_mac(), io, vhost)
+    return VhostNet(n.id, tap, n.mac, io, vhost)
 
 
 def _vhost_vsock(v: VsockConfig) -> VirtioDevice:

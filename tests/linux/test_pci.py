@@ -254,7 +254,7 @@ def offload(kernel: debian.Kernel, initrd: Path,
         "-netdev", "tap,id=n0,ifname=tap0,vhost=on", "-device", "virtio-net-pci,netdev=n0,id=net0",
         "-device", f"vhost-vsock-pci,id=vv,guest-cid={CID}",
         "-chardev", f"socket,id=fs,path={sock}", "-device", "vhost-user-fs-pci,chardev=fs,tag=shared,id=fs0",
-        "-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=on",
+        "-device", "virtio-balloon-pci,id=balloon0",
         "-api-channel", f"unix:{d / 'qmp.sock'}", "-D", str(d / "vmm.log"),
         append=f"guest.ip={GUEST_IP}/{PREFIX}")
     g = guest.LinuxGuest([*ns.prefix, *argv], log_path=d / "serial.log")

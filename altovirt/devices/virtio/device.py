@@ -134,6 +134,7 @@ class Device(Protocol):
     def config(self) -> bytearray: ...
 
     def device_features(self) -> int: ...
+    def adopt_config(self, saved: bytes) -> None: ...
     def read_config(self, offset: int, size: int) -> int: ...
     def write_config(self, offset: int, size: int, value: int) -> None: ...
     def activate(self, mem: GuestMemory, queues: list[Queue], interrupt: Interrupt,
@@ -169,6 +170,11 @@ class VirtioDevice:
 
     def device_features(self) -> int:
         return COMMON_FEATURES
+
+    def adopt_config(self, saved: bytes) -> None:
+        """Take from a saved configuration space what the device made up itself (a NIC's
+        generated MAC), so that the same device in a new process takes the saved state;
+        nothing by default."""
 
     def read_config(self, offset: int, size: int) -> int:
         data = self.config[offset:offset + size]

@@ -95,17 +95,19 @@ class Net(VirtioDevice):
     device_id = VIRTIO_ID_NET
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, name: str, tap: Tap | None, mac: str, io: EventLoop,
+    def __init__(self, name: str, tap: Tap | None, mac: str | None, io: EventLoop,
                  rx_rate_limiter: RateLimiterConfig | None = None,
                  tx_rate_limiter: RateLimiterConfig | None = None, mmds: MmdsStack | None = None) -> None:
         """``tap`` None is an empty hot-plug slot: the link is down and frames sent are dropped.
+        ``mac`` None: one is made up (:func:`random_mac`), which a restore replaces with the saved one.
         The rate limiters take an operation and the frame's bytes for each frame received
         (``rx``) or sent (``tx``), as Firecracker's. With ``mmds``, frames the guest sends to
         the metadata service go to it, not the tap, and its answers come first to the guest."""
         super().__init__(name)
         self.mmds = mmds
         self.tap = tap
-        self.mac = mac
+        self.mac_generated = mac is None
+        self.mac = mac = mac or random_mac()
         self.io = io
         self.rx_rate_limiter = RateLimiter(rx_rate_limiter, self._rx_unthrottled)
         self.tx_rate_limiter = RateLimiter(tx_rate_limiter, self._tx_unthrottled)
@@ -128,6 +130,12 @@ class Net(VirtioDevice):
         if tap is not None:
             self._tap_offloads = tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
             tap.set_offload(0)
+
+    def adopt_config(self, saved: bytes) -> None:
+        """A MAC made up here gives way to the saved one: the guest knows that one."""
+        if self.mac_generated and len(saved) == len(self.config) and saved[6:] == self.config[6:]:
+            self.config[:6] = saved[:6]
+            self.mac = ":".join(f"{b:02x}" for b in saved[:6])
 
     def device_features(self) -> int:
         f = COMMON_FEATURES | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS

@@ -109,6 +109,8 @@ class VirtioTransport:
         from ...persist import check, check_int
         check(state.device_id == self.device.device_id,
               f"a slot of device {state.device_id} cannot restore {self.device.name}'s")
+        if state.config != self.device.config:
+            self.device.adopt_config(state.config)
         check(state.config == self.device.config,
               f"{self.device.name}'s configuration space (MAC, capacity, CID...) is not the saved one")
         check(len(state.queues) == len(self.queues),

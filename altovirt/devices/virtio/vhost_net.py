@@ -28,7 +28,7 @@ class VhostNet(OffloadedDevice, Net):
     refused = "vhost-net refused the queues: "
     cannot_save = "a vhost-net NIC cannot be saved yet (use vhost=off)"
 
-    def __init__(self, name: str, tap: Tap, mac: str, io: EventLoop, vhost: Vhost) -> None:
+    def __init__(self, name: str, tap: Tap, mac: str | None, io: EventLoop, vhost: Vhost) -> None:
         super().__init__(name, tap, mac, io)
         self.vhost = vhost
         self.offload = Offload(vhost)
