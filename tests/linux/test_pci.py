@@ -210,6 +210,8 @@ def test_snapshot_restore_and_live_migration(vm: Machine) -> None:
     assert migration_ends(vm.qmp)["status"] == "completed"
     vm.qmp.ok("quit")
     assert vm.g.wait_exit(120) == 0
+    with contextlib.suppress(Exception):    # qemu.qmp may see the VMM's close first
+        vm.qmp.close()
     vm.g.close()
     restart(vm, "restored", f"file:{vm.dir / 'snap'}")
     wait_paused(vm.qmp)
@@ -225,6 +227,8 @@ def test_snapshot_restore_and_live_migration(vm: Machine) -> None:
     assert migration_ends(source)["status"] == "completed"
     source.ok("quit")
     assert old.wait_exit(120) == 0
+    with contextlib.suppress(Exception):
+        source.close()
     old.close()
     wait_paused(vm.qmp)
     vm.qmp.ok("cont")
