@@ -122,6 +122,7 @@ class PciRoot:
             first = self.functions.get(at & ~7)
             if at & 7 and first is not None:
                 first.config.set(HEADER_TYPE, 1, first.config.get(HEADER_TYPE, 1) | HEADER_MULTI_FUNCTION)
+                first.power_on = bytes(first.config.data)
 
     def add(self, function: PciFunction, at: int) -> None:
         """Put ``function`` at ``at`` (devfn), its BARs placed and decoding on."""
@@ -136,11 +137,6 @@ class PciRoot:
         function.power_on = bytes(function.config.data)
         self.functions[at] = function
         self._remap(function)
-
-    def remove(self, at: int) -> PciFunction:
-        function = self.functions.pop(at)
-        self._remap(function)           # off the bus: every BAR unmapped
-        return function
 
     def reset(self) -> None:
         """Every function as at power-on, BARs where the VMM placed them (the machine resets)."""
