@@ -242,7 +242,7 @@ def test_two_syntaxes_side_by_side(tmp_path: Path) -> None:
     (["-device", "vhost-user-fs-device,chardev=c,tag=t,id=f"], "f: no -chardev socket,id=c"),
     (["-chardev", "socket,id=c,path=/tmp/vfs.sock",
       "-device", f"vhost-user-fs-device,chardev=c,tag={'t' * 37},id=f"], "give 1 to 36 bytes"),
-    (["-device", "virtio-blk-pci,drive=d,id=v"], "unknown device 'virtio-blk-pci'"),
+    (["-device", "virtio-blk-pci,drive=d,id=v"], "virtio-blk-pci: a PCI device; it needs -machine q35"),
     (["-device", "virtio-blk-device,id=v"], "-device virtio-blk-device: missing key 'drive'"),
     (["-netdev", "tap,id=n,ifname=t0,zz=1,aa=1"],
      "-netdev tap: unknown key 'zz'; accepted: fd, fds, id, ifname, queues, type, vhost, vhostfd"),
