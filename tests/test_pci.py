@@ -78,8 +78,8 @@ def made(image: Path) -> Iterator[Machine]:
     pool = vblk.WorkerPool()
     pool.start()
     mmio, pio = Bus("mmio"), Bus("pio")
-    root = PciRoot(mmio, (layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE), (1 << 32, 1 << 30),
-                   [(r.gpa, r.end) for r in mem.regions])
+    root = PciRoot(mmio, (ECAM, layout.PCI_ECAM_SIZE), (layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE),
+                   (1 << 32, 1 << 30), [(r.gpa, r.end) for r in mem.regions])
     mmio.insert(Ecam(root), ECAM, layout.PCI_ECAM_SIZE)
     pio.insert(ConfigPorts(root), 0xCF8, 8)
     vectors = Vectors(GsiRoutes(vm), 2)

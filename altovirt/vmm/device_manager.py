@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import arch
-from ..acpi.tables import BOOT_NO_MSI, mcfg
+from ..acpi.tables import BOOT_NO_MSI
 from ..config import VmConfig
 from ..devices.bus import Bus
 from ..devices.legacy.acpi import ACPI_PORT_BASE, ACPI_PORT_COUNT, GED_IRQ, AcpiRegisters
@@ -145,15 +145,15 @@ class DeviceManager:
         """A PCIe host bridge, and each device a function on it: where the command line put
         it, or in the next free slot. Its MSI-X vectors (one a queue, one for configuration
         changes) are GSIs routed as MSI."""
-        from ..devices.pci.root import ConfigPorts, Ecam, PciRoot, devfn  # only for a PCI machine
+        from ..devices.pci.root import CONFIG_ADDRESS_PORT, ConfigPorts, Ecam, PciRoot, devfn  # a PCI machine
         from ..devices.virtio.pci import PciTransport
         from .msi import GsiRoutes, Vectors
         layout = arch.pci_layout(self._mem.regions)
         assert layout is not None       # the configuration allows PCI only where there is some
-        self.pci = root = PciRoot(self.mmio, layout.mmio32, layout.mmio64,
+        self.pci = root = PciRoot(self.mmio, layout.ecam, layout.mmio32, layout.mmio64,
                                   [(r.gpa, r.end) for r in self._mem.regions])
         self.mmio.insert(Ecam(root), *layout.ecam)
-        self.pio.insert(ConfigPorts(root), 0xCF8, 8)
+        self.pio.insert(ConfigPorts(root), CONFIG_ADDRESS_PORT, 8)
         routes = GsiRoutes(self._vm)
         placed = {d.name: self.cfg.pci_slots[d.name] for d in devices if d.name in self.cfg.pci_slots}
         for device in devices:
@@ -263,10 +263,8 @@ class DeviceManager:
         slots: tuple[bytes, ...] = tuple(s.acpi_device() for s in self.slots)
         flags, tables = self.i8042.boot_flags | BOOT_NO_MSI, {}
         if self.pci is not None:
-            layout = arch.pci_layout(self._mem.regions)
-            assert layout is not None
-            slots, flags = self.pci.acpi_devices(layout.ecam), self.i8042.boot_flags
-            tables = {"MCFG": mcfg(layout.ecam[0], 0, (layout.ecam[1] >> 20) - 1)}
+            slots, flags = self.pci.acpi_devices(), self.i8042.boot_flags
+            tables = {"MCFG": self.pci.mcfg()}
         dsdt = (self.serial.acpi_device(), self.i8042.acpi_device(), self.rtc.acpi_device(),
                 *slots, self.vmgenid.acpi_device(), self.acpi.acpi_device())
         return arch.FirmwareDevices(dsdt, self.acpi.power_registers, flags, reset, pci, tables)

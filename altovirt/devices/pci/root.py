@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
-from ...acpi import aml
+from ...acpi import aml, tables
 from ..bus import Bus, BusConflict
 from .config import (
     BAR0,
@@ -91,12 +91,15 @@ class _BarWindow:
 
 
 class PciRoot:
-    """Bus 0 of a root complex whose BARs go on ``mmio``, placed in ``window32`` and
-    ``window64`` ((base, size) each), and never over ``ram`` ((start, end) ranges)."""
+    """Bus 0 of a root complex whose configuration space is at ``ecam`` and whose BARs go on
+    ``mmio``, placed in ``window32`` and ``window64`` ((base, size) each), and never over
+    ``ram`` ((start, end) ranges)."""
 
-    def __init__(self, mmio: Bus, window32: tuple[int, int], window64: tuple[int, int],
-                 ram: Sequence[tuple[int, int]]) -> None:
+    def __init__(self, mmio: Bus, ecam: tuple[int, int], window32: tuple[int, int],
+                 window64: tuple[int, int], ram: Sequence[tuple[int, int]]) -> None:
         self.mmio = mmio
+        self.ecam = ecam
+        self.last_bus = ecam[1] // ECAM_BUS_SIZE - 1
         self.functions: dict[int, PciFunction] = {}
         self.windows = {False: window32, True: window64}
         self._next = {False: window32[0], True: window64[0]}
@@ -188,19 +191,23 @@ class PciRoot:
             function.mapped[bar.index] = want
             function.bar_mapped(bar.index, want)
 
-    def acpi_devices(self, ecam: tuple[int, int]) -> tuple[bytes, bytes]:
+    def mcfg(self) -> bytes:
+        """The MCFG table that gives the ECAM (PCI Firmware 3.2, 4.1.2)."""
+        return tables.mcfg(self.ecam[0], 0, self.last_bus)
+
+    def acpi_devices(self) -> tuple[bytes, bytes]:
         """The DSDT's host bridge (PCI Firmware 3.2, 4.1.5: its bus numbers, the configuration
         ports and the two BAR windows), and the ECAM reserved as a motherboard resource."""
         (base32, size32), (base64, size64) = self.windows[False], self.windows[True]
         pci0 = aml.device("PCI0", aml.name("_HID", aml.eisa_id(PCI_EXPRESS_ROOT_HID)),
                           aml.name("_CID", aml.eisa_id(PCI_ROOT_CID)), aml.name("_SEG", aml.integer(0)),
                           aml.name("_BBN", aml.integer(0)), aml.name("_UID", aml.integer(0)),
-                          aml.crs(aml.word_bus_number(0, (ecam[1] // ECAM_BUS_SIZE) - 1),
+                          aml.crs(aml.word_bus_number(0, self.last_bus),
                                   aml.io_port(CONFIG_ADDRESS_PORT, 8),
                                   aml.word_io(0, CONFIG_ADDRESS_PORT), aml.word_io(0xD00, 0x10000 - 0xD00),
                                   aml.dword_memory(base32, size32), aml.qword_memory(base64, size64)))
         reserved = aml.device("ECAM", aml.name("_HID", aml.eisa_id(MOTHERBOARD_HID)),
-                              aml.name("_UID", aml.integer(1)), aml.crs(aml.memory32_fixed(*ecam)))
+                              aml.name("_UID", aml.integer(1)), aml.crs(aml.memory32_fixed(*self.ecam)))
         return pci0, reserved
 
     def _over_ram(self, addr: int, size: int) -> bool:
