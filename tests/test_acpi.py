@@ -99,14 +99,18 @@ def check_tables(tmp_path: Path, tables: dict[str, bytes], cpus: int,
     assert re.search(r'Name \(_CID, "VM_Gen_Counter"\).*Name \(ADDR, Package \(0x02\)\s+\{\s+0x000EF000,\s+'
                      r'(Zero|0x00000000)', dsl, re.S), dsl
     assert "Notify (\\_SB.VGEN, 0x80)" in dsl
-    # ACPICA compiles its own disassembly back to the very same AML (-oa: as written, no
-    # optimizations), so nothing in our encoding is ambiguous or lost.
+    compiles_back(tmp_path, dsl, tables["DSDT"])
+
+
+def compiles_back(tmp_path: Path, dsl: str, dsdt: bytes) -> None:
+    """ACPICA compiles its own disassembly ``dsl`` back to the very same AML as ``dsdt``
+    (-oa: as written, no optimizations), so nothing in our encoding is ambiguous or lost."""
     (tmp_path / "dsdt.dsl").write_text(dsl)
     assert IASL is not None
     p = subprocess.run([IASL, "-oa", "-p", "again", "dsdt.dsl"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0 and "0 Errors, 0 Warnings" in p.stdout, p.stdout + p.stderr
-    assert (tmp_path / "again.aml").read_bytes()[36:] == tables["DSDT"][36:]
+    assert (tmp_path / "again.aml").read_bytes()[36:] == dsdt[36:]
 
 
 BEFORE = Path(__file__).parent / "data" / "acpi-before-issue24.hex"
