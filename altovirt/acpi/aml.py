@@ -21,8 +21,9 @@ from ..errors import AltoVirtError
 ONES_OP = 0xFF
 BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX, STRING_PREFIX, QWORD_PREFIX = 0x0A, 0x0B, 0x0C, 0x0D, 0x0E
 NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP, METHOD_OP = 0x08, 0x10, 0x11, 0x12, 0x14
-LOCAL0_OP = 0x60
-STORE_OP, AND_OP, NOTIFY_OP, LEQUAL_OP, IF_OP = 0x70, 0x7B, 0x86, 0x93, 0xA0
+LOCAL0_OP, ARG0_OP = 0x60, 0x68
+STORE_OP, AND_OP, OR_OP, NOTIFY_OP = 0x70, 0x7B, 0x7D, 0x86
+CREATE_DWORD_FIELD_OP, LNOT_OP, LEQUAL_OP, IF_OP, ELSE_OP, RETURN_OP = 0x8A, 0x92, 0x93, 0xA0, 0xA1, 0xA4
 EXT_OP_PREFIX = 0x5B
 EXT_OP_REGION, EXT_FIELD, EXT_DEVICE = 0x80, 0x81, 0x82
 ROOT_CHAR, DUAL_NAME_PREFIX, MULTI_NAME_PREFIX = 0x5C, 0x2E, 0x2F
@@ -164,6 +165,10 @@ def local(n: int) -> bytes:
     return bytes([LOCAL0_OP + n])
 
 
+def arg(n: int) -> bytes:
+    return bytes([ARG0_OP + n])
+
+
 def store(source: bytes, target: bytes) -> bytes:
     return bytes([STORE_OP]) + source + target
 
@@ -173,8 +178,35 @@ def and_(a: bytes, b: bytes, target: bytes = b"\0") -> bytes:
     return bytes([AND_OP]) + a + b + target
 
 
+def or_(a: bytes, b: bytes, target: bytes = b"\0") -> bytes:
+    return bytes([OR_OP]) + a + b + target
+
+
 def lequal(a: bytes, b: bytes) -> bytes:
     return bytes([LEQUAL_OP]) + a + b
+
+
+def lnot(a: bytes) -> bytes:
+    return bytes([LNOT_OP]) + a
+
+
+def create_dword_field(source: bytes, byte_index: int, name: str) -> bytes:
+    """CreateDWordField (source, byte_index, name) (19.6.19)."""
+    return bytes([CREATE_DWORD_FIELD_OP]) + source + integer(byte_index) + name_seg(name)
+
+
+def else_(*terms: bytes) -> bytes:
+    return _package(bytes([ELSE_OP]), b"".join(terms))
+
+
+def return_(value: bytes) -> bytes:
+    return bytes([RETURN_OP]) + value
+
+
+def uuid(text: str) -> bytes:
+    """ToUUID ("...") (19.6.142): a 16-byte Buffer in the GUID's mixed-endian layout."""
+    import uuid as _uuid
+    return buffer(_uuid.UUID(text).bytes_le)
 
 
 def if_(predicate: bytes, *terms: bytes) -> bytes:

@@ -136,6 +136,13 @@ class ConfigSpace:
             self.data[at] = new & ~(byte & self.w1cmask[at])
         return True
 
+    def fits(self, saved: bytes) -> bool:
+        """Whether ``saved`` is this function's configuration space as some driver may have
+        left it: same size, and equal wherever no driver can write (IDs, BAR sizes,
+        capabilities)."""
+        return len(saved) == len(self.data) and all(
+            saved[i] == self.data[i] for i, mask in enumerate(self.wmask) if not mask and not self.w1cmask[i])
+
     def bar_address(self, bar: Bar) -> int:
         """Where the driver put ``bar`` (the register's value, decoding on or off)."""
         offset = BAR0 + 4 * bar.index

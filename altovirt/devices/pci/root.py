@@ -32,6 +32,12 @@ ECAM_BUS_SIZE = 1 << 20         # 32 devices x 8 functions x 4 KiB
 CONFIG_ADDRESS_PORT = 0xCF8     # CONFIG_ADDRESS, then CONFIG_DATA at 0xCFC..0xCFF
 CONFIG_ADDRESS_ENABLE = 1 << 31
 PCI_EXPRESS_ROOT_HID, PCI_ROOT_CID, MOTHERBOARD_HID = "PNP0A08", "PNP0A03", "PNP0C02"
+# _OSC (ACPI 6.4, 6.2.11; PCI Firmware 3.2, 4.5): the PCI host bridge's UUID, the controls the
+# platform grants the OS (native PCIe hot-plug, the PCIe capability structure) and the
+# Capabilities Buffer's error bits.
+PCI_HOST_BRIDGE_OSC = "33DB4D5B-1FF7-401C-9657-7441C03DD766"
+OSC_GRANTED = 0x01 | 0x10
+OSC_UNRECOGNIZED_UUID, OSC_UNRECOGNIZED_REVISION, OSC_CAPABILITIES_MASKED = 0x04, 0x08, 0x10
 # The host bridge: QEMU's generic PCIe host (Red Hat, Inc., 1b36:0008), class host bridge.
 HOST_BRIDGE_IDS = (0x1B36, 0x0008, 0x060000)
 SLOTS, FUNCTIONS = 32, 8
@@ -69,6 +75,14 @@ class PciFunction:
 
     def bar_mapped(self, index: int, addr: int | None) -> None:
         """BAR ``index`` is now mapped at ``addr`` (None: unmapped)."""
+
+    def downstream(self) -> dict[int, PciFunction]:
+        """A bridge's functions on its secondary bus, by devfn (none for a device)."""
+        return {}
+
+    def secondary_bus(self) -> int | None:
+        """The bus number behind a bridge, as the guest has set it (None for a device)."""
+        return None
 
 
 class HostBridge(PciFunction):
@@ -141,26 +155,74 @@ class PciRoot:
         self.functions[at] = function
         self._remap(function)
 
+    def all_functions(self) -> list[PciFunction]:
+        """Those on bus 0 and those behind its bridges."""
+        bus0 = list(self.functions.values())
+        return [*bus0, *(d for f in bus0 for d in f.downstream().values())]
+
     def reset(self) -> None:
         """Every function as at power-on, BARs where the VMM placed them (the machine resets)."""
-        for function in self.functions.values():
+        for function in self.all_functions():
             function.config.data[:] = function.power_on
             function.reset()
         self.refresh()
 
     def refresh(self) -> None:
         """Map every function's BARs where its registers say (after a restore put them)."""
-        for function in self.functions.values():
+        for function in self.all_functions():
             self._remap(function)
 
     def _place(self, bar: Bar) -> int:
-        base, size = self.windows[bar.mem64]
-        addr = (self._next[bar.mem64] + bar.size - 1) & ~(bar.size - 1)
-        if addr + bar.size > base + size:
-            bits = 64 if bar.mem64 else 32
-            raise ValueError(f"BAR of {bar.size:#x} bytes: the {bits}-bit window is full")
-        self._next[bar.mem64] = addr + bar.size
+        return self.allocate(bar.mem64, bar.size)
+
+    def allocate(self, mem64: bool, size: int) -> int:
+        """``size`` bytes (a power of two), aligned, from the 64-bit window or the 32-bit one;
+        ValueError when it is full."""
+        base, length = self.windows[mem64]
+        addr = (self._next[mem64] + size - 1) & ~(size - 1)
+        if addr + size > base + length:
+            raise ValueError(f"{size:#x} bytes: the {64 if mem64 else 32}-bit window is full")
+        self._next[mem64] = addr + size
         return addr
+
+    def plug(self, port: PciFunction, function: PciFunction, window: int) -> None:
+        """Put ``function`` behind ``port`` (its device 0), its BARs placed from ``window`` on
+        (the port's prefetchable window) and decoding on; the port tells the guest."""
+        for bar in function.config.bars:
+            if bar is not None:
+                bar.addr = window
+                window += bar.size
+                function.config.add_bar(bar)
+        function.config.write(COMMAND, 2, function.config.get(COMMAND, 2) | COMMAND_MEMORY)
+        function.power_on = bytes(function.config.data)
+        port.downstream()[0] = function
+        self._remap(function)
+
+    def unplugged(self, function: PciFunction) -> None:
+        """``function`` has left its slot: its BARs go off the bus."""
+        self._remap(function)
+
+    def location(self, function: object) -> tuple[int, int]:
+        """Where ``function`` is, in an order that does not depend on how it got there: (its
+        devfn, 0) on bus 0, (the bridge's devfn, 1 + its devfn) behind a bridge."""
+        for at, f in self.functions.items():
+            if f is function:
+                return at, 0
+            for child_at, child in f.downstream().items():
+                if child is function:
+                    return at, 1 + child_at
+        raise ValueError(f"{function} is not on the bus")
+
+    def _function(self, bus: int, at: int) -> PciFunction | None:
+        if bus == 0:
+            return self.functions.get(at)
+        for bridge in self.functions.values():
+            if bridge.secondary_bus() == bus:
+                return bridge.downstream().get(at)
+        return None
+
+    def _attached(self, function: PciFunction) -> bool:
+        return any(f is function for f in self.all_functions())
 
     def _remap(self, function: PciFunction) -> None:
         """Map each BAR where the function's registers say, if Memory Space is on."""
@@ -168,8 +230,7 @@ class PciRoot:
         for bar in config.bars:
             if bar is None:
                 continue
-            want = config.bar_address(bar) if config.memory_enabled and function in self.functions.values() \
-                else None
+            want = config.bar_address(bar) if config.memory_enabled and self._attached(function) else None
             have = function.mapped.get(bar.index)
             if want == have:
                 continue
@@ -199,7 +260,7 @@ class PciRoot:
         """The DSDT's host bridge (PCI Firmware 3.2, 4.1.5: its bus numbers, the configuration
         ports and the two BAR windows), and the ECAM reserved as a motherboard resource."""
         (base32, size32), (base64, size64) = self.windows[False], self.windows[True]
-        pci0 = aml.device("PCI0", aml.name("_HID", aml.eisa_id(PCI_EXPRESS_ROOT_HID)),
+        pci0 = aml.device("PCI0", aml.name("_HID", aml.eisa_id(PCI_EXPRESS_ROOT_HID)), _osc(),
                           aml.name("_CID", aml.eisa_id(PCI_ROOT_CID)), aml.name("_SEG", aml.integer(0)),
                           aml.name("_BBN", aml.integer(0)), aml.name("_UID", aml.integer(0)),
                           aml.crs(aml.word_bus_number(0, self.last_bus),
@@ -215,13 +276,13 @@ class PciRoot:
 
     # --- configuration accesses ---
     def config_read(self, bus: int, at: int, offset: int, size: int) -> int:
-        function = self.functions.get(at) if bus == 0 else None
+        function = self._function(bus, at)
         if function is None:
             return (1 << (8 * size)) - 1        # nobody answers: a master abort reads all ones
         return function.config_read(offset, size)
 
     def config_write(self, bus: int, at: int, offset: int, size: int, value: int) -> None:
-        function = self.functions.get(at) if bus == 0 else None
+        function = self._function(bus, at)
         if function is None:
             return
         function.config_write(offset, size, value)
@@ -268,3 +329,24 @@ class ConfigPorts:
         target = self._target(offset)
         if target is not None:
             self.root.config_write(*target, size, value)
+
+
+def _osc() -> bytes:
+    """Method (_OSC, 4): native PCIe hot-plug and the PCIe capability structure are the OS's
+    (Linux's pciehp takes the root ports' slots only then); other controls are masked, and
+    the error bits say what was not understood, as QEMU's q35 answers."""
+    cdw1, cdw3 = aml.name_string("CDW1"), aml.name_string("CDW3")
+    return aml.method(
+        "_OSC", 4,
+        aml.create_dword_field(aml.arg(3), 0, "CDW1"),
+        aml.if_(aml.lequal(aml.arg(0), aml.uuid(PCI_HOST_BRIDGE_OSC)),
+                aml.create_dword_field(aml.arg(3), 8, "CDW3"),
+                aml.store(cdw3, aml.local(0)),
+                aml.and_(aml.local(0), aml.integer(OSC_GRANTED), aml.local(0)),
+                aml.if_(aml.lnot(aml.lequal(aml.arg(1), aml.integer(1))),
+                        aml.or_(cdw1, aml.integer(OSC_UNRECOGNIZED_REVISION), cdw1)),
+                aml.if_(aml.lnot(aml.lequal(cdw3, aml.local(0))),
+                        aml.or_(cdw1, aml.integer(OSC_CAPABILITIES_MASKED), cdw1)),
+                aml.store(aml.local(0), cdw3)),
+        aml.else_(aml.or_(cdw1, aml.integer(OSC_UNRECOGNIZED_UUID), cdw1)),
+        aml.return_(aml.arg(3)))

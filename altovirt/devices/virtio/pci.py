@@ -170,10 +170,9 @@ class PciTransport(VirtioTransport, PciFunction):
         (:meth:`altovirt.devices.pci.root.PciRoot.refresh`)."""
         from ...persist import check
         config = self.config
-        check(len(state.config) == len(config.data) and len(state.msix_table) == len(self.msix.table),
-              f"{self.device.name}: the saved configuration space or MSI-X table is not this function's size")
-        fixed = [i for i, mask in enumerate(config.wmask) if not mask and not config.w1cmask[i]]
-        check(all(state.config[i] == config.data[i] for i in fixed),
+        check(len(state.msix_table) == len(self.msix.table),
+              f"{self.device.name}: the saved MSI-X table is not this function's size")
+        check(config.fits(state.config),
               f"{self.device.name}: the saved function is another (its IDs, BARs or capabilities differ)")
         check(len(state.queue_vectors) == len(self.queues), f"{self.device.name}: "
               f"{len(state.queue_vectors)} queue vectors saved for {len(self.queues)} queues")

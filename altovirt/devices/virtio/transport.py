@@ -58,9 +58,24 @@ class VirtioTransport:
 
     def close(self) -> None:
         self.device.close()             # first: a device may still hand its queues back
+        self._close_notify_fds()
+
+    def unplug(self) -> Device:
+        """Out of the VM for good (PCI hot-unplug): the device reset, detached from its
+        backend (which stays open) and released, and the transport's eventfds closed;
+        returns the device."""
+        with self.lock:
+            self.device.reset()
+            self.device.detach()
+        self.device.unplugged()
+        self._close_notify_fds()
+        return self.device
+
+    def _close_notify_fds(self) -> None:
         for fd in self.notify_fds:
             self.io.remove(fd)
             os.close(fd)
+        self.notify_fds = []
 
     def replace(self, device: Device) -> Device:
         """Hot-replace: put ``device`` (same ID and queues) behind this transport and return
