@@ -664,3 +664,35 @@ def test_pci_machine_snapshot_and_restore(probe: Path, disk: Path, tmp_path: Pat
     wait_status(restored, "running")
     assert restored.count() > before
     restored.quit()
+
+
+def test_a_disk_hot_plugged_into_a_root_port_is_saved_with_its_port(probe: Path, disk: Path, tmp_path: Path,
+                                                                    vms: list[Vm]) -> None:
+    """A disk device_add put into a root port is in the snapshot with the port's own state
+    (pcie-root-port.N); a VM started with that disk in that port takes it, one whose port is
+    empty refuses it in one line, as QEMU requires the same devices on both sides."""
+    hot = tmp_path / "hot.img"
+    hot.write_bytes(bytes(1 << 20))
+    ports = ("-machine", "q35", "-device", "pcie-root-port,id=rp1,addr=6", "-device",
+             "pcie-root-port,id=rp2,addr=7")
+    source = Guest(vms, guest_args(probe, disk, *ports), tmp_path / "q1.sock")
+    source.cmd("blockdev-add", **{"node-name": "hot", "driver": "raw",
+                                  "file": {"driver": "file", "filename": str(hot)}})
+    source.cmd("device_add", driver="virtio-blk-pci", id="hot", bus="rp2")
+    before = source.count()
+    snapshot(source, tmp_path / "snap")
+    source.quit()
+    incoming = ("-incoming", f"file:{tmp_path / 'snap'},resume=on")
+    refused = Vm(*guest_args(probe, disk, *ports, *incoming))
+    vms.append(refused)
+    status, err = refused.finish()
+    assert status == 1 and "section virtio-pci.1: this VM has no such component; give it the devices the " \
+        "saved VM had, those hot-plugged into root ports too (-device ...,bus=PORT)" in err, err
+    in_port = ("-drive", f"id=hot,file={hot},if=none", "-device", "virtio-blk-pci,drive=hot,id=hot,bus=rp2")
+    restored = Guest(vms, guest_args(probe, disk, *ports, *in_port, *incoming), tmp_path / "q2.sock",
+                     ready=False)
+    wait_status(restored, "running")
+    assert restored.count() > before
+    assert "already in the process" not in restored.error("device_del", id="disk0")
+    restored.cmd("device_del", id="hot")            # the button of the port it is in
+    restored.quit()

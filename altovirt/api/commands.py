@@ -51,6 +51,8 @@ HOST_QMP_QUIT = StopReason("host-qmp-quit", False, 0)
 NO_UUID = "00000000-0000-0000-0000-000000000000"       # QEMU's answer without -uuid
 BLOCK_DRIVERS = ("virtio-blk-mmio", "virtio-blk-device")
 NET_DRIVERS = ("virtio-net-mmio", "virtio-net-device")
+# On a PCI machine, into a root port (bus=): QEMU's and StratoVirt 2.x's names.
+PCI_BLOCK_DRIVERS, PCI_NET_DRIVERS = ("virtio-blk-pci",), ("virtio-net-pci",)
 
 T = TypeVar("T")
 
@@ -158,24 +160,36 @@ def hotplug_commands(machine: Machine, fds: dict[str, int]) -> dict[str, Command
         return result
 
     def device_add(args: dict[str, Any]) -> object:
-        name, driver, slot = args["id"], args["driver"], _slot(args)
+        name, driver, slot, bus = args["id"], args["driver"], _slot(args), args.get("bus")
+        pci = machine.cfg.pci
+        blk, net = (PCI_BLOCK_DRIVERS, PCI_NET_DRIVERS) if pci else (BLOCK_DRIVERS, NET_DRIVERS)
+        if driver not in blk + net:
+            raise QmpError("GenericError", f"Parameter 'driver' expects one of {', '.join(blk + net)}"
+                                           + (" (a PCI machine)" if pci else ""))
         if args.get("drive", name) != name:
             raise QmpError("GenericError", f"Parameter 'drive' must equal 'id' ({name!r}): a device "
                                            "takes the block node of its own name")
         if args.get("romfile"):
-            raise QmpError("GenericError", "Parameter 'romfile': virtio-mmio devices have no option ROM")
-        if driver in BLOCK_DRIVERS:
+            raise QmpError("GenericError", f"Parameter 'romfile': {driver} has no option ROM")
+        if pci:
+            if bus is None or bus == "pcie.0":
+                raise QmpError("GenericError", "Bus 'pcie.0' does not support hotplugging; give bus= "
+                                               "a pcie-root-port's id")
+            if slot not in (None, 0) or "lun" in args:
+                given = args.get("addr", args.get("lun"))
+                raise QmpError("GenericError", f"Parameter 'addr': a root port's slot holds device 0 "
+                                               f"only; give 0x0 or none, not {given!r}")
+        elif bus is not None:
+            raise QmpError("GenericError", f"Bus '{bus}' not found: a virtio-mmio machine has no buses "
+                                           "(-machine q35 has root ports)")
+        if driver in blk:
             if "mac" in args:
                 raise QmpError("GenericError", f"Parameter 'mac' is unexpected for {driver}")
-            return _checked(lambda: machine.request(AddDisk(name, slot, args.get("serial"))))
-        if driver in NET_DRIVERS:
-            if "serial" in args:
-                raise QmpError("GenericError", f"Parameter 'serial' is unexpected for {driver}")
-            mac = args.get("mac")
-            return _checked(lambda: machine.request(
-                AddNic(name, slot, check_mac("mac", mac) if mac else None)))
-        raise QmpError("GenericError", f"Parameter 'driver' expects one of "
-                                       f"{', '.join(BLOCK_DRIVERS + NET_DRIVERS)}")
+            return _checked(lambda: machine.request(AddDisk(name, slot, args.get("serial"), bus)))
+        if "serial" in args:
+            raise QmpError("GenericError", f"Parameter 'serial' is unexpected for {driver}")
+        mac = check_mac("mac", args["mac"]) if args.get("mac") else None
+        return _checked(lambda: machine.request(AddNic(name, slot, mac, bus)))
 
     def getfd(args: dict[str, Any], fd: int) -> object:
         name = args["fdname"]
@@ -205,7 +219,8 @@ def hotplug_commands(machine: Machine, fds: dict[str, int]) -> dict[str, Command
         "device_add": Command(device_add, {"id": (str, True), "driver": (str, True),
                                            "addr": ((str, int), False), "lun": (int, False),
                                            "mac": (str, False), "serial": (str, False),
-                                           "drive": (str, False), "romfile": (str, False)}),
+                                           "drive": (str, False), "romfile": (str, False),
+                                           "bus": (str, False)}),
         "device_del": Command(_ask(machine, lambda a: DelDevice(a["id"])), {"id": (str, True)}),
         "getfd": Command(getfd, {"fdname": (str, True)}, takes_fd=True),
         "closefd": Command(closefd, {"fdname": (str, True)}),

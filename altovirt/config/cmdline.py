@@ -57,6 +57,9 @@ StratoVirt 2.x's devices (a backend, and a -device that uses it):
                 With -machine q35 (x86_64), each on PCI as virtio-blk-pci, virtio-net-pci,
                 virtio-serial-pci, virtio-rng-pci, vhost-vsock-pci, vhost-user-fs-pci and
                 virtio-balloon-pci, each with [,bus=pcie.0][,addr=SLOT[.FUNCTION]]
+                [-device pcie-root-port,id=ID[,bus=pcie.0][,addr=SLOT[.FUNCTION]][,slot=N][,port=N]
+                 [,chassis=N]]: a hot-plug slot; virtio-blk-pci or virtio-net-pci with bus=ID go
+                 into it at start or by QMP's device_add
 
 Boots a micro-VM on KVM. Sizes take bytes or a K/M/G suffix (a bare number
 below 128M is MiB: -m 2048); -smp in [1, 254], -m in [128M, 512G]. Exit

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from .keys import check_keys
 from .model import (
+    PHYSICAL_SLOT_MAX,
     VSOCK_MAX_CID,
     VSOCK_MIN_CID,
     BalloonConfig,
@@ -28,12 +29,14 @@ from .model import (
     NetConfig,
     RateLimiterConfig,
     RngConfig,
+    RootPortConfig,
     TokenBucketConfig,
     VmConfig,
     VsockConfig,
 )
 from .validate import check_id, check_mac, check_tap, parse_bool, parse_int, parse_pci_addr
 
+ROOT_PORT = "pcie-root-port"
 # Entropy files served by getrandom(2), which reads the same pool (Linux >= 5.6).
 RNG_FILES = ("/dev/urandom", "/dev/random")
 TAG_MAX = 36                    # virtio-fs: the tag's bytes in the configuration space (virtio 1.2, 5.11.4)
@@ -169,26 +172,37 @@ class Devices:
     def device(self, v: str) -> None:
         self.devices.append(split_kv("-device", v, positional="driver"))
 
-    @staticmethod
-    def _placement(cfg: VmConfig, kv: dict[str, str]) -> int | None:
+    def _placement(self, cfg: VmConfig, kv: dict[str, str]) -> tuple[int | None, str | None]:
         """Take a PCI device's ``bus=`` and ``addr=`` from ``kv`` and make it the virtio-mmio
         device it stands for (``virtio-blk-pci`` -> ``virtio-blk-device``); returns its devfn
-        (None: the next free slot). A virtio-mmio device on a PCI machine, or the other way
+        on bus 0 (None: the next free slot, or behind a root port) and the root port it is
+        put into (None: bus 0). A virtio-mmio device on a PCI machine, or the other way
         round, is an error."""
         driver = kv.get("driver", "")
-        if driver not in PCI_DEVICES:
+        if driver not in PCI_DEVICES and driver != ROOT_PORT:
             pci = next((k for k, v in PCI_DEVICES.items() if v == driver), None)
             if cfg.pci and pci is not None:
                 raise ConfigError(f"-device {driver}: a virtio-mmio device; -machine q35 takes {pci}")
-            return None
+            return None, None
         if not cfg.pci:
             raise ConfigError(f"-device {driver}: a PCI device; it needs -machine q35")
         bus = kv.pop("bus", "pcie.0")
-        if bus != "pcie.0":
-            raise ConfigError(f"-device {driver}: bus={bus!r}; accepted: pcie.0")
         kv.pop("multifunction", None)       # functions 1-7 of a slot make function 0 multi-function
-        kv["driver"] = PCI_DEVICES[driver]
-        return parse_pci_addr(f"-device {driver} addr", kv.pop("addr")) if "addr" in kv else None
+        kv["driver"] = PCI_DEVICES.get(driver, driver)
+        addr = kv.pop("addr", None)
+        if bus == "pcie.0":
+            return (None if addr is None else parse_pci_addr(f"-device {driver} addr", addr)), None
+        ports = [p["id"] for p in self.devices if p.get("driver") == ROOT_PORT and "id" in p]
+        if driver == ROOT_PORT or bus not in ports:
+            accepted = ", ".join(["pcie.0"] + ([] if driver == ROOT_PORT else ports))
+            raise ConfigError(f"-device {driver}: bus={bus!r}; accepted: {accepted}")
+        if driver not in PORT_DEVICES:
+            raise ConfigError(f"-device {driver}: bus={bus}: a root port takes {' or '.join(PORT_DEVICES)}; "
+                              "put it on pcie.0")
+        if addr is not None and addr.lower() not in ("0", "0x0", "0.0", "0x0.0"):
+            raise ConfigError(f"-device {driver}: addr={addr!r} behind root port {bus}; accepted: 0x0 "
+                              "(a root port's slot holds one device)")
+        return None, bus
 
     def monitor(self, v: str) -> None:
         kv = split_kv("-mon", v)
@@ -207,8 +221,9 @@ class Devices:
     def apply(self, cfg: VmConfig) -> None:
         for legacy in self._legacy:
             legacy(cfg)
-        # (the driver as given, the device's devfn or None): the -pci drivers are the others' now.
-        given = [(kv.get("driver"), self._placement(cfg, kv)) for kv in self.devices]
+        # (the driver as given, the device's devfn or None, its root port or None): the -pci
+        # drivers are the others' now.
+        given = [(kv.get("driver"), *self._placement(cfg, kv)) for kv in self.devices]
         serial = [kv for kv in self.devices if kv.get("driver") == "virtio-serial-device"]
         consoles = [kv for kv in self.devices if kv.get("driver") == "virtconsole"]
         if len(serial) > 1:
@@ -218,16 +233,23 @@ class Devices:
         if serial and not consoles:
             raise ConfigError("-device virtio-serial-device: has no port; add -device virtconsole,"
                               "chardev=ID,id=ID,nr=0")
-        for kv, (driver, at) in zip(self.devices, given, strict=True):
+        # The root ports first: a device may name one given after it.
+        in_order = sorted(zip(self.devices, given, strict=True), key=lambda d: d[0].get("driver") != ROOT_PORT)
+        for kv, (driver, at, port) in in_order:
             handler = DEVICES.get(kv.get("driver") or "")
             if handler is None:
-                accepted = [*DEVICES, *PCI_DEVICES] if cfg.pci else DEVICES
+                accepted = [*DEVICES, *PCI_DEVICES, ROOT_PORT] if cfg.pci else DEVICES
                 raise ConfigError(f"-device: unknown device {driver!r}; accepted: {', '.join(accepted)}")
             handler(self, cfg, kv)
             if at is not None:
                 # The console's PCI function is its virtio-serial-pci; the console's id is its port's.
                 name = "" if kv["driver"] == "virtio-serial-device" else _device_id(cfg, kv)
                 _place(cfg, name, at, driver or "")
+            if port is not None:
+                taken = cfg.root_ports[port].device
+                if taken is not None:
+                    raise ConfigError(f"-device {driver}: root port {port} already holds {taken}")
+                cfg.root_ports[port].device = _device_id(cfg, kv)
         if "" in cfg.pci_slots:
             at = cfg.pci_slots.pop("")
             if cfg.console is not None:
@@ -310,6 +332,20 @@ class Devices:
             max_bytes = parse_int(f"{where} max-bytes", kv["max-bytes"], 1, 1 << 31)
         period = parse_int(f"{where} period", kv.get("period", "1000"), 1, 3_600_000)
         cfg.rng = RngConfig(rng_id, max_bytes, period)
+
+    def _root_port(self, cfg: VmConfig, kv: dict[str, str]) -> None:
+        """A pcie-root-port (QEMU's, StratoVirt 2.x's): ``slot`` its Physical Slot Number (by
+        default the count of root ports before it, where QEMU would refuse a second slot 0),
+        ``port`` its port number, ``chassis`` the chassis the slot number is unique in."""
+        check_keys(f"-device {ROOT_PORT}", kv, {"driver", "id"}, {"port", "chassis", "slot"})
+        name = check_id(f"-device {ROOT_PORT} id", kv["id"])
+        where = f"-device {ROOT_PORT},id={name}"
+        if name in cfg.root_ports:
+            raise ConfigError(f"{where}: id given twice")
+        slot = parse_int(f"{where} slot", kv.get("slot", str(len(cfg.root_ports))), 0, PHYSICAL_SLOT_MAX)
+        chassis = parse_int(f"{where} chassis", kv.get("chassis", "0"), 0, 0xFF)
+        port = parse_int(f"{where} port", kv.get("port", "0"), 0, 0xFF)
+        cfg.root_ports[name] = RootPortConfig(slot, port, chassis)
 
     def _balloon(self, cfg: VmConfig, kv: dict[str, str]) -> None:
         """StratoVirt 2.x's virtio-balloon-device: empty at start, set with QMP's ``balloon``."""
@@ -396,7 +432,10 @@ DEVICES: dict[str, Callable[[Devices, VmConfig, dict[str, str]], None]] = {
     "vhost-vsock-device": Devices._vsock,
     "vhost-user-fs-device": Devices._fs,
     "virtio-balloon-device": Devices._balloon,
+    ROOT_PORT: Devices._root_port,
 }
+# What a root port's slot takes, at start (bus=ID) and by device_add.
+PORT_DEVICES = ("virtio-blk-pci", "virtio-net-pci")
 # StratoVirt 2.x's (and QEMU's) PCI devices, by the virtio-mmio device each stands for.
 PCI_DEVICES = {
     "virtio-blk-pci": "virtio-blk-device",

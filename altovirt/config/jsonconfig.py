@@ -14,6 +14,7 @@ from .model import (
     MMDS_ADDRESS,
     MMDS_SIZE_LIMIT,
     MMDS_VERSIONS,
+    PHYSICAL_SLOT_MAX,
     VCPUS_MAX,
     VCPUS_MIN,
     VSOCK_MAX_CID,
@@ -31,6 +32,7 @@ from .model import (
     NetConfig,
     RateLimiterConfig,
     RngConfig,
+    RootPortConfig,
     VmConfig,
     VsockConfig,
 )
@@ -127,7 +129,7 @@ def from_dict(doc: Any) -> VmConfig:
         w = "machine-config"
         mc = _obj(w, top[w], set(),
                   {"name", "vcpu_count", "mem_size", "omit_vm_memory", "acpi", "cpu_template", "machine_type",
-                   "pci_slots"})
+                   "pci_slots", "root_ports"})
         if "name" in mc:
             cfg.name = _str(f"{w}.name", mc["name"])
         if "vcpu_count" in mc:
@@ -153,6 +155,8 @@ def from_dict(doc: Any) -> VmConfig:
             cfg.pci_slots = {check_id(f"{w}.pci_slots", name):
                              parse_pci_addr(f"{w}.pci_slots.{name}", _str(f"{w}.pci_slots.{name}", at))
                              for name, at in mc["pci_slots"].items()}
+        if "root_ports" in mc:
+            cfg.root_ports = _root_ports(f"{w}.root_ports", mc["root_ports"], cfg.pci)
         if "cpu_template" in mc:
             cfg.cpu_template = _cpu_template(f"{w}.cpu_template", cpu_template.parse_static,
                                              mc["cpu_template"])
@@ -245,6 +249,26 @@ def from_dict(doc: Any) -> VmConfig:
     return cfg
 
 
+def _root_ports(w: str, value: object, pci: bool) -> dict[str, RootPortConfig]:
+    """``{"ID": {"slot": N, "port": N, "chassis": N, "device": "DEVICE-ID"}}``: PCIe root ports (their places
+    are in pci_slots, or the next free ones), each empty or holding a disk or NIC."""
+    if not pci or not isinstance(value, dict):
+        raise ConfigError(f"{w}: an object of root port id -> {{\"slot\": N, \"port\": N, \"device\": ID}}, "
+                          "with machine_type q35")
+    ports: dict[str, RootPortConfig] = {}
+    for name, port in value.items():
+        where = f"{w}.{check_id(w, name)}"
+        port = _obj(where, port, set(), {"slot", "port", "chassis", "device"})
+        device = port.get("device")
+        slot = port.get("slot", len(ports))
+        ports[name] = RootPortConfig(_int(f"{where}.slot", slot, 0, PHYSICAL_SLOT_MAX),
+                                     _int(f"{where}.port", port.get("port", 0), 0, 0xFF),
+                                     _int(f"{where}.chassis", port.get("chassis", 0), 0, 0xFF),
+                                     None if device is None else check_id(f"{where}.device",
+                                                                          _str(f"{where}.device", device)))
+    return ports
+
+
 def to_dict(cfg: VmConfig) -> dict[str, Any]:
     """The VM's devices and machine as a -config document (:func:`from_dict` reads it back);
     what only concerns the process (API sockets, logging, -incoming) is left out."""
@@ -254,6 +278,10 @@ def to_dict(cfg: VmConfig) -> dict[str, Any]:
                            **({"machine_type": "q35", "pci_slots": {
                                name: f"{at >> 3:#x}.{at & 7}" for name, at in cfg.pci_slots.items()}}
                               if cfg.pci else {}),
+                           **({"root_ports": {name: {"slot": p.slot, "port": p.port, "chassis": p.chassis,
+                                                     **({"device": p.device} if p.device else {})}
+                                              for name, p in cfg.root_ports.items()}}
+                              if cfg.root_ports else {}),
                            **({"cpu_template": cfg.cpu_template}
                               if isinstance(cfg.cpu_template, str) else {})},
         "drive": [{"drive_id": d.id, "path_on_host": d.path, "read_only": d.read_only, "direct": d.direct,

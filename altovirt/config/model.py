@@ -19,6 +19,7 @@ MEM_MIN, MEM_MAX = 128 * MiB, 512 * GiB
 DEFAULT_MEM = 256 * MiB
 MAX_DRIVES = 6
 MAX_NICS = 2
+PHYSICAL_SLOT_MAX = (1 << 13) - 1     # Slot Capabilities' 13-bit Physical Slot Number (PCIe 4.0, 7.5.3.9)
 # Xen's domain ids below DOMID_FIRST_RESERVED (0x7ff0); 0 is the host's.
 XEN_DOMID_MIN, XEN_DOMID_MAX = 1, 0x7FEF
 VSOCK_MIN_CID = 3               # 0-2 are reserved (hypervisor, local, host)
@@ -147,6 +148,18 @@ class MmdsConfig:
     data: Any = None
 
 
+@dataclass
+class RootPortConfig:
+    """A pcie-root-port on bus 0 (its devfn is in ``VmConfig.pci_slots`` under its id): its
+    hot-plug slot's Physical Slot Number in chassis ``chassis``, its port number, and the
+    device put into it at start (None: empty, for device_add)."""
+
+    slot: int = 0
+    port: int = 0
+    chassis: int = 0
+    device: str | None = None
+
+
 @dataclass(frozen=True)
 class MigrationUri:
     """Where a migration goes or comes from: ``file`` (a snapshot directory, or with
@@ -249,9 +262,11 @@ class VmConfig:
     # device tree instead.
     acpi: bool = MACHINE == "x86_64"
     # The virtio devices on a PCIe host bridge (-machine q35, Firecracker's --enable-pci), not
-    # virtio-mmio; pci_slots: where the command line put them, device id -> devfn on bus 0.
+    # virtio-mmio; pci_slots: where the command line put them (and the root ports), device id ->
+    # devfn on bus 0; root_ports: the PCIe root ports, by id.
     pci: bool = False
     pci_slots: dict[str, int] = field(default_factory=dict)
+    root_ports: dict[str, RootPortConfig] = field(default_factory=dict)
     drives: list[DriveConfig] = field(default_factory=list)
     nets: list[NetConfig] = field(default_factory=list)
     console: ConsoleConfig | None = None

@@ -188,6 +188,28 @@ def _is_ip_address(host: str) -> bool:
     return False
 
 
+def _check_root_ports(cfg: VmConfig, ids: dict[str, str]) -> None:
+    """Root ports only on PCI, named apart from the devices; each holds a disk or NIC of the
+    configuration, and no device is on bus 0 as well."""
+    where = "-device pcie-root-port"
+    if cfg.root_ports and not cfg.pci:
+        raise ConfigError(f"{where}: a PCI device; it needs -machine q35")
+    held = [p.device for p in cfg.root_ports.values() if p.device is not None]
+    if len(set(held)) != len(held):
+        raise ConfigError(f"{where}: two root ports hold the same device")
+    disks_and_nics = {d.id for d in cfg.drives} | {n.id for n in cfg.nets}
+    for name, port in cfg.root_ports.items():
+        if name in ids:
+            raise ConfigError(f"{where}: id {name!r} is already used by {ids[name]}; ids must be unique")
+        if port.device is not None and port.device not in disks_and_nics:
+            raise ConfigError(f"{where},id={name}: holds {port.device!r}, which is no disk or NIC")
+        if port.device in cfg.pci_slots:
+            raise ConfigError(f"{where},id={name}: {port.device!r} has an address on bus 0 too")
+    slots = [(p.chassis, p.slot) for p in cfg.root_ports.values()]
+    if len(set(slots)) != len(slots):
+        raise ConfigError(f"{where}: two root ports have the same chassis= and slot=; give each its own")
+
+
 def check_vm(cfg: VmConfig) -> VmConfig:
     """Cross-field checks on a complete configuration."""
     if cfg.incoming is None:            # a VM loaded from a snapshot reads its kernel only to reboot
@@ -240,6 +262,7 @@ def check_vm(cfg: VmConfig) -> VmConfig:
         if dev_id in seen:
             raise ConfigError(f"{opt}: id {dev_id!r} is already used by {seen[dev_id]}; ids must be unique")
         seen[dev_id] = opt
+    _check_root_ports(cfg, seen)
     for d in cfg.drives:
         check_readable_file(f"-drive id={d.id}", d.path)
         if cfg.kernel and os.path.realpath(d.path) == os.path.realpath(cfg.kernel):

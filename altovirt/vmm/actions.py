@@ -77,19 +77,23 @@ class DelNetdev(NamedTuple):
 
 
 class AddDisk(NamedTuple):
-    """Block node ``name`` into a disk slot (the first free one if ``slot`` is None); the slot."""
+    """Block node ``name`` into a disk slot (the first free one if ``slot`` is None), or into
+    root port ``bus`` on a PCI machine; the slot."""
 
     name: str
     slot: int | None
     serial: str | None = None
+    bus: str | None = None
 
 
 class AddNic(NamedTuple):
-    """Netdev ``name`` into a NIC slot (the first free one if ``slot`` is None); the slot."""
+    """Netdev ``name`` into a NIC slot (the first free one if ``slot`` is None), or into root
+    port ``bus`` on a PCI machine; the slot."""
 
     name: str
     slot: int | None
     mac: str | None = None
+    bus: str | None = None
 
 
 class DelDevice(NamedTuple):

@@ -84,10 +84,10 @@ def handle(m: Machine, action: Action) -> object:
             _hotplug(m).add_netdev(name, _tap_opener(ifname, fd))
         case DelNetdev(name):
             _hotplug(m).del_netdev(name)
-        case AddDisk(name, slot, serial):
-            return _hotplug(m).add_disk(name, slot, serial)
-        case AddNic(name, slot, mac):
-            return _hotplug(m).add_nic(name, slot, mac)
+        case AddDisk(name, slot, serial, bus):
+            return _hotplug(m).add_disk(name, slot, serial, bus)
+        case AddNic(name, slot, mac, bus):
+            return _hotplug(m).add_nic(name, slot, mac, bus)
         case DelDevice(name):
             _hotplug(m).del_device(name)
         case ChangeImage(drive, path):

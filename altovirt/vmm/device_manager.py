@@ -33,7 +33,7 @@ from ..devices.legacy.rtc import RTC_PORT, Rtc
 from ..devices.legacy.serial import COM1_IRQ, COM1_PORT, Serial
 from ..devices.legacy.vmgenid import VmGenId
 from ..devices.rate_limiter import TokenBucket
-from ..devices.virtio.block import WorkerPool
+from ..devices.virtio.block import Block, WorkerPool
 from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.mmio import INTERRUPT_ACK, QUEUE_NOTIFY, MmioTransport
 from ..devices.virtio.net import Net
@@ -49,13 +49,19 @@ from .vcpu import GUEST_RESET, GUEST_SHUTDOWN, StopReason
 if TYPE_CHECKING:
     from ..devices.pci.root import PciRoot
     from ..devices.virtio.balloon import Balloon
+    from ..devices.virtio.pci import PciTransport
     from ..devices.virtio.vsock import Vsock
     from ..mmds.store import Mmds
     from ..persist import Persistent
+    from .msi import GsiRoutes, Vectors
+    from .pci_hotplug import PciSlots
 
 log = logging.getLogger(__name__)
 
 POWER_BUTTON_HOLD = 0.1          # s: QEMU's gpio-key latency (hw/gpio/gpio_key.c)
+# A root port's bridge windows, 1 MiB-grained (PCI-to-PCI Bridge 1.2, 3.2.5.8): a virtio-pci
+# function's BAR is 64-bit and prefetchable, and Linux places a hot-added one inside them.
+PORT_MEM32, PORT_PREF64 = 1 << 20, 16 << 20
 
 
 # Firecracker's metrics group of each kind of virtio device (by device ID), "{}" its name.
@@ -78,6 +84,7 @@ class DeviceManager:
         self.transports: list[VirtioTransport] = []
         self.slots: list[virtio_devices.MmioSlot] = []
         self.pci: PciRoot | None = None
+        self._routes: GsiRoutes | None = None
         self._closers: list[Callable[[], None]] = []
         self.boot_timer = BootTimer()
         self.console: HostConsole | None = None
@@ -117,8 +124,8 @@ class DeviceManager:
         self.mmds = devices.mmds
         self.balloon = devices.balloon
         if self.cfg.pci:
-            self._add_pci_devices(devices.in_slot_order())
-            self.hotplug = Hotplug([], [], self._io, self._pool, quiet, on_deleted)
+            slots = self._add_pci_devices(devices.in_slot_order(), on_deleted)
+            self.hotplug = Hotplug([], [], self._io, self._pool, quiet, on_deleted, slots)
             return self.slots
         for index, device in enumerate(devices.in_slot_order()):
             slot = virtio_devices.slot(index)
@@ -141,33 +148,70 @@ class DeviceManager:
                                on_deleted)
         return self.slots
 
-    def _add_pci_devices(self, devices: list[VirtioDevice]) -> None:
-        """A PCIe host bridge, and each device a function on it: where the command line put
-        it, or in the next free slot. Its MSI-X vectors (one a queue, one for configuration
-        changes) are GSIs routed as MSI."""
+    def _add_pci_devices(self, devices: list[VirtioDevice], on_deleted: Callable[[str], None]) -> PciSlots:
+        """A PCIe host bridge with the root ports, and each device a function on it: where the
+        command line put it (in a root port, or on bus 0), or in the next free slot. Its
+        MSI-X vectors (one a queue, one for configuration changes) are GSIs routed as MSI;
+        a root port has one vector for its slot's events. Returns the root ports."""
         from ..devices.pci.root import CONFIG_ADDRESS_PORT, ConfigPorts, Ecam, PciRoot, devfn  # a PCI machine
-        from ..devices.virtio.pci import PciTransport
+        from ..devices.pci.root_port import RootPort
         from .msi import GsiRoutes, Vectors
+        from .pci_hotplug import PciSlots
         layout = arch.pci_layout(self._mem.regions)
         assert layout is not None       # the configuration allows PCI only where there is some
         self.pci = root = PciRoot(self.mmio, layout.ecam, layout.mmio32, layout.mmio64,
                                   [(r.gpa, r.end) for r in self._mem.regions])
         self.mmio.insert(Ecam(root), *layout.ecam)
         self.pio.insert(ConfigPorts(root), CONFIG_ADDRESS_PORT, 8)
-        routes = GsiRoutes(self._vm)
-        placed = {d.name: self.cfg.pci_slots[d.name] for d in devices if d.name in self.cfg.pci_slots}
-        for device in devices:
-            at = placed.get(device.name)
+        self._routes = GsiRoutes(self._vm)
+        ports = self.cfg.root_ports
+        in_port = {p.device: name for name, p in ports.items() if p.device is not None}
+        on_bus0 = [d for d in devices if d.name not in in_port]
+        placed = {name: at for name, at in self.cfg.pci_slots.items()
+                  if name in ports or any(d.name == name for d in on_bus0)}
+
+        def place(name: str) -> int:
+            at = placed.get(name)
             if at is None:
-                at = placed[device.name] = devfn(root.free_slot(placed.values()))
-            vectors = Vectors(routes, len(device.queue_sizes) + 1)
+                at = placed[name] = devfn(root.free_slot(placed.values()))
+            return at
+
+        slots = PciSlots(self.cfg, root, self._pci_function, self.transports, on_deleted)
+        self._closers.append(slots.close)
+        for bus, (name, port) in enumerate(ports.items(), start=1):
+            vector = Vectors(self._routes, 1)
+            self._closers.append(vector.close)
+            mem32, pref64 = root.allocate(False, PORT_MEM32), root.allocate(True, PORT_PREF64)
+            slots.ports[name] = RootPort(name, bus, port.slot, port.port, (mem32, PORT_MEM32),
+                                         (pref64, PORT_PREF64), vector, slots.powered_off)
+            root.add(slots.ports[name], place(name))
+        for device in on_bus0:
+            at = place(device.name)
+            transport, vectors = self._pci_function(device)
             self._closers.append(vectors.close)
-            transport = PciTransport(device, self._mem, self._io, vectors, self._notifier)
-            self.transports.append(transport)
             root.add(transport, at)
+            self.transports.append(transport)
             log.info("%s: virtio device %d at PCI 00:%02x.%d, %d MSI-X vectors", device.name,
                      device.device_id, at >> 3, at & 7, len(vectors.fds))
+        for device in devices:
+            if device.name in in_port:
+                assert isinstance(device, (Block, Net))     # the configuration sees to it
+                slots.plug(in_port[device.name], device, hot=False)
         root.mark_multi_function()
+        self.transports.sort(key=root.location)     # the order snapshot sections are in
+        return slots
+
+    def _pci_function(self, device: VirtioDevice) -> tuple[PciTransport, Vectors]:
+        """``device`` as a virtio-pci function, with its MSI-X vectors."""
+        from ..devices.virtio.pci import PciTransport
+        from .msi import Vectors
+        assert self._routes is not None
+        vectors = Vectors(self._routes, len(device.queue_sizes) + 1)
+        try:
+            return PciTransport(device, self._mem, self._io, vectors, self._notifier), vectors
+        except BaseException:
+            vectors.close()
+            raise
 
     def _notifier(self, fd: int, addr: int, assign: bool) -> None:
         """A queue's notification address (any width) signals ``fd`` in KVM."""

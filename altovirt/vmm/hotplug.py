@@ -1,4 +1,5 @@
-"""Hot-plug into replaceable virtio-mmio slots (StratoVirt's "hot-replace").
+"""Hot-plug into replaceable virtio-mmio slots (StratoVirt's "hot-replace"), or on a PCI
+machine into root ports (:mod:`.pci_hotplug`).
 
 Backends come first and live on their own, as in QEMU: block nodes
 (``blockdev-add``) and netdevs (``netdev_add``), named (:mod:`.backend_nodes`). A device is then put
@@ -32,6 +33,7 @@ from .virtio_devices import empty_disk, empty_nic
 __all__ = ["Hotplug", "HotplugError", "NoSuchDevice"]
 
 if TYPE_CHECKING:
+    from .pci_hotplug import PciSlots
     from .persist import HotplugState
 
 log = logging.getLogger(__name__)
@@ -47,17 +49,20 @@ class Hotplug:
 
     def __init__(self, disks: list[MmioTransport], nics: list[MmioTransport], io: EventLoop,
                  pool: WorkerPool, quiet: Callable[[], AbstractContextManager[None]],
-                 on_deleted: Callable[[str], None]) -> None:
+                 on_deleted: Callable[[str], None], pci: PciSlots | None = None) -> None:
         """``quiet()`` holds device work still while a slot changes; ``on_deleted(id)``
-        announces an unplugged device (QMP's DEVICE_DELETED)."""
+        announces an unplugged device (QMP's DEVICE_DELETED). ``pci``: a PCI machine's root
+        ports (its virtio-mmio slot lists are empty)."""
         self.disks, self.nics = disks, nics
+        self.pci = pci
         self._io = io
         self._pool = pool
         self._quiet = quiet
         self._on_deleted = on_deleted
         self._lock = threading.Lock()
-        images = {d.name: d.image for d in map(_block, disks) if d.image is not None}
-        taps = {n.name: n.tap for n in map(_net, nics) if n.tap is not None}
+        devices = [t.device for t in disks + nics] + list(pci.devices().values() if pci else ())
+        images = {d.name: d.image for d in devices if isinstance(d, Block) and d.image is not None}
+        taps = {n.name: n.tap for n in devices if isinstance(n, Net) and n.tap is not None}
         boot_disk = disks[0].device.name if disks and self._occupied(disks[0]) else None
         self.backends = Backends(images, taps, boot_disk)
 
@@ -71,7 +76,7 @@ class Hotplug:
             image = self.backends.blockdevs.get(node)
             if image is None:
                 raise HotplugError(f"Failed to find node with node-name={node!r}")
-            if self._slot_of(self.disks, node) is not None:
+            if self._slot_of(self.disks, node) is not None or node in self._in_ports():
                 raise HotplugError(f"Node {node!r} is busy: device {node!r} uses it; device_del it first")
             del self.backends.blockdevs[node]
             image.close()
@@ -85,19 +90,23 @@ class Hotplug:
             tap = self.backends.netdevs.get(name)
             if tap is None:
                 raise HotplugError(f"Failed to find netdev {name!r}")
-            if self._slot_of(self.nics, name) is not None:
+            if self._slot_of(self.nics, name) is not None or name in self._in_ports():
                 raise HotplugError(f"netdev {name!r} is busy: device {name!r} uses it; device_del it first")
             del self.backends.netdevs[name]
             tap.close()
 
     # --- devices ---
-    def add_disk(self, name: str, slot: int | None, serial: str | None = None) -> int:
-        """Put node ``name`` into disk slot ``slot`` (the first free one if None); returns the slot."""
+    def add_disk(self, name: str, slot: int | None, serial: str | None = None, bus: str | None = None) -> int:
+        """Put node ``name`` into disk slot ``slot`` (the first free one if None), or into root
+        port ``bus``; returns the slot (0 in a root port)."""
         with self._lock:
             image = self.backends.blockdevs.get(name)
             if image is None:
                 raise HotplugError(f"no block node named {name!r}: blockdev-add it first "
                                    "(device_add's id must equal its node-name)")
+            if bus is not None:
+                self._port(name, bus).plug(bus, Block(name, image, self._pool, (serial or "").encode()))
+                return 0
             index = self._free_slot(self.disks, name, slot, "disk")
             self._plug(self.disks[index], Block(name, image, self._pool, (serial or "").encode()))
         log.info("disk %s plugged into disk slot %d", name, index)
@@ -123,13 +132,17 @@ class Hotplug:
             old.image.close()
         log.info("disk %s: now backed by %s", name, path)
 
-    def add_nic(self, name: str, slot: int | None, mac: str | None = None) -> int:
-        """Put netdev ``name`` into NIC slot ``slot`` (the first free one if None); returns the slot."""
+    def add_nic(self, name: str, slot: int | None, mac: str | None = None, bus: str | None = None) -> int:
+        """Put netdev ``name`` into NIC slot ``slot`` (the first free one if None), or into root
+        port ``bus``; returns the slot (0 in a root port)."""
         with self._lock:
             tap = self.backends.netdevs.get(name)
             if tap is None:
                 raise HotplugError(f"no netdev named {name!r}: netdev_add it first "
                                    "(device_add's id must equal the netdev's id)")
+            if bus is not None:
+                self._port(name, bus).plug(bus, Net(name, tap, mac, self._io))
+                return 0
             index = self._free_slot(self.nics, name, slot, "NIC")
             transport = self.nics[index]
             assert isinstance(transport.device, Net)
@@ -144,6 +157,12 @@ class Hotplug:
                 self._plug(self.disks[index], empty_disk(index, self._pool))
             elif (index := self._slot_of(self.nics, name)) is not None:
                 self._plug(self.nics[index], empty_nic(index, self._io))
+            elif name in self._in_ports():
+                assert self.pci is not None
+                self.pci.request_unplug(name)       # the guest lets go of it, then DEVICE_DELETED
+                return
+            elif self.pci is not None and name in self.pci.on_bus0():
+                raise HotplugError("Bus 'pcie.0' does not support hotplugging")
             else:
                 raise NoSuchDevice(f"Device {name!r} not found")
         log.info("device %s unplugged", name)
@@ -215,6 +234,19 @@ class Hotplug:
             self.backends.take_images()
 
     # --- helpers ---
+    def _in_ports(self) -> set[str]:
+        return set() if self.pci is None else set(self.pci.devices())
+
+    def _port(self, name: str, bus: str) -> PciSlots:
+        """The root ports, for device ``name`` to go into ``bus``: HotplugError if it is not
+        a PCI machine or the name is taken."""
+        if self.pci is None:
+            raise HotplugError(f"Bus '{bus}' not found: a virtio-mmio machine has no buses "
+                               "(-machine q35 has root ports)")
+        if name in self._in_ports() or name in self.pci.on_bus0():
+            raise HotplugError(f"Duplicate device ID {name!r}")
+        return self.pci
+
     def _plug(self, transport: MmioTransport, device: Block | Net) -> None:
         with self._quiet():
             transport.replace(device).unplugged()
@@ -234,8 +266,8 @@ class Hotplug:
         if self._slot_of(self.disks, name) is not None or self._slot_of(self.nics, name) is not None:
             raise HotplugError(f"Duplicate device ID {name!r}")
         if not slots:
-            raise HotplugError(f"this VM has no {what} slots: hot-plug on a PCI machine (into a "
-                               "pcie-root-port) is not supported yet")
+            raise HotplugError(f"this VM has no {what} slots: on a PCI machine, give bus= a "
+                               "pcie-root-port's id")
         if slot is None:
             free = [i for i, t in enumerate(slots) if not self._occupied(t)]
             if not free:

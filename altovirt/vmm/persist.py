@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..arch import PowerOnState
+    from ..devices.pci.persist import RootPortState
     from ..devices.virtio.persist import PciFunctionState, TransportState
     from ..snapshot.format import Section
 
@@ -66,3 +67,4 @@ class VmState:
     transports: tuple[TransportState, ...] | tuple[PciFunctionState, ...]
     board: dict[str, Any]                       # the board's own devices' states, by section name
     xenstore: Section | None                    # in its own envelope (xenstore/snapshot.py)
+    root_ports: tuple[RootPortState, ...] = ()  # pcie-root-port.0, .1, ... (by place on bus 0)

@@ -7,7 +7,8 @@ VM; a VM started with -incoming has its own), ``kvm`` (vCPUs, interrupt controll
 clock), the board's own devices (a PC's ``serial``, ``i8042`` and ``rtc``, an Arm
 board's ``pl011``, ``pl031`` and ``pl061``), ``hotplug`` (backends and slots),
 ``virtio-mmio.N`` (each slot's transport and queues) or, on a PCI machine, ``virtio-pci.N``
-(each function's, with its configuration space and MSI-X state) and ``xenstore``. The
+(each function's, with its configuration space and MSI-X state, in the order of their places
+on the bus) and ``pcie-root-port.N`` (each root port's configuration space), and ``xenstore``. The
 header names what a VM must match to take them: the architecture, vCPU count and
 the host CPU (:func:`altovirt.arch.host_cpu`). :func:`parse` reads sections
 into plain data (:class:`VmState`), :func:`restore` puts that into a VM.
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .. import arch
 from ..config import jsonconfig
 from ..devices.legacy.persist import I8042State, Pl011State, Pl031State, Pl061State, RtcState, SerialState
+from ..devices.pci.persist import RootPortState
 from ..devices.virtio.persist import PciFunctionState, TransportState
 from ..kvm import KvmError
 from ..persist import SavedStateError, from_json, to_json
@@ -34,11 +36,13 @@ from .persist import HotplugState, VmState
 
 if TYPE_CHECKING:
     from ..config import VmConfig
+    from ..devices.pci.root_port import RootPort
     from .machine import Machine
 
 log = logging.getLogger(__name__)
 
 VERSION = 1                         # of every section below but xenstore's (its own envelope)
+PORT = "pcie-root-port"
 T = TypeVar("T")
 # The board devices' sections, of either machine (DeviceManager.board_devices names a VM's).
 BOARD_STATES: dict[str, type] = {"serial": SerialState, "i8042": I8042State, "rtc": RtcState,
@@ -86,6 +90,7 @@ def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[
         sections.append(Section("xenstore", xs.VERSION, xs.save(m.xenstore)))
     kind = _transports(m)
     sections += [_section(f"{kind}.{i}", t.save()) for i, t in enumerate(d.transports)]
+    sections += [_section(f"{PORT}.{i}", p.save()) for i, p in enumerate(_root_ports(m))]
     return {"machine": arch.MACHINE, "vcpus": len(m.vcpus), "memory_size": m.mem.size,
             "cpu": _host_cpu(m)}, sections
 
@@ -98,11 +103,10 @@ def parse(header: dict[str, Any], sections: dict[str, Section]) -> VmState:
     if machine != arch.MACHINE:
         raise SnapshotError(f"header: saved on an {machine} host; this {arch.MACHINE} host cannot run it")
     kind = "virtio-pci" if "virtio-pci.0" in sections else "virtio-mmio"
-    count = 0
-    while f"{kind}.{count}" in sections:
-        count += 1
+    count, ports = _count(sections, kind), _count(sections, PORT)
     unknown = sorted(set(sections) - {"config", "kvm", "xenstore", "hotplug", *BOARD_STATES,
-                                      *(f"{kind}.{i}" for i in range(count))})
+                                      *(f"{kind}.{i}" for i in range(count)),
+                                      *(f"{PORT}.{i}" for i in range(ports))})
     if unknown:
         raise SnapshotError(f"section {unknown[0]}: unknown component")
     names = [f"{kind}.{i}" for i in range(count)]
@@ -113,7 +117,21 @@ def parse(header: dict[str, Any], sections: dict[str, Section]) -> VmState:
                    _state(sections, "hotplug", HotplugState), transports,
                    {name: _state(sections, name, cls) for name, cls in BOARD_STATES.items()
                     if name in sections},
-                   sections.get("xenstore"))
+                   sections.get("xenstore"),
+                   tuple(_state(sections, f"{PORT}.{i}", RootPortState) for i in range(ports)))
+
+
+def _count(sections: dict[str, Section], kind: str) -> int:
+    """How many sections ``kind.0``, ``kind.1``... there are, in a row."""
+    count = 0
+    while f"{kind}.{count}" in sections:
+        count += 1
+    return count
+
+
+def _root_ports(m: Machine) -> list[RootPort]:
+    slots = m.devices.hotplug.pci if m.devices.hotplug is not None else None
+    return [] if slots is None else slots.in_order()
 
 
 def _transports(m: Machine) -> str:
@@ -154,10 +172,17 @@ def _check_fits(m: Machine, state: VmState) -> None:
         raise SnapshotError(f"section {saved}.0: saved from a VM whose devices are {saved}; this VM's are "
                             f"{kind} (-machine {'q35' if kind == 'virtio-pci' else 'microvm'})")
     if len(state.transports) > slots:
-        raise SnapshotError(f"section {kind}.{slots}: this VM has no such component; "
-                            "a VM with -api-channel has hot-plug slots")
+        hint = "a VM with -api-channel has hot-plug slots" if kind == "virtio-mmio" else (
+            "give it the devices the saved VM had, those hot-plugged into root ports too "
+            "(-device ...,bus=PORT)")
+        raise SnapshotError(f"section {kind}.{slots}: this VM has no such component; {hint}")
     if len(state.transports) < slots:
         raise SnapshotError(f"section {kind}.{len(state.transports)}: missing")
+    ports = len(_root_ports(m))
+    if len(state.root_ports) != ports:
+        name = f"{PORT}.{min(ports, len(state.root_ports))}"
+        raise SnapshotError(f"section {name}: " + ("missing" if len(state.root_ports) < ports else
+                                                   "this VM has no such root port (-device pcie-root-port)"))
     if state.xenstore is not None and m.xenstore is None:
         raise SnapshotError("section xenstore: saved, but this VM has no -xenstore")
     if state.xenstore is None and m.xenstore is not None:
@@ -177,6 +202,8 @@ def restore(m: Machine, state: VmState) -> int:
     kind = _transports(m)
     steps += [(f"{kind}.{i}", functools.partial(t.restore, st))  # type: ignore[arg-type]
               for i, (t, st) in enumerate(zip(d.transports, state.transports, strict=True))]
+    steps += [(f"{PORT}.{i}", functools.partial(p.restore, st))
+              for i, (p, st) in enumerate(zip(_root_ports(m), state.root_ports, strict=True))]
     if d.pci is not None:
         steps.append((f"{kind}.*", d.pci.refresh))       # the BARs, where the functions had them
     steps += [(name, functools.partial(device.restore, state.board[name]))
