@@ -3,7 +3,9 @@ and MCFG, enumerates bus 0 by itself, binds virtio-pci to each function and give
 queue its own MSI-X vector, as Debian's own lspci -vv shows. Two VMs (2 vCPUs each), one
 after the other, share the tests in file order: the first has the devices AltoVirt serves
 itself, is saved to a snapshot, restored in a new process, migrated live to a third, and
-powered down there to read back on the host what the guest wrote; the second has
+powered down there to read back on the host what the guest wrote (on the way, a disk and
+a NIC are hot-plugged into its root ports and out again, and a disk once more into the
+migrated VM's, whose ports the migration carried); the second has
 those the host kernel or another process serves (vhost-net, vhost-vsock, virtio-fs) and the
 balloon, their interrupts raised by the kernel straight into the MSI-X vectors."""
 
@@ -31,6 +33,8 @@ KNOWN = "known content from the host\n"
 # What sits where on bus 0: (slot.function, PCI device ID, MSI-X vectors: queues + config).
 FUNCTIONS = {
     "00:00.0": (0x0008, 0),        # the host bridge
+    "00:06.0": (0x000C, 0),        # pcie-root-port rp1, slot 1 (pcieport)
+    "00:07.0": (0x000C, 0),        # pcie-root-port rp2, slot 2
     "00:03.0": (0x1042, 2),        # virtio-blk-pci, addr=0x3
     "00:04.0": (0x1041, 3),        # virtio-net-pci, addr=0x4
     "00:05.0": (0x1043, 3),        # virtio-serial-pci (the console), addr=0x5
@@ -103,6 +107,8 @@ def vm(kernel: debian.Kernel, initrd: Path, tmp_path_factory: pytest.TempPathFac
         "-object", "rng-random,id=r0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=r0,id=rng0,addr=5.1",
         "-device", f"vsock,id=v0,guest-cid=3,uds-path={d / 'v.sock'}",
+        "-device", "pcie-root-port,id=rp1,bus=pcie.0,addr=0x6,slot=1,chassis=1",
+        "-device", "pcie-root-port,id=rp2,bus=pcie.0,addr=0x7,slot=2,chassis=1,port=2",
         "-api-channel", f"unix:{d / 'qmp.sock'}", "-D", str(d / "vmm.log"),
         append=f"guest.ip={GUEST_IP}/{PREFIX}")
     ARGV[d] = argv
@@ -135,6 +141,10 @@ def test_linux_enumerates_bus_0_and_enables_msix(vm: Machine) -> None:
         assert vm.g.check(f"basename $(readlink {sysfs}/driver)").strip() == "virtio-pci"
         assert len(vm.g.check(f"ls {sysfs}/msi_irqs").split()) == vectors, function
         assert vm.g.check(f"cat {sysfs}/irq").strip() == "0" or vectors      # no INTx pin
+    for port in ("00:06.0", "00:07.0"):
+        sysfs = f"/sys/bus/pci/devices/0000:{port}"
+        assert vm.g.check(f"basename $(readlink {sysfs}/driver)").strip() == "pcieport"
+        assert len(vm.g.check(f"ls {sysfs}/msi_irqs").split()) == 1, port
     interrupts = vm.g.check("cat /proc/interrupts")
     assert "PCI-MSI" in interrupts and "virtio0-config" in interrupts, interrupts
     assert "MSI-X: Enable+ Count=3 Masked-" in msix_enabled(vm.g, "00:04.0")     # Debian's lspci
@@ -173,6 +183,64 @@ def test_vsock_guest_to_host(vm: Machine) -> None:
 def test_rng(vm: Machine) -> None:
     assert vm.g.check("cat /sys/class/misc/hw_random/rng_current").strip().startswith("virtio_rng")
     assert vm.g.check("dd if=/dev/hwrng bs=32 count=1 2>/dev/null | wc -c").strip() == "32"
+
+
+HOT_MAC, HOT_GUEST_IP, HOT_HOST_IP = "02:00:00:a1:70:10", "10.0.3.2", "10.0.3.1"
+
+
+def hot_disk(vm: Machine, name: str) -> str:
+    """A raw image of random bytes, blockdev-added as node ``name``; its MD5."""
+    data = os.urandom(4 << 20)
+    (vm.dir / f"{name}.img").write_bytes(data)
+    vm.qmp.ok("blockdev-add", **{"node-name": name, "driver": "raw",
+                                 "file": {"driver": "file", "filename": str(vm.dir / f"{name}.img")}})
+    return hashlib.md5(data).hexdigest()
+
+
+def in_slot(vm: Machine, bus: int, device: str) -> str:
+    """The guest's name of the block or net device pciehp found behind bus ``bus``."""
+    path = f"/sys/bus/pci/devices/0000:{bus:02x}:00.0/virtio*/{device}"
+    vm.g.wait_until(f"ls {path} >/dev/null 2>&1", f"the hot-plugged {device} device on bus {bus}")
+    return vm.g.check(f"ls {path}").strip()
+
+
+def test_hot_plug_and_unplug_into_root_ports(vm: Machine) -> None:
+    """Linux's pciehp takes both slots; a disk and a NIC device_add put into them are found,
+    bound to virtio-pci with MSI-X and used (data by hash, a ping over the new NIC); device_del
+    presses each slot's button, the guest lets go, turns the slot off, and DEVICE_DELETED
+    follows; what the guest wrote is in the image."""
+    dmesg = vm.g.check("dmesg")
+    for slot in (1, 2):
+        found = rf"pcieport 0000:00:0{5 + slot}\.0: pciehp: Slot #{slot} AttnBtn\+ PwrCtrl\+.*HotPlug\+"
+        assert re.search(found, dmesg), dmesg
+    digest = hot_disk(vm, "hot1")
+    vm.qmp.ok("device_add", driver="virtio-blk-pci", id="hot1", bus="rp1", serial="hot-disk-1")
+    vm.ns.run("ip", "tuntap", "add", "dev", "tap1", "mode", "tap")
+    vm.ns.address("tap1", f"{HOT_HOST_IP}/24")
+    vm.qmp.ok("netdev_add", type="tap", id="hotnet", ifname="tap1")
+    vm.qmp.ok("device_add", driver="virtio-net-pci", id="hotnet", bus="rp2", mac=HOT_MAC)
+    disk = in_slot(vm, 1, "block")
+    assert vm.g.check(f"cat /sys/block/{disk}/serial").strip() == "hot-disk-1"
+    assert vm.g.check(f"md5sum < /dev/{disk}", timeout=120).split()[0] == digest
+    vm.g.check(f"echo written-while-hot-plugged | dd of=/dev/{disk} bs=512 seek=100 conv=fsync 2>/dev/null")
+    nic = in_slot(vm, 2, "net")
+    assert vm.g.check(f"cat /sys/class/net/{nic}/address").strip() == HOT_MAC
+    vm.g.check(f"ip addr add {HOT_GUEST_IP}/24 dev {nic} && ip link set {nic} up")
+    vm.g.check(f"ping -c 2 -W 5 {HOT_HOST_IP}", timeout=120)
+    assert "MSI-X: Enable+ Count=2 Masked-" in msix_enabled(vm.g, "01:00.0")
+    vm.qmp.ok("device_del", id="hot1")
+    vm.qmp.ok("device_del", id="hotnet")
+    # Linux waits 5 s for a second press of each button, then powers each slot off.
+    deleted = [vm.qmp.event("DEVICE_DELETED", 60)["data"] for _ in range(2)]
+    assert sorted(d["device"] for d in deleted) == ["hot1", "hotnet"]       # type: ignore[index]
+    vm.g.wait_until(f"! test -e /sys/class/net/{nic} && ! test -e /dev/{disk}", "both devices gone")
+    assert "01:00.0" not in vm.g.check("lspci") and "02:00.0" not in vm.g.check("lspci")
+    vm.qmp.ok("blockdev-del", **{"node-name": "hot1"})
+    vm.qmp.ok("netdev_del", id="hotnet")
+    with open(vm.dir / "hot1.img", "rb") as image:
+        image.seek(100 * 512)
+        assert image.read(25) == b"written-while-hot-plugged"
+    vm.g.check(f"ping -c 1 -W 5 {HOST_IP}", timeout=60)        # the rest goes on
 
 
 def restart(vm: Machine, name: str, incoming: str, ns: Netns | None = None) -> None:
@@ -234,6 +302,15 @@ def test_snapshot_restore_and_live_migration(vm: Machine) -> None:
     vm.qmp.ok("cont")
     vm.g.check("echo after the migration >> /mnt/snap.txt && sync && umount /mnt")
     ping_and_tcp_both_ways(vm, HOST_IP, GUEST_IP, 5031)
+
+
+def test_hot_plug_into_the_migrated_vms_root_port(vm: Machine) -> None:
+    """The ports' state (bus numbers, MSI, slot control) came with the migration: pciehp on
+    the destination still hears its slots."""
+    digest = hot_disk(vm, "hot2")
+    vm.qmp.ok("device_add", driver="virtio-blk-pci", id="hot2", bus="rp2")
+    disk = in_slot(vm, 2, "block")
+    assert vm.g.check(f"md5sum < /dev/{disk}", timeout=120).split()[0] == digest
 
 
 def test_powerdown_and_the_data_on_the_host(vm: Machine) -> None:
