@@ -234,7 +234,8 @@ class Devices:
             raise ConfigError("-device virtio-serial-device: has no port; add -device virtconsole,"
                               "chardev=ID,id=ID,nr=0")
         # The root ports first: a device may name one given after it.
-        in_order = sorted(zip(self.devices, given, strict=True), key=lambda d: d[0].get("driver") != ROOT_PORT)
+        in_order = sorted(zip(self.devices, given, strict=True),
+                          key=lambda d: d[0].get("driver") != ROOT_PORT)
         for kv, (driver, at, port) in in_order:
             handler = DEVICES.get(kv.get("driver") or "")
             if handler is None:
