@@ -26,7 +26,8 @@ from altovirt.config import jsonconfig, load_config
 from altovirt.config.model import ConfigError, RootPortConfig
 from altovirt.devices.bus import Bus
 from altovirt.devices.pci import config as C
-from altovirt.devices.pci.msix import MsiMessage
+from altovirt.devices.pci.intx import IntxLine
+from altovirt.devices.pci.msix import NO_VECTOR, MsiMessage
 from altovirt.devices.pci.root import ConfigPorts, Ecam, PciRoot, devfn
 from altovirt.devices.virtio import block as vblk
 from altovirt.devices.virtio import pci as vpci
@@ -56,6 +57,7 @@ class Machine:
     root: PciRoot
     transport: vpci.PciTransport
     vectors: Vectors
+    io: EventLoop
     ioeventfds: dict[int, int]          # guest address -> eventfd, as KVM holds them
 
 
@@ -66,7 +68,8 @@ def machine(tmp_path: Path) -> Iterator[Machine]:
 
 
 @contextlib.contextmanager
-def made(image: Path) -> Iterator[Machine]:
+def made(image: Path, intx: IntxLine | None = None) -> Iterator[Machine]:
+    """The machine on ``image``; its function's INTA# goes to ``intx`` (None: it has none)."""
     if not image.exists():
         image.write_bytes(bytes(range(256)) * 4096)
     kvm = Kvm()
@@ -79,7 +82,7 @@ def made(image: Path) -> Iterator[Machine]:
     pool.start()
     mmio, pio = Bus("mmio"), Bus("pio")
     root = PciRoot(mmio, (ECAM, layout.PCI_ECAM_SIZE), (layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE),
-                   (1 << 32, 1 << 30), [(r.gpa, r.end) for r in mem.regions])
+                   (1 << 32, 1 << 30), [(r.gpa, r.end) for r in mem.regions], layout.PCI_INTX_GSIS)
     mmio.insert(Ecam(root), ECAM, layout.PCI_ECAM_SIZE)
     pio.insert(ConfigPorts(root), 0xCF8, 8)
     vectors = Vectors(GsiRoutes(vm), 2)
@@ -93,10 +96,10 @@ def made(image: Path) -> Iterator[Machine]:
             del ioeventfds[addr]
 
     device = vblk.Block("d0", BlockFile(str(image), read_only=False, direct=False), pool)
-    transport = vpci.PciTransport(device, mem, io, vectors, ioeventfd)
+    transport = vpci.PciTransport(device, mem, io, vectors, ioeventfd, intx)
     root.add(transport, devfn(3))
     try:
-        yield Machine(mem, mmio, pio, root, transport, vectors, ioeventfds)
+        yield Machine(mem, mmio, pio, root, transport, vectors, io, ioeventfds)
     finally:
         transport.close()
         vectors.close()
@@ -191,18 +194,21 @@ def bar0(m: Machine) -> int:
     return (cfg_read(m, devfn(3), C.BAR0) & ~0xF) | cfg_read(m, devfn(3), C.BAR0 + 4) << 32
 
 
-def driver_setup(m: Machine, q: DriverQueue) -> None:
-    """virtio_pci_modern's probe and vp_find_vqs_msix with a vector a queue, as Linux 6.1 does."""
+def driver_setup(m: Machine, q: DriverQueue, *, msix: bool = True) -> None:
+    """virtio_pci_modern's probe and vp_find_vqs_msix with a vector a queue, as Linux 6.1 does
+    (without ``msix``, vp_find_vqs_intx: no vectors, the ISR and INTA#)."""
     base, at = bar0(m), devfn(3)
     common = base + vpci.COMMON_OFFSET
-    msix = capabilities(m, at)[5][0]
-    cfg_write(m, at, msix + 2, 2, 0xC000)                               # enable, function masked
-    for v in range(2):
-        entry = base + vpci.TABLE_OFFSET + 16 * v
-        m.mmio.write(entry, 4, MSI_ADDRESS)
-        m.mmio.write(entry + 4, 4, 0)
-        m.mmio.write(entry + 8, 4, 0x30 + v)
-    cfg_write(m, at, msix + 2, 2, 0x8000)                               # function unmasked
+    vector = (0, 1) if msix else (NO_VECTOR, NO_VECTOR)
+    if msix:
+        cap = capabilities(m, at)[5][0]
+        cfg_write(m, at, cap + 2, 2, 0xC000)                            # enable, function masked
+        for v in range(2):
+            entry = base + vpci.TABLE_OFFSET + 16 * v
+            m.mmio.write(entry, 4, MSI_ADDRESS)
+            m.mmio.write(entry + 4, 4, 0)
+            m.mmio.write(entry + 8, 4, 0x30 + v)
+        cfg_write(m, at, cap + 2, 2, 0x8000)                            # function unmasked
     m.mmio.write(common + vpci.DEVICE_STATUS, 1, 0)
     m.mmio.write(common + vpci.DEVICE_STATUS, 1, ACKNOWLEDGE | DRIVER)
     features = m.transport.device.device_features()          # Linux's virtio_blk takes them all
@@ -211,8 +217,8 @@ def driver_setup(m: Machine, q: DriverQueue) -> None:
         m.mmio.write(common + vpci.DRIVER_FEATURE, 4, features >> (32 * word) & 0xFFFFFFFF)
     m.mmio.write(common + vpci.DEVICE_STATUS, 1, ACKNOWLEDGE | DRIVER | FEATURES_OK)
     assert m.mmio.read(common + vpci.DEVICE_STATUS, 1) & FEATURES_OK
-    m.mmio.write(common + vpci.CONFIG_MSIX_VECTOR, 2, 0)
-    assert m.mmio.read(common + vpci.CONFIG_MSIX_VECTOR, 2) == 0
+    m.mmio.write(common + vpci.CONFIG_MSIX_VECTOR, 2, vector[0])
+    assert m.mmio.read(common + vpci.CONFIG_MSIX_VECTOR, 2) == vector[0]
     m.mmio.write(common + vpci.QUEUE_SELECT, 2, 0)
     assert m.mmio.read(common + vpci.QUEUE_SIZE, 2) == vblk.QUEUE_SIZE
     m.mmio.write(common + vpci.QUEUE_SIZE, 2, q.size)
@@ -220,9 +226,9 @@ def driver_setup(m: Machine, q: DriverQueue) -> None:
     for offset, addr in rings:
         m.mmio.write(common + offset, 4, addr & 0xFFFFFFFF)
         m.mmio.write(common + offset + 4, 4, addr >> 32)
-    m.mmio.write(common + vpci.QUEUE_MSIX_VECTOR, 2, 1)
-    assert m.mmio.read(common + vpci.QUEUE_MSIX_VECTOR, 2) == 1
-    for v in range(2):                                                  # request_irq unmasks
+    m.mmio.write(common + vpci.QUEUE_MSIX_VECTOR, 2, vector[1])
+    assert m.mmio.read(common + vpci.QUEUE_MSIX_VECTOR, 2) == vector[1]
+    for v in range(2 if msix else 0):                                   # request_irq unmasks
         m.mmio.write(base + vpci.TABLE_OFFSET + 16 * v + 12, 4, 0)
     m.mmio.write(common + vpci.QUEUE_ENABLE, 2, 1)
     m.mmio.write(common + vpci.DEVICE_STATUS, 1, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)

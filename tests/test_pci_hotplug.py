@@ -33,7 +33,7 @@ def port(tmp_path: Path) -> Iterator[tuple[Machine, rp.RootPort, FakeVector, lis
         vector, gone = FakeVector(), list[PciFunction]()
         mem32 = m.root.allocate(False, 1 << 20)
         pref = m.root.allocate(True, 1 << 28)
-        port = rp.RootPort("rp1", 1, 1, 0, (mem32, 1 << 20), (pref, 1 << 28), vector, gone.append)
+        port = rp.RootPort("rp1", 1, 1, 0, (mem32, 1 << 20), (pref, 1 << 28), vector, gone.append, m.io)
         m.root.add(port, devfn(0x10))
         yield m, port, vector, gone
 

@@ -149,9 +149,14 @@ class Vm:
         periods (some 15 ms on these hosts), as destroying a VM whose PIT reinjects does."""
         ioctl(self.fd, K.KVM_REINJECT_CONTROL, S.kvm_reinject_control(pit_reinject=int(reinject)))
 
-    def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
+    def irqfd(self, fd: int, gsi: int, deassign: bool = False, resample_fd: int | None = None) -> None:
+        """Have a write to ``fd`` raise ``gsi``: an edge, or with ``resample_fd`` a level that
+        KVM lowers at the guest's EOI, signalling ``resample_fd`` for the VMM to raise it
+        again if its device still wants to (a level-triggered INTx)."""
         flags = K.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
-        ioctl(self.fd, K.KVM_IRQFD, S.kvm_irqfd(fd=fd, gsi=gsi, flags=flags))
+        if resample_fd is not None and not deassign:
+            flags |= K.KVM_IRQFD_FLAG_RESAMPLE
+        ioctl(self.fd, K.KVM_IRQFD, S.kvm_irqfd(fd=fd, gsi=gsi, flags=flags, resamplefd=resample_fd or 0))
 
     def set_gsi_routing(self, entries: list[S.kvm_irq_routing_entry]) -> None:
         """Replace the whole GSI routing table with ``entries`` (KVM_SET_GSI_ROUTING)."""

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from ..devices.virtio.vsock import Vsock
     from ..mmds.store import Mmds
     from ..persist import Persistent
-    from .msi import GsiRoutes, Vectors
+    from .msi import GsiRoutes
     from .pci_hotplug import PciSlots
 
 log = logging.getLogger(__name__)
@@ -152,15 +152,16 @@ class DeviceManager:
         """A PCIe host bridge with the root ports, and each device a function on it: where the
         command line put it (in a root port, or on bus 0), or in the next free slot. Its
         MSI-X vectors (one a queue, one for configuration changes) are GSIs routed as MSI;
-        a root port has one vector for its slot's events. Returns the root ports."""
+        a root port has one vector for its slot's events. Each has INTA# too, on the GSI of
+        its slot on bus 0. Returns the root ports."""
         from ..devices.pci.root import CONFIG_ADDRESS_PORT, ConfigPorts, Ecam, PciRoot, devfn  # a PCI machine
-        from ..devices.pci.root_port import RootPort
-        from .msi import GsiRoutes, Vectors
+        from ..devices.pci.root_port import INTX_PIN, RootPort
+        from .msi import GsiRoutes, IntxLine, Vectors
         from .pci_hotplug import PciSlots
         layout = arch.pci_layout(self._mem.regions)
         assert layout is not None       # the configuration allows PCI only where there is some
         self.pci = root = PciRoot(self.mmio, layout.ecam, layout.mmio32, layout.mmio64,
-                                  [(r.gpa, r.end) for r in self._mem.regions])
+                                  [(r.gpa, r.end) for r in self._mem.regions], layout.intx)
         self.mmio.insert(Ecam(root), *layout.ecam)
         self.pio.insert(ConfigPorts(root), CONFIG_ADDRESS_PORT, 8)
         self._routes = GsiRoutes(self._vm)
@@ -179,20 +180,24 @@ class DeviceManager:
         slots = PciSlots(self.cfg, root, self._pci_function, self.transports, on_deleted)
         self._closers.append(slots.close)
         for bus, (name, port) in enumerate(ports.items(), start=1):
+            at = place(name)
             vector = Vectors(self._routes, 1)
             self._closers.append(vector.close)
+            line = IntxLine(self._vm, root.intx_gsi(at, INTX_PIN))
+            self._closers.append(line.close)
             mem32, pref64 = root.allocate(False, PORT_MEM32), root.allocate(True, PORT_PREF64)
             slots.ports[name] = RootPort(name, bus, port.slot, port.port, (mem32, PORT_MEM32),
-                                         (pref64, PORT_PREF64), vector, slots.powered_off)
-            root.add(slots.ports[name], place(name))
+                                         (pref64, PORT_PREF64), vector, slots.powered_off, self._io, line)
+            self._closers.insert(0, slots.ports[name].close)        # before its line
+            root.add(slots.ports[name], at)
         for device in on_bus0:
             at = place(device.name)
-            transport, vectors = self._pci_function(device)
-            self._closers.append(vectors.close)
+            transport, close = self._pci_function(device, at)
+            self._closers.append(close)
             root.add(transport, at)
             self.transports.append(transport)
             log.info("%s: virtio device %d at PCI 00:%02x.%d, %d MSI-X vectors", device.name,
-                     device.device_id, at >> 3, at & 7, len(vectors.fds))
+                     device.device_id, at >> 3, at & 7, len(transport.interrupt.vectors.fds))
         for device in devices:
             if device.name in in_port:
                 assert isinstance(device, (Block, Net))     # the configuration sees to it
@@ -201,17 +206,27 @@ class DeviceManager:
         self.transports.sort(key=root.location)     # the order snapshot sections are in
         return slots
 
-    def _pci_function(self, device: VirtioDevice) -> tuple[PciTransport, Vectors]:
-        """``device`` as a virtio-pci function, with its MSI-X vectors."""
+    def _pci_function(self, device: VirtioDevice, at: int) -> tuple[PciTransport, Callable[[], None]]:
+        """``device`` as a virtio-pci function at ``at`` on bus 0 or behind the port there,
+        with its MSI-X vectors and INTA#; and what closes those once the transport is closed."""
         from ..devices.virtio.pci import PciTransport
-        from .msi import Vectors
-        assert self._routes is not None
+        from .msi import IntxLine, Vectors
+        assert self.pci is not None and self._routes is not None
         vectors = Vectors(self._routes, len(device.queue_sizes) + 1)
+        line = None
         try:
-            return PciTransport(device, self._mem, self._io, vectors, self._notifier), vectors
+            line = IntxLine(self._vm, self.pci.intx_gsi(at))
+            transport = PciTransport(device, self._mem, self._io, vectors, self._notifier, line)
         except BaseException:
             vectors.close()
+            if line is not None:
+                line.close()
             raise
+
+        def close() -> None:
+            vectors.close()
+            line.close()
+        return transport, close
 
     def _notifier(self, fd: int, addr: int, assign: bool) -> None:
         """A queue's notification address (any width) signals ``fd`` in KVM."""

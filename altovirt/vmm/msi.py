@@ -1,5 +1,6 @@
 """Message-signalled interrupts through KVM: one GSI a vector, routed as MSI, raised by an
-irqfd (KVM_SET_GSI_ROUTING, KVM_IRQFD).
+irqfd (KVM_SET_GSI_ROUTING, KVM_IRQFD); and the INTx lines of a guest without MSI, a
+level-triggered irqfd each (KVM_IRQFD_FLAG_RESAMPLE).
 
 KVM's routing table is set whole, so :class:`GsiRoutes` keeps it: the routes KVM sets up
 with its in-kernel PIC and IOAPIC (which the first KVM_SET_GSI_ROUTING would otherwise drop),
@@ -102,3 +103,30 @@ class Vectors:
             self.routes.release(gsi)
         self.fds.clear()
         self.gsis.clear()
+
+
+class IntxLine:
+    """A function's INTx# on IOAPIC pin ``gsi`` (:class:`altovirt.devices.pci.intx.IntxLine`):
+    a write to ``fd`` raises the pin until the guest's EOI, which ``resample_fd`` reports.
+    Functions sharing a pin each have their own pair: at an EOI KVM lowers the pin and tells
+    each of them, and those that still want it raise it again."""
+
+    def __init__(self, vm: Vm, gsi: int) -> None:
+        self.vm, self.gsi = vm, gsi
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.resample_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            vm.irqfd(self.fd, gsi, resample_fd=self.resample_fd)
+        except Exception:
+            self._close_fds()
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.vm.irqfd(self.fd, self.gsi, deassign=True)
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        os.close(self.fd)
+        os.close(self.resample_fd)
+        self.fd = self.resample_fd = -1

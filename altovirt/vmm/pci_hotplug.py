@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from ..devices.virtio.device import Device, VirtioDevice
     from ..devices.virtio.pci import PciTransport
     from ..devices.virtio.transport import VirtioTransport
-    from .msi import Vectors
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +39,13 @@ UNPLUG_PENDING = 5.0
 
 class PciSlots:
     """The root ports of one PCI machine, by id, and the devices in them. ``new_function``
-    makes a device a function with its vectors; ``transports`` is the VM's list, which a
+    makes a device a function behind the port at a devfn, with what closes its vectors and
+    INTx line; ``transports`` is the VM's list, which a
     plugged device joins and an unplugged one leaves; ``on_deleted(id)`` announces an
     unplug (QMP's DEVICE_DELETED)."""
 
     def __init__(self, cfg: VmConfig, root: PciRoot,
-                 new_function: Callable[[VirtioDevice], tuple[PciTransport, Vectors]],
+                 new_function: Callable[[VirtioDevice, int], tuple[PciTransport, Callable[[], None]]],
                  transports: list[VirtioTransport], on_deleted: Callable[[str], None]) -> None:
         self.cfg = cfg
         self.root = root
@@ -53,7 +53,7 @@ class PciSlots:
         self._new_function = new_function
         self._transports = transports
         self._on_deleted = on_deleted
-        self._vectors: dict[str, Vectors] = {}              # device id -> its function's vectors
+        self._closers: dict[str, Callable[[], None]] = {}   # device id -> what closes its interrupts
         self._pending: dict[str, float] = {}                # device id -> when device_del pressed
         self._lock = threading.Lock()
 
@@ -79,8 +79,8 @@ class PciSlots:
         with self._lock:
             if port.occupied:
                 raise HotplugError(f"Bus '{port_id}': its slot holds {port.children[0].name!r}")
-            transport, vectors = self._new_function(device)
-            self._vectors[device.name] = vectors
+            transport, close = self._new_function(device, self.root.location(port)[0])
+            self._closers[device.name] = close
             self.root.plug(port, transport, port.window)
             self._transports.append(transport)
             self._transports.sort(key=self.root.location)
@@ -111,16 +111,17 @@ class PciSlots:
             self.root.unplugged(transport)
             self._transports.remove(transport)
             transport.unplug()
-            self._vectors.pop(name).close()
+            self._closers.pop(name)()
             self._pending.pop(name, None)
             self._forget(name)
         log.info("%s: unplugged (its slot powered off)", name)
         self._on_deleted(name)
 
     def close(self) -> None:
-        for vectors in self._vectors.values():
-            vectors.close()
-        self._vectors.clear()
+        """Close the plugged functions' interrupts (once their transports are closed)."""
+        for close in self._closers.values():
+            close()
+        self._closers.clear()
 
     # --- the configuration, which snapshots keep ---
     def _remember(self, port_id: str, device: Block | Net) -> None:

@@ -53,6 +53,9 @@ PCI_MMIO32_SIZE = 256 * MiB
 PCI_ECAM_START = 0xE0000000
 PCI_ECAM_SIZE = 256 * MiB
 PCI_MMIO64_SIZE = 64 * GiB
+# INTA# to INTD#, for a guest without MSI: IOAPIC pins of the PCI range (16 to 23) that the
+# virtio-mmio slots take only on microvm, as QEMU's q35 gives PIRQE-H to 20-23.
+PCI_INTX_GSIS = (16, 17, 18, 19)
 IOAPIC_ADDR = 0xFEC00000
 APIC_ADDR = 0xFEE00000
 # Where VMX keeps its real-mode TSS and identity map: the top of the 32-bit space,
@@ -86,11 +89,13 @@ def mmio_slot(index: int) -> tuple[int, int, int]:
 
 
 class PciLayout(NamedTuple):
-    """A PCIe host bridge's ECAM and BAR windows, (base, size) each."""
+    """A PCIe host bridge's ECAM and BAR windows, (base, size) each, and the GSIs of its
+    INTA# to INTD# lines."""
 
     ecam: tuple[int, int]
     mmio32: tuple[int, int]
     mmio64: tuple[int, int]
+    intx: tuple[int, int, int, int]
 
 
 def pci_layout(regions: list[Region]) -> PciLayout:
@@ -98,7 +103,7 @@ def pci_layout(regions: list[Region]) -> PciLayout:
     boundary past RAM."""
     mmio64 = max(MMIO_GAP_END, (regions[-1].end + GiB - 1) & ~(GiB - 1))
     return PciLayout((PCI_ECAM_START, PCI_ECAM_SIZE), (PCI_MMIO32_START, PCI_MMIO32_SIZE),
-                     (mmio64, PCI_MMIO64_SIZE))
+                     (mmio64, PCI_MMIO64_SIZE), PCI_INTX_GSIS)
 
 
 def e820_map(regions: list[Region], pci: bool = False) -> list[tuple[int, int, int]]:

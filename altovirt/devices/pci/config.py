@@ -55,7 +55,9 @@ class ConfigSpace:
     """The bytes a function shows in configuration space and the rules for writing them."""
 
     def __init__(self, vendor: int, device: int, class_code: int, *, revision: int = 0,
-                 subsystem_vendor: int = 0, subsystem: int = 0, header_type: int = 0) -> None:
+                 subsystem_vendor: int = 0, subsystem: int = 0, header_type: int = 0,
+                 interrupt_pin: int = 0) -> None:
+        """``interrupt_pin``: 1 to 4 for INTA# to INTD#, 0 for none (6.2.4)."""
         self.data = bytearray(CONFIG_SIZE)
         self.wmask = bytearray(CONFIG_SIZE)
         self.w1cmask = bytearray(CONFIG_SIZE)
@@ -70,7 +72,8 @@ class ConfigSpace:
         if header_type == 0:
             self.set(SUBSYSTEM_VENDOR_ID, 2, subsystem_vendor)
             self.set(SUBSYSTEM_ID, 2, subsystem)
-            self.set(INTERRUPT_LINE, 1, 0xFF, wmask=0xFF)       # scratch for the OS
+        self.set(INTERRUPT_LINE, 1, 0xFF, wmask=0xFF)           # scratch for the OS
+        self.set(INTERRUPT_PIN, 1, interrupt_pin)
         self.set(COMMAND, 2, 0, wmask=COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER | COMMAND_INTX_DISABLE)
         self.set(STATUS, 2, 0, w1cmask=STATUS_ERRORS)
 
@@ -148,6 +151,10 @@ class ConfigSpace:
         offset = BAR0 + 4 * bar.index
         addr = self.get(offset, 4) & BAR_ADDRESS_MASK
         return addr | self.get(offset + 4, 4) << 32 if bar.mem64 else addr
+
+    @property
+    def intx_enabled(self) -> bool:
+        return not self.get(COMMAND, 2) & COMMAND_INTX_DISABLE
 
     @property
     def memory_enabled(self) -> bool:

@@ -107,12 +107,14 @@ class _BarWindow:
 class PciRoot:
     """Bus 0 of a root complex whose configuration space is at ``ecam`` and whose BARs go on
     ``mmio``, placed in ``window32`` and ``window64`` ((base, size) each), and never over
-    ``ram`` ((start, end) ranges)."""
+    ``ram`` ((start, end) ranges); ``intx`` are the GSIs of INTA# to INTD#."""
 
     def __init__(self, mmio: Bus, ecam: tuple[int, int], window32: tuple[int, int],
-                 window64: tuple[int, int], ram: Sequence[tuple[int, int]]) -> None:
+                 window64: tuple[int, int], ram: Sequence[tuple[int, int]],
+                 intx: tuple[int, int, int, int]) -> None:
         self.mmio = mmio
         self.ecam = ecam
+        self.intx = intx
         self.last_bus = ecam[1] // ECAM_BUS_SIZE - 1
         self.functions: dict[int, PciFunction] = {}
         self.windows = {False: window32, True: window64}
@@ -202,6 +204,12 @@ class PciRoot:
         """``function`` has left its slot: its BARs go off the bus."""
         self._remap(function)
 
+    def intx_gsi(self, at: int, pin: int = 1) -> int:
+        """The GSI of ``pin`` (1 to 4: INTA# to INTD#) of the function at ``at`` (devfn) on
+        bus 0, or of a device 0's INTA# behind the bridge there (which it swizzles to the
+        bridge's INTA#, PCI-to-PCI Bridge 1.2, 9.1), as the DSDT's _PRT says."""
+        return self.intx[((at >> 3) + pin - 1) % len(self.intx)]
+
     def location(self, function: object) -> tuple[int, int]:
         """Where ``function`` is, in an order that does not depend on how it got there: (its
         devfn, 0) on bus 0, (the bridge's devfn, 1 + its devfn) behind a bridge."""
@@ -266,10 +274,20 @@ class PciRoot:
                           aml.crs(aml.word_bus_number(0, self.last_bus),
                                   aml.io_port(CONFIG_ADDRESS_PORT, 8),
                                   aml.word_io(0, CONFIG_ADDRESS_PORT), aml.word_io(0xD00, 0x10000 - 0xD00),
-                                  aml.dword_memory(base32, size32), aml.qword_memory(base64, size64)))
+                                  aml.dword_memory(base32, size32), aml.qword_memory(base64, size64)),
+                          self._prt())
         reserved = aml.device("ECAM", aml.name("_HID", aml.eisa_id(MOTHERBOARD_HID)),
                               aml.name("_UID", aml.integer(1)), aml.crs(aml.memory32_fixed(*self.ecam)))
         return pci0, reserved
+
+    def _prt(self) -> bytes:
+        """Name (_PRT, ...): each slot's INTA# to INTD# straight to a GSI, rotated by slot
+        (ACPI 6.4, 6.2.13; QEMU's microvm does the same)."""
+        n = len(self.intx)
+        return aml.name("_PRT", aml.package(*(
+            aml.package(aml.integer(slot << 16 | 0xFFFF), aml.integer(pin), aml.integer(0),
+                        aml.integer(self.intx[(slot + pin) % n]))
+            for slot in range(SLOTS) for pin in range(4))))
 
     def _over_ram(self, addr: int, size: int) -> bool:
         return any(addr < end and start < addr + size for start, end in self._ram)

@@ -5,7 +5,7 @@ Base 4.0, 7.5.3), and the slot registers Linux's pciehp drives (PCI Express Base
 A device comes as presence detect and data link layer state changes; it goes when the
 guest turns the slot's power and power indicator off, as QEMU's does: after an attention
 button press (device_del; Linux waits 5 s for a second press that would cancel it) or on
-its own. The port's events are one MSI vector.
+its own. The port's events are one MSI vector, or INTB# while MSI is off.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .config import ConfigSpace
+from .intx import Intx, IntxLine
 from .msix import MsiMessage, MsiVectors
 from .root import PciFunction
 
 if TYPE_CHECKING:
+    from ...eventloop import EventLoop
     from .persist import RootPortState
 
 CAP_ID_MSI = 0x05
@@ -46,21 +48,28 @@ EVENT_ENABLES = ((SLTSTA_ABP, SLTCTL_ABPE), (SLTSTA_PDC, SLTCTL_PDCE), (SLTSTA_D
 # MSI capability (PCI 3.0, 6.8.1), 64-bit, one vector
 MSI_FLAGS_ENABLE, MSI_FLAGS_64BIT = 1, 1 << 7
 ROOT_PORT_IDS = (0x1B36, 0x000C, 0x060400)
+# The port's own INTx pin: INTB#, not the INTA# its device's swizzles to (PCI-to-PCI Bridge
+# 1.2, 9.1), as some physical root ports do. On a shared line, Linux's pciehp thread removing
+# the device would wait for itself: the virtio driver's reset synchronizes the line's handlers.
+INTX_PIN = 2
 
 
 class RootPort(PciFunction):
     """Root port ``name`` whose secondary bus is ``bus``, with Physical Slot Number ``slot``,
     port number ``port`` and the bridge windows ``mem32`` and ``pref64`` ((base, size), 1 MiB
-    aligned), its event vector in ``vector`` (one MSI vector); ``on_powered_off(function)``
-    is told when the guest turns the slot off under a device (hot-unplug done)."""
+    aligned), its event vector in ``vector`` (one MSI vector) and INTB# on ``intx`` (its
+    EOIs seen on ``io``); ``on_powered_off(function)`` is told when the guest turns the slot
+    off under a device (hot-unplug done)."""
 
     def __init__(self, name: str, bus: int, slot: int, port: int, mem32: tuple[int, int],
                  pref64: tuple[int, int], vector: MsiVectors,
-                 on_powered_off: Callable[[PciFunction], None]) -> None:
+                 on_powered_off: Callable[[PciFunction], None], io: EventLoop,
+                 intx: IntxLine | None = None) -> None:
         vendor, device, class_code = ROOT_PORT_IDS
-        config = ConfigSpace(vendor, device, class_code, header_type=1)
+        config = ConfigSpace(vendor, device, class_code, header_type=1, interrupt_pin=INTX_PIN if intx else 0)
         super().__init__(name, config)
         self.vector = vector
+        self.intx = None if intx is None else Intx(intx, io, self._intx_wanted)
         self.on_powered_off = on_powered_off
         self.children: dict[int, PciFunction] = {}      # devfn on the secondary bus -> function
         self.window = pref64[0]                         # where a plugged device's BARs go
@@ -176,11 +185,31 @@ class RootPort(PciFunction):
         at = self.exp + EXP_SLTSTA
         status = self.config.get(at, 2)
         self.config.data[at:at + 2] = (status | bits).to_bytes(2, "little")
-        control = self._slot_control()
-        enabled = any(bits & event and control & enable for event, enable in EVENT_ENABLES)
-        if control & SLTCTL_HPIE and enabled:
+        if not self._interrupting(bits):
+            return
+        if self._msi_enabled():
             os.eventfd_write(self.vector.fds[0], 1)
+        elif self.intx is not None:
+            self.intx.update()
+
+    def _interrupting(self, bits: int) -> bool:
+        """Whether Slot Status ``bits`` make an interrupt (6.7.3.4)."""
+        control = self._slot_control()
+        return bool(control & SLTCTL_HPIE) and any(bits & event and control & enable
+                                                   for event, enable in EVENT_ENABLES)
+
+    def _msi_enabled(self) -> bool:
+        return bool(self.config.get(self.msi + 2, 2) & MSI_FLAGS_ENABLE)
+
+    def _intx_wanted(self) -> bool:
+        """INTB# is up while an enabled event is pending, MSI off and INTx on."""
+        return not self._msi_enabled() and self.config.intx_enabled and \
+            self._interrupting(self.config.get(self.exp + EXP_SLTSTA, 2))
 
     def _route(self) -> None:
         flags, lo, hi, data = struct.unpack_from("<HIIH", self.config.data, self.msi + 2)
         self.vector.route(0, MsiMessage(lo, hi, data) if flags & MSI_FLAGS_ENABLE else None)
+
+    def close(self) -> None:
+        if self.intx is not None:
+            self.intx.close()

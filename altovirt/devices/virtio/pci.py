@@ -4,7 +4,9 @@ One PCI function a device, vendor 0x1AF4 and device 0x1040 + its virtio ID, with
 64-bit BAR that holds the common configuration, the ISR, the device's configuration, the
 notification addresses (one a queue, each with its own ioeventfd) and the MSI-X table and
 PBA. Each queue and the configuration change have their own MSI-X vector when the driver
-asks (Linux does), so an interrupt costs the guest no register read at all.
+asks (Linux does), so an interrupt costs the guest no register read at all. A driver without
+MSI-X (Linux booted with ``pci=nomsi``) gets INTA#, held from an event until it reads the ISR
+(4.1.4.5).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 from ...eventloop import EventLoop
 from ...memory import GuestMemory
 from ..pci.config import CAP_ID_VENDOR, Bar, ConfigSpace
+from ..pci.intx import Intx, IntxLine
 from ..pci.msix import NO_VECTOR, MsiVectors, Msix
 from ..pci.root import PciFunction
 from .device import VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING, Device, Interrupt
@@ -65,26 +68,60 @@ Ioeventfd = Callable[[int, int, bool], None]
 
 class PciInterrupt(Interrupt):
     """A virtio-pci function's interrupts: each queue's and the configuration change's
-    MSI-X vector, chosen by the driver; the ISR keeps its bits for a driver that reads it."""
+    MSI-X vector, chosen by the driver; without MSI-X, the ISR's bits and INTA# (``intx``,
+    which asks :meth:`intx_wanted`), which stays up from an event until the driver reads
+    the ISR. Then a back end outside the VMM signals ``call_fd`` (on ``io``), which raises
+    INTA# as the VMM's own events do."""
 
     def __init__(self, vectors: MsiVectors, queues: list[Queue], msix_enabled: Callable[[], bool],
-                 on_needs_reset: Callable[[str], None]) -> None:
+                 on_needs_reset: Callable[[str], None], io: EventLoop) -> None:
         super().__init__(-1, on_needs_reset)
         self.msix_enabled = msix_enabled
         self.vectors = vectors
         self.queues = queues            # the transport's list, which a restore refills in place
         self.config_vector = NO_VECTOR
         self.queue_vectors = [NO_VECTOR] * len(queues)
+        self.intx: Intx | None = None
+        self._level = False             # INTA# wanted: an event the driver has not read yet
+        self._io = io
+        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        io.add(self.call_fd, self._called)
+
+    def close(self) -> None:
+        self._io.remove(self.call_fd)
+        os.close(self.call_fd)
+        if self.intx is not None:
+            self.intx.close()
+
+    def read(self) -> int:
+        """The ISR, as the driver reads it: reading acknowledges, and lowers INTA#."""
+        with self._lock:
+            status, self.status = self.status, self.status & self._sticky
+            self._level = False
+        return status
+
+    def intx_wanted(self) -> bool:
+        return self._level
+
+    def _called(self) -> None:
+        try:
+            os.eventfd_read(self.call_fd)
+        except BlockingIOError:
+            return
+        self.trigger(VIRTIO_MMIO_INT_VRING)
 
     def _raise(self, vector: int) -> None:
         if vector < len(self.vectors.fds):
             os.eventfd_write(self.vectors.fds[vector], 1)
 
     def _isr(self, bits: int) -> None:
-        """The ISR's bits, kept only for a driver without MSI-X (4.1.4.5: it reads them then)."""
+        """The ISR's bits and INTA#, only for a driver without MSI-X (4.1.4.5: it reads them then)."""
         if not self.msix_enabled():
             with self._lock:
                 self.status |= bits
+                self._level = True
+            if self.intx is not None:
+                self.intx.update()
 
     def trigger(self, bits: int = VIRTIO_MMIO_INT_VRING) -> None:
         self._isr(bits)
@@ -102,6 +139,8 @@ class PciInterrupt(Interrupt):
                     self._raise(self.queue_vectors[i])
 
     def queue_fd(self, index: int) -> int:
+        if not self.msix_enabled():
+            return self.call_fd
         vector = self.queue_vectors[index]
         return self.vectors.fds[vector] if vector < len(self.vectors.fds) else -1
 
@@ -123,17 +162,20 @@ class PciTransport(VirtioTransport, PciFunction):
     interrupt: PciInterrupt
 
     def __init__(self, device: Device, mem: GuestMemory, io: EventLoop, vectors: MsiVectors,
-                 ioeventfd: Ioeventfd) -> None:
+                 ioeventfd: Ioeventfd, intx: IntxLine | None = None) -> None:
+        """``intx``: where INTA# goes (None: the function has no INTx)."""
         config = ConfigSpace(VENDOR, DEVICE_BASE + device.device_id,
                              CLASS_CODES.get(device.device_id, CLASS_OTHER), revision=REVISION,
-                             subsystem_vendor=VENDOR, subsystem=SUBSYSTEM)
+                             subsystem_vendor=VENDOR, subsystem=SUBSYSTEM, interrupt_pin=1 if intx else 0)
         config.add_bar(Bar(BAR_INDEX, BAR_SIZE, prefetchable=True))
         PciFunction.__init__(self, device.name, config)
         n = len(device.queue_sizes)
         if NOTIFY_OFFSET + NOTIFY_MULTIPLIER * n > TABLE_OFFSET or len(vectors.fds) > 0x800 // 16:
             raise ValueError(f"{device.name}: {n} queues do not fit virtio-pci's BAR")
         VirtioTransport.__init__(self, device, mem, io)
-        self.interrupt = PciInterrupt(vectors, self.queues, lambda: self.msix.enabled, self._needs_reset)
+        self.interrupt = PciInterrupt(vectors, self.queues, lambda: self.msix.enabled, self._needs_reset, io)
+        if intx is not None:
+            self.interrupt.intx = Intx(intx, io, lambda: self.interrupt.intx_wanted() and config.intx_enabled)
         self._ioeventfd = ioeventfd
         self._notify_base: int | None = None        # where the notification addresses are now
         for cfg_type, offset, length in ((COMMON_CFG, COMMON_OFFSET, COMMON_SIZE),
@@ -150,6 +192,12 @@ class PciTransport(VirtioTransport, PciFunction):
     def close(self) -> None:
         self.bar_mapped(BAR_INDEX, None)
         super().close()
+        self.interrupt.close()
+
+    def unplug(self) -> Device:
+        device = super().unplug()
+        self.interrupt.close()
+        return device
 
     def reset(self) -> None:
         """The machine resets: the device as the driver's reset leaves it, and MSI-X off
