@@ -105,7 +105,8 @@ class Hotplug:
                 raise HotplugError(f"no block node named {name!r}: blockdev-add it first "
                                    "(device_add's id must equal its node-name)")
             if bus is not None:
-                self._port(name, bus).plug(bus, Block(name, image, self._pool, (serial or "").encode()))
+                with self._quiet():         # refused while the VM migrates, as a slot's change
+                    self._port(name, bus).plug(bus, Block(name, image, self._pool, (serial or "").encode()))
                 return 0
             index = self._free_slot(self.disks, name, slot, "disk")
             self._plug(self.disks[index], Block(name, image, self._pool, (serial or "").encode()))
@@ -141,7 +142,8 @@ class Hotplug:
                 raise HotplugError(f"no netdev named {name!r}: netdev_add it first "
                                    "(device_add's id must equal the netdev's id)")
             if bus is not None:
-                self._port(name, bus).plug(bus, Net(name, tap, mac, self._io))
+                with self._quiet():
+                    self._port(name, bus).plug(bus, Net(name, tap, mac, self._io))
                 return 0
             index = self._free_slot(self.nics, name, slot, "NIC")
             transport = self.nics[index]
@@ -159,7 +161,8 @@ class Hotplug:
                 self._plug(self.nics[index], empty_nic(index, self._io))
             elif name in self._in_ports():
                 assert self.pci is not None
-                self.pci.request_unplug(name)       # the guest lets go of it, then DEVICE_DELETED
+                with self._quiet():
+                    self.pci.request_unplug(name)   # the guest lets go of it, then DEVICE_DELETED
                 return
             elif self.pci is not None and name in self.pci.on_bus0():
                 raise HotplugError("Bus 'pcie.0' does not support hotplugging")
