@@ -13,3 +13,14 @@ class BoardDevice:
     base: int
     size: int
     irq_line: int = 0
+
+
+@dataclass(frozen=True)
+class PciLayout:
+    """A PCIe host bridge's ECAM and BAR windows, (base, size) each, and the GSIs of its
+    INTA# to INTD# lines."""
+
+    ecam: tuple[int, int]
+    mmio32: tuple[int, int]
+    mmio64: tuple[int, int]
+    intx: tuple[int, int, int, int]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...memory import Region
+from ..board import PciLayout
 from . import layout
 from .gic import Gic
 
@@ -30,6 +31,11 @@ GIC_FDT_IRQ_PPI_CPU_SHIFT = 8
 PHANDLE_GIC = 1
 PHANDLE_APB_CLOCK = 2
 PHANDLE_GPIO = 3
+PHANDLE_ITS = 4
+# PCI bus bindings (Documentation/devicetree/bindings/pci/host-generic-pci.yaml, IEEE 1275's
+# PCI binding): a child address's first cell says the space, 32- or 64-bit memory.
+PCI_SPACE_MEM32, PCI_SPACE_MEM64 = 0x0200_0000, 0x0300_0000
+PCI_DEVICE_SHIFT = 11               # the device number's place in a child address's first cell
 APB_CLOCK_HZ = 24_000_000           # the rate QEMU's virt gives its "clk24mhz"
 
 
@@ -43,6 +49,7 @@ class DeviceTreeInputs:
     initrd: tuple[int, int] | None              # (address, size)
     virtio: Sequence[tuple[int, int]]           # (base, SPI) of each virtio-mmio slot in use
     gic: Gic
+    pci: PciLayout | None = None                # a PCIe host bridge (MSIs through the GIC's ITS)
 
 
 def _cells(*values: int) -> bytes:
@@ -111,12 +118,21 @@ def build(inputs: DeviceTreeInputs) -> bytes:
     gic_regs = [(layout.GIC_DIST_BASE, layout.GIC_DIST_SIZE), *inputs.gic.regions]
     ppi_flags = IRQ_TYPE_LEVEL_HIGH
     if inputs.gic.version == 3:
-        node(f"intc@{layout.GIC_DIST_BASE:x}", {
-            "compatible": "arm,gic-v3", "#interrupt-cells": 3, "interrupt-controller": b"",
-            "#address-cells": 2, "#size-cells": 2, "ranges": b"",
-            "#redistributor-regions": len(inputs.gic.regions), "reg": _reg(*gic_regs),
-            "interrupts": _cells(GIC_FDT_IRQ_TYPE_PPI, layout.GIC_MAINTENANCE_PPI, IRQ_TYPE_LEVEL_HIGH),
-            "phandle": PHANDLE_GIC})
+        fdt.begin_node(f"intc@{layout.GIC_DIST_BASE:x}")
+        for key, value in (("compatible", _strings("arm,gic-v3")), ("#interrupt-cells", _cells(3)),
+                           ("interrupt-controller", b""), ("#address-cells", _cells(2)),
+                           ("#size-cells", _cells(2)), ("ranges", b""),
+                           ("#redistributor-regions", _cells(len(inputs.gic.regions))),
+                           ("reg", _reg(*gic_regs)),
+                           ("interrupts", _cells(GIC_FDT_IRQ_TYPE_PPI, layout.GIC_MAINTENANCE_PPI,
+                                                 IRQ_TYPE_LEVEL_HIGH)),
+                           ("phandle", _cells(PHANDLE_GIC))):
+            fdt.property(key, value)
+        if inputs.gic.its is not None:      # arm,gic-v3-its: an MSI controller, device IDs 1 cell
+            node(f"its@{inputs.gic.its[0]:x}", {"compatible": "arm,gic-v3-its", "msi-controller": b"",
+                                                "#msi-cells": 1, "reg": _reg(inputs.gic.its),
+                                                "phandle": PHANDLE_ITS})
+        fdt.end_node()
     else:
         ppi_flags |= ((1 << len(inputs.mpidrs)) - 1) << GIC_FDT_IRQ_PPI_CPU_SHIFT
         node(f"intc@{layout.GIC_DIST_BASE:x}", {
@@ -155,8 +171,30 @@ def build(inputs: DeviceTreeInputs) -> bytes:
             "compatible": "virtio,mmio", "reg": _reg((base, layout.VIRTIO_MMIO_SLOT)), "dma-coherent": b"",
             "interrupts": _cells(GIC_FDT_IRQ_TYPE_SPI, spi, IRQ_TYPE_EDGE_RISING)})
 
+    if inputs.pci is not None:
+        node(f"pcie@{inputs.pci.ecam[0]:x}", _pcie(inputs.pci))
+
     fdt.end_node()
     blob = bytes(fdt.as_fdt().as_bytearray())
     if len(blob) > layout.FDT_MAX_SIZE:
         raise ValueError(f"the device tree is {len(blob)} bytes; at most {layout.FDT_MAX_SIZE} fit")
     return blob
+
+
+def _pcie(pci: PciLayout) -> dict[str, bytes | str | int]:
+    """The generic ECAM host bridge (host-generic-pci.yaml): its buses, its two memory windows
+    mapped one to one, every requester ID's MSIs to the ITS as that device ID (msi-map,
+    pci-msi.txt), and each slot's INTA# to INTD# to its SPI, rotated by slot as on x86."""
+    (ecam, ecam_size), windows = pci.ecam, ((PCI_SPACE_MEM32, *pci.mmio32), (PCI_SPACE_MEM64, *pci.mmio64))
+    ranges = b"".join(_cells(space, base >> 32, base & 0xFFFFFFFF, base >> 32, base & 0xFFFFFFFF,
+                             size >> 32, size & 0xFFFFFFFF) for space, base, size in windows)
+    slots = 32
+    interrupt_map = b"".join(
+        _cells(slot << PCI_DEVICE_SHIFT, 0, 0, pin + 1, PHANDLE_GIC, 0, 0, GIC_FDT_IRQ_TYPE_SPI,
+               pci.intx[(slot + pin) % len(pci.intx)], IRQ_TYPE_LEVEL_HIGH)
+        for slot in range(slots) for pin in range(4))
+    return {"compatible": "pci-host-ecam-generic", "device_type": "pci", "#address-cells": 3,
+            "#size-cells": 2, "#interrupt-cells": 1, "reg": _reg((ecam, ecam_size)),
+            "bus-range": _cells(0, ecam_size // (1 << 20) - 1), "linux,pci-domain": 0, "dma-coherent": b"",
+            "ranges": ranges, "msi-map": _cells(0, PHANDLE_ITS, 0, 0x10000),
+            "interrupt-map-mask": _cells(0x1F << PCI_DEVICE_SHIFT, 0, 0, 7), "interrupt-map": interrupt_map}

@@ -20,6 +20,7 @@ from . import layout
 
 KVM_DEV_TYPE_ARM_VGIC_V2 = 5
 KVM_DEV_TYPE_ARM_VGIC_V3 = 7
+KVM_DEV_TYPE_ARM_VGIC_ITS = 8       # arm-vgic-its.rst
 # Attribute groups and attributes (asm/kvm.h).
 KVM_DEV_ARM_VGIC_GRP_ADDR = 0
 KVM_DEV_ARM_VGIC_GRP_NR_IRQS = 3
@@ -30,6 +31,7 @@ KVM_VGIC_V2_ADDR_TYPE_CPU = 1
 KVM_VGIC_V3_ADDR_TYPE_DIST = 2
 KVM_VGIC_V3_ADDR_TYPE_REDIST = 3
 KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION = 5
+KVM_VGIC_ITS_ADDR_TYPE = 4
 GICV2_MAX_CPUS = 8                  # GICv2 architecture spec, 1.3: CPU interfaces 0-7
 VERSIONS = {KVM_DEV_TYPE_ARM_VGIC_V3: 3, KVM_DEV_TYPE_ARM_VGIC_V2: 2}
 
@@ -41,6 +43,7 @@ class Gic:
 
     version: int
     regions: tuple[tuple[int, int], ...]
+    its: tuple[int, int] | None = None      # the ITS's frame (base, size): MSIs, for PCI
 
 # KVM_IRQ_LINE's irq field on arm64 (api.rst, 4.25): type, vCPU, INTID.
 KVM_ARM_IRQ_TYPE_SHIFT = 24
@@ -57,9 +60,10 @@ def _redist_region_attr(index: int, base: int, cpus: int) -> int:
     return cpus << 52 | base | index
 
 
-def create(vm: Vm, cpus: int, ram_end: int) -> Gic:
-    """The GIC for ``cpus`` vCPUs, one of ``vm.devices``: a GICv3, else a GICv2. KvmError if
-    KVM can make neither, or only a GICv2 and ``cpus`` is more than it serves."""
+def create(vm: Vm, cpus: int, ram_end: int, *, its: bool = False) -> Gic:
+    """The GIC for ``cpus`` vCPUs, one of ``vm.devices``: a GICv3, else a GICv2; with ``its``,
+    a GICv3 with an ITS (for PCI's MSIs). KvmError if KVM can make neither, or only a GICv2
+    and ``cpus`` is more than it serves or an ITS is asked for."""
     try:
         device = vm.create_device(KVM_DEV_TYPE_ARM_VGIC_V3)
     except KvmError as e:
@@ -75,7 +79,11 @@ def create(vm: Vm, cpus: int, ram_end: int) -> Gic:
             value = _redist_region_attr(index, base, size // layout.GIC_REDIST_STRIDE)
             device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION, value)
     device.set_attr(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, layout.GIC_NR_IRQS)
-    return Gic(3, tuple(regions))
+    if not its:
+        return Gic(3, tuple(regions))
+    its_device = vm.create_device(KVM_DEV_TYPE_ARM_VGIC_ITS)
+    its_device.set_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_ITS_ADDR_TYPE, layout.GIC_ITS_BASE)
+    return Gic(3, tuple(regions), (layout.GIC_ITS_BASE, layout.GIC_ITS_SIZE))
 
 
 def _create_v2(vm: Vm, cpus: int) -> Gic:
@@ -104,5 +112,7 @@ def version(vm: Vm) -> int:
 
 
 def finalize(vm: Vm) -> None:
-    """Initialise the GIC: every vCPU exists and is initialised."""
+    """Initialise the GIC, then its ITS if it has one: every vCPU exists and is initialised."""
     device(vm).set_attr(KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_CTRL_INIT)
+    for its in (d for d in vm.devices if d.kind == KVM_DEV_TYPE_ARM_VGIC_ITS):
+        its.set_attr(KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_CTRL_INIT)

@@ -11,6 +11,7 @@ to SPI ``n``).
 from __future__ import annotations
 
 from ...memory import Region
+from ..board import PciLayout
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -45,6 +46,16 @@ VIRTIO_MMIO_SLOT = 0x200
 VIRTIO_MMIO_SLOTS = 32
 VIRTIO_MMIO_SPI = 16
 
+# PCIe, where QEMU's virt has it (VIRT_PCIE_MMIO, VIRT_PCIE_ECAM, VIRT_PCIE's SPIs): a
+# 32-bit BAR window and the ECAM (16 buses) below RAM, INTA# to INTD# on SPIs 3-6, and a
+# 64-bit window from the first 64 GiB boundary past RAM; MSIs go to the GICv3's ITS
+# (VIRT_GIC_ITS), which turns them into LPIs.
+PCI_MMIO32_START, PCI_MMIO32_SIZE = 0x1000_0000, 0x2EFF_0000
+PCI_ECAM_START, PCI_ECAM_SIZE = 0x3F00_0000, 16 * MiB
+PCI_MMIO64_SIZE = 64 * GiB
+PCI_INTX_SPIS = (3, 4, 5, 6)
+GIC_ITS_BASE, GIC_ITS_SIZE = 0x0808_0000, 0x2_0000
+
 RAM_START = 0x4000_0000
 MEM_MIN = 128 * MiB
 MEM_MAX = 512 * GiB
@@ -76,3 +87,10 @@ def redist_regions(cpus: int, ram_end: int) -> list[tuple[int, int]]:
         high = (ram_end + GiB - 1) & ~(GiB - 1)
         regions.append((high, (cpus - low_cpus) * GIC_REDIST_STRIDE))
     return regions
+
+
+def pci_layout(regions: list[Region]) -> PciLayout:
+    """The host bridge's ranges around RAM ``regions``."""
+    mmio64 = (regions[-1].end + PCI_MMIO64_SIZE - 1) & ~(PCI_MMIO64_SIZE - 1)
+    return PciLayout((PCI_ECAM_START, PCI_ECAM_SIZE), (PCI_MMIO32_START, PCI_MMIO32_SIZE),
+                     (mmio64, PCI_MMIO64_SIZE), PCI_INTX_SPIS)

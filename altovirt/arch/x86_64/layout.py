@@ -8,9 +8,8 @@ VMMs find nothing surprising.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from ...memory import Region
+from ..board import PciLayout
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -86,16 +85,6 @@ def mmio_slot(index: int) -> tuple[int, int, int]:
     if not 0 <= index < len(VIRTIO_MMIO_IRQS):
         raise IndexError(f"virtio-mmio slot {index}: the machine has {len(VIRTIO_MMIO_IRQS)}")
     return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SLOT, VIRTIO_MMIO_SLOT, VIRTIO_MMIO_IRQS[index]
-
-
-class PciLayout(NamedTuple):
-    """A PCIe host bridge's ECAM and BAR windows, (base, size) each, and the GSIs of its
-    INTA# to INTD# lines."""
-
-    ecam: tuple[int, int]
-    mmio32: tuple[int, int]
-    mmio64: tuple[int, int]
-    intx: tuple[int, int, int, int]
 
 
 def pci_layout(regions: list[Region]) -> PciLayout:
