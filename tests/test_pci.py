@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from altovirt import arch
 from altovirt.arch.x86_64 import layout
 from altovirt.backends.blockfile import BlockFile
 from altovirt.config import jsonconfig, load_config
@@ -85,7 +86,7 @@ def made(image: Path, intx: IntxLine | None = None) -> Iterator[Machine]:
                    (1 << 32, 1 << 30), [(r.gpa, r.end) for r in mem.regions], layout.PCI_INTX_GSIS)
     mmio.insert(Ecam(root), ECAM, layout.PCI_ECAM_SIZE)
     pio.insert(ConfigPorts(root), 0xCF8, 8)
-    vectors = Vectors(GsiRoutes(vm), 2)
+    vectors = Vectors(GsiRoutes(vm, arch.irqchip_routes()), 2)
     ioeventfds: dict[int, int] = {}
 
     def ioeventfd(fd: int, addr: int, assign: bool) -> None:
@@ -255,8 +256,8 @@ def test_block_io_with_a_vector_a_queue(machine: Machine) -> None:
     q = DriverQueue(m.mem, 0x100000, 256)
     driver_setup(m, q)
     routes = m.vectors.routes._msi
-    assert routes == {m.vectors.gsis[0]: MsiMessage(MSI_ADDRESS, 0, 0x30),
-                      m.vectors.gsis[1]: MsiMessage(MSI_ADDRESS, 0, 0x31)}
+    assert routes == {m.vectors.gsis[0]: (MsiMessage(MSI_ADDRESS, 0, 0x30), None),
+                      m.vectors.gsis[1]: (MsiMessage(MSI_ADDRESS, 0, 0x31), None)}
     assert read_sector(m, q, 1) == bytes(range(256)) * 2
     # Masked, a vector has no route: what it raises waits in its eventfd (KVM takes it when the
     # route comes back, as the PBA would hold it). The queue raised its own vector, not config's.
@@ -429,8 +430,8 @@ def test_a_function_saved_and_restored_carries_on(machine: Machine, tmp_path: Pa
         copy.root.refresh()
         assert bar0(copy) == layout.PCI_MMIO32_START + 0x10000
         assert copy.mmio.read(bar0(copy) + vpci.COMMON_OFFSET + vpci.DEVICE_STATUS, 1) & DRIVER_OK
-        assert copy.vectors.routes._msi == {copy.vectors.gsis[0]: MsiMessage(MSI_ADDRESS, 0, 0x30),
-                                            copy.vectors.gsis[1]: MsiMessage(MSI_ADDRESS, 0, 0x31)}
+        assert copy.vectors.routes._msi == {copy.vectors.gsis[0]: (MsiMessage(MSI_ADDRESS, 0, 0x30), None),
+                                            copy.vectors.gsis[1]: (MsiMessage(MSI_ADDRESS, 0, 0x31), None)}
         q.mem = copy.mem
         assert read_sector(copy, q, 2) == bytes(range(256)) * 2
 

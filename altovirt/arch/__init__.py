@@ -27,6 +27,8 @@ The VM and its vCPUs
                                             is registered, before any vCPU; KvmError. Returns
                                             what the firmware describes of them (an arm64
                                             board's GIC version and regions; None on a PC)
+    irqchip_routes() -> [(gsi, chip, pin)]  the GSI routes KVM gives the in-kernel controllers,
+                                            which a routing table of one's own must keep
     cpu_template(spec, kvm) -> CpuTemplate  the CPU template a VM starts with: a static one's
                                             modifiers, once it is known to suit the host's CPU;
                                             VmmError in Firecracker's words if it does not
@@ -78,6 +80,7 @@ if MACHINE == "x86_64":
         cpu_template,
         create_irqchip,
         host_cpu,
+        irqchip_routes,
         load_kernel,
         mmio_slot,
         pci_layout,
@@ -106,6 +109,7 @@ elif MACHINE == "aarch64":
         cpu_template,
         create_irqchip,
         host_cpu,
+        irqchip_routes,
         load_kernel,
         mmio_slot,
         pci_layout,
@@ -137,6 +141,7 @@ __all__ = [
     "cpu_template",
     "create_irqchip",
     "host_cpu",
+    "irqchip_routes",
     "load_kernel",
     "mmio_slot",
     "pci_layout",

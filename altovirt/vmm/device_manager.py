@@ -164,7 +164,7 @@ class DeviceManager:
                                   [(r.gpa, r.end) for r in self._mem.regions], layout.intx)
         self.mmio.insert(Ecam(root), *layout.ecam)
         self.pio.insert(ConfigPorts(root), CONFIG_ADDRESS_PORT, 8)
-        self._routes = GsiRoutes(self._vm)
+        self._routes = GsiRoutes(self._vm, arch.irqchip_routes())
         ports = self.cfg.root_ports
         in_port = {p.device: name for name, p in ports.items() if p.device is not None}
         on_bus0 = [d for d in devices if d.name not in in_port]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 
 from ..devices.pci.msix import MsiMessage
 from ..kvm import Vm
@@ -20,17 +21,21 @@ from ..kvm import structs as S
 
 log = logging.getLogger(__name__)
 
-IOAPIC_PINS, PIC_PINS = 24, 16      # what KVM routes by default (virt/kvm/irqchip.c, x86's irq_comm.c)
 MAX_ROUTES = 4096                   # KVM_MAX_IRQ_ROUTES
+KVM_MSI_VALID_DEVID = 1             # an MSI route's flag: u.msi.devid names the requester (arm64's ITS)
 
 
 class GsiRoutes:
-    """The VM's GSI routing table (x86: the PIC's and IOAPIC's pins, then MSI routes)."""
+    """The VM's GSI routing table: the routes KVM sets up for its interrupt controller
+    (``irqchip``: (GSI, chip, pin) each, :func:`altovirt.arch.irqchip_routes`), then MSI
+    routes, each with the requester ID of its function where the controller needs it."""
 
-    def __init__(self, vm: Vm) -> None:
+    def __init__(self, vm: Vm, irqchip: Sequence[tuple[int, int, int]]) -> None:
         self.vm = vm
-        self._msi: dict[int, MsiMessage] = {}
-        self._free = list(range(MAX_ROUTES - 1, IOAPIC_PINS - 1, -1))
+        self._irqchip = [_irqchip(*route) for route in irqchip]
+        self._msi: dict[int, tuple[MsiMessage, int | None]] = {}
+        first = max((gsi for gsi, _, _ in irqchip), default=-1) + 1
+        self._free = list(range(MAX_ROUTES - 1, first - 1, -1))
 
     def allocate(self) -> int:
         if not self._free:
@@ -41,20 +46,17 @@ class GsiRoutes:
         self._msi.pop(gsi, None)
         self._free.append(gsi)
 
-    def set(self, gsi: int, message: MsiMessage) -> None:
-        self._msi[gsi] = message
+    def set(self, gsi: int, message: MsiMessage, devid: int | None = None) -> None:
+        self._msi[gsi] = message, devid
         self.vm.set_gsi_routing(self._table())
 
     def _table(self) -> list[S.kvm_irq_routing_entry]:
-        table = []
-        for gsi in range(IOAPIC_PINS):
-            table.append(_irqchip(gsi, K.KVM_IRQCHIP_IOAPIC, gsi))
-            if gsi < PIC_PINS:
-                table.append(_irqchip(gsi, K.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else K.KVM_IRQCHIP_PIC_SLAVE,
-                                      gsi % 8))
-        for gsi, m in sorted(self._msi.items()):
+        table = list(self._irqchip)
+        for gsi, (m, devid) in sorted(self._msi.items()):
             entry = S.kvm_irq_routing_entry(gsi=gsi, type=K.KVM_IRQ_ROUTING_MSI)
             entry.u.msi.address_lo, entry.u.msi.address_hi, entry.u.msi.data = m
+            if devid is not None:
+                entry.flags, entry.u.msi.devid = KVM_MSI_VALID_DEVID, devid
             table.append(entry)
         return table
 
@@ -67,10 +69,12 @@ def _irqchip(gsi: int, chip: int, pin: int) -> S.kvm_irq_routing_entry:
 
 class Vectors:
     """A function's ``count`` MSI-X vectors (:class:`altovirt.devices.pci.msix.MsiVectors`):
-    an eventfd and a GSI each."""
+    an eventfd and a GSI each; ``devid()`` is the function's requester ID, for an interrupt
+    controller that tells devices apart (arm64's ITS; None on x86)."""
 
-    def __init__(self, routes: GsiRoutes, count: int) -> None:
+    def __init__(self, routes: GsiRoutes, count: int, devid: Callable[[], int] | None = None) -> None:
         self.routes = routes
+        self._devid = devid
         self.fds: list[int] = []
         self.gsis: list[int] = []
         self._bound: list[bool] = []
@@ -90,7 +94,8 @@ class Vectors:
                 self.routes.vm.irqfd(fd, gsi, deassign=True)
                 self._bound[vector] = False
             return
-        self.routes.set(gsi, message)       # before binding: KVM delivers what waits at once
+        # Before binding: KVM delivers what waits at once.
+        self.routes.set(gsi, message, None if self._devid is None else self._devid())
         if not self._bound[vector]:
             self.routes.vm.irqfd(fd, gsi)
             self._bound[vector] = True

@@ -39,6 +39,7 @@ __all__ = [
     "cpu_template",
     "create_irqchip",
     "host_cpu",
+    "irqchip_routes",
     "load_kernel",
     "mmio_slot",
     "pci_layout",
@@ -125,3 +126,8 @@ def setup_boot_regs(vcpu: Vcpu, plan: BootPlan) -> None:
 def pci_layout(regions: Sequence[object]) -> None:
     """The board has no PCIe host bridge yet (its devices are virtio-mmio)."""
     return None
+
+
+def irqchip_routes() -> list[tuple[int, int, int]]:
+    """KVM's default routes on arm64 (vgic-irqfd.c): GSI n to the GIC's SPI n."""
+    return [(spi, 0, spi) for spi in range(layout.GIC_NR_IRQS - layout.GIC_SPI_BASE)]

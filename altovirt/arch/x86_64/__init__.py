@@ -46,6 +46,7 @@ __all__ = [
     "cpu_template",
     "create_irqchip",
     "host_cpu",
+    "irqchip_routes",
     "load_kernel",
     "mmio_slot",
     "pci_layout",
@@ -115,3 +116,15 @@ def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> object:
     vm.create_irqchip()
     vm.create_pit2()
     return None
+
+
+IOAPIC_PINS, PIC_PINS = 24, 16      # what KVM routes by default (virt/kvm/irqchip.c, x86's irq_comm.c)
+
+
+def irqchip_routes() -> list[tuple[int, int, int]]:
+    """KVM's default routes: each IOAPIC pin, and the PICs' below 16."""
+    from ...kvm import ioctls as K
+    routes = [(gsi, K.KVM_IRQCHIP_IOAPIC, gsi) for gsi in range(IOAPIC_PINS)]
+    routes += [(gsi, K.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else K.KVM_IRQCHIP_PIC_SLAVE, gsi % 8)
+               for gsi in range(PIC_PINS)]
+    return routes
