@@ -22,7 +22,7 @@ Memory layout
     pci_layout(regions) -> PciLayout | None where a PCIe host bridge's ECAM and BAR windows go
                                             around RAM ``regions`` (None: the machine has none)
 The VM and its vCPUs
-    create_irqchip(vm, cpus, ram_end) -> irqchip
+    create_irqchip(vm, cpus, ram_end, pci=) -> irqchip
                                             the in-kernel interrupt controllers: after guest RAM
                                             is registered, before any vCPU; KvmError. Returns
                                             what the firmware describes of them (an arm64

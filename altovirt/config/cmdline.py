@@ -20,6 +20,7 @@ from .devices import Devices, split_kv
 from .keys import check_keys
 from .model import (
     MEM_MIN,
+    PCI_MACHINE,
     VCPUS_MAX,
     VCPUS_MIN,
     XEN_DOMID_MAX,
@@ -89,7 +90,7 @@ def _smp(cfg: VmConfig, v: str) -> None:
     cfg.vcpus = parse_int("-smp", kv["cpus"], VCPUS_MIN, VCPUS_MAX)
 
 
-MACHINE_TYPES = ("microvm", "q35")
+MACHINE_TYPES = ("microvm", PCI_MACHINE)
 
 
 def _machine(cfg: VmConfig, v: str) -> None:
@@ -100,7 +101,7 @@ def _machine(cfg: VmConfig, v: str) -> None:
     kind = kv.get("type", "microvm")
     if kind not in MACHINE_TYPES:
         raise ConfigError(f"-machine: unknown machine type {kind!r}; accepted: {', '.join(MACHINE_TYPES)}")
-    cfg.pci = kind == "q35"
+    cfg.pci = kind == PCI_MACHINE
     if kv.get("accel", "kvm") != "kvm":
         raise ConfigError(f"-machine: accel={kv['accel']!r}; accepted: kvm")
     if "mem-share" in kv:               # on: RAM a shared memfd, that vhost-user back ends map

@@ -14,6 +14,7 @@ from .model import (
     MMDS_ADDRESS,
     MMDS_SIZE_LIMIT,
     MMDS_VERSIONS,
+    PCI_MACHINE,
     PHYSICAL_SLOT_MAX,
     VCPUS_MAX,
     VCPUS_MIN,
@@ -145,9 +146,9 @@ def from_dict(doc: Any) -> VmConfig:
             cfg.acpi = parse_acpi(f"{w}.acpi", _bool(f"{w}.acpi", mc["acpi"]))
         if "machine_type" in mc:
             kind = mc["machine_type"]
-            if kind not in ("microvm", "q35"):
+            if kind not in ("microvm", PCI_MACHINE):
                 raise ConfigError(f"{w}.machine_type: {kind!r}; accepted: microvm, q35 (PCI)")
-            cfg.pci = kind == "q35"
+            cfg.pci = kind == PCI_MACHINE
         if "pci_slots" in mc:
             if not cfg.pci or not isinstance(mc["pci_slots"], dict):
                 raise ConfigError(f"{w}.pci_slots: an object of device id -> \"SLOT[.FUNCTION]\", with "
@@ -275,7 +276,7 @@ def to_dict(cfg: VmConfig) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "machine-config": {"name": cfg.name, "vcpu_count": cfg.vcpus, "mem_size": cfg.mem_size,
                            "omit_vm_memory": cfg.omit_vm_memory, "acpi": cfg.acpi,
-                           **({"machine_type": "q35", "pci_slots": {
+                           **({"machine_type": PCI_MACHINE, "pci_slots": {
                                name: f"{at >> 3:#x}.{at & 7}" for name, at in cfg.pci_slots.items()}}
                               if cfg.pci else {}),
                            **({"root_ports": {name: {"slot": p.slot, "port": p.port, "chassis": p.chassis,

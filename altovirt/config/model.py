@@ -19,6 +19,9 @@ MEM_MIN, MEM_MAX = 128 * MiB, 512 * GiB
 DEFAULT_MEM = 256 * MiB
 MAX_DRIVES = 6
 MAX_NICS = 2
+# The machine whose devices are on PCI: StratoVirt 2.x's standard VM, q35 on x86_64 and
+# virt on aarch64 (as QEMU's).
+PCI_MACHINE = "q35" if MACHINE == "x86_64" else "virt"
 PHYSICAL_SLOT_MAX = (1 << 13) - 1     # Slot Capabilities' 13-bit Physical Slot Number (PCIe 4.0, 7.5.3.9)
 # Xen's domain ids below DOMID_FIRST_RESERVED (0x7ff0); 0 is the host's.
 XEN_DOMID_MIN, XEN_DOMID_MAX = 1, 0x7FEF

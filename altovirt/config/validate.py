@@ -225,9 +225,6 @@ def check_vm(cfg: VmConfig) -> VmConfig:
                           "[128M, 512G]")
     if cfg.mem_size % 4096:
         raise ConfigError(f"-m: {cfg.mem_size} bytes is not a multiple of 4 KiB")
-    if cfg.pci and MACHINE != "x86_64":
-        raise ConfigError(f"-machine q35: PCI is x86_64's for now; an {MACHINE} VM's devices are virtio-mmio "
-                          "(accepted: -machine microvm)")
     if cfg.incoming is not None and cfg.incoming.uri is None and not cfg.api_channel:
         raise ConfigError("-incoming defer: the VM waits for QMP migrate-incoming; give -api-channel too")
     if cfg.pidfile and not cfg.daemonize:

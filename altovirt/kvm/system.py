@@ -149,6 +149,10 @@ class Vm:
         periods (some 15 ms on these hosts), as destroying a VM whose PIT reinjects does."""
         ioctl(self.fd, K.KVM_REINJECT_CONTROL, S.kvm_reinject_control(pit_reinject=int(reinject)))
 
+    def check_extension(self, cap: int) -> int:
+        """A capability as this VM has it (some are the VM's own, as arm64's)."""
+        return ioctl(self.fd, K.KVM_CHECK_EXTENSION, cap)
+
     def irqfd(self, fd: int, gsi: int, deassign: bool = False, resample_fd: int | None = None) -> None:
         """Have a write to ``fd`` raise ``gsi``: an edge, or with ``resample_fd`` a level that
         KVM lowers at the guest's EOI, signalling ``resample_fd`` for the VMM to raise it

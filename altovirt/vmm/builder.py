@@ -137,7 +137,7 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
         for slot, region in enumerate(mem.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
         try:
-            irqchip = arch.create_irqchip(vm, cfg.vcpus, mem.regions[-1].end)
+            irqchip = arch.create_irqchip(vm, cfg.vcpus, mem.regions[-1].end, pci=cfg.pci)
         except KvmError as e:
             raise VmmError(f"cannot set up the VM's interrupt controllers: {e}") from e
         lost_ticks = LostTicks(vm)

@@ -11,6 +11,7 @@ firmware; :meth:`DeviceManager.firmware_devices` gathers what they say.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -181,7 +182,7 @@ class DeviceManager:
         self._closers.append(slots.close)
         for bus, (name, port) in enumerate(ports.items(), start=1):
             at = place(name)
-            vector = Vectors(self._routes, 1)
+            vector = Vectors(self._routes, 1, functools.partial(int, at))     # requester ID: bus 0, at
             self._closers.append(vector.close)
             line = IntxLine(self._vm, root.intx_gsi(at, INTX_PIN))
             self._closers.append(line.close)
@@ -212,7 +213,8 @@ class DeviceManager:
         from ..devices.virtio.pci import PciTransport
         from .msi import IntxLine, Vectors
         assert self.pci is not None and self._routes is not None
-        vectors = Vectors(self._routes, len(device.queue_sizes) + 1)
+        root = self.pci
+        vectors = Vectors(self._routes, len(device.queue_sizes) + 1, lambda: root.requester_id(transport))
         line = None
         try:
             line = IntxLine(self._vm, self.pci.intx_gsi(at))
@@ -314,7 +316,9 @@ class DeviceManager:
         slots, the VM generation ID, then the ACPI registers' power button and GED, whose
         ``_EVT`` notifies both of those; an Arm board's device tree lists the slots."""
         if arch.MACHINE == "aarch64":
-            return arch.FirmwareDevices([(s.base, s.irq) for s in self.slots])  # type: ignore[call-arg, misc]
+            layout = arch.pci_layout(self._mem.regions) if self.pci is not None else None
+            return arch.FirmwareDevices([(s.base, s.irq) for s in self.slots],  # type: ignore[call-arg, misc]
+                                        layout)  # type: ignore[arg-type]
         assert self.serial is not None and self.i8042 is not None and self.rtc is not None
         reset, pci = self.i8042.reset_register, self.pci is not None
         if self.acpi is None or self.vmgenid is None:

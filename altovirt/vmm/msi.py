@@ -32,6 +32,8 @@ class GsiRoutes:
 
     def __init__(self, vm: Vm, irqchip: Sequence[tuple[int, int, int]]) -> None:
         self.vm = vm
+        # arm64's ITS tells devices apart by their requester IDs (KVM_CAP_MSI_DEVID).
+        self.needs_devid = bool(vm.check_extension(K.KVM_CAP_MSI_DEVID))
         self._irqchip = [_irqchip(*route) for route in irqchip]
         self._msi: dict[int, tuple[MsiMessage, int | None]] = {}
         first = max((gsi for gsi, _, _ in irqchip), default=-1) + 1
@@ -70,7 +72,7 @@ def _irqchip(gsi: int, chip: int, pin: int) -> S.kvm_irq_routing_entry:
 class Vectors:
     """A function's ``count`` MSI-X vectors (:class:`altovirt.devices.pci.msix.MsiVectors`):
     an eventfd and a GSI each; ``devid()`` is the function's requester ID, for an interrupt
-    controller that tells devices apart (arm64's ITS; None on x86)."""
+    controller that tells devices apart (arm64's ITS)."""
 
     def __init__(self, routes: GsiRoutes, count: int, devid: Callable[[], int] | None = None) -> None:
         self.routes = routes
@@ -95,7 +97,7 @@ class Vectors:
                 self._bound[vector] = False
             return
         # Before binding: KVM delivers what waits at once.
-        self.routes.set(gsi, message, None if self._devid is None else self._devid())
+        self.routes.set(gsi, message, self._devid() if self._devid and self.routes.needs_devid else None)
         if not self._bound[vector]:
             self.routes.vm.irqfd(fd, gsi)
             self._bound[vector] = True

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ...config.model import CpuTemplate, CpuTemplateSpec
 from ...kvm import Kvm, KvmError, Vcpu, Vm
-from ..board import BoardDevice
+from ..board import BoardDevice, PciLayout
 from . import cpu_templates, gic, layout, regs
 from .boot import BootPlan, Firmware, KernelError, mpidr
 from .boot import prepare as load_kernel
@@ -69,14 +69,15 @@ BOARD = {
 
 @dataclass(frozen=True)
 class FirmwareDevices:
-    """What the devices hand the firmware: the virtio-mmio slots in use, (base, SPI) each.
-    The UART and RTC are always there, at the layout's addresses."""
+    """What the devices hand the firmware: the virtio-mmio slots in use, (base, SPI) each, or
+    the PCIe host bridge. The UART and RTC are always there, at the layout's addresses."""
 
     virtio: Sequence[tuple[int, int]]
+    pci: PciLayout | None = None
 
 
 def build_firmware(cpus: int, devices: FirmwareDevices, irqchip: gic.Gic) -> Firmware:
-    return Firmware(tuple(devices.virtio), irqchip)
+    return Firmware(tuple(devices.virtio), irqchip, devices.pci)
 
 
 def read_clock(vm: Vm, vcpus: Sequence[Vcpu]) -> int:
@@ -91,11 +92,11 @@ def write_clock(vm: Vm, vcpus: Sequence[Vcpu], value: int) -> None:
         vcpu.set_one_reg(regs.KVM_REG_ARM_TIMER_CNT, value)
 
 
-def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> gic.Gic:
-    """The in-kernel GIC for ``cpus`` vCPUs (the architected timer needs nothing): after
-    guest RAM is registered, before any vCPU; returns what the device tree will describe.
-    KvmError if KVM refuses."""
-    return gic.create(vm, cpus, ram_end)
+def create_irqchip(vm: Vm, cpus: int, ram_end: int, *, pci: bool = False) -> gic.Gic:
+    """The in-kernel GIC for ``cpus`` vCPUs (the architected timer needs nothing), with an
+    ITS for ``pci``'s MSIs: after guest RAM is registered, before any vCPU; returns what the
+    device tree will describe. KvmError if KVM refuses."""
+    return gic.create(vm, cpus, ram_end, its=pci)
 
 
 def cpu_template(spec: CpuTemplateSpec, kvm: Kvm) -> CpuTemplate:

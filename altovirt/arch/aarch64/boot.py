@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ...errors import AltoVirtError
 from ...memory import GuestMemory
+from ..board import PciLayout
 from . import fdt, layout
 from .gic import Gic
 
@@ -39,6 +40,7 @@ class Firmware:
 
     virtio: tuple[tuple[int, int], ...]
     gic: Gic
+    pci: PciLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,6 @@ def prepare(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
     blob = fdt.build(fdt.DeviceTreeInputs(
         memory=mem.regions, mpidrs=[mpidr(i) for i in range(cpus)], cmdline=cmdline,
         initrd=(initrd_addr, len(initrd)) if initrd else None, virtio=firmware.virtio,
-        gic=firmware.gic))
+        gic=firmware.gic, pci=firmware.pci))
     mem.write(fdt_addr, blob)
     return BootPlan("image", entry, fdt_addr, initrd_addr, len(initrd) if initrd else 0)

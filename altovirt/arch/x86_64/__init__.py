@@ -107,10 +107,11 @@ def write_clock(vm: Vm, vcpus: Sequence[Vcpu], value: int) -> None:
     vm.set_clock(S.kvm_clock_data(clock=value))
 
 
-def create_irqchip(vm: Vm, cpus: int, ram_end: int) -> object:
+def create_irqchip(vm: Vm, cpus: int, ram_end: int, *, pci: bool = False) -> object:
     """The in-kernel PIC, IOAPIC and PIT (the LAPICs come with the vCPUs), and first the pages
     VMX needs for real mode: after guest RAM is registered, before any vCPU. KvmError if KVM
-    refuses. Returns None: a PC's are always these, which the firmware knows."""
+    refuses. Returns None: a PC's are always these, which the firmware knows (PCI's MSIs
+    need nothing more)."""
     vm.set_tss_addr(layout.TSS_ADDR)
     vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
     vm.create_irqchip()

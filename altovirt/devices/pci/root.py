@@ -210,6 +210,14 @@ class PciRoot:
         bridge's INTA#, PCI-to-PCI Bridge 1.2, 9.1), as the DSDT's _PRT says."""
         return self.intx[((at >> 3) + pin - 1) % len(self.intx)]
 
+    def requester_id(self, function: object) -> int:
+        """``function``'s bus number and devfn as its MSIs carry them (PCI Express Base 4.0,
+        2.2.6.2): bus 0, or the secondary bus the guest gave the bridge it is behind."""
+        at, child = self.location(function)
+        if not child:
+            return at
+        return (self.functions[at].secondary_bus() or 0) << 8 | (child - 1)
+
     def location(self, function: object) -> tuple[int, int]:
         """Where ``function`` is, in an order that does not depend on how it got there: (its
         devfn, 0) on bus 0, (the bridge's devfn, 1 + its devfn) behind a bridge."""
