@@ -121,7 +121,7 @@ AARCH64 = Arch(
     # The x86 list with gpio_keys for ACPI's button: on a device-tree machine the power button
     # is a gpio-keys node on the PL061 GPIO controller (built in, as is the ACPI button driver
     # for ACPI machines), reporting KEY_POWER through evdev to busybox acpid as on x86.
-    guest_modules=("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
+    guest_modules=("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
                    "vmw_vsock_virtio_transport", "crc32c_generic", "ext4", "evdev", "gpio_keys"),
     gcc="aarch64-linux-gnu-gcc",
     # The board's PL011 is ttyAMA0, which tests/linux/guest/init must be told of.
