@@ -172,7 +172,7 @@ def build(inputs: DeviceTreeInputs) -> bytes:
             "interrupts": _cells(GIC_FDT_IRQ_TYPE_SPI, spi, IRQ_TYPE_EDGE_RISING)})
 
     if inputs.pci is not None:
-        node(f"pcie@{inputs.pci.ecam[0]:x}", _pcie(inputs.pci))
+        node(f"pcie@{inputs.pci.ecam[0]:x}", _pcie(inputs.pci, its=inputs.gic.its is not None))
 
     fdt.end_node()
     blob = bytes(fdt.as_fdt().as_bytearray())
@@ -181,10 +181,11 @@ def build(inputs: DeviceTreeInputs) -> bytes:
     return blob
 
 
-def _pcie(pci: PciLayout) -> dict[str, bytes | str | int]:
+def _pcie(pci: PciLayout, *, its: bool) -> dict[str, bytes | str | int]:
     """The generic ECAM host bridge (host-generic-pci.yaml): its buses, its two memory windows
-    mapped one to one, every requester ID's MSIs to the ITS as that device ID (msi-map,
-    pci-msi.txt), and each slot's INTA# to INTD# to its SPI, rotated by slot as on x86."""
+    mapped one to one, with an ``its`` every requester ID's MSIs to it as that device ID
+    (msi-map, pci-msi.txt; a GICv2 host's guest has INTx only), and each slot's INTA# to
+    INTD# to its SPI, rotated by slot as on x86."""
     (ecam, ecam_size), windows = pci.ecam, ((PCI_SPACE_MEM32, *pci.mmio32), (PCI_SPACE_MEM64, *pci.mmio64))
     ranges = b"".join(_cells(space, base >> 32, base & 0xFFFFFFFF, base >> 32, base & 0xFFFFFFFF,
                              size >> 32, size & 0xFFFFFFFF) for space, base, size in windows)
@@ -196,5 +197,5 @@ def _pcie(pci: PciLayout) -> dict[str, bytes | str | int]:
     return {"compatible": "pci-host-ecam-generic", "device_type": "pci", "#address-cells": 3,
             "#size-cells": 2, "#interrupt-cells": 1, "reg": _reg((ecam, ecam_size)),
             "bus-range": _cells(0, ecam_size // (1 << 20) - 1), "linux,pci-domain": 0, "dma-coherent": b"",
-            "ranges": ranges, "msi-map": _cells(0, PHANDLE_ITS, 0, 0x10000),
+            "ranges": ranges, **({"msi-map": _cells(0, PHANDLE_ITS, 0, 0x10000)} if its else {}),
             "interrupt-map-mask": _cells(0x1F << PCI_DEVICE_SHIFT, 0, 0, 7), "interrupt-map": interrupt_map}
