@@ -19,7 +19,7 @@ from ..board import BoardDevice, PciLayout
 from . import cpu_templates, gic, layout, regs
 from .boot import BootPlan, Firmware, KernelError, mpidr
 from .boot import prepare as load_kernel
-from .layout import POWER_BUTTON_LINE, mmio_slot, ram_regions
+from .layout import POWER_BUTTON_LINE, mmio_slot, pci_layout, ram_regions
 from .poweron import PowerOnState, check_cpu, host_cpu, snapshot_registers
 from .poweron import restore as restore_state
 from .poweron import save as save_state
@@ -123,10 +123,6 @@ def setup_boot_regs(vcpu: Vcpu, plan: BootPlan) -> None:
     """The boot vCPU at the kernel's entry (the others wait, powered off, for PSCI CPU_ON)."""
     regs.setup_boot_regs(vcpu, plan.entry, plan.fdt_addr)
 
-
-def pci_layout(regions: Sequence[object]) -> None:
-    """The board has no PCIe host bridge yet (its devices are virtio-mmio)."""
-    return None
 
 
 def irqchip_routes() -> list[tuple[int, int, int]]:
