@@ -172,7 +172,8 @@ def build(inputs: DeviceTreeInputs) -> bytes:
             "interrupts": _cells(GIC_FDT_IRQ_TYPE_SPI, spi, IRQ_TYPE_EDGE_RISING)})
 
     if inputs.pci is not None:
-        node(f"pcie@{inputs.pci.ecam[0]:x}", _pcie(inputs.pci, its=inputs.gic.its is not None))
+        node(f"pcie@{inputs.pci.ecam[0]:x}", _pcie(inputs.pci, its=inputs.gic.its is not None,
+                                                   gic_address_cells=2 if inputs.gic.version == 3 else 0))
 
     fdt.end_node()
     blob = bytes(fdt.as_fdt().as_bytearray())
@@ -181,18 +182,19 @@ def build(inputs: DeviceTreeInputs) -> bytes:
     return blob
 
 
-def _pcie(pci: PciLayout, *, its: bool) -> dict[str, bytes | str | int]:
+def _pcie(pci: PciLayout, *, its: bool, gic_address_cells: int) -> dict[str, bytes | str | int]:
     """The generic ECAM host bridge (host-generic-pci.yaml): its buses, its two memory windows
     mapped one to one, with an ``its`` every requester ID's MSIs to it as that device ID
     (msi-map, pci-msi.txt; a GICv2 host's guest has INTx only), and each slot's INTA# to
-    INTD# to its SPI, rotated by slot as on x86."""
+    INTD# to its SPI, rotated by slot as on x86 (each entry with as many unit address cells as
+    the GIC's node has, which Linux's of_irq_parse_raw counts)."""
     (ecam, ecam_size), windows = pci.ecam, ((PCI_SPACE_MEM32, *pci.mmio32), (PCI_SPACE_MEM64, *pci.mmio64))
     ranges = b"".join(_cells(space, base >> 32, base & 0xFFFFFFFF, base >> 32, base & 0xFFFFFFFF,
                              size >> 32, size & 0xFFFFFFFF) for space, base, size in windows)
     slots = 32
     interrupt_map = b"".join(
-        _cells(slot << PCI_DEVICE_SHIFT, 0, 0, pin + 1, PHANDLE_GIC, 0, 0, GIC_FDT_IRQ_TYPE_SPI,
-               pci.intx[(slot + pin) % len(pci.intx)], IRQ_TYPE_LEVEL_HIGH)
+        _cells(slot << PCI_DEVICE_SHIFT, 0, 0, pin + 1, PHANDLE_GIC, *(0,) * gic_address_cells,
+               GIC_FDT_IRQ_TYPE_SPI, pci.intx[(slot + pin) % len(pci.intx)], IRQ_TYPE_LEVEL_HIGH)
         for slot in range(slots) for pin in range(4))
     return {"compatible": "pci-host-ecam-generic", "device_type": "pci", "#address-cells": 3,
             "#size-cells": 2, "#interrupt-cells": 1, "reg": _reg((ecam, ecam_size)),
