@@ -233,9 +233,6 @@ def import_everything() -> None:
             importlib.import_module(mod.name)
     for name in seccomp.LAZY_MODULES:
         importlib.import_module(name)
-    # What an arm64 VM imports only as it boots: the device tree's writer, a gzip'd kernel's.
-    for name in ("libfdt", "zlib") if os.uname().machine == "aarch64" else ():
-        importlib.import_module(name)
     seccomp.prepare()                           # the filters' cache, or their compiler
     boottimer.process_start_monotonic()         # cached: /proc is not in the jail
 

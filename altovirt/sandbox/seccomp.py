@@ -42,9 +42,12 @@ if TYPE_CHECKING:
     from seccompy import Filter
 
 PR_SET_NAME = 15
-# Imported lazily by the standard library on rare paths (a logged traceback):
-# loaded up front, because a confined thread cannot open them any more.
-LAZY_MODULES = ("traceback", "linecache", "tokenize")
+# Imported lazily on rare paths, loaded up front because a confined thread cannot open them
+# any more, nor map an extension module's code: the standard library's for a logged
+# traceback; on arm64 the device tree's writer and a gzip'd kernel's inflater, which a VM
+# that came from a snapshot first needs at its first reset.
+LAZY_MODULES = ("traceback", "linecache", "tokenize",
+                *(("libfdt", "zlib") if os.uname().machine == "aarch64" else ()))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
