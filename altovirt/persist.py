@@ -106,23 +106,27 @@ def from_json(cls: type[S], data: object, what: str) -> S:
     Values are not range-checked here: ``restore`` does that."""
     if not isinstance(data, dict):
         raise SavedStateError(f"{what} must be an object")
-    hints = _field_types(cls)
-    if set(data) != set(hints):
+    hints, required = _field_types(cls)
+    if not required <= set(data) <= set(hints):
         raise SavedStateError(f"{what} must have the fields {sorted(hints)}, not {sorted(data)}")
-    return cls(**{name: _from(hint, data[name], f"{what}.{name}") for name, hint in hints.items()})
+    return cls(**{name: _from(hints[name], v, f"{what}.{name}") for name, v in data.items()})
 
 
-_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+_FIELD_TYPES: dict[type, tuple[dict[str, Any], set[str]]] = {}
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    """``cls``'s fields and their types, resolved once (resolving compiles the annotations:
-    a millisecond a restore otherwise)."""
-    types = _FIELD_TYPES.get(cls)
-    if types is None:
+def _field_types(cls: type) -> tuple[dict[str, Any], set[str]]:
+    """``cls``'s fields and their types, and the fields a saved state must have (a field with
+    a default came later: a state saved before it lacks it); resolved once (resolving compiles
+    the annotations: a millisecond a restore otherwise)."""
+    found = _FIELD_TYPES.get(cls)
+    if found is None:
         hints = typing.get_type_hints(cls)
-        types = _FIELD_TYPES[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-    return types
+        fields = dataclasses.fields(cls)
+        required = {f.name for f in fields
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        found = _FIELD_TYPES[cls] = ({f.name: hints[f.name] for f in fields}, required)
+    return found
 
 
 def _from(hint: Any, v: object, what: str) -> object:

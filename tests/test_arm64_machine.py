@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from altovirt import persist
-from altovirt.arch.aarch64 import boot, gic, gicstate, layout, poweron
+from altovirt.arch.aarch64 import boot, gic, gicstate, itsstate, layout, poweron
 from altovirt.devices.legacy import pl011, pl031, pl061
 from altovirt.memory import GuestMemory
 from altovirt.persist import SavedStateError
@@ -302,6 +302,32 @@ def test_bad_gic_state_is_refused(change: Callable[[gicstate.GicState], gicstate
                                   problem: str) -> None:
     with pytest.raises(SavedStateError, match=problem):
         gicstate.check_state(change(gic_state()), 3, 2)
+
+
+def its_state(cpus: int = 2) -> itsstate.ItsState:
+    return itsstate.ItsState((0,) * 13, ((0x4000_0000_0789, 0x4800_0000, 1),) * cpus)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda s: dataclasses.replace(s, regs=s.regs[:-1]), "the ITS's registers have the wrong size"),
+    (lambda s: dataclasses.replace(s, redists=s.redists[:1]),
+     "1 LPI redistributors saved; this VM has 2 vCPUs"),
+    (lambda s: dataclasses.replace(s, redists=((1 << 64, 0, 1), s.redists[1])),
+     "vCPU 0: an LPI register must be an integer"),
+    (lambda s: dataclasses.replace(s, regs=(-1, *s.regs[1:])), "an ITS register must be an integer"),
+])
+def test_bad_its_state_is_refused(change: Callable[[itsstate.ItsState], itsstate.ItsState],
+                                  problem: str) -> None:
+    itsstate.check_state(its_state(), 2)
+    with pytest.raises(SavedStateError, match=problem):
+        itsstate.check_state(change(its_state()), 2)
+
+
+def test_snapshot_from_before_the_its_reads_as_one_without() -> None:
+    """A "kvm" section saved before AltoVirt made ITSs has no "its": read as a VM without one."""
+    saved = persist.to_json(poweron.VmState(gic_state(), 7, its_state()))
+    del saved["its"]
+    assert persist.from_json(poweron.VmState, saved, "kvm.vm") == poweron.VmState(gic_state(), 7)
 
 
 @pytest.mark.parametrize("saved, problem", [

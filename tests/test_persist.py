@@ -138,6 +138,21 @@ def test_bad_images_are_refused() -> None:
         persist.from_json(QueueState, {**fields, "extra": 1}, "state")
 
 
+@dataclasses.dataclass(frozen=True)
+class Grown:
+    """A state that gained a field (with a default) after some were saved."""
+
+    first: int
+    added: tuple[int, ...] = ()
+
+
+def test_a_field_added_later_may_be_missing() -> None:
+    assert persist.from_json(Grown, {"first": 1}, "state") == Grown(1)
+    assert persist.from_json(Grown, {"first": 1, "added": [2]}, "state") == Grown(1, (2,))
+    with pytest.raises(SavedStateError, match="state must have the fields"):
+        persist.from_json(Grown, {"added": []}, "state")
+
+
 # --- the transport, with an entropy device behind it ---
 
 @pytest.fixture

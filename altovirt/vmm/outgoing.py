@@ -77,10 +77,12 @@ def send_live(m: Machine, uri: MigrationUri, progress: Progress, params: converg
         # The last copy, with the guest stopped: no cap, as the guest waits for it.
         was = cast(RunState, m.request(StopForMigration()))
         stopped = time.monotonic()
-        sender.pages(dirty_log.collect(dirty), None)
         with progress.lock:
             progress.status = "device"
+        # The state first: saving it may write guest RAM (a GICv3 ITS's tables), which the
+        # last pages then carry.
         header, sections = cast(State, m.request(SaveState()))
+        sender.pages(dirty_log.collect(dirty), None)
         sender.state(snapfile.encode_state(header, sections))
         s.remaining = 0
         s.downtime = time.monotonic() - stopped

@@ -111,8 +111,14 @@ def version(vm: Vm) -> int:
     return VERSIONS[device(vm).kind]
 
 
+def its_device(vm: Vm) -> Device | None:
+    """The ITS :func:`create` made, if it made one."""
+    return next((d for d in vm.devices if d.kind == KVM_DEV_TYPE_ARM_VGIC_ITS), None)
+
+
 def finalize(vm: Vm) -> None:
     """Initialise the GIC, then its ITS if it has one: every vCPU exists and is initialised."""
     device(vm).set_attr(KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_CTRL_INIT)
-    for its in (d for d in vm.devices if d.kind == KVM_DEV_TYPE_ARM_VGIC_ITS):
+    its = its_device(vm)
+    if its is not None:
         its.set_attr(KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_CTRL_INIT)

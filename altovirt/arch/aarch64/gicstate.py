@@ -2,8 +2,8 @@
 (Documentation/virt/kvm/devices/arm-vgic-v3.rst, arm-vgic.rst): the distributor's SPI
 registers; each vCPU's SGI and PPI registers (a GICv3's redistributor, a GICv2's banked
 distributor registers) and CPU interface (a GICv3's ICC_* system registers, a GICv2's GICC
-registers); on a GICv3 the levels of the level-triggered lines too. With no ITS there are no
-LPIs, and no pending tables in guest RAM to save.
+registers); on a GICv3 the levels of the level-triggered lines too. An ITS's state and its
+LPIs' are :mod:`.itsstate`'s.
 
 KVM takes the registers only with every vCPU outside KVM_RUN and the GIC initialised. A
 restore goes into a GIC that :func:`.gic.finalize` has just initialised, on vCPUs with their
@@ -150,7 +150,7 @@ EMPTY = GicState(0, (), (), ())
 LEVEL_WORDS = range(layout.GIC_SPI_BASE, layout.GIC_NR_IRQS, 32)       # the first INTID of each
 
 
-def _cpu_attrs(version: int, vcpus: Sequence[Vcpu]) -> list[int]:
+def cpu_attrs(version: int, vcpus: Sequence[Vcpu]) -> list[int]:
     """Each vCPU's field of an attribute: a GICv3's, its MPIDR's affinities (Aff3 in the top
     byte); a GICv2's, its index."""
     if version == 2:
@@ -188,7 +188,7 @@ def save(device: Device, vcpus: Sequence[Vcpu], version: int) -> GicState:
         return GicCpuState(tuple(read(lay.cpu_group, cpu, (*lay.cpu_routing, *lay.cpu_state))), tuple(icc),
                            levels)
 
-    cpus = _cpu_attrs(version, vcpus)
+    cpus = cpu_attrs(version, vcpus)
     spi_levels = [device.get_attr(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, _level_attr(cpus[0], intid))
                   for intid in LEVEL_WORDS] if lay.levels else []
     dist = read(KVM_DEV_ARM_VGIC_GRP_DIST_REGS, 0, (*lay.dist_routing, *lay.dist_state))
@@ -229,7 +229,7 @@ def restore(device: Device, vcpus: Sequence[Vcpu], state: GicState) -> None:
                     device.set_attr(group, cpu | (off + b.clear), ~value & WORD)
                 device.set_attr(group, cpu | off, value)
 
-    cpus = _cpu_attrs(state.version, vcpus)
+    cpus = cpu_attrs(state.version, vcpus)
     routing = sum(b.words for b in lay.dist_routing)
     write(KVM_DEV_ARM_VGIC_GRP_DIST_REGS, 0, lay.dist_routing, state.dist[:routing])
     for intid, level in zip(LEVEL_WORDS, state.spi_levels, strict=False):

@@ -1,9 +1,10 @@
 """The state KVM holds for an arm64 VM, as plain data: each vCPU's registers, every one
-KVM lists (KVM_GET_REG_LIST), and its power state; the GIC's (:mod:`.gicstate`); the guest's
-clock.
+KVM lists (KVM_GET_REG_LIST), and its power state; the GIC's (:mod:`.gicstate`) and its ITS's
+(:mod:`.itsstate`); the guest's clock.
 
 A reset is KVM_ARM_VCPU_INIT again, which puts a vCPU's registers back to their reset values
-and powers the secondaries off (api.rst, 4.82), as QEMU's and Firecracker's resets do. A
+and powers the secondaries off (api.rst, 4.82), as QEMU's and Firecracker's resets do; an
+ITS's LPIs go off and its tables are dropped (:func:`.itsstate.reset`). A
 snapshot's restore goes into vCPUs just initialised and a GIC just made: the registers in
 KVM's list order (the ID registers before those they govern), the MP state, then the GIC,
 whose redistributors are found by the vCPUs' MPIDRs.
@@ -17,8 +18,9 @@ from typing import Any
 
 from ...kvm import Vcpu, Vm
 from ...persist import SavedStateError, check, check_int
-from . import gic, gicstate, regs
+from . import gic, gicstate, itsstate, regs
 from .gicstate import GicState
+from .itsstate import ItsState
 
 # A register id's size field (<linux/kvm.h> KVM_REG_SIZE_MASK): the value is 2**n bytes.
 KVM_REG_SIZE_SHIFT = 52
@@ -40,12 +42,17 @@ class VcpuState:
     mp_state: int
 
 
+NO_ITS = ItsState((), ())
+
+
 @dataclass(frozen=True)
 class VmState:
-    """The GIC and the guest's clock (its virtual counter at the pause)."""
+    """The GIC, the guest's clock (its virtual counter at the pause) and the GIC's ITS (empty
+    for a VM with none, or saved before AltoVirt made one)."""
 
     gic: GicState
     clock: int
+    its: ItsState = NO_ITS
 
 
 @dataclass(frozen=True)
@@ -87,9 +94,13 @@ def save(vm: Vm, vcpus: Sequence[Vcpu], reg_ids: Sequence[int]) -> PowerOnState:
         return VcpuState(tuple(reg_ids), tuple(v.get_one_reg_bytes(r, reg_size(r)) for r in reg_ids),
                          v.get_mp_state())
 
-    state = gicstate.save(gic.device(vm), vcpus, gic.version(vm)) if reg_ids else gicstate.EMPTY
-    clock = vcpus[0].get_one_reg(regs.KVM_REG_ARM_TIMER_CNT) if reg_ids else 0
-    return PowerOnState(tuple(one(v) for v in vcpus), VmState(state, clock))
+    if not reg_ids:
+        return PowerOnState(tuple(one(v) for v in vcpus), VmState(gicstate.EMPTY, 0))
+    its = gic.its_device(vm)
+    state = gicstate.save(gic.device(vm), vcpus, gic.version(vm))
+    its_state = NO_ITS if its is None else itsstate.save(gic.device(vm), its, vcpus)
+    clock = vcpus[0].get_one_reg(regs.KVM_REG_ARM_TIMER_CNT)
+    return PowerOnState(tuple(one(v) for v in vcpus), VmState(state, clock, its_state))
 
 
 def _check(vcpus: Sequence[Vcpu], state: PowerOnState) -> None:
@@ -108,12 +119,22 @@ def restore(vm: Vm, vcpus: Sequence[Vcpu], state: PowerOnState, *, reset: bool =
     state, into vCPUs and a GIC that never ran. SavedStateError, with nothing set, for state
     that does not fit; KvmError for a register KVM refuses (from another kind of host)."""
     _check(vcpus, state)
+    its = gic.its_device(vm)
     if reset:
         regs.init_vcpus(vcpus)
+        if its is not None:
+            itsstate.reset(gic.device(vm), its, vcpus)
         return
     gicstate.check_state(state.vm.gic, gic.version(vm), len(vcpus))
+    check((state.vm.its != NO_ITS) == (its is not None),
+          "the GIC's ITS saved, but this VM has none (-machine virt puts its devices on PCI)" if its is None
+          else "no GIC ITS saved; this VM has one (a -machine virt VM's devices are on PCI)")
+    if its is not None:
+        itsstate.check_state(state.vm.its, len(vcpus))
     for v, s in zip(vcpus, state.vcpus, strict=True):
         for reg_id, value in zip(s.reg_ids, s.reg_values, strict=True):
             v.set_one_reg_bytes(reg_id, value)
         v.set_mp_state(s.mp_state)
     gicstate.restore(gic.device(vm), vcpus, state.vm.gic)
+    if its is not None:
+        itsstate.restore(gic.device(vm), its, vcpus, state.vm.its)
