@@ -54,7 +54,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "--start-time-us": ("US", "accepted (the jailer's timing hint)"),
     "--start-time-cpu-us": ("US", "accepted (the jailer's timing hint)"),
     "--parent-cpu-time-us": ("US", "accepted (the jailer's timing hint)"),
-    "--enable-pci": (None, "put the virtio devices on a PCIe host bridge (x86_64)"),
+    "--enable-pci": (None, "put the virtio devices on a PCIe host bridge"),
     "--qmp": ("PATH", "serve QMP on this unix socket too (AltoVirt's)"),
     "--xenstore": ("PATH", "serve the VM's XenStore here too (AltoVirt's; MMDS's document is in it)"),
     "--version": (None, "print the version and exit"),

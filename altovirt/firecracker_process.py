@@ -26,7 +26,7 @@ from .api.firecracker import FirecrackerApi, put_metadata
 from .api.http import HttpServer
 from .backends import BackendError
 from .config.firecracker import LOG_LEVELS, FirecrackerError, LoggerConfig, log_level
-from .config.model import MACHINE, VmConfig
+from .config.model import VmConfig
 from .config.validate import check_vm
 from .devices.legacy.boottimer import process_start_monotonic
 from .errors import AltoVirtError, UsageError
@@ -228,9 +228,6 @@ def serve(opts: Flags, sock: socket.socket | None) -> int:
             raise UsageError(f"--level: {opts.level!r}; accepted: {', '.join(LOG_LEVELS)}")
         setup_logging(opts.instance_id, LoggerConfig(opts.log_path, level, opts.show_level,
                                                      opts.show_log_origin))
-        if opts.enable_pci and MACHINE != "x86_64":
-            raise UsageError(f"--enable-pci: PCI is x86_64's for now; an {MACHINE} VM's devices are "
-                             "virtio-mmio (leave the option out)")
         instance.config.enable_pci = opts.enable_pci
         if opts.metrics_path:
             process.metrics.open(instance.config.put_metrics({"metrics_path": opts.metrics_path}))

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..linux.conftest import GUEST_IP, HOST_IP, PREFIX, Qmp, altovirt_argv, migration_ends
+from ..linux.conftest import ARCH, FIRECRACKER, GUEST_IP, HOST_IP, PREFIX, Qmp, altovirt_argv, migration_ends
 from ..linux.test_devices import Machine
-from ..linux.test_pci import ARGV, host_side, restart, wait_paused
+from ..linux.test_pci import ARGV, host_side, hot_disk, in_slot, restart, wait_paused
 from ..testbed import debian, guest
 
 pytestmark = pytest.mark.timeout(600)
@@ -33,6 +35,7 @@ def vm(kernel: debian.Kernel, initrd: Path, tmp_path_factory: pytest.TempPathFac
         "-drive", f"id=d0,file={d / 'disk.img'},if=none",
         "-device", "virtio-blk-pci,drive=d0,id=vda,addr=0x3",
         "-netdev", "tap,id=n0,ifname=tap0", "-device", "virtio-net-pci,netdev=n0,id=net0,addr=0x4",
+        "-device", "pcie-root-port,id=rp1,addr=0x6,slot=1,chassis=1",
         "-api-channel", f"unix:{d / 'qmp.sock'}", "-D", str(d / "vmm.log"),
         append=f"guest.ip={GUEST_IP}/{PREFIX}")
     g = guest.LinuxGuest([*ns.prefix, *argv], log_path=d / "serial.log")
@@ -85,6 +88,21 @@ def test_disk_and_nic(vm: Machine) -> None:
     disk_and_nic(vm)
 
 
+def test_hot_plug_and_unplug_into_a_root_port(vm: Machine) -> None:
+    """Linux's pciehp, with no ACPI to grant it, takes the root port's slot: a disk device_add
+    puts there is found and read by hash; device_del takes it out again."""
+    dmesg = vm.g.check("dmesg | grep pciehp")
+    assert re.search(r"pcieport 0000:00:06\.0: pciehp: Slot #1 AttnBtn\+ PwrCtrl\+.*HotPlug\+", dmesg), dmesg
+    digest = hot_disk(vm, "hot1")
+    vm.qmp.ok("device_add", driver="virtio-blk-pci", id="hot1", bus="rp1")
+    disk = in_slot(vm, 1, "block")
+    assert vm.g.check(f"md5sum < /dev/{disk}", timeout=120).split()[0] == digest
+    vm.qmp.ok("device_del", id="hot1")
+    assert vm.qmp.event("DEVICE_DELETED", 60)["data"] == {"device": "hot1", "path": "hot1"}
+    vm.g.wait_until(f"! test -e /dev/{disk}", "the disk gone")
+    vm.qmp.ok("blockdev-del", **{"node-name": "hot1"})
+
+
 def test_snapshot_restore_and_live_migration(vm: Machine) -> None:
     """The ITS's tables (which device's MSI goes to which LPI and vCPU) and the LPIs' state go
     with a snapshot and a live migration: the functions' interrupts still arrive after each."""
@@ -125,3 +143,26 @@ def test_reset_boots_linux_again_on_its_functions(vm: Machine) -> None:
         lpis = vm.g.check("dmesg | grep LPI")
         assert "using allocated LPI pending table" in lpis and "Booted with LPIs enabled" not in lpis, lpis
     disk_and_nic(vm)
+
+
+def test_firecracker_enable_pci(kernel: debian.Kernel, initrd: Path, tmp_path: Path) -> None:
+    """altovirt-firecracker --enable-pci: Firecracker's JSON configuration's disk is a PCI
+    function, read whole by hash."""
+    (tmp_path / "disk.img").write_bytes(os.urandom(1 << 20))
+    config = tmp_path / "vm.json"
+    config.write_text(json.dumps({
+        "boot-source": {"kernel_image_path": str(kernel.vmlinuz), "initrd_path": str(initrd),
+                        "boot_args": ARCH.guest_append},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+        "drives": [{"drive_id": "data", "path_on_host": str(tmp_path / "disk.img"),
+                    "is_root_device": False, "is_read_only": True}]}))
+    g = guest.LinuxGuest([*FIRECRACKER, "--no-api", "--config-file", str(config), "--enable-pci",
+                          "--log-path", str(tmp_path / "vmm.log")], log_path=tmp_path / "serial.log")
+    try:
+        g.wait_ready(400)
+        assert g.check("readlink /sys/block/vda/device/../driver").strip().endswith("virtio-pci")
+        expected = hashlib.md5((tmp_path / "disk.img").read_bytes()).hexdigest()
+        assert g.check("md5sum < /dev/vda", timeout=120).split()[0] == expected
+        assert g.poweroff(120) == 0
+    finally:
+        g.close()

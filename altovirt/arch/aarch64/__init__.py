@@ -124,7 +124,6 @@ def setup_boot_regs(vcpu: Vcpu, plan: BootPlan) -> None:
     regs.setup_boot_regs(vcpu, plan.entry, plan.fdt_addr)
 
 
-
 def irqchip_routes() -> list[tuple[int, int, int]]:
     """KVM's default routes on arm64 (vgic-irqfd.c): GSI n to the GIC's SPI n."""
     return [(spi, 0, spi) for spi in range(layout.GIC_NR_IRQS - layout.GIC_SPI_BASE)]
