@@ -361,6 +361,39 @@ def test_quiesce_says_when_requests_stay_in_flight(tmp_path: Path, monkeypatch: 
         h.close()
 
 
+SHM = Path("/dev/shm")
+
+
+@pytest.mark.skipif(not (SHM.is_dir() and os.access(SHM, os.W_OK)),
+                    reason="SKIPPED LOUDLY: no writable /dev/shm (tmpfs) for an image in memory")
+def test_an_image_in_memory_is_served_within_the_notification(tmp_path: Path) -> None:
+    """An image on tmpfs: a read, a write and a flush are done on the I/O thread as it takes
+    the notification (a copy, sooner done than a worker woken); an image on a disk's file
+    system goes to the workers."""
+    img = SHM / f"altovirt-test-{os.getpid()}.img"
+    data = os.urandom(1 << 20)
+    img.write_bytes(data)
+    h = Harness(img)
+    try:
+        assert h.dev.image is not None and h.dev.image.in_memory
+        h.pool.stop()                   # nothing left to do the work but the notification
+        buf, status = h.post_read(8, 4096)
+        h.post(vblk.VIRTIO_BLK_T_OUT, 0, 512)
+        h.post(vblk.VIRTIO_BLK_T_FLUSH, 0, 0)
+        h.dev.queue_notify(0)
+        assert h.drv.used_idx() == 3 and h.mem.read(status, 1) == b"\0"
+        assert h.mem.read(buf, 4096) == data[4096:8192]
+    finally:
+        h.close()
+        img.unlink()
+    (tmp_path / "disk.img").write_bytes(data)
+    on_disk = BlockFile(str(tmp_path / "disk.img"), read_only=True, direct=False)
+    try:
+        assert not on_disk.in_memory
+    finally:
+        on_disk.close()
+
+
 def counted_preadv(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The buffer count of each preadv the disk backend makes from now on."""
     calls: list[int] = []

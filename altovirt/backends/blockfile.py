@@ -48,10 +48,25 @@ _FLOCK = struct.Struct("hhqqi4x")   # struct flock on x86_64
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _preadv, _pwritev = _libc.preadv, _libc.pwritev
 for _f in (_preadv, _pwritev):
     _f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
     _f.restype = ctypes.c_ssize_t
+
+
+# statfs(2)'s f_type (linux/magic.h) of the file systems whose files are memory: tmpfs,
+# ramfs, hugetlbfs. Their reads and writes are copies that never wait for a disk.
+IN_MEMORY_FS = (0x0102_1994, 0x8584_58F6, 0x9584_58F6)
+STATFS_SIZE = 120                   # struct statfs (x86_64, aarch64): f_type, a long, first
+
+
+def _in_memory(fd: int) -> bool:
+    """Whether the file ``fd`` (not a device node, whose own file system says nothing of
+    the device) is in a file system that keeps its files in memory."""
+    buf = ctypes.create_string_buffer(STATFS_SIZE)
+    return _fstatfs(fd, buf) == 0 and struct.unpack_from("l", buf)[0] in IN_MEMORY_FS
 
 
 def _lock(fd: int, cmd: int, kind: int, byte: int) -> bytes:
@@ -85,6 +100,7 @@ class BlockFile:
             else:
                 self.size = st.st_size
             self.is_block_device = stat.S_ISBLK(st.st_mode)
+            self.in_memory = not self.is_block_device and _in_memory(self.fd)
         except BaseException:
             os.close(self.fd)
             raise

@@ -73,8 +73,10 @@ ROLES: dict[str, tuple[str, ...]] = {
     # openat: glibc's malloc reads /proc/sys/vm/overcommit_memory as it first shrinks a
     # thread's heap (after a large request, say).
     "api": (*PYTHON, *EPOLL, *UNIX_SOCKETS, "ioctl", "unlink", "openat"),
+    # fstatfs: a disk image opened while the VM runs (is it in memory? see blockfile).
     "main": (*PYTHON, *EPOLL, *UNIX_SOCKETS,
-             "ioctl", "tgkill", "unlink", "openat", "flock", "fdatasync", "fsync", "rename", "wait4"),
+             "ioctl", "tgkill", "unlink", "openat", "flock", "fdatasync", "fsync", "rename", "wait4",
+             "fstatfs"),
     # bind, listen, link: migrate-incoming's listener (backends/listen.py links it into place).
     "migration": (*PYTHON, *UNIX_SOCKETS, "bind", "listen", "link", "ioctl", "openat", "preadv", "preadv2",
                   "mkdir", "mkdirat", "ftruncate", "fsync", "rename", "renameat", "renameat2", "unlink"),

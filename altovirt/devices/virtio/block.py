@@ -188,8 +188,10 @@ class Block(VirtioDevice):
 
     def queue_notify(self, index: int) -> None:
         """Validate what the driver posted (I/O thread); hand the I/O to the workers,
-        so that this thread is free to take the driver's next notification at once. A
-        request the rate limiter holds back goes back to the ring, for its timer."""
+        so that this thread is free to take the driver's next notification at once, but
+        for an image in memory (tmpfs), whose I/O is a copy done sooner here than a worker
+        would wake to it. A request the rate limiter holds back goes back to the ring, for
+        its timer."""
         requests = []
         assert self.active is not None
         mem, queue, limiter = self.active.mem, self.active.queues[0], self.rate_limiter
@@ -218,8 +220,12 @@ class Block(VirtioDevice):
         runs = _merge(requests)
         if self._ring is not None:
             runs = self._to_ring(runs)
+        image = self.image
         for run in runs:
-            self._pool.submit(self._complete, run)
+            if image is not None and image.in_memory:
+                self._complete(run)
+            else:
+                self._pool.submit(self._complete, run)
         if self._ring is not None and self._ring.in_flight:
             # Reads from the page cache are done within the submission: taken now, not after
             # a round through the event loop for their eventfd.
