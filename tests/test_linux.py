@@ -1,11 +1,11 @@
 """Linux guests on hosts whose /dev/kvm cannot boot them: tests/linux (Debian's amd64 kernel)
 runs inside the x86 nested test bed where this /dev/kvm is PVM, and tests/linux_arm64 (Debian's
 arm64 kernel) inside the arm64 test bed on any x86 host (scripts/testbed, tests/testbed/l1.py),
-one module per L1 boot, and every inner failure fails here.
+one module per L1 boot (a few short ones share one), and every inner failure fails here.
 
 One module per boot, so that a lost L1 (it wedges, or its kernel crashes: TCG's SVM emulation
-has races, see tests/testbed/l1.py) costs that module's run and is retried once, not the
-whole suite.  A module whose L1 is lost on every attempt FAILS, naming the losses: a lost L1
+has races, see tests/testbed/l1.py) costs that module's run (or its group's) and is retried
+once, not the whole suite.  A run whose L1 is lost on every attempt FAILS, naming the losses: a lost L1
 must never pass for a pass.  The only skips are for a missing resource, worded loudly.
 """
 
@@ -28,8 +28,25 @@ from .testbed import arch, debian, initramfs, l1
 # the x86 bed shares the host's root and so its .venv; the arm64 bed's root has Debian's python3.
 BEDS = ((arch.X86_64, "linux", sys.executable), (arch.AARCH64, "linux_arm64", "python3"),
         (arch.AARCH64_GICV2, "linux_arm64_gicv2", "python3"))
-MODULES = [(a, f"{d}/{p.name}", python) for a, d, python in BEDS
-           for p in sorted((ROOT / "tests" / d).glob("test_*.py"))]
+# Short modules that share one L1 boot, which costs 15-25 s before a test runs (an arm64
+# one its guest's initramfs too): a lost L1 costs the group's run.
+SHARED_BOOTS = {
+    "linux": (("test_cpu_template.py", "test_mmds.py", "test_rate_limiter.py"),
+              ("test_firecracker.py", "test_kata.py", "test_qemu_reference.py")),
+    "linux_arm64": (("test_bed.py", "test_errors.py", "test_probe.py", "test_probe_devices.py",
+                     "test_qemu_reference.py"),),
+}
+
+
+def _runs(d: str) -> list[tuple[str, ...]]:
+    """The modules of tests/``d``, in name order, each with those it shares an L1 boot with."""
+    groups = SHARED_BOOTS.get(d, ())
+    grouped = {m for g in groups for m in g}
+    alone = [(p.name,) for p in (ROOT / "tests" / d).glob("test_*.py") if p.name not in grouped]
+    return sorted([*groups, *alone])
+
+
+MODULES = [(a, tuple(f"{d}/{m}" for m in run), python) for a, d, python in BEDS for run in _runs(d)]
 # s for L1's boot and one module, on a host busy enough to give L1 a third of a core (a
 # module takes 1-5 min on a quiet host); a lost L1 is retried once, so twice that at worst.
 ATTEMPT_TIMEOUT = 1500
@@ -84,17 +101,19 @@ def inner_failures(junit: Path) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize(("bed", "module", "python"), MODULES, ids=[f"{a.key}-{m}" for a, m, _ in MODULES])
+@pytest.mark.parametrize(("bed", "modules", "python"), MODULES,
+                         ids=[f"{a.key}-{'+'.join(m)}" for a, m, _ in MODULES])
 @pytest.mark.timeout(2 * ATTEMPT_TIMEOUT + 300)
-def test_linux_guests_in_the_nested_test_bed(bed: arch.Arch, module: str, python: str, warm_caches: None,
-                                             tmp_path: Path) -> None:
+def test_linux_guests_in_the_nested_test_bed(bed: arch.Arch, modules: tuple[str, ...], python: str,
+                                             warm_caches: None, tmp_path: Path) -> None:
     why_not = _why_not(bed)
     if why_not:
         pytest.skip(why_not)
     out = tmp_path / "out"
     junit = out / "junit.xml"
     notes: list[str] = []
-    r = l1.run([python, *INNER_ARGS, f"tests/{module}", f"--junitxml={junit}"], env=INNER_ENV,
+    module = " ".join(modules)
+    r = l1.run([python, *INNER_ARGS, *(f"tests/{m}" for m in modules), f"--junitxml={junit}"], env=INNER_ENV,
                timeout=ATTEMPT_TIMEOUT, cwd=ROOT, out_dir=out, log=tmp_path / "l1.log", note=notes.append,
                arch=bed)
     print(r.output.decode(errors="replace"))
