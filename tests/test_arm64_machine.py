@@ -345,12 +345,19 @@ def test_snapshot_from_another_kind_of_host_is_refused(saved: object, problem: s
 
 
 def test_device_tree_of_a_pci_machine() -> None:
-    """WIP (arm64 PCI): the GICv3's ITS and the generic ECAM host bridge, read back by dtc."""
+    """The GICv3's ITS and the generic ECAM host bridge, read back by dtc: MSIs to the ITS,
+    slot 0's INTA# on SPI 3 (with the GIC node's two address cells); on a GICv2 host no ITS,
+    no msi-map, and INTx entries without address cells."""
     from altovirt.arch.aarch64 import fdt
     its = gic.Gic(3, GICV3.regions, (layout.GIC_ITS_BASE, layout.GIC_ITS_SIZE))
-    pci = layout.pci_layout(layout.ram_regions(256 * MiB))
-    dts = _dts(fdt.build(fdt.DeviceTreeInputs(layout.ram_regions(256 * MiB), [0], "", None, (), its, pci)))
+    regions = layout.ram_regions(256 * MiB)
+    pci = layout.pci_layout(regions)
+    dts = _dts(fdt.build(fdt.DeviceTreeInputs(regions, [0], "", None, (), its, pci)))
     assert 'compatible = "arm,gic-v3-its";' in dts and "msi-controller;" in dts
     assert "pcie@3f000000" in dts and 'compatible = "pci-host-ecam-generic";' in dts
     assert "bus-range = <0x00 0x0f>;" in dts and "msi-map = <0x00 0x04 0x00 0x10000>;" in dts
     assert "ranges = <0x2000000 0x00 0x10000000 0x00 0x10000000 0x00 0x2eff0000" in dts
+    assert "interrupt-map = <0x00 0x00 0x00 0x01 0x01 0x00 0x00 0x00 0x03 0x04" in dts
+    dts = _dts(fdt.build(fdt.DeviceTreeInputs(regions, [0], "", None, (), GICV2, pci)))
+    assert "its@" not in dts and "msi-map" not in dts
+    assert "interrupt-map = <0x00 0x00 0x00 0x01 0x01 0x00 0x03 0x04" in dts

@@ -147,7 +147,7 @@ def from_dict(doc: Any) -> VmConfig:
         if "machine_type" in mc:
             kind = mc["machine_type"]
             if kind not in ("microvm", PCI_MACHINE):
-                raise ConfigError(f"{w}.machine_type: {kind!r}; accepted: microvm, q35 (PCI)")
+                raise ConfigError(f"{w}.machine_type: {kind!r}; accepted: microvm, {PCI_MACHINE} (PCI)")
             cfg.pci = kind == PCI_MACHINE
         if "pci_slots" in mc:
             if not cfg.pci or not isinstance(mc["pci_slots"], dict):

@@ -196,14 +196,16 @@ def restore(m: Machine, state: VmState) -> int:
     _check_fits(m, state)
     d = m.devices
     assert d.hotplug is not None
-    # Hot-plug first: it puts the saved devices into the slots whose transports follow.
+    # Hot-plug first: it puts the saved devices into the slots whose transports follow; the
+    # root ports before the transports behind them, whose MSI routes carry the bus number the
+    # guest gave the port (the requester ID arm64's ITS goes by).
     steps: list[tuple[str, Callable[[], None]]] = [
         ("hotplug", functools.partial(d.hotplug.restore, state.hotplug))]
+    steps += [(f"{PORT}.{i}", functools.partial(p.restore, st))
+              for i, (p, st) in enumerate(zip(_root_ports(m), state.root_ports, strict=True))]
     kind = _transports(m)
     steps += [(f"{kind}.{i}", functools.partial(t.restore, st))  # type: ignore[arg-type]
               for i, (t, st) in enumerate(zip(d.transports, state.transports, strict=True))]
-    steps += [(f"{PORT}.{i}", functools.partial(p.restore, st))
-              for i, (p, st) in enumerate(zip(_root_ports(m), state.root_ports, strict=True))]
     if d.pci is not None:
         steps.append((f"{kind}.*", d.pci.refresh))       # the BARs, where the functions had them
     steps += [(name, functools.partial(device.restore, state.board[name]))

@@ -52,6 +52,9 @@ class DeviceTreeInputs:
     pci: PciLayout | None = None                # a PCIe host bridge (MSIs through the GIC's ITS)
 
 
+Props = dict[str, bytes | str | int]          # a node's properties: cells, a string, one u32
+
+
 def _cells(*values: int) -> bytes:
     return b"".join(v.to_bytes(4, "big") for v in values)
 
@@ -72,7 +75,7 @@ def build(inputs: DeviceTreeInputs) -> bytes:
     fdt = libfdt.FdtSw()
     fdt.finish_reservemap()
 
-    def node(name: str, props: dict[str, bytes | str | int]) -> None:
+    def node(name: str, props: Props, *children: tuple[str, Props]) -> None:
         fdt.begin_node(name)
         for key, value in props.items():
             if isinstance(value, str):
@@ -81,6 +84,8 @@ def build(inputs: DeviceTreeInputs) -> bytes:
                 fdt.property_u32(key, value)
             else:
                 fdt.property(key, value)
+        for child in children:
+            node(*child)
         fdt.end_node()
 
     fdt.begin_node("")
@@ -89,7 +94,7 @@ def build(inputs: DeviceTreeInputs) -> bytes:
                        ("#size-cells", _cells(2))):
         fdt.property(key, value)
 
-    chosen: dict[str, bytes | str | int] = {
+    chosen: Props = {
         "bootargs": inputs.cmdline,
         "stdout-path": f"/pl011@{layout.UART_BASE:x}",
         "rng-seed": os.urandom(64),
@@ -118,21 +123,17 @@ def build(inputs: DeviceTreeInputs) -> bytes:
     gic_regs = [(layout.GIC_DIST_BASE, layout.GIC_DIST_SIZE), *inputs.gic.regions]
     ppi_flags = IRQ_TYPE_LEVEL_HIGH
     if inputs.gic.version == 3:
-        fdt.begin_node(f"intc@{layout.GIC_DIST_BASE:x}")
-        for key, value in (("compatible", _strings("arm,gic-v3")), ("#interrupt-cells", _cells(3)),
-                           ("interrupt-controller", b""), ("#address-cells", _cells(2)),
-                           ("#size-cells", _cells(2)), ("ranges", b""),
-                           ("#redistributor-regions", _cells(len(inputs.gic.regions))),
-                           ("reg", _reg(*gic_regs)),
-                           ("interrupts", _cells(GIC_FDT_IRQ_TYPE_PPI, layout.GIC_MAINTENANCE_PPI,
-                                                 IRQ_TYPE_LEVEL_HIGH)),
-                           ("phandle", _cells(PHANDLE_GIC))):
-            fdt.property(key, value)
-        if inputs.gic.its is not None:      # arm,gic-v3-its: an MSI controller, device IDs 1 cell
-            node(f"its@{inputs.gic.its[0]:x}", {"compatible": "arm,gic-v3-its", "msi-controller": b"",
-                                                "#msi-cells": 1, "reg": _reg(inputs.gic.its),
-                                                "phandle": PHANDLE_ITS})
-        fdt.end_node()
+        # arm,gic-v3-its: an MSI controller, whose device IDs are one cell.
+        its: list[tuple[str, Props]] = [] if inputs.gic.its is None else [
+            (f"its@{inputs.gic.its[0]:x}", {"compatible": "arm,gic-v3-its", "msi-controller": b"",
+                                            "#msi-cells": 1, "reg": _reg(inputs.gic.its),
+                                            "phandle": PHANDLE_ITS})]
+        node(f"intc@{layout.GIC_DIST_BASE:x}", {
+            "compatible": "arm,gic-v3", "#interrupt-cells": 3, "interrupt-controller": b"",
+            "#address-cells": 2, "#size-cells": 2, "ranges": b"",
+            "#redistributor-regions": len(inputs.gic.regions), "reg": _reg(*gic_regs),
+            "interrupts": _cells(GIC_FDT_IRQ_TYPE_PPI, layout.GIC_MAINTENANCE_PPI, IRQ_TYPE_LEVEL_HIGH),
+            "phandle": PHANDLE_GIC}, *its)
     else:
         ppi_flags |= ((1 << len(inputs.mpidrs)) - 1) << GIC_FDT_IRQ_PPI_CPU_SHIFT
         node(f"intc@{layout.GIC_DIST_BASE:x}", {
@@ -149,7 +150,7 @@ def build(inputs: DeviceTreeInputs) -> bytes:
     for name, base, spi, clocks in (("pl011", layout.UART_BASE, layout.UART_SPI, ("uartclk", "apb_pclk")),
                                     ("pl031", layout.RTC_BASE, layout.RTC_SPI, ("apb_pclk",)),
                                     ("pl061", layout.GPIO_BASE, layout.GPIO_SPI, ("apb_pclk",))):
-        extra: dict[str, bytes | str | int] = {}
+        extra: Props = {}
         if name == "pl061":
             extra = {"gpio-controller": b"", "#gpio-cells": 2, "phandle": PHANDLE_GPIO}
         node(f"{name}@{base:x}", {
@@ -182,7 +183,7 @@ def build(inputs: DeviceTreeInputs) -> bytes:
     return blob
 
 
-def _pcie(pci: PciLayout, *, its: bool, gic_address_cells: int) -> dict[str, bytes | str | int]:
+def _pcie(pci: PciLayout, *, its: bool, gic_address_cells: int) -> Props:
     """The generic ECAM host bridge (host-generic-pci.yaml): its buses, its two memory windows
     mapped one to one, with an ``its`` every requester ID's MSIs to it as that device ID
     (msi-map, pci-msi.txt; a GICv2 host's guest has INTx only), and each slot's INTA# to

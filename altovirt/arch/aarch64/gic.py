@@ -61,9 +61,9 @@ def _redist_region_attr(index: int, base: int, cpus: int) -> int:
 
 
 def create(vm: Vm, cpus: int, ram_end: int, *, its: bool = False) -> Gic:
-    """The GIC for ``cpus`` vCPUs, one of ``vm.devices``: a GICv3, else a GICv2; with ``its``,
-    a GICv3 with an ITS (for PCI's MSIs). KvmError if KVM can make neither, or only a GICv2
-    and ``cpus`` is more than it serves or an ITS is asked for."""
+    """The GIC for ``cpus`` vCPUs, one of ``vm.devices``: a GICv3, with an ITS too for
+    ``its`` (PCI's MSIs), else a GICv2 (which has none: PCI functions then use INTx). KvmError
+    if KVM can make neither, or only a GICv2 and ``cpus`` is more than it serves."""
     try:
         device = vm.create_device(KVM_DEV_TYPE_ARM_VGIC_V3)
     except KvmError as e:
