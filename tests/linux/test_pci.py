@@ -269,11 +269,8 @@ def wait_paused(qmp: Qmp) -> None:
         time.sleep(0.2)
 
 
-def test_snapshot_restore_and_live_migration(vm: Machine) -> None:
-    """The functions' configuration space, BARs, MSI-X vectors and queues survive a snapshot
-    and its restore in a new process, then a live migration to a third: the guest goes on
-    with its disk, NIC and vectors as they were."""
-    vm.g.check("mount /dev/vda /mnt && echo before the snapshot > /mnt/snap.txt && sync")
+def restore_in_a_new_process(vm: Machine) -> None:
+    """Stop ``vm``, snapshot it to a file, quit, and restore it in a new process, running."""
     vm.qmp.ok("stop")
     vm.qmp.ok("migrate", uri=f"file:{vm.dir / 'snap'}")
     assert migration_ends(vm.qmp)["status"] == "completed"
@@ -285,13 +282,13 @@ def test_snapshot_restore_and_live_migration(vm: Machine) -> None:
     restart(vm, "restored", f"file:{vm.dir / 'snap'}")
     wait_paused(vm.qmp)
     vm.qmp.ok("cont")
-    assert vm.g.check("cat /mnt/snap.txt") == "before the snapshot\n"
-    vm.g.check(f"ping -c 2 -W 5 {HOST_IP}", timeout=120)
-    assert "MSI-X: Enable+ Count=3 Masked-" in msix_enabled(vm.g, "00:04.0")
-    source = vm.qmp
-    ns = host_side()
-    old = vm.g
-    restart(vm, "migrated", f"unix:{vm.dir / 'mig.sock'}", ns)
+
+
+def migrate_live_to_a_new_process(vm: Machine) -> None:
+    """Migrate the running ``vm`` live to a new process in a new namespace, which runs it; the
+    source quits."""
+    source, old = vm.qmp, vm.g
+    restart(vm, "migrated", f"unix:{vm.dir / 'mig.sock'}", host_side())
     source.ok("migrate", uri=f"unix:{vm.dir / 'mig.sock'}")
     assert migration_ends(source)["status"] == "completed"
     source.ok("quit")
@@ -301,6 +298,18 @@ def test_snapshot_restore_and_live_migration(vm: Machine) -> None:
     old.close()
     wait_paused(vm.qmp)
     vm.qmp.ok("cont")
+
+
+def test_snapshot_restore_and_live_migration(vm: Machine) -> None:
+    """The functions' configuration space, BARs, MSI-X vectors and queues survive a snapshot
+    and its restore in a new process, then a live migration to a third: the guest goes on
+    with its disk, NIC and vectors as they were."""
+    vm.g.check("mount /dev/vda /mnt && echo before the snapshot > /mnt/snap.txt && sync")
+    restore_in_a_new_process(vm)
+    assert vm.g.check("cat /mnt/snap.txt") == "before the snapshot\n"
+    vm.g.check(f"ping -c 2 -W 5 {HOST_IP}", timeout=120)
+    assert "MSI-X: Enable+ Count=3 Masked-" in msix_enabled(vm.g, "00:04.0")
+    migrate_live_to_a_new_process(vm)
     vm.g.check("echo after the migration >> /mnt/snap.txt && sync && umount /mnt")
     ping_and_tcp_both_ways(vm, HOST_IP, GUEST_IP, 5031)
 

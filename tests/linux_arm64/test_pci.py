@@ -18,9 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from ..linux.conftest import ARCH, FIRECRACKER, GUEST_IP, HOST_IP, PREFIX, Qmp, altovirt_argv, migration_ends
+from ..linux.conftest import ARCH, FIRECRACKER, GUEST_IP, HOST_IP, PREFIX, Qmp, altovirt_argv
 from ..linux.test_devices import Machine
-from ..linux.test_pci import ARGV, host_side, hot_disk, in_slot, restart, wait_paused
+from ..linux.test_pci import (
+    ARGV,
+    host_side,
+    hot_disk,
+    in_slot,
+    migrate_live_to_a_new_process,
+    restore_in_a_new_process,
+)
 from ..testbed import debian, guest
 
 pytestmark = pytest.mark.timeout(600)
@@ -114,30 +121,10 @@ def test_snapshot_restore_and_live_migration(vm: Machine) -> None:
     """The ITS's tables (which device's MSI goes to which LPI and vCPU) and the LPIs' state go
     with a snapshot and a live migration: the functions' interrupts still arrive after each,
     the hot-plugged disk's too (its MSIs carry the bus number the guest gave its port)."""
-    vm.qmp.ok("stop")
-    vm.qmp.ok("migrate", uri=f"file:{vm.dir / 'snap'}")
-    assert migration_ends(vm.qmp)["status"] == "completed"
-    vm.qmp.ok("quit")
-    assert vm.g.wait_exit(120) == 0
-    with contextlib.suppress(Exception):    # qemu.qmp may see the VMM's close first
-        vm.qmp.close()
-    vm.g.close()
-    restart(vm, "restored", f"file:{vm.dir / 'snap'}")
-    wait_paused(vm.qmp)
-    vm.qmp.ok("cont")
+    restore_in_a_new_process(vm)
     disk_and_nic(vm)
     hot_disk_read(vm)
-    source, old = vm.qmp, vm.g
-    restart(vm, "migrated", f"unix:{vm.dir / 'mig.sock'}", host_side())
-    source.ok("migrate", uri=f"unix:{vm.dir / 'mig.sock'}")
-    assert migration_ends(source)["status"] == "completed"
-    source.ok("quit")
-    assert old.wait_exit(120) == 0
-    with contextlib.suppress(Exception):
-        source.close()
-    old.close()
-    wait_paused(vm.qmp)
-    vm.qmp.ok("cont")
+    migrate_live_to_a_new_process(vm)
     disk_and_nic(vm)
     hot_disk_read(vm)
 
