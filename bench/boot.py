@@ -11,12 +11,17 @@ then the phases AltoVirt logs (imports, configuration, build, services, vCPUs st
 the guest's time from its first instruction to power-off. Runs alternate between the VMMs so that
 machine noise hits both alike.
 
+With --warm, AltoVirt also boots through a warm parent (``altovirt serve``, ALTOVIRT_SERVER):
+the same command, its time from the client's start to its exit, against QEMU's.
+
     .venv/bin/python bench/boot.py [--runs 15] [--image guest/probe.elf] [--seccomp-cost] [--jail-cost]
+                                   [--warm]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import select
@@ -24,6 +29,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +47,10 @@ class Sample:
     boot_timer_ms: float | None = None
 
 
-def measure(cmd: list[str]) -> tuple[Sample, bytes]:
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[Sample, bytes]:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=env)
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     out = bytearray()
@@ -122,6 +129,8 @@ def main() -> None:
     ap.add_argument("--jail-cost", action="store_true",
                     help="also boot AltoVirt through altovirt-jailer (as uid 4242), to show what the "
                          "jail costs (needs root)")
+    ap.add_argument("--warm", action="store_true",
+                    help="also boot AltoVirt through a warm parent (altovirt serve)")
     args = ap.parse_args()
     common.prepare()
 
@@ -135,7 +144,12 @@ def main() -> None:
     if args.jail_cost:
         variants["jailed"] = []
         variants["jailed, new PID namespace"] = []
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, contextlib.ExitStack() as stack:
+        warm_env = None
+        if args.warm:
+            variants["through a warm parent"] = []
+            warm_env = dict(os.environ, ALTOVIRT_SERVER=str(Path(d) / "warm.sock"))
+            stack.enter_context(warm_parent(Path(warm_env["ALTOVIRT_SERVER"])))
         for i in range(args.runs + 1):          # run 0 warms the page cache and is dropped
             log = Path(d) / f"run{i}.log"
             a, _ = measure(altovirt_cmd(args.image, log))
@@ -145,6 +159,8 @@ def main() -> None:
             others = {}
             if args.seccomp_cost:
                 others["without seccomp"], _ = measure(altovirt_cmd(args.image, log, "-disable-seccomp"))
+            if warm_env is not None:
+                others["through a warm parent"], _ = measure(altovirt_cmd(args.image, log), warm_env)
             if args.jail_cost:
                 others["jailed"] = jailed(args.image, Path(d))
                 others["jailed, new PID namespace"] = jailed(args.image, Path(d), "--new-pid-ns")
@@ -174,10 +190,28 @@ def main() -> None:
         print(f"  {phase:26}{statistics.median(b[phase] for b in budgets):8.1f}")
     print(f"  {'guest, entry to power-off':26}"
           f"{statistics.median(s.wall_ms - (s.boot_timer_ms or 0) for s in alto):8.1f}")
-    ma = med(alto, "wall_ms")
+    ma, mq = med(alto, "wall_ms"), med(qemu, "wall_ms")
     for label, samples in variants.items():
         v = med(samples, "wall_ms")
-        print(f"boot to poweroff {label}: {v:.1f} ms ({v - ma:+.1f} ms against {ma:.1f} ms)")
+        p99 = statistics.quantiles([s.wall_ms for s in samples], n=100)[98] if len(samples) > 1 else v
+        print(f"boot to poweroff {label}: {v:.1f} ms, p99 {p99:.1f} ms "
+              f"({v - ma:+.1f} ms against {ma:.1f} ms; {v / mq:.2f} of QEMU's)")
+
+
+@contextlib.contextmanager
+def warm_parent(sock: Path) -> Iterator[None]:
+    """``altovirt serve`` on ``sock`` while the block runs."""
+    proc = subprocess.Popen([*common.altovirt(), "serve", "--socket", str(sock)])
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("altovirt serve did not start")
+            time.sleep(0.01)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from .. import IMPORT_STARTED
+import altovirt
+
 from ..backends import BackendError
 from ..errors import EXIT_USAGE, VMM_PROG, print_error
 from ..sandbox import seccomp
@@ -68,7 +69,7 @@ class Budget:
 
     def __init__(self) -> None:
         self.phases: list[tuple[str, float]] = []
-        self._last = IMPORT_STARTED
+        self._last = altovirt.IMPORT_STARTED
 
     def mark(self, phase: str) -> None:
         now = time.perf_counter()
