@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import grp
 import importlib
 import logging
@@ -94,6 +95,9 @@ def warm() -> None:
         importlib.import_module(name)
     with contextlib.suppress(seccomp.SeccompError):
         seccomp.prepare()
+    # What is imported now stays out of the collector's passes, which would otherwise touch
+    # (and so copy, in each child) every page of it.
+    gc.freeze()
 
 
 def listen(path: str, group: int | None) -> socket.socket:

@@ -199,7 +199,7 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def warm_parent(sock: Path) -> Iterator[None]:
+def warm_parent(sock: Path) -> Iterator[subprocess.Popen[bytes]]:
     """``altovirt serve`` on ``sock`` while the block runs."""
     proc = subprocess.Popen([*common.altovirt(), "serve", "--socket", str(sock)])
     try:
@@ -208,7 +208,7 @@ def warm_parent(sock: Path) -> Iterator[None]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("altovirt serve did not start")
             time.sleep(0.01)
-        yield
+        yield proc
     finally:
         proc.terminate()
         proc.wait(30)

@@ -54,6 +54,20 @@ static int test_wait(void)
 	return 0;
 }
 
+/* idle: halt for good, as an idle guest's CPU does (it costs its host nothing: bench/density.py). */
+static int test_idle(void)
+{
+	printf("probe: idle\n");
+	for (;;) {
+#ifdef __x86_64__
+		__asm__ volatile("cli; hlt");
+#else
+		__asm__ volatile("wfi");
+#endif
+	}
+	return 0;
+}
+
 static const struct {
 	const char *name;
 	int (*fn)(void);
@@ -62,6 +76,7 @@ static const struct {
 	{ "smp", test_smp },
 	{ "echo", test_echo },
 	{ "wait", test_wait },
+	{ "idle", test_idle },
 #ifdef __x86_64__
 	{ "triplefault", test_triplefault },
 	{ "keyboard", test_keyboard },
