@@ -137,12 +137,15 @@ def serve(server: Server) -> None:
     sel.register(wake_r, selectors.EVENT_READ, "signal")
     while not (server.stopping and not server.by_pid):
         for key, _ in sel.select():
-            if key.data == "accept":
-                _accept(server)
-            elif key.data == "signal":
-                _signals(server, os.read(wake_r, 64))
-            else:
-                _readable(server, key.data)
+            try:
+                if key.data == "accept":
+                    _accept(server)
+                elif key.data == "signal":
+                    _signals(server, os.read(wake_r, 64))
+                else:
+                    _readable(server, key.data)
+            except Exception as e:      # a bug: the VMMs running and their callers come first
+                print_error(PROG, f"internal error: {e}")
     signal.set_wakeup_fd(-1)
     for fd in (wake_r, wake_w):
         os.close(fd)
@@ -179,14 +182,12 @@ def _readable(server: Server, client: Client) -> None:
     try:
         if client.uid not in (0, os.geteuid()) and client.uid not in server.allowed_uids:
             raise ValueError(f"user {client.uid} may not start VMs here")
-        request = _check(message, fds, server.stopping)
-    except ValueError as e:
+        _fork(server, client, _check(message, fds, server.stopping), fds)
+    except (ValueError, OSError) as e:
         for fd in fds:
             os.close(fd)
-        _refuse(client, str(e))
+        _refuse(client, str(e) if isinstance(e, ValueError) else f"cannot fork a VMM: {e.strerror}")
         _drop(server, client)
-        return
-    _fork(server, client, request, fds)
 
 
 def _check(message: dict[str, Any], fds: list[int], stopping: bool) -> dict[str, Any]:
@@ -226,8 +227,10 @@ def _drop(server: Server, client: Client) -> None:
 
 
 def _fork(server: Server, client: Client, request: dict[str, Any], fds: list[int]) -> None:
+    """Fork the caller's VMM (the descriptors are closed here once it has them); ValueError or
+    OSError, with nothing forked, if it cannot be."""
     if threading.active_count() != 1:   # a fork copies only this thread: nothing else may hold a lock
-        raise RuntimeError("the warm parent has started a thread")
+        raise ValueError(f"the warm parent runs {threading.active_count()} threads: it cannot fork safely")
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -235,6 +238,7 @@ def _fork(server: Server, client: Client, request: dict[str, Any], fds: list[int
         _child(server, client, request, fds)
     for fd in fds:
         os.close(fd)
+    fds.clear()
     client.pid = pid
     server.by_pid[pid] = client
     with contextlib.suppress(OSError):
