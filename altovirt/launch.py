@@ -111,7 +111,8 @@ def through_server(path: str, prog: str, argv: list[str]) -> NoReturn:
         if "signal" in message:
             number = int(message["signal"])
             sys.stdout.flush()
-            signal.signal(number, signal.SIG_DFL)
+            if number != signal.SIGKILL:        # which has no handler to undo
+                signal.signal(number, signal.SIG_DFL)
             os.kill(os.getpid(), number)
             _end(prog, None, 128 + number)
 

@@ -154,6 +154,18 @@ def test_a_caller_that_dies_hangs_up_its_vmm(probe: Path, tmp_path: Path, warm: 
     assert "stopped: host-signal (exit 143)" in log.read_text()
 
 
+def test_a_vmm_that_crashes_ends_its_caller_alone(probe: Path, warm: WarmParent, vms: list[Vm]) -> None:
+    """The caller dies of the VMM's signal; the parent lives on and serves the next caller."""
+    vm = Vm("-kernel", str(probe / "probe.elf"), "-append", "probe.run=wait", "-serial", "stdio",
+            launcher=["env", f"ALTOVIRT_SERVER={warm.sock}", *CLIENT])
+    vms.append(vm)
+    vm.wait_line("probe: waiting")
+    os.kill(warm.child(), signal.SIGKILL)
+    assert vm.finish()[0] == -signal.SIGKILL
+    p = run([*CLIENT, "-kernel", str(probe / "probe.elf"), "-append", "probe.run=info"], warm.env())
+    assert p.returncode == 0 and p.stderr == ""
+
+
 def test_daemonize_through_the_warm_parent(probe: Path, tmp_path: Path, warm: WarmParent) -> None:
     pidfile, log = tmp_path / "vm.pid", tmp_path / "vm.log"
     p = run([*CLIENT, "-kernel", str(probe / "probe.elf"), "-append", "probe.run=wait", "-daemonize",

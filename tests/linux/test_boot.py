@@ -1,10 +1,13 @@
 """Debian's stock kernel boots under AltoVirt (seccomp on): ACPI finds the machine, the serial
 console works both ways, QMP system_reset boots Linux again, a guest poweroff ends the VMM
-with status 0, and the jailer runs it as an unprivileged user."""
+with status 0, the jailer runs it as an unprivileged user, and a warm parent forks it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,30 @@ def test_two_vcpus_through_the_jailer(kernel: debian.Kernel, initrd: Path, tmp_p
         g.send(b"reboot\n")
         assert g.wait_exit(BOOT_TIMEOUT) == 0
         assert "reboot: Restarting system" in g.serial
+
+
+def test_through_a_warm_parent(kernel: debian.Kernel, initrd: Path, tmp_path: Path) -> None:
+    """Forked by ``altovirt serve``, the VMM serves its caller's console both ways, and the
+    guest's poweroff is the caller's exit status."""
+    sock = tmp_path / "warm.sock"
+    parent = subprocess.Popen([sys.executable, "-m", "altovirt", "serve", "--socket", str(sock)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300           # it imports every module, under TCG
+        while not sock.exists():
+            assert parent.poll() is None and time.monotonic() < deadline, parent.communicate()
+            time.sleep(0.1)
+        argv = altovirt_argv(kernel, initrd, "-smp", "1", "-m", "256M")
+        env = dict(os.environ, ALTOVIRT_SERVER=str(sock))
+        with guest.LinuxGuest(argv, log_path=tmp_path / "serial.log", env=env) as g:
+            g.wait_ready(BOOT_TIMEOUT)
+            children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+            assert len(children) == 1 and int(children[0]) != g.proc.pid
+            assert g.check("echo hello from $(uname -r)").strip() == f"hello from {kernel.release}"
+            g.send(b"poweroff\n")
+            assert g.wait_exit(BOOT_TIMEOUT) == 0
+            assert "reboot: Power down" in g.serial
+    finally:
+        parent.terminate()
+        _, err = parent.communicate(timeout=60)
+    assert parent.returncode == 0 and err == b""
