@@ -7,7 +7,9 @@ Through a warm parent the caller's view stays the same: this process hands over 
 input, output and error (the descriptors themselves), its arguments, working directory,
 environment and umask; it passes on the signals it gets (SIGINT, SIGTERM, SIGHUP, SIGQUIT,
 SIGUSR1, SIGUSR2) and exits with the VMM's status, or by the signal that ended it. The VMM
-joins this process's cgroups. The jailer is not served this way: it starts its VMM by exec.
+joins this process's cgroups and takes its user. ``altovirt-jailer`` goes the same way: the
+jail (chroot, namespaces, cgroups, the unprivileged user) is built in the forked child, as it
+is in the jailer's own process, and the VMM runs in it there.
 
 The protocol, on a SOCK_SEQPACKET socket, one JSON object a message:
   client -> parent: {"prog", "argv", "cwd", "env", "umask"} with the three descriptors
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 ENV = "ALTOVIRT_SERVER"
 MAX_MESSAGE = 1 << 20               # a request's arguments and environment, at most
 STDIO = 3                           # the descriptors a request carries: stdin, stdout, stderr
-PROGRAMS = ("altovirt", "altovirt-firecracker")
+PROGRAMS = ("altovirt", "altovirt-firecracker", "altovirt-jailer")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -151,3 +153,10 @@ def run_firecracker() -> NoReturn:
     _start("altovirt-firecracker")
     from .firecracker import run as firecracker_run
     firecracker_run()
+
+
+def run_jailer() -> NoReturn:
+    """``altovirt-jailer``."""
+    _start("altovirt-jailer")
+    from .jailer import run as jailer_run
+    jailer_run()

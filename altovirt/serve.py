@@ -26,10 +26,7 @@ import contextlib
 import errno
 import gc
 import grp
-import importlib
-import logging
 import os
-import pkgutil
 import selectors
 import signal
 import socket
@@ -50,11 +47,6 @@ BACKLOG = 64
 # struct ucred (<sys/socket.h>): pid, uid, gid.
 _UCRED = struct.Struct("3i")
 CGROUP_ROOT = "/sys/fs/cgroup"
-# Not imported ahead: the package's own entry points (running them is a start of their own).
-NOT_WARMED = ("altovirt.__main__",)
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Client:
@@ -79,22 +71,9 @@ class Server:
 
 
 def warm() -> None:
-    """Import every module a VM may use, for this machine, and compile the seccomp filters."""
-    machine = os.uname().machine
-    other = {"x86_64": "altovirt.arch.aarch64", "aarch64": "altovirt.arch.x86_64"}.get(machine, "")
-    for info in pkgutil.walk_packages(altovirt.__path__, "altovirt."):
-        name = info.name
-        if name in NOT_WARMED or (other and name.startswith(other)):
-            continue
-        try:
-            importlib.import_module(name)
-        except ImportError as e:        # an optional dependency this host lacks
-            log.debug("not warmed: %s: %s", name, e)
-    from .sandbox import seccomp
-    for name in seccomp.LAZY_MODULES:
-        importlib.import_module(name)
-    with contextlib.suppress(seccomp.SeccompError):
-        seccomp.prepare()
+    """Import every module a VM may use (the jailer's list) and compile the seccomp filters."""
+    from .jailer import import_everything
+    import_everything()
     # What is imported now stays out of the collector's passes, which would otherwise touch
     # (and so copy, in each child) every page of it.
     gc.freeze()
@@ -302,12 +281,7 @@ def _child(server: Server, client: Client, request: dict[str, Any], fds: list[in
         altovirt.IMPORT_STARTED = time.perf_counter()  # the start-up budget counts from the fork
         prog, argv = request["prog"], request["argv"]
         sys.argv = [prog, *argv]
-        if prog == "altovirt":
-            from . import cli
-            status = cli.main(argv)
-        else:
-            from . import firecracker
-            status = firecracker.main(argv)
+        status = _PROGRAMS[prog](argv)
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else 1
     except BaseException as e:
@@ -390,6 +364,25 @@ def _cgroup_mounts() -> dict[str, str]:
                 key = ",".join(sorted(names)) if not named else ",".join(sorted(names) + named)
                 out.setdefault(key, point)
     return out
+
+
+def _altovirt(argv: list[str]) -> int:
+    from . import cli
+    return cli.main(argv)
+
+
+def _firecracker(argv: list[str]) -> int:
+    from . import firecracker
+    return firecracker.main(argv)
+
+
+def _jailer(argv: list[str]) -> int:
+    from . import jailer
+    return jailer.main(argv)
+
+
+_PROGRAMS = {"altovirt": _altovirt, "altovirt-firecracker": _firecracker, "altovirt-jailer": _jailer}
+assert set(_PROGRAMS) == set(launch.PROGRAMS)
 
 
 # --- the command ---

@@ -197,6 +197,23 @@ def test_firecracker_front_end_through_the_warm_parent(probe: Path, tmp_path: Pa
     assert (through.returncode, through.stdout) == (direct.returncode, direct.stdout)
 
 
+def test_the_jailer_through_the_warm_parent(probe: Path, tmp_path: Path, warm: WarmParent) -> None:
+    """The jail is built in the forked child: the VMM runs chrooted, as uid 4242, and says so."""
+    base = tmp_path / "jails"
+    jailer = [sys.executable, "-c", "from altovirt.launch import run_jailer; run_jailer()"]
+    args = ["--id", "w-1", "--chroot-base-dir", str(base), "--uid", str(USER), "--gid", str(USER),
+            "--source", str(probe / "probe.elf"), "--", "-kernel", "probe.elf", "-append", "probe.run=info",
+            "-serial", "stdio", "-D", "/vm.log"]
+    try:
+        p = run([*jailer, *args], warm.env())
+        assert p.returncode == 0 and p.stderr == "" and "probe: done ok" in p.stdout
+        log = base / "altovirt" / "w-1" / "root" / "vm.log"
+        assert "stopped: guest-reset (exit 0)" in log.read_text() and log.stat().st_uid == USER
+    finally:
+        subprocess.run([*jailer, "--id", "w-1", "--chroot-base-dir", str(base), "--clean"], check=True,
+                       timeout=60)
+
+
 def test_without_a_warm_parent_the_vm_starts_here(probe: Path, tmp_path: Path) -> None:
     args = [*CLIENT, "-kernel", str(probe / "probe.elf"), "-append", "probe.run=info", "-serial", "stdio"]
     dead = tmp_path / "dead.sock"
