@@ -30,6 +30,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -46,7 +47,10 @@ PROG = "altovirt serve"
 BACKLOG = 64
 # struct ucred (<sys/socket.h>): pid, uid, gid.
 _UCRED = struct.Struct("3i")
-CGROUP_ROOT = "/sys/fs/cgroup"
+# A cgroup v1 mount's super options that are not the names of its controllers (cgroup-v1.rst).
+_NOT_CONTROLLERS = {"rw", "ro", "xattr", "clone_children", "noprefix", "cpuset_v2_mode", "favordynmods"}
+Hierarchy = frozenset[str]              # its controllers, as /proc/PID/cgroup names them (v2: none)
+
 
 @dataclass
 class Client:
@@ -83,6 +87,8 @@ def listen(path: str, group: int | None) -> socket.socket:
     """The listening socket at ``path`` (a stale one, which nobody answers, is replaced);
     OSError if it cannot be made."""
     with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise OSError(errno.EEXIST, "it exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             probe.connect(path)
@@ -256,8 +262,8 @@ def _child(server: Server, client: Client, request: dict[str, Any], fds: list[in
     status = 1
     try:
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         server.selector.close()
         for other in server.clients.values():
@@ -328,41 +334,37 @@ def _join_cgroups(pid: int) -> None:
             continue
         mount = mounts.get(hierarchy)
         if mount is None:
-            raise OSError(errno.ENOENT, f"no mount of the cgroup hierarchy {hierarchy or 'v2'}")
+            name = ",".join(sorted(hierarchy)) or "v2"
+            raise OSError(errno.ENOENT, f"no mount of the cgroup hierarchy {name}")
         where = os.path.join(mount, path.lstrip("/"), "cgroup.procs")
         with open(where, "w") as f:
             f.write(str(os.getpid()))
 
 
-def _cgroups(pid: str) -> dict[str, str]:
-    """/proc/PID/cgroup: controllers ("" for cgroup v2) -> path."""
+def _cgroups(pid: str) -> dict[Hierarchy, str]:
+    """/proc/PID/cgroup: each hierarchy's cgroup."""
     out = {}
     with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
             _, controllers, path = line.rstrip("\n").split(":", 2)
-            out[controllers] = path
+            out[frozenset(controllers.split(",")) - {""}] = path
     return out
 
 
-def _cgroup_mounts() -> dict[str, str]:
-    """Where each hierarchy is mounted: v1 by its controllers (as /proc/PID/cgroup names
-    them), v2 by ""; only mounts of a hierarchy's root."""
-    out: dict[str, str] = {}
+def _cgroup_mounts() -> dict[Hierarchy, str]:
+    """Where each hierarchy's root is mounted (mountinfo, proc(5))."""
+    out: dict[Hierarchy, str] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
             root, point, fstype, options = fields[3], fields[4], fields[sep + 1], fields[sep + 3]
-            if root != "/":
+            if root != "/" or fstype not in ("cgroup", "cgroup2"):
                 continue
-            if fstype == "cgroup2":
-                out.setdefault("", point)
-            elif fstype == "cgroup":
-                names = [o for o in options.split(",") if o not in ("rw", "ro") and "=" not in o
-                         and o not in ("nosuid", "nodev", "noexec", "relatime", "xattr", "clone_children")]
-                named = [o for o in options.split(",") if o.startswith("name=")]
-                key = ",".join(sorted(names)) if not named else ",".join(sorted(names) + named)
-                out.setdefault(key, point)
+            names = frozenset() if fstype == "cgroup2" else frozenset(
+                o for o in options.split(",")
+                if o not in _NOT_CONTROLLERS and not o.startswith("release_agent="))
+            out.setdefault(names, point)
     return out
 
 
@@ -411,12 +413,12 @@ def main(argv: list[str]) -> int:
         except KeyError:
             print_error(PROG, f"--allow-group: no group {opts.allow_group!r}")
             return EXIT_USAGE
-    warm()
     try:
         listener = listen(opts.socket, group)
     except OSError as e:
         print_error(PROG, f"--socket {opts.socket}: {e.strerror or e}")
         return 1
+    warm()                              # callers meanwhile wait in the listen queue
     server = Server(listener, frozenset(opts.allow_uid))
     try:
         serve(server)
