@@ -28,6 +28,8 @@ import socket
 import struct
 import sys
 
+from .errors import AltoVirtError
+
 TYPE_CHECKING = False               # typing's import would cost each start 3 ms, for annotations
 if TYPE_CHECKING:
     from typing import Any, NoReturn
@@ -39,7 +41,7 @@ PROGRAMS = ("altovirt", "altovirt-firecracker", "altovirt-jailer")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
-class Unreachable(OSError):
+class Unreachable(AltoVirtError):
     """No warm parent answers at the socket (absent, refused, or gone before it forked)."""
 
 
@@ -89,13 +91,12 @@ def through_server(path: str, prog: str, argv: list[str]) -> NoReturn:
         reply, _ = receive(sock)
     except (OSError, ValueError) as e:
         sock.close()
-        raise Unreachable(getattr(e, "errno", None) or 0, f"{path}: {getattr(e, 'strerror', None) or e}") \
-            from e
+        raise Unreachable(f"{path}: {getattr(e, 'strerror', None) or e}") from e
     if reply is None or "pid" not in reply:
         error = reply.get("error") if reply else None
         if not error:
             sock.close()
-            raise Unreachable(0, f"{path}: the warm parent closed the connection")
+            raise Unreachable(f"{path}: the warm parent closed the connection")
         _end(prog, f"warm parent at {path}: {error}", 1)
     for signum in FORWARDED:
         # Python runs the handler on this thread, between two waits for the next message.
@@ -135,7 +136,7 @@ def _start(prog: str) -> None:
         try:
             through_server(path, prog, sys.argv[1:])
         except Unreachable as e:
-            print(f"{prog}: warning: no warm parent: {e.strerror}; starting here", file=sys.stderr)
+            print(f"{prog}: warning: no warm parent: {e}; starting here", file=sys.stderr)
 
 
 def run() -> NoReturn:
