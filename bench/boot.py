@@ -74,9 +74,10 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[Sample, 
     return Sample((end - start) * 1000, ((first or end) - start) * 1000, usage.ru_maxrss), bytes(out)
 
 
-def altovirt_cmd(image: Path, log: Path, *extra: str) -> list[str]:
-    return [*common.altovirt(), "-kernel", str(image), "-smp", "1", "-m", "128M", "-append", CMDLINE,
-            "-serial", "stdio", "-D", str(log), *extra]
+def altovirt_cmd(image: Path, log: Path | None, *extra: str, cmdline: str = CMDLINE) -> list[str]:
+    """The probe on AltoVirt, its log in ``log`` (None: no log)."""
+    return [*common.altovirt(), "-kernel", str(image), "-smp", "1", "-m", "128M", "-append", cmdline,
+            "-serial", "stdio", *(("-D", str(log)) if log else ()), *extra]
 
 
 def jailed(image: Path, base: Path, *jail_options: str) -> Sample:
@@ -90,11 +91,12 @@ def jailed(image: Path, base: Path, *jail_options: str) -> Sample:
     return sample
 
 
-def qemu_cmd(image: Path) -> list[str]:
+def qemu_cmd(image: Path, cmdline: str = CMDLINE) -> list[str]:
+    """The same machine on QEMU microvm (its last four words: the kernel and command line)."""
     # -cpu host,-arch-capabilities: PVM hosts refuse MSR_IA32_ARCH_CAPABILITIES.
     return [common.qemu(), "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
             "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
-            "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4", "-kernel", str(image), "-append", CMDLINE]
+            "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4", "-kernel", str(image), "-append", cmdline]
 
 
 def budget(log: Path) -> dict[str, float]:
@@ -148,8 +150,9 @@ def main() -> None:
         warm_env = None
         if args.warm:
             variants["through a warm parent"] = []
-            warm_env = dict(os.environ, ALTOVIRT_SERVER=str(Path(d) / "warm.sock"))
-            stack.enter_context(warm_parent(Path(warm_env["ALTOVIRT_SERVER"])))
+            sock = Path(d) / "warm.sock"
+            stack.enter_context(warm_parent(sock))
+            warm_env = dict(os.environ, ALTOVIRT_SERVER=str(sock))
         for i in range(args.runs + 1):          # run 0 warms the page cache and is dropped
             log = Path(d) / f"run{i}.log"
             a, _ = measure(altovirt_cmd(args.image, log))

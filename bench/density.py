@@ -24,20 +24,16 @@ import time
 from pathlib import Path
 
 import common
-from boot import warm_parent
+from boot import altovirt_cmd, qemu_cmd, warm_parent
 from common import PROBE
 
-MEM_MIB = 128
+MEM_MIB = 128                   # boot.py's machines' RAM: the mapping PSS counts as the guest's
 CMDLINE = "console=ttyS0 probe.run=idle"
 
 
 def argv(way: str) -> list[str]:
-    if way == "qemu":
-        return [common.qemu(), "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
-                "-m", f"{MEM_MIB}M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
-                "-serial", "stdio", "-no-reboot", "-kernel", str(PROBE), "-append", CMDLINE]
-    return [*common.altovirt(), "-kernel", str(PROBE), "-m", f"{MEM_MIB}M", "-append", CMDLINE,
-            "-serial", "stdio"]
+    """boot.py's machine, on QEMU or AltoVirt."""
+    return qemu_cmd(PROBE, CMDLINE) if way == "qemu" else altovirt_cmd(PROBE, None, cmdline=CMDLINE)
 
 
 def pss_kib(pid: int) -> tuple[int, int]:
