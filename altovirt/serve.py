@@ -327,11 +327,10 @@ def _reopen_stdio() -> None:
 def _join_cgroups(pid: int) -> None:
     """Move this process into the cgroups of process ``pid`` (the caller), in each hierarchy
     where they differ from ours; OSError if one cannot be joined."""
-    mine, theirs = _cgroups("self"), _cgroups(str(pid))
-    mounts = _cgroup_mounts()
-    for hierarchy, path in theirs.items():
-        if mine.get(hierarchy) == path:
-            continue
+    mine = _cgroups("self")
+    moves = {h: path for h, path in _cgroups(str(pid)).items() if mine.get(h) != path}
+    mounts = _cgroup_mounts() if moves else {}     # a caller in the parent's cgroups: nothing to read
+    for hierarchy, path in moves.items():
         mount = mounts.get(hierarchy)
         if mount is None:
             name = ",".join(sorted(hierarchy)) or "v2"
