@@ -58,7 +58,9 @@ class JailError(AltoVirtError):
     """Why the jail could not be built or cleaned; one line for the user."""
 
 
-class _Parser(argparse.ArgumentParser):
+class UsageParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are a UsageError (one line), not its usage and an exit."""
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
@@ -129,7 +131,7 @@ def parse(argv: Sequence[str]) -> Options:
     if "--" in argv:
         cut = argv.index("--")
         argv, vmm_args = argv[:cut], argv[cut + 1:]
-    p = _Parser(prog=PROG, add_help=True,
+    p = UsageParser(prog=PROG, add_help=True,
                 description="Run the AltoVirt VMM in a jail as an unprivileged user.",
                 epilog="Arguments after -- go to the VMM; paths in them are inside the jail.")
     p.add_argument("--id", required=True, help="the jail's name: letters, digits and '-', at most 64")

@@ -41,7 +41,8 @@ from typing import Any, NoReturn
 import altovirt
 
 from . import launch
-from .errors import EXIT_USAGE, print_error
+from .errors import EXIT_USAGE, UsageError, print_error
+from .jailer import UsageParser, import_everything
 
 PROG = "altovirt serve"
 BACKLOG = 64
@@ -76,7 +77,6 @@ class Server:
 
 def warm() -> None:
     """Import every module a VM may use (the jailer's list) and compile the seccomp filters."""
-    from .jailer import import_everything
     import_everything()
     # What is imported now stays out of the collector's passes, which would otherwise touch
     # (and so copy, in each child) every page of it.
@@ -389,7 +389,7 @@ assert set(_PROGRAMS) == set(launch.PROGRAMS)
 # --- the command ---
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=PROG, description="A warm parent that forks one VMM per request; "
+    ap = UsageParser(prog=PROG, description="A warm parent that forks one VMM per request; "
                                  f"point {launch.ENV} at its socket to start VMs through it.")
     ap.add_argument("--socket", required=True, metavar="PATH", help="the Unix socket to listen on")
     ap.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
@@ -402,8 +402,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     try:
         opts = parse(argv)
-    except SystemExit as e:             # argparse has said why
-        return EXIT_USAGE if e.code else 0
+    except UsageError as e:
+        print_error(PROG, str(e))
+        return e.exit_status
+    except SystemExit as e:             # --help, printed
+        return int(e.code or 0)
     group = None
     if opts.allow_group is not None:
         try:

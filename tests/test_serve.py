@@ -286,6 +286,24 @@ def test_only_allowed_users_may_ask_and_get_no_more_than_they_have(probe: Path, 
             assert parent.stop()[0] == 0
 
 
+@pytest.mark.parametrize(("args", "status", "message"), [
+    ([], 2, "the following arguments are required: --socket"),
+    (["--socket", "{tmp}/s.sock", "--allow-uid", "abc"], 2, "argument --allow-uid: invalid int value: 'abc'"),
+    (["--socket", "{tmp}/s.sock", "--allow-group", "no-grp"], 2, "--allow-group: no group 'no-grp'"),
+    (["--socket", "{tmp}/absent/s.sock"], 1, "No such file or directory"),
+    (["--socket", "{tmp}/file"], 1, "it exists and is not a socket"),
+])
+def test_serve_refuses_bad_arguments_in_one_line(tmp_path: Path, args: list[str], status: int,
+                                                  message: str) -> None:
+    (tmp_path / "file").write_text("a user's file, never unlinked")
+    p = subprocess.run(altovirt_cmd("serve", *(a.format(tmp=tmp_path) for a in args)), capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == status and p.stdout == ""
+    assert p.stderr.startswith("altovirt serve: error: ") and message in p.stderr
+    assert p.stderr.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "a user's file, never unlinked"
+
+
 def test_the_protocol_helpers_reject_what_they_cannot_read() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with a, b:
