@@ -89,12 +89,14 @@ class Persistent(Protocol[S]):
 def to_json(state: object) -> dict[str, Any]:
     """A saved state dataclass as JSON values: bytes as base64, tuples as lists, nested states too."""
     def value(v: object) -> object:
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return to_json(v)
+        if isinstance(v, int | str):                # bool too
+            return v
         if isinstance(v, bytes):
             return base64.b64encode(v).decode()
         if isinstance(v, tuple | list):
             return [value(x) for x in v]
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return to_json(v)
         return v
     assert dataclasses.is_dataclass(state) and not isinstance(state, type)
     return {f.name: value(getattr(state, f.name)) for f in dataclasses.fields(state)}
@@ -115,6 +117,15 @@ def from_json(cls: type[S], data: object, what: str) -> S:
 _FIELD_TYPES: dict[type, tuple[dict[str, Any], set[str]]] = {}
 
 
+def prepare(cls: type) -> None:
+    """Resolve the field types of ``cls`` and of the states it holds now, so that reading a
+    state later (a live migration's, while its guest waits) does not."""
+    for hint in _field_types(cls)[0].values():
+        for t in (hint, *typing.get_args(hint)):
+            if isinstance(t, type) and dataclasses.is_dataclass(t) and t not in _FIELD_TYPES:
+                prepare(t)
+
+
 def _field_types(cls: type) -> tuple[dict[str, Any], set[str]]:
     """``cls``'s fields and their types, and the fields a saved state must have (a field with
     a default came later: a state saved before it lacks it); resolved once (resolving compiles
@@ -130,7 +141,6 @@ def _field_types(cls: type) -> tuple[dict[str, Any], set[str]]:
 
 
 def _from(hint: Any, v: object, what: str) -> object:
-    origin = typing.get_origin(hint)
     if hint is bytes:
         if not isinstance(v, str):
             raise SavedStateError(f"{what} must be base64 text")
@@ -150,11 +160,21 @@ def _from(hint: Any, v: object, what: str) -> object:
         if type(v) is not int:
             raise SavedStateError(f"{what} must be an integer")
         return v
-    if origin is tuple:
+    if typing.get_origin(hint) is tuple:
         (item, _) = typing.get_args(hint)           # tuple[X, ...]
         if not isinstance(v, list):
             raise SavedStateError(f"{what} must be a list")
+        # The long ones (a vCPU's registers, a GIC's) are ints or bytes: checked whole, each
+        # item named only if one is wrong, as a live migration's downtime waits for this.
+        if item is int and all(type(x) is int for x in v):
+            return tuple(v)
+        if item is bytes and all(isinstance(x, str) for x in v):
+            try:
+                return tuple(base64.b64decode(x, validate=True) for x in v)
+            except binascii.Error:
+                pass                                # named below
         return tuple(_from(item, x, f"{what}[{i}]") for i, x in enumerate(v))
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_json(hint, v, what)
     raise TypeError(f"{what}: a saved state cannot hold {hint!r}")
+

@@ -153,6 +153,26 @@ def test_a_field_added_later_may_be_missing() -> None:
         persist.from_json(Grown, {"added": []}, "state")
 
 
+@dataclasses.dataclass(frozen=True)
+class Registers:
+    ids: tuple[int, ...]
+    values: tuple[bytes, ...]
+
+
+def test_a_bad_item_of_a_long_list_is_named() -> None:
+    """Long lists are read whole; one bad item is still named by its place."""
+    good = persist.to_json(Registers(tuple(range(300)), (b"\1" * 8,) * 300))
+    assert persist.from_json(Registers, good, "vcpu") == Registers(tuple(range(300)), (b"\1" * 8,) * 300)
+    for field, item, problem in (("ids", True, r"vcpu.ids\[7\] must be an integer"),
+                                 ("ids", "7", r"vcpu.ids\[7\] must be an integer"),
+                                 ("values", "AA=A", r"vcpu.values\[7\] must be base64 text"),
+                                 ("values", 7, r"vcpu.values\[7\] must be base64 text")):
+        bad = list(good[field])
+        bad[7] = item
+        with pytest.raises(SavedStateError, match=problem):
+            persist.from_json(Registers, {**good, field: bad}, "vcpu")
+
+
 # --- the transport, with an entropy device behind it ---
 
 @pytest.fixture

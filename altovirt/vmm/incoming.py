@@ -31,6 +31,7 @@ def load_file(m: Machine, incoming: IncomingConfig, where: snapfile.SnapshotFile
 
 def receive(m: Machine, incoming: IncomingConfig, listener: socket.socket, progress: Progress) -> None:
     """Take the first source that connects to ``listener`` and load ``m`` from its stream."""
+    sections.prepare()                  # now, not while the guest waits for its state
     sock, _ = listener.accept()
     sock.settimeout(precopy.IO_TIMEOUT)
 

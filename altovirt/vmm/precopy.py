@@ -17,6 +17,7 @@ and every active queue's used ring.
 from __future__ import annotations
 
 import ctypes as C
+import re
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ IO_TIMEOUT = 60.0                   # a peer silent this long has gone
 _ZERO_RUN = bytes(MAX_RUN * PAGE_SIZE)
 # A byte of a dirty bitmap, as the 8 page flags (0 or 1) it stands for.
 _BITS = [bytes((b >> i) & 1 for i in range(8)) for b in range(256)]
+_NONZERO = re.compile(rb"[^\x00]+")
 
 # sent(bytes on the wire, bytes of RAM covered, pages sent, zero pages): the sender's accounting
 # (which may raise to stop it: a cancel).
@@ -107,6 +109,16 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         view = view[k:]
 
 
+def _flags(bitmap: bytes, pages: int) -> bytearray:
+    """A byte per page, 0 or 1, of KVM's dirty bitmap (bit n of byte k: page 8k + n); only the
+    bitmap's nonzero bytes are spread, as the last copy, while the guest waits, does this."""
+    flags = bytearray(8 * len(bitmap))
+    for run in _NONZERO.finditer(bitmap):
+        flags[8 * run.start():8 * run.end()] = b"".join(_BITS[b] for b in run.group())
+    del flags[pages:]
+    return flags
+
+
 class DirtyLog:
     """The pages of guest RAM written since the last :meth:`collect`, while started."""
 
@@ -142,7 +154,7 @@ class DirtyLog:
             pages = region.size >> PAGE_SHIFT
             bitmap = (C.c_uint64 * ((pages + 63) // 64))()
             self._vm.get_dirty_log(slot, bitmap)
-            flags += b"".join(_BITS[b] for b in bytes(bitmap))[:pages]
+            flags += _flags(bytes(bitmap), pages)
         both = int.from_bytes(flags, "little") | int.from_bytes(written, "little")
         if pending is not None:
             both |= int.from_bytes(pending, "little")

@@ -31,6 +31,7 @@ from ..devices.pci.persist import RootPortState
 from ..devices.virtio.persist import PciFunctionState, TransportState
 from ..kvm import KvmError
 from ..persist import SavedStateError, from_json, to_json
+from ..persist import prepare as prepare_state
 from ..snapshot.format import Section, SnapshotError
 from .persist import HotplugState, VmState
 
@@ -119,6 +120,14 @@ def parse(header: dict[str, Any], sections: dict[str, Section]) -> VmState:
                     if name in sections},
                    sections.get("xenstore"),
                    tuple(_state(sections, f"{PORT}.{i}", RootPortState) for i in range(ports)))
+
+
+def prepare() -> None:
+    """Resolve now what :func:`parse` reads states with (a live migration's destination does,
+    before the stream comes, as parsing the state is part of the guest's downtime)."""
+    for cls in (arch.PowerOnState, HotplugState, TransportState, PciFunctionState, RootPortState,
+                *BOARD_STATES.values()):
+        prepare_state(cls)
 
 
 def _count(sections: dict[str, Section], kind: str) -> int:

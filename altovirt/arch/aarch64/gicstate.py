@@ -178,7 +178,7 @@ def save(device: Device, vcpus: Sequence[Vcpu], version: int) -> GicState:
     lay = LAYOUTS[version]
 
     def read(group: int, cpu: int, blocks: Sequence[Block]) -> list[int]:
-        return [device.get_attr(group, cpu | off) for b in blocks for off in b.offsets()]
+        return device.get_attrs(group, (cpu | off for b in blocks for off in b.offsets()))
 
     def one(cpu: int) -> GicCpuState:
         iface = {ICC_CTLR_EL1: device.get_attr(lay.iface_group, cpu | ICC_CTLR_EL1)} if version == 3 else {}
@@ -222,12 +222,14 @@ def restore(device: Device, vcpus: Sequence[Vcpu], state: GicState) -> None:
 
     def write(group: int, cpu: int, blocks: Sequence[Block], values: Sequence[int]) -> None:
         it = iter(values)
+        pairs = []
         for b in blocks:
             for off in b.offsets():
                 value = next(it)
                 if b.clear:
-                    device.set_attr(group, cpu | (off + b.clear), ~value & WORD)
-                device.set_attr(group, cpu | off, value)
+                    pairs.append((cpu | (off + b.clear), ~value & WORD))
+                pairs.append((cpu | off, value))
+        device.set_attrs(group, pairs)
 
     cpus = cpu_attrs(state.version, vcpus)
     routing = sum(b.words for b in lay.dist_routing)
