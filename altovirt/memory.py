@@ -348,6 +348,11 @@ class GuestMemory:
         else:
             self._map.madvise(mmap.MADV_DONTNEED)
 
+    def copied_into_children(self, on: bool) -> None:
+        """Whether a child process forked now gets guest RAM, copy-on-write (vm-fork's), or
+        none of it (the default: see _advise)."""
+        self._map.madvise(mmap.MADV_DOFORK if on else mmap.MADV_DONTFORK)
+
     def close(self) -> None:
         """Unmap. Views still held elsewhere (device queues) keep the mapping alive
         until they are dropped."""

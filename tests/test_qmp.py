@@ -162,7 +162,8 @@ def test_qmpclient_lifecycle_and_events(vm: tuple[Vm, Path]) -> None:
                      "blockdev-add", "blockdev-del", "netdev_add", "netdev_del", "device_add", "device_del",
                      "migrate", "migrate-incoming", "query-migrate", "migrate_cancel",
                      "migrate-set-parameters", "query-migrate-parameters", "query-vm-generation-id",
-                     "migrate-set-capabilities", "query-migrate-capabilities", "balloon", "query-balloon"}
+                     "migrate-set-capabilities", "query-migrate-capabilities", "balloon", "query-balloon",
+                         "vm-fork"}
     assert (seen["stop"], seen["cont"]) == ("STOP", "RESUME")
     assert seen["paused"] == {"running": False, "singlestep": False, "status": "paused"}
     assert seen["quit"] == {"guest": False, "reason": "host-qmp-quit"}

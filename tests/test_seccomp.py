@@ -52,8 +52,9 @@ def test_every_thread_is_confined(probe: Path, tmp_path: Path, vms: list[Vm], di
     vms.append(vm)
     vm.wait_line("probe: waiting")
     threads = thread_table(vm.proc.pid)
-    # vCPUs, the device I/O thread, the block worker pool, QMP, and the main loop.
-    assert {"(main)", "vcpu0", "vcpu1", "io", "qmp", "migration",
+    # vCPUs, the device I/O thread, the block worker pool, QMP, migration, vm-fork's, and the
+    # main loop.
+    assert {"(main)", "vcpu0", "vcpu1", "io", "qmp", "migration", "fork",
             *(f"blk{i}" for i in range(8))} == set(threads)
     assert set(threads.values()) == ({"0"} if disable else {"2"})        # 2: SECCOMP_MODE_FILTER
     mon = QEMUMonitorProtocol(str(sock))
@@ -129,7 +130,11 @@ def test_filter_arguments(role: str, code: str, allowed: bool) -> None:
 
 
 def test_allowlists_are_consistent() -> None:
-    assert set(ROLES) == set(IOCTLS) == {"vcpu", "io", "api", "main", "migration"}
+    assert set(ROLES) == set(IOCTLS) == {"vcpu", "io", "api", "main", "migration", "fork"}
+    # Only vm-fork's thread may create a process or a thread (vmm/fork.py), and it may do what
+    # every other thread does.
+    assert {role for role, names in ROLES.items() if {"clone", "clone3", "fork"} & set(names)} == {"fork"}
+    assert all(set(names) <= set(ROLES["fork"]) for names in ROLES.values())
     # The API threads ask the main thread for whatever touches the VM: no KVM for them.
     kvm = {v for n, v in vars(K).items() if n.startswith("KVM_") and isinstance(v, int) and v > 0xFFFF}
     assert not kvm & set(IOCTLS["api"])

@@ -312,6 +312,9 @@ def build(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
     if machine.migration is not None:
         from .migration import migration_commands
         table.update(migration_commands(machine))
+    if machine.forker is not None:
+        from .fork import fork_commands
+        table.update(fork_commands(machine, fds))
     table["query-commands"] = Command(lambda a: [{"name": n} for n in sorted(table)])
     return table
 

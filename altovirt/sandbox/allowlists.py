@@ -16,11 +16,15 @@ inherit it). A call outside the list raises SIGSYS, which ends the VMM (see
   reinjection off (vmm/pit.py).
 - ``migration``: writes and reads snapshots, and sends or receives a VM over
   TCP or a unix socket, with KVM's dirty log of guest RAM.
+- ``fork``: vm-fork's thread (vmm/fork.py), the one that may create a process. Its
+  child, whose first thread it becomes, builds a whole VM under this filter before
+  each of the child's threads confines itself: every other role's calls, and what a
+  build makes (the VM and its vCPUs, their eventfds, sockets and threads).
 
 ``PYTHON`` is what the interpreter needs in any thread (memory, locks,
 signals, time). The argument checks below are applied on top of the names.
-No role may create a thread or a process, run a program or map executable
-memory: every thread the VMM needs exists before the filters go on.
+No role but ``fork`` may create a thread or a process; none may run a program or
+map executable memory: every other thread the VMM needs exists before the filters go on.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ UNIX_SOCKETS = ("socket", "connect", "accept4", "recvfrom", "sendto", "recvmsg",
 # aarch64 has only the generic system calls (<asm-generic/unistd.h>): the C library makes
 # these x86_64 ones with their successors there.
 GENERIC_SUCCESSORS = {"poll": "ppoll", "select": "pselect6", "epoll_wait": "epoll_pwait",
-                      "unlink": "unlinkat", "rename": "renameat", "mkdir": "mkdirat", "link": "linkat"}
+                      "unlink": "unlinkat", "rename": "renameat", "mkdir": "mkdirat", "link": "linkat",
+                      "dup2": "dup3", "chmod": "fchmodat"}
 MACHINE = os.uname().machine
 
 
@@ -81,10 +86,17 @@ ROLES: dict[str, tuple[str, ...]] = {
     "migration": (*PYTHON, *UNIX_SOCKETS, "bind", "listen", "link", "ioctl", "openat", "preadv", "preadv2",
                   "mkdir", "mkdirat", "ftruncate", "fsync", "rename", "renameat", "renameat2", "unlink"),
 }
+# What a fork's child calls to build its VM that no running thread does.
+BUILD = ("clone", "clone3", "wait4", "setsid", "dup2", "dup3", "close_range", "pipe2", "set_tid_address",
+         "timerfd_create", "timerfd_settime", "io_uring_setup", "io_uring_register", "prlimit64", "uname",
+         "fchmod", "chmod", "flock", "mkdir", "ftruncate", "link", "bind", "listen", "sched_setaffinity",
+         "seccomp")                # each of its threads confines itself
+ROLES["fork"] = tuple(dict.fromkeys((*(name for calls in ROLES.values() for name in calls), *BUILD)))
 # socket() and socketpair() families per role (argument 0): unix sockets only, but a
-# migration's TCP.
+# migration's TCP (a fork's child may migrate too).
 SOCKET_FAMILIES: dict[str, tuple[int, ...]] = {
     "migration": (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6),
+    "fork": (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6),
 }
 
 TCGETS, TCSETS, TCSETSW, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX = \
@@ -127,3 +139,7 @@ IOCTLS: dict[str, tuple[int, ...]] = {
              TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFINDEX, *PCI_IOCTLS),
     "migration": (*FILE_IOCTLS, K.KVM_GET_DIRTY_LOG, K.KVM_SET_USER_MEMORY_REGION),
 }
+KVMIO = 0xAE                    # every KVM ioctl's type (<linux/kvm.h>): a build makes the VM with them
+KVM_IOCTLS = tuple(v for k, v in vars(K).items() if k.startswith("KVM_") and isinstance(v, int)
+                   and v >> 8 & 0xFF == KVMIO)
+IOCTLS["fork"] = tuple(dict.fromkeys((*(r for requests in IOCTLS.values() for r in requests), *KVM_IOCTLS)))

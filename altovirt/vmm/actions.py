@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import socket
 
     from ..config.model import IncomingConfig, MigrationUri, RateLimiterConfig
+    from .fork import Overrides
     from .persist import VmState
 
 
@@ -189,6 +190,13 @@ class QueryMigrationParameters(NamedTuple):
     """query-migrate-parameters' answer."""
 
 
+class ForkVm(NamedTuple):
+    """vm-fork: copy the running VM into a new process with ``overrides``; the pipe its VM
+    reports its start on (vmm/fork.py)."""
+
+    overrides: Overrides
+
+
 # --- what the migration thread asks of the VM (vmm/migration.py) ---
 class SaveState(NamedTuple):
     """The stopped VM's header and sections."""
@@ -213,7 +221,7 @@ Action = (Pause | Resume | Reset | Powerdown | CtrlAltDel | QueryVcpus | AddBloc
           | AddNetdev | DelNetdev | AddDisk | AddNic | DelDevice | ChangeImage | SetRateLimiter
           | PutMetadata | QueryMetadata | SetBalloon | SetBalloonStats | QueryBalloon | FreePageHinting
           | QueryCounters | Migrate | Incoming | CancelMigration | SetMigrationParameters | QueryMigration
-          | QueryMigrationParameters | SaveState | StopForMigration | EndMigration | LoadState)
+          | QueryMigrationParameters | SaveState | StopForMigration | EndMigration | LoadState | ForkVm)
 
 
 class Migrations(Protocol):

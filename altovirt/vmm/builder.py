@@ -114,11 +114,12 @@ def _migrations(m: Machine) -> Migrations:
     return Migration(m)
 
 
-def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = None) -> Machine:
+def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = None,
+          mem: GuestMemory | None = None) -> Machine:
     """The VM ``cfg`` describes, every part made (and released again if one cannot be).
     ``migratable``: it can be snapshotted and migrated. ``saved``: the VM is the one that
     snapshot holds (``cfg`` is its configuration), paused, not booted; SnapshotError if
-    the snapshot does not fit."""
+    the snapshot does not fit. ``mem``: the saved VM's RAM, in place already (a fork's)."""
     with contextlib.ExitStack() as undo:
         spec = cfg.cpu_template
         kvm = open_kvm(capabilities=spec.kvm_capabilities if isinstance(spec, CpuTemplate) else ())
@@ -127,8 +128,8 @@ def build(cfg: VmConfig, *, migratable: bool = False, saved: SavedVm | None = No
         vm = kvm.create_vm()
         undo.callback(vm.close)
         try:
-            mem = GuestMemory(arch.ram_regions(cfg.mem_size), dontdump=cfg.omit_vm_memory,
-                              shared=cfg.mem_share)
+            mem = mem or GuestMemory(arch.ram_regions(cfg.mem_size), dontdump=cfg.omit_vm_memory,
+                                     shared=cfg.mem_share)
         except OSError as e:
             raise VmmError(f"-m: cannot allocate {cfg.mem_size >> 20} MiB of guest RAM: {e.strerror}") from e
         undo.callback(mem.close)

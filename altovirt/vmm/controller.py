@@ -28,6 +28,7 @@ from .actions import (
     DelDevice,
     DelNetdev,
     EndMigration,
+    ForkVm,
     FreePageHinting,
     Incoming,
     LoadState,
@@ -142,6 +143,11 @@ def handle(m: Machine, action: Action) -> object:
         case LoadState(state, resume, new_generation):
             from . import snapshot
             snapshot.load_state(m, state, resume=resume, new_generation=new_generation)
+        case ForkVm(overrides):
+            from . import fork
+            if m.forker is None:
+                raise StateError("this VM cannot be forked: it has no migration support or no API channel")
+            return fork.fork(m, overrides, m.forker)
         case _:
             assert_never(action)        # mypy: every action has its case
     return None

@@ -14,9 +14,10 @@ from ..errors import VMM_PROG, print_error
 
 
 class Daemon:
-    def __init__(self, pidfile: str | None) -> None:
+    def __init__(self, pidfile: str | None, report_fd: int = -1) -> None:
+        """``report_fd``: where a process that is already detached (a forked VM's) reports."""
         self.pidfile = os.path.abspath(pidfile) if pidfile else None
-        self._report_fd = -1
+        self._report_fd = report_fd
 
     def detach(self) -> None:
         """Fork twice; only the daemon returns from this call."""

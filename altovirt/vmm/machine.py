@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ..devices.virtio.vsock import Vsock
     from ..xenstore.store import Store
     from .actions import Action, Migrations
+    from .fork import Forker
 
 __all__ = ["Machine", "VcpuInfo", "VmmError"]
 
@@ -83,6 +84,7 @@ class Machine:
         # QEMU's autostart: 'cont' while the state loads (inmigrate) runs the VM once it is in.
         self.run_once_loaded = False
         self.migration = migrations(self) if migrations is not None else None
+        self.forker: Forker | None = None       # vm-fork's thread, once the VM runs with an API
         self._closed = False
         lifecycle.add_listener(self._end_vcpus_on_shutdown)
 

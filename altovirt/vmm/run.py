@@ -23,15 +23,16 @@ from typing import TYPE_CHECKING, Protocol
 import altovirt
 
 from ..backends import BackendError
-from ..errors import EXIT_USAGE, VMM_PROG, print_error
+from ..errors import EXIT_USAGE, VMM_PROG, AltoVirtError, print_error
 from ..sandbox import seccomp
 from . import builder
+from .daemon import Daemon
 from .machine import Machine, VmmError
 
 if TYPE_CHECKING:
     from ..config.model import VmConfig
+    from ..memory import GuestMemory
     from ..xenstore.server import XenStoreServer
-    from .daemon import Daemon
     from .snapshot import SavedVm
 
 # The package's logger, not this module's: the VM's lines ("VM x stopped") are logged under
@@ -124,19 +125,20 @@ def start_incoming(machine: Machine) -> Callable[[], None]:
 def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, serve_api: ServeApi,
            on_built: Callable[[Machine], None] | None = None,
            on_running: Callable[[], None] | None = None, budget: Budget | None = None,
-           saved: SavedVm | None = None) -> int:
+           saved: SavedVm | None = None, mem: GuestMemory | None = None) -> int:
     """Build the VM, start its services and run it until it stops; the exit status.
     ``sandbox``: turn seccomp on once it is built (a caller that turned it on earlier
-    passes False). ``migratable``: it can be snapshotted or migrated. ``serve_api`` serves
-    its -api-channel, if it has one. ``saved``: the VM is built from that snapshot (``cfg``
-    is its configuration), and runs if it says so. ``on_built`` gets the
+    passes False). ``migratable``: it can be snapshotted, migrated and (with an API
+    channel) forked. ``serve_api`` serves its -api-channel, if it has one. ``saved``: the
+    VM is built from that snapshot (``cfg`` is its configuration; ``mem``, its RAM if that
+    is in place already, a forked VM's), and runs if it says so. ``on_built`` gets the
     machine once its services run, ``on_running`` is told once its vCPUs do. AltoVirtError
     if it cannot be built or run; whatever was made is released either way. A load that
     fails stops the VM; its reason is then the VMM's error line on stderr."""
     machine = qmp = xenstore = None
     budget = budget or Budget()
     try:
-        machine = builder.build(cfg, migratable=migratable, saved=saved)
+        machine = builder.build(cfg, migratable=migratable, saved=saved, mem=mem)
         budget.mark("build")
         log.info("VM %s: %d vCPU(s), %d MiB", cfg.name, cfg.vcpus, cfg.mem_size >> 20)
         start_load = start_incoming(machine)
@@ -144,6 +146,10 @@ def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, se
             enable_seccomp(cfg.log_file)
         if machine.migration is not None:
             machine.migration.start()       # its thread confines itself
+            if cfg.api_channel:
+                from .fork import Forker
+                machine.forker = Forker(functools.partial(_run_child, sandbox=sandbox, serve_api=serve_api))
+                machine.forker.start()      # so does its
         if cfg.api_channel:
             qmp = serve_api(machine, cfg.api_channel[len("unix:"):])
         if cfg.xenstore:
@@ -174,4 +180,27 @@ def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, se
         if machine is not None:
             if machine.migration is not None:
                 machine.migration.close()
+            if machine.forker is not None:
+                machine.forker.close()
             machine.close()
+
+
+def _run_child(cfg: VmConfig, saved: SavedVm, mem: GuestMemory, report_fd: int, *, sandbox: bool,
+               serve_api: ServeApi) -> int:
+    """A forked VM's process (vmm/fork.py): its own log, then its VM, reporting its start on
+    ``report_fd``; the exit status."""
+    altovirt.IMPORT_STARTED = time.perf_counter()      # its start-up budget counts from the fork
+    root = logging.getLogger("altovirt")
+    formatter = (root.handlers[0].formatter if root.handlers else None) or logging.Formatter()
+    daemon = Daemon(None, report_fd)
+    try:
+        try:       # without a log of its own, only its warnings, on the stderr it shares
+            log_to(cfg.log_file, formatter, root.level if cfg.log_file else logging.WARNING)
+        except OSError as e:
+            raise VmmError(f"the child's log: {cfg.log_file}: {e.strerror}") from e
+        return run_vm(cfg, daemon, sandbox=sandbox, migratable=True, serve_api=serve_api, saved=saved,
+                      mem=mem)
+    except AltoVirtError as e:
+        log.error("%s", e)
+        daemon.report(str(e))
+        return e.exit_status

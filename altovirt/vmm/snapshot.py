@@ -29,7 +29,7 @@ class SavedVm(NamedTuple):
     checked, and the files its memory comes from (mapped copy-on-write)."""
 
     state: VmState
-    files: snapfile.SnapshotFiles
+    files: snapfile.SnapshotFiles | None    # None: the RAM is the saved VM's already (a fork's)
     resume: bool                    # run once built, instead of waiting paused
 
 
@@ -69,7 +69,8 @@ def build_from(m: Machine, saved: SavedVm) -> None:
     # restore, it runs on (the registers, LAPIC and MSRs read back the same either way).
     for v in m.vcpus:
         v.vcpu.enter_once()
-    load_memory(m.mem, saved.files, saved.state.header, mapped=True)
+    if saved.files is not None:
+        load_memory(m.mem, saved.files, saved.state.header, mapped=True)
     load_state(m, saved.state, resume=False, new_generation=True)
 
 

@@ -1,0 +1,202 @@
+"""vm-fork on the probe: a running VM copied into a new VMM process that runs on beside it,
+with its guest's memory, its own disk, console, QMP socket and VM generation ID; the
+parent runs on unchanged. Forks that cannot be made are refused in one line, the parent
+running on."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from .conftest import Vm, needs_kvm
+from .test_migration import DISK_TEXT, Guest, guest_args, guest_vmgenid
+from .test_migration import disk as disk  # the fixture
+
+pytestmark = needs_kvm
+
+
+class Child:
+    """A forked VM: its process (nobody's child), its QMP and, on a socket, its serial console."""
+
+    def __init__(self, pid: int, qmp_path: Path, console: socket.socket | None) -> None:
+        self.pid = pid
+        self.qmp = QEMUMonitorProtocol(str(qmp_path))
+        self.qmp.connect(negotiate=True)
+        self.console = console
+        self._buffer = b""
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        reply = self.qmp.cmd_obj({"execute": name, "arguments": args} if args else {"execute": name})
+        assert "return" in reply, reply
+        return reply["return"]
+
+    def ask(self, command: str, answer: str, timeout: float = 20) -> str:
+        """Type a command to the guest; its answer line (the probe's snapshot test)."""
+        assert self.console is not None
+        self.console.sendall(command.encode() + b"\n")
+        want = f"probe: snap {answer}".encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            *lines, self._buffer = self._buffer.split(b"\n")
+            for i, line in enumerate(lines):
+                if line.startswith(want):
+                    self._buffer = b"\n".join([*lines[i + 1:], self._buffer])
+                    return line.decode()
+            assert time.monotonic() < deadline, f"no {want!r} from the child"
+            self.console.settimeout(max(0.01, deadline - time.monotonic()))
+            with contextlib.suppress(TimeoutError):
+                self._buffer += self.console.recv(65536)
+
+    def alive(self) -> bool:
+        return Path(f"/proc/{self.pid}").exists() and "zombie" not in _state(self.pid)
+
+    def quit(self) -> None:
+        with contextlib.suppress(EOFError):
+            self.cmd("quit")
+        with contextlib.suppress(EOFError, OSError):
+            self.qmp.close()
+        wait_gone(self.pid)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def wait_gone(pid: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid):
+        assert time.monotonic() < deadline, f"process {pid} did not end"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def forked() -> Iterator[list[int]]:
+    """The pids of the forked VMs a test made, killed after it (they are nobody's children)."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def fork(parent: Guest, tmp_path: Path, name: str, **more: Any) -> tuple[int, socket.socket]:
+    """vm-fork ``parent`` with its serial console on a new socket; the child's pid and the
+    socket's other end."""
+    ours, theirs = socket.socketpair()
+    parent.qmp.send_fd_scm(theirs.fileno())
+    parent.cmd("getfd", fdname="con")
+    theirs.close()
+    reply = parent.cmd("vm-fork", **{"api-channel": str(tmp_path / f"{name}.qmp"), "serial-fd": "con",
+                                     "log": str(tmp_path / f"{name}.log"), **more})
+    return int(reply["pid"]), ours
+
+
+def test_a_forked_vm_runs_on_beside_its_parent(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm],
+                                              forked: list[int]) -> None:
+    parent = Guest(vms, guest_args(probe, disk), tmp_path / "parent.qmp")
+    assert parent.ask("dirty 32", "dirty pages=") == "probe: snap dirty pages=32"
+    before = parent.count()
+    parent_id = parent.cmd("query-vm-generation-id")["guid"]
+    parent_crc = parent.ask("blk", "blk read=")
+    own = tmp_path / "child.img"
+    own.write_bytes(b"the child's own disk".ljust(1 << 20, b"\0"))
+    pid, console = fork(parent, tmp_path, "child", drives=[{"id": "disk0", "file": str(own)}])
+    forked.append(pid)
+    child = Child(pid, tmp_path / "child.qmp", console)
+    assert child.cmd("query-status")["status"] == "running"
+    # The guest's program went on where the parent's was: its counter, the pages it keeps
+    # rewriting (each holds the count it was written at), its open disk, now the child's.
+    assert int(child.ask("count", "count=").split("=")[1]) > before
+    assert child.ask("verify", "verify=").startswith("probe: snap verify=ok pages=32")
+    assert child.ask("blk", "blk read=") != parent_crc
+    guid = child.cmd("query-vm-generation-id")["guid"]
+    assert guid != parent_id
+    assert {guid} == {str(x) for x in _child_vmgenid(child)}
+    # The parent is as it was, and runs on.
+    assert parent.status() == "running"
+    assert parent.count() > before
+    assert parent.ask("verify", "verify=").startswith("probe: snap verify=ok pages=32")
+    assert parent.ask("blk", "blk read=") == parent_crc
+    assert parent.cmd("query-vm-generation-id")["guid"] == parent_id == guest_vmgenid(parent).pop()
+    child.quit()
+    assert (tmp_path / "child.log").exists()
+    parent.quit()
+    assert disk.read_bytes().startswith(DISK_TEXT)
+
+
+def _child_vmgenid(child: Child) -> set[str]:
+    import uuid
+    raw = bytes.fromhex(child.ask("vmgenid", "vmgenid=").split("=")[1])
+    return {str(uuid.UUID(bytes_le=raw))}
+
+
+def test_forks_that_cannot_be_made_are_refused(probe: Path, disk: Path, tmp_path: Path, vms: list[Vm],
+                                               forked: list[int]) -> None:
+    """One line each, the parent running on as it was; a child that cannot build its VM ends
+    with the reason, which the parent's caller gets."""
+    parent = Guest(vms, guest_args(probe, disk), tmp_path / "parent.qmp")
+    own = [{"id": "disk0", "file": str(tmp_path / "missing.img")}]
+    for args, problem in (
+            ({}, "drive 'disk0': give the child an image of its own (both VMs writing one image would "
+                 "corrupt it)"),
+            ({"drives": [{"id": "disk9", "file": "x"}]}, "'disk9': the VM has no drive or netdev of that id"),
+            ({"drives": [{"id": "disk0"}]}, "Parameter 'drives[0].file' is missing"),
+            ({"drives": ["disk0"]}, "Invalid parameter 'drives[0]'"),
+            ({"drives": own, "api-channel": str(tmp_path / "parent.qmp")},
+             f"api-channel: {tmp_path / 'parent.qmp'} is the parent's; give the child a socket of its own"),
+            ({"drives": own, "console": "/tmp/x.sock"}, "console: the VM has none"),
+            ({"drives": own, "serial-fd": "nothing"}, "File descriptor named 'nothing' has not been found"),
+            ({"drives": own}, f"the child's VM did not start: -drive id=disk0: {tmp_path / 'missing.img'}: "
+                              "No such file or directory"),
+            ({"drives": [{"id": "disk0", "file": str(disk)}]}, "image is in use by another process")):
+        assert problem in parent.error("vm-fork", **args), args
+    assert parent.status() == "running"
+    before = parent.count()
+    assert parent.count() > before
+    parent.quit()
+
+
+def test_a_vm_sharing_its_ram_is_not_forked(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
+    parent = Guest(vms, ["-kernel", str(probe / "probe.elf"), "-append", "probe.run=snapshot",
+                         "-serial", "stdio", "-machine", "mem-share=on"], tmp_path / "parent.qmp")
+    assert parent.error("vm-fork") == ("a VM with mem-share=on cannot be forked: its RAM is shared with a "
+                                       "back end, and would stay shared between the two guests")
+    assert parent.status() == "running"
+    parent.quit()
+
+
+def test_a_hundred_forks_of_one_parent(probe: Path, tmp_path: Path, vms: list[Vm], forked: list[int]) -> None:
+    """Each with a VM generation ID of its own; the parent runs on through them all. The guest
+    halts (the probe's idle test): a hundred busy guests would share two host cores."""
+    parent = Guest(vms, ["-kernel", str(probe / "probe.elf"), "-append", "probe.run=idle",
+                         "-serial", "stdio"], tmp_path / "parent.qmp", ready=False)
+    parent.vm.wait_line("probe: idle")
+    ids = {parent.cmd("query-vm-generation-id")["guid"]}
+    for n in range(100):
+        pid = parent.cmd("vm-fork", **{"api-channel": str(tmp_path / f"c{n}.qmp")})["pid"]
+        forked.append(pid)
+        child = Child(pid, tmp_path / f"c{n}.qmp", None)
+        assert child.cmd("query-status")["status"] == "running"
+        ids.add(child.cmd("query-vm-generation-id")["guid"])
+        with contextlib.suppress(EOFError, OSError):
+            child.qmp.close()
+    assert len(ids) == 101
+    assert all(Path(f"/proc/{pid}").exists() for pid in forked)
+    assert parent.status() == "running"
+    for pid in forked:
+        os.kill(pid, signal.SIGTERM)
+    for pid in forked:
+        wait_gone(pid)
+    parent.quit()
