@@ -81,6 +81,9 @@ class Machine:
         self._actions = ActionQueue(self._loop)
         self.clock: int | None = None       # the guest's clock while it is stopped (arch.read_clock)
         self._snapshot_msrs: list[int] | None = None
+        # Seconds the VM's whole state last took to save or load here (snapshot.py): what a live
+        # migration expects its stop to cost (convergence.py). None until it has been.
+        self.state_seconds: float | None = None
         # QEMU's autostart: 'cont' while the state loads (inmigrate) runs the VM once it is in.
         self.run_once_loaded = False
         self.migration = migrations(self) if migrations is not None else None

@@ -68,7 +68,7 @@ def send_live(m: Machine, uri: MigrationUri, progress: Progress, params: converg
             dirty = dirty_log.collect()
             pages = dirty.count(1)
             s.remaining = pages * PAGE_SIZE
-            if convergence.last_pass(s, params):
+            if convergence.last_pass(s, params, time.monotonic() - started, m.state_seconds):
                 break
             sender.pages(dirty, throttle)
             s.passes += 1
@@ -82,10 +82,16 @@ def send_live(m: Machine, uri: MigrationUri, progress: Progress, params: converg
         # The state first: saving it may write guest RAM (a GICv3 ITS's tables), which the
         # last pages then carry.
         header, sections = cast(State, m.request(SaveState()))
-        sender.pages(dirty_log.collect(dirty), None)
+        saved = time.monotonic()
+        last = dirty_log.collect(dirty)
+        sender.pages(last, None)
+        sent = time.monotonic()
         sender.state(snapfile.encode_state(header, sections))
         s.remaining = 0
         s.downtime = time.monotonic() - stopped
+        log.info("live migration: the guest stood still %.0f ms: its state %.0f ms, the last %d pages "
+                 "%.0f ms, the destination's load %.0f ms", 1000 * s.downtime, 1000 * (saved - stopped),
+                 last.count(1), 1000 * (sent - saved), 1000 * (time.monotonic() - sent))
         m.request(EndMigration(True, was))
         was = None
     except (TimeoutError, ConnectionError) as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..snapshot import format as snapfile
@@ -80,7 +81,10 @@ def save_state(m: Machine) -> tuple[dict[str, Any], list[Section]]:
     with m.lifecycle.lock:
         m.lifecycle.require(RunState.PAUSED, RunState.FINISH_MIGRATE)
         assert m.clock is not None
-        return save(m, m.snapshot_msrs(), m.clock)
+        start = time.monotonic()
+        saved = save(m, m.snapshot_msrs(), m.clock)
+        m.state_seconds = time.monotonic() - start
+        return saved
 
 
 def load_state(m: Machine, state: VmState, *, resume: bool, new_generation: bool) -> None:
@@ -90,7 +94,9 @@ def load_state(m: Machine, state: VmState, *, resume: bool, new_generation: bool
     SnapshotError naming the section and the reason if it does not fit this VM."""
     with m.lifecycle.lock:
         m.lifecycle.require(RunState.INMIGRATE)
+        start = time.monotonic()
         m.clock = restore(m, state)
+        m.state_seconds = time.monotonic() - start
         try:
             m.take_images()
         except StateError as e:
