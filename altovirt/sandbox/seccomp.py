@@ -207,13 +207,18 @@ def _action_available(action: str) -> bool:
     return _libc.syscall(SYS_seccomp, SECCOMP_GET_ACTION_AVAIL, 0, ctypes.byref(value)) == 0
 
 
+def name_thread(name: bytes) -> None:
+    """Name the calling thread (for ps and the kernel log; a main thread's is the process's)."""
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+
+
 def confine(role: str) -> None:
     """Name the calling thread after its Python name (for ps and the kernel log) and,
     when filtering is on, load ``role``'s filter on it. The main thread keeps its name:
     it is the process's (what ps, pgrep and psutil's name() show), as in QEMU and Firecracker."""
     thread = threading.current_thread()
     if thread is not threading.main_thread():
-        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(thread.name.encode()[:15]), 0, 0, 0)
+        name_thread(thread.name.encode())
     if _enabled:
         _load(_programs[role])
 

@@ -155,7 +155,10 @@ class Forker:
     """The thread that forks (see the module's docstring); :meth:`fork` hands it a job."""
 
     def __init__(self, run_child: RunChild) -> None:
+        """Made on the main thread, whose name (the process's, as ps shows it) the child takes."""
         self.run_child = run_child
+        with open("/proc/self/comm", "rb") as f:
+            self._process_name = f.read().strip()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="fork", daemon=True)
 
@@ -198,6 +201,8 @@ class Forker:
             raise
         if pid == 0:
             os.close(r)
+            threading.current_thread().name = "MainThread"
+            seccomp.name_thread(self._process_name)
             _child(lambda: job.run(w))      # never returns
         os.close(w)
         job.mem.copied_into_children(False)
@@ -257,21 +262,39 @@ def fork(m: Machine, o: Overrides, forker: Forker) -> int:
 def _run(run_child: RunChild, cfg: VmConfig, header: dict[str, Any], saved: list[Section],
          mem: GuestMemory, stdio: int | None, w: int) -> int:
     """The VM's process: its pid on ``w`` first; stdin and stdout ``stdio`` (stdin /dev/null
-    without); the parent's descriptors closed (their Python objects stay, never used: closing
-    them again would close whatever reuses the numbers), the state read and the VM run,
-    reporting on ``w``."""
+    without); the parent's other descriptors let go, the state read and the VM run, reporting
+    on ``w``. The parent's are not closed but made /dev/null: the Python objects that hold
+    them (the parent's log handler, say) close them when they are dropped, which must not
+    close whatever would have reused the number."""
     from . import sections
     from .snapshot import SavedVm
     os.write(w, f"{os.getpid()}\n".encode())
-    if stdio is None:
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    else:
-        os.dup2(stdio, 0)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null if stdio is None else stdio, 0)
+    if stdio is not None:
         os.dup2(stdio, 1)
-    os.closerange(3, w)
-    os.closerange(w + 1, os.sysconf("SC_OPEN_MAX"))
+    for fd in _descriptors():
+        if fd > 2 and fd not in (w, null):
+            os.dup2(null, fd)
+    os.close(null)
     state = sections.parse(header, {s.name: s for s in saved})
     return run_child(cfg, SavedVm(state, None, True), mem, w)
+
+
+def _descriptors() -> list[int]:
+    """This process's open descriptors (from /proc; without it, those below 4096)."""
+    try:
+        return [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return [fd for fd in range(4096) if _is_open(fd)]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def read_report(r: int) -> int:

@@ -5,7 +5,8 @@ over QMP. One boot (about 90 s in the nested test bed); the tests share it in fi
 2. a VM restored from it carries on: the same shell, its uptime, its disk, NIC and vsock;
 3. that VM migrates live to another process while it keeps rewriting 64 MiB;
 4. three clones of the snapshot run side by side, each with its own disk copy, tap, vsock
-   socket and VM generation ID.
+   socket and VM generation ID;
+5. a VM restored from it, running a program, is forked ten times (vm-fork).
 
 tests/linux_arm64/test_snapshot.py runs them on arm64, whose board has no VM generation ID
 (an ACPI device): those checks are x86's.
@@ -14,7 +15,11 @@ tests/linux_arm64/test_snapshot.py runs them on arm64, whose board has no VM gen
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
+import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -138,6 +143,9 @@ def bed(kernel: debian.Kernel, initrd: Path, tmp_path_factory: pytest.TempPathFa
     finally:
         for r in b.runs:
             r.close()
+        for pid in b.facts.get("forked", []):         # nobody's children (vm-fork's)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_snapshot_of_a_busy_guest(bed: Bed) -> None:
@@ -236,3 +244,90 @@ def test_three_clones_side_by_side(bed: Bed) -> None:
         c.g.wait_exit(120)
         assert guest.read_ext4(bed.dir / f"clone{n}.img", "/clone.txt") == f"clone {n}\n".encode()
         assert guest.read_ext4(bed.dir / f"clone{n}.img", "/before.txt") == BEFORE.encode()
+
+
+FORKS = 10
+
+
+def test_forks_of_a_running_guest(bed: Bed) -> None:
+    """vm-fork: a guest running a program, with a file in its tmpfs, forked ten times, one
+    child after the other (ten Debian guests at once would starve L1's one CPU). Each child
+    carries the program on where it was, has the file, its own disk copy, tap, vsock socket,
+    console and VM generation ID, and answers ping and vsock; the parent runs on unchanged."""
+    disk = bed.dir / "fork-parent.img"
+    shutil.copyfile(bed.dir / "snap-disk.img", disk)
+    parent = bed.start("fork-parent", "-incoming", f"file:{bed.dir / 'snap'},resume=on", disk=disk,
+                       tap="tapf")
+    wait_status(parent.qmp, "running")
+    parent.g.check("echo forked-state > /tmp/state.txt && "
+                   "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) > /dev/null 2>&1 & "
+                   "sync")            # what follows writes only the tmpfs: the disk copies hold all
+    parent_id = vmgenid(parent) if HAS_VMGENID else ""
+    ids = {parent_id}
+    for n in range(FORKS):
+        counted = int(parent.g.check("cat /tmp/count"))
+        child, pid = fork_child(bed, parent, n, disk)
+        wait_status(child.qmp, "running")
+        assert child.g.check("cat /tmp/state.txt").strip() == "forked-state"
+        first = int(child.g.check("cat /tmp/count"))
+        assert first >= counted and int(child.g.check("sleep 1; cat /tmp/count")) > first
+        assert child.g.check("echo $MARK").strip() == "kept-in-the-shell"
+        if HAS_VMGENID:
+            ids.add(vmgenid(child))
+        child.g.check(f"echo fork {n} > /mnt/fork.txt && sync")
+        network_and_vsock_work(bed, child, 5600 + n)
+        child.qmp.ok("quit")
+        child.g.wait_exit(120)
+        wait_gone(pid)
+        assert guest.read_ext4(bed.dir / f"fork{n}.img", "/fork.txt") == f"fork {n}\n".encode()
+    assert not HAS_VMGENID or len(ids) == FORKS + 1        # each child a generation of its own
+    assert not HAS_VMGENID or vmgenid(parent) == parent_id
+    assert parent.g.check("cat /tmp/state.txt").strip() == "forked-state"
+    parent.g.check("test ! -e /mnt/fork.txt")
+    network_and_vsock_work(bed, parent, 5700)
+    parent.qmp.ok("quit")
+    parent.g.wait_exit(120)
+
+
+def fork_child(bed: Bed, parent: Run, n: int, disk: Path) -> tuple[Run, int]:
+    """Fork ``parent`` with a copy of ``disk``, a tap of its own (made in the parent's network
+    namespace, where the child opens it, then moved to one of its own with the host's address)
+    and its serial console on a unix socket, which socat relays to a LinuxGuest."""
+    d, name, tap = bed.dir, f"fork{n}", f"tapk{n}"
+    shutil.copyfile(disk, d / f"{name}.img")
+    assert parent.ns.run("ip", "tuntap", "add", "dev", tap, "mode", "tap").returncode == 0
+    con = d / f"{name}.con"
+    g = guest.LinuxGuest(["socat", "-", f"UNIX-LISTEN:{con}"], log_path=d / f"{name}.serial.log")
+    ns = Netns()
+    try:
+        deadline = time.monotonic() + 30
+        while not con.exists():
+            assert time.monotonic() < deadline, "socat did not listen"
+            time.sleep(0.05)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(con))
+            parent.qmp.client.send_fd_scm(s.fileno())
+            parent.qmp.ok("getfd", fdname="con")
+        pid = int(answer(parent.qmp, "vm-fork", **{
+            "api-channel": str(d / f"{name}.qmp"), "serial-fd": "con", "log": str(d / f"{name}.vmm.log"),
+            "drives": [{"id": "rw", "file": str(d / f"{name}.img")}],
+            "netdevs": [{"id": "n0", "ifname": tap}], "vsock": f"{d / name}.vsock"})["pid"])
+        bed.facts.setdefault("forked", []).append(pid)
+        subprocess.run(["ip", "-n", parent.ns.name, "link", "set", tap, "netns", ns.name], check=True)
+        ns.run("ip", "link", "set", tap, "address", HOST_MAC)
+        ns.address(tap, f"{HOST_IP}/{PREFIX}")
+        run = Run(g, Qmp(d / f"{name}.qmp"), ns, name)
+    except BaseException:
+        g.close()
+        ns.close()
+        raise
+    bed.runs.append(run)
+    return run, pid
+
+
+def wait_gone(pid: int, timeout: float = 60) -> None:
+    """Until process ``pid`` (nobody's child: a fork's) has ended."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, f"process {pid} did not end"
+        time.sleep(0.1)
