@@ -148,19 +148,25 @@ def test_forks_that_cannot_be_made_are_refused(probe: Path, disk: Path, tmp_path
     with the reason, which the parent's caller gets."""
     parent = Guest(vms, guest_args(probe, disk), tmp_path / "parent.qmp")
     own = [{"id": "disk0", "file": str(tmp_path / "missing.img")}]
+    child = str(tmp_path / "c.qmp")
     for args, problem in (
-            ({}, "drive 'disk0': give the child an image of its own (both VMs writing one image would "
-                 "corrupt it)"),
-            ({"drives": [{"id": "disk9", "file": "x"}]}, "'disk9': the VM has no drive or netdev of that id"),
+            ({}, "api-channel: give the child a QMP socket of its own"),
+            ({"api-channel": child}, "drive 'disk0': give the child an image of its own (both VMs "
+                                     "writing one image would corrupt it)"),
+            ({"api-channel": child, "drives": [{"id": "disk9", "file": "x"}]},
+             "'disk9': the VM has no drive or netdev of that id"),
             ({"drives": [{"id": "disk0"}]}, "Parameter 'drives[0].file' is missing"),
             ({"drives": ["disk0"]}, "Invalid parameter 'drives[0]'"),
             ({"drives": own, "api-channel": str(tmp_path / "parent.qmp")},
              f"api-channel: {tmp_path / 'parent.qmp'} is the parent's; give the child a socket of its own"),
-            ({"drives": own, "console": "/tmp/x.sock"}, "console: the VM has none"),
-            ({"drives": own, "serial-fd": "nothing"}, "File descriptor named 'nothing' has not been found"),
-            ({"drives": own}, f"the child's VM did not start: -drive id=disk0: {tmp_path / 'missing.img'}: "
-                              "No such file or directory"),
-            ({"drives": [{"id": "disk0", "file": str(disk)}]}, "image is in use by another process")):
+            ({"api-channel": child, "drives": own, "console": "/tmp/x.sock"}, "console: the VM has none"),
+            ({"api-channel": child, "drives": own, "serial-fd": "nothing"},
+             "File descriptor named 'nothing' has not been found"),
+            ({"api-channel": child, "drives": own},
+             f"the child's VM did not start: -drive id=disk0: {tmp_path / 'missing.img'}: "
+             "No such file or directory"),
+            ({"api-channel": child, "drives": [{"id": "disk0", "file": str(disk)}]},
+             "image is in use by another process")):
         assert problem in parent.error("vm-fork", **args), args
     assert parent.status() == "running"
     before = parent.count()

@@ -1,6 +1,6 @@
 """QMP's vm-fork (AltoVirt's own command): copy the running VM into a new VMM process.
 
-Arguments, all optional but where the VM has something the two cannot share::
+Arguments: the child's QMP socket, and what it cannot share with the parent::
 
     {"execute": "vm-fork", "arguments": {
         "api-channel": "/run/child.qmp",                     # the child's QMP socket
@@ -11,7 +11,8 @@ Arguments, all optional but where the VM has something the two cannot share::
         "log": "/run/child.log"}}
 
 The reply, once the child's VM runs: ``{"pid": N}``, its VMM's process (nobody's
-child: ``quit`` on its QMP, or a signal, ends it). The parent's guest is stopped
+child: ``quit`` on its QMP, or a signal, ends it). The other arguments are optional but
+where the VM has a device of that kind. The parent's guest is stopped
 only while its state is read and the process forks (vmm/fork.py).
 """
 

@@ -70,7 +70,7 @@ class Overrides:
     """What the child has of its own, instead of the parent's (None: the parent's, where it
     can be shared)."""
 
-    api_channel: str | None = None          # its QMP socket's path
+    api_channel: str | None = None          # its QMP socket's path (required)
     drives: tuple[tuple[str, str], ...] = ()    # (drive id, image path)
     nets: tuple[tuple[str, str], ...] = ()      # (netdev id, tap name)
     console: str | None = None              # its virtio-console socket
@@ -102,6 +102,9 @@ def child_config(cfg: VmConfig, o: Overrides) -> VmConfig:
     """The child's configuration: the parent's with ``o`` in; ConfigError naming an override
     of nothing, or a resource the two VMs cannot share (an image both would write, a tap,
     a socket)."""
+    if o.api_channel is None:
+        # A VM with an API channel (the parent has one) has hot-plug slots, saved with it.
+        raise ConfigError("api-channel: give the child a QMP socket of its own")
     drives, nets = dict(o.drives), dict(o.nets)
     unknown = sorted((drives.keys() - {d.id for d in cfg.drives}) | (nets.keys() - {n.id for n in cfg.nets}))
     if unknown:
@@ -134,7 +137,7 @@ def child_config(cfg: VmConfig, o: Overrides) -> VmConfig:
         nets=[dataclasses.replace(n, tap=nets[n.id], fd=None) for n in cfg.nets],
         console=console and dataclasses.replace(console, socket_path=o.console or ""),
         vsock=vsock and dataclasses.replace(vsock, uds_path=o.vsock),
-        api_channel=f"unix:{o.api_channel}" if o.api_channel else None,
+        api_channel=f"unix:{o.api_channel}",
         xenstore=None, incoming=None, log_file=o.log_file, log_stderr=False,
         pidfile=None, daemonize=False)
 
