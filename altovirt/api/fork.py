@@ -22,6 +22,7 @@ import os
 from typing import Any, cast
 
 from ..config import ConfigError
+from ..persist import SaveError
 from ..vmm.actions import ForkVm
 from ..vmm.fork import ForkError, Overrides, read_report
 from ..vmm.lifecycle import StateError
@@ -55,7 +56,7 @@ def fork_commands(machine: Machine, fds: dict[str, int]) -> dict[str, Command]:
                               **{field: args[key] for key, field in PATHS.items() if key in args})
         try:
             report = cast(int, machine.request(ForkVm(overrides)))
-        except (ForkError, ConfigError, StateError) as e:
+        except (ForkError, ConfigError, StateError, SaveError) as e:
             raise QmpError("GenericError", str(e)) from e
         if stdio is not None:
             os.close(fds.pop(stdio))    # the child's now

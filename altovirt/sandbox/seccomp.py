@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from seccompy import Filter
 
 PR_SET_NAME = 15
+PR_GET_NAME = 16
 # Imported lazily on rare paths, loaded up front because a confined thread cannot open them
 # any more, nor map an extension module's code: the standard library's for a logged
 # traceback; on arm64 the device tree's writer and a gzip'd kernel's inflater, which a VM
@@ -210,6 +211,13 @@ def _action_available(action: str) -> bool:
 def name_thread(name: bytes) -> None:
     """Name the calling thread (for ps and the kernel log; a main thread's is the process's)."""
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+
+
+def thread_name() -> bytes:
+    """The calling thread's name (prctl: a jail may have no /proc)."""
+    buf = ctypes.create_string_buffer(16)
+    _libc.prctl(PR_GET_NAME, buf, 0, 0, 0)
+    return buf.value
 
 
 def confine(role: str) -> None:

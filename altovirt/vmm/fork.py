@@ -160,8 +160,7 @@ class Forker:
     def __init__(self, run_child: RunChild) -> None:
         """Made on the main thread, whose name (the process's, as ps shows it) the child takes."""
         self.run_child = run_child
-        with open("/proc/self/comm", "rb") as f:
-            self._process_name = f.read().strip()
+        self._process_name = seccomp.thread_name()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="fork", daemon=True)
 
@@ -234,8 +233,8 @@ def fork(m: Machine, o: Overrides, forker: Forker) -> int:
     """Fork ``m`` (the main thread): the child's configuration checked, the guest stopped for
     its state and the fork, and run on as it was. Returns the read end of the pipe the VM's
     process reports its start on (:func:`read_report`).
-    ForkError or ConfigError, ``m`` unchanged, if it cannot be forked; StateError unless it
-    is running or paused."""
+    ForkError or ConfigError, ``m`` unchanged, if it cannot be forked; SaveError if a device
+    cannot be saved as it stands; StateError unless it is running or paused."""
     from . import sections
     check_forkable(m.cfg)
     cfg = child_config(m.cfg, o)
