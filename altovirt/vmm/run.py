@@ -161,9 +161,9 @@ def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, se
         def running() -> None:
             budget.mark("vCPUs started")
             budget.report()
-            daemon.report(None)
             if saved is not None and saved.resume:
                 machine.resume()
+            daemon.report(None)         # after the resume: whoever waits may find it running
             if on_running is not None:
                 on_running()
             start_load()
