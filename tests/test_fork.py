@@ -56,9 +56,6 @@ class Child:
             with contextlib.suppress(TimeoutError):
                 self._buffer += self.console.recv(65536)
 
-    def alive(self) -> bool:
-        return Path(f"/proc/{self.pid}").exists() and "zombie" not in _state(self.pid)
-
     def quit(self) -> None:
         with contextlib.suppress(EOFError):
             self.cmd("quit")
