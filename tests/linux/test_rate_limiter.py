@@ -64,7 +64,7 @@ def test_rates_under_linux(kernel: debian.Kernel, initrd: Path, tmp_path: Path,
         drive = {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False,
                  "rate_limiter": {"bandwidth": bucket(4 * MiB, burst=8 * MiB)}}
         nic = {"iface_id": "eth0", "host_dev_name": "tap0",
-               "tx_rate_limiter": {"bandwidth": bucket(MiB // 2, 250)}}
+               "tx_rate_limiter": {"bandwidth": bucket(MiB // 4, 250)}}
         start_firecracker_guest(g, sock, kernel, initrd, ("/drives/data", drive),
                                 ("/network-interfaces/eth0", nic),
                                 ("/entropy", {"rate_limiter": {"bandwidth": bucket(1024, 250)}}),
@@ -90,12 +90,13 @@ def test_rates_under_linux(kernel: debian.Kernel, initrd: Path, tmp_path: Path,
         record_property("disk_iops", round(200 / ops))
         within(200 / ops, 50, "disk IOPS")
 
-        # The NIC, guest to host at 2 MiB/s.
-        sink = ns.receiver(5001, 12 * MiB)
-        (tx,) = timed(g, f"tcp send {HOST_IP} 5001 {12 * MiB}")
-        assert sink.communicate(timeout=60)[0].split()[0] == str(12 * MiB)
-        record_property("tx_mib_s", round(11.5 / tx, 2))
-        within(11.5 / tx, 2, "guest to host MiB/s")
+        # The NIC, guest to host at 1 MiB/s: at 2, a slow host's guest sent 1.53 MiB/s, short of
+        # CPU (TCG in L1 runs its TCP stack and the VMM's Python on one CPU), not of tokens.
+        sink = ns.receiver(5001, 6 * MiB)
+        (tx,) = timed(g, f"tcp send {HOST_IP} 5001 {6 * MiB}")
+        assert sink.communicate(timeout=60)[0].split()[0] == str(6 * MiB)
+        record_property("tx_mib_s", round(5.75 / tx, 2))
+        within(5.75 / tx, 1, "guest to host MiB/s")
 
         # Host to guest, limited at runtime to 1 MiB/s.
         rx_limit = {"bandwidth": bucket(MiB // 4, 250)}
