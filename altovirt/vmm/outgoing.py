@@ -68,7 +68,8 @@ def send_live(m: Machine, uri: MigrationUri, progress: Progress, params: converg
             dirty = dirty_log.collect()
             pages = dirty.count(1)
             s.remaining = pages * PAGE_SIZE
-            if convergence.last_pass(s, params, time.monotonic() - started, m.state_seconds):
+            decided = time.monotonic()
+            if convergence.last_pass(s, params, decided - started, m.state_seconds):
                 break
             sender.pages(dirty, throttle)
             s.passes += 1
@@ -90,8 +91,9 @@ def send_live(m: Machine, uri: MigrationUri, progress: Progress, params: converg
         s.remaining = 0
         s.downtime = time.monotonic() - stopped
         log.info("live migration: the guest stood still %.0f ms: its state %.0f ms, the last %d pages "
-                 "%.0f ms, the destination's load %.0f ms", 1000 * s.downtime, 1000 * (saved - stopped),
-                 last.count(1), 1000 * (sent - saved), 1000 * (time.monotonic() - sent))
+                 "%.0f ms (%d when it was told to stop, %.0f ms before it did), the destination's load "
+                 "%.0f ms", 1000 * s.downtime, 1000 * (saved - stopped), last.count(1), 1000 * (sent - saved),
+                 pages, 1000 * (stopped - decided), 1000 * (time.monotonic() - sent))
         m.request(EndMigration(True, was))
         was = None
     except (TimeoutError, ConnectionError) as e:
