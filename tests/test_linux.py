@@ -3,6 +3,11 @@ runs inside the x86 nested test bed where this /dev/kvm is PVM, and tests/linux_
 arm64 kernel) inside the arm64 test bed on any x86 host (scripts/testbed, tests/testbed/l1.py),
 one module per L1 boot (a few short ones share one), and every inner failure fails here.
 
+Two L1s run at once (:data:`LANES`): each has one vCPU (tests/testbed/l1.py says why), so one
+alone leaves a host core idle.  One lane takes the runs in order from the first x86 module,
+the other from the last arm64 one backwards; they meet in the middle, and each test waits for
+its run's outcome.
+
 One module per boot, so that a lost L1 (it wedges, or its kernel crashes: TCG's SVM emulation
 has races, see tests/testbed/l1.py) costs that module's run (or its group's) and is retried
 once, not the whole suite.  A run whose L1 is lost on every attempt FAILS, naming the losses: a lost L1
@@ -16,7 +21,11 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -47,6 +56,9 @@ def _runs(d: str) -> list[tuple[str, ...]]:
 
 
 MODULES = [(a, tuple(f"{d}/{m}" for m in run), python) for a, d, python in BEDS for run in _runs(d)]
+IDS = [f"{a.key}-{'+'.join(m)}" for a, m, _ in MODULES]
+# L1s at once: the host's two cores (ALTOVIRT_BED_LANES=1 runs them one after another).
+LANES = int(os.environ.get("ALTOVIRT_BED_LANES", "2"))
 # s for L1's boot and one module, on a host busy enough to give L1 a third of a core (a
 # module takes 1-5 min on a quiet host); a lost L1 is retried once, so twice that at worst.
 ATTEMPT_TIMEOUT = 1500
@@ -80,6 +92,59 @@ def warm_caches() -> None:
     initramfs.build(debian.kernel())        # the arm64 bed builds its guest's on every run
 
 
+class Run:
+    """One L1 boot's run of some modules: its output directory, its notes, and its outcome."""
+
+    def __init__(self, bed: arch.Arch, modules: tuple[str, ...], python: str, tmp: Path) -> None:
+        self.bed, self.modules, self.python, self.tmp = bed, modules, python, tmp
+        self.notes: list[str] = []
+        self.result: Future[l1.Result] = Future()
+
+    def __call__(self) -> None:
+        if not self.result.set_running_or_notify_cancel():
+            return
+        try:
+            self.result.set_result(l1.run(
+                [self.python, *INNER_ARGS, *(f"tests/{m}" for m in self.modules),
+                 f"--junitxml={self.tmp / 'out' / 'junit.xml'}"],
+                env=INNER_ENV, timeout=ATTEMPT_TIMEOUT, cwd=ROOT, out_dir=self.tmp / "out",
+                log=self.tmp / "l1.log", note=self.notes.append, arch=self.bed))
+        except BaseException as e:      # a bug here must fail its test, not end the lane silently
+            self.result.set_exception(e)
+
+
+def _lane(runs: deque[Run], take_first: bool, lock: threading.Lock) -> None:
+    while True:
+        with lock:
+            if not runs:
+                return
+            run = runs.popleft() if take_first else runs.pop()
+        run()
+
+
+@pytest.fixture(scope="module")
+def bed_runs(request: pytest.FixtureRequest, warm_caches: None,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, ...], Run]]:
+    """The runs of this session's selected bed tests that can run here, by modules, started
+    on :data:`LANES` threads; at the end, those not yet started are cancelled and the lanes
+    joined."""
+    selected = {item.callspec.id for item in request.session.items if isinstance(item, pytest.Function)
+                and item.originalname == test_linux_guests_in_the_nested_test_bed.__name__}
+    runs = {m: Run(a, m, python, tmp_path_factory.mktemp("bed"))
+            for (a, m, python), id_ in zip(MODULES, IDS, strict=True)
+            if id_ in selected and _why_not(a) is None}
+    queue, lock = deque(runs.values()), threading.Lock()
+    lanes = [threading.Thread(target=_lane, args=(queue, n == 0, lock), name=f"bed-lane-{n}", daemon=True)
+             for n in range(max(1, LANES))]
+    for lane in lanes:
+        lane.start()
+    yield runs
+    for run in runs.values():
+        run.result.cancel()
+    for lane in lanes:
+        lane.join()
+
+
 def inner_figures(junit: Path) -> list[str]:
     """'test: name=value ...' for every inner test that recorded figures (record_property)."""
     out = []
@@ -101,23 +166,20 @@ def inner_failures(junit: Path) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize(("bed", "modules", "python"), MODULES,
-                         ids=[f"{a.key}-{'+'.join(m)}" for a, m, _ in MODULES])
+@pytest.mark.parametrize(("bed", "modules", "python"), MODULES, ids=IDS)
 @pytest.mark.timeout(2 * ATTEMPT_TIMEOUT + 300)
 def test_linux_guests_in_the_nested_test_bed(bed: arch.Arch, modules: tuple[str, ...], python: str,
-                                             warm_caches: None, tmp_path: Path) -> None:
+                                             bed_runs: dict[tuple[str, ...], Run]) -> None:
     why_not = _why_not(bed)
     if why_not:
         pytest.skip(why_not)
-    out = tmp_path / "out"
+    run = bed_runs[modules]
+    r = run.result.result()
+    out = r.out_dir
     junit = out / "junit.xml"
-    notes: list[str] = []
     module = " ".join(modules)
-    r = l1.run([python, *INNER_ARGS, *(f"tests/{m}" for m in modules), f"--junitxml={junit}"], env=INNER_ENV,
-               timeout=ATTEMPT_TIMEOUT, cwd=ROOT, out_dir=out, log=tmp_path / "l1.log", note=notes.append,
-               arch=bed)
     print(r.output.decode(errors="replace"))
-    print("\n".join(notes), f"{module}: L1 boot {r.boot_seconds} s, {r.attempts} attempt(s), "
+    print("\n".join(run.notes), f"{module}: L1 boot {r.boot_seconds} s, {r.attempts} attempt(s), "
           f"{r.nudges.sent} nudge(s) ({r.nudges.revived} revived), {r.seconds:.0f} s in all")
     if r.bed_error is not None:         # L1 lost on every attempt, or the last one timed out
         why = [*r.failures, *([r.bed_error] if r.bed_error not in r.failures else [])]

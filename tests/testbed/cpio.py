@@ -3,10 +3,11 @@ that no tool and no root is needed (device nodes are plain entries), and cached 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import debian
 
 DIR, FILE, LINK, CHR = 0o040000, 0o100000, 0o120000, 0o020000
 
@@ -60,10 +61,10 @@ def archive(members: Mapping[str, Entry]) -> bytes:
 
 def cached(target: Path, build: Callable[[], bytes]) -> Path:
     """``target``, written with ``build()`` first if it does not exist: complete or absent,
-    also with several processes building it at once."""
+    also with several processes or threads building it at once."""
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        tmp = debian.scratch(target)
         tmp.write_bytes(build())
         tmp.rename(target)
     return target

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -74,6 +75,12 @@ def candidate(name: str, arch: str | None = None) -> str:
     raise PackageError(f"{qualified(name, arch)}: no installable version in the apt lists{hint}")
 
 
+def scratch(target: Path) -> Path:
+    """A name beside ``target`` to build it under before renaming it into place: this process's
+    and this thread's own (tests/test_linux.py runs test beds on two threads at once)."""
+    return target.with_name(f"{target.name}.{os.getpid()}.{threading.get_native_id()}.tmp")
+
+
 def download(packages: Iterable[tuple[str, str]], arch: str | None = None) -> tuple[Path, list[Path]]:
     """Download ``(name, version)`` packages of ``arch`` (None: as named, ``name:arm64`` or
     native) with one ``apt-get download`` into a
@@ -108,7 +115,7 @@ def unpack(name: str, arch: str | None = None) -> Path:
         return root
     where, (deb,) = download([(name, version)], arch)
     try:
-        tmp = root.with_name(f"{root.name}.{os.getpid()}.tmp")
+        tmp = scratch(root)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         _run("dpkg-deb", "-x", str(deb), str(tmp))

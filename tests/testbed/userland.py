@@ -150,7 +150,7 @@ def root(arch: arches.Arch) -> Path:
     if target.is_dir():
         return target
     _, applets = debian.busybox(deb)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    tmp = debian.scratch(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
