@@ -18,6 +18,7 @@ import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .conftest import Vm, needs_kvm
+from .procs import wait_gone
 from .test_migration import DISK_TEXT, Guest, guest_args, guest_vmgenid
 from .test_migration import disk as disk  # the fixture
 
@@ -62,20 +63,6 @@ class Child:
         with contextlib.suppress(EOFError, OSError):
             self.qmp.close()
         wait_gone(self.pid)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
-    except (OSError, IndexError):
-        return "gone"
-
-
-def wait_gone(pid: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid):
-        assert time.monotonic() < deadline, f"process {pid} did not end"
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import pytest
 from altovirt import launch
 
 from .conftest import KVM_PROBLEM, ROOT, Vm, altovirt_cmd
+from .procs import wait_gone
 
 pytestmark = pytest.mark.skipif(KVM_PROBLEM is not None, reason=KVM_PROBLEM or "")
 
@@ -69,13 +70,6 @@ def warm(tmp_path: Path) -> Iterator[WarmParent]:
 def run(argv: list[str], env: dict[str, str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
                           stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
-
-
-def wait_gone(pid: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
-        assert time.monotonic() < deadline, f"process {pid} still runs"
-        time.sleep(0.02)
 
 
 def test_a_vm_through_the_warm_parent_is_the_same_to_its_caller(probe: Path, warm: WarmParent) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from ..procs import wait_gone
 from ..testbed import debian, guest
 from .conftest import ARCH, GUEST_IP, HOST_IP, PREFIX, Netns, Qmp, altovirt_argv, migration_ends, wait_for_qmp
 
@@ -281,7 +282,7 @@ def test_forks_of_a_running_guest(bed: Bed) -> None:
         network_and_vsock_work(bed, child, 5600 + n)
         child.qmp.ok("quit")
         child.g.wait_exit(120)
-        wait_gone(pid)
+        wait_gone(pid, 60, 0.1)
         assert guest.read_ext4(bed.dir / f"fork{n}.img", "/fork.txt") == f"fork {n}\n".encode()
     assert not HAS_VMGENID or len(ids) == FORKS + 1        # each child a generation of its own
     assert not HAS_VMGENID or vmgenid(parent) == parent_id
@@ -327,10 +328,3 @@ def fork_child(bed: Bed, parent: Run, n: int, disk: Path) -> tuple[Run, int]:
     bed.runs.append(run)
     return run, pid
 
-
-def wait_gone(pid: int, timeout: float = 60) -> None:
-    """Until process ``pid`` (nobody's child: a fork's) has ended."""
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
-        assert time.monotonic() < deadline, f"process {pid} did not end"
-        time.sleep(0.1)
