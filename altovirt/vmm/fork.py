@@ -10,8 +10,8 @@ log) and takes the state into it, as a restore does (``builder.build`` with a
 :class:`~.snapshot.SavedVm` whose RAM is already in place), with a new VM generation
 ID. The parent's guest runs on as it was; each side's writes stay its own.
 
-As with a snapshot, the vsock's connections end with a transport reset (in the parent
-too: a host socket cannot be in both VMs).
+The parent's vsock connections go on; the child's guest hears a transport reset as it
+starts, as a restored one does (a host socket cannot be in both VMs).
 
 What cannot be forked: RAM shared with another process (``mem-share=on``, which a
 vhost-user back end such as virtio-fs's maps) would stay shared between the two
@@ -249,7 +249,7 @@ def fork(m: Machine, o: Overrides, forker: Forker) -> int:
             m.stop_guest()
         try:
             assert m.clock is not None
-            header, saved = sections.save(m, m.snapshot_msrs(), m.clock)
+            header, saved = sections.save(m, m.snapshot_msrs(), m.clock, fork=True)
             try:
                 return forker.fork(lambda w: _run(forker.run_child, cfg, header, saved, m.mem, o.stdio, w),
                                    m.mem)

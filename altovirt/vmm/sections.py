@@ -72,10 +72,12 @@ def _state(sections: dict[str, Section], name: str, cls: type[T]) -> T:
         raise SnapshotError(f"section {name}: {e}") from e
 
 
-def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[Section]]:
+def save(m: Machine, msrs: list[int], clock: int, *,
+         fork: bool = False) -> tuple[dict[str, Any], list[Section]]:
     """The header and sections of ``m``, paused with its device work still; ``msrs`` are
     the registers to keep and ``clock`` the guest's clock at the pause (arch.read_clock).
-    SaveError if a device cannot be saved as it stands."""
+    ``fork``: ``m`` runs on after, its vsock's connections kept (the child's guest hears
+    their end when it starts). SaveError if a device cannot be saved as it stands."""
     d = m.devices
     assert d.hotplug is not None
     kvm_state = arch.save_state(m.vm, [v.vcpu for v in m.vcpus], msrs)
@@ -90,7 +92,8 @@ def save(m: Machine, msrs: list[int], clock: int) -> tuple[dict[str, Any], list[
         from ..xenstore import snapshot as xs
         sections.append(Section("xenstore", xs.VERSION, xs.save(m.xenstore)))
     kind = _transports(m)
-    sections += [_section(f"{kind}.{i}", t.save()) for i, t in enumerate(d.transports)]
+    sections += [_section(f"{kind}.{i}", t.save(prepare=not (fork and t.device is m.vsock)))
+                 for i, t in enumerate(d.transports)]
     sections += [_section(f"{PORT}.{i}", p.save()) for i, p in enumerate(_root_ports(m))]
     return {"machine": arch.MACHINE, "vcpus": len(m.vcpus), "memory_size": m.mem.size,
             "cpu": _host_cpu(m)}, sections

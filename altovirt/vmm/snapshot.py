@@ -73,6 +73,8 @@ def build_from(m: Machine, saved: SavedVm) -> None:
     if saved.files is not None:
         load_memory(m.mem, saved.files, saved.state.header, mapped=True)
     load_state(m, saved.state, resume=False, new_generation=True)
+    if saved.files is None and m.vsock is not None:
+        m.vsock.connections_lost()      # a fork's: its parent kept them (vmm/fork.py)
 
 
 def save_state(m: Machine) -> tuple[dict[str, Any], list[Section]]:

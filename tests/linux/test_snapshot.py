@@ -31,6 +31,7 @@ import pytest
 
 from ..procs import wait_gone
 from ..testbed import debian, guest
+from ..unixsock import read_line
 from .conftest import ARCH, GUEST_IP, HOST_IP, PREFIX, Netns, Qmp, altovirt_argv, migration_ends, wait_for_qmp
 
 BOOT_TIMEOUT = 400
@@ -257,7 +258,8 @@ def test_forks_of_a_running_guest(bed: Bed) -> None:
     """vm-fork: a guest running a program, with a file in its tmpfs, forked FORKS times, one
     child after the other (ten Debian guests at once starved L1's one CPU). Each child
     carries the program on where it was, has the file, its own disk copy, tap, vsock socket,
-    console and VM generation ID, and answers ping and vsock; the parent runs on unchanged."""
+    console and VM generation ID, and answers ping and vsock; the parent runs on unchanged, its
+    vsock connection open through the forks (a child's guest hears the transport reset)."""
     disk = bed.dir / "fork-parent.img"
     shutil.copyfile(bed.dir / "snap-disk.img", disk)
     parent = bed.start("fork-parent", "-incoming", f"file:{bed.dir / 'snap'},resume=on", disk=disk,
@@ -268,6 +270,11 @@ def test_forks_of_a_running_guest(bed: Bed) -> None:
                    "sync")            # what follows writes only the tmpfs: the disk copies hold all
     parent_id = vmgenid(parent) if HAS_VMGENID else ""
     ids = {parent_id}
+    parent.g.check("vsock listen -b -e 5800")
+    kept = guest.vsock_connect(bed.dir / "fork-parent.vsock", 5800, timeout=120)
+    kept.settimeout(60)
+    kept.sendall(b"before\n")
+    assert read_line(kept) == b"before\n"
     for n in range(FORKS):
         counted = int(parent.g.check("cat /tmp/count"))
         child, pid = fork_child(bed, parent, n, disk)
@@ -276,6 +283,9 @@ def test_forks_of_a_running_guest(bed: Bed) -> None:
         first = int(child.g.check("cat /tmp/count"))
         assert first >= counted and int(child.g.check("sleep 1; cat /tmp/count")) > first
         assert child.g.check("echo $MARK").strip() == "kept-in-the-shell"
+        # The echo server's connection ended with the transport reset: it is gone.
+        assert child.g.check("for i in $(seq 100); do pidof vsock > /dev/null || break; sleep 0.2; done; "
+                             "pidof vsock || echo none").strip() == "none"
         if HAS_VMGENID:
             ids.add(vmgenid(child))
         child.g.check(f"echo fork {n} > /mnt/fork.txt && sync")
@@ -287,6 +297,9 @@ def test_forks_of_a_running_guest(bed: Bed) -> None:
     assert not HAS_VMGENID or len(ids) == FORKS + 1        # each child a generation of its own
     assert not HAS_VMGENID or vmgenid(parent) == parent_id
     assert parent.g.check("cat /tmp/state.txt").strip() == "forked-state"
+    with kept:
+        kept.sendall(b"after the forks\n")
+        assert read_line(kept) == b"after the forks\n"
     parent.g.check("test ! -e /mnt/fork.txt")
     network_and_vsock_work(bed, parent, 5700)
     parent.qmp.ok("quit")

@@ -205,10 +205,10 @@ class PciTransport(VirtioTransport, PciFunction):
         super().reset()
         self.msix.reset()
 
-    def save(self) -> PciFunctionState:  # type: ignore[override]
+    def save(self, prepare: bool = True) -> PciFunctionState:  # type: ignore[override]
         from .persist import PciFunctionState  # only when saving: see persist's docstring
         with self.lock:
-            return PciFunctionState(super().save(), bytes(self.config.data), bytes(self.msix.table),
+            return PciFunctionState(super().save(prepare), bytes(self.config.data), bytes(self.msix.table),
                                     self.interrupt.config_vector, tuple(self.interrupt.queue_vectors))
 
     def restore(self, state: PciFunctionState) -> None:  # type: ignore[override]

@@ -107,12 +107,14 @@ class VirtioTransport:
             self._reset()
 
     # --- saved state (device work is held still) ---
-    def save(self) -> TransportState:
+    def save(self, prepare: bool = True) -> TransportState:
         """The transport's state, once the device has lined its own up with its rings
-        (``Device.prepare_save``). SaveError if the device cannot be saved now."""
+        (``Device.prepare_save``, unless not ``prepare``). SaveError if the device cannot be
+        saved now."""
         from .persist import TransportState  # only when saving: see persist's docstring
         with self.lock:
-            self.device.prepare_save()
+            if prepare:
+                self.device.prepare_save()
             return TransportState(self.device.device_id, bytes(self.device.config), self.status,
                                   self.features_sel, self.driver_features, self.driver_features_sel,
                                   self.queue_sel, self.config_generation, self.interrupt.status,

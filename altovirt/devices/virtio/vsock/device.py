@@ -113,6 +113,13 @@ class Vsock(VirtioDevice):
             if self.active is not None and not self.broken:
                 self._transport_reset(self.active.queues[EVENTQ], self.active.interrupt)
 
+    def connections_lost(self) -> None:
+        """The host ends of the guest's connections are not here (a forked VM's, whose parent
+        keeps them): the guest hears a transport reset, as after a restore."""
+        with self.muxer.lock:
+            if self.active is not None and not self.broken:
+                self._transport_reset(self.active.queues[EVENTQ], self.active.interrupt)
+
     def _transport_reset(self, queue: Queue, interrupt: Interrupt) -> None:
         chain = next(self.chains(queue), None)
         if chain is None:
