@@ -1,7 +1,8 @@
 """tests/linux/test_snapshot.py on arm64, in its file order, sharing its boot: a busy Debian
 guest saved, restored (with, here, both vCPUs taking their timer interrupts through the
-restored GIC and redistributors), migrated live while it rewrites 64 MiB, and cloned three
-times; every vCPU register KVM lists, the GIC, the PL011, PL031 and PL061 carried each time."""
+restored GIC and redistributors), migrated live while it rewrites 64 MiB, cloned three
+times and forked (vm-fork) while it runs; every vCPU register KVM lists, the GIC, the PL011,
+PL031 and PL061 carried each time."""
 
 from __future__ import annotations
 
@@ -30,3 +31,4 @@ def test_restored_vcpus_take_their_timer_interrupts(bed: Bed) -> None:
 
 test_live_migration_of_a_guest_writing_memory = shared.test_live_migration_of_a_guest_writing_memory
 test_three_clones_side_by_side = shared.test_three_clones_side_by_side
+test_forks_of_a_running_guest = shared.test_forks_of_a_running_guest
