@@ -87,7 +87,7 @@ ROLES: dict[str, tuple[str, ...]] = {
                   "mkdir", "mkdirat", "ftruncate", "fsync", "rename", "renameat", "renameat2", "unlink"),
 }
 # What a fork's child calls to build its VM that no running thread does.
-BUILD = ("clone", "clone3", "wait4", "setsid", "dup2", "dup3", "close_range", "pipe2", "set_tid_address",
+BUILD = ("clone", "clone3", "wait4", "setsid", "dup2", "dup3", "pipe2", "set_tid_address",
          "timerfd_create", "timerfd_settime", "io_uring_setup", "io_uring_register", "prlimit64", "uname",
          "fchmod", "chmod", "flock", "mkdir", "ftruncate", "link", "bind", "listen", "sched_setaffinity",
          "seccomp")                # each of its threads confines itself
