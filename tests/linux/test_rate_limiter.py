@@ -64,7 +64,7 @@ def test_rates_under_linux(kernel: debian.Kernel, initrd: Path, tmp_path: Path,
         drive = {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False,
                  "rate_limiter": {"bandwidth": bucket(4 * MiB, burst=8 * MiB)}}
         nic = {"iface_id": "eth0", "host_dev_name": "tap0",
-               "tx_rate_limiter": {"bandwidth": bucket(MiB // 4, 250)}}
+               "tx_rate_limiter": {"bandwidth": bucket(MiB // 8, 250)}}
         start_firecracker_guest(g, sock, kernel, initrd, ("/drives/data", drive),
                                 ("/network-interfaces/eth0", nic),
                                 ("/entropy", {"rate_limiter": {"bandwidth": bucket(1024, 250)}}),
@@ -90,27 +90,29 @@ def test_rates_under_linux(kernel: debian.Kernel, initrd: Path, tmp_path: Path,
         record_property("disk_iops", round(200 / ops))
         within(200 / ops, 50, "disk IOPS")
 
-        # The NIC, guest to host at 1 MiB/s: at 2, a slow host's guest sent 1.53 MiB/s, short of
-        # CPU (TCG in L1 runs its TCP stack and the VMM's Python on one CPU), not of tokens.
-        sink = ns.receiver(5001, 6 * MiB)
-        (tx,) = timed(g, f"tcp send {HOST_IP} 5001 {6 * MiB}")
-        assert sink.communicate(timeout=60)[0].split()[0] == str(6 * MiB)
-        record_property("tx_mib_s", round(5.75 / tx, 2))
-        within(5.75 / tx, 1, "guest to host MiB/s")
+        # The NIC at 512 KiB/s each way: at 2 MiB/s a slow host's guest sent 1.53, and at 1 one
+        # beside another test bed received 0.83, short of CPU (TCG in L1 runs the guest's TCP
+        # stack and the VMM's Python on one CPU), not of tokens. Each bucket holds 128 KiB at
+        # first, which the rate does not count.
+        sink = ns.receiver(5001, 3 * MiB)
+        (tx,) = timed(g, f"tcp send {HOST_IP} 5001 {3 * MiB}")
+        assert sink.communicate(timeout=60)[0].split()[0] == str(3 * MiB)
+        record_property("tx_mib_s", round(2.875 / tx, 2))
+        within(2.875 / tx, 0.5, "guest to host MiB/s")
 
-        # Host to guest, limited at runtime to 1 MiB/s.
-        rx_limit = {"bandwidth": bucket(MiB // 4, 250)}
+        # Host to guest, limited at runtime.
+        rx_limit = {"bandwidth": bucket(MiB // 8, 250)}
         curl(sock, "PATCH", "/network-interfaces/eth0", {"iface_id": "eth0", "rx_rate_limiter": rx_limit})
-        sender = subprocess.Popen([*ns.prefix, "socat", "-u", f"OPEN:/dev/zero,readbytes={6 * MiB}",
+        sender = subprocess.Popen([*ns.prefix, "socat", "-u", f"OPEN:/dev/zero,readbytes={3 * MiB}",
                                    f"TCP:{GUEST_IP}:5002,retry=1000,interval=0.02"])
         try:
             (rx,) = timed(g, "tcp recv 5002 > /tmp/received")
             assert sender.wait(timeout=60) == 0
         finally:
             sender.kill()
-        assert g.check("cat /tmp/received").strip() == str(6 * MiB)
-        record_property("rx_mib_s", round(5.75 / rx, 2))
-        within(5.75 / rx, 1, "host to guest MiB/s")
+        assert g.check("cat /tmp/received").strip() == str(3 * MiB)
+        record_property("rx_mib_s", round(2.875 / rx, 2))
+        within(2.875 / rx, 0.5, "host to guest MiB/s")
 
         # The entropy device at 4 KiB/s, the kernel's own reader (hwrng's fill thread) stopped.
         g.check("echo 0 > /sys/class/misc/hw_random/rng_quality; sleep 1")
