@@ -4,9 +4,8 @@ arm64 kernel) inside the arm64 test bed on any x86 host (scripts/testbed, tests/
 one module per L1 boot (a few short ones share one), and every inner failure fails here.
 
 Two L1s run at once (:data:`LANES`): each has one vCPU (tests/testbed/l1.py says why), so one
-alone leaves a host core idle.  One lane takes the runs in order from the first x86 module,
-the other from the last arm64 one backwards; they meet in the middle, and each test waits for
-its run's outcome.
+alone leaves a host core idle.  Each lane takes the next run, the longest first (:data:`SECONDS`),
+so that they end together; each test waits for its run's outcome.
 
 One module per boot, so that a lost L1 (it wedges, or its kernel crashes: TCG's SVM emulation
 has races, see tests/testbed/l1.py) costs that module's run (or its group's) and is retried
@@ -17,13 +16,14 @@ must never pass for a pass.  The only skips are for a missing resource, worded l
 from __future__ import annotations
 
 import compileall
+import contextlib
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import threading
 import xml.etree.ElementTree as ET
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -59,6 +59,11 @@ MODULES = [(a, tuple(f"{d}/{m}" for m in run), python) for a, d, python in BEDS 
 IDS = [f"{a.key}-{'+'.join(m)}" for a, m, _ in MODULES]
 # L1s at once: the host's two cores (ALTOVIRT_BED_LANES=1 runs them one after another).
 LANES = int(os.environ.get("ALTOVIRT_BED_LANES", "2"))
+# About how long a run takes, by its first module (two lanes, 2026-12): the order the lanes take
+# them in. Others are taken last, in name order.
+SECONDS = {"linux/test_pci.py": 470, "linux/test_migration_data.py": 460, "linux/test_snapshot.py": 340,
+           "linux/test_balloon.py": 320, "linux/test_cpu_template.py": 310, "linux/test_firecracker.py": 290,
+           "linux_arm64/test_pci.py": 260, "linux_arm64/test_bed.py": 250}
 # s for L1's boot and one module, on a host busy enough to give L1 a third of a core (a
 # module takes 1-5 min on a quiet host); a lost L1 is retried once, so twice that at worst.
 ATTEMPT_TIMEOUT = 1500
@@ -113,13 +118,10 @@ class Run:
             self.result.set_exception(e)
 
 
-def _lane(runs: deque[Run], take_first: bool, lock: threading.Lock) -> None:
-    while True:
-        with lock:
-            if not runs:
-                return
-            run = runs.popleft() if take_first else runs.pop()
-        run()
+def _lane(runs: queue.SimpleQueue[Run]) -> None:
+    with contextlib.suppress(queue.Empty):
+        while True:
+            runs.get_nowait()()
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +135,10 @@ def bed_runs(request: pytest.FixtureRequest, warm_caches: None,
     runs = {m: Run(a, m, python, tmp_path_factory.mktemp("bed"))
             for (a, m, python), id_ in zip(MODULES, IDS, strict=True)
             if id_ in selected and _why_not(a) is None}
-    queue, lock = deque(runs.values()), threading.Lock()
-    lanes = [threading.Thread(target=_lane, args=(queue, n == 0, lock), name=f"bed-lane-{n}", daemon=True)
+    waiting: queue.SimpleQueue[Run] = queue.SimpleQueue()
+    for run in sorted(runs.values(), key=lambda r: -SECONDS.get(r.modules[0], 0)):
+        waiting.put(run)
+    lanes = [threading.Thread(target=_lane, args=(waiting,), name=f"bed-lane-{n}", daemon=True)
              for n in range(max(1, LANES))]
     for lane in lanes:
         lane.start()
