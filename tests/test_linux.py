@@ -61,9 +61,11 @@ IDS = [f"{a.key}-{'+'.join(m)}" for a, m, _ in MODULES]
 LANES = int(os.environ.get("ALTOVIRT_BED_LANES", "2"))
 # About how long a run takes, by its first module (two lanes, 2026-12): the order the lanes take
 # them in. Others are taken last, in name order.
-SECONDS = {"linux/test_pci.py": 470, "linux/test_migration_data.py": 460, "linux/test_snapshot.py": 340,
-           "linux/test_balloon.py": 320, "linux/test_cpu_template.py": 310, "linux/test_firecracker.py": 290,
-           "linux_arm64/test_pci.py": 260, "linux_arm64/test_bed.py": 250}
+SECONDS = {
+    "linux/test_pci.py": 470, "linux/test_migration_data.py": 460, "linux/test_snapshot.py": 340,
+    "linux/test_balloon.py": 320, "linux_arm64/test_snapshot.py": 320, "linux/test_cpu_template.py": 310,
+    "linux/test_firecracker.py": 290, "linux_arm64/test_pci.py": 260, "linux_arm64/test_bed.py": 250,
+}
 # s for L1's boot and one module, on a host busy enough to give L1 a third of a core (a
 # module takes 1-5 min on a quiet host); a lost L1 is retried once, so twice that at worst.
 ATTEMPT_TIMEOUT = 1500
