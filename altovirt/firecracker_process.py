@@ -25,7 +25,7 @@ from .api import serve_qmp
 from .api.firecracker import FirecrackerApi, put_metadata
 from .api.http import HttpServer
 from .backends import BackendError
-from .config.firecracker import LOG_LEVELS, FirecrackerError, LoggerConfig, log_level
+from .config.firecracker import LOG_LEVELS, FirecrackerError, LoggerConfig, log_level, os_error
 from .config.model import VmConfig
 from .config.validate import check_vm
 from .devices.legacy.boottimer import process_start_monotonic
@@ -85,8 +85,8 @@ def setup_logging(instance_id: str, cfg: LoggerConfig) -> None:
     try:
         log_to(cfg.log_path, logging.Formatter(f"{fmt} %(message)s"),
                level if cfg.log_path is not None else max(level, logging.WARNING))
-    except OSError as e:
-        raise FirecrackerError(f"Logger error: {cfg.log_path}: {e.strerror}.") from e
+    except (OSError, ValueError) as e:         # ValueError: a NUL in the path
+        raise FirecrackerError(f"Logger error: {cfg.log_path}: {os_error(e)}.") from e
 
 
 class Process:

@@ -454,6 +454,15 @@ def test_metrics_and_logger(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
     assert line["vmm"] == {"state": "Not started"}
 
 
+def test_a_nul_in_a_path_is_a_fault(tmp_path: Path, vms: list[Vm]) -> None:
+    """A 400 in Rust's words, as for any path Firecracker cannot open (the fuzz test found a
+    500 for the logger's)."""
+    fc = Firecracker(vms, tmp_path / "api.sock")
+    assert "unexpected NUL byte" in fc.fault("PUT", "/logger", {"log_path": "log\u0000"})
+    assert "unexpected NUL byte" in fc.fault("PUT", "/metrics", {"metrics_path": "metrics\u0000"})
+    fc.ok("PUT", "/logger", {"log_path": str(tmp_path / "log")})
+
+
 def test_malformed_http_never_blocks(probe: Path, tmp_path: Path, vms: list[Vm]) -> None:
     """Bad lengths, huge heads, chunked bodies, garbage, silent and slow clients and many
     connections: each gets its answer or is dropped, and the API and the VM go on."""

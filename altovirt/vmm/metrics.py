@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..config.firecracker import FirecrackerError, MetricsConfig
+from ..config.firecracker import FirecrackerError, MetricsConfig, os_error
 
 PERIOD = 60.0                           # seconds, as Firecracker
 # Firecracker's fields of each group (src/vmm/src/devices/virtio/*/metrics.rs, logger/metrics.rs).
@@ -84,14 +84,14 @@ class Metrics:
             fifo = stat.S_ISFIFO(os.stat(path).st_mode)
         except FileNotFoundError:
             fifo = False
-        except OSError as e:
-            raise FirecrackerError(f"Cannot initialize the metrics system: {path}: {e.strerror}.") from e
+        except (OSError, ValueError) as e:     # ValueError: a NUL in the path
+            raise FirecrackerError(f"Cannot initialize the metrics system: {path}: {os_error(e)}.") from e
         # O_RDWR on a pipe: the open does not wait for a reader, and writes never fail for want of one.
         flags = (os.O_RDWR | os.O_NONBLOCK) if fifo else (os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            raise FirecrackerError(f"Cannot initialize the metrics system: {path}: {e.strerror}.") from e
+            raise FirecrackerError(f"Cannot initialize the metrics system: {path}: {os_error(e)}.") from e
         with self._lock:
             self._fd, self._cfg = fd, cfg
 
