@@ -385,9 +385,23 @@ def test_bad_kvm_state_sets_nothing(built: Machine, change: Callable[[Any], Any]
 
 # --- what devices do before their rings are saved ---
 
-def test_saving_vsock_resets_its_transport(tmp_path: Path) -> None:
-    """Connections cannot move with a snapshot: saving ends them on the host and leaves a
-    transport reset event for the guest in the saved rings, as Firecracker does."""
+@dataclasses.dataclass
+class VsockLink:
+    """A vsock device with one guest connection to a host service: its host end ``peer``,
+    the guest's event queue ``events`` with one buffer at :data:`EVENT_BUFFER`, and the
+    interrupt's eventfd (read empty)."""
+
+    device: vsock.Vsock
+    peer: socket.socket
+    events: DriverQueue
+    irqfd: int
+
+
+EVENT_BUFFER = BUFFERS + 0x2000
+
+
+@pytest.fixture
+def vsock_link(tmp_path: Path) -> Iterator[VsockLink]:
     io = EventLoop()
     irqfd = os.eventfd(0, os.EFD_NONBLOCK)
     uds = str(tmp_path / "v.sock")
@@ -414,22 +428,43 @@ def test_saving_vsock_resets_its_transport(tmp_path: Path) -> None:
             rx.publish(rx.chain([(BUFFERS + 0x1000, 4096, True)]))
             device.queue_notify(vsock.TXQ)
             peer, _ = service.accept()
-            with peer:
-                peer.settimeout(5)
-                assert rx.used_idx() == 1
-                assert vsock._HDR.unpack(MEM.read(BUFFERS + 0x1000, vsock.HDR_SIZE))[6] == vsock.OP_RESPONSE
-                MEM.write(BUFFERS + 0x2000, b"\xff" * 4)
-                events.publish(events.chain([(BUFFERS + 0x2000, 4, True)]))
-                os.eventfd_read(irqfd)
-                device.prepare_save()
-                assert peer.recv(1) == b""                          # the host side is closed
-        assert events.used_idx() == 1 and events.used_elem(0)[1] == 4
-        assert MEM.read(BUFFERS + 0x2000, 4) == struct.pack("<I", vsock.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
-        assert os.eventfd_read(irqfd) == 1                          # and the guest is told
+        with peer:
+            peer.settimeout(5)
+            assert rx.used_idx() == 1
+            assert vsock._HDR.unpack(MEM.read(BUFFERS + 0x1000, vsock.HDR_SIZE))[6] == vsock.OP_RESPONSE
+            MEM.write(EVENT_BUFFER, b"\xff" * 4)
+            events.publish(events.chain([(EVENT_BUFFER, 4, True)]))
+            os.eventfd_read(irqfd)
+            yield VsockLink(device, peer, events, irqfd)
     finally:
         device.close()
         io.stop()
         os.close(irqfd)
+
+
+def transport_reset_told(link: VsockLink) -> bool:
+    """Whether the guest found a transport reset event in its buffer, and was interrupted."""
+    return (link.events.used_idx() == 1 and link.events.used_elem(0)[1] == 4
+            and MEM.read(EVENT_BUFFER, 4) == struct.pack("<I", vsock.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
+            and os.eventfd_read(link.irqfd) == 1)
+
+
+def test_saving_vsock_resets_its_transport(vsock_link: VsockLink) -> None:
+    """Connections cannot move with a snapshot: saving ends them on the host and leaves a
+    transport reset event for the guest in the saved rings, as Firecracker does."""
+    vsock_link.device.prepare_save()
+    assert vsock_link.peer.recv(1) == b""                   # the host side is closed
+    assert transport_reset_told(vsock_link)
+
+
+def test_a_forked_guest_hears_a_transport_reset(vsock_link: VsockLink) -> None:
+    """A fork's child (vmm/fork.py) tells its guest its connections are gone; the host side,
+    which stays with the parent, is not touched."""
+    vsock_link.device.connections_lost()
+    assert transport_reset_told(vsock_link)
+    vsock_link.peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        vsock_link.peer.recv(1)                             # still open, nothing sent
 
 
 def test_one_protocol_for_saved_state(slot: tuple[MmioTransport, int]) -> None:
