@@ -265,9 +265,12 @@ def test_forks_of_a_running_guest(bed: Bed) -> None:
     parent = bed.start("fork-parent", "-incoming", f"file:{bed.dir / 'snap'},resume=on", disk=disk,
                        tap="tapf")
     wait_status(parent.qmp, "running")
-    parent.g.check("echo forked-state > /tmp/state.txt && "
-                   "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) > /dev/null 2>&1 & "
-                   "sync")            # what follows writes only the tmpfs: the disk copies hold all
+    # The count is renamed into place: a fork between a plain rewrite's truncation and its
+    # write left a child an empty file. What follows writes only the tmpfs: the disk copies
+    # hold all.
+    parent.g.check("echo forked-state > /tmp/state.txt && (i=0; while :; do i=$((i+1)); "
+                   "echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.2; done) "
+                   "> /dev/null 2>&1 & sync")
     parent_id = vmgenid(parent) if HAS_VMGENID else ""
     ids = {parent_id}
     parent.g.check("vsock listen -b -e 5800")
