@@ -110,8 +110,7 @@ class Vsock(VirtioDevice):
         cannot move with the guest, and the event in the saved rings tells the restored guest too."""
         with self.muxer.lock:
             self.muxer.drop_all()
-            if self.active is not None and not self.broken:
-                self._transport_reset(self.active.queues[EVENTQ], self.active.interrupt)
+            self.connections_lost()
 
     def connections_lost(self) -> None:
         """The host ends of the guest's connections are not here (a forked VM's, whose parent
