@@ -29,6 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import common
 from boot import altovirt_cmd
@@ -41,11 +42,15 @@ def p99(values: list[float]) -> float:
     return sorted(values)[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
 
 
-def fork(qmp: QEMUMonitorProtocol, child: Path) -> int:
-    reply = qmp.cmd_obj({"execute": "vm-fork", "arguments": {"api-channel": str(child)}})
+def child_pid(reply: dict[str, Any]) -> int:
+    """The pid a vm-fork reply gives; SystemExit with the reply if it is an error."""
     if "return" not in reply:
         raise SystemExit(f"fork: {reply}")
     return int(reply["return"]["pid"])
+
+
+def fork(qmp: QEMUMonitorProtocol, child: Path) -> int:
+    return child_pid(qmp.cmd_obj({"execute": "vm-fork", "arguments": {"api-channel": str(child)}}))
 
 
 def raw_fork(sock: Path, child: Path, start: threading.Barrier) -> int:
@@ -62,9 +67,7 @@ def raw_fork(sock: Path, child: Path, start: threading.Barrier) -> int:
             f.flush()
             while "return" not in (reply := json.loads(f.readline())) and "error" not in reply:
                 pass                                    # an event
-        if "return" not in reply:
-            raise SystemExit(f"fork: {reply}")
-        return int(reply["return"]["pid"])
+        return child_pid(reply)
 
 
 def at_once(sock: Path, count: int, d: Path, pids: list[int]) -> float:
