@@ -62,7 +62,7 @@ LANES = int(os.environ.get("ALTOVIRT_BED_LANES", "2"))
 # About how long a run takes, by its first module (two lanes, 2026-12): the order the lanes take
 # them in. Others are taken last, in name order.
 SECONDS = {
-    "linux/test_pci.py": 470, "linux/test_migration_data.py": 460, "linux/test_snapshot.py": 340,
+    "linux/test_pci.py": 470, "linux/test_snapshot.py": 340, "linux/test_migration_data.py": 330,
     "linux/test_balloon.py": 320, "linux_arm64/test_snapshot.py": 320, "linux/test_cpu_template.py": 310,
     "linux/test_firecracker.py": 290, "linux_arm64/test_pci.py": 260, "linux_arm64/test_bed.py": 250,
 }
