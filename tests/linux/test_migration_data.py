@@ -3,12 +3,12 @@ guest RAM itself (virtio-blk completions on worker threads, virtio-net receive),
 log does not see it, so a write noted before it lands would leave a stale page behind.
 
 One guest (2 vCPUs, 512 MiB) migrates twice, from one tap on a bridge to the other and back,
-while it keeps filling its page cache from a disk of random bytes and receives a TCP stream from the host. After
-each move the cached disk hashes to the host's value; after the last, so does the stream. (The
-stream once stalled here in most runs: the guest's driver read a used index of 0 that the device
-never meant, took an old element for a new one ("output.0:id N is not a head!") and stopped the
-NIC. CPython's struct.pack_into clears a field before writing it, and the used ring was written
-that way; tests/test_virtqueue.py has the host-side proof.)
+while it keeps filling its page cache from a disk of random bytes and receives a TCP stream
+from the host. After each move the cached disk hashes to the host's value; after the last, so
+does the stream. (The stream once stalled here in most runs: the guest's driver read a used
+index of 0 that the device never meant, took an old element for a new one ("output.0:id N is
+not a head!") and stopped the NIC. CPython's struct.pack_into clears a field before writing
+it, and the used ring was written that way; tests/test_virtqueue.py has the host-side proof.)
 """
 
 from __future__ import annotations
