@@ -11,6 +11,7 @@ configured again. The VM runs through :func:`.vmm.run.run_vm`, as under the
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -19,7 +20,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from .api import serve_qmp
 from .api.firecracker import FirecrackerApi, put_metadata
@@ -36,7 +37,12 @@ from .vmm.daemon import Daemon
 from .vmm.instance import Instance, Launch
 from .vmm.machine import Machine
 from .vmm.metrics import PERIOD, Metrics
-from .vmm.run import enable_seccomp, log_to, run_vm
+from .vmm.run import enable_seccomp, log_to, run_forked, run_vm
+
+if TYPE_CHECKING:
+    from .memory import GuestMemory
+    from .vmm.fork import Overrides
+    from .vmm.snapshot import SavedVm
 
 log = logging.getLogger("altovirt")
 
@@ -112,7 +118,9 @@ class Process:
         except AltoVirtError:
             return None
 
-    def start_api(self, sock: socket.socket) -> None:
+    def start_api(self, sock: socket.socket | None, flag: str = "--api-sock") -> None:
+        """Serve the API at ``opts.api_sock``, on ``sock`` if it listens there already;
+        UsageError naming ``flag`` if it cannot."""
         assert self.opts.api_sock is not None
         handler = FirecrackerApi(self.instance, self.metrics,
                                  functools.partial(setup_logging, self.instance.id))
@@ -121,7 +129,7 @@ class Process:
                                   max_payload=self.opts.max_payload,
                                   on_start=functools.partial(seccomp.confine, "api"), sock=sock)
         except BackendError as e:
-            raise UsageError(f"--api-sock: {e.strerror}") from e
+            raise UsageError(f"{flag}: {e.strerror}") from e
         self.api.io.call_later(PERIOD, self._periodic_metrics)
         self.api.start()
 
@@ -167,13 +175,37 @@ class Process:
         try:
             check_vm(cfg)               # here, not on the API thread: it looks at the files
             return run_vm(cfg, self.daemon, sandbox=False, migratable=True, serve_api=serve_qmp,
-                          on_built=built, on_running=launch.running, saved=launch.saved)
+                          on_built=built, on_running=launch.running, saved=launch.saved,
+                          run_child=self.run_forked)
         except AltoVirtError as e:
             if launch.answered:
                 raise
             what = "Load snapshot" if launch.restore else "Start microvm"
             launch.failed(FirecrackerError(f"{what} error: {e}", exit_status=e.exit_status))
             return e.exit_status
+
+    def run_forked(self, cfg: VmConfig, o: Overrides, saved: SavedVm, mem: GuestMemory,
+                   report_fd: int) -> int:
+        """A forked VM's process (PUT /snapshot/fork, or QMP's vm-fork): a process of its own
+        (the same instance id and configuration, with the child's devices) that serves the
+        Firecracker API on ``o.api_sock`` (none without) and runs the VM; the exit status."""
+        opts = copy.copy(self.opts)
+        opts.api_sock, opts.metrics_path, opts.config_file = o.api_sock, None, None
+        instance = Instance(self.instance.id, copy.deepcopy(self.instance.config))
+        instance.config.restored_from(cfg)
+        instance.config.serial_out_path = cfg.serial_out_path
+        child = Process(opts, instance)
+
+        def built(machine: Machine) -> None:
+            instance.built(machine, self.instance.restored)
+            if o.api_sock is not None:
+                child.start_api(None, "api_sock")
+
+        try:
+            return run_forked(cfg, o, saved, mem, report_fd, sandbox=False, serve_api=serve_qmp,
+                              on_built=built, run_child=child.run_forked)
+        finally:
+            child.close()
 
     def on_signal(self, signum: int, frame: object) -> None:
         """Before any launch a signal ends the process (the VM's own handler takes over after)."""

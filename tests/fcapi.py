@@ -27,28 +27,12 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class Firecracker:
-    """An ``altovirt-firecracker --api-sock SOCK ...`` process, its stdout (the serial
-    console) and stdin, and its API."""
+class Api:
+    """A client of the Firecracker API at ``sock``, which exists."""
 
-    def __init__(self, vms: list[Vm], sock: Path, *args: str, prefix: tuple[str, ...] = (),
-                 launcher: list[str] = FIRECRACKER) -> None:
+    def __init__(self, sock: Path) -> None:
         self.sock = sock
-        self.vm = Vm("--api-sock", str(sock), *args, prefix=prefix, launcher=launcher)
-        vms.append(self.vm)
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert self.vm.proc.poll() is None, f"the VMM exited: {self.vm.finish()[1]}"
-            assert time.monotonic() < deadline, "the API socket never appeared"
-            time.sleep(0.01)
         self.conn = UnixHTTPConnection(str(sock))
-
-    @classmethod
-    def attach(cls, vm: Vm, sock: Path) -> Firecracker:
-        """The API of a VMM started otherwise (by the jailer, say), whose socket exists."""
-        fc = cls.__new__(cls)
-        fc.vm, fc.sock, fc.conn = vm, sock, UnixHTTPConnection(str(sock))
-        return fc
 
     def call(self, method: str, path: str, body: object = None) -> tuple[int, object]:
         """The status and the decoded JSON body (None if empty) of one request."""
@@ -80,3 +64,27 @@ class Firecracker:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class Firecracker(Api):
+    """An ``altovirt-firecracker --api-sock SOCK ...`` process, its stdout (the serial
+    console) and stdin, and its API."""
+
+    def __init__(self, vms: list[Vm], sock: Path, *args: str, prefix: tuple[str, ...] = (),
+                 launcher: list[str] = FIRECRACKER) -> None:
+        self.vm = Vm("--api-sock", str(sock), *args, prefix=prefix, launcher=launcher)
+        vms.append(self.vm)
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert self.vm.proc.poll() is None, f"the VMM exited: {self.vm.finish()[1]}"
+            assert time.monotonic() < deadline, "the API socket never appeared"
+            time.sleep(0.01)
+        super().__init__(sock)
+
+    @classmethod
+    def attach(cls, vm: Vm, sock: Path) -> Firecracker:
+        """The API of a VMM started otherwise (by the jailer, say), whose socket exists."""
+        fc = cls.__new__(cls)
+        fc.vm = vm
+        Api.__init__(fc, sock)
+        return fc

@@ -66,6 +66,7 @@ ROUTES: list[tuple[str, str, bool, Route | str]] = [
     # Snapshots: the operation is the second segment.
     ("PUT", "/snapshot/create", True, Route("put_snapshot_create", "snapshot")),
     ("PUT", "/snapshot/load/x", True, Route("put_snapshot_load", "snapshot")),
+    ("PUT", "/snapshot/fork", True, Route("put_snapshot_fork", "snapshot")),          # AltoVirt's
     ("PUT", "/snapshot", True, "Missing snapshot operation type."),
     ("PUT", "/snapshot/delete", True, INVALID + "PUT /snapshot/delete."),
     # MMDS and the balloon's sub-resources.

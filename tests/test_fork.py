@@ -18,6 +18,7 @@ import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .conftest import Vm, needs_kvm
+from .fcapi import Api, Firecracker
 from .procs import wait_gone
 from .test_migration import DISK_TEXT, Guest, guest_args, guest_vmgenid
 from .test_migration import disk as disk  # the fixture
@@ -190,3 +191,91 @@ def test_a_hundred_forks_of_one_parent(probe: Path, tmp_path: Path, vms: list[Vm
     for pid in forked:
         wait_gone(pid)
     parent.quit()
+
+
+def _wait_file_line(path: Path, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and text in path.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"no {text!r} in {path}"
+        time.sleep(0.05)
+
+
+def test_a_firecracker_vm_forks_through_its_rest_api(probe: Path, tmp_path: Path, vms: list[Vm],
+                                                     forked: list[int]) -> None:
+    """PUT /snapshot/fork: the child is an ``altovirt-firecracker`` process of its own, with the
+    parent's instance id, its own API socket, disk, serial output file and log; each takes its
+    own actions. Bad requests are 400s, the parent running on; the child forks in turn."""
+    image = tmp_path / "rootfs.ext4"
+    image.write_bytes(b"the parent's root".ljust(1 << 20, b"\0"))
+    own = tmp_path / "child.ext4"
+    own.write_bytes(b"the child's root".ljust(1 << 20, b"\0"))
+    fc = Firecracker(vms, tmp_path / "parent.sock", "--id", "fleet-7")
+
+    def child_body(name: str, disk: Path) -> dict[str, Any]:
+        return {"api_sock": str(tmp_path / f"{name}.sock"), "serial_out_path": str(tmp_path / f"{name}.out"),
+                "log_path": str(tmp_path / f"{name}.log"),
+                "drive_overrides": [{"drive_id": "rootfs", "path_on_host": str(disk)}]}
+
+    body = child_body("child", own)
+    assert "not supported before starting" in fc.fault("PUT", "/snapshot/fork", body)
+    fc.ok("PUT", "/drives/rootfs", {"drive_id": "rootfs", "path_on_host": str(image), "is_root_device": True})
+    fc.ok("PUT", "/boot-source", {"kernel_image_path": str(probe / "probe.elf"),
+                                  "boot_args": "console=ttyS0 probe.run=keyboard"})
+    fc.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+    fc.vm.wait_line("probe: keyboard waiting")
+    for bad, problem in (
+            ({k: v for k, v in body.items() if k != "api_sock"}, "missing field `api_sock`"),
+            ({**body, "drive_overrides": []}, "Fork microVM error: drive 'rootfs': give the child an image "
+                                              "of its own"),
+            ({**body, "drive_overrides": [{"drive_id": "rootfs"}]}, "missing field `path_on_host`"),
+            ({**body, "network_overrides": [{"iface_id": "eth9", "host_dev_name": "tap9"}]},
+             "'eth9': the VM has no drive or netdev of that id"),
+            ({**body, "vsock_override": {"uds_path": "/tmp/v.sock"}}, "vsock: the VM has none"),
+            ({**body, "qmp_sock": str(tmp_path / "c.qmp")}, "the VM has no QMP socket"),
+            ({**body, "api_sock": str(tmp_path / "parent.sock")},
+             f"the child's VM did not start: api_sock: {tmp_path / 'parent.sock'} already exists")):
+        assert problem in fc.fault("PUT", "/snapshot/fork", bad), bad
+    assert fc.state() == "Running"
+
+    reply = fc.ok("PUT", "/snapshot/fork", body)
+    assert isinstance(reply, dict) and set(reply) == {"pid"}
+    forked.append(reply["pid"])
+    child = Api(tmp_path / "child.sock")
+    info = fc.ok("GET", "/")
+    assert isinstance(info, dict) and child.ok("GET", "/") == {**info, "state": "Running"}   # id "fleet-7"
+    config = child.ok("GET", "/vm/config")
+    assert isinstance(config, dict) and config["drives"][0]["path_on_host"] == str(own)
+    child.ok("PATCH", "/vm", {"state": "Paused"})
+    assert child.state() == "Paused" and fc.state() == "Running"
+    child.ok("PATCH", "/vm", {"state": "Resumed"})
+    # The guest's program waits on in both; each hears its own Ctrl-Alt-Del.
+    child.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+    _wait_file_line(tmp_path / "child.out", "probe: ctrl-alt-del")
+    wait_gone(reply["pid"])
+    assert not (tmp_path / "child.sock").exists()
+    assert (tmp_path / "child.log").exists()
+
+    # A child forks in turn, into one with an API of its own too.
+    reply = fc.ok("PUT", "/snapshot/fork", child_body("child2", own))
+    assert isinstance(reply, dict)
+    forked.append(reply["pid"])
+    child = Api(tmp_path / "child2.sock")
+    (tmp_path / "child3.ext4").write_bytes(b"the grandchild's root".ljust(1 << 20, b"\0"))
+    body3 = child_body("child3", tmp_path / "child3.ext4")
+    reply3 = child.ok("PUT", "/snapshot/fork", body3)
+    assert isinstance(reply3, dict)
+    forked.append(reply3["pid"])
+    grandchild = Api(tmp_path / "child3.sock")
+    assert grandchild.state() == "Running"
+    grandchild.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+    _wait_file_line(tmp_path / "child3.out", "probe: ctrl-alt-del")
+    wait_gone(reply3["pid"])
+    os.kill(reply["pid"], signal.SIGTERM)
+    wait_gone(reply["pid"])
+
+    assert fc.state() == "Running"
+    fc.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+    fc.vm.wait_line("probe: ctrl-alt-del")
+    assert fc.vm.finish()[0] == 0
+    # Its own, once: the children's serial output went to their files.
+    assert [line for line in fc.vm.seen if line.startswith("probe: ctrl-alt-del")] == ["probe: ctrl-alt-del"]

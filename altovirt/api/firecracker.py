@@ -40,6 +40,7 @@ from ..vmm import snapshot
 from ..vmm.actions import (
     ChangeImage,
     CtrlAltDel,
+    ForkVm,
     FreePageHinting,
     Migrate,
     Pause,
@@ -123,6 +124,7 @@ class FirecrackerApi:
             "get_mmds": self._metadata,
             "put_snapshot_create": lambda r, route: self._create_snapshot(_json(r)),
             "put_snapshot_load": lambda r, route: self._load_snapshot(_json(r)),
+            "put_snapshot_fork": lambda r, route: self._fork(_json(r)),
         }
 
     def __call__(self, request: Request) -> Response:
@@ -413,6 +415,36 @@ class FirecrackerApi:
             raise FirecrackerError(f"Create snapshot error: {info.get('error-desc', info['status'])}")
         self._vmm_took("full_create_snapshot", began)
         return Response(204)
+
+    def _fork(self, body: object) -> Response:
+        """AltoVirt's PUT /snapshot/fork (vmm/fork.py): the running or paused VM copied into a
+        new ``altovirt-firecracker`` process, which serves its API on ``api_sock``; its
+        devices named as snapshot/load's overrides name them. 200 with the child's pid
+        once its VM runs."""
+        p = fields("snapshot fork", body, {"api_sock": str},
+                   {"drive_overrides": list, "network_overrides": list, "vsock_override": dict,
+                    "serial_out_path": str, "log_path": str, "qmp_sock": str})
+        drives = tuple(_pair("drive_overrides", item, "drive_id", "path_on_host")
+                       for item in p.get("drive_overrides", []))
+        nets = tuple(_pair("network_overrides", item, "iface_id", "host_dev_name")
+                     for item in p.get("network_overrides", []))
+        vsock = None
+        if "vsock_override" in p:
+            vsock = fields("vsock_override", p["vsock_override"], {"uds_path": str}, {})["uds_path"]
+        machine = self.instance.running()
+        from ..vmm.fork import Overrides, read_report  # only once a VM forks
+        overrides = Overrides(api_channel=p.get("qmp_sock"), api_sock=p["api_sock"], drives=drives, nets=nets,
+                              vsock=vsock, serial_out=p.get("serial_out_path"), log_file=p.get("log_path"))
+        try:
+            return Response(200, {"pid": read_report(cast(int, machine.request(ForkVm(overrides))))})
+        except AltoVirtError as e:
+            raise FirecrackerError(f"Fork microVM error: {e}") from e
+
+
+def _pair(name: str, item: object, key: str, value: str) -> tuple[str, str]:
+    """An override's (id, value), from ``{key: ..., value: ...}``."""
+    o = fields(name, item, {key: str, value: str}, {})
+    return o[key], o[value]
 
 
 def _metadata_before(c: FirecrackerConfig, method: str, body: object) -> Response:

@@ -101,7 +101,7 @@ def route(method: str, path: str, has_body: bool) -> Route:
     if (method, first) == ("PUT", "snapshot"):
         if second is None:
             raise FirecrackerError("Missing snapshot operation type.")
-        if second not in ("create", "load"):
+        if second not in ("create", "load", "fork"):          # fork: AltoVirt's (api/firecracker.py)
             raise FirecrackerError(f"Invalid request method and/or path: PUT /snapshot/{second}.")
         return Route(f"put_snapshot_{second}", first)
     raise FirecrackerError(f"Invalid request method and/or path: {method} {first}.")

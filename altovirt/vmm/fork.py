@@ -70,12 +70,14 @@ class Overrides:
     """What the child has of its own, instead of the parent's (None: the parent's, where it
     can be shared)."""
 
-    api_channel: str | None = None          # its QMP socket's path (required)
+    api_channel: str | None = None          # its QMP socket's path (required if the parent has one)
+    api_sock: str | None = None             # its Firecracker API socket (altovirt-firecracker's)
     drives: tuple[tuple[str, str], ...] = ()    # (drive id, image path)
     nets: tuple[tuple[str, str], ...] = ()      # (netdev id, tap name)
     console: str | None = None              # its virtio-console socket
     vsock: str | None = None                # its vsock's unix socket (uds_path)
     stdio: int | None = None                # what its stdin and stdout are (its -serial stdio)
+    serial_out: str | None = None           # its serial output's file (Firecracker's serial_out_path)
     log_file: str | None = None             # its log (-D)
 
 
@@ -102,9 +104,11 @@ def child_config(cfg: VmConfig, o: Overrides) -> VmConfig:
     """The child's configuration: the parent's with ``o`` in; ConfigError naming an override
     of nothing, or a resource the two VMs cannot share (an image both would write, a tap,
     a socket)."""
-    if o.api_channel is None:
-        # A VM with an API channel (the parent has one) has hot-plug slots, saved with it.
+    # A VM with an API channel has hot-plug slots, saved with it: the child has one if the parent has.
+    if cfg.api_channel and o.api_channel is None:
         raise ConfigError("api-channel: give the child a QMP socket of its own")
+    if not cfg.api_channel and o.api_channel is not None:
+        raise ConfigError("api-channel: the VM has no QMP socket, so its child can have none")
     drives, nets = dict(o.drives), dict(o.nets)
     unknown = sorted((drives.keys() - {d.id for d in cfg.drives}) | (nets.keys() - {n.id for n in cfg.nets}))
     if unknown:
@@ -120,8 +124,9 @@ def child_config(cfg: VmConfig, o: Overrides) -> VmConfig:
     for what, device, path in (("console", console, o.console), ("vsock", vsock, o.vsock)):
         if device is None and path is not None:
             raise ConfigError(f"{what}: the VM has none")
-    if o.stdio is not None and not cfg.serial_stdio:
-        raise ConfigError("serial-fd: the VM's serial console is not on stdio")
+    for what, given in (("serial-fd", o.stdio), ("serial_out_path", o.serial_out)):
+        if given is not None and not cfg.serial_stdio:
+            raise ConfigError(f"{what}: the VM's serial console is not on stdio")
     if console is not None and o.console is None:
         raise ConfigError(f"console '{console.id}': give the child a socket of its own")
     if vsock is not None and vsock.uds_path is not None and o.vsock is None:
@@ -137,14 +142,16 @@ def child_config(cfg: VmConfig, o: Overrides) -> VmConfig:
         nets=[dataclasses.replace(n, tap=nets[n.id], fd=None) for n in cfg.nets],
         console=console and dataclasses.replace(console, socket_path=o.console or ""),
         vsock=vsock and dataclasses.replace(vsock, uds_path=o.vsock),
-        api_channel=f"unix:{o.api_channel}",
+        api_channel=o.api_channel and f"unix:{o.api_channel}",
+        serial_out_path=o.serial_out or cfg.serial_out_path,
         xenstore=None, incoming=None, log_file=o.log_file, log_stderr=False,
         pidfile=None, daemonize=False)
 
 
-# What runs a child's VM: run_vm, with the parent's front end's choices, taking the
-# configuration, the state and the RAM; its exit status.
-RunChild = Callable[["VmConfig", "SavedVm", "GuestMemory", int], int]
+# What runs a child's VM (vmm/run.py's run_forked, with the parent's front end's choices),
+# taking its configuration, the overrides it was made with, the state, the RAM and the fd
+# it reports its start on; its exit status.
+RunChild = Callable[["VmConfig", Overrides, "SavedVm", "GuestMemory", int], int]
 
 
 @dataclass
@@ -251,8 +258,7 @@ def fork(m: Machine, o: Overrides, forker: Forker) -> int:
             assert m.clock is not None
             header, saved = sections.save(m, m.snapshot_msrs(), m.clock, fork=True)
             try:
-                return forker.fork(lambda w: _run(forker.run_child, cfg, header, saved, m.mem, o.stdio, w),
-                                   m.mem)
+                return forker.fork(lambda w: _run(forker.run_child, cfg, o, header, saved, m.mem, w), m.mem)
             except OSError as e:
                 raise ForkError(f"cannot fork the VMM: {e.strerror}") from e
         finally:
@@ -261,9 +267,9 @@ def fork(m: Machine, o: Overrides, forker: Forker) -> int:
             log.info("vm-fork: the guest stood still for %.1f ms", 1000 * (time.monotonic() - stopped))
 
 
-def _run(run_child: RunChild, cfg: VmConfig, header: dict[str, Any], saved: list[Section],
-         mem: GuestMemory, stdio: int | None, w: int) -> int:
-    """The VM's process: its pid on ``w`` first; stdin and stdout ``stdio`` (stdin /dev/null
+def _run(run_child: RunChild, cfg: VmConfig, o: Overrides, header: dict[str, Any], saved: list[Section],
+         mem: GuestMemory, w: int) -> int:
+    """The VM's process: its pid on ``w`` first; stdin and stdout ``o.stdio`` (stdin /dev/null
     without); the parent's other descriptors let go, the state read and the VM run, reporting
     on ``w``. The parent's are not closed but made /dev/null: the Python objects that hold
     them (the parent's log handler, say) close them when they are dropped, which must not
@@ -271,7 +277,7 @@ def _run(run_child: RunChild, cfg: VmConfig, header: dict[str, Any], saved: list
     from . import sections
     from .snapshot import SavedVm
     os.write(w, f"{os.getpid()}\n".encode())
-    null = os.open(os.devnull, os.O_RDWR)
+    null, stdio = os.open(os.devnull, os.O_RDWR), o.stdio
     os.dup2(null if stdio is None else stdio, 0)
     if stdio is not None:
         os.dup2(stdio, 1)
@@ -280,7 +286,7 @@ def _run(run_child: RunChild, cfg: VmConfig, header: dict[str, Any], saved: list
             os.dup2(null, fd)
     os.close(null)
     state = sections.parse(header, {s.name: s for s in saved})
-    return run_child(cfg, SavedVm(state, None, True), mem, w)
+    return run_child(cfg, o, SavedVm(state, None, True), mem, w)
 
 
 def _descriptors() -> list[int]:

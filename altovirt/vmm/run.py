@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ..config.model import VmConfig
     from ..memory import GuestMemory
     from ..xenstore.server import XenStoreServer
+    from .fork import Overrides, RunChild
     from .snapshot import SavedVm
 
 # The package's logger, not this module's: the VM's lines ("VM x stopped") are logged under
@@ -125,11 +126,14 @@ def start_incoming(machine: Machine) -> Callable[[], None]:
 def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, serve_api: ServeApi,
            on_built: Callable[[Machine], None] | None = None,
            on_running: Callable[[], None] | None = None, budget: Budget | None = None,
-           saved: SavedVm | None = None, mem: GuestMemory | None = None) -> int:
+           saved: SavedVm | None = None, mem: GuestMemory | None = None,
+           run_child: RunChild | None = None) -> int:
     """Build the VM, start its services and run it until it stops; the exit status.
     ``sandbox``: turn seccomp on once it is built (a caller that turned it on earlier
-    passes False). ``migratable``: it can be snapshotted, migrated and (with an API
-    channel) forked. ``serve_api`` serves its -api-channel, if it has one. ``saved``: the
+    passes False). ``migratable``: it can be snapshotted, migrated and forked, by
+    ``run_child`` (a front end that serves an API of its own in each child passes it) or,
+    with an API channel, into :func:`run_forked`'s VM. ``serve_api`` serves its
+    -api-channel, if it has one. ``saved``: the
     VM is built from that snapshot (``cfg`` is its configuration; ``mem``, its RAM if that
     is in place already, a forked VM's), and runs if it says so. ``on_built`` gets the
     machine once its services run, ``on_running`` is told once its vCPUs do. AltoVirtError
@@ -146,9 +150,11 @@ def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, se
             enable_seccomp(cfg.log_file)
         if machine.migration is not None:
             machine.migration.start()       # its thread confines itself
-            if cfg.api_channel:
+            if run_child is None and cfg.api_channel:
+                run_child = functools.partial(run_forked, sandbox=sandbox, serve_api=serve_api)
+            if run_child is not None:
                 from .fork import Forker
-                machine.forker = Forker(functools.partial(_run_child, sandbox=sandbox, serve_api=serve_api))
+                machine.forker = Forker(run_child)
                 machine.forker.start()      # so does its
         if cfg.api_channel:
             qmp = serve_api(machine, cfg.api_channel[len("unix:"):])
@@ -185,10 +191,12 @@ def run_vm(cfg: VmConfig, daemon: Daemon, *, sandbox: bool, migratable: bool, se
             machine.close()
 
 
-def _run_child(cfg: VmConfig, saved: SavedVm, mem: GuestMemory, report_fd: int, *, sandbox: bool,
-               serve_api: ServeApi) -> int:
-    """A forked VM's process (vmm/fork.py): its own log, then its VM, reporting its start on
-    ``report_fd``; the exit status."""
+def run_forked(cfg: VmConfig, o: Overrides, saved: SavedVm, mem: GuestMemory, report_fd: int, *,
+               sandbox: bool, serve_api: ServeApi, on_built: Callable[[Machine], None] | None = None,
+               run_child: RunChild | None = None) -> int:
+    """A forked VM's process (vmm/fork.py, made with ``o``): its own log, then its VM,
+    reporting its start on ``report_fd``; ``on_built`` and ``run_child`` as :func:`run_vm`'s
+    (what fails in ``on_built`` is reported too). The exit status."""
     altovirt.IMPORT_STARTED = time.perf_counter()      # its start-up budget counts from the fork
     root = logging.getLogger("altovirt")
     formatter = (root.handlers[0].formatter if root.handlers else None) or logging.Formatter()
@@ -198,8 +206,8 @@ def _run_child(cfg: VmConfig, saved: SavedVm, mem: GuestMemory, report_fd: int, 
             log_to(cfg.log_file, formatter, root.level if cfg.log_file else logging.WARNING)
         except OSError as e:
             raise VmmError(f"the child's log: {cfg.log_file}: {e.strerror}") from e
-        return run_vm(cfg, daemon, sandbox=sandbox, migratable=True, serve_api=serve_api, saved=saved,
-                      mem=mem)
+        return run_vm(cfg, daemon, sandbox=sandbox, migratable=True, serve_api=serve_api, on_built=on_built,
+                      saved=saved, mem=mem, run_child=run_child)
     except AltoVirtError as e:
         log.error("%s", e)
         daemon.report(str(e))
