@@ -61,10 +61,11 @@ class IoVec:
 
     __slots__ = ("_total", "count", "owner", "pairs")
 
-    def __init__(self, pairs: array.array[int], owner: object) -> None:
+    def __init__(self, pairs: array.array[int], owner: object, total: int | None = None) -> None:
+        """``total``: the lengths' sum, if the caller knows it."""
         self.pairs, self.owner = pairs, owner
         self.count = len(pairs) // 2
-        self._total: int | None = None
+        self._total = total
 
     @property
     def total(self) -> int:
@@ -152,6 +153,7 @@ class GuestMemory:
         else:
             self._advise()
         self._view = memoryview(self._map)[self._pad:self._pad + self.size]
+        self._owner: memoryview | None = self._view[:0]     # what an IoVec holds (see IoVec)
         # (first gpa, end gpa, offset in RAM - gpa) of each region, for view()
         self._spans = tuple((r.gpa, r.end, r.offset - r.gpa) for r in self.regions)
         # While a live migration runs: a byte per page of RAM, set for each page the VMM wrote
@@ -268,6 +270,12 @@ class GuestMemory:
         preadv(2) and pwritev(2) straight into RAM with no Python object per buffer (a 1 MiB
         disk request has 256 of them); GuestMemoryError if one is not RAM. The addresses stay
         valid while the VM lives: RAM is replaced, if ever, at the same place (map_file)."""
+        if len(addrs) < 2:              # a disk request's data, or none: no more to work out
+            if not addrs:
+                return IoVec(array.array("Q"), self._owner, 0)
+            gpa, length = addrs[0], lengths[0]
+            return IoVec(array.array("Q", (self._base + self._offset(gpa, length), length)), self._owner,
+                         length)
         delta = self._delta(addrs, lengths)
         pairs = [0] * (2 * len(addrs))
         if delta is None:
@@ -275,7 +283,7 @@ class GuestMemory:
         else:
             pairs[0::2] = map(operator.add, addrs, itertools.repeat(self._base + delta))
         pairs[1::2] = lengths
-        return IoVec(array.array("Q", pairs), self._view[:0])
+        return IoVec(array.array("Q", pairs), self._owner)
 
     def host_address_of(self, gpa: int, length: int) -> int:
         """The userspace address of guest RAM [gpa, gpa+length), for the host kernel (vhost);
@@ -354,8 +362,9 @@ class GuestMemory:
         self._map.madvise(mmap.MADV_DOFORK if on else mmap.MADV_DONTFORK)
 
     def close(self) -> None:
-        """Unmap. Views still held elsewhere (device queues) keep the mapping alive
+        """Unmap. Views still held elsewhere (device queues, IoVecs) keep the mapping alive
         until they are dropped."""
+        self._owner = None
         self._view.release()
         with contextlib.suppress(BufferError):
             self._map.close()

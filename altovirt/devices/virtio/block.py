@@ -206,11 +206,11 @@ class Block(VirtioDevice):
                     counters["rate_limiter_throttled_events"] += 1
                     break
                 requests.append(request)
-                kind = _COUNTED.get(request.kind)
-                if kind is not None:
-                    counters[f"{kind}_count"] += 1
-                    if kind != "flush":
-                        counters[f"{kind}_bytes"] += size
+                keys = _COUNTED.get(request.kind)
+                if keys is not None:
+                    counters[keys[0]] += 1
+                    if keys[1]:
+                        counters[keys[1]] += size
         except QueueError as e:
             self.fail(str(e))
         if not requests:
@@ -443,7 +443,9 @@ class Block(VirtioDevice):
             self.image.close()
 
 
-_COUNTED = {VIRTIO_BLK_T_IN: "read", VIRTIO_BLK_T_OUT: "write", VIRTIO_BLK_T_FLUSH: "flush"}
+# The counters (Firecracker's block metrics) a request of each kind adds to: its count, its bytes.
+_COUNTED = {VIRTIO_BLK_T_IN: ("read_count", "read_bytes"), VIRTIO_BLK_T_OUT: ("write_count", "write_bytes"),
+            VIRTIO_BLK_T_FLUSH: ("flush_count", "")}
 
 
 def _data_bytes(r: Request) -> int:
@@ -460,7 +462,7 @@ def _parse(chain: DescriptorChain, mem: GuestMemory) -> Request:
     if readable == len(addrs) or lengths[-1] < 1:
         raise QueueError("block request without a writable status byte (5.2.6)")
     if readable and lengths[0] == _HEADER.size:       # as Linux writes it: the header alone
-        header, data_out = mem.read(addrs[0], _HEADER.size), chain.iovec.part(1, readable)
+        header, data_out = mem.read(addrs[0], _HEADER.size), chain.part_iovec(1, readable)
     else:
         parts, out_addrs, out_lengths = _split(addrs[:readable], lengths[:readable], _HEADER.size)
         header, data_out = b"".join(mem.views(*parts)), mem.iovec(out_addrs, out_lengths)
@@ -468,13 +470,13 @@ def _parse(chain: DescriptorChain, mem: GuestMemory) -> Request:
         raise QueueError("block request header shorter than 16 bytes")
     kind, _, sector = _HEADER.unpack(header)
     status = mem.view(addrs[-1] + lengths[-1] - 1, 1)
-    writable = chain.iovec.part(readable)
-    pairs = writable.pairs
-    if pairs[-1] == 1:                  # the status byte is not data
-        del pairs[-2:]
+    if lengths[-1] == 1:                # the status byte alone, as Linux writes it: not data
+        data_in = chain.part_iovec(readable, len(addrs) - 1)
     else:
+        writable = chain.part_iovec(readable)
+        pairs = writable.pairs
         pairs[-1] -= 1
-    data_in = IoVec(pairs, writable.owner)
+        data_in = IoVec(pairs, writable.owner)
     if kind == VIRTIO_BLK_T_IN and data_out.total:
         raise QueueError("read request with device-readable data buffers")
     if kind == VIRTIO_BLK_T_OUT and data_in.total:

@@ -90,6 +90,13 @@ class DescriptorChain:
             self._iovec = self._mem.iovec(self.addrs, self.lengths)
         return self._iovec
 
+    def part_iovec(self, first: int, last: int | None = None) -> IoVec:
+        """Buffers ``first`` to ``last`` (not included) as :attr:`iovec` has them, made from
+        those buffers alone unless the whole chain's is made already."""
+        if self._iovec is not None:
+            return self._iovec.part(first, last)
+        return self._mem.iovec(self.addrs[first:last], self.lengths[first:last])
+
     @property
     def readable(self) -> list[memoryview]:
         return self.views[:self.readable_count]
@@ -306,10 +313,11 @@ class Queue:
             raise QueueError(f"buffer outside guest RAM: {e}") from e
 
     def _walk(self, head: int) -> DescriptorChain:
+        """The chain from ``head``, checked descriptor by descriptor (views of its buffers
+        are made only if the device asks: a disk's never are)."""
         mem = self.mem
         addrs: list[int] = []
         lengths: list[int] = []
-        views: list[memoryview] = []
         readable = 0
         table, n, index = self._desc, self.size, head
         seen = 0
@@ -337,15 +345,18 @@ class Queue:
                     return chain
                 n, index, seen, in_indirect = length // DESC_SIZE, 0, 0, True
                 continue
-            views.append(self._buffer(addr, length))
+            try:
+                mem.host_address_of(addr, length)       # RAM, or the chain is refused here
+            except GuestMemoryError as e:
+                raise QueueError(f"buffer outside guest RAM: {e}") from e
             addrs.append(addr)
             lengths.append(length)
             if not flags & VIRTQ_DESC_F_WRITE:
-                if readable < len(views) - 1:
+                if readable < len(addrs) - 1:
                     raise QueueError("device-readable descriptor after a device-writable one (2.7.4.2)")
                 readable += 1
             if not flags & VIRTQ_DESC_F_NEXT:
-                return DescriptorChain(head, mem, addrs, lengths, readable, views)
+                return DescriptorChain(head, mem, addrs, lengths, readable)
             index = nxt
 
     def _take_table(self, head: int, table: memoryview) -> DescriptorChain | None:
