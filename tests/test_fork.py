@@ -22,6 +22,8 @@ from .fcapi import Api, Firecracker
 from .procs import wait_gone
 from .test_migration import DISK_TEXT, Guest, guest_args, guest_vmgenid
 from .test_migration import disk as disk  # the fixture
+from .test_xenstore import needs_xs_utils
+from .test_xenstore import tool as xs_tool
 
 pytestmark = needs_kvm
 
@@ -279,3 +281,33 @@ def test_a_firecracker_vm_forks_through_its_rest_api(probe: Path, tmp_path: Path
     assert fc.vm.finish()[0] == 0
     # Its own, once: the children's serial output went to their files.
     assert [line for line in fc.vm.seen if line.startswith("probe: ctrl-alt-del")] == ["probe: ctrl-alt-del"]
+
+
+@needs_xs_utils
+def test_a_vm_with_a_xenstore_forks_with_a_copy_of_it(probe: Path, tmp_path: Path, vms: list[Vm],
+                                                     forked: list[int]) -> None:
+    """The child's XenStore starts as the parent's was, on a socket of its own (Debian's
+    xenstore-utils on both); from then on each store's writes are its own."""
+    parent_xs, child_xs = tmp_path / "parent.xs", tmp_path / "child.xs"
+    parent = Guest(vms, ["-kernel", str(probe / "probe.elf"), "-append", "probe.run=idle", "-serial",
+                         "stdio", "-xenstore", str(parent_xs), "-xen-domid", "7"], tmp_path / "parent.qmp",
+                   ready=False)
+    parent.vm.wait_line("probe: idle")
+    xs_tool(parent_xs, "xenstore-write", "/vm/name", "web-1")
+    child_qmp = str(tmp_path / "child.qmp")
+    assert parent.error("vm-fork", **{"api-channel": child_qmp}) == (
+        "xenstore: give the child a socket of its own (its store starts as a copy)")
+    assert parent.error("vm-fork", **{"api-channel": child_qmp, "xenstore": str(parent_xs)}) == (
+        f"xenstore: {parent_xs} is the parent's; give the child a socket of its own")
+    pid = parent.cmd("vm-fork", **{"api-channel": child_qmp, "xenstore": str(child_xs)})["pid"]
+    forked.append(pid)
+    assert xs_tool(child_xs, "xenstore-read", "/vm/name").stdout == "web-1\n"
+    xs_tool(child_xs, "xenstore-write", "/vm/name", "web-2")
+    xs_tool(parent_xs, "xenstore-write", "/vm/ip", "10.0.0.2")
+    assert xs_tool(parent_xs, "xenstore-read", "/vm/name").stdout == "web-1\n"
+    assert xs_tool(child_xs, "xenstore-read", "/vm/ip", check=False).returncode == 1
+    child = Child(pid, Path(child_qmp), None)
+    assert child.cmd("xenstore-read", path="/vm/name") == {"value": "web-2"}
+    child.quit()
+    assert not child_xs.exists() and parent_xs.exists()
+    parent.quit()

@@ -423,7 +423,7 @@ class FirecrackerApi:
         once its VM runs."""
         p = fields("snapshot fork", body, {"api_sock": str},
                    {"drive_overrides": list, "network_overrides": list, "vsock_override": dict,
-                    "serial_out_path": str, "log_path": str, "qmp_sock": str})
+                    "serial_out_path": str, "log_path": str, "qmp_sock": str, "xenstore_sock": str})
         drives = tuple(_pair("drive_overrides", item, "drive_id", "path_on_host")
                        for item in p.get("drive_overrides", []))
         nets = tuple(_pair("network_overrides", item, "iface_id", "host_dev_name")
@@ -434,7 +434,8 @@ class FirecrackerApi:
         machine = self.instance.running()
         from ..vmm.fork import Overrides, read_report  # only once a VM forks
         overrides = Overrides(api_channel=p.get("qmp_sock"), api_sock=p["api_sock"], drives=drives, nets=nets,
-                              vsock=vsock, serial_out=p.get("serial_out_path"), log_file=p.get("log_path"))
+                              vsock=vsock, serial_out=p.get("serial_out_path"), log_file=p.get("log_path"),
+                              xenstore=p.get("xenstore_sock"))
         try:
             return Response(200, {"pid": read_report(cast(int, machine.request(ForkVm(overrides))))})
         except AltoVirtError as e:

@@ -6,7 +6,7 @@ Arguments: the child's QMP socket, and what it cannot share with the parent::
         "api-channel": "/run/child.qmp",                     # the child's QMP socket
         "drives": [{"id": "disk0", "file": "/images/child.img"}],
         "netdevs": [{"id": "net0", "ifname": "tap7"}],
-        "console": "/run/child.console", "vsock": "/run/child.vsock",
+        "console": "/run/child.console", "vsock": "/run/child.vsock", "xenstore": "/run/child.xs",
         "serial-fd": "con",         # getfd's: the child's stdin and stdout (-serial stdio)
         "log": "/run/child.log"}}
 
@@ -29,7 +29,8 @@ from ..vmm.lifecycle import StateError
 from ..vmm.machine import Machine
 from .qmp import Command, QmpError, check_arguments
 
-PATHS = {"api-channel": "api_channel", "console": "console", "vsock": "vsock", "log": "log_file"}
+PATHS = {"api-channel": "api_channel", "console": "console", "vsock": "vsock", "log": "log_file",
+         "xenstore": "xenstore"}
 
 
 def _pairs(name: str, items: list[Any], value: str) -> tuple[tuple[str, str], ...]:

@@ -17,8 +17,11 @@ What cannot be forked: RAM shared with another process (``mem-share=on``, which 
 vhost-user back end such as virtio-fs's maps) would stay shared between the two
 guests; a vhost-net or vhost-vsock device's queues are served by a kernel worker
 bound to the parent's memory and its vhost fd; a tap or vhost fd the caller passed
-has no name to open again. Such a VM's fork is refused with one line, as is one with a
-XenStore (its socket would need a child of its own; not done yet).
+has no name to open again. Such a VM's fork is refused with one line.
+
+A XenStore is forked with the VM: the child's starts as a copy of the parent's (as a
+snapshot keeps it: the tree, the guest's watches and transactions), served on a socket
+of its own; the host's clients stay with the parent.
 
 The fork itself is made on a thread of its own (:class:`Forker`): every other
 thread's seccomp filter forbids creating a process, and a child inherits its
@@ -79,6 +82,7 @@ class Overrides:
     stdio: int | None = None                # what its stdin and stdout are (its -serial stdio)
     serial_out: str | None = None           # its serial output's file (Firecracker's serial_out_path)
     log_file: str | None = None             # its log (-D)
+    xenstore: str | None = None             # its XenStore socket (-xenstore)
 
 
 def check_forkable(cfg: VmConfig) -> None:
@@ -93,8 +97,6 @@ def check_forkable(cfg: VmConfig) -> None:
         if net.vhost:
             raise ForkError(f"netdev '{net.id}' cannot be forked: vhost-net's kernel worker serves "
                             "the parent's queues")
-    if cfg.xenstore:
-        raise ForkError("a VM with a XenStore (-xenstore) cannot be forked yet")
     if cfg.vsock is not None and cfg.vsock.vhost:
         raise ForkError(f"vsock '{cfg.vsock.id}' cannot be forked: vhost-vsock's kernel worker serves "
                         "the parent's queues")
@@ -121,7 +123,8 @@ def child_config(cfg: VmConfig, o: Overrides) -> VmConfig:
         if n.id not in nets:
             raise ConfigError(f"netdev '{n.id}': give the child a tap of its own")
     console, vsock = cfg.console, cfg.vsock
-    for what, device, path in (("console", console, o.console), ("vsock", vsock, o.vsock)):
+    for what, device, path in (("console", console, o.console), ("vsock", vsock, o.vsock),
+                               ("xenstore", cfg.xenstore, o.xenstore)):
         if device is None and path is not None:
             raise ConfigError(f"{what}: the VM has none")
     for what, given in (("serial-fd", o.stdio), ("serial_out_path", o.serial_out)):
@@ -131,9 +134,12 @@ def child_config(cfg: VmConfig, o: Overrides) -> VmConfig:
         raise ConfigError(f"console '{console.id}': give the child a socket of its own")
     if vsock is not None and vsock.uds_path is not None and o.vsock is None:
         raise ConfigError(f"vsock '{vsock.id}': give the child a unix socket of its own")
+    if cfg.xenstore and o.xenstore is None:
+        raise ConfigError("xenstore: give the child a socket of its own (its store starts as a copy)")
     theirs = {cfg.api_channel and cfg.api_channel.removeprefix("unix:"), console and console.socket_path,
-              vsock and vsock.uds_path}
-    for what, path in (("api-channel", o.api_channel), ("console", o.console), ("vsock", o.vsock)):
+              vsock and vsock.uds_path, cfg.xenstore}
+    for what, path in (("api-channel", o.api_channel), ("console", o.console), ("vsock", o.vsock),
+                       ("xenstore", o.xenstore)):
         if path is not None and path in theirs:
             raise ConfigError(f"{what}: {path} is the parent's; give the child a socket of its own")
     return dataclasses.replace(
@@ -144,7 +150,7 @@ def child_config(cfg: VmConfig, o: Overrides) -> VmConfig:
         vsock=vsock and dataclasses.replace(vsock, uds_path=o.vsock),
         api_channel=o.api_channel and f"unix:{o.api_channel}",
         serial_out_path=o.serial_out or cfg.serial_out_path,
-        xenstore=None, incoming=None, log_file=o.log_file, log_stderr=False,
+        xenstore=o.xenstore, incoming=None, log_file=o.log_file, log_stderr=False,
         pidfile=None, daemonize=False)
 
 
