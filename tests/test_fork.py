@@ -147,6 +147,8 @@ def test_forks_that_cannot_be_made_are_refused(probe: Path, disk: Path, tmp_path
             ({"drives": own, "api-channel": str(tmp_path / "parent.qmp")},
              f"api-channel: {tmp_path / 'parent.qmp'} is the parent's; give the child a socket of its own"),
             ({"api-channel": child, "drives": own, "console": "/tmp/x.sock"}, "console: the VM has none"),
+            ({"api-channel": child, "drives": [{"id": "disk0", "file": "a\0b"}]},
+             "disk0: 'a\\x00b' holds a NUL byte"),
             ({"api-channel": child, "drives": own, "serial-fd": "nothing"},
              "File descriptor named 'nothing' has not been found"),
             ({"api-channel": child, "drives": own},
@@ -234,6 +236,8 @@ def test_a_firecracker_vm_forks_through_its_rest_api(probe: Path, tmp_path: Path
              "'eth9': the VM has no drive or netdev of that id"),
             ({**body, "vsock_override": {"uds_path": "/tmp/v.sock"}}, "vsock: the VM has none"),
             ({**body, "qmp_sock": str(tmp_path / "c.qmp")}, "the VM has no QMP socket"),
+            ({**body, "log_path": "/tmp/a\0b"},
+             "Fork microVM error: log_file: '/tmp/a\\x00b' holds a NUL byte"),
             ({**body, "api_sock": str(tmp_path / "parent.sock")},
              f"the child's VM did not start: api_sock: {tmp_path / 'parent.sock'} already exists")):
         assert problem in fc.fault("PUT", "/snapshot/fork", bad), bad

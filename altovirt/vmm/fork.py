@@ -105,7 +105,11 @@ def check_forkable(cfg: VmConfig) -> None:
 def child_config(cfg: VmConfig, o: Overrides) -> VmConfig:
     """The child's configuration: the parent's with ``o`` in; ConfigError naming an override
     of nothing, or a resource the two VMs cannot share (an image both would write, a tap,
-    a socket)."""
+    a socket), or a name with a NUL byte in it, which no system call takes."""
+    named = [*dataclasses.asdict(o).items(), *o.drives, *o.nets]
+    for what, name in named:
+        if isinstance(name, str) and "\0" in name:
+            raise ConfigError(f"{what}: {name!r} holds a NUL byte")
     # A VM with an API channel has hot-plug slots, saved with it: the child has one if the parent has.
     if cfg.api_channel and o.api_channel is None:
         raise ConfigError("api-channel: give the child a QMP socket of its own")
