@@ -18,24 +18,9 @@ from .api import serve_qmp
 from .config import ConfigError, HelpRequested, VmConfig, load_config
 from .errors import EXIT_ERROR, VMM_PROG, AltoVirtError, exit_now, print_error
 from .vmm.daemon import Daemon
-from .vmm.run import Budget, log_to, run_vm
+from .vmm.run import Budget, WithoutTracebacks, log_to, run_vm
 
 log = logging.getLogger("altovirt")
-
-
-class _OneLineFormatter(logging.Formatter):
-    """Leaves tracebacks out of the terminal; the log file keeps them."""
-
-    def formatException(self, ei: object) -> str:  # noqa: N802 (logging's name)
-        return ""
-
-    def format(self, record: logging.LogRecord) -> str:
-        record.exc_text = ""
-        saved, record.exc_info = record.exc_info, None
-        try:
-            return super().format(record)
-        finally:
-            record.exc_info = saved
 
 
 def setup_logging(cfg: VmConfig) -> None:
@@ -49,7 +34,8 @@ def setup_logging(cfg: VmConfig) -> None:
     elif cfg.debug:
         log_to(None, logging.Formatter(fmt, "%H:%M:%S"), logging.DEBUG)
     else:
-        log_to(None, _OneLineFormatter(f"{VMM_PROG}: %(levelname)s: %(message)s"), logging.WARNING)
+        log_to(None, WithoutTracebacks(logging.Formatter(f"{VMM_PROG}: %(levelname)s: %(message)s")),
+               logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from altovirt.vmm.actions import Pause, QueryVcpus, Resume
 from altovirt.vmm.builder import open_kvm
 from altovirt.vmm.lifecycle import StateError
 from altovirt.vmm.machine import Machine, VcpuInfo, VmmError
+from altovirt.vmm.run import WithoutTracebacks
 from altovirt.vmm.vcpu import StopReason
 
 from .conftest import needs_kvm
@@ -183,3 +186,16 @@ def test_missing_kvm_is_one_line() -> None:
         assert str(e) == "/nonexistent/kvm: no such device; KVM is not available on this host"
     else:
         raise AssertionError("no error")
+
+
+def test_a_terminal_gets_an_errors_line_without_its_traceback() -> None:
+    """What a terminal's handler shows of a failure (the command line's stderr, a forked VM's
+    without a log of its own): the line, not the traceback, which the record keeps for a log."""
+    inner = logging.Formatter("%(name)s: %(message)s")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.getLogger("altovirt.test").makeRecord(
+            "altovirt.test", logging.ERROR, __file__, 1, "vCPU %d failed", (0,), sys.exc_info())
+    assert WithoutTracebacks(inner).format(record) == "altovirt.test: vCPU 0 failed"
+    assert "Traceback" in inner.format(record) and "ValueError: boom" in inner.format(record)

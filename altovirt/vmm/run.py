@@ -52,6 +52,23 @@ class Service(Protocol):
 ServeApi = Callable[[Machine, str], Service]
 
 
+class WithoutTracebacks(logging.Formatter):
+    """``inner``'s lines without their tracebacks: what a terminal shows (a log file keeps
+    them, as does -debug)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
 def log_to(path: str | None, formatter: logging.Formatter, level: int) -> None:
     """Send AltoVirt's log records at ``level`` and above, formatted by ``formatter``, to the
     file ``path`` (appended; a named pipe is written as it is read), or to stderr when None.
@@ -203,7 +220,10 @@ def run_forked(cfg: VmConfig, o: Overrides, saved: SavedVm, mem: GuestMemory, re
     daemon = Daemon(None, report_fd)
     try:
         try:       # without a log of its own, only its warnings, on the stderr it shares
-            log_to(cfg.log_file, formatter, root.level if cfg.log_file else logging.WARNING)
+            if cfg.log_file:
+                log_to(cfg.log_file, formatter, root.level)
+            else:
+                log_to(None, formatter if cfg.debug else WithoutTracebacks(formatter), logging.WARNING)
         except OSError as e:
             raise VmmError(f"the child's log: {cfg.log_file}: {e.strerror}") from e
         return run_vm(cfg, daemon, sandbox=sandbox, migratable=True, serve_api=serve_api, on_built=on_built,
