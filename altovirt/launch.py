@@ -21,12 +21,14 @@ Closing the connection before the VMM ends sends it SIGTERM, as a terminal's han
 
 from __future__ import annotations
 
-import json
+# Each start pays for what is imported before its request is sent: the C modules under socket
+# and json, not those modules, whose enum and re would cost it 17 ms. json is imported while
+# the warm parent forks, signal once the VMM runs.
+import _socket
 import os
-import signal
-import socket
 import struct
 import sys
+from _json import encode_basestring_ascii
 
 from .errors import AltoVirtError
 
@@ -38,33 +40,47 @@ ENV = "ALTOVIRT_SERVER"
 MAX_MESSAGE = 1 << 20               # a request's arguments and environment, at most
 STDIO = 3                           # the descriptors a request carries: stdin, stdout, stderr
 PROGRAMS = ("altovirt", "altovirt-firecracker", "altovirt-jailer")
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")     # the signal module's names
 
 
 class Unreachable(AltoVirtError):
     """No warm parent answers at the socket (absent, refused, or gone before it forked)."""
 
 
-def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = json.dumps(message).encode()
+def encode(value: object) -> str:
+    """``value`` (a dict, list, str or int, nested) in JSON, as ``json.dumps`` writes it."""
+    if isinstance(value, str):
+        return encode_basestring_ascii(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{encode(k)}: {encode(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(encode(v) for v in value) + "]"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(int(value))
+    raise TypeError(f"cannot send a {type(value).__name__}")
+
+
+def send(sock: _socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = encode(message).encode()
     if fds:
-        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+        sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
     else:
         sock.send(data)
 
 
-def receive(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None, list[int]]:
+def receive(sock: _socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None, list[int]]:
     """The next message and the descriptors it carried; (None, []) at the end of the
     connection. ValueError if it is not a JSON object, or carried more than ``max_fds``
     descriptors (those are closed)."""
-    space = socket.CMSG_SPACE(max_fds * 4) if max_fds else 0
+    import json
+    space = _socket.CMSG_SPACE(max_fds * 4) if max_fds else 0
     data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE, space)
     fds: list[int] = []
     for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds += struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) - len(payload) % 4])
     try:
-        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) > max_fds:
+        if flags & (_socket.MSG_CTRUNC | _socket.MSG_TRUNC) or len(fds) > max_fds:
             raise ValueError("message too long, or too many descriptors")
         if not data:
             return None, fds
@@ -81,7 +97,7 @@ def receive(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | Non
 def through_server(path: str, prog: str, argv: list[str]) -> NoReturn:
     """Run ``prog argv`` in the warm parent at ``path`` and end as it ends; Unreachable if
     no warm parent took the request (the caller may then start the VMM itself)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -98,9 +114,10 @@ def through_server(path: str, prog: str, argv: list[str]) -> NoReturn:
             sock.close()
             raise Unreachable(f"{path}: the warm parent closed the connection")
         _end(prog, f"warm parent at {path}: {error}", 1)
-    for signum in FORWARDED:
+    import signal
+    for name in FORWARDED:
         # Python runs the handler on this thread, between two waits for the next message.
-        signal.signal(signum, lambda n, _frame: send(sock, {"signal": n}))
+        signal.signal(getattr(signal, name), lambda n, _frame: send(sock, {"signal": int(n)}))
     while True:
         try:
             message, _ = receive(sock)

@@ -48,6 +48,7 @@ PROG = "altovirt serve"
 BACKLOG = 64
 # struct ucred (<sys/socket.h>): pid, uid, gid.
 _UCRED = struct.Struct("3i")
+_FORWARDED = {getattr(signal, name) for name in launch.FORWARDED}     # the signals a caller passes on
 # A cgroup v1 mount's super options that are not the names of its controllers (cgroup-v1.rst).
 _NOT_CONTROLLERS = {"rw", "ro", "xattr", "clone_children", "noprefix", "cpuset_v2_mode", "favordynmods"}
 Hierarchy = frozenset[str]              # its controllers, as /proc/PID/cgroup names them (v2: none)
@@ -160,7 +161,7 @@ def _readable(server: Server, client: Client) -> None:
         return
     if client.pid:
         signum = message.get("signal")
-        if isinstance(signum, int) and signum in launch.FORWARDED:
+        if isinstance(signum, int) and signum in _FORWARDED:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(client.pid, signum)
         return

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from altovirt import launch
 
@@ -312,3 +314,14 @@ def test_the_protocol_helpers_reject_what_they_cannot_read() -> None:
         os.close(w)
         a.close()
         assert launch.receive(b) == (None, [])
+
+
+_TEXT = st.text(st.characters(blacklist_categories=()))        # surrogates too: os.environ's escapes
+
+
+@given(st.dictionaries(_TEXT, _TEXT | st.integers() | st.lists(_TEXT) | st.dictionaries(_TEXT, _TEXT)))
+def test_a_request_is_encoded_as_json_writes_it(message: dict[str, object]) -> None:
+    """The light client's own encoder (it leaves the json module out of each start) writes what
+    json.dumps writes, which the warm parent's json.loads reads back."""
+    assert launch.encode(message) == json.dumps(message)
+    assert json.loads(launch.encode(message)) == message
