@@ -117,7 +117,7 @@ def through_server(path: str, prog: str, argv: list[str]) -> NoReturn:
     import signal
     for name in FORWARDED:
         # Python runs the handler on this thread, between two waits for the next message.
-        signal.signal(getattr(signal, name), lambda n, _frame: send(sock, {"signal": int(n)}))
+        signal.signal(getattr(signal, name), lambda n, _frame: send(sock, {"signal": n}))
     while True:
         try:
             message, _ = receive(sock)
