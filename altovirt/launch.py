@@ -22,8 +22,8 @@ Closing the connection before the VMM ends sends it SIGTERM, as a terminal's han
 from __future__ import annotations
 
 # Each start pays for what is imported before its request is sent: the C modules under socket
-# and json, not those modules, whose enum and re would cost it 17 ms. json is imported while
-# the warm parent forks, signal once the VMM runs.
+# and json, not those modules, whose enum and re were nine tenths of its imports' time. json is
+# imported while the warm parent forks, signal once the VMM runs.
 import _socket
 import os
 import struct
