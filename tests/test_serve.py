@@ -316,7 +316,7 @@ def test_the_protocol_helpers_reject_what_they_cannot_read() -> None:
         assert launch.receive(b) == (None, [])
 
 
-_TEXT = st.text(st.characters(blacklist_categories=()))        # surrogates too: os.environ's escapes
+_TEXT = st.text(st.characters(exclude_categories=()))        # surrogates too: os.environ's escapes
 
 
 @given(st.dictionaries(_TEXT, _TEXT | st.integers() | st.lists(_TEXT) | st.dictionaries(_TEXT, _TEXT)))
